@@ -2,3 +2,7 @@
 //!
 //! Pure: no async, no I/O, no clock, no randomness of its own — `now` and a seed come in through
 //! the evaluation context.
+
+pub mod function;
+
+pub use function::Function;
