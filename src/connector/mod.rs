@@ -1,1 +1,380 @@
-//! placeholder
+//! Connectors: the [`Source`] and [`Target`] traits every directory system implements, the
+//! change and watermark types they exchange with the engine, and their error type.
+//!
+//! Connectors are the only code that does network or file I/O on directories. Each system has a
+//! folder of its own below this module; [`memory`] is always built and makes every engine
+//! behaviour testable without a server.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    AttrName, AttributeChange, Attributes, Change, Entry, ObjectType, TargetId, TargetObject, Value,
+};
+
+pub mod memory;
+
+/// An opaque, typed position in a system's change history: a DirSync cookie, a highest USN, a
+/// syncrepl cookie, a Graph deltaLink. Only the connector that made it can interpret it.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Watermark {
+    /// What made the watermark (`"memory"`, `"dirsync"`, `"syncrepl"`, `"usn"`, …), so that a
+    /// watermark is never handed to a connector that would misread it.
+    pub kind: String,
+    /// The connector's bytes.
+    #[serde(with = "crate::model::b64")]
+    pub data: Vec<u8>,
+}
+
+impl Watermark {
+    /// A watermark from bytes.
+    pub fn new(kind: impl Into<String>, data: impl Into<Vec<u8>>) -> Watermark {
+        Watermark {
+            kind: kind.into(),
+            data: data.into(),
+        }
+    }
+
+    /// The data as UTF-8 text, if it is.
+    pub fn as_text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.data).ok()
+    }
+}
+
+impl fmt::Debug for Watermark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.as_text() {
+            Some(t) if t.len() <= 64 => write!(f, "Watermark({}:{t})", self.kind),
+            _ => write!(f, "Watermark({}: {} bytes)", self.kind, self.data.len()),
+        }
+    }
+}
+
+/// One item of an import stream: an object (or change), or a checkpoint.
+///
+/// A checkpoint's watermark covers every item before it: once those are durable the engine may
+/// commit it. A stream ends with a checkpoint when the source supports delta import.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImportItem<T> {
+    /// An entry (full import) or a change (delta import).
+    Item(T),
+    /// Everything before this point is covered by this watermark.
+    Checkpoint(Watermark),
+}
+
+/// A stream of import items.
+pub type ImportStream<'a, T> = BoxStream<'a, Result<ImportItem<T>, ConnectorError>>;
+
+/// What a source can do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SourceCapabilities {
+    /// Delta import is supported; otherwise the engine diffs full imports against the mirror.
+    pub delta: bool,
+    /// Delta import reports attribute-level changes ([`Change::Modify`]) rather than whole
+    /// objects.
+    pub partial_changes: bool,
+}
+
+impl SourceCapabilities {
+    /// Capabilities with delta import on or off.
+    pub fn new(delta: bool) -> Self {
+        SourceCapabilities {
+            delta,
+            partial_changes: false,
+        }
+    }
+}
+
+/// What a target can do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TargetCapabilities {
+    /// The target applies value-level adds and removes of multi-valued attributes; otherwise the
+    /// engine turns them into replaces.
+    pub value_level_changes: bool,
+    /// How many operations one [`Target::apply`] call should carry at most (1 = no batching).
+    pub max_batch: usize,
+    /// The target can be read back (reconcile, join lookups).
+    pub read: bool,
+}
+
+impl Default for TargetCapabilities {
+    fn default() -> Self {
+        TargetCapabilities {
+            value_level_changes: true,
+            max_batch: 1,
+            read: true,
+        }
+    }
+}
+
+/// The source side of a synchronization.
+///
+/// Object-safe: a program may hold a `Box<dyn Source>`.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// A short name for logs and errors (`"corp-ad"`).
+    fn name(&self) -> &str;
+
+    /// What the source supports.
+    fn capabilities(&self) -> SourceCapabilities;
+
+    /// Every object in scope of the connector's configuration, ending with a checkpoint when the
+    /// source supports delta import.
+    async fn full_import(&self) -> Result<ImportStream<'_, Entry>, ConnectorError>;
+
+    /// The changes since `since`, ending with a checkpoint. A watermark the source can no longer
+    /// serve is an error of kind [`ErrorKind::InvalidWatermark`]: the engine then runs a full
+    /// import.
+    async fn delta_import(
+        &self,
+        since: &Watermark,
+    ) -> Result<ImportStream<'_, Change>, ConnectorError> {
+        let _ = since;
+        Err(ConnectorError::new(
+            ErrorKind::Unsupported,
+            format!("source {} does not support delta import", self.name()),
+        ))
+    }
+}
+
+/// One operation on a target, with every reference already translated to a target id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum TargetOperation {
+    /// Create an object.
+    Create {
+        /// The target object type.
+        object_type: ObjectType,
+        /// Its attributes.
+        attributes: Attributes,
+    },
+    /// Change an object's attributes.
+    Update {
+        /// The object.
+        id: TargetId,
+        /// The target object type.
+        object_type: ObjectType,
+        /// The changes, applied in order, all or nothing.
+        changes: Vec<AttributeChange>,
+    },
+    /// Delete an object.
+    Delete {
+        /// The object.
+        id: TargetId,
+        /// The target object type.
+        object_type: ObjectType,
+    },
+}
+
+impl TargetOperation {
+    /// The target object type the operation is about.
+    pub fn object_type(&self) -> &ObjectType {
+        match self {
+            TargetOperation::Create { object_type, .. }
+            | TargetOperation::Update { object_type, .. }
+            | TargetOperation::Delete { object_type, .. } => object_type,
+        }
+    }
+
+    /// The target id, for updates and deletes.
+    pub fn id(&self) -> Option<&TargetId> {
+        match self {
+            TargetOperation::Create { .. } => None,
+            TargetOperation::Update { id, .. } | TargetOperation::Delete { id, .. } => Some(id),
+        }
+    }
+}
+
+/// The result of one applied operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The id of the object (the new id for a create).
+    pub id: TargetId,
+}
+
+/// The target side of a synchronization.
+///
+/// Object-safe: a program may hold a `Box<dyn Target>`.
+#[async_trait]
+pub trait Target: Send + Sync {
+    /// A short name for logs and errors.
+    fn name(&self) -> &str;
+
+    /// What the target supports.
+    fn capabilities(&self) -> TargetCapabilities;
+
+    /// Every object of `object_type`, for reconcile.
+    async fn read(
+        &self,
+        object_type: &ObjectType,
+    ) -> Result<BoxStream<'_, Result<TargetObject, ConnectorError>>, ConnectorError>;
+
+    /// One object by id; `None` when it does not exist.
+    async fn get(
+        &self,
+        object_type: &ObjectType,
+        id: &TargetId,
+    ) -> Result<Option<TargetObject>, ConnectorError>;
+
+    /// The objects of `object_type` whose `attribute` has `value` (join lookups; strings compare
+    /// ignoring case, as directories do).
+    async fn find(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        value: &Value,
+    ) -> Result<Vec<TargetObject>, ConnectorError>;
+
+    /// Applies `operations`, returning exactly one outcome per operation, in order. A partial
+    /// failure is ordinary data: each failed operation has its error, and the others took effect.
+    async fn apply(&self, operations: &[TargetOperation]) -> Vec<Result<Applied, ConnectorError>>;
+}
+
+/// What kind of failure a [`ConnectorError`] is; callers match on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A create collided with an existing object (the engine joins it instead).
+    AlreadyExists,
+    /// The object does not exist.
+    NotFound,
+    /// An add of a value that is already present.
+    ValueExists,
+    /// A remove of a value that is not present.
+    NoSuchValue,
+    /// The target refused the values (schema, constraint, policy).
+    Constraint,
+    /// The object changed since it was read (ETag / precondition).
+    Conflict,
+    /// The server asks to slow down; see [`ConnectorError::retry_after`].
+    Throttled,
+    /// The server is busy or unavailable; retry later.
+    Unavailable,
+    /// The request timed out.
+    Timeout,
+    /// Authentication or authorization failed.
+    Auth,
+    /// The watermark can no longer be served; a full import is needed.
+    InvalidWatermark,
+    /// The server sent something this crate cannot read.
+    Protocol,
+    /// The connector's configuration is invalid.
+    Config,
+    /// The operation is not supported by this connector.
+    Unsupported,
+    /// Anything else.
+    Other,
+}
+
+/// An error from a connector: its kind, what happened, and which object it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?}: {message}{}", object.as_ref().map(|o| format!(" (object {o})")).unwrap_or_default())]
+pub struct ConnectorError {
+    kind: ErrorKind,
+    message: String,
+    object: Option<String>,
+    retry_after: Option<Duration>,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ConnectorError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ConnectorError {
+        ConnectorError {
+            kind,
+            message: message.into(),
+            object: None,
+            retry_after: None,
+            source: None,
+        }
+    }
+
+    /// Names the object (anchor, id or DN) the error concerns.
+    pub fn with_object(mut self, object: impl fmt::Display) -> Self {
+        self.object = Some(object.to_string());
+        self
+    }
+
+    /// How long the server asked to wait.
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// Keeps the underlying error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The object the error concerns, if known.
+    pub fn object(&self) -> Option<&str> {
+        self.object.as_deref()
+    }
+
+    /// How long the server asked to wait before retrying, if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// Whether retrying the same request later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Throttled | ErrorKind::Unavailable | ErrorKind::Timeout
+        )
+    }
+
+    /// Whether the server asked to slow down.
+    pub fn is_throttled(&self) -> bool {
+        self.kind == ErrorKind::Throttled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_display_names_kind_and_object() {
+        let e = ConnectorError::new(ErrorKind::NotFound, "no such object").with_object("cn=x");
+        assert_eq!(e.to_string(), "NotFound: no such object (object cn=x)");
+        assert!(!e.is_retryable());
+        let t = ConnectorError::new(ErrorKind::Throttled, "slow down")
+            .with_retry_after(Duration::from_secs(3));
+        assert!(t.is_retryable() && t.is_throttled());
+        assert_eq!(t.retry_after(), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn traits_are_object_safe() {
+        fn takes(_: Option<Box<dyn Source>>, _: Option<Box<dyn Target>>) {}
+        takes(None, None);
+    }
+
+    #[test]
+    fn watermark_serializes_as_base64() {
+        let w = Watermark::new("usn", b"12345".to_vec());
+        let j = serde_json::to_string(&w).unwrap();
+        assert_eq!(j, r#"{"kind":"usn","data":"MTIzNDU="}"#);
+        assert_eq!(serde_json::from_str::<Watermark>(&j).unwrap(), w);
+    }
+}

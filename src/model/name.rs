@@ -1,0 +1,222 @@
+//! Case-insensitive names: attribute names and object types.
+//!
+//! Directory attribute names compare case-insensitively (`givenName` = `GIVENNAME`) but are
+//! written back with the spelling they were first given. Comparison and hashing fold ASCII
+//! letters without allocating; other characters fold with Unicode simple lower-casing.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
+
+/// Unicode simple (one-to-one) lower-casing: a character whose lower case is several characters
+/// is kept as it is.
+fn fold(c: char) -> char {
+    let mut lower = c.to_lowercase();
+    match (lower.next(), lower.next()) {
+        (Some(l), None) => l,
+        _ => c,
+    }
+}
+
+/// Iterates the case-folded characters of `s`.
+fn folded(s: &str) -> impl Iterator<Item = char> + '_ {
+    s.chars().map(fold)
+}
+
+fn ci_eq(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(b);
+    }
+    folded(a).eq(folded(b))
+}
+
+fn ci_cmp(a: &str, b: &str) -> Ordering {
+    if a.is_ascii() && b.is_ascii() {
+        let (x, y) = (a.as_bytes(), b.as_bytes());
+        for (p, q) in x.iter().zip(y) {
+            match p.to_ascii_lowercase().cmp(&q.to_ascii_lowercase()) {
+                Ordering::Equal => {}
+                other => return other,
+            }
+        }
+        return x.len().cmp(&y.len());
+    }
+    folded(a).cmp(folded(b))
+}
+
+fn ci_hash<H: Hasher>(s: &str, state: &mut H) {
+    if s.is_ascii() {
+        for b in s.bytes() {
+            state.write_u8(b.to_ascii_lowercase());
+        }
+    } else {
+        for c in folded(s) {
+            state.write_u32(c as u32);
+        }
+    }
+    state.write_u8(0xff);
+}
+
+macro_rules! ci_name {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(SmolStr);
+
+        impl $name {
+            /// Makes a name; the spelling is kept for output.
+            pub fn new(name: impl Into<SmolStr>) -> Self {
+                $name(name.into())
+            }
+
+            /// The name as first spelled.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            /// Whether this name equals `other`, ignoring case.
+            pub fn is(&self, other: &str) -> bool {
+                ci_eq(&self.0, other)
+            }
+        }
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                ci_eq(&self.0, &other.0)
+            }
+        }
+        impl Eq for $name {}
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                ci_eq(&self.0, other)
+            }
+        }
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                ci_eq(&self.0, other)
+            }
+        }
+        impl Hash for $name {
+            fn hash<H: Hasher>(&self, state: &mut H) {
+                ci_hash(&self.0, state)
+            }
+        }
+        impl Ord for $name {
+            fn cmp(&self, other: &Self) -> Ordering {
+                ci_cmp(&self.0, &other.0)
+            }
+        }
+        impl PartialOrd for $name {
+            fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                $name::new(s)
+            }
+        }
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                $name::new(s)
+            }
+        }
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+ci_name!(
+    /// An attribute name: compared and hashed case-insensitively, printed as first spelled.
+    ///
+    /// ```
+    /// use dirsync::model::AttrName;
+    /// let a = AttrName::new("givenName");
+    /// assert_eq!(a, AttrName::new("GIVENNAME"));
+    /// assert_eq!(a.to_string(), "givenName");
+    /// ```
+    AttrName
+);
+
+ci_name!(
+    /// An object type (`user`, `group`, `inetOrgPerson`, …), compared case-insensitively.
+    ObjectType
+);
+
+/// Compares two strings ignoring case, with the same folding as [`AttrName`].
+pub fn eq_ignore_case(a: &str, b: &str) -> bool {
+    ci_eq(a, b)
+}
+
+/// Orders two strings ignoring case, with the same folding as [`AttrName`].
+pub fn cmp_ignore_case(a: &str, b: &str) -> Ordering {
+    ci_cmp(a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::hash_map::DefaultHasher;
+    use std::collections::HashSet;
+
+    fn h(n: &AttrName) -> u64 {
+        let mut s = DefaultHasher::new();
+        n.hash(&mut s);
+        s.finish()
+    }
+
+    #[test]
+    fn case_insensitive_eq_hash_ord_keep_spelling() {
+        let a = AttrName::new("sAMAccountName");
+        let b = AttrName::new("samaccountname");
+        assert_eq!(a, b);
+        assert_eq!(h(&a), h(&b));
+        assert_eq!(a.cmp(&b), Ordering::Equal);
+        assert_eq!(a.to_string(), "sAMAccountName");
+        let set: HashSet<_> = [a, b].into_iter().collect();
+        assert_eq!(set.len(), 1);
+        assert!(AttrName::new("cn") < AttrName::new("Mail"));
+        assert_ne!(AttrName::new("cn"), AttrName::new("cn2"));
+    }
+
+    #[test]
+    fn unicode_names_fold() {
+        let a = AttrName::new("Größe");
+        let b = AttrName::new("GRÖßE");
+        assert_eq!(a, b);
+        assert_eq!(h(&a), h(&b));
+        // Mixed ASCII and non-ASCII spellings of the same name agree.
+        assert_eq!(AttrName::new("KELVIN"), AttrName::new("kelvin"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn eq_implies_same_hash_and_equal_order(a in "\\PC{0,8}", flip in proptest::bool::ANY) {
+            let b: String = if flip { a.to_uppercase() } else { a.to_lowercase() };
+            let (x, y) = (AttrName::new(a.as_str()), AttrName::new(b.as_str()));
+            if x == y {
+                proptest::prop_assert_eq!(h(&x), h(&y));
+                proptest::prop_assert_eq!(x.cmp(&y), Ordering::Equal);
+            } else {
+                proptest::prop_assert_ne!(x.cmp(&y), Ordering::Equal);
+            }
+        }
+    }
+}
