@@ -19,7 +19,9 @@ pub enum ChangeOp {
 }
 
 /// A change to one attribute: value-level add or remove, or a replace.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// A redacted change serializes without its values.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 pub struct AttributeChange {
     /// The attribute.
     pub attribute: AttrName,
@@ -28,18 +30,48 @@ pub struct AttributeChange {
     /// The values added, removed, or the new values of a replace.
     pub values: Values,
     /// For a replace: the values it replaces, as last known (for the reason shown to people).
-    #[serde(default, skip_serializing_if = "Values::is_empty_values")]
+    #[serde(default)]
     pub old: Values,
     /// The values are secret (a password, a `Redact`ed flow): they are applied but never shown,
     /// logged or serialized.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub redacted: bool,
 }
 
-impl Values {
-    fn is_empty_values(&self) -> bool {
-        self.is_empty()
+impl Serialize for AttributeChange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let empty = Values::new();
+        let (values, old) = if self.redacted {
+            (&empty, &empty)
+        } else {
+            (&self.values, &self.old)
+        };
+        let mut st = s.serialize_struct("AttributeChange", 5)?;
+        st.serialize_field("attribute", &self.attribute)?;
+        st.serialize_field("op", &self.op)?;
+        st.serialize_field("values", values)?;
+        if !old.is_empty() {
+            st.serialize_field("old", old)?;
+        }
+        if self.redacted {
+            st.serialize_field("redacted", &true)?;
+        }
+        st.end()
     }
+}
+
+/// Serializes attributes with their names only (every value list empty): for secrets.
+pub fn serialize_redacted_attributes<S: serde::Serializer>(
+    attributes: &Attributes,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(attributes.len()))?;
+    for (name, _) in attributes.iter() {
+        seq.serialize_element(&(name, Values::new()))?;
+    }
+    seq.end()
 }
 
 impl AttributeChange {
@@ -252,5 +284,6 @@ mod tests {
         let mut c = AttributeChange::replace("userPassword", values(["hunter2"]));
         c.redacted = true;
         assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!serde_json::to_string(&c).unwrap().contains("hunter2"));
     }
 }

@@ -11,7 +11,9 @@ mod name;
 mod value;
 
 pub use ad::{guid_from_ad_bytes, guid_to_ad_bytes, Sid, SidError};
-pub use change::{values, ApplyError, AttributeChange, Change, ChangeOp};
+pub use change::{
+    serialize_redacted_attributes, values, ApplyError, AttributeChange, Change, ChangeOp,
+};
 pub use dn::{Dn, DnError, Rdn};
 pub use entry::{Anchor, Attributes, Entry, TargetId, TargetObject};
 pub use name::{cmp_ignore_case, eq_ignore_case, AttrName, ObjectType};

@@ -1,0 +1,602 @@
+//! The [`Plan`]: the ordered operations the planner returns, each with the reason it exists, and
+//! everything the planner noticed but could not plan (conflicts, unresolved references, rule
+//! errors, guard violations). A plan is a value: it serializes, prints as a table, and is applied
+//! later by the engine.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::state::Links;
+use crate::connector::TargetOperation;
+use crate::model::{
+    Anchor, AttrName, AttributeChange, Attributes, ChangeOp, ObjectType, Reference, TargetId,
+    Value, Values,
+};
+
+/// The phase an operation belongs to; a plan is ordered by phase, then anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Creates of new target objects.
+    Create,
+    /// Joins and attribute updates.
+    Update,
+    /// Reference attributes (members, manager), after every object they may point at exists.
+    References,
+    /// Deletes, disables and unlinks.
+    Deprovision,
+}
+
+/// A target object an operation changes: an existing one, or one a create of this plan makes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetRef {
+    /// An existing target object.
+    Existing(TargetId),
+    /// The object the create for this source anchor makes.
+    Pending(Anchor),
+}
+
+/// What an operation does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum OperationKind {
+    /// Create a target object with these attributes.
+    Create {
+        /// The attributes (references only to objects that already exist).
+        attributes: Attributes,
+        /// Secret attributes (redacted flows): sent with the create, never shown or serialized
+        /// with their values.
+        #[serde(
+            default,
+            skip_serializing_if = "Attributes::is_empty",
+            serialize_with = "crate::model::serialize_redacted_attributes"
+        )]
+        secrets: Attributes,
+    },
+    /// Link to an existing target object found by a join, and bring its attributes in line.
+    Join {
+        /// The joined object.
+        target_id: TargetId,
+        /// Attribute changes (may be empty).
+        changes: Vec<AttributeChange>,
+    },
+    /// Change attributes of a linked object.
+    Update {
+        /// The object.
+        target: TargetRef,
+        /// The changes.
+        changes: Vec<AttributeChange>,
+    },
+    /// Change reference attributes (after the creates of the plan).
+    UpdateReferences {
+        /// The object.
+        target: TargetRef,
+        /// The changes; values may be [`Reference::Pending`].
+        changes: Vec<AttributeChange>,
+    },
+    /// Delete a linked object.
+    Delete {
+        /// The object.
+        target_id: TargetId,
+    },
+    /// Disable a linked object by setting attributes.
+    Disable {
+        /// The object.
+        target_id: TargetId,
+        /// The changes that disable it.
+        changes: Vec<AttributeChange>,
+    },
+    /// Forget the link, leave the target object as it is.
+    Unlink {
+        /// The object.
+        target_id: TargetId,
+    },
+}
+
+impl OperationKind {
+    /// The phase of this kind of operation.
+    pub fn phase(&self) -> Phase {
+        match self {
+            OperationKind::Create { .. } => Phase::Create,
+            OperationKind::Join { .. } | OperationKind::Update { .. } => Phase::Update,
+            OperationKind::UpdateReferences { .. } => Phase::References,
+            OperationKind::Delete { .. }
+            | OperationKind::Disable { .. }
+            | OperationKind::Unlink { .. } => Phase::Deprovision,
+        }
+    }
+
+    /// A short name: `create`, `join`, `update`, `references`, `delete`, `disable`, `unlink`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OperationKind::Create { .. } => "create",
+            OperationKind::Join { .. } => "join",
+            OperationKind::Update { .. } => "update",
+            OperationKind::UpdateReferences { .. } => "references",
+            OperationKind::Delete { .. } => "delete",
+            OperationKind::Disable { .. } => "disable",
+            OperationKind::Unlink { .. } => "unlink",
+        }
+    }
+
+    /// Whether the guard counts this operation as a deletion (deletes and disables).
+    pub fn is_deletion(&self) -> bool {
+        matches!(
+            self,
+            OperationKind::Delete { .. } | OperationKind::Disable { .. }
+        )
+    }
+}
+
+/// Why an operation exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "reason")]
+pub enum Reason {
+    /// The object is in scope and has no target object yet.
+    EnteredScope,
+    /// The linked target object is gone from the target; it is created again.
+    TargetMissing,
+    /// An unlinked object matched exactly one target object in this join group.
+    Joined {
+        /// The index of the join group that matched (0-based).
+        group: usize,
+        /// The attributes and values it matched on.
+        on: Vec<(AttrName, Value)>,
+    },
+    /// Managed attributes differ from the target (the changes carry old and new values).
+    AttributesChanged {
+        /// The attributes that differ.
+        attributes: Vec<AttrName>,
+    },
+    /// The object left scope.
+    LeftScope {
+        /// Why it is out of scope.
+        why: String,
+    },
+    /// The object was deleted at the source.
+    DeletedAtSource,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::EnteredScope => f.write_str("entered scope"),
+            Reason::TargetMissing => f.write_str("target object missing"),
+            Reason::Joined { group, on } => {
+                write!(f, "joined by group {}:", group + 1)?;
+                for (a, v) in on {
+                    write!(f, " {a}={v}")?;
+                }
+                Ok(())
+            }
+            Reason::AttributesChanged { attributes } => {
+                f.write_str("changed:")?;
+                for a in attributes {
+                    write!(f, " {a}")?;
+                }
+                Ok(())
+            }
+            Reason::LeftScope { why } => write!(f, "left scope ({why})"),
+            Reason::DeletedAtSource => f.write_str("deleted at source"),
+        }
+    }
+}
+
+/// One planned operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    /// The source object.
+    pub anchor: Anchor,
+    /// The source object type.
+    pub source_type: ObjectType,
+    /// The target object type.
+    pub target_type: ObjectType,
+    /// What to do.
+    #[serde(flatten)]
+    pub kind: OperationKind,
+    /// Why.
+    #[serde(flatten)]
+    pub reason: Reason,
+}
+
+/// A pending reference in an operation whose create has not been exported (yet).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("object {anchor}: references the new object for {pending}, which has not been created")]
+pub struct PendingReference {
+    /// The operation's source object.
+    pub anchor: Anchor,
+    /// The anchor whose create is missing.
+    pub pending: Anchor,
+}
+
+impl Operation {
+    /// The phase of the operation.
+    pub fn phase(&self) -> Phase {
+        self.kind.phase()
+    }
+
+    /// The target operation to send, with pending references resolved through `links` (the
+    /// creates of the plan are exported first and link their objects). `None` for an unlink, or
+    /// a join without changes: they touch only the link table.
+    pub fn to_target_operation(
+        &self,
+        links: &Links,
+    ) -> Result<Option<TargetOperation>, PendingReference> {
+        let resolve_target = |t: &TargetRef| -> Result<TargetId, PendingReference> {
+            match t {
+                TargetRef::Existing(id) => Ok(id.clone()),
+                TargetRef::Pending(a) => {
+                    links
+                        .get(a)
+                        .map(|l| l.target_id.clone())
+                        .ok_or_else(|| PendingReference {
+                            anchor: self.anchor.clone(),
+                            pending: a.clone(),
+                        })
+                }
+            }
+        };
+        let resolve_changes =
+            |changes: &[AttributeChange]| -> Result<Vec<AttributeChange>, PendingReference> {
+                changes
+                    .iter()
+                    .map(|c| {
+                        let mut c = c.clone();
+                        let mut values = Values::new();
+                        for v in c.values {
+                            values.push(match v {
+                                Value::Reference(Reference::Pending(a)) => Value::Reference(
+                                    Reference::Target(resolve_target(&TargetRef::Pending(a))?),
+                                ),
+                                other => other,
+                            });
+                        }
+                        c.values = values;
+                        Ok(c)
+                    })
+                    .collect()
+            };
+        let ty = self.target_type.clone();
+        Ok(match &self.kind {
+            OperationKind::Create {
+                attributes,
+                secrets,
+            } => {
+                let mut all = attributes.clone();
+                for (n, v) in secrets.iter() {
+                    all.set(n.clone(), v.clone());
+                }
+                Some(TargetOperation::Create {
+                    object_type: ty,
+                    attributes: all,
+                })
+            }
+            OperationKind::Join { changes, .. } if changes.is_empty() => None,
+            OperationKind::Join { target_id, changes } => Some(TargetOperation::Update {
+                id: target_id.clone(),
+                object_type: ty,
+                changes: resolve_changes(changes)?,
+            }),
+            OperationKind::Update { target, changes }
+            | OperationKind::UpdateReferences { target, changes } => {
+                Some(TargetOperation::Update {
+                    id: resolve_target(target)?,
+                    object_type: ty,
+                    changes: resolve_changes(changes)?,
+                })
+            }
+            OperationKind::Disable { target_id, changes } => Some(TargetOperation::Update {
+                id: target_id.clone(),
+                object_type: ty,
+                changes: changes.clone(),
+            }),
+            OperationKind::Delete { target_id } => Some(TargetOperation::Delete {
+                id: target_id.clone(),
+                object_type: ty,
+            }),
+            OperationKind::Unlink { .. } => None,
+        })
+    }
+}
+
+/// Something the planner noticed and did not plan; reported with the object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "issue")]
+pub enum Issue {
+    /// More than one target object matched a join group: nothing is created or joined.
+    JoinConflict {
+        /// The source object.
+        anchor: Anchor,
+        /// The join group (0-based).
+        group: usize,
+        /// The candidates.
+        candidates: Vec<TargetId>,
+    },
+    /// Two source objects of this plan joined the same target object: neither is joined.
+    DuplicateJoin {
+        /// The target object.
+        target_id: TargetId,
+        /// The source objects.
+        anchors: Vec<Anchor>,
+    },
+    /// A reference value points at an object that has no target object and none is planned.
+    UnresolvedReference {
+        /// The referring source object.
+        anchor: Anchor,
+        /// The attribute.
+        attribute: AttrName,
+        /// The reference, as text.
+        reference: String,
+    },
+    /// The rules failed for this object.
+    ProjectionFailed {
+        /// The source object.
+        anchor: Anchor,
+        /// The error.
+        error: super::ProjectionError,
+    },
+    /// The object is in scope but held back.
+    Held {
+        /// The source object.
+        anchor: Anchor,
+        /// Why.
+        reason: String,
+    },
+    /// The linked object's target type differs from the one the rules now give.
+    TargetTypeChanged {
+        /// The source object.
+        anchor: Anchor,
+        /// The linked object's type.
+        linked: ObjectType,
+        /// The type the rules give.
+        desired: ObjectType,
+    },
+}
+
+impl Issue {
+    /// The source object the issue is about (the first, for a duplicate join).
+    pub fn anchor(&self) -> Option<&Anchor> {
+        match self {
+            Issue::JoinConflict { anchor, .. }
+            | Issue::UnresolvedReference { anchor, .. }
+            | Issue::ProjectionFailed { anchor, .. }
+            | Issue::Held { anchor, .. }
+            | Issue::TargetTypeChanged { anchor, .. } => Some(anchor),
+            Issue::DuplicateJoin { anchors, .. } => anchors.first(),
+        }
+    }
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Issue::JoinConflict {
+                anchor,
+                group,
+                candidates,
+            } => {
+                write!(
+                f,
+                "{anchor}: join group {} matches {} target objects ({}); not joined, not created",
+                group + 1,
+                candidates.len(),
+                candidates.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")
+            )
+            }
+            Issue::DuplicateJoin { target_id, anchors } => write!(
+                f,
+                "target object {target_id} matches {} source objects ({}); none joined",
+                anchors.len(),
+                anchors
+                    .iter()
+                    .map(|a| a.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Issue::UnresolvedReference {
+                anchor,
+                attribute,
+                reference,
+            } => write!(
+                f,
+                "{anchor}: {attribute} references {reference}, which has no target object"
+            ),
+            Issue::ProjectionFailed { anchor, error } => write!(f, "{anchor}: {error}"),
+            Issue::Held { anchor, reason } => write!(f, "{anchor}: held: {reason}"),
+            Issue::TargetTypeChanged {
+                anchor,
+                linked,
+                desired,
+            } => write!(
+                f,
+                "{anchor}: linked to a {linked} but the rules now make a {desired}; not changed"
+            ),
+        }
+    }
+}
+
+/// A guard that holds the whole plan: more deletions (deletes and disables) of one target type
+/// than allowed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardViolation {
+    /// The target object type.
+    pub target_type: ObjectType,
+    /// Deletions planned.
+    pub deletions: usize,
+    /// Objects of that type linked before the plan.
+    pub linked: usize,
+    /// The most deletions allowed.
+    pub limit: usize,
+}
+
+impl fmt::Display for GuardViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "deletion guard: {} of {} linked {} objects would be deleted or disabled; the limit is {}",
+            self.deletions, self.linked, self.target_type, self.limit
+        )
+    }
+}
+
+/// Counts of what the planner saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanStats {
+    /// Source objects considered.
+    pub considered: usize,
+    /// Of those, in scope.
+    pub in_scope: usize,
+    /// In scope, linked and already as desired.
+    pub unchanged: usize,
+}
+
+/// The plan: operations in order, issues, guard violations.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The operations, ordered by phase, then anchor.
+    pub operations: Vec<Operation>,
+    /// What could not be planned.
+    pub issues: Vec<Issue>,
+    /// Guards the plan violates; the engine refuses such a plan unless allowed explicitly.
+    pub guard_violations: Vec<GuardViolation>,
+    /// Counts.
+    pub stats: PlanStats,
+}
+
+impl Plan {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.operations.is_empty()
+    }
+
+    /// Whether a guard holds the plan.
+    pub fn is_held(&self) -> bool {
+        !self.guard_violations.is_empty()
+    }
+
+    /// Number of operations of a kind (`"create"`, `"update"`, …; see [`OperationKind::name`]).
+    pub fn count(&self, kind: &str) -> usize {
+        self.operations
+            .iter()
+            .filter(|o| o.kind.name() == kind)
+            .count()
+    }
+}
+
+fn show_values(values: &Values, redacted: bool) -> String {
+    if redacted {
+        return "(redacted)".into();
+    }
+    const MAX: usize = 3;
+    let mut parts: Vec<String> = values.iter().take(MAX).map(|v| format!("{v}")).collect();
+    if values.len() > MAX {
+        parts.push(format!("… {} more", values.len() - MAX));
+    }
+    if parts.is_empty() {
+        "(none)".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn show_change(c: &AttributeChange) -> String {
+    match c.op {
+        ChangeOp::Add => format!("{} += {}", c.attribute, show_values(&c.values, c.redacted)),
+        ChangeOp::Remove => format!("{} -= {}", c.attribute, show_values(&c.values, c.redacted)),
+        ChangeOp::Replace if c.old.is_empty() => {
+            format!("{} = {}", c.attribute, show_values(&c.values, c.redacted))
+        }
+        ChangeOp::Replace => format!(
+            "{}: {} → {}",
+            c.attribute,
+            show_values(&c.old, c.redacted),
+            show_values(&c.values, c.redacted)
+        ),
+    }
+}
+
+impl fmt::Display for Plan {
+    /// A human table: one row per operation (with its changes below it), then issues and guard
+    /// violations. Redacted values are never shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.operations.is_empty() {
+            writeln!(
+                f,
+                "nothing to do ({} objects considered)",
+                self.stats.considered
+            )?;
+        } else {
+            let w_anchor = self
+                .operations
+                .iter()
+                .map(|o| o.anchor.as_str().chars().count())
+                .max()
+                .unwrap_or(6)
+                .clamp(6, 40);
+            writeln!(
+                f,
+                "{:>4}  {:<10}  {:<10}  {:<w$}  {:<14}  reason",
+                "#",
+                "operation",
+                "type",
+                "anchor",
+                "target",
+                w = w_anchor
+            )?;
+            for (i, op) in self.operations.iter().enumerate() {
+                let target = match &op.kind {
+                    OperationKind::Create { .. } => "(new)".to_string(),
+                    OperationKind::Update { target, .. }
+                    | OperationKind::UpdateReferences { target, .. } => match target {
+                        TargetRef::Existing(id) => id.to_string(),
+                        TargetRef::Pending(_) => "(new)".to_string(),
+                    },
+                    OperationKind::Join { target_id, .. }
+                    | OperationKind::Delete { target_id }
+                    | OperationKind::Disable { target_id, .. }
+                    | OperationKind::Unlink { target_id } => target_id.to_string(),
+                };
+                writeln!(
+                    f,
+                    "{:>4}  {:<10}  {:<10}  {:<w$}  {:<14}  {}",
+                    i + 1,
+                    op.kind.name(),
+                    op.target_type.as_str(),
+                    op.anchor.as_str(),
+                    target,
+                    op.reason,
+                    w = w_anchor
+                )?;
+                let lines: Vec<String> = match &op.kind {
+                    OperationKind::Create {
+                        attributes,
+                        secrets,
+                    } => attributes
+                        .iter()
+                        .map(|(n, v)| format!("{n} = {}", show_values(v, false)))
+                        .chain(secrets.iter().map(|(n, _)| format!("{n} = (redacted)")))
+                        .collect(),
+                    OperationKind::Join { changes, .. }
+                    | OperationKind::Update { changes, .. }
+                    | OperationKind::UpdateReferences { changes, .. }
+                    | OperationKind::Disable { changes, .. } => {
+                        changes.iter().map(show_change).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                for l in lines {
+                    writeln!(f, "{:>4}  {:>10}  {l}", "", "")?;
+                }
+            }
+        }
+        for issue in &self.issues {
+            writeln!(f, "issue: {issue}")?;
+        }
+        for g in &self.guard_violations {
+            writeln!(f, "HELD: {g}")?;
+        }
+        Ok(())
+    }
+}

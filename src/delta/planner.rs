@@ -1,0 +1,775 @@
+//! The planner: a pure function from (projection, mirrors, links) to a [`Plan`].
+//!
+//! It does no I/O, reads no clock and no randomness: `now` and a seed come in with the input,
+//! and the same input gives the same plan, byte for byte, whatever order the objects are stored
+//! in and however many threads plan them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use super::guard::DeletionGuard;
+use super::plan::{Issue, Operation, OperationKind, Plan, PlanStats, Reason, TargetRef};
+use super::projection::{
+    Apply, Deprovision, Desired, Flow, Projected, Projection, ProjectionContext, WhenEmpty,
+};
+use super::state::{Link, Links, SourceMirror, TargetMirror};
+use crate::model::{
+    Anchor, AttrName, AttributeChange, Attributes, Entry, ObjectType, Reference, TargetId,
+    TargetObject, Value, Values,
+};
+
+/// Which source objects a plan considers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanScope {
+    /// Every object of the source mirror and every linked anchor (full sync).
+    All,
+    /// These anchors (a delta's dirty set), plus the objects that reference them. An anchor
+    /// missing from the mirror was deleted at the source.
+    Anchors(Vec<Anchor>),
+}
+
+/// Everything the planner reads.
+pub struct PlanInput<'a> {
+    /// The rules.
+    pub projection: &'a dyn Projection,
+    /// The source mirror.
+    pub mirror: &'a SourceMirror,
+    /// The link table.
+    pub links: &'a Links,
+    /// The target mirror.
+    pub target: &'a TargetMirror,
+    /// Which objects to plan.
+    pub scope: PlanScope,
+    /// The instant the plan is made for (handed to the rules as `Now()`).
+    pub now: DateTime<Utc>,
+    /// The seed of the rules' random choices.
+    pub seed: u64,
+    /// The deletion guard.
+    pub guard: DeletionGuard,
+}
+
+impl<'a> PlanInput<'a> {
+    /// A full-sync input with `now` at the Unix epoch, seed 0 and the default guard.
+    pub fn new(
+        projection: &'a dyn Projection,
+        mirror: &'a SourceMirror,
+        links: &'a Links,
+        target: &'a TargetMirror,
+    ) -> Self {
+        PlanInput {
+            projection,
+            mirror,
+            links,
+            target,
+            scope: PlanScope::All,
+            now: DateTime::<Utc>::UNIX_EPOCH,
+            seed: 0,
+            guard: DeletionGuard::default(),
+        }
+    }
+}
+
+/// What phase A decided for one anchor.
+enum Decision {
+    /// Nothing to do; `in_scope` for the statistics.
+    Nothing { in_scope: bool },
+    /// A finished operation (deprovision).
+    Op(Box<Operation>),
+    /// A finished issue.
+    Issue(Box<Issue>),
+    /// In scope: a create, join or update, whose reference flows still need translating.
+    Object(Box<Pending>),
+}
+
+struct Pending {
+    anchor: Anchor,
+    source_type: ObjectType,
+    desired: Desired,
+    action: Action,
+}
+
+enum Action {
+    Create,
+    Join {
+        target_id: TargetId,
+        group: usize,
+        on: Vec<(AttrName, Value)>,
+    },
+    Update {
+        target_id: TargetId,
+    },
+}
+
+/// Plans. See the module documentation.
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
+    let decide = |anchor: &Anchor| decide(input, &ctx, anchor);
+
+    // Phase A: every considered anchor, in parallel where enabled.
+    let decisions: Vec<Decision> = match &input.scope {
+        PlanScope::All => {
+            let mut d: Vec<Decision> =
+                par_filter_map(input.mirror.entries().collect::<Vec<&Entry>>(), |e| {
+                    Some(decide(&e.anchor))
+                });
+            let gone: Vec<&Link> = input
+                .links
+                .iter()
+                .filter(|l| input.mirror.get(&l.anchor).is_none())
+                .collect();
+            d.extend(gone.into_iter().map(|l| decide(&l.anchor)));
+            d
+        }
+        PlanScope::Anchors(anchors) => {
+            let mut set: BTreeSet<&Anchor> = anchors.iter().collect();
+            for a in anchors {
+                for (referrer, _) in input.mirror.referrers(a) {
+                    set.insert(referrer);
+                }
+            }
+            par_filter_map(set.into_iter().collect(), |a| Some(decide(a)))
+        }
+    };
+
+    let mut stats = PlanStats::default();
+    let mut ops: Vec<Operation> = Vec::new();
+    let mut issues: Vec<Issue> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    for d in decisions {
+        stats.considered += 1;
+        match d {
+            Decision::Nothing { in_scope } => {
+                if in_scope {
+                    stats.in_scope += 1;
+                    stats.unchanged += 1;
+                }
+            }
+            Decision::Op(op) => ops.push(*op),
+            Decision::Issue(i) => issues.push(*i),
+            Decision::Object(p) => {
+                stats.in_scope += 1;
+                pending.push(*p)
+            }
+        }
+    }
+    pending.sort_by(|a, b| a.anchor.cmp(&b.anchor));
+
+    // Phase B: two objects joining one target object join neither; unique values claimed once.
+    let mut joins: BTreeMap<TargetId, Vec<Anchor>> = BTreeMap::new();
+    for p in &pending {
+        if let Action::Join { target_id, .. } = &p.action {
+            joins
+                .entry(target_id.clone())
+                .or_default()
+                .push(p.anchor.clone());
+        }
+    }
+    let duplicate: HashSet<Anchor> = joins
+        .into_iter()
+        .filter(|(_, anchors)| anchors.len() > 1)
+        .flat_map(|(target_id, anchors)| {
+            issues.push(Issue::DuplicateJoin {
+                target_id,
+                anchors: anchors.clone(),
+            });
+            anchors
+        })
+        .collect();
+    pending.retain(|p| !duplicate.contains(&p.anchor));
+    claim_unique_values(input, &mut pending, &mut issues);
+
+    // Phase C: references, now that every create and join of the plan is known.
+    let creating: HashSet<&Anchor> = pending
+        .iter()
+        .filter(|p| matches!(p.action, Action::Create))
+        .map(|p| &p.anchor)
+        .collect();
+    let joining: HashMap<&Anchor, &TargetId> = pending
+        .iter()
+        .filter_map(|p| match &p.action {
+            Action::Join { target_id, .. } => Some((&p.anchor, target_id)),
+            _ => None,
+        })
+        .collect();
+    for p in &pending {
+        let (o, mut i) = finish(input, p, &creating, &joining);
+        if o.is_empty() && matches!(p.action, Action::Update { .. }) {
+            stats.unchanged += 1;
+        }
+        ops.extend(o);
+        issues.append(&mut i);
+    }
+
+    ops.sort_by(|a, b| {
+        (a.phase(), &a.anchor, a.kind.name()).cmp(&(b.phase(), &b.anchor, b.kind.name()))
+    });
+    issues.sort_by_cached_key(|i| (i.anchor().cloned(), i.to_string()));
+    let mut plan = Plan {
+        operations: ops,
+        issues,
+        guard_violations: Vec::new(),
+        stats,
+    };
+    plan.guard_violations = input.guard.check(&plan, input.links);
+    plan
+}
+
+#[cfg(feature = "parallel")]
+fn par_filter_map<T: Send, R: Send>(
+    items: Vec<T>,
+    f: impl Fn(T) -> Option<R> + Sync + Send,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    if items.len() < 2048 {
+        return items.into_iter().filter_map(f).collect();
+    }
+    items.into_par_iter().filter_map(f).collect()
+}
+
+#[cfg(not(feature = "parallel"))]
+fn par_filter_map<T: Send, R: Send>(
+    items: Vec<T>,
+    f: impl Fn(T) -> Option<R> + Sync + Send,
+) -> Vec<R> {
+    items.into_iter().filter_map(f).collect()
+}
+
+fn decide(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, anchor: &Anchor) -> Decision {
+    let link = input.links.get(anchor);
+    let Some(entry) = input.mirror.get(anchor) else {
+        return match link {
+            Some(link) => deprovision(input, link, None, Reason::DeletedAtSource),
+            None => Decision::Nothing { in_scope: false },
+        };
+    };
+    match input.projection.project(entry, ctx) {
+        Projected::OutOfScope(why) => match link {
+            Some(link) => deprovision(input, link, Some(entry), Reason::LeftScope { why }),
+            None => Decision::Nothing { in_scope: false },
+        },
+        Projected::Held(reason) => Decision::Issue(Box::new(Issue::Held {
+            anchor: anchor.clone(),
+            reason,
+        })),
+        Projected::Failed(error) => Decision::Issue(Box::new(Issue::ProjectionFailed {
+            anchor: anchor.clone(),
+            error,
+        })),
+        Projected::InScope(desired) => {
+            let desired = *desired;
+            if let Some(link) = link {
+                if link.target_type != desired.target_type {
+                    return Decision::Issue(Box::new(Issue::TargetTypeChanged {
+                        anchor: anchor.clone(),
+                        linked: link.target_type.clone(),
+                        desired: desired.target_type,
+                    }));
+                }
+                return match input.target.get(&link.target_id) {
+                    Some(current) => {
+                        // The common case: nothing changed. Decide it without allocating.
+                        if desired
+                            .flows
+                            .iter()
+                            .all(|f| f.apply == Apply::OnCreate || flow_matches(f, current, input))
+                        {
+                            return Decision::Nothing { in_scope: true };
+                        }
+                        object(
+                            entry,
+                            desired,
+                            Action::Update {
+                                target_id: link.target_id.clone(),
+                            },
+                        )
+                    }
+                    None => object(entry, desired, Action::Create),
+                };
+            }
+            match join(input, anchor, &desired) {
+                Ok(Some((target_id, group, on))) => object(
+                    entry,
+                    desired,
+                    Action::Join {
+                        target_id,
+                        group,
+                        on,
+                    },
+                ),
+                Ok(None) => object(entry, desired, Action::Create),
+                Err(issue) => Decision::Issue(Box::new(issue)),
+            }
+        }
+    }
+}
+
+fn object(entry: &Entry, desired: Desired, action: Action) -> Decision {
+    Decision::Object(Box::new(Pending {
+        anchor: entry.anchor.clone(),
+        source_type: entry.object_type.clone(),
+        desired,
+        action,
+    }))
+}
+
+/// Join groups in order: the first group with exactly one candidate (not linked to another
+/// anchor) wins; several candidates is a conflict.
+fn join(
+    input: &PlanInput<'_>,
+    anchor: &Anchor,
+    desired: &Desired,
+) -> Result<Option<(TargetId, usize, Vec<(AttrName, Value)>)>, Issue> {
+    for (g, group) in desired.join.iter().enumerate() {
+        if group.0.is_empty() {
+            continue;
+        }
+        let mut candidates: Option<Vec<TargetId>> = None;
+        for (attr, value) in &group.0 {
+            let found = input.target.find(&desired.target_type, attr, value);
+            candidates = Some(match candidates {
+                None => found,
+                Some(prev) => prev.into_iter().filter(|c| found.contains(c)).collect(),
+            });
+        }
+        let mut candidates = candidates.unwrap_or_default();
+        candidates.retain(|c| input.links.anchor_of(c).is_none_or(|a| a == anchor));
+        match candidates.len() {
+            0 => continue,
+            1 => return Ok(Some((candidates.remove(0), g, group.0.clone()))),
+            _ => {
+                return Err(Issue::JoinConflict {
+                    anchor: anchor.clone(),
+                    group: g,
+                    candidates,
+                })
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn deprovision(
+    input: &PlanInput<'_>,
+    link: &Link,
+    entry: Option<&Entry>,
+    reason: Reason,
+) -> Decision {
+    let op = |kind| {
+        Decision::Op(Box::new(Operation {
+            anchor: link.anchor.clone(),
+            source_type: link.source_type.clone(),
+            target_type: link.target_type.clone(),
+            kind,
+            reason: reason.clone(),
+        }))
+    };
+    let Some(current) = input.target.get(&link.target_id) else {
+        // The target object is already gone: only the link remains to forget.
+        return op(OperationKind::Unlink {
+            target_id: link.target_id.clone(),
+        });
+    };
+    match input.projection.deprovision(link, entry) {
+        Deprovision::Delete => op(OperationKind::Delete {
+            target_id: link.target_id.clone(),
+        }),
+        Deprovision::Unlink => op(OperationKind::Unlink {
+            target_id: link.target_id.clone(),
+        }),
+        Deprovision::Disable(attrs) => {
+            let changes: Vec<AttributeChange> = attrs
+                .into_iter()
+                .filter_map(|(name, values)| {
+                    let flow = Flow::new(name, values);
+                    diff_flow(
+                        &flow,
+                        current.attributes.get(flow.attribute.as_str()),
+                        false,
+                    )
+                    .map(|mut c| c.remove(0))
+                })
+                .collect();
+            if changes.is_empty() {
+                Decision::Nothing { in_scope: false }
+            } else {
+                op(OperationKind::Disable {
+                    target_id: link.target_id.clone(),
+                    changes,
+                })
+            }
+        }
+    }
+}
+
+fn has_references(flow: &Flow) -> bool {
+    flow.values.iter().any(Value::is_reference)
+}
+
+/// Whether the target already holds what `flow` wants (reference flows compared after
+/// translating source references to target ids).
+fn flow_matches(flow: &Flow, current: &TargetObject, input: &PlanInput<'_>) -> bool {
+    let have = current.attributes.get(flow.attribute.as_str());
+    if !has_references(flow) {
+        return diff_flow(flow, have, false).is_none();
+    }
+    let mut translated = Values::new();
+    for v in &flow.values {
+        match v {
+            Value::Reference(r) => match translate_existing(input, r) {
+                Some(id) => translated.push(Value::Reference(Reference::Target(id))),
+                None => return false,
+            },
+            other => translated.push(other.clone()),
+        }
+    }
+    let f = Flow {
+        values: translated,
+        ..flow.clone()
+    };
+    diff_flow(&f, have, false).is_none()
+}
+
+/// The target id a source reference resolves to through an existing link.
+fn translate_existing(input: &PlanInput<'_>, r: &Reference) -> Option<TargetId> {
+    match r {
+        Reference::Target(id) => Some(id.clone()),
+        other => {
+            let a = input.mirror.resolve(other)?;
+            input.links.get(&a).map(|l| l.target_id.clone())
+        }
+    }
+}
+
+/// The changes that bring `current` to what `flow` wants; `None` when there are none.
+fn diff_flow(
+    flow: &Flow,
+    current: Option<&Values>,
+    creating: bool,
+) -> Option<Vec<AttributeChange>> {
+    if flow.apply == Apply::OnCreate && !creating {
+        return None;
+    }
+    let empty = Values::new();
+    let current = current.unwrap_or(&empty);
+    if flow.values.is_empty() {
+        return match flow.when_empty {
+            WhenEmpty::Keep => None,
+            WhenEmpty::Clear if current.is_empty() => None,
+            WhenEmpty::Clear => Some(vec![change(
+                flow,
+                crate::model::ChangeOp::Replace,
+                Values::new(),
+                current,
+            )]),
+        };
+    }
+    if !flow.multi {
+        if flow.values.same_set(current, flow.ignore_case) {
+            return None;
+        }
+        return Some(vec![change(
+            flow,
+            crate::model::ChangeOp::Replace,
+            flow.values.clone(),
+            current,
+        )]);
+    }
+    let (add, remove) = set_difference(&flow.values, current, flow.ignore_case);
+    let mut out = Vec::new();
+    if !add.is_empty() {
+        out.push(change(flow, crate::model::ChangeOp::Add, add, &empty));
+    }
+    if !remove.is_empty() {
+        out.push(change(flow, crate::model::ChangeOp::Remove, remove, &empty));
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn change(
+    flow: &Flow,
+    op: crate::model::ChangeOp,
+    values: Values,
+    old: &Values,
+) -> AttributeChange {
+    let mut c = match op {
+        crate::model::ChangeOp::Add => AttributeChange::add(flow.attribute.clone(), values),
+        crate::model::ChangeOp::Remove => AttributeChange::remove(flow.attribute.clone(), values),
+        crate::model::ChangeOp::Replace => AttributeChange::replace(flow.attribute.clone(), values),
+    };
+    if op == crate::model::ChangeOp::Replace {
+        c.old = old.clone();
+    }
+    c.redacted = flow.redacted;
+    c
+}
+
+/// `(want − have, have − want)`, each sorted; strings compared ignoring case when asked.
+fn set_difference(want: &Values, have: &Values, ignore_case: bool) -> (Values, Values) {
+    let key = |v: &Value| -> Value {
+        match (ignore_case, v) {
+            (true, Value::String(s)) => Value::String(s.to_lowercase().into()),
+            _ => v.clone(),
+        }
+    };
+    let want_keys: HashSet<Value> = want.iter().map(key).collect();
+    let have_keys: HashSet<Value> = have.iter().map(key).collect();
+    let mut add: Vec<Value> = Vec::new();
+    let mut seen: HashSet<Value> = HashSet::new();
+    for v in want.iter() {
+        let k = key(v);
+        if !have_keys.contains(&k) && seen.insert(k) {
+            add.push(v.clone());
+        }
+    }
+    let mut remove: Vec<Value> = have
+        .iter()
+        .filter(|v| !want_keys.contains(&key(v)))
+        .cloned()
+        .collect();
+    add.sort();
+    remove.sort();
+    remove.dedup();
+    (Values::from(add), Values::from(remove))
+}
+
+/// Makes sure no two creates of the plan claim the same unique value: in anchor order, a create
+/// whose unique value an earlier one claimed is projected again with the claims known.
+fn claim_unique_values(input: &PlanInput<'_>, pending: &mut Vec<Pending>, issues: &mut Vec<Issue>) {
+    let mut held: HashSet<Anchor> = HashSet::new();
+    let mut claimed: HashSet<(AttrName, String)> = HashSet::new();
+    let keys = |p: &Pending| -> Vec<(AttrName, String)> {
+        p.desired
+            .flows
+            .iter()
+            .filter(|f| f.unique)
+            .flat_map(|f| {
+                f.values
+                    .iter()
+                    .map(move |v| (f.attribute.clone(), v.to_string().to_lowercase()))
+            })
+            .collect()
+    };
+    for p in pending.iter_mut() {
+        if !matches!(p.action, Action::Create) {
+            continue;
+        }
+        let mine = keys(p);
+        if mine.is_empty() {
+            continue;
+        }
+        if mine.iter().any(|k| claimed.contains(k)) {
+            let Some(entry) = input.mirror.get(&p.anchor) else {
+                continue;
+            };
+            let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
+            ctx.claimed = Some(&claimed);
+            match input.projection.project(entry, &ctx) {
+                Projected::InScope(d) => p.desired = *d,
+                other => {
+                    issues.push(Issue::Held {
+                        anchor: p.anchor.clone(),
+                        reason: match other {
+                            Projected::Held(r) => r,
+                            _ => "no unique value is free".into(),
+                        },
+                    });
+                    held.insert(p.anchor.clone());
+                    continue;
+                }
+            }
+        }
+        claimed.extend(keys(p));
+    }
+    pending.retain(|p| !held.contains(&p.anchor));
+}
+
+/// Phase C for one object: translate references and make its operations.
+fn finish(
+    input: &PlanInput<'_>,
+    p: &Pending,
+    creating: &HashSet<&Anchor>,
+    joining: &HashMap<&Anchor, &TargetId>,
+) -> (Vec<Operation>, Vec<Issue>) {
+    let mut issues = Vec::new();
+    let is_create = matches!(p.action, Action::Create);
+    let current: Option<&TargetObject> = match &p.action {
+        Action::Create => None,
+        Action::Join { target_id, .. } | Action::Update { target_id } => {
+            input.target.get(target_id)
+        }
+    };
+
+    let mut plain: Vec<AttributeChange> = Vec::new();
+    let mut refs: Vec<AttributeChange> = Vec::new();
+    let mut create_attrs = Attributes::new();
+    let mut secrets = Attributes::new();
+    for flow in &p.desired.flows {
+        let have = current.and_then(|c| c.attributes.get(flow.attribute.as_str()));
+        if !has_references(flow) {
+            if is_create {
+                if !flow.values.is_empty() {
+                    if flow.redacted {
+                        secrets.set(flow.attribute.clone(), flow.values.clone());
+                    } else {
+                        create_attrs.set(flow.attribute.clone(), flow.values.clone());
+                    }
+                }
+            } else if let Some(mut c) = diff_flow(flow, have, false) {
+                plain.append(&mut c);
+            }
+            continue;
+        }
+        // Reference flow: translate each value.
+        let mut existing = Values::new();
+        let mut later = Values::new();
+        for v in &flow.values {
+            let Value::Reference(r) = v else {
+                existing.push(v.clone());
+                continue;
+            };
+            if let Reference::Target(_) = r {
+                existing.push(v.clone());
+                continue;
+            }
+            let resolved = input.mirror.resolve(r);
+            let linked = resolved.as_ref().and_then(|a| input.links.get(a));
+            match (resolved.as_ref(), linked) {
+                (_, Some(l)) => {
+                    existing.push(Value::Reference(Reference::Target(l.target_id.clone())))
+                }
+                (Some(a), None) if joining.contains_key(a) => {
+                    existing.push(Value::Reference(Reference::Target(joining[a].clone())))
+                }
+                (Some(a), None) if creating.contains(a) => {
+                    later.push(Value::Reference(Reference::Pending(a.clone())))
+                }
+                _ => issues.push(Issue::UnresolvedReference {
+                    anchor: p.anchor.clone(),
+                    attribute: flow.attribute.clone(),
+                    reference: r.to_string(),
+                }),
+            }
+        }
+        if is_create {
+            if !existing.is_empty() {
+                create_attrs.set(flow.attribute.clone(), existing);
+            }
+            if !later.is_empty() {
+                refs.push(change(
+                    flow,
+                    if flow.multi {
+                        crate::model::ChangeOp::Add
+                    } else {
+                        crate::model::ChangeOp::Replace
+                    },
+                    later,
+                    &Values::new(),
+                ));
+            }
+            continue;
+        }
+        let mut all = existing;
+        for v in later {
+            all.push(v);
+        }
+        let f = Flow {
+            values: all,
+            ..flow.clone()
+        };
+        if let Some(mut c) = diff_flow(&f, have, false) {
+            refs.append(&mut c);
+        }
+    }
+
+    let op = |kind: OperationKind, reason: Reason| Operation {
+        anchor: p.anchor.clone(),
+        source_type: p.source_type.clone(),
+        target_type: p.desired.target_type.clone(),
+        kind,
+        reason,
+    };
+    let changed = |changes: &[AttributeChange]| Reason::AttributesChanged {
+        attributes: {
+            let mut names: Vec<AttrName> = changes.iter().map(|c| c.attribute.clone()).collect();
+            names.dedup();
+            names
+        },
+    };
+    let mut ops = Vec::new();
+    match &p.action {
+        Action::Create => {
+            let reason = if input.links.get(&p.anchor).is_some() {
+                Reason::TargetMissing
+            } else {
+                Reason::EnteredScope
+            };
+            ops.push(op(
+                OperationKind::Create {
+                    attributes: create_attrs,
+                    secrets,
+                },
+                reason.clone(),
+            ));
+            if !refs.is_empty() {
+                ops.push(op(
+                    OperationKind::UpdateReferences {
+                        target: TargetRef::Pending(p.anchor.clone()),
+                        changes: refs,
+                    },
+                    reason,
+                ));
+            }
+        }
+        Action::Join {
+            target_id,
+            group,
+            on,
+        } => {
+            let reason = Reason::Joined {
+                group: *group,
+                on: on.clone(),
+            };
+            ops.push(op(
+                OperationKind::Join {
+                    target_id: target_id.clone(),
+                    changes: plain,
+                },
+                reason,
+            ));
+            if !refs.is_empty() {
+                let r = changed(&refs);
+                ops.push(op(
+                    OperationKind::UpdateReferences {
+                        target: TargetRef::Existing(target_id.clone()),
+                        changes: refs,
+                    },
+                    r,
+                ));
+            }
+        }
+        Action::Update { target_id } => {
+            if !plain.is_empty() {
+                let r = changed(&plain);
+                ops.push(op(
+                    OperationKind::Update {
+                        target: TargetRef::Existing(target_id.clone()),
+                        changes: plain,
+                    },
+                    r,
+                ));
+            }
+            if !refs.is_empty() {
+                let r = changed(&refs);
+                ops.push(op(
+                    OperationKind::UpdateReferences {
+                        target: TargetRef::Existing(target_id.clone()),
+                        changes: refs,
+                    },
+                    r,
+                ));
+            }
+        }
+    }
+    (ops, issues)
+}

@@ -1,0 +1,285 @@
+//! The [`Projection`] trait: what the planner asks of the rules — is this entry in scope, how
+//! does it join, what should its target object look like, how is it deprovisioned.
+//!
+//! The planner knows nothing of the rule language; `rules` is one implementation, and a program
+//! may write its projection in plain Rust.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::state::{Link, SourceMirror, TargetMirror};
+use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Value, Values};
+
+/// Decides, for one source object, what its target object should be.
+///
+/// Implementations must be pure: the same entry and context give the same answer. Randomness
+/// comes from [`ProjectionContext::object_seed`], time from [`ProjectionContext::now`].
+pub trait Projection: Send + Sync {
+    /// Scope, join and desired attributes for `entry`.
+    fn project(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Projected;
+
+    /// What to do with the target object of `link` when its source object left scope
+    /// (`entry` is `Some`) or was deleted at the source (`entry` is `None`).
+    fn deprovision(&self, link: &Link, entry: Option<&Entry>) -> Deprovision;
+}
+
+/// What the planner hands a projection besides the entry.
+pub struct ProjectionContext<'a> {
+    pub(crate) now: DateTime<Utc>,
+    pub(crate) seed: u64,
+    pub(crate) mirror: &'a SourceMirror,
+    pub(crate) target: &'a TargetMirror,
+    pub(crate) claimed: Option<&'a HashSet<(AttrName, String)>>,
+}
+
+impl<'a> ProjectionContext<'a> {
+    /// A context over the given mirrors (the planner makes these; tests of projections may too).
+    pub fn new(
+        now: DateTime<Utc>,
+        seed: u64,
+        mirror: &'a SourceMirror,
+        target: &'a TargetMirror,
+    ) -> Self {
+        ProjectionContext {
+            now,
+            seed,
+            mirror,
+            target,
+            claimed: None,
+        }
+    }
+
+    /// The instant the run is planned for (`Now()`).
+    pub fn now(&self) -> DateTime<Utc> {
+        self.now
+    }
+
+    /// A seed for this object's random choices (`Guid()`, `RandomString()`): derived from the
+    /// run's seed and the anchor, so the result does not depend on the order objects are planned.
+    pub fn object_seed(&self, anchor: &Anchor) -> u64 {
+        fnv1a(
+            self.seed
+                .to_le_bytes()
+                .iter()
+                .chain(anchor.as_str().as_bytes()),
+        )
+    }
+
+    /// The DNs of the groups that list `anchor` directly in their `member` attribute
+    /// (for `ISMEMBEROF`).
+    pub fn member_of(&self, anchor: &Anchor) -> Vec<&'a Dn> {
+        self.mirror.member_of(anchor)
+    }
+
+    /// The source mirror (to look up referenced objects).
+    pub fn mirror(&self) -> &'a SourceMirror {
+        self.mirror
+    }
+
+    /// Whether no target object of `object_type` has `value` in `attribute` (strings compared
+    /// ignoring case), and no other object of this plan has claimed it (`SelectUniqueValue`).
+    pub fn is_unique(&self, object_type: &ObjectType, attribute: &AttrName, value: &str) -> bool {
+        if let Some(claimed) = self.claimed {
+            if claimed.contains(&(attribute.clone(), value.to_lowercase())) {
+                return false;
+            }
+        }
+        self.target
+            .find(object_type, attribute, &Value::string(value))
+            .is_empty()
+    }
+}
+
+fn fnv1a<'b>(bytes: impl Iterator<Item = &'b u8>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A projection's answer for one entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Projected {
+    /// Not in scope; the text says why (the failing scope clause).
+    OutOfScope(String),
+    /// In scope: the desired target object.
+    InScope(Box<Desired>),
+    /// In scope but held back (for example no unique value is free); reported, not exported.
+    Held(String),
+    /// The rules failed for this object; reported with the object, nothing is planned for it.
+    Failed(ProjectionError),
+}
+
+/// A rule error for one object: which attribute (and rule) and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{}{}{message}", rule.as_ref().map(|r| format!("rule {r}: ")).unwrap_or_default(), attribute.as_ref().map(|a| format!("attribute {a}: ")).unwrap_or_default())]
+pub struct ProjectionError {
+    /// The rule, if the projection has named rules.
+    pub rule: Option<String>,
+    /// The target attribute whose flow failed, if one did.
+    pub attribute: Option<AttrName>,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// The desired state of one target object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// The target object type.
+    pub target_type: ObjectType,
+    /// Join groups, tried in order for an unlinked object: the attributes of a group are ANDed,
+    /// and the first group with exactly one candidate wins.
+    pub join: Vec<JoinGroup>,
+    /// The attribute flows: the values each managed target attribute should have.
+    pub flows: Vec<Flow>,
+}
+
+impl Desired {
+    /// A desired object of `target_type` without flows or joins.
+    pub fn new(target_type: impl Into<ObjectType>) -> Desired {
+        Desired {
+            target_type: target_type.into(),
+            join: Vec::new(),
+            flows: Vec::new(),
+        }
+    }
+
+    /// Adds a flow (builder style).
+    pub fn flow(mut self, flow: Flow) -> Desired {
+        self.flows.push(flow);
+        self
+    }
+
+    /// Adds a join group (builder style).
+    pub fn join_on(mut self, group: JoinGroup) -> Desired {
+        self.join.push(group);
+        self
+    }
+}
+
+/// A join group: target attributes and the values they must have, all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinGroup(pub Vec<(AttrName, Value)>);
+
+impl JoinGroup {
+    /// A group of one attribute.
+    pub fn on(attribute: impl Into<AttrName>, value: impl Into<Value>) -> JoinGroup {
+        JoinGroup(vec![(attribute.into(), value.into())])
+    }
+
+    /// Adds an attribute to the group (builder style).
+    pub fn and(mut self, attribute: impl Into<AttrName>, value: impl Into<Value>) -> JoinGroup {
+        self.0.push((attribute.into(), value.into()));
+        self
+    }
+}
+
+/// When a flow is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Apply {
+    /// On create and on every update.
+    #[default]
+    Always,
+    /// Only when the object is created (an initial password, a generated id).
+    OnCreate,
+}
+
+/// What a flow without values means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenEmpty {
+    /// Leave the target attribute as it is (Entra's behaviour for a null mapping).
+    #[default]
+    Keep,
+    /// Clear the target attribute.
+    Clear,
+}
+
+/// One target attribute's desired values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flow {
+    /// The target attribute.
+    pub attribute: AttrName,
+    /// The values it should have.
+    pub values: Values,
+    /// When the flow applies.
+    pub apply: Apply,
+    /// Compare strings ignoring case when deciding whether the target must change.
+    pub ignore_case: bool,
+    /// Multi-valued: diffed value by value (add and remove), never replaced whole.
+    pub multi: bool,
+    /// What no values means.
+    pub when_empty: WhenEmpty,
+    /// The values are secret: applied, never shown.
+    pub redacted: bool,
+    /// The value must be unique in the target (`SelectUniqueValue`): the planner makes sure no
+    /// two objects of one plan claim the same value.
+    pub unique: bool,
+}
+
+impl Flow {
+    /// A single-valued flow applied always, compared exactly, kept when empty.
+    pub fn new(attribute: impl Into<AttrName>, values: impl Into<Values>) -> Flow {
+        Flow {
+            attribute: attribute.into(),
+            values: values.into(),
+            apply: Apply::Always,
+            ignore_case: false,
+            multi: false,
+            when_empty: WhenEmpty::Keep,
+            redacted: false,
+            unique: false,
+        }
+    }
+
+    /// A multi-valued flow (diffed by value; empty clears).
+    pub fn multi(attribute: impl Into<AttrName>, values: impl Into<Values>) -> Flow {
+        Flow {
+            multi: true,
+            when_empty: WhenEmpty::Clear,
+            ..Flow::new(attribute, values)
+        }
+    }
+
+    /// Applies only on create (builder style).
+    pub fn on_create(mut self) -> Flow {
+        self.apply = Apply::OnCreate;
+        self
+    }
+
+    /// Compares ignoring case (builder style).
+    pub fn ignore_case(mut self) -> Flow {
+        self.ignore_case = true;
+        self
+    }
+
+    /// Clears the target attribute when there are no values (builder style).
+    pub fn clear_when_empty(mut self) -> Flow {
+        self.when_empty = WhenEmpty::Clear;
+        self
+    }
+
+    /// Marks the values secret (builder style).
+    pub fn redacted(mut self) -> Flow {
+        self.redacted = true;
+        self
+    }
+}
+
+/// What happens to a linked target object when its source object leaves scope or is deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deprovision {
+    /// Delete the target object.
+    #[default]
+    Delete,
+    /// Disable it by setting these attributes (`accountEnabled = false`, `active = false`).
+    Disable(Vec<(AttrName, Values)>),
+    /// Leave it as it is and forget the link.
+    Unlink,
+}

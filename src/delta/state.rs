@@ -1,0 +1,576 @@
+//! The in-memory views the planner reads: the source mirror, the link table and the target
+//! mirror. The engine's state stores load them (or the neighbourhood of a delta) and keep them
+//! up to date with [`SourceMirror::apply`], [`Links::record`] and [`TargetMirror::record`].
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+
+use crate::connector::TargetOperation;
+use crate::model::{
+    Anchor, AttrName, Change, Dn, Entry, ObjectType, Reference, TargetId, TargetObject, Value,
+};
+
+/// Where a source object is referenced from: the referring object and the attribute.
+type Referrers = BTreeSet<(Anchor, AttrName)>;
+
+/// The last imported state of the source: entries by anchor, with a DN index and a reverse
+/// reference index (who references whom, for delta neighbourhoods and `ISMEMBEROF`).
+#[derive(Debug, Clone, Default)]
+pub struct SourceMirror {
+    entries: HashMap<Anchor, Entry>,
+    by_dn: HashMap<Dn, Anchor>,
+    refs_by_anchor: HashMap<Anchor, Referrers>,
+    refs_by_dn: HashMap<Dn, Referrers>,
+}
+
+fn references(entry: &Entry) -> impl Iterator<Item = (&AttrName, &Reference)> {
+    entry.attributes.iter().flat_map(|(name, values)| {
+        values.iter().filter_map(move |v| match v {
+            Value::Reference(r) => Some((name, r)),
+            _ => None,
+        })
+    })
+}
+
+impl SourceMirror {
+    /// An empty mirror.
+    pub fn new() -> SourceMirror {
+        SourceMirror::default()
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the mirror is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry of `anchor`.
+    pub fn get(&self, anchor: &Anchor) -> Option<&Entry> {
+        self.entries.get(anchor)
+    }
+
+    /// The anchor of the entry at `dn`.
+    pub fn anchor_of(&self, dn: &Dn) -> Option<&Anchor> {
+        self.by_dn.get(dn)
+    }
+
+    /// Every entry, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    /// Every anchor, in no particular order.
+    pub fn anchors(&self) -> impl Iterator<Item = &Anchor> {
+        self.entries.keys()
+    }
+
+    fn index(&mut self, entry: &Entry) {
+        if let Some(dn) = &entry.dn {
+            self.by_dn.insert(dn.clone(), entry.anchor.clone());
+        }
+        for (name, r) in references(entry) {
+            let key = (entry.anchor.clone(), name.clone());
+            match r {
+                Reference::Dn(dn) => {
+                    self.refs_by_dn
+                        .entry((**dn).clone())
+                        .or_default()
+                        .insert(key);
+                }
+                Reference::Anchor(a) | Reference::Pending(a) => {
+                    self.refs_by_anchor
+                        .entry(a.clone())
+                        .or_default()
+                        .insert(key);
+                }
+                Reference::Target(_) => {}
+            }
+        }
+    }
+
+    fn unindex(&mut self, entry: &Entry) {
+        if let Some(dn) = &entry.dn {
+            if self.by_dn.get(dn) == Some(&entry.anchor) {
+                self.by_dn.remove(dn);
+            }
+        }
+        for (name, r) in references(entry) {
+            let key = (entry.anchor.clone(), name.clone());
+            let (map_dn, map_anchor) = (&mut self.refs_by_dn, &mut self.refs_by_anchor);
+            match r {
+                Reference::Dn(dn) => remove_ref(map_dn, dn, &key),
+                Reference::Anchor(a) | Reference::Pending(a) => remove_ref(map_anchor, a, &key),
+                Reference::Target(_) => {}
+            }
+        }
+    }
+
+    /// Inserts or replaces an entry; returns the previous one.
+    pub fn insert(&mut self, entry: Entry) -> Option<Entry> {
+        let old = self.entries.remove(&entry.anchor);
+        if let Some(old) = &old {
+            self.unindex(old);
+        }
+        self.index(&entry);
+        self.entries.insert(entry.anchor.clone(), entry);
+        old
+    }
+
+    /// Removes an entry; returns it.
+    pub fn remove(&mut self, anchor: &Anchor) -> Option<Entry> {
+        let old = self.entries.remove(anchor)?;
+        self.unindex(&old);
+        Some(old)
+    }
+
+    /// Applies a change from a delta import. Modifies and moves of unknown anchors are
+    /// ignored and reported by returning `false` (the engine then asks for a full import).
+    pub fn apply(&mut self, change: &Change) -> bool {
+        match change {
+            Change::Add(e) | Change::Replace(e) => {
+                self.insert(e.clone());
+                true
+            }
+            Change::Modify {
+                anchor, changes, ..
+            } => match self.entries.get(anchor).cloned() {
+                Some(mut e) => {
+                    for c in changes {
+                        // Lenient: a source's change log may repeat what the mirror has.
+                        let _ = e.attributes.apply(c, false);
+                    }
+                    self.insert(e);
+                    true
+                }
+                None => false,
+            },
+            Change::Move { anchor, new_dn, .. } => match self.entries.get(anchor).cloned() {
+                Some(mut e) => {
+                    e.dn = Some(new_dn.clone());
+                    self.insert(e);
+                    true
+                }
+                None => false,
+            },
+            Change::Delete { anchor, .. } => {
+                self.remove(anchor);
+                true
+            }
+        }
+    }
+
+    /// The objects that reference `anchor` (by anchor, or by its DN), with the attribute.
+    pub fn referrers(&self, anchor: &Anchor) -> Vec<(&Anchor, &AttrName)> {
+        let mut out: Vec<(&Anchor, &AttrName)> = Vec::new();
+        if let Some(set) = self.refs_by_anchor.get(anchor) {
+            out.extend(set.iter().map(|(a, n)| (a, n)));
+        }
+        if let Some(dn) = self.entries.get(anchor).and_then(|e| e.dn.as_ref()) {
+            if let Some(set) = self.refs_by_dn.get(dn) {
+                out.extend(set.iter().map(|(a, n)| (a, n)));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The DNs of the objects that list `anchor` in their `member` attribute.
+    pub fn member_of(&self, anchor: &Anchor) -> Vec<&Dn> {
+        let mut out: Vec<&Dn> = self
+            .referrers(anchor)
+            .into_iter()
+            .filter(|(_, attr)| attr.is("member"))
+            .filter_map(|(a, _)| self.entries.get(a).and_then(|e| e.dn.as_ref()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The anchor a reference value points at, if the referenced object is in the mirror.
+    pub fn resolve(&self, reference: &Reference) -> Option<Anchor> {
+        match reference {
+            Reference::Anchor(a) => Some(a.clone()),
+            Reference::Dn(dn) => self.by_dn.get(dn).cloned(),
+            Reference::Pending(_) | Reference::Target(_) => None,
+        }
+    }
+}
+
+fn remove_ref<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Referrers>,
+    key: &K,
+    referrer: &(Anchor, AttrName),
+) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(referrer);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// A link: the source object of `anchor` is the target object `target_id`. Made by a create or
+/// a join, and sticky: a joined link is never re-decided.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Link {
+    /// The source object.
+    pub anchor: Anchor,
+    /// The source object type.
+    pub source_type: ObjectType,
+    /// The target object.
+    pub target_id: TargetId,
+    /// The target object type.
+    pub target_type: ObjectType,
+}
+
+/// The link table: source anchor ↔ target id.
+#[derive(Debug, Clone, Default)]
+pub struct Links {
+    by_anchor: HashMap<Anchor, Link>,
+    by_target: HashMap<TargetId, Anchor>,
+    counts: HashMap<ObjectType, usize>,
+}
+
+impl Links {
+    /// No links.
+    pub fn new() -> Links {
+        Links::default()
+    }
+
+    /// The link of `anchor`.
+    pub fn get(&self, anchor: &Anchor) -> Option<&Link> {
+        self.by_anchor.get(anchor)
+    }
+
+    /// The anchor linked to `target_id`.
+    pub fn anchor_of(&self, target_id: &TargetId) -> Option<&Anchor> {
+        self.by_target.get(target_id)
+    }
+
+    /// Adds or replaces a link.
+    pub fn insert(&mut self, link: Link) {
+        self.remove(&link.anchor);
+        if let Some(other) = self.by_target.get(&link.target_id).cloned() {
+            self.remove(&other);
+        }
+        *self.counts.entry(link.target_type.clone()).or_default() += 1;
+        self.by_target
+            .insert(link.target_id.clone(), link.anchor.clone());
+        self.by_anchor.insert(link.anchor.clone(), link);
+    }
+
+    /// Removes the link of `anchor`.
+    pub fn remove(&mut self, anchor: &Anchor) -> Option<Link> {
+        let link = self.by_anchor.remove(anchor)?;
+        self.by_target.remove(&link.target_id);
+        if let Some(c) = self.counts.get_mut(&link.target_type) {
+            *c -= 1;
+        }
+        Some(link)
+    }
+
+    /// Every link, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Link> {
+        self.by_anchor.values()
+    }
+
+    /// Number of links.
+    pub fn len(&self) -> usize {
+        self.by_anchor.len()
+    }
+
+    /// Whether there are no links.
+    pub fn is_empty(&self) -> bool {
+        self.by_anchor.is_empty()
+    }
+
+    /// Number of links to target objects of `target_type`.
+    pub fn count(&self, target_type: &ObjectType) -> usize {
+        self.counts.get(target_type).copied().unwrap_or(0)
+    }
+
+    /// Records the outcome of an exported operation: a create or join links, a delete or unlink
+    /// unlinks.
+    pub fn record(&mut self, op: &super::Operation, target_id: Option<&TargetId>) {
+        use super::OperationKind as K;
+        match (&op.kind, target_id) {
+            (K::Create { .. }, Some(id)) | (K::Join { .. }, Some(id)) => self.insert(Link {
+                anchor: op.anchor.clone(),
+                source_type: op.source_type.clone(),
+                target_id: id.clone(),
+                target_type: op.target_type.clone(),
+            }),
+            (K::Join { target_id, .. }, None) => self.insert(Link {
+                anchor: op.anchor.clone(),
+                source_type: op.source_type.clone(),
+                target_id: target_id.clone(),
+                target_type: op.target_type.clone(),
+            }),
+            (K::Delete { .. }, _) | (K::Unlink { .. }, _) => {
+                self.remove(&op.anchor);
+            }
+            _ => {}
+        }
+    }
+}
+
+type JoinIndex = HashMap<Value, SmallVec<[TargetId; 1]>>;
+
+/// The last known state of the target: objects by id, with indexes on join attributes.
+#[derive(Debug, Clone, Default)]
+pub struct TargetMirror {
+    objects: HashMap<TargetId, TargetObject>,
+    indexes: HashMap<AttrName, JoinIndex>,
+}
+
+/// The index key of a value: strings lower-cased (joins compare ignoring case).
+fn index_key(v: &Value) -> Value {
+    match v {
+        Value::String(s) if s.chars().any(char::is_uppercase) => {
+            Value::String(s.to_lowercase().into())
+        }
+        other => other.clone(),
+    }
+}
+
+impl TargetMirror {
+    /// An empty mirror.
+    pub fn new() -> TargetMirror {
+        TargetMirror::default()
+    }
+
+    /// Keeps an index on `attribute` so joins on it cost O(1); returns self (builder style).
+    pub fn with_index(mut self, attribute: impl Into<AttrName>) -> TargetMirror {
+        self.index_attribute(attribute.into());
+        self
+    }
+
+    /// Keeps an index on `attribute`.
+    pub fn index_attribute(&mut self, attribute: AttrName) {
+        if self.indexes.contains_key(&attribute) {
+            return;
+        }
+        let mut index = JoinIndex::new();
+        for o in self.objects.values() {
+            for v in o.attributes.get(attribute.as_str()).into_iter().flatten() {
+                index.entry(index_key(v)).or_default().push(o.id.clone());
+            }
+        }
+        self.indexes.insert(attribute, index);
+    }
+
+    /// Number of objects.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// Whether the mirror is empty.
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// The object `id`.
+    pub fn get(&self, id: &TargetId) -> Option<&TargetObject> {
+        self.objects.get(id)
+    }
+
+    /// Every object, in no particular order.
+    pub fn objects(&self) -> impl Iterator<Item = &TargetObject> {
+        self.objects.values()
+    }
+
+    fn unindex(&mut self, o: &TargetObject) {
+        for (attr, index) in self.indexes.iter_mut() {
+            for v in o.attributes.get(attr.as_str()).into_iter().flatten() {
+                let key = index_key(v);
+                if let Some(ids) = index.get_mut(&key) {
+                    ids.retain(|id| *id != o.id);
+                    if ids.is_empty() {
+                        index.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inserts or replaces an object.
+    pub fn insert(&mut self, object: TargetObject) {
+        if let Some(old) = self.objects.remove(&object.id) {
+            self.unindex(&old);
+        }
+        for (attr, index) in self.indexes.iter_mut() {
+            for v in object.attributes.get(attr.as_str()).into_iter().flatten() {
+                index
+                    .entry(index_key(v))
+                    .or_default()
+                    .push(object.id.clone());
+            }
+        }
+        self.objects.insert(object.id.clone(), object);
+    }
+
+    /// Removes an object.
+    pub fn remove(&mut self, id: &TargetId) -> Option<TargetObject> {
+        let old = self.objects.remove(id)?;
+        self.unindex(&old);
+        Some(old)
+    }
+
+    /// The ids of the objects of `object_type` whose `attribute` has `value` (strings compared
+    /// ignoring case), sorted. Uses the index when there is one, else scans.
+    pub fn find(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        value: &Value,
+    ) -> Vec<TargetId> {
+        let key = index_key(value);
+        let mut out: Vec<TargetId> = match self.indexes.get(attribute) {
+            Some(index) => index
+                .get(&key)
+                .map(|ids| ids.iter().cloned().collect())
+                .unwrap_or_default(),
+            None => self
+                .objects
+                .values()
+                .filter(|o| {
+                    o.attributes
+                        .get(attribute.as_str())
+                        .is_some_and(|vs| vs.iter().any(|v| index_key(v) == key))
+                })
+                .map(|o| o.id.clone())
+                .collect(),
+        };
+        out.retain(|id| {
+            self.objects
+                .get(id)
+                .is_some_and(|o| o.object_type == *object_type)
+        });
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Records an applied target operation: the object is created, changed or removed here as
+    /// the target did. `id` is the id the target reported.
+    pub fn record(&mut self, op: &TargetOperation, id: &TargetId) {
+        match op {
+            TargetOperation::Create {
+                object_type,
+                attributes,
+            } => self.insert(TargetObject {
+                id: id.clone(),
+                object_type: object_type.clone(),
+                attributes: attributes.clone(),
+            }),
+            TargetOperation::Update { changes, .. } => {
+                if let Some(mut o) = self.objects.get(id).cloned() {
+                    for c in changes {
+                        let _ = o.attributes.apply(c, false);
+                    }
+                    self.insert(o);
+                }
+            }
+            TargetOperation::Delete { .. } => {
+                self.remove(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::values;
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).unwrap()
+    }
+
+    #[test]
+    fn mirror_indexes_dns_and_referrers() {
+        let mut m = SourceMirror::new();
+        m.insert(Entry::new("u1", "user").with_dn(dn("cn=Ann,ou=p,dc=x")));
+        m.insert(
+            Entry::new("g1", "group")
+                .with_dn(dn("cn=Staff,ou=g,dc=x"))
+                .with("member", Value::dn_ref(dn("CN=ann, OU=p,DC=x"))),
+        );
+        m.insert(Entry::new("g2", "group").with("owner", Value::anchor_ref("u1")));
+        assert_eq!(
+            m.anchor_of(&dn("cn=ann,ou=p,dc=x")).map(|a| a.as_str()),
+            Some("u1")
+        );
+        let r: Vec<_> = m
+            .referrers(&"u1".into())
+            .into_iter()
+            .map(|(a, n)| (a.as_str(), n.as_str()))
+            .collect();
+        assert_eq!(r, [("g1", "member"), ("g2", "owner")]);
+        assert_eq!(m.member_of(&"u1".into()), [&dn("cn=staff,ou=g,dc=x")]);
+        // Removing the group removes its references.
+        m.remove(&"g1".into());
+        assert_eq!(m.referrers(&"u1".into()).len(), 1);
+        assert!(m.member_of(&"u1".into()).is_empty());
+    }
+
+    #[test]
+    fn links_count_by_type_and_stay_one_to_one() {
+        let mut l = Links::new();
+        let link = |a: &str, t: &str| Link {
+            anchor: a.into(),
+            source_type: "user".into(),
+            target_id: t.into(),
+            target_type: "User".into(),
+        };
+        l.insert(link("a", "1"));
+        l.insert(link("b", "2"));
+        assert_eq!(l.count(&"user".into()), 2);
+        // Re-linking target 1 to another anchor drops the old link.
+        l.insert(link("c", "1"));
+        assert_eq!(l.len(), 2);
+        assert!(l.get(&"a".into()).is_none());
+        assert_eq!(l.anchor_of(&"1".into()).map(|a| a.as_str()), Some("c"));
+        l.remove(&"c".into());
+        assert_eq!(l.count(&"User".into()), 1);
+    }
+
+    #[test]
+    fn target_find_uses_index_or_scan_ignoring_case() {
+        let mut t = TargetMirror::new();
+        t.insert(TargetObject::new("1", "User").with("userName", "Ann@X"));
+        t.insert(TargetObject::new("2", "Group").with("userName", "ann@x"));
+        let scan = t.find(&"user".into(), &"username".into(), &Value::string("ANN@x"));
+        t.index_attribute("userName".into());
+        let indexed = t.find(&"user".into(), &"username".into(), &Value::string("ANN@x"));
+        assert_eq!(scan, indexed);
+        assert_eq!(indexed, [TargetId::from("1")]);
+        t.record(
+            &TargetOperation::Update {
+                id: "1".into(),
+                object_type: "User".into(),
+                changes: vec![crate::model::AttributeChange::replace(
+                    "userName",
+                    values(["b@x"]),
+                )],
+            },
+            &"1".into(),
+        );
+        assert!(t
+            .find(&"user".into(), &"userName".into(), &Value::string("ann@x"))
+            .is_empty());
+        assert_eq!(
+            t.find(&"user".into(), &"userName".into(), &Value::string("B@X"))
+                .len(),
+            1
+        );
+    }
+}
