@@ -62,7 +62,7 @@ impl Serialize for AttributeChange {
 }
 
 /// Serializes attributes with their names only (every value list empty): for secrets.
-pub fn serialize_redacted_attributes<S: serde::Serializer>(
+pub(crate) fn serialize_redacted_attributes<S: serde::Serializer>(
     attributes: &Attributes,
     s: S,
 ) -> Result<S::Ok, S::Error> {

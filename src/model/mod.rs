@@ -10,10 +10,9 @@ mod entry;
 mod name;
 mod value;
 
-pub use ad::{guid_from_ad_bytes, guid_to_ad_bytes, Sid, SidError};
-pub use change::{
-    serialize_redacted_attributes, values, ApplyError, AttributeChange, Change, ChangeOp,
-};
+pub use ad::{guid_from_ad_bytes, guid_to_ad_bytes, GuidError, Sid, SidError};
+pub(crate) use change::serialize_redacted_attributes;
+pub use change::{values, ApplyError, AttributeChange, Change, ChangeOp};
 pub use dn::{Dn, DnError, Rdn};
 pub use entry::{Anchor, Attributes, Entry, TargetId, TargetObject};
 pub use name::{cmp_ignore_case, eq_ignore_case, AttrName, ObjectType};
