@@ -28,3 +28,5 @@ pub mod connector;
 pub mod delta;
 pub mod model;
 pub mod rules;
+#[cfg(feature = "testkit")]
+pub mod testkit;

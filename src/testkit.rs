@@ -1,0 +1,273 @@
+//! Test support for this crate and downstream crates (feature `testkit`): a ready-made
+//! projection for users and groups, a deterministic directory generator, and a minimal
+//! sequential exporter that applies a plan through any [`Target`].
+//!
+//! The exporter here is deliberately simple (one operation at a time, no journal, no retries):
+//! it exists so that planner behaviour can be tested end to end against the in-memory target.
+
+use crate::connector::{ConnectorError, Target};
+use crate::delta::{
+    Deprovision, Desired, Flow, JoinGroup, Link, Links, Operation, OperationKind, Plan, Projected,
+    Projection, ProjectionContext, TargetMirror,
+};
+use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Reference, TargetId, Value, Values};
+
+/// A projection of source `user` and `group` entries onto target `User` and `Group` objects.
+///
+/// * Users are in scope unless their `department` is in [`UserGroupProjection::excluded_departments`];
+///   every attribute except those in `skip` flows to the target under the same name; `cn` also
+///   flows to `displayName`; `initialPassword` flows on create only, redacted. Users join on
+///   `mail` then on `employeeId`.
+/// * Groups are always in scope; `member` is a multi-valued reference flow; groups join on
+///   `displayName` = `cn`.
+/// * Users leaving scope are disabled (`accountEnabled = false`); groups are deleted.
+#[derive(Debug, Clone)]
+pub struct UserGroupProjection {
+    /// Departments whose users are out of scope.
+    pub excluded_departments: Vec<String>,
+    /// Source attributes that do not flow.
+    pub skip: Vec<AttrName>,
+}
+
+impl Default for UserGroupProjection {
+    fn default() -> Self {
+        UserGroupProjection {
+            excluded_departments: vec!["Former".into()],
+            skip: vec![
+                "member".into(),
+                "initialPassword".into(),
+                "objectClass".into(),
+            ],
+        }
+    }
+}
+
+impl Projection for UserGroupProjection {
+    fn project(&self, e: &Entry, _ctx: &ProjectionContext<'_>) -> Projected {
+        if e.object_type.is("group") {
+            let cn = e.get("cn").cloned().unwrap_or_default();
+            let members = e.get("member").cloned().unwrap_or_default();
+            let mut d = Desired::new("Group")
+                .flow(Flow::new("displayName", cn.clone()))
+                .flow(Flow::multi("member", members));
+            if let Some(v) = cn.first() {
+                d = d.join_on(JoinGroup::on("displayName", v.clone()));
+            }
+            return Projected::InScope(Box::new(d));
+        }
+        if !e.object_type.is("user") {
+            return Projected::OutOfScope(format!(
+                "object type {} is not synchronized",
+                e.object_type
+            ));
+        }
+        if let Some(dep) = e.attributes.first_str("department") {
+            if self.excluded_departments.iter().any(|x| x == dep) {
+                return Projected::OutOfScope(format!("department is {dep}"));
+            }
+        }
+        let mut d = Desired::new("User");
+        d.flows.reserve(e.attributes.len() + 2);
+        for (name, values) in e.attributes.iter() {
+            if self.skip.contains(name) {
+                continue;
+            }
+            let mut f = Flow::new(name.clone(), values.clone());
+            f.multi = values.len() > 1 || name.is("proxyAddresses");
+            d.flows.push(f);
+        }
+        if let Some(cn) = e.get("cn") {
+            d.flows.push(Flow::new("displayName", cn.clone()));
+        }
+        d.flows.push(Flow::new("accountEnabled", Values::one(true)));
+        if let Some(p) = e.get("initialPassword") {
+            d.flows
+                .push(Flow::new("password", p.clone()).on_create().redacted());
+        }
+        if let Some(mail) = e.attributes.first("mail") {
+            d = d.join_on(JoinGroup::on("mail", mail.clone()));
+        }
+        if let Some(id) = e.attributes.first("employeeId") {
+            d = d.join_on(JoinGroup::on("employeeId", id.clone()));
+        }
+        Projected::InScope(Box::new(d))
+    }
+
+    fn deprovision(&self, link: &Link, _entry: Option<&Entry>) -> Deprovision {
+        if link.target_type.is("User") {
+            Deprovision::Disable(vec![("accountEnabled".into(), Values::one(false))])
+        } else {
+            Deprovision::Delete
+        }
+    }
+}
+
+/// A small deterministic pseudo-random sequence (SplitMix64) for generated fixtures.
+#[derive(Debug, Clone)]
+pub struct Fixture(u64);
+
+impl Fixture {
+    /// A sequence from `seed`.
+    pub fn new(seed: u64) -> Fixture {
+        Fixture(seed)
+    }
+
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+const DEPARTMENTS: [&str; 6] = [
+    "Engineering",
+    "Sales",
+    "Finance",
+    "Support",
+    "Legal",
+    "Former",
+];
+
+/// A generated user: `cn`, `mail`, `employeeId`, `department` and filler attributes up to
+/// `attributes` in all, under `ou=People,dc=example,dc=com`.
+pub fn user(i: usize, attributes: usize, fx: &mut Fixture) -> Entry {
+    let dept = DEPARTMENTS[(fx.below(DEPARTMENTS.len() as u64 - 1)) as usize];
+    let cn = format!("User {i:07}");
+    let mut e = Entry::new(format!("u-{i:07}"), "user")
+        .with_dn(user_dn(i))
+        .with("cn", cn.as_str())
+        .with("mail", format!("user{i}@example.com"))
+        .with("employeeId", format!("E{i:07}"))
+        .with("department", dept);
+    let mut n = 4;
+    while n < attributes {
+        e.attributes.add(
+            format!("extensionAttribute{n}"),
+            format!("value {n} of {i}"),
+        );
+        n += 1;
+    }
+    e
+}
+
+/// The DN of generated user `i`.
+pub fn user_dn(i: usize) -> Dn {
+    match Dn::parse(&format!("cn=User {i:07},ou=People,dc=example,dc=com")) {
+        Ok(dn) => dn,
+        Err(_) => Dn::root(),
+    }
+}
+
+/// A generated group with `members` user members (by DN), chosen from `users` users.
+pub fn group(i: usize, members: usize, users: usize, fx: &mut Fixture) -> Entry {
+    let mut vals: Vec<Value> = (0..members)
+        .map(|_| Value::dn_ref(user_dn(fx.below(users as u64) as usize)))
+        .collect();
+    vals.sort();
+    vals.dedup();
+    Entry::new(format!("g-{i:07}"), "group")
+        .with_dn(
+            Dn::parse(&format!("cn=Group {i:07},ou=Groups,dc=example,dc=com")).unwrap_or_default(),
+        )
+        .with("cn", format!("Group {i:07}"))
+        .with_values("member", Values::from(vals))
+}
+
+/// A generated directory: `users` users with `attributes` attributes each and `groups` groups
+/// of up to `members` members, from `seed`.
+pub fn directory(
+    users: usize,
+    attributes: usize,
+    groups: usize,
+    members: usize,
+    seed: u64,
+) -> Vec<Entry> {
+    let mut fx = Fixture::new(seed);
+    let mut out: Vec<Entry> = (0..users).map(|i| user(i, attributes, &mut fx)).collect();
+    out.extend((0..groups).map(|i| group(i, members, users.max(1), &mut fx)));
+    out
+}
+
+/// What [`export`] did.
+#[derive(Debug, Default)]
+pub struct ExportReport {
+    /// Operations that took effect (including link-only ones).
+    pub applied: usize,
+    /// Operations that failed, with the error.
+    pub failed: Vec<(Operation, ConnectorError)>,
+}
+
+/// Applies `plan` through `target` one operation at a time, in plan order, recording each
+/// outcome in `links` and `mirror`. Failed operations are reported and skipped.
+pub async fn export(
+    plan: &Plan,
+    target: &dyn Target,
+    links: &mut Links,
+    mirror: &mut TargetMirror,
+) -> ExportReport {
+    let mut report = ExportReport::default();
+    for op in &plan.operations {
+        let top = match op.to_target_operation(links) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                if let OperationKind::Join { target_id, .. } = &op.kind {
+                    links.record(op, Some(target_id));
+                } else {
+                    links.record(op, None);
+                }
+                report.applied += 1;
+                continue;
+            }
+            Err(e) => {
+                report.failed.push((
+                    op.clone(),
+                    ConnectorError::new(crate::connector::ErrorKind::NotFound, e.to_string()),
+                ));
+                continue;
+            }
+        };
+        let outcome = target.apply(std::slice::from_ref(&top)).await.pop();
+        match outcome {
+            Some(Ok(applied)) => {
+                mirror.record(&top, &applied.id);
+                links.record(op, Some(&applied.id));
+                report.applied += 1;
+            }
+            Some(Err(e)) => report.failed.push((op.clone(), e)),
+            None => report.failed.push((
+                op.clone(),
+                ConnectorError::new(
+                    crate::connector::ErrorKind::Protocol,
+                    "target returned no outcome",
+                ),
+            )),
+        }
+    }
+    report
+}
+
+/// The target id a reference value names, for assertions on target state.
+pub fn target_ref(v: &Value) -> Option<&TargetId> {
+    match v {
+        Value::Reference(Reference::Target(id)) => Some(id),
+        _ => None,
+    }
+}
+
+/// Shorthand for an anchor.
+pub fn anchor(s: &str) -> Anchor {
+    Anchor::new(s)
+}
+
+/// Shorthand for an object type.
+pub fn object_type(s: &str) -> ObjectType {
+    ObjectType::new(s)
+}
