@@ -9,6 +9,15 @@
 //! language (`$1`, `${name}`, `$$`, `$&`) and .NET's match iteration (an empty match right after a
 //! previous match counts).
 //!
+//! Where dirsync's reading differs from .NET's (all deliberate, spec §9 and §6):
+//!
+//! * `$` without `(?m)` matches only at the very end (.NET also before a final `\n`);
+//! * `\_` is a literal `_` (spec: any non-alphanumeric ASCII character may be escaped; .NET
+//!   rejects it);
+//! * `\a`, `\e`, `\cX`, octal escapes, `(?#…)` comments, POSIX-style `[:name:]` and `\uD800`–
+//!   `\uDFFF` surrogate escapes are errors — outside the subset;
+//! * in replacement strings `` $` ``, `$'`, `$+` and `$_` are literal text.
+//!
 //! Pure: no I/O, no clock, no global state; no input makes it panic.
 
 use std::fmt;
