@@ -1,14 +1,8 @@
 //! Test support for this crate and downstream crates (feature `testkit`): a ready-made
-//! projection for users and groups, a deterministic directory generator, and a minimal
-//! sequential exporter that applies a plan through any [`Target`].
-//!
-//! The exporter here is deliberately simple (one operation at a time, no journal, no retries):
-//! it exists so that planner behaviour can be tested end to end against the in-memory target.
+//! projection for users and groups, and a deterministic directory generator.
 
-use crate::connector::{ConnectorError, Target};
 use crate::delta::{
-    Deprovision, Desired, Flow, JoinGroup, Link, Links, Operation, OperationKind, Plan, Projected,
-    Projection, ProjectionContext, TargetMirror,
+    Deprovision, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,
 };
 use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Reference, TargetId, Value, Values};
 
@@ -196,63 +190,7 @@ pub fn directory(
     out
 }
 
-/// What [`export`] did.
-#[derive(Debug, Default)]
-pub struct ExportReport {
-    /// Operations that took effect (including link-only ones).
-    pub applied: usize,
-    /// Operations that failed, with the error.
-    pub failed: Vec<(Operation, ConnectorError)>,
-}
-
-/// Applies `plan` through `target` one operation at a time, in plan order, recording each
-/// outcome in `links` and `mirror`. Failed operations are reported and skipped.
-pub async fn export(
-    plan: &Plan,
-    target: &dyn Target,
-    links: &mut Links,
-    mirror: &mut TargetMirror,
-) -> ExportReport {
-    let mut report = ExportReport::default();
-    for op in &plan.operations {
-        let top = match op.to_target_operation(links) {
-            Ok(Some(t)) => t,
-            Ok(None) => {
-                if let OperationKind::Join { target_id, .. } = &op.kind {
-                    links.record(op, Some(target_id));
-                } else {
-                    links.record(op, None);
-                }
-                report.applied += 1;
-                continue;
-            }
-            Err(e) => {
-                report.failed.push((
-                    op.clone(),
-                    ConnectorError::new(crate::connector::ErrorKind::NotFound, e.to_string()),
-                ));
-                continue;
-            }
-        };
-        let outcome = target.apply(std::slice::from_ref(&top)).await.pop();
-        match outcome {
-            Some(Ok(applied)) => {
-                mirror.record(&top, &applied.id);
-                links.record(op, Some(&applied.id));
-                report.applied += 1;
-            }
-            Some(Err(e)) => report.failed.push((op.clone(), e)),
-            None => report.failed.push((
-                op.clone(),
-                ConnectorError::new(
-                    crate::connector::ErrorKind::Protocol,
-                    "target returned no outcome",
-                ),
-            )),
-        }
-    }
-    report
-}
+pub use crate::connector::{export_sequential as export, ExportReport};
 
 /// The target id a reference value names, for assertions on target state.
 pub fn target_ref(v: &Value) -> Option<&TargetId> {

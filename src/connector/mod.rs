@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
+use crate::delta::{Links, Operation, OperationKind, Plan, TargetMirror};
 use crate::model::{
     AttrName, AttributeChange, Attributes, Change, Entry, ObjectType, TargetId, TargetObject, Value,
 };
@@ -234,6 +235,67 @@ pub trait Target: Send + Sync {
     /// Applies `operations`, returning exactly one outcome per operation, in order. A partial
     /// failure is ordinary data: each failed operation has its error, and the others took effect.
     async fn apply(&self, operations: &[TargetOperation]) -> Vec<Result<Applied, ConnectorError>>;
+}
+
+/// What [`export_sequential`] did.
+#[derive(Debug, Default)]
+pub struct ExportReport {
+    /// Operations that took effect (including link-only ones).
+    pub applied: usize,
+    /// Operations that failed, with the error.
+    pub failed: Vec<(Operation, ConnectorError)>,
+}
+
+/// The simplest exporter: applies `plan` through `target` one operation at a time, in plan order,
+/// recording each outcome in `links` and `mirror`. Failed operations are reported and skipped.
+///
+/// It keeps no journal and does not retry: it is for tests, examples and small tools. Programs
+/// that must survive crashes and throttling use the engine's exporter.
+pub async fn export_sequential(
+    plan: &Plan,
+    target: &dyn Target,
+    links: &mut Links,
+    mirror: &mut TargetMirror,
+) -> ExportReport {
+    let mut report = ExportReport::default();
+    for op in &plan.operations {
+        let top = match op.to_target_operation(links) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                if let OperationKind::Join { target_id, .. } = &op.kind {
+                    links.record(op, Some(target_id));
+                } else {
+                    links.record(op, None);
+                }
+                report.applied += 1;
+                continue;
+            }
+            Err(e) => {
+                report.failed.push((
+                    op.clone(),
+                    ConnectorError::new(ErrorKind::NotFound, e.to_string()),
+                ));
+                continue;
+            }
+        };
+        let outcome = target.apply(std::slice::from_ref(&top)).await.pop();
+        match outcome {
+            Some(Ok(applied)) => {
+                mirror.record(&top, &applied.id);
+                links.record(op, Some(&applied.id));
+                report.applied += 1;
+            }
+            Some(Err(e)) => report.failed.push((op.clone(), e)),
+            None => report.failed.push((
+                op.clone(),
+                ConnectorError::new(
+                    ErrorKind::Protocol,
+                    "target returned no outcome",
+                ),
+            )),
+        }
+    }
+    report
 }
 
 /// What kind of failure a [`ConnectorError`] is; callers match on it.

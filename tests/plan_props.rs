@@ -1,0 +1,255 @@
+//! Property tests of the planner over generated directories and edits.
+
+use dirsync::connector::memory::MemoryTarget;
+use dirsync::delta::{
+    self, DeletionGuard, Links, OperationKind, Plan, PlanInput, PlanScope, Projected, Projection,
+    ProjectionContext, SourceMirror, TargetMirror,
+};
+use dirsync::model::{Dn, Entry, TargetObject, Value};
+use dirsync::testkit::{self, UserGroupProjection};
+use proptest::prelude::*;
+
+const DEPTS: [&str; 3] = ["Eng", "Sales", "Former"];
+
+#[derive(Debug, Clone)]
+struct User {
+    id: u8,
+    name: u8,
+    dept: usize,
+    titles: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct Group {
+    id: u8,
+    members: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+enum Edit {
+    Rename(u8, u8),
+    Dept(u8, usize),
+    Delete(u8),
+    Add(User),
+    Members(u8, Vec<u8>),
+    Titles(u8, Vec<u8>),
+}
+
+fn user_strategy() -> impl Strategy<Value = User> {
+    (
+        0u8..40,
+        0u8..12,
+        0usize..3,
+        prop::collection::vec(0u8..5, 0..3),
+    )
+        .prop_map(|(id, name, dept, titles)| User {
+            id,
+            name,
+            dept,
+            titles,
+        })
+}
+
+fn group_strategy() -> impl Strategy<Value = Group> {
+    (100u8..106, prop::collection::vec(0u8..40, 0..8))
+        .prop_map(|(id, members)| Group { id, members })
+}
+
+fn edit_strategy() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (0u8..40, 0u8..12).prop_map(|(a, n)| Edit::Rename(a, n)),
+        (0u8..40, 0usize..3).prop_map(|(a, d)| Edit::Dept(a, d)),
+        (0u8..40).prop_map(Edit::Delete),
+        user_strategy().prop_map(Edit::Add),
+        (100u8..106, prop::collection::vec(0u8..40, 0..8)).prop_map(|(g, m)| Edit::Members(g, m)),
+        (0u8..40, prop::collection::vec(0u8..5, 0..3)).prop_map(|(a, t)| Edit::Titles(a, t)),
+    ]
+}
+
+fn user_dn(id: u8) -> Dn {
+    Dn::parse(&format!("cn=u{id},ou=People,dc=x")).unwrap()
+}
+
+fn user_entry(u: &User) -> Entry {
+    // Names repeat across users on purpose: `mail` collides, which exercises join conflicts.
+    let mut e = Entry::new(format!("u{}", u.id), "user")
+        .with_dn(user_dn(u.id))
+        .with("cn", format!("Name {}", u.name))
+        .with("mail", format!("n{}@x.test", u.name))
+        .with("department", DEPTS[u.dept]);
+    for t in &u.titles {
+        e.attributes
+            .add("proxyAddresses", format!("smtp:t{t}@x.test"));
+    }
+    e
+}
+
+fn group_entry(g: &Group) -> Entry {
+    let mut e = Entry::new(format!("g{}", g.id), "group")
+        .with_dn(Dn::parse(&format!("cn=g{},ou=Groups,dc=x", g.id)).unwrap())
+        .with("cn", format!("Group {}", g.id));
+    for m in &g.members {
+        let v = Value::dn_ref(user_dn(*m));
+        if !e.get("member").is_some_and(|vs| vs.contains(&v)) {
+            e.attributes.add("member", v);
+        }
+    }
+    e
+}
+
+fn mirror_of(entries: &[Entry]) -> SourceMirror {
+    let mut m = SourceMirror::new();
+    for e in entries {
+        m.insert(e.clone());
+    }
+    m
+}
+
+fn apply_edit(m: &mut SourceMirror, edit: &Edit) {
+    let a = |id: &u8| dirsync::model::Anchor::new(format!("u{id}"));
+    match edit {
+        Edit::Rename(id, n) => {
+            if let Some(mut e) = m.get(&a(id)).cloned() {
+                e.attributes.set("cn", Value::string(format!("Name {n}")));
+                m.insert(e);
+            }
+        }
+        Edit::Dept(id, d) => {
+            if let Some(mut e) = m.get(&a(id)).cloned() {
+                e.attributes.set("department", Value::string(DEPTS[*d]));
+                m.insert(e);
+            }
+        }
+        Edit::Delete(id) => {
+            m.remove(&a(id));
+        }
+        Edit::Add(u) => {
+            m.insert(user_entry(u));
+        }
+        Edit::Members(g, members) => {
+            m.insert(group_entry(&Group {
+                id: *g,
+                members: members.clone(),
+            }));
+        }
+        Edit::Titles(id, titles) => {
+            if let Some(e) = m.get(&a(id)).cloned() {
+                let mut e = e;
+                e.attributes.remove("proxyAddresses");
+                for t in titles {
+                    e.attributes
+                        .add("proxyAddresses", format!("smtp:t{t}@x.test"));
+                }
+                m.insert(e);
+            }
+        }
+    }
+}
+
+fn plan(
+    m: &SourceMirror,
+    links: &Links,
+    t: &TargetMirror,
+    guard: DeletionGuard,
+    scope: PlanScope,
+) -> Plan {
+    let mut input = PlanInput::new(&UserGroupProjection::default(), m, links, t);
+    input.guard = guard;
+    input.scope = scope;
+    delta::plan(&input)
+}
+
+fn apply(p: &Plan, target: &MemoryTarget, links: &mut Links, t: &mut TargetMirror) {
+    let report = futures::executor::block_on(testkit::export(p, target, links, t));
+    assert!(
+        report.failed.is_empty(),
+        "export failed: {:?}\n{p}",
+        report.failed
+    );
+}
+
+fn out_of_scope(m: &SourceMirror, anchor: &dirsync::model::Anchor) -> bool {
+    let empty_t = TargetMirror::new();
+    let ctx = ProjectionContext::new(chrono::DateTime::UNIX_EPOCH, 0, m, &empty_t);
+    match m.get(anchor) {
+        Some(e) => matches!(
+            UserGroupProjection::default().project(e, &ctx),
+            Projected::OutOfScope(_)
+        ),
+        None => true,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, .. ProptestConfig::default() })]
+
+    #[test]
+    fn apply_then_plan_is_empty_and_plans_are_order_independent(
+        users in prop::collection::vec(user_strategy(), 0..25),
+        groups in prop::collection::vec(group_strategy(), 0..4),
+        preexisting in prop::collection::vec(0u8..12, 0..4),
+        edits in prop::collection::vec(edit_strategy(), 0..12),
+    ) {
+        let mut entries: Vec<Entry> = users.iter().map(user_entry).collect();
+        entries.extend(groups.iter().map(group_entry));
+        let mut m = mirror_of(&entries);
+        let target = MemoryTarget::new("target");
+        let mut links = Links::new();
+        let mut t = TargetMirror::new().with_index("mail").with_index("displayName");
+        for (i, n) in preexisting.iter().enumerate() {
+            let o = TargetObject::new(format!("pre{i}"), "User").with("mail", format!("N{n}@X.TEST"));
+            target.insert(o.clone());
+            t.insert(o);
+        }
+
+        // Initial load.
+        let p1 = plan(&m, &links, &t, DeletionGuard::off(), PlanScope::All);
+        // Order independence: the same content inserted in reverse gives the same plan.
+        let mut rev = entries.clone();
+        rev.reverse();
+        let m_rev = mirror_of(&rev);
+        let p1_rev = plan(&m_rev, &links, &t, DeletionGuard::off(), PlanScope::All);
+        prop_assert_eq!(serde_json::to_string(&p1).unwrap(), serde_json::to_string(&p1_rev).unwrap());
+        apply(&p1, &target, &mut links, &mut t);
+        let again = plan(&m, &links, &t, DeletionGuard::off(), PlanScope::All);
+        prop_assert!(again.is_empty(), "not converged after initial load:\n{}", again);
+
+        // Edits.
+        let mut touched = Vec::new();
+        for e in &edits {
+            apply_edit(&mut m, e);
+            touched.push(match e {
+                Edit::Rename(a, _) | Edit::Dept(a, _) | Edit::Delete(a) | Edit::Titles(a, _) => format!("u{a}"),
+                Edit::Add(u) => format!("u{}", u.id),
+                Edit::Members(g, _) => format!("g{g}"),
+            });
+        }
+        let p2 = plan(&m, &links, &t, DeletionGuard::off(), PlanScope::All);
+        // An out-of-scope object never gets a create or an update.
+        for op in &p2.operations {
+            if matches!(op.kind, OperationKind::Create { .. } | OperationKind::Update { .. } | OperationKind::Join { .. }) {
+                prop_assert!(!out_of_scope(&m, &op.anchor), "{} is out of scope but got {}", op.anchor, op.kind.name());
+            }
+        }
+        // The delta plan of the touched anchors equals the full plan.
+        let delta_scope = PlanScope::Anchors(touched.iter().map(|s| s.as_str().into()).collect());
+        let p2_delta = plan(&m, &links, &t, DeletionGuard::off(), delta_scope);
+        prop_assert_eq!(&p2_delta.operations, &p2.operations);
+        // The guard holds exactly the plans over its threshold.
+        let guard = DeletionGuard { enabled: true, max_count: 500, max_ratio: 0.10 };
+        let guarded = plan(&m, &links, &t, guard, PlanScope::All);
+        let deletions = guarded.operations.iter().filter(|o| o.kind.is_deletion()).count();
+        let linked_users = links.count(&"User".into());
+        let linked_groups = links.count(&"Group".into());
+        let user_del = guarded.operations.iter().filter(|o| o.kind.is_deletion() && o.target_type.is("User")).count();
+        let group_del = deletions - user_del;
+        let over = user_del > guard.limit(linked_users) || group_del > guard.limit(linked_groups);
+        prop_assert_eq!(guarded.is_held(), over);
+
+        apply(&p2, &target, &mut links, &mut t);
+        let p3 = plan(&m, &links, &t, DeletionGuard::off(), PlanScope::All);
+        prop_assert!(p3.is_empty(), "not converged after edits:\n{}\nfirst:\n{}", p3, p2);
+        // The memory target agrees with the mirror the plan was made from.
+        prop_assert_eq!(target.len(), t.len());
+    }
+}

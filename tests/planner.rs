@@ -1,0 +1,517 @@
+//! Planner behaviour, end to end through the in-memory target.
+
+use dirsync::connector::memory::MemoryTarget;
+use dirsync::connector::Target;
+use dirsync::delta::{
+    self, DeletionGuard, Deprovision, Desired, Flow, Issue, JoinGroup, Link, Links, OperationKind,
+    Phase, Plan, PlanInput, PlanScope, Projected, Projection, ProjectionContext, Reason,
+    SnapshotDiff, SourceMirror, TargetMirror, TargetRef,
+};
+use dirsync::model::{values, Change, ChangeOp, Dn, Entry, Reference, TargetObject, Value, Values};
+use dirsync::testkit::{self, UserGroupProjection};
+
+struct World {
+    mirror: SourceMirror,
+    links: Links,
+    target: TargetMirror,
+    memory: MemoryTarget,
+}
+
+impl World {
+    fn new(entries: Vec<Entry>) -> World {
+        let mut mirror = SourceMirror::new();
+        for e in entries {
+            mirror.insert(e);
+        }
+        World {
+            mirror,
+            links: Links::new(),
+            target: TargetMirror::new()
+                .with_index("mail")
+                .with_index("displayName"),
+            memory: MemoryTarget::new("target"),
+        }
+    }
+
+    fn plan_with(&self, p: &dyn Projection, scope: PlanScope) -> Plan {
+        let mut input = PlanInput::new(p, &self.mirror, &self.links, &self.target);
+        input.scope = scope;
+        delta::plan(&input)
+    }
+
+    fn plan(&self) -> Plan {
+        self.plan_with(&UserGroupProjection::default(), PlanScope::All)
+    }
+
+    fn apply(&mut self, plan: &Plan) {
+        let report = futures::executor::block_on(testkit::export(
+            plan,
+            &self.memory,
+            &mut self.links,
+            &mut self.target,
+        ));
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+    }
+
+    /// Seeds an object that exists in the target before any sync.
+    fn seed_target(&mut self, o: TargetObject) {
+        self.memory.insert(o.clone());
+        self.target.insert(o);
+    }
+}
+
+fn dn(s: &str) -> Dn {
+    Dn::parse(s).unwrap()
+}
+
+fn user(a: &str, cn: &str, dept: &str) -> Entry {
+    Entry::new(a, "user")
+        .with_dn(dn(&format!("cn={cn},ou=People,dc=x")))
+        .with("cn", cn)
+        .with("mail", format!("{}@x.test", cn.to_lowercase()))
+        .with("department", dept)
+}
+
+fn group(a: &str, cn: &str, members: &[&str]) -> Entry {
+    Entry::new(a, "group")
+        .with_dn(dn(&format!("cn={cn},ou=Groups,dc=x")))
+        .with("cn", cn)
+        .with_values(
+            "member",
+            members
+                .iter()
+                .map(|m| Value::dn_ref(dn(&format!("cn={m},ou=People,dc=x"))))
+                .collect::<Vec<_>>(),
+        )
+}
+
+fn kinds(plan: &Plan) -> Vec<(&str, &str)> {
+    plan.operations
+        .iter()
+        .map(|o| (o.kind.name(), o.anchor.as_str()))
+        .collect()
+}
+
+#[test]
+fn initial_load_creates_then_references_then_nothing() {
+    let mut w = World::new(vec![
+        user("u1", "Ann", "Eng"),
+        user("u2", "Bob", "Eng"),
+        group("g1", "Staff", &["Ann", "Bob"]),
+    ]);
+    let plan = w.plan();
+    assert_eq!(
+        kinds(&plan),
+        [
+            ("create", "g1"),
+            ("create", "u1"),
+            ("create", "u2"),
+            ("references", "g1")
+        ]
+    );
+    let refs = &plan.operations[3];
+    assert_eq!(refs.phase(), Phase::References);
+    let OperationKind::UpdateReferences { target, changes } = &refs.kind else {
+        panic!("{refs:?}")
+    };
+    assert_eq!(target, &TargetRef::Pending("g1".into()));
+    assert!(changes[0]
+        .values
+        .iter()
+        .all(|v| matches!(v, Value::Reference(Reference::Pending(_)))));
+    w.apply(&plan);
+    // References were resolved at export: the group holds the users' target ids.
+    let g = w
+        .target
+        .get(&w.links.get(&"g1".into()).unwrap().target_id)
+        .unwrap();
+    let members: Vec<_> = g
+        .attributes
+        .get("member")
+        .unwrap()
+        .iter()
+        .filter_map(testkit::target_ref)
+        .cloned()
+        .collect();
+    let u1 = w.links.get(&"u1".into()).unwrap().target_id.clone();
+    assert!(members.contains(&u1));
+    assert_eq!(w.memory.len(), 3);
+    let again = w.plan();
+    assert!(again.is_empty(), "{again}");
+    assert_eq!(again.stats.unchanged, 3);
+}
+
+#[test]
+fn membership_changes_are_value_level_not_replace() {
+    let mut w = World::new(vec![
+        user("u1", "Ann", "Eng"),
+        user("u2", "Bob", "Eng"),
+        user("u3", "Cy", "Eng"),
+        group("g1", "Staff", &["Ann", "Bob"]),
+    ]);
+    let p = w.plan();
+    w.apply(&p);
+    w.mirror.insert(group("g1", "Staff", &["Bob", "Cy"]));
+    let plan = w.plan();
+    assert_eq!(kinds(&plan), [("references", "g1")]);
+    let OperationKind::UpdateReferences { changes, .. } = &plan.operations[0].kind else {
+        panic!()
+    };
+    let ops: Vec<_> = changes.iter().map(|c| (c.op, c.values.len())).collect();
+    assert_eq!(ops, [(ChangeOp::Add, 1), (ChangeOp::Remove, 1)]);
+    w.apply(&plan);
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn rename_updates_with_old_and_new_values() {
+    let mut w = World::new(vec![user("u1", "Ann", "Eng")]);
+    let p = w.plan();
+    w.apply(&p);
+    w.mirror
+        .insert(user("u1", "Ann", "Eng").with_values("cn", values(["Anna"])));
+    let plan = w.plan();
+    assert_eq!(kinds(&plan), [("update", "u1")]);
+    let op = &plan.operations[0];
+    assert_eq!(
+        op.reason,
+        Reason::AttributesChanged {
+            attributes: vec!["cn".into(), "displayName".into()]
+        }
+    );
+    let OperationKind::Update { changes, .. } = &op.kind else {
+        panic!()
+    };
+    assert_eq!(changes[0].old, values(["Ann"]));
+    assert_eq!(changes[0].values, values(["Anna"]));
+    let table = plan.to_string();
+    assert!(table.contains("cn: Ann → Anna"), "{table}");
+    w.apply(&plan);
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn leaving_scope_disables_users_and_deletes_groups_once() {
+    let mut w = World::new(vec![
+        user("u1", "Ann", "Eng"),
+        user("u2", "Bob", "Eng"),
+        group("g1", "Staff", &["Ann"]),
+    ]);
+    let p = w.plan();
+    w.apply(&p);
+    w.mirror.insert(user("u1", "Ann", "Former"));
+    w.mirror.remove(&"g1".into());
+    let mut input = PlanInput::new(
+        &UserGroupProjection::default(),
+        &w.mirror,
+        &w.links,
+        &w.target,
+    );
+    input.guard = DeletionGuard::off();
+    let plan = delta::plan(&input);
+    assert_eq!(kinds(&plan), [("delete", "g1"), ("disable", "u1")]);
+    assert_eq!(plan.operations[0].reason, Reason::DeletedAtSource);
+    assert!(
+        matches!(&plan.operations[1].reason, Reason::LeftScope { why } if why.contains("Former"))
+    );
+    w.apply(&plan);
+    // The disabled user stays linked; planning again does nothing; an out-of-scope object
+    // gets no update even if it changes.
+    w.mirror
+        .insert(user("u1", "Ann", "Former").with_values("cn", values(["Ann Z"])));
+    let again = delta::plan(&input_of(&w));
+    assert!(again.is_empty(), "{again}");
+    assert!(w.links.get(&"u1".into()).is_some());
+    assert!(w.links.get(&"g1".into()).is_none());
+}
+
+fn input_of(w: &World) -> PlanInput<'_> {
+    let mut i = PlanInput::new(&UserGroupProjectionStatic, &w.mirror, &w.links, &w.target);
+    i.guard = DeletionGuard::off();
+    i
+}
+
+struct UserGroupProjectionStatic;
+impl Projection for UserGroupProjectionStatic {
+    fn project(&self, e: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
+        UserGroupProjection::default().project(e, ctx)
+    }
+    fn deprovision(&self, l: &Link, e: Option<&Entry>) -> Deprovision {
+        UserGroupProjection::default().deprovision(l, e)
+    }
+}
+
+#[test]
+fn guard_holds_mass_deletion() {
+    let entries: Vec<Entry> = (0..20)
+        .map(|i| user(&format!("u{i:02}"), &format!("U{i:02}"), "Eng"))
+        .collect();
+    let mut w = World::new(entries);
+    let p = w.plan();
+    w.apply(&p);
+    for i in 0..3 {
+        w.mirror.remove(&format!("u{i:02}").as_str().into());
+    }
+    let plan = w.plan();
+    assert_eq!(plan.count("disable"), 3);
+    assert!(plan.is_held());
+    let v = &plan.guard_violations[0];
+    assert_eq!((v.deletions, v.linked, v.limit), (3, 20, 2));
+    assert!(plan.to_string().contains("HELD: deletion guard: 3 of 20"));
+    // Two deletions are within 10 % of 20.
+    w.mirror.insert(user("u00", "U00", "Eng"));
+    assert!(!w.plan().is_held());
+}
+
+#[test]
+fn joins_existing_objects_by_group_order_and_reports_conflicts() {
+    let mut w = World::new(vec![user("u1", "Ann", "Eng"), user("u2", "Bob", "Eng")]);
+    // Ann's mail matches exactly one target object: joined, not created.
+    w.seed_target(TargetObject::new("pre-1", "User").with("mail", "ANN@x.test"));
+    // Bob's mail matches two: a conflict, neither joined nor created.
+    w.seed_target(TargetObject::new("pre-2", "User").with("mail", "bob@x.test"));
+    w.seed_target(TargetObject::new("pre-3", "User").with("mail", "bob@x.test"));
+    let plan = w.plan();
+    assert_eq!(kinds(&plan), [("join", "u1")]);
+    assert!(matches!(
+        &plan.operations[0].reason,
+        Reason::Joined { group: 0, .. }
+    ));
+    assert!(
+        matches!(&plan.issues[0], Issue::JoinConflict { anchor, candidates, .. } if anchor.as_str() == "u2" && candidates.len() == 2)
+    );
+    w.apply(&plan);
+    assert_eq!(
+        w.links.get(&"u1".into()).unwrap().target_id.as_str(),
+        "pre-1"
+    );
+    // The join brought the attributes in line; the link is sticky.
+    assert_eq!(
+        w.target
+            .get(&"pre-1".into())
+            .unwrap()
+            .attributes
+            .first_str("cn"),
+        Some("Ann")
+    );
+    let again = w.plan();
+    assert_eq!(kinds(&again), Vec::<(&str, &str)>::new());
+    assert_eq!(again.issues.len(), 1);
+}
+
+#[test]
+fn two_sources_joining_one_target_join_neither() {
+    let w = {
+        let mut w = World::new(vec![
+            user("u1", "Ann", "Eng"),
+            user("u2", "Ann2", "Eng").with_values("mail", values(["ann@x.test"])),
+        ]);
+        w.seed_target(TargetObject::new("pre-1", "User").with("mail", "ann@x.test"));
+        w
+    };
+    let plan = w.plan();
+    assert!(plan.is_empty(), "{plan}");
+    assert!(matches!(&plan.issues[0], Issue::DuplicateJoin { anchors, .. } if anchors.len() == 2));
+}
+
+#[test]
+fn unresolvable_references_are_reported_not_dropped_silently() {
+    let w = World::new(vec![
+        user("u1", "Ann", "Eng"),
+        group("g1", "Staff", &["Ann", "Ghost"]),
+    ]);
+    let plan = w.plan();
+    assert!(plan.issues.iter().any(|i| matches!(i, Issue::UnresolvedReference { anchor, reference, .. } if anchor.as_str() == "g1" && reference.contains("Ghost"))));
+    // The resolvable member still flows.
+    assert_eq!(plan.count("references"), 1);
+}
+
+#[test]
+fn references_to_existing_objects_go_inline_in_the_create() {
+    let mut w = World::new(vec![user("u1", "Ann", "Eng")]);
+    let p = w.plan();
+    w.apply(&p);
+    w.mirror.insert(group("g1", "Staff", &["Ann"]));
+    let plan = w.plan_with(
+        &UserGroupProjection::default(),
+        PlanScope::Anchors(vec!["g1".into()]),
+    );
+    assert_eq!(kinds(&plan), [("create", "g1")]);
+    let OperationKind::Create { attributes, .. } = &plan.operations[0].kind else {
+        panic!()
+    };
+    let u1 = w.links.get(&"u1".into()).unwrap().target_id.clone();
+    assert_eq!(
+        attributes.get("member").unwrap()[0],
+        Value::Reference(Reference::Target(u1))
+    );
+}
+
+#[test]
+fn delta_scope_plans_the_referrers_of_changed_anchors() {
+    let mut w = World::new(vec![
+        user("u1", "Ann", "Former"),
+        group("g1", "Staff", &["Ann"]),
+    ]);
+    let p = w.plan();
+    w.apply(&p);
+    // Ann enters scope: the delta names only u1, but g1 references her and must gain a member.
+    w.mirror.insert(user("u1", "Ann", "Eng"));
+    let plan = w.plan_with(
+        &UserGroupProjection::default(),
+        PlanScope::Anchors(vec!["u1".into()]),
+    );
+    assert_eq!(kinds(&plan), [("create", "u1"), ("references", "g1")]);
+    w.apply(&plan);
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn on_create_flows_are_not_reapplied_and_secrets_never_show() {
+    let mut w = World::new(vec![
+        user("u1", "Ann", "Eng").with("initialPassword", "S3cret!pw")
+    ]);
+    let plan = w.plan();
+    let shown = format!("{plan}\n{}", serde_json::to_string(&plan).unwrap());
+    assert!(!shown.contains("S3cret!pw"), "{shown}");
+    assert!(shown.contains("password = (redacted)"));
+    w.apply(&plan);
+    // The secret reached the target.
+    let id = w.links.get(&"u1".into()).unwrap().target_id.clone();
+    assert_eq!(
+        w.memory
+            .get_object(&id)
+            .unwrap()
+            .attributes
+            .first_str("password"),
+        Some("S3cret!pw")
+    );
+    w.mirror
+        .insert(user("u1", "Ann", "Eng").with("initialPassword", "Other!pw1"));
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn missing_target_object_is_recreated_and_deleted_one_unlinked() {
+    let mut w = World::new(vec![user("u1", "Ann", "Eng"), group("g1", "G", &[])]);
+    let p = w.plan();
+    w.apply(&p);
+    let uid = w.links.get(&"u1".into()).unwrap().target_id.clone();
+    let gid = w.links.get(&"g1".into()).unwrap().target_id.clone();
+    w.target.remove(&uid);
+    w.target.remove(&gid);
+    w.mirror.remove(&"g1".into());
+    let plan = w.plan();
+    assert_eq!(kinds(&plan), [("create", "u1"), ("unlink", "g1")]);
+    assert_eq!(plan.operations[0].reason, Reason::TargetMissing);
+}
+
+#[test]
+fn plan_is_deterministic_and_serializes() {
+    let entries = testkit::directory(200, 8, 10, 30, 7);
+    let mut w1 = World::new(entries.clone());
+    let mut rev = entries;
+    rev.reverse();
+    let w2 = World::new(rev);
+    let (p1, p2) = (w1.plan(), w2.plan());
+    let j1 = serde_json::to_string(&p1).unwrap();
+    assert_eq!(j1, serde_json::to_string(&p2).unwrap());
+    let back: Plan = serde_json::from_str(&j1).unwrap();
+    assert_eq!(back, p1);
+    w1.apply(&p1);
+    assert!(w1.plan().is_empty());
+}
+
+#[test]
+fn snapshot_diff_gives_adds_modifies_moves_and_deletes() {
+    let mut mirror = SourceMirror::new();
+    mirror.insert(user("u1", "Ann", "Eng"));
+    mirror.insert(user("u2", "Bob", "Eng"));
+    mirror.insert(group("g1", "Staff", &["Ann", "Bob"]));
+    let mut diff = SnapshotDiff::new(&mirror);
+    let mut moved = user("u1", "Ann", "Eng");
+    moved.dn = Some(dn("cn=Ann,ou=Alumni,dc=x"));
+    diff.push(moved);
+    diff.push(group("g1", "Staff", &["Ann"]));
+    diff.push(user("u3", "Cy", "Eng"));
+    let changes = diff.finish();
+    let summary: Vec<String> = changes
+        .iter()
+        .map(|c| match c {
+            Change::Add(e) => format!("add {}", e.anchor),
+            Change::Modify {
+                anchor, changes, ..
+            } => {
+                format!(
+                    "modify {anchor} {:?}",
+                    changes
+                        .iter()
+                        .map(|c| (c.op, c.values.len()))
+                        .collect::<Vec<_>>()
+                )
+            }
+            Change::Move { anchor, new_dn, .. } => format!("move {anchor} {new_dn}"),
+            Change::Delete { anchor, .. } => format!("delete {anchor}"),
+            Change::Replace(e) => format!("replace {}", e.anchor),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "modify g1 [(Remove, 1)]",
+            "move u1 cn=Ann,ou=Alumni,dc=x",
+            "delete u2",
+            "add u3"
+        ]
+    );
+    for c in &changes {
+        mirror.apply(c);
+    }
+    assert_eq!(mirror.len(), 3);
+    assert_eq!(
+        mirror
+            .anchor_of(&dn("cn=ann,ou=alumni,dc=x"))
+            .map(|a| a.as_str()),
+        Some("u1")
+    );
+}
+
+#[test]
+fn projection_failures_and_holds_are_data() {
+    struct Picky;
+    impl Projection for Picky {
+        fn project(&self, e: &Entry, _: &ProjectionContext<'_>) -> Projected {
+            match e.anchor.as_str() {
+                "bad" => Projected::Failed(dirsync::delta::ProjectionError {
+                    rule: Some("users".into()),
+                    attribute: Some("mail".into()),
+                    message: "Item: index 0 is out of range".into(),
+                }),
+                "held" => Projected::Held("no unique userName is free".into()),
+                _ => Projected::InScope(Box::new(
+                    Desired::new("User")
+                        .flow(Flow::new("x", Values::one("1")))
+                        .join_on(JoinGroup::on("x", "nope")),
+                )),
+            }
+        }
+        fn deprovision(&self, _: &Link, _: Option<&Entry>) -> Deprovision {
+            Deprovision::Unlink
+        }
+    }
+    let w = World::new(vec![
+        Entry::new("bad", "user"),
+        Entry::new("held", "user"),
+        Entry::new("ok", "user"),
+    ]);
+    let plan = w.plan_with(&Picky, PlanScope::All);
+    assert_eq!(kinds(&plan), [("create", "ok")]);
+    let text: Vec<String> = plan.issues.iter().map(|i| i.to_string()).collect();
+    assert_eq!(
+        text,
+        [
+            "bad: rule users: attribute mail: Item: index 0 is out of range",
+            "held: held: no unique userName is free"
+        ]
+    );
+}
