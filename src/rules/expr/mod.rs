@@ -1,0 +1,51 @@
+//! The front end of the expression language (spec §2, §3, §3.1): lexer, parser to a spanned
+//! syntax tree, printer, and the checker that compiles a tree into the resolved form the evaluator
+//! walks.
+//!
+//! Pipeline: [`parse`] (text → [`Expr`], every syntax error reported) → [`check`] (name, arity,
+//! position and literal checks → [`CompiledExpr`]); [`compile`] does both. Nothing here evaluates
+//! an expression or touches values; the module is pure and never panics on any input.
+
+pub mod ast;
+pub mod compile;
+pub mod lexer;
+pub mod parser;
+pub mod print;
+
+pub use ast::{CompareMode, CompareOp, Decimal, Expr, ExprKind};
+pub use compile::{
+    check, check_with, compile, compile_with, CompiledExpr, Literal, LiteralCheck, Node,
+    ReplaceMode, StandardChecks,
+};
+pub use parser::{parse, MAX_DEPTH, MAX_LEN};
+
+/// Levenshtein distance between two strings, by Unicode scalar values, ASCII case ignored.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().map(|c| c.to_ascii_lowercase()).collect();
+    let b: Vec<char> = b.chars().map(|c| c.to_ascii_lowercase()).collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.iter().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+/// The candidate closest to `name` by [`edit_distance`], if it is close enough to be a plausible
+/// typo (at most a third of the name's length, and at least 1, edits). Ties go to the first.
+pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    let mut best: Option<(usize, &str)> = None;
+    for c in candidates {
+        let d = edit_distance(name, c);
+        if d <= limit && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
