@@ -874,3 +874,443 @@ pub fn compile_with(text: &str, extra: &[&dyn LiteralCheck]) -> Result<CompiledE
         (None, diagnostics) => Err(Diagnostics(diagnostics)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> CompiledExpr {
+        match compile(text) {
+            Ok(c) => c,
+            Err(d) => panic!("{text}: {d}"),
+        }
+    }
+
+    fn errs(text: &str) -> Vec<(Code, (usize, usize))> {
+        match compile(text) {
+            Ok(c) => panic!("{text} compiled: {c:?}"),
+            Err(d) => d
+                .iter()
+                .filter(|d| d.is_error())
+                .map(|d| (d.code, d.span.line_col(text)))
+                .collect(),
+        }
+    }
+
+    fn err1(text: &str) -> Diagnostic {
+        match compile(text) {
+            Ok(c) => panic!("{text} compiled: {c:?}"),
+            Err(d) => {
+                d.0.into_iter()
+                    .find(Diagnostic::is_error)
+                    .unwrap_or_else(|| panic!("no error"))
+            }
+        }
+    }
+
+    #[test]
+    fn resolved_tree() {
+        let c = ok("IIF(([a] = \"x\"), Left([b], 2), vbTextCompare)");
+        assert!(!c.redact && !c.ignore_flow_if_null_or_empty);
+        assert!(c.warnings.is_empty());
+        match &c.root {
+            Node::Call { func, args, span } => {
+                assert_eq!(*func, Function::IIF);
+                assert_eq!(span.start, 0);
+                // The group is gone.
+                assert!(
+                    matches!(&args[0], Some(Node::Compare { op: CompareOp::Eq, lhs, .. })
+                    if matches!(&**lhs, Node::Attr { name, .. } if name == "a"))
+                );
+                assert!(matches!(
+                    &args[1],
+                    Some(Node::Call {
+                        func: Function::Left,
+                        ..
+                    })
+                ));
+                assert!(matches!(
+                    &args[2],
+                    Some(Node::Literal {
+                        value: Literal::CompareMode(CompareMode::Text),
+                        ..
+                    })
+                ));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.source, "IIF(([a] = \"x\"), Left([b], 2), vbTextCompare)");
+    }
+
+    #[test]
+    fn flow_wrappers_are_peeled() {
+        let c = ok("Redact(IgnoreFlowIfNullOrEmpty(IIF([a]=\"1\", [b], \"\")))");
+        assert!(c.redact && c.ignore_flow_if_null_or_empty);
+        assert!(matches!(
+            c.root,
+            Node::Call {
+                func: Function::IIF,
+                ..
+            }
+        ));
+        let c = ok("IgnoreFlowIfNullOrEmpty((Redact([a])))");
+        assert!(c.redact && c.ignore_flow_if_null_or_empty);
+        assert!(matches!(c.root, Node::Attr { .. }));
+        // A nested Redact stays in the tree.
+        let c = ok("Join(\",\", Redact([a]), [b])");
+        assert!(!c.redact);
+        match &c.root {
+            Node::Call { args, .. } => {
+                assert!(matches!(
+                    &args[1],
+                    Some(Node::Call {
+                        func: Function::Redact,
+                        ..
+                    })
+                ))
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = ok("Redact(SelectUniqueValue([a], [b]))");
+        assert_eq!(c.top_level_function(), Some(Function::SelectUniqueValue));
+        let c = ok("AssertiveAppRoleAssignmentsComplex([appRoleAssignments])");
+        assert!(c.replaces_app_roles());
+        assert!(!ok("AppRoleAssignmentsComplex([AppRoleAssignments])").replaces_app_roles());
+    }
+
+    #[test]
+    fn unknown_functions() {
+        let d = err1("Coalese([givenName], \"x\")");
+        assert_eq!((d.code, d.span), (Code::UnknownFunction, Span::new(0, 7)));
+        assert_eq!(d.hint.as_deref(), Some("did you mean `Coalesce`?"));
+        let d = err1("Trim([a])");
+        assert!(d.message.contains("Connect Sync function"), "{}", d.message);
+        let d = err1("LCase([a])");
+        assert_eq!(
+            d.hint.as_deref(),
+            Some("see `ToLower` for the provisioning equivalent")
+        );
+        let d = err1("CertThumbprint([a])");
+        assert!(d.message.contains("Connect Sync function"));
+        assert!(err1("Frobnicate([a])").hint.is_none());
+        // Errors inside the arguments of an unknown function are reported too.
+        assert_eq!(
+            errs("Coalese(Left([a]))"),
+            vec![(Code::UnknownFunction, (1, 1)), (Code::WrongArity, (1, 9))]
+        );
+    }
+
+    #[test]
+    fn arity_and_omitted_slots() {
+        assert_eq!(errs("Left([a])"), vec![(Code::WrongArity, (1, 1))]);
+        let d = err1("Left([a], 1, 2)");
+        assert_eq!(d.message, "`Left` takes 2 arguments, found 3");
+        assert_eq!(d.hint.as_deref(), Some("Left(string, numChars)"));
+        assert_eq!(d.labels.len(), 1);
+        assert_eq!(err1("Now(1)").message, "`Now` takes 0 arguments, found 1");
+        assert_eq!(
+            err1("Join(\",\")").message,
+            "`Join` takes at least 2 arguments, found 1"
+        );
+        ok("Now( )");
+        assert_eq!(
+            errs("Left([a], )"),
+            vec![(Code::RequiredArgumentOmitted, (1, 9))]
+        );
+        assert_eq!(
+            err1("Mid([a], , 2)").message,
+            "required argument `start` of `Mid` is omitted"
+        );
+        // Optional slots may be empty.
+        ok("InStr([a], \"b\", , vbTextCompare)");
+        ok("InStr([a], \"b\", )");
+        ok("FormatDateTime([d], , \"yyyyMMdd\", \"yyyy-MM-dd\")");
+        ok("FormatDateTime([d], \"yyyyMMdd\", \"yyyy-MM-dd\")");
+        ok("FormatDateTime(Now(), \"yyyy-MM-dd\")");
+        assert_eq!(
+            errs("FormatDateTime([d], , \"yyyy-MM-dd\")"),
+            vec![(Code::RequiredArgumentOmitted, (1, 19))]
+        );
+        ok("PCase([a], )");
+        ok("ToUpper([a], )");
+        ok("RandomString(8, 1, 1, 1, 1, )");
+        assert_eq!(
+            errs("RandomString(8, , 1, 1, 1)"),
+            vec![(Code::RequiredArgumentOmitted, (1, 15))]
+        );
+        ok("Switch([x], , \"1\", \"a\")");
+        assert_eq!(
+            errs("Switch([x], \"d\", , \"a\")"),
+            vec![(Code::RequiredArgumentOmitted, (1, 16))]
+        );
+        assert_eq!(
+            errs("Coalesce(, \"x\")"),
+            vec![(Code::RequiredArgumentOmitted, (1, 1))]
+        );
+    }
+
+    #[test]
+    fn position_rules() {
+        assert_eq!(
+            errs("IIF(IgnoreFlowIfNullOrEmpty([a]), 1, 2)"),
+            vec![(Code::MisplacedFlowWrapper, (1, 5))]
+        );
+        assert_eq!(
+            errs("Redact(Join(\",\", IgnoreFlowIfNullOrEmpty([a]), [b]))"),
+            vec![(Code::MisplacedFlowWrapper, (1, 18))]
+        );
+        assert_eq!(
+            errs("ToLower(SelectUniqueValue([a], [b]))"),
+            vec![(Code::MisplacedTopLevelFunction, (1, 9))]
+        );
+        assert_eq!(
+            errs("Count(AppRoleAssignmentsComplex([appRoleAssignments]))"),
+            vec![(Code::MisplacedTopLevelFunction, (1, 7))]
+        );
+        assert_eq!(
+            errs("[a] = SelectUniqueValue([a], [b])"),
+            vec![(Code::MisplacedTopLevelFunction, (1, 7))]
+        );
+        ok("IgnoreFlowIfNullOrEmpty(SelectUniqueValue([a], [b]))");
+        ok("Join(\",\", SingleAppRoleAssignment([appRoleAssignments]), \"x\")");
+        ok("IIF(IsPresent(Redact([a])), Redact([b]), \"\")");
+    }
+
+    #[test]
+    fn function_specific_rules() {
+        assert_eq!(
+            errs("Switch([x], , \"1\", \"a\", \"2\")"),
+            vec![(Code::SwitchOddSlots, (1, 1))]
+        );
+        assert_eq!(
+            errs("Switch([x], , \"1\")"),
+            vec![(Code::WrongArity, (1, 1))]
+        );
+        for good in [
+            "Replace([x], \"a\", , , \"b\", , )",
+            "Replace([x], , \"[0-9]\", , \"\", , )",
+            "Replace([x], , \"(?<n>\\d+)\", \"n\", \"#\", , )",
+            "Replace([x], , \"(?<n>\\d+)\", \"n\", , [mobile], )",
+            "Replace([x], \"{x}\", , , , , \"id-{x}\")",
+        ] {
+            ok(good);
+        }
+        assert_eq!(
+            ReplaceMode::of_args(&[Some(1), Some(2), None, None, None, None, Some(3)]),
+            Some(ReplaceMode::Template)
+        );
+        assert_eq!(
+            ReplaceMode::of_args(&[Some(1), None, Some(2), Some(3), Some(4), Some(5)]),
+            Some(ReplaceMode::Fallback)
+        );
+        assert_eq!(
+            ReplaceMode::of_args(&[Some(1), Some(0), Some(2), None, Some(4)]),
+            Some(ReplaceMode::Regex)
+        );
+        assert_eq!(
+            errs("Replace([x], \"a\")"),
+            vec![(Code::InvalidReplaceCombination, (1, 1))]
+        );
+        assert_eq!(
+            errs("Replace([x], , \"re\", \"g\", , , )"),
+            vec![(Code::InvalidReplaceCombination, (1, 1))]
+        );
+        assert_eq!(
+            errs("Replace(, \"a\", , , \"b\", , )"),
+            vec![(Code::RequiredArgumentOmitted, (1, 1))]
+        );
+        assert_eq!(
+            errs("SingleAppRoleAssignment([roles])"),
+            vec![(Code::AppRoleArgument, (1, 25))]
+        );
+        assert_eq!(
+            errs("AppRoleAssignmentsComplex(\"appRoleAssignments\")"),
+            vec![(Code::AppRoleArgument, (1, 27))]
+        );
+        assert_eq!(
+            errs("SelectUniqueValue([a])"),
+            vec![(Code::SelectUniqueValueTooFewRules, (1, 1))]
+        );
+    }
+
+    #[test]
+    fn literal_checks() {
+        ok("DateAdd(\"ww\", 2, [d])");
+        ok("DateDiff(\"yyyy\", [a], [b])");
+        ok("DateAdd([interval], 2, [d])");
+        assert_eq!(
+            errs("DateAdd(\"q\", 1, [d])"),
+            vec![(Code::InvalidInterval, (1, 9))]
+        );
+        assert_eq!(
+            err1("DateAdd(\"YYYY\", 1, [d])").hint.as_deref(),
+            Some("intervals are case-sensitive: did you mean \"yyyy\"?")
+        );
+        assert_eq!(
+            errs("DateDiff(Null, [a], [b])"),
+            vec![(Code::InvalidInterval, (1, 10))]
+        );
+        assert_eq!(
+            errs("DateDiff(1, [a], [b])"),
+            vec![(Code::InvalidInterval, (1, 10))]
+        );
+
+        ok("ToLower([a], \"tr-TR\")");
+        ok("ToUpper([a], \"az-Latn-AZ\")");
+        ok("ToUpper([a], \"\")");
+        assert_eq!(
+            errs("ToLower([a], \"english\")"),
+            vec![(Code::InvalidCulture, (1, 14))]
+        );
+        assert_eq!(
+            errs("ToUpper([a], \"en_US\")"),
+            vec![(Code::InvalidCulture, (1, 14))]
+        );
+        assert!(is_well_formed_culture("en"));
+        assert!(!is_well_formed_culture("e1"));
+        assert!(!is_well_formed_culture("en-"));
+
+        ok("RandomString(6, 3, 0, 0, 3, \"O0\")");
+        ok("RandomString([len], 3, 0, 0, 3)");
+        assert_eq!(
+            errs("RandomString(0, 0, 0, 0, 0)"),
+            vec![(Code::InvalidRandomStringCounts, (1, 14))]
+        );
+        assert_eq!(
+            errs("RandomString(300, 0, 0, 0, 0)"),
+            vec![(Code::InvalidRandomStringCounts, (1, 14))]
+        );
+        assert_eq!(
+            errs("RandomString(8, \"-1\", 0, 0, 0)"),
+            vec![(Code::InvalidRandomStringCounts, (1, 17))]
+        );
+        assert_eq!(
+            errs("RandomString(4, 2, 1, 1, 1)"),
+            vec![(Code::InvalidRandomStringCounts, (1, 1))]
+        );
+
+        ok("InStr([a], \"b\", 1, 1)");
+        ok("InStr([a], \"b\", 1, \"vbTextCompare\")");
+        assert_eq!(
+            errs("InStr([a], \"b\", 1, 2)"),
+            vec![(Code::InvalidCompareType, (1, 20))]
+        );
+        assert_eq!(
+            errs("InStr([a], \"b\", 1, True)"),
+            vec![(Code::InvalidCompareType, (1, 20))]
+        );
+
+        ok("FormatDateTime([d], \"DateTimeStyles.AdjustToUniversal | assumeLocal\", \"yyyyMMdd\", \"yyyy\")");
+        ok("FormatDateTime([d], \"\", \"yyyyMMdd\", \"yyyy\")");
+        assert_eq!(
+            errs("FormatDateTime([d], \"None, Bogus\", \"yyyyMMdd\", \"yyyy\")"),
+            vec![(Code::InvalidDateTimeStyles, (1, 21))]
+        );
+        assert_eq!(first_bad_date_time_style("None, Bogus"), Some("Bogus"));
+    }
+
+    struct NoEmptyRegex;
+    impl LiteralCheck for NoEmptyRegex {
+        fn check_call(
+            &self,
+            func: Function,
+            args: &[Option<Node>],
+            _: Span,
+            out: &mut Vec<Diagnostic>,
+        ) {
+            if func == Function::Replace {
+                if let Some(Some(Node::Literal {
+                    value: Literal::String(s),
+                    span,
+                })) = args.get(2)
+                {
+                    if s.is_empty() {
+                        out.push(Diagnostic::new(
+                            Code::UnexpectedToken,
+                            *span,
+                            "empty pattern",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extra_literal_checks_run() {
+        let text = "Replace([x], , \"\", , \"b\", , )";
+        ok(text);
+        let err = compile_with(text, &[&NoEmptyRegex])
+            .err()
+            .map(|d| d.0[0].message.clone());
+        assert_eq!(err.as_deref(), Some("empty pattern"));
+    }
+
+    #[test]
+    fn warnings() {
+        let c = ok("coalesce([a], JOIN(\",\", [b], [c]))");
+        let w: Vec<_> = c
+            .warnings
+            .iter()
+            .map(|w| (w.code, w.span.start, w.message.as_str()))
+            .collect();
+        assert_eq!(
+            w,
+            vec![
+                (
+                    Code::NonCanonicalFunctionName,
+                    0,
+                    "function `coalesce` is spelled `Coalesce`"
+                ),
+                (
+                    Code::NonCanonicalFunctionName,
+                    14,
+                    "function `JOIN` is spelled `Join`"
+                ),
+            ]
+        );
+        assert!(c.warnings.iter().all(|w| w.severity == Severity::Warning));
+        let c = ok("IIF(IsNullOrEmpty([a]), \"x\", [a])");
+        assert_eq!(c.warnings[0].code, Code::UnportableIifCondition);
+        assert_eq!(
+            ok("IIF([a] = \"\", 1, 2)").warnings[0].code,
+            Code::UnportableIifCondition
+        );
+        assert!(ok("IIF([a] = \"x\", 1, 2)").warnings.is_empty());
+        // `check` returns the warnings beside the compiled form.
+        let expr = crate::rules::expr::parse("iif(IsPresent([a]), 1, 2)")
+            .unwrap_or_else(|d| panic!("{d}"));
+        let (compiled, diags) = check(&expr);
+        assert!(compiled.is_some());
+        assert_eq!(diags.len(), 2);
+    }
+
+    #[test]
+    fn several_check_errors_at_once() {
+        assert_eq!(
+            errs("IIF(Coalese([a]), Left([b]), Switch([c], \"d\", \"e\"))"),
+            vec![
+                (Code::UnknownFunction, (1, 5)),
+                (Code::WrongArity, (1, 19)),
+                (Code::WrongArity, (1, 30)),
+            ]
+        );
+    }
+
+    #[test]
+    fn check_limits_depth_of_hand_built_trees() {
+        let mut e = Expr {
+            kind: ExprKind::Null,
+            span: Span::default(),
+        };
+        for _ in 0..(MAX_DEPTH + 5) {
+            e = Expr {
+                kind: ExprKind::Group(Box::new(e)),
+                span: Span::default(),
+            };
+        }
+        let (c, d) = check(&e);
+        assert!(c.is_none());
+        assert_eq!(d[0].code, Code::NestingTooDeep);
+    }
+}

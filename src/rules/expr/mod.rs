@@ -19,18 +19,27 @@ pub use compile::{
 };
 pub use parser::{parse, MAX_DEPTH, MAX_LEN};
 
-/// Levenshtein distance between two strings, by Unicode scalar values, ASCII case ignored.
+/// Edit distance between two strings (Levenshtein with adjacent transpositions counting one
+/// edit), by Unicode scalar values, ASCII case ignored.
 pub fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().map(|c| c.to_ascii_lowercase()).collect();
     let b: Vec<char> = b.chars().map(|c| c.to_ascii_lowercase()).collect();
+    // Three rolling rows: i-2, i-1, i.
+    let mut before: Vec<usize> = vec![0; b.len() + 1];
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.iter().enumerate() {
+    for i in 0..a.len() {
         cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = substitute.min(prev[j + 1] + 1).min(cur[j] + 1);
+        for j in 0..b.len() {
+            let mut d = (prev[j] + usize::from(a[i] != b[j]))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+            if i > 0 && j > 0 && a[i] == b[j - 1] && a[i - 1] == b[j] {
+                d = d.min(before[j - 1] + 1);
+            }
+            cur[j + 1] = d;
         }
+        std::mem::swap(&mut before, &mut prev);
         std::mem::swap(&mut prev, &mut cur);
     }
     prev[b.len()]
@@ -48,4 +57,31 @@ pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         }
     }
     best.map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::function::Function;
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("Coalese", "Coalesce"), 1);
+        assert_eq!(edit_distance("Ture", "True"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("IIF", "iif"), 0);
+        assert_eq!(
+            closest("Coalese", Function::ALL.iter().map(|f| f.name())),
+            Some("Coalesce")
+        );
+        assert_eq!(
+            closest("ToLowr", Function::ALL.iter().map(|f| f.name())),
+            Some("ToLower")
+        );
+        assert_eq!(
+            closest("Frobnicate", Function::ALL.iter().map(|f| f.name())),
+            None
+        );
+    }
 }

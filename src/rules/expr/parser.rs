@@ -243,6 +243,17 @@ impl Parser {
                 return Ok(self.constant(&name, t.span));
             }
             TokenKind::LParen => return self.group(depth),
+            TokenKind::Compare(_) => {
+                // A missing left operand: report it and read the right one, so that it does not
+                // cause a second error.
+                self.unexpected("an expression", None);
+                self.bump();
+                if !starts_operand(self.peek_kind()) {
+                    return Ok(placeholder(t.span));
+                }
+                let rhs = self.operand_with_bad_operators(depth)?;
+                return Ok(placeholder(t.span.to(rhs.span)));
+            }
             _ => {
                 self.unexpected("an expression", None);
                 // Do not consume `,` or `)`: the enclosing call resynchronises on them.
@@ -492,5 +503,236 @@ fn placeholder(span: Span) -> Expr {
     Expr {
         kind: ExprKind::Null,
         span,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::expr::ast::{CompareOp, Decimal};
+
+    fn ok(text: &str) -> Expr {
+        match parse(text) {
+            Ok(e) => e,
+            Err(d) => panic!("{text}: {d}"),
+        }
+    }
+
+    fn errs(text: &str) -> Vec<(Code, (usize, usize))> {
+        match parse(text) {
+            Ok(e) => panic!("{text} parsed as {e:?}"),
+            Err(d) => d.iter().map(|d| (d.code, d.span.line_col(text))).collect(),
+        }
+    }
+
+    fn slots(e: &Expr) -> Vec<Option<String>> {
+        match &e.kind {
+            ExprKind::Call { args, .. } => args
+                .iter()
+                .map(|a| a.as_ref().map(|a| a.to_string()))
+                .collect(),
+            other => panic!("not a call: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn operands() {
+        assert_eq!(ok("[mail]").kind, ExprKind::Attribute("mail".into()));
+        assert_eq!(
+            ok("[ urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:employeeNumber ]")
+                .kind,
+            ExprKind::Attribute(
+                "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:employeeNumber".into()
+            )
+        );
+        assert_eq!(ok("\"\"").kind, ExprKind::String(String::new()));
+        assert_eq!(ok("-10").kind, ExprKind::Integer(-10));
+        assert_eq!(ok("&H21C07000").kind, ExprKind::Integer(0x21C0_7000));
+        assert_eq!(
+            ok("42568.75").kind,
+            ExprKind::Decimal(Decimal {
+                mantissa: 4_256_875,
+                scale: 2
+            })
+        );
+        assert_eq!(ok("true").kind, ExprKind::Boolean(true));
+        assert_eq!(ok("FALSE").kind, ExprKind::Boolean(false));
+        assert_eq!(ok("Nothing").kind, ExprKind::Null);
+        assert_eq!(ok("null").kind, ExprKind::Null);
+        assert_eq!(
+            ok("VBTEXTCOMPARE").kind,
+            ExprKind::CompareMode(CompareMode::Text)
+        );
+        assert_eq!(
+            ok("vbBinaryCompare").kind,
+            ExprKind::CompareMode(CompareMode::Binary)
+        );
+    }
+
+    #[test]
+    fn slots_and_spans() {
+        let e = ok("Join (\",\", [a], [b])");
+        assert_eq!(e.span, Span::new(0, 20));
+        match &e.kind {
+            ExprKind::Call {
+                func_name,
+                func_span,
+                args,
+            } => {
+                assert_eq!(func_name, "Join");
+                assert_eq!(*func_span, Span::new(0, 4));
+                assert_eq!(args.len(), 3);
+                assert_eq!(args[1].as_ref().map(|a| a.span), Some(Span::new(11, 14)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(slots(&ok("Now()")), Vec::<Option<String>>::new());
+        assert_eq!(slots(&ok("Now( \n )")), Vec::<Option<String>>::new());
+        assert_eq!(slots(&ok("F([x], )")), vec![Some("[x]".into()), None]);
+        assert_eq!(
+            slots(&ok("F(, , [x])")),
+            vec![None, None, Some("[x]".into())]
+        );
+        assert_eq!(slots(&ok("F(,)")), vec![None, None]);
+        assert_eq!(
+            slots(&ok("Replace([x], , \"re\", , \"\", , )")),
+            vec![
+                Some("[x]".into()),
+                None,
+                Some("\"re\"".into()),
+                None,
+                Some("\"\"".into()),
+                None,
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn comparisons_and_groups() {
+        let e = ok("IIF([a] <> \"x\", 1, 2)");
+        match &e.kind {
+            ExprKind::Call { args, .. } => match &args[0].as_ref().map(|a| &a.kind) {
+                Some(ExprKind::Compare { op, lhs, rhs }) => {
+                    assert_eq!(*op, CompareOp::Ne);
+                    assert_eq!(lhs.kind, ExprKind::Attribute("a".into()));
+                    assert_eq!(rhs.kind, ExprKind::String("x".into()));
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        for (text, op) in [
+            ("1 = 2", CompareOp::Eq),
+            ("1<2", CompareOp::Lt),
+            ("1 <= 2", CompareOp::Le),
+            ("1>2", CompareOp::Gt),
+            ("1 >= 2", CompareOp::Ge),
+            ("[a]=-1", CompareOp::Eq),
+        ] {
+            assert!(
+                matches!(ok(text).kind, ExprKind::Compare { op: o, .. } if o == op),
+                "{text}"
+            );
+        }
+        let e = ok("(([a] = 1)) = True");
+        match e.kind {
+            ExprKind::Compare { lhs, .. } => {
+                assert!(matches!(lhs.kind, ExprKind::Group(_)));
+                assert_eq!(lhs.span, Span::new(0, 11));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A bare comparison, literal or attribute is a whole rule.
+        ok("[a] = [b]");
+        ok("\"constant\"");
+    }
+
+    #[test]
+    fn multi_line_and_whitespace() {
+        let text = "Switch([country],\n\t\"Unknown\",\r\n\t\"DE\", \"Germany\"\n)";
+        assert_eq!(slots(&ok(text)).len(), 4);
+        assert_eq!(
+            errs("Join(\",\",\n  [a]\n  [b])"),
+            vec![(Code::UnexpectedToken, (3, 3))]
+        );
+    }
+
+    #[test]
+    fn syntax_errors() {
+        assert_eq!(errs(""), vec![(Code::UnexpectedEnd, (1, 1))]);
+        assert_eq!(errs("  "), vec![(Code::UnexpectedEnd, (1, 3))]);
+        assert_eq!(
+            errs("Join(\",\", [a]"),
+            vec![(Code::UnexpectedEnd, (1, 14))]
+        );
+        assert_eq!(errs("([a]"), vec![(Code::UnexpectedEnd, (1, 5))]);
+        assert_eq!(errs("[a] = "), vec![(Code::UnexpectedEnd, (1, 7))]);
+        assert_eq!(errs("[a])"), vec![(Code::UnexpectedToken, (1, 4))]);
+        assert_eq!(errs("[a] [b]"), vec![(Code::UnexpectedToken, (1, 5))]);
+        assert_eq!(errs("= 1"), vec![(Code::UnexpectedToken, (1, 1))]);
+        assert_eq!(errs("F(=)"), vec![(Code::UnexpectedToken, (1, 3))]);
+        assert_eq!(
+            errs("[a] = [b] = [c]"),
+            vec![(Code::ChainedComparison, (1, 1))]
+        );
+        assert_eq!(errs("Ture"), vec![(Code::UnknownIdentifier, (1, 1))]);
+        // An unterminated string is not reported a second time as an unexpected end.
+        assert_eq!(
+            errs("Join(\",\", \"x)"),
+            vec![(Code::UnterminatedString, (1, 11))]
+        );
+    }
+
+    #[test]
+    fn reports_every_error() {
+        let text = "IIF([a] & [b], $x,\n  Join(\",\" [c] 1e5))";
+        assert_eq!(
+            errs(text),
+            vec![
+                (Code::UnsupportedOperator, (1, 9)),
+                (Code::ParameterOrVariable, (1, 16)),
+                (Code::UnexpectedToken, (2, 12)),
+                (Code::MalformedNumber, (2, 16)),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_identifier_hints() {
+        let hint = |text: &str| parse(text).err().and_then(|d| d.0[0].hint.clone());
+        let msg = |text: &str| parse(text).err().map(|d| d.0[0].message.clone());
+        assert_eq!(hint("Ture").as_deref(), Some("did you mean `True`?"));
+        assert!(msg("IgnoreThisFlow").is_some_and(|m| m.contains("Connect Sync literal")));
+        assert!(msg("crlf").is_some_and(|m| m.contains("`CRLF` is a Connect Sync literal")));
+        assert!(msg("IgnoreObjectFlow").is_some_and(|m| m.contains("guides")));
+        assert!(hint("Now").is_some_and(|h| h.contains("call it with parentheses")));
+    }
+
+    #[test]
+    fn limits() {
+        let deep = |n: usize| format!("{}[a]{}", "CStr(".repeat(n), ")".repeat(n));
+        ok(&deep(MAX_DEPTH));
+        assert_eq!(
+            errs(&deep(MAX_DEPTH + 1)),
+            vec![(Code::NestingTooDeep, (1, 5 * MAX_DEPTH + 1))]
+        );
+        let groups = format!(
+            "{}1{}",
+            "(".repeat(MAX_DEPTH + 1),
+            ")".repeat(MAX_DEPTH + 1)
+        );
+        assert_eq!(errs(&groups)[0].0, Code::NestingTooDeep);
+        // Very deep input is rejected without exhausting the stack.
+        let huge = "(".repeat(9_000);
+        assert_eq!(errs(&huge)[0].0, Code::NestingTooDeep);
+
+        let long = format!("\"{}\"", "é".repeat(MAX_LEN - 2));
+        ok(&long);
+        let too_long = format!("\"{}\"", "é".repeat(MAX_LEN - 1));
+        assert_eq!(
+            errs(&too_long),
+            vec![(Code::ExpressionTooLong, (1, MAX_LEN + 1))]
+        );
     }
 }
