@@ -1298,6 +1298,32 @@ mod tests {
     }
 
     #[test]
+    fn rendered_compile_error() {
+        use crate::rules::diagnostic::Origin;
+        let text = "Join(\" \",\n\tCoalese([givenName], \"x\"))";
+        let origin = Origin {
+            rule: Some("users".into()),
+            attribute: Some("displayName".into()),
+            file: Some("rules.toml".into()),
+            base_line: 14,
+            base_col: 16,
+        };
+        let rendered = compile(text)
+            .err()
+            .map(|d| d.render(text, &origin))
+            .unwrap_or_default();
+        let expected = "\
+error[E0120]: unknown function `Coalese`
+  --> rules.toml:15:2 (rule \"users\", attribute \"displayName\")
+   |
+15 |     Coalese([givenName], \"x\"))
+   |     ^^^^^^^
+   = help: did you mean `Coalesce`?
+";
+        assert_eq!(rendered, expected);
+    }
+
+    #[test]
     fn check_limits_depth_of_hand_built_trees() {
         let mut e = Expr {
             kind: ExprKind::Null,

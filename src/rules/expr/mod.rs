@@ -85,3 +85,217 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::rules::diagnostic::{Origin, Span};
+    use crate::rules::function::Function;
+    use proptest::prelude::*;
+
+    fn e(kind: ExprKind) -> Expr {
+        Expr {
+            kind,
+            span: Span::default(),
+        }
+    }
+
+    fn leaf() -> impl Strategy<Value = Expr> {
+        prop_oneof![
+            "[A-Za-z_][A-Za-z0-9_ .:/@-]{0,12}"
+                .prop_map(|s| e(ExprKind::Attribute(s.trim().to_string()))),
+            "(\\PC|[\"\\\\\n\t\u{201C}])*".prop_map(|s| e(ExprKind::String(s))),
+            any::<i64>().prop_map(|i| e(ExprKind::Integer(i))),
+            (any::<i64>(), 1u32..8).prop_map(|(m, scale)| e(ExprKind::Decimal(Decimal {
+                mantissa: i128::from(m),
+                scale
+            }))),
+            any::<bool>().prop_map(|b| e(ExprKind::Boolean(b))),
+            Just(e(ExprKind::Null)),
+            prop_oneof![Just(CompareMode::Binary), Just(CompareMode::Text)]
+                .prop_map(|m| e(ExprKind::CompareMode(m))),
+        ]
+    }
+
+    fn func_name() -> impl Strategy<Value = String> {
+        let names: Vec<&'static str> = Function::ALL.iter().map(|f| f.name()).collect();
+        prop_oneof![
+            (prop::sample::select(names), any::<u64>()).prop_map(|(n, bits)| {
+                n.chars()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        if bits >> (i % 64) & 1 == 1 {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c.to_ascii_lowercase()
+                        }
+                    })
+                    .collect()
+            }),
+            "[A-Za-z_][A-Za-z0-9_]{0,8}",
+        ]
+    }
+
+    fn not_compare(x: Expr) -> Expr {
+        if matches!(x.kind, ExprKind::Compare { .. }) {
+            e(ExprKind::Group(Box::new(x)))
+        } else {
+            x
+        }
+    }
+
+    fn op() -> impl Strategy<Value = CompareOp> {
+        prop::sample::select(vec![
+            CompareOp::Eq,
+            CompareOp::Ne,
+            CompareOp::Lt,
+            CompareOp::Le,
+            CompareOp::Gt,
+            CompareOp::Ge,
+        ])
+    }
+
+    /// Trees the parser can produce (a call never has exactly one empty slot; comparison operands
+    /// are not comparisons).
+    fn tree() -> impl Strategy<Value = Expr> {
+        leaf().prop_recursive(5, 48, 5, |inner| {
+            prop_oneof![
+                (
+                    func_name(),
+                    prop::collection::vec(prop::option::weighted(0.8, inner.clone()), 0..6)
+                )
+                    .prop_filter("one empty slot prints as zero slots", |(_, a)| {
+                        !(a.len() == 1 && a[0].is_none())
+                    })
+                    .prop_map(|(func_name, args)| e(ExprKind::Call {
+                        func_name,
+                        func_span: Span::default(),
+                        args
+                    })),
+                (op(), inner.clone(), inner.clone()).prop_map(|(op, l, r)| e(ExprKind::Compare {
+                    op,
+                    lhs: Box::new(not_compare(l)),
+                    rhs: Box::new(not_compare(r)),
+                })),
+                inner.prop_map(|x| e(ExprKind::Group(Box::new(x)))),
+            ]
+        })
+    }
+
+    fn token_soup() -> impl Strategy<Value = String> {
+        let pieces = vec![
+            "IIF(",
+            "Join(",
+            "Replace(",
+            "Switch(",
+            "Redact(",
+            "IgnoreFlowIfNullOrEmpty(",
+            "SelectUniqueValue(",
+            "DateAdd(",
+            "RandomString(",
+            "InStr(",
+            "Coalese(",
+            "Left(",
+            "AppRoleAssignmentsComplex(",
+            "[appRoleAssignments]",
+            "(",
+            ")",
+            ",",
+            ", ",
+            "[a]",
+            "\"x\"",
+            "\"",
+            "\\",
+            "1",
+            "-1",
+            "4.5",
+            "&H1F",
+            "=",
+            "<>",
+            "<",
+            ">=",
+            "&",
+            "+",
+            "Null",
+            "vbTextCompare",
+            "Ture",
+            "$v",
+            "%P%",
+            "“",
+            "\n",
+            "\t",
+            "é",
+            "[",
+            "]",
+            "\"ww\"",
+        ];
+        prop::collection::vec(prop::sample::select(pieces), 0..30).prop_map(|v| v.concat())
+    }
+
+    fn exercise(text: &str) {
+        let origin = Origin::default();
+        match compile(text) {
+            Ok(c) => {
+                for w in &c.warnings {
+                    let _ = w.render(text, &origin);
+                }
+            }
+            Err(ds) => {
+                assert!(ds.has_errors(), "{text:?}");
+                for d in ds.iter() {
+                    assert!(
+                        d.span.start <= d.span.end && d.span.end <= text.len(),
+                        "{d:?}"
+                    );
+                    let _ = d.render(text, &origin);
+                }
+            }
+        }
+        if let Ok(parsed) = parse(text) {
+            let printed = parsed.to_string();
+            let reparsed = parse(&printed);
+            assert!(
+                reparsed.as_ref().is_ok_and(|r| r.same_as(&parsed)),
+                "{text:?} printed as {printed:?} reparsed as {reparsed:?}"
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn never_panics_on_any_text(text in "\\PC*") {
+            exercise(&text);
+        }
+
+        #[test]
+        fn never_panics_on_any_string(text in any::<String>()) {
+            exercise(&text);
+        }
+
+        #[test]
+        fn never_panics_on_token_alphabet(text in "[\\[\\]\"(),=<>&H0-9a-zA-Z \\\\]*") {
+            exercise(&text);
+        }
+
+        #[test]
+        fn never_panics_on_token_soup(text in token_soup()) {
+            exercise(&text);
+        }
+
+        #[test]
+        fn print_then_parse_is_identity(tree in tree()) {
+            let printed = tree.to_string();
+            let parsed = parse(&printed);
+            prop_assert!(
+                parsed.as_ref().is_ok_and(|p| p.same_as(&tree)),
+                "{:?} printed as {:?} parsed as {:?}", tree, printed, parsed
+            );
+            // Printing is canonical: a second round gives the same text.
+            if let Ok(p) = parsed {
+                prop_assert_eq!(p.to_string(), printed);
+            }
+        }
+    }
+}
