@@ -522,8 +522,14 @@ impl Checker<'_> {
             ExprKind::CompareMode(m) => literal(Literal::CompareMode(*m)),
             ExprKind::Group(inner) => self.node(inner, pos, depth + 1),
             ExprKind::Compare { op, lhs, rhs } => {
-                let l = self.node(lhs, Position::Nested, depth + 1);
-                let r = self.node(rhs, Position::Nested, depth + 1);
+                // Like the parser, count only calls and parentheses as nesting (a comparison
+                // operand that is itself a comparison only occurs in hand-built trees).
+                let level = |e: &Expr| match e.kind {
+                    ExprKind::Compare { .. } => depth + 1,
+                    _ => depth,
+                };
+                let l = self.node(lhs, Position::Nested, level(lhs));
+                let r = self.node(rhs, Position::Nested, level(rhs));
                 Some(Node::Compare {
                     op: *op,
                     lhs: Box::new(l?),
@@ -1321,6 +1327,15 @@ error[E0120]: unknown function `Coalese`
    = help: did you mean `Coalesce`?
 ";
         assert_eq!(rendered, expected);
+    }
+
+    #[test]
+    fn deepest_parsable_nesting_compiles() {
+        let mut text = "1".to_string();
+        for _ in 0..MAX_DEPTH {
+            text = format!("IIF([a] = {text}, 1, 2)");
+        }
+        ok(&text);
     }
 
     #[test]
