@@ -3,6 +3,8 @@
 //! Pure: no async, no I/O, no clock, no randomness of its own — `now` and a seed come in through
 //! the evaluation context.
 
+pub mod diagnostic;
+pub mod expr;
 pub mod function;
 pub mod regex;
 
