@@ -500,8 +500,7 @@ impl MemorySource {
         let start = s.log.partition_point(|(seq, _)| *seq <= from);
         let every = s.checkpoint_every;
         let pending = s.log.len() - start;
-        let mut items =
-            Vec::with_capacity(pending + 1 + if every > 0 { pending / every } else { 0 });
+        let mut items = Vec::with_capacity(pending + 1 + pending.checked_div(every).unwrap_or(0));
         for (n, (seq, change)) in s.log[start..].iter().enumerate() {
             items.push(Ok(ImportItem::Item(change.clone())));
             if every > 0 && (n + 1) % every == 0 && n + 1 < pending {
@@ -614,6 +613,7 @@ impl std::fmt::Debug for MemorySource {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::model::{values, Values};

@@ -61,11 +61,11 @@ type Predicate = Arc<dyn Fn(&TargetOperation) -> bool + Send + Sync>;
 ///     object_type: "User".into(),
 ///     attributes: [("userName", Values::one(name))].into_iter().collect(),
 /// };
-/// let outcomes = block_on(target.apply(&[create("ada"), create("ADA")]));
-/// let id = outcomes[0].as_ref().map(|a| a.id.clone())?;
+/// let mut outcomes = block_on(target.apply(&[create("ada"), create("ADA")])).into_iter();
+/// let id = outcomes.next().unwrap()?.id;
 /// assert_eq!(id.as_str(), "t000001");
 /// // userName is unique ignoring case: the second create fails and names the holder.
-/// let err = outcomes[1].as_ref().unwrap_err();
+/// let err = outcomes.next().unwrap().unwrap_err();
 /// assert_eq!(err.kind(), ErrorKind::AlreadyExists);
 /// assert_eq!(err.object(), Some("t000001"));
 ///
@@ -863,5 +863,536 @@ impl std::fmt::Debug for MemoryTarget {
             .field("objects", &s.objects.len())
             .field("calls", &s.calls)
             .finish()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::model::{values, Values};
+    use futures::TryStreamExt;
+
+    fn create(object_type: &str, attrs: &[(&str, &str)]) -> TargetOperation {
+        TargetOperation::Create {
+            object_type: object_type.into(),
+            attributes: attrs.iter().map(|(n, v)| (*n, Values::one(*v))).collect(),
+        }
+    }
+
+    fn update(id: &str, object_type: &str, changes: Vec<AttributeChange>) -> TargetOperation {
+        TargetOperation::Update {
+            id: id.into(),
+            object_type: object_type.into(),
+            changes,
+        }
+    }
+
+    fn delete(id: &str, object_type: &str) -> TargetOperation {
+        TargetOperation::Delete {
+            id: id.into(),
+            object_type: object_type.into(),
+        }
+    }
+
+    async fn one(t: &dyn Target, op: TargetOperation) -> Result<Applied, ConnectorError> {
+        let mut out = t.apply(&[op]).await;
+        assert_eq!(out.len(), 1);
+        out.remove(0)
+    }
+
+    async fn id_of(t: &dyn Target, op: TargetOperation) -> TargetId {
+        one(t, op).await.unwrap().id
+    }
+
+    fn kind(r: Result<Applied, ConnectorError>) -> ErrorKind {
+        r.unwrap_err().kind()
+    }
+
+    #[tokio::test]
+    async fn create_update_delete_round_trip() {
+        let mem = MemoryTarget::new("scim");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        assert_eq!(t.name(), "scim");
+        let caps = t.capabilities();
+        assert!(caps.value_level_changes && caps.read);
+        assert_eq!(caps.max_batch, 100);
+
+        let a = id_of(&*t, create("User", &[("userName", "ada")])).await;
+        let b = id_of(&*t, create("User", &[("userName", "bob")])).await;
+        assert_eq!((a.as_str(), b.as_str()), ("t000001", "t000002"));
+        let g = id_of(&*t, create("Group", &[("displayName", "staff")])).await;
+
+        let add = AttributeChange::add("members", Values::one(Value::target_ref(a.clone())));
+        one(&*t, update(g.as_str(), "Group", vec![add]))
+            .await
+            .unwrap();
+        let got = t.get(&"Group".into(), &g).await.unwrap().unwrap();
+        assert_eq!(
+            got.attributes.first("members"),
+            Some(&Value::target_ref(a.clone()))
+        );
+        assert_eq!(one(&*t, delete(b.as_str(), "User")).await.unwrap().id, b);
+        assert_eq!(mem.len(), 2);
+        assert!(mem.get_object(&b).is_none());
+        assert_eq!(mem.applied().len(), 5);
+        assert_eq!(mem.calls(), 5);
+        let ids: Vec<String> = mem.objects().iter().map(|o| o.id.to_string()).collect();
+        assert_eq!(ids, ["t000001", "t000003"]);
+    }
+
+    #[tokio::test]
+    async fn fresh_ids_use_the_prefix_and_skip_seeded_ids() {
+        let mem = MemoryTarget::new("graph").id_prefix("obj-");
+        mem.insert(TargetObject::new("obj-000001", "user"));
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        assert_eq!(id_of(&*t, create("user", &[])).await.as_str(), "obj-000002");
+    }
+
+    #[tokio::test]
+    async fn missing_objects_and_type_mismatches_are_refused() {
+        let mem = MemoryTarget::new("scim");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let a = id_of(&*t, create("User", &[("userName", "ada")])).await;
+        let r = one(&*t, update("nope", "User", vec![])).await;
+        let e = r.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(e.object(), Some("nope"));
+        assert_eq!(
+            kind(one(&*t, delete("nope", "User")).await),
+            ErrorKind::NotFound
+        );
+        let mismatch = update(
+            a.as_str(),
+            "Group",
+            vec![AttributeChange::replace("x", values(["1"]))],
+        );
+        assert_eq!(kind(one(&*t, mismatch).await), ErrorKind::Constraint);
+        assert_eq!(
+            kind(one(&*t, delete(a.as_str(), "Group")).await),
+            ErrorKind::Constraint
+        );
+        // Object types compare ignoring case.
+        one(&*t, update(a.as_str(), "user", vec![])).await.unwrap();
+        assert_eq!(mem.len(), 1);
+        assert_eq!(mem.applied().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn updates_are_strict_and_all_or_nothing() {
+        let mem = MemoryTarget::new("ldap");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let g = id_of(
+            &*t,
+            create("group", &[("cn", "staff"), ("description", "x")]),
+        )
+        .await;
+        let before = mem.get_object(&g).unwrap();
+
+        let e = one(
+            &*t,
+            update(
+                g.as_str(),
+                "group",
+                vec![AttributeChange::add("cn", values(["staff"]))],
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueExists);
+        assert!(e.message().contains("cn"), "{e}");
+        let e = one(
+            &*t,
+            update(
+                g.as_str(),
+                "group",
+                vec![AttributeChange::remove("cn", values(["nope"]))],
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSuchValue);
+
+        // The first change would succeed, the second fails: neither is applied.
+        let changes = vec![
+            AttributeChange::replace("description", values(["y"])),
+            AttributeChange::add("mail", values(["a@x"])),
+            AttributeChange::remove("cn", values(["other"])),
+        ];
+        assert_eq!(
+            kind(one(&*t, update(g.as_str(), "group", changes)).await),
+            ErrorKind::NoSuchValue
+        );
+        assert_eq!(mem.get_object(&g).unwrap(), before);
+        assert_eq!(mem.applied().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unique_attributes_ignore_case_and_name_the_holder() {
+        let mem = MemoryTarget::new("scim").unique_attribute("User", "userName");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let a = id_of(&*t, create("User", &[("userName", "ada")])).await;
+        let e = one(&*t, create("User", &[("userName", "ADA")]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(e.object(), Some(a.as_str()));
+        assert!(
+            e.message().contains("userName") && e.message().contains("t000001"),
+            "{e}"
+        );
+        // Only within the constrained type.
+        id_of(&*t, create("Group", &[("userName", "ada")])).await;
+        // A failed create consumes no id.
+        let b = id_of(&*t, create("User", &[("userName", "bob")])).await;
+        assert_eq!(b.as_str(), "t000003");
+
+        // An update may not take another object's value, but may keep or re-case its own.
+        let take = update(
+            b.as_str(),
+            "User",
+            vec![AttributeChange::replace("userName", values(["Ada"]))],
+        );
+        assert_eq!(kind(one(&*t, take).await), ErrorKind::AlreadyExists);
+        let recase = update(
+            a.as_str(),
+            "User",
+            vec![AttributeChange::replace("userName", values(["Ada"]))],
+        );
+        one(&*t, recase).await.unwrap();
+
+        // Deleting the holder frees the value.
+        one(&*t, delete(a.as_str(), "User")).await.unwrap();
+        let free = update(
+            b.as_str(),
+            "User",
+            vec![AttributeChange::replace("userName", values(["ada"]))],
+        );
+        one(&*t, free).await.unwrap();
+
+        // Seeded objects count, and constraints added later index existing objects.
+        let mem2 = MemoryTarget::new("graph");
+        mem2.insert(TargetObject::new("x1", "user").with("userPrincipalName", "Ada@Example.com"));
+        let mem2 = mem2.unique_attribute("user", "userPrincipalName");
+        let r = one(
+            &mem2,
+            create("user", &[("userPrincipalName", "ada@example.com")]),
+        )
+        .await;
+        assert_eq!(r.unwrap_err().object(), Some("x1"));
+    }
+
+    #[tokio::test]
+    async fn id_attribute_makes_the_id_and_guards_it() {
+        let mem = MemoryTarget::new("ldap").id_attribute("dn");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let ada = "cn=Ada,ou=people,dc=example,dc=com";
+        let id = id_of(&*t, create("person", &[("dn", ada), ("cn", "Ada")])).await;
+        assert_eq!(id.as_str(), ada);
+        let e = one(
+            &*t,
+            create("person", &[("dn", "CN=ADA,ou=people,dc=example,dc=com")]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(e.object(), Some(ada));
+        assert_eq!(
+            kind(one(&*t, create("person", &[("cn", "NoDn")])).await),
+            ErrorKind::Constraint
+        );
+        let two = TargetOperation::Create {
+            object_type: "person".into(),
+            attributes: [("dn", values(["cn=a,dc=x", "cn=b,dc=x"]))]
+                .into_iter()
+                .collect(),
+        };
+        assert_eq!(kind(one(&*t, two).await), ErrorKind::Constraint);
+        // The id attribute cannot change through an update; re-stating it is fine.
+        let change = update(
+            ada,
+            "person",
+            vec![AttributeChange::replace("dn", values(["cn=Eve,dc=x"]))],
+        );
+        assert_eq!(kind(one(&*t, change).await), ErrorKind::Constraint);
+        let clear = update(
+            ada,
+            "person",
+            vec![AttributeChange::replace("dn", Values::new())],
+        );
+        assert_eq!(kind(one(&*t, clear).await), ErrorKind::Constraint);
+        let same = update(
+            ada,
+            "person",
+            vec![AttributeChange::replace("dn", values([ada]))],
+        );
+        one(&*t, same).await.unwrap();
+        assert_eq!(mem.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn references_must_be_resolved_and_vanish_with_their_object() {
+        let mem = MemoryTarget::new("scim");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let a = id_of(&*t, create("User", &[("userName", "ada")])).await;
+        let unresolved = TargetOperation::Create {
+            object_type: "Group".into(),
+            attributes: [("members", Values::one(Value::anchor_ref("src-1")))]
+                .into_iter()
+                .collect(),
+        };
+        let e = one(&*t, unresolved).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Constraint);
+        assert!(e.message().contains("unresolved reference"), "{e}");
+        let dangling = TargetOperation::Create {
+            object_type: "Group".into(),
+            attributes: [("members", Values::one(Value::target_ref("t999999")))]
+                .into_iter()
+                .collect(),
+        };
+        assert_eq!(kind(one(&*t, dangling).await), ErrorKind::Constraint);
+
+        let members = values([Value::target_ref(a.clone())]);
+        let g = id_of(
+            &*t,
+            TargetOperation::Create {
+                object_type: "Group".into(),
+                attributes: [("members", members), ("displayName", Values::one("staff"))]
+                    .into_iter()
+                    .collect(),
+            },
+        )
+        .await;
+        let add_dangling = update(
+            g.as_str(),
+            "Group",
+            vec![AttributeChange::add(
+                "members",
+                values([Value::target_ref("t999999")]),
+            )],
+        );
+        assert_eq!(kind(one(&*t, add_dangling).await), ErrorKind::Constraint);
+
+        one(&*t, delete(a.as_str(), "User")).await.unwrap();
+        let group = mem.get_object(&g).unwrap();
+        assert!(group.attributes.get("members").is_none());
+        assert_eq!(group.attributes.first_str("displayName"), Some("staff"));
+    }
+
+    #[tokio::test]
+    async fn one_outcome_per_operation_in_order_when_some_fail() {
+        let mem = MemoryTarget::new("scim").unique_attribute("User", "userName");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let ops = vec![
+            create("User", &[("userName", "ada")]),
+            update("missing", "User", vec![]),
+            create("User", &[("userName", "ada")]),
+            create("User", &[("userName", "bob")]),
+            delete("t000001", "User"),
+            delete("t000001", "User"),
+        ];
+        let out = t.apply(&ops).await;
+        assert_eq!(out.len(), ops.len());
+        assert_eq!(out[0].as_ref().unwrap().id.as_str(), "t000001");
+        assert_eq!(out[1].as_ref().unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(
+            out[2].as_ref().unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(out[3].as_ref().unwrap().id.as_str(), "t000002");
+        assert!(out[4].is_ok());
+        assert_eq!(out[5].as_ref().unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(
+            mem.applied(),
+            vec![ops[0].clone(), ops[3].clone(), ops[4].clone()]
+        );
+        assert_eq!(mem.calls(), 1);
+        assert!(t.apply(&[]).await.is_empty());
+        assert_eq!(mem.calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn fail_when_fails_chosen_operations_without_applying_them() {
+        let mem = MemoryTarget::new("scim");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let is_create = |op: &TargetOperation| matches!(op, TargetOperation::Create { .. });
+        mem.fail_when(is_create, ErrorKind::Unavailable, Some(2));
+        let ops = vec![
+            create("User", &[]),
+            create("User", &[]),
+            create("User", &[]),
+        ];
+        let out = t.apply(&ops).await;
+        assert_eq!(out[0].as_ref().unwrap_err().kind(), ErrorKind::Unavailable);
+        assert_eq!(out[1].as_ref().unwrap_err().kind(), ErrorKind::Unavailable);
+        assert_eq!(out[2].as_ref().unwrap().id.as_str(), "t000001");
+        assert_eq!(mem.len(), 1);
+
+        mem.fail_when(
+            |op| matches!(op, TargetOperation::Delete { .. }),
+            ErrorKind::Auth,
+            None,
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                kind(one(&*t, delete("t000001", "User")).await),
+                ErrorKind::Auth
+            );
+        }
+        assert_eq!(mem.len(), 1);
+        mem.clear_faults();
+        one(&*t, delete("t000001", "User")).await.unwrap();
+        assert!(mem.is_empty());
+
+        // Some(0) never fires; a predicate may inspect the target without deadlock.
+        mem.fail_when(|_| true, ErrorKind::Other, Some(0));
+        let probe = mem.clone();
+        mem.fail_when(move |_| !probe.is_empty(), ErrorKind::Constraint, None);
+        one(&*t, create("User", &[])).await.unwrap();
+        assert_eq!(
+            kind(one(&*t, create("User", &[])).await),
+            ErrorKind::Constraint
+        );
+    }
+
+    #[tokio::test]
+    async fn throttle_every_nth_operation() {
+        let mem = MemoryTarget::new("graph");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        mem.throttle_every(3, Duration::from_secs(7));
+        let ops: Vec<TargetOperation> = (0..7).map(|_| create("user", &[])).collect();
+        let out = t.apply(&ops).await;
+        let throttled: Vec<usize> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_err())
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(throttled, [2, 5]);
+        let e = out[2].as_ref().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Throttled);
+        assert!(e.is_retryable());
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(mem.len(), 5);
+        assert_eq!(mem.applied().len(), 5);
+        mem.throttle_every(0, Duration::ZERO);
+        assert!(t.apply(&ops).await.iter().all(Result::is_ok));
+    }
+
+    #[tokio::test]
+    async fn fail_after_apply_commits_but_reports_an_error() {
+        let mem = MemoryTarget::new("scim");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        mem.fail_after_apply_when(
+            |op| match op {
+                TargetOperation::Create { attributes, .. } => {
+                    attributes.first_str("userName") == Some("ada")
+                }
+                _ => false,
+            },
+            ErrorKind::Timeout,
+        );
+        let e = one(&*t, create("User", &[("userName", "ada")]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert_eq!(e.object(), Some("t000001"));
+        // The object exists: recovery finds it by a join lookup instead of creating it again.
+        let found = t
+            .find(&"User".into(), &"USERNAME".into(), &Value::string("ADA"))
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id.as_str(), "t000001");
+        assert_eq!(mem.applied().len(), 1);
+        // Other operations are unaffected.
+        one(&*t, create("User", &[("userName", "bob")]))
+            .await
+            .unwrap();
+        mem.clear_faults();
+        one(&*t, create("User", &[("userName", "ada")]))
+            .await
+            .unwrap();
+        assert_eq!(mem.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn replace_only_targets_and_batch_limits() {
+        let mem = MemoryTarget::new("old-scim")
+            .value_level_changes(false)
+            .max_batch(2);
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let caps = t.capabilities();
+        assert!(!caps.value_level_changes);
+        assert_eq!(caps.max_batch, 2);
+        let a = id_of(&*t, create("Group", &[("displayName", "g")])).await;
+        let add = update(
+            a.as_str(),
+            "Group",
+            vec![AttributeChange::add("x", values(["1"]))],
+        );
+        assert_eq!(kind(one(&*t, add).await), ErrorKind::Unsupported);
+        let replace = update(
+            a.as_str(),
+            "Group",
+            vec![AttributeChange::replace("x", values(["1"]))],
+        );
+        one(&*t, replace).await.unwrap();
+
+        let ops: Vec<TargetOperation> = (0..3).map(|_| create("Group", &[])).collect();
+        let out = t.apply(&ops).await;
+        assert_eq!(out.len(), 3);
+        assert!(out
+            .iter()
+            .all(|r| r.as_ref().unwrap_err().kind() == ErrorKind::Unsupported));
+        assert_eq!(mem.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn reads_filter_by_type_in_id_order() {
+        let mem = MemoryTarget::new("scim");
+        mem.insert(TargetObject::new("u2", "User").with("userName", "Bob"));
+        mem.insert(TargetObject::new("u1", "User").with("userName", "Ada"));
+        mem.insert(TargetObject::new("g1", "Group").with("userName", "ada"));
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let users: Vec<TargetObject> = t
+            .read(&"user".into())
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let ids: Vec<&str> = users.iter().map(|o| o.id.as_str()).collect();
+        assert_eq!(ids, ["u1", "u2"]);
+        assert!(t
+            .get(&"Group".into(), &"u1".into())
+            .await
+            .unwrap()
+            .is_none());
+        assert!(t.get(&"User".into(), &"u1".into()).await.unwrap().is_some());
+        let found = t
+            .find(&"User".into(), &"username".into(), &Value::string("ADA"))
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id.as_str(), "u1");
+        assert!(t
+            .find(&"User".into(), &"mail".into(), &Value::string("ada"))
+            .await
+            .unwrap()
+            .is_empty());
+        // insert replaces and returns the object it replaced.
+        let old = mem.insert(TargetObject::new("u1", "User"));
+        assert_eq!(old.unwrap().attributes.first_str("userName"), Some("Ada"));
+    }
+
+    #[tokio::test]
+    async fn apply_runs_on_another_task_while_the_test_keeps_a_handle() {
+        let mem = MemoryTarget::default();
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let task = tokio::spawn(async move { t.apply(&[create("user", &[])]).await.len() });
+        assert_eq!(task.await.unwrap(), 1);
+        assert_eq!(mem.len(), 1);
+        assert!(format!("{mem:?}").contains("objects: 1"));
     }
 }
