@@ -41,6 +41,7 @@ type Predicate = Arc<dyn Fn(&TargetOperation) -> bool + Send + Sync>;
 ///   [`ErrorKind::ValueExists`], removing an absent one [`ErrorKind::NoSuchValue`]; an update or
 ///   delete of a missing id is [`ErrorKind::NotFound`], of an object of another type
 ///   [`ErrorKind::Constraint`];
+/// * an attribute may not hold the same value twice ([`ErrorKind::ValueExists`]);
 /// * values may reference other objects only by target id ([`Reference::Target`]) and only
 ///   objects that exist (otherwise [`ErrorKind::Constraint`]); deleting an object removes the
 ///   references to it from every other object, as group memberships vanish with their member;
@@ -183,6 +184,25 @@ fn apply_error(e: ApplyError, id: &TargetId) -> ConnectorError {
     ConnectorError::new(kind, format!("update of {id} not applied: {e}"))
         .with_object(id)
         .with_source(e)
+}
+
+/// Fails when an attribute of `attributes` (those named in `only`, or all) holds a value twice,
+/// as a directory refuses.
+fn check_no_duplicates(
+    attributes: &Attributes,
+    mut only: impl FnMut(&AttrName) -> bool,
+    label: &str,
+) -> Result<(), ConnectorError> {
+    for (name, values) in attributes.iter().filter(|(n, _)| only(n)) {
+        let mut seen = std::collections::HashSet::with_capacity(values.len());
+        if let Some(v) = values.iter().find(|v| !seen.insert(*v)) {
+            return Err(ConnectorError::new(
+                ErrorKind::ValueExists,
+                format!("{label}: {name} holds the value {v:?} twice"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A label for the object an operation concerns, for error messages.
@@ -397,6 +417,7 @@ impl State {
                 .flat_map(|(n, vs)| vs.iter().map(move |v| (n, v))),
             &label,
         )?;
+        check_no_duplicates(attributes, |_| true, &label)?;
         // Checked before an id is taken so that a failed create consumes none.
         self.check_unique(object_type, attributes, None)?;
         let id = match &self.id_attribute {
@@ -497,6 +518,12 @@ impl State {
                 .apply(change, true)
                 .map_err(|e| apply_error(e, id))?;
         }
+        check_no_duplicates(
+            &next.attributes,
+            |n| changes.iter().any(|c| c.attribute == *n),
+            &label,
+        )
+        .map_err(|e| e.with_object(id))?;
         if let Some(attr) = &self.id_attribute {
             let keeps_id = matches!(
                 next.attributes.get(attr.as_str()).map(|v| &v[..]),
@@ -1028,6 +1055,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_value_may_not_be_held_twice() {
+        let mem = MemoryTarget::new("ldap");
+        let t: Box<dyn Target> = Box::new(mem.clone());
+        let twice = TargetOperation::Create {
+            object_type: "group".into(),
+            attributes: [("member", values(["a", "a"]))].into_iter().collect(),
+        };
+        assert_eq!(kind(one(&*t, twice).await), ErrorKind::ValueExists);
+        assert!(mem.is_empty());
+        let g = id_of(&*t, create("group", &[("cn", "g")])).await;
+        let replace = update(
+            g.as_str(),
+            "group",
+            vec![AttributeChange::replace("member", values(["b", "b"]))],
+        );
+        let e = one(&*t, replace).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueExists);
+        assert_eq!(e.object(), Some(g.as_str()));
+        assert!(mem
+            .get_object(&g)
+            .unwrap()
+            .attributes
+            .get("member")
+            .is_none());
+    }
+
+    #[tokio::test]
     async fn unique_attributes_ignore_case_and_name_the_holder() {
         let mem = MemoryTarget::new("scim").unique_attribute("User", "userName");
         let t: Box<dyn Target> = Box::new(mem.clone());
@@ -1394,5 +1448,107 @@ mod tests {
         assert_eq!(task.await.unwrap(), 1);
         assert_eq!(mem.len(), 1);
         assert!(format!("{mem:?}").contains("objects: 1"));
+    }
+
+    /// An operation a property test applies: ids and values from small ranges so that they
+    /// collide often.
+    fn operation() -> impl proptest::strategy::Strategy<Value = TargetOperation> {
+        use proptest::prelude::*;
+        let id = (1..6u8).prop_map(|n| format!("t{n:06}"));
+        let name = prop_oneof![Just("ada"), Just("ADA"), Just("bob"), Just("cy")];
+        let value = prop_oneof![
+            name.clone().prop_map(|n| ("userName", Value::string(n))),
+            id.clone()
+                .prop_map(|i| ("member", Value::target_ref(i.as_str()))),
+            Just(("member", Value::anchor_ref("src"))),
+        ];
+        let change = (0..3u8, value.clone()).prop_map(|(op, (attr, v))| match op {
+            0 => AttributeChange::add(attr, Values::one(v)),
+            1 => AttributeChange::remove(attr, Values::one(v)),
+            _ => AttributeChange::replace(attr, Values::one(v)),
+        });
+        let ty = prop_oneof![Just("User"), Just("Group")];
+        prop_oneof![
+            (ty.clone(), proptest::collection::vec(value, 0..3)).prop_map(|(ty, vals)| {
+                TargetOperation::Create {
+                    object_type: ty.into(),
+                    attributes: vals.into_iter().map(|(a, v)| (a, Values::one(v))).collect(),
+                }
+            }),
+            (
+                id.clone(),
+                ty.clone(),
+                proptest::collection::vec(change, 0..3)
+            )
+                .prop_map(|(id, ty, changes)| TargetOperation::Update {
+                    id: id.as_str().into(),
+                    object_type: ty.into(),
+                    changes,
+                }),
+            (id, ty).prop_map(|(id, ty)| TargetOperation::Delete {
+                id: id.as_str().into(),
+                object_type: ty.into(),
+            }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Each operation takes effect entirely or not at all, and the target's constraints
+        /// (unique userName among users, no dangling references) always hold.
+        #[test]
+        fn operations_are_atomic_and_constraints_always_hold(
+            ops in proptest::collection::vec(operation(), 1..40),
+            batch in 1..5usize,
+        ) {
+            let mem = MemoryTarget::new("p").unique_attribute("User", "userName");
+            for chunk in ops.chunks(batch) {
+                for op in chunk {
+                    let before = mem.objects();
+                    let applied = mem.applied().len();
+                    let out = futures::executor::block_on(mem.apply(std::slice::from_ref(op)));
+                    proptest::prop_assert_eq!(out.len(), 1);
+                    match &out[0] {
+                        Ok(a) => {
+                            proptest::prop_assert_eq!(mem.applied().len(), applied + 1);
+                            let deleted = matches!(op, TargetOperation::Delete { .. });
+                            proptest::prop_assert_eq!(mem.get_object(&a.id).is_some(), !deleted);
+                        }
+                        Err(_) => {
+                            proptest::prop_assert_eq!(&mem.objects(), &before);
+                            proptest::prop_assert_eq!(mem.applied().len(), applied);
+                        }
+                    }
+                    let objects = mem.objects();
+                    let mut names = std::collections::HashSet::new();
+                    for o in &objects {
+                        for v in o.attributes.iter().flat_map(|(_, vs)| vs.iter()) {
+                            if let Value::Reference(r) = v {
+                                let Reference::Target(t) = r else {
+                                    proptest::prop_assert!(false, "unresolved reference kept: {:?}", r);
+                                    continue;
+                                };
+                                proptest::prop_assert!(mem.get_object(t).is_some(), "dangling {}", t);
+                            }
+                        }
+                        if o.object_type == "User" {
+                            let own: std::collections::HashSet<String> = o
+                                .attributes
+                                .get("userName")
+                                .into_iter()
+                                .flatten()
+                                .map(|n| n.to_text().to_lowercase())
+                                .collect();
+                            for n in own {
+                                proptest::prop_assert!(names.insert(n.clone()), "duplicate userName {}", n);
+                            }
+                        }
+                        for (name, vs) in o.attributes.iter() {
+                            let distinct: std::collections::HashSet<&Value> = vs.iter().collect();
+                            proptest::prop_assert_eq!(distinct.len(), vs.len(), "{} repeats a value", name);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
