@@ -153,7 +153,8 @@ fn plan(
     guard: DeletionGuard,
     scope: PlanScope,
 ) -> Plan {
-    let mut input = PlanInput::new(&UserGroupProjection::default(), m, links, t);
+    let rules = UserGroupProjection::default();
+    let mut input = PlanInput::new(&rules, m, links, t);
     input.guard = guard;
     input.scope = scope;
     delta::plan(&input)
@@ -181,7 +182,7 @@ fn out_of_scope(m: &SourceMirror, anchor: &dirsync::model::Anchor) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
 
     #[test]
     fn apply_then_plan_is_empty_and_plans_are_order_independent(
@@ -190,8 +191,10 @@ proptest! {
         preexisting in prop::collection::vec(0u8..12, 0..4),
         edits in prop::collection::vec(edit_strategy(), 0..12),
     ) {
-        let mut entries: Vec<Entry> = users.iter().map(user_entry).collect();
-        entries.extend(groups.iter().map(group_entry));
+        // One entry per anchor (the generators may repeat ids).
+        let mut seen = std::collections::HashSet::new();
+        let mut entries: Vec<Entry> = users.iter().filter(|u| seen.insert(u.id)).map(user_entry).collect();
+        entries.extend(groups.iter().filter(|g| seen.insert(g.id)).map(group_entry));
         let mut m = mirror_of(&entries);
         let target = MemoryTarget::new("target");
         let mut links = Links::new();
@@ -231,10 +234,21 @@ proptest! {
                 prop_assert!(!out_of_scope(&m, &op.anchor), "{} is out of scope but got {}", op.anchor, op.kind.name());
             }
         }
-        // The delta plan of the touched anchors equals the full plan.
+        // The delta plan of the touched anchors agrees with the full plan: everything it plans
+        // the full plan plans too, and it plans everything the full plan plans for them. (The
+        // full plan may also retry objects an earlier plan could not place — in the engine those
+        // stay in the dirty set.)
         let delta_scope = PlanScope::Anchors(touched.iter().map(|s| s.as_str().into()).collect());
         let p2_delta = plan(&m, &links, &t, DeletionGuard::off(), delta_scope);
-        prop_assert_eq!(&p2_delta.operations, &p2.operations);
+        // Duplicate joins are detected among the objects planned together: a delta that plans
+        // only one of two rivals joins it.
+        let rival = |a: &dirsync::model::Anchor| p2.issues.iter().any(|i| matches!(i, dirsync::delta::Issue::DuplicateJoin { anchors, .. } if anchors.contains(a)));
+        for op in &p2_delta.operations {
+            prop_assert!(p2.operations.contains(op) || rival(&op.anchor), "delta-only operation {:?}", op);
+        }
+        for op in p2.operations.iter().filter(|o| touched.iter().any(|t| t == o.anchor.as_str())) {
+            prop_assert!(p2_delta.operations.contains(op), "delta misses {:?}", op);
+        }
         // The guard holds exactly the plans over its threshold.
         let guard = DeletionGuard { enabled: true, max_count: 500, max_ratio: 0.10 };
         let guarded = plan(&m, &links, &t, guard, PlanScope::All);

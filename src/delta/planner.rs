@@ -533,6 +533,15 @@ fn set_difference(want: &Values, have: &Values, ignore_case: bool) -> (Values, V
     (Values::from(add), Values::from(remove))
 }
 
+/// The values without repeats (a directory holds each value of an attribute once), in order.
+fn distinct(values: &Values, ignore_case: bool) -> Values {
+    let (add, _) = set_difference(values, &Values::new(), ignore_case);
+    if add.len() == values.len() {
+        return values.clone();
+    }
+    add
+}
+
 /// Makes sure no two creates of the plan claim the same unique value: in anchor order, a create
 /// whose unique value an earlier one claimed is projected again with the claims known.
 fn claim_unique_values(input: &PlanInput<'_>, pending: &mut Vec<Pending>, issues: &mut Vec<Issue>) {
@@ -609,10 +618,15 @@ fn finish(
         if !has_references(flow) {
             if is_create {
                 if !flow.values.is_empty() {
-                    if flow.redacted {
-                        secrets.set(flow.attribute.clone(), flow.values.clone());
+                    let values = if flow.multi {
+                        distinct(&flow.values, flow.ignore_case)
                     } else {
-                        create_attrs.set(flow.attribute.clone(), flow.values.clone());
+                        flow.values.clone()
+                    };
+                    if flow.redacted {
+                        secrets.set(flow.attribute.clone(), values);
+                    } else {
+                        create_attrs.set(flow.attribute.clone(), values);
                     }
                 }
             } else if let Some(mut c) = diff_flow(flow, have, false) {
@@ -653,7 +667,7 @@ fn finish(
         }
         if is_create {
             if !existing.is_empty() {
-                create_attrs.set(flow.attribute.clone(), existing);
+                create_attrs.set(flow.attribute.clone(), distinct(&existing, false));
             }
             if !later.is_empty() {
                 refs.push(change(
