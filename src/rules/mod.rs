@@ -4,5 +4,6 @@
 //! the evaluation context.
 
 pub mod function;
+pub mod regex;
 
 pub use function::Function;
