@@ -111,10 +111,13 @@ impl UsedValues {
 }
 
 fn fold(s: &str) -> String {
-    s.chars().map(crate::rules::functions::simple_lower).collect()
+    s.chars()
+        .map(crate::rules::functions::simple_lower)
+        .collect()
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

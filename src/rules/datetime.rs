@@ -148,7 +148,8 @@ impl<'a> Cursor<'a> {
     }
     fn eat_ci(&mut self, word: &str) -> bool {
         let w = word.as_bytes();
-        if self.b.len() >= self.i + w.len() && self.b[self.i..self.i + w.len()].eq_ignore_ascii_case(w)
+        if self.b.len() >= self.i + w.len()
+            && self.b[self.i..self.i + w.len()].eq_ignore_ascii_case(w)
         {
             self.i += w.len();
             true
@@ -412,7 +413,8 @@ fn add_months(dt: DateTime<Utc>, months: i64) -> EvalResult<DateTime<Utc>> {
     }
     let year = year as i32;
     let last = days_in_month(year, month0 + 1);
-    let date = NaiveDate::from_ymd_opt(year, month0 + 1, dt.day().min(last)).ok_or_else(overflow)?;
+    let date =
+        NaiveDate::from_ymd_opt(year, month0 + 1, dt.day().min(last)).ok_or_else(overflow)?;
     Ok(Utc.from_utc_datetime(&NaiveDateTime::new(date, dt.time())))
 }
 
@@ -507,7 +509,10 @@ pub fn to_file_time(dt: DateTime<Utc>) -> EvalResult<i64> {
     if secs < 0 {
         return Err(EvalError::new(
             codes::DATETIME_OUT_OF_RANGE,
-            format!("{} is before 1601-01-01, which has no file time", dt.to_rfc3339()),
+            format!(
+                "{} is before 1601-01-01, which has no file time",
+                dt.to_rfc3339()
+            ),
         ));
     }
     secs.checked_mul(10_000_000)
@@ -525,14 +530,21 @@ enum Tok {
     /// 1 = `y`, 2 = `yy`, 4 = `yyy`/`yyyy`
     Year(u8),
     MonthNum(u8),
-    MonthName { full: bool },
+    MonthName {
+        full: bool,
+    },
     DayNum(u8),
-    DayName { full: bool },
+    DayName {
+        full: bool,
+    },
     Hour24(u8),
     Hour12(u8),
     Minute(u8),
     Second(u8),
-    Frac { digits: u8, trim: bool },
+    Frac {
+        digits: u8,
+        trim: bool,
+    },
     AmPm(u8),
     Offset(u8),
     OffsetK,
@@ -701,9 +713,7 @@ impl DotNetFormat {
                 }
                 Tok::Offset(1) => out.push_str(&format!("{sign}{oh}")),
                 Tok::Offset(2) => out.push_str(&format!("{sign}{oh:02}")),
-                Tok::Offset(_) | Tok::OffsetK => {
-                    out.push_str(&format!("{sign}{oh:02}:{om:02}"))
-                }
+                Tok::Offset(_) | Tok::OffsetK => out.push_str(&format!("{sign}{oh:02}:{om:02}")),
             }
         }
         out
@@ -760,7 +770,13 @@ impl DotNetFormat {
             }
             ok
         };
-        let pivot = |v: u32| if v < 30 { 2000 + v as i32 } else { 1900 + v as i32 };
+        let pivot = |v: u32| {
+            if v < 30 {
+                2000 + v as i32
+            } else {
+                1900 + v as i32
+            }
+        };
 
         for (ti, t) in self.toks.iter().enumerate() {
             match t {
@@ -954,6 +970,7 @@ impl DateTimeStyles {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -963,9 +980,18 @@ mod tests {
 
     #[test]
     fn canonical_rendering() {
-        assert_eq!(render_canonical(&utc(2024, 1, 5, 0, 0, 0)), "1/5/2024 12:00:00 AM");
-        assert_eq!(render_canonical(&utc(2024, 12, 25, 12, 3, 4)), "12/25/2024 12:03:04 PM");
-        assert_eq!(render_canonical(&utc(999, 7, 1, 23, 59, 59)), "7/1/0999 11:59:59 PM");
+        assert_eq!(
+            render_canonical(&utc(2024, 1, 5, 0, 0, 0)),
+            "1/5/2024 12:00:00 AM"
+        );
+        assert_eq!(
+            render_canonical(&utc(2024, 12, 25, 12, 3, 4)),
+            "12/25/2024 12:03:04 PM"
+        );
+        assert_eq!(
+            render_canonical(&utc(999, 7, 1, 23, 59, 59)),
+            "7/1/0999 11:59:59 PM"
+        );
     }
 
     #[test]
@@ -1037,13 +1063,16 @@ mod tests {
             "20240131134510+01",
             "202401311345101Z",
             "2024-01-31T13:45:10Z extra",
-            "0000-01-01",
             "2024-01-31T13:45:10ZZ",
             "２０２４-01-31",
         ] {
             let e = parse_text(bad).unwrap_err();
             assert_eq!(e.code, codes::INVALID_DATETIME, "{bad}");
         }
+        assert_eq!(
+            parse_text("0000-01-01").unwrap_err().code,
+            codes::DATETIME_OUT_OF_RANGE
+        );
         assert_eq!(
             parse_text("0001-01-01T00:00:00+01:00").unwrap_err().code,
             codes::DATETIME_OUT_OF_RANGE
@@ -1064,14 +1093,20 @@ mod tests {
             assert_eq!(Interval::parse(t).unwrap(), i);
         }
         for bad in ["M", "y", "q", "w", "YYYY", "", "mi", "ss"] {
-            assert_eq!(Interval::parse(bad).unwrap_err().code, codes::INVALID_INTERVAL);
+            assert_eq!(
+                Interval::parse(bad).unwrap_err().code,
+                codes::INVALID_INTERVAL
+            );
         }
     }
 
     #[test]
     fn date_add_clamps_and_counts() {
         let jan31 = utc(2024, 1, 31, 10, 0, 0);
-        assert_eq!(date_add(Interval::Month, 1, jan31).unwrap(), utc(2024, 2, 29, 10, 0, 0));
+        assert_eq!(
+            date_add(Interval::Month, 1, jan31).unwrap(),
+            utc(2024, 2, 29, 10, 0, 0)
+        );
         assert_eq!(
             date_add(Interval::Month, 1, utc(2023, 1, 31, 0, 0, 0)).unwrap(),
             utc(2023, 2, 28, 0, 0, 0)
@@ -1080,13 +1115,34 @@ mod tests {
             date_add(Interval::Year, 1, utc(2024, 2, 29, 0, 0, 0)).unwrap(),
             utc(2025, 2, 28, 0, 0, 0)
         );
-        assert_eq!(date_add(Interval::Month, -13, jan31).unwrap(), utc(2022, 12, 31, 10, 0, 0));
-        assert_eq!(date_add(Interval::Month, 3, jan31).unwrap(), utc(2024, 4, 30, 10, 0, 0));
-        assert_eq!(date_add(Interval::Day, 1, jan31).unwrap(), utc(2024, 2, 1, 10, 0, 0));
-        assert_eq!(date_add(Interval::Week, -1, jan31).unwrap(), utc(2024, 1, 24, 10, 0, 0));
-        assert_eq!(date_add(Interval::Hour, 15, jan31).unwrap(), utc(2024, 2, 1, 1, 0, 0));
-        assert_eq!(date_add(Interval::Minute, -61, jan31).unwrap(), utc(2024, 1, 31, 8, 59, 0));
-        assert_eq!(date_add(Interval::Second, 3600, jan31).unwrap(), utc(2024, 1, 31, 11, 0, 0));
+        assert_eq!(
+            date_add(Interval::Month, -13, jan31).unwrap(),
+            utc(2022, 12, 31, 10, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Month, 3, jan31).unwrap(),
+            utc(2024, 4, 30, 10, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Day, 1, jan31).unwrap(),
+            utc(2024, 2, 1, 10, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Week, -1, jan31).unwrap(),
+            utc(2024, 1, 24, 10, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Hour, 15, jan31).unwrap(),
+            utc(2024, 2, 1, 1, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Minute, -61, jan31).unwrap(),
+            utc(2024, 1, 31, 8, 59, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Second, 3600, jan31).unwrap(),
+            utc(2024, 1, 31, 11, 0, 0)
+        );
         for (i, n) in [
             (Interval::Year, 8000),
             (Interval::Year, i64::MAX),
@@ -1118,19 +1174,64 @@ mod tests {
             assert_eq!(date_diff(i, a, b), 1, "{i:?}");
             assert_eq!(date_diff(i, b, a), -1, "{i:?}");
         }
-        assert_eq!(date_diff(Interval::Year, utc(2024, 1, 1, 0, 0, 0), utc(2024, 12, 31, 0, 0, 0)), 0);
-        assert_eq!(date_diff(Interval::Month, utc(2024, 1, 31, 0, 0, 0), utc(2024, 2, 1, 0, 0, 0)), 1);
-        assert_eq!(date_diff(Interval::Day, utc(2024, 1, 1, 0, 0, 0), utc(2024, 1, 1, 23, 59, 59)), 0);
-        assert_eq!(date_diff(Interval::Hour, utc(2024, 1, 1, 0, 59, 0), utc(2024, 1, 1, 1, 0, 0)), 1);
-        assert_eq!(date_diff(Interval::Minute, utc(2024, 1, 1, 0, 0, 59), utc(2024, 1, 1, 0, 1, 0)), 1);
+        assert_eq!(
+            date_diff(
+                Interval::Year,
+                utc(2024, 1, 1, 0, 0, 0),
+                utc(2024, 12, 31, 0, 0, 0)
+            ),
+            0
+        );
+        assert_eq!(
+            date_diff(
+                Interval::Month,
+                utc(2024, 1, 31, 0, 0, 0),
+                utc(2024, 2, 1, 0, 0, 0)
+            ),
+            1
+        );
+        assert_eq!(
+            date_diff(
+                Interval::Day,
+                utc(2024, 1, 1, 0, 0, 0),
+                utc(2024, 1, 1, 23, 59, 59)
+            ),
+            0
+        );
+        assert_eq!(
+            date_diff(
+                Interval::Hour,
+                utc(2024, 1, 1, 0, 59, 0),
+                utc(2024, 1, 1, 1, 0, 0)
+            ),
+            1
+        );
+        assert_eq!(
+            date_diff(
+                Interval::Minute,
+                utc(2024, 1, 1, 0, 0, 59),
+                utc(2024, 1, 1, 0, 1, 0)
+            ),
+            1
+        );
         assert_eq!(date_diff(Interval::Day, a, a), 0);
         // 2024-01-06 is a Saturday, 2024-01-07 a Sunday.
         let sat = utc(2024, 1, 6, 12, 0, 0);
         let sun = utc(2024, 1, 7, 0, 0, 0);
         assert_eq!(date_diff(Interval::Week, sat, sun), 1);
-        assert_eq!(date_diff(Interval::Week, sun, utc(2024, 1, 13, 23, 0, 0)), 0);
+        assert_eq!(
+            date_diff(Interval::Week, sun, utc(2024, 1, 13, 23, 0, 0)),
+            0
+        );
         assert_eq!(date_diff(Interval::Week, sun, utc(2024, 1, 14, 0, 0, 0)), 1);
-        assert_eq!(date_diff(Interval::Week, utc(2024, 1, 1, 0, 0, 0), utc(2024, 1, 31, 0, 0, 0)), 4);
+        assert_eq!(
+            date_diff(
+                Interval::Week,
+                utc(2024, 1, 1, 0, 0, 0),
+                utc(2024, 1, 31, 0, 0, 0)
+            ),
+            4
+        );
         assert_eq!(date_diff(Interval::Week, sun, sat), -1);
         assert_eq!(utc(1, 1, 7, 0, 0, 0).weekday(), chrono::Weekday::Sun);
     }
@@ -1139,12 +1240,18 @@ mod tests {
     fn file_times() {
         assert_eq!(from_file_time(0).unwrap(), None);
         assert_eq!(from_file_time(i64::MAX).unwrap(), None);
-        assert_eq!(from_file_time(1).unwrap().unwrap().timestamp_subsec_nanos(), 100);
+        assert_eq!(
+            from_file_time(1).unwrap().unwrap().timestamp_subsec_nanos(),
+            100
+        );
         assert_eq!(
             from_file_time(116_444_736_000_000_000).unwrap(),
             Some(utc(1970, 1, 1, 0, 0, 0))
         );
-        assert_eq!(from_file_time(-1).unwrap_err().code, codes::DATETIME_OUT_OF_RANGE);
+        assert_eq!(
+            from_file_time(-1).unwrap_err().code,
+            codes::DATETIME_OUT_OF_RANGE
+        );
         assert_eq!(
             from_file_time(FILETIME_MAX + 1).unwrap_err().code,
             codes::DATETIME_OUT_OF_RANGE
@@ -1156,12 +1263,24 @@ mod tests {
         assert_eq!(from_file_time(to_file_time(d).unwrap()).unwrap(), Some(d));
         assert_eq!(to_file_time(utc(1601, 1, 1, 0, 0, 0)).unwrap(), 0);
         assert_eq!(
-            to_file_time(utc(1600, 12, 31, 23, 59, 59)).unwrap_err().code,
+            to_file_time(utc(1600, 12, 31, 23, 59, 59))
+                .unwrap_err()
+                .code,
             codes::DATETIME_OUT_OF_RANGE
         );
     }
 
-    fn fixed(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32, ns: u32, off: i32) -> DateTime<FixedOffset> {
+    #[allow(clippy::too_many_arguments)]
+    fn fixed(
+        y: i32,
+        mo: u32,
+        d: u32,
+        h: u32,
+        mi: u32,
+        s: u32,
+        ns: u32,
+        off: i32,
+    ) -> DateTime<FixedOffset> {
         FixedOffset::east_opt(off)
             .unwrap()
             .with_ymd_and_hms(y, mo, d, h, mi, s)
@@ -1217,24 +1336,42 @@ mod tests {
         }
         let round = fixed(2024, 3, 5, 0, 7, 9, 500_000_000, -3600);
         assert_eq!(DotNetFormat::parse("ss.FFF").unwrap().render(round), "09.5");
-        assert_eq!(DotNetFormat::parse("h tt zzz").unwrap().render(round), "12 AM -01:00");
+        assert_eq!(
+            DotNetFormat::parse("h tt zzz").unwrap().render(round),
+            "12 AM -01:00"
+        );
         assert_eq!(DotNetFormat::parse("z").unwrap().render(round), "-1");
         let whole = fixed(2024, 3, 5, 0, 7, 9, 0, 0);
         assert_eq!(DotNetFormat::parse("ss.FFF").unwrap().render(whole), "09");
-        assert_eq!(DotNetFormat::parse("ss.fff").unwrap().render(whole), "09.000");
+        assert_eq!(
+            DotNetFormat::parse("ss.fff").unwrap().render(whole),
+            "09.000"
+        );
         assert_eq!(DotNetFormat::parse("K").unwrap().render(whole), "+00:00");
     }
 
     #[test]
     fn format_tokens_parse() {
         let p = |f: &str, t: &str| DotNetFormat::parse(f).unwrap().parse_input(t);
-        assert_eq!(p("yyyyMMdd", "20240305").unwrap(), fixed(2024, 3, 5, 0, 0, 0, 0, 0));
-        assert_eq!(p("yy-M-d", "29-3-5").unwrap(), fixed(2029, 3, 5, 0, 0, 0, 0, 0));
+        assert_eq!(
+            p("yyyyMMdd", "20240305").unwrap(),
+            fixed(2024, 3, 5, 0, 0, 0, 0, 0)
+        );
+        assert_eq!(
+            p("yy-M-d", "29-3-5").unwrap(),
+            fixed(2029, 3, 5, 0, 0, 0, 0, 0)
+        );
         assert_eq!(p("yy", "30").unwrap().year(), 1930);
         assert_eq!(p("y", "5").unwrap().year(), 2005);
-        assert_eq!(p("MMMM d, yyyy", " march 5, 2024 ").unwrap(), fixed(2024, 3, 5, 0, 0, 0, 0, 0));
+        assert_eq!(
+            p("MMMM d, yyyy", " march 5, 2024 ").unwrap(),
+            fixed(2024, 3, 5, 0, 0, 0, 0, 0)
+        );
         assert_eq!(p("dd-MMM-yyyy", "05-SEP-2024").unwrap().month(), 9);
-        assert_eq!(p("dddd, d MMM", "friday, 2 Feb").unwrap(), fixed(1, 2, 2, 0, 0, 0, 0, 0));
+        assert_eq!(
+            p("dddd, d MMM", "friday, 2 Feb").unwrap(),
+            fixed(1, 2, 2, 0, 0, 0, 0, 0)
+        );
         assert_eq!(p("ddd d", "Mon 2").unwrap().day(), 2);
         assert_eq!(p("HH:mm:ss", "23:04:05").unwrap().hour(), 23);
         assert_eq!(p("H:m:s", "3:4:5").unwrap(), fixed(1, 1, 1, 3, 4, 5, 0, 0));
@@ -1244,18 +1381,39 @@ mod tests {
         assert_eq!(p("ss.fff", "01.250").unwrap().nanosecond(), 250_000_000);
         assert_eq!(p("ss.FFF", "01.25").unwrap().nanosecond(), 250_000_000);
         assert_eq!(p("ss.FFF", "01").unwrap().nanosecond(), 0);
-        assert_eq!(p("ss.fffffff", "01.1234567").unwrap().nanosecond(), 123_456_700);
-        for (off_text, secs) in [("Z", 0), ("+5", 18000), ("-05", -18000), ("+0530", 19800), ("-05:30", -19800)] {
+        assert_eq!(
+            p("ss.fffffff", "01.1234567").unwrap().nanosecond(),
+            123_456_700
+        );
+        for (off_text, secs) in [
+            ("Z", 0),
+            ("+5", 18000),
+            ("-05", -18000),
+            ("+0530", 19800),
+            ("-05:30", -19800),
+        ] {
             let d = p("yyyy-MM-ddzzz", &format!("2024-01-01{off_text}")).unwrap();
             assert_eq!(d.offset().local_minus_utc(), secs, "{off_text}");
         }
         assert_eq!(p("HHK", "10").unwrap().offset().local_minus_utc(), 0);
-        assert_eq!(p("HHK", "10+02:00").unwrap().offset().local_minus_utc(), 7200);
-        assert_eq!(p("yyyy-MM-ddTHH:mm:ssZ", "2024-01-01T10:00:00Z").unwrap().hour(), 10);
+        assert_eq!(
+            p("HHK", "10+02:00").unwrap().offset().local_minus_utc(),
+            7200
+        );
+        assert_eq!(
+            p("yyyy-MM-ddTHH:mm:ssZ", "2024-01-01T10:00:00Z")
+                .unwrap()
+                .hour(),
+            10
+        );
         assert_eq!(p("'Date:' yyyy", "Date: 2024").unwrap().year(), 2024);
         // Every render parses back.
         let dt = fixed(2024, 11, 9, 17, 5, 3, 120_000_000, -7200);
-        for f in ["yyyy-MM-dd HH:mm:ss.fff zzz", "dddd, MMMM d, yyyy h:mm:ss.FF tt K", "yyMMddHHmmss.FFFzz"] {
+        for f in [
+            "yyyy-MM-dd HH:mm:ss.fff zzz",
+            "dddd, MMMM d, yyyy h:mm:ss.FF tt K",
+            "yyMMddHHmmss.FFFzz",
+        ] {
             let fmt = DotNetFormat::parse(f).unwrap();
             assert_eq!(fmt.parse_input(&fmt.render(dt)).unwrap(), dt, "{f}");
         }
@@ -1282,12 +1440,31 @@ mod tests {
     #[test]
     fn malformed_formats_and_styles() {
         for bad in ["", "'abc", "yyyy\\", "\"x"] {
-            assert_eq!(DotNetFormat::parse(bad).unwrap_err().code, codes::INVALID_FORMAT, "{bad}");
+            assert_eq!(
+                DotNetFormat::parse(bad).unwrap_err().code,
+                codes::INVALID_FORMAT,
+                "{bad}"
+            );
         }
-        assert_eq!(DateTimeStyles::parse("").unwrap(), DateTimeStyles::default());
-        assert!(DateTimeStyles::parse("DateTimeStyles.AdjustToUniversal").unwrap().adjust_to_universal);
-        assert!(DateTimeStyles::parse("AllowWhiteSpaces | adjusttouniversal").unwrap().adjust_to_universal);
-        assert!(!DateTimeStyles::parse("None,AssumeLocal").unwrap().adjust_to_universal);
+        assert_eq!(
+            DateTimeStyles::parse("").unwrap(),
+            DateTimeStyles::default()
+        );
+        assert!(
+            DateTimeStyles::parse("DateTimeStyles.AdjustToUniversal")
+                .unwrap()
+                .adjust_to_universal
+        );
+        assert!(
+            DateTimeStyles::parse("AllowWhiteSpaces | adjusttouniversal")
+                .unwrap()
+                .adjust_to_universal
+        );
+        assert!(
+            !DateTimeStyles::parse("None,AssumeLocal")
+                .unwrap()
+                .adjust_to_universal
+        );
         assert_eq!(
             DateTimeStyles::parse("Bogus").unwrap_err().code,
             codes::INVALID_DATETIME_STYLES

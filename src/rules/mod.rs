@@ -3,7 +3,11 @@
 //! Pure: no async, no I/O, no clock, no randomness of its own — `now` and a seed come in through
 //! the evaluation context.
 
+pub mod context;
+pub mod datetime;
 pub mod function;
+pub mod functions;
 pub mod regex;
+pub mod value;
 
 pub use function::Function;

@@ -616,12 +616,14 @@ impl Translator {
             None => c.to_string(),
         };
         match self.last {
-            Last::Nothing => return Err(RegexError::new(
-                at,
-                format!(
+            Last::Nothing => {
+                return Err(RegexError::new(
+                    at,
+                    format!(
                     "quantifier '{shown}' follows nothing; escape it (\\{c}) to match it literally"
                 ),
-            )),
+                ))
+            }
             Last::Quantifier => {
                 return Err(RegexError::new(
                     at,

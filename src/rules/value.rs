@@ -68,30 +68,122 @@ pub mod codes {
 
 /// Every evaluation error code: `(code, name, one-line description)`.
 pub const ERROR_CODES: &[(u16, &str, &str)] = &[
-    (codes::ARGUMENT_COUNT, "argument-count", "wrong slot count or a required slot omitted"),
-    (codes::NOT_A_STRING, "not-a-string", "value cannot be converted to one string"),
-    (codes::MULTI_VALUED, "multi-valued", "several values where one is required"),
-    (codes::NOT_AN_INTEGER, "not-an-integer", "value is not a 64-bit integer"),
-    (codes::NULL_CONTROL, "null-control", "Null in a control parameter"),
-    (codes::NOT_BOOLEAN, "not-boolean", "condition is not boolean-like"),
-    (codes::INVALID_DATETIME, "invalid-datetime", "text is not an accepted date/time"),
-    (codes::DATETIME_OUT_OF_RANGE, "datetime-out-of-range", "date/time outside years 1–9999"),
-    (codes::INVALID_INTERVAL, "invalid-interval", "interval is not yyyy, m, d, ww, h, n or s"),
-    (codes::INVALID_FORMAT, "invalid-format", "malformed .NET date/time format string"),
-    (codes::FORMAT_MISMATCH, "format-mismatch", "text does not match the input format"),
-    (codes::INVALID_DATETIME_STYLES, "invalid-datetime-styles", "unknown DateTimeStyles name"),
-    (codes::INVALID_CULTURE, "invalid-culture", "malformed culture name"),
-    (codes::INVALID_REGEX, "invalid-regex", "malformed or unsupported regular expression"),
-    (codes::UNKNOWN_GROUP, "unknown-group", "regular expression group not defined"),
-    (codes::INDEX_OUT_OF_RANGE, "index-out-of-range", "Item index below 1 or past the end"),
+    (
+        codes::ARGUMENT_COUNT,
+        "argument-count",
+        "wrong slot count or a required slot omitted",
+    ),
+    (
+        codes::NOT_A_STRING,
+        "not-a-string",
+        "value cannot be converted to one string",
+    ),
+    (
+        codes::MULTI_VALUED,
+        "multi-valued",
+        "several values where one is required",
+    ),
+    (
+        codes::NOT_AN_INTEGER,
+        "not-an-integer",
+        "value is not a 64-bit integer",
+    ),
+    (
+        codes::NULL_CONTROL,
+        "null-control",
+        "Null in a control parameter",
+    ),
+    (
+        codes::NOT_BOOLEAN,
+        "not-boolean",
+        "condition is not boolean-like",
+    ),
+    (
+        codes::INVALID_DATETIME,
+        "invalid-datetime",
+        "text is not an accepted date/time",
+    ),
+    (
+        codes::DATETIME_OUT_OF_RANGE,
+        "datetime-out-of-range",
+        "date/time outside years 1–9999",
+    ),
+    (
+        codes::INVALID_INTERVAL,
+        "invalid-interval",
+        "interval is not yyyy, m, d, ww, h, n or s",
+    ),
+    (
+        codes::INVALID_FORMAT,
+        "invalid-format",
+        "malformed .NET date/time format string",
+    ),
+    (
+        codes::FORMAT_MISMATCH,
+        "format-mismatch",
+        "text does not match the input format",
+    ),
+    (
+        codes::INVALID_DATETIME_STYLES,
+        "invalid-datetime-styles",
+        "unknown DateTimeStyles name",
+    ),
+    (
+        codes::INVALID_CULTURE,
+        "invalid-culture",
+        "malformed culture name",
+    ),
+    (
+        codes::INVALID_REGEX,
+        "invalid-regex",
+        "malformed or unsupported regular expression",
+    ),
+    (
+        codes::UNKNOWN_GROUP,
+        "unknown-group",
+        "regular expression group not defined",
+    ),
+    (
+        codes::INDEX_OUT_OF_RANGE,
+        "index-out-of-range",
+        "Item index below 1 or past the end",
+    ),
     (codes::INVALID_START, "invalid-start", "InStr start below 1"),
-    (codes::INVALID_COMPARE_TYPE, "invalid-compare-type", "unknown InStr compare type"),
-    (codes::EMPTY_DELIMITER, "empty-delimiter", "Split delimiter is empty"),
-    (codes::INVALID_RANDOM_STRING, "invalid-random-string", "RandomString counts invalid"),
-    (codes::NO_DEFAULT_DOMAIN, "no-default-domain", "no default domain configured"),
-    (codes::UNORDERED_COMPARISON, "unordered-comparison", "ordering comparison on a Boolean"),
-    (codes::INVALID_REPLACE_MODE, "invalid-replace-mode", "Replace slots select no mode"),
-    (codes::EVALUATOR_OWNED, "evaluator-owned", "function is evaluated by the evaluator"),
+    (
+        codes::INVALID_COMPARE_TYPE,
+        "invalid-compare-type",
+        "unknown InStr compare type",
+    ),
+    (
+        codes::EMPTY_DELIMITER,
+        "empty-delimiter",
+        "Split delimiter is empty",
+    ),
+    (
+        codes::INVALID_RANDOM_STRING,
+        "invalid-random-string",
+        "RandomString counts invalid",
+    ),
+    (
+        codes::NO_DEFAULT_DOMAIN,
+        "no-default-domain",
+        "no default domain configured",
+    ),
+    (
+        codes::UNORDERED_COMPARISON,
+        "unordered-comparison",
+        "ordering comparison on a Boolean",
+    ),
+    (
+        codes::INVALID_REPLACE_MODE,
+        "invalid-replace-mode",
+        "Replace slots select no mode",
+    ),
+    (
+        codes::EVALUATOR_OWNED,
+        "evaluator-owned",
+        "function is evaluated by the evaluator",
+    ),
 ];
 
 /// An evaluation error: a stable code (see [`ERROR_CODES`]), a message naming what was wrong and
@@ -408,11 +500,9 @@ impl EvalValue {
         for v in values {
             match v {
                 EvalValue::Null => {}
-                EvalValue::Multi(inner) => out.extend(
-                    inner
-                        .into_iter()
-                        .filter(|x| !matches!(x, EvalValue::Null)),
-                ),
+                EvalValue::Multi(inner) => {
+                    out.extend(inner.into_iter().filter(|x| !matches!(x, EvalValue::Null)))
+                }
                 other => out.push(other),
             }
         }
@@ -653,7 +743,11 @@ impl fmt::Display for CompareOp {
 /// Errors carry `arg` 0 (left) or 1 (right) for the operand at fault.
 pub fn compare(op: CompareOp, a: &EvalValue, b: &EvalValue) -> EvalResult<EvalValue> {
     let ctx = |e: EvalError, side: usize| {
-        let name = if side == 0 { "left operand" } else { "right operand" };
+        let name = if side == 0 {
+            "left operand"
+        } else {
+            "right operand"
+        };
         EvalError {
             message: format!("comparison {op}: {name} {}", e.message),
             arg: Some(side),
@@ -721,6 +815,7 @@ fn compare_strings(op: CompareOp, a: &EvalValue, b: &EvalValue) -> EvalResult<Ev
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
@@ -766,7 +861,10 @@ mod tests {
         }
         assert!(Decimal::parse("1.5").unwrap() < Decimal::parse("1.50001").unwrap());
         assert!(Decimal::parse("-2").unwrap() < Decimal::parse("-1.5").unwrap());
-        assert_eq!(Decimal::new(1500, 3).unwrap(), Decimal::parse("1.5").unwrap());
+        assert_eq!(
+            Decimal::new(1500, 3).unwrap(),
+            Decimal::parse("1.5").unwrap()
+        );
         assert!(Decimal::new(1, 29).is_none());
     }
 
@@ -865,7 +963,11 @@ mod tests {
         assert_eq!(cmp(Gt, dec("1.5"), EvalValue::Integer(1)), t);
         assert_eq!(cmp(Lt, s("-3"), s("-2.5")), t);
         assert_eq!(
-            cmp(Eq, s("123456789012345678901234567890"), s("123456789012345678901234567890.0")),
+            cmp(
+                Eq,
+                s("123456789012345678901234567890"),
+                s("123456789012345678901234567890.0")
+            ),
             t
         );
         // strings: ordinal, case-sensitive, scalar order

@@ -198,6 +198,7 @@ pub fn normalize_diacritics(s: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -225,7 +226,17 @@ mod tests {
         assert_eq!(culture_rules("en-US"), Some(CaseRules::Invariant));
         assert_eq!(culture_rules("fil"), Some(CaseRules::Invariant));
         assert_eq!(culture_rules(""), Some(CaseRules::Invariant));
-        for bad in ["e", "engl", "en_US", "en-", "-en", "en--US", "1n", "en-US!", "tr-TOOLONGPART"] {
+        for bad in [
+            "e",
+            "engl",
+            "en_US",
+            "en-",
+            "-en",
+            "en--US",
+            "1n",
+            "en-US!",
+            "tr-TOOLONGPART",
+        ] {
             assert_eq!(culture_rules(bad), None, "{bad}");
         }
     }
