@@ -9,6 +9,15 @@
 //! language (`$1`, `${name}`, `$$`, `$&`) and .NET's match iteration (an empty match right after a
 //! previous match counts).
 //!
+//! Where dirsync's reading differs from .NET's (all deliberate, spec §9 and §6):
+//!
+//! * `$` without `(?m)` matches only at the very end (.NET also before a final `\n`);
+//! * `\_` is a literal `_` (spec: any non-alphanumeric ASCII character may be escaped; .NET
+//!   rejects it);
+//! * `\a`, `\e`, `\cX`, octal escapes, `(?#…)` comments, POSIX-style `[:name:]` and `\uD800`–
+//!   `\uDFFF` surrogate escapes are errors — outside the subset;
+//! * in replacement strings `` $` ``, `$'`, `$+` and `$_` are literal text.
+//!
 //! Pure: no I/O, no clock, no global state; no input makes it panic.
 
 use std::fmt;
@@ -444,15 +453,12 @@ struct Translated {
     map: Vec<(usize, usize)>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Flags {
-    x: bool,
-}
-
-/// An open group: where it started and the flags to restore when it closes.
+/// An open group: where it started and the `(?x)` state to restore when it closes. (The `i`, `m`
+/// and `s` options are passed on to the `regex` crate, whose scoping is the same as .NET's; `x` is
+/// applied by the translator itself and never passed on.)
 struct Frame {
     open: usize,
-    saved: Flags,
+    saved_x: bool,
 }
 
 /// What the last emitted item was, for quantifier checks.
@@ -480,7 +486,8 @@ struct Translator {
     pos: usize,
     out: String,
     map: Vec<(usize, usize)>,
-    flags: Flags,
+    /// Whether `(?x)` is in effect: blanks and `#` comments outside classes are skipped.
+    x: bool,
     frames: Vec<Frame>,
     last: Last,
     groups: Vec<Option<String>>,
@@ -495,7 +502,7 @@ impl Translator {
             pos: 0,
             out: String::with_capacity(pattern.len() + 8),
             map: Vec::new(),
-            flags: Flags::default(),
+            x: false,
             frames: Vec::new(),
             last: Last::Nothing,
             groups: Vec::new(),
@@ -517,7 +524,7 @@ impl Translator {
 
     fn translate(mut self) -> Result<Translated, RegexError> {
         while let Some(c) = self.peek() {
-            if self.flags.x && self.skip_x_blank() {
+            if self.x && self.skip_x_blank() {
                 continue;
             }
             let at = self.pos;
@@ -582,7 +589,7 @@ impl Translator {
     }
 
     fn skip_x_blanks(&mut self) {
-        while self.flags.x && self.skip_x_blank() {}
+        while self.x && self.skip_x_blank() {}
     }
 
     /// If a .NET counted quantifier (`{n}`, `{n,}`, `{n,m}`) starts at `at`, the offset just past
@@ -1006,7 +1013,7 @@ impl Translator {
         self.out.push_str(emit);
         self.frames.push(Frame {
             open,
-            saved: self.flags,
+            saved_x: self.x,
         });
         self.last = Last::Nothing;
     }
@@ -1054,7 +1061,7 @@ impl Translator {
         let mut on = String::new();
         let mut off = String::new();
         let mut negate = false;
-        let mut x = self.flags.x;
+        let mut x = self.x;
         loop {
             let Some(&c) = self.chars.get(i) else {
                 return Err(RegexError::new(
@@ -1114,7 +1121,7 @@ impl Translator {
             }
             self.last = Last::Nothing;
         }
-        self.flags.x = x;
+        self.x = x;
         Ok(())
     }
 
@@ -1125,7 +1132,7 @@ impl Translator {
                 "unmatched ')'; escape it (\\)) to match it literally",
             ));
         };
-        self.flags = frame.saved;
+        self.x = frame.saved_x;
         self.pos += 1;
         self.out.push(')');
         self.last = Last::Atom;
@@ -1211,6 +1218,593 @@ fn crate_error(error: &regex::Error, translated: &Translated) -> RegexError {
                 .last()
                 .map_or(0, |(_, orig)| *orig);
             RegexError::new(offset, format!("invalid pattern: {message}"))
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn re(p: &str) -> DotNetRegex {
+        match DotNetRegex::new(p) {
+            Ok(r) => r,
+            Err(e) => panic!("{p:?} should compile: {e}"),
+        }
+    }
+
+    fn err(p: &str) -> RegexError {
+        match DotNetRegex::new(p) {
+            Ok(r) => panic!(
+                "{p:?} should be rejected, translated to {:?}",
+                r.regex().as_str()
+            ),
+            Err(e) => e,
+        }
+    }
+
+    fn find(p: &str, text: &str) -> Option<String> {
+        re(p).regex().find(text).map(|m| m.as_str().to_owned())
+    }
+
+    #[test]
+    fn anchored_digits() {
+        let r = re(r"^\d{3}-\d{4}$");
+        assert!(r.is_match("555-1234"));
+        assert!(!r.is_match("555-12345"));
+        assert!(!r.is_match("x555-1234"));
+        assert!(!r.is_match("55-1234"));
+        // Unicode digits, as .NET's \d.
+        assert!(r.is_match("٥٥٥-١٢٣٤"));
+    }
+
+    #[test]
+    fn named_groups_and_lookup() {
+        let r = re(r"(?<user>[^@]+)@(?<dom>.+)");
+        let caps = r.regex().captures("jane@contoso.com").unwrap();
+        let user = r.group_index("user").unwrap();
+        let dom = r.group_index("dom").unwrap();
+        assert_eq!(&caps[user], "jane");
+        assert_eq!(&caps[dom], "contoso.com");
+        assert_eq!(
+            r.group_index("User"),
+            None,
+            "group names are case-sensitive"
+        );
+        assert_eq!(r.group_index("nope"), None);
+        assert_eq!(r.group_index("0"), Some(0));
+        assert_eq!(r.group_index("3"), None);
+    }
+
+    #[test]
+    fn alternative_named_group_syntaxes() {
+        for p in [r"(?'id'\d+)", r"(?P<id>\d+)", r"(?<id>\d+)"] {
+            let r = re(p);
+            let caps = r.regex().captures("ab 42").unwrap();
+            assert_eq!(&caps[r.group_index("id").unwrap()], "42", "{p}");
+        }
+    }
+
+    #[test]
+    fn non_ascii_group_names() {
+        let r = re(r"(?<prénom>\w+) (?<nom>\w+)");
+        assert_eq!(
+            r.replace_all("Zoë Dupré", "${nom}, ${prénom}"),
+            "Dupré, Zoë"
+        );
+        assert_eq!(
+            find(r"\'x", "a'x"),
+            Some("'x".into()),
+            "\\' not followed by name' is literal"
+        );
+    }
+
+    #[test]
+    fn dotnet_group_numbering_puts_named_groups_last() {
+        // .NET numbers unnamed groups first: $1 is (b), $2 is (c), $3 is <a>.
+        let r = re(r"(?<a>a)(b)(c)");
+        assert_eq!(r.replace_all("abc", "$1$2$3"), "bca");
+        assert_eq!(r.group_index("1"), Some(2));
+        assert_eq!(r.group_index("3"), Some(1));
+        assert_eq!(r.group_index("a"), Some(1));
+    }
+
+    #[test]
+    fn escaped_angle_brackets_are_literal() {
+        let r = re(r"\<b\>");
+        assert!(r.is_match("<b>"));
+        assert!(r.is_match("x<b>y"));
+        assert!(!r.is_match("b"));
+        assert!(!r.is_match("a b c"));
+        assert!(re(r"\<").is_match("<"));
+        assert!(re(r"\>").is_match(">"));
+        assert!(re(r"[\<\>]").is_match(">"));
+        // `\<1x>` is not a backreference in .NET either: a literal `<`, then `1x>`.
+        assert_eq!(find(r"\<1x>", "a<1x>"), Some("<1x>".into()));
+    }
+
+    #[test]
+    fn email_like_class() {
+        let r = re(r"[\w.+-]+@contoso\.com$");
+        assert!(r.is_match("jane.doe+tag@contoso.com"));
+        assert!(r.is_match("a-b@contoso.com"));
+        assert!(!r.is_match("jane@contosoXcom"));
+        assert!(!r.is_match("jane@contoso.com.evil"));
+    }
+
+    #[test]
+    fn inline_options() {
+        assert!(re("(?i)ABC").is_match("xabcx"));
+        assert!(!re("ABC").is_match("abc"));
+        assert!(re("a(?i:B)c").is_match("abc"));
+        assert!(
+            !re("a(?i:B)c").is_match("abC"),
+            "scoped option ends with its group"
+        );
+        assert!(re("(?i)a(?-i)B").is_match("AB"));
+        assert!(!re("(?i)a(?-i)B").is_match("Ab"));
+        assert!(re("(?im)^b$").is_match("a\nB\nc"));
+        assert!(!re("^b$").is_match("a\nb\nc"));
+        assert!(re("(?s)a.b").is_match("a\nb"));
+        assert!(!re("a.b").is_match("a\nb"));
+        assert!(
+            re("(?I)abc").is_match("ABC"),
+            ".NET accepts upper-case option letters"
+        );
+        // An option set inside a group ends with the group.
+        assert!(!re("(a(?i)b)B").is_match("abb"));
+        assert!(re("(a(?i)b)B").is_match("aBB"));
+        // Options hold across `|` up to the end of the group, as in .NET.
+        assert!(re("a(?i)b|c").is_match("C"));
+    }
+
+    #[test]
+    fn extended_mode_skips_blanks_and_comments() {
+        let r = re("(?x) ^ \\d {3}  # area code\n - \\d{4} $");
+        assert!(r.is_match("555-1234"));
+        assert!(!r.is_match("555 -1234"));
+        // Escaped blanks and blanks in classes stay literal.
+        assert!(re(r"(?x)a\ b").is_match("a b"));
+        assert!(re("(?x)a[ ]b").is_match("a b"));
+        assert!(re(r"(?x)a\#b").is_match("a#b"));
+        // `(?x)` scoped to a group.
+        assert!(re("(?x: a b )c d").is_match("abc d"));
+        // A comment may hide what would otherwise be an error.
+        assert!(re("(?x)a # (?=no lookahead here\n").is_match("a"));
+        // Blanks between a quantifier and its lazy `?`.
+        assert_eq!(find("(?x)a+ ?", "aaa"), Some("a".into()));
+    }
+
+    #[test]
+    fn lazy_and_greedy_quantifiers() {
+        assert_eq!(find("a+?", "aaa"), Some("a".into()));
+        assert_eq!(find("a+", "aaa"), Some("aaa".into()));
+        assert_eq!(find("a*?b", "aab"), Some("aab".into()));
+        assert_eq!(find("a??", "a"), Some("".into()));
+        assert_eq!(find("a{2,}?", "aaaa"), Some("aa".into()));
+        assert_eq!(find("a{1,3}", "aaaa"), Some("aaa".into()));
+        assert_eq!(find("a{2}", "aaaa"), Some("aa".into()));
+        assert_eq!(find("<.+?>", "<a><b>"), Some("<a>".into()));
+    }
+
+    #[test]
+    fn braces_that_are_not_quantifiers_are_literal() {
+        assert_eq!(find("a{", "a{"), Some("a{".into()));
+        assert_eq!(find("a{,3}", "a{,3}"), Some("a{,3}".into()));
+        assert_eq!(find("{x}", "{x}"), Some("{x}".into()));
+        assert_eq!(find("a}", "a}"), Some("a}".into()));
+        assert_eq!(find("]", "]"), Some("]".into()));
+    }
+
+    #[test]
+    fn unicode_word_and_case() {
+        assert_eq!(find(r"^\w+$", "Zoë"), Some("Zoë".into()));
+        assert_eq!(find(r"\w+", "über-Straße"), Some("über".into()));
+        assert!(re("(?i)ÉCOLE").is_match("école"));
+        assert!(
+            re(r"\s").is_match("a\u{A0}b"),
+            "no-break space is white space"
+        );
+        assert!(re(r"^\p{Lu}\p{Ll}+$").is_match("Émile"));
+        assert!(re(r"^\P{L}+$").is_match("123-"));
+        assert!(re(r"[\p{N}]").is_match("٣"));
+        assert!(!re(r"\p{Cs}").is_match("any text \u{FFFF}"));
+        assert!(re(r"^\P{Cs}$").is_match("x"));
+        assert!(!re(r"[\p{Cs}]").is_match("x"));
+    }
+
+    #[test]
+    fn dollar_is_the_very_end() {
+        assert!(!re("abc$").is_match("abc\n"));
+        assert!(re("abc$").is_match("abc"));
+        assert!(re("(?m)abc$").is_match("abc\n"));
+        assert!(re(r"abc\z").is_match("xabc"));
+        assert!(!re(r"abc\z").is_match("abc\n"));
+        assert!(re(r"\Aabc").is_match("abcd"));
+        assert!(!re(r"\Aabc").is_match("xabc"));
+        assert!(!re("^abc").is_match("x\nabc"));
+    }
+
+    #[test]
+    fn dot_excludes_only_newline() {
+        assert!(re("^.$").is_match("\r"));
+        assert!(!re("^.$").is_match("\n"));
+        assert!(re("^.$").is_match("ë"));
+    }
+
+    #[test]
+    fn escapes() {
+        assert!(re(r"\t\n\r\f\v").is_match("\t\n\r\u{C}\u{B}"));
+        assert!(re(r"\x41\u00e9").is_match("Aé"));
+        assert!(re(r"\x4a").is_match("J"));
+        assert!(re(r"\+\.\@\[\/\\\]\{\}\(\)\*\?\|\^\$\#\ \-\_").is_match(r"+.@[/\]{}()*?|^$# -_"));
+        assert!(re(r"\bcat\b").is_match("a cat sat"));
+        assert!(!re(r"\bcat\b").is_match("concatenate"));
+        assert!(re(r"\Bcat\B").is_match("concatenate"));
+        assert!(re(r"^\D\W\S$").is_match("a-x"));
+        assert!(
+            re(r"€\€").is_match("€€"),
+            "a backslash before a non-word character is literal"
+        );
+    }
+
+    #[test]
+    fn character_classes() {
+        assert_eq!(find("[a-c]+", "xxabcd"), Some("abc".into()));
+        assert_eq!(find("[^a-c]+", "abxyc"), Some("xy".into()));
+        assert_eq!(find("[]a]+", "x]a]"), Some("]a]".into()));
+        assert_eq!(find("[^]a]+", "]ab"), Some("b".into()));
+        assert_eq!(find("[a-]+", "x-a-"), Some("-a-".into()));
+        assert_eq!(find("[-a]+", "x-a-"), Some("-a-".into()));
+        assert_eq!(find(r"[\d-z]+", "a1-z"), Some("1-z".into()));
+        assert_eq!(
+            find(r"[\--/]+", "a-/."),
+            Some("-/".into()),
+            "\\- never starts a range"
+        );
+        assert_eq!(find(r"[\x41-\x43]+", "ABCD"), Some("ABC".into()));
+        assert_eq!(
+            find(r"[\b]", "a\u{8}b"),
+            Some("\u{8}".into()),
+            "\\b in a class is backspace"
+        );
+        // Characters the regex crate treats as set operators stay literal.
+        assert_eq!(find("[a&&b]+", "x&&ab"), Some("&&ab".into()));
+        assert_eq!(find(r"[a\--b]+", "x-ab"), Some("-ab".into()));
+        assert_eq!(find("[--]+", "x--"), Some("--".into()));
+        assert!(
+            err("[a--b]").message.contains("reverse order"),
+            "as in .NET"
+        );
+        assert_eq!(find("[a~~b]+", "x~~ab"), Some("~~ab".into()));
+        assert_eq!(find("[[a]+", "x[a["), Some("[a[".into()));
+        assert_eq!(find("[a^]+", "x^a"), Some("^a".into()));
+        assert_eq!(find(r"[\w.]+", "é.x!"), Some("é.x".into()));
+        assert_eq!(find(r"(?i)[a-c]+", "xABC"), Some("ABC".into()));
+    }
+
+    #[test]
+    fn groups_alternation_leftmost_first() {
+        assert_eq!(find("a|ab", "ab"), Some("a".into()));
+        assert_eq!(find("(?:ab)+", "ababa"), Some("abab".into()));
+        assert_eq!(find("(a|b)c", "xbc"), Some("bc".into()));
+        assert_eq!(find("", "abc"), Some("".into()));
+        assert_eq!(find("a|", "b"), Some("".into()));
+        assert_eq!(find("()", "b"), Some("".into()));
+        assert_eq!(find("(?i)(?)x", "X"), Some("X".into()));
+    }
+
+    #[test]
+    fn unsupported_constructs_have_offsets() {
+        let cases: &[(&str, usize, &str)] = &[
+            ("ab(?=c)", 2, "look-ahead"),
+            ("ab(?!c)", 2, "negative look-ahead"),
+            ("x(?<=a)b", 1, "look-behind"),
+            ("x(?<!a)b", 1, "negative look-behind"),
+            ("(?>a+)", 0, "atomic"),
+            ("a(?(x)b|c)", 1, "conditional"),
+            ("(?<a>x)(?<b-a>y)", 7, "balancing"),
+            ("(?<-a>y)", 0, "balancing"),
+            ("(?<2>x)", 0, "numbered group"),
+            ("(a)\\1", 3, "backreference"),
+            ("(?<n>a)\\k<n>", 7, "named backreference"),
+            ("(?<n>a)\\<n>", 7, "named backreference"),
+            ("(a)\\<1>", 3, "named backreference"),
+            ("(?'a'x)\\'a'", 7, "named backreference"),
+            ("ab\\G", 2, "\\G"),
+            ("ab\\Z", 2, "\\Z"),
+            ("\\p{IsGreek}", 0, "named block"),
+            ("x\\p{Lu", 1, "never closed"),
+            ("\\pL", 0, "braces"),
+            ("\\p{lu}", 0, "unknown Unicode category"),
+            ("a*+", 2, "possessive"),
+            ("a++", 2, "possessive"),
+            ("a?+", 2, "possessive"),
+            ("a{2}+", 4, "possessive"),
+            ("a**", 2, "nested quantifier"),
+            ("a{2}{3}", 4, "nested quantifier"),
+            ("*a", 0, "follows nothing"),
+            ("a|*", 2, "follows nothing"),
+            ("(*)", 1, "follows nothing"),
+            ("(?i)*", 4, "follows nothing"),
+            ("{2}", 0, "follows nothing"),
+            ("a{3,2}", 1, "minimum above its maximum"),
+            ("a{99999999999}", 1, "too large"),
+            ("(?n)a", 2, "explicit-capture"),
+            ("(?r)a", 2, "unknown inline option"),
+            ("(?i-e:a)", 4, "unknown inline option"),
+            ("(?@a)", 0, "unrecognized grouping"),
+            ("(?#note)a", 0, "inline comment"),
+            ("[a-z-[aeiou]]", 4, "subtraction"),
+            ("[a-[b]]", 2, "subtraction"),
+            ("[z-a]", 1, "reverse order"),
+            ("[a-\\d]", 3, "cannot end a range"),
+            ("[[:alpha:]]", 1, "POSIX"),
+            ("ab[cd", 2, "never closed"),
+            ("a(b", 1, "never closed"),
+            ("a(b(c)", 1, "never closed"),
+            ("ab)", 2, "unmatched ')'"),
+            ("ab\\", 2, "lone backslash"),
+            ("[ab\\", 3, "lone backslash"),
+            ("\\q", 0, "unrecognized escape \\q"),
+            ("x\\e", 1, "unrecognized escape \\e"),
+            ("\\K", 0, "unrecognized escape"),
+            ("[\\q]", 1, "unrecognized escape"),
+            ("\\0", 0, "octal"),
+            ("[\\1]", 1, "octal"),
+            ("\\x4", 0, "hex digits"),
+            ("\\u12G4", 0, "hex digits"),
+            ("\\uD83D", 0, "surrogate"),
+            ("(?<a>x)(?<a>y)", 10, "used twice"),
+            ("(?<>x)", 3, "invalid group name"),
+            ("(?<a b>x)", 3, "invalid group name"),
+            ("日本(?=x)", 2, "look-ahead"),
+        ];
+        for (pattern, offset, needle) in cases {
+            let e = err(pattern);
+            assert!(
+                e.message.contains(needle),
+                "{pattern:?}: message {:?} should mention {needle:?}",
+                e.message
+            );
+            assert_eq!(e.offset, *offset, "{pattern:?}: {e}");
+            assert!(!e.message.contains('\n'), "{pattern:?}: one-line message");
+        }
+    }
+
+    #[test]
+    fn too_large_patterns_are_errors() {
+        let e = err(r"\w{1000}");
+        assert!(e.message.contains("pattern too large"), "{e}");
+        let e = err(r"(?:a{1000}){1000}");
+        assert!(e.message.contains("pattern too large"), "{e}");
+        // A realistic bound still fits.
+        assert!(re(r"^\w{1,64}$").is_match("abc"));
+    }
+
+    #[test]
+    fn crate_errors_are_mapped_to_one_line_with_an_offset() {
+        // Nesting deeper than the regex crate allows: reported by the crate, mapped back.
+        let deep = format!("ab{}x{}", "(".repeat(300), ")".repeat(300));
+        let e = err(&deep);
+        assert!(e.message.starts_with("invalid pattern: "), "{e}");
+        assert!(!e.message.contains('\n'));
+        assert!(e.offset >= 2 && e.offset < 302, "{e}");
+    }
+
+    #[test]
+    fn replacement_substitutions() {
+        let r = re(r"(\w+)@(?<dom>\w+)");
+        assert_eq!(r.replace_all("jo@x", "$2:$1"), "x:jo");
+        assert_eq!(r.replace_all("jo@x", "${dom}/${1}"), "x/jo");
+        assert_eq!(r.replace_all("jo@x", "[$&|$0]"), "[jo@x|jo@x]");
+        assert_eq!(r.replace_all("jo@x", "$$1 costs $$"), "$1 costs $");
+        assert_eq!(
+            r.replace_all("jo@x", r"\1 \$"),
+            r"\1 \$",
+            "backslashes are literal"
+        );
+        // `$name` is not a substitution (only `${name}` is); the regex crate would read it as one.
+        assert_eq!(r.replace_all("jo@x", "$dom"), "$dom");
+        assert_eq!(
+            r.replace_all("jo@x", "$1a"),
+            "joa",
+            "digits end at the first non-digit"
+        );
+        assert_eq!(r.replace_all("jo@x", "${1}0"), "jo0");
+        // Undefined groups stay literal text, as in .NET.
+        assert_eq!(
+            r.replace_all("jo@x", "$3|${nope}|${1x}|${}|$"),
+            "$3|${nope}|${1x}|${}|$"
+        );
+        // Substitutions other than spec §6's are literal.
+        assert_eq!(r.replace_all("jo@x", "$`$'$+$_"), "$`$'$+$_");
+        // Multi-byte text around references.
+        assert_eq!(r.replace_all("é jo@x ü", "«$1»"), "é «jo» ü");
+    }
+
+    #[test]
+    fn dollar_ten_with_one_group_is_literal() {
+        // .NET reads all digits (group 10); it does not exist, so `$10` is literal text.
+        let r = re("(a)");
+        assert_eq!(r.replace_all("a", "$10"), "$10");
+        assert!(r.check_replacement("$10").is_err());
+        // With ten groups it is group 10.
+        let r = re("(a)(b)(c)(d)(e)(f)(g)(h)(i)(j)");
+        assert_eq!(r.replace_all("abcdefghij", "$10$1"), "ja");
+    }
+
+    #[test]
+    fn check_replacement_reports_undefined_groups() {
+        let r = re(r"(\w+)@(?<dom>\w+)");
+        assert_eq!(
+            r.check_replacement("$1 ${dom} $& $0 $$ $2 ${2} $x ${ a} $"),
+            Ok(())
+        );
+        let e = r.check_replacement("ab$3").unwrap_err();
+        assert_eq!(e.offset, 2);
+        assert!(e.message.contains("group 3"), "{e}");
+        let e = r.check_replacement("é${Dom}").unwrap_err();
+        assert_eq!(e.offset, 1);
+        assert!(e.message.contains("'Dom'"), "{e}");
+        assert!(r.check_replacement("$99999999999999999999999").is_err());
+    }
+
+    #[test]
+    fn empty_matches_follow_dotnet() {
+        // .NET: an empty match right after a non-empty one is also replaced.
+        assert_eq!(re("a*").replace_all("baaac", "-"), "-b--c-");
+        assert_eq!(re("x*").replace_all("abc", "-"), "-a-b-c-");
+        assert_eq!(re("c*").replace_all("abc", "-"), "-a-b--");
+        assert_eq!(re("").replace_all("éa", "-"), "-é-a-");
+        assert_eq!(re("b").replace_all("abcb", "[$&]"), "a[b]c[b]");
+        assert_eq!(re("^").replace_all("ab", "-"), "-ab");
+        assert_eq!(re("(?m)^").replace_all("a\nb", "-"), "-a\n-b");
+        assert_eq!(re(r"\b").replace_all("ab cd", "|"), "|ab| |cd|");
+    }
+
+    #[test]
+    fn replace_group_replaces_only_the_group() {
+        let r = re(r"(?<area>\d{3})-(?<num>\d{4})");
+        let area = r.group_index("area").unwrap();
+        assert_eq!(
+            r.replace_group("555-1234, 666-9876", area, "XXX"),
+            "XXX-1234, XXX-9876"
+        );
+        let num = r.group_index("num").unwrap();
+        assert_eq!(r.replace_group("555-1234", num, "[${area}]"), "555-[555]");
+        // A match where the group did not participate is left as is.
+        let r = re(r"(?<x>a)|b");
+        let x = r.group_index("x").unwrap();
+        assert_eq!(r.replace_group("abab", x, "_"), "_b_b");
+    }
+
+    #[test]
+    fn captures_iter_matches_dotnet_iteration() {
+        let r = re("a*");
+        let spans: Vec<_> = r
+            .captures_iter("baaac")
+            .map(|c| c.get(0).map(|m| (m.start(), m.end())))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![Some((0, 0)), Some((1, 4)), Some((4, 4)), Some((5, 5))]
+        );
+    }
+
+    #[test]
+    fn accessors_and_debug() {
+        let r = re(r"\<x\>");
+        assert_eq!(r.pattern(), r"\<x\>");
+        assert_eq!(r.regex().as_str(), "<x>");
+        let d = format!("{r:?}");
+        assert!(d.contains("DotNetRegex") && d.contains("<x>"), "{d}");
+        let c = r.clone();
+        assert_eq!(c.pattern(), r.pattern());
+        let e = err("(?=x)");
+        assert_eq!(e.to_string(), format!("{} (at offset 0)", e.message));
+    }
+
+    #[test]
+    fn escape_examples() {
+        assert_eq!(escape("a.b*c"), r"a\.b\*c");
+        assert_eq!(escape("x y\t#"), r"x\ y\t\#");
+        assert_eq!(escape("<b>"), "<b>");
+        assert!(re(&format!(
+            "^{}$",
+            escape("(1+1)=2? [yes] {ok} $5 ^_^ a|b \\ \n")
+        ))
+        .is_match("(1+1)=2? [yes] {ok} $5 ^_^ a|b \\ \n"));
+        assert!(re(&format!("(?x)^{}$", escape("a b # c"))).is_match("a b # c"));
+    }
+
+    /// Patterns whose .NET and `regex`-crate readings coincide: literals, classes, groups,
+    /// alternation and (lazy) quantifiers over a small alphabet.
+    fn common_pattern() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            "[abc]".prop_map(|s| s),
+            Just(".".to_owned()),
+            Just("[a-b]".to_owned()),
+            Just("[^a]".to_owned()),
+            Just(r"\d".to_owned()),
+            Just(r"\w".to_owned()),
+            Just("^".to_owned()),
+            Just("$".to_owned()),
+        ];
+        leaf.prop_recursive(4, 24, 3, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 1..4).prop_map(|v| v.concat()),
+                (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("{a}|{b}")),
+                inner.clone().prop_map(|a| format!("({a})")),
+                inner.clone().prop_map(|a| format!("(?:{a})*")),
+                inner.clone().prop_map(|a| format!("(?:{a})+?")),
+                inner.clone().prop_map(|a| format!("(?:{a}){{1,2}}")),
+                inner.prop_map(|a| format!("(?i:{a})?")),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn common_subset_means_the_same(pattern in common_pattern(), text in "[abcAB1 \n]{0,10}") {
+            let ours = DotNetRegex::new(&pattern).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let direct = ::regex::Regex::new(&pattern).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let a = ours.regex().captures(&text).map(|c| c.iter().map(|m| m.map(|m| m.range())).collect::<Vec<_>>());
+            let b = direct.captures(&text).map(|c| c.iter().map(|m| m.map(|m| m.range())).collect::<Vec<_>>());
+            prop_assert_eq!(a, b, "translated {:?}", ours.regex().as_str());
+        }
+
+        #[test]
+        fn new_never_panics(pattern in any::<String>()) {
+            if let Err(e) = DotNetRegex::new(&pattern) {
+                prop_assert!(e.offset <= pattern.chars().count());
+                prop_assert!(!e.message.contains('\n'));
+            }
+        }
+
+        #[test]
+        fn new_never_panics_on_regex_like_text(pattern in r"[\\()\[\]{}?*+|^$.a-z0-9<>:=!'#,PpkxuIsLd -]{0,24}") {
+            match DotNetRegex::new(&pattern) {
+                Ok(r) => {
+                    // Using the result does not panic either.
+                    let _ = r.is_match("ab1 <x>-[]");
+                    let _ = r.replace_all("ab1 <x>", "$1${a}$$$&");
+                }
+                Err(e) => prop_assert!(e.offset <= pattern.chars().count(), "{e}"),
+            }
+        }
+
+        #[test]
+        fn escaped_literal_matches_itself(s in any::<String>()) {
+            let exact = DotNetRegex::new(&format!("^{}$", escape(&s)));
+            prop_assert!(exact.is_ok(), "{:?}", exact);
+            if let Ok(exact) = exact {
+                prop_assert!(exact.is_match(&s));
+            }
+            let r = DotNetRegex::new(&escape(&s));
+            prop_assert!(r.is_ok(), "{:?}", r);
+            if let Ok(r) = r {
+                let m = r.regex().find(&s).map(|m| (m.start(), m.end()));
+                prop_assert_eq!(m, Some((0, s.len())));
+            }
+        }
+
+        #[test]
+        fn escaped_literal_is_not_a_pattern(s in "[a-c.*+?()|]{1,8}", t in "[a-c.*+?()|]{0,8}") {
+            // The escaped pattern matches text only where the literal occurs in it.
+            let r = DotNetRegex::new(&escape(&s));
+            prop_assert!(r.is_ok());
+            if let Ok(r) = r {
+                prop_assert_eq!(r.is_match(&t), t.contains(s.as_str()));
+            }
+        }
+
+        #[test]
+        fn replacement_without_dollar_is_literal(repl in "[^$]{0,12}", text in "[ab ]{0,8}") {
+            let r = DotNetRegex::new("a").map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(r.replace_all(&text, &repl), text.replace('a', &repl));
         }
     }
 }
