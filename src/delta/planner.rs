@@ -24,8 +24,10 @@ use crate::model::{
 pub enum PlanScope {
     /// Every object of the source mirror and every linked anchor (full sync).
     All,
-    /// These anchors (a delta's dirty set), plus the objects that reference them. An anchor
-    /// missing from the mirror was deleted at the source.
+    /// These anchors (a delta's dirty set), plus the objects in the mirror that reference them.
+    /// An anchor missing from the mirror was deleted at the source; the planner cannot find who
+    /// referenced it by DN any more, so the caller includes those referrers (the state store marks
+    /// them dirty when it applies the delete).
     Anchors(Vec<Anchor>),
 }
 
