@@ -271,11 +271,15 @@ fn decide(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, anchor: &Anchor) -
                 return match input.target.get(&link.target_id) {
                     Some(current) => {
                         // The common case: nothing changed. Decide it without allocating.
-                        if desired
-                            .flows
-                            .iter()
-                            .all(|f| f.apply == Apply::OnCreate || flow_matches(f, current, input))
-                        {
+                        let mut hint = 0;
+                        if desired.flows.iter().all(|f| {
+                            f.apply == Apply::OnCreate
+                                || flow_matches(
+                                    f,
+                                    current.attributes.get_hinted(&f.attribute, &mut hint),
+                                    input,
+                                )
+                        }) {
                             return Decision::Nothing { in_scope: true };
                         }
                         object(
@@ -410,8 +414,7 @@ fn has_references(flow: &Flow) -> bool {
 
 /// Whether the target already holds what `flow` wants (reference flows compared after
 /// translating source references to target ids).
-fn flow_matches(flow: &Flow, current: &TargetObject, input: &PlanInput<'_>) -> bool {
-    let have = current.attributes.get(flow.attribute.as_str());
+fn flow_matches(flow: &Flow, have: Option<&Values>, input: &PlanInput<'_>) -> bool {
     if !has_references(flow) {
         return diff_flow(flow, have, false).is_none();
     }
