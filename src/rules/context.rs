@@ -78,6 +78,24 @@ pub struct EvalContext<'a> {
     pub is_unique: &'a dyn Fn(&str) -> bool,
 }
 
+fn always_unique(_: &str) -> bool {
+    true
+}
+
+impl<'a> EvalContext<'a> {
+    /// A context at `now` drawing from `rng`, with no default domain, no app role assignments
+    /// and an oracle that finds every value free.
+    pub fn new(now: DateTime<Utc>, rng: &'a mut SeededRng) -> Self {
+        EvalContext {
+            now,
+            rng,
+            default_domain: None,
+            app_role_assignments: &[],
+            is_unique: &always_unique,
+        }
+    }
+}
+
 impl std::fmt::Debug for EvalContext<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EvalContext")

@@ -6,6 +6,7 @@
 pub mod context;
 pub mod datetime;
 pub mod diagnostic;
+pub mod eval;
 pub mod expr;
 pub mod function;
 pub mod functions;
