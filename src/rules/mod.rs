@@ -7,5 +7,6 @@ pub mod diagnostic;
 pub mod expr;
 pub mod function;
 pub mod regex;
+pub mod scope;
 
 pub use function::Function;
