@@ -209,3 +209,86 @@ pub fn anchor(s: &str) -> Anchor {
 pub fn object_type(s: &str) -> ObjectType {
     ObjectType::new(s)
 }
+
+const COMPANIES: [&str; 4] = [
+    "Contoso",
+    "Fabrikam Inc",
+    "Northwind Traders Ltd",
+    "Litware",
+];
+const GIVEN: [&str; 8] = [
+    "Ada",
+    "Grace",
+    "Alan",
+    "Katherine",
+    "Edsger",
+    "Barbara",
+    "Donald",
+    "Frances",
+];
+const SURNAMES: [&str; 8] = [
+    "Lovelace", "Hopper", "Turing", "Johnson", "Dijkstra", "Liskov", "Knuth", "Allen",
+];
+
+/// A generated Active Directory user as an LDAP source presents it: objectGUID (as its GUID
+/// string), userPrincipalName, sAMAccountName, names, mail (absent for one user in five),
+/// userAccountControl (one in ten disabled), department, company, title, telephoneNumber,
+/// employeeID, extensionAttribute1 (`CC1234-Dept`), whenCreated (generalized time) and manager.
+pub fn ad_user(i: usize, fx: &mut Fixture) -> Entry {
+    let given = GIVEN[(i + fx.below(3) as usize) % GIVEN.len()];
+    let sn = SURNAMES[(i / GIVEN.len() + fx.below(5) as usize) % SURNAMES.len()];
+    let sam = format!("{}{}{i}", &given[..1].to_lowercase(), sn.to_lowercase());
+    let dept = DEPARTMENTS[(fx.below(DEPARTMENTS.len() as u64 - 1)) as usize];
+    let guid = uuid::Uuid::from_u64_pair(
+        0x5f0c_0000_0000_4000 | i as u64,
+        0x8000_0000_0000_0000 | fx.next_u64() >> 2,
+    );
+    let mut e = Entry::new(Anchor::from_guid(guid), "user")
+        .with_dn(
+            Dn::parse(&format!(
+                "CN={given} {sn} {i},OU={dept},OU=Users,DC=corp,DC=contoso,DC=com"
+            ))
+            .unwrap_or_default(),
+        )
+        .with("objectGUID", guid.to_string())
+        .with("userPrincipalName", format!("{sam}@corp.contoso.com"))
+        .with("sAMAccountName", sam.as_str())
+        .with("givenName", given)
+        .with("sn", sn)
+        .with(
+            "userAccountControl",
+            if i % 10 == 7 { 514i64 } else { 512i64 },
+        )
+        .with("department", dept)
+        .with("company", COMPANIES[i % COMPANIES.len()])
+        .with("title", "Engineer")
+        .with("telephoneNumber", format!("+1 425 555 {:04}", i % 10_000))
+        .with("employeeID", format!("{:06}", i))
+        .with(
+            "extensionAttribute1",
+            format!("CC{:04}-{dept}", i % 9000 + 1000),
+        )
+        .with(
+            "whenCreated",
+            format!("2024{:02}{:02}093000.0Z", i % 12 + 1, i % 28 + 1),
+        );
+    if i % 5 != 0 {
+        e.attributes.add(
+            "mail",
+            format!("{}.{}@contoso.com", given.to_lowercase(), sn.to_lowercase()),
+        );
+    }
+    if i > 0 {
+        let boss = i / 10;
+        e.attributes.add(
+            "manager",
+            Value::dn_ref(
+                Dn::parse(&format!(
+                    "CN=Manager {boss},OU=Users,DC=corp,DC=contoso,DC=com"
+                ))
+                .unwrap_or_default(),
+            ),
+        );
+    }
+    e
+}

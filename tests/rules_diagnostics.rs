@@ -3,7 +3,8 @@
 #![allow(clippy::expect_used)] // a malformed case file should stop the test loudly
 
 use dirsync::rules::diagnostic::{Code, Diagnostic, Origin};
-use dirsync::rules::expr::compile;
+use dirsync::rules::eval::FunctionLiteralChecks;
+use dirsync::rules::expr::compile_with;
 
 const CASES: &str = include_str!("rules/diagnostics.txt");
 
@@ -64,7 +65,8 @@ fn cases() -> Vec<Case> {
 }
 
 fn diagnostics(text: &str) -> Vec<Diagnostic> {
-    match compile(text) {
+    // The full compile: the front end's checks plus the function library's literal checks.
+    match compile_with(text, &[&FunctionLiteralChecks]) {
         Ok(compiled) => compiled.warnings,
         Err(ds) => ds.0,
     }

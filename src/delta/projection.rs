@@ -78,6 +78,17 @@ impl<'a> ProjectionContext<'a> {
         self.mirror
     }
 
+    /// The target objects of `object_type` whose `attribute` has `value` (joins; strings compared
+    /// ignoring case).
+    pub fn find_target(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        value: &Value,
+    ) -> Vec<crate::model::TargetId> {
+        self.target.find(object_type, attribute, value)
+    }
+
     /// Whether no target object of `object_type` has `value` in `attribute` (strings compared
     /// ignoring case), and no other object of this plan has claimed it (`SelectUniqueValue`).
     pub fn is_unique(&self, object_type: &ObjectType, attribute: &AttrName, value: &str) -> bool {

@@ -11,6 +11,7 @@ pub mod expr;
 pub mod function;
 pub mod functions;
 pub mod regex;
+pub mod ruleset;
 pub mod scope;
 pub mod value;
 

@@ -1,0 +1,1051 @@
+//! Rule sets: per source object type, a rule with a scope, join groups, attribute flows and a
+//! deprovision policy — loaded with serde from TOML (with line and column for every error) or
+//! JSON, or built in code, compiled once, and used as the planner's [`Projection`].
+//!
+//! ```toml
+//! [[rule]]
+//! name = "users"
+//! source_type = "user"
+//! target_type = "User"
+//! join = [["externalId"], ["userName"]]
+//! deprovision = { action = "disable", set = { active = false } }
+//!
+//! [rule.scope]
+//! family = "connect-sync"
+//! groups = [[{ attribute = "userAccountControl", operator = "ISNOTBITSET", value = 2 }]]
+//!
+//! [[rule.flow]]
+//! target = "userName"
+//! expression = 'ToLower([userPrincipalName])'
+//! ignore_case = true
+//! ```
+//!
+//! Pure: the rules read no clock and no randomness of their own; `now` and a per-object seed come
+//! from the planner.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::delta::{
+    Apply, Deprovision, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,
+    ProjectionError, WhenEmpty,
+};
+use crate::model::{AttrName, Entry, ObjectType, Value, Values};
+use crate::rules::context::{EvalContext, SeededRng};
+use crate::rules::diagnostic::{Code, Diagnostic, Origin, Span};
+use crate::rules::eval::{self, EvalFailure, Outcome, Program};
+use crate::rules::function::Function;
+use crate::rules::scope::{FilterSpec, ScopeExplanation, ScopeFilter};
+
+/// A rule set as configured (the serde form of TOML and JSON files).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSetConfig {
+    /// The tenant's default verified domain (`DefaultDomain()`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_domain: Option<String>,
+    /// The rules, one per source object type.
+    #[serde(rename = "rule", default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// One rule: a source object type mapped onto a target object type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// A name for messages.
+    pub name: String,
+    /// The source object type the rule applies to.
+    pub source_type: String,
+    /// The target object type it makes.
+    pub target_type: String,
+    /// The scoping filter; none = every object of the type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<FilterSpec>,
+    /// Join groups, in order: each a list of target attributes (flow targets) that must all
+    /// match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub join: Vec<Vec<String>>,
+    /// The attribute flows.
+    #[serde(rename = "flow", default)]
+    pub flows: Vec<FlowConfig>,
+    /// What happens to target objects whose source leaves scope or is deleted.
+    #[serde(default)]
+    pub deprovision: DeprovisionConfig,
+}
+
+/// One attribute flow: a target attribute computed by an expression.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowConfig {
+    /// The target attribute.
+    pub target: String,
+    /// The expression (spec: `shared/spec/expressions.md`); `[attr]` alone is a direct mapping.
+    pub expression: String,
+    /// When the flow applies.
+    #[serde(default)]
+    pub apply: Apply,
+    /// A constant used when the expression gives Null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+    /// Compare ignoring case when deciding whether the target must change.
+    #[serde(default)]
+    pub ignore_case: bool,
+    /// Multi-valued: changed value by value. Reference flows are multi-valued unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi: Option<bool>,
+    /// The values are references to other objects (`member`, `manager`).
+    #[serde(default)]
+    pub reference: bool,
+    /// What Null means: `keep` the target value (default for single values) or `clear` it
+    /// (default for multi-valued flows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when_null: Option<WhenEmpty>,
+}
+
+impl FlowConfig {
+    /// A flow of `expression` into `target`, with the defaults.
+    pub fn new(target: impl Into<String>, expression: impl Into<String>) -> FlowConfig {
+        FlowConfig {
+            target: target.into(),
+            expression: expression.into(),
+            apply: Apply::Always,
+            default: None,
+            ignore_case: false,
+            multi: None,
+            reference: false,
+            when_null: None,
+        }
+    }
+}
+
+/// The deprovision policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeprovisionConfig {
+    /// Delete the target object.
+    #[default]
+    Delete,
+    /// Set these attributes (`active = false`).
+    Disable {
+        /// Attribute → value.
+        set: HashMap<String, serde_json::Value>,
+    },
+    /// Leave the target object and forget the link.
+    Unlink,
+}
+
+/// A rule-set error: what, where (rule, attribute, file line:column) and the rendered report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleError {
+    /// The stable code (`E0120`, `E0402`, `E0501`, …).
+    pub code: String,
+    /// The rule.
+    pub rule: Option<String>,
+    /// The target attribute.
+    pub attribute: Option<String>,
+    /// 1-based line in the file, when loaded from one.
+    pub line: Option<usize>,
+    /// 1-based column.
+    pub column: Option<usize>,
+    /// One line saying what is wrong.
+    pub message: String,
+    /// The full report, with the source line and a caret where there is one.
+    pub rendered: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.rendered)
+    }
+}
+
+/// Every error found in a rule set.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct RuleErrors(pub Vec<RuleError>);
+
+impl fmt::Display for RuleErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Codes of rule-set errors (`E05xx`).
+pub mod codes {
+    /// The file is not valid TOML/JSON, or a field is unknown or of the wrong type.
+    pub const SYNTAX: u16 = 501;
+    /// A join group names an attribute no flow of the rule computes.
+    pub const UNKNOWN_JOIN_ATTRIBUTE: u16 = 502;
+    /// Two flows of one rule compute the same target attribute.
+    pub const DUPLICATE_FLOW: u16 = 503;
+    /// Two rules for one source object type.
+    pub const DUPLICATE_RULE: u16 = 504;
+    /// A deprovision value that is not a string, number or Boolean.
+    pub const BAD_DEPROVISION_VALUE: u16 = 505;
+    /// An empty join group.
+    pub const EMPTY_JOIN_GROUP: u16 = 506;
+}
+
+/// Where a rule set's text came from, to point errors at lines.
+struct Source<'a> {
+    file: Option<&'a str>,
+    text: Option<&'a str>,
+    /// Byte ranges of `rule[i].flow[j].expression` values in the text.
+    spans: HashMap<(usize, usize), Range<usize>>,
+}
+
+fn line_col(text: &str, byte: usize) -> (usize, usize) {
+    let before = &text[..byte.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn simple_error(
+    code: u16,
+    rule: Option<&str>,
+    attribute: Option<&str>,
+    message: String,
+    src: &Source<'_>,
+    at: Option<Range<usize>>,
+) -> RuleError {
+    let (line, column) = match (src.text, &at) {
+        (Some(t), Some(r)) => {
+            let (l, c) = line_col(t, r.start);
+            (Some(l), Some(c))
+        }
+        _ => (None, None),
+    };
+    let mut where_ = Vec::new();
+    if let Some(r) = rule {
+        where_.push(format!("rule \"{r}\""));
+    }
+    if let Some(a) = attribute {
+        where_.push(format!("attribute \"{a}\""));
+    }
+    let place = match (src.file, line, column) {
+        (Some(f), Some(l), Some(c)) => format!("\n  --> {f}:{l}:{c}"),
+        (None, Some(l), Some(c)) => format!("\n  --> line {l}:{c}"),
+        (Some(f), _, _) => format!("\n  --> {f}"),
+        _ => String::new(),
+    };
+    let ctx = if where_.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", where_.join(", "))
+    };
+    let mut rendered = format!("error[E{code:04}]: {message}{place}{ctx}");
+    if let (Some(t), Some(l), Some(c)) = (src.text, line, column) {
+        if let Some(text_line) = t.lines().nth(l - 1) {
+            let gutter = l.to_string().len();
+            rendered.push_str(&format!(
+                "\n{pad} |\n{l} | {text_line}\n{pad} | {caret}^",
+                pad = " ".repeat(gutter),
+                caret = " ".repeat(c - 1)
+            ));
+        }
+    }
+    RuleError {
+        code: format!("E{code:04}"),
+        rule: rule.map(str::to_string),
+        attribute: attribute.map(str::to_string),
+        line,
+        column,
+        message,
+        rendered,
+    }
+}
+
+/// Where an expression's text starts inside the file: after the opening quote(s) of its TOML
+/// string (and the newline a multi-line string may start with).
+fn expression_origin(
+    src: &Source<'_>,
+    rule: &str,
+    attribute: &str,
+    span: Option<&Range<usize>>,
+) -> Origin {
+    let mut origin = Origin {
+        rule: Some(rule.to_string()),
+        attribute: Some(attribute.to_string()),
+        file: src.file.map(str::to_string),
+        ..Origin::default()
+    };
+    if let (Some(text), Some(r)) = (src.text, span) {
+        let raw = &text[r.start.min(text.len())..r.end.min(text.len())];
+        let mut skip = if raw.starts_with("'''") || raw.starts_with("\"\"\"") {
+            3
+        } else {
+            1
+        };
+        if skip == 3 && raw[3..].starts_with('\n') {
+            skip += 1;
+        } else if skip == 3 && raw[3..].starts_with("\r\n") {
+            skip += 2;
+        }
+        let (l, c) = line_col(text, r.start + skip);
+        origin.base_line = l;
+        origin.base_col = c;
+    }
+    origin
+}
+
+fn diagnostic_error(d: &Diagnostic, text: &str, origin: &Origin) -> RuleError {
+    let (l, c) = d.span.line_col(text);
+    let (line, column) = origin.file_position(l, c);
+    RuleError {
+        code: d.code.to_string(),
+        rule: origin.rule.clone(),
+        attribute: origin.attribute.clone(),
+        line: Some(line),
+        column: Some(column),
+        message: d.message.clone(),
+        rendered: d.render(text, origin),
+    }
+}
+
+/// A compiled flow.
+#[derive(Debug, Clone)]
+struct CompiledFlow {
+    target: AttrName,
+    program: Program,
+    apply: Apply,
+    default: Option<Values>,
+    ignore_case: bool,
+    multi: bool,
+    reference: bool,
+    when_null: WhenEmpty,
+    unique: bool,
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+struct CompiledRule {
+    name: String,
+    source_type: ObjectType,
+    target_type: ObjectType,
+    scope: Option<ScopeFilter>,
+    join: Vec<Vec<usize>>,
+    flows: Vec<CompiledFlow>,
+    deprovision: Deprovision,
+}
+
+/// A compiled rule set: the planner's [`Projection`].
+///
+/// ```
+/// use dirsync::rules::ruleset::RuleSet;
+/// let rules = RuleSet::from_toml(r#"
+/// [[rule]]
+/// name = "users"
+/// source_type = "user"
+/// target_type = "User"
+/// join = [["userName"]]
+/// [[rule.flow]]
+/// target = "userName"
+/// expression = 'ToLower([mail])'
+/// "#, Some("rules.toml")).unwrap();
+/// assert_eq!(rules.rule_names(), ["users"]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct RuleSet {
+    rules: Vec<CompiledRule>,
+    default_domain: Option<String>,
+    config: RuleSetConfig,
+}
+
+/// The explanation of one flow's evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlowExplanation {
+    /// The target attribute.
+    pub target: String,
+    /// The expression.
+    pub expression: String,
+    /// What it produced: the values as text (`(redacted)` for secrets), `null`, `ignore flow`,
+    /// `not unique`, or the error.
+    pub result: String,
+}
+
+/// Why an object is (not) in scope, how it joins and what each flow gives — the data of
+/// on-demand explain.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Explanation {
+    /// The rule that applies, if any.
+    pub rule: Option<String>,
+    /// The scope decision with every clause (none when the rule has no filter).
+    pub scope: Option<ScopeExplanation>,
+    /// Whether the object is in scope.
+    pub in_scope: bool,
+    /// Each join group: the attributes and values it looks for, and the target objects found.
+    pub join: Vec<JoinExplanation>,
+    /// Every flow.
+    pub flows: Vec<FlowExplanation>,
+}
+
+/// One join group's lookup.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JoinExplanation {
+    /// Attribute = value pairs (a group whose values are missing is skipped).
+    pub on: Vec<(String, String)>,
+    /// The target objects that match them all.
+    pub candidates: Vec<String>,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.rule {
+            Some(r) => writeln!(f, "rule: {r}")?,
+            None => writeln!(f, "rule: none applies to this object type")?,
+        }
+        match &self.scope {
+            Some(s) => write!(f, "{s}")?,
+            None => writeln!(
+                f,
+                "scope: no filter — {}",
+                if self.in_scope {
+                    "in scope"
+                } else {
+                    "not in scope"
+                }
+            )?,
+        }
+        for (i, j) in self.join.iter().enumerate() {
+            let on: Vec<String> = j.on.iter().map(|(a, v)| format!("{a}={v}")).collect();
+            writeln!(
+                f,
+                "join group {}: {} → {} candidate(s) {}",
+                i + 1,
+                on.join(" AND "),
+                j.candidates.len(),
+                j.candidates.join(", ")
+            )?;
+        }
+        for flow in &self.flows {
+            writeln!(
+                f,
+                "flow {} = {}  ⇒  {}",
+                flow.target, flow.expression, flow.result
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn json_value(v: &serde_json::Value) -> Option<Value> {
+    Some(match v {
+        serde_json::Value::String(s) => Value::string(s.as_str()),
+        serde_json::Value::Bool(b) => Value::Boolean(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => Value::string(n.to_string()),
+        },
+        _ => return None,
+    })
+}
+
+impl RuleSet {
+    /// Loads a rule set from TOML; `file` names it in messages. Every error is reported with
+    /// the rule, the attribute and the line and column in the file.
+    pub fn from_toml(text: &str, file: Option<&str>) -> Result<RuleSet, RuleErrors> {
+        let mut src = Source {
+            file,
+            text: Some(text),
+            spans: HashMap::new(),
+        };
+        let config: RuleSetConfig = match toml::from_str(text) {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(RuleErrors(vec![simple_error(
+                    codes::SYNTAX,
+                    None,
+                    None,
+                    e.message().to_string(),
+                    &src,
+                    e.span(),
+                )]))
+            }
+        };
+        src.spans = toml_expression_spans(text);
+        RuleSet::compile_from(config, &src)
+    }
+
+    /// Loads a rule set from JSON (same structure as TOML: `{"rule": [...]}`).
+    pub fn from_json(text: &str, file: Option<&str>) -> Result<RuleSet, RuleErrors> {
+        let src = Source {
+            file,
+            text: None,
+            spans: HashMap::new(),
+        };
+        let config: RuleSetConfig = serde_json::from_str(text).map_err(|e| {
+            RuleErrors(vec![simple_error(
+                codes::SYNTAX,
+                None,
+                None,
+                format!("{e} (line {}, column {})", e.line(), e.column()),
+                &src,
+                None,
+            )])
+        })?;
+        RuleSet::compile_from(config, &src)
+    }
+
+    /// Compiles a configuration built in code (see [`RuleSetBuilder`]).
+    pub fn compile(config: RuleSetConfig) -> Result<RuleSet, RuleErrors> {
+        let src = Source {
+            file: None,
+            text: None,
+            spans: HashMap::new(),
+        };
+        RuleSet::compile_from(config, &src)
+    }
+
+    /// Starts building a rule set in code.
+    pub fn builder() -> RuleSetBuilder {
+        RuleSetBuilder::default()
+    }
+
+    /// The configuration it was compiled from.
+    pub fn config(&self) -> &RuleSetConfig {
+        &self.config
+    }
+
+    /// The rule names, in order.
+    pub fn rule_names(&self) -> Vec<&str> {
+        self.rules.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    fn compile_from(config: RuleSetConfig, src: &Source<'_>) -> Result<RuleSet, RuleErrors> {
+        let mut errors = Vec::new();
+        let mut rules = Vec::new();
+        let mut seen_types: Vec<ObjectType> = Vec::new();
+        for (ri, rc) in config.rules.iter().enumerate() {
+            let rname = rc.name.as_str();
+            let source_type = ObjectType::new(rc.source_type.as_str());
+            if seen_types.contains(&source_type) {
+                errors.push(simple_error(codes::DUPLICATE_RULE, Some(rname), None, format!("a rule for source type {source_type} already exists; one rule per source object type"), src, None));
+            }
+            seen_types.push(source_type.clone());
+            let scope = match &rc.scope {
+                None => None,
+                Some(spec) => match ScopeFilter::compile(spec) {
+                    Ok(f) => Some(f),
+                    Err(es) => {
+                        for e in es {
+                            let mut re = simple_error(
+                                e.code(),
+                                Some(rname),
+                                None,
+                                format!("{e}"),
+                                src,
+                                None,
+                            );
+                            re.code = format!("E{:04}", e.code());
+                            errors.push(re);
+                        }
+                        None
+                    }
+                },
+            };
+            let mut flows: Vec<CompiledFlow> = Vec::new();
+            for (fi, fc) in rc.flows.iter().enumerate() {
+                let span = src.spans.get(&(ri, fi));
+                let origin = expression_origin(src, rname, &fc.target, span);
+                if flows.iter().any(|f| f.target.is(&fc.target)) {
+                    errors.push(simple_error(
+                        codes::DUPLICATE_FLOW,
+                        Some(rname),
+                        Some(&fc.target),
+                        format!("{} is computed by two flows of this rule", fc.target),
+                        src,
+                        span.cloned(),
+                    ));
+                    continue;
+                }
+                match Program::compile(&fc.expression) {
+                    Ok(program) => {
+                        let multi = fc.multi.unwrap_or(fc.reference);
+                        let unique = program.compiled().top_level_function()
+                            == Some(Function::SelectUniqueValue);
+                        flows.push(CompiledFlow {
+                            target: AttrName::new(fc.target.as_str()),
+                            apply: fc.apply,
+                            default: fc.default.as_ref().map(|d| Values::one(d.as_str())),
+                            ignore_case: fc.ignore_case,
+                            multi,
+                            reference: fc.reference,
+                            when_null: fc.when_null.unwrap_or(if multi {
+                                WhenEmpty::Clear
+                            } else {
+                                WhenEmpty::Keep
+                            }),
+                            unique,
+                            program,
+                        });
+                    }
+                    Err(ds) => {
+                        for d in ds.0.iter().filter(|d| d.is_error()) {
+                            errors.push(diagnostic_error(d, &fc.expression, &origin));
+                        }
+                    }
+                }
+            }
+            let mut join = Vec::new();
+            for group in &rc.join {
+                if group.is_empty() {
+                    errors.push(simple_error(
+                        codes::EMPTY_JOIN_GROUP,
+                        Some(rname),
+                        None,
+                        "a join group needs at least one attribute".into(),
+                        src,
+                        None,
+                    ));
+                    continue;
+                }
+                let mut idx = Vec::new();
+                for attr in group {
+                    match rc.flows.iter().position(|f| AttrName::new(f.target.as_str()).is(attr)) {
+                        Some(i) => idx.push(i),
+                        None => errors.push(simple_error(codes::UNKNOWN_JOIN_ATTRIBUTE, Some(rname), Some(attr), format!("join attribute {attr} is not the target of any flow of this rule; join groups name target attributes"), src, None)),
+                    }
+                }
+                join.push(idx);
+            }
+            let deprovision = match &rc.deprovision {
+                DeprovisionConfig::Delete => Deprovision::Delete,
+                DeprovisionConfig::Unlink => Deprovision::Unlink,
+                DeprovisionConfig::Disable { set } => {
+                    let mut attrs: Vec<(AttrName, Values)> = Vec::new();
+                    for (k, v) in set {
+                        match json_value(v) {
+                            Some(v) => attrs.push((AttrName::new(k.as_str()), Values::one(v))),
+                            None => errors.push(simple_error(
+                                codes::BAD_DEPROVISION_VALUE,
+                                Some(rname),
+                                Some(k),
+                                format!(
+                                    "deprovision value of {k} must be a string, number or Boolean"
+                                ),
+                                src,
+                                None,
+                            )),
+                        }
+                    }
+                    attrs.sort_by(|a, b| a.0.cmp(&b.0));
+                    Deprovision::Disable(attrs)
+                }
+            };
+            rules.push(CompiledRule {
+                name: rc.name.clone(),
+                source_type,
+                target_type: ObjectType::new(rc.target_type.as_str()),
+                scope,
+                join,
+                flows,
+                deprovision,
+            });
+        }
+        if !errors.is_empty() {
+            return Err(RuleErrors(errors));
+        }
+        Ok(RuleSet {
+            rules,
+            default_domain: config.default_domain.clone(),
+            config,
+        })
+    }
+
+    fn rule_for(&self, object_type: &ObjectType) -> Option<&CompiledRule> {
+        self.rules.iter().find(|r| r.source_type == *object_type)
+    }
+
+    /// Evaluates one flow: `Ok(None)` = leave the attribute out (ignore flow).
+    fn flow_values(
+        &self,
+        rule: &CompiledRule,
+        flow: &CompiledFlow,
+        entry: &Entry,
+        ctx: &ProjectionContext<'_>,
+        rng: &mut SeededRng,
+    ) -> Result<Option<(Values, bool)>, FlowFailure> {
+        // Direct mappings flow the source values as they are (typed, references kept).
+        if let Some(name) = flow.program.direct_attribute() {
+            let values = entry.get(name).cloned().unwrap_or_default();
+            if values.is_empty() {
+                if let Some(d) = &flow.default {
+                    return Ok(Some((d.clone(), false)));
+                }
+            }
+            return Ok(Some((values, flow.program.compiled().redact)));
+        }
+        let target_type = &rule.target_type;
+        let oracle = |v: &str| ctx.is_unique(target_type, &flow.target, v);
+        let mut ectx = EvalContext {
+            now: ctx.now(),
+            rng,
+            default_domain: self.default_domain.as_deref(),
+            app_role_assignments: &[],
+            is_unique: &oracle,
+        };
+        let out = flow
+            .program
+            .evaluate(&entry.attributes, &mut ectx)
+            .map_err(FlowFailure::Eval)?;
+        match out.outcome {
+            Outcome::IgnoreFlow => Ok(None),
+            Outcome::NotUnique => Err(FlowFailure::NotUnique),
+            Outcome::Value(v) => {
+                let mut values = eval::to_model(&v, flow.reference).map_err(|error| {
+                    FlowFailure::Eval(EvalFailure {
+                        error,
+                        span: Span::default(),
+                    })
+                })?;
+                if values.is_empty() {
+                    if let Some(d) = &flow.default {
+                        values = d.clone();
+                    }
+                }
+                Ok(Some((values, out.redacted)))
+            }
+        }
+    }
+
+    fn in_scope(&self, rule: &CompiledRule, entry: &Entry, ctx: &ProjectionContext<'_>) -> bool {
+        match &rule.scope {
+            None => true,
+            Some(f) => f.evaluate(&entry.attributes, &|| {
+                ctx.member_of(&entry.anchor).into_iter().cloned().collect()
+            }),
+        }
+    }
+
+    /// Explains the decision for one entry: scope clauses, join lookups and every flow's value.
+    pub fn explain(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Explanation {
+        let Some(rule) = self.rule_for(&entry.object_type) else {
+            return Explanation {
+                rule: None,
+                scope: None,
+                in_scope: false,
+                join: Vec::new(),
+                flows: Vec::new(),
+            };
+        };
+        let scope = rule.scope.as_ref().map(|f| {
+            f.explain(&entry.attributes, &|| {
+                ctx.member_of(&entry.anchor).into_iter().cloned().collect()
+            })
+        });
+        let in_scope = scope.as_ref().is_none_or(|s| s.in_scope);
+        let mut rng = SeededRng::from_seed(ctx.object_seed(&entry.anchor));
+        let mut flows = Vec::new();
+        let mut values: Vec<Option<Values>> = Vec::new();
+        for flow in &rule.flows {
+            let (result, vals) = match self.flow_values(rule, flow, entry, ctx, &mut rng) {
+                Ok(None) => ("ignore flow".to_string(), None),
+                Ok(Some((v, true))) => ("(redacted)".to_string(), Some(v)),
+                Ok(Some((v, false))) if v.is_empty() => ("null".to_string(), Some(v)),
+                Ok(Some((v, false))) => (
+                    v.iter()
+                        .map(|x| format!("{x:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    Some(v),
+                ),
+                Err(FlowFailure::NotUnique) => {
+                    ("not unique: every candidate is taken".to_string(), None)
+                }
+                Err(FlowFailure::Eval(e)) => (format!("error: {e}"), None),
+            };
+            flows.push(FlowExplanation {
+                target: flow.target.to_string(),
+                expression: flow.program.compiled().source.clone(),
+                result,
+            });
+            values.push(vals);
+        }
+        let join = rule
+            .join
+            .iter()
+            .map(|g| {
+                let on: Vec<(AttrName, Value)> = g
+                    .iter()
+                    .filter_map(|&i| {
+                        values
+                            .get(i)
+                            .and_then(|v| v.as_ref())
+                            .and_then(|v| v.first())
+                            .map(|v| (rule.flows[i].target.clone(), v.clone()))
+                    })
+                    .collect();
+                let mut candidates: Option<Vec<String>> = None;
+                if on.len() == g.len() {
+                    for (a, v) in &on {
+                        let found: Vec<String> = ctx
+                            .find_target(&rule.target_type, a, v)
+                            .into_iter()
+                            .map(|t| t.to_string())
+                            .collect();
+                        candidates = Some(match candidates {
+                            None => found,
+                            Some(prev) => prev.into_iter().filter(|c| found.contains(c)).collect(),
+                        });
+                    }
+                }
+                JoinExplanation {
+                    on: on
+                        .iter()
+                        .map(|(a, v)| (a.to_string(), v.to_string()))
+                        .collect(),
+                    candidates: candidates.unwrap_or_default(),
+                }
+            })
+            .collect();
+        Explanation {
+            rule: Some(rule.name.clone()),
+            scope,
+            in_scope,
+            join,
+            flows,
+        }
+    }
+}
+
+enum FlowFailure {
+    Eval(EvalFailure),
+    NotUnique,
+}
+
+impl Projection for RuleSet {
+    fn project(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
+        let Some(rule) = self.rule_for(&entry.object_type) else {
+            return Projected::OutOfScope(format!("no rule for object type {}", entry.object_type));
+        };
+        if !self.in_scope(rule, entry, ctx) {
+            return Projected::OutOfScope(format!("rule {}: scoping filter", rule.name));
+        }
+        let mut rng = SeededRng::from_seed(ctx.object_seed(&entry.anchor));
+        let mut desired = Desired::new(rule.target_type.clone());
+        desired.flows.reserve(rule.flows.len());
+        let mut first_values: Vec<Option<Value>> = Vec::with_capacity(rule.flows.len());
+        for flow in &rule.flows {
+            match self.flow_values(rule, flow, entry, ctx, &mut rng) {
+                Ok(None) => first_values.push(None),
+                Ok(Some((values, redacted))) => {
+                    first_values.push(values.first().cloned());
+                    desired.flows.push(Flow {
+                        attribute: flow.target.clone(),
+                        values,
+                        apply: flow.apply,
+                        ignore_case: flow.ignore_case,
+                        multi: flow.multi,
+                        when_empty: flow.when_null,
+                        redacted,
+                        unique: flow.unique,
+                    });
+                }
+                Err(FlowFailure::NotUnique) => {
+                    return Projected::Held(format!(
+                        "rule {}: no unique value is free for {}",
+                        rule.name, flow.target
+                    ))
+                }
+                Err(FlowFailure::Eval(e)) => {
+                    let (line, col) = e.span.line_col(&flow.program.compiled().source);
+                    return Projected::Failed(ProjectionError {
+                        rule: Some(rule.name.clone()),
+                        attribute: Some(flow.target.clone()),
+                        message: format!(
+                            "{} at {line}:{col} in `{}`: {}",
+                            Code::Evaluation(e.error.code),
+                            flow.program.compiled().source,
+                            e.error.message
+                        ),
+                    });
+                }
+            }
+        }
+        for group in &rule.join {
+            let pairs: Option<Vec<(AttrName, Value)>> = group
+                .iter()
+                .map(|&i| {
+                    first_values
+                        .get(i)
+                        .cloned()
+                        .flatten()
+                        .map(|v| (rule.flows[i].target.clone(), v))
+                })
+                .collect();
+            if let Some(pairs) = pairs {
+                desired.join.push(JoinGroup(pairs));
+            }
+        }
+        Projected::InScope(Box::new(desired))
+    }
+
+    fn deprovision(&self, link: &Link, _entry: Option<&Entry>) -> Deprovision {
+        self.rule_for(&link.source_type)
+            .map(|r| r.deprovision.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Finds the byte range of every `rule[i].flow[j].expression` string in a TOML text.
+fn toml_expression_spans(text: &str) -> HashMap<(usize, usize), Range<usize>> {
+    use toml::de::{DeTable, DeValue};
+    let mut out = HashMap::new();
+    let Ok(doc) = DeTable::parse(text) else {
+        return out;
+    };
+    fn get<'t, 'i>(t: &'t DeTable<'i>, key: &str) -> Option<&'t toml::Spanned<DeValue<'i>>> {
+        t.iter()
+            .find(|(k, _)| k.get_ref().as_ref() == key)
+            .map(|(_, v)| v)
+    }
+    let Some(rules) = get(doc.get_ref(), "rule") else {
+        return out;
+    };
+    let DeValue::Array(rules) = rules.get_ref() else {
+        return out;
+    };
+    for (ri, rule) in rules.iter().enumerate() {
+        let DeValue::Table(rt) = rule.get_ref() else {
+            continue;
+        };
+        let Some(flows) = get(rt, "flow") else {
+            continue;
+        };
+        let DeValue::Array(flows) = flows.get_ref() else {
+            continue;
+        };
+        for (fi, flow) in flows.iter().enumerate() {
+            let DeValue::Table(ft) = flow.get_ref() else {
+                continue;
+            };
+            if let Some(e) = get(ft, "expression") {
+                out.insert((ri, fi), e.span());
+            }
+        }
+    }
+    out
+}
+
+/// Builds a rule set in code, through the same compile step as files.
+///
+/// ```
+/// use dirsync::rules::ruleset::{RuleSet, RuleBuilder};
+/// let rules = RuleSet::builder()
+///     .rule(
+///         RuleBuilder::new("users", "user", "User")
+///             .flow("userName", "ToLower([userPrincipalName])")
+///             .flow("displayName", r#"Join(" ", [givenName], [sn])"#)
+///             .join(["userName"])
+///             .disable_with("active", false),
+///     )
+///     .build()
+///     .unwrap();
+/// assert_eq!(rules.rule_names(), ["users"]);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct RuleSetBuilder {
+    config: RuleSetConfig,
+}
+
+impl RuleSetBuilder {
+    /// Adds a rule.
+    pub fn rule(mut self, rule: RuleBuilder) -> Self {
+        self.config.rules.push(rule.config);
+        self
+    }
+
+    /// Sets the tenant's default domain.
+    pub fn default_domain(mut self, domain: impl Into<String>) -> Self {
+        self.config.default_domain = Some(domain.into());
+        self
+    }
+
+    /// Compiles.
+    pub fn build(self) -> Result<RuleSet, RuleErrors> {
+        RuleSet::compile(self.config)
+    }
+}
+
+/// Builds one rule.
+#[derive(Debug, Clone)]
+pub struct RuleBuilder {
+    config: RuleConfig,
+}
+
+impl RuleBuilder {
+    /// A rule mapping `source_type` onto `target_type`.
+    pub fn new(
+        name: impl Into<String>,
+        source_type: impl Into<String>,
+        target_type: impl Into<String>,
+    ) -> Self {
+        RuleBuilder {
+            config: RuleConfig {
+                name: name.into(),
+                source_type: source_type.into(),
+                target_type: target_type.into(),
+                scope: None,
+                join: Vec::new(),
+                flows: Vec::new(),
+                deprovision: DeprovisionConfig::Delete,
+            },
+        }
+    }
+
+    /// Adds a flow with default options.
+    pub fn flow(self, target: impl Into<String>, expression: impl Into<String>) -> Self {
+        self.flow_with(FlowConfig::new(target, expression))
+    }
+
+    /// Adds a flow with options.
+    pub fn flow_with(mut self, flow: FlowConfig) -> Self {
+        self.config.flows.push(flow);
+        self
+    }
+
+    /// Adds a join group of target attributes.
+    pub fn join<S: Into<String>>(mut self, attributes: impl IntoIterator<Item = S>) -> Self {
+        self.config
+            .join
+            .push(attributes.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Sets the scoping filter.
+    pub fn scope(mut self, filter: FilterSpec) -> Self {
+        self.config.scope = Some(filter);
+        self
+    }
+
+    /// Deprovisions by setting `attribute` to `value` (adds to the attributes set).
+    pub fn disable_with(
+        mut self,
+        attribute: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) -> Self {
+        let mut set = match std::mem::take(&mut self.config.deprovision) {
+            DeprovisionConfig::Disable { set } => set,
+            _ => HashMap::new(),
+        };
+        set.insert(attribute.into(), value.into());
+        self.config.deprovision = DeprovisionConfig::Disable { set };
+        self
+    }
+
+    /// Sets the deprovision policy.
+    pub fn deprovision(mut self, policy: DeprovisionConfig) -> Self {
+        self.config.deprovision = policy;
+        self
+    }
+}
