@@ -64,6 +64,8 @@ pub mod codes {
     /// A lazy or structural function (`IIF`, `Switch`, …) was passed to the eager function library;
     /// the evaluator owns it.
     pub const EVALUATOR_OWNED: u16 = 323;
+    /// `SelectUniqueValue`: every candidate is taken (the not-unique outcome, as an error).
+    pub const NOT_UNIQUE: u16 = 324;
 }
 
 /// Every evaluation error code: `(code, name, one-line description)`.
@@ -183,6 +185,11 @@ pub const ERROR_CODES: &[(u16, &str, &str)] = &[
         codes::EVALUATOR_OWNED,
         "evaluator-owned",
         "function is evaluated by the evaluator",
+    ),
+    (
+        codes::NOT_UNIQUE,
+        "not-unique",
+        "SelectUniqueValue: every candidate is already used in the target",
     ),
 ];
 
