@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 
 use super::{
-    check_import_share, encode_entry, entry_references, link_target, lookup_key,
-    redact_operation, redact_target_operation, target_effect, unlinks, Escrow, FullImportSummary,
-    JournalEntry, JournalId, JournalState, RefTarget, RunId, RunRecord, StateError, StateStore,
-    TargetLookup, Views,
+    check_import_share, encode_entry, entry_references, link_target, lookup_key, redact_operation,
+    redact_target_operation, target_effect, unlinks, Escrow, FullImportSummary, JournalEntry,
+    JournalId, JournalState, RefTarget, RunId, RunRecord, StateError, StateStore, TargetLookup,
+    Views,
 };
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{Link, Links, Operation, SourceMirror, TargetMirror};
@@ -83,11 +83,8 @@ impl MemoryStore {
         let mut dirty: BTreeSet<Anchor> = BTreeSet::new();
         dirty.insert(anchor.clone());
         dirty.extend(self.referrers(anchor));
-        let old_refs: BTreeSet<(AttrName, RefKey)> = self
-            .mirror
-            .get(anchor)
-            .map(ref_set)
-            .unwrap_or_default();
+        let old_refs: BTreeSet<(AttrName, RefKey)> =
+            self.mirror.get(anchor).map(ref_set).unwrap_or_default();
         let new_refs: BTreeSet<(AttrName, RefKey)> =
             new.as_ref().map(|(e, _)| ref_set(e)).unwrap_or_default();
         match new {

@@ -251,7 +251,9 @@ pub enum StateError {
         open: Option<u64>,
     },
     /// `finish_full_import` named another connector than `begin_full_import`.
-    #[error("full import generation {generation} was begun for connector {begun:?}, not {given:?}")]
+    #[error(
+        "full import generation {generation} was begun for connector {begun:?}, not {given:?}"
+    )]
     WrongConnector {
         /// The generation.
         generation: u64,
@@ -490,7 +492,8 @@ pub(crate) fn entry_references(entry: &Entry) -> Vec<(AttrName, RefTarget)> {
     for (name, values) in entry.attributes.iter() {
         for v in values {
             match v {
-                Value::Reference(Reference::Anchor(a)) | Value::Reference(Reference::Pending(a)) => {
+                Value::Reference(Reference::Anchor(a))
+                | Value::Reference(Reference::Pending(a)) => {
                     out.push((name.clone(), RefTarget::Anchor(a.clone())))
                 }
                 Value::Reference(Reference::Dn(dn)) => {
@@ -588,7 +591,11 @@ pub(crate) fn unlinks(op: &Operation) -> bool {
 }
 
 /// Checks the full-import guard.
-pub(crate) fn check_import_share(seen: u64, mirrored: u64, min_share: f64) -> Result<(), StateError> {
+pub(crate) fn check_import_share(
+    seen: u64,
+    mirrored: u64,
+    min_share: f64,
+) -> Result<(), StateError> {
     let share = if min_share.is_finite() {
         min_share.clamp(0.0, 1.0)
     } else {
@@ -636,4 +643,44 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_store_keeps_the_contract() {
+        testkit::store_contract(|| Box::new(MemoryStore::new()));
+    }
+
+    #[test]
+    fn import_share_guard() {
+        assert!(check_import_share(0, 0, 0.5).is_ok());
+        assert!(check_import_share(0, 1, 0.0).is_err());
+        assert!(check_import_share(5, 10, 0.5).is_ok());
+        assert!(check_import_share(4, 10, 0.5).is_err());
+        // Out-of-range shares are clamped; NaN checks nothing but the empty import.
+        assert!(check_import_share(9, 10, 7.0).is_err());
+        assert!(check_import_share(1, 10, f64::NAN).is_ok());
+    }
+
+    #[test]
+    fn encode_entry_hash_sees_dn_spelling_and_content() {
+        let dn = |s: &str| crate::model::Dn::parse(s).unwrap();
+        let e = Entry::new("a", "user")
+            .with_dn(dn("cn=Ann,dc=x"))
+            .with("cn", "Ann");
+        let h = |e: &Entry| encode_entry(e).unwrap().1;
+        assert_eq!(h(&e), h(&e.clone()));
+        assert_ne!(h(&e), h(&e.clone().with_dn(dn("cn=ann,dc=x"))));
+        assert_ne!(h(&e), h(&e.clone().with("mail", "a@x")));
+        assert_ne!(
+            h(&e),
+            h(&Entry {
+                object_type: "group".into(),
+                ..e.clone()
+            })
+        );
+    }
 }

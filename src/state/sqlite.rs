@@ -19,10 +19,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_import_share, encode_entry, entry_references, link_target, lookup_key,
-    redact_operation, redact_target_operation, target_effect, unlinks, Escrow, FullImportSummary,
-    JournalEntry, JournalId, JournalState, RefTarget, RunId, RunRecord, StateError, StateStore,
-    TargetLookup, Views,
+    check_import_share, encode_entry, entry_references, link_target, lookup_key, redact_operation,
+    redact_target_operation, target_effect, unlinks, Escrow, FullImportSummary, JournalEntry,
+    JournalId, JournalState, RefTarget, RunId, RunRecord, StateError, StateStore, TargetLookup,
+    Views,
 };
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{Link, Operation, OperationKind};
@@ -47,12 +47,15 @@ pub enum Durability {
 /// The schema version this build writes.
 const SCHEMA_VERSION: i64 = 2;
 
+/// A migration's data step: work SQL cannot do, run in the migration's transaction.
+type DataStep = fn(&Connection) -> Result<(), StateError>;
+
 /// One schema migration: from `version - 1` to `version`.
 struct Migration {
     version: i64,
     sql: &'static str,
     /// Work SQL cannot do (data that needs Rust to compute), run in the same transaction.
-    after: Option<fn(&Connection) -> Result<(), StateError>>,
+    after: Option<DataStep>,
 }
 
 /// Version 1: the tables.
@@ -193,8 +196,10 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     LINK_BY_TARGET,
     TARGET_BY_ID,
     TARGET_LOOKUP,
-    "SELECT anchor FROM dirty ORDER BY anchor",
-    "SELECT target_type, n FROM link_counts",
+    "DELETE FROM source_refs WHERE from_anchor = ?1",
+    "DELETE FROM target_values WHERE id = ?1",
+    "DELETE FROM links WHERE anchor = ?1 OR target_id = ?2",
+    "SELECT 1 FROM runs WHERE id = ?1",
 ];
 
 /// Values longer than this are not indexed for join lookups (a lookup of one scans).
@@ -266,8 +271,8 @@ impl SqliteStore {
         durability: Durability,
     ) -> Result<SqliteStore, StateError> {
         let path = path.as_ref();
-        let conn = Connection::open(path)
-            .ctx(&format!("opening the state file {}", path.display()))?;
+        let conn =
+            Connection::open(path).ctx(&format!("opening the state file {}", path.display()))?;
         SqliteStore::setup(conn, durability)
     }
 
@@ -411,7 +416,10 @@ fn int(table: &'static str, key: &str, column: &str, v: SqlValue) -> Result<i64,
         other => Err(corrupt(
             table,
             key,
-            format!("column {column} holds {:?}, not an integer", other.data_type()),
+            format!(
+                "column {column} holds {:?}, not an integer",
+                other.data_type()
+            ),
         )),
     }
 }
@@ -458,7 +466,9 @@ fn rows(
     let n = stmt.column_count();
     let mapped = stmt
         .query_map(params, |r| {
-            (0..n).map(|i| r.get::<_, SqlValue>(i)).collect::<Result<Vec<_>, _>>()
+            (0..n)
+                .map(|i| r.get::<_, SqlValue>(i))
+                .collect::<Result<Vec<_>, _>>()
         })
         .ctx(what)?;
     mapped.collect::<Result<Vec<_>, _>>().ctx(what)
@@ -477,7 +487,9 @@ fn decode_entry(mut row: Vec<SqlValue>) -> Result<Entry, StateError> {
     let dn = opt_text(T, &anchor, "dn", take(&mut row, 2))?;
     let attributes = text(T, &anchor, "attributes", take(&mut row, 3))?;
     let dn = match dn {
-        Some(d) => Some(Dn::try_from(d).map_err(|e| corrupt(T, &anchor, format!("column dn: {e}")))?),
+        Some(d) => {
+            Some(Dn::try_from(d).map_err(|e| corrupt(T, &anchor, format!("column dn: {e}")))?)
+        }
         None => None,
     };
     let attributes: Attributes = json(T, &anchor, "attributes", &attributes)?;
@@ -545,11 +557,16 @@ fn decode_journal(mut row: Vec<SqlValue>) -> Result<JournalEntry, StateError> {
 // --- reading helpers (work on a connection or a transaction) ---
 
 fn load_entry(conn: &Connection, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
-    rows(conn, ENTRY_BY_ANCHOR, [anchor.as_str()], "reading a source object")?
-        .into_iter()
-        .next()
-        .map(decode_entry)
-        .transpose()
+    rows(
+        conn,
+        ENTRY_BY_ANCHOR,
+        [anchor.as_str()],
+        "reading a source object",
+    )?
+    .into_iter()
+    .next()
+    .map(decode_entry)
+    .transpose()
 }
 
 fn load_link(conn: &Connection, anchor: &Anchor) -> Result<Option<Link>, StateError> {
@@ -588,7 +605,13 @@ fn referrers(
     )?
     .into_iter()
     .map(|mut r| {
-        text("source_refs", anchor.as_str(), "from_anchor", take(&mut r, 0)).map(Anchor::from)
+        text(
+            "source_refs",
+            anchor.as_str(),
+            "from_anchor",
+            take(&mut r, 0),
+        )
+        .map(Anchor::from)
     })
     .collect()
 }
@@ -674,10 +697,14 @@ struct RowState {
 
 fn row_state(conn: &Connection, anchor: &Anchor) -> Result<Option<RowState>, StateError> {
     const T: &str = "source_objects";
-    let Some(mut r) = rows(conn, ROW_STATE, [anchor.as_str()], "reading a source object")?
-        .into_iter()
-        .next()
-    else {
+    let Some(mut r) = rows(
+        conn,
+        ROW_STATE,
+        [anchor.as_str()],
+        "reading a source object",
+    )?
+    .into_iter()
+    .next() else {
         return Ok(None);
     };
     let a = anchor.as_str();
@@ -762,7 +789,9 @@ fn write_entry(
             .and_then(|mut s| s.execute([anchor.as_str()]))
             .ctx("removing references")?;
     }
-    let new_dn = new.and_then(|e| e.dn.as_ref()).map(|d| d.normalized().to_owned());
+    let new_dn = new
+        .and_then(|e| e.dn.as_ref())
+        .map(|d| d.normalized().to_owned());
     match (new, encoded) {
         (Some(e), Some((attrs, hash))) => {
             conn.prepare_cached(
@@ -1700,5 +1729,352 @@ impl StateStore for SqliteStore {
 
     fn fingerprint(&self) -> Result<u64, StateError> {
         Ok(meta_int(&self.conn, "fingerprint")? as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::state::testkit;
+
+    #[test]
+    fn sqlite_store_keeps_the_contract_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = Cell::new(0);
+        testkit::store_contract(|| {
+            n.set(n.get() + 1);
+            let path = dir.path().join(format!("state-{}.db", n.get()));
+            Box::new(SqliteStore::open(path).unwrap())
+        });
+    }
+
+    #[test]
+    fn sqlite_store_keeps_the_contract_in_memory() {
+        testkit::store_contract(|| Box::new(SqliteStore::open_in_memory().unwrap()));
+    }
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).unwrap()
+    }
+
+    fn populate(s: &mut SqliteStore) {
+        let w = Watermark::new("dirsync", vec![0u8, 159, 255, 1]);
+        s.apply_changes(
+            "ad",
+            &[
+                Change::Add(
+                    Entry::new("u1", "user")
+                        .with_dn(dn("cn=Ann,dc=x"))
+                        .with("cn", "Ann"),
+                ),
+                Change::Add(
+                    Entry::new("g1", "group").with("member", Value::dn_ref(dn("CN=ann,dc=x"))),
+                ),
+            ],
+            Some(&w),
+        )
+        .unwrap();
+        let run = s
+            .begin_run(
+                "delta-sync",
+                DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            )
+            .unwrap();
+        let op = Operation {
+            anchor: "u1".into(),
+            source_type: "user".into(),
+            target_type: "User".into(),
+            kind: OperationKind::Create {
+                attributes: [("displayName", crate::model::values(["Ann"]))]
+                    .into_iter()
+                    .collect(),
+                secrets: Attributes::new(),
+            },
+            reason: crate::delta::Reason::EnteredScope,
+        };
+        let sent = op.to_target_operation(&Default::default()).unwrap();
+        let j = s.journal_intent(run, &op, sent.as_ref()).unwrap();
+        s.journal_done(j, &op, sent.as_ref(), Some(&"t1".into()))
+            .unwrap();
+        s.journal_intent(run, &op, sent.as_ref()).unwrap();
+        s.escrow(
+            &"g1".into(),
+            "Throttled",
+            DateTime::from_timestamp(1_700_000_100, 0).unwrap(),
+        )
+        .unwrap();
+        s.put_target_objects(&[TargetObject::new("t2", "Group").with("displayName", "Staff")])
+            .unwrap();
+        let g = s.begin_full_import("ad").unwrap();
+        s.import_entries(g, &[Entry::new("u9", "user")]).unwrap();
+    }
+
+    /// Everything a store shows, as text.
+    fn snapshot(s: &SqliteStore) -> String {
+        let v = s.load_all().unwrap();
+        let mut entries: Vec<String> = v.mirror.entries().map(|e| format!("{e:?}")).collect();
+        entries.sort();
+        let mut links: Vec<String> = v.links.iter().map(|l| format!("{l:?}")).collect();
+        links.sort();
+        let mut targets: Vec<String> = v.target.objects().map(|o| format!("{o:?}")).collect();
+        targets.sort();
+        format!(
+            "{entries:?}\n{links:?}\n{targets:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+            s.dirty().unwrap(),
+            s.watermark("ad").unwrap(),
+            s.journal(None).unwrap(),
+            s.escrowed().unwrap(),
+            s.runs(10).unwrap(),
+            s.link_counts().unwrap(),
+            s.fingerprint().unwrap(),
+        )
+    }
+
+    #[test]
+    fn reopening_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let before = {
+            let mut s = SqliteStore::open(&path).unwrap();
+            populate(&mut s);
+            snapshot(&s)
+        };
+        let mut s = SqliteStore::open_with(&path, Durability::Normal).unwrap();
+        assert_eq!(snapshot(&s), before);
+        assert!(before.contains("u9") && before.contains("t1") && before.contains("Throttled"));
+        // The open full import survived too.
+        let g = 1;
+        let sum = s.finish_full_import("ad", g, None, 0.0).unwrap();
+        assert_eq!((sum.seen, sum.added, sum.deleted), (1, 1, 2));
+        assert_eq!(
+            s.schema_version().unwrap(),
+            SqliteStore::supported_schema_version()
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(
+            matches!(err, StateError::SchemaTooNew { found, supported }
+                if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade dirsync"), "{err}");
+    }
+
+    #[test]
+    fn a_foreign_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+            .unwrap();
+        drop(conn);
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(
+            err.to_string().contains("not a dirsync state file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_version_1_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(
+                r#"INSERT INTO links VALUES ('u1', 'user', 't1', 'User'), ('u2', 'user', 't2', 'User'),
+                       ('g1', 'group', 't3', 'Group');
+                   INSERT INTO target_objects VALUES
+                       ('t1', 'User', '[["mail",[{"string":"Ann@X"}]]]');
+                   PRAGMA user_version = 1;"#,
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 2);
+        let counts = s.link_counts().unwrap();
+        assert_eq!(counts.get(&"User".into()), Some(&2));
+        assert_eq!(counts.get(&"Group".into()), Some(&1));
+        // The value index was built from the stored target objects.
+        let mut v = Views::default();
+        s.load_join_candidates(
+            &mut v,
+            &[TargetLookup {
+                object_type: "User".into(),
+                attribute: "mail".into(),
+                value: Value::string("ann@x"),
+            }],
+        )
+        .unwrap();
+        assert!(v.target.get(&"t1".into()).is_some());
+        assert_eq!(
+            v.links.anchor_of(&"t1".into()).map(|a| a.as_str()),
+            Some("u1")
+        );
+        // The triggers keep counting after the migration.
+        s.put_target_objects(&[TargetObject::new("t4", "User")])
+            .unwrap();
+        let run = s.begin_run("x", DateTime::UNIX_EPOCH).unwrap();
+        let op = Operation {
+            anchor: "u2".into(),
+            source_type: "user".into(),
+            target_type: "User".into(),
+            kind: OperationKind::Unlink {
+                target_id: "t2".into(),
+            },
+            reason: crate::delta::Reason::DeletedAtSource,
+        };
+        let j = s.journal_intent(run, &op, None).unwrap();
+        s.journal_done(j, &op, None, None).unwrap();
+        assert_eq!(s.link_counts().unwrap().get(&"User".into()), Some(&1));
+    }
+
+    #[test]
+    fn corrupt_rows_are_errors_naming_table_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut s = SqliteStore::open(&path).unwrap();
+        populate(&mut s);
+        s.conn
+            .execute(
+                "UPDATE source_objects SET attributes = '{broken' WHERE anchor = 'u1'",
+                [],
+            )
+            .unwrap();
+        for err in [
+            s.source_entry(&"u1".into()).unwrap_err(),
+            s.load_all().unwrap_err(),
+            s.load_neighbourhood(&["g1".into()]).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, StateError::Corrupt { table: "source_objects", key, .. } if key == "u1"),
+                "{err}"
+            );
+            assert!(err.to_string().contains("restore a backup"), "{err}");
+        }
+        // A column of the wrong type, a bad DN, a bad state, a bad time.
+        s.conn
+            .execute_batch(
+                "UPDATE source_objects SET attributes = 42 WHERE anchor = 'u1';
+                 UPDATE source_objects SET dn = 'not a dn' WHERE anchor = 'g1';
+                 UPDATE journal SET op = '{\"kind\":\"explode\"}' WHERE id = 1;
+                 UPDATE escrow SET next_retry = 'tomorrow';
+                 UPDATE target_objects SET attributes = '[1,2]' WHERE id = 't2';",
+            )
+            .unwrap();
+        assert!(matches!(
+            s.source_entry(&"u1".into()),
+            Err(StateError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            s.source_entry(&"g1".into()),
+            Err(StateError::Corrupt { table: "source_objects", ref key, .. }) if key == "g1"
+        ));
+        assert!(matches!(
+            s.journal(None),
+            Err(StateError::Corrupt { table: "journal", ref key, .. }) if key == "1"
+        ));
+        assert!(matches!(
+            s.escrowed(),
+            Err(StateError::Corrupt { table: "escrow", ref key, .. }) if key == "g1"
+        ));
+        assert!(matches!(
+            s.put_target_objects(&[]).and_then(|_| s.load_all()),
+            Err(StateError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn the_delta_path_uses_indexes_only() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        // Give the planner statistics that make a scan tempting if an index were missing.
+        s.conn.execute_batch("ANALYZE").unwrap();
+        for sql in INDEXED_QUERIES {
+            let mut stmt = s
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let nulls = vec![SqlValue::Null; stmt.parameter_count()];
+            let details: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(!details.is_empty(), "{sql}");
+            for d in &details {
+                assert!(!d.starts_with("SCAN"), "{sql}: {d}");
+            }
+            assert!(
+                details.iter().any(|d| d.starts_with("SEARCH")),
+                "{sql}: {details:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn neighbourhood_reads_do_not_grow_with_the_store() {
+        // Count the rows SQLite steps through (its VM step counter) for the same neighbourhood
+        // in a small and a large store.
+        fn steps(n: usize) -> i64 {
+            let mut s = SqliteStore::open_in_memory().unwrap();
+            let g = s.begin_full_import("src").unwrap();
+            let mut batch = Vec::new();
+            for i in 0..n {
+                batch.push(
+                    Entry::new(format!("u{i}"), "user")
+                        .with_dn(dn(&format!("cn=u{i},dc=x")))
+                        .with("cn", format!("u{i}").as_str()),
+                );
+            }
+            batch.push(
+                Entry::new("g", "group")
+                    .with("member", Value::dn_ref(dn("cn=u1,dc=x")))
+                    .with("member", Value::anchor_ref("u2")),
+            );
+            s.import_entries(g, &batch).unwrap();
+            s.finish_full_import("src", g, None, 0.0).unwrap();
+            // Fresh statements: their counters start at zero.
+            s.conn.flush_prepared_statement_cache();
+            let v = s.load_neighbourhood(&["u1".into()]).unwrap();
+            assert_eq!(v.mirror.len(), 3);
+            // Every cached statement's full-scan and VM-step counters.
+            let mut total = 0;
+            for sql in [
+                ENTRY_BY_ANCHOR,
+                ENTRY_BY_DN,
+                REFERRERS,
+                LINK_BY_ANCHOR,
+                TARGET_BY_ID,
+            ] {
+                let stmt = s.conn.prepare_cached(sql).unwrap();
+                assert_eq!(
+                    stmt.get_status(rusqlite::StatementStatus::FullscanStep),
+                    0,
+                    "{sql}"
+                );
+                total += i64::from(stmt.get_status(rusqlite::StatementStatus::VmStep));
+            }
+            total
+        }
+        let small = steps(1_000);
+        let large = steps(20_000);
+        assert!(small > 0);
+        assert!(
+            large <= small + small / 5,
+            "neighbourhood cost grew with the store: {small} steps at 1k, {large} at 20k"
+        );
     }
 }
