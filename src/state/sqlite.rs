@@ -7,6 +7,11 @@
 //!
 //! The schema is versioned with `PRAGMA user_version` and migrated forward on open, in one
 //! transaction; a file written by a newer dirsync is refused.
+//!
+//! The file runs in WAL mode (readers do not block the writer) with foreign keys on and a busy
+//! timeout of 10 s. Commits wait for the disk (`synchronous=FULL`) unless the caller opens the
+//! file with [`Durability::Normal`]: the journal promises that a crash loses nothing, and one
+//! fsync per transaction is what that costs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -865,9 +870,11 @@ fn value_keys(o: &TargetObject) -> Vec<(String, String)> {
     out
 }
 
-/// The index key of a value, if such values are indexed.
+/// The index key of a value, if such values are indexed: decided on the lower-cased key, so a
+/// stored value and a lookup that differ only in case are both indexed or both not.
 fn value_key(v: &Value) -> Option<String> {
-    let indexed = match v {
+    let key = lookup_key(v);
+    let indexed = match &key {
         Value::String(s) => s.len() <= MAX_INDEXED_VALUE,
         Value::Integer(_) | Value::Boolean(_) | Value::Timestamp(_) => true,
         Value::Bytes(_) | Value::Reference(_) => false,
@@ -875,7 +882,7 @@ fn value_key(v: &Value) -> Option<String> {
     if !indexed {
         return None;
     }
-    serde_json::to_string(&lookup_key(v)).ok()
+    serde_json::to_string(&key).ok()
 }
 
 fn write_target(conn: &Connection, o: &TargetObject) -> Result<(), StateError> {
