@@ -1187,9 +1187,15 @@ impl StateStore for SqliteStore {
     }
 
     fn load_all(&self) -> Result<Views, StateError> {
+        // One read transaction: the three views are one snapshot.
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .ctx("starting a read transaction")?;
+        let conn: &Connection = &tx;
         let mut views = Views::default();
         let sql = format!("SELECT {ENTRY_COLUMNS} FROM source_objects");
-        let mut stmt = self.conn.prepare(&sql).ctx("reading the source mirror")?;
+        let mut stmt = conn.prepare(&sql).ctx("reading the source mirror")?;
         let mut q = stmt.query([]).ctx("reading the source mirror")?;
         while let Some(r) = q.next().ctx("reading the source mirror")? {
             let row = (0..4)
@@ -1199,15 +1205,14 @@ impl StateStore for SqliteStore {
             views.mirror.insert(decode_entry(row)?);
         }
         for r in rows(
-            &self.conn,
+            conn,
             "SELECT anchor, source_type, target_id, target_type FROM links",
             [],
             "reading the links",
         )? {
             views.links.insert(decode_link(r)?);
         }
-        let mut stmt = self
-            .conn
+        let mut stmt = conn
             .prepare("SELECT id, object_type, attributes FROM target_objects")
             .ctx("reading the target mirror")?;
         let mut q = stmt.query([]).ctx("reading the target mirror")?;
@@ -1222,7 +1227,11 @@ impl StateStore for SqliteStore {
     }
 
     fn load_neighbourhood(&self, anchors: &[Anchor]) -> Result<Views, StateError> {
-        let conn = &self.conn;
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .ctx("starting a read transaction")?;
+        let conn: &Connection = &tx;
         let mut entries: BTreeMap<Anchor, Option<Entry>> = BTreeMap::new();
         fn get(
             conn: &Connection,
