@@ -288,7 +288,10 @@ pub async fn export_sequential(
             Some(Err(e)) => report.failed.push((op.clone(), e)),
             None => report.failed.push((
                 op.clone(),
-                ConnectorError::new(ErrorKind::Protocol, "target returned no outcome"),
+                ConnectorError::new(
+                    ErrorKind::Protocol,
+                    "target returned no outcome",
+                ),
             )),
         }
     }
