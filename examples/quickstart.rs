@@ -23,8 +23,14 @@ impl Projection for Rules {
         let a = &e.attributes;
         if e.object_type.is("group") {
             let d = Desired::new("Group")
-                .flow(Flow::new("displayName", a.get("cn").cloned().unwrap_or_default()))
-                .flow(Flow::multi("members", a.get("member").cloned().unwrap_or_default()));
+                .flow(Flow::new(
+                    "displayName",
+                    a.get("cn").cloned().unwrap_or_default(),
+                ))
+                .flow(Flow::multi(
+                    "members",
+                    a.get("member").cloned().unwrap_or_default(),
+                ));
             return Projected::InScope(Box::new(d));
         }
         if a.first_str("department") == Some("Contractors") {
@@ -35,8 +41,14 @@ impl Projection for Rules {
         let upn = a.first_str("userPrincipalName").unwrap_or_default();
         let d = Desired::new("User")
             .flow(Flow::new("userName", Values::one(upn)).ignore_case())
-            .flow(Flow::new("displayName", Values::one(format!("{given} {sn}"))))
-            .flow(Flow::new("department", a.get("department").cloned().unwrap_or_default()))
+            .flow(Flow::new(
+                "displayName",
+                Values::one(format!("{given} {sn}")),
+            ))
+            .flow(Flow::new(
+                "department",
+                a.get("department").cloned().unwrap_or_default(),
+            ))
             .flow(Flow::new("active", Values::one(true)))
             .join_on(JoinGroup::on("userName", upn));
         Projected::InScope(Box::new(d))
@@ -72,7 +84,10 @@ fn member(given_sn: &str) -> Value {
 type Error = Box<dyn std::error::Error>;
 
 /// Reads a full import into the mirror; returns the watermark it ended with.
-async fn full_import(source: &dyn Source, mirror: &mut SourceMirror) -> Result<Option<Watermark>, Error> {
+async fn full_import(
+    source: &dyn Source,
+    mirror: &mut SourceMirror,
+) -> Result<Option<Watermark>, Error> {
     let mut stream = source.full_import().await?;
     let mut watermark = None;
     while let Some(item) = stream.next().await {
@@ -102,7 +117,14 @@ async fn main() -> Result<(), Error> {
         Entry::new("9a01", "group")
             .with_dn(dn("CN=Engineers,OU=Groups,DC=contoso,DC=com"))
             .with("cn", "Engineers")
-            .with_values("member", vec![member("Ada Lovelace"), member("Grace Hopper"), member("Alan Turing")]),
+            .with_values(
+                "member",
+                vec![
+                    member("Ada Lovelace"),
+                    member("Grace Hopper"),
+                    member("Alan Turing"),
+                ],
+            ),
     )?;
     let target = MemoryTarget::new("scim-app");
 
@@ -115,17 +137,41 @@ async fn main() -> Result<(), Error> {
     let plan = delta::plan(&PlanInput::new(&Rules, &mirror, &links, &target_mirror));
     print!("{plan}");
     let report = export_sequential(&plan, &target, &mut links, &mut target_mirror).await;
-    println!("applied {} operations, {} failed; the target holds {} objects\n", report.applied, report.failed.len(), target.len());
+    println!(
+        "applied {} operations, {} failed; the target holds {} objects\n",
+        report.applied,
+        report.failed.len(),
+        target.len()
+    );
 
     println!("== 2. run again");
     let plan = delta::plan(&PlanInput::new(&Rules, &mirror, &links, &target_mirror));
     print!("{plan}\n");
 
-    println!("== 3. edits: Grace renamed, Alan removed from Engineers, Katherine moves to Contractors");
-    source.modify(&"2b9e".into(), vec![AttributeChange::replace("sn", values(["Hopper-Murray"]))])?;
-    source.modify(&"9a01".into(), vec![AttributeChange::remove("member", vec![member("Alan Turing")])])?;
-    source.modify(&"4d02".into(), vec![AttributeChange::replace("department", values(["Contractors"]))])?;
-    let since = watermark.take().ok_or("the memory source always ends a full import with a watermark")?;
+    println!(
+        "== 3. edits: Grace renamed, Alan removed from Engineers, Katherine moves to Contractors"
+    );
+    source.modify(
+        &"2b9e".into(),
+        vec![AttributeChange::replace("sn", values(["Hopper-Murray"]))],
+    )?;
+    source.modify(
+        &"9a01".into(),
+        vec![AttributeChange::remove(
+            "member",
+            vec![member("Alan Turing")],
+        )],
+    )?;
+    source.modify(
+        &"4d02".into(),
+        vec![AttributeChange::replace(
+            "department",
+            values(["Contractors"]),
+        )],
+    )?;
+    let since = watermark
+        .take()
+        .ok_or("the memory source always ends a full import with a watermark")?;
     let mut changed = Vec::new();
     let mut stream = source.delta_import(&since).await?;
     while let Some(item) = stream.next().await {
@@ -134,23 +180,40 @@ async fn main() -> Result<(), Error> {
                 changed.push(change.anchor().clone());
                 mirror.apply(&change);
             }
-            ImportItem::Checkpoint(w) => watermark = Some(w),
+            ImportItem::Checkpoint(w) => println!("delta import ended at {w:?}"),
         }
     }
     drop(stream);
     let mut input = PlanInput::new(&Rules, &mirror, &links, &target_mirror);
     input.scope = PlanScope::Anchors(changed);
-    let plan = delta::plan(&input);
+    let mut plan = delta::plan(&input);
     print!("{plan}");
+    if plan.is_held() {
+        // The deletion guard holds any plan that disables more than 10 % of the linked users —
+        // in a directory of four, that is any disable. A person has reviewed this one.
+        println!("(reviewed: allowing this plan's disable explicitly)");
+        plan.guard_violations.clear();
+    }
     let report = export_sequential(&plan, &target, &mut links, &mut target_mirror).await;
-    println!("applied {} operations, {} failed\n", report.applied, report.failed.len());
+    println!(
+        "applied {} operations, {} failed\n",
+        report.applied,
+        report.failed.len()
+    );
 
     println!("== 4. the target now");
     for o in target.objects() {
         let name = o.attributes.first_str("displayName").unwrap_or("?");
-        let active = o.attributes.first("active").map(|v| v.to_string()).unwrap_or_default();
+        let active = o
+            .attributes
+            .first("active")
+            .map(|v| v.to_string())
+            .unwrap_or_default();
         let members = o.attributes.get("members").map(|m| m.len()).unwrap_or(0);
-        println!("{:<8} {:<6} {:<24} active={:<5} members={members}", o.id, o.object_type, name, active);
+        println!(
+            "{:<8} {:<6} {:<24} active={:<5} members={members}",
+            o.id, o.object_type, name, active
+        );
     }
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! Planner behaviour, end to end through the in-memory target.
 
 use dirsync::connector::memory::MemoryTarget;
-use dirsync::connector::Target;
 use dirsync::delta::{
     self, DeletionGuard, Deprovision, Desired, Flow, Issue, JoinGroup, Link, Links, OperationKind,
     Phase, Plan, PlanInput, PlanScope, Projected, Projection, ProjectionContext, Reason,
@@ -201,12 +200,8 @@ fn leaving_scope_disables_users_and_deletes_groups_once() {
     w.apply(&p);
     w.mirror.insert(user("u1", "Ann", "Former"));
     w.mirror.remove(&"g1".into());
-    let mut input = PlanInput::new(
-        &UserGroupProjection::default(),
-        &w.mirror,
-        &w.links,
-        &w.target,
-    );
+    let rules = UserGroupProjection::default();
+    let mut input = PlanInput::new(&rules, &w.mirror, &w.links, &w.target);
     input.guard = DeletionGuard::off();
     let plan = delta::plan(&input);
     assert_eq!(kinds(&plan), [("delete", "g1"), ("disable", "u1")]);
@@ -219,26 +214,12 @@ fn leaving_scope_disables_users_and_deletes_groups_once() {
     // gets no update even if it changes.
     w.mirror
         .insert(user("u1", "Ann", "Former").with_values("cn", values(["Ann Z"])));
-    let again = delta::plan(&input_of(&w));
+    let mut input = PlanInput::new(&rules, &w.mirror, &w.links, &w.target);
+    input.guard = DeletionGuard::off();
+    let again = delta::plan(&input);
     assert!(again.is_empty(), "{again}");
     assert!(w.links.get(&"u1".into()).is_some());
     assert!(w.links.get(&"g1".into()).is_none());
-}
-
-fn input_of(w: &World) -> PlanInput<'_> {
-    let mut i = PlanInput::new(&UserGroupProjectionStatic, &w.mirror, &w.links, &w.target);
-    i.guard = DeletionGuard::off();
-    i
-}
-
-struct UserGroupProjectionStatic;
-impl Projection for UserGroupProjectionStatic {
-    fn project(&self, e: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
-        UserGroupProjection::default().project(e, ctx)
-    }
-    fn deprovision(&self, l: &Link, e: Option<&Entry>) -> Deprovision {
-        UserGroupProjection::default().deprovision(l, e)
-    }
 }
 
 #[test]

@@ -244,6 +244,8 @@ pub struct ExportReport {
     pub applied: usize,
     /// Operations that failed, with the error.
     pub failed: Vec<(Operation, ConnectorError)>,
+    /// A guard held the plan: nothing was applied.
+    pub held: bool,
 }
 
 /// The simplest exporter: applies `plan` through `target` one operation at a time, in plan order,
@@ -251,6 +253,9 @@ pub struct ExportReport {
 ///
 /// It keeps no journal and does not retry: it is for tests, examples and small tools. Programs
 /// that must survive crashes and throttling use the engine's exporter.
+///
+/// A plan a guard holds ([`Plan::is_held`]) is not applied at all: the report says so. To apply
+/// it anyway, a caller clears `plan.guard_violations` — explicitly, for that plan only.
 pub async fn export_sequential(
     plan: &Plan,
     target: &dyn Target,
@@ -258,6 +263,10 @@ pub async fn export_sequential(
     mirror: &mut TargetMirror,
 ) -> ExportReport {
     let mut report = ExportReport::default();
+    if plan.is_held() {
+        report.held = true;
+        return report;
+    }
     for op in &plan.operations {
         let top = match op.to_target_operation(links) {
             Ok(Some(t)) => t,
@@ -288,10 +297,7 @@ pub async fn export_sequential(
             Some(Err(e)) => report.failed.push((op.clone(), e)),
             None => report.failed.push((
                 op.clone(),
-                ConnectorError::new(
-                    ErrorKind::Protocol,
-                    "target returned no outcome",
-                ),
+                ConnectorError::new(ErrorKind::Protocol, "target returned no outcome"),
             )),
         }
     }

@@ -24,8 +24,10 @@ use crate::model::{
 pub enum PlanScope {
     /// Every object of the source mirror and every linked anchor (full sync).
     All,
-    /// These anchors (a delta's dirty set), plus the objects that reference them. An anchor
-    /// missing from the mirror was deleted at the source.
+    /// These anchors (a delta's dirty set), plus the objects in the mirror that reference them.
+    /// An anchor missing from the mirror was deleted at the source; the planner cannot find who
+    /// referenced it by DN any more, so the caller includes those referrers (the state store marks
+    /// them dirty when it applies the delete).
     Anchors(Vec<Anchor>),
 }
 
@@ -269,11 +271,15 @@ fn decide(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, anchor: &Anchor) -
                 return match input.target.get(&link.target_id) {
                     Some(current) => {
                         // The common case: nothing changed. Decide it without allocating.
-                        if desired
-                            .flows
-                            .iter()
-                            .all(|f| f.apply == Apply::OnCreate || flow_matches(f, current, input))
-                        {
+                        let mut hint = 0;
+                        if desired.flows.iter().all(|f| {
+                            f.apply == Apply::OnCreate
+                                || flow_matches(
+                                    f,
+                                    current.attributes.get_hinted(&f.attribute, &mut hint),
+                                    input,
+                                )
+                        }) {
                             return Decision::Nothing { in_scope: true };
                         }
                         object(
@@ -408,8 +414,7 @@ fn has_references(flow: &Flow) -> bool {
 
 /// Whether the target already holds what `flow` wants (reference flows compared after
 /// translating source references to target ids).
-fn flow_matches(flow: &Flow, current: &TargetObject, input: &PlanInput<'_>) -> bool {
-    let have = current.attributes.get(flow.attribute.as_str());
+fn flow_matches(flow: &Flow, have: Option<&Values>, input: &PlanInput<'_>) -> bool {
     if !has_references(flow) {
         return diff_flow(flow, have, false).is_none();
     }
@@ -533,6 +538,15 @@ fn set_difference(want: &Values, have: &Values, ignore_case: bool) -> (Values, V
     (Values::from(add), Values::from(remove))
 }
 
+/// The values without repeats (a directory holds each value of an attribute once), in order.
+fn distinct(values: &Values, ignore_case: bool) -> Values {
+    let (add, _) = set_difference(values, &Values::new(), ignore_case);
+    if add.len() == values.len() {
+        return values.clone();
+    }
+    add
+}
+
 /// Makes sure no two creates of the plan claim the same unique value: in anchor order, a create
 /// whose unique value an earlier one claimed is projected again with the claims known.
 fn claim_unique_values(input: &PlanInput<'_>, pending: &mut Vec<Pending>, issues: &mut Vec<Issue>) {
@@ -609,10 +623,15 @@ fn finish(
         if !has_references(flow) {
             if is_create {
                 if !flow.values.is_empty() {
-                    if flow.redacted {
-                        secrets.set(flow.attribute.clone(), flow.values.clone());
+                    let values = if flow.multi {
+                        distinct(&flow.values, flow.ignore_case)
                     } else {
-                        create_attrs.set(flow.attribute.clone(), flow.values.clone());
+                        flow.values.clone()
+                    };
+                    if flow.redacted {
+                        secrets.set(flow.attribute.clone(), values);
+                    } else {
+                        create_attrs.set(flow.attribute.clone(), values);
                     }
                 }
             } else if let Some(mut c) = diff_flow(flow, have, false) {
@@ -653,7 +672,7 @@ fn finish(
         }
         if is_create {
             if !existing.is_empty() {
-                create_attrs.set(flow.attribute.clone(), existing);
+                create_attrs.set(flow.attribute.clone(), distinct(&existing, false));
             }
             if !later.is_empty() {
                 refs.push(change(

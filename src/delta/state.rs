@@ -2,7 +2,9 @@
 //! mirror. The engine's state stores load them (or the neighbourhood of a delta) and keep them
 //! up to date with [`SourceMirror::apply`], [`Links::record`] and [`TargetMirror::record`].
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
@@ -358,7 +360,7 @@ impl TargetMirror {
         if self.indexes.contains_key(&attribute) {
             return;
         }
-        let mut index = JoinIndex::new();
+        let mut index = JoinIndex::default();
         for o in self.objects.values() {
             for v in o.attributes.get(attribute.as_str()).into_iter().flatten() {
                 index.entry(index_key(v)).or_default().push(o.id.clone());

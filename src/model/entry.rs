@@ -98,6 +98,27 @@ impl Attributes {
         self.position_str(name).ok().map(|i| &self.0[i].1)
     }
 
+    /// The values of `name`, looking first at position `*hint` and then searching; `*hint` is
+    /// left just after the attribute found. When names are looked up in sorted order (as flows
+    /// over a sorted entry are), each lookup costs one comparison.
+    pub fn get_hinted(&self, name: &AttrName, hint: &mut usize) -> Option<&Values> {
+        for i in [*hint, *hint + 1] {
+            if let Some((n, v)) = self.0.get(i) {
+                if n == name {
+                    *hint = i + 1;
+                    return Some(v);
+                }
+            }
+        }
+        match self.position(name) {
+            Ok(i) => {
+                *hint = i + 1;
+                Some(&self.0[i].1)
+            }
+            Err(_) => None,
+        }
+    }
+
     /// The first value of `name`, if present.
     pub fn first(&self, name: &str) -> Option<&Value> {
         self.get(name).and_then(|v| v.first())

@@ -27,34 +27,47 @@ fn folded(s: &str) -> impl Iterator<Item = char> + '_ {
 }
 
 fn ci_eq(a: &str, b: &str) -> bool {
+    if a.len() == b.len() && a.eq_ignore_ascii_case(b) {
+        return true;
+    }
     if a.is_ascii() && b.is_ascii() {
-        return a.eq_ignore_ascii_case(b);
+        return false;
     }
     folded(a).eq(folded(b))
 }
 
 fn ci_cmp(a: &str, b: &str) -> Ordering {
-    if a.is_ascii() && b.is_ascii() {
-        let (x, y) = (a.as_bytes(), b.as_bytes());
-        for (p, q) in x.iter().zip(y) {
-            match p.to_ascii_lowercase().cmp(&q.to_ascii_lowercase()) {
-                Ordering::Equal => {}
-                other => return other,
-            }
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    for (p, q) in x.iter().zip(y) {
+        if p == q {
+            continue;
         }
-        return x.len().cmp(&y.len());
+        if !p.is_ascii() || !q.is_ascii() {
+            // Rare: non-ASCII text. Compare the folded characters from the start.
+            return folded(a).cmp(folded(b));
+        }
+        match p.to_ascii_lowercase().cmp(&q.to_ascii_lowercase()) {
+            Ordering::Equal => {}
+            other => return other,
+        }
     }
-    folded(a).cmp(folded(b))
+    // One is a prefix of the other (ignoring ASCII case); any remainder folds to a non-empty
+    // remainder, so the longer is greater.
+    x.len().cmp(&y.len())
 }
 
 fn ci_hash<H: Hasher>(s: &str, state: &mut H) {
-    if s.is_ascii() {
-        for b in s.bytes() {
-            state.write_u8(b.to_ascii_lowercase());
+    const N: usize = 64;
+    if s.len() <= N && s.is_ascii() {
+        let mut buf = [0u8; N];
+        for (d, b) in buf.iter_mut().zip(s.bytes()) {
+            *d = b.to_ascii_lowercase();
         }
+        state.write(&buf[..s.len()]);
     } else {
         for c in folded(s) {
-            state.write_u32(c as u32);
+            let mut utf8 = [0u8; 4];
+            state.write(c.encode_utf8(&mut utf8).as_bytes());
         }
     }
     state.write_u8(0xff);

@@ -141,6 +141,14 @@ pub enum Code {
     InvalidCompareType,
     /// A literal `FormatDateTime` `dateTimeStyles` with an unknown style name.
     InvalidDateTimeStyles,
+    /// A literal regular expression outside the supported .NET subset or malformed (spec §9).
+    InvalidRegexLiteral,
+    /// A literal .NET date/time format string that is malformed (spec §8).
+    InvalidDateFormatLiteral,
+    /// Another literal argument that makes the call fail for every object (spec §3.1 item 5).
+    InvalidLiteralArgument,
+    /// An evaluation error (`E03xx`), with its number from [`crate::rules::value::ERROR_CODES`].
+    Evaluation(u16),
     /// Warning: a function name spelled differently from its canonical form.
     NonCanonicalFunctionName,
     /// Warning: an `IIF` condition form that Entra does not support.
@@ -179,6 +187,9 @@ impl Code {
         Code::InvalidRandomStringCounts,
         Code::InvalidCompareType,
         Code::InvalidDateTimeStyles,
+        Code::InvalidRegexLiteral,
+        Code::InvalidDateFormatLiteral,
+        Code::InvalidLiteralArgument,
         Code::NonCanonicalFunctionName,
         Code::UnportableIifCondition,
     ];
@@ -215,6 +226,10 @@ impl Code {
             Code::InvalidRandomStringCounts => 203,
             Code::InvalidCompareType => 204,
             Code::InvalidDateTimeStyles => 205,
+            Code::InvalidRegexLiteral => 210,
+            Code::InvalidDateFormatLiteral => 211,
+            Code::InvalidLiteralArgument => 212,
+            Code::Evaluation(n) => n,
             Code::NonCanonicalFunctionName => 190,
             Code::UnportableIifCondition => 191,
         }

@@ -1,0 +1,1473 @@
+//! Date and time for the expression language: the accepted date/time text and the canonical
+//! rendering (spec §4.6), the .NET custom format subset of `FormatDateTime` (spec §8), the
+//! `DateAdd`/`DateDiff` interval arithmetic and Active Directory file times (spec §6).
+//!
+//! All values are instants in UTC (or, inside `FormatDateTime`, a wall-clock time with the
+//! offset it was read with). Nothing here reads a clock or the local time zone.
+
+use chrono::{
+    DateTime, Datelike, Duration, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, TimeZone,
+    Timelike, Utc,
+};
+
+use crate::rules::value::{codes, describe, EvalError, EvalResult, EvalValue};
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const WEEKDAYS: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
+
+/// Seconds from 1601-01-01T00:00:00Z to the Unix epoch.
+const FILETIME_EPOCH_OFFSET: i64 = 11_644_473_600;
+/// File time of 9999-12-31T23:59:59.9999999Z, the last representable instant.
+const FILETIME_MAX: i64 = 2_650_467_743_999_999_999;
+
+fn bad_text(text: &str) -> EvalError {
+    EvalError::new(
+        codes::INVALID_DATETIME,
+        format!(
+            "{} is not a date/time (expected e.g. 2024-01-31, 2024-01-31T13:45:00Z, \
+             1/31/2024 1:45:00 PM or 20240131134500Z)",
+            describe(&EvalValue::String(text.to_string()))
+        ),
+    )
+}
+
+fn out_of_range(what: impl std::fmt::Display) -> EvalError {
+    EvalError::new(
+        codes::DATETIME_OUT_OF_RANGE,
+        format!("{what} is outside the supported range 0001-01-01 to 9999-12-31"),
+    )
+}
+
+fn check_range<T: TimeZone>(dt: DateTime<T>) -> EvalResult<DateTime<T>> {
+    let y = dt.naive_utc().year();
+    if (1..=9999).contains(&y) {
+        Ok(dt)
+    } else {
+        Err(out_of_range(dt.naive_utc()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Canonical rendering and accepted text (§4.6)
+// ---------------------------------------------------------------------------------------------
+
+/// The canonical rendering `M/d/yyyy h:mm:ss tt` (invariant culture, UTC, no fraction).
+pub fn render_canonical(dt: &DateTime<Utc>) -> String {
+    let (pm, h12) = dt.hour12();
+    format!(
+        "{}/{}/{:04} {}:{:02}:{:02} {}",
+        dt.month(),
+        dt.day(),
+        dt.year(),
+        h12,
+        dt.minute(),
+        dt.second(),
+        if pm { "PM" } else { "AM" }
+    )
+}
+
+/// Reads accepted date/time text (§4.6), keeping the offset it was written with (`+00:00` when
+/// it has none). Errors: [`codes::INVALID_DATETIME`], [`codes::DATETIME_OUT_OF_RANGE`].
+pub fn parse_text(text: &str) -> EvalResult<DateTime<FixedOffset>> {
+    let t = text.trim();
+    let parsed = if t.is_ascii() {
+        parse_ascii(t.as_bytes())
+    } else {
+        None
+    };
+    let (date, time, offset) = parsed.ok_or_else(|| bad_text(text))?;
+    let tz = FixedOffset::east_opt(offset).ok_or_else(|| bad_text(text))?;
+    let dt = tz
+        .from_local_datetime(&NaiveDateTime::new(date, time))
+        .single()
+        .ok_or_else(|| bad_text(text))?;
+    check_range(dt)
+}
+
+/// [`parse_text`] converted to UTC (an offset in the text is honoured).
+pub fn parse_text_utc(text: &str) -> EvalResult<DateTime<Utc>> {
+    parse_text(text).map(|d| d.with_timezone(&Utc))
+}
+
+/// A DateTime value as is, or a value's string form read per §4.6. Null and values that are not
+/// date/time text are errors (callers handle Null before).
+pub fn value_to_datetime(v: &EvalValue) -> EvalResult<DateTime<Utc>> {
+    match v.single()? {
+        EvalValue::DateTime(d) => Ok(*d),
+        EvalValue::Null => Err(EvalError::new(
+            codes::NULL_CONTROL,
+            "is Null where a date/time is required",
+        )),
+        other => {
+            let text = other.to_string_value()?.unwrap_or_default();
+            parse_text_utc(&text)
+        }
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+    fn at_end(&self) -> bool {
+        self.i >= self.b.len()
+    }
+    fn eat(&mut self, c: u8) -> bool {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+    fn eat_ci(&mut self, word: &str) -> bool {
+        let w = word.as_bytes();
+        if self.b.len() >= self.i + w.len()
+            && self.b[self.i..self.i + w.len()].eq_ignore_ascii_case(w)
+        {
+            self.i += w.len();
+            true
+        } else {
+            false
+        }
+    }
+    fn spaces(&mut self) -> usize {
+        let start = self.i;
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
+            self.i += 1;
+        }
+        self.i - start
+    }
+    /// Between `min` and `max` ASCII digits (greedy); `(value, count)`.
+    fn digits(&mut self, min: usize, max: usize) -> Option<(u32, usize)> {
+        let mut v: u32 = 0;
+        let mut n = 0;
+        while n < max {
+            match self.peek() {
+                Some(c) if c.is_ascii_digit() => {
+                    v = v * 10 + u32::from(c - b'0');
+                    self.i += 1;
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+        (n >= min).then_some((v, n))
+    }
+    fn digit_run_len(&self) -> usize {
+        self.b[self.i..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count()
+    }
+}
+
+/// Fraction digits (1–7) as nanoseconds.
+fn fraction(c: &mut Cursor) -> Option<u32> {
+    let (v, n) = c.digits(1, 7)?;
+    if c.peek().is_some_and(|d| d.is_ascii_digit()) {
+        return None;
+    }
+    Some(v * 10u32.pow(9 - n as u32))
+}
+
+/// An offset: `Z`/`z`, or `±H`, `±HH`, `±HHmm`, `±HH:mm` (hours ≤ 14, minutes ≤ 59); seconds east.
+fn offset(c: &mut Cursor) -> Option<i32> {
+    if c.eat(b'Z') || c.eat(b'z') {
+        return Some(0);
+    }
+    let sign = if c.eat(b'+') {
+        1
+    } else if c.eat(b'-') {
+        -1
+    } else {
+        return None;
+    };
+    let (h, m) = match c.digit_run_len() {
+        1 => (c.digits(1, 1)?.0, 0),
+        2 => {
+            let h = c.digits(2, 2)?.0;
+            let m = if c.eat(b':') { c.digits(2, 2)?.0 } else { 0 };
+            (h, m)
+        }
+        4 => (c.digits(2, 2)?.0, c.digits(2, 2)?.0),
+        _ => return None,
+    };
+    if h > 14 || m > 59 {
+        return None;
+    }
+    Some(sign * (h as i32 * 3600 + m as i32 * 60))
+}
+
+/// `H:mm`, `H:mm:ss` or `H:mm:ss.f…`, then optional AM/PM; `(hour, min, sec, nanos)`.
+fn time_of_day(c: &mut Cursor) -> Option<NaiveTime> {
+    let (mut h, _) = c.digits(1, 2)?;
+    if !c.eat(b':') {
+        return None;
+    }
+    let (mi, _) = c.digits(2, 2)?;
+    let (mut s, mut ns) = (0, 0);
+    if c.eat(b':') {
+        s = c.digits(2, 2)?.0;
+        if c.eat(b'.') {
+            ns = fraction(c)?;
+        }
+    }
+    let save = c.i;
+    c.spaces();
+    if c.eat_ci("AM") || c.eat_ci("PM") {
+        let pm = c.b[c.i - 2].eq_ignore_ascii_case(&b'P');
+        if !(1..=12).contains(&h) {
+            return None;
+        }
+        h = match (pm, h) {
+            (false, 12) => 0,
+            (true, 12) => 12,
+            (true, h) => h + 12,
+            (false, h) => h,
+        };
+    } else {
+        c.i = save;
+    }
+    NaiveTime::from_hms_nano_opt(h, mi, s, ns)
+}
+
+/// What may follow a date: nothing; `T` + time; spaces + time; an offset (after optional spaces).
+fn after_date(c: &mut Cursor, allow_t: bool) -> Option<(NaiveTime, i32)> {
+    let mut time = NaiveTime::MIN;
+    if c.at_end() {
+        return Some((time, 0));
+    }
+    if allow_t && c.eat(b'T') {
+        time = time_of_day(c)?;
+    } else {
+        let n = c.spaces();
+        if n > 0 && c.peek().is_some_and(|d| d.is_ascii_digit()) {
+            time = time_of_day(c)?;
+        }
+    }
+    c.spaces();
+    let off = if c.at_end() { 0 } else { offset(c)? };
+    c.at_end().then_some((time, off))
+}
+
+fn parse_ascii(b: &[u8]) -> Option<(NaiveDate, NaiveTime, i32)> {
+    let mut c = Cursor { b, i: 0 };
+    let lead = c.digit_run_len();
+    if lead >= 14 {
+        // LDAP generalized time: yyyyMMddHHmmss[.f…](Z|±HHmm)
+        let y = c.digits(4, 4)?.0;
+        let mo = c.digits(2, 2)?.0;
+        let d = c.digits(2, 2)?.0;
+        let h = c.digits(2, 2)?.0;
+        let mi = c.digits(2, 2)?.0;
+        let s = c.digits(2, 2)?.0;
+        if c.peek().is_some_and(|d| d.is_ascii_digit()) {
+            return None;
+        }
+        let ns = if c.eat(b'.') { fraction(&mut c)? } else { 0 };
+        let off = if c.eat(b'Z') {
+            0
+        } else {
+            let sign = if c.eat(b'+') {
+                1
+            } else if c.eat(b'-') {
+                -1
+            } else {
+                return None;
+            };
+            let oh = c.digits(2, 2)?.0;
+            let om = c.digits(2, 2)?.0;
+            if oh > 14 || om > 59 {
+                return None;
+            }
+            sign * (oh as i32 * 3600 + om as i32 * 60)
+        };
+        if !c.at_end() {
+            return None;
+        }
+        let date = NaiveDate::from_ymd_opt(y as i32, mo, d)?;
+        return Some((date, NaiveTime::from_hms_nano_opt(h, mi, s, ns)?, off));
+    }
+    if lead == 4 {
+        // ISO: yyyy-MM-dd …
+        let y = c.digits(4, 4)?.0;
+        if !c.eat(b'-') {
+            return None;
+        }
+        let mo = c.digits(2, 2)?.0;
+        if !c.eat(b'-') {
+            return None;
+        }
+        let d = c.digits(2, 2)?.0;
+        let date = NaiveDate::from_ymd_opt(y as i32, mo, d)?;
+        let (time, off) = after_date(&mut c, true)?;
+        return Some((date, time, off));
+    }
+    if lead == 1 || lead == 2 {
+        // US: M/d/yyyy …
+        let mo = c.digits(1, 2)?.0;
+        if !c.eat(b'/') {
+            return None;
+        }
+        let d = c.digits(1, 2)?.0;
+        if !c.eat(b'/') {
+            return None;
+        }
+        let y = c.digits(4, 4)?.0;
+        if c.peek().is_some_and(|d| d.is_ascii_digit()) {
+            return None;
+        }
+        let date = NaiveDate::from_ymd_opt(y as i32, mo, d)?;
+        let (time, off) = after_date(&mut c, false)?;
+        return Some((date, time, off));
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// Intervals, DateAdd, DateDiff
+// ---------------------------------------------------------------------------------------------
+
+/// A `DateAdd`/`DateDiff` interval (spec §6; REF's seven, case-sensitive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interval {
+    /// `yyyy`
+    Year,
+    /// `m`
+    Month,
+    /// `d`
+    Day,
+    /// `ww`
+    Week,
+    /// `h`
+    Hour,
+    /// `n`
+    Minute,
+    /// `s`
+    Second,
+}
+
+impl Interval {
+    /// Reads one of `yyyy m d ww h n s` (case-sensitive); else [`codes::INVALID_INTERVAL`].
+    pub fn parse(text: &str) -> EvalResult<Interval> {
+        Ok(match text {
+            "yyyy" => Interval::Year,
+            "m" => Interval::Month,
+            "d" => Interval::Day,
+            "ww" => Interval::Week,
+            "h" => Interval::Hour,
+            "n" => Interval::Minute,
+            "s" => Interval::Second,
+            _ => {
+                return Err(EvalError::new(
+                    codes::INVALID_INTERVAL,
+                    format!(
+                        "{} is not an interval (use one of yyyy, m, d, ww, h, n, s; \
+                         intervals are case-sensitive)",
+                        describe(&EvalValue::String(text.to_string()))
+                    ),
+                ))
+            }
+        })
+    }
+}
+
+fn add_months(dt: DateTime<Utc>, months: i64) -> EvalResult<DateTime<Utc>> {
+    let overflow = || out_of_range(format!("{dt} plus {months} months"));
+    let total = i64::from(dt.year())
+        .checked_mul(12)
+        .and_then(|x| x.checked_add(i64::from(dt.month0())))
+        .and_then(|x| x.checked_add(months))
+        .ok_or_else(overflow)?;
+    let year = total.div_euclid(12);
+    let month0 = total.rem_euclid(12) as u32;
+    if !(1..=9999).contains(&year) {
+        return Err(overflow());
+    }
+    let year = year as i32;
+    let last = days_in_month(year, month0 + 1);
+    let date =
+        NaiveDate::from_ymd_opt(year, month0 + 1, dt.day().min(last)).ok_or_else(overflow)?;
+    Ok(Utc.from_utc_datetime(&NaiveDateTime::new(date, dt.time())))
+}
+
+fn days_in_month(year: i32, month: u32) -> u32 {
+    let (ny, nm) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    NaiveDate::from_ymd_opt(ny, nm, 1)
+        .and_then(|d| d.pred_opt())
+        .map(|d| d.day())
+        .unwrap_or(31)
+}
+
+/// `DateAdd`: calendar arithmetic for years and months (day clamped to the month's last day),
+/// exact durations for the rest. Results outside years 1–9999 are errors.
+pub fn date_add(interval: Interval, value: i64, dt: DateTime<Utc>) -> EvalResult<DateTime<Utc>> {
+    let overflow = || out_of_range(format!("{dt} plus {value} {interval:?} intervals"));
+    let duration = |secs_per: i64| {
+        value
+            .checked_mul(secs_per)
+            .and_then(Duration::try_seconds)
+            .ok_or_else(overflow)
+    };
+    let out = match interval {
+        Interval::Year => add_months(dt, value.checked_mul(12).ok_or_else(overflow)?)?,
+        Interval::Month => add_months(dt, value)?,
+        Interval::Day => dt
+            .checked_add_signed(duration(86_400)?)
+            .ok_or_else(overflow)?,
+        Interval::Week => dt
+            .checked_add_signed(duration(7 * 86_400)?)
+            .ok_or_else(overflow)?,
+        Interval::Hour => dt
+            .checked_add_signed(duration(3_600)?)
+            .ok_or_else(overflow)?,
+        Interval::Minute => dt.checked_add_signed(duration(60)?).ok_or_else(overflow)?,
+        Interval::Second => dt.checked_add_signed(duration(1)?).ok_or_else(overflow)?,
+    };
+    check_range(out)
+}
+
+/// `DateDiff`: the number of interval boundaries crossed from `a` to `b` (Visual Basic
+/// semantics); positive when `b` is later.
+pub fn date_diff(interval: Interval, a: DateTime<Utc>, b: DateTime<Utc>) -> i64 {
+    let days = |d: &DateTime<Utc>| i64::from(d.num_days_from_ce());
+    let floor = |d: &DateTime<Utc>, unit: i64| d.timestamp().div_euclid(unit);
+    match interval {
+        Interval::Year => i64::from(b.year()) - i64::from(a.year()),
+        Interval::Month => {
+            (i64::from(b.year()) * 12 + i64::from(b.month0()))
+                - (i64::from(a.year()) * 12 + i64::from(a.month0()))
+        }
+        Interval::Day => days(&b) - days(&a),
+        // Day 7 of the common era (0001-01-07) is a Sunday, so days/7 numbers Sunday-started weeks.
+        Interval::Week => days(&b).div_euclid(7) - days(&a).div_euclid(7),
+        Interval::Hour => floor(&b, 3600) - floor(&a, 3600),
+        Interval::Minute => floor(&b, 60) - floor(&a, 60),
+        Interval::Second => b.timestamp() - a.timestamp(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// File times
+// ---------------------------------------------------------------------------------------------
+
+/// An Active Directory file time (100 ns since 1601-01-01Z) as a DateTime. `0` and `i64::MAX`
+/// ("never"/"not set") give `None`; negative values and values beyond 9999-12-31 are errors.
+pub fn from_file_time(ticks: i64) -> EvalResult<Option<DateTime<Utc>>> {
+    if ticks == 0 || ticks == i64::MAX {
+        return Ok(None);
+    }
+    if !(0..=FILETIME_MAX).contains(&ticks) {
+        return Err(EvalError::new(
+            codes::DATETIME_OUT_OF_RANGE,
+            format!("file time {ticks} is outside 0 to {FILETIME_MAX} (1601-01-01 to 9999-12-31)"),
+        ));
+    }
+    let secs = ticks.div_euclid(10_000_000) - FILETIME_EPOCH_OFFSET;
+    let nanos = (ticks.rem_euclid(10_000_000) * 100) as u32;
+    Utc.timestamp_opt(secs, nanos)
+        .single()
+        .map(Some)
+        .ok_or_else(|| out_of_range(format!("file time {ticks}")))
+}
+
+/// A DateTime as an Active Directory file time (100 ns since 1601-01-01Z). Instants before
+/// 1601 are errors.
+pub fn to_file_time(dt: DateTime<Utc>) -> EvalResult<i64> {
+    let secs = dt.timestamp() + FILETIME_EPOCH_OFFSET;
+    if secs < 0 {
+        return Err(EvalError::new(
+            codes::DATETIME_OUT_OF_RANGE,
+            format!(
+                "{} is before 1601-01-01, which has no file time",
+                dt.to_rfc3339()
+            ),
+        ));
+    }
+    secs.checked_mul(10_000_000)
+        .and_then(|t| t.checked_add(i64::from(dt.timestamp_subsec_nanos() / 100)))
+        .ok_or_else(|| out_of_range(dt))
+}
+
+// ---------------------------------------------------------------------------------------------
+// .NET custom format subset (§8)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    Lit(String),
+    /// 1 = `y`, 2 = `yy`, 4 = `yyy`/`yyyy`
+    Year(u8),
+    MonthNum(u8),
+    MonthName {
+        full: bool,
+    },
+    DayNum(u8),
+    DayName {
+        full: bool,
+    },
+    Hour24(u8),
+    Hour12(u8),
+    Minute(u8),
+    Second(u8),
+    Frac {
+        digits: u8,
+        trim: bool,
+    },
+    AmPm(u8),
+    Offset(u8),
+    OffsetK,
+}
+
+/// A .NET custom date/time format string (spec §8), compiled once and used for rendering and
+/// exact parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DotNetFormat {
+    toks: Vec<Tok>,
+}
+
+impl DotNetFormat {
+    /// Compiles a format string. Errors ([`codes::INVALID_FORMAT`]): an unterminated quote, a
+    /// trailing backslash, an empty format.
+    pub fn parse(format: &str) -> EvalResult<DotNetFormat> {
+        let err = |what: &str, pos: usize| {
+            EvalError::new(
+                codes::INVALID_FORMAT,
+                format!("format {format:?}: {what} at character {pos}"),
+            )
+        };
+        if format.is_empty() {
+            return Err(EvalError::new(
+                codes::INVALID_FORMAT,
+                "format is empty (use e.g. \"yyyy-MM-dd\")",
+            ));
+        }
+        let chars: Vec<char> = format.chars().collect();
+        let mut toks: Vec<Tok> = Vec::new();
+        let mut lit = String::new();
+        let flush = |lit: &mut String, toks: &mut Vec<Tok>| {
+            if !lit.is_empty() {
+                toks.push(Tok::Lit(std::mem::take(lit)));
+            }
+        };
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            let max = match c {
+                'y' | 'M' | 'd' => 4,
+                'H' | 'h' | 'm' | 's' | 't' => 2,
+                'f' | 'F' => 7,
+                'z' => 3,
+                'K' => 1,
+                _ => 0,
+            };
+            if max > 0 {
+                let run = chars[i..].iter().take_while(|&&x| x == c).count();
+                let n = run.min(max) as u8;
+                i += n as usize;
+                flush(&mut lit, &mut toks);
+                toks.push(match c {
+                    'y' => Tok::Year(if n >= 3 { 4 } else { n }),
+                    'M' if n >= 3 => Tok::MonthName { full: n == 4 },
+                    'M' => Tok::MonthNum(n),
+                    'd' if n >= 3 => Tok::DayName { full: n == 4 },
+                    'd' => Tok::DayNum(n),
+                    'H' => Tok::Hour24(n),
+                    'h' => Tok::Hour12(n),
+                    'm' => Tok::Minute(n),
+                    's' => Tok::Second(n),
+                    'f' => Tok::Frac {
+                        digits: n,
+                        trim: false,
+                    },
+                    'F' => Tok::Frac {
+                        digits: n,
+                        trim: true,
+                    },
+                    't' => Tok::AmPm(n),
+                    'z' => Tok::Offset(n),
+                    _ => Tok::OffsetK,
+                });
+                continue;
+            }
+            match c {
+                '\'' | '"' => {
+                    let start = i;
+                    i += 1;
+                    loop {
+                        match chars.get(i) {
+                            None => return Err(err("unterminated quoted text", start + 1)),
+                            Some(&q) if q == c => {
+                                i += 1;
+                                break;
+                            }
+                            Some('\\') => {
+                                let Some(&n) = chars.get(i + 1) else {
+                                    return Err(err("unterminated quoted text", start + 1));
+                                };
+                                lit.push(n);
+                                i += 2;
+                            }
+                            Some(&x) => {
+                                lit.push(x);
+                                i += 1;
+                            }
+                        }
+                    }
+                }
+                '\\' => {
+                    let Some(&n) = chars.get(i + 1) else {
+                        return Err(err("backslash with nothing to escape", i + 1));
+                    };
+                    lit.push(n);
+                    i += 2;
+                }
+                '%' => i += 1,
+                other => {
+                    lit.push(other);
+                    i += 1;
+                }
+            }
+        }
+        flush(&mut lit, &mut toks);
+        Ok(DotNetFormat { toks })
+    }
+
+    /// Renders `dt` (its wall-clock time and offset).
+    pub fn render(&self, dt: DateTime<FixedOffset>) -> String {
+        let mut out = String::new();
+        let off = dt.offset().local_minus_utc();
+        let sign = if off < 0 { '-' } else { '+' };
+        let (oh, om) = (off.abs() / 3600, (off.abs() % 3600) / 60);
+        for t in &self.toks {
+            match t {
+                Tok::Lit(s) => out.push_str(s),
+                Tok::Year(1) => out.push_str(&(dt.year().rem_euclid(100)).to_string()),
+                Tok::Year(2) => out.push_str(&format!("{:02}", dt.year().rem_euclid(100))),
+                Tok::Year(_) => out.push_str(&format!("{:04}", dt.year())),
+                Tok::MonthNum(n) => pad(&mut out, dt.month(), *n),
+                Tok::MonthName { full } => {
+                    let name = MONTHS[dt.month0() as usize];
+                    out.push_str(if *full { name } else { &name[..3] });
+                }
+                Tok::DayNum(n) => pad(&mut out, dt.day(), *n),
+                Tok::DayName { full } => {
+                    let name = WEEKDAYS[dt.weekday().num_days_from_sunday() as usize];
+                    out.push_str(if *full { name } else { &name[..3] });
+                }
+                Tok::Hour24(n) => pad(&mut out, dt.hour(), *n),
+                Tok::Hour12(n) => pad(&mut out, dt.hour12().1, *n),
+                Tok::Minute(n) => pad(&mut out, dt.minute(), *n),
+                Tok::Second(n) => pad(&mut out, dt.second(), *n),
+                Tok::Frac { digits, trim } => {
+                    let seven = format!("{:07}", (dt.nanosecond() % 1_000_000_000) / 100);
+                    let mut part = &seven[..*digits as usize];
+                    if *trim {
+                        part = part.trim_end_matches('0');
+                        // As .NET: with no fraction digits to show, a '.' just before goes too.
+                        if part.is_empty() && out.ends_with('.') {
+                            out.pop();
+                        }
+                    }
+                    out.push_str(part);
+                }
+                Tok::AmPm(n) => {
+                    let pm = dt.hour() >= 12;
+                    out.push_str(match (pm, n) {
+                        (false, 1) => "A",
+                        (true, 1) => "P",
+                        (false, _) => "AM",
+                        (true, _) => "PM",
+                    });
+                }
+                Tok::Offset(1) => out.push_str(&format!("{sign}{oh}")),
+                Tok::Offset(2) => out.push_str(&format!("{sign}{oh:02}")),
+                Tok::Offset(_) | Tok::OffsetK => out.push_str(&format!("{sign}{oh:02}:{om:02}")),
+            }
+        }
+        out
+    }
+
+    /// Parses `text` exactly against the format (leading/trailing whitespace of `text` ignored).
+    /// Missing fields default to year 1, January, day 1, 00:00:00; without an offset the value
+    /// is at `+00:00`. Errors: [`codes::FORMAT_MISMATCH`].
+    pub fn parse_input(&self, text: &str) -> EvalResult<DateTime<FixedOffset>> {
+        let fail = |why: &str| {
+            EvalError::new(
+                codes::FORMAT_MISMATCH,
+                format!(
+                    "{} does not match the input format: {why}",
+                    describe(&EvalValue::String(text.to_string()))
+                ),
+            )
+        };
+        let input: Vec<char> = text.trim().chars().collect();
+        let mut p = 0usize;
+        let mut year = 1i32;
+        let mut month = 1u32;
+        let mut day = 1u32;
+        let mut hour = 0u32;
+        let mut hour12: Option<u32> = None;
+        let mut pm: Option<bool> = None;
+        let (mut minute, mut second, mut nanos) = (0u32, 0u32, 0u32);
+        let mut off: i32 = 0;
+
+        let num = |p: &mut usize, min: usize, max: usize| -> Option<(u32, usize)> {
+            let mut v = 0u32;
+            let mut n = 0;
+            while n < max {
+                match input.get(*p).and_then(|c| c.to_digit(10)) {
+                    Some(d) => {
+                        v = v * 10 + d;
+                        *p += 1;
+                        n += 1;
+                    }
+                    None => break,
+                }
+            }
+            (n >= min).then_some((v, n))
+        };
+        let word = |p: &mut usize, w: &str| -> bool {
+            let wl: Vec<char> = w.chars().collect();
+            let ok = input.len() >= *p + wl.len()
+                && input[*p..*p + wl.len()]
+                    .iter()
+                    .zip(&wl)
+                    .all(|(a, b)| a.eq_ignore_ascii_case(b));
+            if ok {
+                *p += wl.len();
+            }
+            ok
+        };
+        let pivot = |v: u32| {
+            if v < 30 {
+                2000 + v as i32
+            } else {
+                1900 + v as i32
+            }
+        };
+
+        for (ti, t) in self.toks.iter().enumerate() {
+            match t {
+                Tok::Lit(s) => {
+                    let lits: Vec<char> = s.chars().collect();
+                    for (li, &lc) in lits.iter().enumerate() {
+                        let optional_dot = lc == '.'
+                            && li + 1 == lits.len()
+                            && matches!(self.toks.get(ti + 1), Some(Tok::Frac { trim: true, .. }));
+                        if input.get(p) == Some(&lc) {
+                            p += 1;
+                            if lc == 'Z' {
+                                off = 0;
+                            }
+                        } else if !optional_dot {
+                            return Err(fail(&format!("expected {lc:?} at character {}", p + 1)));
+                        }
+                    }
+                }
+                Tok::Year(n) => {
+                    let (v, _) = match n {
+                        1 => num(&mut p, 1, 2),
+                        2 => num(&mut p, 2, 2),
+                        _ => num(&mut p, 4, 4),
+                    }
+                    .ok_or_else(|| fail("expected a year"))?;
+                    year = if *n >= 4 { v as i32 } else { pivot(v) };
+                }
+                Tok::MonthNum(n) => {
+                    month = num(&mut p, *n as usize, 2)
+                        .ok_or_else(|| fail("expected a month"))?
+                        .0
+                }
+                Tok::MonthName { full } => {
+                    let found = MONTHS.iter().position(|m| {
+                        let w = if *full { m } else { &m[..3] };
+                        word(&mut p, w)
+                    });
+                    month = found.ok_or_else(|| fail("expected a month name"))? as u32 + 1;
+                }
+                Tok::DayNum(n) => {
+                    day = num(&mut p, *n as usize, 2)
+                        .ok_or_else(|| fail("expected a day"))?
+                        .0
+                }
+                Tok::DayName { full } => {
+                    let found = WEEKDAYS.iter().any(|d| {
+                        let w = if *full { d } else { &d[..3] };
+                        word(&mut p, w)
+                    });
+                    if !found {
+                        return Err(fail("expected a weekday name"));
+                    }
+                }
+                Tok::Hour24(n) => {
+                    hour = num(&mut p, *n as usize, 2)
+                        .ok_or_else(|| fail("expected an hour"))?
+                        .0;
+                    hour12 = None;
+                }
+                Tok::Hour12(n) => {
+                    let v = num(&mut p, *n as usize, 2)
+                        .ok_or_else(|| fail("expected an hour"))?
+                        .0;
+                    if !(1..=12).contains(&v) {
+                        return Err(fail("12-hour clock hour must be 1 to 12"));
+                    }
+                    hour12 = Some(v);
+                }
+                Tok::Minute(n) => {
+                    minute = num(&mut p, *n as usize, 2)
+                        .ok_or_else(|| fail("expected minutes"))?
+                        .0
+                }
+                Tok::Second(n) => {
+                    second = num(&mut p, *n as usize, 2)
+                        .ok_or_else(|| fail("expected seconds"))?
+                        .0
+                }
+                Tok::Frac { digits, trim } => {
+                    let min = if *trim { 0 } else { *digits as usize };
+                    let (v, n) = num(&mut p, min, *digits as usize)
+                        .ok_or_else(|| fail("expected fraction digits"))?;
+                    nanos = v * 10u32.pow(9 - n as u32);
+                }
+                Tok::AmPm(n) => {
+                    let (a, b) = if *n == 1 { ("A", "P") } else { ("AM", "PM") };
+                    if word(&mut p, a) {
+                        pm = Some(false);
+                    } else if word(&mut p, b) {
+                        pm = Some(true);
+                    } else {
+                        return Err(fail("expected AM or PM"));
+                    }
+                }
+                Tok::Offset(_) | Tok::OffsetK => {
+                    let rest: String = input[p..].iter().collect();
+                    let mut c = Cursor {
+                        b: rest.as_bytes(),
+                        i: 0,
+                    };
+                    match offset(&mut c) {
+                        Some(o) => {
+                            off = o;
+                            p += rest[..c.i].chars().count();
+                        }
+                        None if matches!(t, Tok::OffsetK) => {}
+                        None => return Err(fail("expected an offset such as +02:00 or Z")),
+                    }
+                }
+            }
+        }
+        if p != input.len() {
+            return Err(fail(&format!("unexpected text at character {}", p + 1)));
+        }
+        if let Some(h) = hour12 {
+            hour = match pm {
+                Some(true) if h < 12 => h + 12,
+                Some(false) if h == 12 => 0,
+                _ => h,
+            };
+        }
+        let date = NaiveDate::from_ymd_opt(year, month, day)
+            .ok_or_else(|| fail(&format!("{year:04}-{month:02}-{day:02} is not a date")))?;
+        let time = NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)
+            .ok_or_else(|| fail(&format!("{hour}:{minute:02}:{second:02} is not a time")))?;
+        let tz = FixedOffset::east_opt(off).ok_or_else(|| fail("offset out of range"))?;
+        let dt = tz
+            .from_local_datetime(&NaiveDateTime::new(date, time))
+            .single()
+            .ok_or_else(|| fail("not a valid local time"))?;
+        check_range(dt)
+    }
+}
+
+fn pad(out: &mut String, v: u32, width: u8) {
+    if width >= 2 {
+        out.push_str(&format!("{v:02}"));
+    } else {
+        out.push_str(&v.to_string());
+    }
+}
+
+/// The effect of a `FormatDateTime` `dateTimeStyles` argument: only `AdjustToUniversal` changes
+/// the result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DateTimeStyles {
+    /// Convert the parsed value to UTC before rendering.
+    pub adjust_to_universal: bool,
+}
+
+impl DateTimeStyles {
+    /// Reads `""` (default) or names separated by `,` or `|`, each optionally prefixed
+    /// `DateTimeStyles.`, case-insensitive. Unknown names: [`codes::INVALID_DATETIME_STYLES`].
+    pub fn parse(text: &str) -> EvalResult<DateTimeStyles> {
+        let mut styles = DateTimeStyles::default();
+        if text.trim().is_empty() {
+            return Ok(styles);
+        }
+        const KNOWN: [&str; 10] = [
+            "none",
+            "allowleadingwhite",
+            "allowtrailingwhite",
+            "allowinnerwhite",
+            "allowwhitespaces",
+            "nocurrentdatedefault",
+            "adjusttouniversal",
+            "assumelocal",
+            "assumeuniversal",
+            "roundtripkind",
+        ];
+        for part in text.split([',', '|']) {
+            let name = part.trim();
+            let lower = name.to_ascii_lowercase();
+            let bare = lower.strip_prefix("datetimestyles.").unwrap_or(&lower);
+            if !KNOWN.contains(&bare) {
+                return Err(EvalError::new(
+                    codes::INVALID_DATETIME_STYLES,
+                    format!(
+                        "{name:?} is not a DateTimeStyles name (known: None, AllowWhiteSpaces, \
+                         AdjustToUniversal, AssumeUniversal, AssumeLocal, RoundtripKind, …)"
+                    ),
+                ));
+            }
+            if bare == "adjusttouniversal" {
+                styles.adjust_to_universal = true;
+            }
+        }
+        Ok(styles)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()
+    }
+
+    #[test]
+    fn canonical_rendering() {
+        assert_eq!(
+            render_canonical(&utc(2024, 1, 5, 0, 0, 0)),
+            "1/5/2024 12:00:00 AM"
+        );
+        assert_eq!(
+            render_canonical(&utc(2024, 12, 25, 12, 3, 4)),
+            "12/25/2024 12:03:04 PM"
+        );
+        assert_eq!(
+            render_canonical(&utc(999, 7, 1, 23, 59, 59)),
+            "7/1/0999 11:59:59 PM"
+        );
+    }
+
+    #[test]
+    fn accepted_text_forms() {
+        let cases = [
+            ("2024-01-31", utc(2024, 1, 31, 0, 0, 0)),
+            ("  2024-01-31  ", utc(2024, 1, 31, 0, 0, 0)),
+            ("2024-01-31T13:45", utc(2024, 1, 31, 13, 45, 0)),
+            ("2024-01-31T13:45:10Z", utc(2024, 1, 31, 13, 45, 10)),
+            ("2024-01-31 13:45:10", utc(2024, 1, 31, 13, 45, 10)),
+            ("2024-01-31T1:45:10 PM", utc(2024, 1, 31, 13, 45, 10)),
+            ("2024-01-31 12:00:00 AM", utc(2024, 1, 31, 0, 0, 0)),
+            ("2024-01-31T13:45:10+02:00", utc(2024, 1, 31, 11, 45, 10)),
+            ("2024-01-31T13:45:10 -0530", utc(2024, 1, 31, 19, 15, 10)),
+            ("2024-01-31T13:45:10-5", utc(2024, 1, 31, 18, 45, 10)),
+            ("2024-01-31-08:00", utc(2024, 1, 31, 8, 0, 0)),
+            ("2024-01-31+01:00", utc(2024, 1, 30, 23, 0, 0)),
+            ("2024-01-31Z", utc(2024, 1, 31, 0, 0, 0)),
+            ("1/31/2024", utc(2024, 1, 31, 0, 0, 0)),
+            ("01/05/2024 1:02:03 PM", utc(2024, 1, 5, 13, 2, 3)),
+            ("1/5/2024 1:02:03 pm +01:00", utc(2024, 1, 5, 12, 2, 3)),
+            ("12/31/2024 23:59", utc(2024, 12, 31, 23, 59, 0)),
+            ("20240131134510Z", utc(2024, 1, 31, 13, 45, 10)),
+            ("20240131134510+0100", utc(2024, 1, 31, 12, 45, 10)),
+            ("20240131134510.0Z", utc(2024, 1, 31, 13, 45, 10)),
+            ("2024-02-29", utc(2024, 2, 29, 0, 0, 0)),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_text_utc(text).unwrap(), want, "{text}");
+        }
+        let f = parse_text_utc("2024-01-31T13:45:10.1234567Z").unwrap();
+        assert_eq!(f.timestamp_subsec_nanos(), 123_456_700);
+        let f = parse_text_utc("20240131134510.5-0000").unwrap();
+        assert_eq!(f.timestamp_subsec_nanos(), 500_000_000);
+        // The offset is kept by parse_text.
+        assert_eq!(
+            parse_text("2024-01-31T13:45:10+02:00")
+                .unwrap()
+                .offset()
+                .local_minus_utc(),
+            7200
+        );
+    }
+
+    #[test]
+    fn rejected_text_forms() {
+        for bad in [
+            "",
+            "   ",
+            "tomorrow",
+            "2024-1-31",
+            "2024-02-30",
+            "2023-02-29",
+            "2024/01/31",
+            "31.01.2024",
+            "1/31/24",
+            "13/1/2024",
+            "2024-01-31T",
+            "2024-01-31T25:00",
+            "2024-01-31T13:60",
+            "2024-01-31T13:45:10.12345678Z",
+            "2024-01-31T13:45:10+15:00",
+            "2024-01-31T13:45:10+01:60",
+            "2024-01-31T13:45:10+123",
+            "2024-01-31T13:45:10 XYZ",
+            "2024-01-31T13:45 PM",
+            "2024-01-31T00:45 AM",
+            "20240131134510",
+            "20240131134510+01",
+            "202401311345101Z",
+            "2024-01-31T13:45:10Z extra",
+            "2024-01-31T13:45:10ZZ",
+            "２０２４-01-31",
+        ] {
+            let e = parse_text(bad).unwrap_err();
+            assert_eq!(e.code, codes::INVALID_DATETIME, "{bad}");
+        }
+        assert_eq!(
+            parse_text("0000-01-01").unwrap_err().code,
+            codes::DATETIME_OUT_OF_RANGE
+        );
+        assert_eq!(
+            parse_text("0001-01-01T00:00:00+01:00").unwrap_err().code,
+            codes::DATETIME_OUT_OF_RANGE
+        );
+    }
+
+    #[test]
+    fn intervals() {
+        for (t, i) in [
+            ("yyyy", Interval::Year),
+            ("m", Interval::Month),
+            ("d", Interval::Day),
+            ("ww", Interval::Week),
+            ("h", Interval::Hour),
+            ("n", Interval::Minute),
+            ("s", Interval::Second),
+        ] {
+            assert_eq!(Interval::parse(t).unwrap(), i);
+        }
+        for bad in ["M", "y", "q", "w", "YYYY", "", "mi", "ss"] {
+            assert_eq!(
+                Interval::parse(bad).unwrap_err().code,
+                codes::INVALID_INTERVAL
+            );
+        }
+    }
+
+    #[test]
+    fn date_add_clamps_and_counts() {
+        let jan31 = utc(2024, 1, 31, 10, 0, 0);
+        assert_eq!(
+            date_add(Interval::Month, 1, jan31).unwrap(),
+            utc(2024, 2, 29, 10, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Month, 1, utc(2023, 1, 31, 0, 0, 0)).unwrap(),
+            utc(2023, 2, 28, 0, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Year, 1, utc(2024, 2, 29, 0, 0, 0)).unwrap(),
+            utc(2025, 2, 28, 0, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Month, -13, jan31).unwrap(),
+            utc(2022, 12, 31, 10, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Month, 3, jan31).unwrap(),
+            utc(2024, 4, 30, 10, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Day, 1, jan31).unwrap(),
+            utc(2024, 2, 1, 10, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Week, -1, jan31).unwrap(),
+            utc(2024, 1, 24, 10, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Hour, 15, jan31).unwrap(),
+            utc(2024, 2, 1, 1, 0, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Minute, -61, jan31).unwrap(),
+            utc(2024, 1, 31, 8, 59, 0)
+        );
+        assert_eq!(
+            date_add(Interval::Second, 3600, jan31).unwrap(),
+            utc(2024, 1, 31, 11, 0, 0)
+        );
+        for (i, n) in [
+            (Interval::Year, 8000),
+            (Interval::Year, i64::MAX),
+            (Interval::Month, i64::MIN),
+            (Interval::Day, i64::MAX),
+            (Interval::Second, i64::MIN),
+            (Interval::Week, 1_000_000),
+        ] {
+            assert_eq!(
+                date_add(i, n, jan31).unwrap_err().code,
+                codes::DATETIME_OUT_OF_RANGE,
+                "{i:?} {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn date_diff_counts_boundaries() {
+        let a = utc(2023, 12, 31, 23, 59, 59);
+        let b = utc(2024, 1, 1, 0, 0, 0);
+        for i in [
+            Interval::Year,
+            Interval::Month,
+            Interval::Day,
+            Interval::Hour,
+            Interval::Minute,
+            Interval::Second,
+        ] {
+            assert_eq!(date_diff(i, a, b), 1, "{i:?}");
+            assert_eq!(date_diff(i, b, a), -1, "{i:?}");
+        }
+        assert_eq!(
+            date_diff(
+                Interval::Year,
+                utc(2024, 1, 1, 0, 0, 0),
+                utc(2024, 12, 31, 0, 0, 0)
+            ),
+            0
+        );
+        assert_eq!(
+            date_diff(
+                Interval::Month,
+                utc(2024, 1, 31, 0, 0, 0),
+                utc(2024, 2, 1, 0, 0, 0)
+            ),
+            1
+        );
+        assert_eq!(
+            date_diff(
+                Interval::Day,
+                utc(2024, 1, 1, 0, 0, 0),
+                utc(2024, 1, 1, 23, 59, 59)
+            ),
+            0
+        );
+        assert_eq!(
+            date_diff(
+                Interval::Hour,
+                utc(2024, 1, 1, 0, 59, 0),
+                utc(2024, 1, 1, 1, 0, 0)
+            ),
+            1
+        );
+        assert_eq!(
+            date_diff(
+                Interval::Minute,
+                utc(2024, 1, 1, 0, 0, 59),
+                utc(2024, 1, 1, 0, 1, 0)
+            ),
+            1
+        );
+        assert_eq!(date_diff(Interval::Day, a, a), 0);
+        // 2024-01-06 is a Saturday, 2024-01-07 a Sunday.
+        let sat = utc(2024, 1, 6, 12, 0, 0);
+        let sun = utc(2024, 1, 7, 0, 0, 0);
+        assert_eq!(date_diff(Interval::Week, sat, sun), 1);
+        assert_eq!(
+            date_diff(Interval::Week, sun, utc(2024, 1, 13, 23, 0, 0)),
+            0
+        );
+        assert_eq!(date_diff(Interval::Week, sun, utc(2024, 1, 14, 0, 0, 0)), 1);
+        assert_eq!(
+            date_diff(
+                Interval::Week,
+                utc(2024, 1, 1, 0, 0, 0),
+                utc(2024, 1, 31, 0, 0, 0)
+            ),
+            4
+        );
+        assert_eq!(date_diff(Interval::Week, sun, sat), -1);
+        assert_eq!(utc(1, 1, 7, 0, 0, 0).weekday(), chrono::Weekday::Sun);
+    }
+
+    #[test]
+    fn file_times() {
+        assert_eq!(from_file_time(0).unwrap(), None);
+        assert_eq!(from_file_time(i64::MAX).unwrap(), None);
+        assert_eq!(
+            from_file_time(1).unwrap().unwrap().timestamp_subsec_nanos(),
+            100
+        );
+        assert_eq!(
+            from_file_time(116_444_736_000_000_000).unwrap(),
+            Some(utc(1970, 1, 1, 0, 0, 0))
+        );
+        assert_eq!(
+            from_file_time(-1).unwrap_err().code,
+            codes::DATETIME_OUT_OF_RANGE
+        );
+        assert_eq!(
+            from_file_time(FILETIME_MAX + 1).unwrap_err().code,
+            codes::DATETIME_OUT_OF_RANGE
+        );
+        let last = from_file_time(FILETIME_MAX).unwrap().unwrap();
+        assert_eq!(last.year(), 9999);
+        assert_eq!(to_file_time(last).unwrap(), FILETIME_MAX);
+        let d = utc(2024, 5, 6, 7, 8, 9);
+        assert_eq!(from_file_time(to_file_time(d).unwrap()).unwrap(), Some(d));
+        assert_eq!(to_file_time(utc(1601, 1, 1, 0, 0, 0)).unwrap(), 0);
+        assert_eq!(
+            to_file_time(utc(1600, 12, 31, 23, 59, 59))
+                .unwrap_err()
+                .code,
+            codes::DATETIME_OUT_OF_RANGE
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fixed(
+        y: i32,
+        mo: u32,
+        d: u32,
+        h: u32,
+        mi: u32,
+        s: u32,
+        ns: u32,
+        off: i32,
+    ) -> DateTime<FixedOffset> {
+        FixedOffset::east_opt(off)
+            .unwrap()
+            .with_ymd_and_hms(y, mo, d, h, mi, s)
+            .unwrap()
+            + Duration::nanoseconds(i64::from(ns))
+    }
+
+    #[test]
+    fn format_tokens_render() {
+        let dt = fixed(2024, 3, 5, 14, 7, 9, 123_456_700, 5 * 3600 + 30 * 60);
+        let cases = [
+            ("yyyy", "2024"),
+            ("yyy", "2024"),
+            ("yy", "24"),
+            ("y", "24"),
+            ("yyyyy", "202424"),
+            ("MMMM", "March"),
+            ("MMM", "Mar"),
+            ("MM", "03"),
+            ("M", "3"),
+            ("dddd", "Tuesday"),
+            ("ddd", "Tue"),
+            ("dd", "05"),
+            ("d", "5"),
+            ("HH", "14"),
+            ("H", "14"),
+            ("hh", "02"),
+            ("h", "2"),
+            ("mm", "07"),
+            ("m", "7"),
+            ("ss", "09"),
+            ("s", "9"),
+            ("f", "1"),
+            ("fff", "123"),
+            ("fffffff", "1234567"),
+            ("FFFFFFF", "1234567"),
+            ("tt", "PM"),
+            ("t", "P"),
+            ("zzz", "+05:30"),
+            ("zz", "+05"),
+            ("z", "+5"),
+            ("K", "+05:30"),
+            ("'yyyy'", "yyyy"),
+            ("\"at\" H", "at 14"),
+            ("\\d", "d"),
+            ("%d", "5"),
+            ("yyyy-MM-ddTHH:mm:ssZ", "2024-03-05T14:07:09Z"),
+            ("M/d/yyyy h:mm:ss tt", "3/5/2024 2:07:09 PM"),
+            ("yyyyMMddHHmmss.0Z", "20240305140709.0Z"),
+        ];
+        for (f, want) in cases {
+            assert_eq!(DotNetFormat::parse(f).unwrap().render(dt), want, "{f}");
+        }
+        let round = fixed(2024, 3, 5, 0, 7, 9, 500_000_000, -3600);
+        assert_eq!(DotNetFormat::parse("ss.FFF").unwrap().render(round), "09.5");
+        assert_eq!(
+            DotNetFormat::parse("h tt zzz").unwrap().render(round),
+            "12 AM -01:00"
+        );
+        assert_eq!(DotNetFormat::parse("z").unwrap().render(round), "-1");
+        let whole = fixed(2024, 3, 5, 0, 7, 9, 0, 0);
+        assert_eq!(DotNetFormat::parse("ss.FFF").unwrap().render(whole), "09");
+        assert_eq!(
+            DotNetFormat::parse("ss.fff").unwrap().render(whole),
+            "09.000"
+        );
+        assert_eq!(DotNetFormat::parse("K").unwrap().render(whole), "+00:00");
+    }
+
+    #[test]
+    fn format_tokens_parse() {
+        let p = |f: &str, t: &str| DotNetFormat::parse(f).unwrap().parse_input(t);
+        assert_eq!(
+            p("yyyyMMdd", "20240305").unwrap(),
+            fixed(2024, 3, 5, 0, 0, 0, 0, 0)
+        );
+        assert_eq!(
+            p("yy-M-d", "29-3-5").unwrap(),
+            fixed(2029, 3, 5, 0, 0, 0, 0, 0)
+        );
+        assert_eq!(p("yy", "30").unwrap().year(), 1930);
+        assert_eq!(p("y", "5").unwrap().year(), 2005);
+        assert_eq!(
+            p("MMMM d, yyyy", " march 5, 2024 ").unwrap(),
+            fixed(2024, 3, 5, 0, 0, 0, 0, 0)
+        );
+        assert_eq!(p("dd-MMM-yyyy", "05-SEP-2024").unwrap().month(), 9);
+        assert_eq!(
+            p("dddd, d MMM", "friday, 2 Feb").unwrap(),
+            fixed(1, 2, 2, 0, 0, 0, 0, 0)
+        );
+        assert_eq!(p("ddd d", "Mon 2").unwrap().day(), 2);
+        assert_eq!(p("HH:mm:ss", "23:04:05").unwrap().hour(), 23);
+        assert_eq!(p("H:m:s", "3:4:5").unwrap(), fixed(1, 1, 1, 3, 4, 5, 0, 0));
+        assert_eq!(p("h:mm tt", "12:30 am").unwrap().hour(), 0);
+        assert_eq!(p("h:mm tt", "12:30 PM").unwrap().hour(), 12);
+        assert_eq!(p("hh:mm t", "01:30 P").unwrap().hour(), 13);
+        assert_eq!(p("ss.fff", "01.250").unwrap().nanosecond(), 250_000_000);
+        assert_eq!(p("ss.FFF", "01.25").unwrap().nanosecond(), 250_000_000);
+        assert_eq!(p("ss.FFF", "01").unwrap().nanosecond(), 0);
+        assert_eq!(
+            p("ss.fffffff", "01.1234567").unwrap().nanosecond(),
+            123_456_700
+        );
+        for (off_text, secs) in [
+            ("Z", 0),
+            ("+5", 18000),
+            ("-05", -18000),
+            ("+0530", 19800),
+            ("-05:30", -19800),
+        ] {
+            let d = p("yyyy-MM-ddzzz", &format!("2024-01-01{off_text}")).unwrap();
+            assert_eq!(d.offset().local_minus_utc(), secs, "{off_text}");
+        }
+        assert_eq!(p("HHK", "10").unwrap().offset().local_minus_utc(), 0);
+        assert_eq!(
+            p("HHK", "10+02:00").unwrap().offset().local_minus_utc(),
+            7200
+        );
+        assert_eq!(
+            p("yyyy-MM-ddTHH:mm:ssZ", "2024-01-01T10:00:00Z")
+                .unwrap()
+                .hour(),
+            10
+        );
+        assert_eq!(p("'Date:' yyyy", "Date: 2024").unwrap().year(), 2024);
+        // Every render parses back.
+        let dt = fixed(2024, 11, 9, 17, 5, 3, 120_000_000, -7200);
+        for f in [
+            "yyyy-MM-dd HH:mm:ss.fff zzz",
+            "dddd, MMMM d, yyyy h:mm:ss.FF tt K",
+            "yyMMddHHmmss.FFFzz",
+        ] {
+            let fmt = DotNetFormat::parse(f).unwrap();
+            assert_eq!(fmt.parse_input(&fmt.render(dt)).unwrap(), dt, "{f}");
+        }
+        for (f, t) in [
+            ("yyyy", "24"),
+            ("yyyy", "20245"),
+            ("MM", "3"),
+            ("MM/dd", "02/30"),
+            ("HH", "24"),
+            ("hh", "13"),
+            ("h tt", "1 XM"),
+            ("MMM", "Sept"),
+            ("ddd", "Xyz"),
+            ("fff", "12"),
+            ("yyyy-MM-dd", "2024/01/01"),
+            ("yyyy-MM-dd", "2024-01-01T00"),
+            ("zzz", "+15:00"),
+            ("yyyy'Z'", "2024z"),
+        ] {
+            assert_eq!(p(f, t).unwrap_err().code, codes::FORMAT_MISMATCH, "{f} {t}");
+        }
+    }
+
+    #[test]
+    fn malformed_formats_and_styles() {
+        for bad in ["", "'abc", "yyyy\\", "\"x"] {
+            assert_eq!(
+                DotNetFormat::parse(bad).unwrap_err().code,
+                codes::INVALID_FORMAT,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            DateTimeStyles::parse("").unwrap(),
+            DateTimeStyles::default()
+        );
+        assert!(
+            DateTimeStyles::parse("DateTimeStyles.AdjustToUniversal")
+                .unwrap()
+                .adjust_to_universal
+        );
+        assert!(
+            DateTimeStyles::parse("AllowWhiteSpaces | adjusttouniversal")
+                .unwrap()
+                .adjust_to_universal
+        );
+        assert!(
+            !DateTimeStyles::parse("None,AssumeLocal")
+                .unwrap()
+                .adjust_to_universal
+        );
+        assert_eq!(
+            DateTimeStyles::parse("Bogus").unwrap_err().code,
+            codes::INVALID_DATETIME_STYLES
+        );
+    }
+}

@@ -1,0 +1,475 @@
+//! The evaluator: a compiled expression ([`Program`]) evaluated over one object's attributes and
+//! an [`EvalContext`], to an [`Evaluated`] outcome (spec §1): a value, ignore-flow or not-unique,
+//! marked redacted or replace where the spec says so.
+//!
+//! [`Program::compile`] parses, checks and precompiles once — every literal regular expression,
+//! .NET date format, interval and culture is compiled here, never per object. `IIF`, `Switch`,
+//! `Coalesce` and `SelectUniqueValue` are lazy (spec §4.8). Pure: no clock, no I/O; randomness
+//! only from the context's seeded source.
+
+use crate::model::{Attributes, Dn, Reference, Value, Values};
+use crate::rules::context::EvalContext;
+use crate::rules::diagnostic::{Code, Diagnostic, Diagnostics, Span};
+use crate::rules::expr::{
+    self, CompareOp as AstCompareOp, CompiledExpr, Literal, LiteralCheck, Node,
+};
+use crate::rules::function::Function;
+use crate::rules::functions::{self, Precompiled, UniqueCheck};
+use crate::rules::value::{self, codes, CompareOp, EvalError, EvalValue};
+
+/// How a flow's result is applied.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The value(s) to write (Null: the mapping contributes nothing).
+    Value(EvalValue),
+    /// `IgnoreFlowIfNullOrEmpty` saw nothing: leave the target attribute out of this flow.
+    IgnoreFlow,
+    /// `SelectUniqueValue` found every candidate taken: hold the object back.
+    NotUnique,
+}
+
+/// The result of evaluating a program.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluated {
+    /// The outcome.
+    pub outcome: Outcome,
+    /// The value is secret (`Redact`): never shown or logged.
+    pub redacted: bool,
+    /// `AssertiveAppRoleAssignmentsComplex`: the target's set is replaced.
+    pub replace: bool,
+    /// Warnings raised while evaluating (for example `SingleAppRoleAssignment` with several
+    /// roles).
+    pub warnings: Vec<String>,
+}
+
+/// An evaluation error with the span of the call that failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}: {}", Code::Evaluation(self.error.code), self.error.message)]
+pub struct EvalFailure {
+    /// The error.
+    pub error: EvalError,
+    /// Where in the expression.
+    pub span: Span,
+}
+
+impl EvalFailure {
+    /// The failure as a diagnostic (code `E03xx`), to render with the expression's text.
+    pub fn diagnostic(&self) -> Diagnostic {
+        Diagnostic::new(
+            Code::Evaluation(self.error.code),
+            self.span,
+            self.error.message.clone(),
+        )
+    }
+}
+
+/// An evaluable node: the compiled tree with each call's precompiled literal arguments.
+#[derive(Debug, Clone)]
+enum Op {
+    Call {
+        func: Function,
+        args: Vec<Option<Op>>,
+        pre: Box<Precompiled>,
+        span: Span,
+    },
+    Attr {
+        name: String,
+    },
+    Lit(EvalValue),
+    Compare {
+        op: CompareOp,
+        lhs: Box<Op>,
+        rhs: Box<Op>,
+        span: Span,
+    },
+}
+
+/// A compiled, ready-to-evaluate expression.
+///
+/// ```
+/// use dirsync::model::Attributes;
+/// use dirsync::rules::context::{EvalContext, SeededRng};
+/// use dirsync::rules::eval::{Outcome, Program};
+/// use dirsync::rules::value::EvalValue;
+///
+/// let p = Program::compile(r#"Join(" ", [givenName], ToUpper([sn]))"#).unwrap();
+/// let attrs: Attributes = [("givenName", "Ada"), ("sn", "Lovelace")].into_iter().collect();
+/// let mut rng = SeededRng::from_seed(1);
+/// let mut ctx = EvalContext::new(chrono::DateTime::UNIX_EPOCH, &mut rng);
+/// let out = p.evaluate(&attrs, &mut ctx).unwrap();
+/// assert_eq!(out.outcome, Outcome::Value(EvalValue::from("Ada LOVELACE")));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Program {
+    root: Op,
+    compiled: CompiledExpr,
+}
+
+/// Literal to value.
+fn literal(l: &Literal) -> EvalValue {
+    match l {
+        Literal::String(s) => EvalValue::String(s.clone()),
+        Literal::Integer(i) => EvalValue::Integer(*i),
+        Literal::Decimal(d) => value::Decimal::new(d.mantissa, d.scale)
+            .map(EvalValue::Decimal)
+            .unwrap_or_else(|| EvalValue::String(format!("{d}"))),
+        Literal::Boolean(b) => EvalValue::Boolean(*b),
+        Literal::Null => EvalValue::Null,
+        Literal::CompareMode(m) => EvalValue::Integer(match m {
+            expr::CompareMode::Binary => 0,
+            expr::CompareMode::Text => 1,
+        }),
+    }
+}
+
+fn compare_op(op: AstCompareOp) -> CompareOp {
+    match op {
+        AstCompareOp::Eq => CompareOp::Eq,
+        AstCompareOp::Ne => CompareOp::Ne,
+        AstCompareOp::Lt => CompareOp::Lt,
+        AstCompareOp::Le => CompareOp::Le,
+        AstCompareOp::Gt => CompareOp::Gt,
+        AstCompareOp::Ge => CompareOp::Ge,
+    }
+}
+
+fn precompile(func: Function, args: &[Option<Node>]) -> Result<Precompiled, EvalError> {
+    let lits: Vec<Option<EvalValue>> = args
+        .iter()
+        .map(|a| a.as_ref().and_then(Node::literal).map(literal))
+        .collect();
+    let view: Vec<Option<Option<&EvalValue>>> = args
+        .iter()
+        .zip(&lits)
+        .map(|(a, l)| a.as_ref().map(|_| l.as_ref()))
+        .collect();
+    functions::precompile(func, &view)
+}
+
+fn literal_code(e: &EvalError) -> Code {
+    match e.code {
+        codes::INVALID_REGEX | codes::UNKNOWN_GROUP => Code::InvalidRegexLiteral,
+        codes::INVALID_FORMAT => Code::InvalidDateFormatLiteral,
+        _ => Code::InvalidLiteralArgument,
+    }
+}
+
+/// The literal checks of the function library (spec §3.1 item 5): regular expressions, date
+/// formats, and every other literal argument that would make a call fail for every object. Run
+/// by [`Program::compile`] through the front end's [`LiteralCheck`] hook.
+pub struct FunctionLiteralChecks;
+
+impl LiteralCheck for FunctionLiteralChecks {
+    fn check_call(
+        &self,
+        func: Function,
+        args: &[Option<Node>],
+        span: Span,
+        out: &mut Vec<Diagnostic>,
+    ) {
+        if let Err(e) = precompile(func, args) {
+            let at = e
+                .arg
+                .and_then(|i| args.get(i).and_then(|a| a.as_ref()).map(Node::span))
+                .unwrap_or(span);
+            let code = literal_code(&e);
+            // The front end's own checks already cover these; do not report them twice.
+            let covered = matches!(
+                e.code,
+                codes::INVALID_INTERVAL
+                    | codes::INVALID_CULTURE
+                    | codes::INVALID_RANDOM_STRING
+                    | codes::INVALID_COMPARE_TYPE
+                    | codes::INVALID_DATETIME_STYLES
+                    | codes::ARGUMENT_COUNT
+            );
+            if !covered {
+                out.push(Diagnostic::new(code, at, e.message));
+            }
+        }
+    }
+}
+
+fn build(node: &Node) -> Result<Op, Diagnostic> {
+    Ok(match node {
+        Node::Call { func, args, span } => {
+            let pre = precompile(*func, args)
+                .map_err(|e| Diagnostic::new(literal_code(&e), *span, e.message))?;
+            Op::Call {
+                func: *func,
+                args: args
+                    .iter()
+                    .map(|a| a.as_ref().map(build).transpose())
+                    .collect::<Result<_, _>>()?,
+                pre: Box::new(pre),
+                span: *span,
+            }
+        }
+        Node::Attr { name, .. } => Op::Attr { name: name.clone() },
+        Node::Literal { value, .. } => Op::Lit(literal(value)),
+        Node::Compare { op, lhs, rhs, span } => Op::Compare {
+            op: compare_op(*op),
+            lhs: Box::new(build(lhs)?),
+            rhs: Box::new(build(rhs)?),
+            span: *span,
+        },
+    })
+}
+
+/// A model value as an expression value (spec §4.1).
+pub fn from_model(v: &Value) -> EvalValue {
+    match v {
+        Value::String(s) => EvalValue::String(s.to_string()),
+        Value::Bytes(b) => EvalValue::Binary(b.clone()),
+        Value::Integer(i) => EvalValue::Integer(*i),
+        Value::Boolean(b) => EvalValue::Boolean(*b),
+        Value::Timestamp(t) => EvalValue::DateTime(*t),
+        Value::Reference(r) => EvalValue::Reference(r.to_string()),
+    }
+}
+
+/// The values of an attribute as one expression value: Null, a single value or a Multi.
+pub fn attribute_value(attrs: &Attributes, name: &str) -> EvalValue {
+    match attrs.get(name).map(|v| &v[..]) {
+        None | Some([]) => EvalValue::Null,
+        Some([one]) => from_model(one),
+        Some(many) => EvalValue::multi(many.iter().map(from_model).collect()),
+    }
+}
+
+/// An expression value as model values for a target attribute: strings stay strings, dates
+/// render canonically (spec §4.6) as Entra writes them, and for a reference attribute each
+/// value becomes a reference (a DN when it parses as one, else an anchor).
+pub fn to_model(v: &EvalValue, reference: bool) -> Result<Values, EvalError> {
+    let mut out = Values::new();
+    for x in v.values() {
+        if reference {
+            if let Some(text) = x.to_string_value()? {
+                out.push(match Dn::parse(&text) {
+                    Ok(dn) if !dn.is_root() => Value::dn_ref(dn),
+                    _ => Value::Reference(Reference::Anchor(text.into())),
+                });
+            }
+            continue;
+        }
+        match x {
+            EvalValue::Null => {}
+            EvalValue::Integer(i) => out.push(*i),
+            EvalValue::Boolean(b) => out.push(*b),
+            EvalValue::Binary(b) => out.push(b.clone()),
+            EvalValue::Structured(roles) => {
+                for r in roles {
+                    out.push(Value::string(format!("{}", r.value)));
+                }
+            }
+            other => {
+                if let Some(text) = other.to_string_value()? {
+                    out.push(Value::string(text));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Program {
+    /// Parses, checks and precompiles `text`. Every problem is reported, with spans.
+    pub fn compile(text: &str) -> Result<Program, Diagnostics> {
+        let compiled = expr::compile_with(text, &[&FunctionLiteralChecks])?;
+        Program::from_compiled(compiled)
+    }
+
+    /// Precompiles an already checked expression.
+    pub fn from_compiled(compiled: CompiledExpr) -> Result<Program, Diagnostics> {
+        let root = build(&compiled.root).map_err(|d| Diagnostics(vec![d]))?;
+        Ok(Program { root, compiled })
+    }
+
+    /// The checked expression (source text, flags, warnings).
+    pub fn compiled(&self) -> &CompiledExpr {
+        &self.compiled
+    }
+
+    /// If the whole expression is one attribute reference, its name (a direct mapping, which
+    /// the rule set flows without conversion).
+    pub fn direct_attribute(&self) -> Option<&str> {
+        match &self.root {
+            Op::Attr { name, .. } if !self.compiled.ignore_flow_if_null_or_empty => Some(name),
+            _ => None,
+        }
+    }
+
+    /// Evaluates over `attrs`.
+    pub fn evaluate(
+        &self,
+        attrs: &Attributes,
+        ctx: &mut EvalContext<'_>,
+    ) -> Result<Evaluated, EvalFailure> {
+        let mut warnings = Vec::new();
+        let result = eval(&self.root, attrs, ctx, &mut warnings)?;
+        let outcome = match result {
+            Flow::NotUnique => Outcome::NotUnique,
+            Flow::Value(v) => {
+                if self.compiled.ignore_flow_if_null_or_empty && functions::is_null_or_empty(&v) {
+                    Outcome::IgnoreFlow
+                } else {
+                    Outcome::Value(v)
+                }
+            }
+        };
+        Ok(Evaluated {
+            outcome,
+            redacted: self.compiled.redact,
+            replace: self.compiled.replaces_app_roles(),
+            warnings,
+        })
+    }
+}
+
+/// An intermediate result: a value, or `SelectUniqueValue`'s not-unique.
+enum Flow {
+    Value(EvalValue),
+    NotUnique,
+}
+
+fn fail(span: Span) -> impl Fn(EvalError) -> EvalFailure {
+    move |error| EvalFailure { error, span }
+}
+
+fn value_of(
+    op: &Op,
+    attrs: &Attributes,
+    ctx: &mut EvalContext<'_>,
+    w: &mut Vec<String>,
+) -> Result<EvalValue, EvalFailure> {
+    match eval(op, attrs, ctx, w)? {
+        Flow::Value(v) => Ok(v),
+        // The checker keeps SelectUniqueValue at the top level.
+        Flow::NotUnique => Ok(EvalValue::Null),
+    }
+}
+
+fn eval(
+    op: &Op,
+    attrs: &Attributes,
+    ctx: &mut EvalContext<'_>,
+    w: &mut Vec<String>,
+) -> Result<Flow, EvalFailure> {
+    let v = match op {
+        Op::Lit(v) => v.clone(),
+        Op::Attr { name, .. } => attribute_value(attrs, name),
+        Op::Compare { op, lhs, rhs, span } => {
+            let a = value_of(lhs, attrs, ctx, w)?;
+            let b = value_of(rhs, attrs, ctx, w)?;
+            value::compare(*op, &a, &b).map_err(fail(*span))?
+        }
+        Op::Call {
+            func,
+            args,
+            pre,
+            span,
+        } => {
+            let arg = |i: usize| args.get(i).and_then(|a| a.as_ref());
+            match func {
+                Function::IIF => {
+                    let cond = match arg(0) {
+                        Some(c) => value_of(c, attrs, ctx, w)?,
+                        None => EvalValue::Null,
+                    };
+                    match functions::iif_condition(&cond).map_err(|e| EvalFailure {
+                        error: e.at(Function::IIF, 0, "condition"),
+                        span: *span,
+                    })? {
+                        None => EvalValue::Null,
+                        Some(true) => opt_value(arg(1), attrs, ctx, w)?,
+                        Some(false) => opt_value(arg(2), attrs, ctx, w)?,
+                    }
+                }
+                Function::Switch => {
+                    let source = opt_value(arg(0), attrs, ctx, w)?;
+                    let mut i = 2;
+                    let mut result = None;
+                    while i < args.len() {
+                        let key = opt_value(arg(i), attrs, ctx, w)?;
+                        if functions::switch_key_matches(&source, &key).map_err(fail(*span))? {
+                            result = Some(opt_value(arg(i + 1), attrs, ctx, w)?);
+                            break;
+                        }
+                        i += 2;
+                    }
+                    match result {
+                        Some(v) => v,
+                        None => opt_value(arg(1), attrs, ctx, w)?,
+                    }
+                }
+                Function::Coalesce => {
+                    let mut found = EvalValue::Null;
+                    for a in args.iter().flatten() {
+                        let v = value_of(a, attrs, ctx, w)?;
+                        if functions::coalesce_is_value(&v) {
+                            found = v;
+                            break;
+                        }
+                    }
+                    found
+                }
+                Function::SelectUniqueValue => {
+                    for (i, a) in args.iter().enumerate() {
+                        let Some(a) = a else { continue };
+                        let v = value_of(a, attrs, ctx, w)?;
+                        match functions::select_unique_check(&v, i, ctx).map_err(fail(*span))? {
+                            UniqueCheck::Free(v) => return Ok(Flow::Value(v)),
+                            UniqueCheck::Skip | UniqueCheck::Taken => {}
+                        }
+                    }
+                    return Ok(Flow::NotUnique);
+                }
+                Function::IgnoreFlowIfNullOrEmpty => {
+                    // Only reachable nested under Redact at the top (the checker peels the rest);
+                    // the flag on the program decides the outcome.
+                    opt_value(arg(0), attrs, ctx, w)?
+                }
+                Function::SingleAppRoleAssignment => {
+                    if let Some(warning) = functions::single_app_role_warning(ctx) {
+                        w.push(warning);
+                    }
+                    call(*func, args, pre, *span, attrs, ctx, w)?
+                }
+                _ => call(*func, args, pre, *span, attrs, ctx, w)?,
+            }
+        }
+    };
+    Ok(Flow::Value(v))
+}
+
+fn opt_value(
+    op: Option<&Op>,
+    attrs: &Attributes,
+    ctx: &mut EvalContext<'_>,
+    w: &mut Vec<String>,
+) -> Result<EvalValue, EvalFailure> {
+    match op {
+        Some(op) => value_of(op, attrs, ctx, w),
+        None => Ok(EvalValue::Null),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn call(
+    func: Function,
+    args: &[Option<Op>],
+    pre: &Precompiled,
+    span: Span,
+    attrs: &Attributes,
+    ctx: &mut EvalContext<'_>,
+    w: &mut Vec<String>,
+) -> Result<EvalValue, EvalFailure> {
+    let mut values: Vec<Option<EvalValue>> = Vec::with_capacity(args.len());
+    for a in args {
+        values.push(match a {
+            Some(op) => Some(value_of(op, attrs, ctx, w)?),
+            None => None,
+        });
+    }
+    functions::call(func, &values, pre, ctx).map_err(fail(span))
+}
