@@ -13,12 +13,16 @@
 //!   target mirror it returns a [`delta::Plan`], and does no I/O;
 //! * [`connector`] — the [`connector::Source`] and [`connector::Target`] traits and the in-memory
 //!   connectors every behaviour can be tested with;
-//! * [`rules`] — the Entra-compatible rule language (expressions and scoping filters).
+//! * [`rules`] — the Entra-compatible rule language (expressions and scoping filters);
+//! * [`state`] — the [`state::StateStore`]: mirrors, links, dirty set, journal and watermarks,
+//!   in memory or (feature `sqlite`) in one SQLite file.
 //!
 //! ## Cargo features
 //!
 //! * `parallel` (default) — plan large object sets on all cores with rayon; the plan is the
 //!   same byte for byte with or without it.
+//! * `sqlite` (default) — [`state::SqliteStore`], the embedded durable state store (SQLite is
+//!   compiled in; no system library is needed).
 //! * `testkit` — builders and fixtures for tests of this crate and of downstream crates.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -28,5 +32,6 @@ pub mod connector;
 pub mod delta;
 pub mod model;
 pub mod rules;
+pub mod state;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -1,0 +1,648 @@
+//! [`MemoryStore`]: the state store kept in memory, for tests and short-lived programs. Same
+//! semantics as the durable store, nothing survives the process.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    check_import_share, encode_entry, entry_references, link_target, lookup_key, redact_operation,
+    redact_target_operation, target_effect, unlinks, Escrow, FullImportSummary, JournalEntry,
+    JournalId, JournalState, RefTarget, RunId, RunRecord, StateError, StateStore, TargetLookup,
+    Views,
+};
+use crate::connector::{TargetOperation, Watermark};
+use crate::delta::{Link, Links, Operation, SourceMirror, TargetMirror};
+use crate::model::{Anchor, AttrName, Change, Dn, Entry, ObjectType, TargetId, TargetObject};
+
+/// An open full import.
+#[derive(Debug, Clone)]
+struct Session {
+    connector: String,
+    summary: FullImportSummary,
+}
+
+/// The state store in memory. See [`StateStore`](super::StateStore) for what each call does.
+///
+/// ```
+/// use dirsync::model::{Change, Entry};
+/// use dirsync::state::{MemoryStore, StateStore};
+/// let mut store = MemoryStore::new();
+/// store.apply_changes("ldap", &[Change::Add(Entry::new("a1", "user"))], None)?;
+/// assert_eq!(store.dirty()?, ["a1".into()]);
+/// # Ok::<(), dirsync::state::StateError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    mirror: SourceMirror,
+    hashes: HashMap<Anchor, (u64, u64)>,
+    generation: u64,
+    session: Option<Session>,
+    watermarks: BTreeMap<String, Watermark>,
+    links: Links,
+    target: TargetMirror,
+    dirty: BTreeSet<Anchor>,
+    journal: Vec<JournalEntry>,
+    escrow: BTreeMap<Anchor, Escrow>,
+    runs: Vec<RunRecord>,
+    fingerprint: u64,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    /// The anchors `anchor`'s entry is referenced from, by anchor or by its current DN.
+    fn referrers(&self, anchor: &Anchor) -> impl Iterator<Item = Anchor> + '_ {
+        self.mirror
+            .referrers(anchor)
+            .into_iter()
+            .map(|(a, _)| a.clone())
+    }
+
+    /// Writes `new` as the entry of `anchor` (`None`: deletes it) with its content `hash`,
+    /// marking what changed dirty. Returns whether the content changed.
+    fn write_entry(
+        &mut self,
+        anchor: &Anchor,
+        new: Option<(Entry, u64)>,
+        generation: Option<u64>,
+    ) -> bool {
+        let old = self.hashes.get(anchor).copied();
+        // A delta keeps the generation an entry was last seen in (0 for a new one).
+        let generation = generation.or(old.map(|(_, g)| g)).unwrap_or(0);
+        let new_hash = new.as_ref().map(|(_, h)| *h);
+        if old.map(|(h, _)| h) == new_hash {
+            if let Some(h) = new_hash {
+                self.hashes.insert(anchor.clone(), (h, generation));
+            }
+            return false;
+        }
+        let mut dirty: BTreeSet<Anchor> = BTreeSet::new();
+        dirty.insert(anchor.clone());
+        dirty.extend(self.referrers(anchor));
+        let old_refs: BTreeSet<(AttrName, RefKey)> =
+            self.mirror.get(anchor).map(ref_set).unwrap_or_default();
+        let new_refs: BTreeSet<(AttrName, RefKey)> =
+            new.as_ref().map(|(e, _)| ref_set(e)).unwrap_or_default();
+        match new {
+            Some((entry, hash)) => {
+                self.hashes.insert(anchor.clone(), (hash, generation));
+                self.mirror.insert(entry);
+            }
+            None => {
+                self.hashes.remove(anchor);
+                self.mirror.remove(anchor);
+            }
+        }
+        dirty.extend(self.referrers(anchor));
+        for (_, target) in old_refs.symmetric_difference(&new_refs) {
+            match target {
+                RefKey::Anchor(a) => {
+                    dirty.insert(a.clone());
+                }
+                RefKey::Dn(dn) => {
+                    if let Some(a) = self.mirror.anchor_of(dn) {
+                        dirty.insert(a.clone());
+                    }
+                }
+            }
+        }
+        self.dirty.extend(dirty);
+        true
+    }
+
+    fn bump(&mut self) {
+        self.fingerprint = self.fingerprint.wrapping_add(1);
+    }
+
+    fn journal_row(&mut self, id: JournalId) -> Result<&mut JournalEntry, StateError> {
+        usize::try_from(id.0 - 1)
+            .ok()
+            .and_then(|i| self.journal.get_mut(i))
+            .ok_or(StateError::UnknownJournalId(id))
+    }
+
+    /// Validates a batch of changes against the mirror, as they would apply in order.
+    fn check_changes(&self, changes: &[Change]) -> Result<(), StateError> {
+        let mut exists: HashMap<&Anchor, bool> = HashMap::new();
+        for c in changes {
+            let a = c.anchor();
+            let now = exists
+                .get(a)
+                .copied()
+                .unwrap_or_else(|| self.mirror.get(a).is_some());
+            match c {
+                Change::Add(_) | Change::Replace(_) => {
+                    exists.insert(a, true);
+                }
+                Change::Delete { .. } => {
+                    exists.insert(a, false);
+                }
+                Change::Modify { .. } if !now => {
+                    return Err(StateError::UnknownAnchor {
+                        anchor: a.clone(),
+                        change: "modify",
+                    })
+                }
+                Change::Move { .. } if !now => {
+                    return Err(StateError::UnknownAnchor {
+                        anchor: a.clone(),
+                        change: "move",
+                    })
+                }
+                Change::Modify { .. } | Change::Move { .. } => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A reference target, comparable.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum RefKey {
+    Anchor(Anchor),
+    Dn(Dn),
+}
+
+fn ref_set(e: &Entry) -> BTreeSet<(AttrName, RefKey)> {
+    entry_references(e)
+        .into_iter()
+        .filter_map(|(n, t)| match t {
+            RefTarget::Anchor(a) => Some((n, RefKey::Anchor(a))),
+            RefTarget::Dn(s) => Dn::parse(&s).ok().map(|d| (n, RefKey::Dn(d))),
+        })
+        .collect()
+}
+
+impl StateStore for MemoryStore {
+    fn apply_changes(
+        &mut self,
+        connector: &str,
+        changes: &[Change],
+        watermark: Option<&Watermark>,
+    ) -> Result<(), StateError> {
+        self.check_changes(changes)?;
+        // Hash every resulting entry before changing anything, so a failure changes nothing.
+        let mut staged: HashMap<Anchor, Option<Entry>> = HashMap::new();
+        let mut order: Vec<(Anchor, Option<(Entry, u64)>)> = Vec::with_capacity(changes.len());
+        for c in changes {
+            let a = c.anchor().clone();
+            let current = match staged.get(&a) {
+                Some(e) => e.clone(),
+                None => self.mirror.get(&a).cloned(),
+            };
+            let next: Option<Entry> = match c {
+                Change::Add(e) | Change::Replace(e) => Some(e.clone()),
+                Change::Delete { .. } => None,
+                Change::Modify { changes, .. } => current.map(|mut e| {
+                    for ch in changes {
+                        let _ = e.attributes.apply(ch, false);
+                    }
+                    e
+                }),
+                Change::Move { new_dn, .. } => current.map(|mut e| {
+                    e.dn = Some(new_dn.clone());
+                    e
+                }),
+            };
+            let hashed = match &next {
+                Some(e) => Some((e.clone(), encode_entry(e)?.1)),
+                None => None,
+            };
+            staged.insert(a.clone(), next);
+            order.push((a, hashed));
+        }
+        let mut changed = false;
+        for (a, new) in order {
+            changed |= self.write_entry(&a, new, None);
+        }
+        if let Some(w) = watermark {
+            self.watermarks.insert(connector.to_owned(), w.clone());
+        }
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    fn begin_full_import(&mut self, connector: &str) -> Result<u64, StateError> {
+        self.generation += 1;
+        self.session = Some(Session {
+            connector: connector.to_owned(),
+            summary: FullImportSummary {
+                generation: self.generation,
+                ..FullImportSummary::default()
+            },
+        });
+        Ok(self.generation)
+    }
+
+    fn import_entries(&mut self, generation: u64, entries: &[Entry]) -> Result<(), StateError> {
+        let open = self.session.as_ref().map(|s| s.summary.generation);
+        if open != Some(generation) {
+            return Err(StateError::UnknownGeneration { generation, open });
+        }
+        let mut hashed = Vec::with_capacity(entries.len());
+        for e in entries {
+            hashed.push((e.clone(), encode_entry(e)?.1));
+        }
+        let (mut seen, mut added, mut changed) = (0, 0, 0);
+        for (e, hash) in hashed {
+            let anchor = e.anchor.clone();
+            let before = self.hashes.get(&anchor).copied();
+            match before {
+                Some((_, g)) if g == generation => {}
+                Some(_) => seen += 1,
+                None => {
+                    seen += 1;
+                    added += 1;
+                }
+            }
+            if self.write_entry(&anchor, Some((e, hash)), Some(generation)) && before.is_some() {
+                changed += 1;
+            }
+        }
+        if let Some(s) = self.session.as_mut() {
+            s.summary.seen += seen;
+            s.summary.added += added;
+            s.summary.changed += changed;
+        }
+        if added + changed > 0 {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    fn finish_full_import(
+        &mut self,
+        connector: &str,
+        generation: u64,
+        watermark: Option<&Watermark>,
+        min_share: f64,
+    ) -> Result<FullImportSummary, StateError> {
+        let Some(session) = self.session.clone() else {
+            return Err(StateError::UnknownGeneration {
+                generation,
+                open: None,
+            });
+        };
+        if session.summary.generation != generation {
+            return Err(StateError::UnknownGeneration {
+                generation,
+                open: Some(session.summary.generation),
+            });
+        }
+        if session.connector != connector {
+            return Err(StateError::WrongConnector {
+                generation,
+                begun: session.connector,
+                given: connector.to_owned(),
+            });
+        }
+        let mirrored = self.mirror.len() as u64;
+        check_import_share(session.summary.seen, mirrored, min_share)?;
+        let mut unseen: Vec<Anchor> = self
+            .hashes
+            .iter()
+            .filter(|(_, (_, g))| *g != generation)
+            .map(|(a, _)| a.clone())
+            .collect();
+        unseen.sort();
+        let mut summary = session.summary;
+        for a in &unseen {
+            self.write_entry(a, None, None);
+        }
+        summary.deleted = unseen.len() as u64;
+        if let Some(w) = watermark {
+            self.watermarks.insert(connector.to_owned(), w.clone());
+        }
+        self.session = None;
+        if !unseen.is_empty() {
+            self.bump();
+        }
+        Ok(summary)
+    }
+
+    fn watermark(&self, connector: &str) -> Result<Option<Watermark>, StateError> {
+        Ok(self.watermarks.get(connector).cloned())
+    }
+
+    fn clear_watermark(&mut self, connector: &str) -> Result<(), StateError> {
+        self.watermarks.remove(connector);
+        Ok(())
+    }
+
+    fn load_all(&self) -> Result<Views, StateError> {
+        Ok(Views {
+            mirror: self.mirror.clone(),
+            links: self.links.clone(),
+            target: self.target.clone(),
+        })
+    }
+
+    fn load_neighbourhood(&self, anchors: &[Anchor]) -> Result<Views, StateError> {
+        let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
+        for a in anchors {
+            planned.extend(self.referrers(a));
+        }
+        let mut context: BTreeSet<Anchor> = BTreeSet::new();
+        for p in &planned {
+            context.extend(self.referrers(p));
+            if let Some(e) = self.mirror.get(p) {
+                for (_, t) in entry_references(e) {
+                    let resolved = match t {
+                        RefTarget::Anchor(a) => Some(a),
+                        RefTarget::Dn(s) => Dn::parse(&s)
+                            .ok()
+                            .and_then(|d| self.mirror.anchor_of(&d).cloned()),
+                    };
+                    context.extend(resolved);
+                }
+            }
+        }
+        let mut views = Views::default();
+        for a in planned.iter().chain(context.iter()) {
+            if let Some(e) = self.mirror.get(a) {
+                views.mirror.insert(e.clone());
+            }
+            if let Some(l) = self.links.get(a) {
+                views.links.insert(l.clone());
+            }
+        }
+        for p in &planned {
+            if let Some(o) = self
+                .links
+                .get(p)
+                .and_then(|l| self.target.get(&l.target_id))
+            {
+                views.target.insert(o.clone());
+            }
+        }
+        Ok(views)
+    }
+
+    fn load_join_candidates(
+        &self,
+        views: &mut Views,
+        lookups: &[TargetLookup],
+    ) -> Result<(), StateError> {
+        for l in lookups {
+            let key = lookup_key(&l.value);
+            for o in self.target.objects() {
+                if o.object_type != l.object_type {
+                    continue;
+                }
+                let hit = o
+                    .attributes
+                    .get(l.attribute.as_str())
+                    .is_some_and(|vs| vs.iter().any(|v| lookup_key(v) == key));
+                if hit {
+                    views.target.insert(o.clone());
+                    if let Some(a) = self.links.anchor_of(&o.id) {
+                        if let Some(link) = self.links.get(a) {
+                            views.links.insert(link.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
+        Ok(self.mirror.get(anchor).cloned())
+    }
+
+    fn anchor_by_dn(&self, dn: &Dn) -> Result<Option<Anchor>, StateError> {
+        Ok(self.mirror.anchor_of(dn).cloned())
+    }
+
+    fn link_counts(&self) -> Result<BTreeMap<ObjectType, usize>, StateError> {
+        let mut out: BTreeMap<ObjectType, usize> = BTreeMap::new();
+        for l in self.links.iter() {
+            *out.entry(l.target_type.clone()).or_default() += 1;
+        }
+        Ok(out)
+    }
+
+    fn dirty(&self) -> Result<Vec<Anchor>, StateError> {
+        Ok(self.dirty.iter().cloned().collect())
+    }
+
+    fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError> {
+        let mut changed = false;
+        for a in anchors {
+            changed |= self.dirty.remove(a);
+        }
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    fn mark_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError> {
+        let mut changed = false;
+        for a in anchors {
+            changed |= self.dirty.insert(a.clone());
+        }
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    fn journal_intent(
+        &mut self,
+        run: RunId,
+        op: &Operation,
+        sent: Option<&TargetOperation>,
+    ) -> Result<JournalId, StateError> {
+        if !self.runs.iter().any(|r| r.id == run) {
+            return Err(StateError::UnknownRun(run));
+        }
+        let id = JournalId(self.journal.len() as i64 + 1);
+        self.journal.push(JournalEntry {
+            id,
+            run,
+            operation: redact_operation(op),
+            sent: sent.map(|s| redact_target_operation(op, s)),
+            state: JournalState::Intended,
+            target_id: None,
+            error: None,
+            retryable: false,
+        });
+        Ok(id)
+    }
+
+    fn journal_done(
+        &mut self,
+        id: JournalId,
+        op: &Operation,
+        sent: Option<&TargetOperation>,
+        target_id: Option<&TargetId>,
+    ) -> Result<(), StateError> {
+        self.journal_row(id)?;
+        let effect = match sent {
+            Some(s) => Some(target_effect(op, s, target_id)?),
+            None => None,
+        };
+        let link_to = link_target(op, target_id).cloned();
+        if matches!(op.kind, crate::delta::OperationKind::Create { .. }) && link_to.is_none() {
+            return Err(StateError::Invalid(format!(
+                "journal_done for the create of object {} needs the new target id",
+                op.anchor
+            )));
+        }
+        let recorded = target_id
+            .cloned()
+            .or_else(|| effect.as_ref().map(|(id, _)| id.clone()))
+            .or_else(|| link_to.clone());
+        let row = self.journal_row(id)?;
+        row.state = JournalState::Done;
+        row.target_id = recorded;
+        row.error = None;
+        row.retryable = false;
+        if let Some(t) = link_to {
+            self.links.insert(Link {
+                anchor: op.anchor.clone(),
+                source_type: op.source_type.clone(),
+                target_id: t,
+                target_type: op.target_type.clone(),
+            });
+        } else if unlinks(op) {
+            self.links.remove(&op.anchor);
+        }
+        if let Some((tid, effect)) = effect {
+            self.target.record(&effect, &tid);
+        }
+        self.bump();
+        Ok(())
+    }
+
+    fn journal_failed(
+        &mut self,
+        id: JournalId,
+        error: &str,
+        retryable: bool,
+    ) -> Result<(), StateError> {
+        let row = self.journal_row(id)?;
+        row.state = JournalState::Failed;
+        row.error = Some(error.to_owned());
+        row.retryable = retryable;
+        Ok(())
+    }
+
+    fn journal_unconfirmed(&self) -> Result<Vec<JournalEntry>, StateError> {
+        Ok(self
+            .journal
+            .iter()
+            .filter(|j| j.state == JournalState::Intended)
+            .cloned()
+            .collect())
+    }
+
+    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalEntry>, StateError> {
+        Ok(self
+            .journal
+            .iter()
+            .filter(|j| run.is_none_or(|r| j.run == r))
+            .cloned()
+            .collect())
+    }
+
+    fn put_target_objects(&mut self, objects: &[TargetObject]) -> Result<(), StateError> {
+        for o in objects {
+            self.target.insert(o.clone());
+        }
+        if !objects.is_empty() {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    fn remove_target_objects(&mut self, ids: &[TargetId]) -> Result<(), StateError> {
+        let mut changed = false;
+        for id in ids {
+            changed |= self.target.remove(id).is_some();
+        }
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    fn target_ids(&self) -> Result<Vec<TargetId>, StateError> {
+        let mut ids: Vec<TargetId> = self.target.objects().map(|o| o.id.clone()).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn escrow(
+        &mut self,
+        anchor: &Anchor,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> Result<u32, StateError> {
+        let e = self.escrow.entry(anchor.clone()).or_insert_with(|| Escrow {
+            anchor: anchor.clone(),
+            attempts: 0,
+            next_retry,
+            last_error: String::new(),
+        });
+        e.attempts = e.attempts.saturating_add(1);
+        e.next_retry = next_retry;
+        e.last_error = error.to_owned();
+        Ok(e.attempts)
+    }
+
+    fn escrowed(&self) -> Result<Vec<Escrow>, StateError> {
+        Ok(self.escrow.values().cloned().collect())
+    }
+
+    fn release(&mut self, anchor: &Anchor) -> Result<(), StateError> {
+        self.escrow.remove(anchor);
+        Ok(())
+    }
+
+    fn begin_run(&mut self, profile: &str, started: DateTime<Utc>) -> Result<RunId, StateError> {
+        let id = RunId(self.runs.len() as i64 + 1);
+        self.runs.push(RunRecord {
+            id,
+            profile: profile.to_owned(),
+            started,
+            finished: None,
+            outcome: None,
+            report_json: None,
+        });
+        Ok(id)
+    }
+
+    fn finish_run(
+        &mut self,
+        run: RunId,
+        finished: DateTime<Utc>,
+        outcome: &str,
+        report_json: &str,
+    ) -> Result<(), StateError> {
+        let r = self
+            .runs
+            .iter_mut()
+            .find(|r| r.id == run)
+            .ok_or(StateError::UnknownRun(run))?;
+        r.finished = Some(finished);
+        r.outcome = Some(outcome.to_owned());
+        r.report_json = Some(report_json.to_owned());
+        Ok(())
+    }
+
+    fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, StateError> {
+        Ok(self.runs.iter().rev().take(limit).cloned().collect())
+    }
+
+    fn fingerprint(&self) -> Result<u64, StateError> {
+        Ok(self.fingerprint)
+    }
+}

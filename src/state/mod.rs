@@ -1,0 +1,686 @@
+//! The state store: the source mirror, the link table, the target mirror, the dirty set, the
+//! export journal, watermarks, escrow and run records — everything the engine must remember
+//! between runs — behind one trait, [`StateStore`].
+//!
+//! Two stores ship with the crate: [`MemoryStore`] (everything in memory; for tests and
+//! short-lived programs) and, with the `sqlite` feature (on by default), [`SqliteStore`], the
+//! embedded durable default: one SQLite file whose tables an administrator can read with the
+//! `sqlite3` shell. Both keep the same promises, checked by one shared test suite
+//! (`testkit::store_contract`, exported with the `testkit` feature for downstream stores):
+//!
+//! * every mutating call is **one transaction**: it takes effect whole or not at all — above all,
+//!   a watermark is committed together with the changes it covers, never before them;
+//! * a row that does not deserialize is an [`StateError::Corrupt`] error naming the table and
+//!   key, never a panic;
+//! * reading never changes anything, and [`StateStore::fingerprint`] moves with every change of
+//!   what a plan depends on (mirrors, links, dirty set) and with nothing else;
+//! * secrets are not stored: a create's secret attributes and the values of redacted attribute
+//!   changes are dropped before an operation is journaled or applied to the target mirror (the
+//!   target mirror holds what the target would show when read back, and targets never return
+//!   passwords).
+//!
+//! The store holds one source: the mirror of the source the engine imports from. Watermarks are
+//! keyed by connector name so the target's own change position (a Graph deltaLink) can be kept
+//! too. Times come in as parameters: the store reads no clock. It plans nothing and talks to no
+//! connector.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::connector::{TargetOperation, Watermark};
+use crate::delta::{Links, Operation, OperationKind, SourceMirror, TargetMirror};
+use crate::model::{
+    Anchor, AttrName, Attributes, Change, Entry, ObjectType, Reference, TargetId, TargetObject,
+    Value,
+};
+
+mod memory;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{Durability, SqliteStore};
+
+/// The id of a run ([`StateStore::begin_run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RunId(pub i64);
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "run {}", self.0)
+    }
+}
+
+/// The id of a journal row ([`StateStore::journal_intent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JournalId(pub i64);
+
+impl fmt::Display for JournalId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "journal entry {}", self.0)
+    }
+}
+
+/// Where a journaled operation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalState {
+    /// Journaled before it was sent; not (yet) confirmed.
+    Intended,
+    /// The target applied it.
+    Done,
+    /// The target refused it, or it could not be sent.
+    Failed,
+}
+
+impl JournalState {
+    /// The state as stored: `intended`, `done` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JournalState::Intended => "intended",
+            JournalState::Done => "done",
+            JournalState::Failed => "failed",
+        }
+    }
+
+    /// The state named `s`, if it is one.
+    pub fn parse(s: &str) -> Option<JournalState> {
+        match s {
+            "intended" => Some(JournalState::Intended),
+            "done" => Some(JournalState::Done),
+            "failed" => Some(JournalState::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One journaled export operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// The row's id.
+    pub id: JournalId,
+    /// The run that exported it.
+    pub run: RunId,
+    /// The planned operation (secrets removed).
+    pub operation: Operation,
+    /// The operation as sent to the target, references translated (secrets removed); `None`
+    /// for operations that only touch the link table (unlink, join without changes).
+    pub sent: Option<TargetOperation>,
+    /// Where it stands.
+    pub state: JournalState,
+    /// The target object, once done (the new id for a create).
+    pub target_id: Option<TargetId>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Whether the failure may go away by retrying.
+    pub retryable: bool,
+}
+
+/// An anchor whose export keeps failing, held until its next retry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Escrow {
+    /// The source object.
+    pub anchor: Anchor,
+    /// How many times its export failed in a row.
+    pub attempts: u32,
+    /// When to try again.
+    pub next_retry: DateTime<Utc>,
+    /// The last failure.
+    pub last_error: String,
+}
+
+/// One recorded run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run's id.
+    pub id: RunId,
+    /// The run profile (`delta-sync`, `full-import`, …).
+    pub profile: String,
+    /// When it started.
+    pub started: DateTime<Utc>,
+    /// When it finished; `None` while running, or when it never finished (a crash).
+    pub finished: Option<DateTime<Utc>>,
+    /// How it ended (`success`, `failed`, …), as the engine named it.
+    pub outcome: Option<String>,
+    /// The run report, as JSON.
+    pub report_json: Option<String>,
+}
+
+/// What a finished full import did to the source mirror.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullImportSummary {
+    /// The import's generation.
+    pub generation: u64,
+    /// Distinct objects the import delivered.
+    pub seen: u64,
+    /// Objects new to the mirror.
+    pub added: u64,
+    /// Objects whose content changed.
+    pub changed: u64,
+    /// Objects removed from the mirror because the import did not deliver them.
+    pub deleted: u64,
+}
+
+/// The planner's views of the store: the source mirror, the links and the target mirror —
+/// all of them ([`StateStore::load_all`]) or a delta's neighbourhood
+/// ([`StateStore::load_neighbourhood`]).
+#[derive(Debug, Clone, Default)]
+pub struct Views {
+    /// The source mirror.
+    pub mirror: SourceMirror,
+    /// The links.
+    pub links: Links,
+    /// The target mirror.
+    pub target: TargetMirror,
+}
+
+/// A join lookup for [`StateStore::load_join_candidates`]: target objects of `object_type`
+/// whose `attribute` has `value` (strings compared ignoring case).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TargetLookup {
+    /// The target object type.
+    pub object_type: ObjectType,
+    /// The attribute.
+    pub attribute: AttrName,
+    /// The value.
+    pub value: Value,
+}
+
+/// Why a state-store call failed. Every message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// SQLite reported an error.
+    #[cfg(feature = "sqlite")]
+    #[error("state store: {context}: {source} (check that the state file is writable, on a local disk, and not opened by another dirsync process that holds it locked)")]
+    Sqlite {
+        /// What the store was doing.
+        context: String,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The state file was written by a newer dirsync.
+    #[error("state store schema version {found} was written by a newer dirsync (this one supports up to {supported}): upgrade dirsync, or restore a backup of the state file made by this version")]
+    SchemaTooNew {
+        /// The file's version.
+        found: i64,
+        /// The newest version this build supports.
+        supported: i64,
+    },
+    /// The state file's schema is too old to migrate automatically.
+    #[error("state store schema version {found} is too old to migrate (this dirsync migrates from version {supported} on): run an older dirsync once to migrate it, or delete the state file and run a full import")]
+    SchemaTooOld {
+        /// The file's version.
+        found: i64,
+        /// The oldest version this build migrates from.
+        supported: i64,
+    },
+    /// A stored row does not deserialize.
+    #[error("state store: corrupt row in table {table}, key {key}: {detail} (restore a backup of the state file, or delete the row and run a full import and reconcile)")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// The row's key.
+        key: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A full import delivered too few objects; nothing was deleted.
+    #[error("full import saw {seen} objects but the mirror holds {mirrored}: refusing to delete the rest (the source may be unreachable or its search base wrong); check the source, or finish the import with a lower minimum share to accept the deletions")]
+    ImportTooSmall {
+        /// Distinct objects the import delivered.
+        seen: u64,
+        /// Objects in the mirror (seen or not).
+        mirrored: u64,
+    },
+    /// A full-import call named a generation that is not the open one.
+    #[error("full import generation {generation} is not open{}: call begin_full_import first (a newer import may have replaced this one)", open.map(|g| format!(" (generation {g} is)")).unwrap_or_default())]
+    UnknownGeneration {
+        /// The generation given.
+        generation: u64,
+        /// The generation open, if any.
+        open: Option<u64>,
+    },
+    /// `finish_full_import` named another connector than `begin_full_import`.
+    #[error(
+        "full import generation {generation} was begun for connector {begun:?}, not {given:?}"
+    )]
+    WrongConnector {
+        /// The generation.
+        generation: u64,
+        /// The connector that began it.
+        begun: String,
+        /// The connector given.
+        given: String,
+    },
+    /// A delta change modifies or moves an object the mirror does not hold; nothing of the
+    /// batch was applied and the watermark did not move.
+    #[error("delta import: {change} of object {anchor}, which the source mirror does not hold: clear the watermark and run a full import")]
+    UnknownAnchor {
+        /// The object.
+        anchor: Anchor,
+        /// The kind of change (`modify`, `move`).
+        change: &'static str,
+    },
+    /// A journal id that does not exist.
+    #[error("{0} does not exist (was the state file replaced during the run?)")]
+    UnknownJournalId(JournalId),
+    /// A run id that does not exist.
+    #[error("{0} does not exist: call begin_run first")]
+    UnknownRun(RunId),
+    /// A call the store cannot carry out as asked (a caller's mistake).
+    #[error("state store: {0}")]
+    Invalid(String),
+    /// A value could not be serialized for storage.
+    #[error("state store: cannot serialize {what}: {detail}")]
+    Serialize {
+        /// What was being serialized.
+        what: String,
+        /// The serializer's message.
+        detail: String,
+    },
+}
+
+/// Where the engine keeps state between runs. See the [module documentation](self) for the
+/// promises every implementation keeps.
+///
+/// Synchronous: each call is short (one transaction), and the engine calls it from async code.
+/// Object-safe: a program may hold a `Box<dyn StateStore>`.
+pub trait StateStore: Send {
+    // --- source mirror: imports ---
+
+    /// Applies the changes of a delta import to the source mirror and, when given, commits
+    /// `watermark` for `connector` — all in one transaction. Marks dirty every object whose
+    /// content changed, the objects that reference it (by anchor, or by its old or new DN), and
+    /// the objects it began or stopped referencing. A change that repeats what the mirror holds
+    /// marks nothing. A modify or move of an object the mirror does not hold fails the whole
+    /// call with [`StateError::UnknownAnchor`]; a delete of one is ignored.
+    fn apply_changes(
+        &mut self,
+        connector: &str,
+        changes: &[Change],
+        watermark: Option<&Watermark>,
+    ) -> Result<(), StateError>;
+
+    /// Begins a full import for `connector` and returns its generation. A full import that was
+    /// begun and never finished is abandoned: what it upserted stays (it is newer data) and
+    /// nothing is deleted on its account.
+    fn begin_full_import(&mut self, connector: &str) -> Result<u64, StateError>;
+
+    /// Upserts a batch of entries of full import `generation` (one transaction), marking dirty
+    /// (as [`StateStore::apply_changes`] does) only the entries whose content changed.
+    fn import_entries(&mut self, generation: u64, entries: &[Entry]) -> Result<(), StateError>;
+
+    /// Finishes full import `generation`: removes (and marks dirty) every mirrored object the
+    /// import did not deliver, and commits `watermark` for `connector`, in one transaction.
+    ///
+    /// First it refuses with [`StateError::ImportTooSmall`] — deleting nothing, and leaving the
+    /// import open so it can be finished again with a lower `min_share` — when the import
+    /// delivered nothing while the mirror is not empty, or fewer than `min_share` × the
+    /// mirrored objects.
+    fn finish_full_import(
+        &mut self,
+        connector: &str,
+        generation: u64,
+        watermark: Option<&Watermark>,
+        min_share: f64,
+    ) -> Result<FullImportSummary, StateError>;
+
+    /// The committed watermark of `connector`.
+    fn watermark(&self, connector: &str) -> Result<Option<Watermark>, StateError>;
+
+    /// Forgets the watermark of `connector` (it became invalid: the next import is full).
+    fn clear_watermark(&mut self, connector: &str) -> Result<(), StateError>;
+
+    // --- views for the planner ---
+
+    /// Everything: the whole source mirror, every link and the whole target mirror.
+    fn load_all(&self) -> Result<Views, StateError>;
+
+    /// The neighbourhood of `anchors` for a delta plan, at a cost proportional to it, not to
+    /// the store:
+    ///
+    /// * the entries of `anchors` and of the objects that reference them (the objects the
+    ///   planner plans), with their links and the target objects of those links;
+    /// * as context, the entries those objects reference (so DN references resolve and
+    ///   references translate through their links) and the objects that reference them (so
+    ///   `member_of` answers for them too), with their links.
+    fn load_neighbourhood(&self, anchors: &[Anchor]) -> Result<Views, StateError>;
+
+    /// Adds to `views` the target objects matching `lookups` (for joins of objects without a
+    /// link), and the links to them, so a neighbourhood plan joins as a full plan would.
+    fn load_join_candidates(
+        &self,
+        views: &mut Views,
+        lookups: &[TargetLookup],
+    ) -> Result<(), StateError>;
+
+    /// The entry of `anchor`.
+    fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError>;
+
+    /// The anchor of the entry at `dn` (compared as DNs compare).
+    fn anchor_by_dn(&self, dn: &crate::model::Dn) -> Result<Option<Anchor>, StateError>;
+
+    /// The number of links per target object type (what the deletion guard's limits are
+    /// computed from, when the views hold only a neighbourhood).
+    fn link_counts(&self) -> Result<BTreeMap<ObjectType, usize>, StateError>;
+
+    // --- dirty set ---
+
+    /// The dirty anchors, sorted.
+    fn dirty(&self) -> Result<Vec<Anchor>, StateError>;
+
+    /// Removes `anchors` from the dirty set (they were exported, or need nothing).
+    fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError>;
+
+    /// Adds `anchors` to the dirty set.
+    fn mark_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError>;
+
+    // --- export: journal, links, target mirror ---
+
+    /// Journals `op` as intended, before it is sent; `sent` is the target operation it becomes.
+    /// Returns the row's id. Fails with [`StateError::UnknownRun`] for a run never begun.
+    fn journal_intent(
+        &mut self,
+        run: RunId,
+        op: &Operation,
+        sent: Option<&TargetOperation>,
+    ) -> Result<JournalId, StateError>;
+
+    /// Records that `op` took effect, in one transaction: the journal row becomes done (with the
+    /// target id), the link is made (create, join) or forgotten (delete, unlink), and `sent` is
+    /// applied to the target mirror. `target_id` is the id the target reported; it is required
+    /// for a create.
+    fn journal_done(
+        &mut self,
+        id: JournalId,
+        op: &Operation,
+        sent: Option<&TargetOperation>,
+        target_id: Option<&TargetId>,
+    ) -> Result<(), StateError>;
+
+    /// Records that the journaled operation failed.
+    fn journal_failed(
+        &mut self,
+        id: JournalId,
+        error: &str,
+        retryable: bool,
+    ) -> Result<(), StateError>;
+
+    /// The operations journaled as intended and never confirmed done or failed (a crash came
+    /// between sending and recording), oldest first.
+    fn journal_unconfirmed(&self) -> Result<Vec<JournalEntry>, StateError>;
+
+    /// The journal of `run`, or of every run, oldest first.
+    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalEntry>, StateError>;
+
+    // --- target mirror (reconcile) ---
+
+    /// Inserts or replaces target objects (as read from the target).
+    fn put_target_objects(&mut self, objects: &[TargetObject]) -> Result<(), StateError>;
+
+    /// Removes target objects (gone from the target).
+    fn remove_target_objects(&mut self, ids: &[TargetId]) -> Result<(), StateError>;
+
+    /// Every target object id, sorted.
+    fn target_ids(&self) -> Result<Vec<TargetId>, StateError>;
+
+    // --- escrow ---
+
+    /// Holds `anchor` in escrow until `next_retry`, recording `error`; returns how many times
+    /// in a row it has now failed.
+    fn escrow(
+        &mut self,
+        anchor: &Anchor,
+        error: &str,
+        next_retry: DateTime<Utc>,
+    ) -> Result<u32, StateError>;
+
+    /// The escrowed anchors, sorted by anchor.
+    fn escrowed(&self) -> Result<Vec<Escrow>, StateError>;
+
+    /// Releases `anchor` from escrow (its export succeeded, or an administrator said so).
+    fn release(&mut self, anchor: &Anchor) -> Result<(), StateError>;
+
+    // --- runs ---
+
+    /// Records the start of a run of `profile`.
+    fn begin_run(&mut self, profile: &str, started: DateTime<Utc>) -> Result<RunId, StateError>;
+
+    /// Records how a run ended, with its report as JSON.
+    fn finish_run(
+        &mut self,
+        run: RunId,
+        finished: DateTime<Utc>,
+        outcome: &str,
+        report_json: &str,
+    ) -> Result<(), StateError>;
+
+    /// The `limit` most recent runs, newest first.
+    fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, StateError>;
+
+    // --- staging ---
+
+    /// A number that changes whenever something a plan depends on changes — the source
+    /// mirror, the dirty set, the links or the target mirror — and with nothing else (journal,
+    /// escrow, runs and watermarks leave it). A staged plan carries it; applying the plan
+    /// refuses when it moved.
+    fn fingerprint(&self) -> Result<u64, StateError>;
+}
+
+// --- helpers shared by the stores ---
+
+/// The references of an entry: (attribute, referenced anchor or referenced DN).
+pub(crate) enum RefTarget {
+    /// By anchor (also pending references).
+    Anchor(Anchor),
+    /// By DN, normalized.
+    Dn(String),
+}
+
+pub(crate) fn entry_references(entry: &Entry) -> Vec<(AttrName, RefTarget)> {
+    let mut out = Vec::new();
+    for (name, values) in entry.attributes.iter() {
+        for v in values {
+            match v {
+                Value::Reference(Reference::Anchor(a))
+                | Value::Reference(Reference::Pending(a)) => {
+                    out.push((name.clone(), RefTarget::Anchor(a.clone())))
+                }
+                Value::Reference(Reference::Dn(dn)) => {
+                    out.push((name.clone(), RefTarget::Dn(dn.normalized().to_owned())))
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// The operation as it may be stored: a create's secrets and redacted changes' values removed.
+pub(crate) fn redact_operation(op: &Operation) -> Operation {
+    let mut op = op.clone();
+    match &mut op.kind {
+        OperationKind::Create { secrets, .. } => *secrets = Attributes::new(),
+        OperationKind::Join { changes, .. }
+        | OperationKind::Update { changes, .. }
+        | OperationKind::UpdateReferences { changes, .. }
+        | OperationKind::Disable { changes, .. } => redact_changes(changes),
+        OperationKind::Delete { .. } | OperationKind::Unlink { .. } => {}
+    }
+    op
+}
+
+fn redact_changes(changes: &mut [crate::model::AttributeChange]) {
+    for c in changes.iter_mut().filter(|c| c.redacted) {
+        c.values = Default::default();
+        c.old = Default::default();
+    }
+}
+
+/// The target operation as it may be stored: the create's secret attributes (named by `op`)
+/// dropped, redacted changes without values.
+pub(crate) fn redact_target_operation(op: &Operation, sent: &TargetOperation) -> TargetOperation {
+    let mut sent = sent.clone();
+    match &mut sent {
+        TargetOperation::Create { attributes, .. } => {
+            if let OperationKind::Create { secrets, .. } = &op.kind {
+                for (name, _) in secrets.iter() {
+                    attributes.remove(name.as_str());
+                }
+            }
+        }
+        TargetOperation::Update { changes, .. } => redact_changes(changes),
+        TargetOperation::Delete { .. } => {}
+    }
+    sent
+}
+
+/// What `journal_done` does to the target mirror: the object id it applies `sent` to, and the
+/// operation to apply with redacted changes skipped (their values are not kept).
+pub(crate) fn target_effect(
+    op: &Operation,
+    sent: &TargetOperation,
+    target_id: Option<&TargetId>,
+) -> Result<(TargetId, TargetOperation), StateError> {
+    let id = match (target_id, sent.id()) {
+        (Some(id), _) | (None, Some(id)) => id.clone(),
+        (None, None) => {
+            return Err(StateError::Invalid(format!(
+                "journal_done for the {} of object {} needs the target id the target reported",
+                op.kind.name(),
+                op.anchor
+            )))
+        }
+    };
+    let mut effect = redact_target_operation(op, sent);
+    if let TargetOperation::Update { changes, .. } = &mut effect {
+        changes.retain(|c| !c.redacted);
+    }
+    Ok((id, effect))
+}
+
+/// The target id of the link `op` makes when it succeeds (create, join), if any.
+pub(crate) fn link_target<'a>(
+    op: &'a Operation,
+    target_id: Option<&'a TargetId>,
+) -> Option<&'a TargetId> {
+    match (&op.kind, target_id) {
+        (OperationKind::Create { .. }, id) => id,
+        (OperationKind::Join { .. }, Some(id)) => Some(id),
+        (OperationKind::Join { target_id, .. }, None) => Some(target_id),
+        _ => None,
+    }
+}
+
+/// Whether `op`'s success forgets the link.
+pub(crate) fn unlinks(op: &Operation) -> bool {
+    matches!(
+        op.kind,
+        OperationKind::Delete { .. } | OperationKind::Unlink { .. }
+    )
+}
+
+/// Checks the full-import guard.
+pub(crate) fn check_import_share(
+    seen: u64,
+    mirrored: u64,
+    min_share: f64,
+) -> Result<(), StateError> {
+    let share = if min_share.is_finite() {
+        min_share.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    if (seen == 0 && mirrored > 0) || (seen as f64) < share * mirrored as f64 {
+        return Err(StateError::ImportTooSmall { seen, mirrored });
+    }
+    Ok(())
+}
+
+/// The index key of a target value for join lookups: strings lower-cased, as
+/// [`TargetMirror::find`] compares them.
+pub(crate) fn lookup_key(v: &Value) -> Value {
+    match v {
+        Value::String(s) if s.chars().any(char::is_uppercase) => {
+            Value::String(s.to_lowercase().into())
+        }
+        other => other.clone(),
+    }
+}
+
+/// An entry's stored form: its attributes as JSON, and its content hash — FNV-1a (64 bits) over
+/// its type, its DN as spelled and that JSON. Both stores decide "changed" by this hash.
+pub(crate) fn encode_entry(entry: &Entry) -> Result<(String, u64), StateError> {
+    let json = serde_json::to_string(&entry.attributes).map_err(|e| StateError::Serialize {
+        what: format!("the attributes of entry {}", entry.anchor),
+        detail: e.to_string(),
+    })?;
+    let mut h = fnv1a(FNV_OFFSET, entry.object_type.as_str().as_bytes());
+    h = fnv1a(h, &[0]);
+    if let Some(dn) = &entry.dn {
+        h = fnv1a(h, dn.as_str().as_bytes());
+    }
+    h = fnv1a(h, &[0]);
+    h = fnv1a(h, json.as_bytes());
+    Ok((json, h))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_store_keeps_the_contract() {
+        testkit::store_contract(|| Box::new(MemoryStore::new()));
+    }
+
+    #[test]
+    fn import_share_guard() {
+        assert!(check_import_share(0, 0, 0.5).is_ok());
+        assert!(check_import_share(0, 1, 0.0).is_err());
+        assert!(check_import_share(5, 10, 0.5).is_ok());
+        assert!(check_import_share(4, 10, 0.5).is_err());
+        // Out-of-range shares are clamped; NaN checks nothing but the empty import.
+        assert!(check_import_share(9, 10, 7.0).is_err());
+        assert!(check_import_share(1, 10, f64::NAN).is_ok());
+    }
+
+    #[test]
+    fn encode_entry_hash_sees_dn_spelling_and_content() {
+        let dn = |s: &str| crate::model::Dn::parse(s).unwrap();
+        let e = Entry::new("a", "user")
+            .with_dn(dn("cn=Ann,dc=x"))
+            .with("cn", "Ann");
+        let h = |e: &Entry| encode_entry(e).unwrap().1;
+        assert_eq!(h(&e), h(&e.clone()));
+        assert_ne!(h(&e), h(&e.clone().with_dn(dn("cn=ann,dc=x"))));
+        assert_ne!(h(&e), h(&e.clone().with("mail", "a@x")));
+        assert_ne!(
+            h(&e),
+            h(&Entry {
+                object_type: "group".into(),
+                ..e.clone()
+            })
+        );
+    }
+}

@@ -1,0 +1,897 @@
+//! The contract every [`StateStore`] keeps, as one test suite: [`store_contract`] runs it
+//! against fresh stores from a factory. This crate runs it for [`MemoryStore`](super::MemoryStore)
+//! and [`SqliteStore`](super::SqliteStore); a downstream store (PostgreSQL, …) runs it too
+//! (feature `testkit`).
+//!
+//! A failed check panics with what was expected, as test assertions do.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use super::{JournalState, StateError, StateStore, TargetLookup};
+use crate::connector::{TargetOperation, Watermark};
+use crate::delta::{Operation, OperationKind, Reason, TargetRef};
+use crate::model::{
+    values, Anchor, AttributeChange, Attributes, Change, Dn, Entry, TargetId, TargetObject, Value,
+};
+
+/// Runs every check of the contract, each against a fresh store from `make`.
+pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
+    delta_imports_mark_changed_objects_and_their_referrers(make());
+    watermark_commits_with_its_changes(make());
+    full_import_deletes_unseen_and_guards_small_imports(make());
+    interrupted_full_import_leaves_state_valid(make());
+    neighbourhood_holds_referrers_references_links_and_targets(make());
+    join_candidates_are_found_by_value(make());
+    journal_lifecycle_updates_links_and_target_mirror(make());
+    secrets_are_not_stored(make());
+    escrow_counts_attempts(make());
+    runs_are_recorded(make());
+    target_objects_are_kept(make());
+    fingerprint_moves_with_plan_inputs_only(make());
+}
+
+fn dn(s: &str) -> Dn {
+    Dn::parse(s).expect("test DN")
+}
+
+fn a(s: &str) -> Anchor {
+    Anchor::from(s)
+}
+
+fn anchors(list: &[&str]) -> Vec<Anchor> {
+    list.iter().map(|s| a(s)).collect()
+}
+
+fn t(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_700_000_000 + secs, 0)
+        .single()
+        .expect("test time")
+}
+
+fn user(anchor: &str, cn: &str) -> Entry {
+    Entry::new(anchor, "user")
+        .with_dn(dn(&format!("cn={cn},ou=People,dc=x")))
+        .with("cn", cn)
+}
+
+fn reset_dirty(s: &mut dyn StateStore) {
+    let d = s.dirty().unwrap();
+    s.clear_dirty(&d).unwrap();
+    assert!(s.dirty().unwrap().is_empty());
+}
+
+fn op(anchor: &str, kind: OperationKind) -> Operation {
+    Operation {
+        anchor: a(anchor),
+        source_type: "user".into(),
+        target_type: "User".into(),
+        kind,
+        reason: Reason::EnteredScope,
+    }
+}
+
+fn create_op(anchor: &str, attributes: Attributes) -> (Operation, TargetOperation) {
+    let o = op(
+        anchor,
+        OperationKind::Create {
+            attributes: attributes.clone(),
+            secrets: Attributes::new(),
+        },
+    );
+    let sent = TargetOperation::Create {
+        object_type: "User".into(),
+        attributes,
+    };
+    (o, sent)
+}
+
+/// Links `anchor` to `target` through a journaled create.
+fn link_by_create(s: &mut dyn StateStore, anchor: &str, target: &str, attrs: Attributes) {
+    let run = s.begin_run("test", t(0)).unwrap();
+    let (o, sent) = create_op(anchor, attrs);
+    let id = s.journal_intent(run, &o, Some(&sent)).unwrap();
+    s.journal_done(id, &o, Some(&sent), Some(&TargetId::from(target)))
+        .unwrap();
+}
+
+fn delta_imports_mark_changed_objects_and_their_referrers(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let g1 = Entry::new("g1", "group")
+        .with_dn(dn("cn=Staff,ou=Groups,dc=x"))
+        .with("member", Value::dn_ref(dn("CN=ann,OU=people,DC=x")));
+    s.apply_changes(
+        "src",
+        &[Change::Add(user("u1", "Ann")), Change::Add(g1.clone())],
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1"]));
+    assert_eq!(s.source_entry(&a("g1")).unwrap(), Some(g1));
+    assert_eq!(
+        s.anchor_by_dn(&dn("cn=ANN,ou=people,dc=x")).unwrap(),
+        Some(a("u1"))
+    );
+    reset_dirty(s);
+
+    // The same content again marks nothing.
+    s.apply_changes("src", &[Change::Replace(user("u1", "Ann"))], None)
+        .unwrap();
+    assert!(
+        s.dirty().unwrap().is_empty(),
+        "unchanged replace marked dirty"
+    );
+
+    // A change marks the object and the group that references it by DN.
+    s.apply_changes(
+        "src",
+        &[Change::Modify {
+            anchor: a("u1"),
+            object_type: "user".into(),
+            changes: vec![AttributeChange::replace("title", values(["Boss"]))],
+        }],
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1"]));
+    assert_eq!(
+        s.source_entry(&a("u1"))
+            .unwrap()
+            .unwrap()
+            .attributes
+            .first_str("title"),
+        Some("Boss")
+    );
+    reset_dirty(s);
+
+    // A new reference (by anchor) marks the object newly referenced too.
+    s.apply_changes(
+        "src",
+        &[Change::Add(
+            user("u2", "Bob").with("manager", Value::anchor_ref("u1")),
+        )],
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["u1", "u2"]));
+    reset_dirty(s);
+
+    // A move marks the object and its referrers under the old DN.
+    s.apply_changes(
+        "src",
+        &[Change::Move {
+            anchor: a("u1"),
+            object_type: "user".into(),
+            new_dn: dn("cn=Ann,ou=Former,dc=x"),
+        }],
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1", "u2"]));
+    assert_eq!(s.anchor_by_dn(&dn("cn=Ann,ou=People,dc=x")).unwrap(), None);
+    assert_eq!(
+        s.anchor_by_dn(&dn("cn=Ann,ou=Former,dc=x")).unwrap(),
+        Some(a("u1"))
+    );
+    reset_dirty(s);
+
+    // Deleting u2 marks it and the object it referenced; deleting an unknown object is ignored.
+    s.apply_changes(
+        "src",
+        &[
+            Change::Delete {
+                anchor: a("u2"),
+                object_type: "user".into(),
+            },
+            Change::Delete {
+                anchor: a("nobody"),
+                object_type: "user".into(),
+            },
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["u1", "u2"]));
+    assert_eq!(s.source_entry(&a("u2")).unwrap(), None);
+
+    // A group gaining a member by DN marks the member (its ISMEMBEROF changed).
+    reset_dirty(s);
+    s.apply_changes(
+        "src",
+        &[Change::Modify {
+            anchor: a("g1"),
+            object_type: "group".into(),
+            changes: vec![AttributeChange::add(
+                "member",
+                values([Value::dn_ref(dn("cn=Ann,ou=Former,dc=x"))]),
+            )],
+        }],
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1"]));
+    s.mark_dirty(&anchors(&["zz"])).unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1", "zz"]));
+}
+
+fn watermark_commits_with_its_changes(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let w1 = Watermark::new("usn", b"100".to_vec());
+    let w2 = Watermark::new("usn", b"200".to_vec());
+    assert_eq!(s.watermark("src").unwrap(), None);
+    s.apply_changes("src", &[Change::Add(user("u1", "Ann"))], Some(&w1))
+        .unwrap();
+    assert_eq!(s.watermark("src").unwrap(), Some(w1.clone()));
+    assert_eq!(s.watermark("other").unwrap(), None);
+    let before = s.fingerprint().unwrap();
+    reset_dirty(s);
+    let before_dirty = s.fingerprint().unwrap();
+    assert_ne!(before, before_dirty);
+
+    // A batch that fails applies nothing and commits no watermark.
+    let err = s
+        .apply_changes(
+            "src",
+            &[
+                Change::Add(user("u2", "Bob")),
+                Change::Modify {
+                    anchor: a("ghost"),
+                    object_type: "user".into(),
+                    changes: vec![AttributeChange::replace("cn", values(["x"]))],
+                },
+            ],
+            Some(&w2),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, StateError::UnknownAnchor { anchor, change: "modify" } if anchor.as_str() == "ghost"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("full import"));
+    assert_eq!(s.watermark("src").unwrap(), Some(w1.clone()));
+    assert_eq!(s.source_entry(&a("u2")).unwrap(), None);
+    assert!(s.dirty().unwrap().is_empty());
+    assert_eq!(s.fingerprint().unwrap(), before_dirty);
+
+    // A change then a modify of the object it adds, in one batch, is fine.
+    s.apply_changes(
+        "src",
+        &[
+            Change::Add(user("u3", "Cy")),
+            Change::Modify {
+                anchor: a("u3"),
+                object_type: "user".into(),
+                changes: vec![AttributeChange::add("mail", values(["cy@x"]))],
+            },
+        ],
+        Some(&w2),
+    )
+    .unwrap();
+    assert_eq!(s.watermark("src").unwrap(), Some(w2));
+    // No watermark given: the committed one stays.
+    s.apply_changes("src", &[], None).unwrap();
+    assert!(s.watermark("src").unwrap().is_some());
+    s.clear_watermark("src").unwrap();
+    assert_eq!(s.watermark("src").unwrap(), None);
+}
+
+fn full_import_deletes_unseen_and_guards_small_imports(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let w = Watermark::new("cookie", b"c1".to_vec());
+    let g = s.begin_full_import("src").unwrap();
+    s.import_entries(g, &[user("a", "A"), user("b", "B")])
+        .unwrap();
+    s.import_entries(g, &[user("c", "C"), user("a", "A")])
+        .unwrap();
+    let sum = s.finish_full_import("src", g, Some(&w), 0.5).unwrap();
+    assert_eq!(
+        (
+            sum.generation,
+            sum.seen,
+            sum.added,
+            sum.changed,
+            sum.deleted
+        ),
+        (g, 3, 3, 0, 0)
+    );
+    assert_eq!(s.dirty().unwrap(), anchors(&["a", "b", "c"]));
+    assert_eq!(s.watermark("src").unwrap(), Some(w));
+    reset_dirty(s);
+
+    // a unchanged, b changed, c not seen: c is deleted, b and c are dirty.
+    let g2 = s.begin_full_import("src").unwrap();
+    assert!(g2 > g);
+    s.import_entries(g2, &[user("a", "A"), user("b", "B").with("title", "x")])
+        .unwrap();
+    let sum = s.finish_full_import("src", g2, None, 0.5).unwrap();
+    assert_eq!(
+        (sum.seen, sum.added, sum.changed, sum.deleted),
+        (2, 0, 1, 1)
+    );
+    assert_eq!(s.dirty().unwrap(), anchors(&["b", "c"]));
+    assert_eq!(s.source_entry(&a("c")).unwrap(), None);
+    reset_dirty(s);
+
+    // An empty import of a non-empty mirror is refused; nothing is deleted.
+    let g3 = s.begin_full_import("src").unwrap();
+    let err = s.finish_full_import("src", g3, None, 0.0).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::ImportTooSmall {
+                seen: 0,
+                mirrored: 2
+            }
+        ),
+        "{err}"
+    );
+    assert!(s.source_entry(&a("a")).unwrap().is_some());
+    // Too small a share is refused, and the import stays open to finish with a lower share.
+    s.import_entries(g3, &[user("a", "A")]).unwrap();
+    let err = s.finish_full_import("src", g3, None, 0.9).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::ImportTooSmall {
+                seen: 1,
+                mirrored: 2
+            }
+        ),
+        "{err}"
+    );
+    assert!(s.source_entry(&a("b")).unwrap().is_some());
+    assert!(s.dirty().unwrap().is_empty());
+    // Wrong generation and wrong connector are refused.
+    assert!(matches!(
+        s.import_entries(g3 + 7, &[user("q", "Q")]),
+        Err(StateError::UnknownGeneration { open: Some(o), .. }) if o == g3
+    ));
+    assert!(matches!(
+        s.finish_full_import("other", g3, None, 0.5),
+        Err(StateError::WrongConnector { .. })
+    ));
+    let sum = s.finish_full_import("src", g3, None, 0.5).unwrap();
+    assert_eq!((sum.seen, sum.deleted), (1, 1));
+    assert_eq!(s.dirty().unwrap(), anchors(&["b"]));
+    // A finished import is closed.
+    assert!(matches!(
+        s.import_entries(g3, &[user("a", "A")]),
+        Err(StateError::UnknownGeneration { open: None, .. })
+    ));
+}
+
+fn interrupted_full_import_leaves_state_valid(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let g = s.begin_full_import("src").unwrap();
+    s.import_entries(g, &[user("a", "A"), user("b", "B")])
+        .unwrap();
+    s.finish_full_import("src", g, None, 1.0).unwrap();
+    reset_dirty(s);
+    // Interrupted: a changed and z new are kept; nothing is deleted.
+    let g2 = s.begin_full_import("src").unwrap();
+    s.import_entries(g2, &[user("a", "A2"), user("z", "Z")])
+        .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["a", "z"]));
+    let g3 = s.begin_full_import("src").unwrap();
+    assert!(matches!(
+        s.import_entries(g2, &[user("b", "B")]),
+        Err(StateError::UnknownGeneration { .. })
+    ));
+    assert!(s.source_entry(&a("b")).unwrap().is_some());
+    assert_eq!(
+        s.source_entry(&a("a"))
+            .unwrap()
+            .unwrap()
+            .attributes
+            .first_str("cn"),
+        Some("A2")
+    );
+    // The next import counts what it sees itself.
+    s.import_entries(g3, &[user("a", "A2"), user("z", "Z"), user("b", "B")])
+        .unwrap();
+    let sum = s.finish_full_import("src", g3, None, 1.0).unwrap();
+    assert_eq!(
+        (sum.seen, sum.added, sum.changed, sum.deleted),
+        (3, 0, 0, 0)
+    );
+}
+
+fn neighbourhood_holds_referrers_references_links_and_targets(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let changes = [
+        Change::Add(user("u1", "Ann").with("manager", Value::anchor_ref("m1"))),
+        Change::Add(user("u2", "Bob")),
+        Change::Add(user("u3", "Cy")),
+        Change::Add(user("m1", "Max")),
+        Change::Add(
+            Entry::new("g1", "group")
+                .with_dn(dn("cn=Staff,ou=Groups,dc=x"))
+                .with("member", Value::dn_ref(dn("cn=Ann,ou=People,dc=x")))
+                .with("member", Value::anchor_ref("u2")),
+        ),
+        Change::Add(
+            Entry::new("g2", "group")
+                .with_dn(dn("cn=All,ou=Groups,dc=x"))
+                .with("member", Value::anchor_ref("g1")),
+        ),
+    ];
+    s.apply_changes("src", &changes, None).unwrap();
+    for (anchor, target) in [
+        ("u1", "t-u1"),
+        ("u2", "t-u2"),
+        ("u3", "t-u3"),
+        ("m1", "t-m1"),
+        ("g1", "t-g1"),
+    ] {
+        link_by_create(
+            s,
+            anchor,
+            target,
+            [("displayName", values([anchor]))].into_iter().collect(),
+        );
+    }
+    let v = s.load_neighbourhood(&anchors(&["u1"])).unwrap();
+    let mut mirrored: Vec<&str> = v.mirror.anchors().map(|a| a.as_str()).collect();
+    mirrored.sort();
+    assert_eq!(mirrored, ["g1", "g2", "m1", "u1", "u2"]);
+    let mut linked: Vec<&str> = v.links.iter().map(|l| l.anchor.as_str()).collect();
+    linked.sort();
+    assert_eq!(linked, ["g1", "m1", "u1", "u2"]);
+    let mut targets: Vec<&str> = v.target.objects().map(|o| o.id.as_str()).collect();
+    targets.sort();
+    assert_eq!(targets, ["t-g1", "t-u1"]);
+    // The views answer what the planner asks.
+    assert_eq!(
+        v.mirror.member_of(&a("u1")),
+        [&dn("cn=staff,ou=groups,dc=x")]
+    );
+    assert_eq!(v.mirror.member_of(&a("g1")), [&dn("cn=all,ou=groups,dc=x")]);
+
+    // A deleted object's neighbourhood holds its link and target object.
+    s.apply_changes(
+        "src",
+        &[Change::Delete {
+            anchor: a("u3"),
+            object_type: "user".into(),
+        }],
+        None,
+    )
+    .unwrap();
+    let v = s.load_neighbourhood(&anchors(&["u3"])).unwrap();
+    assert!(v.mirror.is_empty());
+    assert_eq!(
+        v.links.get(&a("u3")).map(|l| l.target_id.as_str()),
+        Some("t-u3")
+    );
+    assert!(v.target.get(&TargetId::from("t-u3")).is_some());
+
+    let counts = s.link_counts().unwrap();
+    assert_eq!(counts.get(&"User".into()), Some(&5));
+    assert_eq!(counts.len(), 1);
+    let all = s.load_all().unwrap();
+    assert_eq!(
+        (all.mirror.len(), all.links.len(), all.target.len()),
+        (5, 5, 5)
+    );
+}
+
+fn join_candidates_are_found_by_value(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    s.put_target_objects(&[
+        TargetObject::new("t9", "User").with("mail", "Ann@X"),
+        TargetObject::new("t8", "Group").with("mail", "ann@x"),
+        TargetObject::new("t7", "User").with("mail", "bob@x"),
+    ])
+    .unwrap();
+    link_by_create(
+        s,
+        "u7",
+        "t7",
+        [("mail", values(["bob@x"]))].into_iter().collect(),
+    );
+    let mut v = s.load_neighbourhood(&anchors(&["new"])).unwrap();
+    assert!(v.target.is_empty());
+    s.load_join_candidates(
+        &mut v,
+        &[
+            TargetLookup {
+                object_type: "User".into(),
+                attribute: "MAIL".into(),
+                value: Value::string("ann@x"),
+            },
+            TargetLookup {
+                object_type: "User".into(),
+                attribute: "mail".into(),
+                value: Value::string("BOB@X"),
+            },
+        ],
+    )
+    .unwrap();
+    let mut ids: Vec<&str> = v.target.objects().map(|o| o.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["t7", "t9"]);
+    // The candidate's link comes along, so the planner sees t7 is taken.
+    assert_eq!(
+        v.links.anchor_of(&TargetId::from("t7")).map(|a| a.as_str()),
+        Some("u7")
+    );
+    // A long value (beyond any index) is still found.
+    let long = "x".repeat(600);
+    s.put_target_objects(&[TargetObject::new("t6", "User").with("note", long.as_str())])
+        .unwrap();
+    s.load_join_candidates(
+        &mut v,
+        &[TargetLookup {
+            object_type: "User".into(),
+            attribute: "note".into(),
+            value: Value::string(long.to_uppercase()),
+        }],
+    )
+    .unwrap();
+    assert!(v.target.get(&TargetId::from("t6")).is_some());
+}
+
+fn journal_lifecycle_updates_links_and_target_mirror(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    assert!(matches!(
+        s.journal_intent(
+            super::RunId(99),
+            &op(
+                "u1",
+                OperationKind::Unlink {
+                    target_id: "t".into()
+                }
+            ),
+            None
+        ),
+        Err(StateError::UnknownRun(_))
+    ));
+    let run = s.begin_run("delta-sync", t(0)).unwrap();
+    let (create, sent) = create_op(
+        "u1",
+        [("displayName", values(["Ann"]))].into_iter().collect(),
+    );
+    let j1 = s.journal_intent(run, &create, Some(&sent)).unwrap();
+    let unconfirmed = s.journal_unconfirmed().unwrap();
+    assert_eq!(unconfirmed.len(), 1);
+    assert_eq!(unconfirmed[0].id, j1);
+    assert_eq!(unconfirmed[0].state, JournalState::Intended);
+    assert_eq!(unconfirmed[0].operation, create);
+    assert_eq!(unconfirmed[0].sent.as_ref(), Some(&sent));
+
+    // A create needs the new id.
+    assert!(matches!(
+        s.journal_done(j1, &create, Some(&sent), None),
+        Err(StateError::Invalid(_))
+    ));
+    assert!(matches!(
+        s.journal_done(
+            super::JournalId(12345),
+            &create,
+            Some(&sent),
+            Some(&"t1".into())
+        ),
+        Err(StateError::UnknownJournalId(_))
+    ));
+    s.journal_done(j1, &create, Some(&sent), Some(&TargetId::from("t1")))
+        .unwrap();
+    assert!(s.journal_unconfirmed().unwrap().is_empty());
+    let v = s.load_neighbourhood(&anchors(&["u1"])).unwrap();
+    assert_eq!(
+        v.links.get(&a("u1")).map(|l| l.target_id.as_str()),
+        Some("t1")
+    );
+    assert_eq!(
+        v.target
+            .get(&"t1".into())
+            .and_then(|o| o.attributes.first_str("displayName")),
+        Some("Ann")
+    );
+
+    // An update changes the target mirror.
+    let changes = vec![AttributeChange::replace("title", values(["Boss"]))];
+    let update = op(
+        "u1",
+        OperationKind::Update {
+            target: TargetRef::Existing("t1".into()),
+            changes: changes.clone(),
+        },
+    );
+    let sent_u = TargetOperation::Update {
+        id: "t1".into(),
+        object_type: "User".into(),
+        changes,
+    };
+    let j2 = s.journal_intent(run, &update, Some(&sent_u)).unwrap();
+    s.journal_done(j2, &update, Some(&sent_u), None).unwrap();
+    let all = s.load_all().unwrap();
+    assert_eq!(
+        all.target
+            .get(&"t1".into())
+            .and_then(|o| o.attributes.first_str("title")),
+        Some("Boss")
+    );
+
+    // A failure is recorded with its error.
+    let j3 = s.journal_intent(run, &update, Some(&sent_u)).unwrap();
+    s.journal_failed(j3, "Constraint: title too long", false)
+        .unwrap();
+
+    // A join without changes links without a target operation; an unlink forgets the link.
+    let join = op(
+        "u2",
+        OperationKind::Join {
+            target_id: "t9".into(),
+            changes: vec![],
+        },
+    );
+    let j4 = s.journal_intent(run, &join, None).unwrap();
+    s.journal_done(j4, &join, None, None).unwrap();
+    assert_eq!(
+        s.load_all()
+            .unwrap()
+            .links
+            .get(&a("u2"))
+            .map(|l| l.target_id.as_str()),
+        Some("t9")
+    );
+    let unlink = op(
+        "u2",
+        OperationKind::Unlink {
+            target_id: "t9".into(),
+        },
+    );
+    let j5 = s.journal_intent(run, &unlink, None).unwrap();
+    s.journal_done(j5, &unlink, None, None).unwrap();
+
+    // A delete removes the link and the target object.
+    let delete = op(
+        "u1",
+        OperationKind::Delete {
+            target_id: "t1".into(),
+        },
+    );
+    let sent_d = TargetOperation::Delete {
+        id: "t1".into(),
+        object_type: "User".into(),
+    };
+    let run2 = s.begin_run("delta-sync", t(60)).unwrap();
+    let j6 = s.journal_intent(run2, &delete, Some(&sent_d)).unwrap();
+    s.journal_done(j6, &delete, Some(&sent_d), None).unwrap();
+    let all = s.load_all().unwrap();
+    assert!(all.links.is_empty());
+    assert!(all.target.is_empty());
+    // An intent never confirmed stays visible.
+    let j7 = s.journal_intent(run2, &update, Some(&sent_u)).unwrap();
+
+    let journal = s.journal(Some(run)).unwrap();
+    let states: Vec<(super::JournalId, JournalState)> =
+        journal.iter().map(|j| (j.id, j.state)).collect();
+    assert_eq!(
+        states,
+        [
+            (j1, JournalState::Done),
+            (j2, JournalState::Done),
+            (j3, JournalState::Failed),
+            (j4, JournalState::Done),
+            (j5, JournalState::Done),
+        ]
+    );
+    assert_eq!(journal[0].target_id, Some("t1".into()));
+    assert_eq!(journal[3].target_id, Some("t9".into()));
+    assert_eq!(
+        journal[2].error.as_deref(),
+        Some("Constraint: title too long")
+    );
+    assert!(!journal[2].retryable);
+    assert_eq!(s.journal(None).unwrap().len(), 7);
+    assert_eq!(s.journal(Some(run2)).unwrap().len(), 2);
+    let unconfirmed: Vec<_> = s
+        .journal_unconfirmed()
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(unconfirmed, [j7]);
+    s.journal_failed(j7, "Unavailable: try later", true)
+        .unwrap();
+    assert!(s.journal(Some(run2)).unwrap()[1].retryable);
+    assert!(s.journal_unconfirmed().unwrap().is_empty());
+}
+
+fn secrets_are_not_stored(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let run = s.begin_run("delta-sync", t(0)).unwrap();
+    let create = op(
+        "u1",
+        OperationKind::Create {
+            attributes: [("displayName", values(["Ann"]))].into_iter().collect(),
+            secrets: [("password", values(["hunter2"]))].into_iter().collect(),
+        },
+    );
+    let sent = create.to_target_operation(&Default::default()).unwrap();
+    let j = s.journal_intent(run, &create, sent.as_ref()).unwrap();
+    s.journal_done(j, &create, sent.as_ref(), Some(&"t1".into()))
+        .unwrap();
+    let mut secret = AttributeChange::replace("password", values(["s3cret!"]));
+    secret.redacted = true;
+    let changes = vec![secret, AttributeChange::replace("title", values(["Boss"]))];
+    let update = op(
+        "u1",
+        OperationKind::Update {
+            target: TargetRef::Existing("t1".into()),
+            changes: changes.clone(),
+        },
+    );
+    let sent_u = TargetOperation::Update {
+        id: "t1".into(),
+        object_type: "User".into(),
+        changes,
+    };
+    let j = s.journal_intent(run, &update, Some(&sent_u)).unwrap();
+    s.journal_done(j, &update, Some(&sent_u), None).unwrap();
+
+    let journal = format!("{:?}", s.journal(None).unwrap());
+    let json = serde_json::to_string(&s.journal(None).unwrap()).unwrap();
+    let target = format!("{:?}", s.load_all().unwrap().target);
+    for text in [&journal, &json, &target] {
+        assert!(!text.contains("hunter2"), "secret stored: {text}");
+        assert!(!text.contains("s3cret"), "secret stored: {text}");
+    }
+    assert!(target.contains("Boss"));
+}
+
+fn escrow_counts_attempts(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    assert_eq!(s.escrow(&a("b"), "first", t(10)).unwrap(), 1);
+    assert_eq!(s.escrow(&a("a"), "other", t(5)).unwrap(), 1);
+    assert_eq!(s.escrow(&a("b"), "second", t(20)).unwrap(), 2);
+    let e = s.escrowed().unwrap();
+    assert_eq!(e.len(), 2);
+    assert_eq!(e[0].anchor, a("a"));
+    assert_eq!(
+        (e[1].attempts, e[1].next_retry, e[1].last_error.as_str()),
+        (2, t(20), "second")
+    );
+    s.release(&a("b")).unwrap();
+    s.release(&a("not-there")).unwrap();
+    assert_eq!(s.escrowed().unwrap().len(), 1);
+    // Released, a new failure counts from one.
+    assert_eq!(s.escrow(&a("b"), "again", t(30)).unwrap(), 1);
+}
+
+fn runs_are_recorded(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let r1 = s.begin_run("full-import", t(0)).unwrap();
+    let r2 = s.begin_run("delta-sync", t(100)).unwrap();
+    assert_ne!(r1, r2);
+    s.finish_run(r1, t(50), "success", r#"{"created":3}"#)
+        .unwrap();
+    assert!(matches!(
+        s.finish_run(super::RunId(4242), t(1), "x", "{}"),
+        Err(StateError::UnknownRun(_))
+    ));
+    let runs = s.runs(10).unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].id, r2);
+    assert_eq!(runs[0].finished, None);
+    assert_eq!(runs[1].profile, "full-import");
+    assert_eq!(runs[1].started, t(0));
+    assert_eq!(runs[1].finished, Some(t(50)));
+    assert_eq!(runs[1].outcome.as_deref(), Some("success"));
+    assert_eq!(runs[1].report_json.as_deref(), Some(r#"{"created":3}"#));
+    assert_eq!(s.runs(1).unwrap().len(), 1);
+}
+
+fn target_objects_are_kept(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    s.put_target_objects(&[
+        TargetObject::new("t2", "User").with("mail", "b@x"),
+        TargetObject::new("t1", "User").with("mail", "a@x"),
+    ])
+    .unwrap();
+    s.put_target_objects(&[TargetObject::new("t2", "User").with("mail", "c@x")])
+        .unwrap();
+    assert_eq!(s.target_ids().unwrap(), [TargetId::from("t1"), "t2".into()]);
+    let all = s.load_all().unwrap();
+    assert_eq!(
+        all.target
+            .get(&"t2".into())
+            .and_then(|o| o.attributes.first_str("mail")),
+        Some("c@x")
+    );
+    // The replaced value is no longer found by a join lookup.
+    let mut v = s.load_neighbourhood(&[]).unwrap();
+    s.load_join_candidates(
+        &mut v,
+        &[TargetLookup {
+            object_type: "User".into(),
+            attribute: "mail".into(),
+            value: Value::string("b@x"),
+        }],
+    )
+    .unwrap();
+    assert!(v.target.is_empty());
+    s.remove_target_objects(&["t1".into(), "nope".into()])
+        .unwrap();
+    assert_eq!(s.target_ids().unwrap(), [TargetId::from("t2")]);
+}
+
+fn fingerprint_moves_with_plan_inputs_only(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let mut last = s.fingerprint().unwrap();
+    let mut moved = |s: &mut dyn StateStore, what: &str, expect: bool| {
+        let now = s.fingerprint().unwrap();
+        assert_eq!(now != last, expect, "fingerprint after {what}");
+        last = now;
+    };
+    let reads = |s: &mut dyn StateStore| {
+        s.load_all().unwrap();
+        s.load_neighbourhood(&anchors(&["a"])).unwrap();
+        s.dirty().unwrap();
+        s.journal(None).unwrap();
+        s.journal_unconfirmed().unwrap();
+        s.escrowed().unwrap();
+        s.runs(5).unwrap();
+        s.target_ids().unwrap();
+        s.watermark("src").unwrap();
+        s.source_entry(&a("a")).unwrap();
+        s.link_counts().unwrap();
+    };
+    reads(s);
+    moved(s, "reads", false);
+    s.apply_changes("src", &[Change::Add(user("a", "A"))], None)
+        .unwrap();
+    moved(s, "a delta change", true);
+    s.apply_changes("src", &[Change::Replace(user("a", "A"))], None)
+        .unwrap();
+    moved(s, "a delta repeating the mirror", false);
+    s.apply_changes("src", &[], Some(&Watermark::new("usn", b"1".to_vec())))
+        .unwrap();
+    moved(s, "a watermark alone", false);
+    s.clear_dirty(&anchors(&["a"])).unwrap();
+    moved(s, "clear_dirty", true);
+    s.clear_dirty(&anchors(&["a"])).unwrap();
+    moved(s, "clear_dirty of clean anchors", false);
+    s.mark_dirty(&anchors(&["a"])).unwrap();
+    moved(s, "mark_dirty", true);
+    let g = s.begin_full_import("src").unwrap();
+    moved(s, "begin_full_import", false);
+    s.import_entries(g, &[user("a", "A")]).unwrap();
+    moved(s, "an unchanged import batch", false);
+    s.import_entries(g, &[user("b", "B")]).unwrap();
+    moved(s, "an import batch with a new entry", true);
+    s.finish_full_import("src", g, None, 0.0).unwrap();
+    moved(s, "a full import deleting nothing", false);
+    let g = s.begin_full_import("src").unwrap();
+    s.import_entries(g, &[user("a", "A")]).unwrap();
+    s.finish_full_import("src", g, None, 0.5).unwrap();
+    moved(s, "a full import deleting b", true);
+    let run = s.begin_run("x", t(0)).unwrap();
+    moved(s, "begin_run", false);
+    let (o, sent) = create_op("a", Attributes::new());
+    let j = s.journal_intent(run, &o, Some(&sent)).unwrap();
+    moved(s, "journal_intent", false);
+    let j2 = s.journal_intent(run, &o, Some(&sent)).unwrap();
+    s.journal_failed(j2, "x", true).unwrap();
+    moved(s, "journal_failed", false);
+    s.journal_done(j, &o, Some(&sent), Some(&"t1".into()))
+        .unwrap();
+    moved(s, "journal_done", true);
+    s.escrow(&a("a"), "x", t(1)).unwrap();
+    s.release(&a("a")).unwrap();
+    moved(s, "escrow", false);
+    s.finish_run(run, t(2), "success", "{}").unwrap();
+    moved(s, "finish_run", false);
+    s.clear_watermark("src").unwrap();
+    moved(s, "clear_watermark", false);
+    s.put_target_objects(&[TargetObject::new("t5", "User")])
+        .unwrap();
+    moved(s, "put_target_objects", true);
+    s.remove_target_objects(&["t5".into()]).unwrap();
+    moved(s, "remove_target_objects", true);
+    s.remove_target_objects(&["t5".into()]).unwrap();
+    moved(s, "removing absent target objects", false);
+    reads(s);
+    moved(s, "reads", false);
+}
