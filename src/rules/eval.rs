@@ -74,6 +74,8 @@ enum Op {
     },
     Attr {
         name: String,
+        /// Index into a bound attribute table (see [`Program::bind`]); `usize::MAX` = unbound.
+        slot: usize,
     },
     Lit(EvalValue),
     Compare {
@@ -205,7 +207,10 @@ fn build(node: &Node) -> Result<Op, Diagnostic> {
                 span: *span,
             }
         }
-        Node::Attr { name, .. } => Op::Attr { name: name.clone() },
+        Node::Attr { name, .. } => Op::Attr {
+            name: name.clone(),
+            slot: usize::MAX,
+        },
         Node::Literal { value, .. } => Op::Lit(literal(value)),
         Node::Compare { op, lhs, rhs, span } => Op::Compare {
             op: compare_op(*op),
@@ -228,9 +233,55 @@ pub fn from_model(v: &Value) -> EvalValue {
     }
 }
 
+/// Where the evaluator reads attribute values from.
+pub trait AttributeSource {
+    /// The values of attribute `name`, which a bound program also knows as `slot`.
+    fn values(&self, name: &str, slot: usize) -> Option<&Values>;
+}
+
+impl AttributeSource for Attributes {
+    fn values(&self, name: &str, _slot: usize) -> Option<&Values> {
+        self.get(name)
+    }
+}
+
+/// An object's attributes looked up once for a bound attribute table (see [`Program::bind`]):
+/// each attribute reference then costs an index instead of a search.
+pub struct Slotted<'a> {
+    slots: smallvec::SmallVec<[Option<&'a Values>; 32]>,
+    attrs: &'a Attributes,
+}
+
+impl<'a> Slotted<'a> {
+    /// Looks up every name of `table` (sorted, as [`Program::bind`] wants it) in `attrs`.
+    pub fn new(table: &[crate::model::AttrName], attrs: &'a Attributes) -> Slotted<'a> {
+        let mut hint = 0;
+        Slotted {
+            slots: table
+                .iter()
+                .map(|n| attrs.get_hinted(n, &mut hint))
+                .collect(),
+            attrs,
+        }
+    }
+}
+
+impl AttributeSource for Slotted<'_> {
+    fn values(&self, name: &str, slot: usize) -> Option<&Values> {
+        match self.slots.get(slot) {
+            Some(v) => *v,
+            None => self.attrs.get(name),
+        }
+    }
+}
+
 /// The values of an attribute as one expression value: Null, a single value or a Multi.
 pub fn attribute_value(attrs: &Attributes, name: &str) -> EvalValue {
-    match attrs.get(name).map(|v| &v[..]) {
+    values_value(attrs.get(name))
+}
+
+fn values_value(values: Option<&Values>) -> EvalValue {
+    match values.map(|v| &v[..]) {
         None | Some([]) => EvalValue::Null,
         Some([one]) => from_model(one),
         Some(many) => EvalValue::multi(many.iter().map(from_model).collect()),
@@ -290,11 +341,52 @@ impl Program {
         &self.compiled
     }
 
+    /// The names of the attributes the expression reads.
+    pub fn attribute_names(&self) -> Vec<&str> {
+        fn walk<'a>(op: &'a Op, out: &mut Vec<&'a str>) {
+            match op {
+                Op::Attr { name, .. } => out.push(name),
+                Op::Call { args, .. } => args.iter().flatten().for_each(|a| walk(a, out)),
+                Op::Compare { lhs, rhs, .. } => {
+                    walk(lhs, out);
+                    walk(rhs, out);
+                }
+                Op::Lit(_) => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.root, &mut out);
+        out
+    }
+
+    /// Binds attribute references to positions in `table` (sorted by [`crate::model::AttrName`]
+    /// order), so that evaluating over a [`Slotted`] view costs an index per reference.
+    pub fn bind(&mut self, table: &[crate::model::AttrName]) {
+        fn walk(op: &mut Op, table: &[crate::model::AttrName]) {
+            match op {
+                Op::Attr { name, slot } => {
+                    *slot = table
+                        .binary_search(&crate::model::AttrName::new(name.as_str()))
+                        .unwrap_or(usize::MAX)
+                }
+                Op::Call { args, .. } => args.iter_mut().flatten().for_each(|a| walk(a, table)),
+                Op::Compare { lhs, rhs, .. } => {
+                    walk(lhs, table);
+                    walk(rhs, table);
+                }
+                Op::Lit(_) => {}
+            }
+        }
+        walk(&mut self.root, table)
+    }
+
     /// If the whole expression is one attribute reference, its name (a direct mapping, which
     /// the rule set flows without conversion).
-    pub fn direct_attribute(&self) -> Option<&str> {
+    pub fn direct_attribute(&self) -> Option<(&str, usize)> {
         match &self.root {
-            Op::Attr { name, .. } if !self.compiled.ignore_flow_if_null_or_empty => Some(name),
+            Op::Attr { name, slot } if !self.compiled.ignore_flow_if_null_or_empty => {
+                Some((name, *slot))
+            }
             _ => None,
         }
     }
@@ -302,7 +394,7 @@ impl Program {
     /// Evaluates over `attrs`.
     pub fn evaluate(
         &self,
-        attrs: &Attributes,
+        attrs: &dyn AttributeSource,
         ctx: &mut EvalContext<'_>,
     ) -> Result<Evaluated, EvalFailure> {
         let mut warnings = Vec::new();
@@ -338,7 +430,7 @@ fn fail(span: Span) -> impl Fn(EvalError) -> EvalFailure {
 
 fn value_of(
     op: &Op,
-    attrs: &Attributes,
+    attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> Result<EvalValue, EvalFailure> {
@@ -351,13 +443,13 @@ fn value_of(
 
 fn eval(
     op: &Op,
-    attrs: &Attributes,
+    attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> Result<Flow, EvalFailure> {
     let v = match op {
         Op::Lit(v) => v.clone(),
-        Op::Attr { name, .. } => attribute_value(attrs, name),
+        Op::Attr { name, slot } => values_value(attrs.values(name, *slot)),
         Op::Compare { op, lhs, rhs, span } => {
             let a = value_of(lhs, attrs, ctx, w)?;
             let b = value_of(rhs, attrs, ctx, w)?;
@@ -444,7 +536,7 @@ fn eval(
 
 fn opt_value(
     op: Option<&Op>,
-    attrs: &Attributes,
+    attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> Result<EvalValue, EvalFailure> {
@@ -460,7 +552,7 @@ fn call(
     args: &[Option<Op>],
     pre: &Precompiled,
     span: Span,
-    attrs: &Attributes,
+    attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> Result<EvalValue, EvalFailure> {

@@ -36,7 +36,7 @@ use crate::delta::{
 use crate::model::{AttrName, Entry, ObjectType, Value, Values};
 use crate::rules::context::{EvalContext, SeededRng};
 use crate::rules::diagnostic::{Code, Diagnostic, Origin, Span};
-use crate::rules::eval::{self, EvalFailure, Outcome, Program};
+use crate::rules::eval::{self, AttributeSource, EvalFailure, Outcome, Program, Slotted};
 use crate::rules::function::Function;
 use crate::rules::scope::{FilterSpec, ScopeExplanation, ScopeFilter};
 
@@ -336,6 +336,8 @@ struct CompiledRule {
     join: Vec<Vec<usize>>,
     flows: Vec<CompiledFlow>,
     deprovision: Deprovision,
+    /// Every source attribute the flows read, sorted: looked up once per object.
+    attributes: Vec<AttrName>,
 }
 
 /// A compiled rule set: the planner's [`Projection`].
@@ -642,7 +644,18 @@ impl RuleSet {
                     Deprovision::Disable(attrs)
                 }
             };
+            let mut attributes: Vec<AttrName> = flows
+                .iter()
+                .flat_map(|f| f.program.attribute_names())
+                .map(AttrName::new)
+                .collect();
+            attributes.sort();
+            attributes.dedup();
+            for f in &mut flows {
+                f.program.bind(&attributes);
+            }
             rules.push(CompiledRule {
+                attributes,
                 name: rc.name.clone(),
                 source_type,
                 target_type: ObjectType::new(rc.target_type.as_str()),
@@ -671,13 +684,13 @@ impl RuleSet {
         &self,
         rule: &CompiledRule,
         flow: &CompiledFlow,
-        entry: &Entry,
+        view: &Slotted<'_>,
         ctx: &ProjectionContext<'_>,
         rng: &mut SeededRng,
     ) -> Result<Option<(Values, bool)>, FlowFailure> {
         // Direct mappings flow the source values as they are (typed, references kept).
-        if let Some(name) = flow.program.direct_attribute() {
-            let values = entry.get(name).cloned().unwrap_or_default();
+        if let Some((name, slot)) = flow.program.direct_attribute() {
+            let values = view.values(name, slot).cloned().unwrap_or_default();
             if values.is_empty() {
                 if let Some(d) = &flow.default {
                     return Ok(Some((d.clone(), false)));
@@ -696,7 +709,7 @@ impl RuleSet {
         };
         let out = flow
             .program
-            .evaluate(&entry.attributes, &mut ectx)
+            .evaluate(view, &mut ectx)
             .map_err(FlowFailure::Eval)?;
         match out.outcome {
             Outcome::IgnoreFlow => Ok(None),
@@ -745,10 +758,11 @@ impl RuleSet {
         });
         let in_scope = scope.as_ref().is_none_or(|s| s.in_scope);
         let mut rng = SeededRng::from_seed(ctx.object_seed(&entry.anchor));
+        let view = Slotted::new(&rule.attributes, &entry.attributes);
         let mut flows = Vec::new();
         let mut values: Vec<Option<Values>> = Vec::new();
         for flow in &rule.flows {
-            let (result, vals) = match self.flow_values(rule, flow, entry, ctx, &mut rng) {
+            let (result, vals) = match self.flow_values(rule, flow, &view, ctx, &mut rng) {
                 Ok(None) => ("ignore flow".to_string(), None),
                 Ok(Some((v, true))) => ("(redacted)".to_string(), Some(v)),
                 Ok(Some((v, false))) if v.is_empty() => ("null".to_string(), Some(v)),
@@ -832,11 +846,12 @@ impl Projection for RuleSet {
             return Projected::OutOfScope(format!("rule {}: scoping filter", rule.name));
         }
         let mut rng = SeededRng::from_seed(ctx.object_seed(&entry.anchor));
+        let view = Slotted::new(&rule.attributes, &entry.attributes);
         let mut desired = Desired::new(rule.target_type.clone());
         desired.flows.reserve(rule.flows.len());
         let mut first_values: Vec<Option<Value>> = Vec::with_capacity(rule.flows.len());
         for flow in &rule.flows {
-            match self.flow_values(rule, flow, entry, ctx, &mut rng) {
+            match self.flow_values(rule, flow, &view, ctx, &mut rng) {
                 Ok(None) => first_values.push(None),
                 Ok(Some((values, redacted))) => {
                     first_values.push(values.first().cloned());
