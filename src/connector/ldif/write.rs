@@ -303,8 +303,11 @@ impl<W: Write> LdifWriter<W> {
     fn base64_line(&mut self, name: &str, value: &[u8]) -> io::Result<()> {
         self.line.clear();
         self.line.push_str(name);
-        self.line.push_str(":: ");
-        base64::engine::general_purpose::STANDARD.encode_string(value, &mut self.line);
+        self.line.push_str("::");
+        if !value.is_empty() {
+            self.line.push(' ');
+            base64::engine::general_purpose::STANDARD.encode_string(value, &mut self.line);
+        }
         self.flush_line()
     }
 
