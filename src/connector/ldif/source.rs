@@ -841,4 +841,512 @@ impl DeltaImport<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::model::{values, Reference};
+    use base64::Engine as _;
+
+    const CONTENT: &str = "version: 1
+
+dn: dc=example,dc=com
+objectClass: top
+objectClass: domain
+dc: example
+
+dn: ou=People,dc=example,dc=com
+objectClass: organizationalUnit
+ou: People
+
+dn: cn=Ada Lovelace,ou=People,dc=example,dc=com
+objectClass: top
+objectClass: person
+objectClass: inetOrgPerson
+cn: Ada Lovelace
+sn: Lovelace
+entryUUID: 11111111-1111-1111-1111-11111111111A
+manager: cn=Charles Babbage,ou=People,dc=example,dc=com
+
+dn: cn=Charles Babbage,ou=People,dc=example,dc=com
+objectClass: inetOrgPerson
+cn: Charles Babbage
+sn: Babbage
+entryUUID: 22222222-2222-2222-2222-222222222222
+
+dn: cn=Engineers,dc=example,dc=com
+objectClass: groupOfNames
+cn: Engineers
+entryUUID: 33333333-3333-3333-3333-333333333333
+member: cn=Ada Lovelace,ou=People,dc=example,dc=com
+member: cn=Charles Babbage,ou=People,dc=example,dc=com
+";
+
+    const ADA: &str = "11111111-1111-1111-1111-11111111111a";
+    const CHARLES: &str = "22222222-2222-2222-2222-222222222222";
+    const ENGINEERS: &str = "33333333-3333-3333-3333-333333333333";
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new(content: &str) -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("directory.ldif"), content).unwrap();
+            std::fs::create_dir(dir.path().join("changes")).unwrap();
+            Fixture { dir }
+        }
+        fn content(&self) -> PathBuf {
+            self.dir.path().join("directory.ldif")
+        }
+        fn change(&self, name: &str, text: &str) {
+            std::fs::write(self.dir.path().join("changes").join(name), text).unwrap();
+        }
+        fn source(&self) -> LdifSource {
+            LdifSource::new(
+                self.content(),
+                LdifSourceConfig {
+                    changes_dir: Some(self.dir.path().join("changes")),
+                    ..LdifSourceConfig::default()
+                },
+            )
+        }
+    }
+
+    async fn full(source: &LdifSource) -> Vec<Result<ImportItem<Entry>, ConnectorError>> {
+        source.full_import().await.unwrap().collect().await
+    }
+
+    async fn delta(
+        source: &LdifSource,
+        since: &Watermark,
+    ) -> Result<Vec<Result<ImportItem<Change>, ConnectorError>>, ConnectorError> {
+        Ok(source.delta_import(since).await?.collect().await)
+    }
+
+    fn entries(items: &[Result<ImportItem<Entry>, ConnectorError>]) -> Vec<&Entry> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Ok(ImportItem::Item(e)) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn last_watermark<T>(items: &[Result<ImportItem<T>, ConnectorError>]) -> Watermark {
+        match items.last() {
+            Some(Ok(ImportItem::Checkpoint(w))) => w.clone(),
+            _ => panic!("the stream does not end with a checkpoint"),
+        }
+    }
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).unwrap()
+    }
+
+    fn ok_changes(items: &[Result<ImportItem<Change>, ConnectorError>]) -> Vec<Change> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Ok(ImportItem::Item(c)) => Some(c.clone()),
+                Ok(ImportItem::Checkpoint(_)) => None,
+                Err(e) => panic!("{e}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn full_import_maps_entries_and_ends_with_a_content_checkpoint() {
+        let f = Fixture::new(CONTENT);
+        let source = f.source();
+        assert!(source.capabilities().delta);
+        let items = full(&source).await;
+        let es = entries(&items);
+        assert_eq!(es.len(), 3);
+        assert_eq!(source.skipped(), 2, "the domain and the ou are unmapped");
+        let ada = es[0];
+        assert_eq!(ada.anchor.as_str(), ADA, "entryUUID in canonical lower case");
+        assert_eq!(ada.object_type, ObjectType::new("user"));
+        assert_eq!(ada.dn, Some(dn("cn=Ada Lovelace,ou=People,dc=example,dc=com")));
+        assert_eq!(
+            ada.attributes.first("manager"),
+            Some(&Value::dn_ref(dn("cn=Charles Babbage,ou=People,dc=example,dc=com")))
+        );
+        let group = es[2];
+        assert_eq!(group.object_type, ObjectType::new("group"));
+        assert_eq!(group.anchor.as_str(), ENGINEERS);
+        assert!(group
+            .attributes
+            .get("member")
+            .unwrap()
+            .iter()
+            .all(|v| matches!(v, Value::Reference(Reference::Dn(_)))));
+        let w = last_watermark(&items);
+        assert_eq!(w.kind, "ldif");
+        let text = w.as_text().unwrap().to_owned();
+        assert!(text.starts_with("ldif1;"), "{text}");
+        assert!(text.ends_with(&format!(";{};", CONTENT.len())), "{text}");
+        // The same file gives the same watermark.
+        assert_eq!(last_watermark(&full(&f.source()).await), w);
+    }
+
+    #[tokio::test]
+    async fn object_guid_anchors_decode_ad_bytes() {
+        let guid = uuid::Uuid::parse_str("12345678-1234-5678-1234-56789abcdef0").unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(crate::model::guid_to_ad_bytes(&guid));
+        let text = format!(
+            "dn: CN=Ada,OU=Staff,DC=corp\nobjectClass: top\nobjectClass: person\n\
+             objectClass: organizationalPerson\nobjectClass: user\nobjectGUID:: {b64}\n\
+             objectSid:: AQUAAAAAAAUVAAAA\n\n\
+             dn: CN=Text,OU=Staff,DC=corp\nobjectClass: user\n\
+             objectGUID: {{12345678-1234-5678-1234-56789ABCDEF1}}\n"
+        );
+        let f = Fixture::new(&text);
+        let source = LdifSource::new(
+            f.content(),
+            LdifSourceConfig {
+                anchor_attribute: "objectGUID".into(),
+                ..LdifSourceConfig::default()
+            },
+        );
+        assert!(!source.capabilities().delta);
+        let items = full(&source).await;
+        let es = entries(&items);
+        assert_eq!(es[0].anchor.as_str(), "12345678-1234-5678-1234-56789abcdef0");
+        assert!(matches!(es[0].attributes.first("objectGUID"), Some(Value::Bytes(b)) if b.len() == 16));
+        assert!(matches!(es[0].attributes.first("objectSid"), Some(Value::Bytes(_))));
+        assert_eq!(es[1].anchor.as_str(), "12345678-1234-5678-1234-56789abcdef1");
+        let e = source.delta_import(&last_watermark(&items)).await.err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_file_and_line_and_end_the_stream() {
+        let cases: &[(&str, &str)] = &[
+            // Missing anchor: names the DN and the record's line.
+            (
+                "dn: cn=a,dc=x\nobjectClass: inetOrgPerson\ncn: a\nentryUUID: 1\n\n\
+                 dn: cn=b,dc=x\nobjectClass: inetOrgPerson\ncn: b\n\n\
+                 dn: cn=c,dc=x\nobjectClass: inetOrgPerson\nentryUUID: 3\n",
+                "line 6: the entry cn=b,dc=x has no entryUUID",
+            ),
+            // Malformed LDIF.
+            (
+                "dn: cn=a,dc=x\nobjectClass: inetOrgPerson\nentryUUID: 1\n\ndn: cn=b,dc=x\nbroken line\n",
+                "line 6: expected `attribute: value`",
+            ),
+            // A reference that is not a DN: the line of the value.
+            (
+                "dn: cn=a,dc=x\nobjectClass: inetOrgPerson\nentryUUID: 1\nmanager: nobody\n",
+                "line 4: attribute manager of cn=a,dc=x: the reference is not a DN",
+            ),
+            // Two anchor values.
+            (
+                "dn: cn=a,dc=x\nobjectClass: inetOrgPerson\nentryUUID: 1\nentryUUID: 2\n",
+                "line 1: the entry cn=a,dc=x has 2 values of entryUUID",
+            ),
+            // Change records in the content file.
+            ("dn: cn=a,dc=x\nchangetype: delete\n", "line 1: the content file holds change records"),
+            // The same DN twice.
+            (
+                "dn: cn=a,dc=x\nobjectClass: inetOrgPerson\nentryUUID: 1\n\n\
+                 dn: CN=A,DC=X\nobjectClass: inetOrgPerson\nentryUUID: 2\n",
+                "line 5: a second entry CN=A,DC=X",
+            ),
+        ];
+        for (text, needle) in cases {
+            let f = Fixture::new(text);
+            let items = full(&f.source()).await;
+            let Some(Err(e)) = items.last() else {
+                panic!("{text:?}: no error at the end: {items:?}")
+            };
+            assert_eq!(e.kind(), ErrorKind::Protocol);
+            assert!(e.message().contains("directory.ldif: "), "{e}");
+            assert!(e.message().contains(needle), "{needle:?} not in {e}");
+            assert_eq!(items.iter().filter(|i| i.is_err()).count(), 1);
+            assert!(!items.iter().any(|i| matches!(i, Ok(ImportItem::Checkpoint(_)))));
+        }
+    }
+
+    #[tokio::test]
+    async fn unmapped_entries_can_be_errors() {
+        let f = Fixture::new(CONTENT);
+        let source = LdifSource::new(
+            f.content(),
+            LdifSourceConfig {
+                unmapped: Unmapped::Error,
+                ..LdifSourceConfig::default()
+            },
+        );
+        let items = full(&source).await;
+        let Some(Err(e)) = items.first() else { panic!() };
+        assert!(e.message().contains("line 3: the entry dc=example,dc=com has no objectClass that object_type_map maps (classes: top, domain)"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn missing_content_file_is_a_config_error() {
+        let source = LdifSource::new("/nonexistent/dirsync/x.ldif", LdifSourceConfig::default());
+        let e = source.full_import().await.err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.message().contains("/nonexistent/dirsync/x.ldif"));
+    }
+
+    const CHANGES_1: &str = "version: 1
+
+dn: cn=Grace Hopper,ou=People,dc=example,dc=com
+changetype: add
+objectClass: inetOrgPerson
+cn: Grace Hopper
+sn: Hopper
+entryUUID: 44444444-4444-4444-4444-444444444444
+
+dn: cn=Engineers,dc=example,dc=com
+changetype: modify
+add: member
+member: cn=Grace Hopper,ou=People,dc=example,dc=com
+-
+delete: member
+member: cn=Charles Babbage,ou=People,dc=example,dc=com
+-
+
+dn: cn=Ada Lovelace,ou=People,dc=example,dc=com
+changetype: modrdn
+newrdn: cn=Ada King
+deleteoldrdn: 1
+
+dn: ou=Unit,dc=example,dc=com
+changetype: add
+objectClass: organizationalUnit
+ou: Unit
+";
+
+    const CHANGES_2: &str = "dn: cn=Ada King,ou=People,dc=example,dc=com
+changetype: delete
+
+dn: ou=Unit,dc=example,dc=com
+changetype: modify
+replace: description
+description: skipped: the ou is unmapped
+-
+";
+
+    #[tokio::test]
+    async fn delta_import_reads_change_files_in_order() {
+        let f = Fixture::new(CONTENT);
+        let source = f.source();
+        let w0 = last_watermark(&full(&source).await);
+        f.change("002.ldif", CHANGES_2);
+        f.change("001.ldif", CHANGES_1);
+        f.change("notes.txt", "not a change file");
+
+        let items = delta(&source, &w0).await.unwrap();
+        let checkpoints: Vec<String> = items
+            .iter()
+            .filter_map(|i| match i {
+                Ok(ImportItem::Checkpoint(w)) => Some(w.as_text().unwrap().rsplit(';').next().unwrap().to_owned()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(checkpoints, ["001.ldif", "002.ldif"]);
+        let changes = ok_changes(&items);
+        let grace = "44444444-4444-4444-4444-444444444444";
+        assert!(matches!(&changes[0], Change::Add(e) if e.anchor.as_str() == grace && e.object_type.is("user")));
+        assert_eq!(
+            changes[1],
+            Change::Modify {
+                anchor: ENGINEERS.into(),
+                object_type: "group".into(),
+                changes: vec![
+                    AttributeChange::add("member", Values::one(Value::dn_ref(dn("cn=Grace Hopper,ou=People,dc=example,dc=com")))),
+                    AttributeChange::remove("member", Values::one(Value::dn_ref(dn("cn=Charles Babbage,ou=People,dc=example,dc=com")))),
+                ],
+            }
+        );
+        assert_eq!(
+            changes[2],
+            Change::Move {
+                anchor: ADA.into(),
+                object_type: "user".into(),
+                new_dn: dn("cn=Ada King,ou=People,dc=example,dc=com"),
+            }
+        );
+        assert_eq!(
+            changes[3],
+            Change::Modify {
+                anchor: ADA.into(),
+                object_type: "user".into(),
+                changes: vec![
+                    AttributeChange::remove("cn", values(["Ada Lovelace"])),
+                    AttributeChange::add("cn", values(["Ada King"])),
+                ],
+            }
+        );
+        assert_eq!(
+            changes[4],
+            Change::Delete { anchor: ADA.into(), object_type: "user".into() },
+            "a delete by the new DN finds the renamed entry"
+        );
+        assert_eq!(changes.len(), 5, "changes to the unmapped ou are skipped");
+
+        // Nothing new: just a checkpoint at the same place.
+        let w2 = last_watermark(&items);
+        let again = delta(&source, &w2).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(last_watermark(&again), w2);
+
+        // A new file.
+        f.change("003.ldif", "dn: cn=Grace Hopper,ou=People,dc=example,dc=com\nchangetype: delete\n");
+        let third = delta(&source, &w2).await.unwrap();
+        assert_eq!(
+            ok_changes(&third),
+            vec![Change::Delete { anchor: grace.into(), object_type: "user".into() }]
+        );
+
+        // A fresh source (a restart) rebuilds its DN index from the files up to the watermark.
+        let restarted = f.source();
+        let replayed = delta(&restarted, &w2).await.unwrap();
+        assert_eq!(ok_changes(&replayed), ok_changes(&third));
+    }
+
+    #[tokio::test]
+    async fn a_stream_dropped_midway_leaves_a_consistent_index() {
+        let f = Fixture::new(CONTENT);
+        let source = f.source();
+        let w0 = last_watermark(&full(&source).await);
+        f.change("001.ldif", CHANGES_1);
+        f.change("002.ldif", CHANGES_2);
+        let all = ok_changes(&delta(&source, &w0).await.unwrap());
+        {
+            // Read two changes of the first file, then drop the stream.
+            let mut s = source.delta_import(&w0).await.unwrap();
+            s.next().await.unwrap().unwrap();
+            s.next().await.unwrap().unwrap();
+        }
+        assert_eq!(ok_changes(&delta(&source, &w0).await.unwrap()), all);
+    }
+
+    #[tokio::test]
+    async fn renaming_a_container_moves_the_mapped_entries_below_it() {
+        let f = Fixture::new(CONTENT);
+        let source = f.source();
+        let w0 = last_watermark(&full(&source).await);
+        f.change(
+            "001.ldif",
+            "dn: ou=People,dc=example,dc=com\nchangetype: moddn\nnewrdn: ou=Staff\ndeleteoldrdn: 1\n\n\
+             dn: cn=Ada Lovelace,ou=Staff,dc=example,dc=com\nchangetype: modify\nreplace: sn\nsn: King\n-\n",
+        );
+        let changes = ok_changes(&delta(&source, &w0).await.unwrap());
+        assert_eq!(
+            changes,
+            vec![
+                Change::Move {
+                    anchor: ADA.into(),
+                    object_type: "user".into(),
+                    new_dn: dn("cn=Ada Lovelace,ou=Staff,dc=example,dc=com"),
+                },
+                Change::Move {
+                    anchor: CHARLES.into(),
+                    object_type: "user".into(),
+                    new_dn: dn("cn=Charles Babbage,ou=Staff,dc=example,dc=com"),
+                },
+                Change::Modify {
+                    anchor: ADA.into(),
+                    object_type: "user".into(),
+                    changes: vec![AttributeChange::replace("sn", values(["King"]))],
+                },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_watermarks() {
+        let f = Fixture::new(CONTENT);
+        let source = f.source();
+        let w0 = last_watermark(&full(&source).await);
+        f.change("001.ldif", CHANGES_1);
+        let w1 = last_watermark(&delta(&source, &w0).await.unwrap());
+
+        for bad in [
+            Watermark::new("usn", w0.data.clone()),
+            Watermark::new("ldif", b"garbage".to_vec()),
+            Watermark::new("ldif", b"ldif1;zz;1;".to_vec()),
+            Watermark::new("ldif", vec![0xff, 0xfe]),
+        ] {
+            let e = source.delta_import(&bad).await.err().unwrap();
+            assert_eq!(e.kind(), ErrorKind::InvalidWatermark, "{bad:?}");
+        }
+
+        // The change file the watermark names is gone.
+        std::fs::remove_file(f.dir.path().join("changes/001.ldif")).unwrap();
+        let e = source.delta_import(&w1).await.err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::InvalidWatermark);
+        assert!(e.message().contains("001.ldif"), "{e}");
+
+        // The content file changed (same size, other bytes).
+        std::fs::write(f.content(), CONTENT.replace("Lovelace", "LOVELACE")).unwrap();
+        let e = source.delta_import(&w0).await.err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::InvalidWatermark);
+        assert!(e.message().contains("changed"), "{e}");
+        // A fresh source notices it too (while rebuilding its index).
+        let e = f.source().delta_import(&w0).await.err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::InvalidWatermark);
+    }
+
+    #[tokio::test]
+    async fn change_file_errors_name_file_dn_and_line() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "dn: cn=Nobody,dc=example,dc=com\nchangetype: delete\n",
+                "001.ldif: line 1: cn=Nobody,dc=example,dc=com is not known to the source",
+            ),
+            (
+                "\n\ndn: cn=Nobody,dc=example,dc=com\nchangetype: modify\nreplace: sn\nsn: x\n-\n",
+                "001.ldif: line 3: cn=Nobody,dc=example,dc=com is not known",
+            ),
+            (
+                "dn: cn=Ada Lovelace,ou=People,dc=example,dc=com\ncn: x\n",
+                "line 1: change file 001.ldif holds content records",
+            ),
+            (
+                "dn: cn=Ada Lovelace,ou=People,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\nentryUUID: 5\n",
+                "line 1: an add of cn=Ada Lovelace,ou=People,dc=example,dc=com, which already exists",
+            ),
+            (
+                "dn: cn=Ada Lovelace,ou=People,dc=example,dc=com\nchangetype: modrdn\nnewrdn: cn=Charles Babbage\ndeleteoldrdn: 0\n",
+                "which already exists",
+            ),
+            (
+                "dn: cn=Ada Lovelace,ou=People,dc=example,dc=com\nchangetype: modify\nadd: manager\nmanager: ???\n-\n",
+                "line 4: attribute manager",
+            ),
+            (
+                "dn: cn=Ada Lovelace,ou=People,dc=example,dc=com\nchangetype: modify\nadd: sn\n-\n\ndn: cn=x\nchangetype frob\n",
+                "001.ldif: line 7: expected `attribute: value`",
+            ),
+        ];
+        for (text, needle) in cases {
+            let f = Fixture::new(CONTENT);
+            let source = f.source();
+            let w0 = last_watermark(&full(&source).await);
+            f.change("001.ldif", text);
+            f.change("002.ldif", "dn: cn=Grace,dc=example,dc=com\nchangetype: add\nobjectClass: inetOrgPerson\nentryUUID: 9\n");
+            let items = delta(&source, &w0).await.unwrap();
+            let Some(Err(e)) = items.last() else {
+                panic!("{text:?}: no error at the end: {items:?}")
+            };
+            assert_eq!(e.kind(), ErrorKind::Protocol);
+            assert!(e.message().contains(needle), "{needle:?} not in {e}");
+            assert!(!items.iter().any(|i| matches!(i, Ok(ImportItem::Checkpoint(_)))), "{items:?}");
+        }
+    }
+
+    #[test]
+    fn watermark_text_round_trips() {
+        let p = Position {
+            content: Fingerprint { hash: 0xdead_beef, size: 42 },
+            change_file: "2024;01.ldif".into(),
+        };
+        let w = p.watermark();
+        assert_eq!(w.as_text(), Some("ldif1;00000000deadbeef;42;2024;01.ldif"));
+        assert_eq!(Position::parse(&w), Some(p));
+    }
 }
