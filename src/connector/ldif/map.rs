@@ -64,7 +64,10 @@ pub(crate) struct Schema<'a> {
 impl Schema<'_> {
     /// The object type of an entry with these `objectClass` values: the last value the map names
     /// wins (LDIF exports list classes from the most general to the most specific).
-    pub fn object_type<'v>(&self, classes: impl DoubleEndedIterator<Item = &'v Value>) -> Option<ObjectType> {
+    pub fn object_type<'v>(
+        &self,
+        classes: impl DoubleEndedIterator<Item = &'v Value>,
+    ) -> Option<ObjectType> {
         classes
             .rev()
             .filter_map(Value::as_str)
@@ -151,9 +154,18 @@ mod tests {
             .map(Value::from)
             .collect();
         assert_eq!(s.object_type(classes.iter()), Some(ObjectType::new("user")));
-        let classes: Vec<Value> = ["top", "GROUPOFNAMES"].into_iter().map(Value::from).collect();
-        assert_eq!(s.object_type(classes.iter()), Some(ObjectType::new("group")));
-        let classes: Vec<Value> = ["top", "organizationalUnit"].into_iter().map(Value::from).collect();
+        let classes: Vec<Value> = ["top", "GROUPOFNAMES"]
+            .into_iter()
+            .map(Value::from)
+            .collect();
+        assert_eq!(
+            s.object_type(classes.iter()),
+            Some(ObjectType::new("group"))
+        );
+        let classes: Vec<Value> = ["top", "organizationalUnit"]
+            .into_iter()
+            .map(Value::from)
+            .collect();
         assert_eq!(s.object_type(classes.iter()), None);
         // A later listed (more specific) mapped class wins over an earlier one.
         let mut m2 = m.clone();
@@ -163,8 +175,14 @@ mod tests {
             references: &r,
             binary: &b,
         };
-        let classes: Vec<Value> = ["top", "person", "user", "computer"].into_iter().map(Value::from).collect();
-        assert_eq!(s2.object_type(classes.iter()), Some(ObjectType::new("device")));
+        let classes: Vec<Value> = ["top", "person", "user", "computer"]
+            .into_iter()
+            .map(Value::from)
+            .collect();
+        assert_eq!(
+            s2.object_type(classes.iter()),
+            Some(ObjectType::new("device"))
+        );
     }
 
     #[test]
@@ -177,15 +195,35 @@ mod tests {
         };
         let dn = Dn::parse("cn=g").unwrap();
         let v = s
-            .convert_value(&"member;range=0-1".into(), "CN=A,DC=X".into(), 3, &dn, RefForm::Dn)
+            .convert_value(
+                &"member;range=0-1".into(),
+                "CN=A,DC=X".into(),
+                3,
+                &dn,
+                RefForm::Dn,
+            )
             .unwrap();
         assert_eq!(v, Value::dn_ref(Dn::parse("cn=a,dc=x").unwrap()));
         let v = s
-            .convert_value(&"member".into(), "CN=A,DC=X".into(), 3, &dn, RefForm::Target)
+            .convert_value(
+                &"member".into(),
+                "CN=A,DC=X".into(),
+                3,
+                &dn,
+                RefForm::Target,
+            )
             .unwrap();
-        assert!(matches!(v, Value::Reference(Reference::Target(ref t)) if t.as_str() == "cn=a,dc=x"));
+        assert!(
+            matches!(v, Value::Reference(Reference::Target(ref t)) if t.as_str() == "cn=a,dc=x")
+        );
         let v = s
-            .convert_value(&"jpegPhoto;binary".into(), "abc".into(), 3, &dn, RefForm::Dn)
+            .convert_value(
+                &"jpegPhoto;binary".into(),
+                "abc".into(),
+                3,
+                &dn,
+                RefForm::Dn,
+            )
             .unwrap();
         assert_eq!(v, Value::Bytes(b"abc".to_vec()));
         let e = s
@@ -194,7 +232,13 @@ mod tests {
         assert_eq!(e.line, 7);
         assert!(e.message.contains("manager of cn=g"), "{e}");
         let e = s
-            .convert_value(&"manager".into(), Value::Bytes(vec![0xff]), 8, &dn, RefForm::Dn)
+            .convert_value(
+                &"manager".into(),
+                Value::Bytes(vec![0xff]),
+                8,
+                &dn,
+                RefForm::Dn,
+            )
             .unwrap_err();
         assert_eq!(e.line, 8);
     }

@@ -413,7 +413,10 @@ changetype: delete
         let r = parse_str(EXAMPLE_1).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!((r[0].line, r[1].line), (2, 14));
-        assert_eq!(r[0].dn, dn("cn=Barbara Jensen,ou=Product Development,dc=airius,dc=com"));
+        assert_eq!(
+            r[0].dn,
+            dn("cn=Barbara Jensen,ou=Product Development,dc=airius,dc=com")
+        );
         let a = r[0].attributes();
         assert_eq!(a.get("cn").unwrap().len(), 3);
         assert_eq!(a.first_str("telephoneNumber"), Some("+1 408 555 1212"));
@@ -429,14 +432,24 @@ changetype: delete
             a.first_str("description"),
             Some("Babs is a big sailing fan, and travels extensively in search of perfect sailing conditions.")
         );
-        assert_eq!(a.first_str("title"), Some("Product Manager, Rod and Reel Division"));
-        assert_eq!(r[0].dn, dn("cn=Barbara Jensen,ou=Product Development,dc=airius,dc=com"));
+        assert_eq!(
+            a.first_str("title"),
+            Some("Product Manager, Rod and Reel Division")
+        );
+        assert_eq!(
+            r[0].dn,
+            dn("cn=Barbara Jensen,ou=Product Development,dc=airius,dc=com")
+        );
     }
 
     #[test]
     fn rfc_example_3_base64_value_with_a_cr() {
         let r = parse_str(EXAMPLE_3).unwrap();
-        let d = r[0].attributes().first_str("description").unwrap().to_owned();
+        let d = r[0]
+            .attributes()
+            .first_str("description")
+            .unwrap()
+            .to_owned();
         assert!(d.starts_with("What a careful reader you are!"));
         assert!(d.contains("(a CR).\r  By the way"));
         // Written back, the CR forces Base64 again and the text round-trips.
@@ -460,9 +473,14 @@ changetype: delete
         let b = r[1].attributes();
         assert_eq!(b.first_str("cn;lang-ja"), Some("小笠原 ロドニー"));
         assert_eq!(b.first_str("title;lang-ja"), Some("営業部 部長"));
-        assert_eq!(b.first_str("userpassword"), Some("{SHA}O3HSv1MusyL4kTjP+HKI5uxuNoM="));
+        assert_eq!(
+            b.first_str("userpassword"),
+            Some("{SHA}O3HSv1MusyL4kTjP+HKI5uxuNoM=")
+        );
         // The second record's first value line comes after a comment line.
-        let LdifBody::Content(v) = &r[1].body else { panic!() };
+        let LdifBody::Content(v) = &r[1].body else {
+            panic!()
+        };
         assert_eq!((r[1].line, v[0].line), (15, 17));
     }
 
@@ -484,33 +502,49 @@ changetype: delete
         let r = parse_str(&text).unwrap();
         assert_eq!(r.len(), 6);
         assert!(r.iter().all(LdifRecord::is_change));
-        let LdifBody::Add(add) = &r[0].body else { panic!() };
+        let LdifBody::Add(add) = &r[0].body else {
+            panic!()
+        };
         assert_eq!(add.len(), 8);
         assert_eq!(add[7].value, Value::Bytes(vec![0xff, 0xd8, 0xff, 0xe0]));
         assert_eq!((r[1].line, &r[1].body), (15, &LdifBody::Delete));
-        let LdifBody::ModDn(m) = &r[2].body else { panic!() };
+        let LdifBody::ModDn(m) = &r[2].body else {
+            panic!()
+        };
         assert!(m.delete_old_rdn && m.new_superior.is_none());
         assert_eq!(
             m.new_dn(&r[2].dn).unwrap(),
             dn("cn=Paula Jensen,ou=Product Development,dc=airius,dc=com")
         );
-        let LdifBody::ModDn(m) = &r[3].body else { panic!() };
+        let LdifBody::ModDn(m) = &r[3].body else {
+            panic!()
+        };
         assert!(!m.delete_old_rdn);
         assert_eq!(
             m.new_dn(&r[3].dn).unwrap(),
             dn("ou=Product Development Accountants,ou=Accounting,dc=airius,dc=com")
         );
-        let Some(LdifChange::Modify(changes)) = r[4].to_change() else { panic!() };
+        let Some(LdifChange::Modify(changes)) = r[4].to_change() else {
+            panic!()
+        };
         assert_eq!(
             changes,
             vec![
-                AttributeChange::add("postaladdress", values(["123 Anystreet $ Sunnyvale, CA $ 94086"])),
+                AttributeChange::add(
+                    "postaladdress",
+                    values(["123 Anystreet $ Sunnyvale, CA $ 94086"])
+                ),
                 AttributeChange::remove("description", Values::new()),
-                AttributeChange::replace("telephonenumber", values(["+1 408 555 1234", "+1 408 555 5678"])),
+                AttributeChange::replace(
+                    "telephonenumber",
+                    values(["+1 408 555 1234", "+1 408 555 5678"])
+                ),
                 AttributeChange::remove("facsimiletelephonenumber", values(["+1 408 555 9876"])),
             ]
         );
-        let Some(LdifChange::Modify(changes)) = r[5].to_change() else { panic!() };
+        let Some(LdifChange::Modify(changes)) = r[5].to_change() else {
+            panic!()
+        };
         assert_eq!(
             changes,
             vec![
@@ -525,7 +559,11 @@ changetype: delete
         }
         let out = String::from_utf8(w.finish().unwrap()).unwrap();
         let back = parse_str(&out).unwrap();
-        let changes = |rs: &[LdifRecord]| rs.iter().map(|x| (x.dn.clone(), x.to_change())).collect::<Vec<_>>();
+        let changes = |rs: &[LdifRecord]| {
+            rs.iter()
+                .map(|x| (x.dn.clone(), x.to_change()))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(changes(&back), changes(&r));
     }
 
@@ -543,9 +581,8 @@ changetype: delete
     }
 
     fn attr_name() -> impl Strategy<Value = String> {
-        "[a-zA-Z][a-zA-Z0-9-]{0,8}(;[a-z0-9-]{1,4}){0,2}".prop_filter("not dn", |n| {
-            !base_name(n).eq_ignore_ascii_case("dn")
-        })
+        "[a-zA-Z][a-zA-Z0-9-]{0,8}(;[a-z0-9-]{1,4}){0,2}"
+            .prop_filter("not dn", |n| !base_name(n).eq_ignore_ascii_case("dn"))
     }
 
     fn value() -> impl Strategy<Value = Value> {
@@ -567,7 +604,10 @@ changetype: delete
 
     fn a_dn() -> impl Strategy<Value = Dn> {
         ("\\PC{1,20}", "[a-z]{1,8}").prop_map(|(cn, dc)| {
-            Dn::from_rdns([crate::model::Rdn::new("cn", &cn), crate::model::Rdn::new("dc", &dc)])
+            Dn::from_rdns([
+                crate::model::Rdn::new("cn", &cn),
+                crate::model::Rdn::new("dc", &dc),
+            ])
         })
     }
 
@@ -686,9 +726,10 @@ changetype: delete
 
     #[test]
     fn references_by_dn_and_target_are_written_as_text() {
-        let a: Attributes = [
-            ("member", Values::one(Value::Reference(Reference::Dn(Box::new(dn("cn=x,dc=y")))))),
-        ]
+        let a: Attributes = [(
+            "member",
+            Values::one(Value::Reference(Reference::Dn(Box::new(dn("cn=x,dc=y"))))),
+        )]
         .into_iter()
         .collect();
         let mut w = LdifWriter::new(Vec::new());

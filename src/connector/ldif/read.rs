@@ -13,9 +13,7 @@ use std::io::BufRead;
 
 use base64::Engine as _;
 
-use super::{
-    LdifBody, LdifControl, LdifError, LdifModification, LdifRecord, LdifValue, ModDn,
-};
+use super::{LdifBody, LdifControl, LdifError, LdifModification, LdifRecord, LdifValue, ModDn};
 use crate::model::{AttrName, ChangeOp, Dn, Rdn, Value};
 
 /// Base64 as RFC 2849 writes it, accepting values with or without padding.
@@ -163,9 +161,10 @@ impl<R: BufRead> LdifReader<R> {
             return Ok(None);
         }
         let mut buf = Vec::new();
-        let n = self.input.read_until(b'\n', &mut buf).map_err(|e| {
-            LdifError::new(self.line + 1, format!("could not read the input: {e}"))
-        })?;
+        let n = self
+            .input
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| LdifError::new(self.line + 1, format!("could not read the input: {e}")))?;
         if n == 0 {
             self.eof = true;
             return Ok(None);
@@ -320,9 +319,9 @@ fn check_description(name: &[u8]) -> Result<(), (usize, &'static str)> {
             }
         }
         Some(b) if b.is_ascii_digit() => {
-            let ok = ty.split(|b| *b == b'.').all(|p| {
-                !p.is_empty() && p.iter().all(u8::is_ascii_digit)
-            });
+            let ok = ty
+                .split(|b| *b == b'.')
+                .all(|p| !p.is_empty() && p.iter().all(u8::is_ascii_digit));
             if !ok {
                 return Err((0, "a numeric attribute type is an OID like 2.5.4.3"));
             }
@@ -336,7 +335,10 @@ fn check_description(name: &[u8]) -> Result<(), (usize, &'static str)> {
             return Err((offset, "empty attribute option after `;`"));
         }
         if let Some(i) = opt.iter().position(|b| !is_type_char(*b)) {
-            return Err((offset + i, "attribute options hold only letters, digits and `-`"));
+            return Err((
+                offset + i,
+                "attribute options hold only letters, digits and `-`",
+            ));
         }
         offset += opt.len();
     }
@@ -431,7 +433,10 @@ fn value(line: &Logical, s: &Split<'_>) -> Result<Value, LdifError> {
 fn plain_text(line: &Logical, s: &Split<'_>) -> Result<String, LdifError> {
     match value(line, s)? {
         Value::String(t) => Ok(t.to_string()),
-        _ => Err(line.error(s.offset, format!("the `{}:` value is not UTF-8 text", s.name))),
+        _ => Err(line.error(
+            s.offset,
+            format!("the `{}:` value is not UTF-8 text", s.name),
+        )),
     }
 }
 
@@ -589,7 +594,10 @@ fn parse_control(line: &Logical, s: &Split<'_>) -> Result<LdifControl, LdifError
         .unwrap_or(v.len());
     let oid = std::str::from_utf8(v.get(..oid_len).unwrap_or(&[])).unwrap_or("");
     if oid.is_empty() || !oid.split('.').all(|p| !p.is_empty()) {
-        return Err(line.error(s.offset, "a control starts with its OID (like 1.2.840.113556.1.4.805)"));
+        return Err(line.error(
+            s.offset,
+            "a control starts with its OID (like 1.2.840.113556.1.4.805)",
+        ));
     }
     let mut i = oid_len;
     let mut critical = false;
@@ -659,8 +667,7 @@ fn parse_modify(
         };
         let attr = plain_text(&head, &s)?;
         let attr = attr.trim_end();
-        check_description(attr.as_bytes())
-            .map_err(|(i, msg)| head.error(s.offset + i, msg))?;
+        check_description(attr.as_bytes()).map_err(|(i, msg)| head.error(s.offset + i, msg))?;
         let attribute = AttrName::new(attr);
         let mut values = Vec::new();
         // A missing final `-` is tolerated.
@@ -708,7 +715,10 @@ fn parse_moddn(
         Ok(Some((line, offset, form)))
     };
     let Some((rdn_line, _, _)) = expect("newrdn")? else {
-        return Err(LdifError::new(ct_line, "a modrdn record needs a `newrdn:` line"));
+        return Err(LdifError::new(
+            ct_line,
+            "a modrdn record needs a `newrdn:` line",
+        ));
     };
     let s = split(&rdn_line)?;
     let text = plain_text(&rdn_line, &s)?;
@@ -770,10 +780,7 @@ mod tests {
         let text = "dn: cn=Ada,\r\n dc=example\r\ndescription: one \r\n two\r\n\r\n";
         let r = parse_str(text).unwrap();
         assert_eq!(r[0].dn.as_str(), "cn=Ada,dc=example");
-        assert_eq!(
-            r[0].attributes().first_str("description"),
-            Some("one two")
-        );
+        assert_eq!(r[0].attributes().first_str("description"), Some("one two"));
         let LdifBody::Content(v) = &r[0].body else {
             panic!()
         };
@@ -791,7 +798,10 @@ mod tests {
 
     #[test]
     fn version_line_is_optional_and_checked() {
-        assert_eq!(parse_str("version: 1\n\ndn: cn=a\ncn: a\n").unwrap().len(), 1);
+        assert_eq!(
+            parse_str("version: 1\n\ndn: cn=a\ncn: a\n").unwrap().len(),
+            1
+        );
         assert_eq!(parse_str("version: 1\n").unwrap().len(), 0);
         let e = err("version: 2\ndn: cn=a\ncn: a\n");
         assert_eq!((e.line, e.column), (1, Some(10)));
@@ -826,31 +836,81 @@ mod tests {
             ("dn: cn=a\ncn;: x\n", 2, Some(4), "empty attribute option"),
             ("dn: cn=a\n: x\n", 2, Some(1), "missing attribute name"),
             ("dn: cn=a\ncn:: ab!d\n", 2, Some(8), "Base64"),
-            ("dn: cn=a\njpegPhoto:< file:///etc/passwd\n", 2, Some(13), "URL values"),
+            (
+                "dn: cn=a\njpegPhoto:< file:///etc/passwd\n",
+                2,
+                Some(13),
+                "URL values",
+            ),
             ("dn: cn=a\ncn: a\u{0}b\n", 2, Some(6), "NUL"),
             ("dn: cn=a\ncn: a\rb\n", 2, Some(6), "NUL or CR"),
             ("cn: a\n", 1, Some(1), "expected `dn:`"),
             ("dn: cn=a\n", 1, None, "no attributes"),
             ("dn: cn=a,,dc=x\ncn: a\n", 1, Some(10), "invalid DN"),
             ("dn: cn=a\ncn: a\ndn: cn=b\n", 3, Some(1), "second `dn:`"),
-            ("dn: cn=a\nchangetype: frob\n", 2, Some(13), "unknown changetype"),
+            (
+                "dn: cn=a\nchangetype: frob\n",
+                2,
+                Some(13),
+                "unknown changetype",
+            ),
             ("dn: cn=a\nchangetype: add\n", 2, None, "without attributes"),
-            ("dn: cn=a\nchangetype: delete\ncn: a\n", 3, Some(1), "no further lines"),
-            ("dn: cn=a\ncontrol: 1.2.3\ncn: a\n", 1, None, "without `changetype:`"),
-            ("dn: cn=a\ncontrol: x\nchangetype: delete\n", 2, Some(10), "OID"),
-            ("dn: cn=a\ncontrol: 1.2 maybe\nchangetype: delete\n", 2, Some(13), "expected `true`"),
+            (
+                "dn: cn=a\nchangetype: delete\ncn: a\n",
+                3,
+                Some(1),
+                "no further lines",
+            ),
+            (
+                "dn: cn=a\ncontrol: 1.2.3\ncn: a\n",
+                1,
+                None,
+                "without `changetype:`",
+            ),
+            (
+                "dn: cn=a\ncontrol: x\nchangetype: delete\n",
+                2,
+                Some(10),
+                "OID",
+            ),
+            (
+                "dn: cn=a\ncontrol: 1.2 maybe\nchangetype: delete\n",
+                2,
+                Some(13),
+                "expected `true`",
+            ),
             (
                 "dn: cn=a\nchangetype: modify\nadd: cn\nsn: x\n-\n",
                 4,
                 Some(1),
                 "expected a value of cn",
             ),
-            ("dn: cn=a\nchangetype: modify\nfrob: cn\n", 3, Some(1), "expected `add:`"),
-            ("dn: cn=a\nchangetype: modify\n-\n", 3, Some(1), "`-` without"),
+            (
+                "dn: cn=a\nchangetype: modify\nfrob: cn\n",
+                3,
+                Some(1),
+                "expected `add:`",
+            ),
+            (
+                "dn: cn=a\nchangetype: modify\n-\n",
+                3,
+                Some(1),
+                "`-` without",
+            ),
             ("dn: cn=a\ncn: a\n-\n", 3, Some(1), "`-` outside"),
-            ("dn: cn=a\nchangetype: modify\nadd: c n\n", 3, Some(7), "letters"),
+            (
+                "dn: cn=a\nchangetype: modify\nadd: c n\n",
+                3,
+                Some(7),
+                "letters",
+            ),
             ("dn: cn=a\nchangetype: modrdn\n", 2, None, "`newrdn:`"),
-            ("dn: cn=a\nchangetype: modrdn\nnewrdn: cn=b\n", 3, None, "deleteoldrdn"),
+            (
+                "dn: cn=a\nchangetype: modrdn\nnewrdn: cn=b\n",
+                3,
+                None,
+                "deleteoldrdn",
+            ),
             (
                 "dn: cn=a\nchangetype: modrdn\nnewrdn: cn=b\ndeleteoldrdn: 2\n",
                 4,
@@ -875,7 +935,12 @@ mod tests {
                 None,
                 "mixing",
             ),
-            ("dn: cn=a\ncn: a\n\ndn: cn=b\nchangetype: delete\n", 4, None, "mixing"),
+            (
+                "dn: cn=a\ncn: a\n\ndn: cn=b\nchangetype: delete\n",
+                4,
+                None,
+                "mixing",
+            ),
         ];
         let mut failures = Vec::new();
         for (text, line, column, needle) in cases {
@@ -884,7 +949,10 @@ mod tests {
             if e.line != *line || !column_ok || !e.message.contains(needle) {
                 failures.push(format!("{text:?}: got {e:?}"));
             }
-            assert!(e.to_string().starts_with(&format!("line {}: ", e.line)), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("line {}: ", e.line)),
+                "{e}"
+            );
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
@@ -950,7 +1018,10 @@ mod tests {
             panic!()
         };
         assert_eq!(m.len(), 3);
-        assert_eq!((m[0].op, m[0].values.len(), m[0].line), (ChangeOp::Remove, 0, 3));
+        assert_eq!(
+            (m[0].op, m[0].values.len(), m[0].line),
+            (ChangeOp::Remove, 0, 3)
+        );
         assert_eq!((m[1].op, m[1].values.len()), (ChangeOp::Replace, 2));
         assert_eq!((m[2].op, m[2].values.len()), (ChangeOp::Add, 1));
     }

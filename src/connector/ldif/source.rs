@@ -21,8 +21,8 @@ use crate::connector::{
     ConnectorError, ErrorKind, ImportItem, ImportStream, Source, SourceCapabilities, Watermark,
 };
 use crate::model::{
-    guid_from_ad_bytes, Anchor, AttrName, AttributeChange, Change, ChangeOp, Dn, Entry,
-    ObjectType, Value, Values,
+    guid_from_ad_bytes, Anchor, AttrName, AttributeChange, Change, ChangeOp, Dn, Entry, ObjectType,
+    Value, Values,
 };
 
 /// What to do with an entry whose `objectClass` values the object type map does not name.
@@ -114,7 +114,11 @@ impl LdifSourceConfig {
                         format!(
                             "the entry {dn} has no objectClass that object_type_map maps \
                              (classes: {})",
-                            if list.is_empty() { "none".to_owned() } else { list.join(", ") }
+                            if list.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                list.join(", ")
+                            }
                         ),
                     ))
                 }
@@ -172,7 +176,9 @@ impl LdifSourceConfig {
         }
         match &v.value {
             Value::String(s) if s.trim().is_empty() => Err(bad("is empty")),
-            Value::String(s) if s.len() == 36 => Ok(text_guid(s).unwrap_or_else(|| Anchor::new(s.as_str()))),
+            Value::String(s) if s.len() == 36 => {
+                Ok(text_guid(s).unwrap_or_else(|| Anchor::new(s.as_str())))
+            }
             Value::String(s) => Ok(Anchor::new(s.as_str())),
             Value::Bytes(b) if b.is_empty() => Err(bad("is empty")),
             other => Ok(Anchor::new(other.to_text())),
@@ -332,8 +338,14 @@ impl<'c> ContentScan<'c> {
                 "the LDIF source's anchor_attribute is empty",
             ));
         }
-        let file = File::open(path)
-            .map_err(|e| io_error(ErrorKind::Config, "cannot open the LDIF content file", path, e))?;
+        let file = File::open(path).map_err(|e| {
+            io_error(
+                ErrorKind::Config,
+                "cannot open the LDIF content file",
+                path,
+                e,
+            )
+        })?;
         Ok(ContentScan {
             config,
             path,
@@ -365,7 +377,11 @@ impl<'c> ContentScan<'c> {
                     LdifError::new(record.line, format!("a second entry {}", record.dn)),
                 ));
             }
-            match self.config.to_entry(&record).map_err(|e| ldif_error(self.path, e))? {
+            match self
+                .config
+                .to_entry(&record)
+                .map_err(|e| ldif_error(self.path, e))?
+            {
                 Some(entry) => {
                     self.index.insert(
                         record.dn,
@@ -419,7 +435,12 @@ impl LdifSource {
 
     fn content_fingerprint(&self) -> Result<Fingerprint, ConnectorError> {
         let file = File::open(&self.path).map_err(|e| {
-            io_error(ErrorKind::Config, "cannot open the LDIF content file", &self.path, e)
+            io_error(
+                ErrorKind::Config,
+                "cannot open the LDIF content file",
+                &self.path,
+                e,
+            )
         })?;
         let mut h = Hashing::new(file);
         std::io::copy(&mut h, &mut std::io::sink())
@@ -430,12 +451,16 @@ impl LdifSource {
     /// The `*.ldif` files of the changes directory (UTF-8 names only), sorted by name.
     fn change_files(&self, dir: &Path) -> Result<Vec<(String, PathBuf)>, ConnectorError> {
         let list = std::fs::read_dir(dir).map_err(|e| {
-            io_error(ErrorKind::Config, "cannot list the LDIF changes directory", dir, e)
+            io_error(
+                ErrorKind::Config,
+                "cannot list the LDIF changes directory",
+                dir,
+                e,
+            )
         })?;
         let mut out = Vec::new();
         for entry in list {
-            let entry =
-                entry.map_err(|e| io_error(ErrorKind::Other, "cannot list", dir, e))?;
+            let entry = entry.map_err(|e| io_error(ErrorKind::Other, "cannot list", dir, e))?;
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
@@ -463,8 +488,8 @@ impl LdifSource {
         let mut index = scan.index;
         let mut skipped = 0;
         for (name, path) in files.iter().take_while(|(n, _)| *n <= at.change_file) {
-            let file = File::open(path)
-                .map_err(|e| io_error(ErrorKind::Other, "cannot open", path, e))?;
+            let file =
+                File::open(path).map_err(|e| io_error(ErrorKind::Other, "cannot open", path, e))?;
             for record in LdifReader::new(BufReader::new(file)) {
                 let record = record.map_err(|e| ldif_error(path, e))?;
                 apply_change(&self.config, &mut index, &record, name, &mut skipped)
@@ -568,9 +593,9 @@ fn apply_change(
         }
         LdifBody::ModDn(m) => {
             let known = index.get(dn).ok_or_else(unknown)?.clone();
-            let new_dn = m.new_dn(dn).ok_or_else(|| {
-                LdifError::new(record.line, "the root DN cannot be renamed")
-            })?;
+            let new_dn = m
+                .new_dn(dn)
+                .ok_or_else(|| LdifError::new(record.line, "the root DN cannot be renamed"))?;
             if new_dn != *dn && index.contains_key(&new_dn) {
                 return Err(LdifError::new(
                     record.line,
@@ -604,13 +629,8 @@ fn apply_change(
             index.insert(new_dn.clone(), known);
             for old in below {
                 let keep = old.len() - dn.len();
-                let moved = Dn::from_rdns(
-                    old.rdns()
-                        .iter()
-                        .take(keep)
-                        .chain(new_dn.rdns())
-                        .cloned(),
-                );
+                let moved =
+                    Dn::from_rdns(old.rdns().iter().take(keep).chain(new_dn.rdns()).cloned());
                 let entry = index.remove(&old).flatten();
                 if let Some((anchor, object_type)) = &entry {
                     out.push(Change::Move {
@@ -641,7 +661,13 @@ fn naming_changes(
     let schema = config.schema();
     let mut out = Vec::new();
     let value = |attr: &str, v: &str| {
-        schema.convert_value(&AttrName::new(attr), Value::string(v), line, new, RefForm::Dn)
+        schema.convert_value(
+            &AttrName::new(attr),
+            Value::string(v),
+            line,
+            new,
+            RefForm::Dn,
+        )
     };
     if delete_old {
         for a in old_rdn.avas() {
@@ -650,12 +676,18 @@ fn naming_changes(
                 .iter()
                 .any(|n| n.attr().eq_ignore_ascii_case(a.attr()) && n.value() == a.value());
             if !kept {
-                out.push(AttributeChange::remove(a.attr(), Values::one(value(a.attr(), a.value())?)));
+                out.push(AttributeChange::remove(
+                    a.attr(),
+                    Values::one(value(a.attr(), a.value())?),
+                ));
             }
         }
     }
     for a in new_rdn.avas() {
-        out.push(AttributeChange::add(a.attr(), Values::one(value(a.attr(), a.value())?)));
+        out.push(AttributeChange::add(
+            a.attr(),
+            Values::one(value(a.attr(), a.value())?),
+        ));
     }
     Ok(out)
 }
@@ -788,7 +820,10 @@ impl DeltaImport<'_> {
             let Some((name, path, reader)) = &mut self.current else {
                 let Some((name, path)) = self.pending.pop_front() else {
                     self.done = true;
-                    return self.final_checkpoint.take().map(|w| Ok(ImportItem::Checkpoint(w)));
+                    return self
+                        .final_checkpoint
+                        .take()
+                        .map(|w| Ok(ImportItem::Checkpoint(w)));
                 };
                 match File::open(&path) {
                     Ok(f) => {
@@ -797,7 +832,9 @@ impl DeltaImport<'_> {
                         self.current = Some((name, path, LdifReader::new(BufReader::new(f))));
                         continue;
                     }
-                    Err(e) => return self.fail(io_error(ErrorKind::Other, "cannot open", &path, e)),
+                    Err(e) => {
+                        return self.fail(io_error(ErrorKind::Other, "cannot open", &path, e))
+                    }
                 }
             };
             match reader.next() {
@@ -964,12 +1001,21 @@ member: cn=Charles Babbage,ou=People,dc=example,dc=com
         assert_eq!(es.len(), 3);
         assert_eq!(source.skipped(), 2, "the domain and the ou are unmapped");
         let ada = es[0];
-        assert_eq!(ada.anchor.as_str(), ADA, "entryUUID in canonical lower case");
+        assert_eq!(
+            ada.anchor.as_str(),
+            ADA,
+            "entryUUID in canonical lower case"
+        );
         assert_eq!(ada.object_type, ObjectType::new("user"));
-        assert_eq!(ada.dn, Some(dn("cn=Ada Lovelace,ou=People,dc=example,dc=com")));
+        assert_eq!(
+            ada.dn,
+            Some(dn("cn=Ada Lovelace,ou=People,dc=example,dc=com"))
+        );
         assert_eq!(
             ada.attributes.first("manager"),
-            Some(&Value::dn_ref(dn("cn=Charles Babbage,ou=People,dc=example,dc=com")))
+            Some(&Value::dn_ref(dn(
+                "cn=Charles Babbage,ou=People,dc=example,dc=com"
+            )))
         );
         let group = es[2];
         assert_eq!(group.object_type, ObjectType::new("group"));
@@ -992,7 +1038,8 @@ member: cn=Charles Babbage,ou=People,dc=example,dc=com
     #[tokio::test]
     async fn object_guid_anchors_decode_ad_bytes() {
         let guid = uuid::Uuid::parse_str("12345678-1234-5678-1234-56789abcdef0").unwrap();
-        let b64 = base64::engine::general_purpose::STANDARD.encode(crate::model::guid_to_ad_bytes(&guid));
+        let b64 =
+            base64::engine::general_purpose::STANDARD.encode(crate::model::guid_to_ad_bytes(&guid));
         let text = format!(
             "dn: CN=Ada,OU=Staff,DC=corp\nobjectClass: top\nobjectClass: person\n\
              objectClass: organizationalPerson\nobjectClass: user\nobjectGUID:: {b64}\n\
@@ -1011,11 +1058,26 @@ member: cn=Charles Babbage,ou=People,dc=example,dc=com
         assert!(!source.capabilities().delta);
         let items = full(&source).await;
         let es = entries(&items);
-        assert_eq!(es[0].anchor.as_str(), "12345678-1234-5678-1234-56789abcdef0");
-        assert!(matches!(es[0].attributes.first("objectGUID"), Some(Value::Bytes(b)) if b.len() == 16));
-        assert!(matches!(es[0].attributes.first("objectSid"), Some(Value::Bytes(_))));
-        assert_eq!(es[1].anchor.as_str(), "12345678-1234-5678-1234-56789abcdef1");
-        let e = source.delta_import(&last_watermark(&items)).await.err().unwrap();
+        assert_eq!(
+            es[0].anchor.as_str(),
+            "12345678-1234-5678-1234-56789abcdef0"
+        );
+        assert!(
+            matches!(es[0].attributes.first("objectGUID"), Some(Value::Bytes(b)) if b.len() == 16)
+        );
+        assert!(matches!(
+            es[0].attributes.first("objectSid"),
+            Some(Value::Bytes(_))
+        ));
+        assert_eq!(
+            es[1].anchor.as_str(),
+            "12345678-1234-5678-1234-56789abcdef1"
+        );
+        let e = source
+            .delta_import(&last_watermark(&items))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
     }
 
@@ -1063,7 +1125,9 @@ member: cn=Charles Babbage,ou=People,dc=example,dc=com
             assert!(e.message().contains("directory.ldif: "), "{e}");
             assert!(e.message().contains(needle), "{needle:?} not in {e}");
             assert_eq!(items.iter().filter(|i| i.is_err()).count(), 1);
-            assert!(!items.iter().any(|i| matches!(i, Ok(ImportItem::Checkpoint(_)))));
+            assert!(!items
+                .iter()
+                .any(|i| matches!(i, Ok(ImportItem::Checkpoint(_)))));
         }
     }
 
@@ -1078,7 +1142,9 @@ member: cn=Charles Babbage,ou=People,dc=example,dc=com
             },
         );
         let items = full(&source).await;
-        let Some(Err(e)) = items.first() else { panic!() };
+        let Some(Err(e)) = items.first() else {
+            panic!()
+        };
         assert!(e.message().contains("line 3: the entry dc=example,dc=com has no objectClass that object_type_map maps (classes: top, domain)"), "{e}");
     }
 
@@ -1142,22 +1208,36 @@ description: skipped: the ou is unmapped
         let checkpoints: Vec<String> = items
             .iter()
             .filter_map(|i| match i {
-                Ok(ImportItem::Checkpoint(w)) => Some(w.as_text().unwrap().rsplit(';').next().unwrap().to_owned()),
+                Ok(ImportItem::Checkpoint(w)) => {
+                    Some(w.as_text().unwrap().rsplit(';').next().unwrap().to_owned())
+                }
                 _ => None,
             })
             .collect();
         assert_eq!(checkpoints, ["001.ldif", "002.ldif"]);
         let changes = ok_changes(&items);
         let grace = "44444444-4444-4444-4444-444444444444";
-        assert!(matches!(&changes[0], Change::Add(e) if e.anchor.as_str() == grace && e.object_type.is("user")));
+        assert!(
+            matches!(&changes[0], Change::Add(e) if e.anchor.as_str() == grace && e.object_type.is("user"))
+        );
         assert_eq!(
             changes[1],
             Change::Modify {
                 anchor: ENGINEERS.into(),
                 object_type: "group".into(),
                 changes: vec![
-                    AttributeChange::add("member", Values::one(Value::dn_ref(dn("cn=Grace Hopper,ou=People,dc=example,dc=com")))),
-                    AttributeChange::remove("member", Values::one(Value::dn_ref(dn("cn=Charles Babbage,ou=People,dc=example,dc=com")))),
+                    AttributeChange::add(
+                        "member",
+                        Values::one(Value::dn_ref(dn(
+                            "cn=Grace Hopper,ou=People,dc=example,dc=com"
+                        )))
+                    ),
+                    AttributeChange::remove(
+                        "member",
+                        Values::one(Value::dn_ref(dn(
+                            "cn=Charles Babbage,ou=People,dc=example,dc=com"
+                        )))
+                    ),
                 ],
             }
         );
@@ -1182,7 +1262,10 @@ description: skipped: the ou is unmapped
         );
         assert_eq!(
             changes[4],
-            Change::Delete { anchor: ADA.into(), object_type: "user".into() },
+            Change::Delete {
+                anchor: ADA.into(),
+                object_type: "user".into()
+            },
             "a delete by the new DN finds the renamed entry"
         );
         assert_eq!(changes.len(), 5, "changes to the unmapped ou are skipped");
@@ -1194,11 +1277,17 @@ description: skipped: the ou is unmapped
         assert_eq!(last_watermark(&again), w2);
 
         // A new file.
-        f.change("003.ldif", "dn: cn=Grace Hopper,ou=People,dc=example,dc=com\nchangetype: delete\n");
+        f.change(
+            "003.ldif",
+            "dn: cn=Grace Hopper,ou=People,dc=example,dc=com\nchangetype: delete\n",
+        );
         let third = delta(&source, &w2).await.unwrap();
         assert_eq!(
             ok_changes(&third),
-            vec![Change::Delete { anchor: grace.into(), object_type: "user".into() }]
+            vec![Change::Delete {
+                anchor: grace.into(),
+                object_type: "user".into()
+            }]
         );
 
         // A fresh source (a restart) rebuilds its DN index from the files up to the watermark.
@@ -1335,14 +1424,22 @@ description: skipped: the ou is unmapped
             };
             assert_eq!(e.kind(), ErrorKind::Protocol);
             assert!(e.message().contains(needle), "{needle:?} not in {e}");
-            assert!(!items.iter().any(|i| matches!(i, Ok(ImportItem::Checkpoint(_)))), "{items:?}");
+            assert!(
+                !items
+                    .iter()
+                    .any(|i| matches!(i, Ok(ImportItem::Checkpoint(_)))),
+                "{items:?}"
+            );
         }
     }
 
     #[test]
     fn watermark_text_round_trips() {
         let p = Position {
-            content: Fingerprint { hash: 0xdead_beef, size: 42 },
+            content: Fingerprint {
+                hash: 0xdead_beef,
+                size: 42,
+            },
             change_file: "2024;01.ldif".into(),
         };
         let w = p.watermark();

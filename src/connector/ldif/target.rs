@@ -213,16 +213,19 @@ impl LdifTarget {
 
     /// The directory as the LDIF text [`apply`](Target::apply) writes.
     pub fn to_ldif(&self) -> Result<Vec<u8>, ConnectorError> {
-        render(&self.lock()).map_err(|e| {
-            ConnectorError::new(ErrorKind::Other, format!("cannot render LDIF: {e}"))
-        })
+        render(&self.lock())
+            .map_err(|e| ConnectorError::new(ErrorKind::Other, format!("cannot render LDIF: {e}")))
     }
 
     fn lock(&self) -> MutexGuard<'_, Objects> {
         self.objects.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn apply_one(&self, objects: &mut Objects, op: &TargetOperation) -> Result<Applied, ConnectorError> {
+    fn apply_one(
+        &self,
+        objects: &mut Objects,
+        op: &TargetOperation,
+    ) -> Result<Applied, ConnectorError> {
         match op {
             TargetOperation::Create {
                 object_type,
@@ -332,9 +335,10 @@ impl LdifTarget {
                         ),
                     ));
                 };
-                let rdn = Rdn::try_new(s.rdn_attribute.as_str(), &value.to_text()).map_err(|e| {
-                    ConnectorError::new(ErrorKind::Config, format!("rdn_attribute: {e}"))
-                })?;
+                let rdn =
+                    Rdn::try_new(s.rdn_attribute.as_str(), &value.to_text()).map_err(|e| {
+                        ConnectorError::new(ErrorKind::Config, format!("rdn_attribute: {e}"))
+                    })?;
                 s.parent.child(rdn)
             }
         };
@@ -352,7 +356,10 @@ impl LdifTarget {
             if let Some(s) = settings {
                 attrs.set(
                     "objectClass",
-                    s.object_classes.iter().map(|c| Value::string(c.as_str())).collect::<Values>(),
+                    s.object_classes
+                        .iter()
+                        .map(|c| Value::string(c.as_str()))
+                        .collect::<Values>(),
                 );
             }
         }
@@ -400,9 +407,7 @@ impl LdifTarget {
                     },
                     Value::Reference(r) => {
                         return Err(constraint(
-                            &format!(
-                                "attribute {attribute}: the reference {r} is not a target id"
-                            ),
+                            &format!("attribute {attribute}: the reference {r} is not a target id"),
                             dn,
                         ))
                     }
@@ -452,7 +457,10 @@ fn check_name(name: &AttrName, dn: &Dn) -> Result<(), ConnectorError> {
         Ok(())
     } else {
         Err(constraint(
-            &format!("{:?} is not an attribute name LDIF can carry", name.as_str()),
+            &format!(
+                "{:?} is not an attribute name LDIF can carry",
+                name.as_str()
+            ),
             dn,
         ))
     }
@@ -475,9 +483,8 @@ fn find_typed<'o>(
     id: &TargetId,
     object_type: &ObjectType,
 ) -> Result<(Dn, &'o Stored), ConnectorError> {
-    let not_found = || {
-        ConnectorError::new(ErrorKind::NotFound, format!("no object {id}")).with_object(id)
-    };
+    let not_found =
+        || ConnectorError::new(ErrorKind::NotFound, format!("no object {id}")).with_object(id);
     let dn = Dn::parse(id.as_str()).map_err(|_| not_found())?;
     let stored = objects.get(&dn).ok_or_else(not_found)?;
     if stored.object_type.as_ref() != Some(object_type) {
@@ -529,7 +536,11 @@ fn renamed(dn: &Dn, attrs: &Attributes) -> Result<Dn, ConnectorError> {
     let Some(rdn) = dn.rdn() else {
         return Ok(dn.clone());
     };
-    if rdn.avas().iter().all(|a| has_value(attrs, a.attr(), a.value())) {
+    if rdn
+        .avas()
+        .iter()
+        .all(|a| has_value(attrs, a.attr(), a.value()))
+    {
         return Ok(dn.clone());
     }
     if rdn.is_multi_valued() {
@@ -544,8 +555,8 @@ fn renamed(dn: &Dn, attrs: &Attributes) -> Result<Dn, ConnectorError> {
             dn,
         ));
     };
-    let new = Rdn::try_new(rdn.attr(), &value.to_text())
-        .map_err(|e| constraint(&e.to_string(), dn))?;
+    let new =
+        Rdn::try_new(rdn.attr(), &value.to_text()).map_err(|e| constraint(&e.to_string(), dn))?;
     Ok(dn.with_rdn(new))
 }
 
@@ -579,7 +590,9 @@ fn load(
             for v in values {
                 attributes.add(
                     v.attribute.clone(),
-                    schema.convert(v, &record.dn, RefForm::Target).map_err(err)?,
+                    schema
+                        .convert(v, &record.dn, RefForm::Target)
+                        .map_err(err)?,
                 );
             }
         }
@@ -755,4 +768,625 @@ impl Target for LdifTarget {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::model::{values, AttributeChange};
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).unwrap()
+    }
+
+    fn config() -> LdifTargetConfig {
+        LdifTargetConfig::default()
+            .with_object_type(
+                "user",
+                "cn",
+                dn("ou=People,dc=example,dc=com"),
+                ["top", "person", "organizationalPerson", "inetOrgPerson"],
+            )
+            .with_object_type(
+                "group",
+                "cn",
+                dn("ou=Groups,dc=example,dc=com"),
+                ["top", "groupOfNames"],
+            )
+    }
+
+    fn user(cn: &str) -> TargetOperation {
+        TargetOperation::Create {
+            object_type: "user".into(),
+            attributes: [("cn", values([cn])), ("sn", values(["X"]))]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn update(id: &TargetId, changes: Vec<AttributeChange>) -> TargetOperation {
+        TargetOperation::Update {
+            id: id.clone(),
+            object_type: "user".into(),
+            changes,
+        }
+    }
+
+    async fn one(t: &LdifTarget, op: TargetOperation) -> Result<Applied, ConnectorError> {
+        t.apply(&[op]).await.remove(0)
+    }
+
+    fn file(t: &LdifTarget) -> String {
+        std::fs::read_to_string(t.path()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn creates_name_objects_and_write_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dir.ldif");
+        let t = LdifTarget::open(&path, config()).unwrap();
+        assert!(t.is_empty());
+        let ada = one(&t, user("Ada Lovelace")).await.unwrap().id;
+        assert_eq!(ada.as_str(), "cn=ada lovelace,ou=people,dc=example,dc=com");
+        let group = one(
+            &t,
+            TargetOperation::Create {
+                object_type: "group".into(),
+                attributes: [
+                    ("cn", values(["Engineers"])),
+                    ("member", Values::one(Value::target_ref(ada.clone()))),
+                    ("jpegPhoto", Values::one(Value::Bytes(vec![0xff, 0xd8]))),
+                ]
+                .into_iter()
+                .collect(),
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+        assert_eq!(
+            file(&t),
+            "version: 1\n\n\
+             dn: cn=Engineers,ou=Groups,dc=example,dc=com\n\
+             cn: Engineers\njpegPhoto:: /9g=\n\
+             member: cn=Ada Lovelace,ou=People,dc=example,dc=com\n\
+             objectClass: top\nobjectClass: groupOfNames\n\n\
+             dn: cn=Ada Lovelace,ou=People,dc=example,dc=com\n\
+             cn: Ada Lovelace\n\
+             objectClass: top\nobjectClass: person\nobjectClass: organizationalPerson\nobjectClass: inetOrgPerson\n\
+             sn: X\n"
+        );
+        // Read back, references are target ids.
+        let g = t.get(&"group".into(), &group).await.unwrap().unwrap();
+        assert_eq!(
+            g.attributes.first("member"),
+            Some(&Value::target_ref(ada.clone()))
+        );
+        assert!(
+            t.get(&"user".into(), &group).await.unwrap().is_none(),
+            "type mismatch"
+        );
+        assert!(t
+            .get(&"user".into(), &"not a dn".into())
+            .await
+            .unwrap()
+            .is_none());
+
+        let e = one(&t, user("ADA LOVELACE")).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(e.object(), Some(ada.as_str()));
+
+        // An explicit dn; the naming value is added.
+        let explicit = one(
+            &t,
+            TargetOperation::Create {
+                object_type: "user".into(),
+                attributes: [
+                    ("dn", values(["uid=grace,ou=Other,dc=example,dc=com"])),
+                    ("objectClass", values(["inetOrgPerson"])),
+                    ("sn", values(["Hopper"])),
+                ]
+                .into_iter()
+                .collect(),
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+        let grace = t.get(&"user".into(), &explicit).await.unwrap().unwrap();
+        assert_eq!(grace.attributes.first_str("uid"), Some("grace"));
+        assert!(!grace.attributes.contains("dn"));
+    }
+
+    #[tokio::test]
+    async fn create_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LdifTarget::open(dir.path().join("d.ldif"), config()).unwrap();
+        let cases = [
+            (
+                TargetOperation::Create {
+                    object_type: "device".into(),
+                    attributes: Attributes::new(),
+                },
+                ErrorKind::Config,
+            ),
+            (
+                TargetOperation::Create {
+                    object_type: "user".into(),
+                    attributes: [("sn", values(["x"]))].into_iter().collect(),
+                },
+                ErrorKind::Constraint,
+            ),
+            (
+                TargetOperation::Create {
+                    object_type: "user".into(),
+                    attributes: [
+                        ("cn", values(["x"])),
+                        ("objectClass", values(["groupOfNames"])),
+                    ]
+                    .into_iter()
+                    .collect(),
+                },
+                ErrorKind::Constraint,
+            ),
+            (
+                TargetOperation::Create {
+                    object_type: "user".into(),
+                    attributes: [
+                        ("cn", values(["x"])),
+                        ("manager", Values::one(Value::anchor_ref("a1"))),
+                    ]
+                    .into_iter()
+                    .collect(),
+                },
+                ErrorKind::Constraint,
+            ),
+            (
+                TargetOperation::Create {
+                    object_type: "user".into(),
+                    attributes: [("cn", values(["x"])), ("manager", values(["not a dn"]))]
+                        .into_iter()
+                        .collect(),
+                },
+                ErrorKind::Constraint,
+            ),
+            (
+                TargetOperation::Create {
+                    object_type: "user".into(),
+                    attributes: [("cn", values(["x"])), ("bad name", values(["v"]))]
+                        .into_iter()
+                        .collect(),
+                },
+                ErrorKind::Constraint,
+            ),
+            (
+                TargetOperation::Create {
+                    object_type: "user".into(),
+                    attributes: [("dn", values(["cn=a,,"]))].into_iter().collect(),
+                },
+                ErrorKind::Constraint,
+            ),
+        ];
+        for (op, kind) in cases {
+            let e = one(&t, op.clone()).await.unwrap_err();
+            assert_eq!(e.kind(), kind, "{op:?}: {e}");
+        }
+        assert!(t.is_empty());
+        assert!(!t.path().exists(), "nothing succeeded: no file written");
+    }
+
+    #[tokio::test]
+    async fn updates_are_strict_and_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LdifTarget::open(dir.path().join("d.ldif"), config()).unwrap();
+        let id = one(&t, user("Ada")).await.unwrap().id;
+        one(
+            &t,
+            update(&id, vec![AttributeChange::add("mail", values(["a@x"]))]),
+        )
+        .await
+        .unwrap();
+        let before = file(&t);
+        let e = one(
+            &t,
+            update(
+                &id,
+                vec![
+                    AttributeChange::add("mail", values(["b@x"])),
+                    AttributeChange::add("mail", values(["a@x"])),
+                ],
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueExists);
+        let e = one(
+            &t,
+            update(&id, vec![AttributeChange::remove("mail", values(["z@x"]))]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSuchValue);
+        assert_eq!(file(&t), before, "failed updates change nothing");
+        let o = t.get(&"user".into(), &id).await.unwrap().unwrap();
+        assert_eq!(o.attributes.get("mail").unwrap().len(), 1);
+
+        let missing = TargetId::new("cn=nobody,ou=people,dc=example,dc=com");
+        assert_eq!(
+            one(&t, update(&missing, vec![])).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            one(
+                &t,
+                TargetOperation::Delete {
+                    id: missing,
+                    object_type: "user".into()
+                }
+            )
+            .await
+            .unwrap_err()
+            .kind(),
+            ErrorKind::NotFound
+        );
+        let wrong_type = TargetOperation::Delete {
+            id: id.clone(),
+            object_type: "group".into(),
+        };
+        assert_eq!(
+            one(&t, wrong_type).await.unwrap_err().kind(),
+            ErrorKind::Constraint
+        );
+    }
+
+    #[tokio::test]
+    async fn changing_the_naming_value_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LdifTarget::open(dir.path().join("d.ldif"), config()).unwrap();
+        let ada = one(&t, user("Ada")).await.unwrap().id;
+        let bob = one(&t, user("Bob")).await.unwrap().id;
+        let renamed = one(
+            &t,
+            update(
+                &ada,
+                vec![AttributeChange::replace("cn", values(["Ada King"]))],
+            ),
+        )
+        .await
+        .unwrap()
+        .id;
+        assert_eq!(renamed.as_str(), "cn=ada king,ou=people,dc=example,dc=com");
+        assert!(t.get(&"user".into(), &ada).await.unwrap().is_none());
+        assert!(file(&t).contains("dn: cn=Ada King,ou=People,dc=example,dc=com\n"));
+        // Onto an existing DN.
+        let e = one(
+            &t,
+            update(
+                &renamed,
+                vec![AttributeChange::replace("cn", values(["Bob"]))],
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        // Removing the naming attribute altogether.
+        let e = one(
+            &t,
+            update(&bob, vec![AttributeChange::remove("cn", Values::new())]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Constraint);
+        // Replacing dn moves; the old naming value stays (deleteoldrdn: 0).
+        let moved = one(
+            &t,
+            update(
+                &bob,
+                vec![AttributeChange::replace(
+                    "dn",
+                    values(["uid=bob,ou=Moved,dc=example,dc=com"]),
+                )],
+            ),
+        )
+        .await
+        .unwrap()
+        .id;
+        let o = t.get(&"user".into(), &moved).await.unwrap().unwrap();
+        assert_eq!(
+            (o.attributes.first_str("uid"), o.attributes.first_str("cn")),
+            (Some("bob"), Some("Bob"))
+        );
+    }
+
+    #[tokio::test]
+    async fn objects_with_children_cannot_be_deleted_or_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LdifTarget::open(dir.path().join("d.ldif"), config()).unwrap();
+        let parent = one(&t, user("Parent")).await.unwrap().id;
+        one(
+            &t,
+            TargetOperation::Create {
+                object_type: "user".into(),
+                attributes: [
+                    (
+                        "dn",
+                        values(["cn=Child,cn=Parent,ou=People,dc=example,dc=com"]),
+                    ),
+                    ("objectClass", values(["inetOrgPerson"])),
+                ]
+                .into_iter()
+                .collect(),
+            },
+        )
+        .await
+        .unwrap();
+        let e = one(
+            &t,
+            TargetOperation::Delete {
+                id: parent.clone(),
+                object_type: "user".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Constraint);
+        let e = one(
+            &t,
+            update(
+                &parent,
+                vec![AttributeChange::replace("cn", values(["P2"]))],
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Constraint);
+        // Parents come first in the file.
+        let text = file(&t);
+        assert!(text.find("dn: cn=Parent").unwrap() < text.find("dn: cn=Child").unwrap());
+    }
+
+    #[tokio::test]
+    async fn read_and_find() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LdifTarget::open(dir.path().join("d.ldif"), config()).unwrap();
+        let outcomes = t.apply(&[user("Ada"), user("Bob"), user("Ada")]).await;
+        assert!(outcomes[0].is_ok() && outcomes[1].is_ok());
+        assert_eq!(
+            outcomes[2].as_ref().unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        let ada = outcomes[0].as_ref().unwrap().id.clone();
+        let users: Vec<TargetObject> = t
+            .read(&"user".into())
+            .await
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+            .await;
+        assert_eq!(users.len(), 2);
+        assert!(t
+            .read(&"group".into())
+            .await
+            .unwrap()
+            .collect::<Vec<_>>()
+            .await
+            .is_empty());
+        let found = t
+            .find(&"user".into(), &"CN".into(), &Value::from("ada"))
+            .await
+            .unwrap();
+        assert_eq!(
+            found.iter().map(|o| o.id.clone()).collect::<Vec<_>>(),
+            vec![ada.clone()]
+        );
+        let g = one(
+            &t,
+            TargetOperation::Create {
+                object_type: "group".into(),
+                attributes: [
+                    ("cn", values(["G"])),
+                    (
+                        "member",
+                        Values::one(Value::target_ref(ada.as_str().to_uppercase())),
+                    ),
+                ]
+                .into_iter()
+                .collect(),
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+        let found = t
+            .find(
+                &"group".into(),
+                &"member".into(),
+                &Value::target_ref(ada.clone()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id, g);
+        let by_dn = Value::dn_ref(dn("CN=Ada,OU=People,DC=example,DC=com"));
+        assert_eq!(
+            t.find(&"group".into(), &"member".into(), &by_dn)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(t
+            .find(&"user".into(), &"cn".into(), &Value::from("zed"))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn reopening_after_many_applies_gives_the_same_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.ldif");
+        // A file with a container no type maps to: it is kept.
+        std::fs::write(
+            &path,
+            "dn: ou=People,dc=example,dc=com\nobjectClass: organizationalUnit\nou: People\n",
+        )
+        .unwrap();
+        let t = LdifTarget::open(&path, config()).unwrap();
+        assert_eq!(t.len(), 1);
+        let mut ids = Vec::new();
+        for i in 0..30 {
+            ids.push(one(&t, user(&format!("User {i:02}"))).await.unwrap().id);
+        }
+        let g = one(
+            &t,
+            TargetOperation::Create {
+                object_type: "group".into(),
+                attributes: [("cn", values(["All"]))].into_iter().collect(),
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+        for (i, id) in ids.iter().enumerate() {
+            let mut ops = vec![TargetOperation::Update {
+                id: g.clone(),
+                object_type: "group".into(),
+                changes: vec![AttributeChange::add(
+                    "member",
+                    Values::one(Value::target_ref(id.clone())),
+                )],
+            }];
+            if i % 3 == 0 {
+                ops.push(TargetOperation::Delete {
+                    id: id.clone(),
+                    object_type: "user".into(),
+                });
+            } else {
+                ops.push(update(
+                    id,
+                    vec![AttributeChange::replace(
+                        "description",
+                        values([format!(" spaced {i} ")]),
+                    )],
+                ));
+            }
+            assert!(t.apply(&ops).await.iter().all(Result::is_ok));
+        }
+        let reopened = LdifTarget::open(&path, config()).unwrap();
+        assert_eq!(reopened.to_ldif().unwrap(), t.to_ldif().unwrap());
+        assert_eq!(reopened.to_ldif().unwrap(), std::fs::read(&path).unwrap());
+        for ty in ["user", "group"] {
+            let a: Vec<_> = t.read(&ty.into()).await.unwrap().collect().await;
+            let b: Vec<_> = reopened.read(&ty.into()).await.unwrap().collect().await;
+            let a: Vec<TargetObject> = a.into_iter().map(Result::unwrap).collect();
+            let b: Vec<TargetObject> = b.into_iter().map(Result::unwrap).collect();
+            assert_eq!(a, b);
+        }
+        assert_eq!(reopened.len(), 1 + 20 + 1);
+        // Dangling references (deleted members) are written as the id and read back the same.
+        let group = reopened.get(&"group".into(), &g).await.unwrap().unwrap();
+        assert_eq!(group.attributes.get("member").unwrap().len(), 30);
+    }
+
+    #[tokio::test]
+    async fn a_crash_mid_write_does_not_corrupt_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.ldif");
+        let t = LdifTarget::open(&path, config()).unwrap();
+        one(&t, user("Ada")).await.unwrap();
+        let good = std::fs::read(&path).unwrap();
+        // A crash while writing the next version leaves a partial temporary file behind.
+        let tmp = dir.path().join("d.ldif.tmp");
+        std::fs::write(&tmp, "dn: cn=Half,ou=Peo").unwrap();
+        let reopened = LdifTarget::open(&path, config()).unwrap();
+        assert_eq!(reopened.to_ldif().unwrap(), good);
+        assert_eq!(std::fs::read(&path).unwrap(), good);
+        // The next apply replaces the leftover.
+        one(&reopened, user("Bob")).await.unwrap();
+        assert!(!tmp.exists());
+        assert_eq!(LdifTarget::open(&path, config()).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.ldif");
+        let t = LdifTarget::open(&path, config()).unwrap();
+        let ada = one(&t, user("Ada")).await.unwrap().id;
+        let good = std::fs::read(&path).unwrap();
+        // The temporary file cannot be created: a directory is in its way.
+        std::fs::create_dir(dir.path().join("d.ldif.tmp")).unwrap();
+        let outcomes = t
+            .apply(&[
+                user("Bob"),
+                update(&ada, vec![AttributeChange::add("mail", values(["a@x"]))]),
+                user("Ada"),
+            ])
+            .await;
+        assert_eq!(outcomes[0].as_ref().unwrap_err().kind(), ErrorKind::Other);
+        assert!(outcomes[0]
+            .as_ref()
+            .unwrap_err()
+            .message()
+            .contains("were not applied"));
+        assert_eq!(outcomes[1].as_ref().unwrap_err().kind(), ErrorKind::Other);
+        assert_eq!(
+            outcomes[2].as_ref().unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(t.len(), 1);
+        assert!(t
+            .get(&"user".into(), &ada)
+            .await
+            .unwrap()
+            .unwrap()
+            .attributes
+            .get("mail")
+            .is_none());
+        assert_eq!(std::fs::read(&path).unwrap(), good);
+        std::fs::remove_dir(dir.path().join("d.ldif.tmp")).unwrap();
+        assert!(one(&t, user("Bob")).await.is_ok());
+    }
+
+    #[test]
+    fn opening_a_bad_file_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.ldif");
+        for (text, needle) in [
+            (
+                "dn: cn=a\nchangetype: delete\n",
+                "line 1: the LDIF target file holds change records",
+            ),
+            (
+                "dn: cn=a\ncn: a\n\ndn: cn=A\ncn: a\n",
+                "line 4: a second entry cn=A",
+            ),
+            (
+                "dn: cn=a\nmember: ???\n",
+                "line 2: attribute member of cn=a",
+            ),
+            ("dn: cn=a\ncn a\n", "line 2: expected `attribute: value`"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = LdifTarget::open(&path, config()).err().unwrap();
+            assert_eq!(e.kind(), ErrorKind::Protocol);
+            assert!(e.message().contains("d.ldif: "), "{e}");
+            assert!(e.message().contains(needle), "{needle:?} not in {e}");
+        }
+    }
+
+    #[test]
+    fn capabilities_follow_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LdifTarget::open(
+            dir.path().join("d.ldif"),
+            LdifTargetConfig {
+                max_batch: 0,
+                ..config()
+            },
+        )
+        .unwrap()
+        .with_name("file");
+        assert_eq!(t.name(), "file");
+        let c = t.capabilities();
+        assert!(c.value_level_changes && c.read);
+        assert_eq!(c.max_batch, 1);
+    }
 }

@@ -55,7 +55,9 @@ pub(crate) fn valid_description(name: &str) -> bool {
     let mut parts = name.split(';');
     let ty = parts.next().unwrap_or("");
     let type_ok = match ty.as_bytes().first() {
-        Some(b) if b.is_ascii_alphabetic() => ty.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'),
+        Some(b) if b.is_ascii_alphabetic() => {
+            ty.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        }
         Some(b) if b.is_ascii_digit() => ty
             .split('.')
             .all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit())),
@@ -171,7 +173,9 @@ impl<W: Write> LdifWriter<W> {
         // Validate everything before writing a byte of the record.
         match change {
             LdifChange::Add(a) if a.is_empty() => {
-                return Err(invalid(format!("`changetype: add` of {dn} needs attributes")))
+                return Err(invalid(format!(
+                    "`changetype: add` of {dn} needs attributes"
+                )))
             }
             LdifChange::Add(a) => {
                 for (name, values) in a.iter() {
@@ -275,7 +279,9 @@ impl<W: Write> LdifWriter<W> {
         match value {
             Value::String(s) => self.raw_line(name.as_str(), s.as_bytes()),
             Value::Bytes(b) => self.base64_line(name.as_str(), b),
-            Value::Reference(Reference::Dn(d)) => self.raw_line(name.as_str(), d.as_str().as_bytes()),
+            Value::Reference(Reference::Dn(d)) => {
+                self.raw_line(name.as_str(), d.as_str().as_bytes())
+            }
             Value::Reference(Reference::Target(t)) => {
                 self.raw_line(name.as_str(), t.as_str().as_bytes())
             }
@@ -377,13 +383,23 @@ mod tests {
     #[test]
     fn long_lines_fold_at_76() {
         let long = "x".repeat(200);
-        let out = text(|w| w.write_entry(&dn("cn=a"), &[("description", values([long.as_str()]))].into_iter().collect()));
+        let out = text(|w| {
+            w.write_entry(
+                &dn("cn=a"),
+                &[("description", values([long.as_str()]))]
+                    .into_iter()
+                    .collect(),
+            )
+        });
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines.iter().all(|l| l.len() <= 76), "{out}");
         assert_eq!(lines[3].len(), 76);
         assert!(lines[4].starts_with(' '));
         let back = super::super::parse_str(&out).unwrap();
-        assert_eq!(back[0].attributes().first_str("description"), Some(long.as_str()));
+        assert_eq!(
+            back[0].attributes().first_str("description"),
+            Some(long.as_str())
+        );
     }
 
     #[test]
@@ -458,6 +474,9 @@ mod tests {
         .into_iter()
         .collect();
         let out = text(|w| w.write_entry(&dn("cn=a"), &a));
-        assert_eq!(out, "version: 1\n\ndn: cn=a\nb: TRUE\nm: cn=g,dc=x\nn: 42\np:: YWJj\n");
+        assert_eq!(
+            out,
+            "version: 1\n\ndn: cn=a\nb: TRUE\nm: cn=g,dc=x\nn: 42\np:: YWJj\n"
+        );
     }
 }
