@@ -4,7 +4,8 @@
 //! values. It never panics: every malformed input is an [`LdifError`] with its line and, where it
 //! points at a character, its column.
 //!
-//! Leniencies (what it accepts beyond the RFC grammar, because common tools write it): plain
+//! Leniencies (what it accepts beyond the RFC grammar, because common tools write it): the
+//! `version: 1` line may be missing, a file may hold no records, plain
 //! values may hold any UTF-8 except NUL and CR (the writer is strict and Base64-encodes them),
 //! Base64 padding may be omitted, a line of only spaces where no line is open counts as a blank
 //! line, the final `-` of a modify record may be left out, `changetype` values ignore case.
