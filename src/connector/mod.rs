@@ -17,6 +17,8 @@ use crate::model::{
     AttrName, AttributeChange, Attributes, Change, Entry, ObjectType, TargetId, TargetObject, Value,
 };
 
+#[cfg(feature = "ldif")]
+pub mod ldif;
 pub mod memory;
 
 /// An opaque, typed position in a system's change history: a DirSync cookie, a highest USN, a
