@@ -4,6 +4,7 @@
 //! Users have 20 attributes; there is one group of 50 members per 100 users.
 //! `DIRSYNC_BENCH_MAX` (default 1000000) caps the sizes, for quick runs.
 #![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dirsync::delta::{self, Links, PlanInput, PlanScope, SourceMirror, TargetMirror};

@@ -2,6 +2,7 @@
 //! Replace with a regex, IIF, BitAnd, Switch, FormatDateTime, Split/Item, a scoping filter)
 //! over 100k generated AD users, on one thread. Throughput is reported in objects per second.
 #![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dirsync::delta::{Projected, Projection, ProjectionContext, SourceMirror, TargetMirror};

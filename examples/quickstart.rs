@@ -146,7 +146,7 @@ async fn main() -> Result<(), Error> {
 
     println!("== 2. run again");
     let plan = delta::plan(&PlanInput::new(&Rules, &mirror, &links, &target_mirror));
-    print!("{plan}\n");
+    println!("{plan}");
 
     println!(
         "== 3. edits: Grace renamed, Alan removed from Engineers, Katherine moves to Contractors"

@@ -154,10 +154,7 @@ pub fn user(i: usize, attributes: usize, fx: &mut Fixture) -> Entry {
 
 /// The DN of generated user `i`.
 pub fn user_dn(i: usize) -> Dn {
-    match Dn::parse(&format!("cn=User {i:07},ou=People,dc=example,dc=com")) {
-        Ok(dn) => dn,
-        Err(_) => Dn::root(),
-    }
+    Dn::parse(&format!("cn=User {i:07},ou=People,dc=example,dc=com")).unwrap_or_default()
 }
 
 /// A generated group with `members` user members (by DN), chosen from `users` users.

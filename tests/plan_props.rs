@@ -1,5 +1,7 @@
 //! Property tests of the planner over generated directories and edits.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use dirsync::connector::memory::MemoryTarget;
 use dirsync::delta::{
     self, DeletionGuard, Links, OperationKind, Plan, PlanInput, PlanScope, Projected, Projection,

@@ -1,5 +1,7 @@
 //! Planner behaviour, end to end through the in-memory target.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use dirsync::connector::memory::MemoryTarget;
 use dirsync::delta::{
     self, DeletionGuard, Deprovision, Desired, Flow, Issue, JoinGroup, Link, Links, OperationKind,

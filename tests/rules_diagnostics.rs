@@ -1,6 +1,6 @@
 //! Runs the data-driven diagnostic cases of `tests/rules/diagnostics.txt`: every case must produce
 //! a diagnostic with the stated code at the stated line and column, and every code must be covered.
-#![allow(clippy::expect_used)] // a malformed case file should stop the test loudly
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a malformed case file should stop the test loudly
 
 use dirsync::rules::diagnostic::{Code, Diagnostic, Origin};
 use dirsync::rules::eval::FunctionLiteralChecks;

@@ -1,6 +1,8 @@
 //! Rule sets: loading (TOML, JSON, builder), diagnostics with file positions, the realistic
 //! example rule set as a projection, and explain.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use dirsync::delta::{
     self, Links, PlanInput, Projected, Projection, ProjectionContext, SourceMirror, TargetMirror,
 };

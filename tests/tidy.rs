@@ -1,6 +1,8 @@
 //! Keeps the pure modules pure: `model`, `delta` and `rules` may not use async, tokio, file or
 //! network I/O, a clock, or randomness of their own.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 
 /// (pattern, why). A pattern matches as a whole word sequence in code (comments are skipped).

@@ -319,13 +319,16 @@ fn object(entry: &Entry, desired: Desired, action: Action) -> Decision {
     }))
 }
 
+/// A join's result: the target object, the group (0-based) and the values it matched on.
+type JoinMatch = (TargetId, usize, Vec<(AttrName, Value)>);
+
 /// Join groups in order: the first group with exactly one candidate (not linked to another
 /// anchor) wins; several candidates is a conflict.
 fn join(
     input: &PlanInput<'_>,
     anchor: &Anchor,
     desired: &Desired,
-) -> Result<Option<(TargetId, usize, Vec<(AttrName, Value)>)>, Issue> {
+) -> Result<Option<JoinMatch>, Issue> {
     for (g, group) in desired.join.iter().enumerate() {
         if group.0.is_empty() {
             continue;

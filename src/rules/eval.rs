@@ -310,7 +310,7 @@ pub fn to_model(v: &EvalValue, reference: bool) -> Result<Values, EvalError> {
             EvalValue::Binary(b) => out.push(b.clone()),
             EvalValue::Structured(roles) => {
                 for r in roles {
-                    out.push(Value::string(format!("{}", r.value)));
+                    out.push(Value::string(r.value.as_str()));
                 }
             }
             other => {

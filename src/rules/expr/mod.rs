@@ -3,7 +3,7 @@
 //! walks.
 //!
 //! Pipeline: [`parse`] (text → [`Expr`], every syntax error reported) → [`check`] (name, arity,
-//! position and literal checks → [`CompiledExpr`]); [`compile`] does both. Nothing here evaluates
+//! position and literal checks → [`CompiledExpr`]); [`compile()`] does both. Nothing here evaluates
 //! an expression or touches values; the module is pure and never panics on any input.
 
 pub mod ast;
