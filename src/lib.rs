@@ -30,6 +30,7 @@
 
 pub mod connector;
 pub mod delta;
+pub mod engine;
 pub mod model;
 pub mod rules;
 pub mod state;

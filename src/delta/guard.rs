@@ -56,6 +56,16 @@ impl DeletionGuard {
 
     /// The violations of `plan`, per target type, sorted by type.
     pub fn check(&self, plan: &Plan, links: &Links) -> Vec<GuardViolation> {
+        self.check_with(plan, |ty| links.count(ty))
+    }
+
+    /// The violations of `plan` given the number of linked objects of each target type — for a
+    /// delta plan, whose link table holds only a neighbourhood, the counts come from the store.
+    pub fn check_with(
+        &self,
+        plan: &Plan,
+        linked: impl Fn(&ObjectType) -> usize,
+    ) -> Vec<GuardViolation> {
         if !self.enabled {
             return Vec::new();
         }
@@ -66,7 +76,7 @@ impl DeletionGuard {
         deletions
             .into_iter()
             .filter_map(|(ty, n)| {
-                let linked = links.count(ty);
+                let linked = linked(ty);
                 let limit = self.limit(linked);
                 (n > limit).then(|| GuardViolation {
                     target_type: ty.clone(),

@@ -54,6 +54,11 @@ pub enum OperationKind {
             serialize_with = "crate::model::serialize_redacted_attributes"
         )]
         secrets: Attributes,
+        /// The join groups the new object can be found by (attribute = value, ANDed): after a
+        /// crash between sending a create and recording it, the engine looks the object up by
+        /// these before anything is re-sent, so a create is never duplicated.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lookup: Vec<super::JoinGroup>,
     },
     /// Link to an existing target object found by a join, and bring its attributes in line.
     Join {
@@ -263,6 +268,7 @@ impl Operation {
             OperationKind::Create {
                 attributes,
                 secrets,
+                ..
             } => {
                 let mut all = attributes.clone();
                 for (n, v) in secrets.iter() {
@@ -573,6 +579,7 @@ impl fmt::Display for Plan {
                     OperationKind::Create {
                         attributes,
                         secrets,
+                        ..
                     } => attributes
                         .iter()
                         .map(|(n, v)| format!("{n} = {}", show_values(v, false)))

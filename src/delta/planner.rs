@@ -730,6 +730,7 @@ fn finish(
                 OperationKind::Create {
                     attributes: create_attrs,
                     secrets,
+                    lookup: p.desired.join.clone(),
                 },
                 reason.clone(),
             ));

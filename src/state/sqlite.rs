@@ -1807,6 +1807,7 @@ mod tests {
                     .into_iter()
                     .collect(),
                 secrets: Attributes::new(),
+                lookup: Vec::new(),
             },
             reason: crate::delta::Reason::EnteredScope,
         };

@@ -77,6 +77,7 @@ fn create_op(anchor: &str, attributes: Attributes) -> (Operation, TargetOperatio
         OperationKind::Create {
             attributes: attributes.clone(),
             secrets: Attributes::new(),
+            lookup: Vec::new(),
         },
     );
     let sent = TargetOperation::Create {
@@ -707,6 +708,7 @@ fn secrets_are_not_stored(mut s: Box<dyn StateStore>) {
         OperationKind::Create {
             attributes: [("displayName", values(["Ann"]))].into_iter().collect(),
             secrets: [("password", values(["hunter2"]))].into_iter().collect(),
+            lookup: Vec::new(),
         },
     );
     let sent = create.to_target_operation(&Default::default()).unwrap();
