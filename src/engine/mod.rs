@@ -970,6 +970,7 @@ impl Synchronizer {
         let total = plan.operations.len() as u64;
         let mut done_count = 0u64;
         let mut failed_anchors: HashSet<Anchor> = HashSet::new();
+        let mut keep_dirty: HashSet<Anchor> = HashSet::new();
         let mut touched: BTreeSet<Anchor> = BTreeSet::new();
         let mut finished = 0u64;
         let mut failures = 0u64;
@@ -1010,8 +1011,11 @@ impl Synchronizer {
                 touched.insert(op.anchor.clone());
                 finished += 1;
                 match outcome {
-                    Ok(retries) => {
-                        report.retries += retries;
+                    Ok(exported) => {
+                        report.retries += exported.retries;
+                        if exported.partial {
+                            keep_dirty.insert(op.anchor.clone());
+                        }
                         report.add_done(op.kind.name(), op.target_type.as_str());
                         done_count += 1;
                     }
@@ -1057,7 +1061,7 @@ impl Synchronizer {
         let clean: Vec<Anchor> = if report.stopped.is_some() {
             touched
                 .into_iter()
-                .filter(|a| !failed_anchors.contains(a))
+                .filter(|a| !failed_anchors.contains(a) && !keep_dirty.contains(a))
                 .collect()
         } else {
             let dirty = self.store(|s| s.dirty())?;
@@ -1074,6 +1078,7 @@ impl Synchronizer {
                     !failed_anchors.contains(a)
                         && !pending.contains(a)
                         && !deferred_anchors.contains(a)
+                        && !keep_dirty.contains(a)
                 })
                 .collect()
         };
@@ -1111,15 +1116,25 @@ impl Synchronizer {
             .min(self.config.escrow_max)
     }
 
-    /// Journals, sends (with retries) and records one operation. `Ok(retries)` when done.
+    /// Journals, sends (with retries) and records one operation.
     async fn export_one(
         &self,
         run: RunId,
         op: &Operation,
         links: &Mutex<Links>,
-    ) -> Result<u64, OpFailure> {
+    ) -> Result<Exported, OpFailure> {
         let span = info_span!("op", anchor = %op.anchor, kind = op.kind.name(), target_type = %op.target_type);
         async move {
+            // References to objects whose create failed in this run are left out (the rest is
+            // applied); the object stays dirty and gets them once those objects exist.
+            let (stripped, partial) = {
+                let links = lock(links);
+                strip_unresolved(op, &links)
+            };
+            let op = stripped.as_ref().unwrap_or(op);
+            if partial && matches!(&op.kind, OperationKind::UpdateReferences { changes, .. } if changes.is_empty()) {
+                return Ok(Exported { retries: 0, partial: true });
+            }
             let sent = {
                 let links = lock(links);
                 op.to_target_operation(&links)
@@ -1145,7 +1160,7 @@ impl Synchronizer {
                 self.with_store(|s| s.journal_done(journal, op, None, target_id.as_ref()))
                     .map_err(OpFailure::State)?;
                 lock(links).record(op, target_id.as_ref());
-                return Ok(0);
+                return Ok(Exported { retries: 0, partial });
             };
             let lookup = match &op.kind {
                 OperationKind::Create { lookup, .. } => Some((&op.target_type, lookup.as_slice())),
@@ -1181,7 +1196,7 @@ impl Synchronizer {
                     self.with_store(|s| s.journal_done(journal, op, Some(top), Some(&id)))
                         .map_err(OpFailure::State)?;
                     lock(links).record(op, Some(&id));
-                    Ok(retries)
+                    Ok(Exported { retries, partial })
                 }
                 Err(error) => {
                     let msg = error.to_string();
@@ -1268,6 +1283,44 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
+}
+
+/// One exported operation: retries it took, and whether part of it had to wait (references to
+/// objects not created yet).
+struct Exported {
+    retries: u64,
+    partial: bool,
+}
+
+/// The operation without reference values that point at creates with no link yet (they failed
+/// in this run); `None` when nothing was left out.
+fn strip_unresolved(op: &Operation, links: &Links) -> (Option<Operation>, bool) {
+    let OperationKind::UpdateReferences { target, changes } = &op.kind else {
+        return (None, false);
+    };
+    let resolvable = |v: &crate::model::Value| match v {
+        crate::model::Value::Reference(crate::model::Reference::Pending(a)) => {
+            links.get(a).is_some()
+        }
+        _ => true,
+    };
+    if changes.iter().all(|c| c.values.iter().all(resolvable)) {
+        return (None, false);
+    }
+    let mut kept = Vec::new();
+    for c in changes {
+        let mut c = c.clone();
+        c.values.retain(|v| resolvable(v));
+        if !c.values.is_empty() || c.op == crate::model::ChangeOp::Replace {
+            kept.push(c);
+        }
+    }
+    let mut stripped = op.clone();
+    stripped.kind = OperationKind::UpdateReferences {
+        target: target.clone(),
+        changes: kept,
+    };
+    (Some(stripped), true)
 }
 
 struct RunStart {

@@ -483,6 +483,11 @@ impl MemorySource {
         since: &Watermark,
     ) -> Result<Vec<ImportResult<Change>>, ConnectorError> {
         let mut s = self.lock();
+        // A delta import refused for its watermark does not use up an armed fault: the fault
+        // is for the import that runs (typically the full import that follows).
+        if !s.no_delta {
+            self.check_watermark(&s, since)?;
+        }
         let fault = s.take_fault();
         if let Some(ImportFault::Now(kind)) = fault {
             return Err(injected(kind, &self.name, "delta import"));

@@ -1,0 +1,504 @@
+//! The engine over in-memory connectors and both state stores: every run profile, the
+//! watermark contract, escrow, the circuit breaker, staging, on-demand, both guards, crash
+//! recovery.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use dirsync::connector::memory::{MemorySource, MemoryTarget};
+use dirsync::connector::{ErrorKind, TargetOperation};
+use dirsync::engine::{Clock, EngineConfig, EngineError, RetryPolicy, Synchronizer};
+use dirsync::model::{values, AttributeChange, Dn, Entry, Value};
+use dirsync::rules::ruleset::{FlowConfig, RuleBuilder, RuleSet};
+use dirsync::state::{MemoryStore, SqliteStore, StateStore};
+
+fn rules() -> Arc<RuleSet> {
+    Arc::new(
+        RuleSet::builder()
+            .rule(
+                RuleBuilder::new("users", "user", "User")
+                    .flow("userName", "ToLower([mail])")
+                    .flow("displayName", r#"Join(" ", [givenName], [sn])"#)
+                    .flow("department", "[department]")
+                    .flow("active", "True")
+                    .join(["userName"])
+                    .scope(serde_json::from_value(serde_json::json!({
+                        "family": "connect-sync",
+                        "groups": [[{"attribute": "department", "operator": "NOTEQUAL", "value": "Former"}]]
+                    })).unwrap())
+                    .disable_with("active", false),
+            )
+            .rule(
+                RuleBuilder::new("groups", "group", "Group")
+                    .flow("displayName", "[cn]")
+                    .flow_with(FlowConfig { reference: true, ..FlowConfig::new("members", "[member]") })
+                    .join(["displayName"]),
+            )
+            .build()
+            .unwrap(),
+    )
+}
+
+fn dn(s: &str) -> Dn {
+    Dn::parse(s).unwrap()
+}
+
+fn user(i: usize, dept: &str) -> Entry {
+    Entry::new(format!("u{i:03}"), "user")
+        .with_dn(dn(&format!("cn=user{i},ou=people,dc=x")))
+        .with("mail", format!("User{i}@X.test"))
+        .with("givenName", format!("Given{i}"))
+        .with("sn", format!("Sur{i}"))
+        .with("department", dept)
+}
+
+fn group(i: usize, members: impl IntoIterator<Item = usize>) -> Entry {
+    Entry::new(format!("g{i:03}"), "group")
+        .with_dn(dn(&format!("cn=group{i},ou=groups,dc=x")))
+        .with("cn", format!("Group {i}"))
+        .with_values(
+            "member",
+            members
+                .into_iter()
+                .map(|m| Value::dn_ref(dn(&format!("cn=user{m},ou=people,dc=x"))))
+                .collect::<Vec<_>>(),
+        )
+}
+
+struct Setup {
+    source: MemorySource,
+    target: MemoryTarget,
+    now: Arc<Mutex<DateTime<Utc>>>,
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap()
+}
+
+fn setup(
+    users: usize,
+    store: Box<dyn StateStore>,
+    tweak: impl FnOnce(&mut EngineConfig),
+) -> (Setup, Synchronizer) {
+    let source = MemorySource::new("hr");
+    for i in 0..users {
+        source.add(user(i, "Eng")).unwrap();
+    }
+    source.add(group(1, 0..users.min(5))).unwrap();
+    let target = MemoryTarget::new("app").unique_attribute("User", "userName");
+    let now = Arc::new(Mutex::new(t0()));
+    let clock_now = now.clone();
+    let mut config = EngineConfig {
+        clock: Clock::from_fn(move || *clock_now.lock().unwrap()),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(20),
+        },
+        ..EngineConfig::default()
+    };
+    tweak(&mut config);
+    let sync = Synchronizer::new(
+        Box::new(source.clone()),
+        Box::new(target.clone()),
+        store,
+        rules(),
+        config,
+    );
+    (
+        Setup {
+            source,
+            target,
+            now,
+        },
+        sync,
+    )
+}
+
+fn stores() -> Vec<(&'static str, Box<dyn StateStore>)> {
+    vec![
+        ("memory", Box::new(MemoryStore::new())),
+        ("sqlite", Box::new(SqliteStore::open_in_memory().unwrap())),
+    ]
+}
+
+fn user_names(t: &MemoryTarget) -> Vec<String> {
+    let mut v: Vec<String> = t
+        .objects()
+        .into_iter()
+        .filter(|o| o.object_type.is("User"))
+        .filter_map(|o| o.attributes.first_str("userName").map(str::to_string))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn cycle_creates_updates_disables_and_converges_on_both_stores() {
+    for (name, store) in stores() {
+        let (s, mut sync) = setup(20, store, |_| {});
+        let r = sync.run_cycle().await.unwrap();
+        assert_eq!(r.count("create"), 21, "{name}: {r}");
+        assert_eq!(r.count("references"), 1, "{name}: {r}");
+        assert_eq!(s.target.len(), 21);
+        let again = sync.run_cycle().await.unwrap();
+        assert_eq!(again.total_done(), 0, "{name}: {again}");
+        // Edits: a rename, a member removed, a user out of scope.
+        s.source
+            .modify(
+                &"u003".into(),
+                vec![AttributeChange::replace("sn", values(["Renamed"]))],
+            )
+            .unwrap();
+        s.source.upsert(group(1, 0..4)).unwrap();
+        s.source
+            .modify(
+                &"u002".into(),
+                vec![AttributeChange::replace("department", values(["Former"]))],
+            )
+            .unwrap();
+        let r = sync.run_cycle().await.unwrap();
+        assert_eq!(
+            (r.count("update"), r.count("references"), r.count("disable")),
+            (1, 1, 1),
+            "{name}: {r}"
+        );
+        let u2 = s
+            .target
+            .objects()
+            .into_iter()
+            .find(|o| o.attributes.first_str("userName") == Some("user2@x.test"))
+            .unwrap();
+        assert_eq!(u2.attributes.first("active"), Some(&Value::Boolean(false)));
+        assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0, "{name}");
+        // The journal recorded every operation as done, with the target id.
+        let journal = sync.with_store(|st| st.journal(None)).unwrap();
+        assert!(journal.iter().all(|j| j.target_id.is_some()), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn watermark_commits_with_its_changes_and_a_broken_import_loses_nothing() {
+    let source = MemorySource::new("hr").with_checkpoint_every(2);
+    for i in 0..6 {
+        source.add(user(i, "Eng")).unwrap();
+    }
+    let target = MemoryTarget::new("app").unique_attribute("User", "userName");
+    let mut sync = Synchronizer::new(
+        Box::new(source.clone()),
+        Box::new(target.clone()),
+        Box::new(MemoryStore::new()),
+        rules(),
+        EngineConfig::default(),
+    );
+    sync.run_cycle().await.unwrap();
+    let w0 = sync.with_store(|s| s.watermark("hr")).unwrap().unwrap();
+    for i in 6..11 {
+        source.add(user(i, "Eng")).unwrap();
+    }
+    // The delta stream breaks after 3 items: 2 changes and their checkpoint are committed.
+    source.fail_import_after(3, ErrorKind::Unavailable);
+    assert!(sync.run_cycle().await.is_err());
+    let w1 = sync.with_store(|s| s.watermark("hr")).unwrap().unwrap();
+    assert_ne!(w0, w1);
+    assert_eq!(sync.with_store(|s| s.dirty()).unwrap().len(), 2);
+    // The next cycle resumes from there: everything arrives once.
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.count("create"), 5, "{r}");
+    assert_eq!(user_names(&target).len(), 11);
+}
+
+#[tokio::test]
+async fn invalid_watermark_runs_a_full_import_and_deletes_only_after_it() {
+    let (s, mut sync) = setup(10, Box::new(MemoryStore::new()), |c| {
+        c.guard = dirsync::delta::DeletionGuard::off()
+    });
+    sync.run_cycle().await.unwrap();
+    s.source.delete(&"u004".into()).unwrap();
+    s.source.compact(); // the log is gone: the watermark is invalid
+                        // A full import that breaks midway plans no deletion.
+    s.source.fail_import_after(4, ErrorKind::Unavailable);
+    assert!(sync.run_cycle().await.is_err());
+    assert_eq!(
+        s.target
+            .objects()
+            .iter()
+            .filter(|o| o.attributes.first("active") == Some(&Value::Boolean(false)))
+            .count(),
+        0
+    );
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.count("disable"), 1, "{r}");
+}
+
+#[tokio::test]
+async fn deletion_guard_holds_until_allowed_and_import_guard_refuses_empty_imports() {
+    let (s, mut sync) = setup(20, Box::new(MemoryStore::new()), |_| {});
+    sync.run_cycle().await.unwrap();
+    for i in 0..5 {
+        s.source
+            .delete(&format!("u{i:03}").as_str().into())
+            .unwrap();
+    }
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.held, "{r}");
+    assert_eq!(r.guard_violations[0].deletions, 5);
+    assert_eq!(
+        s.target
+            .applied()
+            .iter()
+            .filter(|o| matches!(o, TargetOperation::Update { .. }))
+            .count(),
+        1,
+        "only the initial references update: nothing written"
+    );
+    sync.allow_deletions_once();
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.count("disable"), 5, "{r}");
+
+    // A snapshot source that suddenly returns nothing is refused before deletions.
+    let empty = MemorySource::new("hr").without_delta();
+    let (s2, mut sync2) = setup(10, Box::new(MemoryStore::new()), |_| {});
+    sync2.run_cycle().await.unwrap();
+    for e in s2.source.entries() {
+        s2.source.delete(&e.anchor).unwrap();
+    }
+    s2.source.compact();
+    let err = sync2.run_cycle().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::ImportTooSmall {
+                seen: 0,
+                mirrored: 11
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("delivered 0 objects"));
+    drop(empty);
+}
+
+#[tokio::test]
+async fn failing_objects_go_to_escrow_and_are_retried_later() {
+    let (s, mut sync) = setup(6, Box::new(SqliteStore::open_in_memory().unwrap()), |_| {});
+    s.target.fail_when(|op| matches!(op, TargetOperation::Create { attributes, .. } if attributes.first_str("userName") == Some("user3@x.test")), ErrorKind::Constraint, None);
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.failures.len(), 1, "{r}");
+    assert!(r.failures[0].escrowed && r.failures[0].error.contains("Constraint"));
+    // The group got its other members; it stays dirty for the missing one.
+    assert_eq!(r.count("references"), 1, "{r}");
+    assert!(sync
+        .with_store(|st| st.dirty())
+        .unwrap()
+        .contains(&"g001".into()));
+    let escrow = sync.with_store(|st| st.escrowed()).unwrap();
+    assert_eq!(escrow[0].anchor.as_str(), "u003");
+    assert!(sync
+        .with_store(|st| st.dirty())
+        .unwrap()
+        .contains(&"u003".into()));
+    // Before its retry time the object is deferred, not hammered.
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!((r.deferred, r.failures.len()), (1, 0), "{r}");
+    // Later, with the fault gone, it goes through and leaves escrow.
+    s.target.clear_faults();
+    *s.now.lock().unwrap() = t0() + chrono::Duration::hours(2);
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!((r.count("create"), r.count("references")), (1, 1), "{r}");
+    assert!(sync.with_store(|st| st.escrowed()).unwrap().is_empty());
+    assert!(sync.with_store(|st| st.dirty()).unwrap().is_empty());
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+    assert_eq!(user_names(&s.target).len(), 6);
+}
+
+#[tokio::test]
+async fn circuit_breaker_stops_a_run_where_most_operations_fail() {
+    let (s, mut sync) = setup(60, Box::new(MemoryStore::new()), |c| {
+        c.concurrency = 1;
+        c.circuit_breaker.min_operations = 10;
+    });
+    s.target.fail_when(
+        |op| matches!(op, TargetOperation::Create { .. }),
+        ErrorKind::Auth,
+        None,
+    );
+    let r = sync.run_cycle().await.unwrap();
+    let stopped = r.stopped.clone().expect("stopped");
+    assert!(
+        stopped.contains("circuit breaker") && stopped.contains("Auth"),
+        "{stopped}"
+    );
+    assert_eq!(
+        r.failures.len(),
+        10,
+        "stopped at the threshold, not after all 61: {r}"
+    );
+}
+
+#[tokio::test]
+async fn retries_throttled_operations_and_never_duplicates_a_lost_create() {
+    let (s, mut sync) = setup(8, Box::new(MemoryStore::new()), |_| {});
+    s.target.throttle_every(3, Duration::from_millis(2));
+    // The create of user5 commits, but its response is lost (a timeout).
+    s.target.fail_after_apply_when(|op| matches!(op, TargetOperation::Create { attributes, .. } if attributes.first_str("userName") == Some("user5@x.test")), ErrorKind::Timeout);
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert!(r.retries > 0);
+    s.target.clear_faults();
+    let names = user_names(&s.target);
+    assert_eq!(names.len(), 8, "{names:?}");
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
+
+#[tokio::test]
+async fn staged_plans_apply_exactly_and_refuse_when_stale() {
+    let (s, mut sync) = setup(5, Box::new(SqliteStore::open_in_memory().unwrap()), |_| {});
+    sync.delta_import().await.unwrap();
+    let staged = sync.plan(false).unwrap();
+    let json = serde_json::to_string(&staged).unwrap();
+    let back: dirsync::engine::StagedPlan = serde_json::from_str(&json).unwrap();
+    let r = sync.apply(back).await.unwrap();
+    assert_eq!(r.total_done(), staged.plan.operations.len() as u64);
+    // A plan made before the state moved is refused.
+    s.source
+        .modify(
+            &"u001".into(),
+            vec![AttributeChange::replace("sn", values(["X"]))],
+        )
+        .unwrap();
+    let old = sync.plan(true).unwrap();
+    sync.delta_import().await.unwrap();
+    let err = sync.apply(old).await.unwrap_err();
+    assert!(matches!(err, EngineError::StalePlan { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn on_demand_syncs_one_object_and_explains_it() {
+    let (s, mut sync) = setup(4, Box::new(MemoryStore::new()), |c| {
+        c.guard = dirsync::delta::DeletionGuard::off()
+    });
+    sync.delta_import().await.unwrap();
+    let od = sync.sync_object("u002").await.unwrap();
+    assert_eq!(od.plan.operations.len(), 1);
+    assert_eq!(od.report.count("create"), 1);
+    let x = od.explanation.unwrap();
+    assert!(x.in_scope);
+    assert!(x
+        .flows
+        .iter()
+        .any(|f| f.target == "userName" && f.result.contains("user2@x.test")));
+    assert_eq!(s.target.len(), 1);
+    // By DN, and a disable through the same path.
+    s.source
+        .modify(
+            &"u002".into(),
+            vec![AttributeChange::replace("department", values(["Former"]))],
+        )
+        .unwrap();
+    sync.delta_import().await.unwrap();
+    let od = sync.sync_object("cn=USER2, ou=people,dc=x").await.unwrap();
+    assert_eq!(od.report.count("disable"), 1, "{}", od.report);
+    assert!(!od.explanation.unwrap().in_scope);
+    assert!(matches!(
+        sync.sync_object("nope").await,
+        Err(EngineError::UnknownObject(_))
+    ));
+}
+
+#[tokio::test]
+async fn full_sync_replans_from_mirrors_and_reconcile_corrects_drift() {
+    let (s, mut sync) = setup(5, Box::new(MemoryStore::new()), |_| {});
+    sync.run_cycle().await.unwrap();
+    // Full sync reads nothing from the source: it would fail.
+    s.source.fail_next_import(ErrorKind::Unavailable);
+    let r = sync.full_sync().await.unwrap();
+    assert_eq!(r.total_done(), 0, "{r}");
+    // Drift by hand in the target: reconcile reads it and corrects it.
+    let mut o = s
+        .target
+        .objects()
+        .into_iter()
+        .find(|o| o.object_type.is("User"))
+        .unwrap();
+    o.attributes
+        .set("displayName", Value::string("Edited by hand"));
+    s.target.insert(o);
+    let r = sync.reconcile().await.unwrap();
+    assert_eq!(r.count("update"), 1, "{r}");
+    assert!(s
+        .target
+        .objects()
+        .iter()
+        .all(|o| o.attributes.first_str("displayName") != Some("Edited by hand")));
+}
+
+#[tokio::test]
+async fn progress_events_and_run_history() {
+    let (_s, mut sync) = setup(30, Box::new(MemoryStore::new()), |c| c.import_batch = 10);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    sync.on_progress(move |p| sink.lock().unwrap().push(p));
+    let r = sync.run_cycle().await.unwrap();
+    let events = events.lock().unwrap();
+    let last_export = events
+        .iter()
+        .rev()
+        .find(|p| p.stage == dirsync::engine::Stage::Export)
+        .unwrap();
+    assert_eq!(last_export.done, r.planned);
+    assert_eq!(last_export.total, Some(r.planned));
+    assert!(events
+        .iter()
+        .any(|p| p.stage == dirsync::engine::Stage::Import));
+    let runs = sync.with_store(|s| s.runs(10)).unwrap();
+    assert_eq!(runs[0].profile, "cycle");
+    assert_eq!(runs[0].outcome.as_deref(), Some("ok"));
+}
+
+#[tokio::test]
+async fn a_create_sent_before_a_crash_is_found_not_duplicated() {
+    // Simulate a crash between sending a create and recording it: the journal says "intended",
+    // the target has the object, the link table does not.
+    let (s, mut sync) = setup(3, Box::new(SqliteStore::open_in_memory().unwrap()), |_| {});
+    sync.delta_import().await.unwrap();
+    let staged = sync.plan(false).unwrap();
+    let create = staged
+        .plan
+        .operations
+        .iter()
+        .find(|o| o.anchor.as_str() == "u001")
+        .unwrap()
+        .clone();
+    let sent = create
+        .to_target_operation(&Default::default())
+        .unwrap()
+        .unwrap();
+    sync.with_store(|st| {
+        let run = st.begin_run("crashed", t0())?;
+        st.journal_intent(run, &create, Some(&sent))
+    })
+    .unwrap();
+    use dirsync::connector::Target;
+    let applied = s
+        .target
+        .apply(std::slice::from_ref(&sent))
+        .await
+        .pop()
+        .unwrap()
+        .unwrap();
+    // The next run resolves it by the create's join keys before sending anything.
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.recovered, 1, "{r}");
+    assert_eq!(r.count("create"), 3, "u001 is not created again: {r}");
+    assert_eq!(user_names(&s.target).len(), 3);
+    let links = sync.with_store(|st| st.load_all()).unwrap().links;
+    assert_eq!(links.get(&"u001".into()).unwrap().target_id, applied.id);
+    assert!(sync
+        .with_store(|st| st.journal_unconfirmed())
+        .unwrap()
+        .is_empty());
+}
