@@ -26,7 +26,8 @@ struct World {
 
 fn world(rt: &tokio::runtime::Runtime, n: usize) -> World {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open_with(&dir.path().join("state.sqlite"), Durability::Normal).unwrap();
+    let store =
+        SqliteStore::open_with(dir.path().join("state.sqlite"), Durability::Normal).unwrap();
     let source = MemorySource::new("ad");
     let mut fx = Fixture::new(5);
     let mut users = Vec::with_capacity(n);
@@ -35,43 +36,73 @@ fn world(rt: &tokio::runtime::Runtime, n: usize) -> World {
         users.push(u.anchor.clone());
         source.add(u).unwrap();
     }
-    let rules = RuleSet::from_toml(include_str!("../examples/rules/ad-to-scim.toml"), None).unwrap();
+    let rules =
+        RuleSet::from_toml(include_str!("../examples/rules/ad-to-scim.toml"), None).unwrap();
     let target = MemoryTarget::new("scim");
     let config = EngineConfig {
         concurrency: 16,
         guard: dirsync::delta::DeletionGuard::off(),
         ..EngineConfig::default()
     };
-    let mut sync = Synchronizer::new(Box::new(source.clone()), Box::new(target), Box::new(store), Arc::new(rules), config);
+    let mut sync = Synchronizer::new(
+        Box::new(source.clone()),
+        Box::new(target),
+        Box::new(store),
+        Arc::new(rules),
+        config,
+    );
     let r = rt.block_on(sync.run_cycle()).unwrap();
     assert!(r.failures.is_empty());
-    World { source, sync, _dir: dir, users }
+    World {
+        source,
+        sync,
+        _dir: dir,
+        users,
+    }
 }
 
 fn bench(c: &mut Criterion) {
-    let max: usize = std::env::var("DIRSYNC_BENCH_MAX").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let max: usize = std::env::var("DIRSYNC_BENCH_MAX")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     let mut g = c.benchmark_group("engine");
     g.sample_size(10);
     for n in [10_000usize, 100_000].into_iter().filter(|n| *n <= max) {
         let mut w = world(&rt, n);
         let mut round = 0u64;
-        g.bench_with_input(BenchmarkId::new("delta_sync_1000_changes", n), &n, |b, _| {
-            b.iter_batched(
-                || {
-                    round += 1;
-                    let step = w.users.len() / 1000;
-                    for a in w.users.iter().step_by(step).take(1000) {
-                        w.source.modify(a, vec![AttributeChange::replace("title", values([format!("Title {round}")]))]).unwrap();
-                    }
-                },
-                |_| {
-                    let r = rt.block_on(w.sync.run_cycle()).unwrap();
-                    assert_eq!(r.count("update"), 1000, "{r}");
-                },
-                BatchSize::PerIteration,
-            )
-        });
+        g.bench_with_input(
+            BenchmarkId::new("delta_sync_1000_changes", n),
+            &n,
+            |b, _| {
+                b.iter_batched(
+                    || {
+                        round += 1;
+                        let step = w.users.len() / 1000;
+                        for a in w.users.iter().step_by(step).take(1000) {
+                            w.source
+                                .modify(
+                                    a,
+                                    vec![AttributeChange::replace(
+                                        "title",
+                                        values([format!("Title {round}")]),
+                                    )],
+                                )
+                                .unwrap();
+                        }
+                    },
+                    |_| {
+                        let r = rt.block_on(w.sync.run_cycle()).unwrap();
+                        assert_eq!(r.count("update"), 1000, "{r}");
+                    },
+                    BatchSize::PerIteration,
+                )
+            },
+        );
         if n == max.min(100_000) {
             g.bench_with_input(BenchmarkId::new("full_sync_no_changes", n), &n, |b, _| {
                 b.iter(|| {

@@ -15,7 +15,12 @@
 //!   connectors every behaviour can be tested with;
 //! * [`rules`] — the Entra-compatible rule language (expressions and scoping filters);
 //! * [`state`] — the [`state::StateStore`]: mirrors, links, dirty set, journal and watermarks,
-//!   in memory or (feature `sqlite`) in one SQLite file.
+//!   in memory or (feature `sqlite`) in one SQLite file;
+//! * [`engine`] — the [`engine::Synchronizer`]: run profiles (import, sync, reconcile, staging,
+//!   on-demand), crash-safe journaled export with retries, escrow and a circuit breaker, guards,
+//!   progress events and run reports.
+//!
+//! Errors of every module convert into [`Error`].
 //!
 //! ## Cargo features
 //!
@@ -23,6 +28,8 @@
 //!   same byte for byte with or without it.
 //! * `sqlite` (default) — [`state::SqliteStore`], the embedded durable state store (SQLite is
 //!   compiled in; no system library is needed).
+//! * `ldif` (default) — [`connector::ldif`]: RFC 2849 reader and writer, an LDIF file as a
+//!   source (full import; change records as delta) and as a target (written atomically).
 //! * `testkit` — builders and fixtures for tests of this crate and of downstream crates.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -31,8 +38,11 @@
 pub mod connector;
 pub mod delta;
 pub mod engine;
+mod error;
 pub mod model;
 pub mod rules;
 pub mod state;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+pub use error::Error;

@@ -502,3 +502,127 @@ async fn a_create_sent_before_a_crash_is_found_not_duplicated() {
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test]
+async fn ldif_source_and_ldif_target_through_the_engine() {
+    use dirsync::connector::ldif::{LdifSource, LdifSourceConfig, LdifTarget, LdifTargetConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("people.ldif");
+    let changes = dir.path().join("changes");
+    std::fs::create_dir(&changes).unwrap();
+    let person = |uid: &str, uuid: &str, sn: &str| {
+        format!("dn: uid={uid},ou=People,dc=src\nobjectClass: inetOrgPerson\nentryUUID: {uuid}\nuid: {uid}\ncn: {uid} {sn}\nsn: {sn}\nmail: {uid}@src.test\n\n")
+    };
+    let mut text = String::from("version: 1\n\n");
+    text += &person("ada", "00000000-0000-4000-8000-000000000001", "Lovelace");
+    text += &person("alan", "00000000-0000-4000-8000-000000000002", "Turing");
+    text += &person("grace", "00000000-0000-4000-8000-000000000003", "Hopper");
+    text += "dn: cn=staff,ou=Groups,dc=src\nobjectClass: groupOfNames\nentryUUID: 00000000-0000-4000-8000-0000000000aa\ncn: staff\nmember: uid=ada,ou=People,dc=src\nmember: uid=alan,ou=People,dc=src\n\n";
+    std::fs::write(&content, text).unwrap();
+    let source = LdifSource::new(
+        &content,
+        LdifSourceConfig {
+            changes_dir: Some(changes.clone()),
+            ..LdifSourceConfig::default()
+        },
+    );
+    let target_path = dir.path().join("target.ldif");
+    let tconfig = LdifTargetConfig::default()
+        .with_object_type(
+            "User",
+            "uid",
+            dn("ou=Users,dc=dst"),
+            ["top", "inetOrgPerson"],
+        )
+        .with_object_type(
+            "Group",
+            "cn",
+            dn("ou=Groups,dc=dst"),
+            ["top", "groupOfNames"],
+        );
+    let target = LdifTarget::open(&target_path, tconfig.clone()).unwrap();
+    let rules = RuleSet::from_toml(
+        r#"
+[[rule]]
+name = "people"
+source_type = "user"
+target_type = "User"
+join = [["mail"]]
+deprovision = { action = "delete" }
+[[rule.flow]]
+target = "objectClass"
+expression = '"inetOrgPerson"'
+[[rule.flow]]
+target = "uid"
+expression = '[uid]'
+[[rule.flow]]
+target = "cn"
+expression = '[cn]'
+[[rule.flow]]
+target = "sn"
+expression = '[sn]'
+[[rule.flow]]
+target = "mail"
+expression = 'Replace([mail], , "@src\.test$", , "@dst.test", , )'
+[[rule]]
+name = "groups"
+source_type = "group"
+target_type = "Group"
+[[rule.flow]]
+target = "objectClass"
+expression = '"groupOfNames"'
+[[rule.flow]]
+target = "cn"
+expression = '[cn]'
+[[rule.flow]]
+target = "member"
+expression = '[member]'
+reference = true
+"#,
+        Some("ldif.toml"),
+    )
+    .unwrap();
+    let store = SqliteStore::open(dir.path().join("state.sqlite")).unwrap();
+    let config = EngineConfig {
+        guard: dirsync::delta::DeletionGuard::off(),
+        ..EngineConfig::default()
+    };
+    let mut sync = Synchronizer::new(
+        Box::new(source),
+        Box::new(target),
+        Box::new(store),
+        Arc::new(rules),
+        config,
+    );
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!((r.count("create"), r.count("references")), (4, 1), "{r}");
+    let written = std::fs::read_to_string(&target_path).unwrap();
+    assert!(written.contains("dn: uid=ada,ou=Users,dc=dst"), "{written}");
+    assert!(
+        written.contains("member: uid=alan,ou=Users,dc=dst"),
+        "{written}"
+    );
+    assert!(written.contains("mail: grace@dst.test"), "{written}");
+    // A change file: Alan renamed (sn), Grace deleted, Grace added to staff… then removed.
+    std::fs::write(
+        changes.join("0001.ldif"),
+        "version: 1\n\ndn: uid=alan,ou=People,dc=src\nchangetype: modify\nreplace: sn\nsn: Mathison-Turing\n-\n\ndn: uid=grace,ou=People,dc=src\nchangetype: delete\n\ndn: cn=staff,ou=Groups,dc=src\nchangetype: modify\ndelete: member\nmember: uid=ada,ou=People,dc=src\n-\n",
+    )
+    .unwrap();
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(
+        (r.count("update"), r.count("delete"), r.count("references")),
+        (1, 1, 1),
+        "{r}"
+    );
+    // The file is the directory: reopened, it holds what the engine wrote.
+    let reopened = LdifTarget::open(&target_path, tconfig).unwrap();
+    assert_eq!(reopened.len(), 3);
+    let written = std::fs::read_to_string(&target_path).unwrap();
+    assert!(
+        written.contains("sn: Mathison-Turing") && !written.contains("grace"),
+        "{written}"
+    );
+    assert!(!written.contains("member: uid=ada"), "{written}");
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
