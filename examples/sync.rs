@@ -1,0 +1,640 @@
+//! `sync`: a small command-line tool over a TOML configuration — the engine's run profiles,
+//! staging and on-demand synchronization, as an administrator uses them.
+//!
+//! ```text
+//! cargo run --example sync -- --config examples/config/ldif-to-ldif.toml <command>
+//!
+//!   plan [--full] [--out plan.json]    import, then print the plan (and save it as JSON)
+//!   apply --plan plan.json [--allow-deletions]
+//!                                      apply a saved plan (refused when the state has moved)
+//!   run [--full] [--allow-deletions]   import and export: the usual cycle (--full: full sync)
+//!   explain <anchor|dn>                synchronize one object now and explain the decision
+//!   reconcile [--allow-deletions]      read the target, correct drift
+//!   status                             the last runs, the escrow, the pending work
+//! ```
+//!
+//! `--progress` prints the engine's progress events on stderr, one a line
+//! (`progress Export 12 40`).
+//!
+//! Exit codes: 0 done; 1 a run failed (connector, state store); 2 the deletion guard held the
+//! export (nothing was written; review, then pass `--allow-deletions`); 3 a saved plan is stale;
+//! 4 some operations failed (they are in escrow and will be retried); 64 bad usage; 78 a bad
+//! configuration or rule file. The configuration format is documented in README.md ("The sync
+//! example") and `examples/config/ldif-to-ldif.toml` is a commented example.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use common::{encode_name, LdifNames};
+use dirsync::connector::ldif::{
+    LdifObjectTypeConfig, LdifSource, LdifSourceConfig, LdifTarget, LdifTargetConfig,
+};
+use dirsync::connector::{Source, Target};
+use dirsync::delta::DeletionGuard;
+use dirsync::engine::{EngineConfig, EngineError, RunReport, StagedPlan, Synchronizer};
+use dirsync::model::{AttrName, ObjectType};
+use dirsync::rules::ruleset::RuleSet;
+use dirsync::state::SqliteStore;
+use serde::Deserialize;
+
+/// The configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// The rule file, relative to the configuration file.
+    rules: PathBuf,
+    /// The SQLite state file, relative to the configuration file.
+    state: PathBuf,
+    source: SourceConfig,
+    target: TargetConfig,
+    #[serde(default)]
+    guard: GuardConfig,
+    #[serde(default)]
+    engine: EngineSection,
+}
+
+/// `[source]`, tagged by `type`. Other connectors add variants here.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum SourceConfig {
+    /// An LDIF content file (and optional change files).
+    Ldif {
+        /// The content file.
+        path: PathBuf,
+        /// The connector's name in the state store (default `ldif`).
+        #[serde(default)]
+        name: Option<String>,
+        /// `anchor_attribute`, `changes_dir`, `object_type_map`, `unmapped`,
+        /// `reference_attributes`, `binary_attributes`.
+        #[serde(flatten)]
+        config: LdifSourceConfig,
+    },
+}
+
+/// `[target]`, tagged by `type`. Other connectors add variants here.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum TargetConfig {
+    /// A directory kept in one LDIF file.
+    Ldif {
+        /// The file.
+        path: PathBuf,
+        /// The connector's name in logs (default `ldif`).
+        #[serde(default)]
+        name: Option<String>,
+        /// Per object type: `rdn_attribute`, `parent`, `object_classes`.
+        #[serde(default)]
+        object_types: BTreeMap<ObjectType, LdifObjectTypeConfig>,
+        /// `objectClass` → object type (default: the connector's).
+        #[serde(default)]
+        object_type_map: Option<BTreeMap<AttrName, ObjectType>>,
+        /// Attributes holding DNs, in the rules' spelling (default: the connector's).
+        #[serde(default)]
+        reference_attributes: Option<Vec<AttrName>>,
+        /// Attributes whose values are bytes (default: the connector's).
+        #[serde(default)]
+        binary_attributes: Option<Vec<AttrName>>,
+        /// Operations per apply call.
+        #[serde(default)]
+        max_batch: Option<usize>,
+    },
+}
+
+/// `[guard]`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct GuardConfig {
+    enabled: bool,
+    max_count: usize,
+    max_ratio: f64,
+    min_import_share: f64,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        let g = DeletionGuard::default();
+        GuardConfig {
+            enabled: g.enabled,
+            max_count: g.max_count,
+            max_ratio: g.max_ratio,
+            min_import_share: EngineConfig::default().min_import_share,
+        }
+    }
+}
+
+/// `[engine]`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct EngineSection {
+    concurrency: usize,
+    seed: u64,
+    import_batch: usize,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        EngineSection {
+            concurrency: e.concurrency,
+            seed: e.seed,
+            import_batch: e.import_batch,
+        }
+    }
+}
+
+/// A failure and the exit code it maps to.
+struct Fail {
+    code: u8,
+    message: String,
+}
+
+impl Fail {
+    fn new(code: u8, message: impl Into<String>) -> Fail {
+        Fail {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+const EXIT_ERROR: u8 = 1;
+const EXIT_HELD: u8 = 2;
+const EXIT_STALE: u8 = 3;
+const EXIT_PARTIAL: u8 = 4;
+const EXIT_USAGE: u8 = 64;
+const EXIT_CONFIG: u8 = 78;
+
+impl From<EngineError> for Fail {
+    fn from(e: EngineError) -> Fail {
+        let code = match e {
+            EngineError::StalePlan { .. } => EXIT_STALE,
+            EngineError::GuardHeld(_) => EXIT_HELD,
+            _ => EXIT_ERROR,
+        };
+        Fail::new(code, e.to_string())
+    }
+}
+
+const USAGE: &str = "usage: sync --config <file.toml> [--progress] <command>
+  --progress: print the engine's progress events on stderr, one per line
+commands:
+  plan [--full] [--out plan.json]               import, then show the plan (and save it)
+  apply --plan plan.json [--allow-deletions]    apply a saved plan
+  run [--full] [--allow-deletions]              import and export (the usual cycle)
+  explain <anchor|dn>                           synchronize one object now, explaining why
+  reconcile [--allow-deletions]                 read the target and correct drift
+  status                                        last runs, escrow, pending work";
+
+/// The parsed command line.
+struct Args {
+    config: PathBuf,
+    command: String,
+    operand: Option<String>,
+    full: bool,
+    allow_deletions: bool,
+    progress: bool,
+    out: Option<PathBuf>,
+    plan: Option<PathBuf>,
+}
+
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Fail> {
+    let usage = |m: String| Fail::new(EXIT_USAGE, format!("{m}\n{USAGE}"));
+    let mut config = None;
+    let mut command = None;
+    let mut operand = None;
+    let mut full = false;
+    let mut allow_deletions = false;
+    let mut progress = false;
+    let mut out = None;
+    let mut plan = None;
+    while let Some(a) = it.next() {
+        let mut value = |flag: &str| {
+            it.next()
+                .ok_or_else(|| usage(format!("{flag} needs a value")))
+        };
+        match a.as_str() {
+            "--config" | "-c" => config = Some(PathBuf::from(value("--config")?)),
+            "--out" | "-o" => out = Some(PathBuf::from(value("--out")?)),
+            "--plan" => plan = Some(PathBuf::from(value("--plan")?)),
+            "--full" => full = true,
+            "--allow-deletions" => allow_deletions = true,
+            "--progress" => progress = true,
+            "--help" | "-h" => return Err(Fail::new(0, USAGE)),
+            s if s.starts_with('-') => return Err(usage(format!("unknown option {s}"))),
+            _ if command.is_none() => command = Some(a),
+            _ if operand.is_none() => operand = Some(a),
+            _ => return Err(usage(format!("unexpected argument {a:?}"))),
+        }
+    }
+    let config = config.ok_or_else(|| usage("--config is required".into()))?;
+    let command = command.ok_or_else(|| usage("no command given".into()))?;
+    let known = ["plan", "apply", "run", "explain", "reconcile", "status"];
+    if !known.contains(&command.as_str()) {
+        return Err(usage(format!("unknown command {command:?}")));
+    }
+    if command == "explain" && operand.is_none() {
+        return Err(usage("explain needs an anchor or a DN".into()));
+    }
+    if command != "explain" && operand.is_some() {
+        return Err(usage(format!("unexpected argument {operand:?}")));
+    }
+    if command == "apply" && plan.is_none() {
+        return Err(usage("apply needs --plan <file.json>".into()));
+    }
+    Ok(Args {
+        config,
+        command,
+        operand,
+        full,
+        allow_deletions,
+        progress,
+        out,
+        plan,
+    })
+}
+
+/// Creates the directory `path` is to be written in.
+fn parent_dir(path: &Path, what: &str) -> Result<(), Fail> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => std::fs::create_dir_all(p).map_err(|e| {
+            Fail::new(
+                EXIT_ERROR,
+                format!("{what}: cannot create the directory {}: {e}", p.display()),
+            )
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// `path` relative to the configuration file's directory (absolute paths unchanged).
+fn relative(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+fn load_config(path: &Path) -> Result<(Config, PathBuf), Fail> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Fail::new(
+            EXIT_CONFIG,
+            format!("cannot read the configuration {}: {e}", path.display()),
+        )
+    })?;
+    let config: Config = toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_owned();
+        let at = e
+            .span()
+            .map(|s| {
+                let line = text.get(..s.start).map_or(0, |t| t.matches('\n').count()) + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        Fail::new(EXIT_CONFIG, format!("{}{at}: {msg}", path.display()))
+    })?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok((config, base))
+}
+
+fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
+    let rules_path = relative(base, &config.rules);
+    let rules_text = std::fs::read_to_string(&rules_path).map_err(|e| {
+        Fail::new(
+            EXIT_CONFIG,
+            format!("cannot read the rules {}: {e}", rules_path.display()),
+        )
+    })?;
+    let file = rules_path.display().to_string();
+    let rules = RuleSet::from_toml(&rules_text, Some(&file)).map_err(|e| {
+        Fail::new(
+            EXIT_CONFIG,
+            e.to_string().lines().collect::<Vec<_>>().join("; "),
+        )
+    })?;
+    let source: Box<dyn Source> = match config.source {
+        SourceConfig::Ldif {
+            path,
+            name,
+            mut config,
+        } => {
+            let path = relative(base, &path);
+            if !path.is_file() {
+                return Err(Fail::new(
+                    EXIT_CONFIG,
+                    format!("[source] path: no file {}", path.display()),
+                ));
+            }
+            config.changes_dir = config.changes_dir.map(|d| relative(base, &d));
+            let mut s = LdifSource::new(path, config);
+            if let Some(n) = name {
+                s = s.with_name(n);
+            }
+            Box::new(s)
+        }
+    };
+    let target: Box<dyn Target> = match config.target {
+        TargetConfig::Ldif {
+            path,
+            name,
+            object_types,
+            object_type_map,
+            reference_attributes,
+            binary_attributes,
+            max_batch,
+        } => {
+            let mut c = LdifTargetConfig {
+                object_types,
+                ..LdifTargetConfig::default()
+            };
+            if let Some(m) = object_type_map {
+                c.object_type_map = m;
+            }
+            if let Some(r) = reference_attributes {
+                c.reference_attributes = r.iter().map(encode_name).collect();
+            }
+            if let Some(b) = binary_attributes {
+                c.binary_attributes = b.iter().map(encode_name).collect();
+            }
+            if let Some(m) = max_batch {
+                c.max_batch = m;
+            }
+            let path = relative(base, &path);
+            parent_dir(&path, "[target] path")?;
+            let mut t = LdifTarget::open(&path, c)
+                .map_err(|e| Fail::new(EXIT_ERROR, format!("[target] {}: {e}", path.display())))?;
+            if let Some(n) = name {
+                t = t.with_name(n);
+            }
+            Box::new(LdifNames::new(t))
+        }
+    };
+    let state = relative(base, &config.state);
+    parent_dir(&state, "state")?;
+    let store = SqliteStore::open(&state).map_err(|e| {
+        Fail::new(
+            EXIT_ERROR,
+            format!("the state store {}: {e}", state.display()),
+        )
+    })?;
+    let engine = EngineConfig {
+        guard: DeletionGuard {
+            enabled: config.guard.enabled,
+            max_count: config.guard.max_count,
+            max_ratio: config.guard.max_ratio,
+        },
+        min_import_share: config.guard.min_import_share,
+        concurrency: config.engine.concurrency.max(1),
+        import_batch: config.engine.import_batch.max(1),
+        seed: config.engine.seed,
+        ..EngineConfig::default()
+    };
+    Ok(Synchronizer::new(
+        source,
+        target,
+        Box::new(store),
+        Arc::new(rules),
+        engine,
+    ))
+}
+
+/// Prints a run report; maps held and partial runs to their exit codes.
+fn finish(report: &RunReport) -> Result<(), Fail> {
+    print!("{report}");
+    if report.held {
+        return Err(Fail::new(
+            EXIT_HELD,
+            "the deletion guard held the export; nothing was written. Review the plan \
+             (`sync plan`), then run again with --allow-deletions",
+        ));
+    }
+    if let Some(why) = &report.stopped {
+        return Err(Fail::new(
+            EXIT_PARTIAL,
+            format!("the run stopped early: {why}"),
+        ));
+    }
+    if !report.failures.is_empty() {
+        return Err(Fail::new(
+            EXIT_PARTIAL,
+            format!(
+                "{} operations failed; they are in escrow and will be retried",
+                report.failures.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn command(args: Args) -> Result<(), Fail> {
+    let (config, base) = load_config(&args.config)?;
+    let mut sync = build(config, &base)?;
+    if args.allow_deletions {
+        sync.allow_deletions_once();
+    }
+    if args.progress {
+        // One line per event on stderr: `progress <stage> <done> <total or ?>`.
+        sync.on_progress(|p| {
+            let total = p.total.map_or_else(|| "?".to_owned(), |t| t.to_string());
+            eprintln!("progress {:?} {} {total}", p.stage, p.done);
+        });
+    }
+    match args.command.as_str() {
+        "plan" => {
+            let report = sync.delta_import().await?;
+            eprintln!("imported {} objects", report.imported);
+            let staged = sync.plan(args.full)?;
+            print!("{}", staged.plan);
+            if let Some(out) = &args.out {
+                let json = serde_json::to_string_pretty(&staged).map_err(|e| {
+                    Fail::new(EXIT_ERROR, format!("cannot serialize the plan: {e}"))
+                })?;
+                std::fs::write(out, json).map_err(|e| {
+                    Fail::new(EXIT_ERROR, format!("cannot write {}: {e}", out.display()))
+                })?;
+                eprintln!(
+                    "plan saved to {}; apply it with `sync apply --plan {}`",
+                    out.display(),
+                    out.display()
+                );
+            }
+            Ok(())
+        }
+        "apply" => {
+            let path = args.plan.unwrap_or_default();
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                Fail::new(
+                    EXIT_ERROR,
+                    format!("cannot read the plan {}: {e}", path.display()),
+                )
+            })?;
+            let staged: StagedPlan = serde_json::from_str(&text).map_err(|e| {
+                Fail::new(
+                    EXIT_ERROR,
+                    format!("{} is not a saved plan: {e}", path.display()),
+                )
+            })?;
+            let report = sync.apply(staged).await?;
+            finish(&report)
+        }
+        "run" => {
+            let report = if args.full {
+                // A full sync re-plans every object (after a rule change), from a fresh import.
+                print!("{}", sync.delta_import().await?);
+                sync.full_sync().await?
+            } else {
+                sync.run_cycle().await?
+            };
+            finish(&report)
+        }
+        "explain" => {
+            let object = args.operand.unwrap_or_default();
+            let done = sync.sync_object(&object).await?;
+            match &done.explanation {
+                Some(e) => print!("{e}"),
+                None => println!("(no explanation: the object is not in the source mirror)"),
+            }
+            println!();
+            print!("{}", done.plan);
+            finish(&done.report)
+        }
+        "reconcile" => {
+            let report = sync.reconcile().await?;
+            finish(&report)
+        }
+        "status" => status(&sync),
+        other => Err(Fail::new(EXIT_USAGE, format!("unknown command {other:?}"))),
+    }
+}
+
+fn status(sync: &Synchronizer) -> Result<(), Fail> {
+    let (runs, escrow, dirty, links) = sync
+        .with_store(|s| -> Result<_, dirsync::state::StateError> {
+            Ok((s.runs(15)?, s.escrowed()?, s.dirty()?, s.link_counts()?))
+        })
+        .map_err(|e| Fail::new(EXIT_ERROR, format!("state store: {e}")))?;
+    println!("last runs:");
+    if runs.is_empty() {
+        println!("  (none)");
+    }
+    for r in &runs {
+        let took = match r.finished {
+            Some(f) => format!(
+                "{:.1} s",
+                (f - r.started).num_milliseconds() as f64 / 1000.0
+            ),
+            None => "never finished".to_owned(),
+        };
+        println!(
+            "  #{:<4} {:<13} {}  {:<10} {took}",
+            r.id.0,
+            r.profile,
+            r.started.format("%Y-%m-%d %H:%M:%S"),
+            r.outcome.as_deref().unwrap_or("-"),
+        );
+    }
+    println!("linked objects:");
+    for (ty, n) in &links {
+        println!("  {ty}: {n}");
+    }
+    println!("pending (dirty) objects: {}", dirty.len());
+    println!("escrow:");
+    if escrow.is_empty() {
+        println!("  (empty)");
+    }
+    for e in &escrow {
+        println!(
+            "  {}  {} attempts, next retry {}: {}",
+            e.anchor,
+            e.attempts,
+            e.next_retry.format("%Y-%m-%d %H:%M:%S"),
+            e.last_error
+        );
+    }
+    Ok(())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let result = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => command(args).await,
+        Err(f) => Err(f),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) if f.code == 0 => {
+            println!("{}", f.message);
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            eprintln!("sync: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Result<Args, Fail> {
+        parse_args(s.split_whitespace().map(str::to_owned))
+    }
+
+    #[test]
+    fn command_lines() {
+        let a = args("--config c.toml run --allow-deletions").ok().unwrap();
+        assert_eq!(a.command, "run");
+        assert!(a.allow_deletions);
+        let a = args("-c c.toml explain CN=x,DC=y").ok().unwrap();
+        assert_eq!(a.operand.as_deref(), Some("CN=x,DC=y"));
+        for bad in [
+            "run",
+            "--config c.toml",
+            "--config c.toml fly",
+            "--config c.toml apply",
+            "--config c.toml explain",
+            "--config c.toml run extra",
+            "--config",
+        ] {
+            assert_eq!(args(bad).err().map(|f| f.code), Some(EXIT_USAGE), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/ldif-to-ldif.toml");
+        let (config, _) = load_config(&path).ok().unwrap();
+        assert!(matches!(config.source, SourceConfig::Ldif { .. }));
+        let TargetConfig::Ldif { object_types, .. } = &config.target;
+        assert_eq!(object_types.len(), 2);
+        assert_eq!(config.engine.seed, 42);
+    }
+
+    #[test]
+    fn bad_configs_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("dirsync-sync-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.toml");
+        std::fs::write(
+            &p,
+            "rules = \"r.toml\"\nstate = \"s\"\n[source]\ntype = \"ftp\"\n",
+        )
+        .unwrap();
+        let f = load_config(&p).err().unwrap();
+        assert_eq!(f.code, EXIT_CONFIG);
+        assert!(
+            f.message.contains("line 3") || f.message.contains("line 4"),
+            "{}",
+            f.message
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
