@@ -1065,7 +1065,18 @@ impl Synchronizer {
                 .collect()
         } else {
             let dirty = self.store(|s| s.dirty())?;
-            let pending: HashSet<&Anchor> = plan.issues.iter().filter_map(Issue::anchor).collect();
+            // Objects the planner could not place stay dirty, to be planned again — except for
+            // unresolved references: when the referenced object arrives, the store marks its
+            // referrers dirty, so keeping them dirty meanwhile would only replan them for nothing.
+            let pending: HashSet<&Anchor> = plan
+                .issues
+                .iter()
+                .filter(|i| !matches!(i, Issue::UnresolvedReference { .. }))
+                .flat_map(|i| match i {
+                    Issue::DuplicateJoin { anchors, .. } => anchors.iter().collect::<Vec<_>>(),
+                    other => other.anchor().into_iter().collect(),
+                })
+                .collect();
             let mut deferred_anchors: HashSet<Anchor> = HashSet::new();
             for (a, next) in &escrowed {
                 if *next > now {
