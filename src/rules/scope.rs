@@ -1331,7 +1331,12 @@ enum Quantifier {
 
 impl Clause {
     /// Evaluates the clause; the detail text is built only when `explain` is set.
-    fn check(&self, entry: &dyn AttributeSource, members: &Members<'_>, explain: bool) -> (bool, String) {
+    fn check(
+        &self,
+        entry: &dyn AttributeSource,
+        members: &Members<'_>,
+        explain: bool,
+    ) -> (bool, String) {
         match self.operator {
             Operator::Provisioning(op) => self.check_provisioning(op, entry, explain),
             Operator::ConnectSync(op) => match op.complement_of() {
@@ -2772,6 +2777,20 @@ mod tests {
             let a = one(Family::ConnectSync, ClauseSpec::unary("a", "ISNULL"));
             let b = one(Family::ConnectSync, ClauseSpec::unary("a", "ISNOTNULL"));
             prop_assert_ne!(a.evaluate(&entry, &no_groups), b.evaluate(&entry, &no_groups));
+        }
+
+        /// The allocation-free comparisons agree with comparing folded strings.
+        #[test]
+        fn folded_comparisons_agree_with_fold(
+            text in "[a-zA-Z0-9ſKİıΣσς ß-]{0,8}",
+            operand in "[a-zA-Z0-9ſKİıΣσς ß-]{0,4}",
+        ) {
+            let (t, o) = (fold(&text), fold(&operand));
+            prop_assert_eq!(folded_eq(&text, &o), t == o);
+            prop_assert_eq!(folded_starts_with(&text, &o), t.starts_with(o.as_str()));
+            prop_assert_eq!(folded_ends_with(&text, &o), t.ends_with(o.as_str()));
+            prop_assert_eq!(folded_contains(&text, &o), t.contains(o.as_str()));
+            prop_assert_eq!(text.chars().map(fold_char).cmp(o.chars()), t.cmp(&o));
         }
     }
 }
