@@ -295,6 +295,13 @@ pub fn to_model(v: &EvalValue, reference: bool) -> Result<Values, EvalError> {
     let mut out = Values::new();
     for x in v.values() {
         if reference {
+            if let EvalValue::String(s) | EvalValue::Reference(s) = x {
+                out.push(match Dn::parse(s) {
+                    Ok(dn) if !dn.is_root() => Value::dn_ref(dn),
+                    _ => Value::Reference(Reference::Anchor(s.as_str().into())),
+                });
+                continue;
+            }
             if let Some(text) = x.to_string_value()? {
                 out.push(match Dn::parse(&text) {
                     Ok(dn) if !dn.is_root() => Value::dn_ref(dn),
@@ -313,6 +320,7 @@ pub fn to_model(v: &EvalValue, reference: bool) -> Result<Values, EvalError> {
                     out.push(Value::string(r.value.as_str()));
                 }
             }
+            EvalValue::String(s) | EvalValue::Reference(s) => out.push(Value::string(s.as_str())),
             other => {
                 if let Some(text) = other.to_string_value()? {
                     out.push(Value::string(text));
@@ -482,8 +490,15 @@ fn eval(
                     let mut i = 2;
                     let mut result = None;
                     while i < args.len() {
-                        let key = opt_value(arg(i), attrs, ctx, w)?;
-                        if functions::switch_key_matches(&source, &key).map_err(fail(*span))? {
+                        let evaluated;
+                        let key = match arg(i) {
+                            Some(Op::Lit(lit)) => lit,
+                            other => {
+                                evaluated = opt_value(other, attrs, ctx, w)?;
+                                &evaluated
+                            }
+                        };
+                        if functions::switch_key_matches(&source, key).map_err(fail(*span))? {
                             result = Some(opt_value(arg(i + 1), attrs, ctx, w)?);
                             break;
                         }
@@ -556,12 +571,21 @@ fn call(
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> Result<EvalValue, EvalFailure> {
-    let mut values: Vec<Option<EvalValue>> = Vec::with_capacity(args.len());
+    // Literal arguments are lent, not cloned; the others are evaluated into `owned` first.
+    let mut owned: smallvec::SmallVec<[Option<EvalValue>; 4]> = smallvec::SmallVec::new();
     for a in args {
-        values.push(match a {
+        owned.push(match a {
+            Some(Op::Lit(_)) | None => None,
             Some(op) => Some(value_of(op, attrs, ctx, w)?),
-            None => None,
         });
     }
-    functions::call(func, &values, pre, ctx).map_err(fail(span))
+    let refs: smallvec::SmallVec<[Option<&EvalValue>; 4]> = args
+        .iter()
+        .zip(&owned)
+        .map(|(a, v)| match a {
+            Some(Op::Lit(lit)) => Some(lit),
+            _ => v.as_ref(),
+        })
+        .collect();
+    functions::call_refs(func, &refs, pre, ctx).map_err(fail(span))
 }

@@ -647,12 +647,17 @@ impl RuleSet {
             let mut attributes: Vec<AttrName> = flows
                 .iter()
                 .flat_map(|f| f.program.attribute_names())
+                .chain(scope.iter().flat_map(|s| s.attribute_names()))
                 .map(AttrName::new)
                 .collect();
             attributes.sort();
             attributes.dedup();
             for f in &mut flows {
                 f.program.bind(&attributes);
+            }
+            let mut scope = scope;
+            if let Some(s) = &mut scope {
+                s.bind(&attributes);
             }
             rules.push(CompiledRule {
                 attributes,
@@ -731,10 +736,16 @@ impl RuleSet {
         }
     }
 
-    fn in_scope(&self, rule: &CompiledRule, entry: &Entry, ctx: &ProjectionContext<'_>) -> bool {
+    fn in_scope(
+        &self,
+        rule: &CompiledRule,
+        entry: &Entry,
+        view: &Slotted<'_>,
+        ctx: &ProjectionContext<'_>,
+    ) -> bool {
         match &rule.scope {
             None => true,
-            Some(f) => f.evaluate(&entry.attributes, &|| {
+            Some(f) => f.evaluate_in(view, &|| {
                 ctx.member_of(&entry.anchor).into_iter().cloned().collect()
             }),
         }
@@ -842,19 +853,20 @@ impl Projection for RuleSet {
         let Some(rule) = self.rule_for(&entry.object_type) else {
             return Projected::OutOfScope(format!("no rule for object type {}", entry.object_type));
         };
-        if !self.in_scope(rule, entry, ctx) {
+        let view = Slotted::new(&rule.attributes, &entry.attributes);
+        if !self.in_scope(rule, entry, &view, ctx) {
             return Projected::OutOfScope(format!("rule {}: scoping filter", rule.name));
         }
         let mut rng = SeededRng::from_seed(ctx.object_seed(&entry.anchor));
-        let view = Slotted::new(&rule.attributes, &entry.attributes);
         let mut desired = Desired::new(rule.target_type.clone());
         desired.flows.reserve(rule.flows.len());
-        let mut first_values: Vec<Option<Value>> = Vec::with_capacity(rule.flows.len());
+        // For each flow, where its values went in `desired.flows` (joins read the first value).
+        let mut placed: smallvec::SmallVec<[Option<usize>; 32]> = smallvec::SmallVec::new();
         for flow in &rule.flows {
             match self.flow_values(rule, flow, &view, ctx, &mut rng) {
-                Ok(None) => first_values.push(None),
+                Ok(None) => placed.push(None),
                 Ok(Some((values, redacted))) => {
-                    first_values.push(values.first().cloned());
+                    placed.push(Some(desired.flows.len()));
                     desired.flows.push(Flow {
                         attribute: flow.target.clone(),
                         values,
@@ -891,11 +903,9 @@ impl Projection for RuleSet {
             let pairs: Option<Vec<(AttrName, Value)>> = group
                 .iter()
                 .map(|&i| {
-                    first_values
-                        .get(i)
-                        .cloned()
-                        .flatten()
-                        .map(|v| (rule.flows[i].target.clone(), v))
+                    let at = placed.get(i).copied().flatten()?;
+                    let first = desired.flows.get(at)?.values.first()?.clone();
+                    Some((rule.flows.get(i)?.target.clone(), first))
                 })
                 .collect();
             if let Some(pairs) = pairs {

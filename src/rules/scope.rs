@@ -62,7 +62,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::regex::DotNetRegex;
-use crate::model::{Attributes, Dn, Value};
+use crate::model::{AttrName, Attributes, Dn, Value};
+use crate::rules::eval::AttributeSource;
 
 // ---------------------------------------------------------------------------------------------
 // Configuration form
@@ -632,6 +633,8 @@ pub struct ScopeFilter {
 #[derive(Clone, Debug)]
 struct Clause {
     attribute: String,
+    /// Index into a bound attribute table (see [`ScopeFilter::bind`]); `usize::MAX` = unbound.
+    slot: usize,
     operator: Operator,
     /// The clause value as text, for explanations.
     value: Option<String>,
@@ -729,6 +732,37 @@ impl ScopeFilter {
     /// is called at most once, and only if an `ISMEMBEROF`/`ISNOTMEMBEROF` clause is evaluated.
     /// Evaluation stops at the first false clause of a group and at the first true group.
     pub fn evaluate(&self, entry: &Attributes, member_of: &dyn Fn() -> Vec<Dn>) -> bool {
+        self.evaluate_in(entry, member_of)
+    }
+
+    /// The names of the attributes the clauses read (for [`bind`](Self::bind)).
+    pub fn attribute_names(&self) -> Vec<&str> {
+        self.groups
+            .iter()
+            .flatten()
+            .map(|c| c.attribute.as_str())
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
+    /// Binds each clause's attribute to its position in `table` (sorted by [`AttrName`] order),
+    /// so that [`evaluate_in`](Self::evaluate_in) over a [`crate::rules::eval::Slotted`] view
+    /// costs an index per clause instead of a search.
+    pub fn bind(&mut self, table: &[AttrName]) {
+        for clause in self.groups.iter_mut().flatten() {
+            clause.slot = table
+                .binary_search(&AttrName::new(clause.attribute.as_str()))
+                .unwrap_or(usize::MAX);
+        }
+    }
+
+    /// [`evaluate`](Self::evaluate) over any attribute source (a bound filter reads a
+    /// [`crate::rules::eval::Slotted`] view by index).
+    pub fn evaluate_in(
+        &self,
+        entry: &dyn AttributeSource,
+        member_of: &dyn Fn() -> Vec<Dn>,
+    ) -> bool {
         if self.groups.is_empty() {
             return true;
         }
@@ -857,6 +891,7 @@ fn compile_clause(family: Family, spec: &ClauseSpec) -> Result<Clause, Problem> 
     let (value, operand) = compile_operand(operator, value)?;
     Ok(Clause {
         attribute: attribute.to_owned(),
+        slot: usize::MAX,
         operator,
         value,
         operand,
@@ -1127,9 +1162,13 @@ fn value_text(v: &Value) -> Cow<'_, str> {
 }
 
 /// The values of `name` with empty texts dropped (spec §7.2).
-fn items<'v>(entry: &'v Attributes, name: &str) -> Vec<Item<'v>> {
+fn items<'v>(
+    entry: &'v dyn AttributeSource,
+    name: &str,
+    slot: usize,
+) -> smallvec::SmallVec<[Item<'v>; 2]> {
     entry
-        .get(name)
+        .values(name, slot)
         .map(|values| {
             values
                 .iter()
@@ -1204,6 +1243,65 @@ fn fold(s: &str) -> String {
     s.chars().map(fold_char).collect()
 }
 
+/// `fold(text) == folded`, without allocating for ASCII text (ASCII folds to ASCII lower case;
+/// other text folds character by character).
+fn folded_eq(text: &str, folded: &str) -> bool {
+    if text.is_ascii() {
+        text.len() == folded.len()
+            && text
+                .bytes()
+                .zip(folded.bytes())
+                .all(|(a, b)| a.to_ascii_lowercase() == b)
+    } else {
+        text.chars().map(fold_char).eq(folded.chars())
+    }
+}
+
+/// `fold(text).starts_with(folded)`, without allocating.
+fn folded_starts_with(text: &str, folded: &str) -> bool {
+    if text.is_ascii() {
+        text.len() >= folded.len()
+            && text
+                .bytes()
+                .zip(folded.bytes())
+                .all(|(a, b)| a.to_ascii_lowercase() == b)
+    } else {
+        let mut t = text.chars().map(fold_char);
+        folded.chars().all(|c| t.next() == Some(c))
+    }
+}
+
+/// `fold(text).ends_with(folded)`, without allocating for ASCII text.
+fn folded_ends_with(text: &str, folded: &str) -> bool {
+    if text.is_ascii() {
+        text.len()
+            .checked_sub(folded.len())
+            .and_then(|start| text.as_bytes().get(start..))
+            .is_some_and(|tail| {
+                tail.iter()
+                    .zip(folded.bytes())
+                    .all(|(a, b)| a.to_ascii_lowercase() == b)
+            })
+    } else {
+        fold(text).ends_with(folded)
+    }
+}
+
+/// `fold(text).contains(folded)`, without allocating for ASCII text.
+fn folded_contains(text: &str, folded: &str) -> bool {
+    if text.is_ascii() {
+        let n = folded.len();
+        n == 0
+            || text.as_bytes().windows(n).any(|w| {
+                w.iter()
+                    .zip(folded.bytes())
+                    .all(|(a, b)| a.to_ascii_lowercase() == b)
+            })
+    } else {
+        fold(text).contains(folded)
+    }
+}
+
 /// Renders attribute values for explanations: `"Sales"` or `["a", "b"]` (at most five shown).
 fn render_items(items: &[Item<'_>]) -> String {
     match items {
@@ -1233,7 +1331,12 @@ enum Quantifier {
 
 impl Clause {
     /// Evaluates the clause; the detail text is built only when `explain` is set.
-    fn check(&self, entry: &Attributes, members: &Members<'_>, explain: bool) -> (bool, String) {
+    fn check(
+        &self,
+        entry: &dyn AttributeSource,
+        members: &Members<'_>,
+        explain: bool,
+    ) -> (bool, String) {
         match self.operator {
             Operator::Provisioning(op) => self.check_provisioning(op, entry, explain),
             Operator::ConnectSync(op) => match op.complement_of() {
@@ -1260,11 +1363,11 @@ impl Clause {
     fn check_provisioning(
         &self,
         op: ProvisioningOperator,
-        entry: &Attributes,
+        entry: &dyn AttributeSource,
         explain: bool,
     ) -> (bool, String) {
         use ProvisioningOperator as P;
-        let items = items(entry, &self.attribute);
+        let items = items(entry, &self.attribute, self.slot);
         let attr = &self.attribute;
         if items.is_empty() {
             let result = op == P::IsNull;
@@ -1322,7 +1425,7 @@ impl Clause {
     fn check_connect_sync(
         &self,
         op: ConnectSyncOperator,
-        entry: &Attributes,
+        entry: &dyn AttributeSource,
         members: &Members<'_>,
         explain: bool,
         negated: bool,
@@ -1348,7 +1451,7 @@ impl Clause {
             };
             return (result, detail);
         }
-        let items = items(entry, &self.attribute);
+        let items = items(entry, &self.attribute, self.slot);
         let attr = &self.attribute;
         if items.is_empty() {
             let result = op == C::IsNull;
@@ -1389,11 +1492,11 @@ impl Clause {
             }
             (Operand::Text(t), C::Equal | C::IsIn) => match (item.value, t.boolean) {
                 (Value::Boolean(b), Some(c)) => *b == c,
-                _ => fold(&item.text) == t.folded,
+                _ => folded_eq(&item.text, &t.folded),
             },
-            (Operand::Text(t), C::Contains) => fold(&item.text).contains(t.folded.as_str()),
-            (Operand::Text(t), C::StartsWith) => fold(&item.text).starts_with(t.folded.as_str()),
-            (Operand::Text(t), C::EndsWith) => fold(&item.text).ends_with(t.folded.as_str()),
+            (Operand::Text(t), C::Contains) => folded_contains(&item.text, &t.folded),
+            (Operand::Text(t), C::StartsWith) => folded_starts_with(&item.text, &t.folded),
+            (Operand::Text(t), C::EndsWith) => folded_ends_with(&item.text, &t.folded),
             (Operand::Text(t), C::LessThan) => order(item, t) == Ordering::Less,
             (Operand::Text(t), C::LessThanOrEqual) => order(item, t) != Ordering::Greater,
             (Operand::Text(t), C::GreaterThan) => order(item, t) == Ordering::Greater,
@@ -1515,7 +1618,8 @@ impl Clause {
 fn order(item: &Item<'_>, operand: &TextOperand) -> Ordering {
     match (integer_like(item), operand.integer) {
         (Some(a), Some(b)) => a.cmp(&b),
-        _ => fold(&item.text).cmp(&operand.folded),
+        // UTF-8 byte order is code point order: compare the folded characters as they come.
+        _ => item.text.chars().map(fold_char).cmp(operand.folded.chars()),
     }
 }
 
@@ -2673,6 +2777,20 @@ mod tests {
             let a = one(Family::ConnectSync, ClauseSpec::unary("a", "ISNULL"));
             let b = one(Family::ConnectSync, ClauseSpec::unary("a", "ISNOTNULL"));
             prop_assert_ne!(a.evaluate(&entry, &no_groups), b.evaluate(&entry, &no_groups));
+        }
+
+        /// The allocation-free comparisons agree with comparing folded strings.
+        #[test]
+        fn folded_comparisons_agree_with_fold(
+            text in "[a-zA-Z0-9ſKİıΣσς ß-]{0,8}",
+            operand in "[a-zA-Z0-9ſKİıΣσς ß-]{0,4}",
+        ) {
+            let (t, o) = (fold(&text), fold(&operand));
+            prop_assert_eq!(folded_eq(&text, &o), t == o);
+            prop_assert_eq!(folded_starts_with(&text, &o), t.starts_with(o.as_str()));
+            prop_assert_eq!(folded_ends_with(&text, &o), t.ends_with(o.as_str()));
+            prop_assert_eq!(folded_contains(&text, &o), t.contains(o.as_str()));
+            prop_assert_eq!(text.chars().map(fold_char).cmp(o.chars()), t.cmp(&o));
         }
     }
 }

@@ -652,6 +652,19 @@ pub fn call(
     pre: &Precompiled,
     ctx: &mut EvalContext<'_>,
 ) -> EvalResult<EvalValue> {
+    let refs: smallvec::SmallVec<[Option<&EvalValue>; 8]> =
+        args.iter().map(Option::as_ref).collect();
+    call_refs(f, &refs, pre, ctx)
+}
+
+/// [`call`] over borrowed arguments: the evaluator passes literals and intermediate values
+/// without cloning them.
+pub(crate) fn call_refs(
+    f: Function,
+    args: &[Option<&EvalValue>],
+    pre: &Precompiled,
+    ctx: &mut EvalContext<'_>,
+) -> EvalResult<EvalValue> {
     if !f.arity().accepts(args.len()) {
         return Err(arity_error(f, args.len()));
     }
@@ -661,7 +674,7 @@ pub fn call(
         slot: i,
         name: names.get(i).copied().unwrap_or("argument"),
     };
-    let a = |i: usize| args.get(i).and_then(Option::as_ref);
+    let a = |i: usize| args.get(i).copied().flatten();
     use Function::*;
     match f {
         Append => {
@@ -997,8 +1010,7 @@ pub fn call(
             .iter()
             .flatten()
             .find(|v| coalesce_is_value(v))
-            .cloned()
-            .unwrap_or(EvalValue::Null)),
+            .map_or(EvalValue::Null, |v| (*v).clone())),
         Redact => Ok(req(a(0), p(0))?.clone()),
         IgnoreFlowIfNullOrEmpty | SelectUniqueValue => Err(EvalError::new(
             codes::EVALUATOR_OWNED,
@@ -1052,9 +1064,9 @@ fn fdt_slots(n: usize) -> FdtSlots {
     }
 }
 
-fn format_date_time(args: &[Option<EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
+fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
     let f = Function::FormatDateTime;
-    let a = |i: usize| args.get(i).and_then(Option::as_ref);
+    let a = |i: usize| args.get(i).copied().flatten();
     let s = fdt_slots(args.len());
     let p = |i: usize, name: &'static str| P { f, slot: i, name };
     let styles = match (pre.styles, s.styles) {
@@ -1106,9 +1118,9 @@ fn format_date_time(args: &[Option<EvalValue>], pre: &Precompiled) -> EvalResult
     })
 }
 
-fn in_str(args: &[Option<EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
+fn in_str(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
     let f = Function::InStr;
-    let a = |i: usize| args.get(i).and_then(Option::as_ref);
+    let a = |i: usize| args.get(i).copied().flatten();
     let p = |i: usize, name: &'static str| P { f, slot: i, name };
     let start = resolve_start(a(2), p(2, "start"))?;
     let mode = match pre.compare {
@@ -1241,7 +1253,7 @@ fn extra_pool(spec: &RandomSpec) -> Vec<char> {
 }
 
 fn random_string(
-    args: &[Option<EvalValue>],
+    args: &[Option<&EvalValue>],
     pre: &Precompiled,
     ctx: &mut EvalContext<'_>,
 ) -> EvalResult<EvalValue> {
@@ -1256,7 +1268,7 @@ fn random_string(
                 slot: i,
                 name: names[i],
             };
-            let a = |i: usize| args.get(i).and_then(Option::as_ref);
+            let a = |i: usize| args.get(i).copied().flatten();
             let mut counts = [0i64; 5];
             for (i, c) in counts.iter_mut().enumerate() {
                 *c = ctl_int(a(i), p(i))?;
@@ -1294,7 +1306,7 @@ fn random_string(
 // Replace
 // ---------------------------------------------------------------------------------------------
 
-fn replace(args: &[Option<EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
+fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
     let f = Function::Replace;
     let names = param_names(f);
     let p = |i: usize| P {
@@ -1302,7 +1314,7 @@ fn replace(args: &[Option<EvalValue>], pre: &Precompiled) -> EvalResult<EvalValu
         slot: i,
         name: names[i],
     };
-    let a = |i: usize| args.get(i).and_then(Option::as_ref);
+    let a = |i: usize| args.get(i).copied().flatten();
     let mode = match pre.replace_mode {
         Some(m) => m,
         None => {
