@@ -300,6 +300,12 @@ impl SqliteStore {
             .ctx("setting synchronous")?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .ctx("enabling foreign keys")?;
+        // A 64 MiB page cache and memory-mapped reads: a delta's neighbourhood is scattered
+        // over the file, and a 100k-object store outgrows SQLite's 2 MiB default.
+        conn.pragma_update(None, "cache_size", -65536)
+            .ctx("setting the page cache size")?;
+        conn.pragma_update(None, "mmap_size", 268_435_456i64)
+            .ctx("setting the memory-mapped I/O size")?;
         let mut store = SqliteStore { conn };
         store.migrate()?;
         Ok(store)
