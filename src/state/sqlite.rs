@@ -263,6 +263,22 @@ struct Session {
     summary: FullImportSummary,
 }
 
+/// Decodes rows (JSON payloads) on all cores when the `parallel` feature is on.
+fn decode_rows<T: Send>(
+    rows: Vec<Vec<SqlValue>>,
+    decode: impl Fn(Vec<SqlValue>) -> Result<T, StateError> + Sync + Send,
+) -> Result<Vec<T>, StateError> {
+    #[cfg(feature = "parallel")]
+    {
+        use rayon::prelude::*;
+        rows.into_par_iter().map(decode).collect()
+    }
+    #[cfg(not(feature = "parallel"))]
+    {
+        rows.into_iter().map(decode).collect()
+    }
+}
+
 impl SqliteStore {
     /// Opens (or creates) the state file at `path` with [`Durability::Full`], migrating its
     /// schema to this version.
@@ -1203,12 +1219,17 @@ impl StateStore for SqliteStore {
         let sql = format!("SELECT {ENTRY_COLUMNS} FROM source_objects");
         let mut stmt = conn.prepare(&sql).ctx("reading the source mirror")?;
         let mut q = stmt.query([]).ctx("reading the source mirror")?;
+        let mut raw = Vec::new();
         while let Some(r) = q.next().ctx("reading the source mirror")? {
-            let row = (0..4)
-                .map(|i| r.get::<_, SqlValue>(i))
-                .collect::<Result<Vec<_>, _>>()
-                .ctx("reading the source mirror")?;
-            views.mirror.insert(decode_entry(row)?);
+            raw.push(
+                (0..4)
+                    .map(|i| r.get::<_, SqlValue>(i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .ctx("reading the source mirror")?,
+            );
+        }
+        for e in decode_rows(raw, decode_entry)? {
+            views.mirror.insert(e);
         }
         for r in rows(
             conn,
@@ -1222,12 +1243,17 @@ impl StateStore for SqliteStore {
             .prepare("SELECT id, object_type, attributes FROM target_objects")
             .ctx("reading the target mirror")?;
         let mut q = stmt.query([]).ctx("reading the target mirror")?;
+        let mut raw = Vec::new();
         while let Some(r) = q.next().ctx("reading the target mirror")? {
-            let row = (0..3)
-                .map(|i| r.get::<_, SqlValue>(i))
-                .collect::<Result<Vec<_>, _>>()
-                .ctx("reading the target mirror")?;
-            views.target.insert(decode_target(row)?);
+            raw.push(
+                (0..3)
+                    .map(|i| r.get::<_, SqlValue>(i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .ctx("reading the target mirror")?,
+            );
+        }
+        for o in decode_rows(raw, decode_target)? {
+            views.target.insert(o);
         }
         Ok(views)
     }
