@@ -55,14 +55,26 @@ impl Projection for UserGroupProjection {
                 e.object_type
             ));
         }
-        if let Some(dep) = e.attributes.first_str("department") {
-            if self.excluded_departments.iter().any(|x| x == dep) {
-                return Projected::OutOfScope(format!("department is {dep}"));
-            }
-        }
+        // One pass over the (sorted) attributes finds the special ones and builds the flows;
+        // a user left out of scope drops them.
         let mut d = Desired::new("User");
         d.flows.reserve(e.attributes.len() + 2);
+        let (mut cn, mut password, mut mail, mut employee_id) = (None, None, None, None);
         for (name, values) in e.attributes.iter() {
+            match special(name) {
+                Some(Special::Cn) => cn = Some(values),
+                Some(Special::Mail) => mail = values.first(),
+                Some(Special::Department) => {
+                    if let Some(dep) = values.first().and_then(Value::as_str) {
+                        if self.excluded_departments.iter().any(|x| x == dep) {
+                            return Projected::OutOfScope(format!("department is {dep}"));
+                        }
+                    }
+                }
+                Some(Special::EmployeeId) => employee_id = values.first(),
+                Some(Special::InitialPassword) => password = Some(values),
+                None => {}
+            }
             if self.skip.contains(name) {
                 continue;
             }
@@ -70,19 +82,20 @@ impl Projection for UserGroupProjection {
             f.multi = values.len() > 1 || name.is("proxyAddresses");
             d.flows.push(f);
         }
-        if let Some(cn) = e.get("cn") {
+        if let Some(cn) = cn {
             d.flows.push(Flow::new("displayName", cn.clone()));
         }
         d.flows.push(Flow::new("accountEnabled", Values::one(true)));
-        if let Some(p) = e.get("initialPassword") {
+        if let Some(p) = password {
             d.flows
                 .push(Flow::new("password", p.clone()).on_create().redacted());
         }
-        if let Some(mail) = e.attributes.first("mail") {
-            d = d.join_on(JoinGroup::on("mail", mail.clone()));
+        d.join.reserve(2);
+        if let Some(mail) = mail {
+            d.join.push(JoinGroup::on("mail", mail.clone()));
         }
-        if let Some(id) = e.attributes.first("employeeId") {
-            d = d.join_on(JoinGroup::on("employeeId", id.clone()));
+        if let Some(id) = employee_id {
+            d.join.push(JoinGroup::on("employeeId", id.clone()));
         }
         Projected::InScope(Box::new(d))
     }
@@ -94,6 +107,33 @@ impl Projection for UserGroupProjection {
             Deprovision::Delete
         }
     }
+}
+
+/// The source attributes [`UserGroupProjection`] treats specially.
+#[derive(Clone, Copy)]
+enum Special {
+    Cn,
+    Mail,
+    Department,
+    EmployeeId,
+    InitialPassword,
+}
+
+/// Which special attribute `name` is (ignoring case). ASCII names are told apart by length
+/// first; others (which may fold to ASCII) are compared with each.
+fn special(name: &AttrName) -> Option<Special> {
+    const ALL: [(&str, Special); 5] = [
+        ("cn", Special::Cn),
+        ("mail", Special::Mail),
+        ("department", Special::Department),
+        ("employeeId", Special::EmployeeId),
+        ("initialPassword", Special::InitialPassword),
+    ];
+    let n = name.as_str();
+    let ascii = n.is_ascii();
+    ALL.iter()
+        .find(|(s, _)| (!ascii || s.len() == n.len()) && name.is(s))
+        .map(|(_, k)| *k)
 }
 
 /// A small deterministic pseudo-random sequence (SplitMix64) for generated fixtures.

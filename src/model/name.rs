@@ -27,16 +27,104 @@ fn folded(s: &str) -> impl Iterator<Item = char> + '_ {
 }
 
 fn ci_eq(a: &str, b: &str) -> bool {
-    if a.len() == b.len() && a.eq_ignore_ascii_case(b) {
-        return true;
-    }
-    if a.is_ascii() && b.is_ascii() {
+    if a.len() == b.len() {
+        match ascii_eq_words(a.as_bytes(), b.as_bytes()) {
+            Some(true) => return true,
+            Some(false) => {
+                // Different ASCII names of one length: only non-ASCII text folds across lengths
+                // or to ASCII, and there is none.
+                if a.is_ascii() && b.is_ascii() {
+                    return false;
+                }
+            }
+            None => {}
+        }
+    } else if a.is_ascii() && b.is_ascii() {
         return false;
     }
     folded(a).eq(folded(b))
 }
 
+const HIGH: u64 = 0x8080_8080_8080_8080;
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// The 8 bytes at `i` of `s` as a little-endian word, or fewer bytes padded with zeros.
+#[inline(always)]
+fn word(s: &[u8], i: usize) -> u64 {
+    match s.get(i..i + 8) {
+        Some(chunk) => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            u64::from_le_bytes(b)
+        }
+        None => {
+            let mut b = [0u8; 8];
+            let rest = s.get(i..).unwrap_or_default();
+            b[..rest.len()].copy_from_slice(rest);
+            u64::from_le_bytes(b)
+        }
+    }
+}
+
+/// ASCII lower-casing of the 8 bytes of `x`, all of which are ASCII.
+#[inline(always)]
+fn lower_word(x: u64) -> u64 {
+    // Per byte b < 0x80: b + (0x80 - 'A') has its high bit set iff b >= 'A', and
+    // b + (0x7f - 'Z') iff b > 'Z'; neither sum carries into the next byte.
+    let ge_a = x.wrapping_add(ONES * (0x80 - b'A' as u64));
+    let gt_z = x.wrapping_add(ONES * (0x7f - b'Z' as u64));
+    let upper = ge_a & !gt_z & HIGH;
+    x | (upper >> 2)
+}
+
+/// Whether two byte strings of one length are equal ignoring ASCII case, a word at a time;
+/// `None` when a differing word holds a non-ASCII byte (the caller folds the whole strings).
+#[inline]
+fn ascii_eq_words(x: &[u8], y: &[u8]) -> Option<bool> {
+    let mut i = 0;
+    while i < x.len() {
+        let (p, q) = (word(x, i), word(y, i));
+        if p != q {
+            if (p | q) & HIGH != 0 {
+                return None;
+            }
+            if lower_word(p) != lower_word(q) {
+                return Some(false);
+            }
+        }
+        i += 8;
+    }
+    Some(true)
+}
+
 fn ci_cmp(a: &str, b: &str) -> Ordering {
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    let common = x.len().min(y.len());
+    let mut i = 0;
+    while i < common {
+        // Compare the next (up to) 8 bytes of both; the same number of bytes is taken from
+        // each, so zero padding cannot decide the order.
+        let n = (common - i).min(8);
+        let (p, q) = (word(&x[..i + n], i), word(&y[..i + n], i));
+        if p != q {
+            if (p | q) & HIGH != 0 {
+                return ci_cmp_bytes(a, b);
+            }
+            let (lp, lq) = (lower_word(p), lower_word(q));
+            if lp != lq {
+                // Little-endian words: the first differing byte is the lowest one.
+                return lp.swap_bytes().cmp(&lq.swap_bytes());
+            }
+        }
+        i += n;
+    }
+    // One is a prefix of the other (ignoring ASCII case); any remainder folds to a non-empty
+    // remainder, so the longer is greater.
+    x.len().cmp(&y.len())
+}
+
+/// [`ci_cmp`] a byte at a time, folding non-ASCII characters.
+fn ci_cmp_bytes(a: &str, b: &str) -> Ordering {
     let (x, y) = (a.as_bytes(), b.as_bytes());
     for (p, q) in x.iter().zip(y) {
         if p == q {
@@ -220,6 +308,19 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn word_compare_agrees_with_byte_compare(a in "[a-zA-Z0-9_@\\[\\]`{~^ -]{0,20}", b in "[a-zA-Z0-9_@\\[\\]`{~^ -]{0,20}", c in "\\PC{0,12}") {
+            proptest::prop_assert_eq!(ci_cmp(&a, &b), ci_cmp_bytes(&a, &b));
+            proptest::prop_assert_eq!(ci_cmp(&a, &c), ci_cmp_bytes(&a, &c));
+            let ab = format!("{a}{b}");
+            let ac = format!("{a}{c}");
+            proptest::prop_assert_eq!(ci_cmp(&ab, &ac), ci_cmp_bytes(&ab, &ac));
+            proptest::prop_assert_eq!(ci_cmp(&ab, &ab.to_uppercase()), ci_cmp_bytes(&ab, &ab.to_uppercase()));
+            proptest::prop_assert_eq!(ci_eq(&ab, &ab.to_lowercase()), folded(&ab).eq(folded(&ab.to_lowercase())));
+            proptest::prop_assert_eq!(ci_eq(&ab, &ac), folded(&ab).eq(folded(&ac)));
+            proptest::prop_assert_eq!(ci_eq(&a, &b), folded(&a).eq(folded(&b)));
+        }
+
         #[test]
         fn eq_implies_same_hash_and_equal_order(a in "\\PC{0,8}", flip in proptest::bool::ANY) {
             let b: String = if flip { a.to_uppercase() } else { a.to_lowercase() };
