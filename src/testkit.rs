@@ -4,6 +4,8 @@
 use crate::delta::{
     Deprovision, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,
 };
+use smol_str::SmolStr;
+
 use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Reference, TargetId, Value, Values};
 
 /// A projection of source `user` and `group` entries onto target `User` and `Group` objects.
@@ -57,11 +59,15 @@ impl Projection for UserGroupProjection {
         }
         // One pass over the (sorted) attributes finds the special ones and builds the flows;
         // a user left out of scope drops them.
-        let mut d = Desired::new("User");
+        let mut d = Desired::new(ObjectType::new(SmolStr::new_static("User")));
         d.flows.reserve(e.attributes.len() + 2);
         let (mut cn, mut password, mut mail, mut employee_id) = (None, None, None, None);
+        // Names of different lengths differ when both are ASCII: most comparisons stop there.
+        let skip_ascii = self.skip.iter().all(|s| s.as_str().is_ascii());
         for (name, values) in e.attributes.iter() {
-            match special(name) {
+            let ascii = name.as_str().is_ascii();
+            let may_be = |other: &str| !ascii || other.len() == name.as_str().len();
+            match special(name, ascii) {
                 Some(Special::Cn) => cn = Some(values),
                 Some(Special::Mail) => mail = values.first(),
                 Some(Special::Department) => {
@@ -75,27 +81,35 @@ impl Projection for UserGroupProjection {
                 Some(Special::InitialPassword) => password = Some(values),
                 None => {}
             }
-            if self.skip.contains(name) {
+            if self
+                .skip
+                .iter()
+                .any(|s| (!skip_ascii || may_be(s.as_str())) && s == name)
+            {
                 continue;
             }
             let mut f = Flow::new(name.clone(), values.clone());
-            f.multi = values.len() > 1 || name.is("proxyAddresses");
+            f.multi = values.len() > 1 || (may_be("proxyAddresses") && name.is("proxyAddresses"));
             d.flows.push(f);
         }
         if let Some(cn) = cn {
-            d.flows.push(Flow::new("displayName", cn.clone()));
+            d.flows.push(Flow::new(name("displayName"), cn.clone()));
         }
-        d.flows.push(Flow::new("accountEnabled", Values::one(true)));
+        d.flows
+            .push(Flow::new(name("accountEnabled"), Values::one(true)));
         if let Some(p) = password {
-            d.flows
-                .push(Flow::new("password", p.clone()).on_create().redacted());
+            d.flows.push(
+                Flow::new(name("password"), p.clone())
+                    .on_create()
+                    .redacted(),
+            );
         }
         d.join.reserve(2);
         if let Some(mail) = mail {
-            d.join.push(JoinGroup::on("mail", mail.clone()));
+            d.join.push(JoinGroup::on(name("mail"), mail.clone()));
         }
         if let Some(id) = employee_id {
-            d.join.push(JoinGroup::on("employeeId", id.clone()));
+            d.join.push(JoinGroup::on(name("employeeId"), id.clone()));
         }
         Projected::InScope(Box::new(d))
     }
@@ -109,6 +123,11 @@ impl Projection for UserGroupProjection {
     }
 }
 
+/// An attribute name spelled by a constant (no copy).
+fn name(s: &'static str) -> AttrName {
+    AttrName::new(SmolStr::new_static(s))
+}
+
 /// The source attributes [`UserGroupProjection`] treats specially.
 #[derive(Clone, Copy)]
 enum Special {
@@ -119,9 +138,9 @@ enum Special {
     InitialPassword,
 }
 
-/// Which special attribute `name` is (ignoring case). ASCII names are told apart by length
-/// first; others (which may fold to ASCII) are compared with each.
-fn special(name: &AttrName) -> Option<Special> {
+/// Which special attribute `name` is (ignoring case). ASCII names (`ascii`) are told apart by
+/// length first; others (which may fold to ASCII) are compared with each.
+fn special(name: &AttrName, ascii: bool) -> Option<Special> {
     const ALL: [(&str, Special); 5] = [
         ("cn", Special::Cn),
         ("mail", Special::Mail),
@@ -130,7 +149,6 @@ fn special(name: &AttrName) -> Option<Special> {
         ("initialPassword", Special::InitialPassword),
     ];
     let n = name.as_str();
-    let ascii = n.is_ascii();
     ALL.iter()
         .find(|(s, _)| (!ascii || s.len() == n.len()) && name.is(s))
         .map(|(_, k)| *k)

@@ -309,12 +309,15 @@ fn decide(
                         // The common case: nothing changed. Decide it without allocating.
                         let mut hint = 0;
                         if desired.flows.iter().all(|f| {
-                            f.apply == Apply::OnCreate
-                                || flow_matches(
-                                    f,
-                                    current.attributes.get_hinted(&f.attribute, &mut hint),
-                                    input,
-                                )
+                            if f.apply == Apply::OnCreate {
+                                return true;
+                            }
+                            let have = current.attributes.get_hinted(&f.attribute, &mut hint);
+                            match (&f.values[..], have.map(|h| &h[..])) {
+                                // The commonest flow: one plain value, as the target has it.
+                                ([w], Some([h])) if !w.is_reference() && w == h => true,
+                                _ => flow_matches(f, have, input),
+                            }
                         }) {
                             return Decision::Nothing { in_scope: true };
                         }

@@ -26,18 +26,18 @@ fn folded(s: &str) -> impl Iterator<Item = char> + '_ {
     s.chars().map(fold)
 }
 
+#[inline]
 fn ci_eq(a: &str, b: &str) -> bool {
     if a.len() == b.len() {
+        if a.as_bytes() == b.as_bytes() {
+            return true;
+        }
         match ascii_eq_words(a.as_bytes(), b.as_bytes()) {
             Some(true) => return true,
-            Some(false) => {
-                // Different ASCII names of one length: only non-ASCII text folds across lengths
-                // or to ASCII, and there is none.
-                if a.is_ascii() && b.is_ascii() {
-                    return false;
-                }
-            }
-            None => {}
+            // Different ASCII names of one length: only non-ASCII text folds across lengths
+            // or to ASCII, and there is none.
+            Some(false) if a.is_ascii() && b.is_ascii() => return false,
+            _ => {}
         }
     } else if a.is_ascii() && b.is_ascii() {
         return false;
@@ -48,22 +48,12 @@ fn ci_eq(a: &str, b: &str) -> bool {
 const HIGH: u64 = 0x8080_8080_8080_8080;
 const ONES: u64 = 0x0101_0101_0101_0101;
 
-/// The 8 bytes at `i` of `s` as a little-endian word, or fewer bytes padded with zeros.
+/// The 8 bytes at `i` of `s` as a little-endian word (`i + 8 <= s.len()`; zero otherwise).
 #[inline(always)]
 fn word(s: &[u8], i: usize) -> u64 {
-    match s.get(i..i + 8) {
-        Some(chunk) => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            u64::from_le_bytes(b)
-        }
-        None => {
-            let mut b = [0u8; 8];
-            let rest = s.get(i..).unwrap_or_default();
-            b[..rest.len()].copy_from_slice(rest);
-            u64::from_le_bytes(b)
-        }
-    }
+    s.get(i..i + 8)
+        .and_then(|c| <[u8; 8]>::try_from(c).ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 /// ASCII lower-casing of the 8 bytes of `x`, all of which are ASCII.
@@ -77,50 +67,69 @@ fn lower_word(x: u64) -> u64 {
     x | (upper >> 2)
 }
 
-/// Whether two byte strings of one length are equal ignoring ASCII case, a word at a time;
-/// `None` when a differing word holds a non-ASCII byte (the caller folds the whole strings).
+/// How two byte strings compare ignoring ASCII case over their first `n` bytes (`n` at most
+/// both lengths), a word at a time; `None` when a differing word holds a non-ASCII byte (the
+/// caller then folds the whole strings).
 #[inline]
-fn ascii_eq_words(x: &[u8], y: &[u8]) -> Option<bool> {
-    let mut i = 0;
-    while i < x.len() {
+fn ascii_cmp_prefix(x: &[u8], y: &[u8], n: usize) -> Option<Ordering> {
+    let cmp_word = |i: usize| -> Option<Ordering> {
         let (p, q) = (word(x, i), word(y, i));
-        if p != q {
-            if (p | q) & HIGH != 0 {
+        if p == q {
+            return Some(Ordering::Equal);
+        }
+        if (p | q) & HIGH != 0 {
+            return None;
+        }
+        // Little-endian words: the first differing byte is the lowest one.
+        Some(lower_word(p).swap_bytes().cmp(&lower_word(q).swap_bytes()))
+    };
+    if n < 8 {
+        for (p, q) in x[..n].iter().zip(&y[..n]) {
+            if p == q {
+                continue;
+            }
+            if !p.is_ascii() || !q.is_ascii() {
                 return None;
             }
-            if lower_word(p) != lower_word(q) {
-                return Some(false);
+            match p.to_ascii_lowercase().cmp(&q.to_ascii_lowercase()) {
+                Ordering::Equal => {}
+                other => return Some(other),
             }
+        }
+        return Some(Ordering::Equal);
+    }
+    let mut i = 0;
+    while i + 8 <= n {
+        match cmp_word(i)? {
+            Ordering::Equal => {}
+            other => return Some(other),
         }
         i += 8;
     }
-    Some(true)
+    if i < n {
+        // The last 8 bytes, overlapping bytes already found equal: the first difference in
+        // this window is the first difference of the strings.
+        return cmp_word(n - 8);
+    }
+    Some(Ordering::Equal)
+}
+
+/// Whether two byte strings of one length are equal ignoring ASCII case; `None` when a
+/// differing word holds a non-ASCII byte.
+#[inline]
+fn ascii_eq_words(x: &[u8], y: &[u8]) -> Option<bool> {
+    ascii_cmp_prefix(x, y, x.len().min(y.len())).map(|o| o == Ordering::Equal)
 }
 
 fn ci_cmp(a: &str, b: &str) -> Ordering {
     let (x, y) = (a.as_bytes(), b.as_bytes());
-    let common = x.len().min(y.len());
-    let mut i = 0;
-    while i < common {
-        // Compare the next (up to) 8 bytes of both; the same number of bytes is taken from
-        // each, so zero padding cannot decide the order.
-        let n = (common - i).min(8);
-        let (p, q) = (word(&x[..i + n], i), word(&y[..i + n], i));
-        if p != q {
-            if (p | q) & HIGH != 0 {
-                return ci_cmp_bytes(a, b);
-            }
-            let (lp, lq) = (lower_word(p), lower_word(q));
-            if lp != lq {
-                // Little-endian words: the first differing byte is the lowest one.
-                return lp.swap_bytes().cmp(&lq.swap_bytes());
-            }
-        }
-        i += n;
+    match ascii_cmp_prefix(x, y, x.len().min(y.len())) {
+        None => ci_cmp_bytes(a, b),
+        // One is a prefix of the other (ignoring ASCII case); any remainder folds to a
+        // non-empty remainder, so the longer is greater.
+        Some(Ordering::Equal) => x.len().cmp(&y.len()),
+        Some(other) => other,
     }
-    // One is a prefix of the other (ignoring ASCII case); any remainder folds to a non-empty
-    // remainder, so the longer is greater.
-    x.len().cmp(&y.len())
 }
 
 /// [`ci_cmp`] a byte at a time, folding non-ASCII characters.
