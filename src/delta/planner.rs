@@ -889,3 +889,74 @@ fn finish(
     }
     (ops, issues)
 }
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::model::TargetId;
+    use crate::testkit::{self, UserGroupProjection};
+
+    /// A converged store of `n` generated objects, then edited: some users renamed, one
+    /// department left scope (deprovisions), one user deleted at the source.
+    fn store(n: usize) -> (UserGroupProjection, SourceMirror, Links, TargetMirror) {
+        let mut projection = UserGroupProjection {
+            excluded_departments: vec![],
+            ..Default::default()
+        };
+        let mut mirror = SourceMirror::new();
+        for e in testkit::directory(n - n / 100, 8, n / 100, 20, 7) {
+            mirror.insert(e);
+        }
+        let (mut links, mut target) = (Links::new(), TargetMirror::new());
+        let first = plan(&PlanInput::new(&projection, &mirror, &links, &target));
+        for (i, op) in first.operations.iter().enumerate() {
+            let Ok(Some(top)) = op.to_target_operation(&links) else {
+                continue;
+            };
+            let id = top
+                .id()
+                .cloned()
+                .unwrap_or_else(|| TargetId::new(format!("t{i}")));
+            target.record(&top, &id);
+            links.record(op, Some(&id));
+        }
+        let anchors: Vec<Anchor> = mirror.anchors().cloned().collect();
+        for a in anchors.iter().step_by(37) {
+            if let Some(mut e) = mirror.get(a).cloned() {
+                e.attributes.set("title", Value::string("Changed"));
+                mirror.insert(e);
+            }
+        }
+        if let Some(a) = anchors.first() {
+            mirror.remove(a);
+        }
+        projection.excluded_departments = vec!["Legal".into()];
+        (projection, mirror, links, target)
+    }
+
+    #[test]
+    fn parallel_and_sequential_phase_a_agree() {
+        let (projection, mirror, links, target) = store(5000);
+        let input = PlanInput::new(&projection, &mirror, &links, &target);
+        let ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
+        let entries: Vec<&Entry> = mirror.entries().collect();
+        let f = |e: &&Entry| decide(&input, &ctx, &e.anchor, Some(e));
+        let (par, seq) = (par_tally(&entries, f), seq_tally(&entries, f));
+        assert_eq!(par.stats, seq.stats);
+        assert_eq!(par.ops, seq.ops);
+        assert_eq!(par.issues, seq.issues);
+        let key = |t: &Tally| -> Vec<(Anchor, Desired)> {
+            t.pending
+                .iter()
+                .map(|p| (p.anchor.clone(), p.desired.clone()))
+                .collect()
+        };
+        assert_eq!(key(&par), key(&seq));
+        // The edits show up: updates, deprovisions, a deleted source object.
+        assert!(seq.pending.len() > 100, "{}", seq.pending.len());
+        assert!(seq.ops.len() > 100, "{}", seq.ops.len());
+        let p = plan(&input);
+        assert_eq!(p.stats.considered, mirror.len() + 1);
+        assert!(p.count("disable") > 100);
+    }
+}
