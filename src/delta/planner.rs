@@ -112,10 +112,20 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut tally = match &input.scope {
         PlanScope::All => {
             let entries: Vec<&Entry> = input.mirror.entries().collect();
-            let mut t = par_tally(&entries, |e| decide(input, &ctx, &e.anchor, Some(e)));
-            for l in input.links.iter() {
-                if input.mirror.get(&l.anchor).is_none() {
-                    t.add(decide(input, &ctx, &l.anchor, None));
+            let mut t = par_tally(&entries, |e| {
+                let link = input.links.get(&e.anchor);
+                (
+                    decide(input, &ctx, &e.anchor, Some(e), link),
+                    link.is_some(),
+                )
+            });
+            // Links whose source object is gone: only looked for when not every link was
+            // met above (the common full sync of an unchanged source skips the scan).
+            if t.linked != input.links.len() {
+                for l in input.links.iter() {
+                    if input.mirror.get(&l.anchor).is_none() {
+                        t.add((decide(input, &ctx, &l.anchor, None, Some(l)), true));
+                    }
                 }
             }
             t
@@ -128,7 +138,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 }
             }
             let set: Vec<&Anchor> = set.into_iter().collect();
-            par_tally(&set, |a| decide(input, &ctx, a, input.mirror.get(a)))
+            par_tally(&set, |a| {
+                let link = input.links.get(a);
+                (
+                    decide(input, &ctx, a, input.mirror.get(a), link),
+                    link.is_some(),
+                )
+            })
         }
     };
 
@@ -202,14 +218,17 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 #[derive(Default)]
 struct Tally {
     stats: PlanStats,
+    /// How many of the decided anchors have a link.
+    linked: usize,
     ops: Vec<Operation>,
     issues: Vec<Issue>,
     pending: Vec<Pending>,
 }
 
 impl Tally {
-    fn add(&mut self, d: Decision) {
+    fn add(&mut self, (d, linked): (Decision, bool)) {
         self.stats.considered += 1;
+        self.linked += usize::from(linked);
         match d {
             Decision::Nothing { in_scope } => {
                 if in_scope {
@@ -230,6 +249,7 @@ impl Tally {
         self.stats.considered += other.stats.considered;
         self.stats.in_scope += other.stats.in_scope;
         self.stats.unchanged += other.stats.unchanged;
+        self.linked += other.linked;
         self.ops.append(&mut other.ops);
         self.issues.append(&mut other.issues);
         self.pending.append(&mut other.pending);
@@ -240,7 +260,7 @@ impl Tally {
 /// Decides every item and tallies the decisions (in parallel where enabled; the tally does not
 /// depend on the order, because phases B and C sort what they keep).
 #[cfg(feature = "parallel")]
-fn par_tally<T: Sync>(items: &[T], f: impl Fn(&T) -> Decision + Sync + Send) -> Tally {
+fn par_tally<T: Sync>(items: &[T], f: impl Fn(&T) -> (Decision, bool) + Sync + Send) -> Tally {
     use rayon::prelude::*;
     if items.len() < 2048 {
         return seq_tally(items, f);
@@ -256,11 +276,11 @@ fn par_tally<T: Sync>(items: &[T], f: impl Fn(&T) -> Decision + Sync + Send) -> 
 }
 
 #[cfg(not(feature = "parallel"))]
-fn par_tally<T: Sync>(items: &[T], f: impl Fn(&T) -> Decision + Sync + Send) -> Tally {
+fn par_tally<T: Sync>(items: &[T], f: impl Fn(&T) -> (Decision, bool) + Sync + Send) -> Tally {
     seq_tally(items, f)
 }
 
-fn seq_tally<T>(items: &[T], f: impl Fn(&T) -> Decision) -> Tally {
+fn seq_tally<T>(items: &[T], f: impl Fn(&T) -> (Decision, bool)) -> Tally {
     let mut t = Tally::default();
     for x in items {
         t.add(f(x));
@@ -273,8 +293,8 @@ fn decide(
     ctx: &ProjectionContext<'_>,
     anchor: &Anchor,
     entry: Option<&Entry>,
+    link: Option<&Link>,
 ) -> Decision {
-    let link = input.links.get(anchor);
     let Some(entry) = entry else {
         return match link {
             Some(link) => deprovision(input, link, None, Reason::DeletedAtSource),
@@ -940,9 +960,21 @@ mod tests {
         let input = PlanInput::new(&projection, &mirror, &links, &target);
         let ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
         let entries: Vec<&Entry> = mirror.entries().collect();
-        let f = |e: &&Entry| decide(&input, &ctx, &e.anchor, Some(e));
+        let f = |e: &&Entry| {
+            let link = links.get(&e.anchor);
+            (
+                decide(&input, &ctx, &e.anchor, Some(e), link),
+                link.is_some(),
+            )
+        };
         let (par, seq) = (par_tally(&entries, f), seq_tally(&entries, f));
         assert_eq!(par.stats, seq.stats);
+        assert_eq!(par.linked, seq.linked);
+        assert_eq!(
+            par.linked,
+            links.len() - 1,
+            "the deleted object's link is not met"
+        );
         assert_eq!(par.ops, seq.ops);
         assert_eq!(par.issues, seq.issues);
         let key = |t: &Tally| -> Vec<(Anchor, Desired)> {
