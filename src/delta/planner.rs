@@ -245,6 +245,7 @@ impl Tally {
         }
     }
 
+    #[cfg(feature = "parallel")]
     fn merge(mut self, mut other: Tally) -> Tally {
         self.stats.considered += other.stats.considered;
         self.stats.in_scope += other.stats.in_scope;
