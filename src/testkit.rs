@@ -4,6 +4,8 @@
 use crate::delta::{
     Deprovision, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,
 };
+use smol_str::SmolStr;
+
 use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Reference, TargetId, Value, Values};
 
 /// A projection of source `user` and `group` entries onto target `User` and `Group` objects.
@@ -55,34 +57,59 @@ impl Projection for UserGroupProjection {
                 e.object_type
             ));
         }
-        if let Some(dep) = e.attributes.first_str("department") {
-            if self.excluded_departments.iter().any(|x| x == dep) {
-                return Projected::OutOfScope(format!("department is {dep}"));
-            }
-        }
-        let mut d = Desired::new("User");
+        // One pass over the (sorted) attributes finds the special ones and builds the flows;
+        // a user left out of scope drops them.
+        let mut d = Desired::new(ObjectType::new(SmolStr::new_static("User")));
         d.flows.reserve(e.attributes.len() + 2);
+        let (mut cn, mut password, mut mail, mut employee_id) = (None, None, None, None);
+        // Names of different lengths differ when both are ASCII: most comparisons stop there.
+        let skip_ascii = self.skip.iter().all(|s| s.as_str().is_ascii());
         for (name, values) in e.attributes.iter() {
-            if self.skip.contains(name) {
+            let ascii = name.as_str().is_ascii();
+            let may_be = |other: &str| !ascii || other.len() == name.as_str().len();
+            match special(name, ascii) {
+                Some(Special::Cn) => cn = Some(values),
+                Some(Special::Mail) => mail = values.first(),
+                Some(Special::Department) => {
+                    if let Some(dep) = values.first().and_then(Value::as_str) {
+                        if self.excluded_departments.iter().any(|x| x == dep) {
+                            return Projected::OutOfScope(format!("department is {dep}"));
+                        }
+                    }
+                }
+                Some(Special::EmployeeId) => employee_id = values.first(),
+                Some(Special::InitialPassword) => password = Some(values),
+                None => {}
+            }
+            if self
+                .skip
+                .iter()
+                .any(|s| (!skip_ascii || may_be(s.as_str())) && s == name)
+            {
                 continue;
             }
             let mut f = Flow::new(name.clone(), values.clone());
-            f.multi = values.len() > 1 || name.is("proxyAddresses");
+            f.multi = values.len() > 1 || (may_be("proxyAddresses") && name.is("proxyAddresses"));
             d.flows.push(f);
         }
-        if let Some(cn) = e.get("cn") {
-            d.flows.push(Flow::new("displayName", cn.clone()));
+        if let Some(cn) = cn {
+            d.flows.push(Flow::new(name("displayName"), cn.clone()));
         }
-        d.flows.push(Flow::new("accountEnabled", Values::one(true)));
-        if let Some(p) = e.get("initialPassword") {
-            d.flows
-                .push(Flow::new("password", p.clone()).on_create().redacted());
+        d.flows
+            .push(Flow::new(name("accountEnabled"), Values::one(true)));
+        if let Some(p) = password {
+            d.flows.push(
+                Flow::new(name("password"), p.clone())
+                    .on_create()
+                    .redacted(),
+            );
         }
-        if let Some(mail) = e.attributes.first("mail") {
-            d = d.join_on(JoinGroup::on("mail", mail.clone()));
+        d.join.reserve(2);
+        if let Some(mail) = mail {
+            d.join.push(JoinGroup::on(name("mail"), mail.clone()));
         }
-        if let Some(id) = e.attributes.first("employeeId") {
-            d = d.join_on(JoinGroup::on("employeeId", id.clone()));
+        if let Some(id) = employee_id {
+            d.join.push(JoinGroup::on(name("employeeId"), id.clone()));
         }
         Projected::InScope(Box::new(d))
     }
@@ -94,6 +121,37 @@ impl Projection for UserGroupProjection {
             Deprovision::Delete
         }
     }
+}
+
+/// An attribute name spelled by a constant (no copy).
+fn name(s: &'static str) -> AttrName {
+    AttrName::new(SmolStr::new_static(s))
+}
+
+/// The source attributes [`UserGroupProjection`] treats specially.
+#[derive(Clone, Copy)]
+enum Special {
+    Cn,
+    Mail,
+    Department,
+    EmployeeId,
+    InitialPassword,
+}
+
+/// Which special attribute `name` is (ignoring case). ASCII names (`ascii`) are told apart by
+/// length first; others (which may fold to ASCII) are compared with each.
+fn special(name: &AttrName, ascii: bool) -> Option<Special> {
+    const ALL: [(&str, Special); 5] = [
+        ("cn", Special::Cn),
+        ("mail", Special::Mail),
+        ("department", Special::Department),
+        ("employeeId", Special::EmployeeId),
+        ("initialPassword", Special::InitialPassword),
+    ];
+    let n = name.as_str();
+    ALL.iter()
+        .find(|(s, _)| (!ascii || s.len() == n.len()) && name.is(s))
+        .map(|(_, k)| *k)
 }
 
 /// A small deterministic pseudo-random sequence (SplitMix64) for generated fixtures.

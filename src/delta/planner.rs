@@ -106,22 +106,29 @@ enum Action {
 /// Plans. See the module documentation.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
     let ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
-    let decide = |anchor: &Anchor| decide(input, &ctx, anchor);
 
-    // Phase A: every considered anchor, in parallel where enabled.
-    let decisions: Vec<Decision> = match &input.scope {
+    // Phase A: every considered anchor, in parallel where enabled. The common "nothing to do"
+    // decisions are only counted; the others are kept for phases B and C.
+    let mut tally = match &input.scope {
         PlanScope::All => {
-            let mut d: Vec<Decision> =
-                par_filter_map(input.mirror.entries().collect::<Vec<&Entry>>(), |e| {
-                    Some(decide(&e.anchor))
-                });
-            let gone: Vec<&Link> = input
-                .links
-                .iter()
-                .filter(|l| input.mirror.get(&l.anchor).is_none())
-                .collect();
-            d.extend(gone.into_iter().map(|l| decide(&l.anchor)));
-            d
+            let entries: Vec<&Entry> = input.mirror.entries().collect();
+            let mut t = par_tally(&entries, |e| {
+                let link = input.links.get(&e.anchor);
+                (
+                    decide(input, &ctx, &e.anchor, Some(e), link),
+                    link.is_some(),
+                )
+            });
+            // Links whose source object is gone: only looked for when not every link was
+            // met above (the common full sync of an unchanged source skips the scan).
+            if t.linked != input.links.len() {
+                for l in input.links.iter() {
+                    if input.mirror.get(&l.anchor).is_none() {
+                        t.add((decide(input, &ctx, &l.anchor, None, Some(l)), true));
+                    }
+                }
+            }
+            t
         }
         PlanScope::Anchors(anchors) => {
             let mut set: BTreeSet<&Anchor> = anchors.iter().collect();
@@ -130,31 +137,21 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                     set.insert(referrer);
                 }
             }
-            par_filter_map(set.into_iter().collect(), |a| Some(decide(a)))
+            let set: Vec<&Anchor> = set.into_iter().collect();
+            par_tally(&set, |a| {
+                let link = input.links.get(a);
+                (
+                    decide(input, &ctx, a, input.mirror.get(a), link),
+                    link.is_some(),
+                )
+            })
         }
     };
 
-    let mut stats = PlanStats::default();
-    let mut ops: Vec<Operation> = Vec::new();
-    let mut issues: Vec<Issue> = Vec::new();
-    let mut pending: Vec<Pending> = Vec::new();
-    for d in decisions {
-        stats.considered += 1;
-        match d {
-            Decision::Nothing { in_scope } => {
-                if in_scope {
-                    stats.in_scope += 1;
-                    stats.unchanged += 1;
-                }
-            }
-            Decision::Op(op) => ops.push(*op),
-            Decision::Issue(i) => issues.push(*i),
-            Decision::Object(p) => {
-                stats.in_scope += 1;
-                pending.push(*p)
-            }
-        }
-    }
+    let mut stats = tally.stats;
+    let mut ops: Vec<Operation> = std::mem::take(&mut tally.ops);
+    let mut issues: Vec<Issue> = std::mem::take(&mut tally.issues);
+    let mut pending: Vec<Pending> = std::mem::take(&mut tally.pending);
     pending.sort_by(|a, b| a.anchor.cmp(&b.anchor));
 
     // Phase B: two objects joining one target object join neither; unique values claimed once.
@@ -217,29 +214,89 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     plan
 }
 
+/// What phase A found: the statistics so far and the decisions that are not "nothing to do".
+#[derive(Default)]
+struct Tally {
+    stats: PlanStats,
+    /// How many of the decided anchors have a link.
+    linked: usize,
+    ops: Vec<Operation>,
+    issues: Vec<Issue>,
+    pending: Vec<Pending>,
+}
+
+impl Tally {
+    fn add(&mut self, (d, linked): (Decision, bool)) {
+        self.stats.considered += 1;
+        self.linked += usize::from(linked);
+        match d {
+            Decision::Nothing { in_scope } => {
+                if in_scope {
+                    self.stats.in_scope += 1;
+                    self.stats.unchanged += 1;
+                }
+            }
+            Decision::Op(op) => self.ops.push(*op),
+            Decision::Issue(i) => self.issues.push(*i),
+            Decision::Object(p) => {
+                self.stats.in_scope += 1;
+                self.pending.push(*p)
+            }
+        }
+    }
+
+    #[cfg(feature = "parallel")]
+    fn merge(mut self, mut other: Tally) -> Tally {
+        self.stats.considered += other.stats.considered;
+        self.stats.in_scope += other.stats.in_scope;
+        self.stats.unchanged += other.stats.unchanged;
+        self.linked += other.linked;
+        self.ops.append(&mut other.ops);
+        self.issues.append(&mut other.issues);
+        self.pending.append(&mut other.pending);
+        self
+    }
+}
+
+/// Decides every item and tallies the decisions (in parallel where enabled; the tally does not
+/// depend on the order, because phases B and C sort what they keep).
 #[cfg(feature = "parallel")]
-fn par_filter_map<T: Send, R: Send>(
-    items: Vec<T>,
-    f: impl Fn(T) -> Option<R> + Sync + Send,
-) -> Vec<R> {
+fn par_tally<T: Sync>(items: &[T], f: impl Fn(&T) -> (Decision, bool) + Sync + Send) -> Tally {
     use rayon::prelude::*;
     if items.len() < 2048 {
-        return items.into_iter().filter_map(f).collect();
+        return seq_tally(items, f);
     }
-    items.into_par_iter().filter_map(f).collect()
+    items
+        .par_iter()
+        .with_min_len(512)
+        .fold(Tally::default, |mut t, x| {
+            t.add(f(x));
+            t
+        })
+        .reduce(Tally::default, Tally::merge)
 }
 
 #[cfg(not(feature = "parallel"))]
-fn par_filter_map<T: Send, R: Send>(
-    items: Vec<T>,
-    f: impl Fn(T) -> Option<R> + Sync + Send,
-) -> Vec<R> {
-    items.into_iter().filter_map(f).collect()
+fn par_tally<T: Sync>(items: &[T], f: impl Fn(&T) -> (Decision, bool) + Sync + Send) -> Tally {
+    seq_tally(items, f)
 }
 
-fn decide(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, anchor: &Anchor) -> Decision {
-    let link = input.links.get(anchor);
-    let Some(entry) = input.mirror.get(anchor) else {
+fn seq_tally<T>(items: &[T], f: impl Fn(&T) -> (Decision, bool)) -> Tally {
+    let mut t = Tally::default();
+    for x in items {
+        t.add(f(x));
+    }
+    t
+}
+
+fn decide(
+    input: &PlanInput<'_>,
+    ctx: &ProjectionContext<'_>,
+    anchor: &Anchor,
+    entry: Option<&Entry>,
+    link: Option<&Link>,
+) -> Decision {
+    let Some(entry) = entry else {
         return match link {
             Some(link) => deprovision(input, link, None, Reason::DeletedAtSource),
             None => Decision::Nothing { in_scope: false },
@@ -273,12 +330,15 @@ fn decide(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, anchor: &Anchor) -
                         // The common case: nothing changed. Decide it without allocating.
                         let mut hint = 0;
                         if desired.flows.iter().all(|f| {
-                            f.apply == Apply::OnCreate
-                                || flow_matches(
-                                    f,
-                                    current.attributes.get_hinted(&f.attribute, &mut hint),
-                                    input,
-                                )
+                            if f.apply == Apply::OnCreate {
+                                return true;
+                            }
+                            let have = current.attributes.get_hinted(&f.attribute, &mut hint);
+                            match (&f.values[..], have.map(|h| &h[..])) {
+                                // The commonest flow: one plain value, as the target has it.
+                                ([w], Some([h])) if !w.is_reference() && w == h => true,
+                                _ => flow_matches(f, have, input),
+                            }
                         }) {
                             return Decision::Nothing { in_scope: true };
                         }
@@ -419,7 +479,17 @@ fn has_references(flow: &Flow) -> bool {
 /// translating source references to target ids).
 fn flow_matches(flow: &Flow, have: Option<&Values>, input: &PlanInput<'_>) -> bool {
     if !has_references(flow) {
+        if flow.multi && have.is_some_and(|h| same_in_order(&flow.values, h)) {
+            // The common case: the target lists exactly these values, in this order.
+            return true;
+        }
         return diff_flow(flow, have, false).is_none();
+    }
+    if let Some(h) = have {
+        // Compare the translated values in place first: no allocation when they line up.
+        if same_in_order_translated(&flow.values, h, input) {
+            return true;
+        }
     }
     let mut translated = Values::new();
     for v in &flow.values {
@@ -431,11 +501,50 @@ fn flow_matches(flow: &Flow, have: Option<&Values>, input: &PlanInput<'_>) -> bo
             other => translated.push(other.clone()),
         }
     }
-    let f = Flow {
-        values: translated,
-        ..flow.clone()
-    };
-    diff_flow(&f, have, false).is_none()
+    diff_values(flow, &translated, have, false).is_none()
+}
+
+/// Whether `want` and `have` hold equal values at every position (then no flow of any kind
+/// has anything to change).
+fn same_in_order(want: &Values, have: &Values) -> bool {
+    want.len() == have.len() && want.iter().zip(have.iter()).all(|(w, h)| w == h)
+}
+
+/// A value as the target would hold it: a plain value, or a source reference's target id.
+enum TranslatedRef<'a> {
+    Value(&'a Value),
+    Target(&'a TargetId),
+}
+
+/// `v` translated through an existing link without cloning; `None` when a reference does not
+/// resolve to a linked object.
+fn translate_ref<'a>(input: &PlanInput<'a>, v: &'a Value) -> Option<TranslatedRef<'a>> {
+    match v {
+        Value::Reference(Reference::Target(id)) => Some(TranslatedRef::Target(id)),
+        Value::Reference(r) => {
+            let a = input.mirror.resolve_ref(r)?;
+            input
+                .links
+                .get(a)
+                .map(|l| TranslatedRef::Target(&l.target_id))
+        }
+        other => Some(TranslatedRef::Value(other)),
+    }
+}
+
+/// [`same_in_order`] for translated references.
+fn same_in_order_translated(want: &Values, have: &Values, input: &PlanInput<'_>) -> bool {
+    want.len() == have.len()
+        && want
+            .iter()
+            .zip(have.iter())
+            .all(|(w, h)| match (translate_ref(input, w), h) {
+                (Some(TranslatedRef::Value(w)), h) => w == h,
+                (Some(TranslatedRef::Target(id)), Value::Reference(Reference::Target(t))) => {
+                    id == t
+                }
+                _ => false,
+            })
 }
 
 /// The target id a source reference resolves to through an existing link.
@@ -455,12 +564,22 @@ fn diff_flow(
     current: Option<&Values>,
     creating: bool,
 ) -> Option<Vec<AttributeChange>> {
+    diff_values(flow, &flow.values, current, creating)
+}
+
+/// [`diff_flow`] for `flow` wanting `values` instead of its own.
+fn diff_values(
+    flow: &Flow,
+    values: &Values,
+    current: Option<&Values>,
+    creating: bool,
+) -> Option<Vec<AttributeChange>> {
     if flow.apply == Apply::OnCreate && !creating {
         return None;
     }
     let empty = Values::new();
     let current = current.unwrap_or(&empty);
-    if flow.values.is_empty() {
+    if values.is_empty() {
         return match flow.when_empty {
             WhenEmpty::Keep => None,
             WhenEmpty::Clear if current.is_empty() => None,
@@ -473,17 +592,17 @@ fn diff_flow(
         };
     }
     if !flow.multi {
-        if flow.values.same_set(current, flow.ignore_case) {
+        if values.same_set(current, flow.ignore_case) {
             return None;
         }
         return Some(vec![change(
             flow,
             crate::model::ChangeOp::Replace,
-            flow.values.clone(),
+            values.clone(),
             current,
         )]);
     }
-    let (add, remove) = set_difference(&flow.values, current, flow.ignore_case);
+    let (add, remove) = set_difference(values, current, flow.ignore_case);
     let mut out = Vec::new();
     if !add.is_empty() {
         out.push(change(flow, crate::model::ChangeOp::Add, add, &empty));
@@ -695,11 +814,7 @@ fn finish(
         for v in later {
             all.push(v);
         }
-        let f = Flow {
-            values: all,
-            ..flow.clone()
-        };
-        if let Some(mut c) = diff_flow(&f, have, false) {
+        if let Some(mut c) = diff_values(flow, &all, have, false) {
             refs.append(&mut c);
         }
     }
@@ -795,4 +910,87 @@ fn finish(
         }
     }
     (ops, issues)
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::model::TargetId;
+    use crate::testkit::{self, UserGroupProjection};
+
+    /// A converged store of `n` generated objects, then edited: some users renamed, one
+    /// department left scope (deprovisions), one user deleted at the source.
+    fn store(n: usize) -> (UserGroupProjection, SourceMirror, Links, TargetMirror) {
+        let mut projection = UserGroupProjection {
+            excluded_departments: vec![],
+            ..Default::default()
+        };
+        let mut mirror = SourceMirror::new();
+        for e in testkit::directory(n - n / 100, 8, n / 100, 20, 7) {
+            mirror.insert(e);
+        }
+        let (mut links, mut target) = (Links::new(), TargetMirror::new());
+        let first = plan(&PlanInput::new(&projection, &mirror, &links, &target));
+        for (i, op) in first.operations.iter().enumerate() {
+            let Ok(Some(top)) = op.to_target_operation(&links) else {
+                continue;
+            };
+            let id = top
+                .id()
+                .cloned()
+                .unwrap_or_else(|| TargetId::new(format!("t{i}")));
+            target.record(&top, &id);
+            links.record(op, Some(&id));
+        }
+        let anchors: Vec<Anchor> = mirror.anchors().cloned().collect();
+        for a in anchors.iter().step_by(37) {
+            if let Some(mut e) = mirror.get(a).cloned() {
+                e.attributes.set("title", Value::string("Changed"));
+                mirror.insert(e);
+            }
+        }
+        if let Some(a) = anchors.first() {
+            mirror.remove(a);
+        }
+        projection.excluded_departments = vec!["Legal".into()];
+        (projection, mirror, links, target)
+    }
+
+    #[test]
+    fn parallel_and_sequential_phase_a_agree() {
+        let (projection, mirror, links, target) = store(5000);
+        let input = PlanInput::new(&projection, &mirror, &links, &target);
+        let ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
+        let entries: Vec<&Entry> = mirror.entries().collect();
+        let f = |e: &&Entry| {
+            let link = links.get(&e.anchor);
+            (
+                decide(&input, &ctx, &e.anchor, Some(e), link),
+                link.is_some(),
+            )
+        };
+        let (par, seq) = (par_tally(&entries, f), seq_tally(&entries, f));
+        assert_eq!(par.stats, seq.stats);
+        assert_eq!(par.linked, seq.linked);
+        assert_eq!(
+            par.linked,
+            links.len() - 1,
+            "the deleted object's link is not met"
+        );
+        assert_eq!(par.ops, seq.ops);
+        assert_eq!(par.issues, seq.issues);
+        let key = |t: &Tally| -> Vec<(Anchor, Desired)> {
+            t.pending
+                .iter()
+                .map(|p| (p.anchor.clone(), p.desired.clone()))
+                .collect()
+        };
+        assert_eq!(key(&par), key(&seq));
+        // The edits show up: updates, deprovisions, a deleted source object.
+        assert!(seq.pending.len() > 100, "{}", seq.pending.len());
+        assert!(seq.ops.len() > 100, "{}", seq.ops.len());
+        let p = plan(&input);
+        assert_eq!(p.stats.considered, mirror.len() + 1);
+        assert!(p.count("disable") > 100);
+    }
 }

@@ -196,6 +196,15 @@ impl SourceMirror {
         out
     }
 
+    /// [`SourceMirror::resolve`] without cloning the anchor.
+    pub(crate) fn resolve_ref<'a>(&'a self, reference: &'a Reference) -> Option<&'a Anchor> {
+        match reference {
+            Reference::Anchor(a) => Some(a),
+            Reference::Dn(dn) => self.by_dn.get(dn),
+            Reference::Pending(_) | Reference::Target(_) => None,
+        }
+    }
+
     /// The anchor a reference value points at, if the referenced object is in the mirror.
     pub fn resolve(&self, reference: &Reference) -> Option<Anchor> {
         match reference {

@@ -26,17 +26,114 @@ fn folded(s: &str) -> impl Iterator<Item = char> + '_ {
     s.chars().map(fold)
 }
 
+#[inline]
 fn ci_eq(a: &str, b: &str) -> bool {
-    if a.len() == b.len() && a.eq_ignore_ascii_case(b) {
-        return true;
-    }
-    if a.is_ascii() && b.is_ascii() {
+    if a.len() == b.len() {
+        if a.as_bytes() == b.as_bytes() {
+            return true;
+        }
+        match ascii_eq_words(a.as_bytes(), b.as_bytes()) {
+            Some(true) => return true,
+            // Different ASCII names of one length: only non-ASCII text folds across lengths
+            // or to ASCII, and there is none.
+            Some(false) if a.is_ascii() && b.is_ascii() => return false,
+            _ => {}
+        }
+    } else if a.is_ascii() && b.is_ascii() {
         return false;
     }
     folded(a).eq(folded(b))
 }
 
+const HIGH: u64 = 0x8080_8080_8080_8080;
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// The 8 bytes at `i` of `s` as a little-endian word (`i + 8 <= s.len()`; zero otherwise).
+#[inline(always)]
+fn word(s: &[u8], i: usize) -> u64 {
+    s.get(i..i + 8)
+        .and_then(|c| <[u8; 8]>::try_from(c).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// ASCII lower-casing of the 8 bytes of `x`, all of which are ASCII.
+#[inline(always)]
+fn lower_word(x: u64) -> u64 {
+    // Per byte b < 0x80: b + (0x80 - 'A') has its high bit set iff b >= 'A', and
+    // b + (0x7f - 'Z') iff b > 'Z'; neither sum carries into the next byte.
+    let ge_a = x.wrapping_add(ONES * (0x80 - b'A' as u64));
+    let gt_z = x.wrapping_add(ONES * (0x7f - b'Z' as u64));
+    let upper = ge_a & !gt_z & HIGH;
+    x | (upper >> 2)
+}
+
+/// How two byte strings compare ignoring ASCII case over their first `n` bytes (`n` at most
+/// both lengths), a word at a time; `None` when a differing word holds a non-ASCII byte (the
+/// caller then folds the whole strings).
+#[inline]
+fn ascii_cmp_prefix(x: &[u8], y: &[u8], n: usize) -> Option<Ordering> {
+    let cmp_word = |i: usize| -> Option<Ordering> {
+        let (p, q) = (word(x, i), word(y, i));
+        if p == q {
+            return Some(Ordering::Equal);
+        }
+        if (p | q) & HIGH != 0 {
+            return None;
+        }
+        // Little-endian words: the first differing byte is the lowest one.
+        Some(lower_word(p).swap_bytes().cmp(&lower_word(q).swap_bytes()))
+    };
+    if n < 8 {
+        for (p, q) in x[..n].iter().zip(&y[..n]) {
+            if p == q {
+                continue;
+            }
+            if !p.is_ascii() || !q.is_ascii() {
+                return None;
+            }
+            match p.to_ascii_lowercase().cmp(&q.to_ascii_lowercase()) {
+                Ordering::Equal => {}
+                other => return Some(other),
+            }
+        }
+        return Some(Ordering::Equal);
+    }
+    let mut i = 0;
+    while i + 8 <= n {
+        match cmp_word(i)? {
+            Ordering::Equal => {}
+            other => return Some(other),
+        }
+        i += 8;
+    }
+    if i < n {
+        // The last 8 bytes, overlapping bytes already found equal: the first difference in
+        // this window is the first difference of the strings.
+        return cmp_word(n - 8);
+    }
+    Some(Ordering::Equal)
+}
+
+/// Whether two byte strings of one length are equal ignoring ASCII case; `None` when a
+/// differing word holds a non-ASCII byte.
+#[inline]
+fn ascii_eq_words(x: &[u8], y: &[u8]) -> Option<bool> {
+    ascii_cmp_prefix(x, y, x.len().min(y.len())).map(|o| o == Ordering::Equal)
+}
+
 fn ci_cmp(a: &str, b: &str) -> Ordering {
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    match ascii_cmp_prefix(x, y, x.len().min(y.len())) {
+        None => ci_cmp_bytes(a, b),
+        // One is a prefix of the other (ignoring ASCII case); any remainder folds to a
+        // non-empty remainder, so the longer is greater.
+        Some(Ordering::Equal) => x.len().cmp(&y.len()),
+        Some(other) => other,
+    }
+}
+
+/// [`ci_cmp`] a byte at a time, folding non-ASCII characters.
+fn ci_cmp_bytes(a: &str, b: &str) -> Ordering {
     let (x, y) = (a.as_bytes(), b.as_bytes());
     for (p, q) in x.iter().zip(y) {
         if p == q {
@@ -220,6 +317,19 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn word_compare_agrees_with_byte_compare(a in "[a-zA-Z0-9_@\\[\\]`{~^ -]{0,20}", b in "[a-zA-Z0-9_@\\[\\]`{~^ -]{0,20}", c in "\\PC{0,12}") {
+            proptest::prop_assert_eq!(ci_cmp(&a, &b), ci_cmp_bytes(&a, &b));
+            proptest::prop_assert_eq!(ci_cmp(&a, &c), ci_cmp_bytes(&a, &c));
+            let ab = format!("{a}{b}");
+            let ac = format!("{a}{c}");
+            proptest::prop_assert_eq!(ci_cmp(&ab, &ac), ci_cmp_bytes(&ab, &ac));
+            proptest::prop_assert_eq!(ci_cmp(&ab, &ab.to_uppercase()), ci_cmp_bytes(&ab, &ab.to_uppercase()));
+            proptest::prop_assert_eq!(ci_eq(&ab, &ab.to_lowercase()), folded(&ab).eq(folded(&ab.to_lowercase())));
+            proptest::prop_assert_eq!(ci_eq(&ab, &ac), folded(&ab).eq(folded(&ac)));
+            proptest::prop_assert_eq!(ci_eq(&a, &b), folded(&a).eq(folded(&b)));
+        }
+
         #[test]
         fn eq_implies_same_hash_and_equal_order(a in "\\PC{0,8}", flip in proptest::bool::ANY) {
             let b: String = if flip { a.to_uppercase() } else { a.to_lowercase() };

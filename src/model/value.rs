@@ -175,9 +175,19 @@ impl From<Vec<u8>> for Value {
 
 /// The values of one attribute, in the source's order. Most attributes have one value, which is
 /// stored inline.
-#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Values(SmallVec<[Value; 1]>);
+
+impl Clone for Values {
+    fn clone(&self) -> Values {
+        // Most lists hold one value: copy it without the general extend loop.
+        match self.0.as_slice() {
+            [v] => Values::one(v.clone()),
+            s => Values(SmallVec::from(s)),
+        }
+    }
+}
 
 impl Values {
     /// No values.
