@@ -631,14 +631,9 @@ fn change(
     c
 }
 
-/// `(want − have, have − want)`, each sorted; strings compared ignoring case when asked.
+/// `(want − have, have − want)`, each sorted; values compared as [`Value::matches`] does.
 fn set_difference(want: &Values, have: &Values, ignore_case: bool) -> (Values, Values) {
-    let key = |v: &Value| -> Value {
-        match (ignore_case, v) {
-            (true, Value::String(s)) => Value::String(s.to_lowercase().into()),
-            _ => v.clone(),
-        }
-    };
+    let key = |v: &Value| -> Value { v.match_key(ignore_case) };
     let want_keys: HashSet<Value> = want.iter().map(key).collect();
     let have_keys: HashSet<Value> = have.iter().map(key).collect();
     let mut add: Vec<Value> = Vec::new();

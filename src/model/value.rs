@@ -88,6 +88,39 @@ impl Value {
         }
     }
 
+    /// Whether a desired value and a value read from a target are the same: equal values, or
+    /// strings equal ignoring case when asked — and across kinds, a string that is the text of
+    /// a Boolean (`TRUE`, `true`, `True`) or an integer, as text-based targets (LDAP, LDIF)
+    /// hand them back.
+    pub fn matches(&self, other: &Value, ignore_case: bool) -> bool {
+        match (self, other) {
+            (Value::String(a), Value::String(b)) => {
+                a == b || (ignore_case && super::name::eq_ignore_case(a, b))
+            }
+            (Value::String(s), Value::Boolean(b)) | (Value::Boolean(b), Value::String(s)) => {
+                s.eq_ignore_ascii_case(if *b { "true" } else { "false" })
+            }
+            (Value::String(s), Value::Integer(i)) | (Value::Integer(i), Value::String(s)) => {
+                s.parse::<i64>() == Ok(*i)
+            }
+            _ => self == other,
+        }
+    }
+
+    /// A key for hashing values consistently with [`Value::matches`] (for large multi-valued
+    /// comparisons): Booleans and integers by their text, strings lower-cased when case is
+    /// ignored.
+    pub fn match_key(&self, ignore_case: bool) -> Value {
+        match self {
+            Value::String(s) if ignore_case => Value::String(s.to_lowercase().into()),
+            Value::String(s) if s.eq_ignore_ascii_case("true") => Value::String("TRUE".into()),
+            Value::String(s) if s.eq_ignore_ascii_case("false") => Value::String("FALSE".into()),
+            Value::Boolean(b) => Value::String(if *b { "TRUE" } else { "FALSE" }.into()),
+            Value::Integer(i) => Value::String(i.to_string().into()),
+            other => other.clone(),
+        }
+    }
+
     /// The value as text: strings as they are, bytes as Base64, integers in decimal, Booleans as
     /// `TRUE`/`FALSE` (LDAP's form), timestamps as RFC 3339, references as their id or DN.
     pub fn to_text(&self) -> String {
@@ -232,13 +265,7 @@ impl Values {
 
 /// Whether two value lists hold the same values ignoring order.
 fn same_set(a: &[Value], b: &[Value], ignore_case: bool) -> bool {
-    let eq = |x: &Value, y: &Value| {
-        if ignore_case {
-            x.eq_ignore_case(y)
-        } else {
-            x == y
-        }
-    };
+    let eq = |x: &Value, y: &Value| x.matches(y, ignore_case);
     match (a, b) {
         ([x], [y]) => eq(x, y),
         _ if a.len() <= 8 && b.len() <= 8 => {
@@ -246,14 +273,10 @@ fn same_set(a: &[Value], b: &[Value], ignore_case: bool) -> bool {
                 && b.iter().all(|y| a.iter().any(|x| eq(x, y)))
         }
         _ => {
-            let key = |v: &Value| -> Value {
-                match (ignore_case, v) {
-                    (true, Value::String(s)) => Value::String(s.to_lowercase().into()),
-                    _ => v.clone(),
-                }
-            };
-            let sa: std::collections::HashSet<Value> = a.iter().map(key).collect();
-            let sb: std::collections::HashSet<Value> = b.iter().map(key).collect();
+            let sa: std::collections::HashSet<Value> =
+                a.iter().map(|v| v.match_key(ignore_case)).collect();
+            let sb: std::collections::HashSet<Value> =
+                b.iter().map(|v| v.match_key(ignore_case)).collect();
             sa == sb
         }
     }
@@ -326,6 +349,20 @@ pub(crate) mod b64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_values_match_their_text_as_targets_return_it() {
+        assert!(Value::Boolean(true).matches(&Value::string("TRUE"), false));
+        assert!(Value::string("true").matches(&Value::Boolean(true), false));
+        assert!(!Value::Boolean(false).matches(&Value::string("TRUE"), false));
+        assert!(Value::Integer(512).matches(&Value::string("512"), false));
+        assert!(!Value::Integer(512).matches(&Value::string("0512x"), false));
+        assert!(!Value::string("Ann").matches(&Value::string("ann"), false));
+        assert!(Value::string("Ann").matches(&Value::string("ann"), true));
+        let many: Values = (0..20).map(|i: i64| Value::Integer(i)).collect();
+        let text: Values = (0..20).map(|i| Value::string(i.to_string())).collect();
+        assert!(many.same_set(&text, false));
+    }
 
     #[test]
     fn same_set_ignores_order_and_case_when_asked() {
