@@ -47,7 +47,7 @@ fn bad_text(text: &str) -> EvalError {
         format!(
             "{} is not a date/time (expected e.g. 2024-01-31, 2024-01-31T13:45:00Z, \
              1/31/2024 1:45:00 PM or 20240131134500Z)",
-            describe(&EvalValue::String(text.to_string()))
+            describe(&EvalValue::from(text))
         ),
     )
 }
@@ -391,7 +391,7 @@ impl Interval {
                     format!(
                         "{} is not an interval (use one of yyyy, m, d, ww, h, n, s; \
                          intervals are case-sensitive)",
-                        describe(&EvalValue::String(text.to_string()))
+                        describe(&EvalValue::from(text))
                     ),
                 ))
             }
@@ -728,7 +728,7 @@ impl DotNetFormat {
                 codes::FORMAT_MISMATCH,
                 format!(
                     "{} does not match the input format: {why}",
-                    describe(&EvalValue::String(text.to_string()))
+                    describe(&EvalValue::from(text))
                 ),
             )
         };
