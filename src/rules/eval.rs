@@ -89,13 +89,15 @@ enum Op {
 /// A compiled, ready-to-evaluate expression.
 ///
 /// ```
-/// use dirsync::model::Attributes;
+/// use dirsync::model::{Attributes, Value};
 /// use dirsync::rules::context::{EvalContext, SeededRng};
 /// use dirsync::rules::eval::{Outcome, Program};
 /// use dirsync::rules::value::EvalValue;
 ///
 /// let p = Program::compile(r#"Join(" ", [givenName], ToUpper([sn]))"#).unwrap();
-/// let attrs: Attributes = [("givenName", "Ada"), ("sn", "Lovelace")].into_iter().collect();
+/// let attrs: Attributes = [("givenName", Value::from("Ada")), ("sn", Value::from("Lovelace"))]
+///     .into_iter()
+///     .collect();
 /// let mut rng = SeededRng::from_seed(1);
 /// let mut ctx = EvalContext::new(chrono::DateTime::UNIX_EPOCH, &mut rng);
 /// let out = p.evaluate(&attrs, &mut ctx).unwrap();
