@@ -41,7 +41,7 @@ fn error(kind: &str, code: &str, message: &str) -> (Json, ExitCode) {
 fn to_json(v: &EvalValue) -> Json {
     match v {
         EvalValue::Null => Json::Null,
-        EvalValue::String(s) | EvalValue::Reference(s) => Json::String(s.clone()),
+        EvalValue::String(s) | EvalValue::Reference(s) => Json::String(s.to_string()),
         EvalValue::Integer(i) => json!(i),
         EvalValue::Decimal(d) => {
             let text = d.to_string();

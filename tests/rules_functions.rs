@@ -46,7 +46,7 @@ enum Outcome {
 
 fn decode(v: &Value, where_: &str) -> Option<EvalValue> {
     Some(match v {
-        Value::String(s) => EvalValue::String(s.clone()),
+        Value::String(s) => EvalValue::from(s.as_str()),
         Value::Integer(i) => EvalValue::Integer(*i),
         Value::Boolean(b) => EvalValue::Boolean(*b),
         Value::Array(a) => {
@@ -77,7 +77,7 @@ fn decode(v: &Value, where_: &str) -> Option<EvalValue> {
                     Decimal::parse(x.as_str().unwrap())
                         .unwrap_or_else(|| panic!("{where_}: bad decimal {x}")),
                 ),
-                "reference" => EvalValue::Reference(x.as_str().unwrap().to_string()),
+                "reference" => EvalValue::Reference(x.as_str().unwrap().into()),
                 "binary" => EvalValue::Binary(
                     base64::engine::general_purpose::STANDARD
                         .decode(x.as_str().unwrap())

@@ -25,23 +25,34 @@ pub struct AppRoleValue {
 /// A deterministic, platform-independent random source (ChaCha8), built from a 64-bit seed.
 ///
 /// Used by `Guid()` and `RandomString()`; an evaluation that does not call them consumes nothing.
+/// The generator is set up on first use, so building one per object costs nothing for rules that
+/// draw no randomness; the stream is the same as if it had been set up eagerly.
 #[derive(Debug, Clone)]
-pub struct SeededRng(ChaCha8Rng);
+pub struct SeededRng {
+    seed: u64,
+    rng: Option<ChaCha8Rng>,
+}
 
 impl SeededRng {
     /// A generator whose whole output is determined by `seed`.
     pub fn from_seed(seed: u64) -> Self {
-        SeededRng(ChaCha8Rng::seed_from_u64(seed))
+        SeededRng { seed, rng: None }
+    }
+
+    fn rng(&mut self) -> &mut ChaCha8Rng {
+        let seed = self.seed;
+        self.rng
+            .get_or_insert_with(|| ChaCha8Rng::seed_from_u64(seed))
     }
 
     /// The next 32 random bits.
     pub fn next_u32(&mut self) -> u32 {
-        self.0.next_u32()
+        self.rng().next_u32()
     }
 
     /// Fills `dest` with random bytes.
     pub fn fill_bytes(&mut self, dest: &mut [u8]) {
-        self.0.fill_bytes(dest)
+        self.rng().fill_bytes(dest)
     }
 
     /// A uniformly distributed integer in `0..n` (rejection sampling, no modulo bias).
@@ -154,6 +165,24 @@ mod tests {
             }
         }
         assert_eq!(a.below(0), 0);
+    }
+
+    #[test]
+    fn lazy_setup_gives_the_eager_stream() {
+        let mut lazy = SeededRng::from_seed(42);
+        let mut eager = ChaCha8Rng::seed_from_u64(42);
+        let mut buf = [0u8; 16];
+        lazy.fill_bytes(&mut buf);
+        let mut want = [0u8; 16];
+        eager.fill_bytes(&mut want);
+        assert_eq!(buf, want);
+        assert_eq!(lazy.next_u32(), eager.next_u32());
+        // A clone taken before first use starts the same stream.
+        let fresh = SeededRng::from_seed(42);
+        let mut copy = fresh.clone();
+        let mut again = [0u8; 16];
+        copy.fill_bytes(&mut again);
+        assert_eq!(again, want);
     }
 
     #[test]

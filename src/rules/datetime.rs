@@ -47,7 +47,7 @@ fn bad_text(text: &str) -> EvalError {
         format!(
             "{} is not a date/time (expected e.g. 2024-01-31, 2024-01-31T13:45:00Z, \
              1/31/2024 1:45:00 PM or 20240131134500Z)",
-            describe(&EvalValue::String(text.to_string()))
+            describe(&EvalValue::from(text))
         ),
     )
 }
@@ -391,7 +391,7 @@ impl Interval {
                     format!(
                         "{} is not an interval (use one of yyyy, m, d, ww, h, n, s; \
                          intervals are case-sensitive)",
-                        describe(&EvalValue::String(text.to_string()))
+                        describe(&EvalValue::from(text))
                     ),
                 ))
             }
@@ -666,16 +666,24 @@ impl DotNetFormat {
 
     /// Renders `dt` (its wall-clock time and offset).
     pub fn render(&self, dt: DateTime<FixedOffset>) -> String {
-        let mut out = String::new();
+        use std::fmt::Write as _;
+        // Writing into a String cannot fail; the results of `write!` are ignored.
+        let mut out = String::with_capacity(32);
         let off = dt.offset().local_minus_utc();
         let sign = if off < 0 { '-' } else { '+' };
         let (oh, om) = (off.abs() / 3600, (off.abs() % 3600) / 60);
         for t in &self.toks {
             match t {
                 Tok::Lit(s) => out.push_str(s),
-                Tok::Year(1) => out.push_str(&(dt.year().rem_euclid(100)).to_string()),
-                Tok::Year(2) => out.push_str(&format!("{:02}", dt.year().rem_euclid(100))),
-                Tok::Year(_) => out.push_str(&format!("{:04}", dt.year())),
+                Tok::Year(1) => {
+                    let _ = write!(out, "{}", dt.year().rem_euclid(100));
+                }
+                Tok::Year(2) => {
+                    let _ = write!(out, "{:02}", dt.year().rem_euclid(100));
+                }
+                Tok::Year(_) => {
+                    let _ = write!(out, "{:04}", dt.year());
+                }
                 Tok::MonthNum(n) => pad(&mut out, dt.month(), *n),
                 Tok::MonthName { full } => {
                     let name = MONTHS[dt.month0() as usize];
@@ -691,8 +699,15 @@ impl DotNetFormat {
                 Tok::Minute(n) => pad(&mut out, dt.minute(), *n),
                 Tok::Second(n) => pad(&mut out, dt.second(), *n),
                 Tok::Frac { digits, trim } => {
-                    let seven = format!("{:07}", (dt.nanosecond() % 1_000_000_000) / 100);
-                    let mut part = &seven[..*digits as usize];
+                    // The fraction in 100 ns ticks, as exactly seven digits.
+                    let mut ticks = (dt.nanosecond() % 1_000_000_000) / 100;
+                    let mut seven = [b'0'; 7];
+                    for d in seven.iter_mut().rev() {
+                        *d = b'0' + (ticks % 10) as u8;
+                        ticks /= 10;
+                    }
+                    let seven = std::str::from_utf8(&seven).unwrap_or("0000000");
+                    let mut part = seven.get(..*digits as usize).unwrap_or(seven);
                     if *trim {
                         part = part.trim_end_matches('0');
                         // As .NET: with no fraction digits to show, a '.' just before goes too.
@@ -711,9 +726,15 @@ impl DotNetFormat {
                         (true, _) => "PM",
                     });
                 }
-                Tok::Offset(1) => out.push_str(&format!("{sign}{oh}")),
-                Tok::Offset(2) => out.push_str(&format!("{sign}{oh:02}")),
-                Tok::Offset(_) | Tok::OffsetK => out.push_str(&format!("{sign}{oh:02}:{om:02}")),
+                Tok::Offset(1) => {
+                    let _ = write!(out, "{sign}{oh}");
+                }
+                Tok::Offset(2) => {
+                    let _ = write!(out, "{sign}{oh:02}");
+                }
+                Tok::Offset(_) | Tok::OffsetK => {
+                    let _ = write!(out, "{sign}{oh:02}:{om:02}");
+                }
             }
         }
         out
@@ -728,7 +749,7 @@ impl DotNetFormat {
                 codes::FORMAT_MISMATCH,
                 format!(
                     "{} does not match the input format: {why}",
-                    describe(&EvalValue::String(text.to_string()))
+                    describe(&EvalValue::from(text))
                 ),
             )
         };
@@ -781,10 +802,10 @@ impl DotNetFormat {
         for (ti, t) in self.toks.iter().enumerate() {
             match t {
                 Tok::Lit(s) => {
-                    let lits: Vec<char> = s.chars().collect();
-                    for (li, &lc) in lits.iter().enumerate() {
+                    let count = s.chars().count();
+                    for (li, lc) in s.chars().enumerate() {
                         let optional_dot = lc == '.'
-                            && li + 1 == lits.len()
+                            && li + 1 == count
                             && matches!(self.toks.get(ti + 1), Some(Tok::Frac { trim: true, .. }));
                         if input.get(p) == Some(&lc) {
                             p += 1;
@@ -913,11 +934,13 @@ impl DotNetFormat {
 }
 
 fn pad(out: &mut String, v: u32, width: u8) {
-    if width >= 2 {
-        out.push_str(&format!("{v:02}"));
+    use std::fmt::Write as _;
+    // Writing into a String cannot fail.
+    let _ = if width >= 2 {
+        write!(out, "{v:02}")
     } else {
-        out.push_str(&v.to_string());
-    }
+        write!(out, "{v}")
+    };
 }
 
 /// The effect of a `FormatDateTime` `dateTimeStyles` argument: only `AdjustToUniversal` changes

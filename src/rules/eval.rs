@@ -112,11 +112,11 @@ pub struct Program {
 /// Literal to value.
 fn literal(l: &Literal) -> EvalValue {
     match l {
-        Literal::String(s) => EvalValue::String(s.clone()),
+        Literal::String(s) => EvalValue::from(s.as_str()),
         Literal::Integer(i) => EvalValue::Integer(*i),
         Literal::Decimal(d) => value::Decimal::new(d.mantissa, d.scale)
             .map(EvalValue::Decimal)
-            .unwrap_or_else(|| EvalValue::String(format!("{d}"))),
+            .unwrap_or_else(|| EvalValue::from(format!("{d}"))),
         Literal::Boolean(b) => EvalValue::Boolean(*b),
         Literal::Null => EvalValue::Null,
         Literal::CompareMode(m) => EvalValue::Integer(match m {
@@ -226,12 +226,12 @@ fn build(node: &Node) -> Result<Op, Diagnostic> {
 /// A model value as an expression value (spec §4.1).
 pub fn from_model(v: &Value) -> EvalValue {
     match v {
-        Value::String(s) => EvalValue::String(s.to_string()),
+        Value::String(s) => EvalValue::String(s.clone()),
         Value::Bytes(b) => EvalValue::Binary(b.clone()),
         Value::Integer(i) => EvalValue::Integer(*i),
         Value::Boolean(b) => EvalValue::Boolean(*b),
         Value::Timestamp(t) => EvalValue::DateTime(*t),
-        Value::Reference(r) => EvalValue::Reference(r.to_string()),
+        Value::Reference(r) => EvalValue::Reference(r.to_string().into()),
     }
 }
 
@@ -322,7 +322,8 @@ pub fn to_model(v: &EvalValue, reference: bool) -> Result<Values, EvalError> {
                     out.push(Value::string(r.value.as_str()));
                 }
             }
-            EvalValue::String(s) | EvalValue::Reference(s) => out.push(Value::string(s.as_str())),
+            // A SmolStr clone: inline copy or reference-count increment, never a new buffer.
+            EvalValue::String(s) | EvalValue::Reference(s) => out.push(Value::String(s.clone())),
             other => {
                 if let Some(text) = other.to_string_value()? {
                     out.push(Value::string(text));

@@ -4,11 +4,13 @@
 //! Everything here is a pure function of its arguments: no clock, no random source, no I/O.
 //! Date/time text is read by [`crate::rules::datetime`].
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use smol_str::SmolStr;
 
 use crate::rules::context::AppRoleValue;
 use crate::rules::datetime;
@@ -455,8 +457,9 @@ impl NumText {
 pub enum EvalValue {
     /// No value (absent attribute, `Null` literal, functions as stated).
     Null,
-    /// A string of Unicode scalar values.
-    String(String),
+    /// A string of Unicode scalar values. A [`SmolStr`]: reading a model attribute value is a
+    /// reference-count increment (short strings are held inline), not a copy.
+    String(SmolStr),
     /// A signed 64-bit integer.
     Integer(i64),
     /// An exact decimal.
@@ -466,7 +469,7 @@ pub enum EvalValue {
     /// An instant, held in UTC.
     DateTime(DateTime<Utc>),
     /// A reference (DN or identifier); behaves as its string form.
-    Reference(String),
+    Reference(SmolStr),
     /// Binary data; its string form is standard Base64.
     Binary(Vec<u8>),
     /// Two or more non-null values, in order.
@@ -477,12 +480,24 @@ pub enum EvalValue {
 
 impl From<&str> for EvalValue {
     fn from(s: &str) -> Self {
-        EvalValue::String(s.to_string())
+        EvalValue::String(SmolStr::new(s))
     }
 }
 
 impl From<String> for EvalValue {
     fn from(s: String) -> Self {
+        EvalValue::String(SmolStr::from(s))
+    }
+}
+
+impl From<Cow<'_, str>> for EvalValue {
+    fn from(s: Cow<'_, str>) -> Self {
+        EvalValue::String(SmolStr::from(s))
+    }
+}
+
+impl From<SmolStr> for EvalValue {
+    fn from(s: SmolStr) -> Self {
         EvalValue::String(s)
     }
 }
@@ -567,14 +582,22 @@ impl EvalValue {
     /// Conversion to String (§4.3). Null → `Ok(None)`. A Multi of two or more values or a
     /// Structured value is an error ([`codes::NOT_A_STRING`]).
     pub fn to_string_value(&self) -> EvalResult<Option<String>> {
+        Ok(self.to_text()?.map(Cow::into_owned))
+    }
+
+    /// [`EvalValue::to_string_value`] without copying: strings and references are borrowed,
+    /// other values are rendered.
+    pub fn to_text(&self) -> EvalResult<Option<Cow<'_, str>>> {
         Ok(match self.single()? {
             EvalValue::Null => None,
-            EvalValue::String(s) | EvalValue::Reference(s) => Some(s.clone()),
-            EvalValue::Integer(i) => Some(i.to_string()),
-            EvalValue::Decimal(d) => Some(d.to_string()),
-            EvalValue::Boolean(b) => Some(if *b { "True" } else { "False" }.to_string()),
-            EvalValue::DateTime(dt) => Some(datetime::render_canonical(dt)),
-            EvalValue::Binary(b) => Some(base64::engine::general_purpose::STANDARD.encode(b)),
+            EvalValue::String(s) | EvalValue::Reference(s) => Some(Cow::Borrowed(s.as_str())),
+            EvalValue::Integer(i) => Some(Cow::Owned(i.to_string())),
+            EvalValue::Decimal(d) => Some(Cow::Owned(d.to_string())),
+            EvalValue::Boolean(b) => Some(Cow::Borrowed(if *b { "True" } else { "False" })),
+            EvalValue::DateTime(dt) => Some(Cow::Owned(datetime::render_canonical(dt))),
+            EvalValue::Binary(b) => Some(Cow::Owned(
+                base64::engine::general_purpose::STANDARD.encode(b),
+            )),
             EvalValue::Multi(_) | EvalValue::Structured(_) => {
                 return Err(EvalError::new(
                     codes::NOT_A_STRING,
@@ -815,10 +838,10 @@ fn boolean_like(v: &EvalValue) -> Option<bool> {
 }
 
 fn compare_strings(op: CompareOp, a: &EvalValue, b: &EvalValue) -> EvalResult<EvalValue> {
-    let x = a.to_string_value()?.unwrap_or_default();
-    let y = b.to_string_value()?.unwrap_or_default();
+    let x = a.to_text()?.unwrap_or_default();
+    let y = b.to_text()?.unwrap_or_default();
     // UTF-8 byte order equals Unicode scalar value order.
-    Ok(EvalValue::Boolean(op.holds(x.as_str().cmp(y.as_str()))))
+    Ok(EvalValue::Boolean(op.holds(x.as_ref().cmp(y.as_ref()))))
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 
 mod text;
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use chrono::{DateTime, FixedOffset, Utc};
 
@@ -45,9 +47,9 @@ pub fn iif_condition(condition: &EvalValue) -> EvalResult<Option<bool>> {
 /// values on either side is an error (`arg` 0 = source, 1 = key).
 pub fn switch_key_matches(source: &EvalValue, key: &EvalValue) -> EvalResult<bool> {
     let s = source
-        .to_string_value()
+        .to_text()
         .map_err(|e| e.at(Function::Switch, 0, "source"))?;
-    let k = key.to_string_value().map_err(|e| EvalError {
+    let k = key.to_text().map_err(|e| EvalError {
         arg: Some(1),
         ..e.in_function("Switch: key")
     })?;
@@ -485,9 +487,9 @@ fn ctl_int(v: Option<&EvalValue>, p: P) -> EvalResult<i64> {
         .map(|i| i.unwrap_or(0))
 }
 
-/// A data value's string form (Null → None).
-fn text_of(v: &EvalValue, p: P) -> EvalResult<Option<String>> {
-    v.to_string_value().map_err(|e| p.err(e))
+/// A data value's string form (Null → None), borrowed from strings and references.
+fn text_of(v: &EvalValue, p: P) -> EvalResult<Option<Cow<'_, str>>> {
+    v.to_text().map_err(|e| p.err(e))
 }
 
 /// A data value that must be single (Null allowed).
@@ -683,7 +685,7 @@ pub(crate) fn call_refs(
                 Ok(match (v, &suffix) {
                     (EvalValue::Null, _) => EvalValue::Null,
                     (v, None) => v.clone(),
-                    (v, Some(s)) => EvalValue::String(text_of(v, p(0))?.unwrap_or_default() + s),
+                    (v, Some(s)) => EvalValue::from(text_of(v, p(0))?.unwrap_or_default() + &**s),
                 })
             })
         }
@@ -726,14 +728,16 @@ pub(crate) fn call_refs(
                 None => EvalValue::Null,
                 Some(s) => {
                     let bytes: Vec<u8> = s.encode_utf16().flat_map(u16::to_le_bytes).collect();
-                    EvalValue::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    EvalValue::from(base64::engine::general_purpose::STANDARD.encode(bytes))
                 }
             })
         }),
         ConvertToUTF8Hex => per_value(req(a(0), p(0))?, |v| {
             Ok(match text_of(v, p(0))? {
                 None => EvalValue::Null,
-                Some(s) => EvalValue::String(s.bytes().map(|b| format!("{b:02X}")).collect()),
+                Some(s) => {
+                    EvalValue::from(s.bytes().map(|b| format!("{b:02X}")).collect::<String>())
+                }
             })
         }),
         Count => Ok(EvalValue::Integer(match req(a(0), p(0))? {
@@ -743,7 +747,7 @@ pub(crate) fn call_refs(
             _ => 1,
         })),
         CStr => per_value(req(a(0), p(0))?, |v| {
-            Ok(text_of(v, p(0))?.map_or(EvalValue::Null, EvalValue::String))
+            Ok(text_of(v, p(0))?.map_or(EvalValue::Null, EvalValue::from))
         }),
         DateAdd => {
             let interval = match pre.interval {
@@ -802,7 +806,7 @@ pub(crate) fn call_refs(
             let mut bytes = [0u8; 16];
             ctx.rng.fill_bytes(&mut bytes);
             let id = uuid::Builder::from_random_bytes(bytes).into_uuid();
-            Ok(EvalValue::String(id.hyphenated().to_string()))
+            Ok(EvalValue::from(id.hyphenated().to_string()))
         }
         Now => Ok(EvalValue::DateTime(ctx.now)),
         InStr => in_str(args, pre),
@@ -840,7 +844,7 @@ pub(crate) fn call_refs(
         }
         Join => {
             let sep = ctl_str(a(0), p(0))?;
-            let mut parts: Vec<String> = Vec::new();
+            let mut parts: Vec<Cow<'_, str>> = Vec::new();
             for (i, src) in args.iter().enumerate().skip(1) {
                 let Some(src) = src else { continue };
                 let ps = P {
@@ -865,20 +869,22 @@ pub(crate) fn call_refs(
             Ok(if parts.is_empty() {
                 EvalValue::Null
             } else {
-                EvalValue::String(parts.join(&sep))
+                EvalValue::from(parts.join(&sep))
             })
         }
         Left => {
             let n = ctl_int(a(1), p(1))?;
             per_value(req(a(0), p(0))?, |v| {
                 let s = text_of(v, p(0))?.unwrap_or_default();
-                Ok(EvalValue::String(if n < 0 {
-                    s
+                Ok(if n < 0 {
+                    EvalValue::from(s)
                 } else {
-                    s.chars()
-                        .take(usize::try_from(n).unwrap_or(usize::MAX))
-                        .collect()
-                }))
+                    EvalValue::String(
+                        s.chars()
+                            .take(usize::try_from(n).unwrap_or(usize::MAX))
+                            .collect(),
+                    )
+                })
             })
         }
         Len => per_value(req(a(0), p(0))?, |v| {
@@ -890,20 +896,17 @@ pub(crate) fn call_refs(
             let length = ctl_int(a(2), p(2))?;
             per_value(req(a(0), p(0))?, |v| {
                 let s = text_of(v, p(0))?.unwrap_or_default();
-                Ok(EvalValue::String(mid(&s, start, length)))
+                Ok(EvalValue::from(mid(&s, start, length)))
             })
         }
         NormalizeDiacritics => per_value(req(a(0), p(0))?, |v| {
             Ok(text_of(v, p(0))?.map_or(EvalValue::Null, |s| {
-                EvalValue::String(normalize_diacritics(&s))
+                EvalValue::from(normalize_diacritics(&s))
             }))
         }),
-        StripSpaces => {
-            per_value(req(a(0), p(0))?, |v| {
-                Ok(text_of(v, p(0))?
-                    .map_or(EvalValue::Null, |s| EvalValue::String(s.replace(' ', ""))))
-            })
-        }
+        StripSpaces => per_value(req(a(0), p(0))?, |v| {
+            Ok(text_of(v, p(0))?.map_or(EvalValue::Null, |s| EvalValue::from(s.replace(' ', ""))))
+        }),
         PCase => {
             let seps = match &pre.pcase_separators {
                 Some(s) => s.clone(),
@@ -911,7 +914,7 @@ pub(crate) fn call_refs(
             };
             per_value(req(a(0), p(0))?, |v| {
                 Ok(text_of(v, p(0))?.map_or(EvalValue::Null, |s| {
-                    EvalValue::String(pcase(&s, seps.as_deref()))
+                    EvalValue::from(pcase(&s, seps.as_deref()))
                 }))
             })
         }
@@ -922,7 +925,7 @@ pub(crate) fn call_refs(
             };
             per_value(req(a(0), p(0))?, |v| {
                 Ok(text_of(v, p(0))?.map_or(EvalValue::Null, |s| {
-                    EvalValue::String(if f == ToLower {
+                    EvalValue::from(if f == ToLower {
                         to_lower(&s, rules)
                     } else {
                         to_upper(&s, rules)
@@ -1114,7 +1117,7 @@ fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResul
         } else {
             parsed
         };
-        Ok(EvalValue::String(output.render(shown)))
+        Ok(EvalValue::from(output.render(shown)))
     })
 }
 
@@ -1299,7 +1302,7 @@ fn random_string(
         let j = ctx.rng.below(i + 1);
         out.swap(i, j);
     }
-    Ok(EvalValue::String(out.into_iter().collect()))
+    Ok(EvalValue::from(out.into_iter().collect::<String>()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1323,9 +1326,9 @@ fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalVal
         }
     };
     // A provided text argument that evaluates to Null counts as "".
-    let text_arg = |i: usize| -> EvalResult<String> {
+    let text_arg = |i: usize| -> EvalResult<Cow<'_, str>> {
         match a(i) {
-            None => Ok(String::new()),
+            None => Ok(Cow::Borrowed("")),
             Some(v) => Ok(text_of(v.single().map_err(|e| p(i).err(e))?, p(i))?.unwrap_or_default()),
         }
     };
@@ -1338,7 +1341,7 @@ fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalVal
                 Ok(match text_of(v, p(0))? {
                     None => EvalValue::Null,
                     Some(_) if old.is_empty() => v.clone(),
-                    Some(s) => EvalValue::String(s.replace(old.as_str(), &new)),
+                    Some(s) => EvalValue::from(s.replace(&*old, &new)),
                 })
             })
         }
@@ -1348,8 +1351,8 @@ fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalVal
             per_value(source, |v| {
                 Ok(match text_of(v, p(0))? {
                     None => EvalValue::Null,
-                    Some(_) if old.is_empty() => EvalValue::String(template.clone()),
-                    Some(s) => EvalValue::String(template.replace(old.as_str(), &s)),
+                    Some(_) if old.is_empty() => EvalValue::from(template.clone()),
+                    Some(s) => EvalValue::from(template.replace(&*old, &s)),
                 })
             })
         }
@@ -1398,9 +1401,9 @@ fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalVal
                 Ok(match text_of(v, p(0))? {
                     None => EvalValue::Null,
                     Some(s) if mode == ReplaceMode::Regex => {
-                        EvalValue::String(re.replace_all(&s, &replacement))
+                        EvalValue::from(re.replace_all(&s, &replacement))
                     }
-                    Some(s) => EvalValue::String(re.replace_group(&s, group, &replacement)),
+                    Some(s) => EvalValue::from(re.replace_group(&s, group, &replacement)),
                 })
             })
         }

@@ -436,7 +436,7 @@ fn replace_group_leaves_non_participating_matches() {
 fn arb_value() -> impl Strategy<Value = EvalValue> {
     let leaf = prop_oneof![
         Just(EvalValue::Null),
-        ".{0,12}".prop_map(EvalValue::String),
+        ".{0,12}".prop_map(EvalValue::from),
         prop_oneof![
             Just("yyyy".to_string()),
             Just("d".to_string()),
@@ -449,7 +449,7 @@ fn arb_value() -> impl Strategy<Value = EvalValue> {
             Just("".to_string()),
             Just("MMMM dd, yyyy HH:mm:ss.fffzzz".to_string())
         ]
-        .prop_map(EvalValue::String),
+        .prop_map(EvalValue::from),
         any::<i64>().prop_map(EvalValue::Integer),
         (-300i64..300).prop_map(EvalValue::Integer),
         (any::<i64>(), 0u32..30).prop_map(
@@ -460,7 +460,7 @@ fn arb_value() -> impl Strategy<Value = EvalValue> {
             .timestamp_opt(t, 0)
             .single()
             .map_or(EvalValue::Null, EvalValue::DateTime)),
-        ".{0,8}".prop_map(EvalValue::Reference),
+        ".{0,8}".prop_map(|s: String| EvalValue::Reference(s.into())),
         proptest::collection::vec(any::<u8>(), 0..6).prop_map(EvalValue::Binary),
         Just(EvalValue::Structured(vec![AppRoleValue {
             id: "1".into(),
