@@ -10,9 +10,7 @@
 use crate::model::{Attributes, Dn, Reference, Value, Values};
 use crate::rules::context::EvalContext;
 use crate::rules::diagnostic::{Code, Diagnostic, Diagnostics, Span};
-use crate::rules::expr::{
-    self, CompareOp as AstCompareOp, CompiledExpr, Literal, LiteralCheck, Node,
-};
+use crate::rules::expr::{self, CompiledExpr, Literal, LiteralCheck, Node};
 use crate::rules::function::Function;
 use crate::rules::functions::{self, Precompiled, UniqueCheck};
 use crate::rules::value::{self, codes, CompareOp, EvalError, EvalValue};
@@ -126,17 +124,6 @@ fn literal(l: &Literal) -> EvalValue {
     }
 }
 
-fn compare_op(op: AstCompareOp) -> CompareOp {
-    match op {
-        AstCompareOp::Eq => CompareOp::Eq,
-        AstCompareOp::Ne => CompareOp::Ne,
-        AstCompareOp::Lt => CompareOp::Lt,
-        AstCompareOp::Le => CompareOp::Le,
-        AstCompareOp::Gt => CompareOp::Gt,
-        AstCompareOp::Ge => CompareOp::Ge,
-    }
-}
-
 fn precompile(func: Function, args: &[Option<Node>]) -> Result<Precompiled, EvalError> {
     let lits: Vec<Option<EvalValue>> = args
         .iter()
@@ -215,7 +202,7 @@ fn build(node: &Node) -> Result<Op, Diagnostic> {
         },
         Node::Literal { value, .. } => Op::Lit(literal(value)),
         Node::Compare { op, lhs, rhs, span } => Op::Compare {
-            op: compare_op(*op),
+            op: *op,
             lhs: Box::new(build(lhs)?),
             rhs: Box::new(build(rhs)?),
             span: *span,

@@ -88,36 +88,8 @@ impl fmt::Display for Decimal {
     }
 }
 
-/// A comparison operator (spec §2.7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CompareOp {
-    /// `=`
-    Eq,
-    /// `<>`
-    Ne,
-    /// `<`
-    Lt,
-    /// `<=`
-    Le,
-    /// `>`
-    Gt,
-    /// `>=`
-    Ge,
-}
-
-impl CompareOp {
-    /// The operator as written.
-    pub fn symbol(self) -> &'static str {
-        match self {
-            CompareOp::Eq => "=",
-            CompareOp::Ne => "<>",
-            CompareOp::Lt => "<",
-            CompareOp::Le => "<=",
-            CompareOp::Gt => ">",
-            CompareOp::Ge => ">=",
-        }
-    }
-}
+/// A comparison operator (spec §2.7); the evaluator's own type.
+pub use crate::rules::value::CompareOp;
 
 /// The comparison modes of `InStr` (spec §2.5, §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -136,48 +136,22 @@ pub enum TextCompare {
     Text,
 }
 
-/// The mode of a `Replace` call, chosen by which slots are provided (spec §6 precedence table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplaceMode {
-    /// `oldValue` + `template`.
-    Template,
-    /// `regexPattern` + `regexGroupName` + `replacementAttributeName`.
-    Fallback,
-    /// `regexPattern` + `regexGroupName` + `replacementValue`.
-    Group,
-    /// `regexPattern` + `replacementValue`.
-    Regex,
-    /// `oldValue` + `replacementValue`.
-    Plain,
-}
+pub use crate::rules::expr::ReplaceMode;
 
-impl ReplaceMode {
-    /// Chooses the mode from the provided (non-empty) slots, first match wins; any other
-    /// combination is an error ([`codes::INVALID_REPLACE_MODE`]). Slots: 0 source, 1 oldValue,
-    /// 2 regexPattern, 3 regexGroupName, 4 replacementValue, 5 replacementAttributeName,
-    /// 6 template.
-    pub fn select(provided: &[bool]) -> EvalResult<ReplaceMode> {
-        let p = |i: usize| provided.get(i).copied().unwrap_or(false);
-        Ok(if p(1) && p(6) {
-            ReplaceMode::Template
-        } else if p(2) && p(3) && p(5) {
-            ReplaceMode::Fallback
-        } else if p(2) && p(3) && p(4) {
-            ReplaceMode::Group
-        } else if p(2) && p(4) {
-            ReplaceMode::Regex
-        } else if p(1) && p(4) {
-            ReplaceMode::Plain
-        } else {
-            return Err(EvalError::new(
-                codes::INVALID_REPLACE_MODE,
-                "Replace: the provided arguments select no mode; provide oldValue + \
-                 replacementValue, regexPattern + replacementValue, regexPattern + \
-                 regexGroupName + replacementValue, regexPattern + regexGroupName + \
-                 replacementAttributeName, or oldValue + template",
-            ));
-        })
-    }
+/// The mode of a `Replace` call from its provided (non-empty) slots (spec §6 precedence table);
+/// any other combination is an error ([`codes::INVALID_REPLACE_MODE`]). Slots: 0 source,
+/// 1 oldValue, 2 regexPattern, 3 regexGroupName, 4 replacementValue, 5 replacementAttributeName,
+/// 6 template.
+pub fn replace_mode(provided: &[bool]) -> EvalResult<ReplaceMode> {
+    ReplaceMode::select(|i| provided.get(i).copied().unwrap_or(false)).ok_or_else(|| {
+        EvalError::new(
+            codes::INVALID_REPLACE_MODE,
+            "Replace: the provided arguments select no mode; provide oldValue + \
+             replacementValue, regexPattern + replacementValue, regexPattern + \
+             regexGroupName + replacementValue, regexPattern + regexGroupName + \
+             replacementAttributeName, or oldValue + template",
+        )
+    })
 }
 
 /// A validated `RandomString` request.
@@ -240,11 +214,11 @@ pub fn precompile(
             Some(Some(Some(v))) => Some(Some(*v)),
         }
     };
-    let names = param_names(f);
+    let names = param_names(f, literal_args.len());
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names.get(i).copied().unwrap_or("argument"),
+        name: names(i),
     };
     match f {
         Function::DateAdd | Function::DateDiff => {
@@ -354,7 +328,7 @@ pub fn precompile(
         }
         Function::Replace => {
             let provided: Vec<bool> = literal_args.iter().map(Option::is_some).collect();
-            let mode = ReplaceMode::select(&provided)?;
+            let mode = replace_mode(&provided)?;
             pre.replace_mode = Some(mode);
             if mode != ReplaceMode::Template && mode != ReplaceMode::Plain {
                 if let Some(v) = lit(2) {
@@ -401,41 +375,10 @@ impl P {
     }
 }
 
-fn param_names(f: Function) -> &'static [&'static str] {
-    use Function::*;
-    match f {
-        Append => &["source", "suffix"],
-        BitAnd => &["value1", "value2"],
-        DateAdd => &["interval", "value", "dateTime"],
-        DateDiff => &["interval", "date1", "date2"],
-        InStr => &["value1", "value2", "start", "compareType"],
-        Item => &["attribute", "index"],
-        Left => &["string", "numChars"],
-        Mid => &["source", "start", "length"],
-        PCase => &["source", "wordSeparators"],
-        RandomString => &[
-            "Length",
-            "MinimumNumbers",
-            "MinimumSpecialCharacters",
-            "MinimumCapital",
-            "MinimumLowerCase",
-            "CharactersToAvoid",
-        ],
-        Replace => &[
-            "source",
-            "oldValue",
-            "regexPattern",
-            "regexGroupName",
-            "replacementValue",
-            "replacementAttributeName",
-            "template",
-        ],
-        Split => &["source", "delimiter"],
-        ToLower | ToUpper => &["source", "culture"],
-        Word => &["string", "wordNumber", "delimiters"],
-        Join => &["separator"],
-        _ => &[],
-    }
+/// The parameter names of `f` called with `slots` slots, from the function table
+/// ([`Function::slot`]).
+fn param_names(f: Function, slots: usize) -> impl Fn(usize) -> &'static str {
+    move |i| f.slot(i, slots).map_or("argument", |s| s.name)
 }
 
 fn arity_error(f: Function, n: usize) -> EvalError {
@@ -670,11 +613,11 @@ pub(crate) fn call_refs(
     if !f.arity().accepts(args.len()) {
         return Err(arity_error(f, args.len()));
     }
-    let names = param_names(f);
+    let names = param_names(f, args.len());
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names.get(i).copied().unwrap_or("argument"),
+        name: names(i),
     };
     let a = |i: usize| args.get(i).copied().flatten();
     use Function::*;
@@ -1188,11 +1131,11 @@ fn negative_minimum(v: i64, p: P) -> EvalError {
 
 fn random_spec(length: i64, mins: [i64; 4], avoid: &str) -> EvalResult<RandomSpec> {
     let f = Function::RandomString;
-    let names = param_names(f);
+    let names = param_names(f, 6);
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names[i],
+        name: names(i),
     };
     check_length(length, p(0))?;
     let mut m = [0usize; 4];
@@ -1226,7 +1169,7 @@ fn random_spec(length: i64, mins: [i64; 4], avoid: &str) -> EvalResult<RandomSpe
                 codes::INVALID_RANDOM_STRING,
                 format!(
                     "removes every character of the class {} requires",
-                    names[i + 1]
+                    names(i + 1)
                 ),
             )));
         }
@@ -1265,11 +1208,11 @@ fn random_string(
         Some(s) => s,
         None => {
             let f = Function::RandomString;
-            let names = param_names(f);
+            let names = param_names(f, 6);
             let p = |i: usize| P {
                 f,
                 slot: i,
-                name: names[i],
+                name: names(i),
             };
             let a = |i: usize| args.get(i).copied().flatten();
             let mut counts = [0i64; 5];
@@ -1311,18 +1254,18 @@ fn random_string(
 
 fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
     let f = Function::Replace;
-    let names = param_names(f);
+    let names = param_names(f, 7);
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names[i],
+        name: names(i),
     };
     let a = |i: usize| args.get(i).copied().flatten();
     let mode = match pre.replace_mode {
         Some(m) => m,
         None => {
             let provided: Vec<bool> = args.iter().map(Option::is_some).collect();
-            ReplaceMode::select(&provided)?
+            replace_mode(&provided)?
         }
     };
     // A provided text argument that evaluates to Null counts as "".

@@ -401,7 +401,7 @@ fn replace_mode_precedence() {
         for &s in slots {
             v[s] = true;
         }
-        ReplaceMode::select(&v)
+        replace_mode(&v)
     };
     assert_eq!(sel(&[0, 1, 4, 6]).unwrap(), ReplaceMode::Template);
     assert_eq!(sel(&[0, 2, 3, 4, 5]).unwrap(), ReplaceMode::Fallback);
