@@ -19,6 +19,8 @@ use crate::model::{
 
 #[cfg(feature = "ldif")]
 pub mod ldif;
+#[cfg(feature = "graph")]
+pub mod graph;
 pub mod memory;
 
 /// An opaque, typed position in a system's change history: a DirSync cookie, a highest USN, a
