@@ -75,7 +75,6 @@ impl Request {
 /// A successful response.
 #[derive(Debug, Clone)]
 pub(crate) struct Response {
-    pub status: u16,
     pub body: Json,
 }
 
@@ -278,7 +277,7 @@ impl Client {
         attempt: u32,
     ) -> Verdict {
         if (200..300).contains(&status) {
-            return Verdict::Done(Ok(Response { status, body }));
+            return Verdict::Done(Ok(Response { body }));
         }
         let e = error_from(req.method.as_str(), &req.path, status, &body, retry_after);
         let s = &self.stats;
