@@ -122,9 +122,15 @@ pub struct GraphConfig {
     pub tenant: String,
     /// The application (client) id.
     pub client_id: String,
-    /// The credential.
-    #[serde(flatten)]
-    pub credential: CredentialConfig,
+    /// The client secret (or use a certificate).
+    #[serde(default)]
+    pub client_secret: Option<Secret>,
+    /// The certificate (PEM), for a signed client assertion.
+    #[serde(default)]
+    pub certificate_path: Option<PathBuf>,
+    /// The certificate's private key (PEM); default: the certificate file.
+    #[serde(default)]
+    pub private_key_path: Option<PathBuf>,
     /// The identity platform authority (national clouds, the emulator).
     #[serde(default = "default_authority")]
     pub authority: String,
@@ -175,7 +181,9 @@ impl GraphConfig {
         GraphConfig {
             tenant: tenant.into(),
             client_id: client_id.into(),
-            credential,
+            client_secret: credential.client_secret,
+            certificate_path: credential.certificate_path,
+            private_key_path: credential.private_key_path,
             authority: default_authority(),
             graph_url: default_graph_url(),
             scope: None,
@@ -290,7 +298,12 @@ fn enc(s: &str) -> String {
 impl GraphTarget {
     /// A target from its configuration (reads the certificate files, if any).
     pub fn new(name: &str, config: GraphConfig) -> Result<GraphTarget, ConnectorError> {
-        let credential = config.credential.load()?;
+        let credential = CredentialConfig {
+            client_secret: config.client_secret.clone(),
+            certificate_path: config.certificate_path.clone(),
+            private_key_path: config.private_key_path.clone(),
+        }
+        .load()?;
         GraphTarget::with_credential(name, config, credential)
     }
 
