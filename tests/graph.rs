@@ -380,7 +380,7 @@ async fn a_run_with_a_fifth_of_requests_throttled_loses_and_duplicates_nothing()
     assert_eq!(rec.count("create") + rec.count("update"), 0, "{rec:?}");
 
     // A user leaves: disabled, not deleted.
-    source.remove(&"u3".into()).unwrap();
+    source.delete(&"u3".into()).unwrap();
     let r = sync.run_cycle().await.unwrap();
     assert!(r.failures.is_empty(), "{:?}", r.failures);
     let u3 = emu.users().into_values().find(|u| u["mailNickname"] == "user3").unwrap();
