@@ -423,3 +423,71 @@ async fn ad_ldif_to_entra_end_to_end() {
     let again = sync.run_cycle().await.unwrap();
     assert_eq!(again.count("create") + again.count("update"), 0);
 }
+
+/// Builds the `sync` example with the `graph` feature and returns its path.
+fn build_sync() -> std::path::PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--features",
+            "graph",
+            "--example",
+            "sync",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "building the sync example failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "sync")
+        .and_then(|m| m["executable"].as_str().map(std::path::PathBuf::from))
+        .expect("the sync executable")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_example_provisions_entra_from_the_example_config() {
+    let emu = GraphEmulator::start().await.unwrap();
+    emu.register_secret("00000000-0000-0000-0000-000000000000", "replace-me");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/examples/config/ad-to-entra.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = text
+        .replace("https://login.microsoftonline.com", &emu.authority())
+        .replace("https://graph.microsoft.com/v1.0", &emu.graph_url())
+        .replace("\"../rules/", &format!("\"{root}/examples/rules/"))
+        .replace("\"../data/", &format!("\"{root}/examples/data/"))
+        .replace(
+            "\"../../target/sync-example/entra-state.sqlite\"",
+            &format!("{:?}", dir.path().join("state.sqlite")),
+        );
+    let cfg = dir.path().join("ad-to-entra.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let exe = tokio::task::spawn_blocking(build_sync).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "sync run failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(emu.users().len() >= 20);
+    assert!(emu
+        .users()
+        .values()
+        .any(|u| u["userPrincipalName"] == "alovelace@contoso.com"));
+    assert!(!emu.groups().is_empty());
+}
