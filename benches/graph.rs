@@ -6,6 +6,8 @@
 //!
 //! `cargo bench --features graph --bench graph` (`DIRSYNC_BENCH_USERS` sets the user count).
 
+#![allow(clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,7 +54,10 @@ async fn run(users: usize) {
             )
             .expect("add");
     }
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/rules/ad-to-entra.toml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/rules/ad-to-entra.toml"
+    );
     let rules = RuleSet::from_toml(&std::fs::read_to_string(path).expect("rules"), Some(path))
         .expect("rules load");
     let mut sync = Synchronizer::new(
@@ -71,7 +76,10 @@ async fn run(users: usize) {
     let e = emu.stats();
     let c = target.stats();
     let rate = e.writes as f64 / elapsed;
-    println!("graph export: {users} users, {} failures", report.failures.len());
+    println!(
+        "graph export: {users} users, {} failures",
+        report.failures.len()
+    );
     println!(
         "  writes accepted {} in {elapsed:.2} s = {rate:.2}/s; limit {LIMIT_PER_SECOND:.0}/s; sustained {:.1} % of the limit",
         e.writes,

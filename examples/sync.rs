@@ -627,7 +627,9 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/ldif-to-ldif.toml");
         let (config, _) = load_config(&path).ok().unwrap();
         assert!(matches!(config.source, SourceConfig::Ldif { .. }));
-        let TargetConfig::Ldif { object_types, .. } = &config.target else {
+        #[allow(irrefutable_let_patterns)]
+        let TargetConfig::Ldif { object_types, .. } = &config.target
+        else {
             panic!("an LDIF target");
         };
         assert_eq!(object_types.len(), 2);

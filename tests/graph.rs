@@ -2,6 +2,8 @@
 //! delete and restore, large groups through `$batch`, throttling, stale delta links, token
 //! expiry, replication delay, and AD (LDIF) → Entra through the engine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,11 +32,17 @@ fn attrs(pairs: &[(&str, Value)]) -> Attributes {
 
 fn user(n: usize) -> Attributes {
     attrs(&[
-        ("userPrincipalName", Value::string(format!("user{n}@contoso.com"))),
+        (
+            "userPrincipalName",
+            Value::string(format!("user{n}@contoso.com")),
+        ),
         ("displayName", Value::string(format!("User {n}"))),
         ("mailNickname", Value::string(format!("user{n}"))),
         ("employeeId", Value::string(format!("E{n:05}"))),
-        ("onPremisesImmutableId", Value::string(format!("anchor-{n}"))),
+        (
+            "onPremisesImmutableId",
+            Value::string(format!("anchor-{n}")),
+        ),
         (
             "onPremisesExtensionAttributes.extensionAttribute1",
             Value::string(format!("CC{n}")),
@@ -73,7 +81,10 @@ async fn users_create_join_update_disable_delete_restore() {
     let id = apply1(&t, create("user", user(1))).await.unwrap();
     let stored = &emu.users()[&id];
     assert_eq!(stored["userPrincipalName"], "user1@contoso.com");
-    assert!(stored.get("passwordProfile").is_none(), "the emulator keeps no password");
+    assert!(
+        stored.get("passwordProfile").is_none(),
+        "the emulator keeps no password"
+    );
 
     // Join by each supported attribute (with a quote in one value).
     let ty = ObjectType::new("user");
@@ -82,7 +93,10 @@ async fn users_create_join_update_disable_delete_restore() {
         ("mailNickname", Value::string("user1")),
         ("employeeId", Value::string("E00001")),
         ("onPremisesImmutableId", Value::string("anchor-1")),
-        ("onPremisesExtensionAttributes.extensionAttribute1", Value::string("CC1")),
+        (
+            "onPremisesExtensionAttributes.extensionAttribute1",
+            Value::string("CC1"),
+        ),
         (EXT, Value::string("cost'1")),
         ("displayName", Value::string("User 1")),
         ("id", Value::string(id.clone())),
@@ -105,11 +119,17 @@ async fn users_create_join_update_disable_delete_restore() {
     // A second user with the same UPN is refused as AlreadyExists.
     let mut dup = user(2);
     dup.set("userPrincipalName", Values::one("user1@contoso.com"));
-    assert_eq!(apply1(&t, create("user", dup)).await, Err(ErrorKind::AlreadyExists));
+    assert_eq!(
+        apply1(&t, create("user", dup)).await,
+        Err(ErrorKind::AlreadyExists)
+    );
     // Unknown property: Graph's 400, a constraint error (nothing created).
     let mut bad = user(3);
     bad.set("favouriteColour", Values::one("red"));
-    assert_eq!(apply1(&t, create("user", bad)).await, Err(ErrorKind::Config));
+    assert_eq!(
+        apply1(&t, create("user", bad)).await,
+        Err(ErrorKind::Config)
+    );
 
     // Update: only the changed property is sent; disable.
     let update = TargetOperation::Update {
@@ -163,7 +183,10 @@ async fn groups_with_hundreds_of_members_through_batches() {
     let before = emu.stats().batches;
     let gid = apply1(&t, create("group", g)).await.unwrap();
     assert_eq!(emu.members(&gid).len(), 250);
-    assert!(emu.stats().batches - before >= 1, "members went through $batch");
+    assert!(
+        emu.stats().batches - before >= 1,
+        "members went through $batch"
+    );
     assert_eq!(emu.groups()[&gid]["securityEnabled"], true);
 
     // Remove 200, add the other 50 (value-level diff, never a rewrite).
@@ -173,11 +196,19 @@ async fn groups_with_hundreds_of_members_through_batches() {
         changes: vec![
             AttributeChange::remove(
                 "members",
-                ids[..200].iter().cloned().map(Value::target_ref).collect::<Values>(),
+                ids[..200]
+                    .iter()
+                    .cloned()
+                    .map(Value::target_ref)
+                    .collect::<Values>(),
             ),
             AttributeChange::add(
                 "members",
-                ids[250..].iter().cloned().map(Value::target_ref).collect::<Values>(),
+                ids[250..]
+                    .iter()
+                    .cloned()
+                    .map(Value::target_ref)
+                    .collect::<Values>(),
             ),
         ],
     };
@@ -292,17 +323,19 @@ async fn certificate_credential_signs_a_client_assertion() {
     let t = GraphTarget::new("entra", cfg.clone()).unwrap();
     apply1(&t, create("user", user(1))).await.unwrap();
     // A wrong key is refused as an authentication error.
-    let other = GraphTarget::with_credential(
-        "entra",
-        cfg,
-        Credential::Secret("guess".into()),
-    )
-    .unwrap();
-    assert_eq!(apply1(&other, create("user", user(2))).await, Err(ErrorKind::Auth));
+    let other =
+        GraphTarget::with_credential("entra", cfg, Credential::Secret("guess".into())).unwrap();
+    assert_eq!(
+        apply1(&other, create("user", user(2))).await,
+        Err(ErrorKind::Auth)
+    );
 }
 
 fn rules() -> Arc<RuleSet> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/rules/ad-to-entra.toml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/rules/ad-to-entra.toml"
+    );
     let text = std::fs::read_to_string(path).unwrap();
     Arc::new(RuleSet::from_toml(&text, Some(path)).unwrap())
 }
@@ -366,15 +399,25 @@ async fn a_run_with_a_fifth_of_requests_throttled_loses_and_duplicates_nothing()
     assert_eq!(groups.len(), 1);
     let gid = groups.keys().next().unwrap();
     assert_eq!(emu.members(gid).len(), n);
-    let u = users.values().find(|u| u["mailNickname"] == "user7").unwrap();
+    let u = users
+        .values()
+        .find(|u| u["mailNickname"] == "user7")
+        .unwrap();
     assert_eq!(u["userPrincipalName"], "user7@contoso.com");
-    assert_eq!(u["onPremisesExtensionAttributes"]["extensionAttribute1"], "CC7-Eng");
+    assert_eq!(
+        u["onPremisesExtensionAttributes"]["extensionAttribute1"],
+        "CC7-Eng"
+    );
     assert_eq!(u["accountEnabled"], true);
     assert_eq!(u["businessPhones"], json!(["+1 425 555 0100"]));
 
     // Nothing left to do; a reconcile against the target's delta read finds no drift.
     let again = sync.run_cycle().await.unwrap();
-    assert_eq!(again.count("create") + again.count("update"), 0, "{again:?}");
+    assert_eq!(
+        again.count("create") + again.count("update"),
+        0,
+        "{again:?}"
+    );
     emu.set_faults(Faults::default());
     let rec = sync.reconcile().await.unwrap();
     assert_eq!(rec.count("create") + rec.count("update"), 0, "{rec:?}");
@@ -383,7 +426,11 @@ async fn a_run_with_a_fifth_of_requests_throttled_loses_and_duplicates_nothing()
     source.delete(&"u3".into()).unwrap();
     let r = sync.run_cycle().await.unwrap();
     assert!(r.failures.is_empty(), "{:?}", r.failures);
-    let u3 = emu.users().into_values().find(|u| u["mailNickname"] == "user3").unwrap();
+    let u3 = emu
+        .users()
+        .into_values()
+        .find(|u| u["mailNickname"] == "user3")
+        .unwrap();
     assert_eq!(u3["accountEnabled"], false);
 }
 
@@ -411,7 +458,10 @@ async fn ad_ldif_to_entra_end_to_end() {
         .values()
         .find(|u| u["userPrincipalName"] == "alovelace@contoso.com")
         .unwrap();
-    assert_eq!(ada["onPremisesImmutableId"], "3beada78-33b2-56dc-9572-e75f55bf426b");
+    assert_eq!(
+        ada["onPremisesImmutableId"],
+        "3beada78-33b2-56dc-9572-e75f55bf426b"
+    );
     assert_eq!(ada["jobTitle"], "Engineering Director");
     assert_eq!(ada["employeeId"], "E10026");
     let eng = emu

@@ -17,10 +17,10 @@ use crate::model::{
     AttrName, AttributeChange, Attributes, Change, Entry, ObjectType, TargetId, TargetObject, Value,
 };
 
-#[cfg(feature = "ldif")]
-pub mod ldif;
 #[cfg(feature = "graph")]
 pub mod graph;
+#[cfg(feature = "ldif")]
+pub mod ldif;
 pub mod memory;
 
 /// An opaque, typed position in a system's change history: a DirSync cookie, a highest USN, a

@@ -151,8 +151,13 @@ impl CertificateCredential {
         let mut sig = vec![0u8; self.key.public().modulus_len()];
         self.key
             .sign(&RSA_PKCS1_SHA256, &rng, signing_input.as_bytes(), &mut sig)
-            .map_err(|_| ConnectorError::new(ErrorKind::Other, "signing the client assertion failed"))?;
-        Ok(Secret(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig))))
+            .map_err(|_| {
+                ConnectorError::new(ErrorKind::Other, "signing the client assertion failed")
+            })?;
+        Ok(Secret(format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(sig)
+        )))
     }
 }
 
@@ -266,7 +271,10 @@ impl TokenProvider {
             ));
         }
         let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
-            ConnectorError::new(ErrorKind::Protocol, format!("token response unreadable: {e}"))
+            ConnectorError::new(
+                ErrorKind::Protocol,
+                format!("token response unreadable: {e}"),
+            )
         })?;
         let life = Duration::from_secs(t.expires_in.unwrap_or(3599));
         // Refresh `refresh_margin` before expiry, or at half-life for short-lived tokens.

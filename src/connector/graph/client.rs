@@ -143,7 +143,9 @@ impl Pacer {
         }
     }
     async fn acquire(&self) {
-        let Some(interval) = self.interval else { return };
+        let Some(interval) = self.interval else {
+            return;
+        };
         let slot = {
             let mut next = self.next.lock().await;
             let now = Instant::now();
@@ -218,9 +220,7 @@ pub(crate) fn error_from(
         404 => ErrorKind::NotFound,
         410 => ErrorKind::InvalidWatermark,
         409 | 412 => ErrorKind::Conflict,
-        _ if code == "syncStateNotFound" || code == "resyncRequired" => {
-            ErrorKind::InvalidWatermark
-        }
+        _ if code == "syncStateNotFound" || code == "resyncRequired" => ErrorKind::InvalidWatermark,
         400 if lower.contains("added object references already exist") => ErrorKind::ValueExists,
         400 if lower.contains("already exists") => ErrorKind::AlreadyExists,
         400 | 422 => ErrorKind::Constraint,
@@ -290,7 +290,9 @@ impl Client {
                 }
                 if attempt < self.retry.max_retries {
                     let backoff = Duration::from_millis(500) * 2u32.pow(attempt.min(6));
-                    let after = retry_after.unwrap_or(backoff).min(self.retry.max_retry_after);
+                    let after = retry_after
+                        .unwrap_or(backoff)
+                        .min(self.retry.max_retry_after);
                     return Verdict::Retry {
                         after,
                         throttled: status == 429,
@@ -470,7 +472,8 @@ impl Client {
                     Ok(a) => a,
                     Err(e) => {
                         for &i in chunk {
-                            out[i] = Some(Err(ConnectorError::new(e.kind(), e.message().to_string())));
+                            out[i] =
+                                Some(Err(ConnectorError::new(e.kind(), e.message().to_string())));
                         }
                         continue;
                     }
@@ -487,7 +490,9 @@ impl Client {
                     for &i in chunk {
                         match self.judge(&probe, status, retry_after, resp.clone(), attempts[i]) {
                             Verdict::Done(r) => out[i] = Some(r),
-                            Verdict::Retry { after, throttled, .. } => {
+                            Verdict::Retry {
+                                after, throttled, ..
+                            } => {
                                 attempts[i] += 1;
                                 self.count_retry(throttled);
                                 wait = wait.max(after);
@@ -542,7 +547,9 @@ impl Client {
                     let b = r.get("body").cloned().unwrap_or(Json::Null);
                     match self.judge(&reqs[i], st, ra, b, attempts[i]) {
                         Verdict::Done(res) => out[i] = Some(res),
-                        Verdict::Retry { after, throttled, .. } => {
+                        Verdict::Retry {
+                            after, throttled, ..
+                        } => {
                             attempts[i] += 1;
                             self.count_retry(throttled);
                             wait = wait.max(after);
@@ -559,7 +566,10 @@ impl Client {
         out.into_iter()
             .map(|o| {
                 o.unwrap_or_else(|| {
-                    Err(ConnectorError::new(ErrorKind::Other, "$batch: request not sent"))
+                    Err(ConnectorError::new(
+                        ErrorKind::Other,
+                        "$batch: request not sent",
+                    ))
                 })
             })
             .collect()
@@ -578,15 +588,36 @@ mod tests {
         let e = error_from("POST", "/users", 400, &body, None);
         assert_eq!(e.kind(), ErrorKind::AlreadyExists);
         assert!(e.message().contains("Request_BadRequest") && e.message().contains("r-1"));
-        let t = error_from("GET", "/users", 429, &json!({}), Some(Duration::from_secs(2)));
+        let t = error_from(
+            "GET",
+            "/users",
+            429,
+            &json!({}),
+            Some(Duration::from_secs(2)),
+        );
         assert!(t.is_throttled());
         assert_eq!(t.retry_after(), Some(Duration::from_secs(2)));
-        let g = error_from("GET", "/users/delta", 410, &json!({"error": {"code": "syncStateNotFound"}}), None);
+        let g = error_from(
+            "GET",
+            "/users/delta",
+            410,
+            &json!({"error": {"code": "syncStateNotFound"}}),
+            None,
+        );
         assert_eq!(g.kind(), ErrorKind::InvalidWatermark);
-        let v = error_from("PATCH", "/groups/1", 400, &json!({"error": {"message": "One or more added object references already exist for the following modified properties: 'members'."}}), None);
+        let v = error_from(
+            "PATCH",
+            "/groups/1",
+            400,
+            &json!({"error": {"message": "One or more added object references already exist for the following modified properties: 'members'."}}),
+            None,
+        );
         assert_eq!(v.kind(), ErrorKind::ValueExists);
         // Garbage bodies are errors, never panics.
-        assert_eq!(error_from("GET", "/x", 500, &json!([1, 2]), None).kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            error_from("GET", "/x", 500, &json!([1, 2]), None).kind(),
+            ErrorKind::Unavailable
+        );
     }
 
     #[test]

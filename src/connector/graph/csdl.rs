@@ -72,7 +72,10 @@ fn unqualify(name: &str) -> &str {
 }
 
 fn parse_type(t: &str, enums: &HashMap<String, Vec<String>>) -> EdmType {
-    if let Some(inner) = t.strip_prefix("Collection(").and_then(|s| s.strip_suffix(')')) {
+    if let Some(inner) = t
+        .strip_prefix("Collection(")
+        .and_then(|s| s.strip_suffix(')'))
+    {
         return EdmType::Collection(Box::new(parse_type(inner, enums)));
     }
     match t {
@@ -208,8 +211,7 @@ impl Schema {
         };
         for (k, v) in body {
             if k.contains('@') {
-                if k.starts_with('@') || k.ends_with("@odata.bind") || k.ends_with("@odata.type")
-                {
+                if k.starts_with('@') || k.ends_with("@odata.bind") || k.ends_with("@odata.type") {
                     continue;
                 }
                 return Err(format!("Invalid annotation '{k}'."));
@@ -269,12 +271,7 @@ impl Schema {
             },
             EdmType::OtherPrimitive(_) => Ok(()),
             EdmType::Enum(e) => match v {
-                J::String(s)
-                    if self
-                        .enums
-                        .get(e)
-                        .is_some_and(|m| m.iter().any(|x| x == s)) =>
-                {
+                J::String(s) if self.enums.get(e).is_some_and(|m| m.iter().any(|x| x == s)) => {
                     Ok(())
                 }
                 _ => wrong(&format!("microsoft.graph.{e}")),
@@ -384,9 +381,7 @@ mod tests {
         assert!(s
             .validate("group", &obj(json!({"members@odata.bind": ["x"]})))
             .is_ok());
-        assert!(s
-            .validate("user", &obj(json!({"birthday": null})))
-            .is_err());
+        assert!(s.validate("user", &obj(json!({"birthday": null}))).is_err());
     }
 
     #[test]

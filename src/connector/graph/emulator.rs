@@ -229,7 +229,9 @@ pub struct GraphEmulator {
 
 impl std::fmt::Debug for GraphEmulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GraphEmulator").field("base", &self.base).finish()
+        f.debug_struct("GraphEmulator")
+            .field("base", &self.base)
+            .finish()
     }
 }
 
@@ -250,15 +252,13 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(v) => {
+                    out.push(v);
+                    i += 2;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             c => out.push(c),
         }
         i += 1;
@@ -448,9 +448,10 @@ impl GraphEmulator {
 
     /// Registers an application with a certificate's RSA public key (PKCS #1 DER).
     pub fn register_certificate(&self, client_id: &str, public_key_der: &[u8]) {
-        lock(&self.state)
-            .clients
-            .insert(client_id.into(), ClientAuth::PublicKey(public_key_der.to_vec()));
+        lock(&self.state).clients.insert(
+            client_id.into(),
+            ClientAuth::PublicKey(public_key_der.to_vec()),
+        );
     }
 
     /// A target configuration for this emulator with a registered secret client, pacing off.
@@ -626,7 +627,11 @@ async fn serve(
             Ok(j) => Some(j),
             Err(e) => {
                 let mut s = lock(&st);
-                return response(s.error(400, "BadRequest", &format!("Unable to read JSON request payload: {e}")));
+                return response(s.error(
+                    400,
+                    "BadRequest",
+                    &format!("Unable to read JSON request payload: {e}"),
+                ));
             }
         }
     };
@@ -654,7 +659,12 @@ fn token(st: &Mutex<State>, path: &str, body: &[u8]) -> Answer {
         answer(status, json!({"error": error, "error_description": desc}))
     };
     if q(&form, "grant_type") != Some("client_credentials") {
-        return bad(&mut s, 400, "unsupported_grant_type", "AADSTS70003: The app requested an unsupported grant type.");
+        return bad(
+            &mut s,
+            400,
+            "unsupported_grant_type",
+            "AADSTS70003: The app requested an unsupported grant type.",
+        );
     }
     if !q(&form, "scope").is_some_and(|sc| sc.ends_with("/.default")) {
         return bad(&mut s, 400, "invalid_scope", "AADSTS1002012: The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.");
@@ -662,7 +672,12 @@ fn token(st: &Mutex<State>, path: &str, body: &[u8]) -> Answer {
     let client = q(&form, "client_id").unwrap_or("");
     let ok = match s.clients.get(client) {
         None => {
-            return bad(&mut s, 400, "unauthorized_client", "AADSTS700016: Application not found in the directory.")
+            return bad(
+                &mut s,
+                400,
+                "unauthorized_client",
+                "AADSTS700016: Application not found in the directory.",
+            )
         }
         Some(ClientAuth::Secret(secret)) => q(&form, "client_secret") == Some(secret.as_str()),
         Some(ClientAuth::PublicKey(key)) => {
@@ -674,7 +689,12 @@ fn token(st: &Mutex<State>, path: &str, body: &[u8]) -> Answer {
         }
     };
     if !ok {
-        return bad(&mut s, 401, "invalid_client", "AADSTS7000215: Invalid client secret or client assertion provided.");
+        return bad(
+            &mut s,
+            401,
+            "invalid_client",
+            "AADSTS7000215: Invalid client secret or client assertion provided.",
+        );
     }
     let life = s.faults.token_lifetime;
     let t = format!("emu.{}.{}", s.new_id(), s.new_id());
@@ -706,10 +726,16 @@ fn verify_assertion(jwt: &str, key: &[u8], client: &str, aud: &str) -> bool {
         && claims.get("aud").and_then(Json::as_str) == Some(aud)
         && claims.get("iss").and_then(Json::as_str) == Some(client)
         && claims.get("sub").and_then(Json::as_str) == Some(client)
-        && claims.get("exp").and_then(Json::as_i64).is_some_and(|e| e > now)
-        && ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, key)
-            .verify(format!("{h}.{c}").as_bytes(), &sig)
-            .is_ok()
+        && claims
+            .get("exp")
+            .and_then(Json::as_i64)
+            .is_some_and(|e| e > now)
+        && ring::signature::UnparsedPublicKey::new(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            key,
+        )
+        .verify(format!("{h}.{c}").as_bytes(), &sig)
+        .is_ok()
 }
 
 fn batch(s: &mut State, body: Option<Json>, now: Instant) -> Answer {
@@ -723,22 +749,37 @@ fn batch(s: &mut State, body: Option<Json>, now: Instant) -> Answer {
         return s.error(400, "BadRequest", "Invalid batch payload: no requests.");
     };
     if reqs.len() > 20 {
-        return s.error(400, "BadRequest", "Invalid batch payload format: the batch holds more than 20 requests.");
+        return s.error(
+            400,
+            "BadRequest",
+            "Invalid batch payload format: the batch holds more than 20 requests.",
+        );
     }
     let mut out = Vec::with_capacity(reqs.len());
     for r in reqs {
         let id = r.get("id").cloned().unwrap_or(Json::Null);
-        let method = r.get("method").and_then(Json::as_str).unwrap_or("GET").to_ascii_uppercase();
+        let method = r
+            .get("method")
+            .and_then(Json::as_str)
+            .unwrap_or("GET")
+            .to_ascii_uppercase();
         let url = r.get("url").and_then(Json::as_str).unwrap_or("");
         let url = url.strip_prefix("/v1.0").unwrap_or(url);
         let (path, query) = url.split_once('?').unwrap_or((url, ""));
         let eventual = r
             .get("headers")
             .and_then(|h| h.as_object())
-            .and_then(|h| h.iter().find(|(k, _)| k.eq_ignore_ascii_case("consistencylevel")))
+            .and_then(|h| {
+                h.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("consistencylevel"))
+            })
             .and_then(|(_, v)| v.as_str())
             .is_some_and(|v| v.eq_ignore_ascii_case("eventual"));
-        let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
         let a = exec(
             s,
             Ctx {
@@ -772,7 +813,11 @@ fn exec(s: &mut State, ctx: Ctx<'_>) -> Answer {
     }
     if f.unavailable_share > 0.0 && s.dice() < f.unavailable_share {
         s.stats.unavailable += 1;
-        let mut a = s.error(503, "serviceNotAvailable", "Service is temporarily unavailable.");
+        let mut a = s.error(
+            503,
+            "serviceNotAvailable",
+            "Service is temporarily unavailable.",
+        );
         a.retry_after = Some(f.retry_after_secs);
         return a;
     }
@@ -826,25 +871,47 @@ fn route(s: &mut State, ctx: &Ctx<'_>) -> Answer {
     match (ctx.method, segs.as_slice()) {
         ("GET", [c]) if kind_of(c).is_some() => list(s, ctx, kind_of(c).unwrap_or(Kind::User), c),
         ("POST", [c]) if kind_of(c).is_some() => create(s, ctx, kind_of(c).unwrap_or(Kind::User)),
-        ("GET", [c, "delta"]) if kind_of(c).is_some() => delta(s, ctx, kind_of(c).unwrap_or(Kind::User), c),
+        ("GET", [c, "delta"]) if kind_of(c).is_some() => {
+            delta(s, ctx, kind_of(c).unwrap_or(Kind::User), c)
+        }
         ("GET", [c, id]) if kind_of(c).is_some() => {
             let kind = kind_of(c).unwrap_or(Kind::User);
             if !s.visible(kind, id, ctx.now) {
                 return s.not_found(id);
             }
-            let o = s.coll(kind).get(*id).map(|o| o.data.clone()).unwrap_or_default();
-            answer(200, Json::Object(project(id, &o, q(&ctx.query, "$select"), kind)))
+            let o = s
+                .coll(kind)
+                .get(*id)
+                .map(|o| o.data.clone())
+                .unwrap_or_default();
+            answer(
+                200,
+                Json::Object(project(id, &o, q(&ctx.query, "$select"), kind)),
+            )
         }
-        ("PATCH", [c, id]) if kind_of(c).is_some() => patch(s, ctx, kind_of(c).unwrap_or(Kind::User), id),
-        ("DELETE", [c, id]) if kind_of(c).is_some() => delete(s, ctx, kind_of(c).unwrap_or(Kind::User), id),
+        ("PATCH", [c, id]) if kind_of(c).is_some() => {
+            patch(s, ctx, kind_of(c).unwrap_or(Kind::User), id)
+        }
+        ("DELETE", [c, id]) if kind_of(c).is_some() => {
+            delete(s, ctx, kind_of(c).unwrap_or(Kind::User), id)
+        }
         ("GET", ["groups", id, "members"]) => {
             if !s.visible(Kind::Group, id, ctx.now) {
                 return s.not_found(id);
             }
-            let ms: Vec<String> = s.members.get(*id).map(|m| m.iter().cloned().collect()).unwrap_or_default();
+            let ms: Vec<String> = s
+                .members
+                .get(*id)
+                .map(|m| m.iter().cloned().collect())
+                .unwrap_or_default();
             let items: Vec<(String, Json)> = ms
                 .into_iter()
-                .map(|m| (m.clone(), json!({"@odata.type": "#microsoft.graph.user", "id": m})))
+                .map(|m| {
+                    (
+                        m.clone(),
+                        json!({"@odata.type": "#microsoft.graph.user", "id": m}),
+                    )
+                })
                 .collect();
             page(s, ctx, &format!("groups/{id}/members"), items)
         }
@@ -856,7 +923,11 @@ fn route(s: &mut State, ctx: &Ctx<'_>) -> Answer {
                 .and_then(Json::as_str)
                 .map(|u| u.rsplit('/').next().unwrap_or(u).to_string())
             else {
-                return s.error(400, "Request_BadRequest", "The request body must hold @odata.id.");
+                return s.error(
+                    400,
+                    "Request_BadRequest",
+                    "The request body must hold @odata.id.",
+                );
             };
             add_members(s, ctx, id, &[m])
         }
@@ -876,14 +947,29 @@ fn route(s: &mut State, ctx: &Ctx<'_>) -> Answer {
                 None => None,
                 Some(f) => match parse_filter(f) {
                     Some(p) => Some(p),
-                    None => return s.error(400, "Request_UnsupportedQuery", "Unsupported or invalid query filter clause."),
+                    None => {
+                        return s.error(
+                            400,
+                            "Request_UnsupportedQuery",
+                            "Unsupported or invalid query filter clause.",
+                        )
+                    }
                 },
             };
             let items: Vec<(String, Json)> = s
                 .deleted
                 .iter()
-                .filter(|(_, (o, _))| filter.as_ref().is_none_or(|(p, v)| matches(at_path(&o.data, p), v)))
-                .map(|(id, (o, _))| (id.clone(), Json::Object(project(id, &o.data, q(&ctx.query, "$select"), Kind::User))))
+                .filter(|(_, (o, _))| {
+                    filter
+                        .as_ref()
+                        .is_none_or(|(p, v)| matches(at_path(&o.data, p), v))
+                })
+                .map(|(id, (o, _))| {
+                    (
+                        id.clone(),
+                        Json::Object(project(id, &o.data, q(&ctx.query, "$select"), Kind::User)),
+                    )
+                })
                 .collect();
             page(s, ctx, "directory/deletedItems/microsoft.graph.user", items)
         }
@@ -898,7 +984,10 @@ fn route(s: &mut State, ctx: &Ctx<'_>) -> Answer {
                 return s.not_found(id);
             };
             let upn = upn.clone();
-            let taken = s.users.values().any(|u| matches(u.data.get("userPrincipalName"), &upn));
+            let taken = s
+                .users
+                .values()
+                .any(|u| matches(u.data.get("userPrincipalName"), &upn));
             if taken {
                 return s.error(400, "Request_BadRequest", "Another object with the same value for property userPrincipalName already exists.");
             }
@@ -912,7 +1001,14 @@ fn route(s: &mut State, ctx: &Ctx<'_>) -> Answer {
             s.log(Kind::User, id, None);
             answer(200, Json::Object(view))
         }
-        _ => s.error(400, "BadRequest", &format!("Resource not found for the segment '{}'.", segs.first().unwrap_or(&""))),
+        _ => s.error(
+            400,
+            "BadRequest",
+            &format!(
+                "Resource not found for the segment '{}'.",
+                segs.first().unwrap_or(&"")
+            ),
+        ),
     }
 }
 
@@ -950,7 +1046,10 @@ fn page(s: &mut State, ctx: &Ctx<'_>, path: &str, items: Vec<(String, Json)>) ->
             out.insert("@odata.nextLink".into(), Json::String(link));
         }
     }
-    out.insert("value".into(), Json::Array(page.into_iter().map(|(_, v)| v).collect()));
+    out.insert(
+        "value".into(),
+        Json::Array(page.into_iter().map(|(_, v)| v).collect()),
+    );
     answer(200, Json::Object(out))
 }
 
@@ -972,7 +1071,13 @@ fn list(s: &mut State, ctx: &Ctx<'_>, kind: Kind, coll: &str) -> Answer {
                 }
                 Some((p, v))
             }
-            None => return s.error(400, "BadRequest", "Invalid filter clause: only 'property eq literal' is supported."),
+            None => {
+                return s.error(
+                    400,
+                    "BadRequest",
+                    "Invalid filter clause: only 'property eq literal' is supported.",
+                )
+            }
         },
     };
     let sel = q(&ctx.query, "$select");
@@ -981,13 +1086,22 @@ fn list(s: &mut State, ctx: &Ctx<'_>, kind: Kind, coll: &str) -> Answer {
         .coll(kind)
         .iter()
         .filter(|(_, o)| o.visible_at <= now)
-        .filter(|(_, o)| filter.as_ref().is_none_or(|(p, v)| matches(at_path(&o.data, p), v)))
+        .filter(|(_, o)| {
+            filter
+                .as_ref()
+                .is_none_or(|(p, v)| matches(at_path(&o.data, p), v))
+        })
         .map(|(id, o)| (id.clone(), Json::Object(project(id, &o.data, sel, kind))))
         .collect();
     page(s, ctx, coll, items)
 }
 
-fn unique_violation(s: &State, kind: Kind, body: &Map<String, Json>, except: Option<&str>) -> Option<&'static str> {
+fn unique_violation(
+    s: &State,
+    kind: Kind,
+    body: &Map<String, Json>,
+    except: Option<&str>,
+) -> Option<&'static str> {
     let c = match kind {
         Kind::User => &s.users,
         Kind::Group => &s.groups,
@@ -998,7 +1112,9 @@ fn unique_violation(s: &State, kind: Kind, body: &Map<String, Json>, except: Opt
     };
     for p in props {
         if let Some(v @ Json::String(_)) = body.get(*p) {
-            if c.iter().any(|(id, o)| Some(id.as_str()) != except && matches(o.data.get(*p), v)) {
+            if c.iter()
+                .any(|(id, o)| Some(id.as_str()) != except && matches(o.data.get(*p), v))
+            {
                 return Some(p);
             }
         }
@@ -1011,7 +1127,11 @@ fn binds(body: &Map<String, Json>) -> Result<Vec<String>, ()> {
         None => Ok(Vec::new()),
         Some(Json::Array(a)) => a
             .iter()
-            .map(|v| v.as_str().map(|u| u.rsplit('/').next().unwrap_or(u).to_string()).ok_or(()))
+            .map(|v| {
+                v.as_str()
+                    .map(|u| u.rsplit('/').next().unwrap_or(u).to_string())
+                    .ok_or(())
+            })
             .collect(),
         Some(_) => Err(()),
     }
@@ -1025,33 +1145,71 @@ fn create(s: &mut State, ctx: &Ctx<'_>, kind: Kind) -> Answer {
         return s.error(400, "Request_BadRequest", &m);
     }
     let required: &[&str] = match kind {
-        Kind::User => &["accountEnabled", "displayName", "mailNickname", "userPrincipalName", "passwordProfile"],
-        Kind::Group => &["displayName", "mailEnabled", "mailNickname", "securityEnabled"],
+        Kind::User => &[
+            "accountEnabled",
+            "displayName",
+            "mailNickname",
+            "userPrincipalName",
+            "passwordProfile",
+        ],
+        Kind::Group => &[
+            "displayName",
+            "mailEnabled",
+            "mailNickname",
+            "securityEnabled",
+        ],
     };
     for r in required {
         if body.get(*r).is_none_or(Json::is_null) {
-            return s.error(400, "Request_BadRequest", &format!("Invalid value specified for property '{r}' of resource '{}'.", kind.schema_name()));
+            return s.error(
+                400,
+                "Request_BadRequest",
+                &format!(
+                    "Invalid value specified for property '{r}' of resource '{}'.",
+                    kind.schema_name()
+                ),
+            );
         }
     }
     let mut members = Vec::new();
     match kind {
         Kind::User => {
-            let pw = body.get("passwordProfile").and_then(|p| p.get("password")).and_then(Json::as_str);
+            let pw = body
+                .get("passwordProfile")
+                .and_then(|p| p.get("password"))
+                .and_then(Json::as_str);
             if !pw.is_some_and(meets_complexity) {
                 return s.error(400, "Request_BadRequest", "The specified password does not comply with password complexity requirements. Please provide a different password.");
             }
-            if !body.get("userPrincipalName").and_then(Json::as_str).is_some_and(|u| u.contains('@') && !u.starts_with('@')) {
-                return s.error(400, "Request_BadRequest", "Invalid value specified for property 'userPrincipalName' of resource 'User'.");
+            if !body
+                .get("userPrincipalName")
+                .and_then(Json::as_str)
+                .is_some_and(|u| u.contains('@') && !u.starts_with('@'))
+            {
+                return s.error(
+                    400,
+                    "Request_BadRequest",
+                    "Invalid value specified for property 'userPrincipalName' of resource 'User'.",
+                );
             }
         }
         Kind::Group => {
-            let unified = body.get("groupTypes").and_then(Json::as_array).is_some_and(|a| a.iter().any(|t| t == "Unified"));
+            let unified = body
+                .get("groupTypes")
+                .and_then(Json::as_array)
+                .is_some_and(|a| a.iter().any(|t| t == "Unified"));
             if body.get("mailEnabled") == Some(&Json::Bool(true)) && !unified {
                 return s.error(400, "Request_BadRequest", "Creating mail-enabled security groups or distribution groups is not supported through Graph.");
             }
             members = match binds(&body) {
                 Ok(m) if m.len() <= 20 => m,
-                _ => return s.error(400, "Request_BadRequest", "members@odata.bind must be an array of at most 20 references."),
+                _ => {
+                    return s.error(
+                        400,
+                        "Request_BadRequest",
+                        "members@odata.bind must be an array of at most 20 references.",
+                    )
+                }
             };
             for m in &members {
                 if !s.any_visible(m, ctx.now) {
@@ -1061,20 +1219,30 @@ fn create(s: &mut State, ctx: &Ctx<'_>, kind: Kind) -> Answer {
         }
     }
     if let Some(p) = unique_violation(s, kind, &body, None) {
-        return s.error(400, "Request_BadRequest", &format!("Another object with the same value for property {p} already exists."));
+        return s.error(
+            400,
+            "Request_BadRequest",
+            &format!("Another object with the same value for property {p} already exists."),
+        );
     }
     let id = s.new_id();
     let mut data = body.clone();
     data.remove("passwordProfile");
     data.remove("members@odata.bind");
-    data.insert("createdDateTime".into(), Json::String(chrono::Utc::now().to_rfc3339()));
+    data.insert(
+        "createdDateTime".into(),
+        Json::String(chrono::Utc::now().to_rfc3339()),
+    );
     let view = project(&id, &data, None, kind);
     let visible_at = ctx.now + s.faults.visibility_delay;
     s.coll(kind).insert(id.clone(), Obj { data, visible_at });
     s.log(kind, &id, None);
     if kind == Kind::Group {
         let set = s.members.entry(id.clone()).or_default();
-        let fresh: Vec<String> = members.into_iter().filter(|m| set.insert(m.clone())).collect();
+        let fresh: Vec<String> = members
+            .into_iter()
+            .filter(|m| set.insert(m.clone()))
+            .collect();
         for m in fresh {
             s.log(kind, &id, Some(&m));
         }
@@ -1115,12 +1283,22 @@ fn patch(s: &mut State, ctx: &Ctx<'_>, kind: Kind, id: &str) -> Answer {
         return s.error(400, "Request_BadRequest", &m);
     }
     if let Some(p) = unique_violation(s, kind, &body, Some(id)) {
-        return s.error(400, "Request_BadRequest", &format!("Another object with the same value for property {p} already exists."));
+        return s.error(
+            400,
+            "Request_BadRequest",
+            &format!("Another object with the same value for property {p} already exists."),
+        );
     }
     if kind == Kind::Group && body.contains_key("members@odata.bind") {
         let members = match binds(&body) {
             Ok(m) if m.len() <= 20 => m,
-            _ => return s.error(400, "Request_BadRequest", "members@odata.bind must be an array of at most 20 references."),
+            _ => {
+                return s.error(
+                    400,
+                    "Request_BadRequest",
+                    "members@odata.bind must be an array of at most 20 references.",
+                )
+            }
         };
         let a = add_members(s, ctx, id, &members);
         if a.status >= 300 {
@@ -1159,11 +1337,21 @@ fn delete(s: &mut State, ctx: &Ctx<'_>, kind: Kind, id: &str) -> Answer {
     match kind {
         Kind::User => {
             // A soft-deleted user's UPN is prefixed with its id (without dashes), freeing it.
-            let upn = o.data.get("userPrincipalName").cloned().unwrap_or(Json::Null);
+            let upn = o
+                .data
+                .get("userPrincipalName")
+                .cloned()
+                .unwrap_or(Json::Null);
             if let Some(u) = upn.as_str() {
-                o.data.insert("userPrincipalName".into(), Json::String(format!("{}{u}", id.replace('-', ""))));
+                o.data.insert(
+                    "userPrincipalName".into(),
+                    Json::String(format!("{}{u}", id.replace('-', ""))),
+                );
             }
-            o.data.insert("deletedDateTime".into(), Json::String(chrono::Utc::now().to_rfc3339()));
+            o.data.insert(
+                "deletedDateTime".into(),
+                Json::String(chrono::Utc::now().to_rfc3339()),
+            );
             s.deleted.insert(id.to_string(), (o, upn));
         }
         Kind::Group => {
@@ -1175,45 +1363,78 @@ fn delete(s: &mut State, ctx: &Ctx<'_>, kind: Kind, id: &str) -> Answer {
 
 fn delta(s: &mut State, ctx: &Ctx<'_>, kind: Kind, coll: &str) -> Answer {
     // Tokens: `$deltatoken={generation}.{seq}`; `$skiptoken={generation}.{since|i}.{upto}.{after-id}`.
-    let gone = |s: &mut State| s.error(410, "syncStateNotFound", "The sync state is not found. Restart the sync from the beginning.");
-    let (since, upto, after): (Option<u64>, u64, String) = if let Some(t) = q(&ctx.query, "$deltatoken") {
-        let mut p = t.splitn(2, '.');
-        let (Some(Ok(g)), Some(Ok(seq))) = (p.next().map(str::parse::<u64>), p.next().map(str::parse::<u64>)) else {
-            return gone(s);
-        };
-        if g != s.generation || seq > s.seq {
-            return gone(s);
-        }
-        (Some(seq), s.seq, String::new())
-    } else if let Some(t) = q(&ctx.query, "$skiptoken") {
-        let p: Vec<&str> = t.splitn(4, '.').collect();
-        let [g, since, upto, after] = p.as_slice() else {
-            return gone(s);
-        };
-        if g.parse::<u64>().ok() != Some(s.generation) {
-            return gone(s);
-        }
-        let since = if *since == "i" { None } else {
-            match since.parse::<u64>() { Ok(v) => Some(v), Err(_) => return gone(s) }
-        };
-        let Ok(upto) = upto.parse::<u64>() else { return gone(s) };
-        (since, upto, after.to_string())
-    } else {
-        (None, s.seq, String::new())
+    let gone = |s: &mut State| {
+        s.error(
+            410,
+            "syncStateNotFound",
+            "The sync state is not found. Restart the sync from the beginning.",
+        )
     };
+    let (since, upto, after): (Option<u64>, u64, String) =
+        if let Some(t) = q(&ctx.query, "$deltatoken") {
+            let mut p = t.splitn(2, '.');
+            let (Some(Ok(g)), Some(Ok(seq))) = (
+                p.next().map(str::parse::<u64>),
+                p.next().map(str::parse::<u64>),
+            ) else {
+                return gone(s);
+            };
+            if g != s.generation || seq > s.seq {
+                return gone(s);
+            }
+            (Some(seq), s.seq, String::new())
+        } else if let Some(t) = q(&ctx.query, "$skiptoken") {
+            let p: Vec<&str> = t.splitn(4, '.').collect();
+            let [g, since, upto, after] = p.as_slice() else {
+                return gone(s);
+            };
+            if g.parse::<u64>().ok() != Some(s.generation) {
+                return gone(s);
+            }
+            let since = if *since == "i" {
+                None
+            } else {
+                match since.parse::<u64>() {
+                    Ok(v) => Some(v),
+                    Err(_) => return gone(s),
+                }
+            };
+            let Ok(upto) = upto.parse::<u64>() else {
+                return gone(s);
+            };
+            (since, upto, after.to_string())
+        } else {
+            (None, s.seq, String::new())
+        };
     let select = q(&ctx.query, "$select").map(str::to_string);
     let with_members = kind == Kind::Group
-        && select.as_deref().is_none_or(|x| x.split(',').any(|p| p.trim().eq_ignore_ascii_case("members")));
+        && select.as_deref().is_none_or(|x| {
+            x.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("members"))
+        });
     // The ids this page may hold, in order.
     let ids: BTreeSet<String> = match since {
-        None => s.coll(kind).iter().filter(|(_, o)| o.visible_at <= ctx.now).map(|(k, _)| k.clone()).collect(),
-        Some(from) => s.log.iter().filter(|e| e.seq > from && e.kind == kind).map(|e| e.id.clone()).collect(),
+        None => s
+            .coll(kind)
+            .iter()
+            .filter(|(_, o)| o.visible_at <= ctx.now)
+            .map(|(k, _)| k.clone())
+            .collect(),
+        Some(from) => s
+            .log
+            .iter()
+            .filter(|e| e.seq > from && e.kind == kind)
+            .map(|e| e.id.clone())
+            .collect(),
     };
     let top = s.page_size;
     let mut value = Vec::new();
     let mut last = None;
     let mut more = false;
-    for id in ids.iter().filter(|i| after.is_empty() || i.as_str() > after.as_str()) {
+    for id in ids
+        .iter()
+        .filter(|i| after.is_empty() || i.as_str() > after.as_str())
+    {
         if value.len() >= top {
             more = true;
             break;
@@ -1221,8 +1442,14 @@ fn delta(s: &mut State, ctx: &Ctx<'_>, kind: Kind, coll: &str) -> Answer {
         last = Some(id.clone());
         let obj = s.coll(kind).get(id).map(|o| o.data.clone());
         let Some(data) = obj else {
-            let reason = if kind == Kind::User && s.deleted.contains_key(id) { "changed" } else { "deleted" };
-            value.push(json!({"@odata.type": kind.odata_type(), "id": id, "@removed": {"reason": reason}}));
+            let reason = if kind == Kind::User && s.deleted.contains_key(id) {
+                "changed"
+            } else {
+                "deleted"
+            };
+            value.push(
+                json!({"@odata.type": kind.odata_type(), "id": id, "@removed": {"reason": reason}}),
+            );
             continue;
         };
         let mut item = project(id, &data, select.as_deref(), kind);
@@ -1230,9 +1457,14 @@ fn delta(s: &mut State, ctx: &Ctx<'_>, kind: Kind, coll: &str) -> Answer {
         if with_members {
             let current = s.members.get(id).cloned().unwrap_or_default();
             let md: Vec<Json> = match since {
-                None => current.iter().map(|m| json!({"@odata.type": "#microsoft.graph.user", "id": m})).collect(),
+                None => current
+                    .iter()
+                    .map(|m| json!({"@odata.type": "#microsoft.graph.user", "id": m}))
+                    .collect(),
                 Some(from) => {
-                    let touched: BTreeSet<&str> = s.log.iter()
+                    let touched: BTreeSet<&str> = s
+                        .log
+                        .iter()
                         .filter(|e| e.seq > from && e.kind == kind && e.id == *id)
                         .filter_map(|e| e.member.as_deref())
                         .collect();
@@ -1249,15 +1481,36 @@ fn delta(s: &mut State, ctx: &Ctx<'_>, kind: Kind, coll: &str) -> Answer {
         }
         value.push(Json::Object(item));
     }
-    let sel = select.as_deref().map(|x| format!("&$select={}", enc(x))).unwrap_or_default();
+    let sel = select
+        .as_deref()
+        .map(|x| format!("&$select={}", enc(x)))
+        .unwrap_or_default();
     let mut out = Map::new();
     if more {
         let since_s = since.map(|v| v.to_string()).unwrap_or_else(|| "i".into());
-        let tok = format!("{}.{since_s}.{upto}.{}", s.generation, last.unwrap_or_default());
-        out.insert("@odata.nextLink".into(), Json::String(format!("{}/v1.0/{coll}/delta?$skiptoken={}{sel}", s.base, enc(&tok))));
+        let tok = format!(
+            "{}.{since_s}.{upto}.{}",
+            s.generation,
+            last.unwrap_or_default()
+        );
+        out.insert(
+            "@odata.nextLink".into(),
+            Json::String(format!(
+                "{}/v1.0/{coll}/delta?$skiptoken={}{sel}",
+                s.base,
+                enc(&tok)
+            )),
+        );
     } else {
         let tok = format!("{}.{upto}", s.generation);
-        out.insert("@odata.deltaLink".into(), Json::String(format!("{}/v1.0/{coll}/delta?$deltatoken={}{sel}", s.base, enc(&tok))));
+        out.insert(
+            "@odata.deltaLink".into(),
+            Json::String(format!(
+                "{}/v1.0/{coll}/delta?$deltatoken={}{sel}",
+                s.base,
+                enc(&tok)
+            )),
+        );
     }
     out.insert("value".into(), Json::Array(value));
     answer(200, Json::Object(out))
@@ -1273,7 +1526,10 @@ mod tests {
             parse_filter("employeeId eq 'O''Brien'"),
             Some(("employeeId".into(), json!("O'Brien")))
         );
-        assert_eq!(parse_filter("accountEnabled eq true"), Some(("accountEnabled".into(), json!(true))));
+        assert_eq!(
+            parse_filter("accountEnabled eq true"),
+            Some(("accountEnabled".into(), json!(true)))
+        );
         assert_eq!(parse_filter("startswith(displayName,'a')"), None);
         assert_eq!(parse_filter("a eq 'unterminated"), None);
     }

@@ -28,10 +28,8 @@ pub fn parse_string_literal(literal: &str) -> Option<String> {
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars().peekable();
     while let Some(c) = chars.next() {
-        if c == '\'' {
-            if chars.next() != Some('\'') {
-                return None;
-            }
+        if c == '\'' && chars.next() != Some('\'') {
+            return None;
         }
         out.push(c);
     }
@@ -75,9 +73,14 @@ mod tests {
             ),
             "onPremisesExtensionAttributes/extensionAttribute1 eq 'a''b'"
         );
-        assert_eq!(eq("accountEnabled", &Value::Boolean(true)), "accountEnabled eq true");
+        assert_eq!(
+            eq("accountEnabled", &Value::Boolean(true)),
+            "accountEnabled eq true"
+        );
         assert_eq!(parse_string_literal("'a'b'"), None);
-        assert!(needs_advanced_query("onPremisesExtensionAttributes/extensionAttribute3"));
+        assert!(needs_advanced_query(
+            "onPremisesExtensionAttributes/extensionAttribute3"
+        ));
         assert!(!needs_advanced_query("employeeId"));
     }
 

@@ -32,10 +32,7 @@ pub fn set_path(body: &mut Map<String, Json>, path: &str, value: Json) {
 }
 
 fn bad(type_name: &str, attr: &str, what: String) -> ConnectorError {
-    ConnectorError::new(
-        ErrorKind::Constraint,
-        format!("{type_name}.{attr}: {what}"),
-    )
+    ConnectorError::new(ErrorKind::Constraint, format!("{type_name}.{attr}: {what}"))
 }
 
 fn convert(type_name: &str, attr: &str, v: &Value, ty: &EdmType) -> Result<Json, ConnectorError> {
@@ -74,7 +71,11 @@ fn convert(type_name: &str, attr: &str, v: &Value, ty: &EdmType) -> Result<Json,
 }
 
 /// The Graph path and JSON value of attribute `attr` of a `type_name` (`user`, `group`).
-pub fn to_json(type_name: &str, attr: &str, values: &Values) -> Result<(String, Json), ConnectorError> {
+pub fn to_json(
+    type_name: &str,
+    attr: &str,
+    values: &Values,
+) -> Result<(String, Json), ConnectorError> {
     if is_extension_property(attr) {
         let j = match values.len() {
             0 => Json::Null,
@@ -186,7 +187,9 @@ mod tests {
         assert_eq!(j, json!(["+1 555"]));
         assert!(to_json("user", "passwordProfile", &Values::one("x")).is_err());
         assert_eq!(
-            to_json("user", "nosuch", &Values::one("x")).unwrap_err().kind(),
+            to_json("user", "nosuch", &Values::one("x"))
+                .unwrap_err()
+                .kind(),
             ErrorKind::Config
         );
         assert!(to_json("user", "accountEnabled", &Values::one("maybe")).is_err());

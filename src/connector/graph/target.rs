@@ -24,8 +24,8 @@ use crate::connector::{
     Applied, ConnectorError, ErrorKind, Target, TargetCapabilities, TargetOperation, Watermark,
 };
 use crate::model::{
-    AttrName, AttributeChange, Attributes, ChangeOp, ObjectType, Reference, TargetId,
-    TargetObject, Value, Values,
+    AttrName, AttributeChange, Attributes, ChangeOp, ObjectType, Reference, TargetId, TargetObject,
+    Value, Values,
 };
 
 /// The watermark kind of a Graph deltaLink.
@@ -316,7 +316,9 @@ impl GraphTarget {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(config.timeout_secs.unwrap_or(60)))
             .build()
-            .map_err(|e| ConnectorError::new(ErrorKind::Config, format!("graph: HTTP client: {e}")))?;
+            .map_err(|e| {
+                ConnectorError::new(ErrorKind::Config, format!("graph: HTTP client: {e}"))
+            })?;
         let authority = config.authority.trim_end_matches('/');
         let token_url = format!("{authority}/{}/oauth2/v2.0/token", config.tenant);
         let scope = config.scope.clone().unwrap_or_else(|| {
@@ -369,15 +371,37 @@ impl GraphTarget {
     fn select(&self, kind: Kind) -> String {
         let mut s: Vec<&str> = match kind {
             Kind::User => vec![
-                "id", "accountEnabled", "displayName", "givenName", "surname", "mail",
-                "mailNickname", "userPrincipalName", "jobTitle", "department", "companyName",
-                "employeeId", "employeeType", "onPremisesImmutableId",
-                "onPremisesExtensionAttributes", "businessPhones", "mobilePhone",
-                "officeLocation", "city", "country", "usageLocation", "otherMails",
+                "id",
+                "accountEnabled",
+                "displayName",
+                "givenName",
+                "surname",
+                "mail",
+                "mailNickname",
+                "userPrincipalName",
+                "jobTitle",
+                "department",
+                "companyName",
+                "employeeId",
+                "employeeType",
+                "onPremisesImmutableId",
+                "onPremisesExtensionAttributes",
+                "businessPhones",
+                "mobilePhone",
+                "officeLocation",
+                "city",
+                "country",
+                "usageLocation",
+                "otherMails",
             ],
             Kind::Group => vec![
-                "id", "displayName", "description", "mailNickname", "mailEnabled",
-                "securityEnabled", "groupTypes",
+                "id",
+                "displayName",
+                "description",
+                "mailNickname",
+                "mailEnabled",
+                "securityEnabled",
+                "groupTypes",
             ],
         };
         let extra = match kind {
@@ -517,7 +541,10 @@ impl GraphTarget {
         loop {
             let Response { body, .. } = self.client.send(req.clone()).await?;
             let Json::Object(mut page) = body else {
-                return Err(protocol(format!("GET {}: the answer is not an object", req.path)));
+                return Err(protocol(format!(
+                    "GET {}: the answer is not an object",
+                    req.path
+                )));
             };
             match page.remove("value") {
                 Some(Json::Array(vals)) => {
@@ -527,7 +554,9 @@ impl GraphTarget {
                         }
                     }
                 }
-                Some(_) => return Err(protocol(format!("GET {}: value is not an array", req.path))),
+                Some(_) => {
+                    return Err(protocol(format!("GET {}: value is not an array", req.path)))
+                }
                 None => {}
             }
             if let Some(next) = page.get("@odata.nextLink").and_then(Json::as_str) {
@@ -548,7 +577,10 @@ impl GraphTarget {
     async fn members_of(&self, group: &str) -> Result<Vec<TargetId>, ConnectorError> {
         let req = self.request(
             Method::Get,
-            format!("/groups/{group}/members?$select=id&$top={}", self.config.page_size),
+            format!(
+                "/groups/{group}/members?$select=id&$top={}",
+                self.config.page_size
+            ),
             &[group],
         );
         let (items, _) = self.pages(req).await?;
@@ -573,22 +605,23 @@ impl GraphTarget {
         if !members.is_empty() {
             t.attributes.set(
                 "members",
-                members.into_iter().map(Value::target_ref).collect::<Values>(),
+                members
+                    .into_iter()
+                    .map(Value::target_ref)
+                    .collect::<Values>(),
             );
         }
         Ok(t)
     }
 
-    async fn create(
-        &self,
-        kind: Kind,
-        attributes: &Attributes,
-    ) -> Result<Applied, ConnectorError> {
+    async fn create(&self, kind: Kind, attributes: &Attributes) -> Result<Applied, ConnectorError> {
         let mut body = Self::body(kind, attributes)?;
         let id = match kind {
             Kind::User => {
                 if let Some(id) = self.restore(attributes, &body).await? {
-                    return Ok(Applied { id: TargetId::new(id) });
+                    return Ok(Applied {
+                        id: TargetId::new(id),
+                    });
                 }
                 body.entry("accountEnabled").or_insert(Json::Bool(true));
                 let has_password = body
@@ -597,7 +630,11 @@ impl GraphTarget {
                     .is_some_and(|p| p.is_string());
                 if !has_password {
                     let pw = random_password()?;
-                    set_path(&mut body, "passwordProfile.password", Json::String(pw.expose().to_string()));
+                    set_path(
+                        &mut body,
+                        "passwordProfile.password",
+                        Json::String(pw.expose().to_string()),
+                    );
                     set_path(
                         &mut body,
                         "passwordProfile.forceChangePasswordNextSignIn",
@@ -628,10 +665,16 @@ impl GraphTarget {
                 id
             }
         };
-        Ok(Applied { id: TargetId::new(id) })
+        Ok(Applied {
+            id: TargetId::new(id),
+        })
     }
 
-    async fn post_create(&self, kind: Kind, body: Map<String, Json>) -> Result<String, ConnectorError> {
+    async fn post_create(
+        &self,
+        kind: Kind,
+        body: Map<String, Json>,
+    ) -> Result<String, ConnectorError> {
         let resp = self
             .client
             .send(Request::new(Method::Post, kind.collection()).body(Json::Object(body)))
@@ -694,7 +737,11 @@ impl GraphTarget {
                 )
                 .await?;
         }
-        tracing::info!(id, key = key.as_str(), "deleted user restored instead of created");
+        tracing::info!(
+            id,
+            key = key.as_str(),
+            "deleted user restored instead of created"
+        );
         Ok(Some(id.to_string()))
     }
 
@@ -729,7 +776,8 @@ impl GraphTarget {
                 ChangeOp::Add | ChangeOp::Remove => {
                     // A collection property: Graph replaces it whole, so start from its value.
                     if current.is_none() {
-                        let (path, _) = to_json(kind.schema_name(), c.attribute.as_str(), &c.values)?;
+                        let (path, _) =
+                            to_json(kind.schema_name(), c.attribute.as_str(), &c.values)?;
                         let top = path.split('.').next().unwrap_or(&path).to_string();
                         let resp = self
                             .client
@@ -768,8 +816,12 @@ impl GraphTarget {
         if !body.is_empty() {
             self.client
                 .send(
-                    self.request(Method::Patch, format!("{}/{idc}", kind.collection()), &[idc])
-                        .body(Json::Object(body)),
+                    self.request(
+                        Method::Patch,
+                        format!("{}/{idc}", kind.collection()),
+                        &[idc],
+                    )
+                    .body(Json::Object(body)),
                 )
                 .await
                 .map_err(|e| e.with_object(id))?;
@@ -833,7 +885,8 @@ impl GraphTarget {
             }
         };
         let (items, delta) = self.pages(first).await?;
-        let delta = delta.ok_or_else(|| protocol("a delta query ended without a deltaLink".into()))?;
+        let delta =
+            delta.ok_or_else(|| protocol("a delta query ended without a deltaLink".into()))?;
         // One entry per object: a group can come back on several pages.
         let mut order: Vec<String> = Vec::new();
         let mut changes: HashMap<String, GraphChange> = HashMap::new();
@@ -847,14 +900,21 @@ impl GraphTarget {
                 if !changes.contains_key(&id) {
                     order.push(id.clone());
                 }
-                changes.insert(id.clone(), GraphChange::Removed { id: TargetId::new(id) });
+                changes.insert(
+                    id.clone(),
+                    GraphChange::Removed {
+                        id: TargetId::new(id),
+                    },
+                );
                 continue;
             }
             let mut added = Vec::new();
             let mut removed = Vec::new();
             if let Some(Json::Array(ms)) = o.get("members@delta") {
                 for m in ms {
-                    let Some(mid) = m.get("id").and_then(Json::as_str) else { continue };
+                    let Some(mid) = m.get("id").and_then(Json::as_str) else {
+                        continue;
+                    };
                     if m.get("@removed").is_some() {
                         removed.push(TargetId::new(mid));
                     } else {
@@ -864,7 +924,11 @@ impl GraphTarget {
             }
             let obj = Self::object(kind, &o)?;
             match changes.get_mut(&id) {
-                Some(GraphChange::Changed { object, members_added, members_removed }) => {
+                Some(GraphChange::Changed {
+                    object,
+                    members_added,
+                    members_removed,
+                }) => {
                     for (k, v) in obj.attributes.iter() {
                         object.attributes.set(k.clone(), v.clone());
                     }
@@ -888,7 +952,10 @@ impl GraphTarget {
         }
         let w = Watermark::new(WATERMARK_KIND, delta.into_bytes());
         lock(&self.watermarks).insert(kind.schema_name(), w.clone());
-        let out = order.into_iter().filter_map(|id| changes.remove(&id)).collect();
+        let out = order
+            .into_iter()
+            .filter_map(|id| changes.remove(&id))
+            .collect();
         Ok((out, w))
     }
 }
@@ -923,7 +990,10 @@ impl Target for GraphTarget {
                     if !members_added.is_empty() {
                         object.attributes.set(
                             "members",
-                            members_added.into_iter().map(Value::target_ref).collect::<Values>(),
+                            members_added
+                                .into_iter()
+                                .map(Value::target_ref)
+                                .collect::<Values>(),
                         );
                     }
                     Some(Ok(object))
@@ -942,7 +1012,12 @@ impl Target for GraphTarget {
         let kind = Kind::of(object_type)?;
         let req = self.request(
             Method::Get,
-            format!("{}/{}?$select={}", kind.collection(), id.as_str(), enc(&self.select(kind))),
+            format!(
+                "{}/{}?$select={}",
+                kind.collection(),
+                id.as_str(),
+                enc(&self.select(kind))
+            ),
             &[id.as_str()],
         );
         match self.client.send(req).await {
@@ -980,7 +1055,10 @@ impl Target for GraphTarget {
                 .ok_or_else(|| {
                     ConnectorError::new(
                         ErrorKind::Config,
-                        format!("join attribute {attribute} is not a property of {}", kind.schema_name()),
+                        format!(
+                            "join attribute {attribute} is not a property of {}",
+                            kind.schema_name()
+                        ),
                     )
                 })?
         };
