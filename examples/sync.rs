@@ -102,6 +102,11 @@ enum TargetConfig {
         #[serde(default)]
         max_batch: Option<usize>,
     },
+    /// Microsoft Entra ID through Microsoft Graph (cargo feature `graph`): `tenant`,
+    /// `client_id`, `client_secret` or `certificate_path` (+ `private_key_path`), `authority`,
+    /// `graph_url`, `writes_per_second`, … — see README.md, "The Graph target".
+    #[cfg(feature = "graph")]
+    Graph(dirsync::connector::graph::GraphConfig),
 }
 
 /// `[guard]`.
@@ -375,6 +380,15 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
             }
             Box::new(LdifNames::new(t))
         }
+        #[cfg(feature = "graph")]
+        TargetConfig::Graph(mut c) => {
+            c.certificate_path = c.certificate_path.map(|p| relative(base, &p));
+            c.private_key_path = c.private_key_path.map(|p| relative(base, &p));
+            Box::new(
+                dirsync::connector::graph::GraphTarget::new("entra", c)
+                    .map_err(|e| Fail::new(EXIT_CONFIG, format!("[target] graph: {e}")))?,
+            )
+        }
     };
     let state = relative(base, &config.state);
     parent_dir(&state, "state")?;
@@ -613,9 +627,25 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/ldif-to-ldif.toml");
         let (config, _) = load_config(&path).ok().unwrap();
         assert!(matches!(config.source, SourceConfig::Ldif { .. }));
-        let TargetConfig::Ldif { object_types, .. } = &config.target;
+        #[allow(irrefutable_let_patterns)]
+        let TargetConfig::Ldif { object_types, .. } = &config.target
+        else {
+            panic!("an LDIF target");
+        };
         assert_eq!(object_types.len(), 2);
         assert_eq!(config.engine.seed, 42);
+    }
+
+    #[cfg(feature = "graph")]
+    #[test]
+    fn the_entra_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/ad-to-entra.toml");
+        let (config, _) = load_config(&path).ok().unwrap();
+        let TargetConfig::Graph(g) = &config.target else {
+            panic!("a graph target");
+        };
+        assert_eq!(g.tenant, "contoso.onmicrosoft.com");
+        assert!(g.client_secret.is_some());
     }
 
     #[test]

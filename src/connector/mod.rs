@@ -17,6 +17,8 @@ use crate::model::{
     AttrName, AttributeChange, Attributes, Change, Entry, ObjectType, TargetId, TargetObject, Value,
 };
 
+#[cfg(feature = "graph")]
+pub mod graph;
 #[cfg(feature = "ldif")]
 pub mod ldif;
 pub mod memory;

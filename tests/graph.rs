@@ -1,0 +1,543 @@
+//! The Graph target against the in-process Graph emulator: users, joins, updates, disable,
+//! delete and restore, large groups through `$batch`, throttling, stale delta links, token
+//! expiry, replication delay, and AD (LDIF) → Entra through the engine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dirsync::connector::graph::emulator::{Faults, GraphEmulator};
+use dirsync::connector::graph::{
+    CertificateCredential, Credential, GraphChange, GraphConfig, GraphTarget,
+};
+use dirsync::connector::ldif::LdifSource;
+use dirsync::connector::memory::MemorySource;
+use dirsync::connector::{ErrorKind, Target, TargetOperation};
+use dirsync::engine::{EngineConfig, RetryPolicy, Synchronizer};
+use dirsync::model::{AttrName, AttributeChange, Attributes, Entry, ObjectType, Value, Values};
+use dirsync::rules::ruleset::RuleSet;
+use dirsync::state::MemoryStore;
+use futures::StreamExt;
+use serde_json::json;
+
+const EXT: &str = "extension_0123456789abcdef0123456789abcdef_costCenter";
+
+fn attrs(pairs: &[(&str, Value)]) -> Attributes {
+    pairs
+        .iter()
+        .map(|(k, v)| (*k, Values::one(v.clone())))
+        .collect()
+}
+
+fn user(n: usize) -> Attributes {
+    attrs(&[
+        (
+            "userPrincipalName",
+            Value::string(format!("user{n}@contoso.com")),
+        ),
+        ("displayName", Value::string(format!("User {n}"))),
+        ("mailNickname", Value::string(format!("user{n}"))),
+        ("employeeId", Value::string(format!("E{n:05}"))),
+        (
+            "onPremisesImmutableId",
+            Value::string(format!("anchor-{n}")),
+        ),
+        (
+            "onPremisesExtensionAttributes.extensionAttribute1",
+            Value::string(format!("CC{n}")),
+        ),
+        (EXT, Value::string(format!("cost'{n}"))),
+        ("accountEnabled", Value::Boolean(true)),
+    ])
+}
+
+fn create(object_type: &str, attributes: Attributes) -> TargetOperation {
+    TargetOperation::Create {
+        object_type: object_type.into(),
+        attributes,
+    }
+}
+
+async fn setup() -> (GraphEmulator, GraphTarget) {
+    let emu = GraphEmulator::start().await.unwrap();
+    let mut cfg = emu.config("app-1", "s3cret");
+    cfg.user_select = vec![EXT.to_string()];
+    let target = GraphTarget::new("entra", cfg).unwrap();
+    (emu, target)
+}
+
+async fn apply1(t: &GraphTarget, op: TargetOperation) -> Result<String, ErrorKind> {
+    t.apply(&[op])
+        .await
+        .remove(0)
+        .map(|a| a.id.as_str().to_string())
+        .map_err(|e| e.kind())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_create_join_update_disable_delete_restore() {
+    let (emu, t) = setup().await;
+    let id = apply1(&t, create("user", user(1))).await.unwrap();
+    let stored = &emu.users()[&id];
+    assert_eq!(stored["userPrincipalName"], "user1@contoso.com");
+    assert!(
+        stored.get("passwordProfile").is_none(),
+        "the emulator keeps no password"
+    );
+
+    // Join by each supported attribute (with a quote in one value).
+    let ty = ObjectType::new("user");
+    for (attr, value) in [
+        ("userPrincipalName", Value::string("USER1@contoso.com")),
+        ("mailNickname", Value::string("user1")),
+        ("employeeId", Value::string("E00001")),
+        ("onPremisesImmutableId", Value::string("anchor-1")),
+        (
+            "onPremisesExtensionAttributes.extensionAttribute1",
+            Value::string("CC1"),
+        ),
+        (EXT, Value::string("cost'1")),
+        ("displayName", Value::string("User 1")),
+        ("id", Value::string(id.clone())),
+    ] {
+        let found = t.find(&ty, &AttrName::new(attr), &value).await.unwrap();
+        assert_eq!(found.len(), 1, "join by {attr}");
+        assert_eq!(found[0].id.as_str(), id);
+        assert_eq!(
+            found[0].attributes.first_str(EXT),
+            Some("cost'1"),
+            "extension read back"
+        );
+    }
+    let none = t
+        .find(&ty, &AttrName::new("employeeId"), &Value::string("nobody"))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+
+    // A second user with the same UPN is refused as AlreadyExists.
+    let mut dup = user(2);
+    dup.set("userPrincipalName", Values::one("user1@contoso.com"));
+    assert_eq!(
+        apply1(&t, create("user", dup)).await,
+        Err(ErrorKind::AlreadyExists)
+    );
+    // Unknown property: Graph's 400, a constraint error (nothing created).
+    let mut bad = user(3);
+    bad.set("favouriteColour", Values::one("red"));
+    assert_eq!(
+        apply1(&t, create("user", bad)).await,
+        Err(ErrorKind::Config)
+    );
+
+    // Update: only the changed property is sent; disable.
+    let update = TargetOperation::Update {
+        id: id.as_str().into(),
+        object_type: "user".into(),
+        changes: vec![
+            AttributeChange::replace("jobTitle", Values::one("Engineer")),
+            AttributeChange::add("businessPhones", Values::one("+1 555 0100")),
+            AttributeChange::replace("accountEnabled", Values::one(Value::Boolean(false))),
+        ],
+    };
+    apply1(&t, update).await.unwrap();
+    let u = &emu.users()[&id];
+    assert_eq!(u["jobTitle"], "Engineer");
+    assert_eq!(u["accountEnabled"], false);
+    assert_eq!(u["businessPhones"], json!(["+1 555 0100"]));
+    assert_eq!(u["displayName"], "User 1", "untouched");
+
+    // Delete: soft-deleted, UPN freed.
+    let del = TargetOperation::Delete {
+        id: id.as_str().into(),
+        object_type: "user".into(),
+    };
+    apply1(&t, del.clone()).await.unwrap();
+    assert!(emu.users().is_empty());
+    assert_eq!(emu.deleted_users().len(), 1);
+    assert_eq!(apply1(&t, del).await, Err(ErrorKind::NotFound));
+
+    // The anchor comes back: restored (same id), not duplicated.
+    let again = apply1(&t, create("user", user(1))).await.unwrap();
+    assert_eq!(again, id);
+    assert!(emu.deleted_users().is_empty());
+    assert_eq!(emu.users()[&id]["userPrincipalName"], "user1@contoso.com");
+    assert_eq!(emu.users().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_with_hundreds_of_members_through_batches() {
+    let (emu, t) = setup().await;
+    let mut ids = Vec::new();
+    let ops: Vec<_> = (0..300).map(|n| create("user", user(n))).collect();
+    for r in t.apply(&ops).await {
+        ids.push(r.unwrap().id);
+    }
+    let members: Values = ids[..250].iter().cloned().map(Value::target_ref).collect();
+    let mut g = attrs(&[
+        ("displayName", Value::string("Everyone")),
+        ("mailNickname", Value::string("everyone")),
+    ]);
+    g.set("members", members);
+    let before = emu.stats().batches;
+    let gid = apply1(&t, create("group", g)).await.unwrap();
+    assert_eq!(emu.members(&gid).len(), 250);
+    assert!(
+        emu.stats().batches - before >= 1,
+        "members went through $batch"
+    );
+    assert_eq!(emu.groups()[&gid]["securityEnabled"], true);
+
+    // Remove 200, add the other 50 (value-level diff, never a rewrite).
+    let update = TargetOperation::Update {
+        id: gid.as_str().into(),
+        object_type: "group".into(),
+        changes: vec![
+            AttributeChange::remove(
+                "members",
+                ids[..200]
+                    .iter()
+                    .cloned()
+                    .map(Value::target_ref)
+                    .collect::<Values>(),
+            ),
+            AttributeChange::add(
+                "members",
+                ids[250..]
+                    .iter()
+                    .cloned()
+                    .map(Value::target_ref)
+                    .collect::<Values>(),
+            ),
+        ],
+    };
+    apply1(&t, update.clone()).await.unwrap();
+    let now = emu.members(&gid);
+    assert_eq!(now.len(), 100);
+    assert!(ids[200..].iter().all(|i| now.contains(i.as_str())));
+    // Applying the same diff again converges (present adds and absent removes are done).
+    apply1(&t, update).await.unwrap();
+    assert_eq!(emu.members(&gid).len(), 100);
+
+    // Read back through the group delta query, members included.
+    let read: Vec<_> = t
+        .read(&ObjectType::new("group"))
+        .await
+        .unwrap()
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(read.len(), 1);
+    let g = read[0].as_ref().unwrap();
+    assert_eq!(g.attributes.get("members").map(|v| v.len()), Some(100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_reads_changes_and_a_stale_link_is_an_invalid_watermark() {
+    let (emu, t) = setup().await;
+    emu.set_page_size(7);
+    let ty = ObjectType::new("user");
+    let ops: Vec<_> = (0..20).map(|n| create("user", user(n))).collect();
+    let ids: Vec<String> = t
+        .apply(&ops)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().id.as_str().to_string())
+        .collect();
+    let all: Vec<_> = t.read(&ty).await.unwrap().collect::<Vec<_>>().await;
+    assert_eq!(all.len(), 20, "paged with nextLink");
+    let w = t.watermark(&ty).unwrap();
+    assert!(emu.edit_user(&ids[3], json!({"jobTitle": "Chief"})));
+    apply1(
+        &t,
+        TargetOperation::Delete {
+            id: ids[4].as_str().into(),
+            object_type: "user".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let (changes, w2) = t.read_changes(&ty, Some(&w)).await.unwrap();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert!(changes.iter().any(|c| matches!(c, GraphChange::Changed { object, .. }
+        if object.id.as_str() == ids[3] && object.attributes.first_str("jobTitle") == Some("Chief"))));
+    assert!(changes
+        .iter()
+        .any(|c| matches!(c, GraphChange::Removed { id } if id.as_str() == ids[4])));
+    let (none, _) = t.read_changes(&ty, Some(&w2)).await.unwrap();
+    assert!(none.is_empty());
+
+    emu.invalidate_delta_links();
+    let e = t.read_changes(&ty, Some(&w2)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidWatermark, "{e}");
+    assert!(e.message().contains("syncStateNotFound"));
+    // A full re-read works.
+    let (again, _) = t.read_changes(&ty, None).await.unwrap();
+    assert_eq!(again.len(), 19);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_expiring_mid_run_and_replication_delay() {
+    let (emu, t) = setup().await;
+    apply1(&t, create("user", user(1))).await.unwrap();
+    emu.expire_tokens();
+    apply1(&t, create("user", user(2))).await.unwrap();
+    assert_eq!(emu.stats().tokens, 2, "a new token after the 401");
+
+    emu.set_faults(Faults {
+        visibility_delay: Duration::from_millis(600),
+        ..Faults::default()
+    });
+    let id = apply1(&t, create("user", user(3))).await.unwrap();
+    // Right after the create the object is not visible yet: the 404 is retried.
+    let update = TargetOperation::Update {
+        id: id.as_str().into(),
+        object_type: "user".into(),
+        changes: vec![AttributeChange::replace("jobTitle", Values::one("New"))],
+    };
+    apply1(&t, update).await.unwrap();
+    assert_eq!(emu.users()[&id]["jobTitle"], "New");
+    assert!(t.stats().retries_not_throttled >= 1);
+    // An object this target did not create: a 404 is a 404.
+    let missing = TargetOperation::Update {
+        id: "00000000-0000-0000-0000-000000000000".into(),
+        object_type: "user".into(),
+        changes: vec![AttributeChange::replace("jobTitle", Values::one("x"))],
+    };
+    assert_eq!(apply1(&t, missing).await, Err(ErrorKind::NotFound));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_credential_signs_a_client_assertion() {
+    let emu = GraphEmulator::start().await.unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let cert = std::fs::read_to_string(format!("{dir}/graph-test-cert.pem")).unwrap();
+    let key = std::fs::read_to_string(format!("{dir}/graph-test-key.pem")).unwrap();
+    let cred = CertificateCredential::from_pem(&cert, &key).unwrap();
+    emu.register_certificate("app-cert", &cred.public_key_der());
+    let mut cfg: GraphConfig = emu.config("other", "x");
+    cfg.client_id = "app-cert".into();
+    cfg.client_secret = None;
+    cfg.certificate_path = Some(format!("{dir}/graph-test-cert.pem").into());
+    cfg.private_key_path = Some(format!("{dir}/graph-test-key.pem").into());
+    let t = GraphTarget::new("entra", cfg.clone()).unwrap();
+    apply1(&t, create("user", user(1))).await.unwrap();
+    // A wrong key is refused as an authentication error.
+    let other =
+        GraphTarget::with_credential("entra", cfg, Credential::Secret("guess".into())).unwrap();
+    assert_eq!(
+        apply1(&other, create("user", user(2))).await,
+        Err(ErrorKind::Auth)
+    );
+}
+
+fn rules() -> Arc<RuleSet> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/rules/ad-to-entra.toml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    Arc::new(RuleSet::from_toml(&text, Some(path)).unwrap())
+}
+
+fn ad_user(n: usize) -> Entry {
+    Entry::new(format!("u{n}"), "user")
+        .with("objectGUID", format!("00000000-0000-4000-8000-{n:012}"))
+        .with("userPrincipalName", format!("User{n}@contoso.com"))
+        .with("sAMAccountName", format!("user{n}"))
+        .with("givenName", "Test")
+        .with("sn", format!("User{n}"))
+        .with("employeeID", format!("E{n:05}"))
+        .with("extensionAttribute1", format!("CC{n}-Eng"))
+        .with("telephoneNumber", "+1 425 555 0100")
+        .with("userAccountControl", Value::Integer(512))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_with_a_fifth_of_requests_throttled_loses_and_duplicates_nothing() {
+    let emu = GraphEmulator::start().await.unwrap();
+    let t = GraphTarget::new("entra", emu.config("app-1", "s3cret")).unwrap();
+    let source = MemorySource::new("ad");
+    let n = 60;
+    for i in 0..n {
+        source.add(ad_user(i)).unwrap();
+    }
+    let mut group = Entry::new("g1", "group")
+        .with("sAMAccountName", "Staff")
+        .with("cn", "Staff");
+    for i in 0..n {
+        group = group.with("member", Value::anchor_ref(format!("u{i}")));
+    }
+    source.add(group).unwrap();
+    emu.set_faults(Faults {
+        throttle_share: 0.2,
+        retry_after_secs: 1,
+        seed: 11,
+        ..Faults::default()
+    });
+    let mut sync = Synchronizer::new(
+        Box::new(source.clone()),
+        Box::new(t.clone()),
+        Box::new(MemoryStore::new()),
+        rules(),
+        EngineConfig {
+            concurrency: 16,
+            retry: RetryPolicy {
+                max_attempts: 8,
+                base_delay: Duration::from_millis(50),
+                max_delay: Duration::from_secs(2),
+            },
+            ..EngineConfig::default()
+        },
+    );
+    let report = sync.run_cycle().await.unwrap();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(emu.stats().throttled_injected > 10, "{:?}", emu.stats());
+    let users = emu.users();
+    assert_eq!(users.len(), n, "nothing lost, nothing duplicated");
+    let groups = emu.groups();
+    assert_eq!(groups.len(), 1);
+    let gid = groups.keys().next().unwrap();
+    assert_eq!(emu.members(gid).len(), n);
+    let u = users
+        .values()
+        .find(|u| u["mailNickname"] == "user7")
+        .unwrap();
+    assert_eq!(u["userPrincipalName"], "user7@contoso.com");
+    assert_eq!(
+        u["onPremisesExtensionAttributes"]["extensionAttribute1"],
+        "CC7-Eng"
+    );
+    assert_eq!(u["accountEnabled"], true);
+    assert_eq!(u["businessPhones"], json!(["+1 425 555 0100"]));
+
+    // Nothing left to do; a reconcile against the target's delta read finds no drift.
+    let again = sync.run_cycle().await.unwrap();
+    assert_eq!(
+        again.count("create") + again.count("update"),
+        0,
+        "{again:?}"
+    );
+    emu.set_faults(Faults::default());
+    let rec = sync.reconcile().await.unwrap();
+    assert_eq!(rec.count("create") + rec.count("update"), 0, "{rec:?}");
+
+    // A user leaves: disabled, not deleted.
+    source.delete(&"u3".into()).unwrap();
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    let u3 = emu
+        .users()
+        .into_values()
+        .find(|u| u["mailNickname"] == "user3")
+        .unwrap();
+    assert_eq!(u3["accountEnabled"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ad_ldif_to_entra_end_to_end() {
+    let emu = GraphEmulator::start().await.unwrap();
+    let t = GraphTarget::new("entra", emu.config("app-1", "s3cret")).unwrap();
+    let ldif = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/data/corp.ldif");
+    let source_config: dirsync::connector::ldif::LdifSourceConfig = toml::from_str(
+        "anchor_attribute = \"objectGUID\"\nunmapped = \"skip\"\nbinary_attributes = [\"objectSid\"]\n",
+    )
+    .unwrap();
+    let mut sync = Synchronizer::new(
+        Box::new(LdifSource::new(ldif, source_config)),
+        Box::new(t),
+        Box::new(MemoryStore::new()),
+        rules(),
+        EngineConfig::default(),
+    );
+    let report = sync.run_cycle().await.unwrap();
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let users = emu.users();
+    assert!(users.len() >= 20, "{}", users.len());
+    let ada = users
+        .values()
+        .find(|u| u["userPrincipalName"] == "alovelace@contoso.com")
+        .unwrap();
+    assert_eq!(
+        ada["onPremisesImmutableId"],
+        "3beada78-33b2-56dc-9572-e75f55bf426b"
+    );
+    assert_eq!(ada["jobTitle"], "Engineering Director");
+    assert_eq!(ada["employeeId"], "E10026");
+    let eng = emu
+        .groups()
+        .into_iter()
+        .find(|(_, g)| g["mailNickname"] == "Engineering")
+        .unwrap();
+    assert!(emu.members(&eng.0).len() >= 7);
+    let again = sync.run_cycle().await.unwrap();
+    assert_eq!(again.count("create") + again.count("update"), 0);
+}
+
+/// Builds the `sync` example with the `graph` feature and returns its path.
+fn build_sync() -> std::path::PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--features",
+            "graph",
+            "--example",
+            "sync",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "building the sync example failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "sync")
+        .and_then(|m| m["executable"].as_str().map(std::path::PathBuf::from))
+        .expect("the sync executable")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_example_provisions_entra_from_the_example_config() {
+    let emu = GraphEmulator::start().await.unwrap();
+    emu.register_secret("00000000-0000-0000-0000-000000000000", "replace-me");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/examples/config/ad-to-entra.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = text
+        .replace("https://login.microsoftonline.com", &emu.authority())
+        .replace("https://graph.microsoft.com/v1.0", &emu.graph_url())
+        .replace("\"../rules/", &format!("\"{root}/examples/rules/"))
+        .replace("\"../data/", &format!("\"{root}/examples/data/"))
+        .replace(
+            "\"../../target/sync-example/entra-state.sqlite\"",
+            &format!("{:?}", dir.path().join("state.sqlite")),
+        );
+    let cfg = dir.path().join("ad-to-entra.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let exe = tokio::task::spawn_blocking(build_sync).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "sync run failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(emu.users().len() >= 20);
+    assert!(emu
+        .users()
+        .values()
+        .any(|u| u["userPrincipalName"] == "alovelace@contoso.com"));
+    assert!(!emu.groups().is_empty());
+}
