@@ -24,10 +24,10 @@ use crate::model::{
 pub enum PlanScope {
     /// Every object of the source mirror and every linked anchor (full sync).
     All,
-    /// These anchors (a delta's dirty set), plus the objects in the mirror that reference them.
-    /// An anchor missing from the mirror was deleted at the source; the planner cannot find who
-    /// referenced it by DN any more, so the caller includes those referrers (the state store marks
-    /// them dirty when it applies the delete).
+    /// These anchors (a delta's dirty set), plus the objects in the mirror that reference the
+    /// ones this plan creates or joins (their references to them are pending). Referrers of other
+    /// changes — a rename, a delete, a link that goes away — are the caller's to include: the
+    /// state store marks them dirty when it applies the change.
     Anchors(Vec<Anchor>),
 }
 
@@ -131,20 +131,35 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             t
         }
         PlanScope::Anchors(anchors) => {
-            let mut set: BTreeSet<&Anchor> = anchors.iter().collect();
-            for a in anchors {
-                for (referrer, _) in input.mirror.referrers(a) {
-                    set.insert(referrer);
-                }
-            }
-            let set: Vec<&Anchor> = set.into_iter().collect();
-            par_tally(&set, |a| {
+            let decide_anchor = |a: &&Anchor| {
                 let link = input.links.get(a);
                 (
                     decide(input, &ctx, a, input.mirror.get(a), link),
                     link.is_some(),
                 )
-            })
+            };
+            let set: BTreeSet<&Anchor> = anchors.iter().collect();
+            let list: Vec<&Anchor> = set.iter().copied().collect();
+            let mut tally = par_tally(&list, decide_anchor);
+            // The objects that reference an object this plan creates or joins must be planned
+            // with it (their references become pending ones). Objects whose link stays as it is
+            // keep their target id, so their referrers need nothing.
+            let mut extra: BTreeSet<&Anchor> = BTreeSet::new();
+            for p in &tally.pending {
+                if matches!(p.action, Action::Create | Action::Join { .. }) {
+                    for (referrer, _) in input.mirror.referrers(&p.anchor) {
+                        if !set.contains(referrer) {
+                            extra.insert(referrer);
+                        }
+                    }
+                }
+            }
+            if !extra.is_empty() {
+                let extra: Vec<&Anchor> = extra.into_iter().collect();
+                let more = par_tally(&extra, decide_anchor);
+                tally.absorb(more);
+            }
+            tally
         }
     };
 
@@ -246,7 +261,12 @@ impl Tally {
     }
 
     #[cfg(feature = "parallel")]
-    fn merge(mut self, mut other: Tally) -> Tally {
+    fn merge(mut self, other: Tally) -> Tally {
+        self.absorb(other);
+        self
+    }
+
+    fn absorb(&mut self, mut other: Tally) {
         self.stats.considered += other.stats.considered;
         self.stats.in_scope += other.stats.in_scope;
         self.stats.unchanged += other.stats.unchanged;
@@ -254,7 +274,6 @@ impl Tally {
         self.ops.append(&mut other.ops);
         self.issues.append(&mut other.issues);
         self.pending.append(&mut other.pending);
-        self
     }
 }
 
