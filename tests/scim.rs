@@ -505,3 +505,63 @@ async fn in_process_malformed_answer_is_a_protocol_error() {
     let e = t.get(&ObjectType::new("User"), &TargetId::new("x")).await.unwrap_err();
     assert!(e.is_retryable(), "{e}");
 }
+
+/// Builds the `sync` example with the `scim` feature and returns its path.
+fn build_sync() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--features", "scim", "--example", "sync", "--message-format=json-render-diagnostics"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "building the sync example failed");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<Json>(line) else { continue };
+        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "sync" {
+            if let Some(exe) = msg["executable"].as_str() {
+                return PathBuf::from(exe);
+            }
+        }
+    }
+    panic!("cargo did not report the sync example's executable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_server_ldif_to_scim_through_the_sync_example() {
+    let Some(srv) = server() else { return };
+    let exe = build_sync();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(root.join("examples/config/ad-to-scim.toml")).unwrap();
+    let config = shipped
+        .replace("../rules/ad-to-scim.toml", &root.join("examples/rules/ad-to-scim.toml").display().to_string())
+        .replace("../data/corp.ldif", &root.join("examples/data/corp.ldif").display().to_string())
+        .replace("../../target/sync-example/scim-state.sqlite", &dir.path().join("state.sqlite").display().to_string())
+        .replace("http://127.0.0.1:8080/v2", &srv.base);
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let run = || {
+        let out = Command::new(&exe)
+            .args(["--config", path.to_str().unwrap(), "run"])
+            .env("SCIM_TOKEN", TOKEN)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "sync run failed: {text}");
+        text
+    };
+    let first = run();
+    let all = users(&srv.base).await;
+    assert!(all.len() >= 5, "{first}");
+    assert!(all.iter().all(|u| u["externalId"].is_string() && u["userName"].is_string()), "{first}");
+    assert!(all.iter().any(|u| u["urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"]["employeeNumber"].is_string()));
+    let (_, groups) = raw("GET", &format!("{}/Groups", srv.base), None).await;
+    let groups = groups["Resources"].as_array().cloned().unwrap_or_default();
+    assert!(!groups.is_empty(), "{first}");
+    assert!(groups.iter().any(|g| g["members"].as_array().is_some_and(|m| !m.is_empty())), "{first}");
+    // A second run has nothing to create.
+    let before = all.len();
+    run();
+    assert_eq!(users(&srv.base).await.len(), before);
+}
