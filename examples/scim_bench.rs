@@ -35,7 +35,14 @@ fn start(bin: &str) -> Result<Server, String> {
         .map_err(|e| e.to_string())?
         .port();
     let child = Command::new(bin)
-        .args(["--hostname", "127.0.0.1", "--port", &port.to_string(), "--bearer-token", TOKEN])
+        .args([
+            "--hostname",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--bearer-token",
+            TOKEN,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -62,13 +69,18 @@ fn user(i: usize) -> Attributes {
 }
 
 fn changes(i: usize) -> Vec<AttributeChange> {
-    vec![AttributeChange::replace("displayName", Values::one(format!("User {i} (renamed)")))]
+    vec![AttributeChange::replace(
+        "displayName",
+        Values::one(format!("User {i} (renamed)")),
+    )]
 }
 
 async fn dirsync(base: &str, n: usize, c: usize) -> Result<(f64, f64), String> {
     let t = ScimTarget::new(ScimConfig {
         base_url: base.into(),
-        auth: ScimAuth::Bearer { token: Secret::new(TOKEN) },
+        auth: ScimAuth::Bearer {
+            token: Secret::new(TOKEN),
+        },
         // As the engine sends them: one operation per apply call, no bulk.
         bulk: false,
         etags: false,
@@ -81,7 +93,10 @@ async fn dirsync(base: &str, n: usize, c: usize) -> Result<(f64, f64), String> {
         .map(|i| {
             let t = &t;
             async move {
-                let op = TargetOperation::Create { object_type: "User".into(), attributes: user(i) };
+                let op = TargetOperation::Create {
+                    object_type: "User".into(),
+                    attributes: user(i),
+                };
                 match t.apply(std::slice::from_ref(&op)).await.pop() {
                     Some(Ok(a)) => Ok(a.id),
                     Some(Err(e)) => Err(e.to_string()),
@@ -99,8 +114,15 @@ async fn dirsync(base: &str, n: usize, c: usize) -> Result<(f64, f64), String> {
         .map(|(i, id)| {
             let t = &t;
             async move {
-                let op = TargetOperation::Update { id: id.clone(), object_type: "User".into(), changes: changes(i) };
-                t.apply(std::slice::from_ref(&op)).await.pop().is_some_and(|r| r.is_err())
+                let op = TargetOperation::Update {
+                    id: id.clone(),
+                    object_type: "User".into(),
+                    changes: changes(i),
+                };
+                t.apply(std::slice::from_ref(&op))
+                    .await
+                    .pop()
+                    .is_some_and(|r| r.is_err())
             }
         })
         .buffer_unordered(c)
@@ -126,11 +148,20 @@ async fn plain(base: &str, n: usize, c: usize) -> Result<(f64, f64), String> {
                     "displayName": format!("User {i}"), "name": {"givenName": format!("Given{i}")},
                     "active": true,
                 });
-                let r = http.post(format!("{base}/Users")).bearer_auth(TOKEN)
-                    .header("Content-Type", "application/scim+json").header("Accept", "application/scim+json")
-                    .body(body.to_string()).send().await.map_err(|e| e.to_string())?;
+                let r = http
+                    .post(format!("{base}/Users"))
+                    .bearer_auth(TOKEN)
+                    .header("Content-Type", "application/scim+json")
+                    .header("Accept", "application/scim+json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let j: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
-                j["id"].as_str().map(str::to_string).ok_or_else(|| format!("no id: {j}"))
+                j["id"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("no id: {j}"))
             }
         })
         .buffered(c)
@@ -163,8 +194,10 @@ async fn plain(base: &str, n: usize, c: usize) -> Result<(f64, f64), String> {
 
 #[tokio::main]
 async fn main() -> Result<(), String> {
-    let bin = std::env::var("DIRSYNC_SCIM2_SERVER")
-        .map_err(|_| "set DIRSYNC_SCIM2_SERVER to the scim2-server executable (scripts/bench-scim.sh does)".to_string())?;
+    let bin = std::env::var("DIRSYNC_SCIM2_SERVER").map_err(|_| {
+        "set DIRSYNC_SCIM2_SERVER to the scim2-server executable (scripts/bench-scim.sh does)"
+            .to_string()
+    })?;
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let c: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(8);
