@@ -3,7 +3,7 @@
 //! requests with the same concurrency in the same run. Prints both rates and the ratio.
 //!
 //! ```text
-//! scripts/bench-scim.sh            # installs scim2-server when missing, then runs this
+//! scripts/bench-scim.sh            # (default 10000 users, concurrency 4) installs scim2-server when missing, then runs this
 //! DIRSYNC_SCIM2_SERVER=… cargo run --release --features scim --example scim_bench -- [N] [CONCURRENCY]
 //! ```
 //!
@@ -136,7 +136,10 @@ async fn dirsync(base: &str, n: usize, c: usize) -> Result<(f64, f64), String> {
 }
 
 async fn plain(base: &str, n: usize, c: usize) -> Result<(f64, f64), String> {
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
     let t0 = Instant::now();
     let ids: Vec<Result<String, String>> = stream::iter(0..n)
         .map(|i| {
@@ -200,7 +203,7 @@ async fn main() -> Result<(), String> {
     })?;
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10_000);
-    let c: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(8);
+    let c: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(4);
     let s1 = start(&bin)?;
     let (pc, pu) = plain(&s1.1, n, c).await?;
     drop(s1);

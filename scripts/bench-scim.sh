@@ -2,7 +2,8 @@
 # The SCIM export benchmark (issue 6): dirsync's ScimTarget against a plain reqwest loop, both
 # sending to a local scim2-server with the same concurrency. Installs scim2-server when missing.
 #
-#   scripts/bench-scim.sh [USERS] [CONCURRENCY]      (default 10000 8)
+#   scripts/bench-scim.sh [USERS] [CONCURRENCY]      (default 10000 4: scim2-server's accept backlog is 5; more
+# concurrent connections make it drop SYNs, and both sides then wait on TCP retransmits)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.build/scim-venv
