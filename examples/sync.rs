@@ -107,6 +107,21 @@ enum TargetConfig {
     /// `graph_url`, `writes_per_second`, … — see README.md, "The Graph target".
     #[cfg(feature = "graph")]
     Graph(dirsync::connector::graph::GraphConfig),
+    /// A SCIM 2.0 service (needs the `scim` feature).
+    #[cfg(feature = "scim")]
+    Scim {
+        /// The connector's name in logs (default `scim`).
+        #[serde(default)]
+        name: Option<String>,
+        /// Read a bearer token from this environment variable (keeps it out of the file).
+        #[serde(default)]
+        bearer_token_env: Option<String>,
+        /// `base_url`, `auth`, `dialect`, `page_size`, `member_chunk`, `bulk`, `max_batch`,
+        /// `etags`, `read_members`, `timeout_secs`, `max_connections`, `ca_file`,
+        /// `unknown_extensions`.
+        #[serde(flatten)]
+        config: dirsync::connector::scim::ScimConfig,
+    },
 }
 
 /// `[guard]`.
@@ -389,6 +404,32 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
                     .map_err(|e| Fail::new(EXIT_CONFIG, format!("[target] graph: {e}")))?,
             )
         }
+        #[cfg(feature = "scim")]
+        TargetConfig::Scim {
+            name,
+            bearer_token_env,
+            mut config,
+        } => {
+            use dirsync::connector::scim::{ScimAuth, ScimTarget, Secret};
+            if let Some(var) = bearer_token_env {
+                let token = std::env::var(&var).map_err(|_| {
+                    Fail::new(
+                        EXIT_CONFIG,
+                        format!("[target] bearer_token_env: the variable {var} is not set"),
+                    )
+                })?;
+                config.auth = ScimAuth::Bearer {
+                    token: Secret::new(token),
+                };
+            }
+            config.ca_file = config.ca_file.map(|f| relative(base, &f));
+            let mut t = ScimTarget::new(config)
+                .map_err(|e| Fail::new(EXIT_CONFIG, format!("[target] {e}")))?;
+            if let Some(n) = name {
+                t = t.with_name(n);
+            }
+            Box::new(t)
+        }
     };
     let state = relative(base, &config.state);
     parent_dir(&state, "state")?;
@@ -630,7 +671,7 @@ mod tests {
         #[allow(irrefutable_let_patterns)]
         let TargetConfig::Ldif { object_types, .. } = &config.target
         else {
-            panic!("an LDIF target");
+            panic!("not an LDIF target");
         };
         assert_eq!(object_types.len(), 2);
         assert_eq!(config.engine.seed, 42);
@@ -646,6 +687,23 @@ mod tests {
         };
         assert_eq!(g.tenant, "contoso.onmicrosoft.com");
         assert!(g.client_secret.is_some());
+    }
+
+    #[cfg(feature = "scim")]
+    #[test]
+    fn the_scim_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config/ad-to-scim.toml");
+        let (config, _) = load_config(&path).ok().unwrap();
+        let TargetConfig::Scim {
+            config: scim,
+            bearer_token_env,
+            ..
+        } = &config.target
+        else {
+            panic!("not a SCIM target");
+        };
+        assert_eq!(scim.base_url, "http://127.0.0.1:8080/v2");
+        assert_eq!(bearer_token_env.as_deref(), Some("SCIM_TOKEN"));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub mod graph;
 #[cfg(feature = "ldif")]
 pub mod ldif;
 pub mod memory;
+#[cfg(feature = "scim")]
+pub mod scim;
 
 /// An opaque, typed position in a system's change history: a DirSync cookie, a highest USN, a
 /// syncrepl cookie, a Graph deltaLink. Only the connector that made it can interpret it.
