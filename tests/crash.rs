@@ -323,6 +323,9 @@ fn build_sync() -> PathBuf {
     let out = Command::new(cargo)
         .args([
             "build",
+            // The same features as the test build (and every other test that builds the
+            // example): one artifact, built once, never replaced under a running test.
+            "--all-features",
             "--example",
             "sync",
             "--message-format=json-render-diagnostics",

@@ -480,8 +480,9 @@ fn build_sync() -> std::path::PathBuf {
     let out = std::process::Command::new(cargo)
         .args([
             "build",
-            "--features",
-            "graph",
+            // The same features as the test build (and every other test that builds the
+            // example): one artifact, built once, never replaced under a running test.
+            "--all-features",
             "--example",
             "sync",
             "--message-format=json-render-diagnostics",
