@@ -127,36 +127,7 @@ impl MemoryStore {
 
     /// Validates a batch of changes against the mirror, as they would apply in order.
     fn check_changes(&self, changes: &[Change]) -> Result<(), StateError> {
-        let mut exists: HashMap<&Anchor, bool> = HashMap::new();
-        for c in changes {
-            let a = c.anchor();
-            let now = exists
-                .get(a)
-                .copied()
-                .unwrap_or_else(|| self.mirror.get(a).is_some());
-            match c {
-                Change::Add(_) | Change::Replace(_) => {
-                    exists.insert(a, true);
-                }
-                Change::Delete { .. } => {
-                    exists.insert(a, false);
-                }
-                Change::Modify { .. } if !now => {
-                    return Err(StateError::UnknownAnchor {
-                        anchor: a.clone(),
-                        change: "modify",
-                    })
-                }
-                Change::Move { .. } if !now => {
-                    return Err(StateError::UnknownAnchor {
-                        anchor: a.clone(),
-                        change: "move",
-                    })
-                }
-                Change::Modify { .. } | Change::Move { .. } => {}
-            }
-        }
-        Ok(())
+        super::check_changes(changes, |a| Ok(self.mirror.get(a).is_some()))
     }
 }
 

@@ -290,6 +290,43 @@ pub enum StateError {
     },
 }
 
+/// Validates a batch of changes as they would apply in order: a modify or move of an anchor
+/// that does not exist (in the mirror, `exists`, or after the batch's earlier changes) fails the
+/// whole batch. Shared by the stores.
+fn check_changes(
+    changes: &[Change],
+    mut exists: impl FnMut(&Anchor) -> Result<bool, StateError>,
+) -> Result<(), StateError> {
+    let mut seen: std::collections::HashMap<&Anchor, bool> = std::collections::HashMap::new();
+    for c in changes {
+        let a = c.anchor();
+        let now = match seen.get(a) {
+            Some(e) => *e,
+            None => exists(a)?,
+        };
+        match c {
+            Change::Add(_) | Change::Replace(_) => {
+                seen.insert(a, true);
+            }
+            Change::Delete { .. } => {
+                seen.insert(a, false);
+            }
+            Change::Modify { .. } | Change::Move { .. } if !now => {
+                return Err(StateError::UnknownAnchor {
+                    anchor: a.clone(),
+                    change: if matches!(c, Change::Move { .. }) {
+                        "move"
+                    } else {
+                        "modify"
+                    },
+                })
+            }
+            Change::Modify { .. } | Change::Move { .. } => {}
+        }
+    }
+    Ok(())
+}
+
 /// Where the engine keeps state between runs. See the [module documentation](self) for the
 /// promises every implementation keeps.
 ///

@@ -983,36 +983,7 @@ fn put_link(conn: &Connection, link: &Link) -> Result<(), StateError> {
 }
 
 fn check_changes(conn: &Connection, changes: &[Change]) -> Result<(), StateError> {
-    let mut exists: BTreeMap<&Anchor, bool> = BTreeMap::new();
-    for c in changes {
-        let a = c.anchor();
-        let now = match exists.get(a) {
-            Some(e) => *e,
-            None => row_state(conn, a)?.is_some(),
-        };
-        match c {
-            Change::Add(_) | Change::Replace(_) => {
-                exists.insert(a, true);
-            }
-            Change::Delete { .. } => {
-                exists.insert(a, false);
-            }
-            Change::Modify { .. } if !now => {
-                return Err(StateError::UnknownAnchor {
-                    anchor: a.clone(),
-                    change: "modify",
-                })
-            }
-            Change::Move { .. } if !now => {
-                return Err(StateError::UnknownAnchor {
-                    anchor: a.clone(),
-                    change: "move",
-                })
-            }
-            Change::Modify { .. } | Change::Move { .. } => {}
-        }
-    }
-    Ok(())
+    super::check_changes(changes, |a| Ok(row_state(conn, a)?.is_some()))
 }
 
 impl StateStore for SqliteStore {
