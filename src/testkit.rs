@@ -114,6 +114,59 @@ impl Projection for UserGroupProjection {
         Projected::InScope(Box::new(d))
     }
 
+    fn unchanged(
+        &self,
+        e: &Entry,
+        current: &crate::model::TargetObject,
+        _ctx: &ProjectionContext<'_>,
+    ) -> Option<bool> {
+        if !e.object_type.is("user") || !current.object_type.is("User") {
+            return None;
+        }
+        // The same walk as `project`, comparing instead of building flows.
+        let skip_ascii = self.skip.iter().all(|s| s.as_str().is_ascii());
+        let mut cn = None;
+        let mut hint = 0;
+        for (name, values) in e.attributes.iter() {
+            let ascii = name.as_str().is_ascii();
+            let may_be = |other: &str| !ascii || other.len() == name.as_str().len();
+            match special(name, ascii) {
+                Some(Special::Cn) => cn = Some(values),
+                Some(Special::Department) => {
+                    if let Some(dep) = values.first().and_then(Value::as_str) {
+                        if self.excluded_departments.iter().any(|x| x == dep) {
+                            return Some(false);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if self
+                .skip
+                .iter()
+                .any(|s| (!skip_ascii || may_be(s.as_str())) && s == name)
+            {
+                continue;
+            }
+            let have = current.attributes.get_hinted(name, &mut hint);
+            if !have.is_some_and(|h| values.same_set(h, false)) {
+                return Some(false);
+            }
+        }
+        let holds = |n: &str, want: &Values| {
+            current
+                .attributes
+                .get(n)
+                .is_some_and(|h| want.same_set(h, false))
+        };
+        if cn.is_some_and(|cn| !holds("displayName", cn))
+            || !holds("accountEnabled", &Values::one(true))
+        {
+            return Some(false);
+        }
+        Some(true)
+    }
+
     fn deprovision(&self, link: &Link, _entry: Option<&Entry>) -> Deprovision {
         if link.target_type.is("User") {
             Deprovision::Disable(vec![("accountEnabled".into(), Values::one(false))])

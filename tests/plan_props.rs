@@ -235,6 +235,23 @@ proptest! {
             touched.push(anchor);
         }
         let p2 = plan(&m, &links, &t, DeletionGuard::off(), PlanScope::All);
+        // The projection's fast path (`unchanged`) agrees with projecting and diffing.
+        let slow = {
+            struct NoFastPath(UserGroupProjection);
+            impl Projection for NoFastPath {
+                fn project(&self, e: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
+                    self.0.project(e, ctx)
+                }
+                fn deprovision(&self, l: &dirsync::delta::Link, e: Option<&Entry>) -> dirsync::delta::Deprovision {
+                    self.0.deprovision(l, e)
+                }
+            }
+            let rules = NoFastPath(UserGroupProjection::default());
+            let mut input = PlanInput::new(&rules, &m, &links, &t);
+            input.guard = DeletionGuard::off();
+            delta::plan(&input)
+        };
+        prop_assert_eq!(&slow.operations, &p2.operations);
         // An out-of-scope object never gets a create or an update.
         for op in &p2.operations {
             if matches!(op.kind, OperationKind::Create { .. } | OperationKind::Update { .. } | OperationKind::Join { .. }) {

@@ -321,6 +321,14 @@ fn decide(
             None => Decision::Nothing { in_scope: false },
         };
     };
+    // The projection's own fast path: linked, in scope, nothing to change.
+    if let Some(current) = link.and_then(|l| input.target.get(&l.target_id)) {
+        if link.is_some_and(|l| l.target_type == current.object_type)
+            && input.projection.unchanged(entry, current, ctx) == Some(true)
+        {
+            return Decision::Nothing { in_scope: true };
+        }
+    }
     match input.projection.project(entry, ctx) {
         Projected::OutOfScope(why) => match link {
             Some(link) => deprovision(input, link, Some(entry), Reason::LeftScope { why }),

@@ -20,6 +20,22 @@ pub trait Projection: Send + Sync {
     /// Scope, join and desired attributes for `entry`.
     fn project(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Projected;
 
+    /// An optional fast path for the commonest case of a full sync: `Some(true)` when `entry` is
+    /// in scope, maps onto `current` (the target object it is linked to, of the same type), and
+    /// every flow already holds there — so the planner need not build a [`Desired`] to find
+    /// that out. Answer `Some(true)` only when [`Projection::project`] and a diff would find
+    /// nothing to do (compare as [`Values::same_set`] does); `None` (the default) or
+    /// `Some(false)` make the planner project as usual.
+    fn unchanged(
+        &self,
+        entry: &Entry,
+        current: &crate::model::TargetObject,
+        ctx: &ProjectionContext<'_>,
+    ) -> Option<bool> {
+        let _ = (entry, current, ctx);
+        None
+    }
+
     /// What to do with the target object of `link` when its source object left scope
     /// (`entry` is `Some`) or was deleted at the source (`entry` is `None`).
     fn deprovision(&self, link: &Link, entry: Option<&Entry>) -> Deprovision;
