@@ -392,7 +392,10 @@ async fn a_run_with_a_fifth_of_requests_throttled_loses_and_duplicates_nothing()
     );
     let report = sync.run_cycle().await.unwrap();
     assert!(report.failures.is_empty(), "{:?}", report.failures);
-    assert!(emu.stats().throttled_injected > 10, "{:?}", emu.stats());
+    // A fifth of the requests is a random draw per request (their order depends on timing):
+    // demand a substantial share, not an exact count.
+    let stats = emu.stats();
+    assert!(stats.throttled_injected * 20 >= stats.requests, "{stats:?}");
     let users = emu.users();
     assert_eq!(users.len(), n, "nothing lost, nothing duplicated");
     let groups = emu.groups();
