@@ -213,6 +213,26 @@ fn op_label(op: &TargetOperation) -> String {
     }
 }
 
+/// Records `obj` as the holder of its values of every unique attribute of its type.
+fn hold_unique(unique: &mut [Unique], obj: &TargetObject) {
+    for u in unique
+        .iter_mut()
+        .filter(|u| u.object_type == obj.object_type)
+    {
+        for v in obj
+            .attributes
+            .get(u.attribute.as_str())
+            .into_iter()
+            .flatten()
+        {
+            u.holders
+                .entry(unique_key(v))
+                .or_default()
+                .insert(obj.id.clone());
+        }
+    }
+}
+
 impl State {
     fn index(&mut self, obj: &TargetObject) {
         self.folded_ids
@@ -223,22 +243,7 @@ impl State {
                 .or_default()
                 .insert(obj.id.clone());
         }
-        for u in &mut self.unique {
-            if u.object_type != obj.object_type {
-                continue;
-            }
-            for v in obj
-                .attributes
-                .get(u.attribute.as_str())
-                .into_iter()
-                .flatten()
-            {
-                u.holders
-                    .entry(unique_key(v))
-                    .or_default()
-                    .insert(obj.id.clone());
-            }
-        }
+        hold_unique(&mut self.unique, obj);
     }
 
     fn unindex(&mut self, obj: &TargetObject) {
@@ -289,27 +294,11 @@ impl State {
     }
 
     fn reindex_unique(&mut self) {
-        let objects: Vec<TargetObject> = self.objects.values().cloned().collect();
         for u in &mut self.unique {
             u.holders.clear();
         }
-        for obj in &objects {
-            for u in &mut self.unique {
-                if u.object_type != obj.object_type {
-                    continue;
-                }
-                for v in obj
-                    .attributes
-                    .get(u.attribute.as_str())
-                    .into_iter()
-                    .flatten()
-                {
-                    u.holders
-                        .entry(unique_key(v))
-                        .or_default()
-                        .insert(obj.id.clone());
-                }
-            }
+        for obj in self.objects.values() {
+            hold_unique(&mut self.unique, obj);
         }
     }
 
