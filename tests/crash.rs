@@ -7,8 +7,10 @@
 #![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::build_sync;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -316,38 +318,6 @@ concurrency = 1
 import_batch = 25
 seed = 7
 "#;
-
-/// Builds the `sync` example and returns its path (cargo says where it put it).
-fn build_sync() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            // The same features as the test build (and every other test that builds the
-            // example): one artifact, built once, never replaced under a running test.
-            "--all-features",
-            "--example",
-            "sync",
-            "--message-format=json-render-diagnostics",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("cargo build --example sync");
-    assert!(out.status.success(), "building the sync example failed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for line in stdout.lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "sync" {
-            if let Some(exe) = msg["executable"].as_str() {
-                return PathBuf::from(exe);
-            }
-        }
-    }
-    panic!("cargo did not report the sync example's executable");
-}
 
 /// The last stage named by the `--progress` lines of a run's stderr.
 fn last_stage(stderr: &str) -> &'static str {

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::build_sync;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -475,32 +477,6 @@ async fn ad_ldif_to_entra_end_to_end() {
     assert!(emu.members(&eng.0).len() >= 7);
     let again = sync.run_cycle().await.unwrap();
     assert_eq!(again.count("create") + again.count("update"), 0);
-}
-
-/// Builds the `sync` example with the `graph` feature and returns its path.
-fn build_sync() -> std::path::PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args([
-            "build",
-            // The same features as the test build (and every other test that builds the
-            // example): one artifact, built once, never replaced under a running test.
-            "--all-features",
-            "--example",
-            "sync",
-            "--message-format=json-render-diagnostics",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "building the sync example failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "sync")
-        .and_then(|m| m["executable"].as_str().map(std::path::PathBuf::from))
-        .expect("the sync executable")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::build_sync;
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -745,37 +747,6 @@ async fn in_process_malformed_answer_is_a_protocol_error() {
         .await
         .unwrap_err();
     assert!(e.is_retryable(), "{e}");
-}
-
-/// Builds the `sync` example with the `scim` feature and returns its path.
-fn build_sync() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            // The same features as the test build (and every other test that builds the
-            // example): one artifact, built once, never replaced under a running test.
-            "--all-features",
-            "--example",
-            "sync",
-            "--message-format=json-render-diagnostics",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "building the sync example failed");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<Json>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "sync" {
-            if let Some(exe) = msg["executable"].as_str() {
-                return PathBuf::from(exe);
-            }
-        }
-    }
-    panic!("cargo did not report the sync example's executable");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
