@@ -1,5 +1,8 @@
 //! Test support for this crate and downstream crates (feature `testkit`): a ready-made
-//! projection for users and groups, and a deterministic directory generator.
+//! projection for users and groups, a deterministic directory generator, and [`servers`]: real
+//! servers (ports, a throwaway CA, child processes) for tests that talk to them.
+
+pub mod servers;
 
 use crate::delta::{
     Deprovision, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,

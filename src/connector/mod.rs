@@ -22,6 +22,8 @@ pub mod graph;
 #[cfg(feature = "ldif")]
 pub mod ldif;
 pub mod memory;
+mod secret;
+pub use secret::Secret;
 #[cfg(feature = "scim")]
 pub mod scim;
 

@@ -15,36 +15,7 @@ use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use crate::connector::{ConnectorError, ErrorKind};
-
-/// A secret string (client secret, access token, password): never printed.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(s: &str) -> Secret {
-        Secret(s.to_string())
-    }
-}
+use crate::connector::{ConnectorError, ErrorKind, Secret};
 
 /// How the application proves its identity.
 #[derive(Clone)]
@@ -154,7 +125,7 @@ impl CertificateCredential {
             .map_err(|_| {
                 ConnectorError::new(ErrorKind::Other, "signing the client assertion failed")
             })?;
-        Ok(Secret(format!(
+        Ok(Secret::new(format!(
             "{signing_input}.{}",
             URL_SAFE_NO_PAD.encode(sig)
         )))
@@ -316,7 +287,7 @@ pub fn random_password() -> Result<Secret, ConnectorError> {
         let j = bytes[20 + (i % 20)] as usize % (i + 1);
         pw.swap(i, j);
     }
-    Ok(Secret(String::from_utf8_lossy(&pw).into_owned()))
+    Ok(Secret::new(String::from_utf8_lossy(&pw).into_owned()))
 }
 
 /// Whether `pw` meets Entra's password complexity rules.

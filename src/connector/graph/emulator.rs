@@ -23,10 +23,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{json, Map, Value as Json};
 
-use super::auth::{meets_complexity, Secret};
+use super::auth::meets_complexity;
 use super::csdl::schema;
 use super::filter::parse_string_literal;
 use super::target::{CredentialConfig, GraphConfig};
+use crate::connector::Secret;
 
 /// Faults the emulator injects.
 #[derive(Debug, Clone)]

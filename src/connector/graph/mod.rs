@@ -15,6 +15,7 @@ mod target;
 #[cfg(feature = "testkit")]
 pub mod emulator;
 
-pub use auth::{CertificateCredential, Credential, Secret};
+pub use crate::connector::Secret;
+pub use auth::{CertificateCredential, Credential};
 pub use client::{GraphStats, StatsSnapshot, MAX_BATCH};
 pub use target::{CredentialConfig, GraphChange, GraphConfig, GraphTarget, WATERMARK_KIND};

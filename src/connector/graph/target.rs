@@ -16,10 +16,11 @@ use futures::stream::BoxStream;
 use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
-use super::auth::{random_password, CertificateCredential, Credential, Secret, TokenProvider};
+use super::auth::{random_password, CertificateCredential, Credential, TokenProvider};
 use super::client::{Client, Method, Request, Response, RetrySettings, StatsSnapshot};
 use super::filter;
 use super::map::{from_json, set_path, to_json};
+use crate::connector::Secret;
 use crate::connector::{
     Applied, ConnectorError, ErrorKind, Target, TargetCapabilities, TargetOperation, Watermark,
 };

@@ -4,7 +4,6 @@
 //!
 //! Never panics on a server's answer: anything unexpected is an error of kind `Protocol`.
 
-use std::fmt;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
@@ -12,36 +11,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::connector::{ConnectorError, ErrorKind};
-
-/// A secret (password, token, client secret): `Debug` and `Display` print `***`.
-#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    /// The secret text, for sending it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+use crate::connector::{ConnectorError, ErrorKind, Secret};
 
 /// How the connector authenticates.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]

@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 use tracing::{debug, warn};
 
-pub use client::{ScimAuth, Secret};
+pub use crate::connector::Secret;
+pub use client::ScimAuth;
 
 use self::client::{authorize, error_from, transport, url_encode, TokenCache};
 use self::map::{from_resource, pack, patch_ops, to_resource, SchemaInfo};
