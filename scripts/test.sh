@@ -9,6 +9,30 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# The LDAP tests' servers: OpenLDAP slapd, Samba as an AD domain controller (run by the tests in
+# network namespaces of their own: `unshare`, `ip`), the OpenLDAP and ldb command line tools, and
+# openssl for the throwaway test CA. Installed from Debian when missing; no service is started.
+need=()
+for cmd in slapd:slapd ldapsearch:ldap-utils samba:samba samba-tool:samba ldbadd:ldb-tools \
+           openssl:openssl ip:iproute2 unshare:util-linux; do
+  command -v "${cmd%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${cmd%%:*}" ] || need+=("${cmd#*:}")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    # policy-rc.d 101: the packages' own services (slapd on 389, samba) are not started.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+      $(printf '%s\n' "${need[@]}" | sort -u)
+    rm -f /usr/sbin/policy-rc.d
+  else
+    echo "missing: ${need[*]} (as root: apt-get install -y ${need[*]})" >&2
+    exit 1
+  fi
+fi
+# Missing server binaries fail the LDAP tests instead of skipping them.
+export DIRSYNC_REQUIRE_SERVERS=1
+
 # The SCIM tests' server: scim2-server from PyPI in a virtualenv under .build/ (gitignored).
 VENV=.build/scim-venv
 if [ ! -x "$VENV/bin/scim2-server" ]; then
