@@ -20,11 +20,15 @@ done
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     # policy-rc.d 101: the packages' own services (slapd on 389, samba) are not started.
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+      made_policy=1
+    fi
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
       $(printf '%s\n' "${need[@]}" | sort -u)
-    rm -f /usr/sbin/policy-rc.d
+    [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
   else
     echo "missing: ${need[*]} (as root: apt-get install -y ${need[*]})" >&2
     exit 1
