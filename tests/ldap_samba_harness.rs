@@ -3,6 +3,8 @@
 //! `ldapsearch` command line over LDAPS. The two tests run in parallel without clashing on
 //! Samba's fixed ports.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Instant;
 
 use dirsync::testkit::samba::{self, SambaDc};
@@ -29,7 +31,10 @@ fn loads_two_thousand_users_and_a_large_group() {
     }
     let t = Instant::now();
     samba::template(None).unwrap();
-    eprintln!("template ready in {:?} (provisioned unless cached)", t.elapsed());
+    eprintln!(
+        "template ready in {:?} (provisioned unless cached)",
+        t.elapsed()
+    );
     let dir = tempfile::tempdir().unwrap();
     let t = Instant::now();
     let dc = SambaDc::start(dir.path()).unwrap();
@@ -41,7 +46,10 @@ fn loads_two_thousand_users_and_a_large_group() {
     dc.ldbadd(&samba::users_ldif(0..2000)).unwrap();
     dc.ldbadd(&samba::group_ldif("Everyone Big", 0..2000))
         .unwrap();
-    eprintln!("2,000 users and a 2,000-member group loaded in {:?}", t.elapsed());
+    eprintln!(
+        "2,000 users and a 2,000-member group loaded in {:?}",
+        t.elapsed()
+    );
     let usn_after = dc.highest_committed_usn().unwrap();
     assert!(
         usn_after >= usn_before + 2003,
@@ -66,13 +74,37 @@ fn loads_two_thousand_users_and_a_large_group() {
     // Range retrieval: the first 1,500 values, then the rest.
     let group = samba::group_dn("Everyone Big");
     let first = dc
-        .ldapsearch(&["-LLL", "-b", &group, "-s", "base", "(objectClass=group)", "member;range=0-1499"])
+        .ldapsearch(&[
+            "-LLL",
+            "-b",
+            &group,
+            "-s",
+            "base",
+            "(objectClass=group)",
+            "member;range=0-1499",
+        ])
         .unwrap();
-    assert_eq!(first.matches("\nmember;range=0-1499: ").count(), 1500, "{first:.400}");
+    assert_eq!(
+        first.matches("\nmember;range=0-1499: ").count(),
+        1500,
+        "{first:.400}"
+    );
     let rest = dc
-        .ldapsearch(&["-LLL", "-b", &group, "-s", "base", "(objectClass=group)", "member;range=1500-*"])
+        .ldapsearch(&[
+            "-LLL",
+            "-b",
+            &group,
+            "-s",
+            "base",
+            "(objectClass=group)",
+            "member;range=1500-*",
+        ])
         .unwrap();
-    assert_eq!(rest.matches("\nmember;range=1500-*: ").count(), 500, "{rest:.400}");
+    assert_eq!(
+        rest.matches("\nmember;range=1500-*: ").count(),
+        500,
+        "{rest:.400}"
+    );
     drop(dc);
 }
 
@@ -96,9 +128,25 @@ fn refuses_a_simple_bind_over_plain_ldap() {
     let over_tls = dc
         .ldapsearch(&["-LLL", "-b", dc.base_dn(), "-s", "base", "dn"])
         .unwrap();
-    assert!(over_tls.contains(&format!("dn: {}", dc.base_dn())), "{over_tls}");
+    assert!(
+        over_tls.contains(&format!("dn: {}", dc.base_dn())),
+        "{over_tls}"
+    );
     // A second DC cannot start in the same namespace: the ports are fixed.
     let other = tempfile::tempdir().unwrap();
     let e = SambaDc::start(other.path()).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+}
+
+#[test]
+fn a_wrong_test_name_is_an_error_not_a_silent_pass() {
+    if let Some(reason) = samba::skip_reason().unwrap() {
+        eprintln!("{reason}");
+        return;
+    }
+    if std::env::var_os(samba::NETNS_ENV).is_some() {
+        return;
+    }
+    let e = samba::in_own_netns("no_such_test").unwrap_err();
+    assert!(e.to_string().contains("did not run"), "{e}");
 }

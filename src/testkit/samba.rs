@@ -186,6 +186,7 @@ fn is_template(dir: &Path) -> bool {
 }
 
 /// An exclusive lock held while it lives (a file created with `create_new`, removed on drop).
+#[derive(Debug)]
 struct LockFile(PathBuf);
 
 impl LockFile {
@@ -386,10 +387,7 @@ impl SambaDc {
 
     fn ldb_tool(&self, tool: &str, ldif: &str) -> io::Result<()> {
         let file = self.scratch_file(tool, ldif)?;
-        let result = run(Command::new(tool)
-            .arg("-H")
-            .arg(self.sam_ldb())
-            .arg(&file));
+        let result = run(Command::new(tool).arg("-H").arg(self.sam_ldb()).arg(&file));
         let _ = std::fs::remove_file(&file);
         result
     }
@@ -410,7 +408,8 @@ impl SambaDc {
     /// Renames or moves an entry through the LDAP server: `new_rdn` (`CN=x`) under
     /// `new_parent` (or the same parent when `None`).
     pub fn ldap_rename(&self, dn: &str, new_rdn: &str, new_parent: Option<&str>) -> io::Result<()> {
-        let mut ldif = format!("dn: {dn}\nchangetype: modrdn\nnewrdn: {new_rdn}\ndeleteoldrdn: 1\n");
+        let mut ldif =
+            format!("dn: {dn}\nchangetype: modrdn\nnewrdn: {new_rdn}\ndeleteoldrdn: 1\n");
         if let Some(p) = new_parent {
             let _ = writeln!(ldif, "newsuperior: {p}");
         }
@@ -535,7 +534,14 @@ fn dc_conf(template: &str, dc: &Path, ca: &TestCa) -> io::Result<String> {
 
 /// The given names the generators cycle through.
 const GIVEN: [&str; 8] = [
-    "Ada", "Grace", "Alan", "Katherine", "Edsger", "Barbara", "Donald", "Frances",
+    "Ada",
+    "Grace",
+    "Alan",
+    "Katherine",
+    "Edsger",
+    "Barbara",
+    "Donald",
+    "Frances",
 ];
 /// The surnames the generators cycle through.
 const SURNAMES: [&str; 7] = [

@@ -536,10 +536,7 @@ impl<'a> Reader<'a> {
             return Err(self.err(at, "INTEGER has no content bytes"));
         }
         if content.len() > 8 {
-            return Err(self.err(
-                at,
-                format!("INTEGER of {} bytes is too big", content.len()),
-            ));
+            return Err(self.err(at, format!("INTEGER of {} bytes is too big", content.len())));
         }
         let mut v: i64 = if content[0] & 0x80 != 0 { -1 } else { 0 };
         for b in content {
@@ -563,7 +560,10 @@ impl<'a> Reader<'a> {
         } else {
             Err(self.err(
                 self.pos,
-                format!("{} unexpected bytes after the value", self.data.len() - self.pos),
+                format!(
+                    "{} unexpected bytes after the value",
+                    self.data.len() - self.pos
+                ),
             ))
         }
     }
@@ -597,10 +597,7 @@ mod tests {
             crit: false,
             val: Some(raw),
         };
-        assert_eq!(
-            DirSyncResponse::from_controls([&control]).unwrap(),
-            Some(r)
-        );
+        assert_eq!(DirSyncResponse::from_controls([&control]).unwrap(), Some(r));
         assert_eq!(DirSyncResponse::from_controls([]).unwrap(), None);
         let empty = RawControl {
             val: None,
@@ -621,8 +618,8 @@ mod tests {
         assert_eq!(
             bytes,
             [
-                0x30, 0x11, 0x02, 0x04, 0x80, 0x00, 0x00, 0x01, 0x02, 0x03, 0x10, 0x00, 0x00,
-                0x04, 0x04, b'M', b'S', b'D', b'S'
+                0x30, 0x11, 0x02, 0x04, 0x80, 0x00, 0x00, 0x01, 0x02, 0x03, 0x10, 0x00, 0x00, 0x04,
+                0x04, b'M', b'S', b'D', b'S'
             ]
         );
         assert_eq!(DirSyncRequest::decode(&bytes).unwrap(), req);
@@ -723,8 +720,8 @@ mod tests {
         .unwrap_err();
         assert!(e.message().contains("too big"), "{e}");
         // Empty integer.
-        let e = DirSyncResponse::decode(&[0x30, 0x06, 0x02, 0x00, 0x02, 0x00, 0x04, 0x00])
-            .unwrap_err();
+        let e =
+            DirSyncResponse::decode(&[0x30, 0x06, 0x02, 0x00, 0x02, 0x00, 0x04, 0x00]).unwrap_err();
         assert!(e.message().contains("no content"), "{e}");
         // Converts into a protocol error.
         let c: ConnectorError = e.into();
