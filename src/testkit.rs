@@ -2,6 +2,8 @@
 //! projection for users and groups, a deterministic directory generator, and [`servers`]: real
 //! servers (ports, a throwaway CA, child processes) for tests that talk to them.
 
+#[cfg(feature = "ldap")]
+pub mod samba;
 pub mod servers;
 
 use crate::delta::{
