@@ -3,6 +3,8 @@
 //! servers (ports, a throwaway CA, child processes) for tests that talk to them.
 
 pub mod servers;
+#[cfg(feature = "ldap")]
+pub mod slapd;
 
 use crate::delta::{
     Deprovision, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,

@@ -19,6 +19,8 @@ use crate::model::{
 
 #[cfg(feature = "graph")]
 pub mod graph;
+#[cfg(feature = "ldap")]
+pub mod ldap;
 #[cfg(feature = "ldif")]
 pub mod ldif;
 pub mod memory;
