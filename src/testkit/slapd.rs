@@ -385,8 +385,10 @@ mod tests {
         assert!(port_open(s.port()) && port_open(s.tls_port()));
         s.ldapadd("dn: uid=extra,ou=People,dc=example,dc=test\nobjectClass: inetOrgPerson\nuid: extra\ncn: x\nsn: y\n")
             .unwrap();
-        s.ldapmodify("dn: uid=extra,ou=People,dc=example,dc=test\nchangetype: modify\nreplace: sn\nsn: z\n")
-            .unwrap();
+        s.ldapmodify(
+            "dn: uid=extra,ou=People,dc=example,dc=test\nchangetype: modify\nreplace: sn\nsn: z\n",
+        )
+        .unwrap();
         assert!(s.ldapadd("not ldif").is_err());
         s.restart().unwrap();
         assert!(s.is_running() && port_open(s.port()));

@@ -106,7 +106,11 @@ impl<'a> BerReader<'a> {
                 )
             })?;
         self.pos = end;
-        Ok((tag, &self.data[content_start..end], self.base + content_start))
+        Ok((
+            tag,
+            &self.data[content_start..end],
+            self.base + content_start,
+        ))
     }
 
     /// Reads one element with tag `tag`.
@@ -148,12 +152,8 @@ impl<'a> BerReader<'a> {
     pub fn read_integer(&mut self, what: &str) -> Result<i64, BerError> {
         let at = self.pos;
         let bytes = self.read(INTEGER, what)?;
-        decode_integer(bytes).ok_or_else(|| {
-            self.err(
-                at,
-                format!("{what}: an INTEGER of {} bytes", bytes.len()),
-            )
-        })
+        decode_integer(bytes)
+            .ok_or_else(|| self.err(at, format!("{what}: an INTEGER of {} bytes", bytes.len())))
     }
 
     /// Reads an OCTET STRING.
@@ -168,7 +168,10 @@ impl<'a> BerReader<'a> {
         } else {
             Err(self.err(
                 self.pos,
-                format!("{what}: {} unexpected trailing bytes", self.data.len() - self.pos),
+                format!(
+                    "{what}: {} unexpected trailing bytes",
+                    self.data.len() - self.pos
+                ),
             ))
         }
     }
@@ -262,7 +265,9 @@ mod tests {
         assert_eq!(e.offset, 2);
         // Indefinite length, huge length, empty input, oversized integer.
         assert!(BerReader::new(&[0x30, 0x80]).read_any().is_err());
-        assert!(BerReader::new(&[0x04, 0x85, 1, 1, 1, 1, 1]).read_any().is_err());
+        assert!(BerReader::new(&[0x04, 0x85, 1, 1, 1, 1, 1])
+            .read_any()
+            .is_err());
         assert!(BerReader::new(&[]).read_any().is_err());
         assert!(BerReader::new(&[0x02, 0x09, 1, 2, 3, 4, 5, 6, 7, 8, 9])
             .read_integer("i")

@@ -427,7 +427,12 @@ impl LdapSourceConfig {
         if self.attributes.is_empty() {
             out.push("*".to_owned());
             if self.range_retrieval.force {
-                out.extend(self.range_retrieval.attributes.iter().map(|a| first_slice(a)));
+                out.extend(
+                    self.range_retrieval
+                        .attributes
+                        .iter()
+                        .map(|a| first_slice(a)),
+                );
             }
         } else {
             for a in &self.attributes {

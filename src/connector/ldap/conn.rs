@@ -171,30 +171,29 @@ pub fn tls_config(opts: &TlsOptions) -> Result<Arc<ClientConfig>, ConnectorError
     } else {
         builder.with_root_certificates(trust_anchors(opts)?)
     };
-    let config = match (&opts.client_cert_file, &opts.client_key_file) {
-        (None, None) => builder.with_no_client_auth(),
-        (Some(cert), Some(key)) => {
-            let chain = read_certs(cert)?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                ConnectorError::new(
-                    ErrorKind::Config,
-                    format!("tls.client_key_file {}: {e}", key.display()),
-                )
-            })?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| {
-                ConnectorError::new(
-                    ErrorKind::Config,
-                    format!("tls.client_cert_file and client_key_file do not make a pair: {e}"),
-                )
-            })?
-        }
-        _ => {
-            return Err(ConnectorError::new(
+    let config =
+        match (&opts.client_cert_file, &opts.client_key_file) {
+            (None, None) => builder.with_no_client_auth(),
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert)?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    ConnectorError::new(
+                        ErrorKind::Config,
+                        format!("tls.client_key_file {}: {e}", key.display()),
+                    )
+                })?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    ConnectorError::new(
+                        ErrorKind::Config,
+                        format!("tls.client_cert_file and client_key_file do not make a pair: {e}"),
+                    )
+                })?
+            }
+            _ => return Err(ConnectorError::new(
                 ErrorKind::Config,
                 "tls.client_cert_file and tls.client_key_file go together: give both or neither",
-            ))
-        }
-    };
+            )),
+        };
     Ok(Arc::new(config))
 }
 
@@ -222,7 +221,10 @@ fn trust_anchors(opts: &TlsOptions) -> Result<RootCertStore, ConnectorError> {
             roots.add(cert).map_err(|e| {
                 ConnectorError::new(
                     ErrorKind::Config,
-                    format!("tls.ca_file {}: not a usable CA certificate: {e}", path.display()),
+                    format!(
+                        "tls.ca_file {}: not a usable CA certificate: {e}",
+                        path.display()
+                    ),
                 )
             })?;
         }

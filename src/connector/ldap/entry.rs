@@ -93,9 +93,7 @@ impl RawEntry {
                 ));
             };
             let name = String::from_utf8(take_primitive(name, &dn, "an attribute type")?)
-                .map_err(|e| {
-                    protocol(&dn, format!("attribute type {i} is not UTF-8 ({e})"))
-                })?;
+                .map_err(|e| protocol(&dn, format!("attribute type {i} is not UTF-8 ({e})")))?;
             let vals = take_constructed(vals, &dn, "a value set")?
                 .into_iter()
                 .map(|v| take_primitive(v, &dn, "a value"))
@@ -264,8 +262,11 @@ impl EntryMapper {
             return Ok(None);
         };
         let parsed_dn = Dn::parse(&dn).map_err(|e| {
-            ConnectorError::new(ErrorKind::Protocol, format!("the entry's DN is invalid: {e}"))
-                .with_object(&dn)
+            ConnectorError::new(
+                ErrorKind::Protocol,
+                format!("the entry's DN is invalid: {e}"),
+            )
+            .with_object(&dn)
         })?;
         let anchor = self.anchor(&dn, &parsed_dn, &attrs)?;
         let mut list: Vec<(AttrName, Values)> = Vec::with_capacity(attrs.len());
@@ -338,8 +339,7 @@ impl EntryMapper {
         };
         let uuid = |name: &str, vals: &[Vec<u8>]| -> Result<Anchor, ConnectorError> {
             let v = single(name, vals)?;
-            let text = std::str::from_utf8(&v)
-                .map_err(|_| err(format!("{name} is not text")))?;
+            let text = std::str::from_utf8(&v).map_err(|_| err(format!("{name} is not text")))?;
             uuid::Uuid::parse_str(text.trim())
                 .map(Anchor::from_guid)
                 .map_err(|e| err(format!("{name} {text:?} is not a UUID: {e}")))
@@ -369,7 +369,9 @@ impl EntryMapper {
                     Err(missing("objectGUID, entryUUID or nsUniqueId"))
                 }
             }
-            AnchorAttribute::ObjectGuid => guid(find("objectGUID").ok_or_else(|| missing("objectGUID"))?),
+            AnchorAttribute::ObjectGuid => {
+                guid(find("objectGUID").ok_or_else(|| missing("objectGUID"))?)
+            }
             AnchorAttribute::EntryUuid => uuid(
                 "entryUUID",
                 find("entryUUID").ok_or_else(|| missing("entryUUID"))?,
@@ -447,7 +449,10 @@ mod tests {
             .map(|(n, vs)| {
                 cons(
                     16,
-                    vec![prim(n.as_bytes()), cons(17, vs.iter().map(|v| prim(v)).collect())],
+                    vec![
+                        prim(n.as_bytes()),
+                        cons(17, vs.iter().map(|v| prim(v)).collect()),
+                    ],
                 )
             })
             .collect();
@@ -459,7 +464,10 @@ mod tests {
     }
 
     fn mapper() -> EntryMapper {
-        EntryMapper::new(&LdapSourceConfig::new(LdapConnection::new("ldap://h"), "dc=x"))
+        EntryMapper::new(&LdapSourceConfig::new(
+            LdapConnection::new("ldap://h"),
+            "dc=x",
+        ))
     }
 
     #[test]
@@ -490,14 +498,26 @@ mod tests {
             e.attributes.first_str("objectGUID"),
             Some("5f0c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b")
         );
-        assert_eq!(e.attributes.first_str("objectSid"), Some("S-1-5-21-1-2-3-1013"));
+        assert_eq!(
+            e.attributes.first_str("objectSid"),
+            Some("S-1-5-21-1-2-3-1013")
+        );
         assert!(matches!(
             e.attributes.first("manager"),
             Some(Value::Reference(Reference::Dn(_)))
         ));
-        assert_eq!(e.attributes.first("thumbnailPhoto"), Some(&Value::Bytes(b"ok".to_vec())));
-        assert_eq!(e.attributes.first("weird"), Some(&Value::Bytes(vec![0xff, 0xfe])));
-        assert_eq!(e.dn.unwrap().to_string(), "CN=Ada,OU=Users,DC=corp,DC=example");
+        assert_eq!(
+            e.attributes.first("thumbnailPhoto"),
+            Some(&Value::Bytes(b"ok".to_vec()))
+        );
+        assert_eq!(
+            e.attributes.first("weird"),
+            Some(&Value::Bytes(vec![0xff, 0xfe]))
+        );
+        assert_eq!(
+            e.dn.unwrap().to_string(),
+            "CN=Ada,OU=Users,DC=corp,DC=example"
+        );
     }
 
     #[test]
@@ -509,10 +529,16 @@ mod tests {
                 ("entryUUID", &[b"6F1E2D3C-0000-1000-8000-00AA00BB00CC"]),
             ],
         );
-        let e = mapper().to_entry(RawEntry::parse(tag).unwrap()).unwrap().unwrap();
+        let e = mapper()
+            .to_entry(RawEntry::parse(tag).unwrap())
+            .unwrap()
+            .unwrap();
         assert_eq!(e.anchor.as_str(), "6f1e2d3c-0000-1000-8000-00aa00bb00cc");
         let tag = wire("ou=x,dc=x", &[("objectClass", &[b"organizationalUnit"])]);
-        assert!(mapper().to_entry(RawEntry::parse(tag).unwrap()).unwrap().is_none());
+        assert!(mapper()
+            .to_entry(RawEntry::parse(tag).unwrap())
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -523,14 +549,20 @@ mod tests {
             (vec![("entryUUID", vec![&b"not-a-uuid"[..]])], "not a UUID"),
             (
                 vec![
-                    ("entryUUID", vec![&b"6f1e2d3c-0000-1000-8000-00aa00bb00cc"[..]]),
+                    (
+                        "entryUUID",
+                        vec![&b"6f1e2d3c-0000-1000-8000-00aa00bb00cc"[..]],
+                    ),
                     ("objectSid", vec![&[1u8, 9, 0][..]]),
                 ],
                 "objectSid",
             ),
             (
                 vec![
-                    ("entryUUID", vec![&b"6f1e2d3c-0000-1000-8000-00aa00bb00cc"[..]]),
+                    (
+                        "entryUUID",
+                        vec![&b"6f1e2d3c-0000-1000-8000-00aa00bb00cc"[..]],
+                    ),
                     ("member", vec![&b"not a dn"[..]]),
                 ],
                 "member",
@@ -569,7 +601,10 @@ mod tests {
         let bad_attr = StructureTag {
             class: TagClass::Application,
             id: 4,
-            payload: PL::C(vec![prim(b"cn=x"), cons(16, vec![cons(16, vec![prim(b"cn")])])]),
+            payload: PL::C(vec![
+                prim(b"cn=x"),
+                cons(16, vec![cons(16, vec![prim(b"cn")])]),
+            ]),
         };
         assert!(RawEntry::parse(bad_attr)
             .unwrap_err()

@@ -158,9 +158,10 @@ impl PagedSearch {
                     self.state = PageState::Reading(stream);
                 }
                 PageState::Reading(stream) => {
-                    let item = stream.next().await.map_err(|e| {
-                        map_ldap_error(e).with_object(&self.spec.base)
-                    });
+                    let item = stream
+                        .next()
+                        .await
+                        .map_err(|e| map_ldap_error(e).with_object(&self.spec.base));
                     let item = match item {
                         Ok(i) => i,
                         Err(e) => {
@@ -246,13 +247,10 @@ pub(crate) async fn complete_ranges(
                     )
                     .with_object(&raw.dn)
                 })?;
-            let r = parse_range(&desc)
-                .ok()
-                .flatten()
-                .ok_or_else(|| {
-                    ConnectorError::new(ErrorKind::Protocol, format!("bad range {desc}"))
-                        .with_object(&raw.dn)
-                })?;
+            let r = parse_range(&desc).ok().flatten().ok_or_else(|| {
+                ConnectorError::new(ErrorKind::Protocol, format!("bad range {desc}"))
+                    .with_object(&raw.dn)
+            })?;
             if r.start != next {
                 return Err(ConnectorError::new(
                     ErrorKind::Protocol,
@@ -291,7 +289,10 @@ mod tests {
         assert_eq!(size, 1000);
         assert_eq!(cookie, b"cookie-bytes");
         let first = paged_control(5, b"");
-        assert_eq!(first.val.unwrap(), vec![0x30, 0x05, 0x02, 0x01, 0x05, 0x04, 0x00]);
+        assert_eq!(
+            first.val.unwrap(),
+            vec![0x30, 0x05, 0x02, 0x01, 0x05, 0x04, 0x00]
+        );
     }
 
     #[test]

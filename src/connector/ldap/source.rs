@@ -259,7 +259,10 @@ mod tests {
         let a = anchor_key(&Anchor::new("6f1e2d3c-0000-1000-8000-00aa00bb00cc"));
         let b = anchor_key(&Anchor::new("6f1e2d3c-0000-1000-8000-00aa00bb00cd"));
         assert_ne!(a, b);
-        assert_eq!(a, anchor_key(&Anchor::new("6f1e2d3c-0000-1000-8000-00aa00bb00cc")));
+        assert_eq!(
+            a,
+            anchor_key(&Anchor::new("6f1e2d3c-0000-1000-8000-00aa00bb00cc"))
+        );
     }
 
     #[tokio::test]
@@ -283,7 +286,10 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let c = LdapSourceConfig::new(LdapConnection::new(format!("ldap://127.0.0.1:{port}")), "dc=x");
+        let c = LdapSourceConfig::new(
+            LdapConnection::new(format!("ldap://127.0.0.1:{port}")),
+            "dc=x",
+        );
         let e = LdapSource::new(c).full_import().await.err().unwrap();
         assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
         assert!(e.is_retryable());
