@@ -4,6 +4,8 @@
 //! connection. Each test skips with a reason when slapd is not installed (unless
 //! DIRSYNC_REQUIRE_SERVERS is set).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashSet;
 
 use dirsync::connector::ldap::{

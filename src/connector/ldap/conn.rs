@@ -307,7 +307,7 @@ pub fn result_code_kind(rc: u32) -> ErrorKind {
         20 => ErrorKind::ValueExists,
         17 | 18 | 19 | 21 | 34 | 64 | 65 | 66 | 67 | 69 => ErrorKind::Constraint,
         32 => ErrorKind::NotFound,
-        51 | 52 | 53 => ErrorKind::Unavailable,
+        51..=53 => ErrorKind::Unavailable,
         68 => ErrorKind::AlreadyExists,
         122 => ErrorKind::Conflict,
         4096 => ErrorKind::InvalidWatermark,

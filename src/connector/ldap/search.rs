@@ -113,7 +113,7 @@ enum PageState {
     /// The next page must be requested with this cookie (empty for the first).
     Next(Vec<u8>),
     /// Reading a page.
-    Reading(SearchStream<'static, String, Vec<String>>),
+    Reading(Box<SearchStream<'static, String, Vec<String>>>),
     /// No more pages.
     Done,
 }
@@ -155,7 +155,7 @@ impl PagedSearch {
                     let mut controls = self.spec.controls.clone();
                     controls.push(paged_control(self.page_size, cookie));
                     let stream = start(&mut self.handle, &self.spec, controls).await?;
-                    self.state = PageState::Reading(stream);
+                    self.state = PageState::Reading(Box::new(stream));
                 }
                 PageState::Reading(stream) => {
                     let item = stream
