@@ -220,6 +220,24 @@ async fn binds_cleartext_refusal_and_wrong_password() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn sasl_external_over_ldapi() {
+    let Some(slapd) = start(5, 1) else {
+        return;
+    };
+    let mut c = source_config(slapd.ldapi_url());
+    c.connection.bind = LdapBind::SaslExternal;
+    assert_eq!(import(&LdapSource::new(c.clone())).await.unwrap().len(), 6);
+    // A simple bind over the local socket is not refused as cleartext.
+    c.connection.bind = root_bind(&slapd);
+    assert_eq!(import(&LdapSource::new(c)).await.unwrap().len(), 6);
+    // SASL EXTERNAL over plain TCP carries no identity: the server refuses it.
+    let mut c = source_config(slapd.url());
+    c.connection.bind = LdapBind::SaslExternal;
+    let e = LdapSource::new(c).full_import().await.err().unwrap();
+    assert!(e.message().contains("SASL EXTERNAL"), "{e}");
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn filters_built_from_values_are_escaped() {
     let Some(slapd) = start(30, 1) else {
         return;

@@ -159,7 +159,7 @@ impl Slapd {
 
     fn launch(&mut self) -> io::Result<()> {
         let log = self.dir.path().join("slapd.log");
-        let urls = format!("{} {}", self.url(), self.ldaps_url());
+        let urls = format!("{} {} {}", self.url(), self.ldaps_url(), self.ldapi_url());
         let mut p = ServerProcess::spawn(
             "slapd",
             Command::new(&self.slapd)
@@ -202,6 +202,13 @@ impl Slapd {
     /// `ldaps://127.0.0.1:PORT`.
     pub fn ldaps_url(&self) -> String {
         format!("ldaps://127.0.0.1:{}", self.tls_port)
+    }
+
+    /// `ldapi://<socket>`: a Unix socket in the temp dir, where SASL EXTERNAL binds as the
+    /// peer's uid and gid.
+    pub fn ldapi_url(&self) -> String {
+        let path = self.dir.path().join("ldapi").display().to_string();
+        format!("ldapi://{}", path.replace('%', "%25").replace('/', "%2F"))
     }
 
     /// The plain port.
