@@ -5,6 +5,8 @@
 #[cfg(feature = "ldap")]
 pub mod samba;
 pub mod servers;
+#[cfg(feature = "ldap")]
+pub mod slapd;
 
 use crate::delta::{
     Deprovision, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,
