@@ -1060,7 +1060,7 @@ fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResul
         } else {
             parsed
         };
-        Ok(EvalValue::from(output.render(shown)))
+        Ok(EvalValue::String(output.render_smol(shown)))
     })
 }
 
