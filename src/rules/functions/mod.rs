@@ -183,6 +183,8 @@ pub struct Precompiled {
     random: Option<RandomSpec>,
     /// The literal `replacementValue` was checked against the literal pattern.
     replacement_checked: bool,
+    /// The literal `replacementValue`, read for the literal pattern.
+    replacement: Option<crate::rules::regex::Replacement>,
 }
 
 impl Precompiled {
@@ -342,6 +344,11 @@ pub fn precompile(
                         if let Some(Some(r)) = lit(4) {
                             check_replacement(&re, r, p(4))?;
                             pre.replacement_checked = true;
+                            if let Ok(r) = r.single() {
+                                pre.replacement = Some(
+                                    re.replacement(&r.to_text().ok().flatten().unwrap_or_default()),
+                                );
+                            }
                         }
                     }
                     pre.regex = Some(re);
@@ -1340,13 +1347,21 @@ fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalVal
                     check_replacement(re, v, p(4))?;
                 }
             }
+            let read;
+            let replacement = match &pre.replacement {
+                Some(r) => r,
+                None => {
+                    read = re.replacement(&replacement);
+                    &read
+                }
+            };
             per_value(source, |v| {
                 Ok(match text_of(v, p(0))? {
                     None => EvalValue::Null,
                     Some(s) if mode == ReplaceMode::Regex => {
-                        EvalValue::from(re.replace_all(&s, &replacement))
+                        EvalValue::from(re.replace_all_with(&s, replacement))
                     }
-                    Some(s) => EvalValue::from(re.replace_group(&s, group, &replacement)),
+                    Some(s) => EvalValue::from(re.replace_group_with(&s, group, replacement)),
                 })
             })
         }
