@@ -666,74 +666,99 @@ impl DotNetFormat {
 
     /// Renders `dt` (its wall-clock time and offset).
     pub fn render(&self, dt: DateTime<FixedOffset>) -> String {
-        use std::fmt::Write as _;
-        // Writing into a String cannot fail; the results of `write!` are ignored.
-        let mut out = String::with_capacity(32);
+        String::from_utf8_lossy(self.render_bytes(dt).as_bytes()).into_owned()
+    }
+
+    /// [`DotNetFormat::render`] as a [`SmolStr`](smol_str::SmolStr): short results (most
+    /// formats) are held inline, without a heap buffer.
+    pub fn render_smol(&self, dt: DateTime<FixedOffset>) -> smol_str::SmolStr {
+        let buf = self.render_bytes(dt);
+        let bytes = buf.as_bytes();
+        match std::str::from_utf8(bytes) {
+            Ok(s) => smol_str::SmolStr::new(s),
+            Err(_) => smol_str::SmolStr::new(String::from_utf8_lossy(bytes)),
+        }
+    }
+
+    /// The rendering as UTF-8 bytes (every piece pushed is a whole `str`), in a stack buffer
+    /// while short.
+    fn render_bytes(&self, dt: DateTime<FixedOffset>) -> Buf {
+        let mut out = Buf::new();
+        let local = dt.naive_local();
         let off = dt.offset().local_minus_utc();
-        let sign = if off < 0 { '-' } else { '+' };
-        let (oh, om) = (off.abs() / 3600, (off.abs() % 3600) / 60);
+        let sign = if off < 0 { "-" } else { "+" };
+        let (oh, om) = (off.unsigned_abs() / 3600, (off.unsigned_abs() % 3600) / 60);
         for t in &self.toks {
             match t {
-                Tok::Lit(s) => out.push_str(s),
-                Tok::Year(1) => {
-                    let _ = write!(out, "{}", dt.year().rem_euclid(100));
-                }
-                Tok::Year(2) => {
-                    let _ = write!(out, "{:02}", dt.year().rem_euclid(100));
-                }
+                Tok::Lit(s) => out.push_slice(s.as_bytes()),
+                Tok::Year(1) => push_num(&mut out, local.year().rem_euclid(100) as u32, 1),
+                Tok::Year(2) => push_num(&mut out, local.year().rem_euclid(100) as u32, 2),
                 Tok::Year(_) => {
-                    let _ = write!(out, "{:04}", dt.year());
+                    // Four characters wide, a sign included (as `{:04}` writes it).
+                    let y = local.year();
+                    if y < 0 {
+                        out.push_byte(b'-');
+                        push_num(&mut out, y.unsigned_abs(), 3);
+                    } else {
+                        push_num(&mut out, y.unsigned_abs(), 4);
+                    }
                 }
-                Tok::MonthNum(n) => pad(&mut out, dt.month(), *n),
+                Tok::MonthNum(n) => push_num(&mut out, local.month(), pad_width(*n)),
                 Tok::MonthName { full } => {
-                    let name = MONTHS[dt.month0() as usize];
-                    out.push_str(if *full { name } else { &name[..3] });
+                    let name = MONTHS[local.month0() as usize];
+                    out.push_slice(if *full { name } else { &name[..3] }.as_bytes());
                 }
-                Tok::DayNum(n) => pad(&mut out, dt.day(), *n),
+                Tok::DayNum(n) => push_num(&mut out, local.day(), pad_width(*n)),
                 Tok::DayName { full } => {
-                    let name = WEEKDAYS[dt.weekday().num_days_from_sunday() as usize];
-                    out.push_str(if *full { name } else { &name[..3] });
+                    let name = WEEKDAYS[local.weekday().num_days_from_sunday() as usize];
+                    out.push_slice(if *full { name } else { &name[..3] }.as_bytes());
                 }
-                Tok::Hour24(n) => pad(&mut out, dt.hour(), *n),
-                Tok::Hour12(n) => pad(&mut out, dt.hour12().1, *n),
-                Tok::Minute(n) => pad(&mut out, dt.minute(), *n),
-                Tok::Second(n) => pad(&mut out, dt.second(), *n),
+                Tok::Hour24(n) => push_num(&mut out, local.hour(), pad_width(*n)),
+                Tok::Hour12(n) => push_num(&mut out, local.hour12().1, pad_width(*n)),
+                Tok::Minute(n) => push_num(&mut out, local.minute(), pad_width(*n)),
+                Tok::Second(n) => push_num(&mut out, local.second(), pad_width(*n)),
                 Tok::Frac { digits, trim } => {
                     // The fraction in 100 ns ticks, as exactly seven digits.
-                    let mut ticks = (dt.nanosecond() % 1_000_000_000) / 100;
+                    let mut ticks = (local.nanosecond() % 1_000_000_000) / 100;
                     let mut seven = [b'0'; 7];
                     for d in seven.iter_mut().rev() {
                         *d = b'0' + (ticks % 10) as u8;
                         ticks /= 10;
                     }
-                    let seven = std::str::from_utf8(&seven).unwrap_or("0000000");
-                    let mut part = seven.get(..*digits as usize).unwrap_or(seven);
+                    let mut part = seven.get(..*digits as usize).unwrap_or(&seven);
                     if *trim {
-                        part = part.trim_end_matches('0');
+                        while let [rest @ .., b'0'] = part {
+                            part = rest;
+                        }
                         // As .NET: with no fraction digits to show, a '.' just before goes too.
-                        if part.is_empty() && out.ends_with('.') {
+                        if part.is_empty() && out.last() == Some(b'.') {
                             out.pop();
                         }
                     }
-                    out.push_str(part);
+                    out.push_slice(part);
                 }
                 Tok::AmPm(n) => {
-                    let pm = dt.hour() >= 12;
-                    out.push_str(match (pm, n) {
-                        (false, 1) => "A",
-                        (true, 1) => "P",
-                        (false, _) => "AM",
-                        (true, _) => "PM",
+                    let pm = local.hour() >= 12;
+                    out.push_slice(match (pm, n) {
+                        (false, 1) => b"A",
+                        (true, 1) => b"P",
+                        (false, _) => b"AM",
+                        (true, _) => b"PM",
                     });
                 }
                 Tok::Offset(1) => {
-                    let _ = write!(out, "{sign}{oh}");
+                    out.push_slice(sign.as_bytes());
+                    push_num(&mut out, oh, 1);
                 }
                 Tok::Offset(2) => {
-                    let _ = write!(out, "{sign}{oh:02}");
+                    out.push_slice(sign.as_bytes());
+                    push_num(&mut out, oh, 2);
                 }
                 Tok::Offset(_) | Tok::OffsetK => {
-                    let _ = write!(out, "{sign}{oh:02}:{om:02}");
+                    out.push_slice(sign.as_bytes());
+                    push_num(&mut out, oh, 2);
+                    out.push_byte(b':');
+                    push_num(&mut out, om, 2);
                 }
             }
         }
@@ -744,6 +769,24 @@ impl DotNetFormat {
     /// Missing fields default to year 1, January, day 1, 00:00:00; without an offset the value
     /// is at `+00:00`. Errors: [`codes::FORMAT_MISMATCH`].
     pub fn parse_input(&self, text: &str) -> EvalResult<DateTime<FixedOffset>> {
+        let trimmed = text.trim();
+        if trimmed.is_ascii() {
+            // ASCII text (generalized time, ISO dates): one byte is one character.
+            self.parse_units(text, trimmed.as_bytes())
+        } else {
+            let chars: Vec<char> = trimmed.chars().collect();
+            self.parse_units(text, &chars)
+        }
+    }
+
+    /// [`DotNetFormat::parse_input`] over the characters of the trimmed text, as bytes (ASCII
+    /// text) or chars; `text` is the original, for messages.
+    fn parse_units<C: Copy + Into<char>>(
+        &self,
+        text: &str,
+        input: &[C],
+    ) -> EvalResult<DateTime<FixedOffset>> {
+        let at = |p: usize| input.get(p).map(|&c| c.into());
         let fail = |why: &str| {
             EvalError::new(
                 codes::FORMAT_MISMATCH,
@@ -753,7 +796,6 @@ impl DotNetFormat {
                 ),
             )
         };
-        let input: Vec<char> = text.trim().chars().collect();
         let mut p = 0usize;
         let mut year = 1i32;
         let mut month = 1u32;
@@ -768,7 +810,7 @@ impl DotNetFormat {
             let mut v = 0u32;
             let mut n = 0;
             while n < max {
-                match input.get(*p).and_then(|c| c.to_digit(10)) {
+                match at(*p).and_then(|c| c.to_digit(10)) {
                     Some(d) => {
                         v = v * 10 + d;
                         *p += 1;
@@ -785,7 +827,7 @@ impl DotNetFormat {
                 && input[*p..*p + wl.len()]
                     .iter()
                     .zip(&wl)
-                    .all(|(a, b)| a.eq_ignore_ascii_case(b));
+                    .all(|(&a, b)| a.into().eq_ignore_ascii_case(b));
             if ok {
                 *p += wl.len();
             }
@@ -807,7 +849,7 @@ impl DotNetFormat {
                         let optional_dot = lc == '.'
                             && li + 1 == count
                             && matches!(self.toks.get(ti + 1), Some(Tok::Frac { trim: true, .. }));
-                        if input.get(p) == Some(&lc) {
+                        if at(p) == Some(lc) {
                             p += 1;
                             if lc == 'Z' {
                                 off = 0;
@@ -894,7 +936,7 @@ impl DotNetFormat {
                     }
                 }
                 Tok::Offset(_) | Tok::OffsetK => {
-                    let rest: String = input[p..].iter().collect();
+                    let rest: String = input[p..].iter().map(|&c| c.into()).collect();
                     let mut c = Cursor {
                         b: rest.as_bytes(),
                         i: 0,
@@ -933,14 +975,93 @@ impl DotNetFormat {
     }
 }
 
-fn pad(out: &mut String, v: u32, width: u8) {
-    use std::fmt::Write as _;
-    // Writing into a String cannot fail.
-    let _ = if width >= 2 {
-        write!(out, "{v:02}")
+/// The zero-padding width of a numeric field written with `n` letters (`d` → 1, `dd` → 2).
+fn pad_width(n: u8) -> u8 {
+    if n >= 2 {
+        2
     } else {
-        write!(out, "{v}")
-    };
+        1
+    }
+}
+
+/// A rendering buffer: on the stack while the text is short, on the heap beyond.
+struct Buf {
+    inline: [u8; 48],
+    len: usize,
+    heap: Vec<u8>,
+}
+
+impl Buf {
+    fn new() -> Buf {
+        Buf {
+            inline: [0; 48],
+            len: 0,
+            heap: Vec::new(),
+        }
+    }
+
+    fn push_slice(&mut self, s: &[u8]) {
+        if self.heap.is_empty() {
+            if let Some(dst) = self.inline.get_mut(self.len..self.len + s.len()) {
+                dst.copy_from_slice(s);
+                self.len += s.len();
+                return;
+            }
+            self.heap.extend_from_slice(&self.inline[..self.len]);
+        }
+        self.heap.extend_from_slice(s);
+    }
+
+    fn push_byte(&mut self, b: u8) {
+        self.push_slice(&[b]);
+    }
+
+    fn last(&self) -> Option<u8> {
+        self.as_bytes().last().copied()
+    }
+
+    fn pop(&mut self) {
+        if self.heap.is_empty() {
+            self.len = self.len.saturating_sub(1);
+        } else {
+            self.heap.pop();
+        }
+    }
+}
+
+impl Buf {
+    fn as_bytes(&self) -> &[u8] {
+        if self.heap.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+}
+
+/// Writes `v` in decimal, zero-padded to at least `width` digits.
+fn push_num(out: &mut Buf, v: u32, width: u8) {
+    if v < 100 && width <= 2 {
+        let two = [b'0' + (v / 10) as u8, b'0' + (v % 10) as u8];
+        out.push_slice(if v < 10 && width < 2 { &two[1..] } else { &two });
+        return;
+    }
+    let mut digits = [0u8; 10];
+    let mut n = 0;
+    let mut x = v;
+    loop {
+        digits[n] = b'0' + (x % 10) as u8;
+        n += 1;
+        x /= 10;
+        if x == 0 {
+            break;
+        }
+    }
+    for _ in n..usize::from(width) {
+        out.push_byte(b'0');
+    }
+    digits[..n].reverse();
+    out.push_slice(&digits[..n]);
 }
 
 /// The effect of a `FormatDateTime` `dateTimeStyles` argument: only `AdjustToUniversal` changes

@@ -244,14 +244,35 @@ pub struct Slotted<'a> {
 impl<'a> Slotted<'a> {
     /// Looks up every name of `table` (sorted, as [`Program::bind`] wants it) in `attrs`.
     pub fn new(table: &[crate::model::AttrName], attrs: &'a Attributes) -> Slotted<'a> {
-        let mut hint = 0;
-        Slotted {
-            slots: table
-                .iter()
-                .map(|n| attrs.get_hinted(n, &mut hint))
-                .collect(),
-            attrs,
+        // One merge walk over two lists sorted in the same (case-insensitive) order: each name
+        // is first compared byte for byte (the common case: the same spelling), and only on a
+        // difference ordered ignoring case.
+        let mut slots = smallvec::SmallVec::with_capacity(table.len());
+        let mut entries = attrs.iter().peekable();
+        for name in table {
+            let want = name.as_str().as_bytes();
+            let mut found = None;
+            while let Some(&(have, values)) = entries.peek() {
+                if have.as_str().as_bytes() == want {
+                    found = Some(values);
+                    entries.next();
+                    break;
+                }
+                match have.cmp(name) {
+                    std::cmp::Ordering::Less => {
+                        entries.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        found = Some(values);
+                        entries.next();
+                        break;
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            slots.push(found);
         }
+        Slotted { slots, attrs }
     }
 }
 

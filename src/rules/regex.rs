@@ -182,15 +182,28 @@ impl DotNetRegex {
     /// use [`check_replacement`](Self::check_replacement) to reject such references instead (spec
     /// §6). A group that did not participate in a match substitutes as empty.
     pub fn replace_all(&self, text: &str, dotnet_replacement: &str) -> String {
-        let pieces = self
-            .parse_replacement(dotnet_replacement, false)
-            .unwrap_or_default();
+        self.replace_all_with(text, &self.replacement(dotnet_replacement))
+    }
+
+    /// Reads a .NET replacement string once (references to undefined groups are literal text,
+    /// as in [`replace_all`](Self::replace_all)), for [`replace_all_with`](Self::replace_all_with)
+    /// and [`replace_group_with`](Self::replace_group_with) to use many times.
+    pub fn replacement(&self, dotnet_replacement: &str) -> Replacement {
+        Replacement(
+            self.parse_replacement(dotnet_replacement, false)
+                .unwrap_or_default(),
+        )
+    }
+
+    /// [`replace_all`](Self::replace_all) with a replacement read by
+    /// [`replacement`](Self::replacement).
+    pub fn replace_all_with(&self, text: &str, replacement: &Replacement) -> String {
         let mut out = String::with_capacity(text.len());
         let mut last = 0;
         for caps in self.captures_iter(text) {
             let Some(m) = caps.get(0) else { continue };
             out.push_str(&text[last..m.start()]);
-            expand(&caps, &pieces, &mut out);
+            expand(&caps, &replacement.0, &mut out);
             last = m.end();
         }
         out.push_str(&text[last..]);
@@ -208,9 +221,17 @@ impl DotNetRegex {
         group_index: usize,
         dotnet_replacement: &str,
     ) -> String {
-        let pieces = self
-            .parse_replacement(dotnet_replacement, false)
-            .unwrap_or_default();
+        self.replace_group_with(text, group_index, &self.replacement(dotnet_replacement))
+    }
+
+    /// [`replace_group`](Self::replace_group) with a replacement read by
+    /// [`replacement`](Self::replacement).
+    pub fn replace_group_with(
+        &self,
+        text: &str,
+        group_index: usize,
+        replacement: &Replacement,
+    ) -> String {
         let mut out = String::with_capacity(text.len());
         let mut last = 0;
         for caps in self.captures_iter(text) {
@@ -218,7 +239,7 @@ impl DotNetRegex {
                 continue;
             };
             out.push_str(&text[last..g.start()]);
-            expand(&caps, &pieces, &mut out);
+            expand(&caps, &replacement.0, &mut out);
             last = g.end();
         }
         out.push_str(&text[last..]);
@@ -348,6 +369,11 @@ enum Piece {
     Literal(String),
     Group(usize),
 }
+
+/// A .NET replacement string read once for one pattern: literal text and group references (see
+/// [`DotNetRegex::replacement`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replacement(Vec<Piece>);
 
 fn expand(caps: &regex::Captures<'_>, pieces: &[Piece], out: &mut String) {
     for piece in pieces {

@@ -860,6 +860,7 @@ impl Projection for RuleSet {
         let mut rng = SeededRng::from_seed(ctx.object_seed(&entry.anchor));
         let mut desired = Desired::new(rule.target_type.clone());
         desired.flows.reserve(rule.flows.len());
+        desired.join.reserve(rule.join.len());
         // For each flow, where its values went in `desired.flows` (joins read the first value).
         let mut placed: smallvec::SmallVec<[Option<usize>; 32]> = smallvec::SmallVec::new();
         for flow in &rule.flows {
@@ -900,15 +901,20 @@ impl Projection for RuleSet {
             }
         }
         for group in &rule.join {
-            let pairs: Option<Vec<(AttrName, Value)>> = group
-                .iter()
-                .map(|&i| {
-                    let at = placed.get(i).copied().flatten()?;
-                    let first = desired.flows.get(at)?.values.first()?.clone();
-                    Some((rule.flows.get(i)?.target.clone(), first))
-                })
-                .collect();
-            if let Some(pairs) = pairs {
+            let mut pairs: Vec<(AttrName, Value)> = Vec::with_capacity(group.len());
+            for &i in group {
+                let found = placed
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .and_then(|at| desired.flows.get(at)?.values.first())
+                    .zip(rule.flows.get(i));
+                match found {
+                    Some((first, flow)) => pairs.push((flow.target.clone(), first.clone())),
+                    None => break,
+                }
+            }
+            if pairs.len() == group.len() {
                 desired.join.push(JoinGroup(pairs));
             }
         }

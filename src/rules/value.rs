@@ -812,7 +812,10 @@ pub fn compare(op: CompareOp, a: &EvalValue, b: &EvalValue) -> EvalResult<EvalVa
         let y = datetime::value_to_datetime(b).map_err(|e| ctx(e, 1))?;
         return Ok(EvalValue::Boolean(op.holds(x.cmp(&y))));
     }
-    // Rule 5: numbers.
+    // Rule 5: numbers (two integers compare as integers, without reading them as text).
+    if let (EvalValue::Integer(x), EvalValue::Integer(y)) = (a, b) {
+        return Ok(EvalValue::Boolean(op.holds(x.cmp(y))));
+    }
     if let (Some(x), Some(y)) = (NumText::from_value(a), NumText::from_value(b)) {
         return Ok(EvalValue::Boolean(op.holds(x.cmp_num(&y))));
     }

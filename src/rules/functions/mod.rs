@@ -183,6 +183,10 @@ pub struct Precompiled {
     random: Option<RandomSpec>,
     /// The literal `replacementValue` was checked against the literal pattern.
     replacement_checked: bool,
+    /// A literal text control argument: `Join`'s separator, `Split`'s delimiter.
+    text: Option<String>,
+    /// The literal `replacementValue`, read for the literal pattern.
+    replacement: Option<crate::rules::regex::Replacement>,
 }
 
 impl Precompiled {
@@ -262,7 +266,7 @@ pub fn precompile(
         }
         Function::Join => {
             if let Some(v) = lit(0) {
-                ctl_str(v, p(0))?;
+                pre.text = Some(ctl_str(v, p(0))?);
             }
         }
         Function::Left => {
@@ -289,7 +293,7 @@ pub fn precompile(
         }
         Function::Split => {
             if let Some(v) = lit(1) {
-                resolve_delimiter(v, p(1))?;
+                pre.text = Some(resolve_delimiter(v, p(1))?);
             }
         }
         Function::Word => {
@@ -342,6 +346,11 @@ pub fn precompile(
                         if let Some(Some(r)) = lit(4) {
                             check_replacement(&re, r, p(4))?;
                             pre.replacement_checked = true;
+                            if let Ok(r) = r.single() {
+                                pre.replacement = Some(
+                                    re.replacement(&r.to_text().ok().flatten().unwrap_or_default()),
+                                );
+                            }
                         }
                     }
                     pre.regex = Some(re);
@@ -786,8 +795,15 @@ pub(crate) fn call_refs(
             })
         }
         Join => {
-            let sep = ctl_str(a(0), p(0))?;
-            let mut parts: Vec<Cow<'_, str>> = Vec::new();
+            let computed;
+            let sep = match &pre.text {
+                Some(t) => t.as_str(),
+                None => {
+                    computed = ctl_str(a(0), p(0))?;
+                    computed.as_str()
+                }
+            };
+            let mut parts: smallvec::SmallVec<[Cow<'_, str>; 4]> = smallvec::SmallVec::new();
             for (i, src) in args.iter().enumerate().skip(1) {
                 let Some(src) = src else { continue };
                 let ps = P {
@@ -812,7 +828,7 @@ pub(crate) fn call_refs(
             Ok(if parts.is_empty() {
                 EvalValue::Null
             } else {
-                EvalValue::from(parts.join(&sep))
+                EvalValue::String(join_smol(&parts, sep))
             })
         }
         Left => {
@@ -867,6 +883,17 @@ pub(crate) fn call_refs(
                 None => resolve_culture(a(1), p(1))?,
             };
             per_value(req(a(0), p(0))?, |v| {
+                // An ASCII string already in the wanted case is its own result: share it.
+                if let EvalValue::String(s) = v {
+                    let unchanged = if f == ToLower {
+                        !s.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii())
+                    } else {
+                        !s.bytes().any(|b| b.is_ascii_lowercase() || !b.is_ascii())
+                    };
+                    if unchanged {
+                        return Ok(v.clone());
+                    }
+                }
                 Ok(text_of(v, p(0))?.map_or(EvalValue::Null, |s| {
                     EvalValue::from(if f == ToLower {
                         to_lower(&s, rules)
@@ -901,12 +928,19 @@ pub(crate) fn call_refs(
         Replace => replace(args, pre),
         Split => {
             let source = single_data(a(0), p(0))?;
-            let delim = resolve_delimiter(a(1), p(1))?;
+            let computed;
+            let delim = match &pre.text {
+                Some(t) => t.as_str(),
+                None => {
+                    computed = resolve_delimiter(a(1), p(1))?;
+                    computed.as_str()
+                }
+            };
             let Some(s) = text_of(source, p(0))? else {
                 return Ok(EvalValue::Null);
             };
             Ok(EvalValue::multi(
-                s.split(delim.as_str())
+                s.split(delim)
                     .map(str::trim)
                     .filter(|x| !x.is_empty())
                     .map(EvalValue::from)
@@ -966,6 +1000,27 @@ pub(crate) fn call_refs(
             ),
         )),
     }
+}
+
+/// `parts` joined by `sep`; a short result is built inline, without a heap buffer.
+fn join_smol(parts: &[Cow<'_, str>], sep: &str) -> smol_str::SmolStr {
+    const INLINE: usize = 23;
+    let len = parts.iter().map(|p| p.len()).sum::<usize>() + sep.len() * (parts.len() - 1);
+    if len > INLINE {
+        return smol_str::SmolStr::from(parts.join(sep));
+    }
+    let mut buf = [0u8; INLINE];
+    let mut at = 0;
+    for (i, part) in parts.iter().enumerate() {
+        for piece in [if i > 0 { sep } else { "" }, part] {
+            if let Some(dst) = buf.get_mut(at..at + piece.len()) {
+                dst.copy_from_slice(piece.as_bytes());
+            }
+            at += piece.len();
+        }
+    }
+    // Whole `str`s were copied, so the bytes are UTF-8.
+    smol_str::SmolStr::new(std::str::from_utf8(&buf[..at]).unwrap_or_default())
 }
 
 /// `Mid` with CS-FUNC's edge rules (spec §6).
@@ -1060,7 +1115,7 @@ fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResul
         } else {
             parsed
         };
-        Ok(EvalValue::from(output.render(shown)))
+        Ok(EvalValue::String(output.render_smol(shown)))
     })
 }
 
@@ -1340,13 +1395,21 @@ fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalVal
                     check_replacement(re, v, p(4))?;
                 }
             }
+            let read;
+            let replacement = match &pre.replacement {
+                Some(r) => r,
+                None => {
+                    read = re.replacement(&replacement);
+                    &read
+                }
+            };
             per_value(source, |v| {
                 Ok(match text_of(v, p(0))? {
                     None => EvalValue::Null,
                     Some(s) if mode == ReplaceMode::Regex => {
-                        EvalValue::from(re.replace_all(&s, &replacement))
+                        EvalValue::from(re.replace_all_with(&s, replacement))
                     }
-                    Some(s) => EvalValue::from(re.replace_group(&s, group, &replacement)),
+                    Some(s) => EvalValue::from(re.replace_group_with(&s, group, replacement)),
                 })
             })
         }

@@ -62,6 +62,10 @@ fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
 
 /// Lower case with `rules`.
 pub fn to_lower(s: &str, rules: CaseRules) -> String {
+    // ASCII text lower-cases byte by byte (only the Turkic `I` leaves ASCII).
+    if s.is_ascii() && !(rules == CaseRules::Turkic && s.contains('I')) {
+        return s.to_ascii_lowercase();
+    }
     s.chars()
         .map(|c| match (rules, c) {
             (CaseRules::Turkic, 'I') => 'ı',
@@ -72,6 +76,10 @@ pub fn to_lower(s: &str, rules: CaseRules) -> String {
 
 /// Upper case with `rules`.
 pub fn to_upper(s: &str, rules: CaseRules) -> String {
+    // ASCII text upper-cases byte by byte (only the Turkic `i` leaves ASCII).
+    if s.is_ascii() && !(rules == CaseRules::Turkic && s.contains('i')) {
+        return s.to_ascii_uppercase();
+    }
     s.chars()
         .map(|c| match (rules, c) {
             (CaseRules::Turkic, 'i') => 'İ',
