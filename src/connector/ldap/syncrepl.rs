@@ -578,6 +578,20 @@ impl<'a> Converter<'a> {
                 }
             },
             SyncEvent::Done(res, done) => {
+                if res.rc == 53 {
+                    // unwillingToPerform to a refresh from a cookie: slapd's answer when the
+                    // cookie is ahead of its own state ("consumer state is newer than
+                    // provider", e.g. after a crash lost its unsaved contextCSN). The cookie
+                    // cannot be served; a full import can.
+                    return Err(ConnectorError::new(
+                        ErrorKind::InvalidWatermark,
+                        format!(
+                            "the server refused the syncrepl cookie: unwillingToPerform (53): {}",
+                            res.text
+                        ),
+                    )
+                    .with_object(&self.source.config().base_dn));
+                }
                 if res.rc != 0 {
                     return Err(result_error(&res).with_object(&self.source.config().base_dn));
                 }
