@@ -54,7 +54,7 @@ async fn import(source: &LdapSource) -> Result<Vec<Entry>, dirsync::connector::C
     while let Some(item) = stream.next().await {
         match item? {
             ImportItem::Item(e) => out.push(e),
-            ImportItem::Checkpoint(_) => {}
+            ImportItem::Checkpoint(_) | ImportItem::Present(_) => {}
         }
     }
     Ok(out)
@@ -283,7 +283,7 @@ async fn a_dropped_connection_restarts_the_import_without_duplicates() {
     while entries.len() < 1500 {
         match stream.next().await.unwrap().unwrap() {
             ImportItem::Item(e) => entries.push(e),
-            ImportItem::Checkpoint(_) => {}
+            ImportItem::Checkpoint(_) | ImportItem::Present(_) => {}
         }
     }
     // The server dies mid-import and comes back on the same ports and data.

@@ -75,6 +75,14 @@ pub enum ImportItem<T> {
     Item(T),
     /// Everything before this point is covered by this watermark.
     Checkpoint(Watermark),
+    /// A present phase (RFC 4533 syncrepl; a delta import only): these objects still exist,
+    /// unchanged since the watermark the import started from. A delta stream that yields
+    /// `Present` items (even an empty one) is in a present phase until its next checkpoint: at
+    /// that checkpoint every mirrored object that was neither reported present nor added or
+    /// replaced since the present phase began is deleted. The engine treats the phase as a
+    /// full import (the same deletion guard applies); a stream that ends before the checkpoint
+    /// deletes nothing.
+    Present(Vec<crate::model::Anchor>),
 }
 
 /// A stream of import items.

@@ -53,7 +53,7 @@ use crate::delta::{
     self, DeletionGuard, Issue, Links, Operation, OperationKind, Plan, PlanInput, PlanScope,
     Projected, Projection, ProjectionContext,
 };
-use crate::model::{Anchor, Dn, TargetId, TargetObject};
+use crate::model::{Anchor, Change, Dn, Entry, TargetId, TargetObject};
 use crate::rules::ruleset::{Explanation, RuleSet};
 use crate::state::{JournalEntry, JournalId, RunId, StateError, StateStore, TargetLookup, Views};
 
@@ -424,6 +424,11 @@ impl Synchronizer {
                         }
                     }
                     ImportItem::Checkpoint(w) => watermark = Some(w),
+                    ImportItem::Present(anchors) => {
+                        let b = std::mem::take(&mut batch);
+                        self.with_store(|s| s.import_entries(generation, &b))?;
+                        self.reimport(generation, &anchors)?;
+                    }
                 }
             }
         }
@@ -471,19 +476,73 @@ impl Synchronizer {
             return self.full_import_inner().await;
         }
         let mut report = RunReport::default();
-        let mut batch = Vec::new();
-        let result: Result<(), ConnectorError> = async {
+        let mut batch: Vec<Change> = Vec::new();
+        let batch_size = self.config.import_batch.max(1);
+        // A present phase (see `ImportItem::Present`): the full-import generation its objects
+        // are (re)imported into, and the entries of it not written yet.
+        let mut phase: Option<u64> = None;
+        let mut phase_entries: Vec<Entry> = Vec::new();
+        // The anchors changed since the last checkpoint: present too, when a phase begins.
+        let mut since_checkpoint: Vec<Anchor> = Vec::new();
+        let result: Result<()> = async {
             let mut stream = self.source.delta_import(&since).await?;
             while let Some(item) = stream.next().await {
                 match item? {
                     ImportItem::Item(c) => {
-                        batch.push(c);
                         report.imported += 1;
+                        let Some(generation) = phase else {
+                            since_checkpoint.push(c.anchor().clone());
+                            batch.push(c);
+                            continue;
+                        };
+                        match c {
+                            Change::Add(e) | Change::Replace(e) => {
+                                phase_entries.push(e);
+                                if phase_entries.len() >= batch_size {
+                                    let b = std::mem::take(&mut phase_entries);
+                                    self.store(|s| s.import_entries(generation, &b))?;
+                                }
+                            }
+                            other => {
+                                let b = std::mem::take(&mut phase_entries);
+                                self.store(|s| s.import_entries(generation, &b))?;
+                                let anchor = other.anchor().clone();
+                                let deleted = matches!(other, Change::Delete { .. });
+                                self.store(|s| s.apply_changes(&name, &[other], None))?;
+                                if !deleted {
+                                    self.reimport(generation, std::slice::from_ref(&anchor))?;
+                                }
+                            }
+                        }
+                    }
+                    ImportItem::Present(anchors) => {
+                        let generation = match phase {
+                            Some(g) => g,
+                            None => {
+                                // The changes since the last checkpoint belong to the phase.
+                                let b = std::mem::take(&mut batch);
+                                self.store(|s| s.apply_changes(&name, &b, None))?;
+                                let g = self.store(|s| s.begin_full_import(&name))?;
+                                let changed = std::mem::take(&mut since_checkpoint);
+                                self.reimport(g, &changed)?;
+                                phase = Some(g);
+                                g
+                            }
+                        };
+                        let b = std::mem::take(&mut phase_entries);
+                        self.store(|s| s.import_entries(generation, &b))?;
+                        self.reimport(generation, &anchors)?;
                     }
                     ImportItem::Checkpoint(w) => {
-                        let b = std::mem::take(&mut batch);
-                        self.with_store(|s| s.apply_changes(&name, &b, Some(&w)))
-                            .map_err(|e| ConnectorError::new(ErrorKind::Other, e.to_string()))?;
+                        since_checkpoint.clear();
+                        if let Some(generation) = phase.take() {
+                            let b = std::mem::take(&mut phase_entries);
+                            self.store(|s| s.import_entries(generation, &b))?;
+                            self.finish_present_phase(&name, generation, &w)?;
+                        } else {
+                            let b = std::mem::take(&mut batch);
+                            self.store(|s| s.apply_changes(&name, &b, Some(&w)))?;
+                        }
                         self.progress(Stage::Import, report.imported, None);
                     }
                 }
@@ -491,14 +550,21 @@ impl Synchronizer {
             Ok(())
         }
         .await;
+        if let Some(generation) = phase {
+            // The stream ended inside a present phase: what it delivered is newer data and
+            // stays; the phase is abandoned and deletes nothing.
+            if !phase_entries.is_empty() {
+                self.store(|s| s.import_entries(generation, &phase_entries))?;
+            }
+        }
         match result {
             Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::InvalidWatermark => {
+            Err(EngineError::Connector(e)) if e.kind() == ErrorKind::InvalidWatermark => {
                 warn!(error = %e, "watermark no longer valid: full import");
                 self.store(|s| s.clear_watermark(&name))?;
                 return self.full_import_inner().await;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
         if !batch.is_empty() {
             // Changes after the last checkpoint: durable now, their watermark comes next time
@@ -514,6 +580,48 @@ impl Synchronizer {
         }
         report.stages.push((Stage::Import, t0.elapsed()));
         Ok(report)
+    }
+
+    /// Imports the mirrored entries of `anchors` unchanged into full import `generation` (the
+    /// objects a present phase reports as still there). Anchors the mirror does not hold (the
+    /// source left them out before) are skipped.
+    fn reimport(&self, generation: u64, anchors: &[Anchor]) -> Result<()> {
+        for chunk in anchors.chunks(self.config.import_batch.max(1)) {
+            let mut entries = Vec::with_capacity(chunk.len());
+            for a in chunk {
+                if let Some(e) = self.store(|s| s.source_entry(a))? {
+                    entries.push(e);
+                }
+            }
+            self.store(|s| s.import_entries(generation, &entries))?;
+        }
+        Ok(())
+    }
+
+    /// Ends a present phase at its checkpoint: deletes what it did not report and commits the
+    /// watermark, under the full import's guard.
+    fn finish_present_phase(
+        &self,
+        name: &str,
+        generation: u64,
+        watermark: &crate::connector::Watermark,
+    ) -> Result<()> {
+        let share = self.config.min_import_share;
+        match self.with_store(|s| s.finish_full_import(name, generation, Some(watermark), share)) {
+            Ok(sum) => {
+                info!(
+                    seen = sum.seen,
+                    deleted = sum.deleted,
+                    "delta import: present phase finished"
+                );
+                Ok(())
+            }
+            Err(StateError::ImportTooSmall { seen, mirrored }) => {
+                warn!(seen, mirrored, "present phase refused");
+                Err(EngineError::ImportTooSmall { seen, mirrored })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     // ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 //! - `search`: paged streaming searches, searches with extra controls, AD range retrieval.
 //! - [`entry`]: server answers to [`Entry`](crate::model::Entry) values.
 //! - [`LdapSource`]: the [`Source`](crate::connector::Source).
+//! - [`syncrepl`]: RFC 4533 content synchronization (full and delta import, refreshAndPersist).
 //! - [`control`]: the codecs of the request and response controls this crate sends and reads
 //!   (DirSync, Show Deleted, paged results) and of AD's ranged attribute names.
 //!
@@ -19,11 +20,12 @@
 
 mod ber;
 pub mod config;
-pub mod control;
 pub mod conn;
+pub mod control;
 pub mod entry;
 mod search;
 mod source;
+pub mod syncrepl;
 
 pub use config::{
     default_object_types, default_reference_attributes, AnchorAttribute, DeltaMode, LdapBind,

@@ -83,8 +83,12 @@ impl LdapSource {
         }
     }
 
+    /// Counts an entry left out because no `objectClass` of it is mapped (delta modes).
+    pub(crate) fn count_skipped(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The mapper that turns raw entries into entries (for the delta modes beside this file).
-    #[allow(dead_code)]
     pub(crate) fn mapper(&self) -> &EntryMapper {
         &self.mapper
     }
@@ -187,10 +191,13 @@ impl Source for LdapSource {
 
     fn capabilities(&self) -> SourceCapabilities {
         // Delta modes plug in here as they are built (dirsync.rs, usn.rs, syncrepl.rs).
-        SourceCapabilities::new(false)
+        SourceCapabilities::new(self.config.delta == DeltaMode::Syncrepl)
     }
 
     async fn full_import(&self) -> Result<ImportStream<'_, Entry>, ConnectorError> {
+        if self.config.delta == DeltaMode::Syncrepl {
+            return self.syncrepl_full_import().await;
+        }
         let handle = connect(&self.config.connection).await?;
         let spec = self.search_spec();
         let state = FullImport {
@@ -237,7 +244,7 @@ impl Source for LdapSource {
             }
             DeltaMode::Dirsync => "dirsync",
             DeltaMode::UsnChanged => "usn_changed",
-            DeltaMode::Syncrepl => "syncrepl",
+            DeltaMode::Syncrepl => return self.syncrepl_delta_import(since).await,
         };
         Err(ConnectorError::new(
             ErrorKind::Unsupported,

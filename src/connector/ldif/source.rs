@@ -985,7 +985,7 @@ member: cn=Charles Babbage,ou=People,dc=example,dc=com
             .iter()
             .filter_map(|i| match i {
                 Ok(ImportItem::Item(c)) => Some(c.clone()),
-                Ok(ImportItem::Checkpoint(_)) => None,
+                Ok(ImportItem::Checkpoint(_) | ImportItem::Present(_)) => None,
                 Err(e) => panic!("{e}"),
             })
             .collect()

@@ -669,7 +669,7 @@ mod tests {
             .iter()
             .filter_map(|i| match i {
                 ImportItem::Item(c) => Some(c.clone()),
-                ImportItem::Checkpoint(_) => None,
+                ImportItem::Checkpoint(_) | ImportItem::Present(_) => None,
             })
             .collect()
     }
@@ -712,7 +712,7 @@ mod tests {
             .iter()
             .filter_map(|i| match i {
                 ImportItem::Item(e) => Some(e.anchor.as_str()),
-                ImportItem::Checkpoint(_) => None,
+                ImportItem::Checkpoint(_) | ImportItem::Present(_) => None,
             })
             .collect();
         assert_eq!(anchors, ["a", "b"]);
@@ -954,6 +954,7 @@ mod tests {
             .map(|i| match i {
                 ImportItem::Item(_) => 'c',
                 ImportItem::Checkpoint(_) => 'K',
+                ImportItem::Present(_) => 'P',
             })
             .collect();
         assert_eq!(shape, "ccKccKcK");
@@ -970,6 +971,7 @@ mod tests {
             .map(|i| match i {
                 ImportItem::Item(_) => 'c',
                 ImportItem::Checkpoint(_) => 'K',
+                ImportItem::Present(_) => 'P',
             })
             .collect();
         assert_eq!(shape, "ccKccK");
@@ -1164,6 +1166,7 @@ mod tests {
                     match item {
                         ImportItem::Item(e) => { mirror.insert(e.anchor.clone(), e); }
                         ImportItem::Checkpoint(w) => mark = Some(w),
+                        ImportItem::Present(_) => {}
                     }
                 }
                 let mut mark = mark.unwrap();
@@ -1179,6 +1182,7 @@ mod tests {
                                 match item {
                                     ImportItem::Item(e) => { mirror.insert(e.anchor.clone(), e); }
                                     ImportItem::Checkpoint(w) => mark = w,
+                                    ImportItem::Present(_) => {}
                                 }
                             }
                             continue;
@@ -1188,6 +1192,7 @@ mod tests {
                     for item in items {
                         match item {
                             ImportItem::Item(c) => replay(&mut mirror, c),
+                            ImportItem::Present(_) => {}
                             ImportItem::Checkpoint(w) => {
                                 mark = w;
                                 if i % 2 == 1 {
