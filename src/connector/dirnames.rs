@@ -48,6 +48,7 @@ pub(crate) fn base_name(attribute: &str) -> &str {
 pub(crate) struct Schema<'a> {
     pub object_type_map: &'a BTreeMap<AttrName, ObjectType>,
     pub references: &'a [AttrName],
+    #[cfg_attr(not(feature = "ldif"), allow(dead_code))]
     pub binary: &'a [AttrName],
 }
 
@@ -71,6 +72,7 @@ impl Schema<'_> {
     }
 
     /// Whether `attribute` (options ignored) is a binary attribute.
+    #[cfg_attr(not(feature = "ldif"), allow(dead_code))]
     pub fn is_binary(&self, attribute: &AttrName) -> bool {
         let base = base_name(attribute.as_str());
         self.binary.iter().any(|r| r.is(base))

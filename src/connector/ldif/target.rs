@@ -17,11 +17,11 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::map::{RefForm, Schema};
+use super::write::valid_description;
+use super::{LdifError, LdifReader, LdifWriter};
 use crate::connector::dirnames::{
     add_naming_values, constraint, create_dn, id_of, ObjectTypeNaming, Placement,
 };
-use super::write::valid_description;
-use super::{LdifError, LdifReader, LdifWriter};
 use crate::connector::{
     Applied, ConnectorError, ErrorKind, Target, TargetCapabilities, TargetOperation,
 };
@@ -114,7 +114,6 @@ impl Stored {
 }
 
 type Objects = BTreeMap<Dn, Stored>;
-
 
 /// A target directory kept in an LDIF file of content records.
 ///
@@ -373,7 +372,6 @@ impl LdifTarget {
     }
 }
 
-
 fn check_name(name: &AttrName, dn: &Dn) -> Result<(), ConnectorError> {
     if valid_description(name.as_str()) {
         Ok(())
@@ -387,7 +385,6 @@ fn check_name(name: &AttrName, dn: &Dn) -> Result<(), ConnectorError> {
         ))
     }
 }
-
 
 /// The object `id` of `object_type`.
 fn find_typed<'o>(
@@ -424,9 +421,6 @@ fn no_children(objects: &Objects, dn: &Dn, what: &str) -> Result<(), ConnectorEr
         None => Ok(()),
     }
 }
-
-
-
 
 /// Reads a file of content records.
 fn load(
