@@ -122,6 +122,13 @@ pub struct LdapTargetConfig {
     /// Operations per apply call (default 100).
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Per object type, placeholder values for attributes a schema requires that the engine
+    /// fills later: `[placeholders.group] member = ""` lets a `groupOfNames` (which must have a member) be created before its
+    /// members exist (the engine adds references after the creates). The placeholder is added to
+    /// a create or a replace that leaves the attribute empty and is never read back. A
+    /// value-level removal of the last real value is still refused by the server.
+    #[serde(default)]
+    pub placeholders: BTreeMap<ObjectType, BTreeMap<AttrName, String>>,
 }
 
 fn default_name() -> String {
@@ -152,6 +159,7 @@ impl LdapTargetConfig {
             secret_attributes: default_secret_attributes(),
             read_attributes: Vec::new(),
             max_batch: default_max_batch(),
+            placeholders: BTreeMap::new(),
         }
     }
 
@@ -180,6 +188,15 @@ impl LdapTargetConfig {
             references: &self.reference_attributes,
             binary: &self.binary_attributes,
         }
+    }
+
+    fn placeholder(&self, object_type: &ObjectType, attribute: &str) -> Option<&str> {
+        let base = base_name(attribute);
+        self.placeholders
+            .get(object_type)?
+            .iter()
+            .find(|(a, _)| a.is(base))
+            .map(|(_, v)| v.as_str())
     }
 
     fn is_secret(&self, attribute: &AttrName) -> bool {
@@ -345,14 +362,23 @@ impl LdapTarget {
             if self.config.is_secret(name) {
                 continue;
             }
+            let placeholder = self.config.placeholder(&entry.object_type, name.as_str());
             let values: Values = values
                 .iter()
+                .filter(|v| {
+                    placeholder.is_none_or(|p| !matches!(v, Value::String(s) if s.as_str() == p))
+                        && placeholder.is_none_or(
+                            |p| !matches!(v, Value::Reference(Reference::Dn(d)) if d.as_str() == p),
+                        )
+                })
                 .map(|v| match v {
                     Value::Reference(Reference::Dn(d)) => Value::target_ref(d.normalized()),
                     other => other.clone(),
                 })
                 .collect();
-            attributes.set(name.clone(), values);
+            if !values.is_empty() {
+                attributes.set(name.clone(), values);
+            }
         }
         if self.config.directory == Directory::Ad {
             if let Some(uac) = attributes.first("userAccountControl").and_then(integer_of) {
@@ -470,7 +496,11 @@ impl LdapTarget {
                 object_type,
                 attributes,
             } => self.create(object_type, attributes).await,
-            TargetOperation::Update { id, changes, .. } => self.update(id, changes).await,
+            TargetOperation::Update {
+                id,
+                object_type,
+                changes,
+            } => self.update(object_type, id, changes).await,
             TargetOperation::Delete { id, .. } => {
                 let dn = parse_id(id)?;
                 let mut h = self.handle().await?;
@@ -519,13 +549,24 @@ impl LdapTarget {
             }
         }
         self.config.schema().check_type(&attrs, object_type, &dn)?;
+        for (name, value) in self
+            .config
+            .placeholders
+            .get(object_type)
+            .into_iter()
+            .flatten()
+        {
+            if attrs.get(name.as_str()).is_none_or(|v| v.is_empty()) {
+                attrs.set(name.clone(), Values::one(value.as_str()));
+            }
+        }
         let mut list: Vec<(Vec<u8>, HashSet<Vec<u8>>)> = Vec::with_capacity(attrs.len());
         let mut names = Vec::with_capacity(attrs.len());
         for (name, values) in attrs.iter() {
             if values.is_empty() {
                 continue;
             }
-            let set = self.encode_values(name, values, &dn)?;
+            let set = self.encode_values(Some(object_type), name, values, &dn)?;
             names.push(name.as_str());
             list.push((name.as_str().as_bytes().to_vec(), set));
         }
@@ -540,6 +581,7 @@ impl LdapTarget {
 
     async fn update(
         &self,
+        object_type: &ObjectType,
         id: &TargetId,
         changes: &[AttributeChange],
     ) -> Result<Applied, ConnectorError> {
@@ -619,10 +661,16 @@ impl LdapTarget {
                 // Folded into the accountEnabled replace above.
                 continue;
             }
-            let set = self.encode_values(&c.attribute, &c.values, &dn)?;
+            let set = self.encode_values(Some(object_type), &c.attribute, &c.values, &dn)?;
             let name = c.attribute.as_str().as_bytes().to_vec();
             names.push(c.attribute.as_str());
             mods.push(match c.op {
+                ChangeOp::Replace if set.is_empty() => {
+                    match self.config.placeholder(object_type, c.attribute.as_str()) {
+                        Some(p) => Mod::Replace(name, HashSet::from([p.as_bytes().to_vec()])),
+                        None => Mod::Replace(name, set),
+                    }
+                }
                 ChangeOp::Replace => Mod::Replace(name, set),
                 ChangeOp::Add if set.is_empty() => continue,
                 ChangeOp::Add => Mod::Add(name, set),
@@ -696,6 +744,7 @@ impl LdapTarget {
     /// The bytes sent for `values` of `attribute`.
     fn encode_values(
         &self,
+        object_type: Option<&ObjectType>,
         attribute: &AttrName,
         values: &Values,
         dn: &Dn,
@@ -732,6 +781,13 @@ impl LdapTarget {
                 Ok(match v {
                     Value::Reference(_) => {
                         reference_dn(attribute, v, dn)?.as_str().as_bytes().to_vec()
+                    }
+                    Value::String(s)
+                        if object_type.is_some_and(|t| {
+                            self.config.placeholder(t, attribute.as_str()) == Some(s)
+                        }) =>
+                    {
+                        s.as_bytes().to_vec()
                     }
                     Value::String(s) if schema.is_reference(attribute) => {
                         // Validated so that a malformed DN is our error, not the server's.
