@@ -85,7 +85,7 @@ enum SourceConfig {
         #[serde(default)]
         password_env: Option<String>,
         #[serde(flatten)]
-        config: dirsync::connector::ldap::LdapSourceConfig,
+        config: Box<dirsync::connector::ldap::LdapSourceConfig>,
     },
 }
 
@@ -149,7 +149,7 @@ enum TargetConfig {
         #[serde(default)]
         password_env: Option<String>,
         #[serde(flatten)]
-        config: dirsync::connector::ldap::LdapTargetConfig,
+        config: Box<dirsync::connector::ldap::LdapTargetConfig>,
     },
 }
 
@@ -435,7 +435,7 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
         } => {
             config.connection =
                 ldap_connection("source", base, config.connection, bind_dn, password_env)?;
-            Box::new(dirsync::connector::ldap::LdapSource::new(config))
+            Box::new(dirsync::connector::ldap::LdapSource::new(*config))
         }
     };
     let target: Box<dyn Target> = match config.target {
@@ -516,7 +516,7 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
         } => {
             config.connection =
                 ldap_connection("target", base, config.connection, bind_dn, password_env)?;
-            Box::new(dirsync::connector::ldap::LdapTarget::new(config))
+            Box::new(dirsync::connector::ldap::LdapTarget::new(*config))
         }
     };
     let state = relative(base, &config.state);

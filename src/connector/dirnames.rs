@@ -133,6 +133,7 @@ pub(crate) fn dn_value(attribute: &str, v: &Value) -> Result<Dn, ConnectorError>
 
 /// The DN a reference value points at: a DN reference, or a target id (a normalized DN).
 /// References by anchor (unresolved) are refused.
+#[cfg_attr(not(feature = "ldap"), allow(dead_code))]
 pub(crate) fn reference_dn(attribute: &AttrName, v: &Value, dn: &Dn) -> Result<Dn, ConnectorError> {
     let text = match v {
         Value::Reference(Reference::Dn(d)) => return Ok((**d).clone()),
