@@ -73,6 +73,20 @@ enum SourceConfig {
         #[serde(flatten)]
         config: LdifSourceConfig,
     },
+    /// An LDAP directory (cargo feature `ldap`): `connection`, `base_dn`, `scope`, `filter`,
+    /// `attributes`, `anchor`, `object_types`, `reference_attributes`, `binary_attributes`,
+    /// `range_retrieval`, `max_reconnects`, `delta` — see README.md, "LDAP source and target".
+    #[cfg(feature = "ldap")]
+    Ldap {
+        /// With `password_env`: the DN (or AD user principal name) of a simple bind.
+        #[serde(default)]
+        bind_dn: Option<String>,
+        /// Read the bind password from this environment variable (keeps it out of the file).
+        #[serde(default)]
+        password_env: Option<String>,
+        #[serde(flatten)]
+        config: Box<dirsync::connector::ldap::LdapSourceConfig>,
+    },
 }
 
 /// `[target]`, tagged by `type`. Other connectors add variants here.
@@ -122,6 +136,60 @@ enum TargetConfig {
         #[serde(flatten)]
         config: dirsync::connector::scim::ScimConfig,
     },
+    /// An LDAP directory (cargo feature `ldap`): `connection`, `directory`, `base_dn`,
+    /// `object_types`, `object_type_map`, `reference_attributes`, `binary_attributes`,
+    /// `secret_attributes`, `read_attributes`, `max_batch` — see README.md, "LDAP source and
+    /// target".
+    #[cfg(feature = "ldap")]
+    Ldap {
+        /// With `password_env`: the DN (or AD user principal name) of a simple bind.
+        #[serde(default)]
+        bind_dn: Option<String>,
+        /// Read the bind password from this environment variable (keeps it out of the file).
+        #[serde(default)]
+        password_env: Option<String>,
+        #[serde(flatten)]
+        config: Box<dirsync::connector::ldap::LdapTargetConfig>,
+    },
+}
+
+/// The connection of an `ldap` section with the password from the environment (when
+/// `password_env` is given) and the CA file relative to the configuration file.
+#[cfg(feature = "ldap")]
+fn ldap_connection(
+    section: &str,
+    base: &Path,
+    mut conn: dirsync::connector::ldap::LdapConnection,
+    bind_dn: Option<String>,
+    password_env: Option<String>,
+) -> Result<dirsync::connector::ldap::LdapConnection, Fail> {
+    use dirsync::connector::ldap::LdapBind;
+    use dirsync::connector::Secret;
+    match (bind_dn, password_env) {
+        (Some(dn), Some(var)) => {
+            let pw = std::env::var(&var).map_err(|_| {
+                Fail::new(
+                    EXIT_CONFIG,
+                    format!("[{section}] password_env: the variable {var} is not set"),
+                )
+            })?;
+            conn.bind = LdapBind::Simple {
+                dn,
+                password: Secret::new(pw),
+            };
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Fail::new(
+                EXIT_CONFIG,
+                format!("[{section}] bind_dn and password_env go together: give both or neither"),
+            ))
+        }
+    }
+    conn.tls.ca_file = conn.tls.ca_file.map(|f| relative(base, &f));
+    conn.tls.client_cert_file = conn.tls.client_cert_file.map(|f| relative(base, &f));
+    conn.tls.client_key_file = conn.tls.client_key_file.map(|f| relative(base, &f));
+    Ok(conn)
 }
 
 /// `[guard]`.
@@ -359,6 +427,16 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
             }
             Box::new(s)
         }
+        #[cfg(feature = "ldap")]
+        SourceConfig::Ldap {
+            bind_dn,
+            password_env,
+            mut config,
+        } => {
+            config.connection =
+                ldap_connection("source", base, config.connection, bind_dn, password_env)?;
+            Box::new(dirsync::connector::ldap::LdapSource::new(*config))
+        }
     };
     let target: Box<dyn Target> = match config.target {
         TargetConfig::Ldif {
@@ -429,6 +507,16 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
                 t = t.with_name(n);
             }
             Box::new(t)
+        }
+        #[cfg(feature = "ldap")]
+        TargetConfig::Ldap {
+            bind_dn,
+            password_env,
+            mut config,
+        } => {
+            config.connection =
+                ldap_connection("target", base, config.connection, bind_dn, password_env)?;
+            Box::new(dirsync::connector::ldap::LdapTarget::new(*config))
         }
     };
     let state = relative(base, &config.state);
@@ -638,6 +726,19 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "ldap")]
+    #[test]
+    fn shipped_ldap_configs_parse() {
+        for file in ["ldap-to-ldap.toml", "ad-to-ldap.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples/config")
+                .join(file);
+            let (c, _) = load_config(&path).unwrap_or_else(|f| panic!("{file}: {}", f.message));
+            assert!(matches!(c.source, SourceConfig::Ldap { .. }), "{file}");
+            assert!(matches!(c.target, TargetConfig::Ldap { .. }), "{file}");
+        }
+    }
 
     fn args(s: &str) -> Result<Args, Fail> {
         parse_args(s.split_whitespace().map(str::to_owned))

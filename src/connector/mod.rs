@@ -17,6 +17,8 @@ use crate::model::{
     AttrName, AttributeChange, Attributes, Change, Entry, ObjectType, TargetId, TargetObject, Value,
 };
 
+#[cfg(any(feature = "ldif", feature = "ldap"))]
+pub mod dirnames;
 #[cfg(feature = "graph")]
 pub mod graph;
 #[cfg(feature = "ldap")]

@@ -9,6 +9,8 @@
 //! - [`entry`]: server answers to [`Entry`](crate::model::Entry) values.
 //! - [`LdapSource`]: the [`Source`](crate::connector::Source).
 //! - [`syncrepl`]: RFC 4533 content synchronization (full and delta import, refreshAndPersist).
+//! - [`LdapTarget`]: the [`Target`](crate::connector::Target): add, modify, delete, modrdn, with
+//!   an Active Directory dialect ([`Directory::Ad`]).
 //! - [`control`]: the codecs of the request and response controls this crate sends and reads
 //!   (DirSync, Show Deleted, paged results) and of AD's ranged attribute names.
 //!
@@ -26,6 +28,7 @@ pub mod entry;
 mod search;
 mod source;
 pub mod syncrepl;
+mod target;
 
 pub use config::{
     default_object_types, default_reference_attributes, AnchorAttribute, DeltaMode, LdapBind,
@@ -35,3 +38,7 @@ pub use conn::{connect, map_ldap_error, result_code_kind, LdapHandle};
 pub use entry::{EntryMapper, RawEntry};
 pub use search::{equality_filter, PAGED_RESULTS_OID};
 pub use source::LdapSource;
+pub use target::{
+    default_secret_attributes, Directory, LdapObjectTypeConfig, LdapTarget, LdapTargetConfig,
+    ACCOUNT_ENABLED,
+};

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{base_name, LdifError, LdifValue};
+use super::{LdifError, LdifValue};
 use crate::model::{AttrName, Dn, ObjectType, Value};
 
 /// The default `objectClass` → object type map: `user` and `inetOrgPerson` are `user`s, `group`
@@ -54,38 +54,12 @@ pub(crate) enum RefForm {
     Target,
 }
 
-/// The mapping settings a connector configuration carries.
-pub(crate) struct Schema<'a> {
-    pub object_type_map: &'a BTreeMap<AttrName, ObjectType>,
-    pub references: &'a [AttrName],
-    pub binary: &'a [AttrName],
-}
+// The mapping settings (`Schema`: object types from `objectClass`, reference and binary
+// attributes) are shared with the LDAP target in `connector::dirnames`; the LDIF value
+// conversion is added here.
+pub(crate) use crate::connector::dirnames::Schema;
 
 impl Schema<'_> {
-    /// The object type of an entry with these `objectClass` values: the last value the map names
-    /// wins (LDIF exports list classes from the most general to the most specific).
-    pub fn object_type<'v>(
-        &self,
-        classes: impl DoubleEndedIterator<Item = &'v Value>,
-    ) -> Option<ObjectType> {
-        classes
-            .rev()
-            .filter_map(Value::as_str)
-            .find_map(|c| self.object_type_map.get(&AttrName::new(c.trim())).cloned())
-    }
-
-    /// Whether `attribute` (options ignored) is a reference attribute.
-    pub fn is_reference(&self, attribute: &AttrName) -> bool {
-        let base = base_name(attribute.as_str());
-        self.references.iter().any(|r| r.is(base))
-    }
-
-    /// Whether `attribute` (options ignored) is a binary attribute.
-    pub fn is_binary(&self, attribute: &AttrName) -> bool {
-        let base = base_name(attribute.as_str());
-        self.binary.iter().any(|r| r.is(base))
-    }
-
     /// The model value of one LDIF value of the entry `dn`.
     pub fn convert(&self, v: &LdifValue, dn: &Dn, form: RefForm) -> Result<Value, LdifError> {
         self.convert_value(&v.attribute, v.value.clone(), v.line, dn, form)

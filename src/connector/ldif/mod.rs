@@ -218,14 +218,10 @@ impl fmt::Display for LdifControl {
     }
 }
 
-/// The attribute type of an attribute description: `cn;lang-en` → `cn`.
-pub(crate) fn base_name(attribute: &str) -> &str {
-    attribute.split(';').next().unwrap_or(attribute)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connector::dirnames::base_name;
     use crate::model::{values, Anchor, Entry, Reference, Values};
     use proptest::prelude::*;
 

@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use super::map::{RefForm, Schema};
 use super::write::valid_description;
 use super::{LdifError, LdifReader, LdifWriter};
+use crate::connector::dirnames::{
+    add_naming_values, constraint, create_dn, id_of, ObjectTypeNaming, Placement,
+};
 use crate::connector::{
     Applied, ConnectorError, ErrorKind, Target, TargetCapabilities, TargetOperation,
 };
@@ -27,18 +30,9 @@ use crate::model::{
     Value, Values,
 };
 
-/// Where objects of one type are created and how they are named.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LdifObjectTypeConfig {
-    /// The attribute whose (first) value names a new object (`cn`, `uid`, `ou`).
-    pub rdn_attribute: AttrName,
-    /// The DN new objects are created under (`ou=People,dc=example,dc=com`).
-    pub parent: Dn,
-    /// The `objectClass` values given to a new object whose create carries none. They must map
-    /// back to the type through [`LdifTargetConfig::object_type_map`].
-    #[serde(default)]
-    pub object_classes: Vec<String>,
-}
+/// Where objects of one type are created and how they are named (shared with the LDAP
+/// target).
+pub type LdifObjectTypeConfig = ObjectTypeNaming;
 
 /// How an [`LdifTarget`] names, types and reads its objects.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,10 +114,6 @@ impl Stored {
 }
 
 type Objects = BTreeMap<Dn, Stored>;
-
-fn id_of(dn: &Dn) -> TargetId {
-    TargetId::new(dn.normalized())
-}
 
 /// A target directory kept in an LDIF file of content records.
 ///
@@ -238,20 +228,8 @@ impl LdifTarget {
             } => {
                 let (dn, stored) = find_typed(objects, id, object_type)?;
                 let mut attrs = stored.attributes.clone();
-                let mut explicit = None;
+                let (placement, changes) = Placement::split(changes, &dn)?;
                 for c in changes {
-                    if c.attribute.is("dn") {
-                        explicit = Some(match (c.op, c.values.first(), c.values.len()) {
-                            (crate::model::ChangeOp::Replace, Some(v), 1) => dn_value(v)?,
-                            _ => {
-                                return Err(constraint(
-                                    "the dn of an object can only be replaced by one value",
-                                    &dn,
-                                ))
-                            }
-                        });
-                        continue;
-                    }
                     check_name(&c.attribute, &dn)?;
                     let mut c = c.clone();
                     c.values = self.normalize_values(&c.attribute, &c.values, &dn)?;
@@ -263,10 +241,7 @@ impl LdifTarget {
                         ConnectorError::new(kind, e.to_string()).with_object(&dn)
                     })?;
                 }
-                let new_dn = match explicit {
-                    Some(d) => d,
-                    None => renamed(&dn, &attrs)?,
-                };
+                let new_dn = placement.new_dn(&dn, &attrs)?;
                 add_naming_values(&mut attrs, &new_dn);
                 self.check_type(&attrs, object_type, &new_dn)?;
                 if new_dn != dn {
@@ -308,43 +283,7 @@ impl LdifTarget {
     ) -> Result<Applied, ConnectorError> {
         let mut attrs = attributes.clone();
         let settings = self.config.object_types.get(object_type);
-        let dn = match attrs.remove("dn") {
-            Some(v) if v.len() == 1 => v.first().map(dn_value).transpose()?.unwrap_or_default(),
-            Some(_) => {
-                return Err(ConnectorError::new(
-                    ErrorKind::Constraint,
-                    "the dn attribute of a create has one value",
-                ))
-            }
-            None => {
-                let Some(s) = settings else {
-                    return Err(ConnectorError::new(
-                        ErrorKind::Config,
-                        format!(
-                            "the LDIF target has no settings for object type {object_type} \
-                             (object_types) and the create carries no dn attribute"
-                        ),
-                    ));
-                };
-                let Some(value) = attrs.first(s.rdn_attribute.as_str()) else {
-                    return Err(ConnectorError::new(
-                        ErrorKind::Constraint,
-                        format!(
-                            "a new {object_type} needs a value of {} to be named",
-                            s.rdn_attribute
-                        ),
-                    ));
-                };
-                let rdn =
-                    Rdn::try_new(s.rdn_attribute.as_str(), &value.to_text()).map_err(|e| {
-                        ConnectorError::new(ErrorKind::Config, format!("rdn_attribute: {e}"))
-                    })?;
-                s.parent.child(rdn)
-            }
-        };
-        if dn.is_root() {
-            return Err(constraint("an object cannot have the root DN", &dn));
-        }
+        let dn = create_dn("LDIF", settings, object_type, &mut attrs)?;
         let mut normalized = Attributes::with_capacity(attrs.len());
         for (name, values) in attrs.iter() {
             check_name(name, &dn)?;
@@ -429,27 +368,8 @@ impl LdifTarget {
         object_type: &ObjectType,
         dn: &Dn,
     ) -> Result<(), ConnectorError> {
-        let classes = attrs.get("objectClass").map(|v| &v[..]).unwrap_or(&[]);
-        let detected = self.config.schema().object_type(classes.iter());
-        if detected.as_ref() == Some(object_type) {
-            return Ok(());
-        }
-        let list: Vec<String> = classes.iter().map(Value::to_text).collect();
-        Err(constraint(
-            &format!(
-                "the objectClass values [{}] map to {}, not {object_type}; give the create \
-                 objectClass values (or object_classes in the type's settings) that \
-                 object_type_map maps to {object_type}",
-                list.join(", "),
-                detected.map_or("no type".to_owned(), |t| t.to_string())
-            ),
-            dn,
-        ))
+        self.config.schema().check_type(attrs, object_type, dn)
     }
-}
-
-fn constraint(message: &str, dn: &Dn) -> ConnectorError {
-    ConnectorError::new(ErrorKind::Constraint, message.to_owned()).with_object(id_of(dn))
 }
 
 fn check_name(name: &AttrName, dn: &Dn) -> Result<(), ConnectorError> {
@@ -464,17 +384,6 @@ fn check_name(name: &AttrName, dn: &Dn) -> Result<(), ConnectorError> {
             dn,
         ))
     }
-}
-
-/// A DN given as a value (`dn` attribute of a create or update).
-fn dn_value(v: &Value) -> Result<Dn, ConnectorError> {
-    let parsed = match v {
-        Value::String(s) => Dn::parse(s),
-        Value::Reference(Reference::Dn(d)) => Ok((**d).clone()),
-        Value::Reference(Reference::Target(t)) => Dn::parse(t.as_str()),
-        other => Dn::parse(&other.to_text()),
-    };
-    parsed.map_err(|e| ConnectorError::new(ErrorKind::Constraint, format!("the dn attribute: {e}")))
 }
 
 /// The object `id` of `object_type`.
@@ -511,53 +420,6 @@ fn no_children(objects: &Objects, dn: &Dn, what: &str) -> Result<(), ConnectorEr
         )),
         None => Ok(()),
     }
-}
-
-fn has_value(attrs: &Attributes, attr: &str, value: &str) -> bool {
-    attrs
-        .get(attr)
-        .is_some_and(|vs| vs.iter().any(|v| v.eq_ignore_case(&Value::string(value))))
-}
-
-/// Adds the RDN values of `dn` the attributes lack.
-fn add_naming_values(attrs: &mut Attributes, dn: &Dn) {
-    if let Some(rdn) = dn.rdn() {
-        for ava in rdn.avas() {
-            if !has_value(attrs, ava.attr(), ava.value()) {
-                attrs.add(ava.attr(), Value::string(ava.value()));
-            }
-        }
-    }
-}
-
-/// The DN after an update: the same while the RDN's values are present, else renamed to the
-/// naming attribute's (first) new value.
-fn renamed(dn: &Dn, attrs: &Attributes) -> Result<Dn, ConnectorError> {
-    let Some(rdn) = dn.rdn() else {
-        return Ok(dn.clone());
-    };
-    if rdn
-        .avas()
-        .iter()
-        .all(|a| has_value(attrs, a.attr(), a.value()))
-    {
-        return Ok(dn.clone());
-    }
-    if rdn.is_multi_valued() {
-        return Err(constraint(
-            "the update removes a value of a multi-valued RDN; replace `dn` to rename",
-            dn,
-        ));
-    }
-    let Some(value) = attrs.first(rdn.attr()) else {
-        return Err(constraint(
-            &format!("the update removes the naming attribute {}", rdn.attr()),
-            dn,
-        ));
-    };
-    let new =
-        Rdn::try_new(rdn.attr(), &value.to_text()).map_err(|e| constraint(&e.to_string(), dn))?;
-    Ok(dn.with_rdn(new))
 }
 
 /// Reads a file of content records.

@@ -1,0 +1,561 @@
+//! The LDAP target against real servers started by the test: OpenLDAP slapd (create, value-level
+//! and replace updates, rename by a change of the naming attribute, move to another parent,
+//! delete, already-exists then a join lookup, missing objects, schema violations naming the DN
+//! and attribute, secrets kept out of errors) and Samba AD in a network namespace of its own
+//! (a user created with unicodePwd who can then bind, the refusal of unicodePwd over a cleartext
+//! connection, disabling through userAccountControl). Each test skips with a reason when its
+//! server is not installed (unless DIRSYNC_REQUIRE_SERVERS is set).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use dirsync::connector::ldap::{
+    connect, Directory, LdapBind, LdapConnection, LdapTarget, LdapTargetConfig,
+};
+use dirsync::connector::{ErrorKind, Secret, Target, TargetOperation};
+use dirsync::model::{
+    AttributeChange, Attributes, Dn, ObjectType, Reference, TargetId, Value, Values,
+};
+use dirsync::testkit::samba::{self, SambaDc};
+use dirsync::testkit::slapd::{Slapd, SlapdOptions};
+use futures::StreamExt;
+
+const SUFFIX: &str = "dc=example,dc=test";
+
+fn start() -> Option<Slapd> {
+    let s = Slapd::start(SlapdOptions {
+        ldif: Some(format!(
+            "dn: ou=People,{SUFFIX}\nobjectClass: organizationalUnit\nou: People\n\n\
+             dn: ou=Groups,{SUFFIX}\nobjectClass: organizationalUnit\nou: Groups\n\n\
+             dn: ou=Former,{SUFFIX}\nobjectClass: organizationalUnit\nou: Former\n"
+        )),
+        ..SlapdOptions::default()
+    })
+    .unwrap();
+    if s.is_none() {
+        eprintln!(
+            "skipped: slapd is not installed (set DIRSYNC_REQUIRE_SERVERS to make this an error)"
+        );
+    }
+    s
+}
+
+fn target(s: &Slapd) -> LdapTarget {
+    let mut conn = LdapConnection::new(s.ldaps_url());
+    conn.tls.ca_file = Some(s.ca_file().to_path_buf());
+    conn.bind = LdapBind::Simple {
+        dn: s.root_dn(),
+        password: Secret::new(s.root_password()),
+    };
+    let mut c = LdapTargetConfig::new(conn)
+        .with_object_type(
+            "user",
+            "uid",
+            Dn::parse(&format!("ou=People,{SUFFIX}")).unwrap(),
+            ["top", "person", "organizationalPerson", "inetOrgPerson"],
+        )
+        .with_object_type(
+            "group",
+            "cn",
+            Dn::parse(&format!("ou=Groups,{SUFFIX}")).unwrap(),
+            ["top", "groupOfNames"],
+        );
+    c.base_dn = Some(SUFFIX.to_owned());
+    LdapTarget::new(c)
+}
+
+fn attrs(pairs: &[(&str, &str)]) -> Attributes {
+    let mut a = Attributes::new();
+    for (k, v) in pairs {
+        a.add(*k, Value::string(*v));
+    }
+    a
+}
+
+fn user() -> ObjectType {
+    ObjectType::new("user")
+}
+
+async fn one(
+    t: &LdapTarget,
+    op: TargetOperation,
+) -> Result<TargetId, dirsync::connector::ConnectorError> {
+    t.apply(std::slice::from_ref(&op))
+        .await
+        .pop()
+        .unwrap()
+        .map(|a| a.id)
+}
+
+fn create(ty: &str, a: Attributes) -> TargetOperation {
+    TargetOperation::Create {
+        object_type: ty.into(),
+        attributes: a,
+    }
+}
+
+fn update(ty: &str, id: &TargetId, changes: Vec<AttributeChange>) -> TargetOperation {
+    TargetOperation::Update {
+        id: id.clone(),
+        object_type: ty.into(),
+        changes,
+    }
+}
+
+fn texts(v: Option<&Values>) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .map(|v| v.iter().map(Value::to_text).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn create_update_rename_move_delete() {
+    let Some(s) = start() else { return };
+    let t = target(&s);
+    let id = one(
+        &t,
+        create(
+            "user",
+            attrs(&[
+                ("uid", "jdoe"),
+                ("cn", "Jane Doe"),
+                ("sn", "Doe"),
+                ("mail", "jane@example.test"),
+            ]),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(id.as_str(), "uid=jdoe,ou=people,dc=example,dc=test");
+    let o = t.get(&user(), &id).await.unwrap().unwrap();
+    assert_eq!(texts(o.attributes.get("mail")), ["jane@example.test"]);
+
+    // Value-level add and delete, and a replace, in one modify.
+    let id2 = one(
+        &t,
+        update(
+            "user",
+            &id,
+            vec![
+                AttributeChange::add("mail", Values::one("j.doe@example.test")),
+                AttributeChange::remove("mail", Values::one("jane@example.test")),
+                AttributeChange::replace("title", Values::one("Engineer")),
+            ],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(id2, id);
+    let o = t.get(&user(), &id).await.unwrap().unwrap();
+    assert_eq!(texts(o.attributes.get("mail")), ["j.doe@example.test"]);
+    assert_eq!(texts(o.attributes.get("title")), ["Engineer"]);
+    // Adding a present value: the server's attributeOrValueExists, naming DN and attribute.
+    let e = one(
+        &t,
+        update(
+            "user",
+            &id,
+            vec![AttributeChange::add(
+                "mail",
+                Values::one("j.doe@example.test"),
+            )],
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ValueExists, "{e}");
+    assert!(
+        e.message().contains("uid=jdoe") && e.message().contains("mail"),
+        "{e}"
+    );
+
+    // A group referencing the user by target id reads back the reference.
+    let mut g = attrs(&[("cn", "Staff")]);
+    g.add("member", Value::target_ref(id.as_str()));
+    let gid = one(&t, create("group", g)).await.unwrap();
+    let go = t.get(&"group".into(), &gid).await.unwrap().unwrap();
+    assert_eq!(
+        go.attributes.get("member").unwrap().first(),
+        Some(&Value::Reference(Reference::Target(id.clone())))
+    );
+
+    // Rename by changing the naming attribute: the outcome carries the new id.
+    let renamed = one(
+        &t,
+        update(
+            "user",
+            &id,
+            vec![AttributeChange::replace("uid", Values::one("jdoe2"))],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(renamed.as_str(), "uid=jdoe2,ou=people,dc=example,dc=test");
+    assert!(t.get(&user(), &id).await.unwrap().is_none());
+    let o = t.get(&user(), &renamed).await.unwrap().unwrap();
+    assert_eq!(texts(o.attributes.get("uid")), ["jdoe2"]);
+    assert_eq!(texts(o.attributes.get("title")), ["Engineer"]);
+
+    // Move to another parent (with an attribute change in the same update).
+    let moved = one(
+        &t,
+        update(
+            "user",
+            &renamed,
+            vec![
+                AttributeChange::replace("parent", Values::one(format!("ou=Former,{SUFFIX}"))),
+                AttributeChange::replace("title", Values::one("Alumna")),
+            ],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(moved.as_str(), "uid=jdoe2,ou=former,dc=example,dc=test");
+    let o = t.get(&user(), &moved).await.unwrap().unwrap();
+    assert_eq!(texts(o.attributes.get("title")), ["Alumna"]);
+
+    // Rename and move at once with an explicit dn.
+    let both = one(
+        &t,
+        update(
+            "user",
+            &moved,
+            vec![AttributeChange::replace(
+                "dn",
+                Values::one(format!("uid=jd,ou=People,{SUFFIX}")),
+            )],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(both.as_str(), "uid=jd,ou=people,dc=example,dc=test");
+
+    // read pages through the base and returns only the type's objects.
+    let all: Vec<_> = t.read(&user()).await.unwrap().collect::<Vec<_>>().await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].as_ref().unwrap().id, both);
+    let groups: Vec<_> = t
+        .read(&"group".into())
+        .await
+        .unwrap()
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(groups.len(), 1);
+
+    // Delete; a second delete (and an update) of the missing object is NotFound.
+    one(
+        &t,
+        TargetOperation::Delete {
+            id: gid.clone(),
+            object_type: "group".into(),
+        },
+    )
+    .await
+    .unwrap();
+    one(
+        &t,
+        TargetOperation::Delete {
+            id: both.clone(),
+            object_type: user(),
+        },
+    )
+    .await
+    .unwrap();
+    let e = one(
+        &t,
+        TargetOperation::Delete {
+            id: both.clone(),
+            object_type: user(),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(e.object(), Some(both.as_str()));
+    let e = one(
+        &t,
+        update(
+            "user",
+            &both,
+            vec![AttributeChange::replace("title", Values::one("x"))],
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.message().contains("uid=jd"), "{e}");
+}
+
+#[tokio::test]
+async fn already_exists_then_find_joins_it() {
+    let Some(s) = start() else { return };
+    let t = target(&s);
+    let a = attrs(&[
+        ("uid", "x*y"),
+        ("cn", "Star (1)"),
+        ("sn", "S"),
+        ("mail", "star@example.test"),
+    ]);
+    let id = one(&t, create("user", a.clone())).await.unwrap();
+    let e = one(&t, create("user", a)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(e.object(), Some(id.as_str()));
+    // The join lookup the engine does next; values are escaped (a `*` is not a wildcard).
+    let found = t
+        .find(&user(), &"cn".into(), &Value::string("Star (1)"))
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id, id);
+    let none = t
+        .find(&user(), &"uid".into(), &Value::string("x*"))
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let by_mail = t
+        .find(&user(), &"mail".into(), &Value::string("STAR@example.test"))
+        .await
+        .unwrap();
+    assert_eq!(
+        by_mail.len(),
+        1,
+        "equality matching ignores case as the schema says"
+    );
+    let by_dn = t
+        .find(&user(), &"dn".into(), &Value::string(id.as_str()))
+        .await
+        .unwrap();
+    assert_eq!(by_dn.len(), 1);
+}
+
+#[tokio::test]
+async fn schema_violations_name_dn_and_attribute_and_secrets_stay_hidden() {
+    let Some(s) = start() else { return };
+    let t = target(&s);
+    const PW: &str = "Hunter2-Very-Secret";
+    // An undefined attribute: the add fails, naming the DN and the attribute, never the password.
+    let mut a = attrs(&[
+        ("uid", "bad"),
+        ("cn", "Bad"),
+        ("sn", "B"),
+        ("notAnAttribute", "1"),
+    ]);
+    a.add("userPassword", Value::string(PW));
+    let op = create("user", a);
+    let e = one(&t, op).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Constraint, "{e}");
+    assert!(e.message().contains("uid=bad,ou=People"), "{e}");
+    assert!(e.message().contains("notAnAttribute"), "{e}");
+    assert!(
+        !e.to_string().contains(PW) && !format!("{e:?}").contains(PW),
+        "{e:?}"
+    );
+
+    // A missing required attribute (inetOrgPerson needs sn): object class violation.
+    let e = one(
+        &t,
+        create("user", attrs(&[("uid", "nosn"), ("cn", "No Sn")])),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Constraint, "{e}");
+    assert!(
+        e.message().contains("uid=nosn") && e.message().contains("sn"),
+        "{e}"
+    );
+
+    // A good user with a password: it is stored (the user can bind), not read back.
+    let mut a = attrs(&[("uid", "pw"), ("cn", "Pw"), ("sn", "P")]);
+    a.add("userPassword", Value::string(PW));
+    let id = one(&t, create("user", a)).await.unwrap();
+    let o = t.get(&user(), &id).await.unwrap().unwrap();
+    assert!(!o.attributes.contains("userPassword"));
+    assert!(!format!("{o:?}").contains(PW));
+    let mut c = LdapConnection::new(s.ldaps_url());
+    c.tls.ca_file = Some(s.ca_file().to_path_buf());
+    c.bind = LdapBind::Simple {
+        dn: format!("uid=pw,ou=People,{SUFFIX}"),
+        password: Secret::new(PW),
+    };
+    connect(&c).await.unwrap().close().await;
+    c.bind = LdapBind::Simple {
+        dn: format!("uid=pw,ou=People,{SUFFIX}"),
+        password: Secret::new("wrong"),
+    };
+    assert_eq!(connect(&c).await.unwrap_err().kind(), ErrorKind::Auth);
+    // A replace of a value with an invalid syntax names the attribute.
+    let e = one(
+        &t,
+        update(
+            "user",
+            &id,
+            vec![AttributeChange::replace("manager", Values::one("not a dn"))],
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Constraint, "{e}");
+    assert!(e.message().contains("manager"), "{e}");
+    // The target's and its configuration's Debug show no bind password.
+    let mut conn = LdapConnection::new(s.ldaps_url());
+    conn.bind = LdapBind::Simple {
+        dn: s.root_dn(),
+        password: Secret::new(PW),
+    };
+    let cfg = LdapTargetConfig::new(conn);
+    assert!(!format!("{cfg:?}").contains(PW));
+    assert!(!format!("{:?}", LdapTarget::new(cfg)).contains(PW));
+}
+
+/// Whether the Samba test should go on here.
+fn enter(test_name: &str) -> bool {
+    if let Some(reason) = samba::skip_reason().unwrap() {
+        eprintln!("{reason}");
+        return false;
+    }
+    samba::in_own_netns(test_name).unwrap()
+}
+
+fn ad_target(dc: &SambaDc, url: &str, protected_ca: bool) -> LdapTarget {
+    let mut conn = LdapConnection::new(url);
+    if protected_ca {
+        conn.tls.ca_file = Some(dc.ca_file().to_path_buf());
+    } else {
+        conn.allow_cleartext_bind = true;
+    }
+    conn.bind = LdapBind::Simple {
+        dn: dc.admin_dn().to_owned(),
+        password: Secret::new(dc.admin_password()),
+    };
+    let mut c = LdapTargetConfig::new(conn).with_object_type(
+        "user",
+        "cn",
+        Dn::parse(samba::PEOPLE_OU).unwrap(),
+        ["top", "person", "organizationalPerson", "user"],
+    );
+    c.directory = Directory::Ad;
+    c.base_dn = Some(samba::BASE_DN.to_owned());
+    LdapTarget::new(c)
+}
+
+#[test]
+fn ad_user_with_password_can_bind_and_is_disabled_through_user_account_control() {
+    if !enter("ad_user_with_password_can_bind_and_is_disabled_through_user_account_control") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dc = SambaDc::start(dir.path()).unwrap();
+    dc.ldbadd(&samba::ous_ldif()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        const PW: &str = "Ad-Target-Passw0rd!";
+        let mut a = attrs(&[
+            ("cn", "Target User"),
+            ("sAMAccountName", "tuser"),
+            ("userPrincipalName", "tuser@contoso.test"),
+            ("givenName", "Target"),
+        ]);
+        a.add("unicodePwd", Value::string(PW));
+        a.add("accountEnabled", Value::Boolean(true));
+
+        // Over cleartext the password is refused before anything is sent.
+        let plain = ad_target(&dc, dc.ldap_url(), false);
+        let e = one(&plain, create("user", a.clone())).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+        assert!(
+            e.message().contains("unicodePwd") && !e.to_string().contains(PW),
+            "{e}"
+        );
+
+        let t = ad_target(&dc, dc.ldaps_url(), true);
+        let id = one(&t, create("user", a)).await.unwrap();
+        assert_eq!(id.as_str(), "cn=target user,ou=people,dc=contoso,dc=test");
+        let o = t.get(&user(), &id).await.unwrap().unwrap();
+        assert_eq!(
+            o.attributes.first("accountEnabled"),
+            Some(&Value::Boolean(true))
+        );
+        let uac: i64 = o
+            .attributes
+            .first_str("userAccountControl")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(uac & 2, 0, "uac {uac}");
+
+        // The user binds with the password the target set.
+        let mut c = LdapConnection::new(dc.ldaps_url());
+        c.tls.ca_file = Some(dc.ca_file().to_path_buf());
+        c.bind = LdapBind::Simple {
+            dn: "tuser@contoso.test".into(),
+            password: Secret::new(PW),
+        };
+        connect(&c).await.unwrap().close().await;
+
+        // Disable: only the ACCOUNTDISABLE bit changes; the user can no longer bind.
+        one(
+            &t,
+            update(
+                "user",
+                &id,
+                vec![AttributeChange::replace(
+                    "accountEnabled",
+                    Values::one(false),
+                )],
+            ),
+        )
+        .await
+        .unwrap();
+        let o = t.get(&user(), &id).await.unwrap().unwrap();
+        assert_eq!(
+            o.attributes.first("accountEnabled"),
+            Some(&Value::Boolean(false))
+        );
+        let after: i64 = o
+            .attributes
+            .first_str("userAccountControl")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(after, uac | 2);
+        assert_eq!(connect(&c).await.unwrap_err().kind(), ErrorKind::Auth);
+        // Enable again.
+        one(
+            &t,
+            update(
+                "user",
+                &id,
+                vec![AttributeChange::replace(
+                    "accountEnabled",
+                    Values::one(true),
+                )],
+            ),
+        )
+        .await
+        .unwrap();
+        connect(&c).await.unwrap().close().await;
+        // A duplicate create: AlreadyExists, and the join lookup finds it by sAMAccountName.
+        let e = one(
+            &t,
+            create(
+                "user",
+                attrs(&[("cn", "Target User"), ("sAMAccountName", "tuser2")]),
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+        let found = t
+            .find(&user(), &"sAMAccountName".into(), &Value::string("tuser"))
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id, id);
+    });
+    drop(dc);
+}
