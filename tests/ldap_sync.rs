@@ -2,7 +2,10 @@
 //! users and groups loaded into the source, `sync run` with the shipped `ldap-to-ldap`
 //! configuration pointed at them; the target then holds the users and groups with member DNs
 //! translated to target DNs; a change and a deletion in the source reach the target on the next
-//! run; a run after that changes nothing. Skips when slapd is not installed.
+//! run; a run after that changes nothing. The same with Active Directory as the source: a Samba
+//! domain controller (in a network namespace of its own, with the target slapd beside it) read
+//! over LDAPS through the shipped `ad-to-ldap` configuration. Skips when slapd (or Samba) is not
+//! installed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,6 +15,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::build_sync;
+use dirsync::testkit::samba::{self, SambaDc};
 use dirsync::testkit::slapd::{users_and_groups_ldif, Slapd, SlapdOptions};
 
 const SOURCE: &str = "dc=hr,dc=example";
@@ -40,6 +44,7 @@ fn ldapsearch(s: &Slapd, base: &str, filter: &str, attrs: &[&str]) -> String {
 fn slapd_to_slapd_through_the_sync_example() {
     let Some(src) = Slapd::start(SlapdOptions {
         suffix: SOURCE.into(),
+        root_password: "Source-Root-Pw-3".into(),
         ldif: Some(users_and_groups_ldif(SOURCE, 30, 3, false)),
         ..SlapdOptions::default()
     })
@@ -49,6 +54,7 @@ fn slapd_to_slapd_through_the_sync_example() {
     };
     let dst = Slapd::start(SlapdOptions {
         suffix: TARGET.into(),
+        root_password: "Target-Root-Pw-7".into(),
         ldif: Some(format!(
             "dn: ou=People,{TARGET}\nobjectClass: organizationalUnit\nou: People\n\n\
              dn: ou=Groups,{TARGET}\nobjectClass: organizationalUnit\nou: Groups\n"
@@ -87,22 +93,11 @@ fn slapd_to_slapd_through_the_sync_example() {
         );
     let path = dir.path().join("config.toml");
     std::fs::write(&path, config).unwrap();
-    let run = || {
-        let out = Command::new(&exe)
-            .args(["--config", path.to_str().unwrap(), "run"])
-            .env("SOURCE_LDAP_PASSWORD", src.root_password())
-            .env("TARGET_LDAP_PASSWORD", dst.root_password())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "sync run failed: {text}");
-        assert!(!text.contains(src.root_password()) || src.root_password() == "secret");
-        text
-    };
+    let env = [
+        ("SOURCE_LDAP_PASSWORD", src.root_password()),
+        ("TARGET_LDAP_PASSWORD", dst.root_password()),
+    ];
+    let run = || run_sync(&exe, &path, &env);
     let first = run();
     let users = ldapsearch(
         &dst,
@@ -147,6 +142,166 @@ fn slapd_to_slapd_through_the_sync_example() {
     // Nothing left to do.
     let before = ldapsearch(&dst, TARGET, "(objectClass=*)", &["*"]);
     let third = run();
+    assert_eq!(
+        ldapsearch(&dst, TARGET, "(objectClass=*)", &["*"]),
+        before,
+        "{third}"
+    );
+}
+
+/// Runs `sync --config <path> run` with `env`; returns its output, failing the test if it fails
+/// or prints a password.
+fn run_sync(exe: &std::path::Path, path: &std::path::Path, env: &[(&str, &str)]) -> String {
+    let out = Command::new(exe)
+        .args(["--config", path.to_str().unwrap(), "run"])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "sync run failed: {text}");
+    for (_, secret) in env {
+        assert!(
+            !text.contains(secret),
+            "the output shows a password: {text}"
+        );
+    }
+    text
+}
+
+#[test]
+fn ad_to_slapd_through_the_sync_example() {
+    if let Some(reason) = samba::skip_reason().unwrap() {
+        eprintln!("{reason}");
+        return;
+    }
+    if !samba::in_own_netns("ad_to_slapd_through_the_sync_example").unwrap() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dc = SambaDc::start(&dir.path().join("dc")).unwrap();
+    dc.ldbadd(&samba::ous_ldif()).unwrap();
+    dc.ldbadd(&samba::users_ldif(0..40)).unwrap();
+    dc.ldbadd(&samba::group_ldif("Engineers", 0..20)).unwrap();
+    dc.ldbadd(&samba::group_ldif("Everyone", 0..40)).unwrap();
+    let dst = Slapd::start(SlapdOptions {
+        suffix: TARGET.into(),
+        root_password: "Target-Root-Pw-7".into(),
+        ldif: Some(format!(
+            "dn: ou=People,{TARGET}\nobjectClass: organizationalUnit\nou: People\n\n\
+             dn: ou=Groups,{TARGET}\nobjectClass: organizationalUnit\nou: Groups\n"
+        )),
+        ..SlapdOptions::default()
+    })
+    .unwrap()
+    .expect("slapd is installed when samba is");
+    let exe = build_sync();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_to_string(root.join("examples/config/ad-to-ldap.toml")).unwrap();
+    let filter = "(|(&(objectCategory=person)(objectClass=user))(objectClass=group))";
+    assert!(shipped.contains(filter), "the shipped filter changed");
+    let config = shipped
+        .replace(
+            "../rules/ldap-to-ldap.toml",
+            &root
+                .join("examples/rules/ldap-to-ldap.toml")
+                .display()
+                .to_string(),
+        )
+        .replace(
+            "../../target/sync-example/ad-to-ldap.sqlite",
+            &dir.path().join("state.sqlite").display().to_string(),
+        )
+        // The generated users and groups only: not Administrator, krbtgt or the built-in groups.
+        .replace(
+            filter,
+            "(|(&(objectCategory=person)(objectClass=user)(sn=*))(&(objectClass=group)(description=generated group)))",
+        )
+        .replace("DC=corp,DC=example", samba::BASE_DN)
+        .replace(
+            "CN=svc-dirsync,OU=Service Accounts,DC=contoso,DC=test",
+            dc.admin_dn(),
+        )
+        .replace("ldaps://dc1.corp.example:636", &dc.ldaps_url())
+        .replace(
+            "/etc/dirsync/corp-ca.pem",
+            &dc.ca_file().display().to_string(),
+        )
+        .replace("cn=admin,dc=apps,dc=example", &dst.root_dn())
+        .replace("ldap://apps-ldap.example:389", &dst.url())
+        .replace(
+            "/etc/dirsync/apps-ca.pem",
+            &dst.ca_file().display().to_string(),
+        );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let env = [
+        ("AD_PASSWORD", dc.admin_password()),
+        ("TARGET_LDAP_PASSWORD", dst.root_password()),
+    ];
+
+    let first = run_sync(&exe, &path, &env);
+    let users = ldapsearch(
+        &dst,
+        TARGET,
+        "(objectClass=inetOrgPerson)",
+        &["uid", "mail", "employeeNumber", "cn"],
+    );
+    assert_eq!(users.matches("dn: ").count(), 40, "{first}\n{users}");
+    let seven = ldapsearch(
+        &dst,
+        TARGET,
+        "(uid=user000007)",
+        &["mail", "employeeNumber"],
+    );
+    assert!(
+        seven.contains("dn: uid=user000007,ou=People,dc=apps,dc=example"),
+        "{seven}"
+    );
+    assert!(seven.contains("mail: user000007@contoso.test"), "{seven}");
+    assert!(seven.contains("employeeNumber: 000007"), "{seven}");
+    let group = ldapsearch(&dst, TARGET, "(cn=Engineers)", &["member"]);
+    assert_eq!(group.matches("member: ").count(), 20, "{first}\n{group}");
+    let lower = group.to_ascii_lowercase();
+    assert!(
+        lower.contains("member: uid=user000003,ou=people,dc=apps,dc=example"),
+        "{group}"
+    );
+    assert!(!lower.contains("dc=contoso"), "{group}");
+
+    // A modify, a membership change, a rename in AD (same sAMAccountName: the same target
+    // entry) and a deletion reach the target.
+    dc.ldapmodify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: mail\nmail: four@contoso.test\n\n\
+         dn: {}\nchangetype: modify\ndelete: member\nmember: {}\n",
+        samba::user_dn(4),
+        samba::group_dn("Engineers"),
+        samba::user_dn(4),
+    ))
+    .unwrap();
+    dc.ldap_rename(&samba::user_dn(6), "CN=Renamed Six", None)
+        .unwrap();
+    dc.ldap_delete(&samba::user_dn(5)).unwrap();
+    let second = run_sync(&exe, &path, &env);
+    let four = ldapsearch(&dst, TARGET, "(uid=user000004)", &["mail"]);
+    assert!(four.contains("mail: four@contoso.test"), "{second}\n{four}");
+    assert!(
+        ldapsearch(&dst, TARGET, "(uid=user000005)", &["uid"]).is_empty(),
+        "{second}"
+    );
+    assert!(
+        !ldapsearch(&dst, TARGET, "(uid=user000006)", &["uid"]).is_empty(),
+        "{second}"
+    );
+    let group = ldapsearch(&dst, TARGET, "(cn=Engineers)", &["member"]);
+    assert_eq!(group.matches("member: ").count(), 18, "{second}\n{group}");
+
+    // Nothing left to do.
+    let before = ldapsearch(&dst, TARGET, "(objectClass=*)", &["*"]);
+    let third = run_sync(&exe, &path, &env);
     assert_eq!(
         ldapsearch(&dst, TARGET, "(objectClass=*)", &["*"]),
         before,
