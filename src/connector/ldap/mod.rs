@@ -19,8 +19,8 @@
 
 mod ber;
 pub mod config;
-pub mod control;
 pub mod conn;
+pub mod control;
 pub mod entry;
 mod search;
 mod source;
@@ -30,6 +30,7 @@ pub use config::{
     LdapConnection, LdapSourceConfig, RangeRetrieval, Scheme, SearchScope, TlsOptions,
 };
 pub use conn::{connect, map_ldap_error, result_code_kind, LdapHandle};
+pub use control::PAGED_RESULTS_OID;
 pub use entry::{EntryMapper, RawEntry};
-pub use search::{equality_filter, PAGED_RESULTS_OID};
+pub use search::equality_filter;
 pub use source::LdapSource;
