@@ -194,6 +194,17 @@ impl EntryMapper {
         })
     }
 
+    /// The values of one attribute converted as [`EntryMapper::to_entry`] converts them (for
+    /// the delta modes, which report single attributes); an error names the bad value.
+    pub(crate) fn convert_values(
+        &self,
+        description: &str,
+        vals: Vec<Vec<u8>>,
+    ) -> Result<Values, String> {
+        let conv = self.conversion(description);
+        vals.into_iter().map(|v| convert(conv, v)).collect()
+    }
+
     /// The model entry of `raw`: `Ok(None)` when no `objectClass` value is mapped. Ranged
     /// descriptions must be complete (the range option is dropped from the name).
     pub fn to_entry(&self, raw: RawEntry) -> Result<Option<Entry>, ConnectorError> {

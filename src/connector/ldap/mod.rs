@@ -8,6 +8,8 @@
 //! - `search`: paged streaming searches, searches with extra controls, AD range retrieval.
 //! - [`entry`]: server answers to [`Entry`](crate::model::Entry) values.
 //! - [`LdapSource`]: the [`Source`](crate::connector::Source).
+//! - `dirsync`, `usn`: Active Directory delta import with the DirSync control, and by
+//!   uSNChanged polling with deletions from the Deleted Objects container.
 //! - [`control`]: the codecs of the request and response controls this crate sends and reads
 //!   (DirSync, Show Deleted, paged results) and of AD's ranged attribute names.
 //!
@@ -21,10 +23,13 @@ mod ber;
 pub mod config;
 pub mod conn;
 pub mod control;
+mod dirsync;
 pub mod entry;
 mod search;
 mod source;
+mod usn;
 
+pub use self::dirsync::DIRSYNC_WATERMARK;
 pub use config::{
     default_object_types, default_reference_attributes, AnchorAttribute, DeltaMode, LdapBind,
     LdapConnection, LdapSourceConfig, RangeRetrieval, Scheme, SearchScope, TlsOptions,
@@ -34,3 +39,4 @@ pub use control::PAGED_RESULTS_OID;
 pub use entry::{EntryMapper, RawEntry};
 pub use search::equality_filter;
 pub use source::LdapSource;
+pub use usn::{UsnWatermark, USN_WATERMARK};

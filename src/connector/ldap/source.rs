@@ -16,8 +16,10 @@ use futures::StreamExt;
 
 use super::config::{DeltaMode, LdapSourceConfig};
 use super::conn::{connect, is_connection_failure};
+use super::dirsync::{self, DirSyncDelta};
 use super::entry::{EntryMapper, RawEntry};
 use super::search::{complete_ranges, PagedSearch, SearchSpec};
+use super::usn::{self, UsnDelta};
 use crate::connector::{
     ConnectorError, ErrorKind, ImportItem, ImportStream, Source, SourceCapabilities, Watermark,
 };
@@ -112,6 +114,8 @@ struct FullImport {
     seen: Option<HashSet<u128>>,
     restarted: bool,
     reconnects_left: u32,
+    /// The watermark taken before the search began, emitted after the last entry.
+    final_checkpoint: Option<Watermark>,
     done: bool,
 }
 
@@ -179,6 +183,27 @@ impl FullImport {
     }
 }
 
+/// A stream of delta items from a state whose `next` yields them, ending after the first error.
+fn changes_stream<'a, S: Send + 'a>(
+    state: S,
+    next: for<'s> fn(
+        &'s mut S,
+    ) -> futures::future::BoxFuture<
+        's,
+        Result<Option<ImportItem<Change>>, ConnectorError>,
+    >,
+) -> ImportStream<'a, Change> {
+    futures::stream::unfold(Some(state), move |st| async move {
+        let mut st = st?;
+        match next(&mut st).await {
+            Ok(Some(item)) => Some((Ok(item), Some(st))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+    .boxed()
+}
+
 #[async_trait]
 impl Source for LdapSource {
     fn name(&self) -> &str {
@@ -187,11 +212,26 @@ impl Source for LdapSource {
 
     fn capabilities(&self) -> SourceCapabilities {
         // Delta modes plug in here as they are built (dirsync.rs, usn.rs, syncrepl.rs).
-        SourceCapabilities::new(false)
+        match self.config.delta {
+            DeltaMode::Dirsync => {
+                let mut c = SourceCapabilities::new(true);
+                c.partial_changes = true;
+                c
+            }
+            DeltaMode::UsnChanged => SourceCapabilities::new(true),
+            DeltaMode::None | DeltaMode::Syncrepl => SourceCapabilities::new(false),
+        }
     }
 
     async fn full_import(&self) -> Result<ImportStream<'_, Entry>, ConnectorError> {
-        let handle = connect(&self.config.connection).await?;
+        let mut handle = connect(&self.config.connection).await?;
+        // The delta position is taken before the search starts: a change made during the
+        // import is seen again by the next delta, never lost.
+        let final_checkpoint = match self.config.delta {
+            DeltaMode::Dirsync => Some(dirsync::initial_cookie(&mut handle, &self.config).await?),
+            DeltaMode::UsnChanged => Some(usn::initial_watermark(&mut handle, &self.config).await?),
+            DeltaMode::None | DeltaMode::Syncrepl => None,
+        };
         let spec = self.search_spec();
         let state = FullImport {
             config: self.config.clone(),
@@ -203,6 +243,7 @@ impl Source for LdapSource {
             seen: (self.config.max_reconnects > 0).then(HashSet::new),
             restarted: false,
             reconnects_left: self.config.max_reconnects,
+            final_checkpoint,
             done: false,
         };
         Ok(futures::stream::unfold(state, |mut st| async move {
@@ -211,7 +252,11 @@ impl Source for LdapSource {
             }
             match st.next().await {
                 Ok(Some(e)) => Some((Ok(ImportItem::Item(e)), st)),
-                Ok(None) => None,
+                Ok(None) => {
+                    st.done = true;
+                    let w = st.final_checkpoint.take()?;
+                    Some((Ok(ImportItem::Checkpoint(w)), st))
+                }
                 Err(e) => {
                     st.done = true;
                     Some((Err(e), st))
@@ -235,8 +280,20 @@ impl Source for LdapSource {
                     ),
                 ))
             }
-            DeltaMode::Dirsync => "dirsync",
-            DeltaMode::UsnChanged => "usn_changed",
+            DeltaMode::Dirsync => {
+                let handle = connect(&self.config.connection).await?;
+                let delta =
+                    DirSyncDelta::start(handle, self.config.clone(), self.mapper.clone(), since)
+                        .await?;
+                return Ok(changes_stream(delta, |d| Box::pin(d.next())));
+            }
+            DeltaMode::UsnChanged => {
+                let handle = connect(&self.config.connection).await?;
+                let delta =
+                    UsnDelta::start(handle, self.config.clone(), self.mapper.clone(), since)
+                        .await?;
+                return Ok(changes_stream(delta, |d| Box::pin(d.next())));
+            }
             DeltaMode::Syncrepl => "syncrepl",
         };
         Err(ConnectorError::new(
