@@ -21,7 +21,10 @@
 //!   carries the new DN;
 //! - any other change → [`Change::Modify`]: changed attributes replaced, and with
 //!   `INCREMENTAL_VALUES` multi-valued changes as value-level adds (`member;range=1-1`) and
-//!   removes (`member;range=0-0`) — a 10,000-member group with one new member costs one value.
+//!   removes (`member;range=0-0`) — a 10,000-member group with one new member costs one value;
+//! - the objects in scope whose reference attributes (`member`, `manager`, …) name a renamed or
+//!   moved object are read whole as [`Change::Replace`]: AD's links follow the object without
+//!   changing (or reporting) the objects that hold them, and the mirror would keep the old DN.
 //!
 //! It only reads. It needs the objectGUID anchor (`anchor = "auto"` or `"object_guid"`).
 
@@ -495,6 +498,7 @@ impl DirSyncDelta {
         .await?;
         let filter_attrs = filter_attributes(&self.config.filter);
         let mut whole: Vec<&[u8]> = Vec::new();
+        let mut renamed: Vec<String> = Vec::new();
         let mut planned: Vec<Planned> = Vec::with_capacity(results.len());
         for (guid, raw) in &results {
             let anchor = guid_anchor(guid)
@@ -533,6 +537,11 @@ impl DirSyncDelta {
                         || base.eq_ignore_ascii_case("parentGUID")
                         || filter_attrs.contains(&base.to_ascii_lowercase())
                 });
+            if attr(raw, "objectClass").is_none()
+                && (attr(raw, "name").is_some() || attr(raw, "parentGUID").is_some())
+            {
+                renamed.push(found.dn.clone());
+            }
             if needs_whole {
                 whole.push(guid);
                 planned.push(Planned::Whole {
@@ -548,6 +557,19 @@ impl DirSyncDelta {
                         changes,
                     }));
                 }
+            }
+        }
+        // AD's DN-valued links follow a renamed or moved object without changing the objects
+        // that hold them, so DirSync does not report those: re-read them whole, or the mirror
+        // keeps the old DN in their values.
+        let referrers = self.referrers(&renamed).await?;
+        for guid in &referrers {
+            if !whole.contains(&guid.as_slice()) {
+                whole.push(guid);
+                planned.push(Planned::Whole {
+                    guid: guid.clone(),
+                    new: false,
+                });
             }
         }
         let attrs = self.config.requested_attributes();
@@ -578,6 +600,38 @@ impl DirSyncDelta {
                     } else {
                         Change::Replace(entry)
                     });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl DirSyncDelta {
+    /// The objectGUIDs of the objects in scope whose reference attributes name one of `dns`.
+    async fn referrers(&mut self, dns: &[String]) -> Result<Vec<Vec<u8>>, ConnectorError> {
+        let mut out = Vec::new();
+        if self.config.reference_attributes.is_empty() {
+            return Ok(out);
+        }
+        for chunk in dns.chunks(50) {
+            let mut any = String::from("(|");
+            for dn in chunk {
+                for a in &self.config.reference_attributes {
+                    any.push_str(&format!("({}={})", a, ldap3::ldap_escape(dn.as_str())));
+                }
+            }
+            any.push(')');
+            let spec = SearchSpec {
+                base: self.config.base_dn.clone(),
+                scope: self.config.scope.to_ldap3(),
+                filter: format!("(&{}{any})", self.config.filter),
+                attrs: vec!["objectGUID".to_owned()],
+                controls: Vec::new(),
+            };
+            for raw in entries(&mut self.handle, &spec).await? {
+                if let Some(g) = attr(&raw, "objectGUID").and_then(|v| v.first()) {
+                    out.push(g.clone());
                 }
             }
         }
