@@ -670,8 +670,16 @@ fn attribute_changes(
         let attribute = AttrName::new(base);
         out.push(match ranged {
             // INCREMENTAL_VALUES: `range=1-1` holds added values, `range=0-0` removed ones.
-            Some(RangedAttr { low: 1, .. }) => AttributeChange::add(attribute, values),
-            Some(RangedAttr { low: 0, .. }) => {
+            Some(RangedAttr {
+                low: 1,
+                high: Some(1),
+                ..
+            }) => AttributeChange::add(attribute, values),
+            Some(RangedAttr {
+                low: 0,
+                high: Some(0),
+                ..
+            }) => {
                 if values.is_empty() {
                     continue;
                 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use futures::StreamExt;
 
 use super::config::{DeltaMode, LdapSourceConfig};
@@ -183,16 +184,12 @@ impl FullImport {
     }
 }
 
+/// The `next` method of a delta import's state, boxed.
+type NextChange<S> =
+    for<'s> fn(&'s mut S) -> BoxFuture<'s, Result<Option<ImportItem<Change>>, ConnectorError>>;
+
 /// A stream of delta items from a state whose `next` yields them, ending after the first error.
-fn changes_stream<'a, S: Send + 'a>(
-    state: S,
-    next: for<'s> fn(
-        &'s mut S,
-    ) -> futures::future::BoxFuture<
-        's,
-        Result<Option<ImportItem<Change>>, ConnectorError>,
-    >,
-) -> ImportStream<'a, Change> {
+fn changes_stream<'a, S: Send + 'a>(state: S, next: NextChange<S>) -> ImportStream<'a, Change> {
     futures::stream::unfold(Some(state), move |st| async move {
         let mut st = st?;
         match next(&mut st).await {
