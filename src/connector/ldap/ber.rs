@@ -100,7 +100,8 @@ impl<'a> BerReader<'a> {
                 self.err(
                     start,
                     format!(
-                        "truncated: the element declares {len} bytes, {} remain",
+                        "truncated: the element declares {len} bytes, running past the end \
+                         ({} remain)",
                         self.data.len().saturating_sub(content_start)
                     ),
                 )
@@ -149,11 +150,34 @@ impl<'a> BerReader<'a> {
     }
 
     /// Reads an INTEGER (at most 8 content bytes, two's complement).
+    #[cfg(test)]
     pub fn read_integer(&mut self, what: &str) -> Result<i64, BerError> {
+        Ok(self.read_integer_at(what)?.1)
+    }
+
+    /// Reads an INTEGER and returns it with the offset of its tag (for errors about its value).
+    pub fn read_integer_at(&mut self, what: &str) -> Result<(usize, i64), BerError> {
         let at = self.pos;
         let bytes = self.read(INTEGER, what)?;
-        decode_integer(bytes)
-            .ok_or_else(|| self.err(at, format!("{what}: an INTEGER of {} bytes", bytes.len())))
+        match decode_integer(bytes) {
+            Some(v) => Ok((self.base + at, v)),
+            None if bytes.is_empty() => {
+                Err(self.err(at, format!("{what}: the INTEGER has no content bytes")))
+            }
+            None => Err(self.err(
+                at,
+                format!("{what}: an INTEGER of {} bytes is too big", bytes.len()),
+            )),
+        }
+    }
+
+    /// Reads an INTEGER that must fit in 32 bits (signed).
+    pub fn read_i32(&mut self, what: &str) -> Result<i32, BerError> {
+        let (at, v) = self.read_integer_at(what)?;
+        i32::try_from(v).map_err(|_| BerError {
+            offset: at,
+            message: format!("{what}: INTEGER {v} does not fit in 32 bits"),
+        })
     }
 
     /// Reads an OCTET STRING.

@@ -349,6 +349,12 @@ pub struct LdapSourceConfig {
     /// The delta mechanism (default none: full imports only).
     #[serde(default)]
     pub delta: DeltaMode,
+    /// With `delta = "dirsync"`: send the `LDAP_DIRSYNC_OBJECT_SECURITY` flag, for an account
+    /// that lacks the "Replicating Directory Changes" right. The server then returns only the
+    /// objects and attributes the account may read (default false: the account has the right
+    /// and sees every change, including deletions of objects it could not read).
+    #[serde(default)]
+    pub dirsync_object_security: bool,
 }
 
 fn default_name() -> String {
@@ -402,6 +408,7 @@ impl LdapSourceConfig {
             range_retrieval: RangeRetrieval::default(),
             max_reconnects: default_reconnects(),
             delta: DeltaMode::None,
+            dirsync_object_security: false,
         }
     }
 

@@ -13,6 +13,7 @@ use std::fmt;
 
 use ldap3::controls::RawControl;
 
+use super::ber::{self, BerError, BerReader};
 use crate::connector::{ConnectorError, ErrorKind};
 
 /// OID of the Active Directory DirSync control.
@@ -21,13 +22,6 @@ pub const DIRSYNC_OID: &str = "1.2.840.113556.1.4.841";
 pub const SHOW_DELETED_OID: &str = "1.2.840.113556.1.4.417";
 /// OID of the RFC 2696 simple paged results control.
 pub const PAGED_RESULTS_OID: &str = "1.2.840.113556.1.4.319";
-
-/// BER tag of a universal INTEGER.
-const TAG_INTEGER: u8 = 0x02;
-/// BER tag of a universal OCTET STRING.
-const TAG_OCTET_STRING: u8 = 0x04;
-/// BER tag of a universal constructed SEQUENCE.
-const TAG_SEQUENCE: u8 = 0x30;
 
 /// A control value (or attribute option) that could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +67,11 @@ impl fmt::Display for ControlError {
 }
 
 impl std::error::Error for ControlError {}
+
+/// Turns a BER error into a [`ControlError`] of `control`, keeping its offset.
+fn err(control: &'static str) -> impl Fn(BerError) -> ControlError {
+    move |e| ControlError::new(control, e.offset, e.message)
+}
 
 impl From<ControlError> for ConnectorError {
     fn from(e: ControlError) -> ConnectorError {
@@ -145,22 +144,20 @@ impl DirSyncRequest {
     /// The BER value.
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(self.cookie.len() + 16);
-        write_integer(&mut body, i64::from(self.flags.to_wire()));
-        write_integer(&mut body, i64::from(self.max_bytes));
-        write_tlv(&mut body, TAG_OCTET_STRING, &self.cookie);
-        let mut out = Vec::with_capacity(body.len() + 6);
-        write_tlv(&mut out, TAG_SEQUENCE, &body);
-        out
+        ber::write_integer(&mut body, i64::from(self.flags.to_wire()));
+        ber::write_integer(&mut body, i64::from(self.max_bytes));
+        ber::write_octets(&mut body, &self.cookie);
+        ber::sequence(&body)
     }
 
     /// Reads a request value. `flags` may be encoded as a signed 32-bit INTEGER (as Windows and
     /// OpenLDAP clients do) or as its unsigned value.
     pub fn decode(value: &[u8]) -> Result<DirSyncRequest, ControlError> {
         const WHAT: &str = "DirSync request";
-        let mut outer = Reader::new(WHAT, value, 0);
-        let mut seq = outer.sequence()?;
-        outer.end()?;
-        let (at, flags) = seq.integer()?;
+        let mut outer = BerReader::new(value);
+        let mut seq = outer.read_sequence("SEQUENCE").map_err(err(WHAT))?;
+        outer.finish("value").map_err(err(WHAT))?;
+        let (at, flags) = seq.read_integer_at("flags").map_err(err(WHAT))?;
         let flags = if let Ok(v) = i32::try_from(flags) {
             DirSyncFlags::from_wire(v)
         } else if let Ok(v) = u32::try_from(flags) {
@@ -172,9 +169,9 @@ impl DirSyncRequest {
                 format!("flags {flags} do not fit in 32 bits"),
             ));
         };
-        let max_bytes = seq.i32()?;
-        let cookie = seq.octet_string()?.to_vec();
-        seq.end()?;
+        let max_bytes = seq.read_i32("maxBytes").map_err(err(WHAT))?;
+        let cookie = seq.read_octets("cookie").map_err(err(WHAT))?.to_vec();
+        seq.finish("SEQUENCE").map_err(err(WHAT))?;
         Ok(DirSyncRequest {
             flags,
             max_bytes,
@@ -208,24 +205,22 @@ impl DirSyncResponse {
     /// The BER value (what a server sends; for tests and emulators).
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(self.cookie.len() + 16);
-        write_integer(&mut body, i64::from(self.more_results));
-        write_integer(&mut body, i64::from(self.unused));
-        write_tlv(&mut body, TAG_OCTET_STRING, &self.cookie);
-        let mut out = Vec::with_capacity(body.len() + 6);
-        write_tlv(&mut out, TAG_SEQUENCE, &body);
-        out
+        ber::write_integer(&mut body, i64::from(self.more_results));
+        ber::write_integer(&mut body, i64::from(self.unused));
+        ber::write_octets(&mut body, &self.cookie);
+        ber::sequence(&body)
     }
 
     /// Reads a response value.
     pub fn decode(value: &[u8]) -> Result<DirSyncResponse, ControlError> {
         const WHAT: &str = "DirSync response";
-        let mut outer = Reader::new(WHAT, value, 0);
-        let mut seq = outer.sequence()?;
-        outer.end()?;
-        let more = seq.i32()?;
-        let unused = seq.i32()?;
-        let cookie = seq.octet_string()?.to_vec();
-        seq.end()?;
+        let mut outer = BerReader::new(value);
+        let mut seq = outer.read_sequence("SEQUENCE").map_err(err(WHAT))?;
+        outer.finish("value").map_err(err(WHAT))?;
+        let more = seq.read_i32("moreResults").map_err(err(WHAT))?;
+        let unused = seq.read_i32("unused").map_err(err(WHAT))?;
+        let cookie = seq.read_octets("cookie").map_err(err(WHAT))?.to_vec();
+        seq.finish("SEQUENCE").map_err(err(WHAT))?;
         Ok(DirSyncResponse {
             more_results: more != 0,
             unused,
@@ -275,21 +270,20 @@ impl PagedResults {
     /// The BER value.
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::with_capacity(self.cookie.len() + 8);
-        write_integer(&mut body, i64::from(self.size));
-        write_tlv(&mut body, TAG_OCTET_STRING, &self.cookie);
-        let mut out = Vec::with_capacity(body.len() + 6);
-        write_tlv(&mut out, TAG_SEQUENCE, &body);
-        out
+        ber::write_integer(&mut body, i64::from(self.size));
+        ber::write_octets(&mut body, &self.cookie);
+        ber::sequence(&body)
     }
 
     /// Reads a value.
     pub fn decode(value: &[u8]) -> Result<PagedResults, ControlError> {
-        let mut outer = Reader::new("paged results", value, 0);
-        let mut seq = outer.sequence()?;
-        outer.end()?;
-        let size = seq.i32()?;
-        let cookie = seq.octet_string()?.to_vec();
-        seq.end()?;
+        const WHAT: &str = "paged results";
+        let mut outer = BerReader::new(value);
+        let mut seq = outer.read_sequence("SEQUENCE").map_err(err(WHAT))?;
+        outer.finish("value").map_err(err(WHAT))?;
+        let size = seq.read_i32("size").map_err(err(WHAT))?;
+        let cookie = seq.read_octets("cookie").map_err(err(WHAT))?.to_vec();
+        seq.finish("SEQUENCE").map_err(err(WHAT))?;
         Ok(PagedResults { size, cookie })
     }
 
@@ -421,154 +415,6 @@ fn parse_index(s: &str) -> Option<u32> {
     s.parse().ok()
 }
 
-/// Appends tag, DER length and `content`.
-fn write_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
-    out.push(tag);
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = (len as u64).to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-    out.extend_from_slice(content);
-}
-
-/// Appends a minimal two's complement INTEGER.
-fn write_integer(out: &mut Vec<u8>, v: i64) {
-    let bytes = v.to_be_bytes();
-    let mut start = 0;
-    while start < bytes.len() - 1 {
-        let (b, next) = (bytes[start], bytes[start + 1]);
-        if (b == 0x00 && next & 0x80 == 0) || (b == 0xff && next & 0x80 != 0) {
-            start += 1;
-        } else {
-            break;
-        }
-    }
-    write_tlv(out, TAG_INTEGER, &bytes[start..]);
-}
-
-/// A cursor over BER bytes; `base` is the offset of `data` within the whole value, for errors.
-struct Reader<'a> {
-    what: &'static str,
-    data: &'a [u8],
-    pos: usize,
-    base: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(what: &'static str, data: &'a [u8], base: usize) -> Reader<'a> {
-        Reader {
-            what,
-            data,
-            pos: 0,
-            base,
-        }
-    }
-
-    fn err(&self, at: usize, message: impl Into<String>) -> ControlError {
-        ControlError::new(self.what, self.base + at, message)
-    }
-
-    fn byte(&mut self, name: &str) -> Result<u8, ControlError> {
-        let b = self
-            .data
-            .get(self.pos)
-            .copied()
-            .ok_or_else(|| self.err(self.pos, format!("input ends before the {name}")))?;
-        self.pos += 1;
-        Ok(b)
-    }
-
-    /// Reads one element of `tag`: (offset of the tag, content).
-    fn element(&mut self, tag: u8, name: &str) -> Result<(usize, &'a [u8]), ControlError> {
-        let at = self.pos;
-        let got = self.byte(name)?;
-        if got != tag {
-            return Err(self.err(
-                at,
-                format!("expected {name} (tag 0x{tag:02x}), found tag 0x{got:02x}"),
-            ));
-        }
-        let len_at = self.pos;
-        let first = self.byte("length")?;
-        let len = if first < 0x80 {
-            usize::from(first)
-        } else if first == 0x80 {
-            return Err(self.err(len_at, "indefinite length is not allowed in LDAP"));
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n > 4 {
-                return Err(self.err(len_at, format!("a {n}-byte length is too long")));
-            }
-            let mut len = 0usize;
-            for _ in 0..n {
-                len = (len << 8) | usize::from(self.byte("length")?);
-            }
-            len
-        };
-        let start = self.pos;
-        let remaining = self.data.len() - start;
-        if len > remaining {
-            return Err(self.err(
-                len_at,
-                format!("{name} length {len} runs past the end ({remaining} bytes left)"),
-            ));
-        }
-        self.pos = start + len;
-        Ok((at, &self.data[start..start + len]))
-    }
-
-    fn sequence(&mut self) -> Result<Reader<'a>, ControlError> {
-        let (_, content) = self.element(TAG_SEQUENCE, "SEQUENCE")?;
-        // The content starts after the tag and the length bytes.
-        let content_at = self.pos - content.len();
-        Ok(Reader::new(self.what, content, self.base + content_at))
-    }
-
-    /// An INTEGER of at most 8 bytes: (offset, value).
-    fn integer(&mut self) -> Result<(usize, i64), ControlError> {
-        let (at, content) = self.element(TAG_INTEGER, "INTEGER")?;
-        if content.is_empty() {
-            return Err(self.err(at, "INTEGER has no content bytes"));
-        }
-        if content.len() > 8 {
-            return Err(self.err(at, format!("INTEGER of {} bytes is too big", content.len())));
-        }
-        let mut v: i64 = if content[0] & 0x80 != 0 { -1 } else { 0 };
-        for b in content {
-            v = (v << 8) | i64::from(*b);
-        }
-        Ok((at, v))
-    }
-
-    fn i32(&mut self) -> Result<i32, ControlError> {
-        let (at, v) = self.integer()?;
-        i32::try_from(v).map_err(|_| self.err(at, format!("INTEGER {v} does not fit in 32 bits")))
-    }
-
-    fn octet_string(&mut self) -> Result<&'a [u8], ControlError> {
-        Ok(self.element(TAG_OCTET_STRING, "OCTET STRING")?.1)
-    }
-
-    fn end(&self) -> Result<(), ControlError> {
-        if self.pos == self.data.len() {
-            Ok(())
-        } else {
-            Err(self.err(
-                self.pos,
-                format!(
-                    "{} unexpected bytes after the value",
-                    self.data.len() - self.pos
-                ),
-            ))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,7 +524,7 @@ mod tests {
         // Wrong inner tag: the cookie sent as an INTEGER.
         let mut bad = good.clone();
         let at = bad.len() - 5;
-        bad[at] = TAG_INTEGER;
+        bad[at] = ber::INTEGER;
         let e = DirSyncResponse::decode(&bad).unwrap_err();
         assert_eq!(e.offset(), at, "{e}");
         // Length past the end.
@@ -694,7 +540,7 @@ mod tests {
         assert!(DirSyncResponse::decode(&bad)
             .unwrap_err()
             .message()
-            .contains("unexpected bytes"));
+            .contains("unexpected trailing bytes"));
         // Indefinite length.
         assert!(DirSyncResponse::decode(&[0x30, 0x80, 0, 0])
             .unwrap_err()
@@ -765,10 +611,9 @@ mod tests {
             (i64::from(i32::MIN), vec![0x80, 0, 0, 0]),
         ] {
             let mut out = Vec::new();
-            write_integer(&mut out, v);
+            ber::write_integer(&mut out, v);
             assert_eq!(&out[2..], &want[..], "{v}");
-            let mut r = Reader::new("test", &out, 0);
-            assert_eq!(r.integer().unwrap().1, v);
+            assert_eq!(BerReader::new(&out).read_integer("i").unwrap(), v);
         }
     }
 

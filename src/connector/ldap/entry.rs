@@ -12,6 +12,7 @@ use ldap3::asn1::{StructureTag, PL};
 use smol_str::SmolStr;
 
 use super::config::{AnchorAttribute, LdapSourceConfig};
+use super::control::RangedAttr;
 use crate::connector::{ConnectorError, ErrorKind};
 use crate::model::{
     guid_from_ad_bytes, Anchor, AttrName, Attributes, Dn, Entry, ObjectType, Sid, Value, Values,
@@ -109,76 +110,20 @@ impl RawEntry {
 
     /// The ranged attributes that are not complete yet: `(index, range)` for every attribute
     /// whose range does not end in `*`.
-    pub fn incomplete_ranges(&self) -> Result<Vec<(usize, Range<'_>)>, ConnectorError> {
+    pub fn incomplete_ranges(&self) -> Result<Vec<(usize, RangedAttr)>, ConnectorError> {
         let mut out = Vec::new();
         for (i, (name, _)) in self.attrs.iter().enumerate() {
-            if let Some(r) = parse_range(name).map_err(|m| {
+            if let Some(r) = RangedAttr::parse(name).map_err(|m| {
                 ConnectorError::new(ErrorKind::Protocol, format!("attribute {name}: {m}"))
                     .with_object(&self.dn)
             })? {
-                if r.end.is_some() {
+                if r.high.is_some() {
                     out.push((i, r));
                 }
             }
         }
         Ok(out)
     }
-}
-
-/// The range option of an attribute description (`member;range=1500-2999`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Range<'a> {
-    /// The description without the range option (`member`, or `member;lang-en`).
-    pub base: &'a str,
-    /// Where the range option started in the description (the `;`).
-    pub option_at: usize,
-    /// The first value's index.
-    pub start: u64,
-    /// The last value's index, `None` for `*` (the last slice).
-    pub end: Option<u64>,
-}
-
-/// Finds and reads a `;range=<start>-<end|*>` option (case-insensitive): `Ok(None)` when there
-/// is none, an error when it is malformed.
-pub fn parse_range(description: &str) -> Result<Option<Range<'_>>, String> {
-    let lower_match = |s: &str| s.len() >= 6 && s[..6].eq_ignore_ascii_case("range=");
-    let mut at = 0;
-    let mut found = None;
-    for part in description.split(';') {
-        if at > 0 && lower_match(part) {
-            found = Some((at - 1, part));
-        }
-        at += part.len() + 1;
-    }
-    let Some((option_at, part)) = found else {
-        return Ok(None);
-    };
-    let spec = &part[6..];
-    let (start, end) = spec
-        .split_once('-')
-        .ok_or_else(|| format!("range option {spec:?} has no '-'"))?;
-    let start: u64 = start
-        .parse()
-        .map_err(|_| format!("range start {start:?} is not a number"))?;
-    let end = if end == "*" {
-        None
-    } else {
-        let e: u64 = end
-            .parse()
-            .map_err(|_| format!("range end {end:?} is neither a number nor '*'"))?;
-        if e < start {
-            return Err(format!("range {start}-{e} ends before it starts"));
-        }
-        Some(e)
-    };
-    // AD sends the range option last; anything after it is dropped with it.
-    let base = &description[..option_at];
-    Ok(Some(Range {
-        base,
-        option_at,
-        start,
-        end,
-    }))
 }
 
 /// The attribute type of a description: `member;range=0-1499` → `member`.
@@ -249,6 +194,17 @@ impl EntryMapper {
         })
     }
 
+    /// The values of one attribute converted as [`EntryMapper::to_entry`] converts them (for
+    /// the delta modes, which report single attributes); an error names the bad value.
+    pub(crate) fn convert_values(
+        &self,
+        description: &str,
+        vals: Vec<Vec<u8>>,
+    ) -> Result<Values, String> {
+        let conv = self.conversion(description);
+        vals.into_iter().map(|v| convert(conv, v)).collect()
+    }
+
     /// The model entry of `raw`: `Ok(None)` when no `objectClass` value is mapped. Ranged
     /// descriptions must be complete (the range option is dropped from the name).
     pub fn to_entry(&self, raw: RawEntry) -> Result<Option<Entry>, ConnectorError> {
@@ -271,15 +227,15 @@ impl EntryMapper {
         let anchor = self.anchor(&dn, &parsed_dn, &attrs)?;
         let mut list: Vec<(AttrName, Values)> = Vec::with_capacity(attrs.len());
         for (name, vals) in attrs {
-            let name = match parse_range(&name) {
-                Ok(Some(r)) if r.end.is_none() => SmolStr::new(r.base),
+            let name = match RangedAttr::parse(&name) {
+                Ok(Some(r)) if r.is_last() => SmolStr::new(r.base),
                 Ok(Some(r)) => {
                     return Err(ConnectorError::new(
                         ErrorKind::Protocol,
                         format!(
                             "attribute {name} is only a slice ({}-{:?}); range retrieval did not \
                              complete it",
-                            r.start, r.end
+                            r.low, r.high
                         ),
                     )
                     .with_object(&dn))
@@ -610,27 +566,6 @@ mod tests {
             .unwrap_err()
             .message()
             .contains("value set"));
-    }
-
-    #[test]
-    fn range_options_parse() {
-        let r = parse_range("member;range=0-1499").unwrap().unwrap();
-        assert_eq!((r.base, r.start, r.end), ("member", 0, Some(1499)));
-        let r = parse_range("member;Range=1500-*").unwrap().unwrap();
-        assert_eq!((r.base, r.start, r.end), ("member", 1500, None));
-        let r = parse_range("member;lang-en;range=3-4").unwrap().unwrap();
-        assert_eq!(r.base, "member;lang-en");
-        assert_eq!(parse_range("member").unwrap(), None);
-        assert_eq!(parse_range("range=0-1").unwrap(), None);
-        for bad in [
-            "member;range=abc",
-            "member;range=1-x",
-            "member;range=-5",
-            "member;range=9-2",
-            "member;range=",
-        ] {
-            assert!(parse_range(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`syncrepl`]: RFC 4533 content synchronization (full and delta import, refreshAndPersist).
 //! - [`LdapTarget`]: the [`Target`](crate::connector::Target): add, modify, delete, modrdn, with
 //!   an Active Directory dialect ([`Directory::Ad`]).
+//! - `dirsync`, `usn`: Active Directory delta import with the DirSync control, and by
+//!   uSNChanged polling with deletions from the Deleted Objects container.
 //! - [`control`]: the codecs of the request and response controls this crate sends and reads
 //!   (DirSync, Show Deleted, paged results) and of AD's ranged attribute names.
 //!
@@ -24,21 +26,26 @@ mod ber;
 pub mod config;
 pub mod conn;
 pub mod control;
+mod dirsync;
 pub mod entry;
 mod search;
 mod source;
 pub mod syncrepl;
 mod target;
+pub mod usn;
 
+pub use self::dirsync::DIRSYNC_WATERMARK;
 pub use config::{
     default_object_types, default_reference_attributes, AnchorAttribute, DeltaMode, LdapBind,
     LdapConnection, LdapSourceConfig, RangeRetrieval, Scheme, SearchScope, TlsOptions,
 };
 pub use conn::{connect, map_ldap_error, result_code_kind, LdapHandle};
+pub use control::PAGED_RESULTS_OID;
 pub use entry::{EntryMapper, RawEntry};
-pub use search::{equality_filter, PAGED_RESULTS_OID};
+pub use search::equality_filter;
 pub use source::LdapSource;
 pub use target::{
     default_secret_attributes, Directory, LdapObjectTypeConfig, LdapTarget, LdapTargetConfig,
     ACCOUNT_ENABLED,
 };
+pub use usn::{UsnWatermark, USN_WATERMARK};

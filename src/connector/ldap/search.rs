@@ -3,21 +3,18 @@
 //! holds at most one page ([`PagedSearch`]), and Active Directory range retrieval
 //! ([`complete_ranges`]).
 //!
-//! The paged-results control is encoded and parsed here (ldap3's parser panics on a malformed
-//! value). Filters are passed through as configured; values put into a filter from elsewhere go
+//! The paged-results control is encoded and parsed by [`PagedResults`] (ldap3's parser panics on
+//! a malformed value). Filters are passed through as configured; values put into a filter from elsewhere go
 //! through [`equality_filter`] (RFC 4515 escaping). No entry conversion here (see `entry.rs`).
 
 use ldap3::asn1::StructureTag;
 use ldap3::controls::{Control, RawControl};
 use ldap3::{LdapResult, ResultEntry, Scope, SearchStream};
 
-use super::ber::{self, BerReader};
 use super::conn::{map_ldap_error, result_error, LdapHandle};
-use super::entry::{parse_range, RawEntry};
+use super::control::{PagedResults, RangedAttr, PAGED_RESULTS_OID};
+use super::entry::RawEntry;
 use crate::connector::{ConnectorError, ErrorKind};
-
-/// OID of the paged results control (RFC 2696).
-pub const PAGED_RESULTS_OID: &str = "1.2.840.113556.1.4.319";
 
 /// An RFC 4515 equality filter `(attr=value)` with `value` escaped (`*`, `(`, `)`, `\`, NUL).
 ///
@@ -80,35 +77,6 @@ async fn start(
         .map_err(|e| map_ldap_error(e).with_object(&spec.base))
 }
 
-/// The paged-results request control for `size` entries continuing at `cookie`.
-pub(crate) fn paged_control(size: u32, cookie: &[u8]) -> RawControl {
-    let mut inner = Vec::with_capacity(cookie.len() + 8);
-    ber::write_integer(&mut inner, i64::from(size));
-    ber::write_octets(&mut inner, cookie);
-    RawControl {
-        ctype: PAGED_RESULTS_OID.to_owned(),
-        crit: false,
-        val: Some(ber::sequence(&inner)),
-    }
-}
-
-/// Reads a paged-results response value: `(size estimate, cookie)`.
-pub(crate) fn parse_paged_value(val: &[u8]) -> Result<(i64, Vec<u8>), ConnectorError> {
-    let err = |e: ber::BerError| {
-        ConnectorError::new(
-            ErrorKind::Protocol,
-            format!("malformed paged results response control: {e}"),
-        )
-    };
-    let mut r = BerReader::new(val);
-    let mut seq = r.read_sequence("paged results value").map_err(err)?;
-    let size = seq.read_integer("size").map_err(err)?;
-    let cookie = seq.read_octets("cookie").map_err(err)?.to_vec();
-    seq.finish("paged results value").map_err(err)?;
-    r.finish("paged results value").map_err(err)?;
-    Ok((size, cookie))
-}
-
 enum PageState {
     /// The next page must be requested with this cookie (empty for the first).
     Next(Vec<u8>),
@@ -153,7 +121,13 @@ impl PagedSearch {
                 PageState::Done => return Ok(None),
                 PageState::Next(cookie) => {
                     let mut controls = self.spec.controls.clone();
-                    controls.push(paged_control(self.page_size, cookie));
+                    controls.push(
+                        PagedResults {
+                            size: i32::try_from(self.page_size).unwrap_or(i32::MAX),
+                            cookie: std::mem::take(cookie),
+                        }
+                        .to_control(),
+                    );
                     let stream = start(&mut self.handle, &self.spec, controls).await?;
                     self.state = PageState::Reading(Box::new(stream));
                 }
@@ -179,8 +153,8 @@ impl PagedSearch {
                                 return Err(result_error(&res).with_object(&self.spec.base));
                             }
                             if let Some(ctrl) = response_control(&res, PAGED_RESULTS_OID) {
-                                let (_, cookie) =
-                                    parse_paged_value(ctrl.val.as_deref().unwrap_or_default())?;
+                                let PagedResults { cookie, .. } =
+                                    PagedResults::decode(ctrl.val.as_deref().unwrap_or_default())?;
                                 if !cookie.is_empty() {
                                     self.state = PageState::Next(cookie);
                                 }
@@ -200,14 +174,20 @@ pub(crate) async fn complete_ranges(
     handle: &mut LdapHandle,
     raw: &mut RawEntry,
 ) -> Result<(), ConnectorError> {
-    let pending: Vec<(usize, String, u64)> = raw
+    let pending: Vec<(usize, String, u32)> = raw
         .incomplete_ranges()?
         .into_iter()
-        .filter_map(|(i, r)| r.end.map(|e| (i, r.base.to_owned(), e)))
+        .filter_map(|(i, r)| r.high.map(|e| (i, r.base, e)))
         .collect();
     for (index, base, mut end) in pending {
         loop {
-            let next = end + 1;
+            let next = end.checked_add(1).ok_or_else(|| {
+                ConnectorError::new(
+                    ErrorKind::Protocol,
+                    format!("range retrieval of {base}: the server sent a slice ending at {end}"),
+                )
+                .with_object(&raw.dn)
+            })?;
             let attr = format!("{base};range={next}-*");
             let spec = SearchSpec {
                 base: raw.dn.clone(),
@@ -235,7 +215,7 @@ pub(crate) async fn complete_ranges(
                 .attrs
                 .into_iter()
                 .find(|(n, _)| {
-                    matches!(parse_range(n), Ok(Some(r)) if r.base.eq_ignore_ascii_case(&base))
+                    matches!(RangedAttr::parse(n), Ok(Some(r)) if r.base.eq_ignore_ascii_case(&base))
                 })
                 .ok_or_else(|| {
                     ConnectorError::new(
@@ -247,21 +227,21 @@ pub(crate) async fn complete_ranges(
                     )
                     .with_object(&raw.dn)
                 })?;
-            let r = parse_range(&desc).ok().flatten().ok_or_else(|| {
+            let r = RangedAttr::parse(&desc).ok().flatten().ok_or_else(|| {
                 ConnectorError::new(ErrorKind::Protocol, format!("bad range {desc}"))
                     .with_object(&raw.dn)
             })?;
-            if r.start != next {
+            if r.low != next {
                 return Err(ConnectorError::new(
                     ErrorKind::Protocol,
                     format!(
                         "range retrieval of {attr}: the server answered the slice starting at {}",
-                        r.start
+                        r.low
                     ),
                 )
                 .with_object(&raw.dn));
             }
-            let new_end = r.end;
+            let new_end = r.high;
             if let Some((_, vals)) = raw.attrs.get_mut(index) {
                 vals.extend(values);
             }
@@ -280,34 +260,6 @@ pub(crate) async fn complete_ranges(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn paged_control_round_trips() {
-        let c = paged_control(1000, b"cookie-bytes");
-        assert_eq!(c.ctype, PAGED_RESULTS_OID);
-        let (size, cookie) = parse_paged_value(c.val.as_deref().unwrap()).unwrap();
-        assert_eq!(size, 1000);
-        assert_eq!(cookie, b"cookie-bytes");
-        let first = paged_control(5, b"");
-        assert_eq!(
-            first.val.unwrap(),
-            vec![0x30, 0x05, 0x02, 0x01, 0x05, 0x04, 0x00]
-        );
-    }
-
-    #[test]
-    fn malformed_paged_values_are_protocol_errors() {
-        for bad in [
-            &[][..],
-            &[0x30, 0x03, 0x02, 0x01][..],
-            &[0x30, 0x03, 0x04, 0x01, 0x00][..],
-            &[0x30, 0x05, 0x02, 0x01, 0x05, 0x04, 0x00, 0xff][..],
-        ] {
-            let e = parse_paged_value(bad).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::Protocol, "{bad:?}");
-            assert!(e.message().contains("paged results"), "{e}");
-        }
-    }
 
     #[test]
     fn equality_filters_escape_values() {

@@ -12,12 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use futures::StreamExt;
 
 use super::config::{DeltaMode, LdapSourceConfig};
 use super::conn::{connect, is_connection_failure};
+use super::dirsync::{self, DirSyncDelta};
 use super::entry::{EntryMapper, RawEntry};
 use super::search::{complete_ranges, PagedSearch, SearchSpec};
+use super::usn::{self, UsnDelta};
 use crate::connector::{
     ConnectorError, ErrorKind, ImportItem, ImportStream, Source, SourceCapabilities, Watermark,
 };
@@ -116,6 +119,8 @@ struct FullImport {
     seen: Option<HashSet<u128>>,
     restarted: bool,
     reconnects_left: u32,
+    /// The watermark taken before the search began, emitted after the last entry.
+    final_checkpoint: Option<Watermark>,
     done: bool,
 }
 
@@ -183,6 +188,23 @@ impl FullImport {
     }
 }
 
+/// The `next` method of a delta import's state, boxed.
+type NextChange<S> =
+    for<'s> fn(&'s mut S) -> BoxFuture<'s, Result<Option<ImportItem<Change>>, ConnectorError>>;
+
+/// A stream of delta items from a state whose `next` yields them, ending after the first error.
+fn changes_stream<'a, S: Send + 'a>(state: S, next: NextChange<S>) -> ImportStream<'a, Change> {
+    futures::stream::unfold(Some(state), move |st| async move {
+        let mut st = st?;
+        match next(&mut st).await {
+            Ok(Some(item)) => Some((Ok(item), Some(st))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+    .boxed()
+}
+
 #[async_trait]
 impl Source for LdapSource {
     fn name(&self) -> &str {
@@ -190,15 +212,29 @@ impl Source for LdapSource {
     }
 
     fn capabilities(&self) -> SourceCapabilities {
-        // Delta modes plug in here as they are built (dirsync.rs, usn.rs, syncrepl.rs).
-        SourceCapabilities::new(self.config.delta == DeltaMode::Syncrepl)
+        match self.config.delta {
+            DeltaMode::Dirsync => {
+                let mut c = SourceCapabilities::new(true);
+                c.partial_changes = true;
+                c
+            }
+            DeltaMode::UsnChanged | DeltaMode::Syncrepl => SourceCapabilities::new(true),
+            DeltaMode::None => SourceCapabilities::new(false),
+        }
     }
 
     async fn full_import(&self) -> Result<ImportStream<'_, Entry>, ConnectorError> {
         if self.config.delta == DeltaMode::Syncrepl {
             return self.syncrepl_full_import().await;
         }
-        let handle = connect(&self.config.connection).await?;
+        let mut handle = connect(&self.config.connection).await?;
+        // The delta position is taken before the search starts: a change made during the
+        // import is seen again by the next delta, never lost.
+        let final_checkpoint = match self.config.delta {
+            DeltaMode::Dirsync => Some(dirsync::initial_cookie(&mut handle, &self.config).await?),
+            DeltaMode::UsnChanged => Some(usn::initial_watermark(&mut handle, &self.config).await?),
+            DeltaMode::None | DeltaMode::Syncrepl => None,
+        };
         let spec = self.search_spec();
         let state = FullImport {
             config: self.config.clone(),
@@ -210,6 +246,7 @@ impl Source for LdapSource {
             seen: (self.config.max_reconnects > 0).then(HashSet::new),
             restarted: false,
             reconnects_left: self.config.max_reconnects,
+            final_checkpoint,
             done: false,
         };
         Ok(futures::stream::unfold(state, |mut st| async move {
@@ -218,7 +255,11 @@ impl Source for LdapSource {
             }
             match st.next().await {
                 Ok(Some(e)) => Some((Ok(ImportItem::Item(e)), st)),
-                Ok(None) => None,
+                Ok(None) => {
+                    st.done = true;
+                    let w = st.final_checkpoint.take()?;
+                    Some((Ok(ImportItem::Checkpoint(w)), st))
+                }
                 Err(e) => {
                     st.done = true;
                     Some((Err(e), st))
@@ -232,27 +273,30 @@ impl Source for LdapSource {
         &self,
         since: &Watermark,
     ) -> Result<ImportStream<'_, Change>, ConnectorError> {
-        let mode = match self.config.delta {
-            DeltaMode::None => {
-                return Err(ConnectorError::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "source {} is configured with delta = \"none\": full imports only",
-                        self.config.name
-                    ),
-                ))
+        match self.config.delta {
+            DeltaMode::None => Err(ConnectorError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "source {} is configured with delta = \"none\": full imports only",
+                    self.config.name
+                ),
+            )),
+            DeltaMode::Dirsync => {
+                let handle = connect(&self.config.connection).await?;
+                let delta =
+                    DirSyncDelta::start(handle, self.config.clone(), self.mapper.clone(), since)
+                        .await?;
+                Ok(changes_stream(delta, |d| Box::pin(d.next())))
             }
-            DeltaMode::Dirsync => "dirsync",
-            DeltaMode::UsnChanged => "usn_changed",
-            DeltaMode::Syncrepl => return self.syncrepl_delta_import(since).await,
-        };
-        Err(ConnectorError::new(
-            ErrorKind::Unsupported,
-            format!(
-                "source {}: delta mode {mode} is not available in this build (watermark {:?})",
-                self.config.name, since
-            ),
-        ))
+            DeltaMode::UsnChanged => {
+                let handle = connect(&self.config.connection).await?;
+                let delta =
+                    UsnDelta::start(handle, self.config.clone(), self.mapper.clone(), since)
+                        .await?;
+                Ok(changes_stream(delta, |d| Box::pin(d.next())))
+            }
+            DeltaMode::Syncrepl => self.syncrepl_delta_import(since).await,
+        }
     }
 }
 
