@@ -1,7 +1,8 @@
 //! The engine's present phase (`ImportItem::Present`, RFC 4533 syncrepl): a delta whose
 //! present set omits an object deletes it at the checkpoint, on both state stores; changed
 //! objects count as present; a stream that ends before the checkpoint deletes nothing; a
-//! present set too small for the import guard is refused.
+//! present set too small for the import guard is refused. And a delta that modifies an object
+//! the mirror does not hold falls back to a full import instead of failing the run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +14,7 @@ use dirsync::connector::{
     ConnectorError, ImportItem, ImportStream, Source, SourceCapabilities, Watermark,
 };
 use dirsync::engine::{EngineConfig, EngineError, Synchronizer};
-use dirsync::model::{Anchor, Change, Entry};
+use dirsync::model::{Anchor, AttributeChange, Change, Entry, Value};
 use dirsync::rules::ruleset::{RuleBuilder, RuleSet};
 use dirsync::state::{MemoryStore, SqliteStore, StateStore};
 use futures::StreamExt;
@@ -183,5 +184,44 @@ async fn a_phase_without_its_checkpoint_deletes_nothing_and_a_tiny_one_is_refuse
             sync.with_store(|s| s.watermark("scripted")).unwrap(),
             Some(Watermark::new("syncrepl", vec![3]))
         );
+    }
+}
+
+#[tokio::test]
+async fn a_modify_of_an_unknown_object_falls_back_to_a_full_import() {
+    for store in stores() {
+        let (src, target, mut sync) = setup(store);
+        sync.run_cycle().await.unwrap();
+        // The source now modifies an object it never delivered, after a valid change; its full
+        // import meanwhile holds u3 with a new surname and u11.
+        *src.delta.lock().unwrap() = vec![
+            ImportItem::Item(Change::Replace(user(1, "B"))),
+            ImportItem::Item(Change::Modify {
+                anchor: Anchor::new("u99"),
+                object_type: "user".into(),
+                changes: vec![AttributeChange::replace("sn", Value::from("X"))],
+            }),
+            mark(1),
+        ];
+        let mut full: Vec<ImportItem<Entry>> = (0..12)
+            .filter(|i| *i != 10)
+            .map(|i| ImportItem::Item(user(i, if i == 3 { "Z" } else { "A" })))
+            .collect();
+        full.push(ImportItem::Checkpoint(Watermark::new("syncrepl", vec![7])));
+        *src.full.lock().unwrap() = full;
+        let r = sync.run_cycle().await.unwrap();
+        let n = names(&target);
+        assert!(n.contains(&"user11".to_owned()), "{n:?} {r}");
+        let surname = |uid: &str| {
+            target
+                .objects()
+                .into_iter()
+                .find(|o| o.attributes.first_str("userName") == Some(uid))
+                .and_then(|o| o.attributes.first_str("surname").map(str::to_owned))
+        };
+        assert_eq!(surname("user3").as_deref(), Some("Z"), "{r}");
+        // The full import's watermark is the one kept.
+        *src.delta.lock().unwrap() = vec![mark(8)];
+        sync.run_cycle().await.unwrap();
     }
 }

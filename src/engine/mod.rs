@@ -564,6 +564,14 @@ impl Synchronizer {
                 self.store(|s| s.clear_watermark(&name))?;
                 return self.full_import_inner().await;
             }
+            // A change to an object the mirror does not hold (a source that reported a modify
+            // for an object it never delivered): nothing of that batch was applied and its
+            // watermark did not move; a full import brings the mirror back in line.
+            Err(EngineError::State(e @ StateError::UnknownAnchor { .. })) => {
+                warn!(error = %e, "delta import: unknown object, full import");
+                self.store(|s| s.clear_watermark(&name))?;
+                return self.full_import_inner().await;
+            }
             Err(e) => return Err(e),
         }
         if !batch.is_empty() {
