@@ -225,7 +225,7 @@ fn ad_to_slapd_through_the_sync_example() {
             "CN=svc-dirsync,OU=Service Accounts,DC=contoso,DC=test",
             dc.admin_dn(),
         )
-        .replace("ldaps://dc1.corp.example:636", &dc.ldaps_url())
+        .replace("ldaps://dc1.corp.example:636", dc.ldaps_url())
         .replace(
             "/etc/dirsync/corp-ca.pem",
             &dc.ca_file().display().to_string(),

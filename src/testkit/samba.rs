@@ -7,7 +7,7 @@
 //! there (with `unshare -n`, no unsafe code). The domain is `contoso.test` (`DC=contoso,DC=test`),
 //! provisioned once by [`template`] into a cache dir guarded by a lock file; [`SambaDc::start`]
 //! copies it into the caller's dir, writes an `smb.conf` with LDAP and CLDAP only and TLS with a
-//! [`TestCa`](super::servers::TestCa) certificate, and runs `samba` in the foreground.
+//! [`TestCa`] certificate, and runs `samba` in the foreground.
 //!
 //! Which write path does what (measured on Samba 4.17): `ldbadd`, `ldbmodify`, `ldbdel` and
 //! `ldbrename` on `private/sam.ldb` go through Samba's own module stack, so they work while the DC

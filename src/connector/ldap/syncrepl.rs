@@ -132,23 +132,23 @@ pub struct SyncDone {
 /// A Sync Info intermediate response value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncInfo {
-    /// newcookie [0].
+    /// newcookie `[0]`.
     NewCookie(Vec<u8>),
-    /// refreshDelete [1]: the end of a delete phase.
+    /// refreshDelete `[1]`: the end of a delete phase.
     RefreshDelete {
         /// The cookie, when sent.
         cookie: Option<Vec<u8>>,
         /// The refresh is complete (DEFAULT TRUE).
         refresh_done: bool,
     },
-    /// refreshPresent [2]: the end of a present phase.
+    /// refreshPresent `[2]`: the end of a present phase.
     RefreshPresent {
         /// The cookie, when sent.
         cookie: Option<Vec<u8>>,
         /// The refresh is complete (DEFAULT TRUE).
         refresh_done: bool,
     },
-    /// syncIdSet [3]: many entries deleted (refreshDeletes TRUE) or present at once.
+    /// syncIdSet `[3]`: many entries deleted (refreshDeletes TRUE) or present at once.
     SyncIdSet {
         /// The cookie, when sent.
         cookie: Option<Vec<u8>>,
