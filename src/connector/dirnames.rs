@@ -38,6 +38,28 @@ pub struct ObjectTypeNaming {
     pub object_classes: Vec<String>,
 }
 
+/// The default `objectClass` → object type map: `user` and `inetOrgPerson` are `user`s, `group`
+/// and `groupOfNames` are `group`s.
+pub fn default_object_type_map() -> BTreeMap<AttrName, ObjectType> {
+    [
+        ("user", "user"),
+        ("inetOrgPerson", "user"),
+        ("group", "group"),
+        ("groupOfNames", "group"),
+    ]
+    .into_iter()
+    .map(|(c, t)| (AttrName::new(c), ObjectType::new(t)))
+    .collect()
+}
+
+/// The default reference attributes: `member`, `manager`, `uniqueMember`, `memberOf`.
+pub fn default_reference_attributes() -> Vec<AttrName> {
+    ["member", "manager", "uniqueMember", "memberOf"]
+        .into_iter()
+        .map(AttrName::new)
+        .collect()
+}
+
 /// The attribute type of an attribute description: `cn;lang-en` → `cn`.
 pub(crate) fn base_name(attribute: &str) -> &str {
     attribute.split(';').next().unwrap_or(attribute)

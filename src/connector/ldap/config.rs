@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::connector::dirnames::{default_object_type_map, default_reference_attributes};
 use crate::connector::{ConnectorError, ErrorKind, Secret};
 use crate::model::{AttrName, ObjectType};
 
@@ -327,7 +328,7 @@ pub struct LdapSourceConfig {
     /// none are skipped. Default: `user`, `inetOrgPerson` → `user`; `group`, `groupOfNames` →
     /// `group`. AD computers are `user`s too: map `computer` to a type of its own to tell them
     /// apart.
-    #[serde(default = "default_object_types")]
+    #[serde(default = "default_object_type_map")]
     pub object_types: BTreeMap<AttrName, ObjectType>,
     /// Attributes whose values are DNs of other objects: they become DN references. Default
     /// `member`, `uniqueMember`, `manager`, `memberOf`.
@@ -369,28 +370,6 @@ fn default_reconnects() -> u32 {
     2
 }
 
-/// The default `objectClass` → object type map: `user` and `inetOrgPerson` are `user`s,
-/// `group` and `groupOfNames` are `group`s.
-pub fn default_object_types() -> BTreeMap<AttrName, ObjectType> {
-    [
-        ("user", "user"),
-        ("inetOrgPerson", "user"),
-        ("group", "group"),
-        ("groupOfNames", "group"),
-    ]
-    .into_iter()
-    .map(|(c, t)| (AttrName::new(c), ObjectType::new(t)))
-    .collect()
-}
-
-/// The default reference attributes: `member`, `uniqueMember`, `manager`, `memberOf`.
-pub fn default_reference_attributes() -> Vec<AttrName> {
-    ["member", "uniqueMember", "manager", "memberOf"]
-        .into_iter()
-        .map(AttrName::new)
-        .collect()
-}
-
 impl LdapSourceConfig {
     /// A source configuration reading everything below `base_dn` with defaults.
     pub fn new(connection: LdapConnection, base_dn: impl Into<String>) -> LdapSourceConfig {
@@ -402,7 +381,7 @@ impl LdapSourceConfig {
             filter: default_filter(),
             attributes: Vec::new(),
             anchor: AnchorAttribute::Auto,
-            object_types: default_object_types(),
+            object_types: default_object_type_map(),
             reference_attributes: default_reference_attributes(),
             binary_attributes: Vec::new(),
             range_retrieval: RangeRetrieval::default(),

@@ -36,7 +36,7 @@ pub mod usn;
 
 pub use self::dirsync::DIRSYNC_WATERMARK;
 pub use config::{
-    default_object_types, default_reference_attributes, AnchorAttribute, DeltaMode, LdapBind,
+    default_object_type_map, default_reference_attributes, AnchorAttribute, DeltaMode, LdapBind,
     LdapConnection, LdapSourceConfig, RangeRetrieval, Scheme, SearchScope, TlsOptions,
 };
 pub use conn::{connect, map_ldap_error, result_code_kind, LdapHandle};

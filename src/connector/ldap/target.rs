@@ -18,7 +18,7 @@ use ldap3::{Mod, Scope};
 use serde::{Deserialize, Serialize};
 
 use super::config::{
-    default_object_types, default_reference_attributes, AnchorAttribute, LdapConnection,
+    default_object_type_map, default_reference_attributes, AnchorAttribute, LdapConnection,
     LdapSourceConfig,
 };
 use super::conn::{connect, is_connection_failure, map_ldap_error, LdapHandle};
@@ -102,7 +102,7 @@ pub struct LdapTargetConfig {
     /// `objectClass` value → object type: the last class of an entry the map names gives its
     /// type (default: `inetOrgPerson`, `user` → `user`; `groupOfNames`, `group` → `group`).
     /// Reads of a type search for the classes that map to it.
-    #[serde(default = "default_object_types")]
+    #[serde(default = "default_object_type_map")]
     pub object_type_map: BTreeMap<AttrName, ObjectType>,
     /// Attributes whose values are DNs: written as the DN of the referenced target object, read
     /// back as references by target id (default `member`, `uniqueMember`, `manager`,
@@ -153,7 +153,7 @@ impl LdapTargetConfig {
             directory: Directory::Generic,
             base_dn: None,
             object_types: BTreeMap::new(),
-            object_type_map: default_object_types(),
+            object_type_map: default_object_type_map(),
             reference_attributes: default_reference_attributes(),
             binary_attributes: Vec::new(),
             secret_attributes: default_secret_attributes(),

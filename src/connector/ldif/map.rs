@@ -3,32 +3,10 @@
 //!
 //! Pure functions of a record and a configuration: no I/O.
 
-use std::collections::BTreeMap;
-
 use super::{LdifError, LdifValue};
-use crate::model::{AttrName, Dn, ObjectType, Value};
+use crate::model::{AttrName, Dn, Value};
 
-/// The default `objectClass` → object type map: `user` and `inetOrgPerson` are `user`s, `group`
-/// and `groupOfNames` are `group`s.
-pub fn default_object_type_map() -> BTreeMap<AttrName, ObjectType> {
-    [
-        ("user", "user"),
-        ("inetOrgPerson", "user"),
-        ("group", "group"),
-        ("groupOfNames", "group"),
-    ]
-    .into_iter()
-    .map(|(c, t)| (AttrName::new(c), ObjectType::new(t)))
-    .collect()
-}
-
-/// The default reference attributes: `member`, `manager`, `uniqueMember`, `memberOf`.
-pub fn default_reference_attributes() -> Vec<AttrName> {
-    ["member", "manager", "uniqueMember", "memberOf"]
-        .into_iter()
-        .map(AttrName::new)
-        .collect()
-}
+pub use crate::connector::dirnames::{default_object_type_map, default_reference_attributes};
 
 /// The default binary attributes: `objectGUID`, `objectSid`, `jpegPhoto`, `thumbnailPhoto`,
 /// `userCertificate`.
@@ -105,7 +83,9 @@ impl Schema<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ObjectType;
     use crate::model::Reference;
+    use std::collections::BTreeMap;
 
     fn schema_parts() -> (BTreeMap<AttrName, ObjectType>, Vec<AttrName>, Vec<AttrName>) {
         (
