@@ -19,6 +19,7 @@
 //! process during each import (VmHWM, reset before each import through
 //! `/proc/self/clear_refs`).
 
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -148,19 +149,26 @@ fn ldapsearch(slapd: &Slapd, t: &Target, attrs: &[String], count: bool) -> Resul
     }
     cmd.stdout(if count { Stdio::piped() } else { Stdio::null() });
     let t0 = Instant::now();
-    let out = cmd.output().map_err(|e| format!("ldapsearch: {e}"))?;
-    let secs = t0.elapsed().as_secs_f64();
-    if !out.status.success() {
-        return Err(format!("ldapsearch failed: {}", out.status));
+    let mut child = cmd.spawn().map_err(|e| format!("ldapsearch: {e}"))?;
+    // Counted as it streams: holding the whole LDIF here would inflate this process's memory.
+    let mut n = 0;
+    if let Some(out) = child.stdout.take() {
+        let mut r = BufReader::new(out);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => n += usize::from(line.starts_with(b"dn:")),
+                Err(e) => return Err(format!("reading ldapsearch's output: {e}")),
+            }
+        }
     }
-    let n = if count {
-        out.stdout
-            .split(|b| *b == b'\n')
-            .filter(|l| l.starts_with(b"dn: ") || l.starts_with(b"dn:: "))
-            .count()
-    } else {
-        0
-    };
+    let status = child.wait().map_err(|e| format!("ldapsearch: {e}"))?;
+    let secs = t0.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(format!("ldapsearch failed: {status}"));
+    }
     Ok((secs, n))
 }
 
