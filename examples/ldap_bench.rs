@@ -137,11 +137,22 @@ fn source(slapd: &Slapd, t: &Target) -> LdapSource {
 }
 
 /// Runs ldapsearch; returns (seconds, entries counted when `count` is set, else 0).
-fn ldapsearch(slapd: &Slapd, t: &Target, attrs: &[String], count: bool) -> Result<(f64, usize), String> {
+fn ldapsearch(
+    slapd: &Slapd,
+    t: &Target,
+    attrs: &[String],
+    count: bool,
+) -> Result<(f64, usize), String> {
     let mut cmd = Command::new("ldapsearch");
     cmd.args(["-x", "-LLL", "-H", &t.url, "-D", &slapd.root_dn(), "-w"])
         .arg(slapd.root_password())
-        .args(["-b", slapd.suffix(), "-E", "pr=1000/noprompt", "(objectClass=*)"])
+        .args([
+            "-b",
+            slapd.suffix(),
+            "-E",
+            "pr=1000/noprompt",
+            "(objectClass=*)",
+        ])
         .args(attrs)
         .stderr(Stdio::inherit());
     if let Some(ca) = &t.ca {
@@ -206,7 +217,11 @@ fn main() -> Result<(), String> {
         a.n,
         a.groups,
         a.rounds,
-        if a.multi { "multi-thread (2 workers)" } else { "current-thread" },
+        if a.multi {
+            "multi-thread (2 workers)"
+        } else {
+            "current-thread"
+        },
         loadavg()
     );
     let t0 = Instant::now();
@@ -219,7 +234,10 @@ fn main() -> Result<(), String> {
     })
     .map_err(|e| format!("starting slapd: {e}"))?
     .ok_or("slapd is not installed (apt-get install slapd ldap-utils)")?;
-    println!("slapd loaded and started in {:.1} s", t0.elapsed().as_secs_f64());
+    println!(
+        "slapd loaded and started in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 
     let rt = if a.multi {
         tokio::runtime::Builder::new_multi_thread()
@@ -287,7 +305,10 @@ fn main() -> Result<(), String> {
             let (own1, _) = cpu_seconds();
             let peak = status_kb("VmHWM:");
             if yielded + skipped as usize != total {
-                return Err(format!("round {round}: dirsync read {} of {total}", yielded + skipped as usize));
+                return Err(format!(
+                    "round {round}: dirsync read {} of {total}",
+                    yielded + skipped as usize
+                ));
             }
             let rate = total as f64 / secs;
             ds.push(rate);
@@ -308,7 +329,10 @@ fn main() -> Result<(), String> {
         let dm = median(&mut ds);
         let peak = hwm.iter().copied().fold(0.0, f64::max);
         if a.only_dirsync {
-            println!("[{}] median: dirsync {dm:.0} entries/s; peak RSS {peak:.0} kB", t.label);
+            println!(
+                "[{}] median: dirsync {dm:.0} entries/s; peak RSS {peak:.0} kB",
+                t.label
+            );
         } else {
             let lm = median(&mut ls);
             println!(

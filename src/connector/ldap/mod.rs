@@ -19,8 +19,8 @@
 
 mod ber;
 pub mod config;
-pub mod control;
 pub mod conn;
+pub mod control;
 pub mod entry;
 mod search;
 mod source;

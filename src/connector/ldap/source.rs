@@ -16,7 +16,7 @@ use futures::StreamExt;
 
 use super::config::{DeltaMode, LdapSourceConfig};
 use super::conn::{connect, is_connection_failure};
-use super::entry::{EntryMapper, RawEntry};
+use super::entry::{ConversionMemo, EntryMapper, RawEntry};
 use super::search::{complete_ranges, PagedSearch, SearchSpec};
 use crate::connector::{
     ConnectorError, ErrorKind, ImportItem, ImportStream, Source, SourceCapabilities, Watermark,
@@ -109,7 +109,9 @@ struct FullImport {
     reconnects: Arc<AtomicU64>,
     search: PagedSearch,
     spec: SearchSpec,
-    seen: Option<HashSet<u128>>,
+    /// Anchor keys yielded so far; they are hashes already, so the table hashes them with Fx.
+    seen: Option<HashSet<u128, rustc_hash::FxBuildHasher>>,
+    memo: ConversionMemo,
     restarted: bool,
     reconnects_left: u32,
     done: bool,
@@ -162,7 +164,7 @@ impl FullImport {
                 let mut handle = self.search.handle().clone();
                 complete_ranges(&mut handle, &mut raw).await?;
             }
-            let Some(entry) = self.mapper.to_entry(raw)? else {
+            let Some(entry) = self.mapper.to_entry_with(raw, &mut self.memo)? else {
                 if !self.restarted {
                     self.skipped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -200,7 +202,8 @@ impl Source for LdapSource {
             reconnects: self.reconnects.clone(),
             search: PagedSearch::new(handle, spec.clone(), self.config.connection.page_size),
             spec,
-            seen: (self.config.max_reconnects > 0).then(HashSet::new),
+            seen: (self.config.max_reconnects > 0).then(HashSet::default),
+            memo: ConversionMemo::default(),
             restarted: false,
             reconnects_left: self.config.max_reconnects,
             done: false,
