@@ -8,6 +8,8 @@
 //!   --runtime=current   the tokio runtime for dirsync: current (default) or multi (2 workers)
 //!   --groups=G          also G groupOfNames groups (each user a member of one), default 0
 //!   --only=dirsync      skip ldapsearch (for profiling)
+//!   --max-reconnects=R  the source's max_reconnects (default 2: it then keeps a 16-byte key
+//!                       per yielded anchor to skip duplicates after a restart; 0 keeps none)
 //! ```
 //!
 //! Rounds alternate: `ldapsearch -x -LLL -E pr=1000/noprompt` with stdout to /dev/null (writing
@@ -37,6 +39,7 @@ struct Args {
     multi: bool,
     groups: usize,
     only_dirsync: bool,
+    max_reconnects: Option<u32>,
 }
 
 fn args() -> Result<Args, String> {
@@ -47,6 +50,7 @@ fn args() -> Result<Args, String> {
         multi: false,
         groups: 0,
         only_dirsync: false,
+        max_reconnects: None,
     };
     let mut positional = 0;
     for arg in std::env::args().skip(1) {
@@ -60,6 +64,11 @@ fn args() -> Result<Args, String> {
             };
         } else if let Some(g) = arg.strip_prefix("--groups=") {
             a.groups = g.parse().map_err(|_| format!("--groups={g}: a number"))?;
+        } else if let Some(r) = arg.strip_prefix("--max-reconnects=") {
+            a.max_reconnects = Some(
+                r.parse()
+                    .map_err(|_| format!("--max-reconnects={r}: a number"))?,
+            );
         } else if arg == "--only=dirsync" {
             a.only_dirsync = true;
         } else {
@@ -121,7 +130,7 @@ struct Target {
     ca: Option<std::path::PathBuf>,
 }
 
-fn source(slapd: &Slapd, t: &Target) -> LdapSource {
+fn source(slapd: &Slapd, t: &Target, max_reconnects: Option<u32>) -> LdapSource {
     let mut conn = LdapConnection::new(t.url.clone());
     conn.bind = LdapBind::Simple {
         dn: slapd.root_dn(),
@@ -133,6 +142,9 @@ fn source(slapd: &Slapd, t: &Target) -> LdapSource {
     let mut c = LdapSourceConfig::new(conn, slapd.suffix());
     c.filter = "(objectClass=*)".into();
     c.anchor = AnchorAttribute::EntryUuid;
+    if let Some(r) = max_reconnects {
+        c.max_reconnects = r;
+    }
     LdapSource::new(c)
 }
 
@@ -213,10 +225,11 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() -> Result<(), String> {
     let a = args()?;
     println!(
-        "ldap_bench: {} users + {} groups, {} rounds, runtime {}, load average {}",
+        "ldap_bench: {} users + {} groups, {} rounds, max_reconnects {}, runtime {}, load average {}",
         a.n,
         a.groups,
         a.rounds,
+        a.max_reconnects.map_or("default".to_owned(), |r| r.to_string()),
         if a.multi {
             "multi-thread (2 workers)"
         } else {
@@ -265,7 +278,7 @@ fn main() -> Result<(), String> {
     }
     let mut summary = Vec::new();
     for t in &targets {
-        let src = source(&slapd, t);
+        let src = source(&slapd, t, a.max_reconnects);
         let attrs = src.config().requested_attributes();
         // Warm-up (not timed): both sides read everything once; the counts must agree.
         let (_, yielded, skipped) = rt.block_on(dirsync(&src))?;
