@@ -1,6 +1,7 @@
 //! Searches: one search with extra request controls returning raw items and the response
 //! controls ([`search_raw`], for the delta modes), a paged (RFC 2696) streaming search that
-//! holds at most one page ([`PagedSearch`]), and Active Directory range retrieval
+//! reads the next page while the current one is converted and holds about two pages at most
+//! ([`PagedSearch`]), and Active Directory range retrieval
 //! ([`complete_ranges`]).
 //!
 //! The paged-results control is encoded and parsed here (ldap3's parser panics on a malformed

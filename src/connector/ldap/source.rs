@@ -28,9 +28,10 @@ use crate::model::{Anchor, Change, Entry};
 /// # Full import and dropped connections
 ///
 /// A full import is one paged search (RFC 2696) over one connection, converted entry by entry:
-/// memory holds the page being read, not the directory. A paged-search cookie is only valid on
-/// the connection that made it, so when the connection drops (or a page times out) the import
-/// reconnects and **restarts the search from the beginning**, up to
+/// memory holds the page being converted and the next one being received, not the directory.
+/// A paged-search cookie is only valid on the connection that made it, so when the connection
+/// drops (or a page times out) the import reconnects and **restarts the search from the
+/// beginning**, up to
 /// [`LdapSourceConfig::max_reconnects`] times, with a short pause growing with each attempt.
 /// Entries already yielded are not yielded again: the stream remembers a 128-bit hash of each
 /// anchor it yielded (16 bytes per entry, kept only when `max_reconnects > 0`) and, after a
