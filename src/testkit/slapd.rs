@@ -76,9 +76,10 @@ impl Slapd {
         std::fs::create_dir_all(s.dir.path().join("db"))?;
         std::fs::write(s.conf_path(), s.config_text())?;
         let mut base = s.suffix_ldif();
-        if let Some(extra) = &s.opts.ldif {
+        // Taken, not kept: a bulk load can be large, and the server holds it from now on.
+        if let Some(extra) = s.opts.ldif.take() {
             base.push('\n');
-            base.push_str(extra);
+            base.push_str(&extra);
         }
         s.slapadd(&base)?;
         s.launch()?;

@@ -141,6 +141,31 @@ enum Conversion {
     Text,
 }
 
+/// How many attribute descriptions and class values a [`ConversionMemo`] remembers.
+const MEMO_MAX: usize = 256;
+
+/// What an import has already worked out about attribute descriptions and `objectClass`
+/// values, so that each entry of a large import does not work it out again: the model name
+/// and the conversion of each description (plain ones, without options), and the object type
+/// of each class value. Belongs to one [`EntryMapper`]; remembers at most a few hundred of
+/// each, then works the rest out every time.
+#[derive(Debug, Default)]
+pub struct ConversionMemo {
+    names: Vec<(Box<str>, AttrName, Conversion)>,
+    classes: Vec<(Box<[u8]>, Option<ObjectType>)>,
+}
+
+impl ConversionMemo {
+    /// The remembered slot of `description`, trying `hint` (its place in the previous entry:
+    /// servers send attributes in the same order) before the others.
+    fn name(&self, description: &str, hint: usize) -> Option<&(Box<str>, AttrName, Conversion)> {
+        match self.names.get(hint) {
+            Some(slot) if *slot.0 == *description => Some(slot),
+            _ => self.names.iter().find(|slot| *slot.0 == *description),
+        }
+    }
+}
+
 const BUILTIN_BINARY: [&str; 3] = ["jpegPhoto", "thumbnailPhoto", "userCertificate"];
 
 /// Turns raw entries into model entries as an [`LdapSourceConfig`] says.
@@ -188,9 +213,28 @@ impl EntryMapper {
     /// The object type of an entry with these `objectClass` values: the last one the map
     /// names.
     pub fn object_type(&self, classes: &[Vec<u8>]) -> Option<ObjectType> {
+        classes.iter().rev().find_map(|c| self.class_type(c))
+    }
+
+    fn class_type(&self, class: &[u8]) -> Option<ObjectType> {
+        let c = std::str::from_utf8(class).ok()?;
+        self.object_types.get(&AttrName::new(c.trim())).cloned()
+    }
+
+    fn object_type_memo(
+        &self,
+        classes: &[Vec<u8>],
+        memo: &mut ConversionMemo,
+    ) -> Option<ObjectType> {
         classes.iter().rev().find_map(|c| {
-            let c = std::str::from_utf8(c).ok()?;
-            self.object_types.get(&AttrName::new(c.trim())).cloned()
+            if let Some((_, t)) = memo.classes.iter().find(|(k, _)| **k == **c) {
+                return t.clone();
+            }
+            let t = self.class_type(c);
+            if memo.classes.len() < MEMO_MAX {
+                memo.classes.push((c.as_slice().into(), t.clone()));
+            }
+            t
         })
     }
 
@@ -208,13 +252,24 @@ impl EntryMapper {
     /// The model entry of `raw`: `Ok(None)` when no `objectClass` value is mapped. Ranged
     /// descriptions must be complete (the range option is dropped from the name).
     pub fn to_entry(&self, raw: RawEntry) -> Result<Option<Entry>, ConnectorError> {
+        self.to_entry_with(raw, &mut ConversionMemo::default())
+    }
+
+    /// [`EntryMapper::to_entry`] remembering in `memo` what it works out about attribute
+    /// descriptions and classes, for the next entries of the same import (`memo` must only be
+    /// used with this mapper).
+    pub fn to_entry_with(
+        &self,
+        raw: RawEntry,
+        memo: &mut ConversionMemo,
+    ) -> Result<Option<Entry>, ConnectorError> {
         let RawEntry { dn, attrs } = raw;
         let classes = attrs
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("objectClass"))
             .map(|(_, v)| v.as_slice())
             .unwrap_or_default();
-        let Some(object_type) = self.object_type(classes) else {
+        let Some(object_type) = self.object_type_memo(classes, memo) else {
             return Ok(None);
         };
         let parsed_dn = Dn::parse(&dn).map_err(|e| {
@@ -226,30 +281,17 @@ impl EntryMapper {
         })?;
         let anchor = self.anchor(&dn, &parsed_dn, &attrs)?;
         let mut list: Vec<(AttrName, Values)> = Vec::with_capacity(attrs.len());
-        for (name, vals) in attrs {
-            let name = match RangedAttr::parse(&name) {
-                Ok(Some(r)) if r.is_last() => SmolStr::new(r.base),
-                Ok(Some(r)) => {
-                    return Err(ConnectorError::new(
-                        ErrorKind::Protocol,
-                        format!(
-                            "attribute {name} is only a slice ({}-{:?}); range retrieval did not \
-                             complete it",
-                            r.low, r.high
-                        ),
-                    )
-                    .with_object(&dn))
-                }
-                Ok(None) => SmolStr::new(&name),
-                Err(m) => {
-                    return Err(ConnectorError::new(
-                        ErrorKind::Protocol,
-                        format!("attribute {name}: {m}"),
-                    )
-                    .with_object(&dn))
+        for (i, (name, vals)) in attrs.into_iter().enumerate() {
+            let (attr, conv) = match memo.name(&name, i) {
+                Some((_, attr, conv)) => (attr.clone(), *conv),
+                None => {
+                    let (attr, conv) = self.description(&name, &dn)?;
+                    if !name.contains(';') && memo.names.len() < MEMO_MAX {
+                        memo.names.push((name.as_str().into(), attr.clone(), conv));
+                    }
+                    (attr, conv)
                 }
             };
-            let conv = self.conversion(&name);
             let mut values = Values::new();
             for v in vals {
                 values.push(convert(conv, v).map_err(|m| {
@@ -257,7 +299,7 @@ impl EntryMapper {
                         .with_object(&dn)
                 })?);
             }
-            list.push((AttrName::new(name), values));
+            list.push((attr, values));
         }
         Ok(Some(Entry {
             anchor,
@@ -267,11 +309,40 @@ impl EntryMapper {
         }))
     }
 
-    fn anchor(
+    /// The model name and the conversion of an attribute description: a complete range
+    /// option is dropped, a slice is an error.
+    fn description(&self, name: &str, dn: &str) -> Result<(AttrName, Conversion), ConnectorError> {
+        let attr = match RangedAttr::parse(name) {
+            Ok(Some(r)) if r.is_last() => SmolStr::new(r.base),
+            Ok(Some(r)) => {
+                return Err(ConnectorError::new(
+                    ErrorKind::Protocol,
+                    format!(
+                        "attribute {name} is only a slice ({}-{:?}); range retrieval did not \
+                         complete it",
+                        r.low, r.high
+                    ),
+                )
+                .with_object(dn))
+            }
+            Ok(None) => SmolStr::new(name),
+            Err(m) => {
+                return Err(ConnectorError::new(
+                    ErrorKind::Protocol,
+                    format!("attribute {name}: {m}"),
+                )
+                .with_object(dn))
+            }
+        };
+        let conv = self.conversion(&attr);
+        Ok((AttrName::new(attr), conv))
+    }
+
+    fn anchor<'a>(
         &self,
         dn: &str,
         parsed: &Dn,
-        attrs: &[(String, Vec<Vec<u8>>)],
+        attrs: &'a [(String, Vec<Vec<u8>>)],
     ) -> Result<Anchor, ConnectorError> {
         let find = |name: &str| {
             attrs
@@ -280,29 +351,29 @@ impl EntryMapper {
                 .map(|(_, v)| v.as_slice())
         };
         let err = |m: String| ConnectorError::new(ErrorKind::Protocol, m).with_object(dn);
-        let single = |name: &str, vals: &[Vec<u8>]| -> Result<Vec<u8>, ConnectorError> {
+        let single = |name: &str, vals: &'a [Vec<u8>]| -> Result<&'a [u8], ConnectorError> {
             match vals {
-                [one] => Ok(one.clone()),
+                [one] => Ok(one.as_slice()),
                 other => Err(err(format!(
                     "the anchor attribute {name} has {} values; an anchor has one",
                     other.len()
                 ))),
             }
         };
-        let guid = |vals: &[Vec<u8>]| -> Result<Anchor, ConnectorError> {
+        let guid = |vals: &'a [Vec<u8>]| -> Result<Anchor, ConnectorError> {
             let v = single("objectGUID", vals)?;
-            guid_anchor(&v).map_err(|m| err(format!("objectGUID: {m}")))
+            guid_anchor(v).map_err(|m| err(format!("objectGUID: {m}")))
         };
-        let uuid = |name: &str, vals: &[Vec<u8>]| -> Result<Anchor, ConnectorError> {
+        let uuid = |name: &str, vals: &'a [Vec<u8>]| -> Result<Anchor, ConnectorError> {
             let v = single(name, vals)?;
-            let text = std::str::from_utf8(&v).map_err(|_| err(format!("{name} is not text")))?;
+            let text = std::str::from_utf8(v).map_err(|_| err(format!("{name} is not text")))?;
             uuid::Uuid::parse_str(text.trim())
                 .map(Anchor::from_guid)
                 .map_err(|e| err(format!("{name} {text:?} is not a UUID: {e}")))
         };
-        let text = |name: &str, vals: &[Vec<u8>]| -> Result<Anchor, ConnectorError> {
+        let text = |name: &str, vals: &'a [Vec<u8>]| -> Result<Anchor, ConnectorError> {
             let v = single(name, vals)?;
-            let t = String::from_utf8(v).map_err(|_| err(format!("{name} is not text")))?;
+            let t = std::str::from_utf8(v).map_err(|_| err(format!("{name} is not text")))?;
             if t.is_empty() {
                 return Err(err(format!("the anchor attribute {name} is empty")));
             }
@@ -474,6 +545,67 @@ mod tests {
             e.dn.unwrap().to_string(),
             "CN=Ada,OU=Users,DC=corp,DC=example"
         );
+    }
+
+    #[test]
+    fn a_memo_converts_like_a_fresh_mapper_whatever_the_attribute_order() {
+        let m = mapper();
+        let mut memo = ConversionMemo::default();
+        let entries = [
+            wire(
+                "uid=a,dc=x",
+                &[
+                    ("objectClass", &[b"inetOrgPerson"]),
+                    ("entryUUID", &[b"6f1e2d3c-0000-1000-8000-00aa00bb00cc"]),
+                    ("manager", &[b"uid=b,dc=x"]),
+                    ("cn", &[b"A"]),
+                ],
+            ),
+            // Another order, another spelling, a ranged description, an unmapped class.
+            wire(
+                "cn=g,dc=x",
+                &[
+                    ("CN", &[b"G"]),
+                    ("member;range=0-*", &[b"uid=a,dc=x", b"uid=b,dc=x"]),
+                    ("manager", &[b"uid=b,dc=x"]),
+                    ("entryUUID", &[b"6f1e2d3c-0000-1000-8000-00aa00bb00cd"]),
+                    ("objectClass", &[b"top", b"groupOfNames"]),
+                ],
+            ),
+            wire("ou=x,dc=x", &[("objectClass", &[b"organizationalUnit"])]),
+            wire(
+                "uid=c,dc=x",
+                &[
+                    ("objectClass", &[b"inetOrgPerson"]),
+                    ("entryUUID", &[b"6f1e2d3c-0000-1000-8000-00aa00bb00ce"]),
+                    ("manager", &[b"uid=b,dc=x"]),
+                    ("cn", &[b"C"]),
+                ],
+            ),
+        ];
+        for _ in 0..2 {
+            for tag in &entries {
+                let fresh = m.to_entry(RawEntry::parse(tag.clone()).unwrap()).unwrap();
+                let memoized = m
+                    .to_entry_with(RawEntry::parse(tag.clone()).unwrap(), &mut memo)
+                    .unwrap();
+                assert_eq!(fresh, memoized);
+            }
+        }
+        let g = m
+            .to_entry_with(RawEntry::parse(entries[1].clone()).unwrap(), &mut memo)
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.object_type.as_str(), "group");
+        assert_eq!(g.attributes.get("member").map(|v| v.len()), Some(2));
+        assert!(matches!(
+            g.attributes.first("member"),
+            Some(Value::Reference(Reference::Dn(_)))
+        ));
+        // Ranged descriptions are not remembered; plain ones once each, whatever the case.
+        assert!(memo.names.iter().all(|(n, _, _)| !n.contains(';')));
+        assert_eq!(memo.names.len(), 5, "{:?}", memo.names);
+        assert_eq!(memo.classes.len(), 3, "{:?}", memo.classes);
     }
 
     #[test]

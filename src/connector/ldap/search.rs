@@ -1,6 +1,7 @@
 //! Searches: one search with extra request controls returning raw items and the response
 //! controls ([`search_raw`], for the delta modes), a paged (RFC 2696) streaming search that
-//! holds at most one page ([`PagedSearch`]), and Active Directory range retrieval
+//! reads the next page while the current one is converted and holds about two pages at most
+//! ([`PagedSearch`]), and Active Directory range retrieval
 //! ([`complete_ranges`]).
 //!
 //! The paged-results control is encoded and parsed by [`PagedResults`] (ldap3's parser panics on
@@ -77,35 +78,49 @@ async fn start(
         .map_err(|e| map_ldap_error(e).with_object(&spec.base))
 }
 
-enum PageState {
-    /// The next page must be requested with this cookie (empty for the first).
-    Next(Vec<u8>),
-    /// Reading a page.
-    Reading(Box<SearchStream<'static, String, Vec<String>>>),
-    /// No more pages.
-    Done,
-}
+/// How many entries the page reader hands over at a time.
+const CHUNK: usize = 128;
 
-/// A paged streaming search: entries one by one, one page in flight at a time.
+/// What the page reader hands to [`PagedSearch::next`]: entries in server order, or the error
+/// that ended the search.
+type Chunk = Result<Vec<StructureTag>, ConnectorError>;
+
+/// A paged streaming search: entries one by one, at most about two pages in memory.
+///
+/// The pages are read by a task of their own, which asks for the next page as soon as the
+/// current one's result (with the cookie) arrives, and hands entries over in chunks through a
+/// bounded channel holding at most one page: the server prepares page *n + 1* while the caller
+/// converts page *n*. Memory holds the page being converted and the page being received.
 ///
 /// Continuation references and intermediate messages are skipped. A connection failure comes
 /// back as an error of a retryable kind; the search cannot continue on another connection (the
 /// cookie belongs to the connection), see [`LdapSource`](super::LdapSource) for the restart.
+/// Dropping the search stops the reader.
 pub(crate) struct PagedSearch {
     handle: LdapHandle,
-    spec: SearchSpec,
-    page_size: u32,
-    state: PageState,
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
+    chunk: std::vec::IntoIter<StructureTag>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PagedSearch {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl PagedSearch {
-    /// A search that starts on the first call to [`PagedSearch::next`].
+    /// Starts the search: the first page is requested at once, on the current tokio runtime.
     pub fn new(handle: LdapHandle, spec: SearchSpec, page_size: u32) -> PagedSearch {
+        let page_size = page_size.max(1);
+        let chunk = CHUNK.min(page_size as usize);
+        let (tx, rx) = tokio::sync::mpsc::channel((page_size as usize).div_ceil(chunk));
+        let reader = tokio::spawn(read_pages(handle.clone(), spec, page_size, chunk, tx));
         PagedSearch {
             handle,
-            spec,
-            page_size: page_size.max(1),
-            state: PageState::Next(Vec::new()),
+            rx,
+            chunk: Vec::new().into_iter(),
+            reader,
         }
     }
 
@@ -117,52 +132,94 @@ impl PagedSearch {
     /// The next entry, `None` at the end.
     pub async fn next(&mut self) -> Result<Option<StructureTag>, ConnectorError> {
         loop {
-            match &mut self.state {
-                PageState::Done => return Ok(None),
-                PageState::Next(cookie) => {
-                    let mut controls = self.spec.controls.clone();
-                    controls.push(
-                        PagedResults {
-                            size: i32::try_from(self.page_size).unwrap_or(i32::MAX),
-                            cookie: std::mem::take(cookie),
-                        }
-                        .to_control(),
-                    );
-                    let stream = start(&mut self.handle, &self.spec, controls).await?;
-                    self.state = PageState::Reading(Box::new(stream));
-                }
-                PageState::Reading(stream) => {
-                    let item = stream
-                        .next()
-                        .await
-                        .map_err(|e| map_ldap_error(e).with_object(&self.spec.base));
-                    let item = match item {
-                        Ok(i) => i,
-                        Err(e) => {
-                            self.state = PageState::Done;
-                            return Err(e);
-                        }
-                    };
-                    match item {
-                        Some(item) if item.0.id == 4 => return Ok(Some(item.0)),
-                        Some(_) => continue,
-                        None => {
-                            let res = stream.finish().await;
-                            self.state = PageState::Done;
-                            if res.rc != 0 {
-                                return Err(result_error(&res).with_object(&self.spec.base));
-                            }
-                            if let Some(ctrl) = response_control(&res, PAGED_RESULTS_OID) {
-                                let PagedResults { cookie, .. } =
-                                    PagedResults::decode(ctrl.val.as_deref().unwrap_or_default())?;
-                                if !cookie.is_empty() {
-                                    self.state = PageState::Next(cookie);
-                                }
-                            }
-                        }
-                    }
+            if let Some(tag) = self.chunk.next() {
+                return Ok(Some(tag));
+            }
+            match self.rx.recv().await {
+                Some(chunk) => self.chunk = chunk?.into_iter(),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// The page reader of [`PagedSearch`]: requests page after page and sends the entries on in
+/// chunks of `chunk`; ends after the last page, at the first error (sent on), or when the
+/// receiver is gone.
+async fn read_pages(
+    mut handle: LdapHandle,
+    spec: SearchSpec,
+    page_size: u32,
+    chunk: usize,
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+) {
+    if let Err(e) = pages(&mut handle, &spec, page_size, chunk, &tx).await {
+        let _ = tx.send(Err(e)).await;
+    }
+}
+
+async fn request_page(
+    handle: &mut LdapHandle,
+    spec: &SearchSpec,
+    page_size: u32,
+    cookie: &[u8],
+) -> Result<SearchStream<'static, String, Vec<String>>, ConnectorError> {
+    let mut controls = spec.controls.clone();
+    controls.push(
+        PagedResults {
+            size: i32::try_from(page_size).unwrap_or(i32::MAX),
+            cookie: cookie.to_vec(),
+        }
+        .to_control(),
+    );
+    start(handle, spec, controls).await
+}
+
+async fn pages(
+    handle: &mut LdapHandle,
+    spec: &SearchSpec,
+    page_size: u32,
+    chunk: usize,
+    tx: &tokio::sync::mpsc::Sender<Chunk>,
+) -> Result<(), ConnectorError> {
+    let mut stream = request_page(handle, spec, page_size, &[]).await?;
+    loop {
+        let mut batch = Vec::with_capacity(chunk);
+        while let Some(item) = stream
+            .next()
+            .await
+            .map_err(|e| map_ldap_error(e).with_object(&spec.base))?
+        {
+            if item.0.id != 4 {
+                continue;
+            }
+            batch.push(item.0);
+            if batch.len() == chunk {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(chunk));
+                if tx.send(Ok(full)).await.is_err() {
+                    return Ok(());
                 }
             }
+        }
+        let res = stream.finish().await;
+        if res.rc != 0 {
+            return Err(result_error(&res).with_object(&spec.base));
+        }
+        let cookie = match response_control(&res, PAGED_RESULTS_OID) {
+            Some(ctrl) => PagedResults::decode(ctrl.val.as_deref().unwrap_or_default())?.cookie,
+            None => Vec::new(),
+        };
+        if cookie.is_empty() {
+            if !batch.is_empty() {
+                let _ = tx.send(Ok(batch)).await;
+            }
+            return Ok(());
+        }
+        // The next page is asked for before this page's last entries are handed over (which
+        // may wait for room in the channel): the server works while the caller converts.
+        stream = request_page(handle, spec, page_size, &cookie).await?;
+        if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
+            return Ok(());
         }
     }
 }

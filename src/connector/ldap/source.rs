@@ -18,7 +18,7 @@ use futures::StreamExt;
 use super::config::{DeltaMode, LdapSourceConfig};
 use super::conn::{connect, is_connection_failure};
 use super::dirsync::{self, DirSyncDelta};
-use super::entry::{EntryMapper, RawEntry};
+use super::entry::{ConversionMemo, EntryMapper, RawEntry};
 use super::search::{complete_ranges, PagedSearch, SearchSpec};
 use super::usn::{self, UsnDelta};
 use crate::connector::{
@@ -31,9 +31,10 @@ use crate::model::{Anchor, Change, Entry};
 /// # Full import and dropped connections
 ///
 /// A full import is one paged search (RFC 2696) over one connection, converted entry by entry:
-/// memory holds the page being read, not the directory. A paged-search cookie is only valid on
-/// the connection that made it, so when the connection drops (or a page times out) the import
-/// reconnects and **restarts the search from the beginning**, up to
+/// memory holds the page being converted and the next one being received, not the directory.
+/// A paged-search cookie is only valid on the connection that made it, so when the connection
+/// drops (or a page times out) the import reconnects and **restarts the search from the
+/// beginning**, up to
 /// [`LdapSourceConfig::max_reconnects`] times, with a short pause growing with each attempt.
 /// Entries already yielded are not yielded again: the stream remembers a 128-bit hash of each
 /// anchor it yielded (16 bytes per entry, kept only when `max_reconnects > 0`) and, after a
@@ -116,7 +117,9 @@ struct FullImport {
     reconnects: Arc<AtomicU64>,
     search: PagedSearch,
     spec: SearchSpec,
-    seen: Option<HashSet<u128>>,
+    /// Anchor keys yielded so far; they are hashes already, so the table hashes them with Fx.
+    seen: Option<HashSet<u128, rustc_hash::FxBuildHasher>>,
+    memo: ConversionMemo,
     restarted: bool,
     reconnects_left: u32,
     /// The watermark taken before the search began, emitted after the last entry.
@@ -171,7 +174,7 @@ impl FullImport {
                 let mut handle = self.search.handle().clone();
                 complete_ranges(&mut handle, &mut raw).await?;
             }
-            let Some(entry) = self.mapper.to_entry(raw)? else {
+            let Some(entry) = self.mapper.to_entry_with(raw, &mut self.memo)? else {
                 if !self.restarted {
                     self.skipped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -243,7 +246,8 @@ impl Source for LdapSource {
             reconnects: self.reconnects.clone(),
             search: PagedSearch::new(handle, spec.clone(), self.config.connection.page_size),
             spec,
-            seen: (self.config.max_reconnects > 0).then(HashSet::new),
+            seen: (self.config.max_reconnects > 0).then(HashSet::default),
+            memo: ConversionMemo::default(),
             restarted: false,
             reconnects_left: self.config.max_reconnects,
             final_checkpoint,
