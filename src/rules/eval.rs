@@ -417,10 +417,9 @@ impl Program {
         ctx: &mut EvalContext<'_>,
     ) -> Result<Evaluated, EvalFailure> {
         let mut warnings = Vec::new();
-        let result = eval(&self.root, attrs, ctx, &mut warnings)?;
-        let outcome = match result {
-            Flow::NotUnique => Outcome::NotUnique,
-            Flow::Value(v) => {
+        let outcome = match eval_top(&self.root, attrs, ctx, &mut warnings).map_err(|e| *e)? {
+            None => Outcome::NotUnique,
+            Some(v) => {
                 if self.compiled.ignore_flow_if_null_or_empty && functions::is_null_or_empty(&v) {
                     Outcome::IgnoreFlow
                 } else {
@@ -437,27 +436,50 @@ impl Program {
     }
 }
 
-/// An intermediate result: a value, or `SelectUniqueValue`'s not-unique.
-enum Flow {
-    Value(EvalValue),
-    NotUnique,
+/// Evaluation results inside the evaluator: the failure is boxed so that the common (value)
+/// path moves a small result.
+type EvalRes<T> = Result<T, Box<EvalFailure>>;
+
+fn fail(span: Span) -> impl Fn(EvalError) -> Box<EvalFailure> {
+    move |error| Box::new(EvalFailure { error, span })
 }
 
-fn fail(span: Span) -> impl Fn(EvalError) -> EvalFailure {
-    move |error| EvalFailure { error, span }
-}
-
-fn value_of(
+/// The root of a program: `SelectUniqueValue` there may find no free value (`Ok(None)`, the
+/// not-unique outcome). The checker keeps `SelectUniqueValue` at the top level; anywhere else
+/// its not-unique result reads as Null (see [`eval`]).
+fn eval_top(
     op: &Op,
     attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
-) -> Result<EvalValue, EvalFailure> {
-    match eval(op, attrs, ctx, w)? {
-        Flow::Value(v) => Ok(v),
-        // The checker keeps SelectUniqueValue at the top level.
-        Flow::NotUnique => Ok(EvalValue::Null),
+) -> EvalRes<Option<EvalValue>> {
+    match op {
+        Op::Call {
+            func: Function::SelectUniqueValue,
+            args,
+            span,
+            ..
+        } => select_unique(args, *span, attrs, ctx, w),
+        _ => eval(op, attrs, ctx, w).map(Some),
     }
+}
+
+fn select_unique(
+    args: &[Option<Op>],
+    span: Span,
+    attrs: &dyn AttributeSource,
+    ctx: &mut EvalContext<'_>,
+    w: &mut Vec<String>,
+) -> EvalRes<Option<EvalValue>> {
+    for (i, a) in args.iter().enumerate() {
+        let Some(a) = a else { continue };
+        let v = eval(a, attrs, ctx, w)?;
+        match functions::select_unique_check(&v, i, ctx).map_err(fail(span))? {
+            UniqueCheck::Free(v) => return Ok(Some(v)),
+            UniqueCheck::Skip | UniqueCheck::Taken => {}
+        }
+    }
+    Ok(None)
 }
 
 fn eval(
@@ -465,99 +487,22 @@ fn eval(
     attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
-) -> Result<Flow, EvalFailure> {
-    let v = match op {
-        Op::Lit(v) => v.clone(),
-        Op::Attr { name, slot } => values_value(attrs.values(name, *slot)),
+) -> EvalRes<EvalValue> {
+    match op {
+        Op::Lit(v) => Ok(v.clone()),
+        Op::Attr { name, slot } => Ok(values_value(attrs.values(name, *slot))),
         Op::Compare { op, lhs, rhs, span } => {
-            let a = value_of(lhs, attrs, ctx, w)?;
-            let b = value_of(rhs, attrs, ctx, w)?;
-            value::compare(*op, &a, &b).map_err(fail(*span))?
+            let a = eval(lhs, attrs, ctx, w)?;
+            let b = eval(rhs, attrs, ctx, w)?;
+            value::compare(*op, &a, &b).map_err(fail(*span))
         }
         Op::Call {
             func,
             args,
             pre,
             span,
-        } => {
-            let arg = |i: usize| args.get(i).and_then(|a| a.as_ref());
-            match func {
-                Function::IIF => {
-                    let cond = match arg(0) {
-                        Some(c) => value_of(c, attrs, ctx, w)?,
-                        None => EvalValue::Null,
-                    };
-                    match functions::iif_condition(&cond).map_err(|e| EvalFailure {
-                        error: e.at(Function::IIF, 0, "condition"),
-                        span: *span,
-                    })? {
-                        None => EvalValue::Null,
-                        Some(true) => opt_value(arg(1), attrs, ctx, w)?,
-                        Some(false) => opt_value(arg(2), attrs, ctx, w)?,
-                    }
-                }
-                Function::Switch => {
-                    let source = opt_value(arg(0), attrs, ctx, w)?;
-                    let mut i = 2;
-                    let mut result = None;
-                    while i < args.len() {
-                        let evaluated;
-                        let key = match arg(i) {
-                            Some(Op::Lit(lit)) => lit,
-                            other => {
-                                evaluated = opt_value(other, attrs, ctx, w)?;
-                                &evaluated
-                            }
-                        };
-                        if functions::switch_key_matches(&source, key).map_err(fail(*span))? {
-                            result = Some(opt_value(arg(i + 1), attrs, ctx, w)?);
-                            break;
-                        }
-                        i += 2;
-                    }
-                    match result {
-                        Some(v) => v,
-                        None => opt_value(arg(1), attrs, ctx, w)?,
-                    }
-                }
-                Function::Coalesce => {
-                    let mut found = EvalValue::Null;
-                    for a in args.iter().flatten() {
-                        let v = value_of(a, attrs, ctx, w)?;
-                        if functions::coalesce_is_value(&v) {
-                            found = v;
-                            break;
-                        }
-                    }
-                    found
-                }
-                Function::SelectUniqueValue => {
-                    for (i, a) in args.iter().enumerate() {
-                        let Some(a) = a else { continue };
-                        let v = value_of(a, attrs, ctx, w)?;
-                        match functions::select_unique_check(&v, i, ctx).map_err(fail(*span))? {
-                            UniqueCheck::Free(v) => return Ok(Flow::Value(v)),
-                            UniqueCheck::Skip | UniqueCheck::Taken => {}
-                        }
-                    }
-                    return Ok(Flow::NotUnique);
-                }
-                Function::IgnoreFlowIfNullOrEmpty => {
-                    // Only reachable nested under Redact at the top (the checker peels the rest);
-                    // the flag on the program decides the outcome.
-                    opt_value(arg(0), attrs, ctx, w)?
-                }
-                Function::SingleAppRoleAssignment => {
-                    if let Some(warning) = functions::single_app_role_warning(ctx) {
-                        w.push(warning);
-                    }
-                    call(*func, args, pre, *span, attrs, ctx, w)?
-                }
-                _ => call(*func, args, pre, *span, attrs, ctx, w)?,
-            }
-        }
-    };
-    Ok(Flow::Value(v))
+        } => eval_call(*func, args, pre, *span, attrs, ctx, w),
+    }
 }
 
 fn opt_value(
@@ -565,12 +510,88 @@ fn opt_value(
     attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
-) -> Result<EvalValue, EvalFailure> {
+) -> EvalRes<EvalValue> {
     match op {
-        Some(op) => value_of(op, attrs, ctx, w),
+        Some(op) => eval(op, attrs, ctx, w),
         None => Ok(EvalValue::Null),
     }
 }
+
+#[allow(clippy::too_many_arguments)]
+fn eval_call(
+    func: Function,
+    args: &[Option<Op>],
+    pre: &Precompiled,
+    span: Span,
+    attrs: &dyn AttributeSource,
+    ctx: &mut EvalContext<'_>,
+    w: &mut Vec<String>,
+) -> EvalRes<EvalValue> {
+    let arg = |i: usize| args.get(i).and_then(|a| a.as_ref());
+    match func {
+        Function::IIF => {
+            let cond = opt_value(arg(0), attrs, ctx, w)?;
+            match functions::iif_condition(&cond).map_err(|e| {
+                Box::new(EvalFailure {
+                    error: e.at(Function::IIF, 0, "condition"),
+                    span,
+                })
+            })? {
+                None => Ok(EvalValue::Null),
+                Some(true) => opt_value(arg(1), attrs, ctx, w),
+                Some(false) => opt_value(arg(2), attrs, ctx, w),
+            }
+        }
+        Function::Switch => {
+            let source = opt_value(arg(0), attrs, ctx, w)?;
+            let mut i = 2;
+            while i < args.len() {
+                let evaluated;
+                let key = match arg(i) {
+                    Some(Op::Lit(lit)) => lit,
+                    other => {
+                        evaluated = opt_value(other, attrs, ctx, w)?;
+                        &evaluated
+                    }
+                };
+                if functions::switch_key_matches(&source, key).map_err(fail(span))? {
+                    return opt_value(arg(i + 1), attrs, ctx, w);
+                }
+                i += 2;
+            }
+            opt_value(arg(1), attrs, ctx, w)
+        }
+        Function::Coalesce => {
+            for a in args.iter().flatten() {
+                let v = eval(a, attrs, ctx, w)?;
+                if functions::coalesce_is_value(&v) {
+                    return Ok(v);
+                }
+            }
+            Ok(EvalValue::Null)
+        }
+        // Below the top level, not-unique reads as Null (the checker keeps SelectUniqueValue
+        // at the top).
+        Function::SelectUniqueValue => {
+            Ok(select_unique(args, span, attrs, ctx, w)?.unwrap_or(EvalValue::Null))
+        }
+        Function::IgnoreFlowIfNullOrEmpty => {
+            // Only reachable nested under Redact at the top (the checker peels the rest);
+            // the flag on the program decides the outcome.
+            opt_value(arg(0), attrs, ctx, w)
+        }
+        Function::SingleAppRoleAssignment => {
+            if let Some(warning) = functions::single_app_role_warning(ctx) {
+                w.push(warning);
+            }
+            call(func, args, pre, span, attrs, ctx, w)
+        }
+        _ => call(func, args, pre, span, attrs, ctx, w),
+    }
+}
+
+/// Up to this many slots, a call's arguments live in fixed arrays on the stack.
+const FIXED_ARGS: usize = 4;
 
 #[allow(clippy::too_many_arguments)]
 fn call(
@@ -581,16 +602,34 @@ fn call(
     attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
-) -> Result<EvalValue, EvalFailure> {
+) -> EvalRes<EvalValue> {
     // Literal arguments are lent, not cloned; the others are evaluated into `owned` first.
-    let mut owned: smallvec::SmallVec<[Option<EvalValue>; 4]> = smallvec::SmallVec::new();
+    if args.len() <= FIXED_ARGS {
+        let mut owned: [Option<EvalValue>; FIXED_ARGS] = [None, None, None, None];
+        for (a, slot) in args.iter().zip(owned.iter_mut()) {
+            if let Some(op) = a {
+                if !matches!(op, Op::Lit(_)) {
+                    *slot = Some(eval(op, attrs, ctx, w)?);
+                }
+            }
+        }
+        let mut refs: [Option<&EvalValue>; FIXED_ARGS] = [None; FIXED_ARGS];
+        for ((a, v), r) in args.iter().zip(&owned).zip(refs.iter_mut()) {
+            *r = match a {
+                Some(Op::Lit(lit)) => Some(lit),
+                _ => v.as_ref(),
+            };
+        }
+        return functions::call_refs(func, &refs[..args.len()], pre, ctx).map_err(fail(span));
+    }
+    let mut owned: Vec<Option<EvalValue>> = Vec::with_capacity(args.len());
     for a in args {
         owned.push(match a {
             Some(Op::Lit(_)) | None => None,
-            Some(op) => Some(value_of(op, attrs, ctx, w)?),
+            Some(op) => Some(eval(op, attrs, ctx, w)?),
         });
     }
-    let refs: smallvec::SmallVec<[Option<&EvalValue>; 4]> = args
+    let refs: Vec<Option<&EvalValue>> = args
         .iter()
         .zip(&owned)
         .map(|(a, v)| match a {

@@ -218,11 +218,11 @@ pub fn precompile(
             Some(Some(Some(v))) => Some(Some(*v)),
         }
     };
-    let names = param_names(f, literal_args.len());
+    let slots = literal_args.len();
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names(i),
+        name: PName::Table(slots),
     };
     match f {
         Function::DateAdd | Function::DateDiff => {
@@ -375,12 +375,24 @@ pub fn precompile(
 struct P {
     f: Function,
     slot: usize,
-    name: &'static str,
+    name: PName,
+}
+
+/// A parameter's name: given, or looked up in the function table only when an error needs it.
+#[derive(Clone, Copy)]
+enum PName {
+    Given(&'static str),
+    /// The name of the slot in a call with this many slots ([`Function::slot`]).
+    Table(usize),
 }
 
 impl P {
     fn err(self, e: EvalError) -> EvalError {
-        e.at(self.f, self.slot, self.name)
+        let name = match self.name {
+            PName::Given(n) => n,
+            PName::Table(slots) => param_names(self.f, slots)(self.slot),
+        };
+        e.at(self.f, self.slot, name)
     }
 }
 
@@ -622,11 +634,11 @@ pub(crate) fn call_refs(
     if !f.arity().accepts(args.len()) {
         return Err(arity_error(f, args.len()));
     }
-    let names = param_names(f, args.len());
+    let slots = args.len();
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names(i),
+        name: PName::Table(slots),
     };
     let a = |i: usize| args.get(i).copied().flatten();
     use Function::*;
@@ -809,7 +821,7 @@ pub(crate) fn call_refs(
                 let ps = P {
                     f,
                     slot: i,
-                    name: "source",
+                    name: PName::Given("source"),
                 };
                 if let EvalValue::Structured(_) = src {
                     return Err(ps.err(EvalError::new(
@@ -1069,7 +1081,11 @@ fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResul
     let f = Function::FormatDateTime;
     let a = |i: usize| args.get(i).copied().flatten();
     let s = fdt_slots(args.len());
-    let p = |i: usize, name: &'static str| P { f, slot: i, name };
+    let p = |i: usize, name: &'static str| P {
+        f,
+        slot: i,
+        name: PName::Given(name),
+    };
     let styles = match (pre.styles, s.styles) {
         (Some(st), _) => st,
         (None, Some(i)) => resolve_styles(a(i), p(i, "dateTimeStyles"))?,
@@ -1122,7 +1138,11 @@ fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResul
 fn in_str(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
     let f = Function::InStr;
     let a = |i: usize| args.get(i).copied().flatten();
-    let p = |i: usize, name: &'static str| P { f, slot: i, name };
+    let p = |i: usize, name: &'static str| P {
+        f,
+        slot: i,
+        name: PName::Given(name),
+    };
     let start = resolve_start(a(2), p(2, "start"))?;
     let mode = match pre.compare {
         Some(c) => c,
@@ -1186,11 +1206,11 @@ fn negative_minimum(v: i64, p: P) -> EvalError {
 
 fn random_spec(length: i64, mins: [i64; 4], avoid: &str) -> EvalResult<RandomSpec> {
     let f = Function::RandomString;
-    let names = param_names(f, 6);
+    let slots = 6;
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names(i),
+        name: PName::Table(slots),
     };
     check_length(length, p(0))?;
     let mut m = [0usize; 4];
@@ -1224,7 +1244,7 @@ fn random_spec(length: i64, mins: [i64; 4], avoid: &str) -> EvalResult<RandomSpe
                 codes::INVALID_RANDOM_STRING,
                 format!(
                     "removes every character of the class {} requires",
-                    names(i + 1)
+                    param_names(f, slots)(i + 1)
                 ),
             )));
         }
@@ -1263,11 +1283,11 @@ fn random_string(
         Some(s) => s,
         None => {
             let f = Function::RandomString;
-            let names = param_names(f, 6);
+            let slots = 6;
             let p = |i: usize| P {
                 f,
                 slot: i,
-                name: names(i),
+                name: PName::Table(slots),
             };
             let a = |i: usize| args.get(i).copied().flatten();
             let mut counts = [0i64; 5];
@@ -1309,11 +1329,11 @@ fn random_string(
 
 fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
     let f = Function::Replace;
-    let names = param_names(f, 7);
+    let slots = 7;
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names(i),
+        name: PName::Table(slots),
     };
     let a = |i: usize| args.get(i).copied().flatten();
     let mode = match pre.replace_mode {
