@@ -194,6 +194,12 @@ impl Precompiled {
     pub fn replace_mode(&self) -> Option<ReplaceMode> {
         self.replace_mode
     }
+
+    /// The literal text control argument compiled for this call site: `Join`'s separator or
+    /// `Split`'s (non-empty) delimiter.
+    pub(crate) fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
 }
 
 /// Compiles the literal arguments of one call site (spec §3.1 item 5). `literal_args[i]`:
@@ -951,13 +957,16 @@ pub(crate) fn call_refs(
             let Some(s) = text_of(source, p(0))? else {
                 return Ok(EvalValue::Null);
             };
-            Ok(EvalValue::multi(
-                s.split(delim)
-                    .map(str::trim)
-                    .filter(|x| !x.is_empty())
-                    .map(EvalValue::from)
-                    .collect(),
-            ))
+            let mut parts: Vec<EvalValue> = Vec::new();
+            for_each_split_part(&s, delim, |x| {
+                parts.push(EvalValue::from(x));
+                true
+            });
+            Ok(match parts.len() {
+                0 => EvalValue::Null,
+                1 => parts.pop().unwrap_or(EvalValue::Null),
+                _ => EvalValue::Multi(parts),
+            })
         }
         Word => {
             let n = ctl_int(a(1), p(1))?;
@@ -1012,6 +1021,86 @@ pub(crate) fn call_refs(
             ),
         )),
     }
+}
+
+/// Calls `f` on each part of `s` cut at `delim`, trimmed, empty parts skipped (`Split`, spec
+/// §6), until `f` returns `false`.
+fn for_each_split_part(s: &str, delim: &str, mut f: impl FnMut(&str) -> bool) {
+    let mut visit = |x: &str| {
+        let x = x.trim();
+        x.is_empty() || f(x)
+    };
+    let mut chars = delim.chars();
+    match (chars.next(), chars.next()) {
+        // One character: the same cuts as the string pattern, found without a substring search.
+        (Some(c), None) => {
+            for x in s.split(c) {
+                if !visit(x) {
+                    return;
+                }
+            }
+        }
+        _ => {
+            for x in s.split(delim) {
+                if !visit(x) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Where [`split_item`] failed: in the `Split` call or in the `Item` call around it.
+#[derive(Debug)]
+pub(crate) enum SplitItemError {
+    /// The `Split` call (its source).
+    Split(EvalError),
+    /// The `Item` call (its index).
+    Item(EvalError),
+}
+
+/// `Item(Split(source, delim), index)` without building the list: the same value and the same
+/// errors as the two calls (`delim` is the precompiled literal delimiter, `index` the literal
+/// index, already checked to be at least 1).
+pub(crate) fn split_item(
+    source: &EvalValue,
+    delim: &str,
+    index: i64,
+) -> Result<EvalValue, SplitItemError> {
+    let ps = P {
+        f: Function::Split,
+        slot: 0,
+        name: PName::Table(2),
+    };
+    let source = single_data(Some(source), ps).map_err(SplitItemError::Split)?;
+    let Some(s) = text_of(source, ps).map_err(SplitItemError::Split)? else {
+        return Ok(EvalValue::Null);
+    };
+    let want = usize::try_from(index - 1).unwrap_or(usize::MAX);
+    let (mut seen, mut found) = (0usize, None);
+    for_each_split_part(&s, delim, |x| {
+        if seen == want {
+            found = Some(EvalValue::from(x));
+        }
+        seen += 1;
+        found.is_none()
+    });
+    if let Some(v) = found {
+        return Ok(v);
+    }
+    if seen == 0 {
+        // Split gave Null, and Item of Null is Null.
+        return Ok(EvalValue::Null);
+    }
+    let pi = P {
+        f: Function::Item,
+        slot: 1,
+        name: PName::Table(2),
+    };
+    Err(SplitItemError::Item(pi.err(EvalError::new(
+        codes::INDEX_OUT_OF_RANGE,
+        format!("{index} is beyond the last value (there are {seen})"),
+    ))))
 }
 
 /// `parts` joined by `sep`; a short result is built inline, without a heap buffer.
