@@ -770,13 +770,15 @@ mod tests {
         attrs.add("dd", "--");
         let mut rng = SeededRng::from_seed(1);
         let mut ctx = EvalContext::new(chrono::DateTime::UNIX_EPOCH, &mut rng);
-        p.evaluate(&attrs, &mut ctx).map(|e| e.outcome).map_err(|e| {
-            (
-                e.error.code,
-                e.error.message,
-                text[e.span.start..e.span.end].to_string(),
-            )
-        })
+        p.evaluate(&attrs, &mut ctx)
+            .map(|e| e.outcome)
+            .map_err(|e| {
+                (
+                    e.error.code,
+                    e.error.message,
+                    text[e.span.start..e.span.end].to_string(),
+                )
+            })
     }
 
     #[test]
@@ -820,7 +822,10 @@ mod tests {
         let (code, message, span) =
             run(r#"Item(Split([x], "-"), 3)"#, &[Value::from("a-b")]).unwrap_err();
         assert_eq!(code, codes::INDEX_OUT_OF_RANGE);
-        assert!(message.contains("3 is beyond the last value (there are 2)"), "{message}");
+        assert!(
+            message.contains("3 is beyond the last value (there are 2)"),
+            "{message}"
+        );
         assert_eq!(span, r#"Item(Split([x], "-"), 3)"#);
         let (code, _, span) = run(
             r#"Item(Split([x], "-"), 1)"#,
