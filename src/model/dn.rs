@@ -16,6 +16,7 @@ use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
 use std::hash::{Hash, Hasher};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use smol_str::SmolStr;
 
@@ -690,8 +691,13 @@ impl<'a> Parser<'a> {
 /// assert_eq!(a.rdn().unwrap().value(), "Smith, John");
 /// assert_eq!(a.parent().unwrap().as_str(), "OU=Sales;DC=Example");
 /// ```
+///
+/// The parts are shared: cloning a `Dn` is a reference-count increment.
 #[derive(Clone)]
-pub struct Dn {
+pub struct Dn(Arc<DnParts>);
+
+/// The immutable parts of a [`Dn`].
+struct DnParts {
     text: Box<str>,
     /// `None` when the normalized form is the text itself.
     norm: Option<Box<str>>,
@@ -720,16 +726,16 @@ impl Dn {
             r.write_norm(&mut norm);
         }
         let norm = (norm != *text).then(|| norm.into_boxed_str());
-        Dn { text, norm, rdns }
+        Dn(Arc::new(DnParts { text, norm, rdns }))
     }
 
     /// The root (empty) DN, `""`.
     pub fn root() -> Dn {
-        Dn {
+        Dn(Arc::new(DnParts {
             text: Box::from(""),
             norm: None,
             rdns: Box::new([]),
-        }
+        }))
     }
 
     /// A DN from its RDNs, most specific first; the text is their escaped RFC 4514 form.
@@ -747,38 +753,38 @@ impl Dn {
 
     /// Whether this is the root (empty) DN.
     pub fn is_root(&self) -> bool {
-        self.rdns.is_empty()
+        self.0.rdns.is_empty()
     }
 
     /// The most specific RDN (the first one written), or `None` for the root.
     pub fn rdn(&self) -> Option<&Rdn> {
-        self.rdns.first()
+        self.0.rdns.first()
     }
 
     /// All RDNs, most specific first.
     pub fn rdns(&self) -> &[Rdn] {
-        &self.rdns
+        &self.0.rdns
     }
 
     /// The DN one level up (keeping the original spelling), or `None` for the root.
     pub fn parent(&self) -> Option<Dn> {
-        match self.rdns.len() {
+        match self.0.rdns.len() {
             0 => None,
             1 => Some(Dn::root()),
             _ => {
-                let rdns: Box<[Rdn]> = self.rdns.get(1..).unwrap_or(&[]).into();
+                let rdns: Box<[Rdn]> = self.0.rdns.get(1..).unwrap_or(&[]).into();
                 let (Some(text), Some(norm)) = (
-                    after_first_separator(&self.text, true),
+                    after_first_separator(&self.0.text, true),
                     after_first_separator(self.normalized(), false),
                 ) else {
                     return Some(Dn::from_rdns(rdns.into_vec()));
                 };
                 let norm = (norm != text).then(|| Box::from(norm));
-                Some(Dn {
+                Some(Dn(Arc::new(DnParts {
                     text: Box::from(text),
                     norm,
                     rdns,
-                })
+                })))
             }
         }
     }
@@ -789,25 +795,25 @@ impl Dn {
         let mut norm = rdn.normalized();
         if !self.is_root() {
             text.push(',');
-            text.push_str(&self.text);
+            text.push_str(&self.0.text);
             norm.push(',');
             norm.push_str(self.normalized());
         }
-        let mut rdns = Vec::with_capacity(self.rdns.len() + 1);
+        let mut rdns = Vec::with_capacity(self.0.rdns.len() + 1);
         rdns.push(rdn);
-        rdns.extend_from_slice(&self.rdns);
+        rdns.extend_from_slice(&self.0.rdns);
         let norm = (norm != text).then(|| norm.into_boxed_str());
-        Dn {
+        Dn(Arc::new(DnParts {
             text: text.into_boxed_str(),
             norm,
             rdns: rdns.into_boxed_slice(),
-        }
+        }))
     }
 
     /// Whether `ancestor` is a strict ancestor of this DN (a DN is not its own descendant; every
     /// DN except the root descends from the root).
     pub fn is_descendant_of(&self, ancestor: &Dn) -> bool {
-        if self.rdns.len() <= ancestor.rdns.len() {
+        if self.0.rdns.len() <= ancestor.0.rdns.len() {
             return false;
         }
         let (me, anc) = (self.normalized(), ancestor.normalized());
@@ -823,12 +829,12 @@ impl Dn {
 
     /// The number of RDNs (0 for the root).
     pub fn len(&self) -> usize {
-        self.rdns.len()
+        self.0.rdns.len()
     }
 
     /// Whether this DN has no RDNs (is the root).
     pub fn is_empty(&self) -> bool {
-        self.rdns.is_empty()
+        self.0.rdns.is_empty()
     }
 
     /// This DN renamed: same parent, new RDN. For the root, the DN made of `rdn` alone.
@@ -850,12 +856,12 @@ impl Dn {
 
     /// The text as given to [`Dn::parse`], or as built by [`Dn::child`] and friends.
     pub fn as_str(&self) -> &str {
-        &self.text
+        &self.0.text
     }
 
     /// The normalized form that equality, ordering and hashing use; itself a valid DN string.
     pub fn normalized(&self) -> &str {
-        self.norm.as_deref().unwrap_or(&self.text)
+        self.0.norm.as_deref().unwrap_or(&self.0.text)
     }
 }
 
@@ -933,13 +939,13 @@ impl Ord for Dn {
 
 impl fmt::Display for Dn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(&self.0.text)
     }
 }
 
 impl fmt::Debug for Dn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Dn({:?})", &*self.text)
+        write!(f, "Dn({:?})", &*self.0.text)
     }
 }
 
@@ -971,7 +977,7 @@ impl TryFrom<String> for Dn {
 
 impl serde::Serialize for Dn {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.text)
+        serializer.serialize_str(&self.0.text)
     }
 }
 
@@ -1252,8 +1258,8 @@ mod tests {
         v.sort();
         assert_eq!(v, [dn("cn=x,dc=a"), dn("dc=a"), dn("dc=b")]);
         // An already-normalized text does not store a second copy.
-        assert!(dn("cn=x,dc=a").norm.is_none());
-        assert!(dn("CN=x,dc=a").norm.is_some());
+        assert!(dn("cn=x,dc=a").0.norm.is_none());
+        assert!(dn("CN=x,dc=a").0.norm.is_some());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::rules::context::EvalContext;
 use crate::rules::diagnostic::{Code, Diagnostic, Diagnostics, Span};
 use crate::rules::expr::{self, CompiledExpr, Literal, LiteralCheck, Node};
 use crate::rules::function::Function;
-use crate::rules::functions::{self, Precompiled, UniqueCheck};
+use crate::rules::functions::{self, Precompiled, SplitItemError, UniqueCheck};
 use crate::rules::value::{self, codes, CompareOp, EvalError, EvalValue};
 
 /// How a flow's result is applied.
@@ -81,6 +81,16 @@ enum Op {
         lhs: Box<Op>,
         rhs: Box<Op>,
         span: Span,
+    },
+    /// `Item(Split(source, "literal"), literal)`: the one part, without building the list.
+    SplitItem {
+        source: Box<Op>,
+        /// `Split`'s literal delimiter (non-empty).
+        delim: Box<str>,
+        /// `Item`'s literal index (at least 1).
+        index: i64,
+        split_span: Span,
+        item_span: Span,
     },
 }
 
@@ -181,7 +191,59 @@ impl LiteralCheck for FunctionLiteralChecks {
     }
 }
 
+/// `Item(Split(source, "delimiter"), index)` with both controls literal and valid: the fused
+/// operation, else `None`.
+fn split_item(node: &Node) -> Result<Option<Op>, Diagnostic> {
+    let Node::Call {
+        func: Function::Item,
+        args,
+        span: item_span,
+    } = node
+    else {
+        return Ok(None);
+    };
+    let [Some(Node::Call {
+        func: Function::Split,
+        args: split_args,
+        span: split_span,
+    }), Some(index_node)] = args.as_slice()
+    else {
+        return Ok(None);
+    };
+    let [Some(source), Some(Node::Literal { .. })] = split_args.as_slice() else {
+        return Ok(None);
+    };
+    let Some(index_lit) = index_node.literal() else {
+        return Ok(None);
+    };
+    // Both calls compile as they would unfused (same checks, same diagnostics).
+    precompile(Function::Item, args)
+        .map_err(|e| Diagnostic::new(literal_code(&e), *item_span, e.message))?;
+    let split_pre = precompile(Function::Split, split_args)
+        .map_err(|e| Diagnostic::new(literal_code(&e), *split_span, e.message))?;
+    let index = literal(index_lit)
+        .single()
+        .ok()
+        .and_then(|v| v.to_integer().ok().flatten());
+    let (Some(delim), Some(index)) = (split_pre.text(), index) else {
+        return Ok(None);
+    };
+    if index < 1 || delim.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Op::SplitItem {
+        source: Box::new(build(source)?),
+        delim: delim.into(),
+        index,
+        split_span: *split_span,
+        item_span: *item_span,
+    }))
+}
+
 fn build(node: &Node) -> Result<Op, Diagnostic> {
+    if let Some(op) = split_item(node)? {
+        return Ok(op);
+    }
     Ok(match node {
         Node::Call { func, args, span } => {
             let pre = precompile(*func, args)
@@ -320,26 +382,57 @@ pub fn to_model(v: &EvalValue, reference: bool) -> Result<Values, EvalError> {
             }
             continue;
         }
-        match x {
-            EvalValue::Null => {}
-            EvalValue::Integer(i) => out.push(*i),
-            EvalValue::Boolean(b) => out.push(*b),
-            EvalValue::Binary(b) => out.push(b.clone()),
-            EvalValue::Structured(roles) => {
-                for r in roles {
-                    out.push(Value::string(r.value.as_str()));
-                }
+        push_model(&mut out, x)?;
+    }
+    Ok(out)
+}
+
+/// One value of an expression result (not a Multi's list: its elements) as model values, for
+/// a non-reference attribute.
+fn push_model(out: &mut Values, x: &EvalValue) -> Result<(), EvalError> {
+    match x {
+        EvalValue::Null => {}
+        EvalValue::Integer(i) => out.push(*i),
+        EvalValue::Boolean(b) => out.push(*b),
+        EvalValue::Binary(b) => out.push(b.clone()),
+        EvalValue::Structured(roles) => {
+            for r in roles {
+                out.push(Value::string(r.value.as_str()));
             }
-            // A SmolStr clone: inline copy or reference-count increment, never a new buffer.
-            EvalValue::String(s) | EvalValue::Reference(s) => out.push(Value::String(s.clone())),
-            other => {
-                if let Some(text) = other.to_string_value()? {
-                    out.push(Value::string(text));
-                }
+        }
+        // A SmolStr clone: inline copy or reference-count increment, never a new buffer.
+        EvalValue::String(s) | EvalValue::Reference(s) => out.push(Value::String(s.clone())),
+        other => {
+            if let Some(text) = other.to_string_value()? {
+                out.push(Value::string(text));
             }
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// [`to_model`] taking the value: strings and binary data move into the model values instead
+/// of being copied (or their shared buffers counted up and down).
+pub fn into_model(v: EvalValue, reference: bool) -> Result<Values, EvalError> {
+    if reference {
+        return to_model(&v, true);
+    }
+    match v {
+        EvalValue::String(s) | EvalValue::Reference(s) => Ok(Values::one(Value::String(s))),
+        EvalValue::Binary(b) => Ok(Values::one(Value::Bytes(b))),
+        EvalValue::Multi(vs) => {
+            let mut out = Values::new();
+            for x in vs {
+                match x {
+                    EvalValue::String(s) | EvalValue::Reference(s) => out.push(Value::String(s)),
+                    EvalValue::Binary(b) => out.push(Value::Bytes(b)),
+                    other => push_model(&mut out, &other)?,
+                }
+            }
+            Ok(out)
+        }
+        other => to_model(&other, false),
+    }
 }
 
 impl Program {
@@ -370,6 +463,7 @@ impl Program {
                     walk(lhs, out);
                     walk(rhs, out);
                 }
+                Op::SplitItem { source, .. } => walk(source, out),
                 Op::Lit(_) => {}
             }
         }
@@ -393,6 +487,7 @@ impl Program {
                     walk(lhs, table);
                     walk(rhs, table);
                 }
+                Op::SplitItem { source, .. } => walk(source, table),
                 Op::Lit(_) => {}
             }
         }
@@ -417,10 +512,9 @@ impl Program {
         ctx: &mut EvalContext<'_>,
     ) -> Result<Evaluated, EvalFailure> {
         let mut warnings = Vec::new();
-        let result = eval(&self.root, attrs, ctx, &mut warnings)?;
-        let outcome = match result {
-            Flow::NotUnique => Outcome::NotUnique,
-            Flow::Value(v) => {
+        let outcome = match eval_top(&self.root, attrs, ctx, &mut warnings).map_err(|e| *e)? {
+            None => Outcome::NotUnique,
+            Some(v) => {
                 if self.compiled.ignore_flow_if_null_or_empty && functions::is_null_or_empty(&v) {
                     Outcome::IgnoreFlow
                 } else {
@@ -437,27 +531,50 @@ impl Program {
     }
 }
 
-/// An intermediate result: a value, or `SelectUniqueValue`'s not-unique.
-enum Flow {
-    Value(EvalValue),
-    NotUnique,
+/// Evaluation results inside the evaluator: the failure is boxed so that the common (value)
+/// path moves a small result.
+type EvalRes<T> = Result<T, Box<EvalFailure>>;
+
+fn fail(span: Span) -> impl Fn(EvalError) -> Box<EvalFailure> {
+    move |error| Box::new(EvalFailure { error, span })
 }
 
-fn fail(span: Span) -> impl Fn(EvalError) -> EvalFailure {
-    move |error| EvalFailure { error, span }
-}
-
-fn value_of(
+/// The root of a program: `SelectUniqueValue` there may find no free value (`Ok(None)`, the
+/// not-unique outcome). The checker keeps `SelectUniqueValue` at the top level; anywhere else
+/// its not-unique result reads as Null (see [`eval`]).
+fn eval_top(
     op: &Op,
     attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
-) -> Result<EvalValue, EvalFailure> {
-    match eval(op, attrs, ctx, w)? {
-        Flow::Value(v) => Ok(v),
-        // The checker keeps SelectUniqueValue at the top level.
-        Flow::NotUnique => Ok(EvalValue::Null),
+) -> EvalRes<Option<EvalValue>> {
+    match op {
+        Op::Call {
+            func: Function::SelectUniqueValue,
+            args,
+            span,
+            ..
+        } => select_unique(args, *span, attrs, ctx, w),
+        _ => eval(op, attrs, ctx, w).map(Some),
     }
+}
+
+fn select_unique(
+    args: &[Option<Op>],
+    span: Span,
+    attrs: &dyn AttributeSource,
+    ctx: &mut EvalContext<'_>,
+    w: &mut Vec<String>,
+) -> EvalRes<Option<EvalValue>> {
+    for (i, a) in args.iter().enumerate() {
+        let Some(a) = a else { continue };
+        let v = eval(a, attrs, ctx, w)?;
+        match functions::select_unique_check(&v, i, ctx).map_err(fail(span))? {
+            UniqueCheck::Free(v) => return Ok(Some(v)),
+            UniqueCheck::Skip | UniqueCheck::Taken => {}
+        }
+    }
+    Ok(None)
 }
 
 fn eval(
@@ -465,99 +582,41 @@ fn eval(
     attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
-) -> Result<Flow, EvalFailure> {
-    let v = match op {
-        Op::Lit(v) => v.clone(),
-        Op::Attr { name, slot } => values_value(attrs.values(name, *slot)),
+) -> EvalRes<EvalValue> {
+    match op {
+        Op::Lit(v) => Ok(v.clone()),
+        Op::Attr { name, slot } => Ok(values_value(attrs.values(name, *slot))),
         Op::Compare { op, lhs, rhs, span } => {
-            let a = value_of(lhs, attrs, ctx, w)?;
-            let b = value_of(rhs, attrs, ctx, w)?;
-            value::compare(*op, &a, &b).map_err(fail(*span))?
+            let a = eval(lhs, attrs, ctx, w)?;
+            let b = eval(rhs, attrs, ctx, w)?;
+            value::compare(*op, &a, &b).map_err(fail(*span))
         }
         Op::Call {
             func,
             args,
             pre,
             span,
+        } => eval_call(*func, args, pre, *span, attrs, ctx, w),
+        Op::SplitItem {
+            source,
+            delim,
+            index,
+            split_span,
+            item_span,
         } => {
-            let arg = |i: usize| args.get(i).and_then(|a| a.as_ref());
-            match func {
-                Function::IIF => {
-                    let cond = match arg(0) {
-                        Some(c) => value_of(c, attrs, ctx, w)?,
-                        None => EvalValue::Null,
-                    };
-                    match functions::iif_condition(&cond).map_err(|e| EvalFailure {
-                        error: e.at(Function::IIF, 0, "condition"),
-                        span: *span,
-                    })? {
-                        None => EvalValue::Null,
-                        Some(true) => opt_value(arg(1), attrs, ctx, w)?,
-                        Some(false) => opt_value(arg(2), attrs, ctx, w)?,
-                    }
-                }
-                Function::Switch => {
-                    let source = opt_value(arg(0), attrs, ctx, w)?;
-                    let mut i = 2;
-                    let mut result = None;
-                    while i < args.len() {
-                        let evaluated;
-                        let key = match arg(i) {
-                            Some(Op::Lit(lit)) => lit,
-                            other => {
-                                evaluated = opt_value(other, attrs, ctx, w)?;
-                                &evaluated
-                            }
-                        };
-                        if functions::switch_key_matches(&source, key).map_err(fail(*span))? {
-                            result = Some(opt_value(arg(i + 1), attrs, ctx, w)?);
-                            break;
-                        }
-                        i += 2;
-                    }
-                    match result {
-                        Some(v) => v,
-                        None => opt_value(arg(1), attrs, ctx, w)?,
-                    }
-                }
-                Function::Coalesce => {
-                    let mut found = EvalValue::Null;
-                    for a in args.iter().flatten() {
-                        let v = value_of(a, attrs, ctx, w)?;
-                        if functions::coalesce_is_value(&v) {
-                            found = v;
-                            break;
-                        }
-                    }
-                    found
-                }
-                Function::SelectUniqueValue => {
-                    for (i, a) in args.iter().enumerate() {
-                        let Some(a) = a else { continue };
-                        let v = value_of(a, attrs, ctx, w)?;
-                        match functions::select_unique_check(&v, i, ctx).map_err(fail(*span))? {
-                            UniqueCheck::Free(v) => return Ok(Flow::Value(v)),
-                            UniqueCheck::Skip | UniqueCheck::Taken => {}
-                        }
-                    }
-                    return Ok(Flow::NotUnique);
-                }
-                Function::IgnoreFlowIfNullOrEmpty => {
-                    // Only reachable nested under Redact at the top (the checker peels the rest);
-                    // the flag on the program decides the outcome.
-                    opt_value(arg(0), attrs, ctx, w)?
-                }
-                Function::SingleAppRoleAssignment => {
-                    if let Some(warning) = functions::single_app_role_warning(ctx) {
-                        w.push(warning);
-                    }
-                    call(*func, args, pre, *span, attrs, ctx, w)?
-                }
-                _ => call(*func, args, pre, *span, attrs, ctx, w)?,
-            }
+            let source = eval(source, attrs, ctx, w)?;
+            functions::split_item(&source, delim, *index).map_err(|e| match e {
+                SplitItemError::Split(error) => Box::new(EvalFailure {
+                    error,
+                    span: *split_span,
+                }),
+                SplitItemError::Item(error) => Box::new(EvalFailure {
+                    error,
+                    span: *item_span,
+                }),
+            })
         }
-    };
-    Ok(Flow::Value(v))
+    }
 }
 
 fn opt_value(
@@ -565,12 +624,88 @@ fn opt_value(
     attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
-) -> Result<EvalValue, EvalFailure> {
+) -> EvalRes<EvalValue> {
     match op {
-        Some(op) => value_of(op, attrs, ctx, w),
+        Some(op) => eval(op, attrs, ctx, w),
         None => Ok(EvalValue::Null),
     }
 }
+
+#[allow(clippy::too_many_arguments)]
+fn eval_call(
+    func: Function,
+    args: &[Option<Op>],
+    pre: &Precompiled,
+    span: Span,
+    attrs: &dyn AttributeSource,
+    ctx: &mut EvalContext<'_>,
+    w: &mut Vec<String>,
+) -> EvalRes<EvalValue> {
+    let arg = |i: usize| args.get(i).and_then(|a| a.as_ref());
+    match func {
+        Function::IIF => {
+            let cond = opt_value(arg(0), attrs, ctx, w)?;
+            match functions::iif_condition(&cond).map_err(|e| {
+                Box::new(EvalFailure {
+                    error: e.at(Function::IIF, 0, "condition"),
+                    span,
+                })
+            })? {
+                None => Ok(EvalValue::Null),
+                Some(true) => opt_value(arg(1), attrs, ctx, w),
+                Some(false) => opt_value(arg(2), attrs, ctx, w),
+            }
+        }
+        Function::Switch => {
+            let source = opt_value(arg(0), attrs, ctx, w)?;
+            let mut i = 2;
+            while i < args.len() {
+                let evaluated;
+                let key = match arg(i) {
+                    Some(Op::Lit(lit)) => lit,
+                    other => {
+                        evaluated = opt_value(other, attrs, ctx, w)?;
+                        &evaluated
+                    }
+                };
+                if functions::switch_key_matches(&source, key).map_err(fail(span))? {
+                    return opt_value(arg(i + 1), attrs, ctx, w);
+                }
+                i += 2;
+            }
+            opt_value(arg(1), attrs, ctx, w)
+        }
+        Function::Coalesce => {
+            for a in args.iter().flatten() {
+                let v = eval(a, attrs, ctx, w)?;
+                if functions::coalesce_is_value(&v) {
+                    return Ok(v);
+                }
+            }
+            Ok(EvalValue::Null)
+        }
+        // Below the top level, not-unique reads as Null (the checker keeps SelectUniqueValue
+        // at the top).
+        Function::SelectUniqueValue => {
+            Ok(select_unique(args, span, attrs, ctx, w)?.unwrap_or(EvalValue::Null))
+        }
+        Function::IgnoreFlowIfNullOrEmpty => {
+            // Only reachable nested under Redact at the top (the checker peels the rest);
+            // the flag on the program decides the outcome.
+            opt_value(arg(0), attrs, ctx, w)
+        }
+        Function::SingleAppRoleAssignment => {
+            if let Some(warning) = functions::single_app_role_warning(ctx) {
+                w.push(warning);
+            }
+            call(func, args, pre, span, attrs, ctx, w)
+        }
+        _ => call(func, args, pre, span, attrs, ctx, w),
+    }
+}
+
+/// Up to this many slots, a call's arguments live in fixed arrays on the stack.
+const FIXED_ARGS: usize = 4;
 
 #[allow(clippy::too_many_arguments)]
 fn call(
@@ -581,16 +716,34 @@ fn call(
     attrs: &dyn AttributeSource,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
-) -> Result<EvalValue, EvalFailure> {
+) -> EvalRes<EvalValue> {
     // Literal arguments are lent, not cloned; the others are evaluated into `owned` first.
-    let mut owned: smallvec::SmallVec<[Option<EvalValue>; 4]> = smallvec::SmallVec::new();
+    if args.len() <= FIXED_ARGS {
+        let mut owned: [Option<EvalValue>; FIXED_ARGS] = [None, None, None, None];
+        for (a, slot) in args.iter().zip(owned.iter_mut()) {
+            if let Some(op) = a {
+                if !matches!(op, Op::Lit(_)) {
+                    *slot = Some(eval(op, attrs, ctx, w)?);
+                }
+            }
+        }
+        let mut refs: [Option<&EvalValue>; FIXED_ARGS] = [None; FIXED_ARGS];
+        for ((a, v), r) in args.iter().zip(&owned).zip(refs.iter_mut()) {
+            *r = match a {
+                Some(Op::Lit(lit)) => Some(lit),
+                _ => v.as_ref(),
+            };
+        }
+        return functions::call_refs(func, &refs[..args.len()], pre, ctx).map_err(fail(span));
+    }
+    let mut owned: Vec<Option<EvalValue>> = Vec::with_capacity(args.len());
     for a in args {
         owned.push(match a {
             Some(Op::Lit(_)) | None => None,
-            Some(op) => Some(value_of(op, attrs, ctx, w)?),
+            Some(op) => Some(eval(op, attrs, ctx, w)?),
         });
     }
-    let refs: smallvec::SmallVec<[Option<&EvalValue>; 4]> = args
+    let refs: Vec<Option<&EvalValue>> = args
         .iter()
         .zip(&owned)
         .map(|(a, v)| match a {
@@ -599,4 +752,132 @@ fn call(
         })
         .collect();
     functions::call_refs(func, &refs, pre, ctx).map_err(fail(span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::context::SeededRng;
+
+    /// Evaluates `text` over `x` (values of attribute `x`) and `d` = `"-"` / `"--"` attributes.
+    fn run(text: &str, x: &[Value]) -> Result<Outcome, (u16, String, String)> {
+        let p = Program::compile(text).unwrap_or_else(|d| panic!("{text}: {d:?}"));
+        let mut attrs = Attributes::default();
+        for v in x {
+            attrs.add("x", v.clone());
+        }
+        attrs.add("d", "-");
+        attrs.add("dd", "--");
+        let mut rng = SeededRng::from_seed(1);
+        let mut ctx = EvalContext::new(chrono::DateTime::UNIX_EPOCH, &mut rng);
+        p.evaluate(&attrs, &mut ctx)
+            .map(|e| e.outcome)
+            .map_err(|e| {
+                (
+                    e.error.code,
+                    e.error.message,
+                    text[e.span.start..e.span.end].to_string(),
+                )
+            })
+    }
+
+    #[test]
+    fn item_of_split_is_fused_and_behaves_as_the_two_calls() {
+        let fused = Program::compile(r#"Item(Split([x], "-"), 2)"#).unwrap();
+        assert!(matches!(fused.root, Op::SplitItem { .. }));
+        let inputs: Vec<Vec<Value>> = vec![
+            vec![],
+            vec![Value::from("CC1234-Engineering")],
+            vec![Value::from(" a - - b -")],
+            vec![Value::from("abc")],
+            vec![Value::from("")],
+            vec![Value::from(" - ")],
+            vec![Value::from("a--b--c")],
+            vec![Value::from(123i64)],
+            vec![Value::from("a-b"), Value::from("c")],
+            vec![Value::from("ünï-cödé-ß")],
+        ];
+        for x in &inputs {
+            for index in 1..=4 {
+                for (lit, attr) in [(r#""-""#, "[d]"), (r#""--""#, "[dd]")] {
+                    let a = run(&format!("Item(Split([x], {lit}), {index})"), x);
+                    let b = run(&format!("Item(Split([x], {attr}), {index})"), x);
+                    match (&a, &b) {
+                        (Ok(a), Ok(b)) => assert_eq!(a, b, "{x:?} {index} {lit}"),
+                        (Err((ca, ma, sa)), Err((cb, mb, sb))) => {
+                            assert_eq!((ca, ma), (cb, mb), "{x:?} {index} {lit}");
+                            // The failing call is the same one in both spellings.
+                            assert_eq!(sa.starts_with("Item("), sb.starts_with("Item("));
+                            assert_eq!(sa.starts_with("Split("), sb.starts_with("Split("));
+                        }
+                        _ => panic!("{x:?} {index} {lit}: fused {a:?}, unfused {b:?}"),
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            run(r#"Item(Split([x], "-"), 2)"#, &[Value::from("CC1234-Eng")]),
+            Ok(Outcome::Value(EvalValue::from("Eng")))
+        );
+        let (code, message, span) =
+            run(r#"Item(Split([x], "-"), 3)"#, &[Value::from("a-b")]).unwrap_err();
+        assert_eq!(code, codes::INDEX_OUT_OF_RANGE);
+        assert!(
+            message.contains("3 is beyond the last value (there are 2)"),
+            "{message}"
+        );
+        assert_eq!(span, r#"Item(Split([x], "-"), 3)"#);
+        let (code, _, span) = run(
+            r#"Item(Split([x], "-"), 1)"#,
+            &[Value::from("a"), Value::from("b")],
+        )
+        .unwrap_err();
+        assert_eq!(code, codes::MULTI_VALUED);
+        assert_eq!(span, r#"Split([x], "-")"#);
+    }
+
+    #[test]
+    fn into_model_equals_to_model() {
+        use crate::rules::context::AppRoleValue;
+        let role = AppRoleValue {
+            id: "1".into(),
+            value: "Admin".into(),
+            display_name: "Administrator".into(),
+        };
+        let long = "a string well over twenty-three bytes long";
+        let samples = vec![
+            EvalValue::Null,
+            EvalValue::from(""),
+            EvalValue::from("short"),
+            EvalValue::from(long),
+            EvalValue::Reference("CN=A,DC=x".into()),
+            EvalValue::Reference("not a dn".into()),
+            EvalValue::Integer(-4),
+            EvalValue::Boolean(true),
+            EvalValue::Binary(vec![1, 2, 3]),
+            EvalValue::Decimal(value::Decimal::new(125, 2).unwrap()),
+            EvalValue::DateTime(chrono::DateTime::UNIX_EPOCH),
+            EvalValue::Structured(vec![role]),
+            EvalValue::Multi(vec![
+                EvalValue::from("a"),
+                EvalValue::from(long),
+                EvalValue::Integer(1),
+                EvalValue::Binary(vec![9]),
+                EvalValue::Reference("CN=B,DC=x".into()),
+            ]),
+            EvalValue::Multi(vec![EvalValue::Multi(vec![
+                EvalValue::from("x"),
+                EvalValue::from("y"),
+            ])]),
+        ];
+        for v in samples {
+            for reference in [false, true] {
+                assert_eq!(
+                    into_model(v.clone(), reference),
+                    to_model(&v, reference),
+                    "{v:?} reference={reference}"
+                );
+            }
+        }
+    }
 }

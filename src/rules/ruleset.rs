@@ -715,16 +715,16 @@ impl RuleSet {
         let out = flow
             .program
             .evaluate(view, &mut ectx)
-            .map_err(FlowFailure::Eval)?;
+            .map_err(|e| FlowFailure::Eval(Box::new(e)))?;
         match out.outcome {
             Outcome::IgnoreFlow => Ok(None),
             Outcome::NotUnique => Err(FlowFailure::NotUnique),
             Outcome::Value(v) => {
-                let mut values = eval::to_model(&v, flow.reference).map_err(|error| {
-                    FlowFailure::Eval(EvalFailure {
+                let mut values = eval::into_model(v, flow.reference).map_err(|error| {
+                    FlowFailure::Eval(Box::new(EvalFailure {
                         error,
                         span: Span::default(),
-                    })
+                    }))
                 })?;
                 if values.is_empty() {
                     if let Some(d) = &flow.default {
@@ -844,7 +844,7 @@ impl RuleSet {
 }
 
 enum FlowFailure {
-    Eval(EvalFailure),
+    Eval(Box<EvalFailure>),
     NotUnique,
 }
 

@@ -194,6 +194,12 @@ impl Precompiled {
     pub fn replace_mode(&self) -> Option<ReplaceMode> {
         self.replace_mode
     }
+
+    /// The literal text control argument compiled for this call site: `Join`'s separator or
+    /// `Split`'s (non-empty) delimiter.
+    pub(crate) fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
 }
 
 /// Compiles the literal arguments of one call site (spec §3.1 item 5). `literal_args[i]`:
@@ -218,11 +224,11 @@ pub fn precompile(
             Some(Some(Some(v))) => Some(Some(*v)),
         }
     };
-    let names = param_names(f, literal_args.len());
+    let slots = literal_args.len();
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names(i),
+        name: PName::Table(slots),
     };
     match f {
         Function::DateAdd | Function::DateDiff => {
@@ -375,12 +381,24 @@ pub fn precompile(
 struct P {
     f: Function,
     slot: usize,
-    name: &'static str,
+    name: PName,
+}
+
+/// A parameter's name: given, or looked up in the function table only when an error needs it.
+#[derive(Clone, Copy)]
+enum PName {
+    Given(&'static str),
+    /// The name of the slot in a call with this many slots ([`Function::slot`]).
+    Table(usize),
 }
 
 impl P {
     fn err(self, e: EvalError) -> EvalError {
-        e.at(self.f, self.slot, self.name)
+        let name = match self.name {
+            PName::Given(n) => n,
+            PName::Table(slots) => param_names(self.f, slots)(self.slot),
+        };
+        e.at(self.f, self.slot, name)
     }
 }
 
@@ -622,11 +640,11 @@ pub(crate) fn call_refs(
     if !f.arity().accepts(args.len()) {
         return Err(arity_error(f, args.len()));
     }
-    let names = param_names(f, args.len());
+    let slots = args.len();
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names(i),
+        name: PName::Table(slots),
     };
     let a = |i: usize| args.get(i).copied().flatten();
     use Function::*;
@@ -809,7 +827,7 @@ pub(crate) fn call_refs(
                 let ps = P {
                     f,
                     slot: i,
-                    name: "source",
+                    name: PName::Given("source"),
                 };
                 if let EvalValue::Structured(_) = src {
                     return Err(ps.err(EvalError::new(
@@ -939,13 +957,16 @@ pub(crate) fn call_refs(
             let Some(s) = text_of(source, p(0))? else {
                 return Ok(EvalValue::Null);
             };
-            Ok(EvalValue::multi(
-                s.split(delim)
-                    .map(str::trim)
-                    .filter(|x| !x.is_empty())
-                    .map(EvalValue::from)
-                    .collect(),
-            ))
+            let mut parts: Vec<EvalValue> = Vec::new();
+            for_each_split_part(&s, delim, |x| {
+                parts.push(EvalValue::from(x));
+                true
+            });
+            Ok(match parts.len() {
+                0 => EvalValue::Null,
+                1 => parts.pop().unwrap_or(EvalValue::Null),
+                _ => EvalValue::Multi(parts),
+            })
         }
         Word => {
             let n = ctl_int(a(1), p(1))?;
@@ -1000,6 +1021,86 @@ pub(crate) fn call_refs(
             ),
         )),
     }
+}
+
+/// Calls `f` on each part of `s` cut at `delim`, trimmed, empty parts skipped (`Split`, spec
+/// §6), until `f` returns `false`.
+fn for_each_split_part(s: &str, delim: &str, mut f: impl FnMut(&str) -> bool) {
+    let mut visit = |x: &str| {
+        let x = x.trim();
+        x.is_empty() || f(x)
+    };
+    let mut chars = delim.chars();
+    match (chars.next(), chars.next()) {
+        // One character: the same cuts as the string pattern, found without a substring search.
+        (Some(c), None) => {
+            for x in s.split(c) {
+                if !visit(x) {
+                    return;
+                }
+            }
+        }
+        _ => {
+            for x in s.split(delim) {
+                if !visit(x) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Where [`split_item`] failed: in the `Split` call or in the `Item` call around it.
+#[derive(Debug)]
+pub(crate) enum SplitItemError {
+    /// The `Split` call (its source).
+    Split(EvalError),
+    /// The `Item` call (its index).
+    Item(EvalError),
+}
+
+/// `Item(Split(source, delim), index)` without building the list: the same value and the same
+/// errors as the two calls (`delim` is the precompiled literal delimiter, `index` the literal
+/// index, already checked to be at least 1).
+pub(crate) fn split_item(
+    source: &EvalValue,
+    delim: &str,
+    index: i64,
+) -> Result<EvalValue, SplitItemError> {
+    let ps = P {
+        f: Function::Split,
+        slot: 0,
+        name: PName::Table(2),
+    };
+    let source = single_data(Some(source), ps).map_err(SplitItemError::Split)?;
+    let Some(s) = text_of(source, ps).map_err(SplitItemError::Split)? else {
+        return Ok(EvalValue::Null);
+    };
+    let want = usize::try_from(index - 1).unwrap_or(usize::MAX);
+    let (mut seen, mut found) = (0usize, None);
+    for_each_split_part(&s, delim, |x| {
+        if seen == want {
+            found = Some(EvalValue::from(x));
+        }
+        seen += 1;
+        found.is_none()
+    });
+    if let Some(v) = found {
+        return Ok(v);
+    }
+    if seen == 0 {
+        // Split gave Null, and Item of Null is Null.
+        return Ok(EvalValue::Null);
+    }
+    let pi = P {
+        f: Function::Item,
+        slot: 1,
+        name: PName::Table(2),
+    };
+    Err(SplitItemError::Item(pi.err(EvalError::new(
+        codes::INDEX_OUT_OF_RANGE,
+        format!("{index} is beyond the last value (there are {seen})"),
+    ))))
 }
 
 /// `parts` joined by `sep`; a short result is built inline, without a heap buffer.
@@ -1069,7 +1170,11 @@ fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResul
     let f = Function::FormatDateTime;
     let a = |i: usize| args.get(i).copied().flatten();
     let s = fdt_slots(args.len());
-    let p = |i: usize, name: &'static str| P { f, slot: i, name };
+    let p = |i: usize, name: &'static str| P {
+        f,
+        slot: i,
+        name: PName::Given(name),
+    };
     let styles = match (pre.styles, s.styles) {
         (Some(st), _) => st,
         (None, Some(i)) => resolve_styles(a(i), p(i, "dateTimeStyles"))?,
@@ -1122,7 +1227,11 @@ fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResul
 fn in_str(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
     let f = Function::InStr;
     let a = |i: usize| args.get(i).copied().flatten();
-    let p = |i: usize, name: &'static str| P { f, slot: i, name };
+    let p = |i: usize, name: &'static str| P {
+        f,
+        slot: i,
+        name: PName::Given(name),
+    };
     let start = resolve_start(a(2), p(2, "start"))?;
     let mode = match pre.compare {
         Some(c) => c,
@@ -1186,11 +1295,11 @@ fn negative_minimum(v: i64, p: P) -> EvalError {
 
 fn random_spec(length: i64, mins: [i64; 4], avoid: &str) -> EvalResult<RandomSpec> {
     let f = Function::RandomString;
-    let names = param_names(f, 6);
+    let slots = 6;
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names(i),
+        name: PName::Table(slots),
     };
     check_length(length, p(0))?;
     let mut m = [0usize; 4];
@@ -1224,7 +1333,7 @@ fn random_spec(length: i64, mins: [i64; 4], avoid: &str) -> EvalResult<RandomSpe
                 codes::INVALID_RANDOM_STRING,
                 format!(
                     "removes every character of the class {} requires",
-                    names(i + 1)
+                    param_names(f, slots)(i + 1)
                 ),
             )));
         }
@@ -1263,11 +1372,11 @@ fn random_string(
         Some(s) => s,
         None => {
             let f = Function::RandomString;
-            let names = param_names(f, 6);
+            let slots = 6;
             let p = |i: usize| P {
                 f,
                 slot: i,
-                name: names(i),
+                name: PName::Table(slots),
             };
             let a = |i: usize| args.get(i).copied().flatten();
             let mut counts = [0i64; 5];
@@ -1309,11 +1418,11 @@ fn random_string(
 
 fn replace(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResult<EvalValue> {
     let f = Function::Replace;
-    let names = param_names(f, 7);
+    let slots = 7;
     let p = |i: usize| P {
         f,
         slot: i,
-        name: names(i),
+        name: PName::Table(slots),
     };
     let a = |i: usize| args.get(i).copied().flatten();
     let mode = match pre.replace_mode {
