@@ -33,6 +33,7 @@ mod source;
 pub mod syncrepl;
 mod target;
 pub mod usn;
+mod wire;
 
 pub use self::dirsync::DIRSYNC_WATERMARK;
 pub use config::{
