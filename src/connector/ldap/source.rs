@@ -33,6 +33,10 @@ use crate::model::{Anchor, Change, Entry};
 ///
 /// A full import is one paged search (RFC 2696) over one connection, converted entry by entry:
 /// memory holds the page being converted and the next one being received, not the directory.
+/// For `ldap://` (with or without StartTLS) and `ldaps://` with an anonymous or simple bind the
+/// search runs on the crate's own lean wire path (`wire.rs`); SASL EXTERNAL and `ldapi://` use
+/// ldap3, as do the delta checkpoint and AD range retrieval (on a second connection, opened when
+/// first needed).
 /// A paged-search cookie is only valid on the connection that made it, so when the connection
 /// drops (or a page times out) the import reconnects and **restarts the search from the
 /// beginning**, up to

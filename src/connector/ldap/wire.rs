@@ -762,7 +762,12 @@ async fn run(
             let _ = conn.send(&unbind_request(id)).await;
         }
         Err(e) => {
-            let _ = tx.send(Err(e.with_object(&spec.base))).await;
+            // An error about an entry names the entry; the others name the search base.
+            let e = match e.object() {
+                Some(_) => e,
+                None => e.with_object(&spec.base),
+            };
+            let _ = tx.send(Err(e)).await;
         }
     }
 }
@@ -1120,9 +1125,13 @@ mod tests {
         assert_eq!(parts[1], ldap3_req);
         // The controls: one paged-results control (not critical, as ldap3 sends it), size 500
         // and the cookie.
-        let PL::C(controls) = &parts[2].payload else { panic!() };
+        let PL::C(controls) = &parts[2].payload else {
+            panic!()
+        };
         assert_eq!(parts[2].id, 0);
-        let PL::C(c) = &controls[0].payload else { panic!() };
+        let PL::C(c) = &controls[0].payload else {
+            panic!()
+        };
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].payload, PL::P(PAGED_RESULTS_OID.as_bytes().to_vec()));
         let PL::P(value) = &c[1].payload else {
@@ -1186,6 +1195,192 @@ mod tests {
         assert!(!supports(&c));
         let c = LdapConnection::new("ldapi://%2Frun%2Fslapd.sock");
         assert!(!supports(&c));
+    }
+
+    #[test]
+    fn controls_round_trip_with_criticality() {
+        let mut enc = Vec::new();
+        let c = RawControl {
+            ctype: "1.2.3".into(),
+            crit: true,
+            val: None,
+        };
+        write_control(&mut enc, &c);
+        let wrapped = [&[CONTROLS, enc.len() as u8][..], &enc].concat();
+        let back = decode_controls(&mut BerReader::new(&wrapped)).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(
+            (back[0].1.ctype.as_str(), back[0].1.crit, &back[0].1.val),
+            ("1.2.3", true, &None)
+        );
+    }
+
+    fn page_request(msg: &[u8]) -> (i32, Vec<u8>) {
+        let (_, t) = parse_tag(msg).unwrap();
+        let PL::C(parts) = t.payload else { panic!() };
+        let PL::P(id) = &parts[0].payload else {
+            panic!()
+        };
+        let PL::C(controls) = &parts[2].payload else {
+            panic!()
+        };
+        let PL::C(c) = &controls[0].payload else {
+            panic!()
+        };
+        let PL::P(value) = &c[1].payload else {
+            panic!()
+        };
+        (
+            i32::from(id[0]),
+            PagedResults::decode(value).unwrap().cookie,
+        )
+    }
+
+    fn spec() -> SearchSpec {
+        SearchSpec {
+            base: "dc=x".into(),
+            scope: Scope::Subtree,
+            filter: "(objectClass=*)".into(),
+            attrs: vec!["*".into()],
+            controls: Vec::new(),
+        }
+    }
+
+    /// A server on 127.0.0.1 that answers each request it reads with the next reply of
+    /// `replies`, written in pieces of 7 bytes, and closes after the last one; returns the URL
+    /// and the requests it read.
+    async fn serve(replies: Vec<Vec<u8>>) -> (String, tokio::task::JoinHandle<Vec<Vec<u8>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ldap://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let mut f = Framed::new(sock, Duration::from_secs(10));
+            let mut requests = Vec::new();
+            for reply in replies {
+                let r = f.next_message().await.unwrap();
+                requests.push(f.buf[r].to_vec());
+                for piece in reply.chunks(7) {
+                    f.io.write_all(piece).await.unwrap();
+                    f.io.flush().await.unwrap();
+                }
+            }
+            // Closes the sending side, then reads the unbind, if the client sends one.
+            f.io.shutdown().await.unwrap();
+            if let Ok(r) = f.next_message().await {
+                requests.push(f.buf[r].to_vec());
+            }
+            requests
+        });
+        (url, server)
+    }
+
+    #[tokio::test]
+    async fn pages_follow_the_cookie_and_entries_stream_in_order() {
+        let e = |id, dn: &str| entry_message(id, dn, &[("objectClass", &[b"person"])]);
+        let page1 = [
+            e(1, "cn=a"),
+            e(1, "cn=b"),
+            message(1, &[SEARCH_REFERENCE, 0x00], None),
+            e(1, "cn=c"),
+            done_message(1, 0, "", b"c1"),
+        ]
+        .concat();
+        let page2 = [e(2, "cn=d"), done_message(2, 0, "", b"")].concat();
+        let (url, server) = serve(vec![page1, page2]).await;
+        let mut s = WireSearch::start(&LdapConnection::new(url), spec(), 3)
+            .await
+            .unwrap();
+        let mut dns = Vec::new();
+        while let Some(e) = s.next().await.unwrap() {
+            dns.push(e.dn);
+        }
+        assert_eq!(dns, ["cn=a", "cn=b", "cn=c", "cn=d"]);
+        let requests = server.await.unwrap();
+        assert_eq!(requests.len(), 3);
+        assert_eq!(page_request(&requests[0]), (1, Vec::new()));
+        assert_eq!(page_request(&requests[1]), (2, b"c1".to_vec()));
+        assert_eq!(requests[2], unbind_request(3));
+    }
+
+    async fn search_error(replies: Vec<Vec<u8>>) -> ConnectorError {
+        let (url, _server) = serve(replies).await;
+        let mut s = WireSearch::start(&LdapConnection::new(url), spec(), 10)
+            .await
+            .unwrap();
+        loop {
+            match s.next().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the search ended without an error"),
+                Err(e) => return e,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_during_a_search_are_errors_of_the_right_kind() {
+        // The connection closes in the middle of an entry: retryable.
+        let entry = entry_message(1, "cn=a", &[("cn", &[b"a"])]);
+        let e = search_error(vec![entry[..entry.len() - 2].to_vec()]).await;
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(e.message().contains("middle of a message"), "{e}");
+        // A malformed entry: a protocol error naming the entry.
+        let mut bad = entry_message(1, "cn=broken", &[("cn", &[b"a"])]);
+        let n = bad.len();
+        bad[n - 3] = 0x30;
+        let e = search_error(vec![bad]).await;
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+        assert!(e.to_string().contains("cn=broken"), "{e}");
+        // An unsuccessful result: its code's kind.
+        let e = search_error(vec![done_message(1, 32, "no such base", b"")]).await;
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+        // A notice of disconnection: retryable.
+        let mut notice = Vec::new();
+        ber::write_integer_tagged(&mut notice, ENUMERATED, 52);
+        octets(&mut notice, b"");
+        octets(&mut notice, b"shutting down");
+        let mut op = Vec::new();
+        ber::write_tlv(&mut op, EXTENDED_RESPONSE, &notice);
+        let e = search_error(vec![message(0, &op, None)]).await;
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(e.message().contains("shutting down"), "{e}");
+        // A bad filter: a configuration error from the first next().
+        let (url, _server) = serve(vec![]).await;
+        let mut sp = spec();
+        sp.filter = "(cn=a".into();
+        let mut s = WireSearch::start(&LdapConnection::new(url), sp, 10)
+            .await
+            .unwrap();
+        assert_eq!(s.next().await.unwrap_err().kind(), ErrorKind::Config);
+    }
+
+    #[tokio::test]
+    async fn a_refused_simple_bind_names_the_dn_and_the_code() {
+        let mut res = Vec::new();
+        ber::write_integer_tagged(&mut res, ENUMERATED, 49);
+        octets(&mut res, b"");
+        octets(&mut res, b"");
+        let mut op = Vec::new();
+        ber::write_tlv(&mut op, BIND_RESPONSE, &res);
+        let (url, server) = serve(vec![message(1, &op, None)]).await;
+        let mut c = LdapConnection::new(url);
+        c.bind = LdapBind::Simple {
+            dn: "cn=admin".into(),
+            password: crate::connector::Secret::new("pw"),
+        };
+        c.allow_cleartext_bind = true;
+        let e = WireSearch::start(&c, spec(), 10).await.err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Auth, "{e}");
+        assert!(
+            e.message().contains("simple bind as \"cn=admin\" failed"),
+            "{e}"
+        );
+        assert!(e.message().contains("invalidCredentials (49)"), "{e}");
+        let requests = server.await.unwrap();
+        assert_eq!(requests[0], bind_request(1, "cn=admin", "pw"));
+        // Over cleartext without the explicit allowance, nothing is sent.
+        c.allow_cleartext_bind = false;
+        let e = WireSearch::start(&c, spec(), 10).await.err().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
     }
 
     proptest! {
