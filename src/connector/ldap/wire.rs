@@ -902,15 +902,13 @@ mod tests {
 
     #[test]
     fn decodes_a_known_search_result_entry() {
-        // Hand-assembled: messageID 2, entry "cn=a" with cn: a and objectClass: top, person.
+        // Hand-assembled: messageID 2, entry "cn=a" with cn: a and objectClass: top, per.
         let bytes: Vec<u8> = vec![
             0x30, 0x33, 0x02, 0x01, 0x02, 0x64, 0x2e, 0x04, 0x04, b'c', b'n', b'=', b'a', 0x30,
             0x26, 0x30, 0x09, 0x04, 0x02, b'c', b'n', 0x31, 0x03, 0x04, 0x01, b'a', 0x30, 0x19,
             0x04, 0x0b, b'o', b'b', b'j', b'e', b'c', b't', b'C', b'l', b'a', b's', b's', 0x31,
             0x0a, 0x04, 0x03, b't', b'o', b'p', 0x04, 0x03, b'p', b'e', b'r',
         ];
-        // The last value is cut short on purpose: "per" rather than "person" keeps the
-        // lengths above consistent.
         let (id, op) = decode_message(&bytes).unwrap();
         assert_eq!(id, 2);
         let Op::Entry(e) = op else { panic!("{op:?}") };
