@@ -11,6 +11,10 @@ use std::fmt;
 pub(crate) const INTEGER: u8 = 0x02;
 /// Universal tag: OCTET STRING.
 pub(crate) const OCTET_STRING: u8 = 0x04;
+/// Universal tag: ENUMERATED.
+pub(crate) const ENUMERATED: u8 = 0x0a;
+/// Universal tag: BOOLEAN.
+pub(crate) const BOOLEAN: u8 = 0x01;
 /// Universal tag: SEQUENCE (constructed).
 pub(crate) const SEQUENCE: u8 = 0x30;
 
@@ -57,6 +61,40 @@ impl<'a> BerReader<'a> {
     /// Whether every byte was read.
     pub fn is_empty(&self) -> bool {
         self.pos >= self.data.len()
+    }
+
+    /// A reader over `data`, reporting offsets from `base` (the position of `data` in a larger
+    /// value).
+    pub fn with_base(data: &'a [u8], base: usize) -> BerReader<'a> {
+        BerReader { data, pos: 0, base }
+    }
+
+    /// The tag of the next element, `None` at the end.
+    pub fn peek_tag(&self) -> Option<u8> {
+        self.data.get(self.pos).copied()
+    }
+
+    /// The offset of the next element (from the start of the outermost value).
+    pub fn offset(&self) -> usize {
+        self.base + self.pos
+    }
+
+    /// Reads one element of any tag and returns its tag and a reader over its content.
+    pub fn read_element(&mut self) -> Result<(u8, BerReader<'a>), BerError> {
+        let (tag, content, offset) = self.read_any()?;
+        Ok((tag, BerReader::with_base(content, offset)))
+    }
+
+    /// Reads an ENUMERATED (at most 8 content bytes).
+    pub fn read_enumerated(&mut self, what: &str) -> Result<i64, BerError> {
+        let at = self.pos;
+        let bytes = self.read(ENUMERATED, what)?;
+        decode_integer(bytes).ok_or_else(|| {
+            self.err(
+                at,
+                format!("{what}: an ENUMERATED of {} bytes", bytes.len()),
+            )
+        })
     }
 
     /// Reads one element: its tag and its content.
@@ -230,6 +268,11 @@ pub(crate) fn write_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
 
 /// Appends an INTEGER in its minimal two's-complement form.
 pub(crate) fn write_integer(out: &mut Vec<u8>, v: i64) {
+    write_integer_tagged(out, INTEGER, v);
+}
+
+/// Appends an integer-like element (INTEGER, ENUMERATED) with `tag`, minimal two's complement.
+pub(crate) fn write_integer_tagged(out: &mut Vec<u8>, tag: u8, v: i64) {
     let bytes = v.to_be_bytes();
     let mut start = 0;
     while start < 7 {
@@ -240,7 +283,7 @@ pub(crate) fn write_integer(out: &mut Vec<u8>, v: i64) {
             break;
         }
     }
-    write_tlv(out, INTEGER, &bytes[start..]);
+    write_tlv(out, tag, &bytes[start..]);
 }
 
 /// Appends an OCTET STRING.

@@ -68,30 +68,7 @@ impl LdapHandle {
 /// [`ErrorKind::Config`]). Needs a tokio runtime (the connection is driven by a spawned task).
 pub async fn connect(config: &LdapConnection) -> Result<LdapHandle, ConnectorError> {
     let scheme = config.scheme()?;
-    let protected = config.is_protected()?;
-    if let LdapBind::Simple { dn, password } = &config.bind {
-        if !protected && !config.allow_cleartext_bind {
-            return Err(ConnectorError::new(
-                ErrorKind::Config,
-                format!(
-                    "refusing a simple bind as {dn:?} over the cleartext connection {}: the \
-                     password would cross the network unencrypted. Use ldaps://, set \
-                     starttls = true, or (for a test server) allow_cleartext_bind = true",
-                    config.url
-                ),
-            ));
-        }
-        if password.is_empty() {
-            return Err(ConnectorError::new(
-                ErrorKind::Config,
-                format!(
-                    "the simple bind as {dn:?} has an empty password: that is an \
-                     unauthenticated bind (RFC 4513 §5.1.2); use method = \"anonymous\" for \
-                     anonymous access"
-                ),
-            ));
-        }
-    }
+    let protected = check_bind(config)?;
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(ConnectorError::new(
             ErrorKind::Config,
@@ -153,6 +130,38 @@ pub async fn connect(config: &LdapConnection) -> Result<LdapHandle, ConnectorErr
         protected,
         url: config.url.clone(),
     })
+}
+
+/// The bind rules every connection follows, checked before anything is sent: a simple bind is
+/// refused over a connection that is neither TLS nor `ldapi://` unless
+/// [`LdapConnection::allow_cleartext_bind`] is set, and a simple bind with an empty password
+/// (an unauthenticated bind) is refused. Returns whether the connection is protected.
+pub(crate) fn check_bind(config: &LdapConnection) -> Result<bool, ConnectorError> {
+    let protected = config.is_protected()?;
+    if let LdapBind::Simple { dn, password } = &config.bind {
+        if !protected && !config.allow_cleartext_bind {
+            return Err(ConnectorError::new(
+                ErrorKind::Config,
+                format!(
+                    "refusing a simple bind as {dn:?} over the cleartext connection {}: the \
+                     password would cross the network unencrypted. Use ldaps://, set \
+                     starttls = true, or (for a test server) allow_cleartext_bind = true",
+                    config.url
+                ),
+            ));
+        }
+        if password.is_empty() {
+            return Err(ConnectorError::new(
+                ErrorKind::Config,
+                format!(
+                    "the simple bind as {dn:?} has an empty password: that is an \
+                     unauthenticated bind (RFC 4513 §5.1.2); use method = \"anonymous\" for \
+                     anonymous access"
+                ),
+            ));
+        }
+    }
+    Ok(protected)
 }
 
 /// The rustls client configuration for `opts`: the CA file's certificates (or the system trust
@@ -411,7 +420,7 @@ pub fn map_ldap_error(e: LdapError) -> ConnectorError {
     }
 }
 
-fn io_error(e: io::Error) -> ConnectorError {
+pub(crate) fn io_error(e: io::Error) -> ConnectorError {
     if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         return tls_error(tls);
     }

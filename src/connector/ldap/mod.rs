@@ -6,6 +6,9 @@
 //! - [`conn`]: connecting, TLS (verification on unless explicitly turned off), binding, and the
 //!   one mapping of LDAP errors onto [`ErrorKind`](crate::connector::ErrorKind).
 //! - `search`: paged streaming searches, searches with extra controls, AD range retrieval.
+//! - `wire`: the lean wire path of the full-import paged search (`ldap://`, StartTLS, `ldaps://`
+//!   with an anonymous or simple bind): our own BER framing and decoding straight into
+//!   [`RawEntry`] values; everything else stays on ldap3.
 //! - [`entry`]: server answers to [`Entry`](crate::model::Entry) values.
 //! - [`LdapSource`]: the [`Source`](crate::connector::Source).
 //! - [`syncrepl`]: RFC 4533 content synchronization (full and delta import, refreshAndPersist).
@@ -33,6 +36,7 @@ mod source;
 pub mod syncrepl;
 mod target;
 pub mod usn;
+mod wire;
 
 pub use self::dirsync::DIRSYNC_WATERMARK;
 pub use config::{

@@ -16,11 +16,12 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 
 use super::config::{DeltaMode, LdapSourceConfig};
-use super::conn::{connect, is_connection_failure};
+use super::conn::{connect, is_connection_failure, LdapHandle};
 use super::dirsync::{self, DirSyncDelta};
 use super::entry::{ConversionMemo, EntryMapper, RawEntry};
 use super::search::{complete_ranges, PagedSearch, SearchSpec};
 use super::usn::{self, UsnDelta};
+use super::wire::{self, WireSearch};
 use crate::connector::{
     ConnectorError, ErrorKind, ImportItem, ImportStream, Source, SourceCapabilities, Watermark,
 };
@@ -32,6 +33,10 @@ use crate::model::{Anchor, Change, Entry};
 ///
 /// A full import is one paged search (RFC 2696) over one connection, converted entry by entry:
 /// memory holds the page being converted and the next one being received, not the directory.
+/// For `ldap://` (with or without StartTLS) and `ldaps://` with an anonymous or simple bind the
+/// search runs on the crate's own lean wire path (`wire.rs`); SASL EXTERNAL and `ldapi://` use
+/// ldap3, as do the delta checkpoint and AD range retrieval (on a second connection, opened when
+/// first needed).
 /// A paged-search cookie is only valid on the connection that made it, so when the connection
 /// drops (or a page times out) the import reconnects and **restarts the search from the
 /// beginning**, up to
@@ -115,7 +120,10 @@ struct FullImport {
     mapper: Arc<EntryMapper>,
     skipped: Arc<AtomicU64>,
     reconnects: Arc<AtomicU64>,
-    search: PagedSearch,
+    search: Search,
+    /// The ldap3 connection for range retrieval: the search's own on the ldap3 path; on the
+    /// wire path the one that took the checkpoint, or one opened at the first ranged entry.
+    ranges: Option<LdapHandle>,
     spec: SearchSpec,
     /// Anchor keys yielded so far; they are hashes already, so the table hashes them with Fx.
     seen: Option<HashSet<u128, rustc_hash::FxBuildHasher>>,
@@ -144,19 +152,17 @@ impl FullImport {
                         "LDAP connection lost during a full import; restarting the search"
                     );
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
-                    let handle = match connect(&self.config.connection).await {
-                        Ok(h) => h,
+                    match open_search(&self.config, &self.spec, None).await {
+                        Ok((search, ranges)) => {
+                            self.search = search;
+                            self.ranges = ranges;
+                        }
                         Err(e) if is_connection_failure(&e) && self.reconnects_left > 0 => {
                             // Counted as an attempt; the next loop turn tries again.
                             continue;
                         }
                         Err(e) => return Err(e),
-                    };
-                    self.search = PagedSearch::new(
-                        handle,
-                        self.spec.clone(),
-                        self.config.connection.page_size,
-                    );
+                    }
                     self.restarted = true;
                 }
                 Err(e) => return Err(e),
@@ -166,13 +172,15 @@ impl FullImport {
 
     async fn next_attempt(&mut self) -> Result<Option<Entry>, ConnectorError> {
         loop {
-            let Some(tag) = self.search.next().await? else {
+            let Some(mut raw) = self.search.next().await? else {
                 return Ok(None);
             };
-            let mut raw = RawEntry::parse(tag)?;
             if raw.attrs.iter().any(|(n, _)| n.contains(';')) {
-                let mut handle = self.search.handle().clone();
-                complete_ranges(&mut handle, &mut raw).await?;
+                let handle = match &mut self.ranges {
+                    Some(h) => h,
+                    None => self.ranges.insert(connect(&self.config.connection).await?),
+                };
+                complete_ranges(handle, &mut raw).await?;
             }
             let Some(entry) = self.mapper.to_entry_with(raw, &mut self.memo)? else {
                 if !self.restarted {
@@ -189,6 +197,42 @@ impl FullImport {
             return Ok(Some(entry));
         }
     }
+}
+
+/// The paged search of a full import: on the lean wire path for `ldap://` and `ldaps://` with
+/// an anonymous or simple bind, on ldap3 otherwise.
+enum Search {
+    Ldap3(PagedSearch),
+    Wire(WireSearch),
+}
+
+impl Search {
+    async fn next(&mut self) -> Result<Option<RawEntry>, ConnectorError> {
+        match self {
+            Search::Ldap3(s) => s.next().await?.map(RawEntry::parse).transpose(),
+            Search::Wire(s) => s.next().await,
+        }
+    }
+}
+
+/// Starts the full-import search of `config`, with its range-retrieval connection: `handle`
+/// (an ldap3 connection already open, if any) or, on the ldap3 path, a new one.
+async fn open_search(
+    config: &LdapSourceConfig,
+    spec: &SearchSpec,
+    handle: Option<LdapHandle>,
+) -> Result<(Search, Option<LdapHandle>), ConnectorError> {
+    let page_size = config.connection.page_size;
+    if wire::supports(&config.connection) {
+        let search = WireSearch::start(&config.connection, spec.clone(), page_size).await?;
+        return Ok((Search::Wire(search), handle));
+    }
+    let handle = match handle {
+        Some(h) => h,
+        None => connect(&config.connection).await?,
+    };
+    let search = PagedSearch::new(handle.clone(), spec.clone(), page_size);
+    Ok((Search::Ldap3(search), Some(handle)))
 }
 
 /// The `next` method of a delta import's state, boxed.
@@ -230,21 +274,31 @@ impl Source for LdapSource {
         if self.config.delta == DeltaMode::Syncrepl {
             return self.syncrepl_full_import().await;
         }
-        let mut handle = connect(&self.config.connection).await?;
         // The delta position is taken before the search starts: a change made during the
-        // import is seen again by the next delta, never lost.
-        let final_checkpoint = match self.config.delta {
-            DeltaMode::Dirsync => Some(dirsync::initial_cookie(&mut handle, &self.config).await?),
-            DeltaMode::UsnChanged => Some(usn::initial_watermark(&mut handle, &self.config).await?),
-            DeltaMode::None | DeltaMode::Syncrepl => None,
+        // import is seen again by the next delta, never lost. The wire path needs no ldap3
+        // connection unless there is a position to take.
+        let needs_ldap3 =
+            self.config.delta != DeltaMode::None || !wire::supports(&self.config.connection);
+        let mut handle = match needs_ldap3 {
+            true => Some(connect(&self.config.connection).await?),
+            false => None,
+        };
+        let final_checkpoint = match (&mut handle, self.config.delta) {
+            (Some(h), DeltaMode::Dirsync) => Some(dirsync::initial_cookie(h, &self.config).await?),
+            (Some(h), DeltaMode::UsnChanged) => {
+                Some(usn::initial_watermark(h, &self.config).await?)
+            }
+            _ => None,
         };
         let spec = self.search_spec();
+        let (search, ranges) = open_search(&self.config, &spec, handle).await?;
         let state = FullImport {
             config: self.config.clone(),
             mapper: self.mapper.clone(),
             skipped: self.skipped.clone(),
             reconnects: self.reconnects.clone(),
-            search: PagedSearch::new(handle, spec.clone(), self.config.connection.page_size),
+            search,
+            ranges,
             spec,
             seen: (self.config.max_reconnects > 0).then(HashSet::default),
             memo: ConversionMemo::default(),
