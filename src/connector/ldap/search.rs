@@ -327,4 +327,26 @@ mod tests {
         );
         assert_eq!(equality_filter("cn", "a\\b\0"), r"(cn=a\5cb\00)");
     }
+
+    proptest::proptest! {
+        /// Whatever the value, the filter parses (RFC 4515, by ldap3's parser) as exactly one
+        /// equality match of the attribute against the value's bytes: no value can change the
+        /// filter's structure.
+        #[test]
+        fn any_value_stays_one_equality_assertion(value in "\\PC*") {
+            use ldap3::asn1::{ASNTag, PL};
+            let filter = equality_filter("cn", &value);
+            let tag = ldap3::parse_filter(&filter)
+                .map_err(|e| proptest::test_runner::TestCaseError::fail(format!("{filter}: {e:?}")))?
+                .into_structure();
+            // equalityMatch is [3] (context-specific, constructed).
+            proptest::prop_assert_eq!(tag.id, 3, "{}", filter);
+            let PL::C(parts) = tag.payload else {
+                return Err(proptest::test_runner::TestCaseError::fail("not constructed"));
+            };
+            proptest::prop_assert_eq!(parts.len(), 2);
+            proptest::prop_assert_eq!(&parts[0].payload, &PL::P(b"cn".to_vec()));
+            proptest::prop_assert_eq!(&parts[1].payload, &PL::P(value.as_bytes().to_vec()));
+        }
+    }
 }
