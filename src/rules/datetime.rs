@@ -672,30 +672,49 @@ impl DotNetFormat {
     /// [`DotNetFormat::render`] as a [`SmolStr`](smol_str::SmolStr): short results (most
     /// formats) are held inline, without a heap buffer.
     pub fn render_smol(&self, dt: DateTime<FixedOffset>) -> smol_str::SmolStr {
-        let buf = self.render_bytes(dt);
-        let bytes = buf.as_bytes();
-        match std::str::from_utf8(bytes) {
-            Ok(s) => smol_str::SmolStr::new(s),
-            Err(_) => smol_str::SmolStr::new(String::from_utf8_lossy(bytes)),
-        }
+        smol_of(self.render_bytes(dt))
+    }
+
+    /// Parses `text` with this (input) format and renders the wall-clock time and offset it
+    /// holds with `output`: the same result and errors as
+    /// `output.render_smol(self.parse_input(text)?)`, without building a chrono value when the
+    /// fields read are plainly a valid date and time (years 2 to 9998).
+    pub fn reformat(&self, text: &str, output: &DotNetFormat) -> EvalResult<smol_str::SmolStr> {
+        let trimmed = text.trim();
+        let fields = if trimmed.is_ascii() {
+            self.scan(text, trimmed.as_bytes())?
+        } else {
+            let chars: Vec<char> = trimmed.chars().collect();
+            self.scan(text, &chars)?
+        };
+        let fields = if fields.plainly_valid() {
+            fields
+        } else {
+            Fields::of(fields.instant(text)?)
+        };
+        Ok(smol_of(output.render_fields(&fields)))
     }
 
     /// The rendering as UTF-8 bytes (every piece pushed is a whole `str`), in a stack buffer
     /// while short.
     fn render_bytes(&self, dt: DateTime<FixedOffset>) -> Buf {
+        self.render_fields(&Fields::of(dt))
+    }
+
+    /// [`DotNetFormat::render_bytes`] from wall-clock fields (valid ones).
+    fn render_fields(&self, local: &Fields) -> Buf {
         let mut out = Buf::new();
-        let local = dt.naive_local();
-        let off = dt.offset().local_minus_utc();
+        let off = local.off;
         let sign = if off < 0 { "-" } else { "+" };
         let (oh, om) = (off.unsigned_abs() / 3600, (off.unsigned_abs() % 3600) / 60);
         for t in &self.toks {
             match t {
                 Tok::Lit(s) => out.push_slice(s.as_bytes()),
-                Tok::Year(1) => push_num(&mut out, local.year().rem_euclid(100) as u32, 1),
-                Tok::Year(2) => push_num(&mut out, local.year().rem_euclid(100) as u32, 2),
+                Tok::Year(1) => push_num(&mut out, local.year.rem_euclid(100) as u32, 1),
+                Tok::Year(2) => push_num(&mut out, local.year.rem_euclid(100) as u32, 2),
                 Tok::Year(_) => {
                     // Four characters wide, a sign included (as `{:04}` writes it).
-                    let y = local.year();
+                    let y = local.year;
                     if y < 0 {
                         out.push_byte(b'-');
                         push_num(&mut out, y.unsigned_abs(), 3);
@@ -703,23 +722,23 @@ impl DotNetFormat {
                         push_num(&mut out, y.unsigned_abs(), 4);
                     }
                 }
-                Tok::MonthNum(n) => push_num(&mut out, local.month(), pad_width(*n)),
+                Tok::MonthNum(n) => push_num(&mut out, local.month, pad_width(*n)),
                 Tok::MonthName { full } => {
-                    let name = MONTHS[local.month0() as usize];
+                    let name = MONTHS[(local.month - 1) as usize];
                     out.push_slice(if *full { name } else { &name[..3] }.as_bytes());
                 }
-                Tok::DayNum(n) => push_num(&mut out, local.day(), pad_width(*n)),
+                Tok::DayNum(n) => push_num(&mut out, local.day, pad_width(*n)),
                 Tok::DayName { full } => {
-                    let name = WEEKDAYS[local.weekday().num_days_from_sunday() as usize];
+                    let name = WEEKDAYS[local.weekday_from_sunday()];
                     out.push_slice(if *full { name } else { &name[..3] }.as_bytes());
                 }
-                Tok::Hour24(n) => push_num(&mut out, local.hour(), pad_width(*n)),
-                Tok::Hour12(n) => push_num(&mut out, local.hour12().1, pad_width(*n)),
-                Tok::Minute(n) => push_num(&mut out, local.minute(), pad_width(*n)),
-                Tok::Second(n) => push_num(&mut out, local.second(), pad_width(*n)),
+                Tok::Hour24(n) => push_num(&mut out, local.hour, pad_width(*n)),
+                Tok::Hour12(n) => push_num(&mut out, hour12(local.hour), pad_width(*n)),
+                Tok::Minute(n) => push_num(&mut out, local.minute, pad_width(*n)),
+                Tok::Second(n) => push_num(&mut out, local.second, pad_width(*n)),
                 Tok::Frac { digits, trim } => {
                     // The fraction in 100 ns ticks, as exactly seven digits.
-                    let mut ticks = (local.nanosecond() % 1_000_000_000) / 100;
+                    let mut ticks = (local.nanos % 1_000_000_000) / 100;
                     let mut seven = [b'0'; 7];
                     for d in seven.iter_mut().rev() {
                         *d = b'0' + (ticks % 10) as u8;
@@ -738,7 +757,7 @@ impl DotNetFormat {
                     out.push_slice(part);
                 }
                 Tok::AmPm(n) => {
-                    let pm = local.hour() >= 12;
+                    let pm = local.hour >= 12;
                     out.push_slice(match (pm, n) {
                         (false, 1) => b"A",
                         (true, 1) => b"P",
@@ -770,32 +789,22 @@ impl DotNetFormat {
     /// is at `+00:00`. Errors: [`codes::FORMAT_MISMATCH`].
     pub fn parse_input(&self, text: &str) -> EvalResult<DateTime<FixedOffset>> {
         let trimmed = text.trim();
-        if trimmed.is_ascii() {
+        let fields = if trimmed.is_ascii() {
             // ASCII text (generalized time, ISO dates): one byte is one character.
-            self.parse_units(text, trimmed.as_bytes())
+            self.scan(text, trimmed.as_bytes())?
         } else {
             let chars: Vec<char> = trimmed.chars().collect();
-            self.parse_units(text, &chars)
-        }
+            self.scan(text, &chars)?
+        };
+        fields.instant(text)
     }
 
-    /// [`DotNetFormat::parse_input`] over the characters of the trimmed text, as bytes (ASCII
-    /// text) or chars; `text` is the original, for messages.
-    fn parse_units<C: Copy + Into<char>>(
-        &self,
-        text: &str,
-        input: &[C],
-    ) -> EvalResult<DateTime<FixedOffset>> {
+    /// Reads the fields of [`DotNetFormat::parse_input`] (not yet checked to be a date and time)
+    /// from the characters of the trimmed text, as bytes (ASCII text) or chars; `text` is the
+    /// original, for messages.
+    fn scan<C: Copy + Into<char>>(&self, text: &str, input: &[C]) -> EvalResult<Fields> {
         let at = |p: usize| input.get(p).map(|&c| c.into());
-        let fail = |why: &str| {
-            EvalError::new(
-                codes::FORMAT_MISMATCH,
-                format!(
-                    "{} does not match the input format: {why}",
-                    describe(&EvalValue::from(text))
-                ),
-            )
-        };
+        let fail = |why: &str| mismatch(text, why);
         let mut p = 0usize;
         let mut year = 1i32;
         let mut month = 1u32;
@@ -962,6 +971,90 @@ impl DotNetFormat {
                 _ => h,
             };
         }
+        Ok(Fields {
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            second,
+            nanos,
+            off,
+        })
+    }
+}
+
+/// The error of text that does not match a `FormatDateTime` input format.
+fn mismatch(text: &str, why: &str) -> EvalError {
+    EvalError::new(
+        codes::FORMAT_MISMATCH,
+        format!(
+            "{} does not match the input format: {why}",
+            describe(&EvalValue::from(text))
+        ),
+    )
+}
+
+/// A wall-clock date and time with its offset from UTC (seconds east), as read by
+/// [`DotNetFormat::scan`] (unchecked) or taken from a chrono value (valid).
+#[derive(Debug, Clone, Copy)]
+struct Fields {
+    year: i32,
+    month: u32,
+    day: u32,
+    hour: u32,
+    minute: u32,
+    second: u32,
+    nanos: u32,
+    off: i32,
+}
+
+impl Fields {
+    /// The wall-clock fields of `dt`.
+    fn of(dt: DateTime<FixedOffset>) -> Fields {
+        let local = dt.naive_local();
+        Fields {
+            year: local.year(),
+            month: local.month(),
+            day: local.day(),
+            hour: local.hour(),
+            minute: local.minute(),
+            second: local.second(),
+            nanos: local.nanosecond(),
+            off: dt.offset().local_minus_utc(),
+        }
+    }
+
+    /// Whether [`Fields::instant`] surely succeeds with these very fields: a real date in
+    /// years 2 to 9998 (so that the instant, at most a day away, is within years 1 to 9999), a
+    /// time of day without a leap second, an offset under a day.
+    fn plainly_valid(&self) -> bool {
+        (2..=9998).contains(&self.year)
+            && (1..=12).contains(&self.month)
+            && self.day >= 1
+            && self.day <= month_length(self.year, self.month)
+            && self.hour < 24
+            && self.minute < 60
+            && self.second < 60
+            && self.nanos < 1_000_000_000
+            && self.off.unsigned_abs() < 86_400
+    }
+
+    /// The instant these fields name. Errors ([`codes::FORMAT_MISMATCH`],
+    /// [`codes::DATETIME_OUT_OF_RANGE`]): not a date, not a time, an offset out of range, an
+    /// instant outside years 1 to 9999.
+    fn instant(&self, text: &str) -> EvalResult<DateTime<FixedOffset>> {
+        let Fields {
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            second,
+            nanos,
+            off,
+        } = *self;
+        let fail = |why: &str| mismatch(text, why);
         let date = NaiveDate::from_ymd_opt(year, month, day)
             .ok_or_else(|| fail(&format!("{year:04}-{month:02}-{day:02} is not a date")))?;
         let time = NaiveTime::from_hms_nano_opt(hour, minute, second, nanos)
@@ -972,6 +1065,39 @@ impl DotNetFormat {
             .single()
             .ok_or_else(|| fail("not a valid local time"))?;
         check_range(dt)
+    }
+
+    /// The weekday, 0 = Sunday (0 for fields that are not a date, which valid ones always are).
+    fn weekday_from_sunday(&self) -> usize {
+        NaiveDate::from_ymd_opt(self.year, self.month, self.day)
+            .map_or(0, |d| d.weekday().num_days_from_sunday() as usize)
+    }
+}
+
+/// The hour on a 12-hour clock (12, 1, …, 11) of a 24-hour clock hour.
+fn hour12(hour: u32) -> u32 {
+    match hour % 12 {
+        0 => 12,
+        h => h,
+    }
+}
+
+/// The number of days of `month` (1–12) in the proleptic Gregorian `year`.
+fn month_length(year: i32, month: u32) -> u32 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// A rendering as a [`SmolStr`](smol_str::SmolStr) (inline when short).
+fn smol_of(buf: Buf) -> smol_str::SmolStr {
+    let bytes = buf.as_bytes();
+    match std::str::from_utf8(bytes) {
+        Ok(s) => smol_str::SmolStr::new(s),
+        Err(_) => smol_str::SmolStr::new(String::from_utf8_lossy(bytes)),
     }
 }
 
@@ -1039,29 +1165,21 @@ impl Buf {
     }
 }
 
-/// Writes `v` in decimal, zero-padded to at least `width` digits.
+/// Writes `v` in decimal, zero-padded to at least `width` digits (at most ten), in one push.
 fn push_num(out: &mut Buf, v: u32, width: u8) {
-    if v < 100 && width <= 2 {
-        let two = [b'0' + (v / 10) as u8, b'0' + (v % 10) as u8];
-        out.push_slice(if v < 10 && width < 2 { &two[1..] } else { &two });
-        return;
-    }
-    let mut digits = [0u8; 10];
-    let mut n = 0;
+    let mut digits = [b'0'; 10];
+    let mut start = digits.len();
     let mut x = v;
-    loop {
-        digits[n] = b'0' + (x % 10) as u8;
-        n += 1;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (x % 10) as u8;
+        start -= 1;
         x /= 10;
         if x == 0 {
             break;
         }
     }
-    for _ in n..usize::from(width) {
-        out.push_byte(b'0');
-    }
-    digits[..n].reverse();
-    out.push_slice(&digits[..n]);
+    let start = start.min(digits.len().saturating_sub(usize::from(width)));
+    out.push_slice(digits.get(start..).unwrap_or(&digits));
 }
 
 /// The effect of a `FormatDateTime` `dateTimeStyles` argument: only `AdjustToUniversal` changes
@@ -1612,6 +1730,50 @@ mod tests {
         assert_eq!(
             DateTimeStyles::parse("Bogus").unwrap_err().code,
             codes::INVALID_DATETIME_STYLES
+        );
+    }
+
+    #[test]
+    fn reformat_matches_parse_then_render() {
+        let inputs = [
+            ("yyyyMMddHHmmss.fZ", "20240229134500.0Z"),
+            ("yyyyMMddHHmmss.fZ", "20230229134500.0Z"),
+            ("yyyyMMddHHmmss.fZ", "00010101000000.0Z"),
+            ("yyyyMMddHHmmss.fZ", "99991231235959.0Z"),
+            ("yyyyMMddHHmmss.fZ", "20241301000000.0Z"),
+            ("yyyyMMddHHmmss.fZ", "20240101240000.0Z"),
+            ("yyyyMMddHHmmss.fZ", "20240101006000.0Z"),
+            ("yyyyMMddHHmmss.fZ", "2024010100000.0Z"),
+            ("yyyy-MM-ddTHH:mm:ssK", "0001-01-01T00:30:00+01:00"),
+            ("yyyy-MM-ddTHH:mm:ssK", "9999-12-31T23:30:00-01:00"),
+            ("yyyy-MM-ddTHH:mm:ssK", "2024-06-30T23:30:00-05:30"),
+            ("yyyy-MM-ddTHH:mm:ssK", "2024-06-30T23:30:00+24:00"),
+            ("yyyy-MM-dd h:mm tt", "1900-02-29 12:05 AM"),
+            ("yyyy-MM-dd h:mm tt", "2000-02-29 12:05 PM"),
+            ("dd MMM yyyy", " 07 Mar 2021 "),
+            ("yyyyMMdd", "20240431"),
+            ("yyyyMMdd", "20240430"),
+        ];
+        let outputs = [
+            "yyyy-MM-dd",
+            "dddd, d MMMM yy h:mm:ss.FFF tt zzz",
+            "ddd MMM yyyy-MM-ddTHH:mm:ss.fffffffK z zz",
+        ];
+        for (inf, text) in inputs {
+            let input = DotNetFormat::parse(inf).unwrap();
+            for outf in outputs {
+                let output = DotNetFormat::parse(outf).unwrap();
+                let slow = input.parse_input(text).map(|d| output.render_smol(d));
+                let fast = input.reformat(text, &output);
+                assert_eq!(fast, slow, "{inf:?} {text:?} {outf:?}");
+            }
+        }
+        // The fast path renders at least the plain case the same as chrono's fields.
+        let input = DotNetFormat::parse("yyyyMMddHHmmss.fZ").unwrap();
+        let output = DotNetFormat::parse("yyyy-MM-dd dddd").unwrap();
+        assert_eq!(
+            input.reformat("20240229134500.0Z", &output).unwrap(),
+            "2024-02-29 Thursday"
         );
     }
 }

@@ -1208,6 +1208,13 @@ fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResul
             EvalValue::DateTime(d) => d.fixed_offset(),
             other => {
                 let text = text_of(other, ps)?.unwrap_or_default();
+                if let (Some(fm), false) = (input, styles.adjust_to_universal) {
+                    // The wall-clock time as read is what is shown: no chrono value needed.
+                    return fm
+                        .reformat(&text, output)
+                        .map(EvalValue::String)
+                        .map_err(|e| ps.err(e));
+                }
                 match input {
                     Some(fm) => fm.parse_input(&text),
                     None => datetime::parse_text(&text),
