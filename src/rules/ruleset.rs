@@ -858,9 +858,12 @@ impl Projection for RuleSet {
             return Projected::OutOfScope(format!("rule {}: scoping filter", rule.name));
         }
         let mut rng = SeededRng::from_seed(ctx.object_seed(&entry.anchor));
-        let mut desired = Desired::new(rule.target_type.clone());
-        desired.flows.reserve(rule.flows.len());
-        desired.join.reserve(rule.join.len());
+        // Allocated at their final size at once (cheaper than growing an empty vector).
+        let mut desired = Desired {
+            target_type: rule.target_type.clone(),
+            join: Vec::with_capacity(rule.join.len()),
+            flows: Vec::with_capacity(rule.flows.len()),
+        };
         // For each flow, where its values went in `desired.flows` (joins read the first value).
         let mut placed: smallvec::SmallVec<[Option<usize>; 32]> = smallvec::SmallVec::new();
         for flow in &rule.flows {
