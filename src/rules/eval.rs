@@ -310,23 +310,23 @@ impl<'a> Slotted<'a> {
         // is first compared byte for byte (the common case: the same spelling), and only on a
         // difference ordered ignoring case.
         let mut slots = smallvec::SmallVec::with_capacity(table.len());
-        let mut entries = attrs.iter().peekable();
+        let mut entries = attrs.iter().map(|(n, v)| (n.as_str(), v));
+        // The entry attribute under the cursor, its name read once.
+        let mut cur = entries.next();
         for name in table {
-            let want = name.as_str().as_bytes();
+            let want = name.as_str();
             let mut found = None;
-            while let Some(&(have, values)) = entries.peek() {
-                if have.as_str().as_bytes() == want {
+            while let Some((have, values)) = cur {
+                if have.as_bytes() == want.as_bytes() {
                     found = Some(values);
-                    entries.next();
+                    cur = entries.next();
                     break;
                 }
-                match have.cmp(name) {
-                    std::cmp::Ordering::Less => {
-                        entries.next();
-                    }
+                match crate::model::cmp_ignore_case(have, want) {
+                    std::cmp::Ordering::Less => cur = entries.next(),
                     std::cmp::Ordering::Equal => {
                         found = Some(values);
-                        entries.next();
+                        cur = entries.next();
                         break;
                     }
                     std::cmp::Ordering::Greater => break,
