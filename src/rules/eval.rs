@@ -494,6 +494,23 @@ impl Program {
         walk(&mut self.root, table)
     }
 
+    /// Whether the expression calls a function that draws from the context's seeded random
+    /// source (`Guid`, `RandomString`); when it does not, evaluating never touches `ctx.rng`.
+    pub fn uses_random(&self) -> bool {
+        fn walk(op: &Op) -> bool {
+            match op {
+                Op::Call { func, args, .. } => {
+                    matches!(func, Function::Guid | Function::RandomString)
+                        || args.iter().flatten().any(walk)
+                }
+                Op::Compare { lhs, rhs, .. } => walk(lhs) || walk(rhs),
+                Op::SplitItem { source, .. } => walk(source),
+                Op::Attr { .. } | Op::Lit(_) => false,
+            }
+        }
+        walk(&self.root)
+    }
+
     /// If the whole expression is one attribute reference, its name (a direct mapping, which
     /// the rule set flows without conversion).
     pub fn direct_attribute(&self) -> Option<(&str, usize)> {
@@ -834,6 +851,19 @@ mod tests {
         .unwrap_err();
         assert_eq!(code, codes::MULTI_VALUED);
         assert_eq!(span, r#"Split([x], "-")"#);
+    }
+
+    #[test]
+    fn uses_random_finds_guid_and_random_string_anywhere() {
+        let uses = |t: &str| Program::compile(t).unwrap().uses_random();
+        assert!(uses("Guid()"));
+        assert!(uses(r#"Join("-", [x], Guid())"#));
+        assert!(uses(r#"IIF(IsPresent([x]), [x], ToLower(Guid()))"#));
+        assert!(uses(r#"IIF(Len(Guid()) = 36, "a", "b")"#));
+        assert!(uses("RandomString(8, 1, 1, 1, 1)"));
+        assert!(!uses("[x]"));
+        assert!(!uses(r#"Coalesce([x], Join(" ", [y], [z]))"#));
+        assert!(!uses(r#"Item(Split([x], "-"), 1)"#));
     }
 
     #[test]

@@ -338,6 +338,20 @@ struct CompiledRule {
     deprovision: Deprovision,
     /// Every source attribute the flows read, sorted: looked up once per object.
     attributes: Vec<AttrName>,
+    /// Whether any flow draws random values; if none does, the per-object seed is not computed.
+    uses_random: bool,
+}
+
+impl CompiledRule {
+    /// The object's seeded random source. The seed (a hash of the anchor) is computed only when
+    /// a flow draws random values: otherwise no flow reads the source, and any seed is the same.
+    fn rng(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> SeededRng {
+        SeededRng::from_seed(if self.uses_random {
+            ctx.object_seed(&entry.anchor)
+        } else {
+            0
+        })
+    }
 }
 
 /// A compiled rule set: the planner's [`Projection`].
@@ -659,8 +673,10 @@ impl RuleSet {
             if let Some(s) = &mut scope {
                 s.bind(&attributes);
             }
+            let uses_random = flows.iter().any(|f| f.program.uses_random());
             rules.push(CompiledRule {
                 attributes,
+                uses_random,
                 name: rc.name.clone(),
                 source_type,
                 target_type: ObjectType::new(rc.target_type.as_str()),
@@ -768,7 +784,7 @@ impl RuleSet {
             })
         });
         let in_scope = scope.as_ref().is_none_or(|s| s.in_scope);
-        let mut rng = SeededRng::from_seed(ctx.object_seed(&entry.anchor));
+        let mut rng = rule.rng(entry, ctx);
         let view = Slotted::new(&rule.attributes, &entry.attributes);
         let mut flows = Vec::new();
         let mut values: Vec<Option<Values>> = Vec::new();
@@ -857,7 +873,7 @@ impl Projection for RuleSet {
         if !self.in_scope(rule, entry, &view, ctx) {
             return Projected::OutOfScope(format!("rule {}: scoping filter", rule.name));
         }
-        let mut rng = SeededRng::from_seed(ctx.object_seed(&entry.anchor));
+        let mut rng = rule.rng(entry, ctx);
         // Allocated at their final size at once (cheaper than growing an empty vector).
         let mut desired = Desired {
             target_type: rule.target_type.clone(),
