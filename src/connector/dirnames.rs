@@ -38,6 +38,21 @@ pub struct ObjectTypeNaming {
     pub object_classes: Vec<String>,
 }
 
+impl ObjectTypeNaming {
+    /// Naming by `rdn_attribute` below `parent`, with these `objectClass` values for new objects.
+    pub fn new(
+        rdn_attribute: impl Into<AttrName>,
+        parent: Dn,
+        object_classes: impl IntoIterator<Item = impl Into<String>>,
+    ) -> ObjectTypeNaming {
+        ObjectTypeNaming {
+            rdn_attribute: rdn_attribute.into(),
+            parent,
+            object_classes: object_classes.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
 /// The default `objectClass` → object type map: `user` and `inetOrgPerson` are `user`s, `group`
 /// and `groupOfNames` are `group`s.
 pub fn default_object_type_map() -> BTreeMap<AttrName, ObjectType> {

@@ -173,11 +173,7 @@ impl LdapTargetConfig {
     ) -> Self {
         self.object_types.insert(
             object_type.into(),
-            LdapObjectTypeConfig {
-                rdn_attribute: rdn_attribute.into(),
-                parent,
-                object_classes: object_classes.into_iter().map(Into::into).collect(),
-            },
+            LdapObjectTypeConfig::new(rdn_attribute, parent, object_classes),
         );
         self
     }

@@ -76,11 +76,7 @@ impl LdifTargetConfig {
     ) -> Self {
         self.object_types.insert(
             object_type.into(),
-            LdifObjectTypeConfig {
-                rdn_attribute: rdn_attribute.into(),
-                parent,
-                object_classes: object_classes.into_iter().map(Into::into).collect(),
-            },
+            LdifObjectTypeConfig::new(rdn_attribute, parent, object_classes),
         );
         self
     }
