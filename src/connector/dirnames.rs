@@ -156,7 +156,7 @@ pub(crate) fn constraint(message: &str, dn: &Dn) -> ConnectorError {
 pub(crate) fn dn_value(attribute: &str, v: &Value) -> Result<Dn, ConnectorError> {
     let parsed = match v {
         Value::String(s) => Dn::parse(s),
-        Value::Reference(Reference::Dn(d)) => Ok((**d).clone()),
+        Value::Reference(Reference::Dn(d)) => Ok(d.clone()),
         Value::Reference(Reference::Target(t)) => Dn::parse(t.as_str()),
         other => Dn::parse(&other.to_text()),
     };
@@ -173,7 +173,7 @@ pub(crate) fn dn_value(attribute: &str, v: &Value) -> Result<Dn, ConnectorError>
 #[cfg_attr(not(feature = "ldap"), allow(dead_code))]
 pub(crate) fn reference_dn(attribute: &AttrName, v: &Value, dn: &Dn) -> Result<Dn, ConnectorError> {
     let text = match v {
-        Value::Reference(Reference::Dn(d)) => return Ok((**d).clone()),
+        Value::Reference(Reference::Dn(d)) => return Ok(d.clone()),
         Value::Reference(Reference::Target(t)) => t.as_str().to_owned(),
         Value::Reference(r) => {
             return Err(constraint(

@@ -80,10 +80,7 @@ impl SourceMirror {
             let key = (entry.anchor.clone(), name.clone());
             match r {
                 Reference::Dn(dn) => {
-                    self.refs_by_dn
-                        .entry((**dn).clone())
-                        .or_default()
-                        .insert(key);
+                    self.refs_by_dn.entry(dn.clone()).or_default().insert(key);
                 }
                 Reference::Anchor(a) | Reference::Pending(a) => {
                     self.refs_by_anchor

@@ -170,6 +170,32 @@ fn ci_hash<H: Hasher>(s: &str, state: &mut H) {
     state.write_u8(0xff);
 }
 
+/// The longest name a [`SmolStr`] holds inline (longer ones share a counted heap buffer).
+const INLINE_NAME: usize = 23;
+
+/// Interns `s`: the one `'static` copy of this exact spelling, made on first use and kept for
+/// the life of the process.
+///
+/// Meant for names from configuration — rule target attributes and object types — whose
+/// number is fixed by the rules, not by the data: a compiled rule set copies them into every
+/// object it projects, and a `'static` name is copied without touching a shared reference count
+/// (an atomic operation per clone and per drop otherwise).
+pub(crate) fn intern(s: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(&known) = names.get(s) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    names.insert(leaked);
+    leaked
+}
+
 macro_rules! ci_name {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -181,6 +207,31 @@ macro_rules! ci_name {
             /// Makes a name; the spelling is kept for output.
             pub fn new(name: impl Into<SmolStr>) -> Self {
                 $name(name.into())
+            }
+
+            /// A name from a `'static` string: cloning it copies a pointer and never touches a
+            /// shared reference count.
+            ///
+            /// ```
+            #[doc = concat!("use dirsync::model::", stringify!($name), ";")]
+            #[doc = concat!("const N: ", stringify!($name), " = ", stringify!($name), "::from_static(\"urn:ietf:params:scim:schemas:core:2.0:User\");")]
+            #[doc = concat!("assert_eq!(N.clone(), ", stringify!($name), "::new(\"URN:IETF:PARAMS:SCIM:SCHEMAS:CORE:2.0:USER\"));")]
+            /// ```
+            pub const fn from_static(name: &'static str) -> Self {
+                $name(SmolStr::new_static(name))
+            }
+
+            /// A name interned for the life of the process: one `'static` copy per spelling,
+            /// made on first use and never freed. For the fixed, configured names a compiled
+            /// rule set copies into every object it projects (their number is set by the
+            /// rules, not by the data); never for names read from a server. A name short
+            /// enough to be held inline is not interned.
+            pub fn interned(name: &str) -> Self {
+                if name.len() <= INLINE_NAME {
+                    $name::new(name)
+                } else {
+                    $name::from_static(intern(name))
+                }
             }
 
             /// The name as first spelled.
@@ -304,6 +355,21 @@ mod tests {
         assert_eq!(set.len(), 1);
         assert!(AttrName::new("cn") < AttrName::new("Mail"));
         assert_ne!(AttrName::new("cn"), AttrName::new("cn2"));
+    }
+
+    #[test]
+    fn interned_names_are_shared_and_equal() {
+        let long = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:department";
+        let a = AttrName::interned(long);
+        let b = AttrName::interned(&long.to_uppercase());
+        let c = AttrName::interned(long);
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), long);
+        assert_eq!(b.as_str(), long.to_uppercase());
+        // One copy per spelling.
+        assert!(std::ptr::eq(a.as_str(), c.as_str()));
+        assert!(std::ptr::eq(intern(long), intern(long)));
+        assert_eq!(AttrName::interned("cn").as_str(), "cn");
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub enum Reference {
     /// A source object, by anchor.
     Anchor(Anchor),
     /// A source object, by distinguished name (resolved through the source mirror's DN index).
-    Dn(Box<Dn>),
+    Dn(Dn),
     /// A target object, by its id in the target.
     Target(TargetId),
     /// A target object that a create in the same plan makes: the source anchor of that create.
@@ -64,7 +64,7 @@ impl Value {
 
     /// A reference to a source object by DN.
     pub fn dn_ref(dn: Dn) -> Value {
-        Value::Reference(Reference::Dn(Box::new(dn)))
+        Value::Reference(Reference::Dn(dn))
     }
 
     /// The text if this is a string value.

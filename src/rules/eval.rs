@@ -305,23 +305,29 @@ pub struct Slotted<'a> {
 
 impl<'a> Slotted<'a> {
     /// Looks up every name of `table` (sorted, as [`Program::bind`] wants it) in `attrs`.
+    #[inline]
     pub fn new(table: &[crate::model::AttrName], attrs: &'a Attributes) -> Slotted<'a> {
-        // One merge walk over two lists sorted in the same (case-insensitive) order: each name
-        // is first compared byte for byte (the common case: the same spelling), and only on a
-        // difference ordered ignoring case.
-        let mut slots = smallvec::SmallVec::with_capacity(table.len());
-        let mut entries = attrs.iter().map(|(n, v)| (n.as_str(), v));
+        // Built in place: the slot array is a few hundred bytes, not worth a copy.
+        let mut view = Slotted {
+            slots: smallvec::SmallVec::new(),
+            attrs,
+        };
+        view.fill(table);
+        view
+    }
+
+    /// One merge walk over two lists sorted in the same (case-insensitive) order.
+    fn fill(&mut self, table: &[crate::model::AttrName]) {
+        let slots = &mut self.slots;
+        slots.reserve_exact(table.len());
+        let mut entries = self.attrs.iter().map(|(n, v)| (n.as_str(), v));
         // The entry attribute under the cursor, its name read once.
         let mut cur = entries.next();
         for name in table {
             let want = name.as_str();
             let mut found = None;
             while let Some((have, values)) = cur {
-                if have.as_bytes() == want.as_bytes() {
-                    found = Some(values);
-                    cur = entries.next();
-                    break;
-                }
+                // Word-at-a-time, ignoring ASCII case; equal spellings compare equal too.
                 match crate::model::cmp_ignore_case(have, want) {
                     std::cmp::Ordering::Less => cur = entries.next(),
                     std::cmp::Ordering::Equal => {
@@ -334,7 +340,6 @@ impl<'a> Slotted<'a> {
             }
             slots.push(found);
         }
-        Slotted { slots, attrs }
     }
 }
 
@@ -522,14 +527,24 @@ impl Program {
         }
     }
 
-    /// Evaluates over `attrs`.
-    pub fn evaluate(
+    /// The outcome alone, for the projection's hot path: no [`Evaluated`] record and no
+    /// warning list (the rule set reports no warnings per object; the flags it needs are on
+    /// [`Program::compiled`]).
+    pub(crate) fn outcome(
         &self,
         attrs: &dyn AttributeSource,
         ctx: &mut EvalContext<'_>,
-    ) -> Result<Evaluated, EvalFailure> {
-        let mut warnings = Vec::new();
-        let outcome = match eval_top(&self.root, attrs, ctx, &mut warnings).map_err(|e| *e)? {
+    ) -> Result<Outcome, Box<EvalFailure>> {
+        self.outcome_with(attrs, ctx, &mut Vec::new())
+    }
+
+    fn outcome_with(
+        &self,
+        attrs: &dyn AttributeSource,
+        ctx: &mut EvalContext<'_>,
+        warnings: &mut Vec<String>,
+    ) -> Result<Outcome, Box<EvalFailure>> {
+        Ok(match eval_top(&self.root, attrs, ctx, warnings)? {
             None => Outcome::NotUnique,
             Some(v) => {
                 if self.compiled.ignore_flow_if_null_or_empty && functions::is_null_or_empty(&v) {
@@ -538,7 +553,19 @@ impl Program {
                     Outcome::Value(v)
                 }
             }
-        };
+        })
+    }
+
+    /// Evaluates over `attrs`.
+    pub fn evaluate(
+        &self,
+        attrs: &dyn AttributeSource,
+        ctx: &mut EvalContext<'_>,
+    ) -> Result<Evaluated, EvalFailure> {
+        let mut warnings = Vec::new();
+        let outcome = self
+            .outcome_with(attrs, ctx, &mut warnings)
+            .map_err(|e| *e)?;
         Ok(Evaluated {
             outcome,
             redacted: self.compiled.redact,

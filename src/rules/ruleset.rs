@@ -590,7 +590,7 @@ impl RuleSet {
                         let unique = program.compiled().top_level_function()
                             == Some(Function::SelectUniqueValue);
                         flows.push(CompiledFlow {
-                            target: AttrName::new(fc.target.as_str()),
+                            target: AttrName::interned(&fc.target),
                             apply: fc.apply,
                             default: fc.default.as_ref().map(|d| Values::one(d.as_str())),
                             ignore_case: fc.ignore_case,
@@ -679,7 +679,7 @@ impl RuleSet {
                 uses_random,
                 name: rc.name.clone(),
                 source_type,
-                target_type: ObjectType::new(rc.target_type.as_str()),
+                target_type: ObjectType::interned(&rc.target_type),
                 scope,
                 join,
                 flows,
@@ -701,6 +701,7 @@ impl RuleSet {
     }
 
     /// Evaluates one flow: `Ok(None)` = leave the attribute out (ignore flow).
+    #[inline(always)]
     fn flow_values(
         &self,
         rule: &CompiledRule,
@@ -728,11 +729,12 @@ impl RuleSet {
             app_role_assignments: &[],
             is_unique: &oracle,
         };
-        let out = flow
+        let redacted = flow.program.compiled().redact;
+        let outcome = flow
             .program
-            .evaluate(view, &mut ectx)
-            .map_err(|e| FlowFailure::Eval(Box::new(e)))?;
-        match out.outcome {
+            .outcome(view, &mut ectx)
+            .map_err(FlowFailure::Eval)?;
+        match outcome {
             Outcome::IgnoreFlow => Ok(None),
             Outcome::NotUnique => Err(FlowFailure::NotUnique),
             Outcome::Value(v) => {
@@ -747,7 +749,7 @@ impl RuleSet {
                         values = d.clone();
                     }
                 }
-                Ok(Some((values, out.redacted)))
+                Ok(Some((values, redacted)))
             }
         }
     }

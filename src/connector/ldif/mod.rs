@@ -724,7 +724,7 @@ changetype: delete
     fn references_by_dn_and_target_are_written_as_text() {
         let a: Attributes = [(
             "member",
-            Values::one(Value::Reference(Reference::Dn(Box::new(dn("cn=x,dc=y"))))),
+            Values::one(Value::Reference(Reference::Dn(dn("cn=x,dc=y")))),
         )]
         .into_iter()
         .collect();
