@@ -56,7 +56,7 @@ impl Projection for UserGroupProjection {
             if let Some(v) = cn.first() {
                 d = d.join_on(JoinGroup::on("displayName", v.clone()));
             }
-            return Projected::InScope(Box::new(d));
+            return Projected::InScope(d);
         }
         if !e.object_type.is("user") {
             return Projected::OutOfScope(format!(
@@ -118,7 +118,7 @@ impl Projection for UserGroupProjection {
         if let Some(id) = employee_id {
             d.join.push(JoinGroup::on(name("employeeId"), id.clone()));
         }
-        Projected::InScope(Box::new(d))
+        Projected::InScope(d)
     }
 
     fn unchanged(

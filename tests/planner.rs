@@ -471,11 +471,11 @@ fn projection_failures_and_holds_are_data() {
                     message: "Item: index 0 is out of range".into(),
                 }),
                 "held" => Projected::Held("no unique userName is free".into()),
-                _ => Projected::InScope(Box::new(
+                _ => Projected::InScope(
                     Desired::new("User")
                         .flow(Flow::new("x", Values::one("1")))
                         .join_on(JoinGroup::on("x", "nope")),
-                )),
+                ),
             }
         }
         fn deprovision(&self, _: &Link, _: Option<&Entry>) -> Deprovision {

@@ -20,7 +20,7 @@
 //! impl Projection for Users {
 //!     fn project(&self, e: &Entry, _: &ProjectionContext<'_>) -> Projected {
 //!         let cn = e.get("cn").cloned().unwrap_or_default();
-//!         Projected::InScope(Box::new(Desired::new("User").flow(Flow::new("displayName", cn))))
+//!         Projected::InScope(Desired::new("User").flow(Flow::new("displayName", cn)))
 //!     }
 //!     fn deprovision(&self, _: &Link, _: Option<&Entry>) -> Deprovision {
 //!         Deprovision::Delete

@@ -343,7 +343,6 @@ fn decide(
             error,
         })),
         Projected::InScope(desired) => {
-            let desired = *desired;
             if let Some(link) = link {
                 if link.target_type != desired.target_type {
                     return Decision::Issue(Box::new(Issue::TargetTypeChanged {
@@ -417,11 +416,11 @@ fn join(
     desired: &Desired,
 ) -> Result<Option<JoinMatch>, Issue> {
     for (g, group) in desired.join.iter().enumerate() {
-        if group.0.is_empty() {
+        if group.is_empty() {
             continue;
         }
         let mut candidates: Option<Vec<TargetId>> = None;
-        for (attr, value) in &group.0 {
+        for (attr, value) in group.pairs() {
             let found = input.target.find(&desired.target_type, attr, value);
             candidates = Some(match candidates {
                 None => found,
@@ -432,7 +431,7 @@ fn join(
         candidates.retain(|c| input.links.anchor_of(c).is_none_or(|a| a == anchor));
         match candidates.len() {
             0 => continue,
-            1 => return Ok(Some((candidates.remove(0), g, group.0.clone()))),
+            1 => return Ok(Some((candidates.remove(0), g, group.pairs().to_vec()))),
             _ => {
                 return Err(Issue::JoinConflict {
                     anchor: anchor.clone(),
@@ -723,7 +722,7 @@ fn claim_unique_values(input: &PlanInput<'_>, pending: &mut Vec<Pending>, issues
             let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
             ctx.claimed = Some(&claimed);
             match input.projection.project(entry, &ctx) {
-                Projected::InScope(d) => p.desired = *d,
+                Projected::InScope(d) => p.desired = d,
                 other => {
                     issues.push(Issue::Held {
                         anchor: p.anchor.clone(),

@@ -134,7 +134,7 @@ pub enum Projected {
     /// Not in scope; the text says why (the failing scope clause).
     OutOfScope(String),
     /// In scope: the desired target object.
-    InScope(Box<Desired>),
+    InScope(Desired),
     /// In scope but held back (for example no unique value is free); reported, not exported.
     Held(String),
     /// The rules failed for this object; reported with the object, nothing is planned for it.
@@ -189,19 +189,73 @@ impl Desired {
 }
 
 /// A join group: target attributes and the values they must have, all of them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JoinGroup(pub Vec<(AttrName, Value)>);
+///
+/// Most groups name one attribute; that one is held inline, without an allocation.
+///
+/// ```
+/// use dirsync::delta::JoinGroup;
+/// let g = JoinGroup::on("mail", "ada@example.com").and("employeeId", "42");
+/// assert_eq!(g.len(), 2);
+/// assert_eq!(g.pairs()[1].0.as_str(), "employeeId");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JoinGroup(smallvec::SmallVec<[(AttrName, Value); 1]>);
 
 impl JoinGroup {
+    /// A group without attributes (it never matches; add attributes with [`JoinGroup::push`]).
+    pub fn new() -> JoinGroup {
+        JoinGroup(smallvec::SmallVec::new())
+    }
+
+    /// An empty group with room for `n` attributes.
+    pub fn with_capacity(n: usize) -> JoinGroup {
+        JoinGroup(smallvec::SmallVec::with_capacity(n))
+    }
+
     /// A group of one attribute.
     pub fn on(attribute: impl Into<AttrName>, value: impl Into<Value>) -> JoinGroup {
-        JoinGroup(vec![(attribute.into(), value.into())])
+        let mut g = JoinGroup::new();
+        g.push(attribute, value);
+        g
     }
 
     /// Adds an attribute to the group (builder style).
     pub fn and(mut self, attribute: impl Into<AttrName>, value: impl Into<Value>) -> JoinGroup {
-        self.0.push((attribute.into(), value.into()));
+        self.push(attribute, value);
         self
+    }
+
+    /// Adds an attribute to the group.
+    pub fn push(&mut self, attribute: impl Into<AttrName>, value: impl Into<Value>) {
+        self.0.push((attribute.into(), value.into()));
+    }
+
+    /// The attributes and the values they must have, in order.
+    pub fn pairs(&self) -> &[(AttrName, Value)] {
+        &self.0
+    }
+
+    /// How many attributes the group ANDs.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the group names no attribute.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Vec<(AttrName, Value)>> for JoinGroup {
+    fn from(pairs: Vec<(AttrName, Value)>) -> JoinGroup {
+        JoinGroup(pairs.into())
+    }
+}
+
+impl FromIterator<(AttrName, Value)> for JoinGroup {
+    fn from_iter<I: IntoIterator<Item = (AttrName, Value)>>(iter: I) -> JoinGroup {
+        JoinGroup(iter.into_iter().collect())
     }
 }
 

@@ -655,7 +655,7 @@ impl Synchronizer {
                     };
                     if let Projected::InScope(d) = self.projection.project(e, &ctx) {
                         for g in &d.join {
-                            for (attr, value) in &g.0 {
+                            for (attr, value) in g.pairs() {
                                 lookups.push(TargetLookup {
                                     object_type: d.target_type.clone(),
                                     attribute: attr.clone(),
@@ -1041,7 +1041,7 @@ impl Synchronizer {
     ) -> Result<Option<TargetObject>> {
         for group in lookup {
             let mut candidates: Option<Vec<TargetObject>> = None;
-            for (attr, value) in &group.0 {
+            for (attr, value) in group.pairs() {
                 let found = self.target.find(object_type, attr, value).await?;
                 candidates = Some(match candidates {
                     None => found,

@@ -7,7 +7,7 @@ pub mod ad;
 mod change;
 pub mod dn;
 mod entry;
-mod name;
+pub(crate) mod name;
 mod value;
 
 pub use ad::{guid_from_ad_bytes, guid_to_ad_bytes, GuidError, Sid, SidError};

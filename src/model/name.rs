@@ -321,6 +321,38 @@ ci_name!(
     ObjectType
 );
 
+/// Whether two strings are spelled byte for byte the same: a few word compares, without a
+/// call into `memcmp` (attribute names are short).
+#[inline(always)]
+pub(crate) fn same_spelling(a: &str, b: &str) -> bool {
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    let n = x.len();
+    if n != y.len() {
+        return false;
+    }
+    let w4 = |s: &[u8], i: usize| {
+        s.get(i..i + 4)
+            .and_then(|c| <[u8; 4]>::try_from(c).ok())
+            .map_or(0, u32::from_le_bytes)
+    };
+    match n {
+        0 => true,
+        1..=3 => x == y,
+        4..=7 => w4(x, 0) == w4(y, 0) && w4(x, n - 4) == w4(y, n - 4),
+        _ => {
+            let mut i = 0;
+            while i + 8 <= n {
+                if word(x, i) != word(y, i) {
+                    return false;
+                }
+                i += 8;
+            }
+            // The last 8 bytes (overlapping bytes already found equal).
+            i == n || word(x, n - 8) == word(y, n - 8)
+        }
+    }
+}
+
 /// Compares two strings ignoring case, with the same folding as [`AttrName`].
 pub fn eq_ignore_case(a: &str, b: &str) -> bool {
     ci_eq(a, b)
@@ -355,6 +387,23 @@ mod tests {
         assert_eq!(set.len(), 1);
         assert!(AttrName::new("cn") < AttrName::new("Mail"));
         assert_ne!(AttrName::new("cn"), AttrName::new("cn2"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn same_spelling_is_byte_equality(a in "\\PC{0,40}", b in "\\PC{0,40}", cut in 0usize..40) {
+            proptest::prop_assert_eq!(same_spelling(&a, &b), a == b);
+            proptest::prop_assert!(same_spelling(&a, &a.clone()));
+            // Strings that differ in one byte only, at any position.
+            let mut c = a.clone().into_bytes();
+            if let Some(byte) = c.get_mut(cut) {
+                if byte.is_ascii_alphanumeric() {
+                    *byte ^= 0x01;
+                    let c = String::from_utf8(c).unwrap_or_default();
+                    proptest::prop_assert_eq!(same_spelling(&a, &c), a == c);
+                }
+            }
+        }
     }
 
     #[test]

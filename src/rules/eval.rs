@@ -327,7 +327,12 @@ impl<'a> Slotted<'a> {
             let want = name.as_str();
             let mut found = None;
             while let Some((have, values)) = cur {
-                // Word-at-a-time, ignoring ASCII case; equal spellings compare equal too.
+                // The common case first: the same spelling.
+                if crate::model::name::same_spelling(have, want) {
+                    found = Some(values);
+                    cur = entries.next();
+                    break;
+                }
                 match crate::model::cmp_ignore_case(have, want) {
                     std::cmp::Ordering::Less => cur = entries.next(),
                     std::cmp::Ordering::Equal => {

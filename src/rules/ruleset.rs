@@ -922,7 +922,7 @@ impl Projection for RuleSet {
             }
         }
         for group in &rule.join {
-            let mut pairs: Vec<(AttrName, Value)> = Vec::with_capacity(group.len());
+            let mut pairs = JoinGroup::with_capacity(group.len());
             for &i in group {
                 let found = placed
                     .get(i)
@@ -931,15 +931,15 @@ impl Projection for RuleSet {
                     .and_then(|at| desired.flows.get(at)?.values.first())
                     .zip(rule.flows.get(i));
                 match found {
-                    Some((first, flow)) => pairs.push((flow.target.clone(), first.clone())),
+                    Some((first, flow)) => pairs.push(flow.target.clone(), first.clone()),
                     None => break,
                 }
             }
             if pairs.len() == group.len() {
-                desired.join.push(JoinGroup(pairs));
+                desired.join.push(pairs);
             }
         }
-        Projected::InScope(Box::new(desired))
+        Projected::InScope(desired)
     }
 
     fn deprovision(&self, link: &Link, _entry: Option<&Entry>) -> Deprovision {

@@ -251,7 +251,9 @@ pub type EvalResult<T> = Result<T, EvalError>;
 /// language has no arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Decimal {
-    mantissa: i128,
+    /// The mantissa's two's-complement bits as two words (an `i128` field would make every
+    /// expression value 16-byte aligned and half again as large).
+    mantissa: [u64; 2],
     scale: u32,
 }
 
@@ -270,7 +272,7 @@ impl Decimal {
             s -= 1;
         }
         Some(Decimal {
-            mantissa: m,
+            mantissa: split(m),
             scale: s,
         })
     }
@@ -291,7 +293,8 @@ impl Decimal {
 
     /// The mantissa (`self = mantissa × 10^-scale`).
     pub fn mantissa(&self) -> i128 {
-        self.mantissa
+        let [lo, hi] = self.mantissa;
+        ((u128::from(hi) << 64) | u128::from(lo)) as i128
     }
 
     /// The number of fraction digits.
@@ -306,23 +309,29 @@ impl Decimal {
 
     /// `true` when the value is zero.
     pub fn is_zero(&self) -> bool {
-        self.mantissa == 0
+        self.mantissa == [0, 0]
     }
 
     /// The value as `i64` when it is an integer within range.
     pub fn to_i64(&self) -> Option<i64> {
         if self.scale == 0 {
-            i64::try_from(self.mantissa).ok()
+            i64::try_from(self.mantissa()).ok()
         } else {
             None
         }
     }
 }
 
+/// An `i128`'s bits as [low, high] words.
+fn split(m: i128) -> [u64; 2] {
+    let bits = m as u128;
+    [bits as u64, (bits >> 64) as u64]
+}
+
 impl From<i64> for Decimal {
     fn from(v: i64) -> Self {
         Decimal {
-            mantissa: i128::from(v),
+            mantissa: split(i128::from(v)),
             scale: 0,
         }
     }
@@ -331,8 +340,9 @@ impl From<i64> for Decimal {
 impl fmt::Display for Decimal {
     /// Shortest text that reads back as the same value: no exponent, no trailing zeros (§4.3).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let digits = self.mantissa.unsigned_abs().to_string();
-        let sign = if self.mantissa < 0 { "-" } else { "" };
+        let m = self.mantissa();
+        let digits = m.unsigned_abs().to_string();
+        let sign = if m < 0 { "-" } else { "" };
         let scale = self.scale as usize;
         if scale == 0 {
             return write!(f, "{sign}{digits}");
@@ -855,6 +865,35 @@ mod tests {
 
     fn s(x: &str) -> EvalValue {
         EvalValue::from(x)
+    }
+
+    #[test]
+    fn decimal_mantissa_round_trips_through_its_words() {
+        for m in [
+            0i128,
+            1,
+            -1,
+            i128::from(i64::MAX) + 1,
+            i128::from(i64::MIN) - 1,
+            -12_345_678_901_234_567_890_123_456_789,
+            9_999_999_999_999_999_999_999_999_999_999_999_999,
+            -9_999_999_999_999_999_999_999_999_999_999_999_999,
+        ] {
+            let d = Decimal::new(m * 10 + 1, 1).unwrap();
+            assert_eq!(d.mantissa(), m * 10 + 1, "{m}");
+            assert_eq!(d.scale(), 1);
+        }
+        assert_eq!(Decimal::parse("-0.50").unwrap().to_string(), "-0.5");
+        assert!(Decimal::parse("0.000").unwrap().is_zero());
+        assert_eq!(Decimal::from(-7).to_i64(), Some(-7));
+    }
+
+    #[test]
+    fn expression_values_stay_small() {
+        // Every argument and result moves by value through the evaluator: a 16-byte-aligned
+        // or wider value costs on every call (an i128 inside made it 48 bytes).
+        assert!(std::mem::size_of::<EvalValue>() <= 32);
+        assert_eq!(std::mem::align_of::<EvalValue>(), 8);
     }
     fn dec(x: &str) -> EvalValue {
         EvalValue::Decimal(Decimal::parse(x).unwrap())
