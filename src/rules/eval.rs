@@ -306,7 +306,7 @@ pub struct Slotted<'a> {
 impl<'a> Slotted<'a> {
     /// Looks up every name of `table` (sorted, as [`Program::bind`] wants it) in `attrs`.
     #[inline]
-    pub fn new(table: &[crate::model::AttrName], attrs: &'a Attributes) -> Slotted<'a> {
+    pub fn new<N: AsRef<str>>(table: &[N], attrs: &'a Attributes) -> Slotted<'a> {
         // Built in place: the slot array is a few hundred bytes, not worth a copy.
         let mut view = Slotted {
             slots: smallvec::SmallVec::new(),
@@ -317,14 +317,14 @@ impl<'a> Slotted<'a> {
     }
 
     /// One merge walk over two lists sorted in the same (case-insensitive) order.
-    fn fill(&mut self, table: &[crate::model::AttrName]) {
+    fn fill<N: AsRef<str>>(&mut self, table: &[N]) {
         let slots = &mut self.slots;
         slots.reserve_exact(table.len());
         let mut entries = self.attrs.iter().map(|(n, v)| (n.as_str(), v));
         // The entry attribute under the cursor, its name read once.
         let mut cur = entries.next();
         for name in table {
-            let want = name.as_str();
+            let want = name.as_ref();
             let mut found = None;
             while let Some((have, values)) = cur {
                 // The common case first: the same spelling.
@@ -535,17 +535,19 @@ impl Program {
     /// The outcome alone, for the projection's hot path: no [`Evaluated`] record and no
     /// warning list (the rule set reports no warnings per object; the flags it needs are on
     /// [`Program::compiled`]).
-    pub(crate) fn outcome(
+    #[inline]
+    pub(crate) fn outcome<A: AttributeSource + ?Sized>(
         &self,
-        attrs: &dyn AttributeSource,
+        attrs: &A,
         ctx: &mut EvalContext<'_>,
     ) -> Result<Outcome, Box<EvalFailure>> {
         self.outcome_with(attrs, ctx, &mut Vec::new())
     }
 
-    fn outcome_with(
+    #[inline(always)]
+    fn outcome_with<A: AttributeSource + ?Sized>(
         &self,
-        attrs: &dyn AttributeSource,
+        attrs: &A,
         ctx: &mut EvalContext<'_>,
         warnings: &mut Vec<String>,
     ) -> Result<Outcome, Box<EvalFailure>> {
@@ -591,9 +593,10 @@ fn fail(span: Span) -> impl Fn(EvalError) -> Box<EvalFailure> {
 /// The root of a program: `SelectUniqueValue` there may find no free value (`Ok(None)`, the
 /// not-unique outcome). The checker keeps `SelectUniqueValue` at the top level; anywhere else
 /// its not-unique result reads as Null (see [`eval`]).
-fn eval_top(
+#[inline(always)]
+fn eval_top<A: AttributeSource + ?Sized>(
     op: &Op,
-    attrs: &dyn AttributeSource,
+    attrs: &A,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> EvalRes<Option<EvalValue>> {
@@ -608,10 +611,10 @@ fn eval_top(
     }
 }
 
-fn select_unique(
+fn select_unique<A: AttributeSource + ?Sized>(
     args: &[Option<Op>],
     span: Span,
-    attrs: &dyn AttributeSource,
+    attrs: &A,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> EvalRes<Option<EvalValue>> {
@@ -626,9 +629,9 @@ fn select_unique(
     Ok(None)
 }
 
-fn eval(
+fn eval<A: AttributeSource + ?Sized>(
     op: &Op,
-    attrs: &dyn AttributeSource,
+    attrs: &A,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> EvalRes<EvalValue> {
@@ -668,9 +671,9 @@ fn eval(
     }
 }
 
-fn opt_value(
+fn opt_value<A: AttributeSource + ?Sized>(
     op: Option<&Op>,
-    attrs: &dyn AttributeSource,
+    attrs: &A,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> EvalRes<EvalValue> {
@@ -681,12 +684,12 @@ fn opt_value(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn eval_call(
+fn eval_call<A: AttributeSource + ?Sized>(
     func: Function,
     args: &[Option<Op>],
     pre: &Precompiled,
     span: Span,
-    attrs: &dyn AttributeSource,
+    attrs: &A,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> EvalRes<EvalValue> {
@@ -757,12 +760,12 @@ fn eval_call(
 const FIXED_ARGS: usize = 4;
 
 #[allow(clippy::too_many_arguments)]
-fn call(
+fn call<A: AttributeSource + ?Sized>(
     func: Function,
     args: &[Option<Op>],
     pre: &Precompiled,
     span: Span,
-    attrs: &dyn AttributeSource,
+    attrs: &A,
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> EvalRes<EvalValue> {

@@ -336,8 +336,9 @@ struct CompiledRule {
     join: Vec<Vec<usize>>,
     flows: Vec<CompiledFlow>,
     deprovision: Deprovision,
-    /// Every source attribute the flows read, sorted: looked up once per object.
-    attributes: Vec<AttrName>,
+    /// Every source attribute the flows and the scope read, sorted (in [`AttrName`] order):
+    /// looked up once per object.
+    attribute_names: Box<[Box<str>]>,
     /// Whether any flow draws random values; if none does, the per-object seed is not computed.
     uses_random: bool,
 }
@@ -675,7 +676,7 @@ impl RuleSet {
             }
             let uses_random = flows.iter().any(|f| f.program.uses_random());
             rules.push(CompiledRule {
-                attributes,
+                attribute_names: attributes.iter().map(|a| a.as_str().into()).collect(),
                 uses_random,
                 name: rc.name.clone(),
                 source_type,
@@ -787,7 +788,7 @@ impl RuleSet {
         });
         let in_scope = scope.as_ref().is_none_or(|s| s.in_scope);
         let mut rng = rule.rng(entry, ctx);
-        let view = Slotted::new(&rule.attributes, &entry.attributes);
+        let view = Slotted::new(&rule.attribute_names, &entry.attributes);
         let mut flows = Vec::new();
         let mut values: Vec<Option<Values>> = Vec::new();
         for flow in &rule.flows {
@@ -871,7 +872,7 @@ impl Projection for RuleSet {
         let Some(rule) = self.rule_for(&entry.object_type) else {
             return Projected::OutOfScope(format!("no rule for object type {}", entry.object_type));
         };
-        let view = Slotted::new(&rule.attributes, &entry.attributes);
+        let view = Slotted::new(&rule.attribute_names, &entry.attributes);
         if !self.in_scope(rule, entry, &view, ctx) {
             return Projected::OutOfScope(format!("rule {}: scoping filter", rule.name));
         }

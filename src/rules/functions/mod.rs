@@ -46,6 +46,10 @@ pub fn iif_condition(condition: &EvalValue) -> EvalResult<Option<bool>> {
 /// (Booleans as `True`/`False`) and compared ordinally, case-sensitively. A Multi of several
 /// values on either side is an error (`arg` 0 = source, 1 = key).
 pub fn switch_key_matches(source: &EvalValue, key: &EvalValue) -> EvalResult<bool> {
+    // The usual case, a string attribute against a string literal: their texts are themselves.
+    if let (EvalValue::String(s), EvalValue::String(k)) = (source, key) {
+        return Ok(s == k);
+    }
     let s = source
         .to_text()
         .map_err(|e| e.at(Function::Switch, 0, "source"))?;
