@@ -1137,12 +1137,20 @@ impl<'a> Members<'a> {
     }
 }
 
-/// One attribute value as a clause sees it (spec §7.2): the value, and its text where that text
-/// can be neither borrowed from the value nor written on the stack (timestamps, bytes,
-/// references). Built only for values whose text is not empty.
+/// One attribute value as a clause sees it (spec §7.2): the value and its text, the text read
+/// once — borrowed for strings and Booleans, kept as the number for integers (written out only
+/// when a test reads it as text), made once for timestamps, bytes and references. Built only for
+/// values whose text is not empty.
 struct Item<'v> {
     value: &'v Value,
-    owned: Option<String>,
+    text: ItemText<'v>,
+}
+
+/// The text of an [`Item`] as it is kept.
+enum ItemText<'v> {
+    Borrowed(&'v str),
+    Integer(i64),
+    Owned(String),
 }
 
 impl<'v> Item<'v> {
@@ -1150,38 +1158,50 @@ impl<'v> Item<'v> {
     /// Strings, integers and Booleans cost no allocation.
     #[inline]
     fn new(value: &'v Value) -> Option<Item<'v>> {
-        let owned = match value {
+        let text = match value {
             Value::String(s) => {
-                return (!s.is_empty()).then_some(Item { value, owned: None });
+                let s = s.as_str();
+                if s.is_empty() {
+                    return None;
+                }
+                ItemText::Borrowed(s)
             }
-            Value::Integer(_) | Value::Boolean(_) => return Some(Item { value, owned: None }),
-            Value::Timestamp(t) => t.format("%-m/%-d/%Y %-I:%M:%S %p").to_string(),
-            Value::Bytes(b) => base64::engine::general_purpose::STANDARD.encode(b),
-            Value::Reference(r) => r.to_string(),
+            Value::Integer(i) => ItemText::Integer(*i),
+            Value::Boolean(true) => ItemText::Borrowed("True"),
+            Value::Boolean(false) => ItemText::Borrowed("False"),
+            _ => {
+                let owned = owned_text(value);
+                if owned.is_empty() {
+                    return None;
+                }
+                ItemText::Owned(owned)
+            }
         };
-        (!owned.is_empty()).then_some(Item {
-            value,
-            owned: Some(owned),
-        })
+        Some(Item { value, text })
     }
 
     /// The value's text (spec §7.2, §4.3): strings as they are, integers in decimal, Booleans as
     /// `True`/`False`, timestamps as `M/d/yyyy h:mm:ss tt` in UTC, bytes as Base64, references as
-    /// their DN or id. Written on demand, so a test that reads an integer as a number never
-    /// formats it.
+    /// their DN or id.
     #[inline]
     fn text(&self) -> Text<'_> {
-        match (self.value, &self.owned) {
-            (_, Some(owned)) => Text::Borrowed(owned),
-            (Value::String(s), None) => Text::Borrowed(s.as_str()),
-            (Value::Integer(i), None) => Text::Integer(Decimal::new(*i)),
-            (Value::Boolean(true), None) => Text::Borrowed("True"),
-            (Value::Boolean(false), None) => Text::Borrowed("False"),
-            // `new` keeps the text of every other kind of value.
-            (Value::Timestamp(_) | Value::Bytes(_) | Value::Reference(_), None) => {
-                Text::Borrowed("")
-            }
+        match &self.text {
+            ItemText::Borrowed(s) => Text::Borrowed(s),
+            ItemText::Owned(s) => Text::Borrowed(s),
+            ItemText::Integer(i) => Text::Integer(Decimal::new(*i)),
         }
+    }
+}
+
+/// The text of a timestamp, bytes or a reference (see [`Item::text`]); empty for other values,
+/// whose text [`Item::new`] borrows.
+#[cold]
+fn owned_text(value: &Value) -> String {
+    match value {
+        Value::Timestamp(t) => t.format("%-m/%-d/%Y %-I:%M:%S %p").to_string(),
+        Value::Bytes(b) => base64::engine::general_purpose::STANDARD.encode(b),
+        Value::Reference(r) => r.to_string(),
+        Value::String(_) | Value::Integer(_) | Value::Boolean(_) => String::new(),
     }
 }
 
@@ -1238,29 +1258,17 @@ impl Decimal {
     }
 }
 
-/// The values of attribute `name` (bound as `slot`) whose text is not empty, as items, one at a
-/// time.
-#[inline]
-fn items_of<'v>(
-    entry: &'v dyn AttributeSource,
-    name: &str,
-    slot: usize,
-) -> impl Iterator<Item = Item<'v>> {
-    entry
-        .values(name, slot)
-        .map(|values| values.iter())
-        .into_iter()
-        .flatten()
-        .filter_map(Item::new)
-}
-
-/// The values of `name` with empty texts dropped (spec §7.2), collected (for explanations).
+/// The values of `name` (bound as `slot`) with empty texts dropped (spec §7.2), collected (for
+/// explanations).
 fn items<'v>(
     entry: &'v dyn AttributeSource,
     name: &str,
     slot: usize,
 ) -> smallvec::SmallVec<[Item<'v>; 2]> {
-    items_of(entry, name, slot).collect()
+    entry
+        .values(name, slot)
+        .map(|values| values.iter().filter_map(Item::new).collect())
+        .unwrap_or_default()
 }
 
 /// Integer-like text: optional sign and ASCII digits, within 64 bits.
@@ -1324,31 +1332,61 @@ fn fold(s: &str) -> String {
     s.chars().map(fold_char).collect()
 }
 
-/// `fold(text) == folded`, without allocating for ASCII text (ASCII folds to ASCII lower case;
-/// other text folds character by character).
+/// How many leading bytes of `text` fold to the leading bytes of `folded` one for one: the
+/// length of the ASCII run of `text` whose lower case `folded` starts with (an ASCII character
+/// folds to one ASCII byte). Both strings have a character boundary there.
+#[inline(always)]
+fn ascii_folded_prefix(text: &str, folded: &str) -> usize {
+    text.bytes()
+        .zip(folded.bytes())
+        .take_while(|(a, b)| a.is_ascii() && a.to_ascii_lowercase() == *b)
+        .count()
+}
+
+/// `fold(text) == folded`, without allocating: byte by byte while `text` is ASCII, then character
+/// by character.
+#[inline(always)]
 fn folded_eq(text: &str, folded: &str) -> bool {
-    if text.is_ascii() {
-        text.len() == folded.len()
-            && text
-                .bytes()
-                .zip(folded.bytes())
-                .all(|(a, b)| a.to_ascii_lowercase() == b)
-    } else {
-        text.chars().map(fold_char).eq(folded.chars())
+    let n = ascii_folded_prefix(text, folded);
+    match text.as_bytes().get(n) {
+        None => n == folded.len(),
+        // An ASCII character that differs, or more text than `folded`.
+        Some(b) if b.is_ascii() => false,
+        Some(_) => folded_eq_from(text, folded, n),
     }
 }
 
-/// `fold(text).starts_with(folded)`, without allocating.
+/// [`folded_eq`] from byte `n` of both strings on, character by character.
+fn folded_eq_from(text: &str, folded: &str, n: usize) -> bool {
+    match (text.get(n..), folded.get(n..)) {
+        (Some(text), Some(folded)) => text.chars().map(fold_char).eq(folded.chars()),
+        _ => false,
+    }
+}
+
+/// `fold(text).starts_with(folded)`, without allocating: byte by byte while `text` is ASCII, then
+/// character by character.
+#[inline(always)]
 fn folded_starts_with(text: &str, folded: &str) -> bool {
-    if text.is_ascii() {
-        text.len() >= folded.len()
-            && text
-                .bytes()
-                .zip(folded.bytes())
-                .all(|(a, b)| a.to_ascii_lowercase() == b)
-    } else {
-        let mut t = text.chars().map(fold_char);
-        folded.chars().all(|c| t.next() == Some(c))
+    let n = ascii_folded_prefix(text, folded);
+    if n == folded.len() {
+        return true;
+    }
+    match text.as_bytes().get(n) {
+        Some(b) if !b.is_ascii() => folded_starts_with_from(text, folded, n),
+        // The text ended, or an ASCII character differs.
+        _ => false,
+    }
+}
+
+/// [`folded_starts_with`] from byte `n` of both strings on, character by character.
+fn folded_starts_with_from(text: &str, folded: &str, n: usize) -> bool {
+    match (text.get(n..), folded.get(n..)) {
+        (Some(text), Some(folded)) => {
+            let mut t = text.chars().map(fold_char);
+            folded.chars().all(|c| t.next() == Some(c))
+        }
+        _ => false,
     }
 }
 
@@ -1411,22 +1449,17 @@ enum Quantifier {
 }
 
 impl Quantifier {
-    /// The item that decides the outcome: the first failing one for "all", the first passing one
-    /// for "any"; no item after it is tested. Both evaluation paths decide here.
+    /// Whether a value whose test came out `holds` decides the clause: a failing one for "all",
+    /// a passing one for "any". Both evaluation paths stop at the first such value.
     #[inline]
-    fn decisive<'v, T: std::borrow::Borrow<Item<'v>>>(
-        self,
-        items: impl IntoIterator<Item = T>,
-        holds: impl Fn(&Item<'v>) -> bool,
-    ) -> Option<T> {
-        let mut items = items.into_iter();
+    fn decides(self, holds: bool) -> bool {
         match self {
-            Quantifier::All => items.find(|i| !holds(i.borrow())),
-            Quantifier::Any => items.find(|i| holds(i.borrow())),
+            Quantifier::All => !holds,
+            Quantifier::Any => holds,
         }
     }
 
-    /// The clause's outcome, given whether a decisive item was found.
+    /// The clause's outcome on a non-null attribute, given whether a deciding value was found.
     #[inline]
     fn outcome(self, decided: bool) -> bool {
         match self {
@@ -1434,6 +1467,13 @@ impl Quantifier {
             Quantifier::Any => decided,
         }
     }
+}
+
+/// The per-value test the boolean path applies (see [`Clause::walk`]).
+#[derive(Clone, Copy)]
+enum ValueTest {
+    Provisioning(ProvisioningOperator),
+    ConnectSync(ConnectSyncOperator),
 }
 
 /// How a positive Connect Sync operator tests a non-null attribute: the quantifier and the
@@ -1449,6 +1489,7 @@ impl Clause {
     /// Whether the clause is true for the object: the result [`explain`](Self::explain) gives,
     /// without its detail. The values are tested one at a time as they come (none is collected,
     /// no message is built) and the walk stops at the value that decides.
+    #[inline(always)]
     fn holds(&self, entry: &dyn AttributeSource, members: &Members<'_>) -> bool {
         match self.operator {
             Operator::Provisioning(op) => self.provisioning_result(op, entry),
@@ -1460,27 +1501,18 @@ impl Clause {
     }
 
     /// [`check_provisioning`](Self::check_provisioning)'s result alone.
-    #[inline]
+    #[inline(always)]
     fn provisioning_result(&self, op: ProvisioningOperator, entry: &dyn AttributeSource) -> bool {
         use ProvisioningOperator as P;
-        let mut items = items_of(entry, &self.attribute, self.slot).peekable();
-        if items.peek().is_none() {
-            return op == P::IsNull;
-        }
         match op {
-            P::IsNull | P::IsNotNull => op == P::IsNotNull,
-            _ => {
-                let q = Quantifier::All;
-                q.outcome(
-                    q.decisive(items, |item| self.provisioning_holds(op, item))
-                        .is_some(),
-                )
-            }
+            P::IsNull => !self.has_value(entry),
+            P::IsNotNull => self.has_value(entry),
+            _ => self.walk(entry, Quantifier::All, ValueTest::Provisioning(op)),
         }
     }
 
     /// [`check_connect_sync`](Self::check_connect_sync)'s result alone, for a positive operator.
-    #[inline]
+    #[inline(always)]
     fn connect_sync_result(
         &self,
         op: ConnectSyncOperator,
@@ -1488,25 +1520,49 @@ impl Clause {
         members: &Members<'_>,
     ) -> bool {
         use ConnectSyncOperator as C;
-        if matches!(op, C::IsMemberOf | C::IsNotMemberOf) {
-            return self
-                .membership(members)
-                .is_some_and(|(member, _, _)| member);
-        }
-        let mut items = items_of(entry, &self.attribute, self.slot).peekable();
-        if items.peek().is_none() {
-            return op == C::IsNull;
-        }
         match op {
-            C::IsNull | C::IsNotNull => op == C::IsNotNull,
+            C::IsMemberOf | C::IsNotMemberOf => self
+                .membership(members)
+                .is_some_and(|(member, _, _)| member),
+            C::IsNull => !self.has_value(entry),
+            C::IsNotNull => self.has_value(entry),
             _ => {
                 let (q, test) = connect_sync_per_value(op);
-                q.outcome(
-                    q.decisive(items, |item| self.connect_sync_holds(test, item))
-                        .is_some(),
-                )
+                self.walk(entry, q, ValueTest::ConnectSync(test))
             }
         }
+    }
+
+    /// Whether the clause's attribute has a value whose text is not empty (is not null, §7.2).
+    #[inline]
+    fn has_value(&self, entry: &dyn AttributeSource) -> bool {
+        entry
+            .values(&self.attribute, self.slot)
+            .is_some_and(|values| values.iter().any(|v| Item::new(v).is_some()))
+    }
+
+    /// Tests the values of the clause's attribute one at a time, skipping those with empty text,
+    /// up to the value that decides; false on a null attribute (every operator tested per value
+    /// is false there).
+    #[inline(always)]
+    fn walk(&self, entry: &dyn AttributeSource, quantifier: Quantifier, test: ValueTest) -> bool {
+        let Some(values) = entry.values(&self.attribute, self.slot) else {
+            return false;
+        };
+        let mut seen = false;
+        for value in values.iter() {
+            if let Some(item) = Item::new(value) {
+                let holds = match test {
+                    ValueTest::Provisioning(op) => self.provisioning_holds(op, &item),
+                    ValueTest::ConnectSync(op) => self.connect_sync_holds(op, &item),
+                };
+                if quantifier.decides(holds) {
+                    return quantifier.outcome(true);
+                }
+                seen = true;
+            }
+        }
+        seen && quantifier.outcome(false)
     }
 
     /// Whether the object is a direct member of the clause's group, with the group and the
@@ -1570,7 +1626,7 @@ impl Clause {
     }
 
     /// The provisioning test on one value (both evaluation paths).
-    #[inline]
+    #[inline(always)]
     fn provisioning_holds(&self, op: ProvisioningOperator, item: &Item<'_>) -> bool {
         use ProvisioningOperator as P;
         match (op, &self.operand) {
@@ -1645,7 +1701,7 @@ impl Clause {
     }
 
     /// The positive Connect Sync test on one value (both evaluation paths).
-    #[inline]
+    #[inline(always)]
     fn connect_sync_holds(&self, op: ConnectSyncOperator, item: &Item<'_>) -> bool {
         use ConnectSyncOperator as C;
         match (&self.operand, op) {
@@ -1676,7 +1732,7 @@ impl Clause {
         quantifier: Quantifier,
         holds: impl Fn(&Item<'_>) -> bool,
     ) -> (bool, String) {
-        let decisive = quantifier.decisive(items, holds);
+        let decisive = items.iter().find(|i| quantifier.decides(holds(i)));
         let result = quantifier.outcome(decisive.is_some());
         let head = format!("{} = {}", self.attribute, render_items(items));
         let detail = match (decisive, items) {
@@ -3131,6 +3187,14 @@ mod tests {
             let a = one(Family::ConnectSync, ClauseSpec::unary("a", "ISNULL"));
             let b = one(Family::ConnectSync, ClauseSpec::unary("a", "ISNOTNULL"));
             prop_assert_ne!(a.evaluate(&entry, &no_groups), b.evaluate(&entry, &no_groups));
+        }
+
+        /// An integer's text written on the stack is its decimal form.
+        #[test]
+        fn integer_text_on_the_stack(n in prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), Just(0i64)]) {
+            let value = Value::Integer(n);
+            let item = Item::new(&value).unwrap();
+            prop_assert_eq!(item.text().to_string(), n.to_string());
         }
 
         /// The allocation-free comparisons agree with comparing folded strings.
