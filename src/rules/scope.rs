@@ -53,7 +53,6 @@
 //! assert!(filter.evaluate(&user, &|| Vec::<Dn>::new()));
 //! ```
 
-use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::cmp::Ordering;
 use std::fmt;
@@ -767,11 +766,9 @@ impl ScopeFilter {
             return true;
         }
         let members = Members::new(member_of);
-        self.groups.iter().any(|group| {
-            group
-                .iter()
-                .all(|clause| clause.check(entry, &members, false).0)
-        })
+        self.groups
+            .iter()
+            .any(|group| group.iter().all(|clause| clause.holds(entry, &members)))
     }
 
     /// Evaluates every clause of every group and says why each is true or false. The overall
@@ -785,7 +782,7 @@ impl ScopeFilter {
                 group
                     .iter()
                     .map(|clause| {
-                        let (result, detail) = clause.check(entry, &members, true);
+                        let (result, detail) = clause.explain(entry, &members);
                         ClauseResult {
                             attribute: clause.attribute.clone(),
                             operator: clause.operator.name().to_owned(),
@@ -1140,28 +1137,129 @@ impl<'a> Members<'a> {
     }
 }
 
-/// One attribute value as a clause sees it: the value and its text.
+/// One attribute value as a clause sees it (spec §7.2): the value and its text, the text read
+/// once — borrowed for strings and Booleans, kept as the number for integers (written out only
+/// when a test reads it as text), made once for timestamps, bytes and references. Built only for
+/// values whose text is not empty.
 struct Item<'v> {
     value: &'v Value,
-    text: Cow<'v, str>,
+    text: ItemText<'v>,
 }
 
-/// A value's text (spec §7.2, §4.3): strings as they are, integers in decimal, Booleans as
-/// `True`/`False`, timestamps as `M/d/yyyy h:mm:ss tt` in UTC, bytes as Base64, references as
-/// their DN or id.
-fn value_text(v: &Value) -> Cow<'_, str> {
-    match v {
-        Value::String(s) => Cow::Borrowed(s.as_str()),
-        Value::Integer(i) => Cow::Owned(i.to_string()),
-        Value::Boolean(true) => Cow::Borrowed("True"),
-        Value::Boolean(false) => Cow::Borrowed("False"),
-        Value::Timestamp(t) => Cow::Owned(t.format("%-m/%-d/%Y %-I:%M:%S %p").to_string()),
-        Value::Bytes(b) => Cow::Owned(base64::engine::general_purpose::STANDARD.encode(b)),
-        Value::Reference(r) => Cow::Owned(r.to_string()),
+/// The text of an [`Item`] as it is kept.
+enum ItemText<'v> {
+    Borrowed(&'v str),
+    Integer(i64),
+    Owned(String),
+}
+
+impl<'v> Item<'v> {
+    /// The item for `value`, or `None` when its text is empty (such values are dropped, §7.2).
+    /// Strings, integers and Booleans cost no allocation.
+    #[inline]
+    fn new(value: &'v Value) -> Option<Item<'v>> {
+        let text = match value {
+            Value::String(s) => {
+                let s = s.as_str();
+                if s.is_empty() {
+                    return None;
+                }
+                ItemText::Borrowed(s)
+            }
+            Value::Integer(i) => ItemText::Integer(*i),
+            Value::Boolean(true) => ItemText::Borrowed("True"),
+            Value::Boolean(false) => ItemText::Borrowed("False"),
+            _ => {
+                let owned = owned_text(value);
+                if owned.is_empty() {
+                    return None;
+                }
+                ItemText::Owned(owned)
+            }
+        };
+        Some(Item { value, text })
+    }
+
+    /// The value's text (spec §7.2, §4.3): strings as they are, integers in decimal, Booleans as
+    /// `True`/`False`, timestamps as `M/d/yyyy h:mm:ss tt` in UTC, bytes as Base64, references as
+    /// their DN or id.
+    #[inline]
+    fn text(&self) -> Text<'_> {
+        match &self.text {
+            ItemText::Borrowed(s) => Text::Borrowed(s),
+            ItemText::Owned(s) => Text::Borrowed(s),
+            ItemText::Integer(i) => Text::Integer(Decimal::new(*i)),
+        }
     }
 }
 
-/// The values of `name` with empty texts dropped (spec §7.2).
+/// The text of a timestamp, bytes or a reference (see [`Item::text`]); empty for other values,
+/// whose text [`Item::new`] borrows.
+#[cold]
+fn owned_text(value: &Value) -> String {
+    match value {
+        Value::Timestamp(t) => t.format("%-m/%-d/%Y %-I:%M:%S %p").to_string(),
+        Value::Bytes(b) => base64::engine::general_purpose::STANDARD.encode(b),
+        Value::Reference(r) => r.to_string(),
+        Value::String(_) | Value::Integer(_) | Value::Boolean(_) => String::new(),
+    }
+}
+
+/// A value's text: borrowed, or an integer written on the stack.
+enum Text<'a> {
+    Borrowed(&'a str),
+    Integer(Decimal),
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    #[inline]
+    fn deref(&self) -> &str {
+        match self {
+            Text::Borrowed(s) => s,
+            Text::Integer(d) => d.as_str(),
+        }
+    }
+}
+
+/// An `i64` in decimal, in a buffer wide enough for `-9223372036854775808`.
+struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    fn new(n: i64) -> Decimal {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        let mut rest = n.unsigned_abs();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        if n < 0 {
+            start -= 1;
+            digits[start] = b'-';
+        }
+        Decimal { digits, start }
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII digits and '-' are ever written, so this never falls back.
+        self.digits
+            .get(self.start..)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// The values of `name` (bound as `slot`) with empty texts dropped (spec §7.2), collected (for
+/// explanations).
 fn items<'v>(
     entry: &'v dyn AttributeSource,
     name: &str,
@@ -1169,16 +1267,7 @@ fn items<'v>(
 ) -> smallvec::SmallVec<[Item<'v>; 2]> {
     entry
         .values(name, slot)
-        .map(|values| {
-            values
-                .iter()
-                .map(|value| Item {
-                    value,
-                    text: value_text(value),
-                })
-                .filter(|i| !i.text.is_empty())
-                .collect()
-        })
+        .map(|values| values.iter().filter_map(Item::new).collect())
         .unwrap_or_default()
 }
 
@@ -1205,14 +1294,14 @@ fn boolean_text(s: &str) -> Option<bool> {
 fn integer_like(item: &Item<'_>) -> Option<i64> {
     match item.value {
         Value::Integer(i) => Some(*i),
-        _ => integer_text(&item.text),
+        _ => integer_text(&item.text()),
     }
 }
 
 fn boolean_like(item: &Item<'_>) -> Option<bool> {
     match item.value {
         Value::Boolean(b) => Some(*b),
-        _ => boolean_text(&item.text),
+        _ => boolean_text(&item.text()),
     }
 }
 
@@ -1243,31 +1332,61 @@ fn fold(s: &str) -> String {
     s.chars().map(fold_char).collect()
 }
 
-/// `fold(text) == folded`, without allocating for ASCII text (ASCII folds to ASCII lower case;
-/// other text folds character by character).
+/// How many leading bytes of `text` fold to the leading bytes of `folded` one for one: the
+/// length of the ASCII run of `text` whose lower case `folded` starts with (an ASCII character
+/// folds to one ASCII byte). Both strings have a character boundary there.
+#[inline(always)]
+fn ascii_folded_prefix(text: &str, folded: &str) -> usize {
+    text.bytes()
+        .zip(folded.bytes())
+        .take_while(|(a, b)| a.is_ascii() && a.to_ascii_lowercase() == *b)
+        .count()
+}
+
+/// `fold(text) == folded`, without allocating: byte by byte while `text` is ASCII, then character
+/// by character.
+#[inline(always)]
 fn folded_eq(text: &str, folded: &str) -> bool {
-    if text.is_ascii() {
-        text.len() == folded.len()
-            && text
-                .bytes()
-                .zip(folded.bytes())
-                .all(|(a, b)| a.to_ascii_lowercase() == b)
-    } else {
-        text.chars().map(fold_char).eq(folded.chars())
+    let n = ascii_folded_prefix(text, folded);
+    match text.as_bytes().get(n) {
+        None => n == folded.len(),
+        // An ASCII character that differs, or more text than `folded`.
+        Some(b) if b.is_ascii() => false,
+        Some(_) => folded_eq_from(text, folded, n),
     }
 }
 
-/// `fold(text).starts_with(folded)`, without allocating.
+/// [`folded_eq`] from byte `n` of both strings on, character by character.
+fn folded_eq_from(text: &str, folded: &str, n: usize) -> bool {
+    match (text.get(n..), folded.get(n..)) {
+        (Some(text), Some(folded)) => text.chars().map(fold_char).eq(folded.chars()),
+        _ => false,
+    }
+}
+
+/// `fold(text).starts_with(folded)`, without allocating: byte by byte while `text` is ASCII, then
+/// character by character.
+#[inline(always)]
 fn folded_starts_with(text: &str, folded: &str) -> bool {
-    if text.is_ascii() {
-        text.len() >= folded.len()
-            && text
-                .bytes()
-                .zip(folded.bytes())
-                .all(|(a, b)| a.to_ascii_lowercase() == b)
-    } else {
-        let mut t = text.chars().map(fold_char);
-        folded.chars().all(|c| t.next() == Some(c))
+    let n = ascii_folded_prefix(text, folded);
+    if n == folded.len() {
+        return true;
+    }
+    match text.as_bytes().get(n) {
+        Some(b) if !b.is_ascii() => folded_starts_with_from(text, folded, n),
+        // The text ended, or an ASCII character differs.
+        _ => false,
+    }
+}
+
+/// [`folded_starts_with`] from byte `n` of both strings on, character by character.
+fn folded_starts_with_from(text: &str, folded: &str, n: usize) -> bool {
+    match (text.get(n..), folded.get(n..)) {
+        (Some(text), Some(folded)) => {
+            let mut t = text.chars().map(fold_char);
+            folded.chars().all(|c| t.next() == Some(c))
+        }
+        _ => false,
     }
 }
 
@@ -1305,12 +1424,12 @@ fn folded_contains(text: &str, folded: &str) -> bool {
 /// Renders attribute values for explanations: `"Sales"` or `["a", "b"]` (at most five shown).
 fn render_items(items: &[Item<'_>]) -> String {
     match items {
-        [one] => format!("{:?}", one.text),
+        [one] => format!("{:?}", &*one.text()),
         _ => {
             let shown: Vec<String> = items
                 .iter()
                 .take(5)
-                .map(|i| format!("{:?}", i.text))
+                .map(|i| format!("{:?}", &*i.text()))
                 .collect();
             let more = if items.len() > 5 {
                 format!(", … ({} values)", items.len())
@@ -1329,31 +1448,148 @@ enum Quantifier {
     Any,
 }
 
+impl Quantifier {
+    /// Whether a value whose test came out `holds` decides the clause: a failing one for "all",
+    /// a passing one for "any". Both evaluation paths stop at the first such value.
+    #[inline]
+    fn decides(self, holds: bool) -> bool {
+        match self {
+            Quantifier::All => !holds,
+            Quantifier::Any => holds,
+        }
+    }
+
+    /// The clause's outcome on a non-null attribute, given whether a deciding value was found.
+    #[inline]
+    fn outcome(self, decided: bool) -> bool {
+        match self {
+            Quantifier::All => !decided,
+            Quantifier::Any => decided,
+        }
+    }
+}
+
+/// The per-value test the boolean path applies (see [`Clause::walk`]).
+#[derive(Clone, Copy)]
+enum ValueTest {
+    Provisioning(ProvisioningOperator),
+    ConnectSync(ConnectSyncOperator),
+}
+
+/// How a positive Connect Sync operator tests a non-null attribute: the quantifier and the
+/// per-value test (`ISIN` is "any value equals").
+fn connect_sync_per_value(op: ConnectSyncOperator) -> (Quantifier, ConnectSyncOperator) {
+    match op {
+        ConnectSyncOperator::IsIn => (Quantifier::Any, ConnectSyncOperator::Equal),
+        _ => (Quantifier::All, op),
+    }
+}
+
 impl Clause {
-    /// Evaluates the clause; the detail text is built only when `explain` is set.
-    fn check(
+    /// Whether the clause is true for the object: the result [`explain`](Self::explain) gives,
+    /// without its detail. The values are tested one at a time as they come (none is collected,
+    /// no message is built) and the walk stops at the value that decides.
+    #[inline(always)]
+    fn holds(&self, entry: &dyn AttributeSource, members: &Members<'_>) -> bool {
+        match self.operator {
+            Operator::Provisioning(op) => self.provisioning_result(op, entry),
+            Operator::ConnectSync(op) => match op.complement_of() {
+                None => self.connect_sync_result(op, entry, members),
+                Some(positive) => !self.connect_sync_result(positive, entry, members),
+            },
+        }
+    }
+
+    /// [`check_provisioning`](Self::check_provisioning)'s result alone.
+    #[inline(always)]
+    fn provisioning_result(&self, op: ProvisioningOperator, entry: &dyn AttributeSource) -> bool {
+        use ProvisioningOperator as P;
+        match op {
+            P::IsNull => !self.has_value(entry),
+            P::IsNotNull => self.has_value(entry),
+            _ => self.walk(entry, Quantifier::All, ValueTest::Provisioning(op)),
+        }
+    }
+
+    /// [`check_connect_sync`](Self::check_connect_sync)'s result alone, for a positive operator.
+    #[inline(always)]
+    fn connect_sync_result(
         &self,
+        op: ConnectSyncOperator,
         entry: &dyn AttributeSource,
         members: &Members<'_>,
-        explain: bool,
-    ) -> (bool, String) {
+    ) -> bool {
+        use ConnectSyncOperator as C;
+        match op {
+            C::IsMemberOf | C::IsNotMemberOf => self
+                .membership(members)
+                .is_some_and(|(member, _, _)| member),
+            C::IsNull => !self.has_value(entry),
+            C::IsNotNull => self.has_value(entry),
+            _ => {
+                let (q, test) = connect_sync_per_value(op);
+                self.walk(entry, q, ValueTest::ConnectSync(test))
+            }
+        }
+    }
+
+    /// Whether the clause's attribute has a value whose text is not empty (is not null, §7.2).
+    #[inline]
+    fn has_value(&self, entry: &dyn AttributeSource) -> bool {
+        entry
+            .values(&self.attribute, self.slot)
+            .is_some_and(|values| values.iter().any(|v| Item::new(v).is_some()))
+    }
+
+    /// Tests the values of the clause's attribute one at a time, skipping those with empty text,
+    /// up to the value that decides; false on a null attribute (every operator tested per value
+    /// is false there).
+    #[inline(always)]
+    fn walk(&self, entry: &dyn AttributeSource, quantifier: Quantifier, test: ValueTest) -> bool {
+        let Some(values) = entry.values(&self.attribute, self.slot) else {
+            return false;
+        };
+        let mut seen = false;
+        for value in values.iter() {
+            if let Some(item) = Item::new(value) {
+                let holds = match test {
+                    ValueTest::Provisioning(op) => self.provisioning_holds(op, &item),
+                    ValueTest::ConnectSync(op) => self.connect_sync_holds(op, &item),
+                };
+                if quantifier.decides(holds) {
+                    return quantifier.outcome(true);
+                }
+                seen = true;
+            }
+        }
+        seen && quantifier.outcome(false)
+    }
+
+    /// Whether the object is a direct member of the clause's group, with the group and the
+    /// object's memberships (fetched at most once per evaluation); `None` for a clause without a
+    /// group.
+    fn membership<'s, 'm>(&'s self, members: &'m Members<'_>) -> Option<(bool, &'s Dn, &'m [Dn])> {
+        let Operand::Group(group) = &self.operand else {
+            return None;
+        };
+        let groups = members.get();
+        Some((groups.iter().any(|g| g == group.as_ref()), group, groups))
+    }
+
+    /// Evaluates the clause and says why it is true or false.
+    fn explain(&self, entry: &dyn AttributeSource, members: &Members<'_>) -> (bool, String) {
         match self.operator {
-            Operator::Provisioning(op) => self.check_provisioning(op, entry, explain),
+            Operator::Provisioning(op) => self.check_provisioning(op, entry),
             Operator::ConnectSync(op) => match op.complement_of() {
-                None => self.check_connect_sync(op, entry, members, explain, false),
+                None => self.check_connect_sync(op, entry, members, false),
                 Some(positive) => {
-                    let (result, detail) =
-                        self.check_connect_sync(positive, entry, members, explain, true);
-                    let detail = if explain {
-                        format!(
-                            "{detail}, so {} is {result} and {} is {}",
-                            positive.name(),
-                            op.name(),
-                            !result
-                        )
-                    } else {
-                        detail
-                    };
+                    let (result, detail) = self.check_connect_sync(positive, entry, members, true);
+                    let detail = format!(
+                        "{detail}, so {} is {result} and {} is {}",
+                        positive.name(),
+                        op.name(),
+                        !result
+                    );
                     (!result, detail)
                 }
             },
@@ -1364,16 +1600,13 @@ impl Clause {
         &self,
         op: ProvisioningOperator,
         entry: &dyn AttributeSource,
-        explain: bool,
     ) -> (bool, String) {
         use ProvisioningOperator as P;
         let items = items(entry, &self.attribute, self.slot);
         let attr = &self.attribute;
         if items.is_empty() {
             let result = op == P::IsNull;
-            let detail = if !explain {
-                String::new()
-            } else if result {
+            let detail = if result {
                 format!("{attr} is null/empty")
             } else {
                 format!("{attr} is null/empty, so {} is false", op.name())
@@ -1383,33 +1616,30 @@ impl Clause {
         match op {
             P::IsNull | P::IsNotNull => {
                 let result = op == P::IsNotNull;
-                let detail = if explain {
-                    format!("{attr} = {} is not null/empty", render_items(&items))
-                } else {
-                    String::new()
-                };
+                let detail = format!("{attr} = {} is not null/empty", render_items(&items));
                 (result, detail)
             }
-            _ => self.quantified(&items, Quantifier::All, explain, |item| {
+            _ => self.quantified(&items, Quantifier::All, |item| {
                 self.provisioning_holds(op, item)
             }),
         }
     }
 
+    /// The provisioning test on one value (both evaluation paths).
+    #[inline(always)]
     fn provisioning_holds(&self, op: ProvisioningOperator, item: &Item<'_>) -> bool {
         use ProvisioningOperator as P;
-        let text: &str = &item.text;
         match (op, &self.operand) {
-            (P::Equals, Operand::Text(t)) => text == t.raw,
-            (P::NotEquals, Operand::Text(t)) => text != t.raw,
-            (P::Includes, Operand::Text(t)) => text.contains(t.raw.as_str()),
-            (P::EndsWith, Operand::Text(t)) => text.ends_with(t.raw.as_str()),
-            (P::OccursIn, Operand::Text(t)) => t.raw.contains(text),
-            (P::NotOccursIn, Operand::Text(t)) => !t.raw.contains(text),
+            (P::Equals, Operand::Text(t)) => *item.text() == *t.raw,
+            (P::NotEquals, Operand::Text(t)) => *item.text() != *t.raw,
+            (P::Includes, Operand::Text(t)) => item.text().contains(t.raw.as_str()),
+            (P::EndsWith, Operand::Text(t)) => item.text().ends_with(t.raw.as_str()),
+            (P::OccursIn, Operand::Text(t)) => t.raw.contains(&*item.text()),
+            (P::NotOccursIn, Operand::Text(t)) => !t.raw.contains(&*item.text()),
             (P::IsTrue, _) => boolean_like(item) == Some(true),
             (P::IsFalse, _) => boolean_like(item) == Some(false),
-            (P::RegexMatch, Operand::Regex(re)) => re.is_match(text),
-            (P::NotRegexMatch, Operand::Regex(re)) => !re.is_match(text),
+            (P::RegexMatch, Operand::Regex(re)) => re.is_match(&item.text()),
+            (P::NotRegexMatch, Operand::Regex(re)) => !re.is_match(&item.text()),
             (P::GreaterThan, Operand::Integer(n)) => integer_like(item).is_some_and(|v| v > *n),
             (P::GreaterThanOrEquals, Operand::Integer(n)) => {
                 integer_like(item).is_some_and(|v| v >= *n)
@@ -1427,19 +1657,14 @@ impl Clause {
         op: ConnectSyncOperator,
         entry: &dyn AttributeSource,
         members: &Members<'_>,
-        explain: bool,
         negated: bool,
     ) -> (bool, String) {
         use ConnectSyncOperator as C;
         if matches!(op, C::IsMemberOf | C::IsNotMemberOf) {
-            let Operand::Group(group) = &self.operand else {
+            let Some((result, group, groups)) = self.membership(members) else {
                 return (false, String::new());
             };
-            let groups = members.get();
-            let result = groups.iter().any(|g| g == group.as_ref());
-            let detail = if !explain {
-                String::new()
-            } else if result {
+            let detail = if result {
                 format!("the object is a direct member of {:?}", group.as_str())
             } else {
                 format!(
@@ -1455,9 +1680,7 @@ impl Clause {
         let attr = &self.attribute;
         if items.is_empty() {
             let result = op == C::IsNull;
-            let detail = if !explain {
-                String::new()
-            } else if result || negated {
+            let detail = if result || negated {
                 format!("{attr} is null/empty")
             } else {
                 format!("{attr} is null/empty, so {} is false", op.name())
@@ -1467,23 +1690,18 @@ impl Clause {
         match op {
             C::IsNull | C::IsNotNull => {
                 let result = op == C::IsNotNull;
-                let detail = if explain {
-                    format!("{attr} = {} is not null/empty", render_items(&items))
-                } else {
-                    String::new()
-                };
+                let detail = format!("{attr} = {} is not null/empty", render_items(&items));
                 (result, detail)
             }
-            C::IsIn => self.quantified(&items, Quantifier::Any, explain, |item| {
-                self.connect_sync_holds(C::Equal, item)
-            }),
-            _ => self.quantified(&items, Quantifier::All, explain, |item| {
-                self.connect_sync_holds(op, item)
-            }),
+            _ => {
+                let (q, test) = connect_sync_per_value(op);
+                self.quantified(&items, q, |item| self.connect_sync_holds(test, item))
+            }
         }
     }
 
-    /// The positive Connect Sync test on one value.
+    /// The positive Connect Sync test on one value (both evaluation paths).
+    #[inline(always)]
     fn connect_sync_holds(&self, op: ConnectSyncOperator, item: &Item<'_>) -> bool {
         use ConnectSyncOperator as C;
         match (&self.operand, op) {
@@ -1492,11 +1710,11 @@ impl Clause {
             }
             (Operand::Text(t), C::Equal | C::IsIn) => match (item.value, t.boolean) {
                 (Value::Boolean(b), Some(c)) => *b == c,
-                _ => folded_eq(&item.text, &t.folded),
+                _ => folded_eq(&item.text(), &t.folded),
             },
-            (Operand::Text(t), C::Contains) => folded_contains(&item.text, &t.folded),
-            (Operand::Text(t), C::StartsWith) => folded_starts_with(&item.text, &t.folded),
-            (Operand::Text(t), C::EndsWith) => folded_ends_with(&item.text, &t.folded),
+            (Operand::Text(t), C::Contains) => folded_contains(&item.text(), &t.folded),
+            (Operand::Text(t), C::StartsWith) => folded_starts_with(&item.text(), &t.folded),
+            (Operand::Text(t), C::EndsWith) => folded_ends_with(&item.text(), &t.folded),
             (Operand::Text(t), C::LessThan) => order(item, t) == Ordering::Less,
             (Operand::Text(t), C::LessThanOrEqual) => order(item, t) != Ordering::Greater,
             (Operand::Text(t), C::GreaterThan) => order(item, t) == Ordering::Greater,
@@ -1507,31 +1725,19 @@ impl Clause {
         }
     }
 
-    /// Combines a per-value test over `items` and, when explaining, says which value decided.
+    /// Combines a per-value test over `items` and says which value decided.
     fn quantified(
         &self,
         items: &[Item<'_>],
         quantifier: Quantifier,
-        explain: bool,
         holds: impl Fn(&Item<'_>) -> bool,
     ) -> (bool, String) {
-        // The value that decides the outcome: the first failing one for "all", the first
-        // passing one for "any".
-        let decisive = match quantifier {
-            Quantifier::All => items.iter().find(|i| !holds(i)),
-            Quantifier::Any => items.iter().find(|i| holds(i)),
-        };
-        let result = match quantifier {
-            Quantifier::All => decisive.is_none(),
-            Quantifier::Any => decisive.is_some(),
-        };
-        if !explain {
-            return (result, String::new());
-        }
+        let decisive = items.iter().find(|i| quantifier.decides(holds(i)));
+        let result = quantifier.outcome(decisive.is_some());
         let head = format!("{} = {}", self.attribute, render_items(items));
         let detail = match (decisive, items) {
             (Some(item), [_]) => format!("{head} {}", self.phrase(item, result)),
-            (Some(item), _) => format!("{head}: {:?} {}", item.text, self.phrase(item, result)),
+            (Some(item), _) => format!("{head}: {:?} {}", &*item.text(), self.phrase(item, result)),
             (None, [item]) => format!("{head} {}", self.phrase(item, result)),
             (None, _) => {
                 let (first, prefix) = match items.first() {
@@ -1619,7 +1825,11 @@ fn order(item: &Item<'_>, operand: &TextOperand) -> Ordering {
     match (integer_like(item), operand.integer) {
         (Some(a), Some(b)) => a.cmp(&b),
         // UTF-8 byte order is code point order: compare the folded characters as they come.
-        _ => item.text.chars().map(fold_char).cmp(operand.folded.chars()),
+        _ => item
+            .text()
+            .chars()
+            .map(fold_char)
+            .cmp(operand.folded.chars()),
     }
 }
 
@@ -2720,6 +2930,206 @@ mod tests {
         ]
     }
 
+    // ---- the fast path agrees with the explanation ---------------------------------------------
+
+    const P_TEXT: [&str; 6] = ["EQUALS", "NOT EQUALS", "Includes", "ENDS_WITH", "&", "!&"];
+    const P_UNARY: [&str; 4] = ["IS TRUE", "IS FALSE", "IS NULL", "IS NOT NULL"];
+    const P_REGEX: [&str; 2] = ["REGEX MATCH", "NOT REGEX MATCH"];
+    const P_INTEGER: [&str; 2] = ["Greater_Than", "Greater_Than_OR_EQUALS"];
+    const C_TEXT: [&str; 14] = [
+        "EQUAL",
+        "NOTEQUAL",
+        "LESSTHAN",
+        "LESSTHAN_OR_EQUAL",
+        "GREATERTHAN",
+        "GREATERTHAN_OR_EQUAL",
+        "CONTAINS",
+        "NOTCONTAINS",
+        "STARTSWITH",
+        "NOTSTARTSWITH",
+        "ENDSWITH",
+        "NOTENDSWITH",
+        "ISIN",
+        "ISNOTIN",
+    ];
+    const C_UNARY: [&str; 2] = ["ISNULL", "ISNOTNULL"];
+    const C_MASK: [&str; 2] = ["ISBITSET", "ISNOTBITSET"];
+    const C_GROUP: [&str; 2] = ["ISMEMBEROF", "ISNOTMEMBEROF"];
+    const GROUP_DNS: [&str; 3] = ["CN=Sales,DC=x", "cn=sales, dc=X", "CN=Eng,DC=x"];
+
+    /// The strategies below draw from every operator of both families.
+    #[test]
+    fn agreement_strategies_cover_every_operator() {
+        let mut drawn: Vec<&str> = [&P_TEXT[..], &P_UNARY, &P_REGEX, &P_INTEGER]
+            .concat()
+            .into_iter()
+            .chain([&C_TEXT[..], &C_UNARY, &C_MASK, &C_GROUP].concat())
+            .collect();
+        drawn.sort_unstable();
+        let mut all: Vec<&str> = Family::Provisioning
+            .operators()
+            .into_iter()
+            .chain(Family::ConnectSync.operators())
+            .map(|o| o.name())
+            .collect();
+        all.sort_unstable();
+        assert_eq!(drawn, all);
+    }
+
+    /// Attribute names the clauses read (`A` is `a` in another case; `d` is never set).
+    fn scoped_attribute() -> impl Strategy<Value = &'static str> {
+        proptest::sample::select(vec!["a", "b", "c", "A", "d"])
+    }
+
+    /// Texts both clause values and attribute values draw from, so that they often meet: empty,
+    /// ASCII in both cases, non-ASCII text that folds to ASCII (`ſ`, the Kelvin sign), that folds
+    /// to several characters or none (`ß`, `İ`), integer- and Boolean-like texts, and the texts of
+    /// the non-string values of [`scoped_value`].
+    const WORDS: [&str; 24] = [
+        "",
+        "a",
+        "A",
+        "ab",
+        "aB",
+        "svc-",
+        "SVC-x",
+        "ſvc-",
+        "\u{212a}",
+        "k",
+        "5",
+        "-5",
+        "+5",
+        "007",
+        "True",
+        "false",
+        "ß",
+        "ss",
+        "İ",
+        "é",
+        "σς",
+        "Σ",
+        "AQID",
+        "12/25/2024 12:00:00 AM",
+    ];
+
+    /// Text clause values.
+    fn text_operand() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            4 => proptest::sample::select(WORDS.to_vec()).prop_map(|s| json!(s)),
+            1 => "[aAbſ\u{212a}k5ß -]{0,3}".prop_map(|s| json!(s)),
+            1 => (-8i64..8).prop_map(|i| json!(i)),
+            1 => any::<bool>().prop_map(|b| json!(b)),
+        ]
+    }
+
+    /// A clause of `family` with a supported operator and an operand of its kind.
+    fn valid_clause(family: Family) -> BoxedStrategy<ClauseSpec> {
+        let select = |names: &[&'static str]| proptest::sample::select(names.to_vec());
+        match family {
+            Family::Provisioning => prop_oneof![
+                (scoped_attribute(), select(&P_TEXT), text_operand())
+                    .prop_map(|(a, o, v)| ClauseSpec::new(a, o, v)),
+                (scoped_attribute(), select(&P_UNARY)).prop_map(|(a, o)| ClauseSpec::unary(a, o)),
+                (
+                    scoped_attribute(),
+                    select(&P_REGEX),
+                    select(&["^a", "b$", "[0-9]+", "^(True|False)$", "é", "^$", "s"]),
+                )
+                    .prop_map(|(a, o, v)| ClauseSpec::new(a, o, v)),
+                (scoped_attribute(), select(&P_INTEGER), -50i64..50)
+                    .prop_map(|(a, o, v)| ClauseSpec::new(a, o, v)),
+            ]
+            .boxed(),
+            Family::ConnectSync => prop_oneof![
+                (scoped_attribute(), select(&C_TEXT), text_operand())
+                    .prop_map(|(a, o, v)| ClauseSpec::new(a, o, v)),
+                (scoped_attribute(), select(&C_UNARY)).prop_map(|(a, o)| ClauseSpec::unary(a, o)),
+                (scoped_attribute(), select(&C_MASK), 1i64..16)
+                    .prop_map(|(a, o, v)| ClauseSpec::new(a, o, v)),
+                (select(&C_GROUP), select(&GROUP_DNS)).prop_map(|(o, g)| ClauseSpec::new("", o, g)),
+            ]
+            .boxed(),
+        }
+    }
+
+    /// A filter of either family: zero to three groups of one to four valid clauses.
+    fn valid_filter() -> impl Strategy<Value = FilterSpec> {
+        prop_oneof![Just(Family::Provisioning), Just(Family::ConnectSync)].prop_flat_map(|family| {
+            proptest::collection::vec(proptest::collection::vec(valid_clause(family), 1..5), 0..4)
+                .prop_map(move |groups| FilterSpec { family, groups })
+        })
+    }
+
+    /// Attribute values: the texts of [`WORDS`] and random ones, integers, Booleans, bytes
+    /// (empty ones too), a timestamp and a reference.
+    fn scoped_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            8 => proptest::sample::select(WORDS.to_vec()).prop_map(Value::string),
+            2 => "[aAbſ\u{212a}k5ß -]{0,4}".prop_map(Value::string),
+            2 => (-8i64..8).prop_map(Value::Integer),
+            1 => any::<i64>().prop_map(Value::Integer),
+            2 => any::<bool>().prop_map(Value::Boolean),
+            1 => proptest::collection::vec(1u8..4, 0..4).prop_map(Value::Bytes),
+            1 => Just(Value::Timestamp(
+                chrono::Utc.with_ymd_and_hms(2024, 12, 25, 0, 0, 0).unwrap()
+            )),
+            1 => Just(Value::dn_ref(Dn::parse("CN=Boss,DC=x").unwrap())),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// The boolean path (`evaluate`, `evaluate_in` over a bound view, each clause's `holds`)
+        /// gives exactly the explanation's results, and fetches memberships at most once (never
+        /// without a membership clause).
+        #[test]
+        fn evaluation_agrees_with_explain(
+            spec in valid_filter(),
+            values in proptest::collection::vec(proptest::collection::vec(scoped_value(), 0..5), 3),
+            member_of_groups in proptest::collection::vec(proptest::sample::select(GROUP_DNS.to_vec()), 0..3),
+        ) {
+            let f = match ScopeFilter::compile(&spec) {
+                Ok(f) => f,
+                Err(e) => return Err(TestCaseError::fail(format!("{spec:?}: {e:?}"))),
+            };
+            let mut entry = Attributes::new();
+            for (name, v) in ["a", "b", "c"].into_iter().zip(values) {
+                entry.set(name, crate::model::Values::from(v));
+            }
+            let groups: Vec<Dn> = member_of_groups.iter().map(|g| Dn::parse(g).unwrap()).collect();
+            let calls = Cell::new(0);
+            let member_of = || {
+                calls.set(calls.get() + 1);
+                groups.clone()
+            };
+            let most = usize::from(spec.groups.iter().flatten().any(|c| C_GROUP.contains(&c.operator.as_str())));
+
+            let explanation = f.explain(&entry, &member_of);
+            prop_assert!(calls.replace(0) <= most);
+            prop_assert_eq!(f.evaluate(&entry, &member_of), explanation.in_scope, "{}", explanation);
+            prop_assert!(calls.replace(0) <= most);
+
+            let mut table: Vec<AttrName> = f.attribute_names().into_iter().map(AttrName::new).collect();
+            table.sort();
+            table.dedup();
+            let mut bound = f.clone();
+            bound.bind(&table);
+            let view = crate::rules::eval::Slotted::new(&table, &entry);
+            prop_assert_eq!(bound.evaluate_in(&view, &member_of), explanation.in_scope, "{}", explanation);
+            prop_assert!(calls.replace(0) <= most);
+
+            let members = Members::new(&member_of);
+            for ((group, bound_group), results) in f.groups.iter().zip(&bound.groups).zip(&explanation.groups) {
+                for ((clause, bound_clause), result) in group.iter().zip(bound_group).zip(results) {
+                    prop_assert_eq!(clause.holds(&entry, &members), result.result, "{}", result.detail);
+                    prop_assert_eq!(bound_clause.holds(&view, &members), result.result, "{}", result.detail);
+                }
+            }
+            prop_assert!(calls.get() <= most);
+        }
+    }
+
     proptest! {
         #[test]
         fn compile_and_evaluate_never_panic(
@@ -2777,6 +3187,14 @@ mod tests {
             let a = one(Family::ConnectSync, ClauseSpec::unary("a", "ISNULL"));
             let b = one(Family::ConnectSync, ClauseSpec::unary("a", "ISNOTNULL"));
             prop_assert_ne!(a.evaluate(&entry, &no_groups), b.evaluate(&entry, &no_groups));
+        }
+
+        /// An integer's text written on the stack is its decimal form.
+        #[test]
+        fn integer_text_on_the_stack(n in prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), Just(0i64)]) {
+            let value = Value::Integer(n);
+            let item = Item::new(&value).unwrap();
+            prop_assert_eq!(item.text().to_string(), n.to_string());
         }
 
         /// The allocation-free comparisons agree with comparing folded strings.
