@@ -713,7 +713,10 @@ impl RuleSet {
     ) -> Result<Option<(Values, bool)>, FlowFailure> {
         // Direct mappings flow the source values as they are (typed, references kept).
         if let Some((name, slot)) = flow.program.direct_attribute() {
-            let values = view.values(name, slot).cloned().unwrap_or_default();
+            let values = view
+                .values(name, slot)
+                .map(eval::detach_values)
+                .unwrap_or_default();
             if values.is_empty() {
                 if let Some(d) = &flow.default {
                     return Ok(Some((d.clone(), false)));
