@@ -526,7 +526,12 @@ pub fn to_file_time(dt: DateTime<Utc>) -> EvalResult<i64> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Tok {
-    Lit(String),
+    /// Literal text. `optional_dot`: the text ends with a `.` that input may leave out, because
+    /// a trimmed fraction (`F…`) follows (as .NET renders no `.` without fraction digits).
+    Lit {
+        text: String,
+        optional_dot: bool,
+    },
     /// 1 = `y`, 2 = `yy`, 4 = `yyy`/`yyyy`
     Year(u8),
     MonthNum(u8),
@@ -555,6 +560,105 @@ enum Tok {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DotNetFormat {
     toks: Vec<Tok>,
+    /// The byte layout of the text this format reads, when every token reads a fixed number of
+    /// ASCII bytes (e.g. `yyyyMMddHHmmss.fZ`): such text is scanned by indexing bytes.
+    fixed: Option<FixedLayout>,
+    /// The template of this format's renderings, when every token renders at a fixed width
+    /// (e.g. `yyyy-MM-dd`).
+    template: Option<Template>,
+}
+
+/// Where the pieces of text matching an input format lie, for a format whose tokens each read a
+/// fixed number of ASCII bytes: literal ASCII text and numbers of exactly as many digits as
+/// their token allows at most (`yyyy`, `MM`, `dd`, `HH`, `hh`, `mm`, `ss`, `f…`, `yy`). Formats
+/// beginning or ending with white space have none (input is trimmed before it is read).
+///
+/// Text of exactly the layout's length with the literal bytes and digits in place is read by
+/// [`DotNetFormat::scan`] as these pieces, token by token: one byte is one character, every
+/// number is read in full, nothing is left over, and trimming changes nothing. (A literal `Z`,
+/// which sets the offset to zero, changes nothing either: such formats read no offset, so it
+/// is zero.) Any other text is left to [`DotNetFormat::scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FixedLayout {
+    /// The length of matching text in bytes.
+    len: usize,
+    /// The literal bytes: offset and byte.
+    lits: Box<[(usize, u8)]>,
+    /// The numbers in format order: the field each sets and where its digits are.
+    nums: Box<[(NumField, usize, usize)]>,
+}
+
+impl FixedLayout {
+    /// The layout of `toks`, if every token has a fixed width in ASCII bytes.
+    fn of(toks: &[Tok]) -> Option<FixedLayout> {
+        let mut lits = Vec::new();
+        let mut nums = Vec::new();
+        let mut len = 0;
+        for t in toks {
+            match t {
+                Tok::Lit {
+                    text,
+                    optional_dot: false,
+                } if text.is_ascii() => {
+                    lits.extend(text.bytes().enumerate().map(|(i, b)| (len + i, b)));
+                    len += text.len();
+                }
+                t => {
+                    let (field, min, max) = t.reads()?;
+                    if min != max {
+                        return None;
+                    }
+                    nums.push((field, len, len + max));
+                    len += max;
+                }
+            }
+        }
+        // A literal white space character first or last would be trimmed off the input.
+        let blank_at = |at: usize| {
+            lits.iter()
+                .any(|&(i, b)| i == at && char::from(b).is_whitespace())
+        };
+        if len > 0 && (blank_at(0) || blank_at(len - 1)) {
+            return None;
+        }
+        Some(FixedLayout {
+            len,
+            lits: lits.into(),
+            nums: nums.into(),
+        })
+    }
+
+    /// The fields of `text` when it has this layout (see [`FixedLayout`]); `None` otherwise.
+    fn scan(&self, text: &str) -> Option<Fields> {
+        let b = text.as_bytes();
+        if b.len() != self.len {
+            return None;
+        }
+        for &(i, want) in self.lits.iter() {
+            if b.get(i) != Some(&want) {
+                return None;
+            }
+        }
+        let mut r = Reading::new();
+        for &(field, start, end) in self.nums.iter() {
+            let digits = b.get(start..end)?;
+            let v = match *digits {
+                [a, b] => digit(a)? * 10 + digit(b)?,
+                [a, b, c, d] => digit(a)? * 1000 + digit(b)? * 100 + digit(c)? * 10 + digit(d)?,
+                _ => digits
+                    .iter()
+                    .try_fold(0, |v, &c| Some(v * 10 + digit(c)?))?,
+            };
+            r.number(field, v, digits.len()).ok()?;
+        }
+        Some(r.finish())
+    }
+}
+
+/// The value of an ASCII digit.
+fn digit(c: u8) -> Option<u32> {
+    let d = c.wrapping_sub(b'0');
+    (d <= 9).then_some(u32::from(d))
 }
 
 impl DotNetFormat {
@@ -578,7 +682,10 @@ impl DotNetFormat {
         let mut lit = String::new();
         let flush = |lit: &mut String, toks: &mut Vec<Tok>| {
             if !lit.is_empty() {
-                toks.push(Tok::Lit(std::mem::take(lit)));
+                toks.push(Tok::Lit {
+                    text: std::mem::take(lit),
+                    optional_dot: false,
+                });
             }
         };
         let mut i = 0;
@@ -661,142 +768,103 @@ impl DotNetFormat {
             }
         }
         flush(&mut lit, &mut toks);
-        Ok(DotNetFormat { toks })
+        // A literal ending in '.' just before a trimmed fraction: the '.' may be absent.
+        for i in 1..toks.len() {
+            let before_trimmed = matches!(toks.get(i), Some(Tok::Frac { trim: true, .. }));
+            if let Some(Tok::Lit { text, optional_dot }) = toks.get_mut(i - 1) {
+                *optional_dot = before_trimmed && text.ends_with('.');
+            }
+        }
+        let fixed = FixedLayout::of(&toks);
+        let template = Template::of(&toks);
+        Ok(DotNetFormat {
+            toks,
+            fixed,
+            template,
+        })
     }
 
     /// Renders `dt` (its wall-clock time and offset).
     pub fn render(&self, dt: DateTime<FixedOffset>) -> String {
-        String::from_utf8_lossy(self.render_bytes(dt).as_bytes()).into_owned()
+        let mut out = Buf::new();
+        self.render_fields(&Fields::of(dt), &mut out);
+        String::from_utf8_lossy(out.as_bytes()).into_owned()
     }
 
     /// [`DotNetFormat::render`] as a [`SmolStr`](smol_str::SmolStr): short results (most
     /// formats) are held inline, without a heap buffer.
     pub fn render_smol(&self, dt: DateTime<FixedOffset>) -> smol_str::SmolStr {
-        smol_of(self.render_bytes(dt))
+        self.render_smol_fields(&Fields::of(dt))
     }
 
     /// Parses `text` with this (input) format and renders the wall-clock time and offset it
     /// holds with `output`: the same result and errors as
     /// `output.render_smol(self.parse_input(text)?)`, without building a chrono value when the
-    /// fields read are plainly a valid date and time (years 2 to 9998).
+    /// fields read are plainly a valid date and time (years 2 to 9998), and reading text of a
+    /// fixed layout (e.g. `yyyyMMddHHmmss.fZ`) by indexing its bytes.
     pub fn reformat(&self, text: &str, output: &DotNetFormat) -> EvalResult<smol_str::SmolStr> {
-        let trimmed = text.trim();
-        let fields = if trimmed.is_ascii() {
-            self.scan(text, trimmed.as_bytes())?
-        } else {
-            let chars: Vec<char> = trimmed.chars().collect();
-            self.scan(text, &chars)?
+        let fields = match self.fixed.as_ref().and_then(|l| l.scan(text)) {
+            Some(fields) => fields,
+            None => self.scan_text(text)?,
         };
         let fields = if fields.plainly_valid() {
             fields
         } else {
             Fields::of(fields.instant(text)?)
         };
-        Ok(smol_of(output.render_fields(&fields)))
+        Ok(output.render_smol_fields(&fields))
     }
 
-    /// The rendering as UTF-8 bytes (every piece pushed is a whole `str`), in a stack buffer
-    /// while short.
-    fn render_bytes(&self, dt: DateTime<FixedOffset>) -> Buf {
-        self.render_fields(&Fields::of(dt))
-    }
-
-    /// [`DotNetFormat::render_bytes`] from wall-clock fields (valid ones).
-    fn render_fields(&self, local: &Fields) -> Buf {
-        let mut out = Buf::new();
-        let off = local.off;
-        let sign = if off < 0 { "-" } else { "+" };
-        let (oh, om) = (off.unsigned_abs() / 3600, (off.unsigned_abs() % 3600) / 60);
-        for t in &self.toks {
-            match t {
-                Tok::Lit(s) => out.push_slice(s.as_bytes()),
-                Tok::Year(1) => push_num(&mut out, local.year.rem_euclid(100) as u32, 1),
-                Tok::Year(2) => push_num(&mut out, local.year.rem_euclid(100) as u32, 2),
-                Tok::Year(_) => {
-                    // Four characters wide, a sign included (as `{:04}` writes it).
-                    let y = local.year;
-                    if y < 0 {
-                        out.push_byte(b'-');
-                        push_num(&mut out, y.unsigned_abs(), 3);
-                    } else {
-                        push_num(&mut out, y.unsigned_abs(), 4);
-                    }
-                }
-                Tok::MonthNum(n) => push_num(&mut out, local.month, pad_width(*n)),
-                Tok::MonthName { full } => {
-                    let name = MONTHS[(local.month - 1) as usize];
-                    out.push_slice(if *full { name } else { &name[..3] }.as_bytes());
-                }
-                Tok::DayNum(n) => push_num(&mut out, local.day, pad_width(*n)),
-                Tok::DayName { full } => {
-                    let name = WEEKDAYS[local.weekday_from_sunday()];
-                    out.push_slice(if *full { name } else { &name[..3] }.as_bytes());
-                }
-                Tok::Hour24(n) => push_num(&mut out, local.hour, pad_width(*n)),
-                Tok::Hour12(n) => push_num(&mut out, hour12(local.hour), pad_width(*n)),
-                Tok::Minute(n) => push_num(&mut out, local.minute, pad_width(*n)),
-                Tok::Second(n) => push_num(&mut out, local.second, pad_width(*n)),
-                Tok::Frac { digits, trim } => {
-                    // The fraction in 100 ns ticks, as exactly seven digits.
-                    let mut ticks = (local.nanos % 1_000_000_000) / 100;
-                    let mut seven = [b'0'; 7];
-                    for d in seven.iter_mut().rev() {
-                        *d = b'0' + (ticks % 10) as u8;
-                        ticks /= 10;
-                    }
-                    let mut part = seven.get(..*digits as usize).unwrap_or(&seven);
-                    if *trim {
-                        while let [rest @ .., b'0'] = part {
-                            part = rest;
-                        }
-                        // As .NET: with no fraction digits to show, a '.' just before goes too.
-                        if part.is_empty() && out.last() == Some(b'.') {
-                            out.pop();
-                        }
-                    }
-                    out.push_slice(part);
-                }
-                Tok::AmPm(n) => {
-                    let pm = local.hour >= 12;
-                    out.push_slice(match (pm, n) {
-                        (false, 1) => b"A",
-                        (true, 1) => b"P",
-                        (false, _) => b"AM",
-                        (true, _) => b"PM",
-                    });
-                }
-                Tok::Offset(1) => {
-                    out.push_slice(sign.as_bytes());
-                    push_num(&mut out, oh, 1);
-                }
-                Tok::Offset(2) => {
-                    out.push_slice(sign.as_bytes());
-                    push_num(&mut out, oh, 2);
-                }
-                Tok::Offset(_) | Tok::OffsetK => {
-                    out.push_slice(sign.as_bytes());
-                    push_num(&mut out, oh, 2);
-                    out.push_byte(b':');
-                    push_num(&mut out, om, 2);
-                }
+    /// [`DotNetFormat::render_smol`] of wall-clock fields (valid ones): filling in the
+    /// template when there is one and the numbers fit it, else token by token.
+    fn render_smol_fields(&self, local: &Fields) -> smol_str::SmolStr {
+        if let Some(t) = &self.template {
+            if let Some(text) = t.fill(local) {
+                return smol_of(text.as_bytes());
             }
         }
-        out
+        self.render_smol_by_token(local)
+    }
+
+    /// [`DotNetFormat::render_smol`] of wall-clock fields (valid ones), token by token.
+    fn render_smol_by_token(&self, local: &Fields) -> smol_str::SmolStr {
+        let mut out = Buf::new();
+        self.render_fields(local, &mut out);
+        smol_of(out.as_bytes())
+    }
+
+    /// Appends the rendering of wall-clock fields (valid ones) to `out` as UTF-8 (every piece
+    /// pushed is a whole `str`): literals and plain numbers here, the other tokens by
+    /// [`render_other`].
+    fn render_fields(&self, local: &Fields, out: &mut Buf) {
+        for t in &self.toks {
+            if let Tok::Lit { text, .. } = t {
+                out.push_slice(text.as_bytes());
+            } else if let Some((v, width)) = plain_number(t, local) {
+                push_num(out, v, width);
+            } else {
+                render_other(t, local, out);
+            }
+        }
     }
 
     /// Parses `text` exactly against the format (leading/trailing whitespace of `text` ignored).
     /// Missing fields default to year 1, January, day 1, 00:00:00; without an offset the value
     /// is at `+00:00`. Errors: [`codes::FORMAT_MISMATCH`].
     pub fn parse_input(&self, text: &str) -> EvalResult<DateTime<FixedOffset>> {
+        self.scan_text(text)?.instant(text)
+    }
+
+    /// [`DotNetFormat::scan`] of the trimmed `text`.
+    fn scan_text(&self, text: &str) -> EvalResult<Fields> {
         let trimmed = text.trim();
-        let fields = if trimmed.is_ascii() {
+        if trimmed.is_ascii() {
             // ASCII text (generalized time, ISO dates): one byte is one character.
-            self.scan(text, trimmed.as_bytes())?
+            self.scan(text, trimmed.as_bytes())
         } else {
             let chars: Vec<char> = trimmed.chars().collect();
-            self.scan(text, &chars)?
-        };
-        fields.instant(text)
+            self.scan(text, &chars)
+        }
     }
 
     /// Reads the fields of [`DotNetFormat::parse_input`] (not yet checked to be a date and time)
@@ -806,14 +874,7 @@ impl DotNetFormat {
         let at = |p: usize| input.get(p).map(|&c| c.into());
         let fail = |why: &str| mismatch(text, why);
         let mut p = 0usize;
-        let mut year = 1i32;
-        let mut month = 1u32;
-        let mut day = 1u32;
-        let mut hour = 0u32;
-        let mut hour12: Option<u32> = None;
-        let mut pm: Option<bool> = None;
-        let (mut minute, mut second, mut nanos) = (0u32, 0u32, 0u32);
-        let mut off: i32 = 0;
+        let mut r = Reading::new();
 
         let num = |p: &mut usize, min: usize, max: usize| -> Option<(u32, usize)> {
             let mut v = 0u32;
@@ -842,57 +903,27 @@ impl DotNetFormat {
             }
             ok
         };
-        let pivot = |v: u32| {
-            if v < 30 {
-                2000 + v as i32
-            } else {
-                1900 + v as i32
-            }
-        };
 
-        for (ti, t) in self.toks.iter().enumerate() {
+        for t in &self.toks {
             match t {
-                Tok::Lit(s) => {
-                    let count = s.chars().count();
-                    for (li, lc) in s.chars().enumerate() {
-                        let optional_dot = lc == '.'
-                            && li + 1 == count
-                            && matches!(self.toks.get(ti + 1), Some(Tok::Frac { trim: true, .. }));
+                Tok::Lit { text, optional_dot } => {
+                    for (li, lc) in text.char_indices() {
                         if at(p) == Some(lc) {
                             p += 1;
                             if lc == 'Z' {
-                                off = 0;
+                                r.fields.off = 0;
                             }
-                        } else if !optional_dot {
+                        } else if !(*optional_dot && li + lc.len_utf8() == text.len()) {
                             return Err(fail(&format!("expected {lc:?} at character {}", p + 1)));
                         }
                     }
-                }
-                Tok::Year(n) => {
-                    let (v, _) = match n {
-                        1 => num(&mut p, 1, 2),
-                        2 => num(&mut p, 2, 2),
-                        _ => num(&mut p, 4, 4),
-                    }
-                    .ok_or_else(|| fail("expected a year"))?;
-                    year = if *n >= 4 { v as i32 } else { pivot(v) };
-                }
-                Tok::MonthNum(n) => {
-                    month = num(&mut p, *n as usize, 2)
-                        .ok_or_else(|| fail("expected a month"))?
-                        .0
                 }
                 Tok::MonthName { full } => {
                     let found = MONTHS.iter().position(|m| {
                         let w = if *full { m } else { &m[..3] };
                         word(&mut p, w)
                     });
-                    month = found.ok_or_else(|| fail("expected a month name"))? as u32 + 1;
-                }
-                Tok::DayNum(n) => {
-                    day = num(&mut p, *n as usize, 2)
-                        .ok_or_else(|| fail("expected a day"))?
-                        .0
+                    r.fields.month = found.ok_or_else(|| fail("expected a month name"))? as u32 + 1;
                 }
                 Tok::DayName { full } => {
                     let found = WEEKDAYS.iter().any(|d| {
@@ -903,43 +934,12 @@ impl DotNetFormat {
                         return Err(fail("expected a weekday name"));
                     }
                 }
-                Tok::Hour24(n) => {
-                    hour = num(&mut p, *n as usize, 2)
-                        .ok_or_else(|| fail("expected an hour"))?
-                        .0;
-                    hour12 = None;
-                }
-                Tok::Hour12(n) => {
-                    let v = num(&mut p, *n as usize, 2)
-                        .ok_or_else(|| fail("expected an hour"))?
-                        .0;
-                    if !(1..=12).contains(&v) {
-                        return Err(fail("12-hour clock hour must be 1 to 12"));
-                    }
-                    hour12 = Some(v);
-                }
-                Tok::Minute(n) => {
-                    minute = num(&mut p, *n as usize, 2)
-                        .ok_or_else(|| fail("expected minutes"))?
-                        .0
-                }
-                Tok::Second(n) => {
-                    second = num(&mut p, *n as usize, 2)
-                        .ok_or_else(|| fail("expected seconds"))?
-                        .0
-                }
-                Tok::Frac { digits, trim } => {
-                    let min = if *trim { 0 } else { *digits as usize };
-                    let (v, n) = num(&mut p, min, *digits as usize)
-                        .ok_or_else(|| fail("expected fraction digits"))?;
-                    nanos = v * 10u32.pow(9 - n as u32);
-                }
                 Tok::AmPm(n) => {
                     let (a, b) = if *n == 1 { ("A", "P") } else { ("AM", "PM") };
                     if word(&mut p, a) {
-                        pm = Some(false);
+                        r.pm = Some(false);
                     } else if word(&mut p, b) {
-                        pm = Some(true);
+                        r.pm = Some(true);
                     } else {
                         return Err(fail("expected AM or PM"));
                     }
@@ -952,11 +952,24 @@ impl DotNetFormat {
                     };
                     match offset(&mut c) {
                         Some(o) => {
-                            off = o;
+                            r.fields.off = o;
                             p += rest[..c.i].chars().count();
                         }
                         None if matches!(t, Tok::OffsetK) => {}
                         None => return Err(fail("expected an offset such as +02:00 or Z")),
+                    }
+                }
+                Tok::Year(_)
+                | Tok::MonthNum(_)
+                | Tok::DayNum(_)
+                | Tok::Hour24(_)
+                | Tok::Hour12(_)
+                | Tok::Minute(_)
+                | Tok::Second(_)
+                | Tok::Frac { .. } => {
+                    if let Some((field, min, max)) = t.reads() {
+                        let (v, n) = num(&mut p, min, max).ok_or_else(|| fail(field.expected()))?;
+                        r.number(field, v, n).map_err(fail)?;
                     }
                 }
             }
@@ -964,23 +977,366 @@ impl DotNetFormat {
         if p != input.len() {
             return Err(fail(&format!("unexpected text at character {}", p + 1)));
         }
-        if let Some(h) = hour12 {
-            hour = match pm {
+        Ok(r.finish())
+    }
+}
+
+impl Tok {
+    /// For a numeric token: the field it sets, and the least and most digits it reads.
+    fn reads(&self) -> Option<(NumField, usize, usize)> {
+        let two = |field, n: u8| (field, usize::from(n), 2);
+        Some(match *self {
+            Tok::Year(1) => (NumField::ShortYear, 1, 2),
+            Tok::Year(2) => (NumField::ShortYear, 2, 2),
+            Tok::Year(_) => (NumField::Year, 4, 4),
+            Tok::MonthNum(n) => two(NumField::Month, n),
+            Tok::DayNum(n) => two(NumField::Day, n),
+            Tok::Hour24(n) => two(NumField::Hour24, n),
+            Tok::Hour12(n) => two(NumField::Hour12, n),
+            Tok::Minute(n) => two(NumField::Minute, n),
+            Tok::Second(n) => two(NumField::Second, n),
+            Tok::Frac { digits, trim } => {
+                let most = usize::from(digits);
+                (NumField::Fraction, if trim { 0 } else { most }, most)
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// What a numeric token of an input format reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NumField {
+    /// `yyyy`: the year as written.
+    Year,
+    /// `y`, `yy`: 00–29 are 2000–2029, 30–99 are 1930–1999.
+    ShortYear,
+    Month,
+    Day,
+    Hour24,
+    /// A 12-hour clock hour (1–12), settled with AM/PM at the end.
+    Hour12,
+    Minute,
+    Second,
+    /// Fraction digits: tenths of a second, hundredths, …
+    Fraction,
+}
+
+impl NumField {
+    /// What is missing when input has too few digits for this field.
+    fn expected(self) -> &'static str {
+        match self {
+            NumField::Year | NumField::ShortYear => "expected a year",
+            NumField::Month => "expected a month",
+            NumField::Day => "expected a day",
+            NumField::Hour24 | NumField::Hour12 => "expected an hour",
+            NumField::Minute => "expected minutes",
+            NumField::Second => "expected seconds",
+            NumField::Fraction => "expected fraction digits",
+        }
+    }
+}
+
+/// The fields read so far by a scan of input text (the defaults: year 1, January, day 1,
+/// 00:00:00, offset +00:00), with a 12-hour clock hour and an AM/PM designator still to be
+/// combined into the hour.
+struct Reading {
+    fields: Fields,
+    hour12: Option<u32>,
+    pm: Option<bool>,
+}
+
+impl Reading {
+    fn new() -> Reading {
+        Reading {
+            fields: Fields {
+                year: 1,
+                month: 1,
+                day: 1,
+                hour: 0,
+                minute: 0,
+                second: 0,
+                nanos: 0,
+                off: 0,
+            },
+            hour12: None,
+            pm: None,
+        }
+    }
+
+    /// Takes the value `v` of `field`, read as `n` digits. Errors: why the value does not fit.
+    fn number(&mut self, field: NumField, v: u32, n: usize) -> Result<(), &'static str> {
+        let f = &mut self.fields;
+        match field {
+            NumField::Year => f.year = v as i32,
+            NumField::ShortYear => f.year = v as i32 + if v < 30 { 2000 } else { 1900 },
+            NumField::Month => f.month = v,
+            NumField::Day => f.day = v,
+            NumField::Hour24 => {
+                f.hour = v;
+                self.hour12 = None;
+            }
+            NumField::Hour12 => {
+                if !(1..=12).contains(&v) {
+                    return Err("12-hour clock hour must be 1 to 12");
+                }
+                self.hour12 = Some(v);
+            }
+            NumField::Minute => f.minute = v,
+            NumField::Second => f.second = v,
+            NumField::Fraction => {
+                // Nanoseconds per unit of the last of `n` (0–7) fraction digits.
+                const SCALE: [u32; 8] = [
+                    1_000_000_000,
+                    100_000_000,
+                    10_000_000,
+                    1_000_000,
+                    100_000,
+                    10_000,
+                    1_000,
+                    100,
+                ];
+                f.nanos = v * SCALE[n.min(7)];
+            }
+        }
+        Ok(())
+    }
+
+    /// The fields read, the hour settled by a 12-hour clock hour and AM/PM when there were.
+    fn finish(self) -> Fields {
+        let mut f = self.fields;
+        if let Some(h) = self.hour12 {
+            f.hour = match self.pm {
                 Some(true) if h < 12 => h + 12,
                 Some(false) if h == 12 => 0,
                 _ => h,
             };
         }
-        Ok(Fields {
-            year,
-            month,
-            day,
-            hour,
-            minute,
-            second,
-            nanos,
-            off,
+        f
+    }
+}
+
+/// A field rendered as a plain decimal number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plain {
+    Year,
+    Month,
+    Day,
+    Hour24,
+    Hour12,
+    Minute,
+    Second,
+}
+
+impl Plain {
+    /// The number shown; `None` for a negative year (written with its sign).
+    fn value(self, local: &Fields) -> Option<u32> {
+        Some(match self {
+            Plain::Year => u32::try_from(local.year).ok()?,
+            Plain::Month => local.month,
+            Plain::Day => local.day,
+            Plain::Hour24 => local.hour,
+            Plain::Hour12 => hour12(local.hour),
+            Plain::Minute => local.minute,
+            Plain::Second => local.second,
         })
+    }
+}
+
+impl Tok {
+    /// For a token rendered as a plain decimal number (`yyyy`, `MM`, `d`, `HH`, `h`, `mm`, `s`,
+    /// …): the field and the zero-padding width.
+    fn plain(&self) -> Option<(Plain, u8)> {
+        Some(match *self {
+            Tok::Year(4..) => (Plain::Year, 4),
+            Tok::MonthNum(n) => (Plain::Month, pad_width(n)),
+            Tok::DayNum(n) => (Plain::Day, pad_width(n)),
+            Tok::Hour24(n) => (Plain::Hour24, pad_width(n)),
+            Tok::Hour12(n) => (Plain::Hour12, pad_width(n)),
+            Tok::Minute(n) => (Plain::Minute, pad_width(n)),
+            Tok::Second(n) => (Plain::Second, pad_width(n)),
+            _ => return None,
+        })
+    }
+}
+
+/// The number and zero-padding width a token shows as a plain decimal number (see
+/// [`Tok::plain`]), if it does for `local`.
+fn plain_number(t: &Tok, local: &Fields) -> Option<(u32, u8)> {
+    let (field, width) = t.plain()?;
+    Some((field.value(local)?, width))
+}
+
+/// The rendering of a format whose every token renders at a fixed width for valid fields:
+/// literals, numbers zero-padded to two or four digits (`MM`, `dd`, `HH`, `hh`, `mm`, `ss`,
+/// `yyyy`) and untrimmed fractions (`f…`), at most [`Template::CAP`] bytes in all. The
+/// literals are in place, zeros elsewhere; [`Template::fill`] writes each number's digits where
+/// [`DotNetFormat::render_fields`] would have appended them, when every number has exactly as
+/// many digits as its width (a four-digit year of 0 to 9999).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Template {
+    text: Filled,
+    /// The numbers: what, and where (a range of byte offsets).
+    nums: Box<[(Slot, usize, usize)]>,
+}
+
+/// A number in a [`Template`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// A plain number of two digits (below 100).
+    Two(Plain),
+    /// A plain number of four digits (below 10,000).
+    Four(Plain),
+    /// Fraction digits.
+    Fraction,
+}
+
+/// A filled-in [`Template`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Filled {
+    bytes: [u8; Template::CAP],
+    len: usize,
+}
+
+impl Filled {
+    fn as_bytes(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or(&self.bytes)
+    }
+}
+
+impl Template {
+    /// The longest template, the longest rendering held inline by a
+    /// [`SmolStr`](smol_str::SmolStr).
+    const CAP: usize = smol_str::SmolStr::INLINE_CAP;
+
+    /// The template of `toks`, if every token renders at a fixed width.
+    fn of(toks: &[Tok]) -> Option<Template> {
+        let mut bytes = [0u8; Template::CAP];
+        let mut len = 0;
+        let mut nums = Vec::new();
+        for t in toks {
+            let (slot, width) = match t {
+                Tok::Lit { text, .. } => {
+                    bytes
+                        .get_mut(len..len + text.len())?
+                        .copy_from_slice(text.as_bytes());
+                    len += text.len();
+                    continue;
+                }
+                Tok::Frac {
+                    digits,
+                    trim: false,
+                } => (Slot::Fraction, usize::from(*digits)),
+                t => match t.plain()? {
+                    (field, 2) => (Slot::Two(field), 2),
+                    (field, 4) => (Slot::Four(field), 4),
+                    _ => return None,
+                },
+            };
+            bytes.get_mut(len..len + width)?.fill(b'0');
+            nums.push((slot, len, len + width));
+            len += width;
+        }
+        Some(Template {
+            text: Filled { bytes, len },
+            nums: nums.into(),
+        })
+    }
+
+    /// The rendering of `local`; `None` when a number does not have exactly its width in
+    /// digits.
+    fn fill(&self, local: &Fields) -> Option<Filled> {
+        let mut text = self.text.clone();
+        for &(slot, start, end) in self.nums.iter() {
+            let dst = text.bytes.get_mut(start..end)?;
+            match slot {
+                Slot::Two(field) => match field.value(local)? {
+                    v @ 0..100 => put_digits(dst, v),
+                    _ => return None,
+                },
+                Slot::Four(field) => match field.value(local)? {
+                    v @ 0..10_000 => put_digits(dst, v),
+                    _ => return None,
+                },
+                Slot::Fraction => {
+                    dst.copy_from_slice(fraction_digits(local.nanos).get(..dst.len())?)
+                }
+            }
+        }
+        Some(text)
+    }
+}
+
+/// Appends the rendering of any token; [`DotNetFormat::render_fields`] leaves it the ones
+/// that are not literals or [`plain_number`]s (kept apart, so that what they compute is
+/// computed only for them).
+#[inline(never)]
+fn render_other(t: &Tok, local: &Fields, out: &mut Buf) {
+    match t {
+        Tok::Lit { text, .. } => out.push_slice(text.as_bytes()),
+        Tok::Year(1) => push_num(out, local.year.rem_euclid(100) as u32, 1),
+        Tok::Year(2) => push_num(out, local.year.rem_euclid(100) as u32, 2),
+        Tok::Year(_) if local.year < 0 => {
+            // Four characters wide, the sign included (as `{:04}` writes it).
+            out.push_byte(b'-');
+            push_num(out, local.year.unsigned_abs(), 3);
+        }
+        Tok::MonthName { full } => {
+            let name = MONTHS[(local.month - 1) as usize];
+            out.push_slice(if *full { name } else { &name[..3] }.as_bytes());
+        }
+        Tok::DayName { full } => {
+            let name = WEEKDAYS[local.weekday_from_sunday()];
+            out.push_slice(if *full { name } else { &name[..3] }.as_bytes());
+        }
+        Tok::Frac { digits, trim } => {
+            let seven = fraction_digits(local.nanos);
+            let mut part = seven.get(..*digits as usize).unwrap_or(&seven);
+            if *trim {
+                while let [rest @ .., b'0'] = part {
+                    part = rest;
+                }
+                // As .NET: with no fraction digits to show, a '.' just before goes too.
+                if part.is_empty() && out.last() == Some(b'.') {
+                    out.pop();
+                }
+            }
+            out.push_slice(part);
+        }
+        Tok::AmPm(n) => {
+            let pm = local.hour >= 12;
+            out.push_slice(match (pm, n) {
+                (false, 1) => b"A",
+                (true, 1) => b"P",
+                (false, _) => b"AM",
+                (true, _) => b"PM",
+            });
+        }
+        Tok::Offset(n) if *n < 3 => {
+            out.push_byte(offset_sign(local.off));
+            push_num(out, local.off.unsigned_abs() / 3600, *n);
+        }
+        Tok::Offset(_) | Tok::OffsetK => {
+            let off = local.off.unsigned_abs();
+            out.push_byte(offset_sign(local.off));
+            push_num(out, off / 3600, 2);
+            out.push_byte(b':');
+            push_num(out, (off % 3600) / 60, 2);
+        }
+        _ => {
+            if let Some((v, width)) = plain_number(t, local) {
+                push_num(out, v, width);
+            }
+        }
+    }
+}
+
+/// The sign of an offset from UTC as written (`+` for zero).
+fn offset_sign(off: i32) -> u8 {
+    if off < 0 {
+        b'-'
+    } else {
+        b'+'
     }
 }
 
@@ -997,7 +1353,7 @@ fn mismatch(text: &str, why: &str) -> EvalError {
 
 /// A wall-clock date and time with its offset from UTC (seconds east), as read by
 /// [`DotNetFormat::scan`] (unchecked) or taken from a chrono value (valid).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Fields {
     year: i32,
     month: u32,
@@ -1092,15 +1448,6 @@ fn month_length(year: i32, month: u32) -> u32 {
     }
 }
 
-/// A rendering as a [`SmolStr`](smol_str::SmolStr) (inline when short).
-fn smol_of(buf: Buf) -> smol_str::SmolStr {
-    let bytes = buf.as_bytes();
-    match std::str::from_utf8(bytes) {
-        Ok(s) => smol_str::SmolStr::new(s),
-        Err(_) => smol_str::SmolStr::new(String::from_utf8_lossy(bytes)),
-    }
-}
-
 /// The zero-padding width of a numeric field written with `n` letters (`d` → 1, `dd` → 2).
 fn pad_width(n: u8) -> u8 {
     if n >= 2 {
@@ -1110,14 +1457,18 @@ fn pad_width(n: u8) -> u8 {
     }
 }
 
-/// A rendering buffer: on the stack while the text is short, on the heap beyond.
+/// A rendering buffer: on the stack while the text is short, on the heap beyond. Pieces are
+/// pushed byte by byte (they are a few bytes each).
 struct Buf {
     inline: [u8; 48],
+    /// The length of the text in `inline`, or [`Buf::SPILLED`]: the text is in `heap`.
     len: usize,
     heap: Vec<u8>,
 }
 
 impl Buf {
+    const SPILLED: usize = usize::MAX;
+
     fn new() -> Buf {
         Buf {
             inline: [0; 48],
@@ -1126,20 +1477,31 @@ impl Buf {
         }
     }
 
-    fn push_slice(&mut self, s: &[u8]) {
-        if self.heap.is_empty() {
-            if let Some(dst) = self.inline.get_mut(self.len..self.len + s.len()) {
-                dst.copy_from_slice(s);
-                self.len += s.len();
-                return;
+    fn push_byte(&mut self, b: u8) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => {
+                *slot = b;
+                self.len += 1;
             }
-            self.heap.extend_from_slice(&self.inline[..self.len]);
+            None => self.spill(b),
         }
-        self.heap.extend_from_slice(s);
     }
 
-    fn push_byte(&mut self, b: u8) {
-        self.push_slice(&[b]);
+    /// Pushes `b` onto the heap text, moving the text there first when `inline` is full.
+    #[cold]
+    fn spill(&mut self, b: u8) {
+        if self.len != Buf::SPILLED {
+            let text = self.inline.get(..self.len).unwrap_or(&self.inline);
+            self.heap.extend_from_slice(text);
+            self.len = Buf::SPILLED;
+        }
+        self.heap.push(b);
+    }
+
+    fn push_slice(&mut self, s: &[u8]) {
+        for &b in s {
+            self.push_byte(b);
+        }
     }
 
     fn last(&self) -> Option<u8> {
@@ -1147,39 +1509,73 @@ impl Buf {
     }
 
     fn pop(&mut self) {
-        if self.heap.is_empty() {
-            self.len = self.len.saturating_sub(1);
-        } else {
+        if self.len == Buf::SPILLED {
             self.heap.pop();
-        }
-    }
-}
-
-impl Buf {
-    fn as_bytes(&self) -> &[u8] {
-        if self.heap.is_empty() {
-            &self.inline[..self.len]
         } else {
-            &self.heap
+            self.len = self.len.saturating_sub(1);
         }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        self.inline.get(..self.len).unwrap_or(&self.heap)
     }
 }
 
-/// Writes `v` in decimal, zero-padded to at least `width` digits (at most ten), in one push.
+/// Writes `v` in decimal, zero-padded to at least `width` digits (at most ten).
 fn push_num(out: &mut Buf, v: u32, width: u8) {
     let mut digits = [b'0'; 10];
-    let mut start = digits.len();
-    let mut x = v;
-    for d in digits.iter_mut().rev() {
-        *d = b'0' + (x % 10) as u8;
-        start -= 1;
-        x /= 10;
-        if x == 0 {
-            break;
+    let len = v.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let start = digits.len() - len.max(usize::from(width)).min(digits.len());
+    let shown = digits.get_mut(start..).unwrap_or_default();
+    put_digits(shown, v);
+    out.push_slice(shown);
+}
+
+/// The two-digit decimal renderings of 0 to 99.
+const PAIRS: [[u8; 2]; 100] = {
+    let mut pairs = [[0u8; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        pairs[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
+    }
+    pairs
+};
+
+/// Fills `dst` with the last `dst.len()` decimal digits of `v`, zero-padded.
+fn put_digits(dst: &mut [u8], v: u32) {
+    match dst {
+        [a, b] => [*a, *b] = PAIRS[(v % 100) as usize],
+        [a, b, c, d] => {
+            [*a, *b] = PAIRS[(v / 100 % 100) as usize];
+            [*c, *d] = PAIRS[(v % 100) as usize];
+        }
+        _ => {
+            let mut x = v;
+            for d in dst.iter_mut().rev() {
+                *d = b'0' + (x % 10) as u8;
+                x /= 10;
+            }
         }
     }
-    let start = start.min(digits.len().saturating_sub(usize::from(width)));
-    out.push_slice(digits.get(start..).unwrap_or(&digits));
+}
+
+/// The fraction of a second in 100 ns ticks, as exactly seven digits. (Not inlined: what it
+/// computes is computed only for formats with a fraction.)
+#[inline(never)]
+fn fraction_digits(nanos: u32) -> [u8; 7] {
+    let mut seven = [b'0'; 7];
+    put_digits(&mut seven, (nanos % 1_000_000_000) / 100);
+    seven
+}
+
+/// A rendering as a [`SmolStr`](smol_str::SmolStr) (inline when short).
+fn smol_of(bytes: &[u8]) -> smol_str::SmolStr {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if s.len() <= smol_str::SmolStr::INLINE_CAP => smol_str::SmolStr::new_inline(s),
+        Ok(s) => smol_str::SmolStr::new(s),
+        Err(_) => smol_str::SmolStr::new(String::from_utf8_lossy(bytes)),
+    }
 }
 
 /// The effect of a `FormatDateTime` `dateTimeStyles` argument: only `AdjustToUniversal` changes
@@ -1775,5 +2171,271 @@ mod tests {
             input.reformat("20240229134500.0Z", &output).unwrap(),
             "2024-02-29 Thursday"
         );
+    }
+
+    #[test]
+    fn fixed_layouts() {
+        let has = |f: &str| DotNetFormat::parse(f).unwrap().fixed.is_some();
+        for f in [
+            "yyyyMMddHHmmss.fZ",
+            "yyyy-MM-dd",
+            "yyyyMMdd",
+            "yy/MM/dd hh:mm:ss.fffffff",
+            "'0'yyyy",
+            "%",
+        ] {
+            assert!(has(f), "{f}");
+        }
+        for f in [
+            " yyyy",
+            "yyyy\t",
+            "%y%y",
+            "yyyy-M-dd",
+            "y",
+            "ss.FFF",
+            "yyyy-MM-dd tt",
+            "MMM yyyy",
+            "yyyyMMddzzz",
+            "yyyyK",
+            "'é'yyyy",
+        ] {
+            assert!(!has(f), "{f}");
+        }
+        let fx = DotNetFormat::parse("yyyyMMddHHmmss.fZ").unwrap();
+        let layout = fx.fixed.as_ref().unwrap();
+        assert_eq!(layout.len, 17);
+        assert_eq!(
+            layout.scan("20240312093000.5Z"),
+            Some(Fields {
+                year: 2024,
+                month: 3,
+                day: 12,
+                hour: 9,
+                minute: 30,
+                second: 0,
+                nanos: 500_000_000,
+                off: 0,
+            })
+        );
+        for other in [
+            " 20240312093000.5Z",
+            "20240312093000.5z",
+            "2024031209300.5Z",
+            "2024031209300x.5Z",
+            "20240312093000,5Z",
+            "２0240312093000.5Z",
+        ] {
+            assert_eq!(layout.scan(other), None, "{other}");
+        }
+        // Out-of-range fields are read as they are; the date check comes after.
+        assert_eq!(layout.scan("20241332250000.0Z").unwrap().month, 13);
+        let hh = DotNetFormat::parse("hh:mm").unwrap();
+        assert_eq!(hh.fixed.as_ref().unwrap().scan("13:00"), None);
+        assert_eq!(hh.fixed.as_ref().unwrap().scan("12:00").unwrap().hour, 12);
+    }
+
+    #[test]
+    fn templates() {
+        let has = |f: &str| DotNetFormat::parse(f).unwrap().template.is_some();
+        for f in [
+            "yyyy-MM-dd",
+            "yyyyMMddHHmmss.fZ",
+            "dd/MM/yyyy hh:mm:ss.fff",
+            "'é' yyyy",
+            "%",
+        ] {
+            assert!(has(f), "{f}");
+        }
+        for f in [
+            "yyyy-M-dd",
+            "yy",
+            "MMM yyyy",
+            "ss.FFF",
+            "HH tt",
+            "HHzzz",
+            "yyyy-MM-dd HH:mm:ss.fffffff",
+        ] {
+            assert!(!has(f), "{f}");
+        }
+        let f = DotNetFormat::parse("yyyy-MM-dd HH:mm:ss.fff").unwrap();
+        let dt = fixed(2024, 3, 5, 14, 7, 9, 123_456_700, 0);
+        assert_eq!(f.render_smol(dt), "2024-03-05 14:07:09.123");
+        // A year the template has no room for is rendered token by token.
+        let late = fixed(9999, 12, 31, 23, 0, 0, 0, 0) + Duration::hours(2);
+        let f = DotNetFormat::parse("yyyy-MM-dd").unwrap();
+        assert_eq!(f.render_smol(late), "10000-01-01");
+        let early = fixed(1, 1, 1, 0, 0, 0, 0, 0) - Duration::days(1);
+        assert_eq!(f.render_smol(early), "0000-12-31");
+        // Long renderings, past the inline buffers.
+        let long = "dddd, MMMM dd, yyyy 'at' HH:mm:ss.fffffff zzz (dddd, MMMM dd, yyyy)";
+        let want = "Tuesday, March 05, 2024 at 14:07:09.1234567 +00:00 \
+                    (Tuesday, March 05, 2024)";
+        let f = DotNetFormat::parse(long).unwrap();
+        assert_eq!(f.render(dt), want);
+        assert_eq!(f.render_smol(dt), want);
+    }
+
+    /// Format pieces: every token letter run and literals (quoted, escaped, non-ASCII, blank).
+    const PIECES: [&str; 46] = [
+        "yyyy", "yyy", "yy", "y", "MMMM", "MMM", "MM", "M", "dddd", "ddd", "dd", "d", "HH", "H",
+        "hh", "h", "mm", "m", "ss", "s", "f", "ff", "fff", "fffffff", "F", "FF", "FFFFFFF", "tt",
+        "t", "z", "zz", "zzz", "K", "-", ":", ".", " ", "T", "Z", "/", "'at'", "\\Z", ", ", "é",
+        "'0'", "%",
+    ];
+    /// Pieces of formats with a fixed byte layout (and a few that break it).
+    const FIXED_PIECES: [&str; 19] = [
+        "yyyy", "yy", "MM", "dd", "HH", "hh", "mm", "ss", "f", "fff", "fffffff", "-", ":", ".",
+        "Z", "T", " ", "'0'", "F",
+    ];
+
+    fn format_from(pieces: &[&str], picks: &[usize]) -> Option<DotNetFormat> {
+        let f: String = picks.iter().map(|&i| pieces[i % pieces.len()]).collect();
+        DotNetFormat::parse(&f).ok()
+    }
+
+    /// Input text for `fm` from the random numbers `r`: each token written with a plausible,
+    /// boundary or wrong value, width or spelling; then blank or non-ASCII text around or inside.
+    fn text_for(fm: &DotNetFormat, r: &[u32]) -> String {
+        let mut k = 0;
+        let mut next = |n: u32| {
+            k += 1;
+            r[k % r.len()] % n.max(1)
+        };
+        let mut out = String::new();
+        for t in &fm.toks {
+            let pick = |n: u32, list: &[&str]| list[(n as usize) % list.len()].to_string();
+            let piece = match t {
+                Tok::Lit { text, .. } => match next(16) {
+                    0 => String::new(),
+                    1 => text.replace('.', ","),
+                    _ => text.clone(),
+                },
+                Tok::MonthName { full } => {
+                    let m = MONTHS[next(12) as usize];
+                    let m = if *full {
+                        m.to_string()
+                    } else {
+                        m[..3].to_string()
+                    };
+                    match next(4) {
+                        0 => m.to_uppercase(),
+                        1 => pick(next(3), &["Sept", "Foo", ""]),
+                        _ => m,
+                    }
+                }
+                Tok::DayName { full } => {
+                    let d = WEEKDAYS[next(7) as usize];
+                    if *full {
+                        d.to_string()
+                    } else {
+                        d[..3].to_lowercase()
+                    }
+                }
+                Tok::AmPm(_) => pick(next(8), &["AM", "PM", "am", "pm", "A", "P", "XM", ""]),
+                Tok::Offset(_) | Tok::OffsetK => pick(
+                    next(9),
+                    &[
+                        "Z", "+05:30", "-0800", "+14", "-1", "+15:00", "+01:60", "", "+24:00",
+                    ],
+                ),
+                t => {
+                    let (_, min, max) = t.reads().unwrap();
+                    let edges: &[u32] = match t {
+                        Tok::Year(4) => &[0, 1, 1600, 1900, 2000, 2023, 2024, 9998, 9999],
+                        Tok::Year(_) => &[0, 29, 30, 99],
+                        Tok::MonthNum(_) => &[0, 1, 2, 12, 13],
+                        Tok::DayNum(_) => &[0, 1, 28, 29, 30, 31, 32],
+                        Tok::Hour24(_) | Tok::Hour12(_) => &[0, 1, 11, 12, 13, 23, 24],
+                        Tok::Minute(_) | Tok::Second(_) => &[0, 30, 59, 60, 99],
+                        _ => &[0, 5, 9_999_999],
+                    };
+                    let v = if next(2) == 0 {
+                        edges[next(edges.len() as u32) as usize]
+                    } else {
+                        next(10u32.pow(max as u32))
+                    };
+                    let width = match next(20) {
+                        0 => min.saturating_sub(1),
+                        1 => max + 1,
+                        _ => min.max(1) + next((max - min.max(1) + 1) as u32) as usize,
+                    };
+                    format!("{v:0width$}")
+                }
+            };
+            out.push_str(&piece);
+        }
+        match next(16) {
+            0 => format!(" {out}"),
+            1 => format!("{out}\t\n"),
+            2 => format!("\u{a0}{out}\u{2003}"),
+            3 => format!("{out}é"),
+            4 => {
+                let at = next(out.len() as u32 + 1) as usize;
+                let at = (0..=at)
+                    .rev()
+                    .find(|&i| out.is_char_boundary(i))
+                    .unwrap_or(0);
+                format!("{}５{}", &out[..at], &out[at..])
+            }
+            5 => {
+                let cut = next(out.len() as u32 + 1) as usize;
+                let cut = (0..=cut)
+                    .rev()
+                    .find(|&i| out.is_char_boundary(i))
+                    .unwrap_or(0);
+                out[..cut].to_string()
+            }
+            _ => out,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+
+        /// Filling in a template renders what rendering token by token does.
+        #[test]
+        fn template_equals_token_rendering(
+            fixed_only in proptest::bool::ANY,
+            picks in proptest::collection::vec(0usize..100, 1..8),
+            secs in -62_200_000_000i64..253_500_000_000,
+            nanos in 0u32..1_000_000_000,
+            off_minutes in -1439i32..1440,
+        ) {
+            let pieces: &[&str] = if fixed_only { &FIXED_PIECES } else { &PIECES };
+            let Some(fm) = format_from(pieces, &picks) else { return Ok(()) };
+            let Some(utc) = Utc.timestamp_opt(secs, nanos).single() else { return Ok(()) };
+            let dt = utc.with_timezone(&FixedOffset::east_opt(off_minutes * 60).unwrap());
+            let smol = fm.render_smol(dt);
+            proptest::prop_assert_eq!(&smol, &fm.render_smol_by_token(&Fields::of(dt)));
+            proptest::prop_assert_eq!(smol.to_string(), fm.render(dt));
+        }
+
+        /// `reformat` (the fixed-layout scan and the chrono-free check) gives exactly what
+        /// parsing and then rendering gives: the same text, or an error with the same code and
+        /// message; and a fixed-layout scan reads what the general scan reads.
+        #[test]
+        fn reformat_equals_parse_then_render(
+            fixed_only in proptest::bool::ANY,
+            in_picks in proptest::collection::vec(0usize..100, 1..8),
+            out_picks in proptest::collection::vec(0usize..100, 1..8),
+            r in proptest::collection::vec(proptest::num::u32::ANY, 1..40),
+            any_text in proptest::option::weighted(0.1, ".{0,24}"),
+        ) {
+            let input = if fixed_only {
+                format_from(&FIXED_PIECES, &in_picks)
+            } else {
+                format_from(&PIECES, &in_picks)
+            };
+            let (Some(input), Some(output)) = (input, format_from(&PIECES, &out_picks)) else {
+                return Ok(());
+            };
+            let text = any_text.unwrap_or_else(|| text_for(&input, &r));
+            let slow = input.parse_input(&text).map(|d| output.render_smol(d));
+            let fast = input.reformat(&text, &output);
+            proptest::prop_assert_eq!(&fast, &slow, "{:?} {:?}", input, text);
+            if let Some(fields) = input.fixed.as_ref().and_then(|l| l.scan(&text)) {
+                proptest::prop_assert_eq!(input.scan_text(&text), Ok(fields));
+            }
+        }
     }
 }

@@ -1206,32 +1206,38 @@ fn format_date_time(args: &[Option<&EvalValue>], pre: &Precompiled) -> EvalResul
         }
     };
     let ps = p(0, "source");
+    let shown = |d: DateTime<FixedOffset>| {
+        let d = if styles.adjust_to_universal {
+            d.with_timezone(&Utc).fixed_offset()
+        } else {
+            d
+        };
+        EvalValue::String(output.render_smol(d))
+    };
     per_value(req(a(0), ps)?, |v| {
-        let parsed: DateTime<FixedOffset> = match v {
+        let owned;
+        let text: &str = match v {
             EvalValue::Null => return Ok(EvalValue::Null),
-            EvalValue::DateTime(d) => d.fixed_offset(),
+            EvalValue::DateTime(d) => return Ok(shown(d.fixed_offset())),
+            // Text as is (what `text_of` gives for it, without a copy-on-write wrapper).
+            EvalValue::String(s) | EvalValue::Reference(s) => s,
             other => {
-                let text = text_of(other, ps)?.unwrap_or_default();
-                if let (Some(fm), false) = (input, styles.adjust_to_universal) {
-                    // The wall-clock time as read is what is shown: no chrono value needed.
-                    return fm
-                        .reformat(&text, output)
-                        .map(EvalValue::String)
-                        .map_err(|e| ps.err(e));
-                }
-                match input {
-                    Some(fm) => fm.parse_input(&text),
-                    None => datetime::parse_text(&text),
-                }
-                .map_err(|e| ps.err(e))?
+                owned = text_of(other, ps)?.unwrap_or_default();
+                &owned
             }
         };
-        let shown = if styles.adjust_to_universal {
-            parsed.with_timezone(&Utc).fixed_offset()
-        } else {
-            parsed
+        let parsed = match (input, styles.adjust_to_universal) {
+            // The wall-clock time as read is what is shown: no chrono value needed.
+            (Some(fm), false) => {
+                return fm
+                    .reformat(text, output)
+                    .map(EvalValue::String)
+                    .map_err(|e| ps.err(e))
+            }
+            (Some(fm), true) => fm.parse_input(text),
+            (None, _) => datetime::parse_text(text),
         };
-        Ok(EvalValue::String(output.render_smol(shown)))
+        parsed.map(shown).map_err(|e| ps.err(e))
     })
 }
 
