@@ -359,6 +359,9 @@ impl<'a> Slotted<'a> {
             while let Some((have, values)) = cur {
                 // The common case first: the same spelling.
                 if crate::model::name::same_spelling(have, want) {
+                    if let Some(Value::Reference(Reference::Dn(dn))) = values.first() {
+                        std::hint::black_box(dn.as_str().len());
+                    }
                     found = Some(values);
                     cur = entries.next();
                     break;
@@ -799,6 +802,20 @@ fn call<A: AttributeSource + ?Sized>(
     ctx: &mut EvalContext<'_>,
     w: &mut Vec<String>,
 ) -> EvalRes<EvalValue> {
+    // The most common shape — `F([attribute], literal, …)`: the attribute's value is read
+    // here and the literals lent, without the general argument loop.
+    if let [Some(Op::Attr { name, slot }), rest @ ..] = args {
+        if rest.len() < FIXED_ARGS && rest.iter().all(|a| matches!(a, None | Some(Op::Lit(_)))) {
+            let first = values_value(attrs.values(name, *slot));
+            let mut refs: [Option<&EvalValue>; FIXED_ARGS] = [Some(&first), None, None, None];
+            for (r, a) in refs[1..].iter_mut().zip(rest) {
+                if let Some(Op::Lit(lit)) = a {
+                    *r = Some(lit);
+                }
+            }
+            return functions::call_refs(func, &refs[..args.len()], pre, ctx).map_err(fail(span));
+        }
+    }
     // Literal arguments are lent, not cloned; the others are evaluated into `owned` first.
     if args.len() <= FIXED_ARGS {
         let mut owned: [Option<EvalValue>; FIXED_ARGS] = [None, None, None, None];
