@@ -653,13 +653,29 @@ fn select_unique<A: AttributeSource + ?Sized>(
 ) -> EvalRes<Option<EvalValue>> {
     for (i, a) in args.iter().enumerate() {
         let Some(a) = a else { continue };
-        let v = eval(a, attrs, ctx, w)?;
+        let v = eval_arg(a, attrs, ctx, w)?;
         match functions::select_unique_check(&v, i, ctx).map_err(fail(span))? {
             UniqueCheck::Free(v) => return Ok(Some(v)),
             UniqueCheck::Skip | UniqueCheck::Taken => {}
         }
     }
     Ok(None)
+}
+
+/// [`eval`] for an argument: attribute references and literals — most arguments — are read
+/// here, without a call into the evaluator.
+#[inline(always)]
+fn eval_arg<A: AttributeSource + ?Sized>(
+    op: &Op,
+    attrs: &A,
+    ctx: &mut EvalContext<'_>,
+    w: &mut Vec<String>,
+) -> EvalRes<EvalValue> {
+    match op {
+        Op::Attr { name, slot } => Ok(values_value(attrs.values(name, *slot))),
+        Op::Lit(v) => Ok(v.clone()),
+        _ => eval(op, attrs, ctx, w),
+    }
 }
 
 fn eval<A: AttributeSource + ?Sized>(
@@ -672,8 +688,8 @@ fn eval<A: AttributeSource + ?Sized>(
         Op::Lit(v) => Ok(v.clone()),
         Op::Attr { name, slot } => Ok(values_value(attrs.values(name, *slot))),
         Op::Compare { op, lhs, rhs, span } => {
-            let a = eval(lhs, attrs, ctx, w)?;
-            let b = eval(rhs, attrs, ctx, w)?;
+            let a = eval_arg(lhs, attrs, ctx, w)?;
+            let b = eval_arg(rhs, attrs, ctx, w)?;
             value::compare(*op, &a, &b).map_err(fail(*span))
         }
         Op::Call {
@@ -689,7 +705,7 @@ fn eval<A: AttributeSource + ?Sized>(
             split_span,
             item_span,
         } => {
-            let source = eval(source, attrs, ctx, w)?;
+            let source = eval_arg(source, attrs, ctx, w)?;
             functions::split_item(&source, delim, *index).map_err(|e| match e {
                 SplitItemError::Split(error) => Box::new(EvalFailure {
                     error,
@@ -711,7 +727,7 @@ fn opt_value<A: AttributeSource + ?Sized>(
     w: &mut Vec<String>,
 ) -> EvalRes<EvalValue> {
     match op {
-        Some(op) => eval(op, attrs, ctx, w),
+        Some(op) => eval_arg(op, attrs, ctx, w),
         None => Ok(EvalValue::Null),
     }
 }
@@ -762,7 +778,7 @@ fn eval_call<A: AttributeSource + ?Sized>(
         }
         Function::Coalesce => {
             for a in args.iter().flatten() {
-                let v = eval(a, attrs, ctx, w)?;
+                let v = eval_arg(a, attrs, ctx, w)?;
                 if functions::coalesce_is_value(&v) {
                     return Ok(v);
                 }
@@ -822,7 +838,7 @@ fn call<A: AttributeSource + ?Sized>(
         for (a, slot) in args.iter().zip(owned.iter_mut()) {
             if let Some(op) = a {
                 if !matches!(op, Op::Lit(_)) {
-                    *slot = Some(eval(op, attrs, ctx, w)?);
+                    *slot = Some(eval_arg(op, attrs, ctx, w)?);
                 }
             }
         }
@@ -839,7 +855,7 @@ fn call<A: AttributeSource + ?Sized>(
     for a in args {
         owned.push(match a {
             Some(Op::Lit(_)) | None => None,
-            Some(op) => Some(eval(op, attrs, ctx, w)?),
+            Some(op) => Some(eval_arg(op, attrs, ctx, w)?),
         });
     }
     let refs: Vec<Option<&EvalValue>> = args
