@@ -685,8 +685,7 @@ fn eval<A: AttributeSource + ?Sized>(
     w: &mut Vec<String>,
 ) -> EvalRes<EvalValue> {
     match op {
-        Op::Lit(v) => Ok(v.clone()),
-        Op::Attr { name, slot } => Ok(values_value(attrs.values(name, *slot))),
+        Op::Lit(_) | Op::Attr { .. } => eval_arg(op, attrs, ctx, w),
         Op::Compare { op, lhs, rhs, span } => {
             let a = eval_arg(lhs, attrs, ctx, w)?;
             let b = eval_arg(rhs, attrs, ctx, w)?;
