@@ -1109,23 +1109,14 @@ pub(crate) fn split_item(
 
 /// `parts` joined by `sep`; a short result is built inline, without a heap buffer.
 fn join_smol(parts: &[Cow<'_, str>], sep: &str) -> smol_str::SmolStr {
-    const INLINE: usize = 23;
-    let len = parts.iter().map(|p| p.len()).sum::<usize>() + sep.len() * (parts.len() - 1);
-    if len > INLINE {
-        return smol_str::SmolStr::from(parts.join(sep));
-    }
-    let mut buf = [0u8; INLINE];
-    let mut at = 0;
+    let mut out = smol_str::SmolStrBuilder::new();
     for (i, part) in parts.iter().enumerate() {
-        for piece in [if i > 0 { sep } else { "" }, part] {
-            if let Some(dst) = buf.get_mut(at..at + piece.len()) {
-                dst.copy_from_slice(piece.as_bytes());
-            }
-            at += piece.len();
+        if i > 0 {
+            out.push_str(sep);
         }
+        out.push_str(part);
     }
-    // Whole `str`s were copied, so the bytes are UTF-8.
-    smol_str::SmolStr::new(std::str::from_utf8(&buf[..at]).unwrap_or_default())
+    out.finish()
 }
 
 /// `Mid` with CS-FUNC's edge rules (spec §6).
