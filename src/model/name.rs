@@ -3,6 +3,9 @@
 //! Directory attribute names compare case-insensitively (`givenName` = `GIVENNAME`) but are
 //! written back with the spelling they were first given. Comparison and hashing fold ASCII
 //! letters without allocating; other characters fold with Unicode simple lower-casing.
+//!
+//! Holds the pure modules' one process-wide state: a bounded set of interned configured names
+//! (see `intern`), a cache that changes no result.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -171,16 +174,22 @@ fn ci_hash<H: Hasher>(s: &str, state: &mut H) {
 }
 
 /// The longest name a [`SmolStr`] holds inline (longer ones share a counted heap buffer).
-const INLINE_NAME: usize = 23;
+const INLINE_NAME: usize = smol_str::SmolStr::INLINE_CAP;
+
+/// At most this many names are interned in a process; past it, names are made as usual.
+const INTERN_CAP: usize = 4096;
 
 /// Interns `s`: the one `'static` copy of this exact spelling, made on first use and kept for
-/// the life of the process.
+/// the life of the process; `None` once [`INTERN_CAP`] names are held.
 ///
-/// Meant for names from configuration — rule target attributes and object types — whose
-/// number is fixed by the rules, not by the data: a compiled rule set copies them into every
-/// object it projects, and a `'static` name is copied without touching a shared reference count
-/// (an atomic operation per clone and per drop otherwise).
-pub(crate) fn intern(s: &str) -> &'static str {
+/// This is the one process-wide state of the pure modules, a deliberate exception: it is a
+/// cache that changes no result (an interned name compares, hashes and prints as any other),
+/// it is bounded, and it is fed only by configured names — rule target attributes and object
+/// types of rule sets that compiled — whose number is set by the rules, not by the data. A
+/// compiled rule set copies these names into every object it projects, and a `'static` name
+/// is copied without touching a shared reference count (an atomic operation per clone and per
+/// drop otherwise).
+pub(crate) fn intern(s: &str) -> Option<&'static str> {
     use std::collections::HashSet;
     use std::sync::{Mutex, OnceLock, PoisonError};
     static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
@@ -189,11 +198,14 @@ pub(crate) fn intern(s: &str) -> &'static str {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     if let Some(&known) = names.get(s) {
-        return known;
+        return Some(known);
+    }
+    if names.len() >= INTERN_CAP {
+        return None;
     }
     let leaked: &'static str = Box::leak(s.to_owned().into_boxed_str());
     names.insert(leaked);
-    leaked
+    Some(leaked)
 }
 
 macro_rules! ci_name {
@@ -221,16 +233,17 @@ macro_rules! ci_name {
                 $name(SmolStr::new_static(name))
             }
 
-            /// A name interned for the life of the process: one `'static` copy per spelling,
-            /// made on first use and never freed. For the fixed, configured names a compiled
-            /// rule set copies into every object it projects (their number is set by the
-            /// rules, not by the data); never for names read from a server. A name short
-            /// enough to be held inline is not interned.
-            pub fn interned(name: &str) -> Self {
+            /// A name interned for the life of the process (one `'static` copy per spelling,
+            /// never freed, at most a few thousand in all): for the configured names a
+            /// compiled rule set copies into every object it projects. A name short enough to
+            /// be held inline, or one past the cap, is made as by `new`.
+            pub(crate) fn interned(name: &str) -> Self {
                 if name.len() <= INLINE_NAME {
-                    $name::new(name)
-                } else {
-                    $name::from_static(intern(name))
+                    return $name::new(name);
+                }
+                match intern(name) {
+                    Some(s) => $name::from_static(s),
+                    None => $name::new(name),
                 }
             }
 
@@ -417,7 +430,7 @@ mod tests {
         assert_eq!(b.as_str(), long.to_uppercase());
         // One copy per spelling.
         assert!(std::ptr::eq(a.as_str(), c.as_str()));
-        assert!(std::ptr::eq(intern(long), intern(long)));
+        assert!(std::ptr::eq(intern(long).unwrap(), intern(long).unwrap()));
         assert_eq!(AttrName::interned("cn").as_str(), "cn");
     }
 

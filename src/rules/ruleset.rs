@@ -591,7 +591,7 @@ impl RuleSet {
                         let unique = program.compiled().top_level_function()
                             == Some(Function::SelectUniqueValue);
                         flows.push(CompiledFlow {
-                            target: AttrName::interned(&fc.target),
+                            target: AttrName::new(fc.target.as_str()),
                             apply: fc.apply,
                             default: fc.default.as_ref().map(|d| Values::one(d.as_str())),
                             ignore_case: fc.ignore_case,
@@ -680,7 +680,7 @@ impl RuleSet {
                 uses_random,
                 name: rc.name.clone(),
                 source_type,
-                target_type: ObjectType::interned(&rc.target_type),
+                target_type: ObjectType::new(rc.target_type.as_str()),
                 scope,
                 join,
                 flows,
@@ -689,6 +689,14 @@ impl RuleSet {
         }
         if !errors.is_empty() {
             return Err(RuleErrors(errors));
+        }
+        // Only a rule set that compiled interns its names (see `AttrName::interned`): every
+        // projected object copies them, and a `'static` name is copied without counting.
+        for rule in &mut rules {
+            rule.target_type = ObjectType::interned(rule.target_type.as_str());
+            for flow in &mut rule.flows {
+                flow.target = AttrName::interned(flow.target.as_str());
+            }
         }
         Ok(RuleSet {
             rules,

@@ -1188,7 +1188,7 @@ impl<'v> Item<'v> {
         match &self.text {
             ItemText::Borrowed(s) => Text::Borrowed(s),
             ItemText::Owned(s) => Text::Borrowed(s),
-            ItemText::Integer(i) => Text::Integer(Decimal::new(*i)),
+            ItemText::Integer(i) => Text::Integer(IntText::new(*i)),
         }
     }
 }
@@ -1208,7 +1208,7 @@ fn owned_text(value: &Value) -> String {
 /// A value's text: borrowed, or an integer written on the stack.
 enum Text<'a> {
     Borrowed(&'a str),
-    Integer(Decimal),
+    Integer(IntText),
 }
 
 impl std::ops::Deref for Text<'_> {
@@ -1224,13 +1224,13 @@ impl std::ops::Deref for Text<'_> {
 }
 
 /// An `i64` in decimal, in a buffer wide enough for `-9223372036854775808`.
-struct Decimal {
+struct IntText {
     digits: [u8; 20],
     start: usize,
 }
 
-impl Decimal {
-    fn new(n: i64) -> Decimal {
+impl IntText {
+    fn new(n: i64) -> IntText {
         let mut digits = [0u8; 20];
         let mut start = digits.len();
         let mut rest = n.unsigned_abs();
@@ -1246,7 +1246,7 @@ impl Decimal {
             start -= 1;
             digits[start] = b'-';
         }
-        Decimal { digits, start }
+        IntText { digits, start }
     }
 
     fn as_str(&self) -> &str {
