@@ -8,7 +8,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dirsync::delta::{self, Links, PlanInput, PlanScope, SourceMirror, TargetMirror};
-use dirsync::model::{Anchor, TargetId, Value};
+use dirsync::model::{Anchor, Value};
 use dirsync::testkit::{self, UserGroupProjection};
 
 struct Store {
@@ -32,17 +32,7 @@ fn converged(n: usize) -> Store {
         ..Default::default()
     };
     let plan = delta::plan(&PlanInput::new(&projection, &mirror, &links, &target));
-    for (i, op) in plan.operations.iter().enumerate() {
-        let Ok(Some(top)) = op.to_target_operation(&links) else {
-            continue;
-        };
-        let id = match top.id() {
-            Some(id) => id.clone(),
-            None => TargetId::new(format!("t{i}")),
-        };
-        target.record(&top, &id);
-        links.record(op, Some(&id));
-    }
+    testkit::apply_accepted(&plan, &mut links, &mut target);
     Store {
         mirror,
         links,

@@ -2,6 +2,10 @@
 //! Replace with a regex, IIF, BitAnd, Switch, FormatDateTime, Split/Item, a scoping filter)
 //! over 100k generated AD users, on one thread. Throughput is reported in objects per second.
 //!
+//! Also a full plan of those users, converged (linked, the target holding what the rules
+//! want, managers resolving to linked users): with the rule set's `unchanged` fast path, and
+//! with it turned off (every object projected, then compared).
+//!
 //! Environment:
 //! - `DIRSYNC_BENCH_USERS`: how many users to generate (default 100000).
 //! - `DIRSYNC_BENCH_ONCE`: when set, project every user once through [`project_all`] and exit
@@ -12,7 +16,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dirsync::delta::{Projected, Projection, ProjectionContext, SourceMirror, TargetMirror};
+use dirsync::delta::{
+    self, Links, PlanInput, Projected, Projection, ProjectionContext, SourceMirror, TargetMirror,
+};
 use dirsync::model::Entry;
 use dirsync::rules::ruleset::RuleSet;
 use dirsync::testkit::{self, Fixture};
@@ -56,6 +62,33 @@ fn bench(c: &mut Criterion) {
             flows
         })
     });
+    g.finish();
+
+    // A converged system: every user's manager is another user.
+    drop(users);
+    let mut mirror = SourceMirror::new();
+    for u in testkit::ad_users_managed(count, 10, &mut Fixture::new(11)) {
+        mirror.insert(u);
+    }
+    let (mut links, mut target) = (Links::new(), TargetMirror::new());
+    testkit::converge(&rules, &mirror, &mut links, &mut target, 4)
+        .unwrap_or_else(|plan| panic!("{plan}"));
+    let mut g = c.benchmark_group("plan");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(count as u64));
+    let projecting = testkit::Projecting(&rules);
+    for (name, projection) in [
+        ("full_plan_converged_fast_path", &rules as &dyn Projection),
+        ("full_plan_converged_projecting", &projecting),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let plan = delta::plan(&PlanInput::new(projection, &mirror, &links, &target));
+                assert!(plan.operations.is_empty());
+                plan.stats.unchanged
+            })
+        });
+    }
     g.finish();
 }
 

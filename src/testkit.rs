@@ -9,7 +9,8 @@ pub mod servers;
 pub mod slapd;
 
 use crate::delta::{
-    Deprovision, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,
+    Deprovision, Desired, Flow, JoinGroup, Link, Links, Plan, PlanInput, Projected, Projection,
+    ProjectionContext, SourceMirror, TargetMirror,
 };
 use smol_str::SmolStr;
 
@@ -307,6 +308,65 @@ pub fn directory(
 
 pub use crate::connector::{export_sequential as export, ExportReport};
 
+/// A projection with its [`Projection::unchanged`] fast path turned off: the planner projects
+/// every object, then compares. For tests and benchmarks of a fast path against the plain way.
+pub struct Projecting<'a>(pub &'a dyn Projection);
+
+impl Projection for Projecting<'_> {
+    fn project(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
+        self.0.project(entry, ctx)
+    }
+    fn deprovision(&self, link: &Link, entry: Option<&Entry>) -> Deprovision {
+        self.0.deprovision(link, entry)
+    }
+}
+
+/// Applies `plan` to the links and the target mirror as a target that accepts every operation
+/// would: each operation is recorded with the id the target would give it (`id-<anchor>` for a
+/// create). Operations that do not translate (a reference to an object never linked) are
+/// skipped.
+pub fn apply_accepted(plan: &Plan, links: &mut Links, target: &mut TargetMirror) {
+    for op in &plan.operations {
+        let Ok(Some(top)) = op.to_target_operation(links) else {
+            continue;
+        };
+        let id = match top.id() {
+            Some(id) => id.clone(),
+            None => TargetId::new(format!("id-{}", op.anchor)),
+        };
+        target.record(&top, &id);
+        links.record(op, Some(&id));
+    }
+}
+
+/// Plans and applies ([`apply_accepted`]) until a plan has nothing left to do: the links and
+/// target mirror of a converged system. Returns the number of rounds, or the last plan when
+/// it still had operations after `max_rounds` or had issues.
+pub fn converge(
+    projection: &dyn Projection,
+    mirror: &SourceMirror,
+    links: &mut Links,
+    target: &mut TargetMirror,
+    max_rounds: usize,
+) -> Result<usize, Box<Plan>> {
+    for round in 0..max_rounds {
+        let plan = crate::delta::plan(&PlanInput::new(projection, mirror, links, target));
+        if !plan.issues.is_empty() {
+            return Err(Box::new(plan));
+        }
+        if plan.operations.is_empty() {
+            return Ok(round);
+        }
+        apply_accepted(&plan, links, target);
+    }
+    let plan = crate::delta::plan(&PlanInput::new(projection, mirror, links, target));
+    if plan.operations.is_empty() && plan.issues.is_empty() {
+        Ok(max_rounds)
+    } else {
+        Err(Box::new(plan))
+    }
+}
+
 /// The target id a reference value names, for assertions on target state.
 pub fn target_ref(v: &Value) -> Option<&TargetId> {
     match v {
@@ -344,6 +404,18 @@ const GIVEN: [&str; 8] = [
 const SURNAMES: [&str; 8] = [
     "Lovelace", "Hopper", "Turing", "Johnson", "Dijkstra", "Liskov", "Knuth", "Allen",
 ];
+
+/// `n` generated AD users ([`ad_user`]) whose managers are users of the same set: user `i`'s
+/// manager is user `i / span` (user 0 has none), so `manager` references resolve.
+pub fn ad_users_managed(n: usize, span: usize, fx: &mut Fixture) -> Vec<Entry> {
+    let mut users: Vec<Entry> = (0..n).map(|i| ad_user(i, fx)).collect();
+    for i in 1..n {
+        if let Some(boss) = users.get(i / span.max(2)).and_then(|b| b.dn.clone()) {
+            users[i].attributes.set("manager", Value::dn_ref(boss));
+        }
+    }
+    users
+}
 
 /// A generated Active Directory user as an LDAP source presents it: objectGUID (as its GUID
 /// string), userPrincipalName, sAMAccountName, names, mail (absent for one user in five),

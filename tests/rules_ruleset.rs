@@ -243,3 +243,210 @@ fn example_rules_plan_an_initial_load_and_converge() {
         "{plan}"
     );
 }
+
+/// The example rule set, counting how often its fast path answered "unchanged".
+struct Counting<'a>(&'a RuleSet, std::sync::atomic::AtomicUsize);
+
+impl Projection for Counting<'_> {
+    fn project(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
+        self.0.project(entry, ctx)
+    }
+    fn unchanged(
+        &self,
+        entry: &Entry,
+        current: &TargetObject,
+        ctx: &ProjectionContext<'_>,
+    ) -> Option<bool> {
+        let answer = self.0.unchanged(entry, current, ctx);
+        if answer == Some(true) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        answer
+    }
+    fn deprovision(&self, link: &delta::Link, entry: Option<&Entry>) -> delta::Deprovision {
+        self.0.deprovision(link, entry)
+    }
+}
+
+/// Users whose managers are other users of the same directory (so `manager` references resolve
+/// to linked objects), synchronized until nothing is left to do.
+fn converged(n: usize, seed: u64) -> (SourceMirror, Links, TargetMirror) {
+    let rules = example();
+    let mut m = SourceMirror::new();
+    for u in testkit::ad_users_managed(n, 4, &mut Fixture::new(seed)) {
+        m.insert(u);
+    }
+    let (mut links, mut t) = (Links::new(), TargetMirror::new());
+    testkit::converge(&rules, &m, &mut links, &mut t, 4).unwrap_or_else(|plan| panic!("{plan}"));
+    (m, links, t)
+}
+
+#[test]
+fn unchanged_fast_path_plans_exactly_what_projecting_plans() {
+    let rules = example();
+    for seed in 0..24u64 {
+        let (mut m, links, mut t) = converged(60, seed);
+        // Converged: the fast path answers for every in-scope user, and the plan is empty.
+        let counting = Counting(&rules, Default::default());
+        let plan = delta::plan(&PlanInput::new(&counting, &m, &links, &t));
+        assert!(plan.operations.is_empty(), "{plan}");
+        let ctx = ProjectionContext::new(chrono::DateTime::UNIX_EPOCH, 0, &m, &t);
+        let in_scope = m
+            .entries()
+            .filter(|e| matches!(rules.project(e, &ctx), Projected::InScope(_)))
+            .count();
+        assert!(in_scope > 40, "seed {seed}: {in_scope} users in scope");
+        assert_eq!(counting.1.into_inner(), in_scope, "seed {seed}");
+
+        // Edits on both sides, chosen by the seed; then both ways of planning must agree.
+        let mut fx = Fixture::new(seed ^ 0x5eed);
+        let anchors: Vec<_> = m.entries().map(|e| e.anchor.clone()).collect();
+        let dns: Vec<_> = m.entries().map(|e| e.dn.clone()).collect();
+        for a in &anchors {
+            let mut e = m.get(a).cloned().unwrap();
+            let pick = fx.below(16);
+            match pick {
+                0 => e
+                    .attributes
+                    .set("title", Value::string("Principal Engineer")),
+                // userName is compared ignoring case: an upper-cased UPN changes nothing.
+                1 => {
+                    let upn = e.attributes.first("userPrincipalName").unwrap().to_string();
+                    e.attributes
+                        .set("userPrincipalName", Value::string(upn.to_uppercase()));
+                }
+                2 => {
+                    e.attributes.remove("mail");
+                }
+                3 => {
+                    let boss = dns[fx.below(dns.len() as u64) as usize].clone().unwrap();
+                    e.attributes.set("manager", Value::dn_ref(boss));
+                }
+                4 => e.attributes.set("userAccountControl", Value::Integer(514)),
+                5 => e
+                    .attributes
+                    .set("department", Value::string("Service Accounts")),
+                // hireDate flows on create only: a new whenCreated changes nothing.
+                6 => e
+                    .attributes
+                    .set("whenCreated", Value::string("20200101000000.0Z")),
+                7 => {
+                    e.attributes.remove("displayName");
+                    e.attributes.set("givenName", Value::string("Zoë"));
+                }
+                8 => {
+                    e.attributes.remove("manager");
+                }
+                _ => {}
+            }
+            m.insert(e);
+        }
+        let ids: Vec<_> = t.objects().map(|o| o.id.clone()).collect();
+        for id in &ids {
+            let mut o = t.get(id).cloned().unwrap();
+            match fx.below(12) {
+                0 => {
+                    let v = o.attributes.first("displayName").map(|v| v.to_string());
+                    if let Some(v) = v {
+                        o.attributes
+                            .set("displayName", Value::string(v.to_lowercase()));
+                    }
+                }
+                1 => {
+                    o.attributes.remove("title");
+                }
+                2 => o.attributes.set("active", Value::Boolean(false)),
+                3 => {
+                    let v = o.attributes.first("userName").map(|v| v.to_string());
+                    if let Some(v) = v {
+                        o.attributes
+                            .set("userName", Value::string(v.to_uppercase()));
+                    }
+                }
+                4 => {
+                    let other = ids[fx.below(ids.len() as u64) as usize].clone();
+                    o.attributes.set(
+                        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager",
+                        Value::Reference(dirsync::model::Reference::Target(other)),
+                    );
+                }
+                5 => {
+                    o.attributes
+                        .remove("urn:ietf:params:scim:schemas:extension:dirsync:2.0:User:hireDate");
+                }
+                _ => {}
+            }
+            t.insert(o);
+        }
+        if fx.below(4) == 0 {
+            m.remove(&anchors[fx.below(anchors.len() as u64) as usize]);
+        }
+        let fast = delta::plan(&PlanInput::new(&rules, &m, &links, &t));
+        let slow = delta::plan(&PlanInput::new(
+            &testkit::Projecting(&rules),
+            &m,
+            &links,
+            &t,
+        ));
+        assert_eq!(fast, slow, "seed {seed}");
+        assert!(
+            !fast.operations.is_empty(),
+            "seed {seed}: the edits changed nothing"
+        );
+    }
+}
+
+#[test]
+fn unchanged_fast_path_draws_random_values_as_project_does() {
+    // Random flows share the object's random source: the fast path must draw in the rule's
+    // order (here not the order of the target attributes) to see the values `project` made.
+    let rules = RuleSet::from_toml(
+        r#"
+        [[rule]]
+        name = "users"
+        source_type = "user"
+        target_type = "User"
+        join = [["userName"]]
+        [[rule.flow]]
+        target = "zeta"
+        expression = 'RandomString(10, 1, 0, 1, 1)'
+        [[rule.flow]]
+        target = "userName"
+        expression = 'ToLower([userPrincipalName])'
+        [[rule.flow]]
+        target = "alpha"
+        expression = 'Guid()'
+        [[rule.flow]]
+        target = "password"
+        expression = 'RandomString(16, 2, 2, 2, 2)'
+        apply = "on_create"
+        "#,
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut fx = Fixture::new(4);
+    let mut m = SourceMirror::new();
+    for i in 0..40 {
+        m.insert(testkit::ad_user(i, &mut fx));
+    }
+    let (mut links, mut t) = (Links::new(), TargetMirror::new());
+    testkit::converge(&rules, &m, &mut links, &mut t, 3).unwrap_or_else(|plan| panic!("{plan}"));
+    let counting = Counting(&rules, Default::default());
+    let plan = delta::plan(&PlanInput::new(&counting, &m, &links, &t));
+    assert!(plan.operations.is_empty(), "{plan}");
+    assert_eq!(counting.1.into_inner(), 40);
+    // A changed random value is seen, as `project` sees it.
+    let id = t.objects().next().map(|o| o.id.clone()).unwrap();
+    let mut o = t.get(&id).cloned().unwrap();
+    o.attributes.set("alpha", Value::string("not the guid"));
+    t.insert(o);
+    let fast = delta::plan(&PlanInput::new(&rules, &m, &links, &t));
+    let slow = delta::plan(&PlanInput::new(
+        &testkit::Projecting(&rules),
+        &m,
+        &links,
+        &t,
+    ));
+    assert_eq!(fast, slow);
+    assert_eq!(fast.count("update"), 1, "{fast}");
+}

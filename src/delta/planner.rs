@@ -105,7 +105,8 @@ enum Action {
 
 /// Plans. See the module documentation.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
-    let ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
+    let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
+    ctx.links = Some(input.links);
 
     // Phase A: every considered anchor, in parallel where enabled. The common "nothing to do"
     // decisions are only counted; the others are kept for phases B and C.
@@ -355,16 +356,15 @@ fn decide(
                     Some(current) => {
                         // The common case: nothing changed. Decide it without allocating.
                         let mut hint = 0;
+                        let refs = Some(Refs::of(input));
                         if desired.flows.iter().all(|f| {
-                            if f.apply == Apply::OnCreate {
-                                return true;
-                            }
-                            let have = current.attributes.get_hinted(&f.attribute, &mut hint);
-                            match (&f.values[..], have.map(|h| &h[..])) {
-                                // The commonest flow: one plain value, as the target has it.
-                                ([w], Some([h])) if !w.is_reference() && w == h => true,
-                                _ => flow_matches(f, have, input),
-                            }
+                            f.apply == Apply::OnCreate
+                                || flow_holds(
+                                    f,
+                                    &f.values,
+                                    current.attributes.get_hinted(&f.attribute, &mut hint),
+                                    refs,
+                                )
                         }) {
                             return Decision::Nothing { in_scope: true };
                         }
@@ -501,26 +501,61 @@ fn has_references(flow: &Flow) -> bool {
     flow.values.iter().any(Value::is_reference)
 }
 
-/// Whether the target already holds what `flow` wants (reference flows compared after
-/// translating source references to target ids).
-fn flow_matches(flow: &Flow, have: Option<&Values>, input: &PlanInput<'_>) -> bool {
-    if !has_references(flow) {
-        if flow.multi && have.is_some_and(|h| same_in_order(&flow.values, h)) {
+/// What translating a source reference into the target id of its linked object needs.
+#[derive(Clone, Copy)]
+pub(crate) struct Refs<'a> {
+    pub(crate) mirror: &'a SourceMirror,
+    pub(crate) links: &'a Links,
+}
+
+impl<'a> Refs<'a> {
+    fn of(input: &PlanInput<'a>) -> Refs<'a> {
+        Refs {
+            mirror: input.mirror,
+            links: input.links,
+        }
+    }
+}
+
+/// Whether `have`, a linked target object's values, already holds what `flow` wants when it
+/// wants `values` (the flow's own or others): true when an update would change nothing.
+/// `OnCreate` flows always hold. Source references are translated through `refs`; without them
+/// a flow with references does not hold.
+pub(crate) fn flow_holds(
+    flow: &Flow,
+    values: &Values,
+    have: Option<&Values>,
+    refs: Option<Refs<'_>>,
+) -> bool {
+    if flow.apply == Apply::OnCreate {
+        return true;
+    }
+    if let ([w], Some([h])) = (&values[..], have.map(|h| &h[..])) {
+        // The commonest flow: one plain value, as the target has it.
+        if !w.is_reference() && w == h {
+            return true;
+        }
+    }
+    if !values.iter().any(Value::is_reference) {
+        if flow.multi && have.is_some_and(|h| same_in_order(values, h)) {
             // The common case: the target lists exactly these values, in this order.
             return true;
         }
-        return diff_flow(flow, have, false).is_none();
+        return diff_values(flow, values, have, false).is_none();
     }
+    let Some(refs) = refs else {
+        return false;
+    };
     if let Some(h) = have {
         // Compare the translated values in place first: no allocation when they line up.
-        if same_in_order_translated(&flow.values, h, input) {
+        if same_in_order_translated(values, h, refs) {
             return true;
         }
     }
     let mut translated = Values::new();
-    for v in &flow.values {
+    for v in values {
         match v {
-            Value::Reference(r) => match translate_existing(input, r) {
+            Value::Reference(r) => match translate_existing(refs, r) {
                 Some(id) => translated.push(Value::Reference(Reference::Target(id))),
                 None => return false,
             },
@@ -544,13 +579,12 @@ enum TranslatedRef<'a> {
 
 /// `v` translated through an existing link without cloning; `None` when a reference does not
 /// resolve to a linked object.
-fn translate_ref<'a>(input: &PlanInput<'a>, v: &'a Value) -> Option<TranslatedRef<'a>> {
+fn translate_ref<'a>(refs: Refs<'a>, v: &'a Value) -> Option<TranslatedRef<'a>> {
     match v {
         Value::Reference(Reference::Target(id)) => Some(TranslatedRef::Target(id)),
         Value::Reference(r) => {
-            let a = input.mirror.resolve_ref(r)?;
-            input
-                .links
+            let a = refs.mirror.resolve_ref(r)?;
+            refs.links
                 .get(a)
                 .map(|l| TranslatedRef::Target(&l.target_id))
         }
@@ -559,12 +593,12 @@ fn translate_ref<'a>(input: &PlanInput<'a>, v: &'a Value) -> Option<TranslatedRe
 }
 
 /// [`same_in_order`] for translated references.
-fn same_in_order_translated(want: &Values, have: &Values, input: &PlanInput<'_>) -> bool {
+fn same_in_order_translated(want: &Values, have: &Values, refs: Refs<'_>) -> bool {
     want.len() == have.len()
         && want
             .iter()
             .zip(have.iter())
-            .all(|(w, h)| match (translate_ref(input, w), h) {
+            .all(|(w, h)| match (translate_ref(refs, w), h) {
                 (Some(TranslatedRef::Value(w)), h) => w == h,
                 (Some(TranslatedRef::Target(id)), Value::Reference(Reference::Target(t))) => {
                     id == t
@@ -574,12 +608,12 @@ fn same_in_order_translated(want: &Values, have: &Values, input: &PlanInput<'_>)
 }
 
 /// The target id a source reference resolves to through an existing link.
-fn translate_existing(input: &PlanInput<'_>, r: &Reference) -> Option<TargetId> {
+fn translate_existing(refs: Refs<'_>, r: &Reference) -> Option<TargetId> {
     match r {
         Reference::Target(id) => Some(id.clone()),
         other => {
-            let a = input.mirror.resolve(other)?;
-            input.links.get(&a).map(|l| l.target_id.clone())
+            let a = refs.mirror.resolve(other)?;
+            refs.links.get(&a).map(|l| l.target_id.clone())
         }
     }
 }
@@ -720,6 +754,7 @@ fn claim_unique_values(input: &PlanInput<'_>, pending: &mut Vec<Pending>, issues
                 continue;
             };
             let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
+            ctx.links = Some(input.links);
             ctx.claimed = Some(&claimed);
             match input.projection.project(entry, &ctx) {
                 Projected::InScope(d) => p.desired = d,

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::state::{Link, SourceMirror, TargetMirror};
+use super::state::{Link, Links, SourceMirror, TargetMirror};
 use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Value, Values};
 
 /// Decides, for one source object, what its target object should be.
@@ -24,8 +24,8 @@ pub trait Projection: Send + Sync {
     /// in scope, maps onto `current` (the target object it is linked to, of the same type), and
     /// every flow already holds there — so the planner need not build a [`Desired`] to find
     /// that out. Answer `Some(true)` only when [`Projection::project`] and a diff would find
-    /// nothing to do (compare as [`Values::same_set`] does); `None` (the default) or
-    /// `Some(false)` make the planner project as usual.
+    /// nothing to do — [`ProjectionContext::flow_holds`] is the planner's own comparison, one
+    /// flow at a time; `None` (the default) or `Some(false)` make the planner project as usual.
     fn unchanged(
         &self,
         entry: &Entry,
@@ -48,6 +48,8 @@ pub struct ProjectionContext<'a> {
     pub(crate) mirror: &'a SourceMirror,
     pub(crate) target: &'a TargetMirror,
     pub(crate) claimed: Option<&'a HashSet<(AttrName, String)>>,
+    /// The plan's links (set by the planner): what source references translate through.
+    pub(crate) links: Option<&'a Links>,
 }
 
 impl<'a> ProjectionContext<'a> {
@@ -64,6 +66,7 @@ impl<'a> ProjectionContext<'a> {
             mirror,
             target,
             claimed: None,
+            links: None,
         }
     }
 
@@ -103,6 +106,37 @@ impl<'a> ProjectionContext<'a> {
         value: &Value,
     ) -> Vec<crate::model::TargetId> {
         self.target.find(object_type, attribute, value)
+    }
+
+    /// Whether `have`, the values of the linked target object's attribute, already hold what
+    /// `flow` wants when it wants `values`: the comparison the planner makes for a linked object
+    /// (single-valued flows as sets, multi-valued ones value by value, strings ignoring case when
+    /// the flow says so, an empty want by [`WhenEmpty`]; `OnCreate` flows always hold). Source
+    /// references are compared through the plan's links to the target ids they stand for; in a
+    /// context the planner did not make ([`ProjectionContext::new`]) a flow with references does
+    /// not hold. The building block of [`Projection::unchanged`].
+    ///
+    /// ```
+    /// use chrono::Utc;
+    /// use dirsync::delta::{Flow, ProjectionContext, SourceMirror, TargetMirror};
+    /// use dirsync::model::{values, Values};
+    ///
+    /// let (mirror, target) = (SourceMirror::new(), TargetMirror::new());
+    /// let ctx = ProjectionContext::new(Utc::now(), 0, &mirror, &target);
+    /// let mut title = Flow::new("title", values(["Engineer"]));
+    /// assert!(ctx.flow_holds(&title, &title.values, Some(&values(["Engineer"]))));
+    /// assert!(!ctx.flow_holds(&title, &title.values, Some(&values(["engineer"]))));
+    /// title.ignore_case = true;
+    /// assert!(ctx.flow_holds(&title, &title.values, Some(&values(["engineer"]))));
+    /// // Kept when empty: no values wanted leaves the target's as they are.
+    /// assert!(ctx.flow_holds(&title, &Values::new(), Some(&values(["Engineer"]))));
+    /// ```
+    pub fn flow_holds(&self, flow: &Flow, values: &Values, have: Option<&Values>) -> bool {
+        let refs = self.links.map(|links| super::planner::Refs {
+            mirror: self.mirror,
+            links,
+        });
+        super::planner::flow_holds(flow, values, have, refs)
     }
 
     /// Whether no target object of `object_type` has `value` in `attribute` (strings compared

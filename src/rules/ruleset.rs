@@ -315,15 +315,12 @@ fn diagnostic_error(d: &Diagnostic, text: &str, origin: &Origin) -> RuleError {
 /// A compiled flow.
 #[derive(Debug, Clone)]
 struct CompiledFlow {
-    target: AttrName,
+    /// The flow as a projected object carries it, without values: its target attribute, when
+    /// it applies, how it compares, what empty means, whether it is unique.
+    shape: Flow,
     program: Program,
-    apply: Apply,
     default: Option<Values>,
-    ignore_case: bool,
-    multi: bool,
     reference: bool,
-    when_null: WhenEmpty,
-    unique: bool,
 }
 
 /// A compiled rule.
@@ -341,6 +338,10 @@ struct CompiledRule {
     attribute_names: Box<[Box<str>]>,
     /// Whether any flow draws random values; if none does, the per-object seed is not computed.
     uses_random: bool,
+    /// The order [`Projection::unchanged`] evaluates the flows in: by target attribute (the
+    /// order of a target object's attributes, so each lookup there is one comparison) when no
+    /// flow draws random values, else the rule's own order (the random source is shared).
+    compare_order: Box<[usize]>,
 }
 
 impl CompiledRule {
@@ -574,7 +575,7 @@ impl RuleSet {
             for (fi, fc) in rc.flows.iter().enumerate() {
                 let span = src.spans.get(&(ri, fi));
                 let origin = expression_origin(src, rname, &fc.target, span);
-                if flows.iter().any(|f| f.target.is(&fc.target)) {
+                if flows.iter().any(|f| f.shape.attribute.is(&fc.target)) {
                     errors.push(simple_error(
                         codes::DUPLICATE_FLOW,
                         Some(rname),
@@ -591,18 +592,22 @@ impl RuleSet {
                         let unique = program.compiled().top_level_function()
                             == Some(Function::SelectUniqueValue);
                         flows.push(CompiledFlow {
-                            target: AttrName::new(fc.target.as_str()),
-                            apply: fc.apply,
+                            shape: Flow {
+                                attribute: AttrName::new(fc.target.as_str()),
+                                values: Values::new(),
+                                apply: fc.apply,
+                                ignore_case: fc.ignore_case,
+                                multi,
+                                when_empty: fc.when_null.unwrap_or(if multi {
+                                    WhenEmpty::Clear
+                                } else {
+                                    WhenEmpty::Keep
+                                }),
+                                redacted: false,
+                                unique,
+                            },
                             default: fc.default.as_ref().map(|d| Values::one(d.as_str())),
-                            ignore_case: fc.ignore_case,
-                            multi,
                             reference: fc.reference,
-                            when_null: fc.when_null.unwrap_or(if multi {
-                                WhenEmpty::Clear
-                            } else {
-                                WhenEmpty::Keep
-                            }),
-                            unique,
                             program,
                         });
                     }
@@ -675,9 +680,15 @@ impl RuleSet {
                 s.bind(&attributes);
             }
             let uses_random = flows.iter().any(|f| f.program.uses_random());
+            let mut compare_order: Vec<usize> = (0..flows.len()).collect();
+            if !uses_random {
+                compare_order
+                    .sort_by(|&a, &b| flows[a].shape.attribute.cmp(&flows[b].shape.attribute));
+            }
             rules.push(CompiledRule {
                 attribute_names: attributes.iter().map(|a| a.as_str().into()).collect(),
                 uses_random,
+                compare_order: compare_order.into(),
                 name: rc.name.clone(),
                 source_type,
                 target_type: ObjectType::new(rc.target_type.as_str()),
@@ -695,7 +706,7 @@ impl RuleSet {
         for rule in &mut rules {
             rule.target_type = ObjectType::interned(rule.target_type.as_str());
             for flow in &mut rule.flows {
-                flow.target = AttrName::interned(flow.target.as_str());
+                flow.shape.attribute = AttrName::interned(flow.shape.attribute.as_str());
             }
         }
         Ok(RuleSet {
@@ -733,7 +744,7 @@ impl RuleSet {
             return Ok(Some((values, flow.program.compiled().redact)));
         }
         let target_type = &rule.target_type;
-        let oracle = |v: &str| ctx.is_unique(target_type, &flow.target, v);
+        let oracle = |v: &str| ctx.is_unique(target_type, &flow.shape.attribute, v);
         let mut ectx = EvalContext {
             now: ctx.now(),
             rng,
@@ -820,7 +831,7 @@ impl RuleSet {
                 Err(FlowFailure::Eval(e)) => (format!("error: {e}"), None),
             };
             flows.push(FlowExplanation {
-                target: flow.target.to_string(),
+                target: flow.shape.attribute.to_string(),
                 expression: flow.program.compiled().source.clone(),
                 result,
             });
@@ -837,7 +848,7 @@ impl RuleSet {
                             .get(i)
                             .and_then(|v| v.as_ref())
                             .and_then(|v| v.first())
-                            .map(|v| (rule.flows[i].target.clone(), v.clone()))
+                            .map(|v| (rule.flows[i].shape.attribute.clone(), v.clone()))
                     })
                     .collect();
                 let mut candidates: Option<Vec<String>> = None;
@@ -902,27 +913,23 @@ impl Projection for RuleSet {
                 Ok(Some((values, redacted))) => {
                     placed.push(Some(desired.flows.len()));
                     desired.flows.push(Flow {
-                        attribute: flow.target.clone(),
+                        attribute: flow.shape.attribute.clone(),
                         values,
-                        apply: flow.apply,
-                        ignore_case: flow.ignore_case,
-                        multi: flow.multi,
-                        when_empty: flow.when_null,
                         redacted,
-                        unique: flow.unique,
+                        ..flow.shape
                     });
                 }
                 Err(FlowFailure::NotUnique) => {
                     return Projected::Held(format!(
                         "rule {}: no unique value is free for {}",
-                        rule.name, flow.target
+                        rule.name, flow.shape.attribute
                     ))
                 }
                 Err(FlowFailure::Eval(e)) => {
                     let (line, col) = e.span.line_col(&flow.program.compiled().source);
                     return Projected::Failed(ProjectionError {
                         rule: Some(rule.name.clone()),
-                        attribute: Some(flow.target.clone()),
+                        attribute: Some(flow.shape.attribute.clone()),
                         message: format!(
                             "{} at {line}:{col} in `{}`: {}",
                             Code::Evaluation(e.error.code),
@@ -943,7 +950,7 @@ impl Projection for RuleSet {
                     .and_then(|at| desired.flows.get(at)?.values.first())
                     .zip(rule.flows.get(i));
                 match found {
-                    Some((first, flow)) => pairs.push(flow.target.clone(), first.clone()),
+                    Some((first, flow)) => pairs.push(flow.shape.attribute.clone(), first.clone()),
                     None => break,
                 }
             }
@@ -952,6 +959,58 @@ impl Projection for RuleSet {
             }
         }
         Projected::InScope(desired)
+    }
+
+    /// The fast path of a full sync: the same scope and flows as [`RuleSet::project`], each
+    /// flow's values compared with the linked target object's as soon as they are made (the
+    /// first difference ends it) — nothing is built, and an attribute mapped directly is
+    /// compared where it lies in the entry, without a copy. Every flow is evaluated, `OnCreate`
+    /// ones too, in the rule's order when a flow draws random values (so they come out as
+    /// `project`'s would); an error or a held value answers `Some(false)`, and `project`
+    /// reports it.
+    fn unchanged(
+        &self,
+        entry: &Entry,
+        current: &crate::model::TargetObject,
+        ctx: &ProjectionContext<'_>,
+    ) -> Option<bool> {
+        let rule = self.rule_for(&entry.object_type)?;
+        if rule.target_type != current.object_type {
+            return Some(false);
+        }
+        let view = Slotted::new(&rule.attribute_names, &entry.attributes);
+        if !self.in_scope(rule, entry, &view, ctx) {
+            return Some(false);
+        }
+        let mut rng = rule.rng(entry, ctx);
+        let mut hint = 0;
+        let empty = Values::new();
+        for flow in rule.compare_order.iter().filter_map(|&i| rule.flows.get(i)) {
+            let made;
+            let values = match flow.program.direct_attribute() {
+                Some((name, slot)) => match view.values(name, slot) {
+                    Some(v) if !v.is_empty() => v,
+                    _ => flow.default.as_ref().unwrap_or(&empty),
+                },
+                None => match self.flow_values(rule, flow, &view, ctx, &mut rng) {
+                    Ok(None) => continue,
+                    Ok(Some((v, _))) => {
+                        made = v;
+                        &made
+                    }
+                    Err(_) => return Some(false),
+                },
+            };
+            if flow.shape.apply != Apply::OnCreate {
+                let have = current
+                    .attributes
+                    .get_hinted(&flow.shape.attribute, &mut hint);
+                if !ctx.flow_holds(&flow.shape, values, have) {
+                    return Some(false);
+                }
+            }
+        }
+        Some(true)
     }
 
     fn deprovision(&self, link: &Link, _entry: Option<&Entry>) -> Deprovision {
