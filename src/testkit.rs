@@ -323,24 +323,28 @@ impl Projection for Projecting<'_> {
 
 /// Applies `plan` to the links and the target mirror as a target that accepts every operation
 /// would: each operation is recorded with the id the target would give it (`id-<anchor>` for a
-/// create). Operations that do not translate (a reference to an object never linked) are
-/// skipped.
+/// create); one that sends nothing (an unlink, a join without changes) only changes the links.
+/// Operations that do not translate (a reference to an object never linked) are skipped. The
+/// plan's guard violations are not looked at: everything is applied.
 pub fn apply_accepted(plan: &Plan, links: &mut Links, target: &mut TargetMirror) {
     for op in &plan.operations {
-        let Ok(Some(top)) = op.to_target_operation(links) else {
-            continue;
-        };
-        let id = match top.id() {
-            Some(id) => id.clone(),
-            None => TargetId::new(format!("id-{}", op.anchor)),
-        };
-        target.record(&top, &id);
-        links.record(op, Some(&id));
+        match op.to_target_operation(links) {
+            Ok(Some(top)) => {
+                let id = match top.id() {
+                    Some(id) => id.clone(),
+                    None => TargetId::new(format!("id-{}", op.anchor)),
+                };
+                target.record(&top, &id);
+                links.record(op, Some(&id));
+            }
+            Ok(None) => links.record(op, None),
+            Err(_) => {}
+        }
     }
 }
 
-/// Plans and applies ([`apply_accepted`]) until a plan has nothing left to do: the links and
-/// target mirror of a converged system. Returns the number of rounds, or the last plan when
+/// Plans and applies ([`apply_accepted`], guard violations included) until a plan has nothing
+/// left to do: the links and target mirror of a converged system. Returns the number of rounds, or the last plan when
 /// it still had operations after `max_rounds` or had issues.
 pub fn converge(
     projection: &dyn Projection,
@@ -406,7 +410,8 @@ const SURNAMES: [&str; 8] = [
 ];
 
 /// `n` generated AD users ([`ad_user`]) whose managers are users of the same set: user `i`'s
-/// manager is user `i / span` (user 0 has none), so `manager` references resolve.
+/// manager is user `i / span` (user 0 has none; a `span` under 2 counts as 2, so nobody
+/// manages themselves), so `manager` references resolve.
 pub fn ad_users_managed(n: usize, span: usize, fx: &mut Fixture) -> Vec<Entry> {
     let mut users: Vec<Entry> = (0..n).map(|i| ad_user(i, fx)).collect();
     for i in 1..n {

@@ -244,7 +244,9 @@ fn example_rules_plan_an_initial_load_and_converge() {
     );
 }
 
-/// The example rule set, counting how often its fast path answered "unchanged".
+/// A rule set, counting how often its fast path answered "unchanged" and checking every answer
+/// against projecting and comparing each flow as the planner does (with the planner's context,
+/// so references translate through the plan's links): the fast path must be right and complete.
 struct Counting<'a>(&'a RuleSet, std::sync::atomic::AtomicUsize);
 
 impl Projection for Counting<'_> {
@@ -258,6 +260,16 @@ impl Projection for Counting<'_> {
         ctx: &ProjectionContext<'_>,
     ) -> Option<bool> {
         let answer = self.0.unchanged(entry, current, ctx);
+        let holds = match self.0.project(entry, ctx) {
+            Projected::InScope(d) => {
+                d.target_type == current.object_type
+                    && d.flows.iter().all(|f| {
+                        ctx.flow_holds(f, &f.values, current.attributes.get(f.attribute.as_str()))
+                    })
+            }
+            _ => false,
+        };
+        assert_eq!(answer, Some(holds), "{}", entry.anchor);
         if answer == Some(true) {
             self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -273,7 +285,25 @@ impl Projection for Counting<'_> {
 fn converged(n: usize, seed: u64) -> (SourceMirror, Links, TargetMirror) {
     let rules = example();
     let mut m = SourceMirror::new();
-    for u in testkit::ad_users_managed(n, 4, &mut Fixture::new(seed)) {
+    let users = testkit::ad_users_managed(n, 4, &mut Fixture::new(seed));
+    // Groups of every sixth user: a multi-valued reference flow (`members`).
+    for g in 0..6u64 {
+        let guid = uuid::Uuid::from_u64_pair(0x6700 + g, seed);
+        let members = users
+            .iter()
+            .skip(g as usize)
+            .step_by(6)
+            .filter_map(|u| u.dn.clone())
+            .map(Value::dn_ref);
+        let dn = format!("CN=Team {g},OU=Groups,DC=corp,DC=contoso,DC=com");
+        let group = Entry::new(dirsync::model::Anchor::from_guid(guid), "group")
+            .with_dn(dirsync::model::Dn::parse(&dn).unwrap())
+            .with("objectGUID", guid.to_string())
+            .with("cn", format!("Team {g}"))
+            .with_values("member", members.collect::<dirsync::model::Values>());
+        m.insert(group);
+    }
+    for u in users {
         m.insert(u);
     }
     let (mut links, mut t) = (Links::new(), TargetMirror::new());
@@ -284,6 +314,7 @@ fn converged(n: usize, seed: u64) -> (SourceMirror, Links, TargetMirror) {
 #[test]
 fn unchanged_fast_path_plans_exactly_what_projecting_plans() {
     let rules = example();
+    let mut failed = 0;
     for seed in 0..24u64 {
         let (mut m, links, mut t) = converged(60, seed);
         // Converged: the fast path answers for every in-scope user, and the plan is empty.
@@ -302,9 +333,34 @@ fn unchanged_fast_path_plans_exactly_what_projecting_plans() {
         let mut fx = Fixture::new(seed ^ 0x5eed);
         let anchors: Vec<_> = m.entries().map(|e| e.anchor.clone()).collect();
         let dns: Vec<_> = m.entries().map(|e| e.dn.clone()).collect();
+        let user_dns: Vec<_> = m
+            .entries()
+            .filter(|e| e.object_type.is("user"))
+            .filter_map(|e| e.dn.clone())
+            .collect();
         for a in &anchors {
             let mut e = m.get(a).cloned().unwrap();
-            let pick = fx.below(16);
+            if e.object_type.is("group") {
+                let mut members = e.get("member").cloned().unwrap_or_default();
+                match fx.below(4) {
+                    0 => {
+                        if let Some(first) = members.first().cloned() {
+                            members.remove(&first);
+                        }
+                    }
+                    1 => members.push(Value::dn_ref(
+                        user_dns[fx.below(user_dns.len() as u64) as usize].clone(),
+                    )),
+                    2 => e
+                        .attributes
+                        .set("displayName", Value::string("Renamed team")),
+                    _ => {}
+                }
+                e.attributes.set("member", members);
+                m.insert(e);
+                continue;
+            }
+            let pick = fx.below(20);
             match pick {
                 0 => e
                     .attributes
@@ -337,6 +393,17 @@ fn unchanged_fast_path_plans_exactly_what_projecting_plans() {
                 8 => {
                     e.attributes.remove("manager");
                 }
+                // Out of scope by attributes no flow reads.
+                9 => e
+                    .attributes
+                    .set("sAMAccountName", Value::string("svc-backup")),
+                10 => e
+                    .attributes
+                    .set("isCriticalSystemObject", Value::Boolean(true)),
+                // The on-create hireDate flow fails (every compared flow still holds).
+                11 => e
+                    .attributes
+                    .set("whenCreated", Value::string("last tuesday")),
                 _ => {}
             }
             m.insert(e);
@@ -374,6 +441,14 @@ fn unchanged_fast_path_plans_exactly_what_projecting_plans() {
                     o.attributes
                         .remove("urn:ietf:params:scim:schemas:extension:dirsync:2.0:User:hireDate");
                 }
+                6 => {
+                    if let Some(mut members) = o.attributes.get("members").cloned() {
+                        if let Some(first) = members.first().cloned() {
+                            members.remove(&first);
+                        }
+                        o.attributes.set("members", members);
+                    }
+                }
                 _ => {}
             }
             t.insert(o);
@@ -381,7 +456,8 @@ fn unchanged_fast_path_plans_exactly_what_projecting_plans() {
         if fx.below(4) == 0 {
             m.remove(&anchors[fx.below(anchors.len() as u64) as usize]);
         }
-        let fast = delta::plan(&PlanInput::new(&rules, &m, &links, &t));
+        let counting = Counting(&rules, Default::default());
+        let fast = delta::plan(&PlanInput::new(&counting, &m, &links, &t));
         let slow = delta::plan(&PlanInput::new(
             &testkit::Projecting(&rules),
             &m,
@@ -389,17 +465,26 @@ fn unchanged_fast_path_plans_exactly_what_projecting_plans() {
             &t,
         ));
         assert_eq!(fast, slow, "seed {seed}");
+        // `Counting` checked each answer; the fast path still finds what the edits left alone.
+        assert!(counting.1.into_inner() > 10, "seed {seed}");
+        failed += fast
+            .issues
+            .iter()
+            .filter(|i| matches!(i, delta::Issue::ProjectionFailed { .. }))
+            .count();
         assert!(
             !fast.operations.is_empty(),
             "seed {seed}: the edits changed nothing"
         );
     }
+    assert!(failed > 0, "no edit made a flow fail");
 }
 
 #[test]
 fn unchanged_fast_path_draws_random_values_as_project_does() {
     // Random flows share the object's random source: the fast path must draw in the rule's
-    // order (here not the order of the target attributes) to see the values `project` made.
+    // order (here not the order of the target attributes), on-create flows included, to see
+    // the values `project` made.
     let rules = RuleSet::from_toml(
         r#"
         [[rule]]
@@ -407,6 +492,10 @@ fn unchanged_fast_path_draws_random_values_as_project_does() {
         source_type = "user"
         target_type = "User"
         join = [["userName"]]
+        [[rule.flow]]
+        target = "password"
+        expression = 'RandomString(16, 2, 2, 2, 2)'
+        apply = "on_create"
         [[rule.flow]]
         target = "zeta"
         expression = 'RandomString(10, 1, 0, 1, 1)'
@@ -416,10 +505,6 @@ fn unchanged_fast_path_draws_random_values_as_project_does() {
         [[rule.flow]]
         target = "alpha"
         expression = 'Guid()'
-        [[rule.flow]]
-        target = "password"
-        expression = 'RandomString(16, 2, 2, 2, 2)'
-        apply = "on_create"
         "#,
         None,
     )
@@ -449,4 +534,28 @@ fn unchanged_fast_path_draws_random_values_as_project_does() {
     ));
     assert_eq!(fast, slow);
     assert_eq!(fast.count("update"), 1, "{fast}");
+}
+
+#[test]
+fn unchanged_fast_path_reports_a_changed_target_type() {
+    let (m, links, t) = converged(30, 5);
+    let person = RuleSet::from_toml(
+        &EXAMPLE.replacen(r#"target_type = "User""#, r#"target_type = "Person""#, 1),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let fast = delta::plan(&PlanInput::new(&person, &m, &links, &t));
+    let slow = delta::plan(&PlanInput::new(
+        &testkit::Projecting(&person),
+        &m,
+        &links,
+        &t,
+    ));
+    assert_eq!(fast, slow);
+    assert!(
+        fast.issues
+            .iter()
+            .any(|i| matches!(i, delta::Issue::TargetTypeChanged { .. })),
+        "{fast}"
+    );
 }

@@ -322,8 +322,14 @@ fn decide(
             None => Decision::Nothing { in_scope: false },
         };
     };
-    // The projection's own fast path: linked, in scope, nothing to change.
-    if let Some(current) = link.and_then(|l| input.target.get(&l.target_id)) {
+    // The projection's own fast path: linked, in scope, nothing to change. Asked in full plans
+    // only, where most objects are unchanged; a delta plan's objects are dirty, and asking
+    // first would mostly evaluate their flows twice.
+    let full = matches!(input.scope, PlanScope::All);
+    if let Some(current) = link
+        .filter(|_| full)
+        .and_then(|l| input.target.get(&l.target_id))
+    {
         if link.is_some_and(|l| l.target_type == current.object_type)
             && input.projection.unchanged(entry, current, ctx) == Some(true)
         {

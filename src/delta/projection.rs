@@ -20,7 +20,8 @@ pub trait Projection: Send + Sync {
     /// Scope, join and desired attributes for `entry`.
     fn project(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Projected;
 
-    /// An optional fast path for the commonest case of a full sync: `Some(true)` when `entry` is
+    /// An optional fast path for the commonest case of a full sync (the planner asks it in full
+    /// plans, [`PlanScope::All`](super::PlanScope::All), only): `Some(true)` when `entry` is
     /// in scope, maps onto `current` (the target object it is linked to, of the same type), and
     /// every flow already holds there — so the planner need not build a [`Desired`] to find
     /// that out. Answer `Some(true)` only when [`Projection::project`] and a diff would find

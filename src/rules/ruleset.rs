@@ -964,10 +964,10 @@ impl Projection for RuleSet {
     /// The fast path of a full sync: the same scope and flows as [`RuleSet::project`], each
     /// flow's values compared with the linked target object's as soon as they are made (the
     /// first difference ends it) — nothing is built, and an attribute mapped directly is
-    /// compared where it lies in the entry, without a copy. Every flow is evaluated, `OnCreate`
-    /// ones too, in the rule's order when a flow draws random values (so they come out as
-    /// `project`'s would); an error or a held value answers `Some(false)`, and `project`
-    /// reports it.
+    /// compared where it lies in the entry, without a copy. Up to the first difference every
+    /// flow is evaluated, `OnCreate` ones too, and in the rule's order when a flow draws random
+    /// values (so they come out as `project`'s would); an error or a held value answers
+    /// `Some(false)`, and `project` reports it.
     fn unchanged(
         &self,
         entry: &Entry,
