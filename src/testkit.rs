@@ -344,8 +344,8 @@ pub fn apply_accepted(plan: &Plan, links: &mut Links, target: &mut TargetMirror)
 }
 
 /// Plans and applies ([`apply_accepted`], guard violations included) until a plan has nothing
-/// left to do: the links and target mirror of a converged system. Returns the number of rounds, or the last plan when
-/// it still had operations after `max_rounds` or had issues.
+/// left to do: the links and target mirror of a converged system. Returns how many plans were
+/// applied, or the last plan when it had issues or still had operations after `max_rounds`.
 pub fn converge(
     projection: &dyn Projection,
     mirror: &SourceMirror,
@@ -353,21 +353,17 @@ pub fn converge(
     target: &mut TargetMirror,
     max_rounds: usize,
 ) -> Result<usize, Box<Plan>> {
-    for round in 0..max_rounds {
+    let mut rounds = 0;
+    loop {
         let plan = crate::delta::plan(&PlanInput::new(projection, mirror, links, target));
-        if !plan.issues.is_empty() {
+        if plan.operations.is_empty() && plan.issues.is_empty() {
+            return Ok(rounds);
+        }
+        if !plan.issues.is_empty() || rounds == max_rounds {
             return Err(Box::new(plan));
         }
-        if plan.operations.is_empty() {
-            return Ok(round);
-        }
         apply_accepted(&plan, links, target);
-    }
-    let plan = crate::delta::plan(&PlanInput::new(projection, mirror, links, target));
-    if plan.operations.is_empty() && plan.issues.is_empty() {
-        Ok(max_rounds)
-    } else {
-        Err(Box::new(plan))
+        rounds += 1;
     }
 }
 

@@ -280,8 +280,9 @@ impl Projection for Counting<'_> {
     }
 }
 
-/// Users whose managers are other users of the same directory (so `manager` references resolve
-/// to linked objects), synchronized until nothing is left to do.
+/// `n` users whose managers are other users of the same directory, and six groups of them (so
+/// `manager` and `members` references resolve to linked objects), synchronized until nothing
+/// is left to do.
 fn converged(n: usize, seed: u64) -> (SourceMirror, Links, TargetMirror) {
     let rules = example();
     let mut m = SourceMirror::new();
