@@ -139,6 +139,19 @@ impl<T: Target> Target for LdifNames<T> {
         Ok(found.into_iter().map(decode_object).collect())
     }
 
+    async fn find_any(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        values: &[Value],
+    ) -> Result<Vec<TargetObject>, ConnectorError> {
+        let found = self
+            .inner
+            .find_any(object_type, &encode_name(attribute), values)
+            .await?;
+        Ok(found.into_iter().map(decode_object).collect())
+    }
+
     async fn apply(&self, operations: &[TargetOperation]) -> Vec<Result<Applied, ConnectorError>> {
         let encoded: Vec<TargetOperation> = operations
             .iter()

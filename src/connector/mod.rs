@@ -122,6 +122,10 @@ pub struct TargetCapabilities {
     pub max_batch: usize,
     /// The target can be read back (reconcile, join lookups).
     pub read: bool,
+    /// How many values one [`Target::find_any`] call should carry at most: what the target looks
+    /// up in one request (one LDAP search, one SCIM or Graph query). 1 = the target looks values
+    /// up one by one (the default [`Target::find_any`]).
+    pub lookup_batch: usize,
 }
 
 impl Default for TargetCapabilities {
@@ -130,6 +134,7 @@ impl Default for TargetCapabilities {
             value_level_changes: true,
             max_batch: 1,
             read: true,
+            lookup_batch: 1,
         }
     }
 }
@@ -252,9 +257,66 @@ pub trait Target: Send + Sync {
         value: &Value,
     ) -> Result<Vec<TargetObject>, ConnectorError>;
 
+    /// Many join lookups at once: the objects of `object_type` whose `attribute` has any of
+    /// `values` (strings compare ignoring case, as in [`find`](Self::find)). Each object comes
+    /// back once, in no particular order, whichever values it matched; the caller matches
+    /// objects to values. An empty `values` finds nothing.
+    ///
+    /// The engine calls it before creating objects the target mirror cannot vouch for (see
+    /// [`crate::engine::JoinLookup`]), with at most [`TargetCapabilities::lookup_batch`] values
+    /// per call. The default asks [`find`](Self::find) once per value; connectors whose protocol
+    /// can ask for several values in one request override it (an LDAP `(|(a=v1)(a=v2)…)`
+    /// search, a SCIM `a eq "v1" or a eq "v2"` filter, a Graph `$filter=a in ('v1','v2')`), and
+    /// may split a call into several requests where the protocol limits one.
+    async fn find_any(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        values: &[Value],
+    ) -> Result<Vec<TargetObject>, ConnectorError> {
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for v in values {
+            for o in self.find(object_type, attribute, v).await? {
+                if seen.insert(o.id.clone()) {
+                    out.push(o);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Applies `operations`, returning exactly one outcome per operation, in order. A partial
     /// failure is ordinary data: each failed operation has its error, and the others took effect.
     async fn apply(&self, operations: &[TargetOperation]) -> Vec<Result<Applied, ConnectorError>>;
+}
+
+/// Splits `items` into consecutive runs of at most `max_count` items whose `cost` sums to at
+/// most `max_cost` (an item costlier than `max_cost` by itself gets a run of its own): how a
+/// connector keeps a batched lookup within a protocol's limits (values per filter, URL length).
+#[cfg_attr(not(any(feature = "scim", feature = "graph")), allow(dead_code))]
+pub(crate) fn split_runs<T>(
+    items: &[T],
+    max_count: usize,
+    max_cost: usize,
+    cost: impl Fn(&T) -> usize,
+) -> Vec<&[T]> {
+    let max_count = max_count.max(1);
+    let mut out = Vec::new();
+    let (mut start, mut sum) = (0, 0usize);
+    for (i, item) in items.iter().enumerate() {
+        let c = cost(item);
+        if i > start && (i - start >= max_count || sum.saturating_add(c) > max_cost) {
+            out.push(&items[start..i]);
+            start = i;
+            sum = 0;
+        }
+        sum = sum.saturating_add(c);
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
 }
 
 /// What [`export_sequential`] did.
@@ -456,6 +518,21 @@ mod tests {
     fn traits_are_object_safe() {
         fn takes(_: Option<Box<dyn Source>>, _: Option<Box<dyn Target>>) {}
         takes(None, None);
+    }
+
+    #[test]
+    fn split_runs_bounds_count_and_cost() {
+        let items = [3, 3, 3, 10, 1, 1, 1, 1];
+        let runs = split_runs(&items, 3, 7, |n| *n);
+        // 3+3 fits 7, a third 3 would not; 10 alone exceeds the cost and stands by itself;
+        // four 1s are split by the count.
+        assert_eq!(
+            runs,
+            [&[3, 3][..], &[3][..], &[10][..], &[1, 1, 1][..], &[1][..]]
+        );
+        assert!(split_runs::<u8>(&[], 5, 5, |_| 1).is_empty());
+        // A count of 0 is taken as 1.
+        assert_eq!(split_runs(&[1, 1], 0, 100, |n| *n).len(), 2);
     }
 
     #[test]

@@ -35,6 +35,7 @@
 //! # });
 //! ```
 
+mod lookup;
 mod report;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -46,6 +47,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+pub use lookup::JoinLookup;
 pub use report::{Failure, Progress, RunReport, Stage};
 
 use crate::connector::{ConnectorError, ErrorKind, ImportItem, Source, Target, TargetOperation};
@@ -121,6 +123,14 @@ pub struct EngineConfig {
     pub escrow_max: Duration,
     /// The seed of the rules' random choices (initial passwords, `Guid()`).
     pub seed: u64,
+    /// Whether (and how) the join keys of objects about to be created are looked up in the
+    /// target first, when the target mirror cannot answer for their type: see [`JoinLookup`].
+    pub join_lookup: JoinLookup,
+    /// How old a whole read of a target object type (a reconcile, or
+    /// [`JoinLookup::ReadTarget`]) may be before the target mirror no longer answers for that
+    /// type and creates are looked up again. `None` (the default): a read never goes stale.
+    /// `Some(Duration::ZERO)`: every create is looked up first, as Entra provisioning does.
+    pub target_read_max_age: Option<Duration>,
     /// The clock (`now` for the rules, escrow times, run history). Tests fix it.
     #[serde(skip)]
     pub clock: Clock,
@@ -176,6 +186,8 @@ impl Default for EngineConfig {
             escrow_base: Duration::from_secs(60),
             escrow_max: Duration::from_secs(24 * 3600),
             seed: 0,
+            join_lookup: JoinLookup::default(),
+            target_read_max_age: None,
             clock: Clock::system(),
         }
     }
@@ -189,6 +201,8 @@ impl std::fmt::Debug for EngineConfig {
             .field("concurrency", &self.concurrency)
             .field("retry", &self.retry)
             .field("circuit_breaker", &self.circuit_breaker)
+            .field("join_lookup", &self.join_lookup)
+            .field("target_read_max_age", &self.target_read_max_age)
             .finish_non_exhaustive()
     }
 }
@@ -717,13 +731,30 @@ impl Synchronizer {
 
     /// Plans without applying ("staging"): every object (`full`) or the dirty set. The result
     /// serializes to JSON for review and carries the fingerprint of the state it came from.
+    ///
+    /// It reads the state only: creates the target mirror cannot answer for (see
+    /// [`JoinLookup`]) are not looked up in the target — [`Synchronizer::apply`] looks them up
+    /// and refuses the plan as stale if the target holds objects they would join. To review the
+    /// plan a run would make, use [`Synchronizer::plan_with_lookups`].
     pub fn plan(&self, full: bool) -> Result<StagedPlan> {
-        let scope = if full {
+        Ok(self.plan_scope(self.staging_scope(full)?)?.0)
+    }
+
+    /// Plans without applying, as a run would: first looks up in the target the join keys of
+    /// the creates the target mirror cannot answer for (see [`JoinLookup`]), records what it
+    /// finds in the target mirror, and plans joins for them instead.
+    pub async fn plan_with_lookups(&self, full: bool) -> Result<StagedPlan> {
+        let scope = self.staging_scope(full)?;
+        let mut report = RunReport::default();
+        Ok(self.plan_checked(scope, &mut report).await?.0)
+    }
+
+    fn staging_scope(&self, full: bool) -> Result<PlanScope> {
+        Ok(if full {
             PlanScope::All
         } else {
             PlanScope::Anchors(self.store(|s| s.dirty())?)
-        };
-        Ok(self.plan_scope(scope)?.0)
+        })
     }
 
     /// Applies a saved plan: exactly its operations, or nothing if the state has moved since it
@@ -739,6 +770,8 @@ impl Synchronizer {
         let start = self.begin("apply")?;
         let run = start.run;
         let result = async {
+            let mut looked_up = RunReport::default();
+            self.check_staged_creates(&staged, &mut looked_up).await?;
             let anchors: Vec<Anchor> = staged
                 .plan
                 .operations
@@ -747,7 +780,9 @@ impl Synchronizer {
                 .collect();
             let views = self.views_for(&PlanScope::Anchors(anchors), staged.now)?;
             let plan = self.restore_secrets(staged.plan, &views, staged.now, staged.seed);
-            self.export(run, plan, views).await
+            let mut report = self.export(run, plan, views).await?;
+            report.absorb(looked_up);
+            Ok(report)
         }
         .instrument(start.span())
         .await;
@@ -835,7 +870,7 @@ impl Synchronizer {
             }
         }
         let t0 = Instant::now();
-        let (staged, views) = self.plan_scope(scope)?;
+        let (staged, views) = self.plan_checked(scope, &mut report).await?;
         report.stages.push((Stage::Plan, t0.elapsed()));
         report.absorb(self.export(run, staged.plan, views).await?);
         Ok(report)
@@ -861,21 +896,7 @@ impl Synchronizer {
             let mut seen: HashSet<TargetId> = HashSet::new();
             for ty in types {
                 let ty = crate::model::ObjectType::new(ty);
-                let mut stream = s.target.read(&ty).await?;
-                let mut batch: Vec<TargetObject> = Vec::new();
-                while let Some(o) = stream.next().await {
-                    let o = o?;
-                    seen.insert(o.id.clone());
-                    batch.push(o);
-                    report.reconciled += 1;
-                    if batch.len() >= 500 {
-                        let b = std::mem::take(&mut batch);
-                        s.store(|st| st.put_target_objects(&b))?;
-                        s.progress(Stage::Reconcile, report.reconciled, None);
-                    }
-                }
-                drop(stream);
-                s.store(|st| st.put_target_objects(&batch))?;
+                seen.extend(s.read_target_type(&ty, &mut report).await?);
             }
             let gone: Vec<TargetId> = s
                 .store(|st| st.target_ids())?
@@ -911,7 +932,10 @@ impl Synchronizer {
         if known.is_none() && !linked {
             return Err(EngineError::UnknownObject(object.to_string()));
         }
-        let (mut staged, views) = self.plan_scope(PlanScope::Anchors(vec![anchor.clone()]))?;
+        let mut looked_up = RunReport::default();
+        let (mut staged, views) = self
+            .plan_checked(PlanScope::Anchors(vec![anchor.clone()]), &mut looked_up)
+            .await?;
         let explanation = match (&self.rules, views.mirror.get(&anchor)) {
             (Some(rules), Some(e)) => {
                 let ctx =
@@ -927,7 +951,11 @@ impl Synchronizer {
         let result = self
             .export(start.run, staged.plan, views)
             .instrument(start.span())
-            .await;
+            .await
+            .map(|mut r| {
+                r.absorb(looked_up);
+                r
+            });
         let report = self.finish(start, result)?;
         Ok(OnDemand {
             explanation,

@@ -85,6 +85,14 @@ pub struct RunReport {
     pub recovered: u64,
     /// Retries made after retryable errors.
     pub retries: u64,
+    /// Join values looked up in the target before creating objects the target mirror could
+    /// not answer for (see [`JoinLookup`](super::JoinLookup)).
+    #[serde(default)]
+    pub looked_up: u64,
+    /// Target objects those lookups found (then joined, not created, unless the planner
+    /// reported a conflict).
+    #[serde(default)]
+    pub lookup_found: u64,
     /// Time per stage, in order.
     pub stages: Vec<(Stage, Duration)>,
 }
@@ -127,6 +135,8 @@ impl RunReport {
         self.stopped = self.stopped.take().or(other.stopped);
         self.recovered += other.recovered;
         self.retries += other.retries;
+        self.looked_up += other.looked_up;
+        self.lookup_found += other.lookup_found;
         self.stages.extend(other.stages);
     }
 }
@@ -139,6 +149,13 @@ impl std::fmt::Display for RunReport {
         }
         if self.reconciled > 0 {
             writeln!(f, "  read {} target objects", self.reconciled)?;
+        }
+        if self.looked_up > 0 {
+            writeln!(
+                f,
+                "  looked up {} join values in the target before creating: {} found",
+                self.looked_up, self.lookup_found
+            )?;
         }
         writeln!(f, "  planned {} operations", self.planned)?;
         for (k, n) in &self.done {

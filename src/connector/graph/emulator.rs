@@ -2,8 +2,9 @@
 //! 127.0.0.1 and a free port, for tests and benchmarks — here and in downstream crates through
 //! the `testkit` feature. It follows Microsoft's documented behaviour for what the Graph target
 //! uses: client-credentials tokens (secret or signed client assertion), users, groups, members,
-//! deleted items and restore, `$filter` eq (advanced queries need `ConsistencyLevel: eventual`
-//! and `$count=true`), `$select`, paging by `@odata.nextLink`, delta queries (a stale deltaLink
+//! deleted items and restore, `$filter` eq and `in`, joined by `or` (advanced queries need
+//! `ConsistencyLevel: eventual` and `$count=true`; at most 15 clauses — an `in` counts one per
+//! value — without them, a URL of at most 2,048 characters with them), `$select`, paging by `@odata.nextLink`, delta queries (a stale deltaLink
 //! is `410 syncStateNotFound`), `$batch` (20 requests at most, each answered on its own),
 //! uniqueness of `userPrincipalName` and `mailNickname`, the OData error shape, validation of
 //! every body against the CSDL, a write-rate limit, and injectable faults (429 with
@@ -327,22 +328,85 @@ fn project(id: &str, o: &Map<String, Json>, select: Option<&str>, kind: Kind) ->
     out
 }
 
-/// A parsed `$filter`: `path eq literal`.
-fn parse_filter(f: &str) -> Option<(String, Json)> {
-    let (path, lit) = f.split_once(" eq ")?;
-    let path = path.trim().to_string();
-    let lit = lit.trim();
-    let v = match lit {
+/// Graph's limit on the `or` clauses of one `$filter` (an `in` counts one per value) without
+/// the advanced query parameters.
+pub const MAX_FILTER_CLAUSES: usize = 15;
+
+/// Graph's limit on the URL of an advanced query (`ConsistencyLevel: eventual` and
+/// `$count=true`) with `in`: it replaces the clause limit.
+pub const MAX_ADVANCED_QUERY_URL: usize = 2048;
+
+/// A parsed `$filter`: clauses `path eq literal` joined by `or`, a clause `path in (l1, l2, …)`
+/// read as one `eq` clause per value (as Graph counts them against its limit). Anything else —
+/// `and`, `ne`, functions, lambdas — is `None`.
+fn parse_filter(f: &str) -> Option<Vec<(String, Json)>> {
+    let mut clauses = Vec::new();
+    let mut rest = f.trim_start();
+    loop {
+        let end = rest.find(' ')?;
+        let path = &rest[..end];
+        if path.is_empty()
+            || !path
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_/".contains(c))
+        {
+            return None;
+        }
+        rest = rest[end..].trim_start();
+        if let Some(r) = rest.strip_prefix("eq ") {
+            let (v, r) = parse_literal(r.trim_start())?;
+            clauses.push((path.to_string(), v));
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("in") {
+            let mut r = r.trim_start().strip_prefix('(')?;
+            loop {
+                let (v, after) = parse_literal(r.trim_start())?;
+                clauses.push((path.to_string(), v));
+                let after = after.trim_start();
+                if let Some(a) = after.strip_prefix(',') {
+                    r = a;
+                } else {
+                    rest = after.strip_prefix(')')?;
+                    break;
+                }
+            }
+        } else {
+            return None;
+        }
+        rest = rest.trim_start();
+        if rest.is_empty() {
+            return Some(clauses);
+        }
+        rest = rest.strip_prefix("or ")?.trim_start();
+    }
+}
+
+/// One literal at the start of `s` and what follows it: a string in single quotes (a quote
+/// doubled inside), `true`, `false`, `null` or an integer.
+fn parse_literal(s: &str) -> Option<(Json, &str)> {
+    if s.starts_with('\'') {
+        let bytes = s.as_bytes();
+        let mut i = 1;
+        loop {
+            match bytes.get(i)? {
+                b'\'' if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                b'\'' => break,
+                _ => i += 1,
+            }
+        }
+        let lit = &s[..=i];
+        return Some((Json::String(parse_string_literal(lit)?), &s[i + 1..]));
+    }
+    let end = s
+        .find(|c: char| c == ' ' || c == ',' || c == ')')
+        .unwrap_or(s.len());
+    let v = match &s[..end] {
         "true" => Json::Bool(true),
         "false" => Json::Bool(false),
         "null" => Json::Null,
-        l if l.starts_with('\'') => Json::String(parse_string_literal(l)?),
         l => Json::from(l.parse::<i64>().ok()?),
     };
-    if path.is_empty() || path.contains(' ') {
-        return None;
-    }
-    Some((path, v))
+    Some((v, &s[end..]))
 }
 
 fn matches(v: Option<&Json>, want: &Json) -> bool {
@@ -375,6 +439,8 @@ fn merge(into: &mut Map<String, Json>, from: &Map<String, Json>) {
 struct Ctx<'a> {
     method: &'a str,
     path: &'a str,
+    /// The length of the request's URL as the client sent it (base, path and query).
+    url_len: usize,
     query: Vec<(String, String)>,
     eventual: bool,
     body: Option<Json>,
@@ -641,9 +707,11 @@ async fn serve(
         return response(batch(&mut s, parsed_body, now));
     }
     let mut s = lock(&st);
+    let url_len = s.base.len() + path.len() + if query.is_empty() { 0 } else { 1 + query.len() };
     let ctx = Ctx {
         method: &method,
         path: rest,
+        url_len,
         query: parse_query(&query),
         eventual,
         body: parsed_body,
@@ -766,6 +834,7 @@ fn batch(s: &mut State, body: Option<Json>, now: Instant) -> Answer {
             .to_ascii_uppercase();
         let url = r.get("url").and_then(Json::as_str).unwrap_or("");
         let url = url.strip_prefix("/v1.0").unwrap_or(url);
+        let url_len = s.base.len() + "/v1.0/".len() + url.trim_start_matches('/').len();
         let (path, query) = url.split_once('?').unwrap_or((url, ""));
         let eventual = r
             .get("headers")
@@ -786,6 +855,7 @@ fn batch(s: &mut State, body: Option<Json>, now: Instant) -> Answer {
             Ctx {
                 method: &method,
                 path: &path,
+                url_len,
                 query: parse_query(query),
                 eventual,
                 body: r.get("body").cloned(),
@@ -961,9 +1031,9 @@ fn route(s: &mut State, ctx: &Ctx<'_>) -> Answer {
                 .deleted
                 .iter()
                 .filter(|(_, (o, _))| {
-                    filter
-                        .as_ref()
-                        .is_none_or(|(p, v)| matches(at_path(&o.data, p), v))
+                    filter.as_ref().is_none_or(|clauses: &Vec<(String, Json)>| {
+                        clauses.iter().any(|(p, v)| matches(at_path(&o.data, p), v))
+                    })
                 })
                 .map(|(id, (o, _))| {
                     (
@@ -1055,28 +1125,37 @@ fn page(s: &mut State, ctx: &Ctx<'_>, path: &str, items: Vec<(String, Json)>) ->
 }
 
 fn list(s: &mut State, ctx: &Ctx<'_>, kind: Kind, coll: &str) -> Answer {
+    let advanced = ctx.eventual && q(&ctx.query, "$count") == Some("true");
     let filter = match q(&ctx.query, "$filter") {
         None => None,
         Some(f) => match parse_filter(f) {
-            Some((p, v)) => {
-                let top = p.split('/').next().unwrap_or(&p);
-                if schema().property(kind.schema_name(), top).is_none()
-                    && !super::csdl::is_extension_property(top)
-                {
-                    return s.error(400, "Request_BadRequest", &format!("Property '{top}' does not exist as a declared property or extension property."));
+            Some(clauses) => {
+                for (p, _) in &clauses {
+                    let top = p.split('/').next().unwrap_or(p);
+                    if schema().property(kind.schema_name(), top).is_none()
+                        && !super::csdl::is_extension_property(top)
+                    {
+                        return s.error(400, "Request_BadRequest", &format!("Property '{top}' does not exist as a declared property or extension property."));
+                    }
+                    if super::filter::needs_advanced_query(p) && !advanced {
+                        return s.error(400, "Request_UnsupportedQuery", &format!("Unsupported or invalid query filter clause specified for property '{p}' of resource '{}'.", kind.schema_name()));
+                    }
                 }
-                if super::filter::needs_advanced_query(&p)
-                    && !(ctx.eventual && q(&ctx.query, "$count") == Some("true"))
-                {
-                    return s.error(400, "Request_UnsupportedQuery", &format!("Unsupported or invalid query filter clause specified for property '{p}' of resource '{}'.", kind.schema_name()));
+                // Graph's documented limits: 15 `or` clauses (an `in` counting one per value)
+                // by default; with the advanced query parameters, a URL of 2,048 characters.
+                if !advanced && clauses.len() > MAX_FILTER_CLAUSES {
+                    return s.error(400, "Request_UnsupportedQuery", &format!("Too many child clauses specified in search filter expression containing 'OR' operators: {}. Max allowed: {MAX_FILTER_CLAUSES}.", clauses.len()));
                 }
-                Some((p, v))
+                if advanced && clauses.len() > 1 && ctx.url_len > MAX_ADVANCED_QUERY_URL {
+                    return s.error(400, "Request_UnsupportedQuery", &format!("The request URL is {} characters long; an advanced query with 'in' or 'or' may be {MAX_ADVANCED_QUERY_URL} at most.", ctx.url_len));
+                }
+                Some(clauses)
             }
             None => {
                 return s.error(
                     400,
                     "BadRequest",
-                    "Invalid filter clause: only 'property eq literal' is supported.",
+                    "Invalid filter clause: only 'property eq literal' clauses, or 'property in (literal, …)', joined by 'or' are supported.",
                 )
             }
         },
@@ -1090,7 +1169,7 @@ fn list(s: &mut State, ctx: &Ctx<'_>, kind: Kind, coll: &str) -> Answer {
         .filter(|(_, o)| {
             filter
                 .as_ref()
-                .is_none_or(|(p, v)| matches(at_path(&o.data, p), v))
+                .is_none_or(|clauses| clauses.iter().any(|(p, v)| matches(at_path(&o.data, p), v)))
         })
         .map(|(id, o)| (id.clone(), Json::Object(project(id, &o.data, sel, kind))))
         .collect();
@@ -1525,14 +1604,71 @@ mod tests {
     fn filters_parse_with_doubled_quotes() {
         assert_eq!(
             parse_filter("employeeId eq 'O''Brien'"),
-            Some(("employeeId".into(), json!("O'Brien")))
+            Some(vec![("employeeId".into(), json!("O'Brien"))])
         );
         assert_eq!(
             parse_filter("accountEnabled eq true"),
-            Some(("accountEnabled".into(), json!(true)))
+            Some(vec![("accountEnabled".into(), json!(true))])
         );
         assert_eq!(parse_filter("startswith(displayName,'a')"), None);
         assert_eq!(parse_filter("a eq 'unterminated"), None);
+    }
+
+    #[test]
+    fn filters_parse_in_and_or_as_clauses() {
+        let c = |p: &str, v: Json| (p.to_string(), v);
+        assert_eq!(
+            parse_filter("mail in ('a@x', 'O''Brien, Jr (x)' ,'c')"),
+            Some(vec![
+                c("mail", json!("a@x")),
+                c("mail", json!("O'Brien, Jr (x)")),
+                c("mail", json!("c"))
+            ])
+        );
+        assert_eq!(
+            parse_filter(
+                "employeeId eq 'a or b' or displayName in ('x') or accountEnabled eq true"
+            ),
+            Some(vec![
+                c("employeeId", json!("a or b")),
+                c("displayName", json!("x")),
+                c("accountEnabled", json!(true))
+            ])
+        );
+        for bad in [
+            "mail in ()",
+            "mail in ('a'",
+            "mail in ('a') and x eq 'b'",
+            "mail eq 'a' or",
+            "mail ne 'a'",
+            "mail in ('a' 'b')",
+        ] {
+            assert_eq!(parse_filter(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        /// What the Graph target sends parses back to its values, one clause each, whatever
+        /// they hold.
+        #[test]
+        fn in_and_or_filters_parse_back(vs in proptest::collection::vec(".*", 1..5)) {
+            let values: Vec<crate::model::Value> =
+                vs.iter().map(|v| crate::model::Value::string(v.clone())).collect();
+            for f in [
+                super::super::filter::any_in("mail", &values),
+                super::super::filter::any_eq("mail", &values),
+            ] {
+                let clauses = parse_filter(&f).unwrap();
+                let back: Vec<String> = clauses
+                    .iter()
+                    .map(|(p, v)| {
+                        assert_eq!(p, "mail");
+                        v.as_str().unwrap().to_string()
+                    })
+                    .collect();
+                proptest::prop_assert_eq!(&back, &vs);
+            }
+        }
     }
 
     #[test]

@@ -50,6 +50,39 @@ pub fn eq(path: &str, value: &Value) -> String {
     format!("{} eq {}", path.replace('.', "/"), literal(value))
 }
 
+/// Graph's limit on the `or` clauses of one `$filter` (an `in` counts one per value) without
+/// the advanced query parameters: "When using the `in` operator, the request is limited to 15
+/// expressions in the filter clause by default" (Microsoft Graph known issues, query
+/// parameters). Beyond it Graph answers 400 "Too many child clauses specified in search filter
+/// expression containing 'OR' operators".
+pub const MAX_CLAUSES: usize = 15;
+
+/// Graph's limit on the URL of an advanced query with `in`: "… OR a URL length of 2,048
+/// characters when using advanced query capabilities" (same source).
+pub const MAX_ADVANCED_URL: usize = 2048;
+
+/// `path in (l1, l2, …)` for several values, `path eq l1` for one (a dotted path in OData's
+/// `a/b` form, each literal escaped by [`literal`]).
+pub fn any_in(path: &str, values: &[Value]) -> String {
+    match values {
+        [one] => eq(path, one),
+        _ => format!(
+            "{} in ({})",
+            path.replace('.', "/"),
+            values.iter().map(literal).collect::<Vec<_>>().join(",")
+        ),
+    }
+}
+
+/// `path eq l1 or path eq l2 …`, for properties whose `$filter` support is `eq` only.
+pub fn any_eq(path: &str, values: &[Value]) -> String {
+    values
+        .iter()
+        .map(|v| eq(path, v))
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
 /// Whether an `eq` filter on `path` is an advanced query in Graph (it then needs
 /// `ConsistencyLevel: eventual` and `$count=true`): properties of
 /// `onPremisesExtensionAttributes` are.
@@ -82,6 +115,27 @@ mod tests {
             "onPremisesExtensionAttributes/extensionAttribute3"
         ));
         assert!(!needs_advanced_query("employeeId"));
+    }
+
+    #[test]
+    fn in_and_or_filters_escape_each_value() {
+        let vs = [Value::string("O'Brien"), Value::string("a,b) or x eq ('y")];
+        assert_eq!(
+            any_in("mail", &vs),
+            "mail in ('O''Brien','a,b) or x eq (''y')"
+        );
+        assert_eq!(any_in("mail", &vs[..1]), "mail eq 'O''Brien'");
+        assert_eq!(
+            any_in(
+                "onPremisesExtensionAttributes.extensionAttribute1",
+                &vs[..1]
+            ),
+            "onPremisesExtensionAttributes/extensionAttribute1 eq 'O''Brien'"
+        );
+        assert_eq!(
+            any_eq("extension_1_x", &vs),
+            "extension_1_x eq 'O''Brien' or extension_1_x eq 'a,b) or x eq (''y'"
+        );
     }
 
     proptest! {

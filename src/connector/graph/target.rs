@@ -2,7 +2,7 @@
 //! Microsoft Graph v1.0 — create (restoring a soft-deleted user when its anchor comes back),
 //! PATCH of only the changed properties, delete, membership diffs by value through
 //! `members@odata.bind` (20 per request) and `DELETE …/members/{id}/$ref` in `$batch`es, join
-//! lookups by `$filter` eq, and reads through delta queries whose deltaLink is the watermark.
+//! lookups by `$filter` (`in` batches of 15 values, Graph's limit), and reads through delta queries whose deltaLink is the watermark.
 //!
 //! It may not panic on a server's answer nor log a secret or a password.
 
@@ -972,6 +972,7 @@ impl Target for GraphTarget {
             value_level_changes: true,
             max_batch: 1,
             read: true,
+            lookup_batch: filter::MAX_CLAUSES,
         }
     }
 
@@ -1042,12 +1043,36 @@ impl Target for GraphTarget {
         attribute: &AttrName,
         value: &Value,
     ) -> Result<Vec<TargetObject>, ConnectorError> {
+        self.find_any(object_type, attribute, std::slice::from_ref(value))
+            .await
+    }
+
+    /// `$filter=path in ('v1','v2',…)` (directory extension properties, documented with `eq`
+    /// only: `path eq 'v1' or path eq 'v2' …`), at most 15 values per request as Graph allows
+    /// without the advanced query parameters; with them (properties of
+    /// `onPremisesExtensionAttributes`), as many as fit a URL of 2,048 characters. Every page
+    /// is read; a group found comes with its members. `id` is looked up by reading each object.
+    async fn find_any(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        values: &[Value],
+    ) -> Result<Vec<TargetObject>, ConnectorError> {
         let kind = Kind::of(object_type)?;
         if attribute.is("id") {
-            let id = TargetId::new(value.to_text());
-            return Ok(self.get(object_type, &id).await?.into_iter().collect());
+            let mut out: Vec<TargetObject> = Vec::new();
+            for value in values {
+                let id = TargetId::new(value.to_text());
+                if let Some(o) = self.get(object_type, &id).await? {
+                    if !out.iter().any(|x| x.id == o.id) {
+                        out.push(o);
+                    }
+                }
+            }
+            return Ok(out);
         }
-        let path = if super::csdl::is_extension_property(attribute.as_str()) {
+        let extension = super::csdl::is_extension_property(attribute.as_str());
+        let path = if extension {
             attribute.as_str().to_string()
         } else {
             super::csdl::schema()
@@ -1063,29 +1088,52 @@ impl Target for GraphTarget {
                     )
                 })?
         };
-        let f = filter::eq(&path, value);
         let advanced = filter::needs_advanced_query(&path);
-        let mut req = Request::new(
-            Method::Get,
+        let select = enc(&self.select(kind));
+        let query = |vals: &[Value]| {
+            let f = if extension {
+                filter::any_eq(&path, vals)
+            } else {
+                filter::any_in(&path, vals)
+            };
             format!(
-                "{}?$filter={}&$select={}&$top={}{}",
+                "{}?$filter={}&$select={select}&$top={}{}",
                 kind.collection(),
                 enc(&f),
-                enc(&self.select(kind)),
                 self.config.page_size,
                 if advanced { "&$count=true" } else { "" }
-            ),
-        );
-        req.eventual = advanced;
-        let (items, _) = self.pages(req).await?;
-        let mut out = Vec::with_capacity(items.len());
-        for o in &items {
-            let t = Self::object(kind, o)?;
-            out.push(if kind == Kind::Group {
-                self.with_members(t).await?
+            )
+        };
+        let base = self.config.graph_url.trim_end_matches('/').len();
+        let fits = |vals: &[Value]| {
+            if advanced {
+                vals.len() == 1 || base + query(vals).len() <= filter::MAX_ADVANCED_URL
             } else {
-                t
-            });
+                vals.len() <= filter::MAX_CLAUSES
+            }
+        };
+        let mut out: Vec<TargetObject> = Vec::new();
+        let mut start = 0;
+        while start < values.len() {
+            let mut end = start + 1;
+            while end < values.len() && fits(&values[start..=end]) {
+                end += 1;
+            }
+            let mut req = Request::new(Method::Get, query(&values[start..end]));
+            req.eventual = advanced;
+            start = end;
+            let (items, _) = self.pages(req).await?;
+            for o in &items {
+                let t = Self::object(kind, o)?;
+                if out.iter().any(|x| x.id == t.id) {
+                    continue;
+                }
+                out.push(if kind == Kind::Group {
+                    self.with_members(t).await?
+                } else {
+                    t
+                });
+            }
         }
         Ok(out)
     }

@@ -122,6 +122,10 @@ pub struct LdapTargetConfig {
     /// Operations per apply call (default 100).
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Values per join-lookup search: one `(|(a=v1)(a=v2)…)` search looks up this many at
+    /// most (default 100).
+    #[serde(default = "default_lookup_batch")]
+    pub lookup_batch: usize,
     /// Per object type, placeholder values for attributes a schema requires that the engine
     /// fills later: `[placeholders.group] member = ""` lets a `groupOfNames` (which must have a member) be created before its
     /// members exist (the engine adds references after the creates). The placeholder is added to
@@ -136,6 +140,10 @@ fn default_name() -> String {
 }
 
 fn default_max_batch() -> usize {
+    100
+}
+
+fn default_lookup_batch() -> usize {
     100
 }
 
@@ -159,6 +167,7 @@ impl LdapTargetConfig {
             secret_attributes: default_secret_attributes(),
             read_attributes: Vec::new(),
             max_batch: default_max_batch(),
+            lookup_batch: default_lookup_batch(),
             placeholders: BTreeMap::new(),
         }
     }
@@ -912,6 +921,42 @@ fn op_error(e: ConnectorError, what: &str, dn: &Dn, attributes: &[&str]) -> Conn
     out
 }
 
+/// The filter that finds entries whose `attribute` equals any of `values`: `(a=v)` for one
+/// value, `(|(a=v1)(a=v2)…)` for several, `None` for none. Values are RFC 4515 escaped (strings
+/// by [`ldap3::ldap_escape`], bytes byte by byte, references as their DN, timestamps as
+/// GeneralizedTime); the attribute name must be one a filter can carry.
+fn lookup_filter(attribute: &AttrName, values: &[Value]) -> Result<Option<String>, ConnectorError> {
+    let name = base_name(attribute.as_str());
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        || name.is_empty()
+    {
+        return Err(ConnectorError::new(
+            ErrorKind::Config,
+            format!("{name:?} is not an attribute name a filter can carry"),
+        ));
+    }
+    let mut clauses = Vec::with_capacity(values.len());
+    for value in values {
+        let escaped = match value {
+            Value::Reference(_) => {
+                let dn = reference_dn(attribute, value, &Dn::root())?;
+                ldap3::ldap_escape(dn.as_str()).into_owned()
+            }
+            Value::Bytes(b) => escape_bytes(b),
+            Value::Timestamp(t) => t.format("%Y%m%d%H%M%SZ").to_string(),
+            other => ldap3::ldap_escape(other.to_text()).into_owned(),
+        };
+        clauses.push(format!("({name}={escaped})"));
+    }
+    Ok(match clauses.len() {
+        0 => None,
+        1 => clauses.pop(),
+        _ => Some(format!("(|{})", clauses.concat())),
+    })
+}
+
 /// RFC 4515 escaping of raw bytes: every byte as `\xx`.
 fn escape_bytes(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("\\{b:02x}")).collect()
@@ -928,6 +973,7 @@ impl Target for LdapTarget {
             value_level_changes: true,
             max_batch: self.config.max_batch.max(1),
             read: true,
+            lookup_batch: self.config.lookup_batch.max(1),
         }
     }
 
@@ -965,27 +1011,36 @@ impl Target for LdapTarget {
             };
             return Ok(self.get(object_type, &id).await?.into_iter().collect());
         }
-        let escaped = match value {
-            Value::Reference(_) => {
-                let dn = reference_dn(attribute, value, &Dn::root())?;
-                ldap3::ldap_escape(dn.as_str()).into_owned()
+        self.find_any(object_type, attribute, std::slice::from_ref(value))
+            .await
+    }
+
+    /// One subtree search `(&(classes)(|(a=v1)(a=v2)…))` for all `values` (RFC 4515 escaped);
+    /// `dn` is looked up by reading each entry.
+    async fn find_any(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        values: &[Value],
+    ) -> Result<Vec<TargetObject>, ConnectorError> {
+        if attribute.is("dn") {
+            let mut out = Vec::new();
+            for value in values {
+                let id = match value {
+                    Value::Reference(Reference::Dn(d)) => TargetId::new(d.normalized()),
+                    other => TargetId::new(other.to_text()),
+                };
+                if let Some(o) = self.get(object_type, &id).await? {
+                    if !out.iter().any(|x: &TargetObject| x.id == o.id) {
+                        out.push(o);
+                    }
+                }
             }
-            Value::Bytes(b) => escape_bytes(b),
-            Value::Timestamp(t) => t.format("%Y%m%d%H%M%SZ").to_string(),
-            other => ldap3::ldap_escape(other.to_text()).into_owned(),
-        };
-        let name = base_name(attribute.as_str());
-        if !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-            || name.is_empty()
-        {
-            return Err(ConnectorError::new(
-                ErrorKind::Config,
-                format!("{name:?} is not an attribute name a filter can carry"),
-            ));
+            return Ok(out);
         }
-        let filter = format!("({name}={escaped})");
+        let Some(filter) = lookup_filter(attribute, values)? else {
+            return Ok(Vec::new());
+        };
         let mut stream = self.search_objects(object_type, Some(filter)).await?;
         let mut out = Vec::new();
         while let Some(o) = stream.next().await {
@@ -1006,6 +1061,50 @@ impl Target for LdapTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lookup_filters_or_their_values_and_escape_each() {
+        let a = AttrName::new("mail");
+        assert_eq!(lookup_filter(&a, &[]).unwrap(), None);
+        assert_eq!(
+            lookup_filter(&a, &[Value::string("a@x")]).unwrap().unwrap(),
+            "(mail=a@x)"
+        );
+        // Every RFC 4515 special (`*`, `(`, `)`, `\`, NUL) is escaped in every value: a value
+        // cannot widen the search or break out of its clause.
+        let f = lookup_filter(
+            &a,
+            &[
+                Value::string("*"),
+                Value::string("x)(objectClass=*"),
+                Value::string("back\\slash\0nul"),
+                Value::string("Zoë"),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            f,
+            "(|(mail=\\2a)(mail=x\\29\\28objectClass=\\2a)(mail=back\\5cslash\\00nul)(mail=Zoë))"
+        );
+        // Bytes byte by byte, references as their DN, options dropped from the name.
+        let f = lookup_filter(
+            &AttrName::new("member;range=0-*"),
+            &[
+                Value::Bytes(vec![0x01, 0x2a]),
+                Value::target_ref("cn=a\\,b,dc=x"),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(f, "(|(member=\\01\\2a)(member=cn=a\\5c,b,dc=x))");
+        assert_eq!(
+            lookup_filter(&AttrName::new("bad name"), &[Value::string("x")])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Config
+        );
+    }
 
     #[test]
     fn unicode_pwd_is_quoted_utf16le() {

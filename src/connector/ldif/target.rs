@@ -537,6 +537,8 @@ impl Target for LdifTarget {
             value_level_changes: true,
             max_batch: self.config.max_batch.max(1),
             read: true,
+            // Held in memory: any number of values in one pass.
+            lookup_batch: 1000,
         }
     }
 
@@ -575,22 +577,37 @@ impl Target for LdifTarget {
         attribute: &AttrName,
         value: &Value,
     ) -> Result<Vec<TargetObject>, ConnectorError> {
-        let wanted = match value {
-            Value::Reference(Reference::Dn(d)) => Value::target_ref(d.normalized()),
-            Value::Reference(Reference::Target(t)) => match Dn::parse(t.as_str()) {
-                Ok(d) => Value::target_ref(d.normalized()),
-                Err(_) => value.clone(),
-            },
-            other => other.clone(),
-        };
+        self.find_any(object_type, attribute, std::slice::from_ref(value))
+            .await
+    }
+
+    /// One pass over the file's objects for every value.
+    async fn find_any(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        values: &[Value],
+    ) -> Result<Vec<TargetObject>, ConnectorError> {
+        let wanted: Vec<Value> = values
+            .iter()
+            .map(|value| match value {
+                Value::Reference(Reference::Dn(d)) => Value::target_ref(d.normalized()),
+                Value::Reference(Reference::Target(t)) => match Dn::parse(t.as_str()) {
+                    Ok(d) => Value::target_ref(d.normalized()),
+                    Err(_) => value.clone(),
+                },
+                other => other.clone(),
+            })
+            .collect();
         Ok(self
             .lock()
             .values()
             .filter(|s| s.object_type.as_ref() == Some(object_type))
             .filter(|s| {
-                s.attributes
-                    .get(attribute.as_str())
-                    .is_some_and(|vs| vs.iter().any(|v| v.eq_ignore_case(&wanted)))
+                s.attributes.get(attribute.as_str()).is_some_and(|vs| {
+                    vs.iter()
+                        .any(|v| wanted.iter().any(|w| v.eq_ignore_case(w)))
+                })
             })
             .filter_map(Stored::to_target_object)
             .collect())

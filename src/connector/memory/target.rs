@@ -21,6 +21,9 @@ use crate::model::{
     TargetObject, Value,
 };
 
+/// Values one [`Target::find_any`] call looks up (in one pass over the objects).
+const LOOKUP_BATCH: usize = 1000;
+
 /// A test's choice of operations to fail.
 type Predicate = Arc<dyn Fn(&TargetOperation) -> bool + Send + Sync>;
 
@@ -118,6 +121,7 @@ struct State {
     max_batch: usize,
     applied: Vec<TargetOperation>,
     calls: usize,
+    lookups: usize,
     faults: Vec<Fault>,
     next_fault_id: u64,
     throttle: Option<(usize, Duration)>,
@@ -138,6 +142,7 @@ impl Default for State {
             max_batch: 100,
             applied: Vec::new(),
             calls: 0,
+            lookups: 0,
             faults: Vec::new(),
             next_fault_id: 0,
             throttle: None,
@@ -657,6 +662,12 @@ impl MemoryTarget {
         self.lock().calls
     }
 
+    /// How many lookups ([`Target::find`], [`Target::find_any`]) the target answered: one per
+    /// call, as a server answers one query per request.
+    pub fn lookups(&self) -> usize {
+        self.lock().lookups
+    }
+
     /// Seeds an object as it is, without checks (objects that existed before the sync, for join
     /// tests); returns the object it replaced.
     pub fn insert(&self, object: TargetObject) -> Option<TargetObject> {
@@ -793,6 +804,7 @@ impl Target for MemoryTarget {
             value_level_changes: s.value_level_changes,
             max_batch: s.max_batch,
             read: true,
+            lookup_batch: LOOKUP_BATCH,
         }
     }
 
@@ -830,15 +842,29 @@ impl Target for MemoryTarget {
         attribute: &AttrName,
         value: &Value,
     ) -> Result<Vec<TargetObject>, ConnectorError> {
-        Ok(self
-            .lock()
-            .objects
+        self.find_any(object_type, attribute, std::slice::from_ref(value))
+            .await
+    }
+
+    /// One pass over the objects for every value (values compared as
+    /// [`unique_attribute`](MemoryTarget::unique_attribute) compares them: strings ignoring
+    /// case).
+    async fn find_any(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        values: &[Value],
+    ) -> Result<Vec<TargetObject>, ConnectorError> {
+        let wanted: std::collections::HashSet<Value> = values.iter().map(unique_key).collect();
+        let mut s = self.lock();
+        s.lookups += 1;
+        Ok(s.objects
             .values()
             .filter(|o| o.object_type == *object_type)
             .filter(|o| {
                 o.attributes
                     .get(attribute.as_str())
-                    .is_some_and(|vs| vs.iter().any(|v| v.eq_ignore_case(value)))
+                    .is_some_and(|vs| vs.iter().any(|v| wanted.contains(&unique_key(v))))
             })
             .cloned()
             .collect())

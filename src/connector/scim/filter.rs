@@ -83,10 +83,83 @@ pub fn eq(attribute: &str, value: &Value) -> Option<String> {
     is_attr_path(attribute).then(|| format!("{attribute} eq {}", comp_value(value)))
 }
 
+/// `attribute eq v1 or attribute eq v2 …` for `values` (each quoted by [`comp_value`]), or
+/// `None` when `attribute` is not a valid attribute path or `values` is empty.
+pub fn any_eq(attribute: &str, values: &[Value]) -> Option<String> {
+    if values.is_empty() || !is_attr_path(attribute) {
+        return None;
+    }
+    let clauses: Vec<String> = values
+        .iter()
+        .map(|v| format!("{attribute} eq {}", comp_value(v)))
+        .collect();
+    Some(clauses.join(" or "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The filter's clauses, split at the `or`s outside string literals.
+    fn top_level_clauses(f: &str) -> Vec<String> {
+        let (mut out, mut cur) = (Vec::new(), String::new());
+        let (mut in_str, mut esc) = (false, false);
+        let mut rest = f;
+        while let Some(c) = rest.chars().next() {
+            if !in_str && rest.starts_with(" or ") {
+                out.push(std::mem::take(&mut cur));
+                rest = &rest[4..];
+                continue;
+            }
+            if in_str && esc {
+                esc = false;
+            } else if in_str && c == '\\' {
+                esc = true;
+            } else if c == '"' {
+                in_str = !in_str;
+            }
+            cur.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        out.push(cur);
+        out
+    }
+
+    #[test]
+    fn any_eq_ors_quoted_values() {
+        let sneaky = Value::string(r#"a" or displayName pr or ""#);
+        let f = any_eq("displayName", &[Value::string("Staff"), sneaky]).unwrap();
+        assert_eq!(
+            f,
+            r#"displayName eq "Staff" or displayName eq "a\" or displayName pr or \"""#
+        );
+        // The quote in the value stays inside its literal: two clauses, not four.
+        assert_eq!(top_level_clauses(&f).len(), 2);
+        assert_eq!(any_eq("userName", &[]), None);
+        assert_eq!(any_eq("bad name", &[Value::string("x")]), None);
+        assert_eq!(
+            any_eq("active", &[Value::Boolean(true)]).unwrap(),
+            "active eq true"
+        );
+    }
+
+    proptest! {
+        /// However the values are spelled, the filter has one clause per value, each reading
+        /// back as `attribute eq <the value>`.
+        #[test]
+        fn any_eq_has_one_clause_per_value(vs in proptest::collection::vec(any::<String>(), 1..6)) {
+            let values: Vec<Value> = vs.iter().map(|s| Value::string(s.clone())).collect();
+            let f = any_eq("userName", &values).unwrap();
+            let clauses = top_level_clauses(&f);
+            prop_assert_eq!(clauses.len(), vs.len());
+            for (c, v) in clauses.iter().zip(&vs) {
+                let lit = c.strip_prefix("userName eq ").unwrap();
+                let back: String = serde_json::from_str(lit).unwrap();
+                prop_assert_eq!(&back, v);
+            }
+        }
+    }
 
     #[test]
     fn quotes_specials() {

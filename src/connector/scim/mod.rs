@@ -42,6 +42,11 @@ use crate::model::{AttrName, Attributes, ObjectType, TargetId, TargetObject, Val
 const PATCH_OP: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 const BULK_REQUEST: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
 const SCIM_JSON: &str = "application/scim+json";
+/// The longest join-lookup filter sent, URL-encoded: request lines beyond 8 KiB are refused by
+/// common front ends (nginx, Apache), and the rest of the URL needs room.
+const MAX_FILTER_BYTES: usize = 4000;
+/// `" or "` URL-encoded.
+const OR_BYTES: usize = 8;
 
 /// How the connector speaks to the service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -86,6 +91,10 @@ pub struct ScimConfig {
     pub bulk: bool,
     /// The most operations per apply call (bounded by the service's bulk limits).
     pub max_batch: usize,
+    /// Values per join-lookup query: one `a eq "v1" or a eq "v2" …` filter carries this many
+    /// at most (bounded by the service's `filter.maxResults`, and split further to keep the
+    /// filter under 4,000 bytes URL-encoded).
+    pub lookup_batch: usize,
     /// Send `If-Match` with known versions when the service supports ETags.
     pub etags: bool,
     /// When reading groups for reconcile, read their members too (one request per group;
@@ -113,6 +122,7 @@ impl Default for ScimConfig {
             member_chunk: 100,
             bulk: true,
             max_batch: 50,
+            lookup_batch: 50,
             etags: true,
             read_members: true,
             timeout_secs: 30,
@@ -983,11 +993,23 @@ impl ScimTarget {
         start: usize,
         exclude_members: bool,
     ) -> Result<(Vec<TargetObject>, usize, usize), ConnectorError> {
-        let mut q = format!(
-            "{}?startIndex={start}&count={}",
-            rt.endpoint,
-            self.config.page_size.max(1)
-        );
+        let count = self.config.page_size;
+        self.page_of(info, rt, query, start, exclude_members, count)
+            .await
+    }
+
+    /// One page of `count` resources from `start`: the objects, `totalResults`, and how many
+    /// resources the page held.
+    async fn page_of(
+        &self,
+        info: &ServiceInfo,
+        rt: &ResourceType,
+        query: Option<&str>,
+        start: usize,
+        exclude_members: bool,
+        count: usize,
+    ) -> Result<(Vec<TargetObject>, usize, usize), ConnectorError> {
+        let mut q = format!("{}?startIndex={start}&count={}", rt.endpoint, count.max(1));
         if let Some(f) = query {
             q.push_str("&filter=");
             q.push_str(&url_encode(f));
@@ -1083,6 +1105,7 @@ impl Target for ScimTarget {
                 1
             },
             read: true,
+            lookup_batch: self.config.lookup_batch.max(1),
         }
     }
 
@@ -1152,34 +1175,82 @@ impl Target for ScimTarget {
         attribute: &AttrName,
         value: &Value,
     ) -> Result<Vec<TargetObject>, ConnectorError> {
+        self.find_any(object_type, attribute, std::slice::from_ref(value))
+            .await
+    }
+
+    /// One filtered query per run of values, `a eq "v1" or a eq "v2" …` (each value quoted by
+    /// [`filter::comp_value`]), every page of its answer read; without filtering, one read of
+    /// the resource type compared here.
+    async fn find_any(
+        &self,
+        object_type: &ObjectType,
+        attribute: &AttrName,
+        values: &[Value],
+    ) -> Result<Vec<TargetObject>, ConnectorError> {
         let info = self.service_info().await?;
         let rt = self.resource_type(info, object_type)?;
-        let f = filter::eq(attribute.as_str(), value).ok_or_else(|| {
-            ConnectorError::new(
+        if !filter::is_attr_path(attribute.as_str()) {
+            return Err(ConnectorError::new(
                 ErrorKind::Config,
                 format!(
                     "{}: {attribute:?} cannot be looked up by filter (not an attribute path)",
                     self.name
                 ),
-            )
-        })?;
+            ));
+        }
+        if values.is_empty() {
+            return Ok(Vec::new());
+        }
         if !info.filter {
             // No filtering: read everything and compare here.
             let mut out = Vec::new();
             let mut s = self.read(object_type).await?;
             while let Some(o) = s.next().await {
                 let o = o?;
-                if o.attributes
-                    .get(attribute.as_str())
-                    .is_some_and(|vs| vs.iter().any(|v| v.eq_ignore_case(value)))
-                {
+                if o.attributes.get(attribute.as_str()).is_some_and(|vs| {
+                    vs.iter()
+                        .any(|v| values.iter().any(|w| v.eq_ignore_case(w)))
+                }) {
                     out.push(o);
                 }
             }
             return Ok(out);
         }
-        let (objs, _, _) = self.page(info, rt, Some(&f), 1, false).await?;
-        Ok(objs)
+        let mut per_query = self.config.lookup_batch.max(1);
+        if info.filter_max_results > 0 {
+            per_query = per_query.min(info.filter_max_results);
+        }
+        let runs = crate::connector::split_runs(values, per_query, MAX_FILTER_BYTES, |v| {
+            filter::eq(attribute.as_str(), v).map_or(0, |c| url_encode(&c).len() + OR_BYTES)
+        });
+        let mut out: Vec<TargetObject> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for run in runs {
+            let f = filter::any_eq(attribute.as_str(), run).ok_or_else(|| {
+                ConnectorError::new(
+                    ErrorKind::Config,
+                    format!("{}: {attribute:?} is not an attribute path", self.name),
+                )
+            })?;
+            let count = self.config.page_size.max(run.len());
+            let mut start = 1;
+            loop {
+                let (objs, total, n) = self
+                    .page_of(info, rt, Some(&f), start, false, count)
+                    .await?;
+                for o in objs {
+                    if seen.insert(o.id.clone()) {
+                        out.push(o);
+                    }
+                }
+                start += n;
+                if n == 0 || start > total {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn apply(&self, operations: &[TargetOperation]) -> Vec<Result<Applied, ConnectorError>> {
