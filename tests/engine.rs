@@ -626,3 +626,349 @@ reference = true
     assert!(!written.contains("member: uid=ada"), "{written}");
     assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
 }
+
+/// Another synchronizer over `s`'s source and target, with `store` (a fresh state: a new
+/// deployment, a lost state file, a migration from another tool).
+fn resync(
+    s: &Setup,
+    store: Box<dyn StateStore>,
+    tweak: impl FnOnce(&mut EngineConfig),
+) -> Synchronizer {
+    let now = s.now.clone();
+    let mut config = EngineConfig {
+        clock: Clock::from_fn(move || *now.lock().unwrap()),
+        ..EngineConfig::default()
+    };
+    tweak(&mut config);
+    Synchronizer::new(
+        Box::new(s.source.clone()),
+        Box::new(s.target.clone()),
+        store,
+        rules(),
+        config,
+    )
+}
+
+#[tokio::test]
+async fn a_fresh_state_joins_every_object_the_target_already_holds() {
+    for ((name, store), (_, fresh)) in stores().into_iter().zip(stores()) {
+        // A first deployment provisions 12 users and 2 groups (the second group's display name
+        // has no uniqueness rule in this target, as SCIM's Group.displayName).
+        let (s, mut first) = setup(12, store, |_| {});
+        s.source.add(group(2, [7, 8])).unwrap();
+        let r = first.run_cycle().await.unwrap();
+        assert_eq!(r.count("create"), 14, "{name}: {r}");
+        // Drift while nobody watched: one display name edited by hand in the target.
+        let mut o = s
+            .target
+            .objects()
+            .into_iter()
+            .find(|o| o.attributes.first_str("userName") == Some("user3@x.test"))
+            .unwrap();
+        o.attributes.set("displayName", Value::string("By hand"));
+        s.target.insert(o);
+        let before = s.target.objects().len();
+        let (calls, lookups) = (s.target.calls(), s.target.lookups());
+
+        // The state is lost: a new store, the same source and target.
+        let mut sync = resync(&s, fresh, |_| {});
+        let r = sync.run_cycle().await.unwrap();
+        assert!(r.failures.is_empty(), "{name}: {r}");
+        assert_eq!(r.count("create"), 0, "{name}: nothing created: {r}");
+        assert_eq!(r.count("join"), 14, "{name}: {r}");
+        assert_eq!((r.looked_up, r.lookup_found), (14, 14), "{name}: {r}");
+        assert_eq!(s.target.objects().len(), before, "{name}: no duplicates");
+        // Two lookups (users by userName, groups by displayName, 1,000 values per lookup);
+        // one write: the join of the edited user brings its display name back.
+        assert_eq!(s.target.lookups() - lookups, 2, "{name}");
+        assert_eq!(s.target.calls() - calls, 1, "{name}: {r}");
+        let u3 = s
+            .target
+            .objects()
+            .into_iter()
+            .find(|o| o.attributes.first_str("userName") == Some("user3@x.test"))
+            .unwrap();
+        assert_eq!(u3.attributes.first_str("displayName"), Some("Given3 Sur3"));
+        // The next run writes nothing and looks nothing up (it creates nothing).
+        let (calls, lookups) = (s.target.calls(), s.target.lookups());
+        let again = sync.run_cycle().await.unwrap();
+        assert_eq!(again.total_done(), 0, "{name}: {again}");
+        assert_eq!(
+            (s.target.calls(), s.target.lookups()),
+            (calls, lookups),
+            "{name}"
+        );
+        // Life goes on: a new member joins group 2, a user leaves scope, a new user arrives
+        // (one lookup before its create: the type was never read whole).
+        s.source.upsert(group(2, [7, 8, 9])).unwrap();
+        s.source
+            .modify(
+                &"u004".into(),
+                vec![AttributeChange::replace("department", values(["Former"]))],
+            )
+            .unwrap();
+        s.source.add(user(40, "Eng")).unwrap();
+        let r = sync.run_cycle().await.unwrap();
+        assert_eq!(
+            (r.count("create"), r.count("references"), r.count("disable")),
+            (1, 1, 1),
+            "{name}: {r}"
+        );
+        assert_eq!((r.looked_up, r.lookup_found), (1, 0), "{name}: {r}");
+        assert_eq!(s.target.objects().len(), before + 1, "{name}");
+        assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_state_creates_only_what_the_target_lacks() {
+    let (s, _) = setup(0, Box::new(MemoryStore::new()), |_| {});
+    for i in 0..10 {
+        s.source.add(user(i, "Eng")).unwrap();
+    }
+    s.source.add(group(2, [1, 2])).unwrap();
+    // The target holds users 0–4 (made by another tool: other ids, userName in another case)
+    // and group 2; users 5–9 and group 1 are missing.
+    for i in 0..5 {
+        s.target.insert(
+            dirsync::model::TargetObject::new(format!("old-{i}"), "User")
+                .with("userName", format!("USER{i}@X.TEST"))
+                .with("displayName", format!("Given{i} Sur{i}"))
+                .with("department", "Eng")
+                .with("active", true),
+        );
+    }
+    s.target.insert(
+        dirsync::model::TargetObject::new("old-g2", "Group")
+            .with("displayName", "Group 2")
+            .with("members", Value::target_ref("old-1"))
+            .with("members", Value::target_ref("old-2")),
+    );
+    let mut sync = resync(&s, Box::new(SqliteStore::open_in_memory().unwrap()), |_| {});
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!((r.count("create"), r.count("join")), (6, 6), "{r}");
+    assert_eq!((r.looked_up, r.lookup_found), (12, 6), "{r}");
+    assert_eq!(s.target.len(), 12);
+    let joined = sync.with_store(|st| st.load_all()).unwrap().links;
+    assert_eq!(joined.get(&"u001".into()).unwrap().target_id.as_str(), "old-1");
+    assert_eq!(joined.get(&"g002".into()).unwrap().target_id.as_str(), "old-g2");
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
+
+#[tokio::test]
+async fn several_candidates_are_a_conflict_never_a_guess() {
+    let (s, _) = setup(3, Box::new(MemoryStore::new()), |_| {});
+    // Two target groups carry group 1's display name (another tool made it twice).
+    for id in ["dup-a", "dup-b"] {
+        s.target.insert(
+            dirsync::model::TargetObject::new(id, "Group").with("displayName", "GROUP 1"),
+        );
+    }
+    let mut sync = resync(&s, Box::new(MemoryStore::new()), |_| {});
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.count("create"), 3, "the users only: {r}");
+    assert_eq!(r.count("join"), 0, "{r}");
+    assert_eq!(r.lookup_found, 2, "{r}");
+    assert!(
+        r.issues
+            .iter()
+            .any(|i| i.contains("g001") && i.contains("matches 2 target objects")),
+        "{r}"
+    );
+    // Neither joined nor created: the target holds the two groups and the three users.
+    assert_eq!(s.target.len(), 5);
+    // Removing one duplicate by hand settles it at the next run (the group stays dirty).
+    use dirsync::connector::Target;
+    s.target
+        .apply(&[TargetOperation::Delete {
+            id: "dup-b".into(),
+            object_type: "Group".into(),
+        }])
+        .await
+        .pop()
+        .unwrap()
+        .unwrap();
+    // The mirror still holds both; a reconcile reads the target whole.
+    let r = sync.reconcile().await.unwrap();
+    assert_eq!(r.count("join"), 1, "{r}");
+    assert!(r.issues.is_empty(), "{r}");
+    assert_eq!(s.target.len(), 4);
+}
+
+#[tokio::test]
+async fn a_target_read_whole_answers_until_it_goes_stale() {
+    let (s, mut first) = setup(4, Box::new(MemoryStore::new()), |_| {});
+    first.run_cycle().await.unwrap();
+    // ReadTarget: the fresh state reads each type whole instead of looking values up.
+    let mut sync = resync(&s, Box::new(MemoryStore::new()), |c| {
+        c.join_lookup = dirsync::engine::JoinLookup::ReadTarget;
+        c.target_read_max_age = Some(Duration::from_secs(3600));
+    });
+    let lookups = s.target.lookups();
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!((r.count("create"), r.count("join")), (0, 5), "{r}");
+    assert_eq!((r.reconciled, r.looked_up), (5, 0), "{r}");
+    assert_eq!(s.target.lookups(), lookups);
+    // Read whole, the types answer: a new user is created without a lookup or a read…
+    s.source.add(user(10, "Eng")).unwrap();
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!((r.count("create"), r.reconciled), (1, 0), "{r}");
+    // …until the read is older than the maximum age: then the type is read again first.
+    *s.now.lock().unwrap() += chrono::Duration::hours(2);
+    s.source.add(user(11, "Eng")).unwrap();
+    let r = sync.run_cycle().await.unwrap();
+    // (Only users are created, so only users are read: 4 + 1.)
+    assert_eq!((r.count("create"), r.reconciled), (1, 5), "{r}");
+
+    // Batched (the default): a reconcile makes the mirror answer too.
+    let mut sync = resync(&s, Box::new(MemoryStore::new()), |_| {});
+    sync.delta_import().await.unwrap();
+    let r = sync.reconcile().await.unwrap();
+    assert_eq!((r.count("join"), r.looked_up), (7, 0), "{r}");
+    s.source.add(user(12, "Eng")).unwrap();
+    let lookups = s.target.lookups();
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!((r.count("create"), r.looked_up), (1, 0), "{r}");
+    assert_eq!(s.target.lookups(), lookups);
+
+    // Off: nothing is looked up, and the fresh state duplicates what no uniqueness rule
+    // refuses (the group).
+    let mut blind = resync(&s, Box::new(MemoryStore::new()), |c| {
+        c.join_lookup = dirsync::engine::JoinLookup::Off;
+    });
+    let r = blind.run_cycle().await.unwrap();
+    assert_eq!(r.looked_up, 0, "{r}");
+    assert_eq!(
+        s.target
+            .objects()
+            .iter()
+            .filter(|o| o.object_type.is("Group"))
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_staged_plan_is_checked_against_the_target_before_it_creates() {
+    let (s, mut first) = setup(3, Box::new(MemoryStore::new()), |_| {});
+    first.run_cycle().await.unwrap();
+    let mut sync = resync(&s, Box::new(SqliteStore::open_in_memory().unwrap()), |_| {});
+    sync.delta_import().await.unwrap();
+    // `plan` reads the state only: it would create all four objects again…
+    let blind = sync.plan(false).unwrap();
+    assert_eq!(blind.plan.count("create"), 4);
+    // …and applying it is refused: the target holds what it would create.
+    let err = sync.apply(blind).await.unwrap_err();
+    assert!(matches!(err, EngineError::StalePlan { .. }), "{err}");
+    assert_eq!(s.target.len(), 4);
+    // `plan_with_lookups` shows the plan a run makes: joins.
+    let staged = sync.plan_with_lookups(false).await.unwrap();
+    assert_eq!(
+        (staged.plan.count("create"), staged.plan.count("join")),
+        (0, 4),
+        "{}",
+        staged.plan
+    );
+    let r = sync.apply(staged).await.unwrap();
+    assert_eq!(r.count("join"), 4, "{r}");
+    assert_eq!(s.target.len(), 4);
+}
+
+#[tokio::test]
+async fn a_fresh_state_joins_what_an_ldif_target_already_holds() {
+    use dirsync::connector::ldif::{LdifSource, LdifSourceConfig, LdifTarget, LdifTargetConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let person = |uid: &str, uuid: &str, sn: &str| {
+        format!("dn: uid={uid},ou=People,dc=src\nobjectClass: inetOrgPerson\nentryUUID: {uuid}\nuid: {uid}\ncn: {uid} {sn}\nsn: {sn}\nmail: {uid}@src.test\n\n")
+    };
+    let mut text = String::from("version: 1\n\n");
+    text += &person("ada", "00000000-0000-4000-8000-000000000001", "Lovelace");
+    text += &person("alan", "00000000-0000-4000-8000-000000000002", "Turing");
+    text += &person("grace", "00000000-0000-4000-8000-000000000003", "Hopper");
+    text += &person("hedy", "00000000-0000-4000-8000-000000000004", "Lamarr");
+    text += "dn: cn=staff,ou=Groups,dc=src\nobjectClass: groupOfNames\nentryUUID: 00000000-0000-4000-8000-0000000000aa\ncn: staff\nmember: uid=ada,ou=People,dc=src\nmember: uid=alan,ou=People,dc=src\n\n";
+    text += "dn: cn=ops,ou=Groups,dc=src\nobjectClass: groupOfNames\nentryUUID: 00000000-0000-4000-8000-0000000000bb\ncn: ops\nmember: uid=hedy,ou=People,dc=src\n\n";
+    let content = dir.path().join("people.ldif");
+    std::fs::write(&content, text).unwrap();
+    // The target, provisioned by another tool: ada, alan, grace (grace's cn spelled otherwise)
+    // and staff; hedy and ops are missing.
+    let target_path = dir.path().join("target.ldif");
+    let target_person = |uid: &str, cn: &str, sn: &str| {
+        format!("dn: uid={uid},ou=Users,dc=dst\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {cn}\nsn: {sn}\nmail: {uid}@dst.test\n\n")
+    };
+    let mut held = String::from("version: 1\n\n");
+    held += &target_person("ada", "ada Lovelace", "Lovelace");
+    held += &target_person("alan", "alan Turing", "Turing");
+    held += &target_person("grace", "Amazing Grace", "Hopper");
+    held += "dn: cn=staff,ou=Groups,dc=dst\nobjectClass: groupOfNames\ncn: staff\nmember: uid=ada,ou=Users,dc=dst\nmember: uid=alan,ou=Users,dc=dst\n\n";
+    std::fs::write(&target_path, held).unwrap();
+    let tconfig = LdifTargetConfig::default()
+        .with_object_type("User", "uid", dn("ou=Users,dc=dst"), ["inetOrgPerson"])
+        .with_object_type("Group", "cn", dn("ou=Groups,dc=dst"), ["groupOfNames"]);
+    let rules = RuleSet::from_toml(
+        r#"
+[[rule]]
+name = "people"
+source_type = "user"
+target_type = "User"
+join = [["mail"]]
+[[rule.flow]]
+target = "objectClass"
+expression = '"inetOrgPerson"'
+[[rule.flow]]
+target = "uid"
+expression = '[uid]'
+[[rule.flow]]
+target = "cn"
+expression = '[cn]'
+[[rule.flow]]
+target = "sn"
+expression = '[sn]'
+[[rule.flow]]
+target = "mail"
+expression = 'Replace([mail], , "@src\.test$", , "@dst.test", , )'
+[[rule]]
+name = "groups"
+source_type = "group"
+target_type = "Group"
+join = [["cn"]]
+[[rule.flow]]
+target = "objectClass"
+expression = '"groupOfNames"'
+[[rule.flow]]
+target = "cn"
+expression = '[cn]'
+[[rule.flow]]
+target = "member"
+expression = '[member]'
+reference = true
+"#,
+        Some("ldif.toml"),
+    )
+    .unwrap();
+    let mut sync = Synchronizer::new(
+        Box::new(LdifSource::new(&content, LdifSourceConfig::default())),
+        Box::new(LdifTarget::open(&target_path, tconfig.clone()).unwrap()),
+        Box::new(SqliteStore::open(dir.path().join("state.sqlite")).unwrap()),
+        Arc::new(rules),
+        EngineConfig::default(),
+    );
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    // Only the missing are created; the rest is joined, grace's cn brought in line.
+    assert_eq!((r.count("create"), r.count("join")), (2, 4), "{r}");
+    assert_eq!((r.looked_up, r.lookup_found), (6, 4), "{r}");
+    let written = std::fs::read_to_string(&target_path).unwrap();
+    assert_eq!(written.matches("dn: ").count(), 6, "{written}");
+    assert!(written.contains("cn: grace Hopper"), "{written}");
+    assert!(
+        written.contains("dn: cn=ops,ou=Groups,dc=dst") && written.contains("member: uid=hedy,ou=Users,dc=dst"),
+        "{written}"
+    );
+    // The next run writes nothing: the file is not rewritten.
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.total_done(), 0, "{r}");
+    assert_eq!(std::fs::read_to_string(&target_path).unwrap(), written);
+    assert_eq!(LdifTarget::open(&target_path, tconfig).unwrap().len(), 6);
+}
