@@ -751,8 +751,14 @@ async fn a_fresh_state_creates_only_what_the_target_lacks() {
     assert_eq!((r.looked_up, r.lookup_found), (12, 6), "{r}");
     assert_eq!(s.target.len(), 12);
     let joined = sync.with_store(|st| st.load_all()).unwrap().links;
-    assert_eq!(joined.get(&"u001".into()).unwrap().target_id.as_str(), "old-1");
-    assert_eq!(joined.get(&"g002".into()).unwrap().target_id.as_str(), "old-g2");
+    assert_eq!(
+        joined.get(&"u001".into()).unwrap().target_id.as_str(),
+        "old-1"
+    );
+    assert_eq!(
+        joined.get(&"g002".into()).unwrap().target_id.as_str(),
+        "old-g2"
+    );
     assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
 }
 
@@ -761,9 +767,8 @@ async fn several_candidates_are_a_conflict_never_a_guess() {
     let (s, _) = setup(3, Box::new(MemoryStore::new()), |_| {});
     // Two target groups carry group 1's display name (another tool made it twice).
     for id in ["dup-a", "dup-b"] {
-        s.target.insert(
-            dirsync::model::TargetObject::new(id, "Group").with("displayName", "GROUP 1"),
-        );
+        s.target
+            .insert(dirsync::model::TargetObject::new(id, "Group").with("displayName", "GROUP 1"));
     }
     let mut sync = resync(&s, Box::new(MemoryStore::new()), |_| {});
     let r = sync.run_cycle().await.unwrap();
@@ -963,7 +968,8 @@ reference = true
     assert_eq!(written.matches("dn: ").count(), 6, "{written}");
     assert!(written.contains("cn: grace Hopper"), "{written}");
     assert!(
-        written.contains("dn: cn=ops,ou=Groups,dc=dst") && written.contains("member: uid=hedy,ou=Users,dc=dst"),
+        written.contains("dn: cn=ops,ou=Groups,dc=dst")
+            && written.contains("member: uid=hedy,ou=Users,dc=dst"),
         "{written}"
     );
     // The next run writes nothing: the file is not rewritten.

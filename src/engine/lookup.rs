@@ -18,17 +18,21 @@
 //! goes stale (never, by default).
 //!
 //! **How, and what it costs.** [`JoinLookup::Batched`] (the default) takes every create of
-//! the plan whose type cannot answer, collects the first attribute of each of its join groups
-//! with its value (a group of several attributes is looked up by its first; the planner checks
-//! the rest), removes repeated values, and asks the target for them in batches of
+//! the plan whose type cannot answer and looks up its join groups in the order the planner
+//! tries them, one round per group: round 0 takes each create's first group — its first
+//! attribute and value (a group of several attributes is looked up by its first; the planner
+//! checks the rest) — removes repeated values, and asks the target for them in batches of
 //! [`TargetCapabilities::lookup_batch`](crate::connector::TargetCapabilities) values with
-//! [`Target::find_any`]: one LDAP search `(|(a=v1)(a=v2)…)` per 100 values, one SCIM
-//! `a eq "v1" or a eq "v2" …` query per 50, one Graph `$filter=a in ('v1',…)` per 15 (Graph's
-//! documented limit), memory and LDIF in one pass. A first run of N creates with one join
-//! attribute costs about N / batch extra requests (Graph: 1 per 15 creates, against 1 write per
-//! create), plus one read of the members of every group found (SCIM, Graph); a later run costs
-//! one request per batch of new objects, as Entra provisioning queries the target before each
-//! create (it queries one object per request). [`JoinLookup::ReadTarget`] instead reads every
+//! [`Target::find_any`](crate::connector::Target::find_any): one LDAP search
+//! `(|(a=v1)(a=v2)…)` per 100 values, one SCIM `a eq "v1" or a eq "v2" …` query per 50, one
+//! Graph `$filter=a in ('v1',…)` per 15 (Graph's documented limit), memory and LDIF in one
+//! pass. What it finds goes into the mirror and the plan is made again; round 1 looks up the
+//! second group of the creates still planned, and so on. A first run of N creates costs about
+//! N / batch extra requests per join group tried (Graph: 1 per 15 creates, against 1 write per
+//! create; against a target that already holds everything, the first group finds it all), plus
+//! one read of the members of every group found (SCIM, Graph); a later run costs one request per
+//! batch of new objects and group, as Entra provisioning queries the target before each create
+//! (it queries one object per request). [`JoinLookup::ReadTarget`] instead reads every
 //! object of the type once, as Entra Connect imports the target first: a paged read of the
 //! whole type (Graph: 1 request per 999 objects; SCIM: per page), cheaper when the run creates a
 //! large share of a target that holds little else, and after it the type can answer until the
@@ -89,26 +93,26 @@ pub(crate) struct LookupBatch {
     pub values: Vec<Value>,
 }
 
-/// The lookups that the creates (target type and join groups) need: per target type and
-/// attribute (the first of each join group), the distinct values (strings ignoring case, as
-/// joins compare them; the first spelling kept), in plan order, in batches of at most `batch`
-/// values (at least 1).
+/// The lookups that the creates (target type and join groups) need in round `round`: the
+/// first attribute of each create's join group number `round` (0-based) with its value,
+/// grouped per target type and attribute, the values distinct (strings ignoring case, as joins
+/// compare them; the first spelling kept) and in plan order, in batches of at most `batch`
+/// values (at least 1). Creates with fewer groups need nothing in that round.
 pub(crate) fn lookup_batches<'a>(
     creates: impl IntoIterator<Item = (&'a ObjectType, &'a [JoinGroup])>,
+    round: usize,
     batch: usize,
 ) -> Vec<LookupBatch> {
     let mut keys: BTreeMap<(ObjectType, AttrName), (HashSet<Value>, Vec<Value>)> = BTreeMap::new();
     for (object_type, groups) in creates {
-        for group in groups {
-            let Some((attribute, value)) = group.pairs().first() else {
-                continue;
-            };
-            let (seen, values) = keys
-                .entry((object_type.clone(), attribute.clone()))
-                .or_default();
-            if seen.insert(crate::state::lookup_key(value)) {
-                values.push(value.clone());
-            }
+        let Some((attribute, value)) = groups.get(round).and_then(|g| g.pairs().first()) else {
+            continue;
+        };
+        let (seen, values) = keys
+            .entry((object_type.clone(), attribute.clone()))
+            .or_default();
+        if seen.insert(crate::state::lookup_key(value)) {
+            values.push(value.clone());
         }
     }
     let batch = batch.max(1);
@@ -135,18 +139,24 @@ fn creates(plan: &Plan) -> impl Iterator<Item = (&ObjectType, &[JoinGroup])> {
 
 impl Synchronizer {
     /// Plans `scope` as [`Synchronizer::plan_scope`] does, after looking up in the target the
-    /// creates the target mirror cannot answer for; when something is found, it is recorded in
-    /// the mirror and the plan is made again (joins instead of creates).
+    /// creates the target mirror cannot answer for, one join group at a time as the planner
+    /// tries them: round 0 looks up every create's first group; what it finds is recorded in
+    /// the mirror and the plan is made again (joins instead of creates); round 1 looks up the
+    /// second group of the creates left; and so on.
     pub(super) async fn plan_checked(
         &self,
         scope: PlanScope,
         report: &mut RunReport,
     ) -> Result<(StagedPlan, Views)> {
-        let (staged, views) = self.plan_scope(scope.clone())?;
-        if self.look_up_creates(&staged.plan, report).await? == 0 {
-            return Ok((staged, views));
+        let (mut staged, mut views) = self.plan_scope(scope.clone())?;
+        let mut round = 0;
+        while let Some(found) = self.look_up_creates(&staged.plan, round, report).await? {
+            if found > 0 {
+                (staged, views) = self.plan_scope(scope.clone())?;
+            }
+            round += 1;
         }
-        self.plan_scope(scope)
+        Ok((staged, views))
     }
 
     /// For [`Synchronizer::apply`]: looks up the staged plan's creates as a run would; when the
@@ -157,7 +167,13 @@ impl Synchronizer {
         staged: &StagedPlan,
         report: &mut RunReport,
     ) -> Result<()> {
-        if self.look_up_creates(&staged.plan, report).await? == 0 {
+        let mut found = 0;
+        let mut round = 0;
+        while let Some(n) = self.look_up_creates(&staged.plan, round, report).await? {
+            found += n;
+            round += 1;
+        }
+        if found == 0 {
             return Ok(());
         }
         let anchors: Vec<_> = staged
@@ -207,18 +223,28 @@ impl Synchronizer {
         })
     }
 
-    /// Looks up the creates of `plan` whose target type cannot answer (as the configured
-    /// [`JoinLookup`] says) and records what is found in the target mirror. Returns the number
-    /// of target objects found.
-    async fn look_up_creates(&self, plan: &Plan, report: &mut RunReport) -> Result<usize> {
+    /// Round `round` of the lookups of the creates of `plan` whose target type cannot answer
+    /// (as the configured [`JoinLookup`] says): their join group number `round` is looked up
+    /// (with [`JoinLookup::ReadTarget`], round 0 reads their types whole), and what is found is
+    /// recorded in the target mirror. Returns the number of target objects found, or `None`
+    /// when the round has nothing to look up (no later round has either).
+    async fn look_up_creates(
+        &self,
+        plan: &Plan,
+        round: usize,
+        report: &mut RunReport,
+    ) -> Result<Option<usize>> {
         let mode = self.config.join_lookup;
-        if mode == JoinLookup::Off || !plan.operations.iter().any(|o| o.kind.name() == "create") {
-            return Ok(0);
+        if mode == JoinLookup::Off || (mode == JoinLookup::ReadTarget && round > 0) {
+            return Ok(None);
+        }
+        if !creates(plan).any(|(_, groups)| groups.len() > round) {
+            return Ok(None);
         }
         let caps = self.target.capabilities();
         if !caps.read {
             debug!("the target cannot be read: creates are not looked up");
-            return Ok(0);
+            return Ok(None);
         }
         let now = self.config.clock.now();
         let mut blind: BTreeMap<ObjectType, bool> = BTreeMap::new();
@@ -230,7 +256,7 @@ impl Synchronizer {
         }
         blind.retain(|_, b| *b);
         if blind.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let t0 = Instant::now();
         let found = match mode {
@@ -244,13 +270,18 @@ impl Synchronizer {
             _ => {
                 let batches = lookup_batches(
                     creates(plan).filter(|(ty, _)| blind.contains_key(*ty)),
+                    round,
                     caps.lookup_batch,
                 );
+                if batches.is_empty() {
+                    // Only empty groups in this round: the next may have some.
+                    return Ok(Some(0));
+                }
                 self.run_lookups(batches, report).await?
             }
         };
         report.stages.push((Stage::Reconcile, t0.elapsed()));
-        Ok(found)
+        Ok(Some(found))
     }
 
     /// Sends the lookups (as many at once as the export's concurrency), retrying retryable
@@ -396,22 +427,29 @@ mod tests {
             })
             .chain([(group.clone(), groups(&[("displayName", "Staff")]))])
             .collect();
-        let b = lookup_batches(plan.iter().map(|(t, g)| (t, g.as_slice())), 3);
-        let shape: Vec<(&str, &str, usize)> = b
-            .iter()
-            .map(|b| (b.object_type.as_str(), b.attribute.as_str(), b.values.len()))
-            .collect();
-        // Per (type, attribute), in type then attribute order; 7 values → 3 + 3 + 1.
+        let creates = || plan.iter().map(|(t, g)| (t, g.as_slice()));
+        let shape = |b: &[LookupBatch]| -> Vec<(String, String, usize)> {
+            b.iter()
+                .map(|b| {
+                    (
+                        b.object_type.to_string(),
+                        b.attribute.to_string(),
+                        b.values.len(),
+                    )
+                })
+                .collect()
+        };
+        let row = |t: &str, a: &str, n: usize| (t.to_string(), a.to_string(), n);
+        // Round 0: every create's first group, per (type, attribute) in that order; 7 values
+        // in batches of 3 → 3 + 3 + 1.
+        let b = lookup_batches(creates(), 0, 3);
         assert_eq!(
-            shape,
+            shape(&b),
             [
-                ("Group", "displayName", 1),
-                ("User", "externalId", 3),
-                ("User", "externalId", 3),
-                ("User", "externalId", 1),
-                ("User", "userName", 3),
-                ("User", "userName", 3),
-                ("User", "userName", 1),
+                row("Group", "displayName", 1),
+                row("User", "externalId", 3),
+                row("User", "externalId", 3),
+                row("User", "externalId", 1),
             ]
         );
         // Values keep plan order inside a batch.
@@ -423,11 +461,14 @@ mod tests {
                 Value::string("u2")
             ]
         );
-        // A batch size of 0 is taken as 1.
+        // Round 1: the second groups (the group type has none); round 2: nothing.
         assert_eq!(
-            lookup_batches(plan.iter().map(|(t, g)| (t, g.as_slice())), 0).len(),
-            15
+            shape(&lookup_batches(creates(), 1, 5)),
+            [row("User", "userName", 5), row("User", "userName", 2)]
         );
+        assert!(lookup_batches(creates(), 2, 5).is_empty());
+        // A batch size of 0 is taken as 1.
+        assert_eq!(lookup_batches(creates(), 0, 0).len(), 8);
     }
 
     #[test]
@@ -436,21 +477,19 @@ mod tests {
         let a = vec![JoinGroup::on("displayName", "Staff").and("description", "x")];
         let b = vec![JoinGroup::on("DISPLAYNAME", "STAFF")];
         let c = vec![JoinGroup::new(), JoinGroup::on("displayName", "Sales")];
-        let batches = lookup_batches(
-            [
-                (&ty, a.as_slice()),
-                (&ty, b.as_slice()),
-                (&ty, c.as_slice()),
-            ],
-            50,
-        );
+        let creates = [
+            (&ty, a.as_slice()),
+            (&ty, b.as_slice()),
+            (&ty, c.as_slice()),
+        ];
+        let batches = lookup_batches(creates, 0, 50);
         assert_eq!(batches.len(), 1);
         assert_eq!(batches[0].attribute.as_str(), "displayName");
-        assert_eq!(
-            batches[0].values,
-            [Value::string("Staff"), Value::string("Sales")]
-        );
-        assert!(lookup_batches(std::iter::empty(), 10).is_empty());
+        // "STAFF" is "Staff" ignoring case; c's first group is empty.
+        assert_eq!(batches[0].values, [Value::string("Staff")]);
+        let batches = lookup_batches(creates, 1, 50);
+        assert_eq!(batches[0].values, [Value::string("Sales")]);
+        assert!(lookup_batches(std::iter::empty(), 0, 10).is_empty());
     }
 
     #[test]
