@@ -815,3 +815,203 @@ async fn real_server_ldif_to_scim_through_the_sync_example() {
     run();
     assert_eq!(users(&srv.base).await.len(), before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A fresh state against a service that already holds the objects (issue 14, failure 7).
+
+/// A TCP proxy in front of a scim2-server that records the request line of every request it
+/// forwards. scim2-server speaks HTTP/1.0 and closes every connection after its answer, so a
+/// connection carries exactly one request.
+struct Counting {
+    base: String,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Counting {
+    async fn start(upstream_base: &str) -> Counting {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rest = upstream_base.strip_prefix("http://").unwrap();
+        let (upstream, path) = rest.split_once('/').unwrap();
+        let upstream = upstream.to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (seen, upstream) = (seen.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 4096];
+                        match client.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&head)
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    seen.lock().unwrap().push(line);
+                    let mut up = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                    up.write_all(&head).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                });
+            }
+        });
+        Counting {
+            base: format!("http://127.0.0.1:{port}/{path}"),
+            lines,
+        }
+    }
+
+    /// The request lines recorded since the last call, and forgets them.
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.lines.lock().unwrap())
+    }
+}
+
+/// How many of `lines` are `method` requests whose target starts with `prefix` (`/v2/Users`).
+fn count(lines: &[String], method: &str, prefix: &str) -> usize {
+    lines
+        .iter()
+        .filter(|l| {
+            let mut p = l.split(' ');
+            p.next() == Some(method) && p.next().is_some_and(|t| t.starts_with(prefix))
+        })
+        .count()
+}
+
+fn lookups(lines: &[String]) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("GET ") && l.contains("filter="))
+        .count()
+}
+
+fn writes(lines: &[String]) -> usize {
+    lines
+        .iter()
+        .filter(|l| !l.starts_with("GET "))
+        .count()
+}
+
+/// A group of the source: `cn`, its members by anchor.
+fn source_group(i: usize, members: impl IntoIterator<Item = usize>) -> Entry {
+    Entry::new(format!("g{i}"), "group")
+        .with("id", format!("g{i}"))
+        .with("cn", format!("Group {i}"))
+        .with_values(
+            "member",
+            members
+                .into_iter()
+                .map(|m| Value::anchor_ref(format!("u{m}")))
+                .collect::<Values>(),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_server_a_fresh_state_joins_every_user_and_group_it_holds() {
+    let Some(srv) = server() else { return };
+    let base = srv.base.clone();
+    // Another tool provisioned 60 users (userName in another case, no externalId) and three
+    // groups with their members; displayName has no uniqueness rule (RFC 7643 §4.2).
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let (s, u) = raw(
+            "POST",
+            &format!("{base}/Users"),
+            Some(json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                "userName": format!("USER{i}@corp.test"), "active": true})),
+        )
+        .await;
+        assert_eq!(s, 201, "{u}");
+        ids.push(u["id"].as_str().unwrap().to_string());
+    }
+    let groups: [(usize, std::ops::Range<usize>); 3] = [(1, 0..10), (2, 10..40), (3, 40..41)];
+    for (g, members) in groups.clone() {
+        let members: Vec<Json> = members.map(|m| json!({"value": ids[m]})).collect();
+        let (s, _) = raw(
+            "POST",
+            &format!("{base}/Groups"),
+            Some(json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                "displayName": format!("Group {g}"), "members": members})),
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+    let source = MemorySource::new("hr");
+    for i in 0..60 {
+        source.add(user(i)).unwrap();
+    }
+    for (g, members) in groups {
+        source.add(source_group(g, members)).unwrap();
+    }
+    // dirsync starts with a fresh state, through a proxy that counts the requests.
+    let proxy = Counting::start(&base).await;
+    let mut s = sync(&source, target(&proxy.base));
+    let r = s.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!((r.count("create"), r.count("join")), (0, 63), "{r}");
+    assert_eq!((r.looked_up, r.lookup_found), (126, 63), "{r}");
+    let lines = proxy.take();
+    // Nothing created: no POST. The lookups: round 0 by externalId (the other tool set none:
+    // found nothing), round 1 by userName and displayName — 60 user values in batches of 50 →
+    // 2 + 2 queries, 3 group values → 1 + 1.
+    assert_eq!(count(&lines, "POST", "/v2/"), 0, "{lines:#?}");
+    assert_eq!(lookups(&lines), 6, "{lines:#?}");
+    // The joins bring the flows in: one PATCH per object (externalId, name, emails, …).
+    assert_eq!(count(&lines, "PATCH", "/v2/Users/"), 60, "{lines:#?}");
+    assert_eq!(count(&lines, "PATCH", "/v2/Groups/"), 3, "{lines:#?}");
+    assert_eq!(writes(&lines), 63, "{lines:#?}");
+    eprintln!(
+        "fresh state, 60 users + 3 groups all present: {} requests ({} lookups, {} writes)",
+        lines.len(),
+        lookups(&lines),
+        writes(&lines)
+    );
+    assert_eq!(users(&base).await.len(), 60, "no duplicate user");
+    let (_, gs) = raw("GET", &format!("{base}/Groups?count=100"), None).await;
+    assert_eq!(gs["totalResults"], 3, "no duplicate group: {gs}");
+    let g2 = gs["Resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["displayName"] == "Group 2")
+        .unwrap();
+    assert_eq!(g2["externalId"], "g2");
+    assert_eq!(g2["members"].as_array().unwrap().len(), 30);
+    // The next run writes nothing — and sends nothing.
+    let r = s.run_cycle().await.unwrap();
+    assert_eq!(r.total_done(), 0, "{r}");
+    assert!(proxy.take().is_empty());
+
+    // The state is lost again, and meanwhile the source gained 5 users and a group the service
+    // does not hold: only those are created.
+    for i in 60..65 {
+        source.add(user(i)).unwrap();
+    }
+    source.add(source_group(4, 58..65)).unwrap();
+    let mut s = sync(&source, target(&proxy.base));
+    let r = s.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!((r.count("create"), r.count("join")), (6, 63), "{r}");
+    let lines = proxy.take();
+    assert_eq!(count(&lines, "POST", "/v2/Users"), 5, "{lines:#?}");
+    assert_eq!(count(&lines, "POST", "/v2/Groups"), 1, "{lines:#?}");
+    // Round 0 (externalId, set by the last run) finds the 63 — 65 user values in 50 + 15, 4
+    // group values in one query; round 1 looks up the 6 others by userName and displayName.
+    assert_eq!(lookups(&lines), 2 + 1 + 1 + 1, "{lines:#?}");
+    eprintln!(
+        "fresh state, 63 of 69 present: {} requests ({} lookups, {} writes)",
+        lines.len(),
+        lookups(&lines),
+        writes(&lines)
+    );
+    assert_eq!(users(&base).await.len(), 65);
+    let (_, gs) = raw("GET", &format!("{base}/Groups?count=100"), None).await;
+    assert_eq!(gs["totalResults"], 4, "{gs}");
+    assert_eq!(s.run_cycle().await.unwrap().total_done(), 0);
+}
