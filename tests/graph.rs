@@ -521,3 +521,277 @@ async fn the_sync_example_provisions_entra_from_the_example_config() {
         .any(|u| u["userPrincipalName"] == "alovelace@contoso.com"));
     assert!(!emu.groups().is_empty());
 }
+
+/// The example rules, groups joined by display name (which Entra does not keep unique).
+fn rules_joining_groups_by_display_name() -> Arc<RuleSet> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/rules/ad-to-entra.toml"
+    );
+    let text = std::fs::read_to_string(path)
+        .unwrap()
+        .replace(r#"join = [["mailNickname"]]"#, r#"join = [["displayName"]]"#);
+    assert!(text.contains(r#"join = [["displayName"]]"#));
+    Arc::new(RuleSet::from_toml(&text, Some(path)).unwrap())
+}
+
+fn ad_group(name: &str, members: std::ops::Range<usize>) -> Entry {
+    let mut g = Entry::new(format!("g-{name}"), "group")
+        .with("sAMAccountName", name)
+        .with("cn", name);
+    for i in members {
+        g = g.with("member", Value::anchor_ref(format!("u{i}")));
+    }
+    g
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_state_joins_every_user_and_group_entra_already_holds() {
+    let (emu, t) = setup().await;
+    // Another tool provisioned 40 users (no onPremisesImmutableId) and two security groups
+    // with their members, under other mail nicknames.
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let a = attrs(&[
+            (
+                "userPrincipalName",
+                Value::string(format!("user{i}@contoso.com")),
+            ),
+            ("displayName", Value::string(format!("Test User{i}"))),
+            ("mailNickname", Value::string(format!("user{i}"))),
+            ("givenName", Value::string("Test")),
+            ("surname", Value::string(format!("User{i}"))),
+            ("accountEnabled", Value::Boolean(true)),
+        ]);
+        ids.push(apply1(&t, create("user", a)).await.unwrap());
+    }
+    for (name, members) in [("Staff", 0..30), ("Sales", 30..40)] {
+        let mut a = attrs(&[
+            ("displayName", Value::string(name)),
+            ("mailNickname", Value::string(format!("legacy-{name}"))),
+            ("securityEnabled", Value::Boolean(true)),
+            ("mailEnabled", Value::Boolean(false)),
+        ]);
+        a.set(
+            "members",
+            members
+                .map(|m| Value::target_ref(ids[m].clone()))
+                .collect::<Values>(),
+        );
+        apply1(&t, create("group", a)).await.unwrap();
+    }
+    let source = MemorySource::new("ad");
+    for i in 0..40 {
+        source.add(ad_user(i)).unwrap();
+    }
+    source.add(ad_group("Staff", 0..30)).unwrap();
+    source.add(ad_group("Sales", 30..40)).unwrap();
+    let engine = |source: &MemorySource| {
+        Synchronizer::new(
+            Box::new(source.clone()),
+            Box::new(GraphTarget::new("entra", emu.config("app-1", "s3cret")).unwrap()),
+            Box::new(MemoryStore::new()),
+            rules_joining_groups_by_display_name(),
+            EngineConfig::default(),
+        )
+    };
+    let before = emu.stats();
+    let mut sync = engine(&source);
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!((r.count("create"), r.count("join")), (0, 42), "{r}");
+    let after = emu.stats();
+    let (requests, writes, lookups) = (
+        after.requests - before.requests,
+        after.writes - before.writes,
+        after.filtered_reads - before.filtered_reads,
+    );
+    // Lookups: users by onPremisesImmutableId (round 0, none set: 40 values, 15 per `in` →
+    // 3 requests), then by userPrincipalName (3 more); groups by displayName (1). Each group
+    // found is read with its members (2). Writes: one PATCH per joined object (the flows the
+    // other tool did not set: onPremisesImmutableId, employeeId, …; the groups' nickname).
+    assert_eq!(lookups, 3 + 3 + 1, "{after:?}");
+    assert_eq!(writes, 42, "{after:?}");
+    assert_eq!(requests, lookups + 2 + writes, "{after:?}");
+    eprintln!(
+        "fresh state, 40 users + 2 groups all present: {requests} Graph requests ({lookups} lookups, {writes} writes)"
+    );
+    assert_eq!(emu.users().len(), 40, "no duplicate user");
+    let groups = emu.groups();
+    assert_eq!(groups.len(), 2, "no duplicate group");
+    let staff = groups
+        .iter()
+        .find(|(_, g)| g["displayName"] == "Staff")
+        .unwrap();
+    assert_eq!(staff.1["mailNickname"], "Staff");
+    assert_eq!(emu.members(staff.0).len(), 30);
+    let u7 = emu
+        .users()
+        .into_values()
+        .find(|u| u["mailNickname"] == "user7")
+        .unwrap();
+    assert_eq!(u7["onPremisesImmutableId"], "00000000-0000-4000-8000-000000000007");
+    // The next run writes nothing.
+    let before = emu.stats();
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.total_done(), 0, "{r}");
+    assert_eq!(emu.stats().writes, before.writes);
+
+    // The state is lost again, and the source gained 5 users and a group Entra does not hold:
+    // only those are created.
+    for i in 40..45 {
+        source.add(ad_user(i)).unwrap();
+    }
+    source.add(ad_group("Ops", 38..45)).unwrap();
+    let before = emu.stats();
+    let mut sync = engine(&source);
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!((r.count("create"), r.count("join")), (6, 42), "{r}");
+    let after = emu.stats();
+    // Round 0 finds the 40 users by onPremisesImmutableId (45 values → 3 requests) and the
+    // two groups (3 values → 1); round 1 looks up the 5 new users by userPrincipalName (1).
+    assert_eq!(after.filtered_reads - before.filtered_reads, 3 + 1 + 1, "{after:?}");
+    assert_eq!(emu.users().len(), 45);
+    assert_eq!(emu.groups().len(), 3);
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulator_refuses_more_than_15_clauses_and_the_target_batches_within_them() {
+    let (emu, t) = setup().await;
+    for i in 0..20 {
+        apply1(&t, create("user", user(i))).await.unwrap();
+    }
+    let ty = ObjectType::new("user");
+    let upns: Vec<Value> = (0..20)
+        .map(|i| Value::string(format!("USER{i}@contoso.com")))
+        .collect();
+    // 20 values in one call: the target splits them into `in` filters of 15 and 5.
+    let before = emu.stats().filtered_reads;
+    let found = t
+        .find_any(&ty, &AttrName::new("userPrincipalName"), &upns)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 20);
+    assert_eq!(emu.stats().filtered_reads - before, 2);
+    // Directory extension properties are or'ed `eq`s, the same limit.
+    let costs: Vec<Value> = (0..20)
+        .map(|i| Value::string(format!("cost'{i}")))
+        .collect();
+    let found = t
+        .find_any(&ty, &AttrName::new(EXT), &costs)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 20);
+    // Advanced queries (onPremisesExtensionAttributes) are bounded by the URL's length
+    // instead: 20 short values fit one request.
+    let before = emu.stats().filtered_reads;
+    let cc: Vec<Value> = (0..20).map(|i| Value::string(format!("CC{i}"))).collect();
+    let found = t
+        .find_any(
+            &ty,
+            &AttrName::new("onPremisesExtensionAttributes.extensionAttribute1"),
+            &cc,
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 20);
+    assert_eq!(emu.stats().filtered_reads - before, 1);
+    // The emulator refuses what Graph refuses: 16 clauses without the advanced query
+    // parameters, and an advanced query whose URL is over 2,048 characters.
+    let token = emu_token(&emu).await;
+    let base = emu.config("app-1", "s3cret").graph_url;
+    let list: Vec<String> = (0..16).map(|i| format!("'user{i}@contoso.com'")).collect();
+    let (status, body) = get(
+        &format!(
+            "{base}/users?$filter={}",
+            enc(&format!("userPrincipalName in ({})", list.join(",")))
+        ),
+        &token,
+        false,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("Too many child clauses") && body.contains("Max allowed: 15"),
+        "{body}"
+    );
+    let ors: Vec<String> = (0..16)
+        .map(|i| format!("employeeId eq 'E{i:05}'"))
+        .collect();
+    let (status, _) = get(
+        &format!("{base}/users?$filter={}", enc(&ors.join(" or "))),
+        &token,
+        false,
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, body) = get(
+        &format!(
+            "{base}/users?$filter={}",
+            enc(&format!("userPrincipalName in ({})", list[..15].join(",")))
+        ),
+        &token,
+        false,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let long: Vec<String> = (0..120).map(|i| format!("'CC{i}-{}'", "x".repeat(10))).collect();
+    let (status, body) = get(
+        &format!(
+            "{base}/users?$count=true&$filter={}",
+            enc(&format!(
+                "onPremisesExtensionAttributes/extensionAttribute1 in ({})",
+                long.join(",")
+            ))
+        ),
+        &token,
+        true,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("2048"), "{body}");
+}
+
+/// A token for raw requests to the emulator.
+async fn emu_token(emu: &GraphEmulator) -> String {
+    let cfg = emu.config("app-1", "s3cret");
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/{}/oauth2/v2.0/token",
+            cfg.authority, cfg.tenant
+        ))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "app-1"),
+            ("client_secret", "s3cret"),
+            ("scope", "https://graph.microsoft.com/.default"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let j: serde_json::Value = resp.json().await.unwrap();
+    j["access_token"].as_str().unwrap().to_string()
+}
+
+async fn get(url: &str, token: &str, eventual: bool) -> (u16, String) {
+    let mut r = reqwest::Client::new().get(url).bearer_auth(token);
+    if eventual {
+        r = r.header("ConsistencyLevel", "eventual");
+    }
+    let resp = r.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

@@ -73,6 +73,8 @@ pub struct EmulatorStats {
     pub requests: u64,
     /// Write requests accepted (not throttled).
     pub writes: u64,
+    /// Reads of the user or group collection with a `$filter` (join lookups), answered.
+    pub filtered_reads: u64,
     /// 429s from the injected share.
     pub throttled_injected: u64,
     /// 429s from the write limit.
@@ -1160,6 +1162,9 @@ fn list(s: &mut State, ctx: &Ctx<'_>, kind: Kind, coll: &str) -> Answer {
             }
         },
     };
+    if filter.is_some() {
+        s.stats.filtered_reads += 1;
+    }
     let sel = q(&ctx.query, "$select");
     let now = ctx.now;
     let items: Vec<(String, Json)> = s
