@@ -559,3 +559,215 @@ fn ad_user_with_password_can_bind_and_is_disabled_through_user_account_control()
     });
     drop(dc);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A fresh state against a directory that already holds the objects (issue 14, failure 7).
+
+/// The completed operations slapd counts (cn=Operations,cn=Monitor), by operation name.
+fn completed_operations(s: &Slapd) -> std::collections::BTreeMap<String, u64> {
+    let out = std::process::Command::new("ldapsearch")
+        .args([
+            "-x",
+            "-LLL",
+            "-o",
+            "ldif-wrap=no",
+            "-H",
+            &s.url(),
+            "-b",
+            "cn=Operations,cn=Monitor",
+            "-s",
+            "one",
+            "(objectClass=*)",
+            "monitorOpCompleted",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut ops = std::collections::BTreeMap::new();
+    let mut name = String::new();
+    for line in text.lines() {
+        if let Some(dn) = line.strip_prefix("dn: cn=") {
+            name = dn.split(',').next().unwrap_or_default().to_string();
+        } else if let Some(n) = line.strip_prefix("monitorOpCompleted: ") {
+            ops.insert(name.clone(), n.trim().parse().unwrap());
+        }
+    }
+    ops
+}
+
+/// The operations of `op` completed between two readings of [`completed_operations`]: a
+/// reading's own search completes after it is read, so the first reading's search is counted
+/// in the second, and taken off here.
+fn delta(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    op: &str,
+) -> u64 {
+    let own = u64::from(op == "Search");
+    after.get(op).copied().unwrap_or(0) - before.get(op).copied().unwrap_or(0) - own
+}
+
+const JOIN_RULES: &str = r#"
+[[rule]]
+name = "people"
+source_type = "user"
+target_type = "user"
+join = [["mail"]]
+[[rule.flow]]
+target = "uid"
+expression = '[uid]'
+[[rule.flow]]
+target = "cn"
+expression = '[cn]'
+[[rule.flow]]
+target = "sn"
+expression = '[sn]'
+[[rule.flow]]
+target = "mail"
+expression = '[mail]'
+
+[[rule]]
+name = "groups"
+source_type = "group"
+target_type = "group"
+join = [["cn"]]
+[[rule.flow]]
+target = "cn"
+expression = '[cn]'
+[[rule.flow]]
+target = "member"
+expression = '[member]'
+reference = true
+"#;
+
+fn person(i: usize) -> dirsync::model::Entry {
+    dirsync::model::Entry::new(format!("p{i}"), "user")
+        .with("uid", format!("person{i}"))
+        .with("cn", format!("Person {i}"))
+        .with("sn", format!("P{i}"))
+        .with("mail", format!("person{i}@example.test"))
+}
+
+fn staff(name: &str, members: std::ops::Range<usize>) -> dirsync::model::Entry {
+    let mut g = dirsync::model::Entry::new(format!("g-{name}"), "group").with("cn", name);
+    for m in members {
+        g = g.with("member", Value::anchor_ref(format!("p{m}")));
+    }
+    g
+}
+
+#[tokio::test]
+async fn a_fresh_state_joins_every_entry_the_directory_already_holds() {
+    use dirsync::connector::memory::MemorySource;
+    use dirsync::engine::{EngineConfig, Synchronizer};
+    use dirsync::rules::ruleset::RuleSet;
+    use dirsync::state::MemoryStore;
+    use std::sync::Arc;
+    // Another tool provisioned 30 people and two groups under ou=Legacy — not where dirsync
+    // creates them, so no DN would collide: nothing but a lookup can find them.
+    let mut legacy = format!(
+        "dn: ou=People,{SUFFIX}\nobjectClass: organizationalUnit\nou: People\n\n\
+         dn: ou=Groups,{SUFFIX}\nobjectClass: organizationalUnit\nou: Groups\n\n\
+         dn: ou=Legacy,{SUFFIX}\nobjectClass: organizationalUnit\nou: Legacy\n\n"
+    );
+    for i in 0..30 {
+        // One person's cn was spelled otherwise: the join brings it in line.
+        let cn = if i == 4 { "P. Four".to_string() } else { format!("Person {i}") };
+        legacy += &format!(
+            "dn: uid=person{i},ou=Legacy,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: person{i}\n\
+             cn: {cn}\nsn: P{i}\nmail: person{i}@example.test\n\n"
+        );
+    }
+    for (name, members) in [("Staff", 0..20), ("Sales", 20..30)] {
+        legacy += &format!("dn: cn={name},ou=Legacy,{SUFFIX}\nobjectClass: groupOfNames\ncn: {name}\n");
+        for m in members {
+            legacy += &format!("member: uid=person{m},ou=Legacy,{SUFFIX}\n");
+        }
+        legacy.push('\n');
+    }
+    let Some(s) = Slapd::start(SlapdOptions {
+        ldif: Some(legacy),
+        extra_database_config: "database monitor\naccess to * by * read\n".into(),
+        ..SlapdOptions::default()
+    })
+    .unwrap() else {
+        eprintln!("skipped: slapd is not installed");
+        return;
+    };
+    let source = MemorySource::new("hr");
+    for i in 0..30 {
+        source.add(person(i)).unwrap();
+    }
+    source.add(staff("Staff", 0..20)).unwrap();
+    source.add(staff("Sales", 20..30)).unwrap();
+    let engine = |source: &MemorySource| {
+        Synchronizer::new(
+            Box::new(source.clone()),
+            Box::new(target(&s)),
+            Box::new(MemoryStore::new()),
+            Arc::new(RuleSet::from_toml(JOIN_RULES, Some("rules.toml")).unwrap()),
+            EngineConfig::default(),
+        )
+    };
+    let before = completed_operations(&s);
+    let mut sync = engine(&source);
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!((r.count("create"), r.count("join")), (0, 32), "{r}");
+    let after = completed_operations(&s);
+    // One search per type: (|(mail=…)×30) and (|(cn=Staff)(cn=Sales)); no add; one modify
+    // (person 4's cn).
+    let (searches, adds, modifies) = (
+        delta(&before, &after, "Search"),
+        delta(&before, &after, "Add"),
+        delta(&before, &after, "Modify"),
+    );
+    assert_eq!((searches, adds, modifies), (2, 0, 1), "{after:?}");
+    eprintln!("fresh state, 30 people + 2 groups all present: {searches} searches, {adds} adds, {modifies} modifies");
+    let t = target(&s);
+    let people: Vec<_> = t
+        .read(&user())
+        .await
+        .unwrap()
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(people.len(), 30, "no duplicate");
+    let p4 = t
+        .get(
+            &user(),
+            &TargetId::new(format!("uid=person4,ou=legacy,{SUFFIX}")),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(texts(p4.attributes.get("cn")), ["Person 4"]);
+    let groups: Vec<_> = t
+        .read(&"group".into())
+        .await
+        .unwrap()
+        .collect::<Vec<_>>()
+        .await;
+    assert_eq!(groups.len(), 2, "no duplicate group");
+    // The next run writes nothing.
+    let before = completed_operations(&s);
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+    let after = completed_operations(&s);
+    assert_eq!(delta(&before, &after, "Modify") + delta(&before, &after, "Add"), 0);
+
+    // The state is lost again, and the source gained 5 people and a group the directory does
+    // not hold: only those are added.
+    for i in 30..35 {
+        source.add(person(i)).unwrap();
+    }
+    source.add(staff("Ops", 28..35)).unwrap();
+    let before = completed_operations(&s);
+    let mut sync = engine(&source);
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!((r.count("create"), r.count("join")), (6, 32), "{r}");
+    let after = completed_operations(&s);
+    assert_eq!(delta(&before, &after, "Add"), 6, "{after:?}");
+    assert_eq!(delta(&before, &after, "Search"), 2, "{after:?}");
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
