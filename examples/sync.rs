@@ -35,7 +35,7 @@ use dirsync::connector::ldif::{
 };
 use dirsync::connector::{Source, Target};
 use dirsync::delta::DeletionGuard;
-use dirsync::engine::{EngineConfig, EngineError, RunReport, StagedPlan, Synchronizer};
+use dirsync::engine::{EngineConfig, EngineError, JoinLookup, RunReport, StagedPlan, Synchronizer};
 use dirsync::model::{AttrName, ObjectType};
 use dirsync::rules::ruleset::RuleSet;
 use dirsync::state::SqliteStore;
@@ -221,6 +221,8 @@ struct EngineSection {
     concurrency: usize,
     seed: u64,
     import_batch: usize,
+    join_lookup: JoinLookup,
+    target_read_max_age_secs: Option<u64>,
 }
 
 impl Default for EngineSection {
@@ -230,6 +232,8 @@ impl Default for EngineSection {
             concurrency: e.concurrency,
             seed: e.seed,
             import_batch: e.import_batch,
+            join_lookup: e.join_lookup,
+            target_read_max_age_secs: e.target_read_max_age.map(|d| d.as_secs()),
         }
     }
 }
@@ -537,6 +541,11 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
         concurrency: config.engine.concurrency.max(1),
         import_batch: config.engine.import_batch.max(1),
         seed: config.engine.seed,
+        join_lookup: config.engine.join_lookup,
+        target_read_max_age: config
+            .engine
+            .target_read_max_age_secs
+            .map(std::time::Duration::from_secs),
         ..EngineConfig::default()
     };
     Ok(Synchronizer::new(
@@ -593,7 +602,8 @@ async fn command(args: Args) -> Result<(), Fail> {
         "plan" => {
             let report = sync.delta_import().await?;
             eprintln!("imported {} objects", report.imported);
-            let staged = sync.plan(args.full)?;
+            // The plan a run would make: creates the target may already hold are looked up.
+            let staged = sync.plan_with_lookups(args.full).await?;
             print!("{}", staged.plan);
             if let Some(out) = &args.out {
                 let json = serde_json::to_string_pretty(&staged).map_err(|e| {

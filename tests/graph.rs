@@ -528,9 +528,10 @@ fn rules_joining_groups_by_display_name() -> Arc<RuleSet> {
         env!("CARGO_MANIFEST_DIR"),
         "/examples/rules/ad-to-entra.toml"
     );
-    let text = std::fs::read_to_string(path)
-        .unwrap()
-        .replace(r#"join = [["mailNickname"]]"#, r#"join = [["displayName"]]"#);
+    let text = std::fs::read_to_string(path).unwrap().replace(
+        r#"join = [["mailNickname"]]"#,
+        r#"join = [["displayName"]]"#,
+    );
     assert!(text.contains(r#"join = [["displayName"]]"#));
     Arc::new(RuleSet::from_toml(&text, Some(path)).unwrap())
 }
@@ -630,7 +631,10 @@ async fn a_fresh_state_joins_every_user_and_group_entra_already_holds() {
         .into_values()
         .find(|u| u["mailNickname"] == "user7")
         .unwrap();
-    assert_eq!(u7["onPremisesImmutableId"], "00000000-0000-4000-8000-000000000007");
+    assert_eq!(
+        u7["onPremisesImmutableId"],
+        "00000000-0000-4000-8000-000000000007"
+    );
     // The next run writes nothing.
     let before = emu.stats();
     let r = sync.run_cycle().await.unwrap();
@@ -651,7 +655,11 @@ async fn a_fresh_state_joins_every_user_and_group_entra_already_holds() {
     let after = emu.stats();
     // Round 0 finds the 40 users by onPremisesImmutableId (45 values → 3 requests) and the
     // two groups (3 values → 1); round 1 looks up the 5 new users by userPrincipalName (1).
-    assert_eq!(after.filtered_reads - before.filtered_reads, 3 + 1 + 1, "{after:?}");
+    assert_eq!(
+        after.filtered_reads - before.filtered_reads,
+        3 + 1 + 1,
+        "{after:?}"
+    );
     assert_eq!(emu.users().len(), 45);
     assert_eq!(emu.groups().len(), 3);
     assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
@@ -679,10 +687,7 @@ async fn emulator_refuses_more_than_15_clauses_and_the_target_batches_within_the
     let costs: Vec<Value> = (0..20)
         .map(|i| Value::string(format!("cost'{i}")))
         .collect();
-    let found = t
-        .find_any(&ty, &AttrName::new(EXT), &costs)
-        .await
-        .unwrap();
+    let found = t.find_any(&ty, &AttrName::new(EXT), &costs).await.unwrap();
     assert_eq!(found.len(), 20);
     // Advanced queries (onPremisesExtensionAttributes) are bounded by the URL's length
     // instead: 20 short values fit one request.
@@ -737,7 +742,9 @@ async fn emulator_refuses_more_than_15_clauses_and_the_target_batches_within_the
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let long: Vec<String> = (0..120).map(|i| format!("'CC{i}-{}'", "x".repeat(10))).collect();
+    let long: Vec<String> = (0..120)
+        .map(|i| format!("'CC{i}-{}'", "x".repeat(10)))
+        .collect();
     let (status, body) = get(
         &format!(
             "{base}/users?$count=true&$filter={}",

@@ -673,14 +673,19 @@ async fn a_fresh_state_joins_every_entry_the_directory_already_holds() {
     );
     for i in 0..30 {
         // One person's cn was spelled otherwise: the join brings it in line.
-        let cn = if i == 4 { "P. Four".to_string() } else { format!("Person {i}") };
+        let cn = if i == 4 {
+            "P. Four".to_string()
+        } else {
+            format!("Person {i}")
+        };
         legacy += &format!(
             "dn: uid=person{i},ou=Legacy,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: person{i}\n\
              cn: {cn}\nsn: P{i}\nmail: person{i}@example.test\n\n"
         );
     }
     for (name, members) in [("Staff", 0..20), ("Sales", 20..30)] {
-        legacy += &format!("dn: cn={name},ou=Legacy,{SUFFIX}\nobjectClass: groupOfNames\ncn: {name}\n");
+        legacy +=
+            &format!("dn: cn={name},ou=Legacy,{SUFFIX}\nobjectClass: groupOfNames\ncn: {name}\n");
         for m in members {
             legacy += &format!("member: uid=person{m},ou=Legacy,{SUFFIX}\n");
         }
@@ -726,12 +731,7 @@ async fn a_fresh_state_joins_every_entry_the_directory_already_holds() {
     assert_eq!((searches, adds, modifies), (2, 0, 1), "{after:?}");
     eprintln!("fresh state, 30 people + 2 groups all present: {searches} searches, {adds} adds, {modifies} modifies");
     let t = target(&s);
-    let people: Vec<_> = t
-        .read(&user())
-        .await
-        .unwrap()
-        .collect::<Vec<_>>()
-        .await;
+    let people: Vec<_> = t.read(&user()).await.unwrap().collect::<Vec<_>>().await;
     assert_eq!(people.len(), 30, "no duplicate");
     let p4 = t
         .get(
@@ -753,7 +753,10 @@ async fn a_fresh_state_joins_every_entry_the_directory_already_holds() {
     let before = completed_operations(&s);
     assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
     let after = completed_operations(&s);
-    assert_eq!(delta(&before, &after, "Modify") + delta(&before, &after, "Add"), 0);
+    assert_eq!(
+        delta(&before, &after, "Modify") + delta(&before, &after, "Add"),
+        0
+    );
 
     // The state is lost again, and the source gained 5 people and a group the directory does
     // not hold: only those are added.

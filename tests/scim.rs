@@ -892,10 +892,7 @@ fn lookups(lines: &[String]) -> usize {
 }
 
 fn writes(lines: &[String]) -> usize {
-    lines
-        .iter()
-        .filter(|l| !l.starts_with("GET "))
-        .count()
+    lines.iter().filter(|l| !l.starts_with("GET ")).count()
 }
 
 /// A group of the source: `cn`, its members by anchor.
@@ -923,8 +920,10 @@ async fn real_server_a_fresh_state_joins_every_user_and_group_it_holds() {
         let (s, u) = raw(
             "POST",
             &format!("{base}/Users"),
-            Some(json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
-                "userName": format!("USER{i}@corp.test"), "active": true})),
+            Some(
+                json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                "userName": format!("USER{i}@corp.test"), "active": true}),
+            ),
         )
         .await;
         assert_eq!(s, 201, "{u}");
@@ -936,8 +935,10 @@ async fn real_server_a_fresh_state_joins_every_user_and_group_it_holds() {
         let (s, _) = raw(
             "POST",
             &format!("{base}/Groups"),
-            Some(json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
-                "displayName": format!("Group {g}"), "members": members})),
+            Some(
+                json!({"schemas": ["urn:ietf:params:scim:schemas:core:2.0:Group"],
+                "displayName": format!("Group {g}"), "members": members}),
+            ),
         )
         .await;
         assert_eq!(s, 201);

@@ -1,49 +1,7 @@
-//! "Never create what a join would find": before the engine creates objects of a type whose
-//! target mirror cannot answer for the target, it asks the target itself.
-//!
-//! The planner joins an unlinked source object to a target object only if the *target mirror*
-//! holds one that matches the object's join rules. The mirror learns the target from the
-//! engine's own writes, from lookups and from reads ([`Synchronizer::reconcile`]); a fresh state
-//! (a new deployment, a lost state file, a migration from another tool) knows nothing, so
-//! without this step every object would be planned as a create — duplicates wherever the target
-//! has no uniqueness rule to refuse them (SCIM `Group.displayName`, RFC 7643 §4.2; LDAP entries
-//! named by another RDN; Graph groups).
-//!
-//! **When the mirror cannot answer.** The state remembers, per target object type, when the
-//! engine last read every object of that type (a reconcile, or [`JoinLookup::ReadTarget`]):
-//! a watermark named `target-read:<target name>:<type>` holding the time. A type never read, or
-//! read longer ago than [`EngineConfig::target_read_max_age`](super::EngineConfig), cannot
-//! answer "is there already an object with this join key?": its creates are looked up first.
-//! Runs that create nothing pay nothing; after a reconcile the lookups stop until the read
-//! goes stale (never, by default).
-//!
-//! **How, and what it costs.** [`JoinLookup::Batched`] (the default) takes every create of
-//! the plan whose type cannot answer and looks up its join groups in the order the planner
-//! tries them, one round per group: round 0 takes each create's first group — its first
-//! attribute and value (a group of several attributes is looked up by its first; the planner
-//! checks the rest) — removes repeated values, and asks the target for them in batches of
-//! [`TargetCapabilities::lookup_batch`](crate::connector::TargetCapabilities) values with
-//! [`Target::find_any`](crate::connector::Target::find_any): one LDAP search
-//! `(|(a=v1)(a=v2)…)` per 100 values, one SCIM `a eq "v1" or a eq "v2" …` query per 50, one
-//! Graph `$filter=a in ('v1',…)` per 15 (Graph's documented limit), memory and LDIF in one
-//! pass. What it finds goes into the mirror and the plan is made again; round 1 looks up the
-//! second group of the creates still planned, and so on. A first run of N creates costs about
-//! N / batch extra requests per join group tried (Graph: 1 per 15 creates, against 1 write per
-//! create; against a target that already holds everything, the first group finds it all), plus
-//! one read of the members of every group found (SCIM, Graph); a later run costs one request per
-//! batch of new objects and group, as Entra provisioning queries the target before each create
-//! (it queries one object per request). [`JoinLookup::ReadTarget`] instead reads every
-//! object of the type once, as Entra Connect imports the target first: a paged read of the
-//! whole type (Graph: 1 request per 999 objects; SCIM: per page), cheaper when the run creates a
-//! large share of a target that holds little else, and after it the type can answer until the
-//! read goes stale. [`JoinLookup::Off`] trusts the mirror (a target only this state ever wrote).
-//!
-//! Objects found are recorded in the target mirror and the plan is made again: the planner then
-//! joins them with its own rules — exactly one candidate per join group, several are a
-//! [`JoinConflict`](crate::delta::Issue::JoinConflict) (reported, neither joined nor created),
-//! two source objects on one target object a [`DuplicateJoin`](crate::delta::Issue::DuplicateJoin)
-//! — and the join brings the object's attributes in line with the flows. A lookup the target
-//! refuses fails the run before anything is written: the engine never creates blind.
+//! Join lookups before creates ("never create what a join would find"): see [`JoinLookup`].
+//! This file holds the engine's part (which creates need a lookup, batching, the rounds, the
+//! record of whole target reads); each connector's part is its
+//! [`Target::find_any`](crate::connector::Target::find_any).
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
@@ -59,8 +17,55 @@ use crate::delta::{JoinGroup, OperationKind, Plan, PlanScope};
 use crate::model::{AttrName, ObjectType, TargetId, TargetObject, Value};
 use crate::state::Views;
 
-/// When the engine looks an object's join keys up in the target before creating it. See the
-/// [module documentation](self) for what each costs.
+/// When the engine looks an object's join keys up in the target before creating it.
+///
+/// "Never create what a join would find": before the engine creates objects of a type whose target
+/// mirror cannot answer for the target, it asks the target itself.
+///
+/// The planner joins an unlinked source object to a target object only if the *target mirror* holds
+/// one that matches the object's join rules. The mirror learns the target from the engine's own
+/// writes, from lookups and from reads
+/// ([`Synchronizer::reconcile`](super::Synchronizer::reconcile)); a fresh state (a new deployment,
+/// a lost state file, a migration from another tool) knows nothing, so without this step every
+/// object would be planned as a create — duplicates wherever the target has no uniqueness rule to
+/// refuse them (SCIM `Group.displayName`, RFC 7643 §4.2; LDAP entries named by another RDN; Graph
+/// groups).
+///
+/// **When the mirror cannot answer.** The state remembers, per target object type, when the engine
+/// last read every object of that type (a reconcile, or [`ReadTarget`](JoinLookup::ReadTarget)): a
+/// watermark named `target-read:<target name>:<type>` holding the time. A type never read, or read
+/// longer ago than [`EngineConfig::target_read_max_age`](super::EngineConfig), cannot answer "is
+/// there already an object with this join key?": its creates are looked up first. Runs that create
+/// nothing pay nothing; after a reconcile the lookups stop until the read goes stale (never, by
+/// default).
+///
+/// **How, and what it costs.** [`Batched`](JoinLookup::Batched) (the default) takes every create of
+/// the plan whose type cannot answer and looks up its join groups in the order the planner tries
+/// them, one round per group: round 0 takes each create's first group — its first attribute and
+/// value (a group of several attributes is looked up by its first; the planner checks the rest) —
+/// removes repeated values, and asks the target for them in batches of
+/// [`TargetCapabilities::lookup_batch`](crate::connector::TargetCapabilities) values with
+/// [`Target::find_any`](crate::connector::Target::find_any): one LDAP search `(|(a=v1)(a=v2)…)` per
+/// 100 values, one SCIM `a eq "v1" or a eq "v2" …` query per 50, one Graph `$filter=a in ('v1',…)`
+/// per 15 (Graph's documented limit), memory and LDIF in one pass. What it finds goes into the
+/// mirror and the plan is made again; round 1 looks up the second group of the creates still
+/// planned, and so on. A first run of N creates costs about N / batch extra requests per join group
+/// tried (Graph: 1 per 15 creates, against 1 write per create; against a target that already holds
+/// everything, the first group finds it all), plus one read of the members of every group found
+/// (SCIM, Graph); a later run costs one request per batch of new objects and group, as Entra
+/// provisioning queries the target before each create (it queries one object per request).
+/// [`ReadTarget`](JoinLookup::ReadTarget) instead reads every object of the type once, as Entra
+/// Connect imports the target first: a paged read of the whole type (Graph: 1 request per 999
+/// objects; SCIM: per page), cheaper when the run creates a large share of a target that holds
+/// little else, and after it the type can answer until the read goes stale.
+/// [`Off`](JoinLookup::Off) trusts the mirror (a target only this state ever wrote).
+///
+/// Objects found are recorded in the target mirror and the plan is made again: the planner then
+/// joins them with its own rules — exactly one candidate per join group, several are a
+/// [`JoinConflict`](crate::delta::Issue::JoinConflict) (reported, neither joined nor created), two
+/// source objects on one target object a [`DuplicateJoin`](crate::delta::Issue::DuplicateJoin) —
+/// and the join brings the object's attributes in line with the flows. A lookup the target refuses
+/// fails the run before anything is written: the engine never creates blind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JoinLookup {

@@ -399,9 +399,7 @@ fn parse_literal(s: &str) -> Option<(Json, &str)> {
         let lit = &s[..=i];
         return Some((Json::String(parse_string_literal(lit)?), &s[i + 1..]));
     }
-    let end = s
-        .find(|c: char| c == ' ' || c == ',' || c == ')')
-        .unwrap_or(s.len());
+    let end = s.find([' ', ',', ')']).unwrap_or(s.len());
     let v = match &s[..end] {
         "true" => Json::Bool(true),
         "false" => Json::Bool(false),
