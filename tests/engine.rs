@@ -503,46 +503,14 @@ async fn a_create_sent_before_a_crash_is_found_not_duplicated() {
         .is_empty());
 }
 
-#[tokio::test]
-async fn ldif_source_and_ldif_target_through_the_engine() {
-    use dirsync::connector::ldif::{LdifSource, LdifSourceConfig, LdifTarget, LdifTargetConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let content = dir.path().join("people.ldif");
-    let changes = dir.path().join("changes");
-    std::fs::create_dir(&changes).unwrap();
-    let person = |uid: &str, uuid: &str, sn: &str| {
-        format!("dn: uid={uid},ou=People,dc=src\nobjectClass: inetOrgPerson\nentryUUID: {uuid}\nuid: {uid}\ncn: {uid} {sn}\nsn: {sn}\nmail: {uid}@src.test\n\n")
-    };
-    let mut text = String::from("version: 1\n\n");
-    text += &person("ada", "00000000-0000-4000-8000-000000000001", "Lovelace");
-    text += &person("alan", "00000000-0000-4000-8000-000000000002", "Turing");
-    text += &person("grace", "00000000-0000-4000-8000-000000000003", "Hopper");
-    text += "dn: cn=staff,ou=Groups,dc=src\nobjectClass: groupOfNames\nentryUUID: 00000000-0000-4000-8000-0000000000aa\ncn: staff\nmember: uid=ada,ou=People,dc=src\nmember: uid=alan,ou=People,dc=src\n\n";
-    std::fs::write(&content, text).unwrap();
-    let source = LdifSource::new(
-        &content,
-        LdifSourceConfig {
-            changes_dir: Some(changes.clone()),
-            ..LdifSourceConfig::default()
-        },
-    );
-    let target_path = dir.path().join("target.ldif");
-    let tconfig = LdifTargetConfig::default()
-        .with_object_type(
-            "User",
-            "uid",
-            dn("ou=Users,dc=dst"),
-            ["top", "inetOrgPerson"],
-        )
-        .with_object_type(
-            "Group",
-            "cn",
-            dn("ou=Groups,dc=dst"),
-            ["top", "groupOfNames"],
-        );
-    let target = LdifTarget::open(&target_path, tconfig.clone()).unwrap();
-    let rules = RuleSet::from_toml(
-        r#"
+/// A person of the LDIF source: `uid=<uid>,ou=People,dc=src`, mail `<uid>@src.test`.
+fn ldif_person(uid: &str, uuid: &str, sn: &str) -> String {
+    format!("dn: uid={uid},ou=People,dc=src\nobjectClass: inetOrgPerson\nentryUUID: {uuid}\nuid: {uid}\ncn: {uid} {sn}\nsn: {sn}\nmail: {uid}@src.test\n\n")
+}
+
+/// Rules from the LDIF source to an LDIF target: people joined by mail (deleted when they go),
+/// groups by cn.
+const LDIF_RULES: &str = r#"
 [[rule]]
 name = "people"
 source_type = "user"
@@ -568,6 +536,7 @@ expression = 'Replace([mail], , "@src\.test$", , "@dst.test", , )'
 name = "groups"
 source_type = "group"
 target_type = "Group"
+join = [["cn"]]
 [[rule.flow]]
 target = "objectClass"
 expression = '"groupOfNames"'
@@ -578,10 +547,44 @@ expression = '[cn]'
 target = "member"
 expression = '[member]'
 reference = true
-"#,
-        Some("ldif.toml"),
-    )
-    .unwrap();
+"#;
+
+#[tokio::test]
+async fn ldif_source_and_ldif_target_through_the_engine() {
+    use dirsync::connector::ldif::{LdifSource, LdifSourceConfig, LdifTarget, LdifTargetConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("people.ldif");
+    let changes = dir.path().join("changes");
+    std::fs::create_dir(&changes).unwrap();
+    let mut text = String::from("version: 1\n\n");
+    text += &ldif_person("ada", "00000000-0000-4000-8000-000000000001", "Lovelace");
+    text += &ldif_person("alan", "00000000-0000-4000-8000-000000000002", "Turing");
+    text += &ldif_person("grace", "00000000-0000-4000-8000-000000000003", "Hopper");
+    text += "dn: cn=staff,ou=Groups,dc=src\nobjectClass: groupOfNames\nentryUUID: 00000000-0000-4000-8000-0000000000aa\ncn: staff\nmember: uid=ada,ou=People,dc=src\nmember: uid=alan,ou=People,dc=src\n\n";
+    std::fs::write(&content, text).unwrap();
+    let source = LdifSource::new(
+        &content,
+        LdifSourceConfig {
+            changes_dir: Some(changes.clone()),
+            ..LdifSourceConfig::default()
+        },
+    );
+    let target_path = dir.path().join("target.ldif");
+    let tconfig = LdifTargetConfig::default()
+        .with_object_type(
+            "User",
+            "uid",
+            dn("ou=Users,dc=dst"),
+            ["top", "inetOrgPerson"],
+        )
+        .with_object_type(
+            "Group",
+            "cn",
+            dn("ou=Groups,dc=dst"),
+            ["top", "groupOfNames"],
+        );
+    let target = LdifTarget::open(&target_path, tconfig.clone()).unwrap();
+    let rules = RuleSet::from_toml(LDIF_RULES, Some("ldif.toml")).unwrap();
     let store = SqliteStore::open(dir.path().join("state.sqlite")).unwrap();
     let config = EngineConfig {
         guard: dirsync::delta::DeletionGuard::off(),
@@ -884,14 +887,11 @@ async fn a_staged_plan_is_checked_against_the_target_before_it_creates() {
 async fn a_fresh_state_joins_what_an_ldif_target_already_holds() {
     use dirsync::connector::ldif::{LdifSource, LdifSourceConfig, LdifTarget, LdifTargetConfig};
     let dir = tempfile::tempdir().unwrap();
-    let person = |uid: &str, uuid: &str, sn: &str| {
-        format!("dn: uid={uid},ou=People,dc=src\nobjectClass: inetOrgPerson\nentryUUID: {uuid}\nuid: {uid}\ncn: {uid} {sn}\nsn: {sn}\nmail: {uid}@src.test\n\n")
-    };
     let mut text = String::from("version: 1\n\n");
-    text += &person("ada", "00000000-0000-4000-8000-000000000001", "Lovelace");
-    text += &person("alan", "00000000-0000-4000-8000-000000000002", "Turing");
-    text += &person("grace", "00000000-0000-4000-8000-000000000003", "Hopper");
-    text += &person("hedy", "00000000-0000-4000-8000-000000000004", "Lamarr");
+    text += &ldif_person("ada", "00000000-0000-4000-8000-000000000001", "Lovelace");
+    text += &ldif_person("alan", "00000000-0000-4000-8000-000000000002", "Turing");
+    text += &ldif_person("grace", "00000000-0000-4000-8000-000000000003", "Hopper");
+    text += &ldif_person("hedy", "00000000-0000-4000-8000-000000000004", "Lamarr");
     text += "dn: cn=staff,ou=Groups,dc=src\nobjectClass: groupOfNames\nentryUUID: 00000000-0000-4000-8000-0000000000aa\ncn: staff\nmember: uid=ada,ou=People,dc=src\nmember: uid=alan,ou=People,dc=src\n\n";
     text += "dn: cn=ops,ou=Groups,dc=src\nobjectClass: groupOfNames\nentryUUID: 00000000-0000-4000-8000-0000000000bb\ncn: ops\nmember: uid=hedy,ou=People,dc=src\n\n";
     let content = dir.path().join("people.ldif");
@@ -911,47 +911,7 @@ async fn a_fresh_state_joins_what_an_ldif_target_already_holds() {
     let tconfig = LdifTargetConfig::default()
         .with_object_type("User", "uid", dn("ou=Users,dc=dst"), ["inetOrgPerson"])
         .with_object_type("Group", "cn", dn("ou=Groups,dc=dst"), ["groupOfNames"]);
-    let rules = RuleSet::from_toml(
-        r#"
-[[rule]]
-name = "people"
-source_type = "user"
-target_type = "User"
-join = [["mail"]]
-[[rule.flow]]
-target = "objectClass"
-expression = '"inetOrgPerson"'
-[[rule.flow]]
-target = "uid"
-expression = '[uid]'
-[[rule.flow]]
-target = "cn"
-expression = '[cn]'
-[[rule.flow]]
-target = "sn"
-expression = '[sn]'
-[[rule.flow]]
-target = "mail"
-expression = 'Replace([mail], , "@src\.test$", , "@dst.test", , )'
-[[rule]]
-name = "groups"
-source_type = "group"
-target_type = "Group"
-join = [["cn"]]
-[[rule.flow]]
-target = "objectClass"
-expression = '"groupOfNames"'
-[[rule.flow]]
-target = "cn"
-expression = '[cn]'
-[[rule.flow]]
-target = "member"
-expression = '[member]'
-reference = true
-"#,
-        Some("ldif.toml"),
-    )
-    .unwrap();
+    let rules = RuleSet::from_toml(LDIF_RULES, Some("ldif.toml")).unwrap();
     let mut sync = Synchronizer::new(
         Box::new(LdifSource::new(&content, LdifSourceConfig::default())),
         Box::new(LdifTarget::open(&target_path, tconfig.clone()).unwrap()),

@@ -22,22 +22,7 @@ const SOURCE: &str = "dc=hr,dc=example";
 const TARGET: &str = "dc=apps,dc=example";
 
 fn ldapsearch(s: &Slapd, base: &str, filter: &str, attrs: &[&str]) -> String {
-    let out = Command::new("ldapsearch")
-        .args([
-            "-x",
-            "-LLL",
-            "-o",
-            "ldif-wrap=no",
-            "-H",
-            &s.url(),
-            "-b",
-            base,
-            filter,
-        ])
-        .args(attrs)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    s.ldapsearch(base, filter, attrs).unwrap()
 }
 
 #[test]

@@ -565,25 +565,13 @@ fn ad_user_with_password_can_bind_and_is_disabled_through_user_account_control()
 
 /// The completed operations slapd counts (cn=Operations,cn=Monitor), by operation name.
 fn completed_operations(s: &Slapd) -> std::collections::BTreeMap<String, u64> {
-    let out = std::process::Command::new("ldapsearch")
-        .args([
-            "-x",
-            "-LLL",
-            "-o",
-            "ldif-wrap=no",
-            "-H",
-            &s.url(),
-            "-b",
+    let text = s
+        .ldapsearch(
             "cn=Operations,cn=Monitor",
-            "-s",
-            "one",
-            "(objectClass=*)",
-            "monitorOpCompleted",
-        ])
-        .output()
+            "(monitorOpCompleted=*)",
+            &["monitorOpCompleted"],
+        )
         .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8_lossy(&out.stdout);
     let mut ops = std::collections::BTreeMap::new();
     let mut name = String::new();
     for line in text.lines() {

@@ -257,6 +257,36 @@ impl Slapd {
         self.ldap_tool("ldapmodify", ldif)
     }
 
+    /// Searches anonymously (`ldapsearch -x -LLL`, lines unwrapped) the subtree of `base` for
+    /// `filter`, returning `attrs`: the LDIF text.
+    pub fn ldapsearch(&self, base: &str, filter: &str, attrs: &[&str]) -> io::Result<String> {
+        let bin = find_binary("ldapsearch")?
+            .ok_or_else(|| io::Error::other("ldapsearch is not installed (ldap-utils)"))?;
+        let out = Command::new(bin)
+            .args([
+                "-x",
+                "-LLL",
+                "-o",
+                "ldif-wrap=no",
+                "-H",
+                &self.url(),
+                "-b",
+                base,
+                filter,
+            ])
+            .args(attrs)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "ldapsearch -b {base} {filter} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     fn ldap_tool(&self, tool: &str, ldif: &str) -> io::Result<()> {
         let bin = find_binary(tool)?
             .ok_or_else(|| io::Error::other(format!("{tool} is not installed (ldap-utils)")))?;

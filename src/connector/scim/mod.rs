@@ -984,23 +984,9 @@ impl ScimTarget {
         Ok(Applied { id })
     }
 
-    /// One page of `rt` from `start` (1-based), members left out when `exclude_members`.
+    /// One page of `count` resources of `rt` from `start` (1-based), members left out when
+    /// `exclude_members`: the objects, `totalResults`, and how many resources the page held.
     async fn page(
-        &self,
-        info: &ServiceInfo,
-        rt: &ResourceType,
-        query: Option<&str>,
-        start: usize,
-        exclude_members: bool,
-    ) -> Result<(Vec<TargetObject>, usize, usize), ConnectorError> {
-        let count = self.config.page_size;
-        self.page_of(info, rt, query, start, exclude_members, count)
-            .await
-    }
-
-    /// One page of `count` resources from `start`: the objects, `totalResults`, and how many
-    /// resources the page held.
-    async fn page_of(
         &self,
         info: &ServiceInfo,
         rt: &ResourceType,
@@ -1137,7 +1123,8 @@ impl Target for ScimTarget {
                     return Some((o, (next, buf, rt)));
                 }
                 let start = next?;
-                match self.page(info, &rt, None, start, is_group).await {
+                let count = self.config.page_size;
+                match self.page(info, &rt, None, start, is_group, count).await {
                     Ok((objs, total, n)) => {
                         let after = start + n;
                         next = (n > 0 && after <= total).then_some(after);
@@ -1236,9 +1223,7 @@ impl Target for ScimTarget {
             let count = self.config.page_size.max(run.len());
             let mut start = 1;
             loop {
-                let (objs, total, n) = self
-                    .page_of(info, rt, Some(&f), start, false, count)
-                    .await?;
+                let (objs, total, n) = self.page(info, rt, Some(&f), start, false, count).await?;
                 for o in objs {
                     if seen.insert(o.id.clone()) {
                         out.push(o);
