@@ -1,6 +1,7 @@
 //! The engine over in-memory connectors and both state stores: every run profile, the
 //! watermark contract, escrow, the circuit breaker, staging, on-demand, both guards, crash
-//! recovery.
+//! recovery, and a fresh state against a target (memory, LDIF) that already holds the objects:
+//! join lookups, conflicts, whole reads and their age.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

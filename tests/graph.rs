@@ -1,6 +1,7 @@
 //! The Graph target against the in-process Graph emulator: users, joins, updates, disable,
 //! delete and restore, large groups through `$batch`, throttling, stale delta links, token
-//! expiry, replication delay, and AD (LDIF) → Entra through the engine.
+//! expiry, replication delay, AD (LDIF) → Entra through the engine, a fresh state joining every
+//! user and group Entra holds, and `$filter` `in`/`or` within Graph's limits.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1,7 +1,8 @@
 //! The LDAP target against real servers started by the test: OpenLDAP slapd (create, value-level
 //! and replace updates, rename by a change of the naming attribute, move to another parent,
 //! delete, already-exists then a join lookup, missing objects, schema violations naming the DN
-//! and attribute, secrets kept out of errors) and Samba AD in a network namespace of its own
+//! and attribute, secrets kept out of errors, a fresh state joining every entry the directory
+//! holds, with the operations counted by cn=Monitor) and Samba AD in a network namespace of its own
 //! (a user created with unicodePwd who can then bind, the refusal of unicodePwd over a cleartext
 //! connection, disabling through userAccountControl). Each test skips with a reason when its
 //! server is not installed (unless DIRSYNC_REQUIRE_SERVERS is set).
