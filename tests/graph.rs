@@ -704,6 +704,23 @@ async fn emulator_refuses_more_than_15_clauses_and_the_target_batches_within_the
         .unwrap();
     assert_eq!(found.len(), 20);
     assert_eq!(emu.stats().filtered_reads - before, 1);
+    // Long values do not fit one URL: the target splits them, and the emulator (which refuses
+    // a URL over 2,048 characters) accepts every part.
+    let before = emu.stats().filtered_reads;
+    let long: Vec<Value> = (0..12)
+        .map(|i| Value::string(format!("{i}-{}", "y".repeat(200))))
+        .collect();
+    let found = t
+        .find_any(
+            &ty,
+            &AttrName::new("onPremisesExtensionAttributes.extensionAttribute1"),
+            &long,
+        )
+        .await
+        .unwrap();
+    assert!(found.is_empty());
+    let requests = emu.stats().filtered_reads - before;
+    assert!((2..12).contains(&requests), "{requests} requests");
     // The emulator refuses what Graph refuses: 16 clauses without the advanced query
     // parameters, and an advanced query whose URL is over 2,048 characters.
     let token = emu_token(&emu).await;
