@@ -16,6 +16,7 @@ use dirsync::rules::scope::{FilterSpec, ScopeFilter};
 
 const PROVISIONING: &str = include_str!("rules/scoping/provisioning.toml");
 const CONNECT_SYNC: &str = include_str!("rules/scoping/connect_sync.toml");
+const DN: &str = include_str!("rules/scoping/dn.toml");
 
 /// The operators of each family, as spec §7.3 and §7.4 list them.
 const PROVISIONING_OPERATORS: [&str; 14] = [
@@ -180,6 +181,10 @@ fn run_file(
                     .collect()
             })
             .unwrap_or_default();
+        let dn: Option<Dn> = case.get("dn").map(|d| {
+            let d = d.as_str().expect("dn is a DN string");
+            Dn::parse(d).unwrap_or_else(|e| panic!("{name}: {e}"))
+        });
         let filter_json = to_json(case.get("filter").expect("filter"));
         let spec: FilterSpec = serde_json::from_value(filter_json.clone())
             .unwrap_or_else(|e| panic!("{name}: filter does not deserialize: {e}"));
@@ -198,8 +203,11 @@ fn run_file(
                     calls.set(calls.get() + 1);
                     member_of.clone()
                 };
-                let got = filter.evaluate(&entry, &fetch);
-                let explained = filter.explain(&entry, &fetch);
+                let got = filter.evaluate_with_dn(&entry, dn.as_ref(), &fetch);
+                let explained = filter.explain_with_dn(&entry, dn.as_ref(), &fetch);
+                if dn.is_none() && got != filter.evaluate(&entry, &|| member_of.clone()) {
+                    failures.push(format!("{name}: evaluate disagrees with evaluate_with_dn"));
+                }
                 if got != expect {
                     failures.push(format!("{name}: expected {expect}, got {got}\n{explained}"));
                 }
@@ -221,7 +229,11 @@ fn run_file(
                     };
                     let c = coverage.entry((*op).to_owned()).or_default();
                     c.cases += 1;
-                    if op.contains("MEMBEROF") {
+                    if clause.attribute.eq_ignore_ascii_case("dn") && !op.contains("MEMBEROF") {
+                        // The object's DN: single-valued; null when the case gives none.
+                        c.null += usize::from(dn.is_none());
+                        c.multi += 1;
+                    } else if op.contains("MEMBEROF") {
                         c.null += usize::from(member_of.is_empty());
                         c.multi += usize::from(member_of.len() >= 2);
                     } else {
@@ -315,6 +327,61 @@ fn provisioning_cases() {
 #[test]
 fn connect_sync_cases() {
     check_file("connect_sync.toml", CONNECT_SYNC, &CONNECT_SYNC_OPERATORS);
+}
+
+/// The operators usable on `dn`, the object's DN (both families).
+const DN_OPERATORS: [&str; 20] = [
+    "EQUALS",
+    "NOT EQUALS",
+    "ENDS_WITH",
+    "Includes",
+    "IS NULL",
+    "IS NOT NULL",
+    "REGEX MATCH",
+    "NOT REGEX MATCH",
+    "EQUAL",
+    "NOTEQUAL",
+    "ISIN",
+    "ISNOTIN",
+    "ENDSWITH",
+    "NOTENDSWITH",
+    "STARTSWITH",
+    "NOTSTARTSWITH",
+    "CONTAINS",
+    "NOTCONTAINS",
+    "ISNULL",
+    "ISNOTNULL",
+];
+
+#[test]
+fn dn_cases() {
+    // Every operator usable on `dn` is run on at least one object; its null case (no DN) is
+    // checked where the family's null rule decides something other than the positive test.
+    let mut coverage = BTreeMap::new();
+    let (count, mut failures) = run_file("dn.toml", DN, &DN_OPERATORS, &mut coverage);
+    for op in DN_OPERATORS {
+        if coverage.get(op).map_or(0, |c| c.cases) == 0 {
+            failures.push(format!("dn.toml: no case for operator {op:?} on dn"));
+        }
+    }
+    for op in [
+        "EQUALS",
+        "NOT EQUALS",
+        "ENDS_WITH",
+        "ENDSWITH",
+        "NOTENDSWITH",
+        "NOTEQUAL",
+    ] {
+        if coverage.get(op).map_or(0, |c| c.null) == 0 {
+            failures.push(format!("dn.toml: no case without a DN for {op:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {count} checks failed in dn.toml:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }
 
 #[test]

@@ -320,6 +320,11 @@ pub fn from_model(v: &Value) -> EvalValue {
 pub trait AttributeSource {
     /// The values of attribute `name`, which a bound program also knows as `slot`.
     fn values(&self, name: &str, slot: usize) -> Option<&Values>;
+
+    /// The object's DN, which scoping clauses on `dn` test (none by default).
+    fn dn(&self) -> Option<&crate::model::Dn> {
+        None
+    }
 }
 
 impl AttributeSource for Attributes {
@@ -333,6 +338,7 @@ impl AttributeSource for Attributes {
 pub struct Slotted<'a> {
     slots: smallvec::SmallVec<[Option<&'a Values>; 32]>,
     attrs: &'a Attributes,
+    dn: Option<&'a crate::model::Dn>,
 }
 
 impl<'a> Slotted<'a> {
@@ -343,9 +349,17 @@ impl<'a> Slotted<'a> {
         let mut view = Slotted {
             slots: smallvec::SmallVec::new(),
             attrs,
+            dn: None,
         };
         view.fill(table);
         view
+    }
+
+    /// The view with the object's DN (for scoping clauses on `dn`), builder style.
+    #[inline]
+    pub fn with_dn(mut self, dn: Option<&'a crate::model::Dn>) -> Slotted<'a> {
+        self.dn = dn;
+        self
     }
 
     /// One merge walk over two lists sorted in the same (case-insensitive) order.
@@ -393,6 +407,10 @@ impl AttributeSource for Slotted<'_> {
             Some(v) => *v,
             None => self.attrs.get(name),
         }
+    }
+
+    fn dn(&self) -> Option<&crate::model::Dn> {
+        self.dn
     }
 }
 

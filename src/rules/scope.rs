@@ -11,7 +11,7 @@
 //! A [`FilterSpec`] is the configuration form (TOML/JSON). [`ScopeFilter::compile`] checks it
 //! once — operator names, value types, regular expressions (§9), integer masks, group DNs — and
 //! reports **every** problem as a [`ScopeError`] that names the group, the clause, the attribute
-//! and the operator and carries a stable code (401–411, see [`ScopeErrorKind::code`]). The
+//! and the operator and carries a stable code (401–412, see [`ScopeErrorKind::code`]). The
 //! compiled filter is then evaluated many times ([`ScopeFilter::evaluate`]) or with a per-clause
 //! account of why ([`ScopeFilter::explain`]).
 //!
@@ -30,6 +30,27 @@
 //! | 409 | [`ScopeErrorKind::ZeroMask`] |
 //! | 410 | [`ScopeErrorKind::InvalidRegex`] |
 //! | 411 | [`ScopeErrorKind::InvalidDn`] |
+//! | 412 | [`ScopeErrorKind::DnOperator`] |
+//!
+//! **The object's DN.** A clause whose attribute is `dn` tests the object's distinguished name
+//! (for directories without a `distinguishedName` attribute, and without regular expressions):
+//! the clause value is an RFC 4514 DN, parsed when the filter compiles, and the comparison is
+//! DN-aware in both families — RDN by RDN, attribute types and values ignoring case, spaces
+//! around separators ignored, escapes decoded, so `ou=Staff,dc=example,dc=com` never matches
+//! `ou=BigStaff,dc=example,dc=com`:
+//!
+//! | provisioning | Connect Sync | true when the object's DN … |
+//! | --- | --- | --- |
+//! | `EQUALS` / `NOT EQUALS` | `EQUAL` / `NOTEQUAL`, `ISIN` / `ISNOTIN` | is (is not) the DN |
+//! | `ENDS_WITH` | `ENDSWITH` / `NOTENDSWITH` | is the DN or lies below it (its subtree) |
+//! | — | `STARTSWITH` / `NOTSTARTSWITH` | begins with the DN's RDNs (`cn=admin` …) |
+//! | `Includes` | `CONTAINS` / `NOTCONTAINS` | holds the DN's RDNs in a row (`ou=Contractors`) |
+//! | `IS NULL` / `IS NOT NULL` | `ISNULL` / `ISNOTNULL` | is absent (present) |
+//! | `REGEX MATCH` / `NOT REGEX MATCH` | — | its text, as the source spells it, matches |
+//!
+//! The family's null rule holds (an object without a DN makes every provisioning clause but
+//! `IS NULL` false; Connect Sync negatives are complements). Other operators on `dn` are error
+//! 412. `ISMEMBEROF`, whose attribute is `dn` by convention, is not a DN clause.
 //!
 //! Pure: no I/O, no clock, no global state; group memberships come in through a callback that is
 //! called only when an `ISMEMBEROF`/`ISNOTMEMBEROF` clause is evaluated. No input makes it panic.
@@ -529,15 +550,19 @@ pub enum ScopeErrorKind {
         /// 0-based character offset in the pattern.
         offset: usize,
     },
-    /// 411: the group DN of `ISMEMBEROF`/`ISNOTMEMBEROF` is empty or not a valid RFC 4514 DN.
+    /// 411: the group DN of `ISMEMBEROF`/`ISNOTMEMBEROF`, or the value of a `dn` clause, is
+    /// empty or not a valid RFC 4514 DN.
     InvalidDn {
         /// 0-based character position in the DN.
         position: usize,
     },
+    /// 412: a clause on `dn` (the object's DN) with an operator that cannot compare DNs
+    /// (`Greater_Than`, `LESSTHAN`, `ISBITSET`, `IS TRUE`, `&`, …).
+    DnOperator,
 }
 
 impl ScopeErrorKind {
-    /// The stable code of this kind, in 401–411 (the diagnostic `E04xx`).
+    /// The stable code of this kind, in 401–412 (the diagnostic `E04xx`).
     pub fn code(&self) -> u16 {
         match self {
             ScopeErrorKind::EmptyGroup => 401,
@@ -551,6 +576,7 @@ impl ScopeErrorKind {
             ScopeErrorKind::ZeroMask => 409,
             ScopeErrorKind::InvalidRegex { .. } => 410,
             ScopeErrorKind::InvalidDn { .. } => 411,
+            ScopeErrorKind::DnOperator => 412,
         }
     }
 }
@@ -579,7 +605,7 @@ pub struct ScopeError {
 }
 
 impl ScopeError {
-    /// The stable code, in 401–411 (see [`ScopeErrorKind::code`]).
+    /// The stable code, in 401–412 (see [`ScopeErrorKind::code`]).
     pub fn code(&self) -> u16 {
         self.kind.code()
     }
@@ -632,6 +658,8 @@ pub struct ScopeFilter {
 #[derive(Clone, Debug)]
 struct Clause {
     attribute: String,
+    /// The clause tests the object's DN (attribute `dn`), not an attribute's values.
+    on_dn: bool,
     /// Index into a bound attribute table (see [`ScopeFilter::bind`]); `usize::MAX` = unbound.
     slot: usize,
     operator: Operator,
@@ -648,6 +676,8 @@ enum Operand {
     Regex(Box<DotNetRegex>),
     Integer(i64),
     Group(Box<Dn>),
+    /// The DN a `dn` clause compares with.
+    Dn(Box<Dn>),
 }
 
 /// A string clause value with its precomputed readings.
@@ -734,11 +764,59 @@ impl ScopeFilter {
         self.evaluate_in(entry, member_of)
     }
 
+    /// [`evaluate`](Self::evaluate) for an object with a DN, which clauses on `dn` test.
+    ///
+    /// ```
+    /// use dirsync::model::{Attributes, Dn};
+    /// use dirsync::rules::scope::{ClauseSpec, Family, FilterSpec, ScopeFilter};
+    /// let filter = ScopeFilter::compile(&FilterSpec {
+    ///     family: Family::Provisioning,
+    ///     groups: vec![vec![ClauseSpec::new("dn", "ENDS_WITH", "ou=staff,dc=example,dc=com")]],
+    /// })
+    /// .unwrap();
+    /// let at = |s: &str| Dn::parse(s).unwrap();
+    /// let none = || Vec::<Dn>::new();
+    /// let attrs = Attributes::new();
+    /// assert!(filter.evaluate_with_dn(&attrs, Some(&at("CN=Ann, OU=Staff,DC=Example,DC=com")), &none));
+    /// assert!(!filter.evaluate_with_dn(&attrs, Some(&at("CN=Bob,OU=BigStaff,DC=example,DC=com")), &none));
+    /// ```
+    pub fn evaluate_with_dn(
+        &self,
+        entry: &Attributes,
+        dn: Option<&Dn>,
+        member_of: &dyn Fn() -> Vec<Dn>,
+    ) -> bool {
+        self.evaluate_in(
+            &WithDn {
+                attributes: entry,
+                dn,
+            },
+            member_of,
+        )
+    }
+
+    /// [`explain`](Self::explain) for an object with a DN.
+    pub fn explain_with_dn(
+        &self,
+        entry: &Attributes,
+        dn: Option<&Dn>,
+        member_of: &dyn Fn() -> Vec<Dn>,
+    ) -> ScopeExplanation {
+        self.explain_in(
+            &WithDn {
+                attributes: entry,
+                dn,
+            },
+            member_of,
+        )
+    }
+
     /// The names of the attributes the clauses read (for [`bind`](Self::bind)).
     pub fn attribute_names(&self) -> Vec<&str> {
         self.groups
             .iter()
             .flatten()
+            .filter(|c| !c.on_dn)
             .map(|c| c.attribute.as_str())
             .filter(|a| !a.is_empty())
             .collect()
@@ -774,6 +852,16 @@ impl ScopeFilter {
     /// Evaluates every clause of every group and says why each is true or false. The overall
     /// result equals [`evaluate`](Self::evaluate)'s. `member_of` is called at most once.
     pub fn explain(&self, entry: &Attributes, member_of: &dyn Fn() -> Vec<Dn>) -> ScopeExplanation {
+        self.explain_in(entry, member_of)
+    }
+
+    /// [`explain`](Self::explain) over any attribute source (its [`AttributeSource::dn`] is the
+    /// DN clauses on `dn` test).
+    pub fn explain_in(
+        &self,
+        entry: &dyn AttributeSource,
+        member_of: &dyn Fn() -> Vec<Dn>,
+    ) -> ScopeExplanation {
         let members = Members::new(member_of);
         let groups: Vec<Vec<ClauseResult>> = self
             .groups
@@ -796,6 +884,22 @@ impl ScopeFilter {
             .collect();
         let in_scope = groups.is_empty() || groups.iter().any(|g| g.iter().all(|c| c.result));
         ScopeExplanation { in_scope, groups }
+    }
+}
+
+/// Attributes with the object's DN, as an attribute source.
+struct WithDn<'a> {
+    attributes: &'a Attributes,
+    dn: Option<&'a Dn>,
+}
+
+impl AttributeSource for WithDn<'_> {
+    fn values(&self, name: &str, _slot: usize) -> Option<&crate::model::Values> {
+        self.attributes.get(name)
+    }
+
+    fn dn(&self) -> Option<&Dn> {
+        self.dn
     }
 }
 
@@ -885,14 +989,160 @@ fn compile_clause(family: Family, spec: &ClauseSpec) -> Result<Clause, Problem> 
         ));
     }
     let value = spec.value.as_ref().filter(|v| !v.is_null());
-    let (value, operand) = compile_operand(operator, value)?;
+    let on_dn = !ignores_attribute && attribute.eq_ignore_ascii_case(DN_ATTRIBUTE);
+    let (value, operand) = if on_dn {
+        compile_dn_operand(operator, value)?
+    } else {
+        compile_operand(operator, value)?
+    };
     Ok(Clause {
         attribute: attribute.to_owned(),
+        on_dn,
         slot: usize::MAX,
         operator,
         value,
         operand,
     })
+}
+
+/// The pseudo-attribute that names the object's DN in a clause.
+pub const DN_ATTRIBUTE: &str = "dn";
+
+/// What a `dn` clause's operator tests (see the module documentation).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DnTest {
+    /// No value: null tests.
+    Presence,
+    /// A DN value.
+    Dn,
+    /// A regular expression over the DN's text.
+    Pattern,
+}
+
+/// How `operator` tests a DN, or `None` when it cannot.
+fn dn_test(operator: Operator) -> Option<DnTest> {
+    use ConnectSyncOperator as C;
+    use ProvisioningOperator as P;
+    match operator {
+        Operator::Provisioning(P::IsNull | P::IsNotNull)
+        | Operator::ConnectSync(C::IsNull | C::IsNotNull) => Some(DnTest::Presence),
+        Operator::Provisioning(P::Equals | P::NotEquals | P::EndsWith | P::Includes)
+        | Operator::ConnectSync(
+            C::Equal
+            | C::NotEqual
+            | C::IsIn
+            | C::IsNotIn
+            | C::StartsWith
+            | C::NotStartsWith
+            | C::EndsWith
+            | C::NotEndsWith
+            | C::Contains
+            | C::NotContains,
+        ) => Some(DnTest::Dn),
+        Operator::Provisioning(P::RegexMatch | P::NotRegexMatch) => Some(DnTest::Pattern),
+        _ => None,
+    }
+}
+
+/// Compiles the value of a clause on `dn`: a DN parsed now, a regular expression, or none.
+fn compile_dn_operand(
+    operator: Operator,
+    value: Option<&serde_json::Value>,
+) -> Result<(Option<String>, Operand), Problem> {
+    let Some(test) = dn_test(operator) else {
+        let usable: Vec<String> = operator
+            .family()
+            .operators()
+            .into_iter()
+            .filter(|o| dn_test(*o).is_some())
+            .map(|o| format!("{:?}", o.name()))
+            .collect();
+        return Err(Problem::new(
+            ScopeErrorKind::DnOperator,
+            format!("{operator} cannot compare DNs (the attribute `dn` is the object's DN)"),
+        )
+        .hint(format!(
+            "on `dn` the {} operators are {}",
+            operator.family().title(),
+            usable.join(", ")
+        )));
+    };
+    if test != DnTest::Dn {
+        return compile_operand(operator, value);
+    }
+    let Some(value) = value else {
+        return Err(Problem::new(
+            ScopeErrorKind::MissingValue,
+            format!("{operator} on `dn` needs a DN, and the clause has none"),
+        ));
+    };
+    let serde_json::Value::String(text) = value else {
+        return Err(Problem::new(
+            ScopeErrorKind::WrongValueType,
+            format!(
+                "{operator} on `dn` needs a DN (a string), but the value is {}",
+                json_kind(value)
+            ),
+        ));
+    };
+    match Dn::parse(text) {
+        Ok(dn) if !dn.is_root() => Ok((Some(text.clone()), Operand::Dn(Box::new(dn)))),
+        Ok(_) => Err(Problem::new(
+            ScopeErrorKind::InvalidDn { position: 0 },
+            format!("{operator} on `dn` needs a DN, but the value is empty"),
+        )
+        .hint("write an RFC 4514 DN such as \"OU=Staff,DC=example,DC=com\"")),
+        Err(e) => Err(Problem::new(
+            ScopeErrorKind::InvalidDn {
+                position: e.position(),
+            },
+            format!(
+                "invalid DN {text:?} at position {}: {}",
+                e.position(),
+                e.message()
+            ),
+        )
+        .hint("write an RFC 4514 DN such as \"OU=Staff,DC=example,DC=com\"")),
+    }
+}
+
+/// Whether the byte at `pos` of a normalized DN is preceded by an even number of backslashes
+/// (so a `,` there separates RDNs).
+fn unescaped_at(b: &[u8], pos: usize) -> bool {
+    let before = b.get(..pos).unwrap_or(&[]);
+    before.iter().rev().take_while(|c| **c == b'\\').count() % 2 == 0
+}
+
+/// Whether `run`'s RDNs occur in `dn` one after the other, starting at an RDN boundary:
+/// first (`at_start`), last (`at_end`), or anywhere when neither is asked.
+fn holds_rdns(dn: &Dn, run: &Dn, at_start: bool, at_end: bool) -> bool {
+    let (me, want) = (dn.normalized().as_bytes(), run.normalized().as_bytes());
+    if want.is_empty() || run.len() > dn.len() {
+        return false;
+    }
+    let boundary_before =
+        |i: usize| i == 0 || (me.get(i - 1) == Some(&b',') && unescaped_at(me, i - 1));
+    let boundary_after =
+        |end: usize| end == me.len() || (me.get(end) == Some(&b',') && unescaped_at(me, end));
+    let Some(last) = me.len().checked_sub(want.len()) else {
+        return false;
+    };
+    let starts = match (at_start, at_end) {
+        (true, _) => 0..=0,
+        (false, true) => last..=last,
+        (false, false) => 0..=last,
+    };
+    for i in starts {
+        let end = i + want.len();
+        if me.get(i..end) == Some(want)
+            && boundary_before(i)
+            && boundary_after(end)
+            && (!at_end || end == me.len())
+        {
+            return true;
+        }
+    }
+    false
 }
 
 fn resolve_operator(family: Family, name: &str) -> Result<Operator, Problem> {
@@ -1491,6 +1741,9 @@ impl Clause {
     /// no message is built) and the walk stops at the value that decides.
     #[inline(always)]
     fn holds(&self, entry: &dyn AttributeSource, members: &Members<'_>) -> bool {
+        if self.on_dn {
+            return self.dn_result(entry.dn());
+        }
         match self.operator {
             Operator::Provisioning(op) => self.provisioning_result(op, entry),
             Operator::ConnectSync(op) => match op.complement_of() {
@@ -1576,8 +1829,112 @@ impl Clause {
         Some((groups.iter().any(|g| g == group.as_ref()), group, groups))
     }
 
+    /// The positive test of a `dn` clause on the object's DN (root or none is null).
+    fn dn_positive(&self, positive: Operator, dn: Option<&Dn>) -> bool {
+        use ConnectSyncOperator as C;
+        use ProvisioningOperator as P;
+        let Some(dn) = dn.filter(|d| !d.is_root()) else {
+            return matches!(
+                positive,
+                Operator::Provisioning(P::IsNull) | Operator::ConnectSync(C::IsNull)
+            );
+        };
+        match (positive, &self.operand) {
+            (Operator::Provisioning(P::IsNotNull) | Operator::ConnectSync(C::IsNotNull), _) => true,
+            (
+                Operator::Provisioning(P::Equals) | Operator::ConnectSync(C::Equal | C::IsIn),
+                Operand::Dn(v),
+            ) => dn == v.as_ref(),
+            (Operator::Provisioning(P::NotEquals), Operand::Dn(v)) => dn != v.as_ref(),
+            (
+                Operator::Provisioning(P::EndsWith) | Operator::ConnectSync(C::EndsWith),
+                Operand::Dn(v),
+            ) => holds_rdns(dn, v, false, true),
+            (Operator::ConnectSync(C::StartsWith), Operand::Dn(v)) => {
+                holds_rdns(dn, v, true, false)
+            }
+            (
+                Operator::Provisioning(P::Includes) | Operator::ConnectSync(C::Contains),
+                Operand::Dn(v),
+            ) => holds_rdns(dn, v, false, false),
+            (Operator::Provisioning(P::RegexMatch), Operand::Regex(re)) => re.is_match(dn.as_str()),
+            (Operator::Provisioning(P::NotRegexMatch), Operand::Regex(re)) => {
+                !re.is_match(dn.as_str())
+            }
+            // IS NULL on a DN, and operators compile refuses on `dn`.
+            _ => false,
+        }
+    }
+
+    /// Whether a `dn` clause holds (Connect Sync negatives as complements, §7.4).
+    #[inline]
+    fn dn_result(&self, dn: Option<&Dn>) -> bool {
+        match self.operator {
+            Operator::ConnectSync(op) => match op.complement_of() {
+                Some(positive) => !self.dn_positive(Operator::ConnectSync(positive), dn),
+                None => self.dn_positive(self.operator, dn),
+            },
+            Operator::Provisioning(_) => self.dn_positive(self.operator, dn),
+        }
+    }
+
+    /// [`dn_result`](Self::dn_result) and why.
+    fn dn_explain(&self, dn: Option<&Dn>) -> (bool, String) {
+        use ConnectSyncOperator as C;
+        use ProvisioningOperator as P;
+        let result = self.dn_result(dn);
+        let Some(dn) = dn.filter(|d| !d.is_root()) else {
+            return (
+                result,
+                format!("the object has no DN, so {} is {result}", self.operator),
+            );
+        };
+        let positive = match self.operator {
+            Operator::ConnectSync(op) => Operator::ConnectSync(op.complement_of().unwrap_or(op)),
+            Operator::Provisioning(P::NotEquals) => Operator::Provisioning(P::Equals),
+            Operator::Provisioning(P::NotRegexMatch) => Operator::Provisioning(P::RegexMatch),
+            other => other,
+        };
+        let holds = self.dn_positive(positive, Some(dn));
+        let t = |yes: &str, no: &str| if holds { yes } else { no }.to_owned();
+        let value = match &self.operand {
+            Operand::Dn(v) => format!("{:?}", v.as_str()),
+            Operand::Regex(re) => format!("/{}/", re.pattern()),
+            _ => String::new(),
+        };
+        let how = match positive {
+            Operator::Provisioning(P::IsNotNull | P::IsNull)
+            | Operator::ConnectSync(C::IsNotNull | C::IsNull) => "is present".to_owned(),
+            Operator::Provisioning(P::Equals) | Operator::ConnectSync(C::Equal | C::IsIn) => {
+                t("is ", "is not ") + &value
+            }
+            Operator::Provisioning(P::EndsWith) | Operator::ConnectSync(C::EndsWith) => {
+                t("is at or below ", "is not at or below ") + &value
+            }
+            Operator::ConnectSync(C::StartsWith) => {
+                t(
+                    "starts with the RDNs of ",
+                    "does not start with the RDNs of ",
+                ) + &value
+            }
+            Operator::Provisioning(P::Includes) | Operator::ConnectSync(C::Contains) => {
+                t("holds the RDNs of ", "does not hold the RDNs of ") + &value
+            }
+            Operator::Provisioning(P::RegexMatch) => t("matches ", "does not match ") + &value,
+            _ => String::new(),
+        };
+        let mut detail = format!("dn {:?} {how}", dn.as_str());
+        if positive != self.operator {
+            detail.push_str(&format!(", so {} is {result}", self.operator));
+        }
+        (result, detail)
+    }
+
     /// Evaluates the clause and says why it is true or false.
     fn explain(&self, entry: &dyn AttributeSource, members: &Members<'_>) -> (bool, String) {
+        if self.on_dn {
+            return self.dn_explain(entry.dn());
+        }
         match self.operator {
             Operator::Provisioning(op) => self.check_provisioning(op, entry),
             Operator::ConnectSync(op) => match op.complement_of() {
@@ -3160,7 +3517,7 @@ mod tests {
                 Err(errors) => {
                     prop_assert!(!errors.is_empty());
                     for e in &errors {
-                        prop_assert!((401..=411).contains(&e.code()));
+                        prop_assert!((401..=412).contains(&e.code()));
                         prop_assert!(e.group == 0);
                         let _ = e.to_string();
                     }
