@@ -199,6 +199,7 @@ struct GuardConfig {
     enabled: bool,
     max_count: usize,
     max_ratio: f64,
+    max_container_wave: usize,
     min_import_share: f64,
 }
 
@@ -209,6 +210,7 @@ impl Default for GuardConfig {
             enabled: g.enabled,
             max_count: g.max_count,
             max_ratio: g.max_ratio,
+            max_container_wave: g.max_container_wave,
             min_import_share: EngineConfig::default().min_import_share,
         }
     }
@@ -536,6 +538,7 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
             enabled: config.guard.enabled,
             max_count: config.guard.max_count,
             max_ratio: config.guard.max_ratio,
+            max_container_wave: config.guard.max_container_wave,
         },
         min_import_share: config.guard.min_import_share,
         concurrency: config.engine.concurrency.max(1),

@@ -271,7 +271,7 @@ proptest! {
         let p2_delta = plan(&m, &links, &t, DeletionGuard::off(), PlanScope::Anchors(dirty));
         prop_assert_eq!(&p2_delta.operations, &p2.operations);
         // The guard holds exactly the plans over its threshold.
-        let guard = DeletionGuard { enabled: true, max_count: 500, max_ratio: 0.10 };
+        let guard = DeletionGuard { enabled: true, max_count: 500, max_ratio: 0.10, ..DeletionGuard::default() };
         let guarded = plan(&m, &links, &t, guard, PlanScope::All);
         let deletions = guarded.operations.iter().filter(|o| o.kind.is_deletion()).count();
         let linked_users = links.count(&"User".into());

@@ -209,7 +209,7 @@ fn leaving_scope_disables_users_and_deletes_groups_once() {
     assert_eq!(kinds(&plan), [("delete", "g1"), ("disable", "u1")]);
     assert_eq!(plan.operations[0].reason, Reason::DeletedAtSource);
     assert!(
-        matches!(&plan.operations[1].reason, Reason::LeftScope { why } if why.contains("Former"))
+        matches!(&plan.operations[1].reason, Reason::LeftScope { why, .. } if why.contains("Former"))
     );
     w.apply(&plan);
     // The disabled user stays linked; planning again does nothing; an out-of-scope object

@@ -9,7 +9,8 @@ use super::state::Links;
 use crate::model::ObjectType;
 
 /// The deletion guard: a plan that would delete or disable more objects of one target type than
-/// `min(max_count, max_ratio × linked)` is held.
+/// `min(max_count, max_ratio × linked)` is held — and one where more than `max_container_wave`
+/// of them leave a rule's container scope under one container, whatever the ratio.
 ///
 /// On by default with Entra's accidental-deletion defaults: 500 objects or 10 % of the linked
 /// objects of the type, whichever is smaller.
@@ -22,6 +23,11 @@ pub struct DeletionGuard {
     pub max_count: usize,
     /// The most deletions per target type as a share of its linked objects (0.1 = 10 %).
     pub max_ratio: f64,
+    /// The most deletions (or disables) of one target type that one container may cause at
+    /// once, whatever the ratio: objects that leave a rule's container scope under one
+    /// container — it was moved out of an included subtree or into an excluded one, or deleted
+    /// while they stayed — are a wave, held above this count (default 5).
+    pub max_container_wave: usize,
 }
 
 impl Default for DeletionGuard {
@@ -30,6 +36,7 @@ impl Default for DeletionGuard {
             enabled: true,
             max_count: 500,
             max_ratio: 0.10,
+            max_container_wave: 5,
         }
     }
 }
@@ -73,7 +80,7 @@ impl DeletionGuard {
         for op in plan.operations.iter().filter(|o| o.kind.is_deletion()) {
             *deletions.entry(&op.target_type).or_default() += 1;
         }
-        deletions
+        let mut violations: Vec<GuardViolation> = deletions
             .into_iter()
             .filter_map(|(ty, n)| {
                 let linked = linked(ty);
@@ -83,9 +90,16 @@ impl DeletionGuard {
                     deletions: n,
                     linked,
                     limit,
+                    container: None,
                 })
             })
-            .collect()
+            .collect();
+        violations.extend(super::containers::waves(
+            plan,
+            self.max_container_wave,
+            &linked,
+        ));
+        violations
     }
 }
 

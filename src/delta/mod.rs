@@ -35,6 +35,7 @@
 //! println!("{plan}");
 //! ```
 
+mod containers;
 mod guard;
 mod plan;
 mod planner;
@@ -42,6 +43,10 @@ mod projection;
 mod snapshot;
 mod state;
 
+pub use containers::{
+    ContainerBinding, ContainerBindings, ContainerDecision, ContainerLookup, ContainerRef,
+    ContainerScope,
+};
 pub use guard::DeletionGuard;
 pub use plan::{
     GuardViolation, Issue, Operation, OperationKind, PendingReference, Phase, Plan, PlanStats,

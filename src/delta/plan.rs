@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::state::Links;
 use crate::connector::TargetOperation;
 use crate::model::{
-    Anchor, AttrName, AttributeChange, Attributes, ChangeOp, ObjectType, Reference, TargetId,
+    Anchor, AttrName, AttributeChange, Attributes, ChangeOp, Dn, ObjectType, Reference, TargetId,
     Value, Values,
 };
 
@@ -159,6 +159,11 @@ pub enum Reason {
     LeftScope {
         /// Why it is out of scope.
         why: String,
+        /// When it left because of where it is — a rule's container scope (see
+        /// [`ContainerScope`](super::ContainerScope)) — the container it is in now (its parent
+        /// DN). The deletion guard holds a wave of these under one container.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container: Option<Dn>,
     },
     /// The object was deleted at the source.
     DeletedAtSource,
@@ -183,7 +188,7 @@ impl fmt::Display for Reason {
                 }
                 Ok(())
             }
-            Reason::LeftScope { why } => write!(f, "left scope ({why})"),
+            Reason::LeftScope { why, .. } => write!(f, "left scope ({why})"),
             Reason::DeletedAtSource => f.write_str("deleted at source"),
         }
     }
@@ -435,10 +440,21 @@ pub struct GuardViolation {
     pub linked: usize,
     /// The most deletions allowed.
     pub limit: usize,
+    /// For a container wave: the container under which `deletions` objects left the rules'
+    /// container scope at once (`limit` is then the guard's `max_container_wave`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Dn>,
 }
 
 impl fmt::Display for GuardViolation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(c) = &self.container {
+            return write!(
+                f,
+                "deletion guard: {} linked {} objects under {c} left the rules' container scope                  at once (the container was moved or renamed out of an included subtree or into                  an excluded one, deleted, or the rules' containers changed); the limit for one                  container is {}",
+                self.deletions, self.target_type, self.limit
+            );
+        }
         write!(
             f,
             "deletion guard: {} of {} linked {} objects would be deleted or disabled; the limit is {}",

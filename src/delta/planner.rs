@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
+use super::containers::ContainerBindings;
 use super::guard::DeletionGuard;
 use super::plan::{Issue, Operation, OperationKind, Plan, PlanStats, Reason, TargetRef};
 use super::projection::{
@@ -49,6 +50,10 @@ pub struct PlanInput<'a> {
     pub seed: u64,
     /// The deletion guard.
     pub guard: DeletionGuard,
+    /// The bindings of the containers the projection names ([`Projection::containers`]), as
+    /// the engine remembers them; `None`: bound afresh against `mirror` (which must then hold
+    /// the containers).
+    pub containers: Option<&'a ContainerBindings>,
 }
 
 impl<'a> PlanInput<'a> {
@@ -68,6 +73,7 @@ impl<'a> PlanInput<'a> {
             now: DateTime::<Utc>::UNIX_EPOCH,
             seed: 0,
             guard: DeletionGuard::default(),
+            containers: None,
         }
     }
 }
@@ -105,7 +111,17 @@ enum Action {
 
 /// Plans. See the module documentation.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
-    let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
+    let fresh;
+    let containers = match input.containers {
+        Some(c) => c,
+        None => {
+            let named = input.projection.containers();
+            fresh = ContainerBindings::resolve(&named, input.mirror, &ContainerBindings::new());
+            &fresh
+        }
+    };
+    let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target)
+        .with_containers(containers);
     ctx.links = Some(input.links);
 
     // Phase A: every considered anchor, in parallel where enabled. The common "nothing to do"
@@ -192,7 +208,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         })
         .collect();
     pending.retain(|p| !duplicate.contains(&p.anchor));
-    claim_unique_values(input, &mut pending, &mut issues);
+    claim_unique_values(input, containers, &mut pending, &mut issues);
 
     // Phase C: references, now that every create and join of the plan is known.
     let creating: HashSet<&Anchor> = pending
@@ -338,7 +354,24 @@ fn decide(
     }
     match input.projection.project(entry, ctx) {
         Projected::OutOfScope(why) => match link {
-            Some(link) => deprovision(input, link, Some(entry), Reason::LeftScope { why }),
+            Some(link) => deprovision(
+                input,
+                link,
+                Some(entry),
+                Reason::LeftScope {
+                    why,
+                    container: None,
+                },
+            ),
+            None => Decision::Nothing { in_scope: false },
+        },
+        Projected::OutOfContainer { why, container } => match link {
+            Some(link) => deprovision(
+                input,
+                link,
+                Some(entry),
+                Reason::LeftScope { why, container },
+            ),
             None => Decision::Nothing { in_scope: false },
         },
         Projected::Held(reason) => Decision::Issue(Box::new(Issue::Held {
@@ -732,7 +765,12 @@ fn distinct(values: &Values, ignore_case: bool) -> Values {
 
 /// Makes sure no two creates of the plan claim the same unique value: in anchor order, a create
 /// whose unique value an earlier one claimed is projected again with the claims known.
-fn claim_unique_values(input: &PlanInput<'_>, pending: &mut Vec<Pending>, issues: &mut Vec<Issue>) {
+fn claim_unique_values(
+    input: &PlanInput<'_>,
+    containers: &ContainerBindings,
+    pending: &mut Vec<Pending>,
+    issues: &mut Vec<Issue>,
+) {
     let mut held: HashSet<Anchor> = HashSet::new();
     let mut claimed: HashSet<(AttrName, String)> = HashSet::new();
     let keys = |p: &Pending| -> Vec<(AttrName, String)> {
@@ -759,7 +797,8 @@ fn claim_unique_values(input: &PlanInput<'_>, pending: &mut Vec<Pending>, issues
             let Some(entry) = input.mirror.get(&p.anchor) else {
                 continue;
             };
-            let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target);
+            let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target)
+                .with_containers(containers);
             ctx.links = Some(input.links);
             ctx.claimed = Some(&claimed);
             match input.projection.project(entry, &ctx) {

@@ -37,6 +37,14 @@ pub trait Projection: Send + Sync {
         None
     }
 
+    /// The containers (OUs) the projection scopes by: the engine binds each to the anchor of
+    /// the container it names and remembers the binding, so that a rename or move of the
+    /// container keeps its objects in scope; the bindings reach [`Projection::project`] through
+    /// [`ProjectionContext::containers`]. None by default.
+    fn containers(&self) -> Vec<super::ContainerRef> {
+        Vec::new()
+    }
+
     /// What to do with the target object of `link` when its source object left scope
     /// (`entry` is `Some`) or was deleted at the source (`entry` is `None`).
     fn deprovision(&self, link: &Link, entry: Option<&Entry>) -> Deprovision;
@@ -51,6 +59,8 @@ pub struct ProjectionContext<'a> {
     pub(crate) claimed: Option<&'a HashSet<(AttrName, String)>>,
     /// The plan's links (set by the planner): what source references translate through.
     pub(crate) links: Option<&'a Links>,
+    /// The bound containers of [`Projection::containers`] (set by the planner).
+    pub(crate) containers: Option<&'a super::ContainerBindings>,
 }
 
 impl<'a> ProjectionContext<'a> {
@@ -68,7 +78,21 @@ impl<'a> ProjectionContext<'a> {
             target,
             claimed: None,
             links: None,
+            containers: None,
         }
+    }
+
+    /// The context with these container bindings (the planner sets them; tests of projections
+    /// may too), builder style.
+    pub fn with_containers(mut self, containers: &'a super::ContainerBindings) -> Self {
+        self.containers = Some(containers);
+        self
+    }
+
+    /// The containers the projection named ([`Projection::containers`]), bound to their
+    /// anchors and current DNs; `None` in a context made without them.
+    pub fn containers(&self) -> Option<&'a super::ContainerBindings> {
+        self.containers
     }
 
     /// The instant the run is planned for (`Now()`).
@@ -168,6 +192,16 @@ fn fnv1a<'b>(bytes: impl Iterator<Item = &'b u8>) -> u64 {
 pub enum Projected {
     /// Not in scope; the text says why (the failing scope clause).
     OutOfScope(String),
+    /// Not in scope because of where the object is: outside the rule's included containers, in
+    /// an excluded one, or in one that is gone (see [`ContainerScope`](super::ContainerScope)).
+    /// A linked object deprovisioned for this is reported with its container, and the deletion
+    /// guard holds many of them under one container as a wave.
+    OutOfContainer {
+        /// Why, naming the container.
+        why: String,
+        /// The container the object is in now (its parent DN).
+        container: Option<Dn>,
+    },
     /// In scope: the desired target object.
     InScope(Desired),
     /// In scope but held back (for example no unique value is free); reported, not exported.

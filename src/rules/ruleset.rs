@@ -30,10 +30,11 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use crate::delta::{
-    Apply, Deprovision, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,
-    ProjectionError, WhenEmpty,
+    Apply, ContainerBindings, ContainerDecision, ContainerRef, ContainerScope, Deprovision,
+    Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext, ProjectionError,
+    WhenEmpty,
 };
-use crate::model::{AttrName, Entry, ObjectType, Value, Values};
+use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Value, Values};
 use crate::rules::context::{EvalContext, SeededRng};
 use crate::rules::diagnostic::{Code, Diagnostic, Origin, Span};
 use crate::rules::eval::{self, AttributeSource, EvalFailure, Outcome, Program, Slotted};
@@ -75,6 +76,126 @@ pub struct RuleConfig {
     /// What happens to target objects whose source leaves scope or is deleted.
     #[serde(default)]
     pub deprovision: DeprovisionConfig,
+    /// The containers (OUs) whose objects the rule applies to, with their subtrees; none = every
+    /// container. ANDed with `scope`.
+    #[serde(default, skip_serializing_if = "ContainersConfig::is_empty")]
+    pub containers: ContainersConfig,
+}
+
+/// A rule's container scope: OUs (or any containers) included and excluded with their subtrees,
+/// by DN or by anchor (see [`crate::delta::ContainerScope`] for how objects are placed).
+///
+/// ```toml
+/// [rule.containers]
+/// include = ["OU=Staff,DC=corp,DC=example"]
+/// exclude = ["OU=Contractors,OU=Staff,DC=corp,DC=example", { anchor = "5a8e0b44-…" }]
+/// ```
+///
+/// A container named by DN is bound to its anchor the first time the engine finds it in the
+/// source mirror, and stays bound when it is renamed or moved: its objects stay in scope. The
+/// source must import the containers (an object type of their own that no rule projects, e.g.
+/// `organizationalUnit = "container"` in an LDAP source's `object_types`, and the filter
+/// letting them through).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainersConfig {
+    /// Objects at or below these containers are in scope (none: all that are not excluded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<ContainerConfig>,
+    /// Objects at or below these are out of scope, unless a nearer included container holds
+    /// them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<ContainerConfig>,
+}
+
+impl ContainersConfig {
+    /// Whether no container is named.
+    pub fn is_empty(&self) -> bool {
+        self.include.is_empty() && self.exclude.is_empty()
+    }
+}
+
+/// One container of a [`ContainersConfig`]: a DN (a string, or `{ dn = "…" }`) or an anchor
+/// (`{ anchor = "…" }`: the objectGUID, entryUUID, … the source gives the container).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerConfig {
+    /// By DN.
+    Dn(String),
+    /// By anchor.
+    Anchor(String),
+}
+
+impl ContainerConfig {
+    /// A container by DN.
+    pub fn dn(dn: impl Into<String>) -> ContainerConfig {
+        ContainerConfig::Dn(dn.into())
+    }
+
+    /// A container by anchor.
+    pub fn anchor(anchor: impl Into<String>) -> ContainerConfig {
+        ContainerConfig::Anchor(anchor.into())
+    }
+}
+
+impl From<&str> for ContainerConfig {
+    fn from(dn: &str) -> ContainerConfig {
+        ContainerConfig::dn(dn)
+    }
+}
+
+impl Serialize for ContainerConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            ContainerConfig::Dn(dn) => s.serialize_str(dn),
+            ContainerConfig::Anchor(a) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("anchor", a)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ContainerConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ContainerConfig, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ContainerConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a container DN, or a table with `dn` or `anchor`")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ContainerConfig, E> {
+                Ok(ContainerConfig::Dn(v.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ContainerConfig, A::Error> {
+                use serde::de::Error as _;
+                let mut found: Option<ContainerConfig> = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    let value: String = map.next_value()?;
+                    let c = match key.as_str() {
+                        "dn" => ContainerConfig::Dn(value),
+                        "anchor" => ContainerConfig::Anchor(value),
+                        other => return Err(A::Error::unknown_field(other, &["dn", "anchor"])),
+                    };
+                    if found.is_some() {
+                        return Err(A::Error::custom(
+                            "a container is named by `dn` or by `anchor`, not both",
+                        ));
+                    }
+                    found = Some(c);
+                }
+                found.ok_or_else(|| A::Error::custom("a container table needs `dn` or `anchor`"))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// One attribute flow: a target attribute computed by an expression.
@@ -193,6 +314,10 @@ pub mod codes {
     pub const BAD_DEPROVISION_VALUE: u16 = 505;
     /// An empty join group.
     pub const EMPTY_JOIN_GROUP: u16 = 506;
+    /// A container that is not a valid DN, or an empty anchor.
+    pub const INVALID_CONTAINER: u16 = 507;
+    /// One container both included and excluded.
+    pub const CONTAINER_CONFLICT: u16 = 508;
 }
 
 /// Where a rule set's text came from, to point errors at lines.
@@ -201,6 +326,9 @@ struct Source<'a> {
     text: Option<&'a str>,
     /// Byte ranges of `rule[i].flow[j].expression` values in the text.
     spans: HashMap<(usize, usize), Range<usize>>,
+    /// Byte ranges of `rule[i].containers.{include,exclude}[j]` values in the text (`true`:
+    /// exclude).
+    container_spans: HashMap<(usize, bool, usize), Range<usize>>,
 }
 
 fn line_col(text: &str, byte: usize) -> (usize, usize) {
@@ -330,6 +458,8 @@ struct CompiledRule {
     source_type: ObjectType,
     target_type: ObjectType,
     scope: Option<ScopeFilter>,
+    /// The containers the rule applies to (empty: all).
+    containers: ContainerScope,
     join: Vec<Vec<usize>>,
     flows: Vec<CompiledFlow>,
     deprovision: Deprovision,
@@ -397,6 +527,9 @@ pub struct FlowExplanation {
 pub struct Explanation {
     /// The rule that applies, if any.
     pub rule: Option<String>,
+    /// Where the object stands with respect to the rule's containers (none when the rule names
+    /// no container).
+    pub containers: Option<String>,
     /// The scope decision with every clause (none when the rule has no filter).
     pub scope: Option<ScopeExplanation>,
     /// Whether the object is in scope.
@@ -421,6 +554,9 @@ impl fmt::Display for Explanation {
         match &self.rule {
             Some(r) => writeln!(f, "rule: {r}")?,
             None => writeln!(f, "rule: none applies to this object type")?,
+        }
+        if let Some(c) = &self.containers {
+            writeln!(f, "containers: {c}")?;
         }
         match &self.scope {
             Some(s) => write!(f, "{s}")?,
@@ -476,6 +612,7 @@ impl RuleSet {
             file,
             text: Some(text),
             spans: HashMap::new(),
+            container_spans: HashMap::new(),
         };
         let config: RuleSetConfig = match toml::from_str(text) {
             Ok(c) => c,
@@ -491,6 +628,7 @@ impl RuleSet {
             }
         };
         src.spans = toml_expression_spans(text);
+        src.container_spans = toml_container_spans(text);
         RuleSet::compile_from(config, &src)
     }
 
@@ -500,6 +638,7 @@ impl RuleSet {
             file,
             text: None,
             spans: HashMap::new(),
+            container_spans: HashMap::new(),
         };
         let config: RuleSetConfig = serde_json::from_str(text).map_err(|e| {
             RuleErrors(vec![simple_error(
@@ -520,6 +659,7 @@ impl RuleSet {
             file: None,
             text: None,
             spans: HashMap::new(),
+            container_spans: HashMap::new(),
         };
         RuleSet::compile_from(config, &src)
     }
@@ -571,6 +711,7 @@ impl RuleSet {
                     }
                 },
             };
+            let containers = compile_containers(ri, rc, src, &mut errors);
             let mut flows: Vec<CompiledFlow> = Vec::new();
             for (fi, fc) in rc.flows.iter().enumerate() {
                 let span = src.spans.get(&(ri, fi));
@@ -693,6 +834,7 @@ impl RuleSet {
                 source_type,
                 target_type: ObjectType::new(rc.target_type.as_str()),
                 scope,
+                containers,
                 join,
                 flows,
                 deprovision,
@@ -777,6 +919,21 @@ impl RuleSet {
         }
     }
 
+    /// Where `entry` stands with respect to the rule's containers.
+    fn container_decision(
+        &self,
+        rule: &CompiledRule,
+        entry: &Entry,
+        ctx: &ProjectionContext<'_>,
+    ) -> ContainerDecision {
+        if rule.containers.is_empty() {
+            return ContainerDecision::In(None);
+        }
+        let unbound = ContainerBindings::new();
+        rule.containers
+            .decide(entry.dn.as_ref(), ctx.containers().unwrap_or(&unbound))
+    }
+
     fn in_scope(
         &self,
         rule: &CompiledRule,
@@ -797,6 +954,7 @@ impl RuleSet {
         let Some(rule) = self.rule_for(&entry.object_type) else {
             return Explanation {
                 rule: None,
+                containers: None,
                 scope: None,
                 in_scope: false,
                 join: Vec::new(),
@@ -804,13 +962,22 @@ impl RuleSet {
             };
         };
         let scope = rule.scope.as_ref().map(|f| {
-            f.explain(&entry.attributes, &|| {
+            f.explain_with_dn(&entry.attributes, entry.dn.as_ref(), &|| {
                 ctx.member_of(&entry.anchor).into_iter().cloned().collect()
             })
         });
-        let in_scope = scope.as_ref().is_none_or(|s| s.in_scope);
+        let (in_containers, containers) = match self.container_decision(rule, entry, ctx) {
+            _ if rule.containers.is_empty() => (true, None),
+            ContainerDecision::In(Some(b)) => {
+                (true, Some(format!("under included container {}", b.describe())))
+            }
+            ContainerDecision::In(None) => (true, Some("under no excluded container".into())),
+            ContainerDecision::Out { why, .. } => (false, Some(why)),
+        };
+        let in_scope = in_containers && scope.as_ref().is_none_or(|s| s.in_scope);
         let mut rng = rule.rng(entry, ctx);
-        let view = Slotted::new(&rule.attribute_names, &entry.attributes);
+        let view =
+            Slotted::new(&rule.attribute_names, &entry.attributes).with_dn(entry.dn.as_ref());
         let mut flows = Vec::new();
         let mut values: Vec<Option<Values>> = Vec::new();
         for flow in &rule.flows {
@@ -876,6 +1043,7 @@ impl RuleSet {
             .collect();
         Explanation {
             rule: Some(rule.name.clone()),
+            containers,
             scope,
             in_scope,
             join,
@@ -894,7 +1062,16 @@ impl Projection for RuleSet {
         let Some(rule) = self.rule_for(&entry.object_type) else {
             return Projected::OutOfScope(format!("no rule for object type {}", entry.object_type));
         };
-        let view = Slotted::new(&rule.attribute_names, &entry.attributes);
+        if let ContainerDecision::Out { why, container } =
+            self.container_decision(rule, entry, ctx)
+        {
+            return Projected::OutOfContainer {
+                why: format!("rule {}: {why}", rule.name),
+                container,
+            };
+        }
+        let view =
+            Slotted::new(&rule.attribute_names, &entry.attributes).with_dn(entry.dn.as_ref());
         if !self.in_scope(rule, entry, &view, ctx) {
             return Projected::OutOfScope(format!("rule {}: scoping filter", rule.name));
         }
@@ -978,7 +1155,14 @@ impl Projection for RuleSet {
         if rule.target_type != current.object_type {
             return Some(false);
         }
-        let view = Slotted::new(&rule.attribute_names, &entry.attributes);
+        if !matches!(
+            self.container_decision(rule, entry, ctx),
+            ContainerDecision::In(_)
+        ) {
+            return Some(false);
+        }
+        let view =
+            Slotted::new(&rule.attribute_names, &entry.attributes).with_dn(entry.dn.as_ref());
         if !self.in_scope(rule, entry, &view, ctx) {
             return Some(false);
         }
@@ -1013,11 +1197,146 @@ impl Projection for RuleSet {
         Some(true)
     }
 
+    fn containers(&self) -> Vec<ContainerRef> {
+        let mut out: Vec<ContainerRef> = Vec::new();
+        for r in self.rules.iter().flat_map(|r| r.containers.references()) {
+            if !out.contains(r) {
+                out.push(r.clone());
+            }
+        }
+        out
+    }
+
     fn deprovision(&self, link: &Link, _entry: Option<&Entry>) -> Deprovision {
         self.rule_for(&link.source_type)
             .map(|r| r.deprovision.clone())
             .unwrap_or_default()
     }
+}
+
+/// Compiles a rule's containers: DNs parsed, anchors checked, a container both included and
+/// excluded refused — each error at its line:column.
+fn compile_containers(
+    ri: usize,
+    rc: &RuleConfig,
+    src: &Source<'_>,
+    errors: &mut Vec<RuleError>,
+) -> ContainerScope {
+    let rname = rc.name.as_str();
+    let mut scope = ContainerScope::default();
+    let lists = [
+        (false, &rc.containers.include),
+        (true, &rc.containers.exclude),
+    ];
+    for (excluded, list) in lists {
+        for (i, c) in list.iter().enumerate() {
+            let at = src.container_spans.get(&(ri, excluded, i)).cloned();
+            let side = if excluded { "exclude" } else { "include" };
+            let reference = match c {
+                ContainerConfig::Dn(text) => match Dn::parse(text) {
+                    Ok(dn) if !dn.is_root() => ContainerRef::Dn(dn),
+                    Ok(_) => {
+                        errors.push(simple_error(
+                            codes::INVALID_CONTAINER,
+                            Some(rname),
+                            None,
+                            format!("containers.{side}[{i}]: a container DN cannot be empty (the root holds every object: leave `{side}` out instead)"),
+                            src,
+                            at,
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        errors.push(simple_error(
+                            codes::INVALID_CONTAINER,
+                            Some(rname),
+                            None,
+                            format!(
+                                "containers.{side}[{i}]: invalid DN {text:?} at position {}: {}; write an RFC 4514 DN such as \"OU=Staff,DC=example,DC=com\"",
+                                e.position(),
+                                e.message()
+                            ),
+                            src,
+                            at,
+                        ));
+                        continue;
+                    }
+                },
+                ContainerConfig::Anchor(a) if a.trim().is_empty() => {
+                    errors.push(simple_error(
+                        codes::INVALID_CONTAINER,
+                        Some(rname),
+                        None,
+                        format!("containers.{side}[{i}]: the anchor is empty"),
+                        src,
+                        at,
+                    ));
+                    continue;
+                }
+                ContainerConfig::Anchor(a) => ContainerRef::Anchor(Anchor::from(a.trim())),
+            };
+            let other = if excluded {
+                &scope.include
+            } else {
+                &scope.exclude
+            };
+            if other.contains(&reference) {
+                errors.push(simple_error(
+                    codes::CONTAINER_CONFLICT,
+                    Some(rname),
+                    None,
+                    format!("containers: {reference} is both included and excluded"),
+                    src,
+                    at,
+                ));
+                continue;
+            }
+            let mine = if excluded {
+                &mut scope.exclude
+            } else {
+                &mut scope.include
+            };
+            if !mine.contains(&reference) {
+                mine.push(reference);
+            }
+        }
+    }
+    scope
+}
+
+/// Finds the byte range of every `rule[i].containers.include[j]` and `…exclude[j]` value in a
+/// TOML text.
+fn toml_container_spans(text: &str) -> HashMap<(usize, bool, usize), Range<usize>> {
+    use toml::de::{DeTable, DeValue};
+    let mut out = HashMap::new();
+    let Ok(doc) = DeTable::parse(text) else {
+        return out;
+    };
+    fn get<'t, 'i>(t: &'t DeTable<'i>, key: &str) -> Option<&'t toml::Spanned<DeValue<'i>>> {
+        t.iter()
+            .find(|(k, _)| k.get_ref().as_ref() == key)
+            .map(|(_, v)| v)
+    }
+    let Some(DeValue::Array(rules)) = get(doc.get_ref(), "rule").map(|r| r.get_ref()) else {
+        return out;
+    };
+    for (ri, rule) in rules.iter().enumerate() {
+        let DeValue::Table(rt) = rule.get_ref() else {
+            continue;
+        };
+        let Some(DeValue::Table(ct)) = get(rt, "containers").map(|c| c.get_ref()) else {
+            continue;
+        };
+        for (excluded, key) in [(false, "include"), (true, "exclude")] {
+            let Some(DeValue::Array(list)) = get(ct, key).map(|l| l.get_ref()) else {
+                continue;
+            };
+            for (i, v) in list.iter().enumerate() {
+                out.insert((ri, excluded, i), v.span());
+            }
+        }
+    }
+    out
 }
 
 /// Finds the byte range of every `rule[i].flow[j].expression` string in a TOML text.
@@ -1122,6 +1441,7 @@ impl RuleBuilder {
                 join: Vec::new(),
                 flows: Vec::new(),
                 deprovision: DeprovisionConfig::Delete,
+                containers: ContainersConfig::default(),
             },
         }
     }
@@ -1148,6 +1468,19 @@ impl RuleBuilder {
     /// Sets the scoping filter.
     pub fn scope(mut self, filter: FilterSpec) -> Self {
         self.config.scope = Some(filter);
+        self
+    }
+
+    /// Includes a container (by DN: `"OU=Staff,DC=corp"`, or [`ContainerConfig::anchor`]) with
+    /// its subtree in the rule's scope.
+    pub fn include_container(mut self, container: impl Into<ContainerConfig>) -> Self {
+        self.config.containers.include.push(container.into());
+        self
+    }
+
+    /// Excludes a container with its subtree from the rule's scope.
+    pub fn exclude_container(mut self, container: impl Into<ContainerConfig>) -> Self {
+        self.config.containers.exclude.push(container.into());
         self
     }
 

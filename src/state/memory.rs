@@ -46,6 +46,7 @@ pub struct MemoryStore {
     escrow: BTreeMap<Anchor, Escrow>,
     runs: Vec<RunRecord>,
     fingerprint: u64,
+    containers: crate::delta::ContainerBindings,
 }
 
 impl MemoryStore {
@@ -615,5 +616,77 @@ impl StateStore for MemoryStore {
 
     fn fingerprint(&self) -> Result<u64, StateError> {
         Ok(self.fingerprint)
+    }
+
+    fn move_subtrees(&mut self, moves: &[(Anchor, Dn)]) -> Result<Vec<Anchor>, StateError> {
+        // Every rewrite is computed (and hashed) first, so a failure changes nothing.
+        let mut now: HashMap<Anchor, Dn> = HashMap::new();
+        let mut staged: Vec<(Anchor, Entry, u64)> = Vec::new();
+        let mut placed: HashMap<Anchor, usize> = HashMap::new();
+        for (anchor, to) in moves {
+            let from = match (now.get(anchor), placed.get(anchor)) {
+                (Some(d), _) => Some(d.clone()),
+                (None, Some(&i)) => staged.get(i).and_then(|(_, e, _)| e.dn.clone()),
+                (None, None) => self.mirror.get(anchor).and_then(|e| e.dn.clone()),
+            };
+            now.insert(anchor.clone(), to.clone());
+            let Some(from) = from.filter(|f| f != to) else {
+                continue;
+            };
+            let below: Vec<(Anchor, Dn)> = self
+                .mirror
+                .entries()
+                .filter_map(|e| {
+                    let current = match placed.get(&e.anchor) {
+                        Some(&i) => staged.get(i).and_then(|(_, e, _)| e.dn.clone()),
+                        None => e.dn.clone(),
+                    }?;
+                    Some((e.anchor.clone(), super::rebase_dn(&current, &from, to)?))
+                })
+                .collect();
+            for (a, dn) in below {
+                let mut e = match placed.get(&a) {
+                    Some(&i) => staged.get(i).map(|(_, e, _)| e.clone()),
+                    None => self.mirror.get(&a).cloned(),
+                }
+                .ok_or_else(|| StateError::Invalid(format!("object {a} vanished")))?;
+                e.dn = Some(dn);
+                let hash = encode_entry(&e)?.1;
+                match placed.get(&a) {
+                    Some(&i) => {
+                        if let Some(slot) = staged.get_mut(i) {
+                            *slot = (a, e, hash);
+                        }
+                    }
+                    None => {
+                        placed.insert(a.clone(), staged.len());
+                        staged.push((a, e, hash));
+                    }
+                }
+            }
+        }
+        let mut moved = Vec::with_capacity(staged.len());
+        for (a, e, hash) in staged {
+            if self.write_entry(&a, Some((e, hash)), None) {
+                moved.push(a);
+            }
+        }
+        if !moved.is_empty() {
+            self.bump();
+        }
+        moved.sort();
+        Ok(moved)
+    }
+
+    fn container_bindings(&self) -> Result<crate::delta::ContainerBindings, StateError> {
+        Ok(self.containers.clone())
+    }
+
+    fn set_container_bindings(
+        &mut self,
+        bindings: &crate::delta::ContainerBindings,
+    ) -> Result<(), StateError> {
+        self.containers = bindings.clone();
+        Ok(())
     }
 }

@@ -512,6 +512,51 @@ pub trait StateStore: Send {
     /// escrow, runs and watermarks leave it). A staged plan carries it; applying the plan
     /// refuses when it moved.
     fn fingerprint(&self) -> Result<u64, StateError>;
+
+    // --- containers ---
+
+    /// Moves the subtrees of renamed or moved objects, before the changes that move them are
+    /// applied: for each `(anchor, new DN)` in order, every mirrored object strictly below the
+    /// DN `anchor` has in the mirror (or was given by an earlier pair) is moved to the same
+    /// place below the new DN, and marked dirty as [`StateStore::apply_changes`] marks a
+    /// changed object. The objects named themselves are not changed. One transaction; returns
+    /// the objects moved.
+    ///
+    /// A directory reports a renamed container alone (its children's change numbers do not
+    /// move), so without this the mirror would keep the children's old DNs. Repeating a call
+    /// moves nothing more.
+    fn move_subtrees(&mut self, moves: &[(Anchor, crate::model::Dn)])
+        -> Result<Vec<Anchor>, StateError>;
+
+    /// The container bindings the engine keeps between runs (see
+    /// [`ContainerBindings`](crate::delta::ContainerBindings)); empty at first.
+    fn container_bindings(&self) -> Result<crate::delta::ContainerBindings, StateError>;
+
+    /// Replaces the container bindings.
+    fn set_container_bindings(
+        &mut self,
+        bindings: &crate::delta::ContainerBindings,
+    ) -> Result<(), StateError>;
+}
+
+/// The DN `dn` would have if its ancestor `from` moved to `to` (`None` when `dn` is not strictly
+/// below `from`). Shared by the stores.
+pub(crate) fn rebase_dn(
+    dn: &crate::model::Dn,
+    from: &crate::model::Dn,
+    to: &crate::model::Dn,
+) -> Option<crate::model::Dn> {
+    if !dn.is_descendant_of(from) {
+        return None;
+    }
+    let keep = dn.len() - from.len();
+    Some(crate::model::Dn::from_rdns(
+        dn.rdns()
+            .iter()
+            .take(keep)
+            .chain(to.rdns())
+            .cloned(),
+    ))
 }
 
 // --- helpers shared by the stores ---

@@ -1749,6 +1749,108 @@ impl StateStore for SqliteStore {
     fn fingerprint(&self) -> Result<u64, StateError> {
         Ok(meta_int(&self.conn, "fingerprint")? as u64)
     }
+
+    fn move_subtrees(&mut self, moves: &[(Anchor, Dn)]) -> Result<Vec<Anchor>, StateError> {
+        self.write("moving subtrees", |tx| {
+            let mut now: std::collections::HashMap<Anchor, Dn> =
+                std::collections::HashMap::new();
+            let mut moved: BTreeSet<Anchor> = BTreeSet::new();
+            for (anchor, to) in moves {
+                let from = match now.get(anchor) {
+                    Some(d) => Some(d.clone()),
+                    None => entry_dn(tx, anchor)?,
+                };
+                now.insert(anchor.clone(), to.clone());
+                let Some(from) = from.filter(|f| f != to) else {
+                    continue;
+                };
+                for a in below_dn(tx, &from)? {
+                    let Some(mut e) = load_entry(tx, &a)? else {
+                        continue;
+                    };
+                    let Some(dn) = e.dn.as_ref().and_then(|d| super::rebase_dn(d, &from, to))
+                    else {
+                        continue;
+                    };
+                    e.dn = Some(dn);
+                    if write_entry(tx, &a, Some(&e), None)? {
+                        moved.insert(a);
+                    }
+                }
+            }
+            if !moved.is_empty() {
+                bump(tx)?;
+            }
+            Ok(moved.into_iter().collect())
+        })
+    }
+
+    fn container_bindings(&self) -> Result<crate::delta::ContainerBindings, StateError> {
+        let v: Option<SqlValue> = self
+            .conn
+            .prepare_cached("SELECT value FROM meta WHERE key = 'container_bindings'")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+            .ctx("reading the container bindings")?;
+        match v {
+            None => Ok(crate::delta::ContainerBindings::new()),
+            Some(v) => json(
+                "meta",
+                "container_bindings",
+                "value",
+                &text("meta", "container_bindings", "value", v)?,
+            ),
+        }
+    }
+
+    fn set_container_bindings(
+        &mut self,
+        bindings: &crate::delta::ContainerBindings,
+    ) -> Result<(), StateError> {
+        let value = to_json("the container bindings", bindings)?;
+        self.write("recording the container bindings", |tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('container_bindings', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [value],
+            )
+            .ctx("recording the container bindings")?;
+            Ok(())
+        })
+    }
+}
+
+/// The DN of the mirrored object `anchor`, if it has one.
+fn entry_dn(conn: &Connection, anchor: &Anchor) -> Result<Option<Dn>, StateError> {
+    let dn: Option<Option<String>> = conn
+        .prepare_cached("SELECT dn FROM source_objects WHERE anchor = ?1")
+        .and_then(|mut s| s.query_row([anchor.as_str()], |r| r.get(0)).optional())
+        .ctx("reading a source object's DN")?;
+    match dn.flatten() {
+        None => Ok(None),
+        Some(t) => Dn::parse(&t)
+            .map(Some)
+            .map_err(|e| corrupt("source_objects", anchor.as_str(), e.to_string())),
+    }
+}
+
+/// The mirrored objects whose normalized DN ends with `,` and `dn`'s (candidates below it; the
+/// caller checks each as a DN). A scan of the table: called only for an object whose DN
+/// changed.
+fn below_dn(conn: &Connection, dn: &Dn) -> Result<Vec<Anchor>, StateError> {
+    let suffix = format!(",{}", dn.normalized());
+    let found: Vec<String> = conn
+        .prepare_cached(
+            "SELECT anchor FROM source_objects WHERE length(dn_norm) > ?1 \
+             AND substr(dn_norm, -?1) = ?2 ORDER BY anchor",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![suffix.chars().count() as i64, suffix], |r| {
+                r.get::<_, String>(0)
+            })?
+            .collect()
+        })
+        .ctx("finding the objects below a DN")?;
+    Ok(found.into_iter().map(Anchor::from).collect())
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     runs_are_recorded(make());
     target_objects_are_kept(make());
     fingerprint_moves_with_plan_inputs_only(make());
+    subtrees_move_with_their_container(make());
+    container_bindings_are_kept(make());
 }
 
 fn dn(s: &str) -> Dn {
@@ -896,4 +898,101 @@ fn fingerprint_moves_with_plan_inputs_only(mut s: Box<dyn StateStore>) {
     moved(s, "removing absent target objects", false);
     reads(s);
     moved(s, "reads", false);
+}
+
+/// A renamed and moved container's subtree follows it (children, grandchildren, escaped commas
+/// and look-alike DNs left alone), dirty; a repeat moves nothing.
+fn subtrees_move_with_their_container(mut s: Box<dyn StateStore>) {
+    let ou = |anchor: &str, at: &str| Entry::new(anchor, "container").with_dn(dn(at));
+    let person = |anchor: &str, at: &str| {
+        Entry::new(anchor, "user")
+            .with_dn(dn(at))
+            .with("cn", anchor)
+    };
+    s.apply_changes(
+        "src",
+        &[
+            Change::Add(ou("staff", "OU=Staff,DC=x")),
+            Change::Add(ou("sales", "OU=Sales,OU=Staff,DC=x")),
+            Change::Add(person("ann", "CN=Ann,OU=Staff,DC=x")),
+            Change::Add(person("bob", "CN=Bob,OU=Sales,OU=Staff,DC=x")),
+            Change::Add(person("cy", "CN=Cy,OU=BigStaff,DC=x")),
+            Change::Add(person("di", "CN=Di,OU=Old\\,OU=Staff,DC=x")),
+            Change::Add(Entry::new("grp", "group").with(
+                "member",
+                Value::dn_ref(dn("CN=Bob,OU=Sales,OU=Staff,DC=x")),
+            )),
+        ],
+        None,
+    )
+    .unwrap();
+    reset_dirty(s.as_mut());
+    let before = s.fingerprint().unwrap();
+    let to = dn("OU=People,OU=Corp,DC=x");
+    let moved = s.move_subtrees(&[(a("staff"), to.clone())]).unwrap();
+    assert_eq!(moved, anchors(&["ann", "bob", "sales"]));
+    assert_ne!(s.fingerprint().unwrap(), before);
+    let at = |s: &dyn StateStore, anchor: &str| s.source_entry(&a(anchor)).unwrap().unwrap().dn;
+    assert_eq!(at(s.as_ref(), "ann"), Some(dn("CN=Ann,OU=People,OU=Corp,DC=x")));
+    assert_eq!(
+        at(s.as_ref(), "bob"),
+        Some(dn("cn=bob,ou=sales,ou=people,ou=corp,dc=x"))
+    );
+    assert_eq!(at(s.as_ref(), "cy"), Some(dn("CN=Cy,OU=BigStaff,DC=x")));
+    assert_eq!(at(s.as_ref(), "di"), Some(dn("CN=Di,OU=Old\\,OU=Staff,DC=x")));
+    assert_eq!(at(s.as_ref(), "staff"), Some(dn("OU=Staff,DC=x")), "not the container itself");
+    assert_eq!(
+        s.anchor_by_dn(&dn("CN=Bob,OU=Sales,OU=People,OU=Corp,DC=x")).unwrap(),
+        Some(a("bob"))
+    );
+    let dirty = s.dirty().unwrap();
+    for x in ["ann", "bob", "sales"] {
+        assert!(dirty.contains(&a(x)), "{x} is dirty: {dirty:?}");
+    }
+    // The container's own change comes next; repeating the call moves nothing.
+    s.apply_changes(
+        "src",
+        &[Change::Move {
+            anchor: a("staff"),
+            object_type: "container".into(),
+            new_dn: to.clone(),
+        }],
+        None,
+    )
+    .unwrap();
+    assert!(s.move_subtrees(&[(a("staff"), to.clone())]).unwrap().is_empty());
+    // Two moves of one batch, and a child container named after its parent (as sources that
+    // report every moved object do).
+    let moved = s
+        .move_subtrees(&[
+            (a("staff"), dn("OU=Staff,DC=x")),
+            (a("sales"), dn("OU=Sales,OU=Staff,DC=x")),
+            (a("staff"), dn("OU=Staff2,DC=x")),
+        ])
+        .unwrap();
+    assert_eq!(moved, anchors(&["ann", "bob", "sales"]));
+    assert_eq!(at(s.as_ref(), "bob"), Some(dn("CN=Bob,OU=Sales,OU=Staff2,DC=x")));
+    // Unknown anchors and objects without a DN move nothing.
+    assert!(s.move_subtrees(&[(a("nobody"), dn("OU=Z,DC=x"))]).unwrap().is_empty());
+    assert!(s.move_subtrees(&[(a("grp"), dn("OU=Z,DC=x"))]).unwrap().is_empty());
+}
+
+/// Container bindings are empty at first and kept as set.
+fn container_bindings_are_kept(mut s: Box<dyn StateStore>) {
+    use crate::delta::{ContainerBindings, ContainerRef, SourceMirror};
+    assert!(s.container_bindings().unwrap().is_empty());
+    let mut m = SourceMirror::new();
+    m.insert(Entry::new("ou-1", "container").with_dn(dn("OU=Staff,DC=x")));
+    let named = [
+        ContainerRef::Dn(dn("OU=Staff,DC=x")),
+        ContainerRef::Anchor(a("ou-9")),
+        ContainerRef::Dn(dn("OU=None,DC=x")),
+    ];
+    let b = ContainerBindings::resolve(&named, &m, &ContainerBindings::new());
+    let before = s.fingerprint().unwrap();
+    s.set_container_bindings(&b).unwrap();
+    assert_eq!(s.container_bindings().unwrap(), b);
+    assert_eq!(s.fingerprint().unwrap(), before, "bindings are not plan state");
+    s.set_container_bindings(&ContainerBindings::new()).unwrap();
+    assert!(s.container_bindings().unwrap().is_empty());
 }
