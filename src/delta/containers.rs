@@ -124,10 +124,7 @@ pub struct ContainerBindings {
 impl From<Vec<ContainerBinding>> for ContainerBindings {
     fn from(list: Vec<ContainerBinding>) -> ContainerBindings {
         ContainerBindings {
-            bindings: list
-                .into_iter()
-                .map(|b| (b.reference.clone(), b))
-                .collect(),
+            bindings: list.into_iter().map(|b| (b.reference.clone(), b)).collect(),
         }
     }
 }
@@ -288,15 +285,18 @@ impl ContainerScope {
             return ContainerDecision::In(None);
         }
         let binding = |r: &ContainerRef| -> ContainerBinding {
-            bindings.get(r).cloned().unwrap_or_else(|| ContainerBinding {
-                reference: r.clone(),
-                anchor: None,
-                dn: match r {
-                    ContainerRef::Dn(d) => Some(d.clone()),
-                    ContainerRef::Anchor(_) => None,
-                },
-                present: false,
-            })
+            bindings
+                .get(r)
+                .cloned()
+                .unwrap_or_else(|| ContainerBinding {
+                    reference: r.clone(),
+                    anchor: None,
+                    dn: match r {
+                        ContainerRef::Dn(d) => Some(d.clone()),
+                        ContainerRef::Anchor(_) => None,
+                    },
+                    present: false,
+                })
         };
         let Some(dn) = dn.filter(|d| !d.is_root()) else {
             return if self.include.is_empty() {
@@ -346,11 +346,8 @@ impl ContainerScope {
             },
             None if self.include.is_empty() => ContainerDecision::In(None),
             None => {
-                let included: Vec<String> = self
-                    .include
-                    .iter()
-                    .map(|r| binding(r).describe())
-                    .collect();
+                let included: Vec<String> =
+                    self.include.iter().map(|r| binding(r).describe()).collect();
                 ContainerDecision::Out {
                     why: format!(
                         "in {}, outside the included containers ({})",
@@ -364,10 +361,11 @@ impl ContainerScope {
     }
 }
 
-/// The container waves of `plan`: per target type, the deepest containers under which more than
+/// The container waves of `plan`: per target type, the containers under which more than
 /// `limit` linked objects are deleted or disabled because they left a rule's container scope
-/// (their [`Reason::LeftScope`] names the container they are in now). A violation names the
-/// container and the count; containers above a violating one are not reported again.
+/// (their [`Reason::LeftScope`] names the container they are in now). A container is reported
+/// when none of its child containers holds all of its count — the deepest container of each
+/// wave: a moved OU, and a common parent above several at once.
 pub(crate) fn waves(
     plan: &Plan,
     limit: usize,
@@ -392,11 +390,13 @@ pub(crate) fn waves(
         .filter(|(_, n)| **n > limit)
         .map(|((t, d), _)| (*t, d))
         .collect();
+    let count = |t: &ObjectType, d: &Dn| counts.get(&(t, d.clone())).copied().unwrap_or(0);
     over.iter()
         .filter(|(t, d)| {
-            !over
-                .iter()
-                .any(|(t2, d2)| t2 == t && d2.is_descendant_of(d))
+            // No child container holds the whole count.
+            !over.iter().any(|(t2, d2)| {
+                t2 == t && d2.parent().as_ref() == Some(*d) && count(t2, d2) == count(t, d)
+            })
         })
         .map(|(t, d)| GuardViolation {
             target_type: (*t).clone(),
@@ -467,7 +467,9 @@ mod tests {
         assert!(!inside(&scope.decide(None, &b)), "no DN, no container");
         // An included container inside an excluded one: the nearer decides.
         let nested = ContainerScope {
-            include: vec![ContainerRef::Dn(dn("OU=Keep,OU=Contractors,OU=Staff,DC=corp"))],
+            include: vec![ContainerRef::Dn(dn(
+                "OU=Keep,OU=Contractors,OU=Staff,DC=corp",
+            ))],
             exclude: vec![ContainerRef::Dn(dn("OU=Contractors,OU=Staff,DC=corp"))],
         };
         let b2 = ContainerBindings::resolve(nested.references(), &m, &ContainerBindings::new());
@@ -475,10 +477,9 @@ mod tests {
             Some(&dn("CN=K,OU=Keep,OU=Contractors,OU=Staff,DC=corp")),
             &b2
         )));
-        assert!(!inside(&nested.decide(
-            Some(&dn("CN=C,OU=Contractors,OU=Staff,DC=corp")),
-            &b2
-        )));
+        assert!(!inside(
+            &nested.decide(Some(&dn("CN=C,OU=Contractors,OU=Staff,DC=corp")), &b2)
+        ));
         // Only exclusions: everything else is in.
         let only = ContainerScope {
             include: vec![],
@@ -487,10 +488,9 @@ mod tests {
         let b3 = ContainerBindings::resolve(only.references(), &m, &ContainerBindings::new());
         assert!(inside(&only.decide(Some(&dn("CN=X,DC=corp")), &b3)));
         assert!(inside(&only.decide(None, &b3)));
-        assert!(!inside(&only.decide(
-            Some(&dn("CN=X,OU=Contractors,OU=Staff,DC=corp")),
-            &b3
-        )));
+        assert!(!inside(
+            &only.decide(Some(&dn("CN=X,OU=Contractors,OU=Staff,DC=corp")), &b3)
+        ));
     }
 
     #[test]
@@ -501,7 +501,10 @@ mod tests {
         // Staff is renamed People and moved under Archive; its children move with it (the
         // mirror keeps their DNs current), and a new OU takes the old DN.
         m.insert(ou("staff", "OU=People,OU=Archive,DC=corp"));
-        m.insert(ou("contractors", "OU=Contractors,OU=People,OU=Archive,DC=corp"));
+        m.insert(ou(
+            "contractors",
+            "OU=Contractors,OU=People,OU=Archive,DC=corp",
+        ));
         m.insert(ou("new-staff", "OU=Staff,DC=corp"));
         let later = ContainerBindings::resolve(scope.references(), &m, &first);
         let staff = later
@@ -509,10 +512,13 @@ mod tests {
             .unwrap();
         assert_eq!(staff.anchor.as_ref().map(|a| a.as_str()), Some("staff"));
         assert_eq!(staff.dn, Some(dn("OU=People,OU=Archive,DC=corp")));
-        assert!(staff.describe().contains("(now OU=People,OU=Archive,DC=corp)"));
-        assert!(inside(
-            &scope.decide(Some(&dn("CN=Ann,OU=People,OU=Archive,DC=corp")), &later)
-        ));
+        assert!(staff
+            .describe()
+            .contains("(now OU=People,OU=Archive,DC=corp)"));
+        assert!(inside(&scope.decide(
+            Some(&dn("CN=Ann,OU=People,OU=Archive,DC=corp")),
+            &later
+        )));
         assert!(!inside(
             &scope.decide(Some(&dn("CN=Ann,OU=Staff,DC=corp")), &later)
         ));
@@ -529,7 +535,9 @@ mod tests {
         let mut m2 = mirror();
         m2.remove(&"staff".into());
         let deleted = ContainerBindings::resolve(scope.references(), &m2, &first);
-        let b = deleted.get(&ContainerRef::Dn(dn("OU=Staff,DC=corp"))).unwrap();
+        let b = deleted
+            .get(&ContainerRef::Dn(dn("OU=Staff,DC=corp")))
+            .unwrap();
         assert!(b.is_gone());
         match scope.decide(Some(&dn("CN=Ann,OU=Staff,DC=corp")), &deleted) {
             ContainerDecision::Out { why, .. } => assert!(why.contains("is gone"), "{why}"),
@@ -544,11 +552,15 @@ mod tests {
         let b = ContainerBindings::resolve(scope.references(), &empty, &ContainerBindings::new());
         let staff = b.get(&ContainerRef::Dn(dn("OU=Staff,DC=corp"))).unwrap();
         assert!(staff.anchor.is_none() && !staff.is_gone());
-        assert!(inside(&scope.decide(Some(&dn("cn=a,ou=staff,dc=corp")), &b)));
+        assert!(inside(
+            &scope.decide(Some(&dn("cn=a,ou=staff,dc=corp")), &b)
+        ));
         // Bound later, once the container is imported.
         let m = mirror();
         let again = ContainerBindings::resolve(scope.references(), &m, &b);
-        let staff = again.get(&ContainerRef::Dn(dn("OU=Staff,DC=corp"))).unwrap();
+        let staff = again
+            .get(&ContainerRef::Dn(dn("OU=Staff,DC=corp")))
+            .unwrap();
         assert_eq!(staff.anchor.as_ref().map(|a| a.as_str()), Some("staff"));
         // An anchor the mirror never had places nothing.
         let by_anchor = ContainerScope {
@@ -556,6 +568,8 @@ mod tests {
             exclude: vec![],
         };
         let b = ContainerBindings::resolve(by_anchor.references(), &m, &ContainerBindings::new());
-        assert!(!inside(&by_anchor.decide(Some(&dn("cn=a,ou=staff,dc=corp")), &b)));
+        assert!(!inside(
+            &by_anchor.decide(Some(&dn("cn=a,ou=staff,dc=corp")), &b)
+        ));
     }
 }

@@ -35,6 +35,7 @@
 //! # });
 //! ```
 
+mod containers;
 mod lookup;
 mod report;
 
@@ -522,7 +523,9 @@ impl Synchronizer {
                                 self.store(|s| s.import_entries(generation, &b))?;
                                 let anchor = other.anchor().clone();
                                 let deleted = matches!(other, Change::Delete { .. });
-                                self.store(|s| s.apply_changes(&name, &[other], None))?;
+                                self.store(|s| {
+                                    containers::apply_changes(s, &name, &[other], None)
+                                })?;
                                 if !deleted {
                                     self.reimport(generation, std::slice::from_ref(&anchor))?;
                                 }
@@ -535,7 +538,7 @@ impl Synchronizer {
                             None => {
                                 // The changes since the last checkpoint belong to the phase.
                                 let b = std::mem::take(&mut batch);
-                                self.store(|s| s.apply_changes(&name, &b, None))?;
+                                self.store(|s| containers::apply_changes(s, &name, &b, None))?;
                                 let g = self.store(|s| s.begin_full_import(&name))?;
                                 let changed = std::mem::take(&mut since_checkpoint);
                                 self.reimport(g, &changed)?;
@@ -555,7 +558,7 @@ impl Synchronizer {
                             self.finish_present_phase(&name, generation, &w)?;
                         } else {
                             let b = std::mem::take(&mut batch);
-                            self.store(|s| s.apply_changes(&name, &b, Some(&w)))?;
+                            self.store(|s| containers::apply_changes(s, &name, &b, Some(&w)))?;
                         }
                         self.progress(Stage::Import, report.imported, None);
                     }
@@ -591,7 +594,7 @@ impl Synchronizer {
         if !batch.is_empty() {
             // Changes after the last checkpoint: durable now, their watermark comes next time
             // (applying them again is harmless: the mirror is state, not a log).
-            match self.with_store(|s| s.apply_changes(&name, &batch, None)) {
+            match self.with_store(|s| containers::apply_changes(s, &name, &batch, None)) {
                 Ok(()) => {}
                 Err(StateError::UnknownAnchor { .. }) => {
                     self.store(|s| s.clear_watermark(&name))?;
@@ -650,7 +653,12 @@ impl Synchronizer {
     // Plan
     // ---------------------------------------------------------------------------------------
 
-    fn views_for(&self, scope: &PlanScope, now: DateTime<Utc>) -> Result<Views> {
+    fn views_for(
+        &self,
+        scope: &PlanScope,
+        now: DateTime<Utc>,
+        bindings: &crate::delta::ContainerBindings,
+    ) -> Result<Views> {
         match scope {
             PlanScope::All => self.store(|s| s.load_all()),
             PlanScope::Anchors(anchors) => {
@@ -658,7 +666,8 @@ impl Synchronizer {
                 // New objects may join target objects outside the neighbourhood: load the
                 // candidates their join groups name.
                 let ctx =
-                    ProjectionContext::new(now, self.config.seed, &views.mirror, &views.target);
+                    ProjectionContext::new(now, self.config.seed, &views.mirror, &views.target)
+                        .with_containers(bindings);
                 let mut lookups = Vec::new();
                 for a in anchors {
                     if views.links.get(a).is_some() {
@@ -691,7 +700,8 @@ impl Synchronizer {
         let t0 = Instant::now();
         let now = self.config.clock.now();
         let fingerprint = self.store(|s| s.fingerprint())?;
-        let views = self.views_for(&scope, now)?;
+        let bindings = self.bind_containers()?;
+        let views = self.views_for(&scope, now, &bindings)?;
         let delta_scope = matches!(scope, PlanScope::Anchors(_));
         let mut input = PlanInput::new(
             self.projection.as_ref(),
@@ -703,6 +713,7 @@ impl Synchronizer {
         input.now = now;
         input.seed = self.config.seed;
         input.guard = self.config.guard;
+        input.containers = Some(&bindings);
         let mut plan = delta::plan(&input);
         if delta_scope {
             // The neighbourhood's links are partial: count the linked objects in the store.
@@ -778,8 +789,11 @@ impl Synchronizer {
                 .iter()
                 .map(|o| o.anchor.clone())
                 .collect();
-            let views = self.views_for(&PlanScope::Anchors(anchors), staged.now)?;
-            let plan = self.restore_secrets(staged.plan, &views, staged.now, staged.seed);
+            // The container bindings the plan was made with (recorded when it was made).
+            let bindings = self.store(|s| s.container_bindings())?;
+            let views = self.views_for(&PlanScope::Anchors(anchors), staged.now, &bindings)?;
+            let plan =
+                self.restore_secrets(staged.plan, &views, &bindings, staged.now, staged.seed);
             let mut report = self.export(run, plan, views).await?;
             report.absorb(looked_up);
             Ok(report)
@@ -795,10 +809,12 @@ impl Synchronizer {
         &self,
         mut plan: Plan,
         views: &Views,
+        bindings: &crate::delta::ContainerBindings,
         now: DateTime<Utc>,
         seed: u64,
     ) -> Plan {
-        let ctx = ProjectionContext::new(now, seed, &views.mirror, &views.target);
+        let ctx = ProjectionContext::new(now, seed, &views.mirror, &views.target)
+            .with_containers(bindings);
         for op in &mut plan.operations {
             if let OperationKind::Create { secrets, .. } = &mut op.kind {
                 if secrets.is_empty() || secrets.iter().all(|(_, v)| !v.is_empty()) {
@@ -938,8 +954,10 @@ impl Synchronizer {
             .await?;
         let explanation = match (&self.rules, views.mirror.get(&anchor)) {
             (Some(rules), Some(e)) => {
+                let bindings = self.store(|s| s.container_bindings())?;
                 let ctx =
-                    ProjectionContext::new(staged.now, staged.seed, &views.mirror, &views.target);
+                    ProjectionContext::new(staged.now, staged.seed, &views.mirror, &views.target)
+                        .with_containers(&bindings);
                 Some(rules.explain(e, &ctx))
             }
             _ => None,

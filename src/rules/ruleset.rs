@@ -968,9 +968,10 @@ impl RuleSet {
         });
         let (in_containers, containers) = match self.container_decision(rule, entry, ctx) {
             _ if rule.containers.is_empty() => (true, None),
-            ContainerDecision::In(Some(b)) => {
-                (true, Some(format!("under included container {}", b.describe())))
-            }
+            ContainerDecision::In(Some(b)) => (
+                true,
+                Some(format!("under included container {}", b.describe())),
+            ),
             ContainerDecision::In(None) => (true, Some("under no excluded container".into())),
             ContainerDecision::Out { why, .. } => (false, Some(why)),
         };
@@ -1062,8 +1063,7 @@ impl Projection for RuleSet {
         let Some(rule) = self.rule_for(&entry.object_type) else {
             return Projected::OutOfScope(format!("no rule for object type {}", entry.object_type));
         };
-        if let ContainerDecision::Out { why, container } =
-            self.container_decision(rule, entry, ctx)
+        if let ContainerDecision::Out { why, container } = self.container_decision(rule, entry, ctx)
         {
             return Projected::OutOfContainer {
                 why: format!("rule {}: {why}", rule.name),

@@ -525,8 +525,10 @@ pub trait StateStore: Send {
     /// A directory reports a renamed container alone (its children's change numbers do not
     /// move), so without this the mirror would keep the children's old DNs. Repeating a call
     /// moves nothing more.
-    fn move_subtrees(&mut self, moves: &[(Anchor, crate::model::Dn)])
-        -> Result<Vec<Anchor>, StateError>;
+    fn move_subtrees(
+        &mut self,
+        moves: &[(Anchor, crate::model::Dn)],
+    ) -> Result<Vec<Anchor>, StateError>;
 
     /// The container bindings the engine keeps between runs (see
     /// [`ContainerBindings`](crate::delta::ContainerBindings)); empty at first.
@@ -551,11 +553,7 @@ pub(crate) fn rebase_dn(
     }
     let keep = dn.len() - from.len();
     Some(crate::model::Dn::from_rdns(
-        dn.rdns()
-            .iter()
-            .take(keep)
-            .chain(to.rdns())
-            .cloned(),
+        dn.rdns().iter().take(keep).chain(to.rdns()).cloned(),
     ))
 }
 

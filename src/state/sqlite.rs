@@ -1752,8 +1752,7 @@ impl StateStore for SqliteStore {
 
     fn move_subtrees(&mut self, moves: &[(Anchor, Dn)]) -> Result<Vec<Anchor>, StateError> {
         self.write("moving subtrees", |tx| {
-            let mut now: std::collections::HashMap<Anchor, Dn> =
-                std::collections::HashMap::new();
+            let mut now: std::collections::HashMap<Anchor, Dn> = std::collections::HashMap::new();
             let mut moved: BTreeSet<Anchor> = BTreeSet::new();
             for (anchor, to) in moves {
                 let from = match now.get(anchor) {

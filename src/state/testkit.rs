@@ -918,10 +918,10 @@ fn subtrees_move_with_their_container(mut s: Box<dyn StateStore>) {
             Change::Add(person("bob", "CN=Bob,OU=Sales,OU=Staff,DC=x")),
             Change::Add(person("cy", "CN=Cy,OU=BigStaff,DC=x")),
             Change::Add(person("di", "CN=Di,OU=Old\\,OU=Staff,DC=x")),
-            Change::Add(Entry::new("grp", "group").with(
-                "member",
-                Value::dn_ref(dn("CN=Bob,OU=Sales,OU=Staff,DC=x")),
-            )),
+            Change::Add(
+                Entry::new("grp", "group")
+                    .with("member", Value::dn_ref(dn("CN=Bob,OU=Sales,OU=Staff,DC=x"))),
+            ),
         ],
         None,
     )
@@ -933,16 +933,27 @@ fn subtrees_move_with_their_container(mut s: Box<dyn StateStore>) {
     assert_eq!(moved, anchors(&["ann", "bob", "sales"]));
     assert_ne!(s.fingerprint().unwrap(), before);
     let at = |s: &dyn StateStore, anchor: &str| s.source_entry(&a(anchor)).unwrap().unwrap().dn;
-    assert_eq!(at(s.as_ref(), "ann"), Some(dn("CN=Ann,OU=People,OU=Corp,DC=x")));
+    assert_eq!(
+        at(s.as_ref(), "ann"),
+        Some(dn("CN=Ann,OU=People,OU=Corp,DC=x"))
+    );
     assert_eq!(
         at(s.as_ref(), "bob"),
         Some(dn("cn=bob,ou=sales,ou=people,ou=corp,dc=x"))
     );
     assert_eq!(at(s.as_ref(), "cy"), Some(dn("CN=Cy,OU=BigStaff,DC=x")));
-    assert_eq!(at(s.as_ref(), "di"), Some(dn("CN=Di,OU=Old\\,OU=Staff,DC=x")));
-    assert_eq!(at(s.as_ref(), "staff"), Some(dn("OU=Staff,DC=x")), "not the container itself");
     assert_eq!(
-        s.anchor_by_dn(&dn("CN=Bob,OU=Sales,OU=People,OU=Corp,DC=x")).unwrap(),
+        at(s.as_ref(), "di"),
+        Some(dn("CN=Di,OU=Old\\,OU=Staff,DC=x"))
+    );
+    assert_eq!(
+        at(s.as_ref(), "staff"),
+        Some(dn("OU=Staff,DC=x")),
+        "not the container itself"
+    );
+    assert_eq!(
+        s.anchor_by_dn(&dn("CN=Bob,OU=Sales,OU=People,OU=Corp,DC=x"))
+            .unwrap(),
         Some(a("bob"))
     );
     let dirty = s.dirty().unwrap();
@@ -960,7 +971,10 @@ fn subtrees_move_with_their_container(mut s: Box<dyn StateStore>) {
         None,
     )
     .unwrap();
-    assert!(s.move_subtrees(&[(a("staff"), to.clone())]).unwrap().is_empty());
+    assert!(s
+        .move_subtrees(&[(a("staff"), to.clone())])
+        .unwrap()
+        .is_empty());
     // Two moves of one batch, and a child container named after its parent (as sources that
     // report every moved object do).
     let moved = s
@@ -971,10 +985,19 @@ fn subtrees_move_with_their_container(mut s: Box<dyn StateStore>) {
         ])
         .unwrap();
     assert_eq!(moved, anchors(&["ann", "bob", "sales"]));
-    assert_eq!(at(s.as_ref(), "bob"), Some(dn("CN=Bob,OU=Sales,OU=Staff2,DC=x")));
+    assert_eq!(
+        at(s.as_ref(), "bob"),
+        Some(dn("CN=Bob,OU=Sales,OU=Staff2,DC=x"))
+    );
     // Unknown anchors and objects without a DN move nothing.
-    assert!(s.move_subtrees(&[(a("nobody"), dn("OU=Z,DC=x"))]).unwrap().is_empty());
-    assert!(s.move_subtrees(&[(a("grp"), dn("OU=Z,DC=x"))]).unwrap().is_empty());
+    assert!(s
+        .move_subtrees(&[(a("nobody"), dn("OU=Z,DC=x"))])
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .move_subtrees(&[(a("grp"), dn("OU=Z,DC=x"))])
+        .unwrap()
+        .is_empty());
 }
 
 /// Container bindings are empty at first and kept as set.
@@ -992,7 +1015,11 @@ fn container_bindings_are_kept(mut s: Box<dyn StateStore>) {
     let before = s.fingerprint().unwrap();
     s.set_container_bindings(&b).unwrap();
     assert_eq!(s.container_bindings().unwrap(), b);
-    assert_eq!(s.fingerprint().unwrap(), before, "bindings are not plan state");
+    assert_eq!(
+        s.fingerprint().unwrap(),
+        before,
+        "bindings are not plan state"
+    );
     s.set_container_bindings(&ContainerBindings::new()).unwrap();
     assert!(s.container_bindings().unwrap().is_empty());
 }
