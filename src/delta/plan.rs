@@ -451,7 +451,10 @@ impl fmt::Display for GuardViolation {
         if let Some(c) = &self.container {
             return write!(
                 f,
-                "deletion guard: {} linked {} objects under {c} left the rules' container scope                  at once (the container was moved or renamed out of an included subtree or into                  an excluded one, deleted, or the rules' containers changed); the limit for one                  container is {}",
+                "deletion guard: {} linked {} objects under {c} left the rules' container scope \
+                 at once (the container was moved or renamed out of an included subtree or into \
+                 an excluded one, deleted, or the rules' containers changed); the limit for one \
+                 container is {}",
                 self.deletions, self.target_type, self.limit
             );
         }
