@@ -19,6 +19,7 @@
 //!
 //! Pure: lookups come in as functions; nothing here reads a store.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -276,6 +277,21 @@ impl ContainerScope {
         self.include.iter().chain(&self.exclude)
     }
 
+    /// Whether an object at `dn` is in the scope: [`ContainerScope::decide`]'s answer without
+    /// the reason (nothing is copied).
+    pub fn admits(&self, dn: Option<&Dn>, bindings: &ContainerBindings) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let Some(dn) = dn.filter(|d| !d.is_root()) else {
+            return self.include.is_empty();
+        };
+        match self.nearest(dn, bindings) {
+            Some((excluded, b)) => !excluded && !b.is_gone(),
+            None => self.include.is_empty(),
+        }
+    }
+
     /// Decides for an object at `dn`: the nearest named container at or above it decides (an
     /// exclusion wins a tie); a container gone from the source takes nothing into scope.
     /// `bindings` should bind every reference of the scope; one it lacks is placed by its DN
@@ -284,20 +300,6 @@ impl ContainerScope {
         if self.is_empty() {
             return ContainerDecision::In(None);
         }
-        let binding = |r: &ContainerRef| -> ContainerBinding {
-            bindings
-                .get(r)
-                .cloned()
-                .unwrap_or_else(|| ContainerBinding {
-                    reference: r.clone(),
-                    anchor: None,
-                    dn: match r {
-                        ContainerRef::Dn(d) => Some(d.clone()),
-                        ContainerRef::Anchor(_) => None,
-                    },
-                    present: false,
-                })
-        };
         let Some(dn) = dn.filter(|d| !d.is_root()) else {
             return if self.include.is_empty() {
                 ContainerDecision::In(None)
@@ -309,15 +311,52 @@ impl ContainerScope {
             };
         };
         let parent = dn.parent();
-        // The nearest named container at or above the object: (depth, excluded, binding).
-        let mut nearest: Option<(usize, bool, ContainerBinding)> = None;
+        match self.nearest(dn, bindings) {
+            Some((false, b)) if !b.is_gone() => ContainerDecision::In(Some(b.into_owned())),
+            Some((false, b)) => ContainerDecision::Out {
+                why: format!(
+                    "its included container {} is gone from the source",
+                    b.describe()
+                ),
+                container: parent,
+            },
+            Some((true, b)) => ContainerDecision::Out {
+                why: format!("under excluded container {}", b.describe()),
+                container: parent,
+            },
+            None if self.include.is_empty() => ContainerDecision::In(None),
+            None => {
+                let included: Vec<String> = self
+                    .include
+                    .iter()
+                    .map(|r| binding(r, bindings).describe())
+                    .collect();
+                ContainerDecision::Out {
+                    why: format!(
+                        "in {}, outside the included containers ({})",
+                        parent.as_ref().map_or_else(String::new, Dn::to_string),
+                        included.join("; ")
+                    ),
+                    container: parent,
+                }
+            }
+        }
+    }
+
+    /// The nearest named container at or above `dn`: whether it is excluded, and its binding.
+    fn nearest<'b>(
+        &'b self,
+        dn: &Dn,
+        bindings: &'b ContainerBindings,
+    ) -> Option<(bool, Cow<'b, ContainerBinding>)> {
+        let mut nearest: Option<(usize, bool, Cow<'b, ContainerBinding>)> = None;
         let named = self
             .include
             .iter()
             .map(|r| (false, r))
             .chain(self.exclude.iter().map(|r| (true, r)));
         for (excluded, r) in named {
-            let b = binding(r);
+            let b = binding(r, bindings);
             let Some(at) = b.placed_at() else { continue };
             if dn != at && !dn.is_descendant_of(at) {
                 continue;
@@ -331,33 +370,23 @@ impl ContainerScope {
                 nearest = Some((depth, excluded, b));
             }
         }
-        match nearest {
-            Some((_, false, b)) if !b.is_gone() => ContainerDecision::In(Some(b)),
-            Some((_, false, b)) => ContainerDecision::Out {
-                why: format!(
-                    "its included container {} is gone from the source",
-                    b.describe()
-                ),
-                container: parent,
+        nearest.map(|(_, excluded, b)| (excluded, b))
+    }
+}
+
+/// The binding of `r`, or — when `bindings` lacks it — one placing objects by its DN.
+fn binding<'b>(r: &'b ContainerRef, bindings: &'b ContainerBindings) -> Cow<'b, ContainerBinding> {
+    match bindings.get(r) {
+        Some(b) => Cow::Borrowed(b),
+        None => Cow::Owned(ContainerBinding {
+            reference: r.clone(),
+            anchor: None,
+            dn: match r {
+                ContainerRef::Dn(d) => Some(d.clone()),
+                ContainerRef::Anchor(_) => None,
             },
-            Some((_, true, b)) => ContainerDecision::Out {
-                why: format!("under excluded container {}", b.describe()),
-                container: parent,
-            },
-            None if self.include.is_empty() => ContainerDecision::In(None),
-            None => {
-                let included: Vec<String> =
-                    self.include.iter().map(|r| binding(r).describe()).collect();
-                ContainerDecision::Out {
-                    why: format!(
-                        "in {}, outside the included containers ({})",
-                        parent.as_ref().map_or_else(String::new, Dn::to_string),
-                        included.join("; ")
-                    ),
-                    container: parent,
-                }
-            }
-        }
+            present: false,
+        }),
     }
 }
 
@@ -571,5 +600,123 @@ mod tests {
         assert!(!inside(
             &by_anchor.decide(Some(&dn("cn=a,ou=staff,dc=corp")), &b)
         ));
+    }
+
+    #[test]
+    fn admits_agrees_with_decide() {
+        let scope = staff_scope();
+        let m = mirror();
+        let bound = ContainerBindings::resolve(scope.references(), &m, &ContainerBindings::new());
+        let mut gone_mirror = mirror();
+        gone_mirror.remove(&"staff".into());
+        let gone = ContainerBindings::resolve(scope.references(), &gone_mirror, &bound);
+        let scopes = [
+            scope.clone(),
+            ContainerScope::default(),
+            ContainerScope {
+                include: vec![],
+                exclude: scope.exclude.clone(),
+            },
+            ContainerScope {
+                include: vec![ContainerRef::Anchor("archive".into())],
+                exclude: vec![],
+            },
+        ];
+        let dns = [
+            None,
+            Some(Dn::root()),
+            Some(dn("OU=Staff,DC=corp")),
+            Some(dn("CN=A,OU=Staff,DC=corp")),
+            Some(dn("CN=A,OU=Contractors,OU=Staff,DC=corp")),
+            Some(dn("CN=A,OU=Archive,DC=corp")),
+            Some(dn("CN=A,DC=elsewhere")),
+        ];
+        for s in &scopes {
+            for b in [&bound, &gone, &ContainerBindings::new()] {
+                for d in &dns {
+                    assert_eq!(
+                        s.admits(d.as_ref(), b),
+                        inside(&s.decide(d.as_ref(), b)),
+                        "{s:?} {d:?} {b:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn waves_name_the_deepest_container_of_each_wave() {
+        use crate::delta::{Operation, OperationKind};
+        let op = |anchor: &str, ty: &str, container: Option<&str>, delete: bool| Operation {
+            anchor: anchor.into(),
+            source_type: "user".into(),
+            target_type: ty.into(),
+            kind: if delete {
+                OperationKind::Delete {
+                    target_id: anchor.into(),
+                }
+            } else {
+                OperationKind::Unlink {
+                    target_id: anchor.into(),
+                }
+            },
+            reason: Reason::LeftScope {
+                why: "x".into(),
+                container: container.map(dn),
+            },
+        };
+        let mut plan = Plan::default();
+        // Three in Sales, two in Sales/Team (5 under Sales), one in Marketing, one without a
+        // container (an attribute filter), two unlinks (not deletions), and one of another type.
+        for i in 0..3 {
+            plan.operations
+                .push(op(&format!("s{i}"), "User", Some("OU=Sales,DC=corp"), true));
+        }
+        for i in 0..2 {
+            plan.operations.push(op(
+                &format!("t{i}"),
+                "User",
+                Some("OU=Team,OU=Sales,DC=corp"),
+                true,
+            ));
+        }
+        plan.operations
+            .push(op("m", "User", Some("OU=Marketing,DC=corp"), true));
+        plan.operations.push(op("f", "User", None, true));
+        for i in 0..2 {
+            plan.operations.push(op(
+                &format!("u{i}"),
+                "User",
+                Some("OU=Sales,DC=corp"),
+                false,
+            ));
+        }
+        plan.operations
+            .push(op("g", "Group", Some("OU=Sales,DC=corp"), true));
+        let linked = |_: &ObjectType| 100;
+        let found = |limit: usize| -> Vec<(String, usize)> {
+            waves(&plan, limit, &linked)
+                .into_iter()
+                .map(|v| (v.container.unwrap().to_string(), v.deletions))
+                .collect()
+        };
+        assert_eq!(found(6), Vec::<(String, usize)>::new());
+        assert_eq!(found(5), [("DC=corp".to_owned(), 6)]);
+        assert_eq!(
+            found(4),
+            [
+                ("DC=corp".to_owned(), 6),
+                ("OU=Sales,DC=corp".to_owned(), 5)
+            ]
+        );
+        // Sales (5) and, above it, DC=corp with Marketing too (6).
+        assert_eq!(
+            found(1),
+            [
+                ("DC=corp".to_owned(), 6),
+                ("OU=Sales,DC=corp".to_owned(), 5),
+                ("OU=Team,OU=Sales,DC=corp".to_owned(), 2)
+            ]
+        );
     }
 }

@@ -934,6 +934,21 @@ impl RuleSet {
             .decide(entry.dn.as_ref(), ctx.containers().unwrap_or(&unbound))
     }
 
+    /// Whether `entry` is within the rule's containers (the common case, without a reason).
+    fn in_containers(
+        &self,
+        rule: &CompiledRule,
+        entry: &Entry,
+        ctx: &ProjectionContext<'_>,
+    ) -> bool {
+        if rule.containers.is_empty() {
+            return true;
+        }
+        let unbound = ContainerBindings::new();
+        rule.containers
+            .admits(entry.dn.as_ref(), ctx.containers().unwrap_or(&unbound))
+    }
+
     fn in_scope(
         &self,
         rule: &CompiledRule,
@@ -1063,12 +1078,15 @@ impl Projection for RuleSet {
         let Some(rule) = self.rule_for(&entry.object_type) else {
             return Projected::OutOfScope(format!("no rule for object type {}", entry.object_type));
         };
-        if let ContainerDecision::Out { why, container } = self.container_decision(rule, entry, ctx)
-        {
-            return Projected::OutOfContainer {
-                why: format!("rule {}: {why}", rule.name),
-                container,
-            };
+        if !self.in_containers(rule, entry, ctx) {
+            if let ContainerDecision::Out { why, container } =
+                self.container_decision(rule, entry, ctx)
+            {
+                return Projected::OutOfContainer {
+                    why: format!("rule {}: {why}", rule.name),
+                    container,
+                };
+            }
         }
         let view =
             Slotted::new(&rule.attribute_names, &entry.attributes).with_dn(entry.dn.as_ref());
@@ -1155,10 +1173,7 @@ impl Projection for RuleSet {
         if rule.target_type != current.object_type {
             return Some(false);
         }
-        if !matches!(
-            self.container_decision(rule, entry, ctx),
-            ContainerDecision::In(_)
-        ) {
+        if !self.in_containers(rule, entry, ctx) {
             return Some(false);
         }
         let view =

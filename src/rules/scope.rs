@@ -2978,6 +2978,34 @@ mod tests {
     }
 
     #[test]
+    fn rdn_runs_respect_boundaries_escapes_and_multi_valued_rdns() {
+        let d = |s: &str| Dn::parse(s).unwrap();
+        let dn = d("CN=a+SN=b, OU=x,DC=y");
+        assert!(
+            holds_rdns(&dn, &d("sn=b+cn=a"), true, false),
+            "multi-valued RDN in any order"
+        );
+        assert!(holds_rdns(&dn, &d("ou=x,dc=y"), false, true));
+        assert!(holds_rdns(&dn, &d("ou=x"), false, false));
+        assert!(holds_rdns(&dn, &dn, true, false) && holds_rdns(&dn, &dn, false, true));
+        assert!(!holds_rdns(&dn, &d("sn=b"), false, false), "part of an RDN");
+        assert!(
+            !holds_rdns(&d("OU=x,DC=y"), &dn, false, false),
+            "longer than the DN"
+        );
+        let escaped = d(r"CN=a\,ou=x,DC=y");
+        assert_eq!(escaped.len(), 2);
+        assert!(!holds_rdns(&escaped, &d("ou=x,dc=y"), false, true));
+        assert!(!holds_rdns(&escaped, &d("ou=x"), false, false));
+        assert!(holds_rdns(&escaped, &d(r"cn=A\2COU=X"), true, false));
+        let backslash = d(r"CN=a\\,OU=x,DC=y");
+        assert!(
+            holds_rdns(&backslash, &d("ou=x,dc=y"), false, true),
+            "an escaped backslash"
+        );
+    }
+
+    #[test]
     fn bad_dn_reports_the_position() {
         let e = error(
             Family::ConnectSync,
