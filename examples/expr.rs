@@ -11,7 +11,8 @@
 //! "connect-sync", "groups": [[{"attribute": …, "operator": …, "value": …}, …], …]}`. Context
 //! (all optional): `now` (RFC 3339), `seed`, `existing_values` (taken values for
 //! `SelectUniqueValue`), `default_domain`, `app_role_assignments` (`[{"id", "value",
-//! "displayName"}]`), `member_of` (group DNs, for `ISMEMBEROF`).
+//! "displayName"}]`), `member_of` (group DNs, for `ISMEMBEROF`), `dn` (the object's DN, for
+//! clauses on `dn`).
 //!
 //! Prints one JSON object: `{"value": …}`, `{"ignore_flow": true}`, or `{"error": {"kind":
 //! "compile" | "evaluation" | "not_unique", "code": …, "message": …}}` (exit code 1), with
@@ -131,6 +132,11 @@ fn run(args: &[String]) -> Result<(Json, ExitCode), String> {
         .filter_map(Json::as_str)
         .map(|s| Dn::parse(s).map_err(|e| format!("context.member_of: {e}")))
         .collect::<Result<_, _>>()?;
+    let dn: Option<Dn> = context
+        .get("dn")
+        .and_then(Json::as_str)
+        .map(|s| Dn::parse(s).map_err(|e| format!("context.dn: {e}")))
+        .transpose()?;
 
     if let Some(filter) = filter {
         let [attrs_json] = positional.as_slice() else {
@@ -141,7 +147,7 @@ fn run(args: &[String]) -> Result<(Json, ExitCode), String> {
         let spec: FilterSpec = serde_json::from_str(&filter).map_err(|e| format!("filter: {e}"))?;
         return Ok(match ScopeFilter::compile(&spec) {
             Ok(f) => (
-                json!({"value": f.evaluate(&attrs, &|| member_of.clone())}),
+                json!({"value": f.evaluate_with_dn(&attrs, dn.as_ref(), &|| member_of.clone())}),
                 ExitCode::SUCCESS,
             ),
             Err(errs) => {
