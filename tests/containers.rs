@@ -58,22 +58,26 @@ struct World {
     guard: DeletionGuard,
 }
 
+/// The OUs; Ann in Staff, Cy in Contractors, Zed in Archive, s0–s6 in Sales.
+fn directory() -> Vec<Entry> {
+    let mut out = vec![
+        ou("staff", STAFF),
+        ou("contractors", CONTRACTORS),
+        ou("sales", SALES),
+        ou("archive", ARCHIVE),
+        person("ann", STAFF),
+        person("cy", CONTRACTORS),
+        person("zed", ARCHIVE),
+    ];
+    out.extend((0..7).map(|i| person(&format!("s{i}"), SALES)));
+    out
+}
+
 impl World {
     fn new() -> World {
         let mut mirror = SourceMirror::new();
-        for e in [
-            ou("staff", STAFF),
-            ou("contractors", CONTRACTORS),
-            ou("sales", SALES),
-            ou("archive", ARCHIVE),
-            person("ann", STAFF),
-            person("cy", CONTRACTORS),
-            person("zed", ARCHIVE),
-        ] {
+        for e in directory() {
             mirror.insert(e);
-        }
-        for i in 0..7 {
-            mirror.insert(person(&format!("s{i}"), SALES));
         }
         World {
             rules: RuleSet::from_toml(RULES, Some("rules.toml")).unwrap(),
@@ -424,18 +428,8 @@ fn the_engine_remembers_bindings_across_runs() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.sqlite");
     let source = MemorySource::new("ad");
-    for e in [
-        ou("staff", STAFF),
-        ou("contractors", CONTRACTORS),
-        ou("sales", SALES),
-        ou("archive", ARCHIVE),
-        person("ann", STAFF),
-        person("cy", CONTRACTORS),
-    ] {
+    for e in directory() {
         source.add(e).unwrap();
-    }
-    for i in 0..7 {
-        source.add(person(&format!("s{i}"), SALES)).unwrap();
     }
     let target = MemoryTarget::new("app").unique_attribute("User", "userName");
     let rules = Arc::new(RuleSet::from_toml(RULES, Some("rules.toml")).unwrap());

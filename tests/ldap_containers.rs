@@ -124,6 +124,23 @@ fn assert_quiet(r: &RunReport) {
     assert!(!r.held, "{r}");
 }
 
+/// After the OU holding `child` was renamed or moved: a delta cycle and a full sync change
+/// nothing, and the mirror knows `child` at its new DN.
+async fn assert_rename_changes_nothing(
+    sync: &mut Synchronizer,
+    target: &MemoryTarget,
+    child: &str,
+) {
+    let before = target.objects();
+    let r = sync.run_cycle().await.unwrap();
+    assert_quiet(&r);
+    assert_eq!(target.objects(), before);
+    let r = sync.full_sync().await.unwrap();
+    assert_quiet(&r);
+    let at = sync.with_store(|s| s.anchor_by_dn(&dn(child))).unwrap();
+    assert!(at.is_some(), "the mirror kept {child}'s old DN");
+}
+
 mod samba_ad {
     use super::*;
     use dirsync::testkit::samba::{self, SambaDc};
@@ -235,18 +252,8 @@ mod samba_ad {
             // reports the OU alone; its objects stay in scope and keep their target objects.
             dc.ldap_rename(STAFF, "OU=Personnel", Some(CORP)).unwrap();
             for (sync, target) in &mut engines {
-                let before = target.objects();
-                let r = sync.run_cycle().await.unwrap();
-                assert_quiet(&r);
-                assert_eq!(target.objects(), before);
-                // A full sync agrees: nothing left scope.
-                let r = sync.full_sync().await.unwrap();
-                assert_quiet(&r);
-                // The mirror followed: the children's DNs are the new ones.
-                let at = sync
-                    .with_store(|s| s.anchor_by_dn(&dn(&format!("CN=s3,OU=Sales,{PERSONNEL}"))))
-                    .unwrap();
-                assert!(at.is_some(), "the mirror kept a child's old DN");
+                assert_rename_changes_nothing(sync, target, &format!("CN=s3,OU=Sales,{PERSONNEL}"))
+                    .await;
             }
 
             // Ann moved out of the subtree, s0 into the excluded sub-OU: both leave scope, each
@@ -425,16 +432,12 @@ mod openldap {
             // A subtree rename and move (slapd's mdb moves the subtree; syncrepl reports the
             // OU alone).
             rename(&slapd, STAFF, "ou=Personnel", CORP);
-            let before = target.objects();
-            let r = sync.run_cycle().await.unwrap();
-            assert_quiet(&r);
-            assert_eq!(target.objects(), before);
-            let r = sync.full_sync().await.unwrap();
-            assert_quiet(&r);
-            let at = sync
-                .with_store(|s| s.anchor_by_dn(&dn(&format!("uid=s3,ou=Sales,{PERSONNEL}"))))
-                .unwrap();
-            assert!(at.is_some(), "the mirror kept a child's old DN");
+            assert_rename_changes_nothing(
+                &mut sync,
+                &target,
+                &format!("uid=s3,ou=Sales,{PERSONNEL}"),
+            )
+            .await;
 
             // Out of the subtree, and into the excluded OU (bound by entryUUID, moved along).
             rename(&slapd, &format!("uid=ann,{PERSONNEL}"), "uid=ann", ARCHIVE);

@@ -919,34 +919,26 @@ impl RuleSet {
         }
     }
 
-    /// Where `entry` stands with respect to the rule's containers.
-    fn container_decision(
+    /// Why `entry` is outside the rule's containers (and the container it is in now), or
+    /// `None` when it is within them — the common case, decided without building a reason.
+    fn outside_containers(
         &self,
         rule: &CompiledRule,
         entry: &Entry,
         ctx: &ProjectionContext<'_>,
-    ) -> ContainerDecision {
+    ) -> Option<(String, Option<Dn>)> {
         if rule.containers.is_empty() {
-            return ContainerDecision::In(None);
+            return None;
         }
         let unbound = ContainerBindings::new();
-        rule.containers
-            .decide(entry.dn.as_ref(), ctx.containers().unwrap_or(&unbound))
-    }
-
-    /// Whether `entry` is within the rule's containers (the common case, without a reason).
-    fn in_containers(
-        &self,
-        rule: &CompiledRule,
-        entry: &Entry,
-        ctx: &ProjectionContext<'_>,
-    ) -> bool {
-        if rule.containers.is_empty() {
-            return true;
+        let bindings = ctx.containers().unwrap_or(&unbound);
+        if rule.containers.admits(entry.dn.as_ref(), bindings) {
+            return None;
         }
-        let unbound = ContainerBindings::new();
-        rule.containers
-            .admits(entry.dn.as_ref(), ctx.containers().unwrap_or(&unbound))
+        match rule.containers.decide(entry.dn.as_ref(), bindings) {
+            ContainerDecision::Out { why, container } => Some((why, container)),
+            ContainerDecision::In(_) => None,
+        }
     }
 
     fn in_scope(
@@ -981,7 +973,10 @@ impl RuleSet {
                 ctx.member_of(&entry.anchor).into_iter().cloned().collect()
             })
         });
-        let (in_containers, containers) = match self.container_decision(rule, entry, ctx) {
+        let unbound = ContainerBindings::new();
+        let bindings = ctx.containers().unwrap_or(&unbound);
+        let (in_containers, containers) = match rule.containers.decide(entry.dn.as_ref(), bindings)
+        {
             _ if rule.containers.is_empty() => (true, None),
             ContainerDecision::In(Some(b)) => (
                 true,
@@ -1078,15 +1073,11 @@ impl Projection for RuleSet {
         let Some(rule) = self.rule_for(&entry.object_type) else {
             return Projected::OutOfScope(format!("no rule for object type {}", entry.object_type));
         };
-        if !self.in_containers(rule, entry, ctx) {
-            if let ContainerDecision::Out { why, container } =
-                self.container_decision(rule, entry, ctx)
-            {
-                return Projected::OutOfContainer {
-                    why: format!("rule {}: {why}", rule.name),
-                    container,
-                };
-            }
+        if let Some((why, container)) = self.outside_containers(rule, entry, ctx) {
+            return Projected::OutOfContainer {
+                why: format!("rule {}: {why}", rule.name),
+                container,
+            };
         }
         let view =
             Slotted::new(&rule.attribute_names, &entry.attributes).with_dn(entry.dn.as_ref());
@@ -1173,7 +1164,7 @@ impl Projection for RuleSet {
         if rule.target_type != current.object_type {
             return Some(false);
         }
-        if !self.in_containers(rule, entry, ctx) {
+        if self.outside_containers(rule, entry, ctx).is_some() {
             return Some(false);
         }
         let view =
@@ -1319,78 +1310,72 @@ fn compile_containers(
     scope
 }
 
+/// The value of `key` in a table parsed with spans.
+fn toml_get<'t, 'i>(t: &'t toml::de::DeTable<'i>, key: &str) -> Option<&'t toml::de::DeValue<'i>> {
+    t.iter()
+        .find(|(k, _)| k.get_ref().as_ref() == key)
+        .map(|(_, v)| v.get_ref())
+}
+
+/// The spanned items of the array `key` of a table (none when it is not an array).
+fn toml_items<'t, 'i>(
+    t: &'t toml::de::DeTable<'i>,
+    key: &str,
+) -> &'t [toml::Spanned<toml::de::DeValue<'i>>] {
+    match toml_get(t, key) {
+        Some(toml::de::DeValue::Array(items)) => items,
+        _ => &[],
+    }
+}
+
+/// Calls `f` with the index and table of every `[[rule]]` of a TOML text (nothing when the text
+/// does not parse).
+fn for_each_toml_rule(text: &str, mut f: impl FnMut(usize, &toml::de::DeTable<'_>)) {
+    use toml::de::{DeTable, DeValue};
+    let Ok(doc) = DeTable::parse(text) else {
+        return;
+    };
+    for (ri, rule) in toml_items(doc.get_ref(), "rule").iter().enumerate() {
+        if let DeValue::Table(rt) = rule.get_ref() {
+            f(ri, rt);
+        }
+    }
+}
+
 /// Finds the byte range of every `rule[i].containers.include[j]` and `…exclude[j]` value in a
 /// TOML text.
 fn toml_container_spans(text: &str) -> HashMap<(usize, bool, usize), Range<usize>> {
-    use toml::de::{DeTable, DeValue};
     let mut out = HashMap::new();
-    let Ok(doc) = DeTable::parse(text) else {
-        return out;
-    };
-    fn get<'t, 'i>(t: &'t DeTable<'i>, key: &str) -> Option<&'t toml::Spanned<DeValue<'i>>> {
-        t.iter()
-            .find(|(k, _)| k.get_ref().as_ref() == key)
-            .map(|(_, v)| v)
-    }
-    let Some(DeValue::Array(rules)) = get(doc.get_ref(), "rule").map(|r| r.get_ref()) else {
-        return out;
-    };
-    for (ri, rule) in rules.iter().enumerate() {
-        let DeValue::Table(rt) = rule.get_ref() else {
-            continue;
-        };
-        let Some(DeValue::Table(ct)) = get(rt, "containers").map(|c| c.get_ref()) else {
-            continue;
+    for_each_toml_rule(text, |ri, rule| {
+        let Some(toml::de::DeValue::Table(containers)) = toml_get(rule, "containers") else {
+            return;
         };
         for (excluded, key) in [(false, "include"), (true, "exclude")] {
-            let Some(DeValue::Array(list)) = get(ct, key).map(|l| l.get_ref()) else {
-                continue;
-            };
-            for (i, v) in list.iter().enumerate() {
+            for (i, v) in toml_items(containers, key).iter().enumerate() {
                 out.insert((ri, excluded, i), v.span());
             }
         }
-    }
+    });
     out
 }
 
 /// Finds the byte range of every `rule[i].flow[j].expression` string in a TOML text.
 fn toml_expression_spans(text: &str) -> HashMap<(usize, usize), Range<usize>> {
-    use toml::de::{DeTable, DeValue};
+    use toml::de::DeValue;
     let mut out = HashMap::new();
-    let Ok(doc) = DeTable::parse(text) else {
-        return out;
-    };
-    fn get<'t, 'i>(t: &'t DeTable<'i>, key: &str) -> Option<&'t toml::Spanned<DeValue<'i>>> {
-        t.iter()
-            .find(|(k, _)| k.get_ref().as_ref() == key)
-            .map(|(_, v)| v)
-    }
-    let Some(rules) = get(doc.get_ref(), "rule") else {
-        return out;
-    };
-    let DeValue::Array(rules) = rules.get_ref() else {
-        return out;
-    };
-    for (ri, rule) in rules.iter().enumerate() {
-        let DeValue::Table(rt) = rule.get_ref() else {
-            continue;
-        };
-        let Some(flows) = get(rt, "flow") else {
-            continue;
-        };
-        let DeValue::Array(flows) = flows.get_ref() else {
-            continue;
-        };
-        for (fi, flow) in flows.iter().enumerate() {
+    for_each_toml_rule(text, |ri, rule| {
+        for (fi, flow) in toml_items(rule, "flow").iter().enumerate() {
             let DeValue::Table(ft) = flow.get_ref() else {
                 continue;
             };
-            if let Some(e) = get(ft, "expression") {
+            let expression = ft
+                .iter()
+                .find(|(k, _)| k.get_ref().as_ref() == "expression");
+            if let Some((_, e)) = expression {
                 out.insert((ri, fi), e.span());
             }
         }
-    }
+    });
     out
 }
 
