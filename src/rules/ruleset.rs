@@ -10,6 +10,10 @@
 //! join = [["externalId"], ["userName"]]
 //! deprovision = { action = "disable", set = { active = false } }
 //!
+//! [rule.containers]
+//! include = ["OU=Staff,DC=corp,DC=example"]
+//! exclude = ["OU=Contractors,OU=Staff,DC=corp,DC=example"]
+//!
 //! [rule.scope]
 //! family = "connect-sync"
 //! groups = [[{ attribute = "userAccountControl", operator = "ISNOTBITSET", value = 2 }]]
@@ -19,6 +23,10 @@
 //! expression = 'ToLower([userPrincipalName])'
 //! ignore_case = true
 //! ```
+//!
+//! `[rule.containers]` ([`ContainersConfig`]) scopes the rule to OUs and their subtrees, each
+//! bound to its anchor so a rename or move keeps its objects in scope; it is ANDed with
+//! `[rule.scope]`.
 //!
 //! Pure: the rules read no clock and no randomness of their own; `now` and a per-object seed come
 //! from the planner.
