@@ -560,3 +560,70 @@ fn unchanged_fast_path_reports_a_changed_target_type() {
         "{fast}"
     );
 }
+
+/// Every error of a rule set loaded from TOML has its file line and column, and its report shows
+/// that line with a caret under the offending value — scope errors (a filter of the other family,
+/// a bad regular expression), duplicate rules and flows, join groups, deprovision values.
+#[test]
+fn every_rule_set_error_has_a_line_and_column() {
+    let text = r#"[[rule]]
+name = "users"
+source_type = "user"
+target_type = "User"
+join = [["userName"], [], ["mail"]]
+deprovision = { action = "disable", set = { active = [1] } }
+
+[rule.scope]
+family = "provisioning"
+groups = [
+  [{ attribute = "userAccountControl", operator = "ISNOTBITSET", value = 2 }],
+  [{ attribute = "department", operator = "REGEX MATCH", value = "^(Sales" }],
+]
+
+[[rule.flow]]
+target = "userName"
+expression = '[mail]'
+
+[[rule.flow]]
+target = "userName"
+expression = '[upn]'
+
+[[rule]]
+name = "again"
+source_type = "user"
+target_type = "User"
+"#;
+    let errs = RuleSet::from_toml(text, Some("rules.toml")).unwrap_err();
+    let got: Vec<(String, Option<usize>, Option<usize>)> = errs
+        .0
+        .iter()
+        .map(|e| (e.code.clone(), e.line, e.column))
+        .collect();
+    let want = [
+        ("E0403", 11, 51), // ISNOTBITSET: a Connect Sync operator in a provisioning filter
+        ("E0410", 12, 68), // the unclosed group of the regex, inside the string
+        ("E0503", 20, 10), // userName computed twice: the second flow's target
+        ("E0506", 5, 23),  // the empty join group
+        ("E0502", 5, 28),  // mail is no flow's target
+        ("E0505", 6, 54),  // a list as a deprovision value
+        ("E0504", 25, 15), // a second rule for source type user
+    ];
+    let want: Vec<(String, Option<usize>, Option<usize>)> = want
+        .iter()
+        .map(|(c, l, col)| (c.to_string(), Some(*l), Some(*col)))
+        .collect();
+    assert_eq!(got, want, "{errs}");
+    let family = errs.0[0].to_string();
+    assert!(
+        family.starts_with(
+            "error[E0403]: scope group 1, clause 1 (userAccountControl ISNOTBITSET): "
+        ),
+        "{family}"
+    );
+    assert!(
+        family.contains(
+            " --> rules.toml:11:51 (rule \"users\")\n   |\n11 |   [{ attribute = \"userAccountControl\", operator = \"ISNOTBITSET\", value = 2 }],\n   |                                                   ^^^^^^^^^^^^^"
+        ),
+        "{family}"
+    );
+}

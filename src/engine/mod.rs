@@ -5,7 +5,8 @@
 //! Run profiles: [`Synchronizer::full_import`], [`Synchronizer::delta_import`],
 //! [`Synchronizer::full_sync`] (re-plan everything from the mirrors), [`Synchronizer::delta_sync`]
 //! (plan only the dirty set and its neighbourhood), [`Synchronizer::reconcile`] (read the target,
-//! correct drift), [`Synchronizer::run_cycle`] (delta import → delta sync), staging
+//! correct drift), [`Synchronizer::run_cycle`] (delta import → delta sync),
+//! [`Synchronizer::full_import_cycle`] (full import → delta sync), staging
 //! ([`Synchronizer::plan`] / [`Synchronizer::apply`]) and on-demand
 //! ([`Synchronizer::sync_object`]).
 //!
@@ -36,6 +37,7 @@
 //! ```
 
 mod containers;
+mod import;
 mod lookup;
 mod report;
 
@@ -237,6 +239,19 @@ pub enum EngineError {
         /// The store's fingerprint now.
         current: u64,
     },
+    /// The source delivered two objects with one anchor in one import; the import stopped
+    /// before its watermark moved (see [`Synchronizer::full_import`]).
+    #[error("{during}: the source delivered two objects with the anchor {anchor}: {first} and {second}; an anchor must identify one object, so the import stopped (its watermark did not move, nothing was deleted or exported): make the anchor attribute unique in the source, or anchor on another attribute, then run again")]
+    DuplicateAnchor {
+        /// `full import` or `delta import`.
+        during: &'static str,
+        /// The anchor.
+        anchor: Anchor,
+        /// The DN of the object delivered first.
+        first: String,
+        /// The DN of the other object.
+        second: String,
+    },
     /// On-demand: no such object in the source mirror.
     #[error("no object {0} in the source mirror; import first")]
     UnknownObject(String),
@@ -411,13 +426,18 @@ impl Synchronizer {
 
     /// Reads every object of the source into the mirror. Deletions (objects not delivered) are
     /// applied only when the whole import completed and delivered enough objects.
+    ///
+    /// Two objects with one anchor stop the import with [`EngineError::DuplicateAnchor`]: the
+    /// batch holding the second is not applied, nothing is deleted, and the watermark is
+    /// cleared, so the next import is a full one again (a delta from the old watermark would
+    /// not see the source being fixed).
     pub async fn full_import(&mut self) -> Result<RunReport> {
         let start = self.begin("full-import")?;
         let result = self.full_import_inner().instrument(start.span()).await;
         self.finish(start, result)
     }
 
-    async fn full_import_inner(&mut self) -> Result<RunReport> {
+    async fn full_import_read(&mut self) -> Result<RunReport> {
         let t0 = Instant::now();
         let name = self.source.name().to_string();
         let generation = self.store(|s| s.begin_full_import(&name))?;
@@ -481,7 +501,7 @@ impl Synchronizer {
         self.finish(start, result)
     }
 
-    async fn delta_import_inner(&mut self) -> Result<RunReport> {
+    async fn delta_import_read(&mut self) -> Result<RunReport> {
         let t0 = Instant::now();
         let name = self.source.name().to_string();
         let Some(since) = self.store(|s| s.watermark(&name))? else {

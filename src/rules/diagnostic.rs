@@ -317,47 +317,80 @@ impl Diagnostic {
     /// `text` is the expression text the span refers to. Tabs are shown as four spaces (carets stay
     /// aligned); a span over several lines underlines each of its lines (at most four are shown).
     pub fn render(&self, text: &str, origin: &Origin) -> String {
-        let mut out = format!("{}[{}]: {}\n", self.severity, self.code, self.message);
-        let (line, col) = self.span.line_col(text);
-        let (fline, fcol) = origin.file_position(line, col);
-        let mut context = Vec::new();
-        if let Some(rule) = &origin.rule {
-            context.push(format!("rule \"{rule}\""));
-        }
-        if let Some(attribute) = &origin.attribute {
-            context.push(format!("attribute \"{attribute}\""));
-        }
-        let file = origin.file.as_deref().unwrap_or("<expression>");
-        let context = if context.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", context.join(", "))
-        };
-        // Every line number shown, to size the gutter.
-        let mut shown = vec![self.span];
-        shown.extend(self.labels.iter().map(|(s, _)| *s));
-        let widest = shown
-            .iter()
-            .map(|s| {
-                let (l, _) = Span::new(s.end, s.end).line_col(text);
-                origin.file_position(l, 1).0
-            })
-            .max()
-            .unwrap_or(fline)
-            .max(fline);
-        let gutter = widest.to_string().len();
-        let pad = " ".repeat(gutter);
-        out.push_str(&format!("{pad}--> {file}:{fline}:{fcol}{context}\n"));
-        out.push_str(&format!("{pad} |\n"));
-        snippet(&mut out, text, origin, self.span, '^', "", gutter);
-        for (span, note) in &self.labels {
-            snippet(&mut out, text, origin, *span, '-', note, gutter);
-        }
-        if let Some(hint) = &self.hint {
-            out.push_str(&format!("{pad} = help: {hint}\n"));
-        }
-        out
+        render_report(
+            &format!("{}[{}]: {}", self.severity, self.code, self.message),
+            text,
+            origin,
+            self.span,
+            &self.labels,
+            self.hint.as_deref(),
+        )
     }
+}
+
+/// Renders a report in the layout of [`Diagnostic::render`]: `headline`, the position in the
+/// file (through `origin`) with the rule and attribute, the source line(s) with a caret under
+/// `span`, the `labels` and the `hint`.
+///
+/// For problems that are not diagnostics of an expression — a field of a configuration file —
+/// `text` is the whole file and `origin` its name with the default base (line 1, column 1):
+///
+/// ```
+/// use dirsync::rules::diagnostic::{render_report, Origin, Span};
+/// let text = "[source]\ndelta = \"usn\"\n";
+/// let at = text.find("\"usn\"").unwrap();
+/// let origin = Origin { file: Some("sync.toml".into()), ..Origin::default() };
+/// let shown = render_report("error: unknown variant `usn`", text, &origin, Span::new(at, at + 5), &[], None);
+/// assert_eq!(shown, "error: unknown variant `usn`\n --> sync.toml:2:9\n  |\n2 | delta = \"usn\"\n  |         ^^^^^\n");
+/// ```
+pub fn render_report(
+    headline: &str,
+    text: &str,
+    origin: &Origin,
+    span: Span,
+    labels: &[(Span, String)],
+    hint: Option<&str>,
+) -> String {
+    let mut out = format!("{headline}\n");
+    let (line, col) = span.line_col(text);
+    let (fline, fcol) = origin.file_position(line, col);
+    let mut context = Vec::new();
+    if let Some(rule) = &origin.rule {
+        context.push(format!("rule \"{rule}\""));
+    }
+    if let Some(attribute) = &origin.attribute {
+        context.push(format!("attribute \"{attribute}\""));
+    }
+    let file = origin.file.as_deref().unwrap_or("<expression>");
+    let context = if context.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", context.join(", "))
+    };
+    // Every line number shown, to size the gutter.
+    let mut shown = vec![span];
+    shown.extend(labels.iter().map(|(s, _)| *s));
+    let widest = shown
+        .iter()
+        .map(|s| {
+            let (l, _) = Span::new(s.end, s.end).line_col(text);
+            origin.file_position(l, 1).0
+        })
+        .max()
+        .unwrap_or(fline)
+        .max(fline);
+    let gutter = widest.to_string().len();
+    let pad = " ".repeat(gutter);
+    out.push_str(&format!("{pad}--> {file}:{fline}:{fcol}{context}\n"));
+    out.push_str(&format!("{pad} |\n"));
+    snippet(&mut out, text, origin, span, '^', "", gutter);
+    for (span, note) in labels {
+        snippet(&mut out, text, origin, *span, '-', note, gutter);
+    }
+    if let Some(hint) = hint {
+        out.push_str(&format!("{pad} = help: {hint}\n"));
+    }
+    out
 }
 
 /// Writes the lines a span covers, each followed by an underline of `mark`s; `note` follows the

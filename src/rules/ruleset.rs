@@ -44,10 +44,10 @@ use crate::delta::{
 };
 use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Value, Values};
 use crate::rules::context::{EvalContext, SeededRng};
-use crate::rules::diagnostic::{Code, Diagnostic, Origin, Span};
+use crate::rules::diagnostic::{render_report, Code, Diagnostic, Origin, Span};
 use crate::rules::eval::{self, AttributeSource, EvalFailure, Outcome, Program, Slotted};
 use crate::rules::function::Function;
-use crate::rules::scope::{FilterSpec, ScopeExplanation, ScopeFilter};
+use crate::rules::scope::{FilterSpec, ScopeError, ScopeErrorKind, ScopeExplanation, ScopeFilter};
 
 /// A rule set as configured (the serde form of TOML and JSON files).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -332,11 +332,106 @@ pub mod codes {
 struct Source<'a> {
     file: Option<&'a str>,
     text: Option<&'a str>,
-    /// Byte ranges of `rule[i].flow[j].expression` values in the text.
-    spans: HashMap<(usize, usize), Range<usize>>,
-    /// Byte ranges of `rule[i].containers.{include,exclude}[j]` values in the text (`true`:
-    /// exclude).
-    container_spans: HashMap<(usize, bool, usize), Range<usize>>,
+    /// The TOML document with the span of every value (`None` for JSON and code).
+    doc: Option<toml::Spanned<toml::de::DeTable<'a>>>,
+}
+
+/// One step of a path into a TOML document: a table key or an array index.
+#[derive(Debug, Clone, Copy)]
+enum Step<'k> {
+    Key(&'k str),
+    Index(usize),
+}
+
+use Step::{Index, Key};
+
+impl Source<'_> {
+    /// The byte range of the value at `path` (`rule`, 0, `join`, 1 …) in the text, when the
+    /// rule set was loaded from TOML and the value is written there.
+    fn span(&self, path: &[Step<'_>]) -> Option<Range<usize>> {
+        use toml::de::DeValue;
+        let doc = self.doc.as_ref()?;
+        let mut span = doc.span();
+        let mut node: Option<&DeValue<'_>> = None;
+        for step in path {
+            let value = match (step, node) {
+                (Key(k), None) => lookup(doc.get_ref(), k)?,
+                (Key(k), Some(DeValue::Table(t))) => lookup(t, k)?,
+                (Index(i), Some(DeValue::Array(a))) => a.iter().nth(*i)?,
+                _ => return None,
+            };
+            span = value.span();
+            node = Some(value.get_ref());
+        }
+        Some(span)
+    }
+
+    /// The span of the first of `paths` the text has.
+    fn first_span(&self, paths: &[&[Step<'_>]]) -> Option<Range<usize>> {
+        paths.iter().find_map(|p| self.span(p))
+    }
+}
+
+fn lookup<'t, 'i>(
+    table: &'t toml::de::DeTable<'i>,
+    key: &str,
+) -> Option<&'t toml::Spanned<toml::de::DeValue<'i>>> {
+    table
+        .iter()
+        .find(|(k, _)| k.get_ref().as_ref() == key)
+        .map(|(_, v)| v)
+}
+
+/// Where in the text a scoping-filter error is: the clause's operator or value, the clause, the
+/// group, or the filter. The position inside a regular expression or DN is pointed at when the
+/// value is a string without escapes before it.
+fn scope_error_span(src: &Source<'_>, rule: usize, e: &ScopeError) -> Option<Range<usize>> {
+    let scope = [Key("rule"), Index(rule), Key("scope")];
+    let group = [&scope[..], &[Key("groups"), Index(e.group)]].concat();
+    let clause = [&group[..], &[Index(e.clause.unwrap_or(usize::MAX))]].concat();
+    let field = match e.kind {
+        ScopeErrorKind::UnknownOperator { .. }
+        | ScopeErrorKind::OtherFamilyOperator { .. }
+        | ScopeErrorKind::UnsupportedOperator => Some("operator"),
+        ScopeErrorKind::UnexpectedValue
+        | ScopeErrorKind::WrongValueType
+        | ScopeErrorKind::ZeroMask
+        | ScopeErrorKind::InvalidRegex { .. }
+        | ScopeErrorKind::InvalidDn { .. } => Some("value"),
+        _ => None,
+    };
+    let in_field = field.map(|f| [&clause[..], &[Key(f)]].concat());
+    let span = src.first_span(&[in_field.as_deref().unwrap_or(&[]), &clause, &group, &scope])?;
+    let inside = match e.kind {
+        ScopeErrorKind::InvalidRegex { offset } => Some(offset),
+        ScopeErrorKind::InvalidDn { position } => Some(position),
+        _ => None,
+    };
+    Some(match (inside, src.text) {
+        (Some(n), Some(text)) => char_in_string(text, span, n),
+        _ => span,
+    })
+}
+
+/// The `n`th character (0-based) of the one-line TOML string literal at `r`, or `r` itself when
+/// the literal is multi-line or has an escape before that character.
+fn char_in_string(text: &str, r: Range<usize>, n: usize) -> Range<usize> {
+    let Some(raw) = text.get(r.clone()) else {
+        return r;
+    };
+    let quote = raw.chars().next();
+    if !matches!(quote, Some('\'' | '"')) || raw.starts_with("'''") || raw.starts_with("\"\"\"") {
+        return r;
+    }
+    let body = &raw[1..];
+    let Some((at, c)) = body.char_indices().nth(n) else {
+        return r;
+    };
+    if quote == Some('"') && body[..at].contains('\\') {
+        return r;
+    }
+    let start = r.start + 1 + at;
+    start..start + c.len_utf8()
 }
 
 fn line_col(text: &str, byte: usize) -> (usize, usize) {
@@ -354,42 +449,37 @@ fn simple_error(
     src: &Source<'_>,
     at: Option<Range<usize>>,
 ) -> RuleError {
-    let (line, column) = match (src.text, &at) {
+    let headline = format!("error[E{code:04}]: {message}");
+    let origin = Origin {
+        rule: rule.map(str::to_string),
+        attribute: attribute.map(str::to_string),
+        file: src.file.map(str::to_string),
+        ..Origin::default()
+    };
+    let (line, column, rendered) = match (src.text, at) {
         (Some(t), Some(r)) => {
-            let (l, c) = line_col(t, r.start);
-            (Some(l), Some(c))
+            let span = Span::new(r.start, r.end);
+            let (l, c) = span.line_col(t);
+            let shown = render_report(&headline, t, &origin, span, &[], None);
+            (Some(l), Some(c), shown.trim_end().to_string())
         }
-        _ => (None, None),
-    };
-    let mut where_ = Vec::new();
-    if let Some(r) = rule {
-        where_.push(format!("rule \"{r}\""));
-    }
-    if let Some(a) = attribute {
-        where_.push(format!("attribute \"{a}\""));
-    }
-    let place = match (src.file, line, column) {
-        (Some(f), Some(l), Some(c)) => format!("\n  --> {f}:{l}:{c}"),
-        (None, Some(l), Some(c)) => format!("\n  --> line {l}:{c}"),
-        (Some(f), _, _) => format!("\n  --> {f}"),
-        _ => String::new(),
-    };
-    let ctx = if where_.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", where_.join(", "))
-    };
-    let mut rendered = format!("error[E{code:04}]: {message}{place}{ctx}");
-    if let (Some(t), Some(l), Some(c)) = (src.text, line, column) {
-        if let Some(text_line) = t.lines().nth(l - 1) {
-            let gutter = l.to_string().len();
-            rendered.push_str(&format!(
-                "\n{pad} |\n{l} | {text_line}\n{pad} | {caret}^",
-                pad = " ".repeat(gutter),
-                caret = " ".repeat(c - 1)
-            ));
+        _ => {
+            let mut context = Vec::new();
+            if let Some(r) = rule {
+                context.push(format!("rule \"{r}\""));
+            }
+            if let Some(a) = attribute {
+                context.push(format!("attribute \"{a}\""));
+            }
+            let place = match (src.file, context.is_empty()) {
+                (Some(f), true) => format!("\n --> {f}"),
+                (Some(f), false) => format!("\n --> {f} ({})", context.join(", ")),
+                (None, false) => format!(" ({})", context.join(", ")),
+                (None, true) => String::new(),
+            };
+            (None, None, format!("{headline}{place}"))
         }
-    }
+    };
     RuleError {
         code: format!("E{code:04}"),
         rule: rule.map(str::to_string),
@@ -619,8 +709,7 @@ impl RuleSet {
         let mut src = Source {
             file,
             text: Some(text),
-            spans: HashMap::new(),
-            container_spans: HashMap::new(),
+            doc: None,
         };
         let config: RuleSetConfig = match toml::from_str(text) {
             Ok(c) => c,
@@ -635,8 +724,7 @@ impl RuleSet {
                 )]))
             }
         };
-        src.spans = toml_expression_spans(text);
-        src.container_spans = toml_container_spans(text);
+        src.doc = toml::de::DeTable::parse(text).ok();
         RuleSet::compile_from(config, &src)
     }
 
@@ -645,18 +733,20 @@ impl RuleSet {
         let src = Source {
             file,
             text: None,
-            spans: HashMap::new(),
-            container_spans: HashMap::new(),
+            doc: None,
         };
         let config: RuleSetConfig = serde_json::from_str(text).map_err(|e| {
-            RuleErrors(vec![simple_error(
+            let mut error = simple_error(
                 codes::SYNTAX,
                 None,
                 None,
                 format!("{e} (line {}, column {})", e.line(), e.column()),
                 &src,
                 None,
-            )])
+            );
+            error.line = Some(e.line());
+            error.column = Some(e.column());
+            RuleErrors(vec![error])
         })?;
         RuleSet::compile_from(config, &src)
     }
@@ -666,8 +756,7 @@ impl RuleSet {
         let src = Source {
             file: None,
             text: None,
-            spans: HashMap::new(),
-            container_spans: HashMap::new(),
+            doc: None,
         };
         RuleSet::compile_from(config, &src)
     }
@@ -695,7 +784,8 @@ impl RuleSet {
             let rname = rc.name.as_str();
             let source_type = ObjectType::new(rc.source_type.as_str());
             if seen_types.contains(&source_type) {
-                errors.push(simple_error(codes::DUPLICATE_RULE, Some(rname), None, format!("a rule for source type {source_type} already exists; one rule per source object type"), src, None));
+                let at = src.span(&[Key("rule"), Index(ri), Key("source_type")]);
+                errors.push(simple_error(codes::DUPLICATE_RULE, Some(rname), None, format!("a rule for source type {source_type} already exists; one rule per source object type"), src, at));
             }
             seen_types.push(source_type.clone());
             let scope = match &rc.scope {
@@ -704,16 +794,14 @@ impl RuleSet {
                     Ok(f) => Some(f),
                     Err(es) => {
                         for e in es {
-                            let mut re = simple_error(
+                            errors.push(simple_error(
                                 e.code(),
                                 Some(rname),
                                 None,
                                 format!("{e}"),
                                 src,
-                                None,
-                            );
-                            re.code = format!("E{:04}", e.code());
-                            errors.push(re);
+                                scope_error_span(src, ri, &e),
+                            ));
                         }
                         None
                     }
@@ -722,8 +810,14 @@ impl RuleSet {
             let containers = compile_containers(ri, rc, src, &mut errors);
             let mut flows: Vec<CompiledFlow> = Vec::new();
             for (fi, fc) in rc.flows.iter().enumerate() {
-                let span = src.spans.get(&(ri, fi));
-                let origin = expression_origin(src, rname, &fc.target, span);
+                let span = src.span(&[
+                    Key("rule"),
+                    Index(ri),
+                    Key("flow"),
+                    Index(fi),
+                    Key("expression"),
+                ]);
+                let origin = expression_origin(src, rname, &fc.target, span.as_ref());
                 if flows.iter().any(|f| f.shape.attribute.is(&fc.target)) {
                     errors.push(simple_error(
                         codes::DUPLICATE_FLOW,
@@ -731,7 +825,13 @@ impl RuleSet {
                         Some(&fc.target),
                         format!("{} is computed by two flows of this rule", fc.target),
                         src,
-                        span.cloned(),
+                        src.span(&[
+                            Key("rule"),
+                            Index(ri),
+                            Key("flow"),
+                            Index(fi),
+                            Key("target"),
+                        ]),
                     ));
                     continue;
                 }
@@ -768,7 +868,8 @@ impl RuleSet {
                 }
             }
             let mut join = Vec::new();
-            for group in &rc.join {
+            for (gi, group) in rc.join.iter().enumerate() {
+                let group_path = [Key("rule"), Index(ri), Key("join"), Index(gi)];
                 if group.is_empty() {
                     errors.push(simple_error(
                         codes::EMPTY_JOIN_GROUP,
@@ -776,15 +877,22 @@ impl RuleSet {
                         None,
                         "a join group needs at least one attribute".into(),
                         src,
-                        None,
+                        src.span(&group_path),
                     ));
                     continue;
                 }
                 let mut idx = Vec::new();
-                for attr in group {
-                    match rc.flows.iter().position(|f| AttrName::new(f.target.as_str()).is(attr)) {
+                for (ai, attr) in group.iter().enumerate() {
+                    match rc
+                        .flows
+                        .iter()
+                        .position(|f| AttrName::new(f.target.as_str()).is(attr))
+                    {
                         Some(i) => idx.push(i),
-                        None => errors.push(simple_error(codes::UNKNOWN_JOIN_ATTRIBUTE, Some(rname), Some(attr), format!("join attribute {attr} is not the target of any flow of this rule; join groups name target attributes"), src, None)),
+                        None => {
+                            let at = src.span(&[&group_path[..], &[Index(ai)]].concat());
+                            errors.push(simple_error(codes::UNKNOWN_JOIN_ATTRIBUTE, Some(rname), Some(attr), format!("join attribute {attr} is not the target of any flow of this rule; join groups name target attributes"), src, at));
+                        }
                     }
                 }
                 join.push(idx);
@@ -805,7 +913,13 @@ impl RuleSet {
                                     "deprovision value of {k} must be a string, number or Boolean"
                                 ),
                                 src,
-                                None,
+                                src.span(&[
+                                    Key("rule"),
+                                    Index(ri),
+                                    Key("deprovision"),
+                                    Key("set"),
+                                    Key(k),
+                                ]),
                             )),
                         }
                     }
@@ -1244,8 +1358,14 @@ fn compile_containers(
     ];
     for (excluded, list) in lists {
         for (i, c) in list.iter().enumerate() {
-            let at = src.container_spans.get(&(ri, excluded, i)).cloned();
             let side = if excluded { "exclude" } else { "include" };
+            let at = src.span(&[
+                Key("rule"),
+                Index(ri),
+                Key("containers"),
+                Key(side),
+                Index(i),
+            ]);
             let reference = match c {
                 ContainerConfig::Dn(text) => match Dn::parse(text) {
                     Ok(dn) if !dn.is_root() => ContainerRef::Dn(dn),
@@ -1316,75 +1436,6 @@ fn compile_containers(
         }
     }
     scope
-}
-
-/// The value of `key` in a table parsed with spans.
-fn toml_get<'t, 'i>(t: &'t toml::de::DeTable<'i>, key: &str) -> Option<&'t toml::de::DeValue<'i>> {
-    t.iter()
-        .find(|(k, _)| k.get_ref().as_ref() == key)
-        .map(|(_, v)| v.get_ref())
-}
-
-/// The spanned items of the array `key` of a table (none when it is not an array).
-fn toml_items<'t, 'i>(
-    t: &'t toml::de::DeTable<'i>,
-    key: &str,
-) -> &'t [toml::Spanned<toml::de::DeValue<'i>>] {
-    match toml_get(t, key) {
-        Some(toml::de::DeValue::Array(items)) => items,
-        _ => &[],
-    }
-}
-
-/// Calls `f` with the index and table of every `[[rule]]` of a TOML text (nothing when the text
-/// does not parse).
-fn for_each_toml_rule(text: &str, mut f: impl FnMut(usize, &toml::de::DeTable<'_>)) {
-    use toml::de::{DeTable, DeValue};
-    let Ok(doc) = DeTable::parse(text) else {
-        return;
-    };
-    for (ri, rule) in toml_items(doc.get_ref(), "rule").iter().enumerate() {
-        if let DeValue::Table(rt) = rule.get_ref() {
-            f(ri, rt);
-        }
-    }
-}
-
-/// Finds the byte range of every `rule[i].containers.include[j]` and `…exclude[j]` value in a
-/// TOML text.
-fn toml_container_spans(text: &str) -> HashMap<(usize, bool, usize), Range<usize>> {
-    let mut out = HashMap::new();
-    for_each_toml_rule(text, |ri, rule| {
-        let Some(toml::de::DeValue::Table(containers)) = toml_get(rule, "containers") else {
-            return;
-        };
-        for (excluded, key) in [(false, "include"), (true, "exclude")] {
-            for (i, v) in toml_items(containers, key).iter().enumerate() {
-                out.insert((ri, excluded, i), v.span());
-            }
-        }
-    });
-    out
-}
-
-/// Finds the byte range of every `rule[i].flow[j].expression` string in a TOML text.
-fn toml_expression_spans(text: &str) -> HashMap<(usize, usize), Range<usize>> {
-    use toml::de::DeValue;
-    let mut out = HashMap::new();
-    for_each_toml_rule(text, |ri, rule| {
-        for (fi, flow) in toml_items(rule, "flow").iter().enumerate() {
-            let DeValue::Table(ft) = flow.get_ref() else {
-                continue;
-            };
-            let expression = ft
-                .iter()
-                .find(|(k, _)| k.get_ref().as_ref() == "expression");
-            if let Some((_, e)) = expression {
-                out.insert((ri, fi), e.span());
-            }
-        }
-    });
-    out
 }
 
 /// Builds a rule set in code, through the same compile step as files.

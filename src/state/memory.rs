@@ -126,6 +126,27 @@ impl MemoryStore {
             .ok_or(StateError::UnknownJournalId(id))
     }
 
+    /// Refuses a batch of full import `generation` that delivers an anchor twice at two DNs
+    /// (within the batch, or against an entry imported earlier in this import), before anything
+    /// is written.
+    fn check_import(&self, generation: u64, entries: &[Entry]) -> Result<(), StateError> {
+        let mut batch: HashMap<&Anchor, Option<&Dn>> = HashMap::new();
+        for e in entries {
+            let first = match batch.get(&e.anchor) {
+                Some(dn) => *dn,
+                None => match self.hashes.get(&e.anchor) {
+                    Some((_, g)) if *g == generation => {
+                        self.mirror.get(&e.anchor).and_then(|m| m.dn.as_ref())
+                    }
+                    _ => None,
+                },
+            };
+            super::same_object(&e.anchor, first, e.dn.as_ref())?;
+            batch.insert(&e.anchor, e.dn.as_ref());
+        }
+        Ok(())
+    }
+
     /// Validates a batch of changes against the mirror, as they would apply in order.
     fn check_changes(&self, changes: &[Change]) -> Result<(), StateError> {
         super::check_changes(changes, |a| Ok(self.mirror.get(a).is_some()))
@@ -217,6 +238,7 @@ impl StateStore for MemoryStore {
         if open != Some(generation) {
             return Err(StateError::UnknownGeneration { generation, open });
         }
+        self.check_import(generation, entries)?;
         let mut hashed = Vec::with_capacity(entries.len());
         for e in entries {
             hashed.push((e.clone(), encode_entry(e)?.1));

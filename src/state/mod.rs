@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{Links, Operation, OperationKind, SourceMirror, TargetMirror};
 use crate::model::{
-    Anchor, AttrName, Attributes, Change, Entry, ObjectType, Reference, TargetId, TargetObject,
+    Anchor, AttrName, Attributes, Change, Dn, Entry, ObjectType, Reference, TargetId, TargetObject,
     Value,
 };
 
@@ -271,6 +271,17 @@ pub enum StateError {
         /// The kind of change (`modify`, `move`).
         change: &'static str,
     },
+    /// Two different source objects (two DNs) carry one anchor in one import: the source's
+    /// anchor attribute does not identify one object. Nothing of the call was applied.
+    #[error("the source delivered two objects with the anchor {anchor}: {first} and {second}; an anchor must identify one object (make the anchor attribute unique in the source, or anchor on another attribute); nothing of this batch was applied")]
+    DuplicateAnchor {
+        /// The anchor.
+        anchor: Anchor,
+        /// The DN of the object that had it first.
+        first: String,
+        /// The DN of the other object.
+        second: String,
+    },
     /// A journal id that does not exist.
     #[error("{0} does not exist (was the state file replaced during the run?)")]
     UnknownJournalId(JournalId),
@@ -292,12 +303,16 @@ pub enum StateError {
 
 /// Validates a batch of changes as they would apply in order: a modify or move of an anchor
 /// that does not exist (in the mirror, `exists`, or after the batch's earlier changes) fails the
-/// whole batch. Shared by the stores.
+/// whole batch, and so does an add of an anchor that an earlier change of the batch gave another
+/// DN (two objects with one anchor: [`StateError::DuplicateAnchor`]). Shared by the stores.
 fn check_changes(
     changes: &[Change],
     mut exists: impl FnMut(&Anchor) -> Result<bool, StateError>,
 ) -> Result<(), StateError> {
     let mut seen: std::collections::HashMap<&Anchor, bool> = std::collections::HashMap::new();
+    // The DN each anchor has after the batch's earlier adds, replaces and moves (a change log
+    // may replace an object with a renamed copy; it never adds an object that exists).
+    let mut dns: std::collections::HashMap<&Anchor, Option<&Dn>> = std::collections::HashMap::new();
     for c in changes {
         let a = c.anchor();
         let now = match seen.get(a) {
@@ -305,11 +320,16 @@ fn check_changes(
             None => exists(a)?,
         };
         match c {
-            Change::Add(_) | Change::Replace(_) => {
+            Change::Add(e) | Change::Replace(e) => {
+                if let (Change::Add(_), Some(first)) = (c, dns.get(a)) {
+                    same_object(a, *first, e.dn.as_ref())?;
+                }
                 seen.insert(a, true);
+                dns.insert(a, e.dn.as_ref());
             }
             Change::Delete { .. } => {
                 seen.insert(a, false);
+                dns.remove(a);
             }
             Change::Modify { .. } | Change::Move { .. } if !now => {
                 return Err(StateError::UnknownAnchor {
@@ -321,10 +341,28 @@ fn check_changes(
                     },
                 })
             }
-            Change::Modify { .. } | Change::Move { .. } => {}
+            Change::Move { new_dn, .. } => {
+                dns.insert(a, Some(new_dn));
+            }
+            Change::Modify { .. } => {}
         }
     }
     Ok(())
+}
+
+/// `Err(`[`StateError::DuplicateAnchor`]`)` when two entries of `anchor` delivered by one
+/// import, at DNs `first` and `second`, are two objects: both have a DN and the DNs differ.
+/// (The same object delivered twice — a restarted search, a re-read — is not an error.) Shared
+/// by the stores.
+fn same_object(anchor: &Anchor, first: Option<&Dn>, second: Option<&Dn>) -> Result<(), StateError> {
+    match (first, second) {
+        (Some(f), Some(s)) if f != s => Err(StateError::DuplicateAnchor {
+            anchor: anchor.clone(),
+            first: f.to_string(),
+            second: s.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Where the engine keeps state between runs. See the [module documentation](self) for the
@@ -340,7 +378,9 @@ pub trait StateStore: Send {
     /// content changed, the objects that reference it (by anchor, or by its old or new DN), and
     /// the objects it began or stopped referencing. A change that repeats what the mirror holds
     /// marks nothing. A modify or move of an object the mirror does not hold fails the whole
-    /// call with [`StateError::UnknownAnchor`]; a delete of one is ignored.
+    /// call with [`StateError::UnknownAnchor`]; a delete of one is ignored. An add of an anchor
+    /// that an earlier change of the batch gave another DN fails it with
+    /// [`StateError::DuplicateAnchor`].
     fn apply_changes(
         &mut self,
         connector: &str,
@@ -355,6 +395,11 @@ pub trait StateStore: Send {
 
     /// Upserts a batch of entries of full import `generation` (one transaction), marking dirty
     /// (as [`StateStore::apply_changes`] does) only the entries whose content changed.
+    ///
+    /// An entry whose anchor this import already delivered (in this batch or an earlier one) at
+    /// another DN is a second object with the same anchor: the call fails with
+    /// [`StateError::DuplicateAnchor`], naming both DNs, and applies nothing. The same object
+    /// delivered again at the same DN is upserted as usual.
     fn import_entries(&mut self, generation: u64, entries: &[Entry]) -> Result<(), StateError>;
 
     /// Finishes full import `generation`: removes (and marks dirty) every mirrored object the

@@ -1068,7 +1068,17 @@ impl StateStore for SqliteStore {
             for e in entries {
                 let before = row_state(tx, &e.anchor)?;
                 match &before {
-                    Some(b) if b.generation == g => {}
+                    Some(b) if b.generation == g => {
+                        // Delivered before in this import: at another DN it is another object.
+                        let dn_norm = e.dn.as_ref().map(|d| d.normalized());
+                        if b.dn_norm.is_some()
+                            && dn_norm.is_some()
+                            && b.dn_norm.as_deref() != dn_norm
+                        {
+                            let first = load_entry(tx, &e.anchor)?.and_then(|f| f.dn);
+                            super::same_object(&e.anchor, first.as_ref(), e.dn.as_ref())?;
+                        }
+                    }
                     Some(_) => seen += 1,
                     None => {
                         seen += 1;

@@ -31,6 +31,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     fingerprint_moves_with_plan_inputs_only(make());
     subtrees_move_with_their_container(make());
     container_bindings_are_kept(make());
+    duplicate_anchors_are_refused(make());
 }
 
 fn dn(s: &str) -> Dn {
@@ -1022,4 +1023,112 @@ fn container_bindings_are_kept(mut s: Box<dyn StateStore>) {
     );
     s.set_container_bindings(&ContainerBindings::new()).unwrap();
     assert!(s.container_bindings().unwrap().is_empty());
+}
+
+/// Two objects with one anchor in one import (a full import's batch, or across its batches; a
+/// delta batch that adds an anchor twice) fail the call, naming both DNs, and change nothing;
+/// the same object delivered twice, a rename by replacement and a delete then an add are fine.
+fn duplicate_anchors_are_refused(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let w1 = Watermark::new("usn", b"1".to_vec());
+    let w2 = Watermark::new("usn", b"2".to_vec());
+    let g = s.begin_full_import("src").unwrap();
+    s.import_entries(g, &[user("u1", "Ann"), user("u2", "Bob")])
+        .unwrap();
+    s.finish_full_import("src", g, Some(&w1), 0.5).unwrap();
+    reset_dirty(s);
+    let before = s.fingerprint().unwrap();
+    let ann = s.source_entry(&a("u1")).unwrap();
+    let duplicate = |e: &StateError, first: &str, second: &str| {
+        assert!(
+            matches!(e, StateError::DuplicateAnchor { anchor, first: f, second: s }
+                if anchor.as_str() == "u1" && f == first && s == second),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(text.contains("u1") && text.contains(first) && text.contains(second));
+    };
+
+    // Within one batch of a full import: nothing of the batch is written.
+    let g = s.begin_full_import("src").unwrap();
+    let err = s
+        .import_entries(
+            g,
+            &[
+                user("u3", "Cy"),
+                user("u1", "Dan").with("mail", "dan@x"),
+                user("u1", "Ann"),
+            ],
+        )
+        .unwrap_err();
+    duplicate(&err, "cn=Dan,ou=People,dc=x", "cn=Ann,ou=People,dc=x");
+    assert_eq!(s.source_entry(&a("u3")).unwrap(), None);
+    assert_eq!(s.source_entry(&a("u1")).unwrap(), ann);
+    assert!(s.dirty().unwrap().is_empty());
+    assert_eq!(s.fingerprint().unwrap(), before);
+
+    // Across batches: the later batch fails whole. The same object again (its DN spelled in
+    // another case) is no duplicate.
+    s.import_entries(g, &[user("u1", "Ann")]).unwrap();
+    s.import_entries(g, &[user("u1", "ANN")]).unwrap();
+    let err = s
+        .import_entries(g, &[user("u4", "Eve"), user("u1", "Dan")])
+        .unwrap_err();
+    duplicate(&err, "cn=ANN,ou=People,dc=x", "cn=Dan,ou=People,dc=x");
+    assert_eq!(s.source_entry(&a("u4")).unwrap(), None);
+    assert_eq!(s.watermark("src").unwrap(), Some(w1.clone()));
+
+    // A delta batch adding one anchor twice applies nothing and commits no watermark.
+    let g = s.begin_full_import("src").unwrap();
+    s.import_entries(g, &[user("u1", "Ann"), user("u2", "Bob")])
+        .unwrap();
+    s.finish_full_import("src", g, Some(&w1), 0.5).unwrap();
+    reset_dirty(s);
+    let before = s.fingerprint().unwrap();
+    let err = s
+        .apply_changes(
+            "src",
+            &[
+                Change::Add(user("u5", "Fay")),
+                Change::Delete {
+                    anchor: a("u1"),
+                    object_type: "user".into(),
+                },
+                Change::Add(user("u1", "Dan")),
+                Change::Add(user("u1", "Ann")),
+            ],
+            Some(&w2),
+        )
+        .unwrap_err();
+    duplicate(&err, "cn=Dan,ou=People,dc=x", "cn=Ann,ou=People,dc=x");
+    assert_eq!(s.watermark("src").unwrap(), Some(w1));
+    assert_eq!(s.source_entry(&a("u5")).unwrap(), None);
+    assert_eq!(s.source_entry(&a("u1")).unwrap(), ann);
+    assert_eq!(s.fingerprint().unwrap(), before);
+
+    // A change log may replace an object with a renamed copy, or delete it and add it again.
+    s.apply_changes(
+        "src",
+        &[
+            Change::Add(user("u6", "Gus")),
+            Change::Replace(user("u6", "Gustav")),
+            Change::Move {
+                anchor: a("u6"),
+                object_type: "user".into(),
+                new_dn: dn("cn=Gu,ou=People,dc=x"),
+            },
+            Change::Delete {
+                anchor: a("u6"),
+                object_type: "user".into(),
+            },
+            Change::Add(user("u6", "Hal")),
+        ],
+        Some(&w2),
+    )
+    .unwrap();
+    assert_eq!(
+        s.source_entry(&a("u6")).unwrap().and_then(|e| e.dn),
+        Some(dn("cn=Hal,ou=People,dc=x"))
+    );
+    assert_eq!(s.watermark("src").unwrap(), Some(w2));
 }
