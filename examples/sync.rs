@@ -4,10 +4,13 @@
 //! ```text
 //! cargo run --example sync -- --config examples/config/ldif-to-ldif.toml <command>
 //!
-//!   plan [--full] [--out plan.json]    import, then print the plan (and save it as JSON)
+//!   plan [--full] [--full-import] [--out plan.json]
+//!                                      import, then print the plan (and save it as JSON)
 //!   apply --plan plan.json [--allow-deletions]
 //!                                      apply a saved plan (refused when the state has moved)
-//!   run [--full] [--allow-deletions]   import and export: the usual cycle (--full: full sync)
+//!   run [--full] [--full-import] [--allow-deletions]
+//!                                      import and export: the usual cycle (--full: full sync;
+//!                                      --full-import: read every source object again)
 //!   explain <anchor|dn>                synchronize one object now and explain the decision
 //!   reconcile [--allow-deletions]      read the target, correct drift
 //!   status                             the last runs, the escrow, the pending work
@@ -15,6 +18,11 @@
 //!
 //! `--progress` prints the engine's progress events on stderr, one a line
 //! (`progress Export 12 40`).
+//!
+//! Errors go to stderr as a person reads them: a problem in the configuration or the rules is
+//! shown with its file, line and column, the line itself and a caret under the value. `--json`
+//! prints each problem instead as one JSON object a line (`exit`, `message`, and where known
+//! `code`, `file`, `line`, `column`, `rule`, `attribute`), for programs.
 //!
 //! Exit codes: 0 done; 1 a run failed (connector, state store); 2 the deletion guard held the
 //! export (nothing was written; review, then pass `--allow-deletions`); 3 a saved plan is stale;
@@ -37,9 +45,10 @@ use dirsync::connector::{Source, Target};
 use dirsync::delta::DeletionGuard;
 use dirsync::engine::{EngineConfig, EngineError, JoinLookup, RunReport, StagedPlan, Synchronizer};
 use dirsync::model::{AttrName, ObjectType};
-use dirsync::rules::ruleset::RuleSet;
+use dirsync::rules::diagnostic::{render_report, Origin, Span, TomlSpans, TomlStep, TomlStep::Key};
+use dirsync::rules::ruleset::{RuleError, RuleSet};
 use dirsync::state::SqliteStore;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The configuration file.
 #[derive(Debug, Deserialize)]
@@ -94,28 +103,7 @@ enum SourceConfig {
 #[serde(tag = "type", rename_all = "lowercase")]
 enum TargetConfig {
     /// A directory kept in one LDIF file.
-    Ldif {
-        /// The file.
-        path: PathBuf,
-        /// The connector's name in logs (default `ldif`).
-        #[serde(default)]
-        name: Option<String>,
-        /// Per object type: `rdn_attribute`, `parent`, `object_classes`.
-        #[serde(default)]
-        object_types: BTreeMap<ObjectType, LdifObjectTypeConfig>,
-        /// `objectClass` → object type (default: the connector's).
-        #[serde(default)]
-        object_type_map: Option<BTreeMap<AttrName, ObjectType>>,
-        /// Attributes holding DNs, in the rules' spelling (default: the connector's).
-        #[serde(default)]
-        reference_attributes: Option<Vec<AttrName>>,
-        /// Attributes whose values are bytes (default: the connector's).
-        #[serde(default)]
-        binary_attributes: Option<Vec<AttrName>>,
-        /// Operations per apply call.
-        #[serde(default)]
-        max_batch: Option<usize>,
-    },
+    Ldif(LdifTargetSection),
     /// Microsoft Entra ID through Microsoft Graph (cargo feature `graph`): `tenant`,
     /// `client_id`, `client_secret` or `certificate_path` (+ `private_key_path`), `authority`,
     /// `graph_url`, `writes_per_second`, … — see README.md, "The Graph target".
@@ -153,12 +141,38 @@ enum TargetConfig {
     },
 }
 
+/// `[target]` of `type = "ldif"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LdifTargetSection {
+    /// The file.
+    path: PathBuf,
+    /// The connector's name in logs (default `ldif`).
+    #[serde(default)]
+    name: Option<String>,
+    /// Per object type: `rdn_attribute`, `parent`, `object_classes`.
+    #[serde(default)]
+    object_types: BTreeMap<ObjectType, LdifObjectTypeConfig>,
+    /// `objectClass` → object type (default: the connector's).
+    #[serde(default)]
+    object_type_map: Option<BTreeMap<AttrName, ObjectType>>,
+    /// Attributes holding DNs, in the rules' spelling (default: the connector's).
+    #[serde(default)]
+    reference_attributes: Option<Vec<AttrName>>,
+    /// Attributes whose values are bytes (default: the connector's).
+    #[serde(default)]
+    binary_attributes: Option<Vec<AttrName>>,
+    /// Operations per apply call.
+    #[serde(default)]
+    max_batch: Option<usize>,
+}
+
 /// The connection of an `ldap` section with the password from the environment (when
 /// `password_env` is given) and the CA file relative to the configuration file.
 #[cfg(feature = "ldap")]
 fn ldap_connection(
-    section: &str,
-    base: &Path,
+    section: &'static str,
+    file: &ConfigFile,
     mut conn: dirsync::connector::ldap::LdapConnection,
     bind_dn: Option<String>,
     password_env: Option<String>,
@@ -168,8 +182,9 @@ fn ldap_connection(
     match (bind_dn, password_env) {
         (Some(dn), Some(var)) => {
             let pw = std::env::var(&var).map_err(|_| {
-                Fail::new(
+                file.fail(
                     EXIT_CONFIG,
+                    &[Key(section), Key("password_env")],
                     format!("[{section}] password_env: the variable {var} is not set"),
                 )
             })?;
@@ -179,13 +194,16 @@ fn ldap_connection(
             };
         }
         (None, None) => {}
-        _ => {
-            return Err(Fail::new(
+        (given, _) => {
+            let key = if given.is_some() { "bind_dn" } else { "password_env" };
+            return Err(file.fail(
                 EXIT_CONFIG,
+                &[Key(section), Key(key)],
                 format!("[{section}] bind_dn and password_env go together: give both or neither"),
-            ))
+            ));
         }
     }
+    let base = &file.base;
     conn.tls.ca_file = conn.tls.ca_file.map(|f| relative(base, &f));
     conn.tls.client_cert_file = conn.tls.client_cert_file.map(|f| relative(base, &f));
     conn.tls.client_key_file = conn.tls.client_key_file.map(|f| relative(base, &f));
@@ -240,17 +258,158 @@ impl Default for EngineSection {
     }
 }
 
-/// A failure and the exit code it maps to.
+/// One problem, as a person reads it (`report`, several lines) and as a program does (the
+/// fields, printed as JSON by `--json`).
+#[derive(Debug, Serialize)]
+struct Problem {
+    /// One line saying what is wrong.
+    message: String,
+    /// The stable code of a rule error (`E0403`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<String>,
+    /// The file it is in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    /// 1-based line in the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<usize>,
+    /// 1-based column (characters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    column: Option<usize>,
+    /// The rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<String>,
+    /// The target attribute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attribute: Option<String>,
+    /// What a person sees: the message with the file position, the line and a caret; `None`:
+    /// `sync: <message>`.
+    #[serde(skip)]
+    report: Option<String>,
+}
+
+impl Problem {
+    fn plain(message: impl Into<String>) -> Problem {
+        Problem {
+            message: message.into(),
+            code: None,
+            file: None,
+            line: None,
+            column: None,
+            rule: None,
+            attribute: None,
+            report: None,
+        }
+    }
+
+    /// A problem at `span` of `text`, the content of the file shown as `file`.
+    fn at(file: &str, text: &str, span: Span, message: impl Into<String>) -> Problem {
+        let message = message.into();
+        let (line, column) = span.line_col(text);
+        let origin = Origin {
+            file: Some(file.to_owned()),
+            ..Origin::default()
+        };
+        let report = render_report(&format!("error: {message}"), text, &origin, span, &[], None);
+        Problem {
+            file: Some(file.to_owned()),
+            line: Some(line),
+            column: Some(column),
+            report: Some(report),
+            ..Problem::plain(message)
+        }
+    }
+
+    fn rule(e: &RuleError, file: &str) -> Problem {
+        Problem {
+            message: e.message.clone(),
+            code: Some(e.code.clone()),
+            file: Some(file.to_owned()),
+            line: e.line,
+            column: e.column,
+            rule: e.rule.clone(),
+            attribute: e.attribute.clone(),
+            report: Some(e.rendered.clone()),
+        }
+    }
+}
+
+/// A failure: the exit code it maps to, its problems and, after located problems, a last line
+/// saying what failed.
 struct Fail {
     code: u8,
-    message: String,
+    problems: Vec<Problem>,
+    summary: Option<String>,
 }
 
 impl Fail {
     fn new(code: u8, message: impl Into<String>) -> Fail {
         Fail {
             code,
-            message: message.into(),
+            problems: vec![Problem::plain(message)],
+            summary: None,
+        }
+    }
+
+    /// The message of a failure with one problem (`--help`'s text).
+    fn message(&self) -> String {
+        self.problems
+            .iter()
+            .map(|p| p.message.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Writes the failure to stderr: for a person, each problem's report (or `sync: message`),
+    /// a blank line between located ones, then the summary; for a program (`json`), one JSON
+    /// object per problem and line.
+    fn print(&self, json: bool) {
+        if json {
+            for p in &self.problems {
+                let mut v = serde_json::to_value(p).unwrap_or_default();
+                v["exit"] = self.code.into();
+                eprintln!("{v}");
+            }
+            return;
+        }
+        for (i, p) in self.problems.iter().enumerate() {
+            match &p.report {
+                Some(report) => {
+                    if i > 0 {
+                        eprintln!();
+                    }
+                    eprintln!("{}", report.trim_end());
+                }
+                None => eprintln!("sync: {}", p.message),
+            }
+        }
+        if let Some(summary) = &self.summary {
+            eprintln!("sync: {summary}");
+        }
+    }
+}
+
+/// The configuration file as read: its name as given, its text and its directory (the base of
+/// the paths in it).
+struct ConfigFile {
+    shown: String,
+    text: String,
+    base: PathBuf,
+}
+
+impl ConfigFile {
+    /// A failure about the value at `path` (or, when the file does not write it, the section
+    /// it belongs to), with its line and column.
+    fn fail(&self, code: u8, path: &[TomlStep<'_>], message: impl Into<String>) -> Fail {
+        let spans = TomlSpans::parse(&self.text);
+        let problem = match spans.first_span(&[path, &path[..path.len().min(1)]]) {
+            Some(span) if !path.is_empty() => Problem::at(&self.shown, &self.text, span, message),
+            _ => Problem::plain(format!("{}: {}", self.shown, message.into())),
+        };
+        Fail {
+            code,
+            problems: vec![problem],
+            summary: Some(format!("the configuration {} has an error", self.shown)),
         }
     }
 }
@@ -273,12 +432,17 @@ impl From<EngineError> for Fail {
     }
 }
 
-const USAGE: &str = "usage: sync --config <file.toml> [--progress] <command>
+const USAGE: &str = "usage: sync --config <file.toml> [--progress] [--json] <command>
   --progress: print the engine's progress events on stderr, one per line
+  --json: print errors on stderr as JSON objects, one per line
 commands:
-  plan [--full] [--out plan.json]               import, then show the plan (and save it)
+  plan [--full] [--full-import] [--out plan.json]
+                                                import, then show the plan (and save it)
   apply --plan plan.json [--allow-deletions]    apply a saved plan
-  run [--full] [--allow-deletions]              import and export (the usual cycle)
+  run [--full] [--full-import] [--allow-deletions]
+                                                import and export (the usual cycle);
+                                                --full: plan every object; --full-import:
+                                                read every source object, not the changes
   explain <anchor|dn>                           synchronize one object now, explaining why
   reconcile [--allow-deletions]                 read the target and correct drift
   status                                        last runs, escrow, pending work";
@@ -289,6 +453,7 @@ struct Args {
     command: String,
     operand: Option<String>,
     full: bool,
+    full_import: bool,
     allow_deletions: bool,
     progress: bool,
     out: Option<PathBuf>,
@@ -296,11 +461,19 @@ struct Args {
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Fail> {
-    let usage = |m: String| Fail::new(EXIT_USAGE, format!("{m}\n{USAGE}"));
+    let usage = |m: String| Fail {
+        code: EXIT_USAGE,
+        problems: vec![Problem {
+            report: Some(format!("sync: {m}\n{USAGE}")),
+            ..Problem::plain(m)
+        }],
+        summary: None,
+    };
     let mut config = None;
     let mut command = None;
     let mut operand = None;
     let mut full = false;
+    let mut full_import = false;
     let mut allow_deletions = false;
     let mut progress = false;
     let mut out = None;
@@ -315,8 +488,11 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Fail> {
             "--out" | "-o" => out = Some(PathBuf::from(value("--out")?)),
             "--plan" => plan = Some(PathBuf::from(value("--plan")?)),
             "--full" => full = true,
+            "--full-import" => full_import = true,
             "--allow-deletions" => allow_deletions = true,
             "--progress" => progress = true,
+            // Read by `main` before parsing, so that usage errors follow it too.
+            "--json" => {}
             "--help" | "-h" => return Err(Fail::new(0, USAGE)),
             s if s.starts_with('-') => return Err(usage(format!("unknown option {s}"))),
             _ if command.is_none() => command = Some(a),
@@ -339,11 +515,15 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Fail> {
     if command == "apply" && plan.is_none() {
         return Err(usage("apply needs --plan <file.json>".into()));
     }
+    if full_import && command != "run" && command != "plan" {
+        return Err(usage(format!("--full-import goes with run or plan, not {command}")));
+    }
     Ok(Args {
         config,
         command,
         operand,
         full,
+        full_import,
         allow_deletions,
         progress,
         out,
@@ -352,14 +532,10 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Fail> {
 }
 
 /// Creates the directory `path` is to be written in.
-fn parent_dir(path: &Path, what: &str) -> Result<(), Fail> {
+fn parent_dir(path: &Path, what: &str) -> Result<(), String> {
     match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => std::fs::create_dir_all(p).map_err(|e| {
-            Fail::new(
-                EXIT_ERROR,
-                format!("{what}: cannot create the directory {}: {e}", p.display()),
-            )
-        }),
+        Some(p) if !p.as_os_str().is_empty() => std::fs::create_dir_all(p)
+            .map_err(|e| format!("{what}: cannot create the directory {}: {e}", p.display())),
         _ => Ok(()),
     }
 }
@@ -373,45 +549,126 @@ fn relative(base: &Path, path: &Path) -> PathBuf {
     }
 }
 
-fn load_config(path: &Path) -> Result<(Config, PathBuf), Fail> {
+fn load_config(path: &Path) -> Result<(Config, ConfigFile), Fail> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         Fail::new(
             EXIT_CONFIG,
             format!("cannot read the configuration {}: {e}", path.display()),
         )
     })?;
-    let config: Config = toml::from_str(&text).map_err(|e| {
-        let msg = e.message().to_owned();
-        let at = e
-            .span()
-            .map(|s| {
-                let line = text.get(..s.start).map_or(0, |t| t.matches('\n').count()) + 1;
-                format!(" (line {line})")
-            })
-            .unwrap_or_default();
-        Fail::new(EXIT_CONFIG, format!("{}{at}: {msg}", path.display()))
-    })?;
-    let base = path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    Ok((config, base))
+    let file = ConfigFile {
+        shown: path.display().to_string(),
+        base: path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
+        text,
+    };
+    const SECTIONS: [&str; 2] = ["source", "target"];
+    let error = match toml::from_str::<Config>(&file.text) {
+        Ok(config) => match SECTIONS.iter().find_map(|s| reread_section(&file.text, s)) {
+            None => return Ok((config, file)),
+            Some(e) => e,
+        },
+        Err(e) => {
+            // An error inside a section points at the whole section: read it again.
+            let spans = TomlSpans::parse(&file.text);
+            let inside = |section: &str| match (spans.span(&[Key(section)]), e.span()) {
+                (Some(s), Some(at)) => s.start <= at.start && at.end <= s.end,
+                _ => false,
+            };
+            SECTIONS
+                .iter()
+                .find(|s| inside(s))
+                .and_then(|s| reread_section(&file.text, s))
+                .unwrap_or(e)
+        }
+    };
+    let problem = match error.span() {
+        Some(r) => Problem::at(
+            &file.shown,
+            &file.text,
+            Span::new(r.start, r.end),
+            error.message(),
+        ),
+        None => Problem::plain(format!("{}: {}", file.shown, error.message())),
+    };
+    Err(Fail {
+        code: EXIT_CONFIG,
+        problems: vec![problem],
+        summary: Some(format!("the configuration {} has an error", file.shown)),
+    })
 }
 
-fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
+/// serde reads `[source]` and `[target]` — tagged by `type`, with the connector's own
+/// configuration flattened in — from a buffer without positions, so an error inside them
+/// points at the whole section, and a key the connector does not know passes unnoticed. This
+/// reads the connector configuration of `section` again on its own, with positions, and
+/// returns its error (`None` when it reads without error, or is not there).
+fn reread_section(text: &str, section: &str) -> Option<toml::de::Error> {
+    use toml::de::{DeTable, DeValue};
+    let doc = DeTable::parse(text).ok()?;
+    let (_, value) = doc
+        .get_ref()
+        .iter()
+        .find(|(k, _)| k.get_ref().as_ref() == section)?;
+    let DeValue::Table(table) = value.get_ref() else {
+        return None;
+    };
+    let kind = table
+        .iter()
+        .find(|(k, _)| k.get_ref().as_ref() == "type")
+        .and_then(|(_, v)| v.get_ref().as_str())?;
+    let wrapper: &[&str] = match (section, kind) {
+        ("source", "ldif") => &["type", "path", "name"],
+        ("source", "ldap") | ("target", "ldap") => &["type", "bind_dn", "password_env"],
+        ("target", "scim") => &["type", "name", "bearer_token_env"],
+        _ => &["type"],
+    };
+    let mut value = value.clone();
+    if let DeValue::Table(t) = value.get_mut() {
+        for key in wrapper {
+            t.remove(*key);
+        }
+    }
+    let de = serde::de::IntoDeserializer::<toml::de::Error>::into_deserializer(value);
+    let checked = match (section, kind) {
+        ("source", "ldif") => LdifSourceConfig::deserialize(de).map(drop),
+        #[cfg(feature = "ldap")]
+        ("source", "ldap") => dirsync::connector::ldap::LdapSourceConfig::deserialize(de).map(drop),
+        ("target", "ldif") => LdifTargetSection::deserialize(de).map(drop),
+        #[cfg(feature = "graph")]
+        ("target", "graph") => dirsync::connector::graph::GraphConfig::deserialize(de).map(drop),
+        #[cfg(feature = "scim")]
+        ("target", "scim") => dirsync::connector::scim::ScimConfig::deserialize(de).map(drop),
+        #[cfg(feature = "ldap")]
+        ("target", "ldap") => dirsync::connector::ldap::LdapTargetConfig::deserialize(de).map(drop),
+        _ => Ok(()),
+    };
+    checked.err()
+}
+
+fn build(config: Config, file: &ConfigFile) -> Result<Synchronizer, Fail> {
+    let base = file.base.as_path();
     let rules_path = relative(base, &config.rules);
     let rules_text = std::fs::read_to_string(&rules_path).map_err(|e| {
-        Fail::new(
+        file.fail(
             EXIT_CONFIG,
+            &[Key("rules")],
             format!("cannot read the rules {}: {e}", rules_path.display()),
         )
     })?;
-    let file = rules_path.display().to_string();
-    let rules = RuleSet::from_toml(&rules_text, Some(&file)).map_err(|e| {
-        Fail::new(
-            EXIT_CONFIG,
-            e.to_string().lines().collect::<Vec<_>>().join("; "),
-        )
+    let shown = rules_path.display().to_string();
+    let rules = RuleSet::from_toml(&rules_text, Some(&shown)).map_err(|e| {
+        let n = e.0.len();
+        Fail {
+            code: EXIT_CONFIG,
+            problems: e.0.iter().map(|r| Problem::rule(r, &shown)).collect(),
+            summary: Some(format!(
+                "the rules {shown} have {n} error{}",
+                if n == 1 { "" } else { "s" }
+            )),
+        }
     })?;
     let source: Box<dyn Source> = match config.source {
         SourceConfig::Ldif {
@@ -421,8 +678,9 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
         } => {
             let path = relative(base, &path);
             if !path.is_file() {
-                return Err(Fail::new(
+                return Err(file.fail(
                     EXIT_CONFIG,
+                    &[Key("source"), Key("path")],
                     format!("[source] path: no file {}", path.display()),
                 ));
             }
@@ -440,12 +698,12 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
             mut config,
         } => {
             config.connection =
-                ldap_connection("source", base, config.connection, bind_dn, password_env)?;
+                ldap_connection("source", file, config.connection, bind_dn, password_env)?;
             Box::new(dirsync::connector::ldap::LdapSource::new(*config))
         }
     };
     let target: Box<dyn Target> = match config.target {
-        TargetConfig::Ldif {
+        TargetConfig::Ldif(LdifTargetSection {
             path,
             name,
             object_types,
@@ -453,7 +711,7 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
             reference_attributes,
             binary_attributes,
             max_batch,
-        } => {
+        }) => {
             let mut c = LdifTargetConfig {
                 object_types,
                 ..LdifTargetConfig::default()
@@ -471,9 +729,11 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
                 c.max_batch = m;
             }
             let path = relative(base, &path);
-            parent_dir(&path, "[target] path")?;
-            let mut t = LdifTarget::open(&path, c)
-                .map_err(|e| Fail::new(EXIT_ERROR, format!("[target] {}: {e}", path.display())))?;
+            let at = [Key("target"), Key("path")];
+            parent_dir(&path, "[target] path").map_err(|m| file.fail(EXIT_ERROR, &at, m))?;
+            let mut t = LdifTarget::open(&path, c).map_err(|e| {
+                file.fail(EXIT_ERROR, &at, format!("[target] {}: {e}", path.display()))
+            })?;
             if let Some(n) = name {
                 t = t.with_name(n);
             }
@@ -484,8 +744,9 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
             c.certificate_path = c.certificate_path.map(|p| relative(base, &p));
             c.private_key_path = c.private_key_path.map(|p| relative(base, &p));
             Box::new(
-                dirsync::connector::graph::GraphTarget::new("entra", c)
-                    .map_err(|e| Fail::new(EXIT_CONFIG, format!("[target] graph: {e}")))?,
+                dirsync::connector::graph::GraphTarget::new("entra", c).map_err(|e| {
+                    file.fail(EXIT_CONFIG, &[Key("target")], format!("[target] graph: {e}"))
+                })?,
             )
         }
         #[cfg(feature = "scim")]
@@ -497,8 +758,9 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
             use dirsync::connector::scim::{ScimAuth, ScimTarget, Secret};
             if let Some(var) = bearer_token_env {
                 let token = std::env::var(&var).map_err(|_| {
-                    Fail::new(
+                    file.fail(
                         EXIT_CONFIG,
+                        &[Key("target"), Key("bearer_token_env")],
                         format!("[target] bearer_token_env: the variable {var} is not set"),
                     )
                 })?;
@@ -507,8 +769,9 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
                 };
             }
             config.ca_file = config.ca_file.map(|f| relative(base, &f));
-            let mut t = ScimTarget::new(config)
-                .map_err(|e| Fail::new(EXIT_CONFIG, format!("[target] {e}")))?;
+            let mut t = ScimTarget::new(config).map_err(|e| {
+                file.fail(EXIT_CONFIG, &[Key("target")], format!("[target] {e}"))
+            })?;
             if let Some(n) = name {
                 t = t.with_name(n);
             }
@@ -521,15 +784,16 @@ fn build(config: Config, base: &Path) -> Result<Synchronizer, Fail> {
             mut config,
         } => {
             config.connection =
-                ldap_connection("target", base, config.connection, bind_dn, password_env)?;
+                ldap_connection("target", file, config.connection, bind_dn, password_env)?;
             Box::new(dirsync::connector::ldap::LdapTarget::new(*config))
         }
     };
     let state = relative(base, &config.state);
-    parent_dir(&state, "state")?;
+    parent_dir(&state, "state").map_err(|m| file.fail(EXIT_ERROR, &[Key("state")], m))?;
     let store = SqliteStore::open(&state).map_err(|e| {
-        Fail::new(
+        file.fail(
             EXIT_ERROR,
+            &[Key("state")],
             format!("the state store {}: {e}", state.display()),
         )
     })?;
@@ -589,8 +853,8 @@ fn finish(report: &RunReport) -> Result<(), Fail> {
 }
 
 async fn command(args: Args) -> Result<(), Fail> {
-    let (config, base) = load_config(&args.config)?;
-    let mut sync = build(config, &base)?;
+    let (config, file) = load_config(&args.config)?;
+    let mut sync = build(config, &file)?;
     if args.allow_deletions {
         sync.allow_deletions_once();
     }
@@ -603,7 +867,11 @@ async fn command(args: Args) -> Result<(), Fail> {
     }
     match args.command.as_str() {
         "plan" => {
-            let report = sync.delta_import().await?;
+            let report = if args.full_import {
+                sync.full_import().await?
+            } else {
+                sync.delta_import().await?
+            };
             eprintln!("imported {} objects", report.imported);
             // The plan a run would make: creates the target may already hold are looked up.
             let staged = sync.plan_with_lookups(args.full).await?;
@@ -641,12 +909,20 @@ async fn command(args: Args) -> Result<(), Fail> {
             finish(&report)
         }
         "run" => {
-            let report = if args.full {
+            let report = match (args.full_import, args.full) {
+                // Every source object read again (what a delta cannot see), then the changes
+                // planned.
+                (true, false) => sync.full_import_cycle().await?,
                 // A full sync re-plans every object (after a rule change), from a fresh import.
-                print!("{}", sync.delta_import().await?);
-                sync.full_sync().await?
-            } else {
-                sync.run_cycle().await?
+                (true, true) => {
+                    print!("{}", sync.full_import().await?);
+                    sync.full_sync().await?
+                }
+                (false, true) => {
+                    print!("{}", sync.delta_import().await?);
+                    sync.full_sync().await?
+                }
+                (false, false) => sync.run_cycle().await?,
             };
             finish(&report)
         }
@@ -719,6 +995,8 @@ fn status(sync: &Synchronizer) -> Result<(), Fail> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // `--json` is known before the command line is parsed, so usage errors follow it too.
+    let json = std::env::args().skip(1).any(|a| a == "--json");
     let result = match parse_args(std::env::args().skip(1)) {
         Ok(args) => command(args).await,
         Err(f) => Err(f),
@@ -726,11 +1004,11 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) if f.code == 0 => {
-            println!("{}", f.message);
+            println!("{}", f.message());
             ExitCode::SUCCESS
         }
         Err(f) => {
-            eprintln!("sync: {}", f.message);
+            f.print(json);
             ExitCode::from(f.code)
         }
     }
@@ -747,7 +1025,7 @@ mod tests {
             let path = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("examples/config")
                 .join(file);
-            let (c, _) = load_config(&path).unwrap_or_else(|f| panic!("{file}: {}", f.message));
+            let (c, _) = load_config(&path).unwrap_or_else(|f| panic!("{file}: {}", f.message()));
             assert!(matches!(c.source, SourceConfig::Ldap { .. }), "{file}");
             assert!(matches!(c.target, TargetConfig::Ldap { .. }), "{file}");
         }
@@ -783,11 +1061,11 @@ mod tests {
         let (config, _) = load_config(&path).ok().unwrap();
         assert!(matches!(config.source, SourceConfig::Ldif { .. }));
         #[allow(irrefutable_let_patterns)]
-        let TargetConfig::Ldif { object_types, .. } = &config.target
+        let TargetConfig::Ldif(target) = &config.target
         else {
             panic!("not an LDIF target");
         };
-        assert_eq!(object_types.len(), 2);
+        assert_eq!(target.object_types.len(), 2);
         assert_eq!(config.engine.seed, 42);
     }
 
@@ -832,11 +1110,9 @@ mod tests {
         .unwrap();
         let f = load_config(&p).err().unwrap();
         assert_eq!(f.code, EXIT_CONFIG);
-        assert!(
-            f.message.contains("line 3") || f.message.contains("line 4"),
-            "{}",
-            f.message
-        );
+        let p = &f.problems[0];
+        assert!(matches!(p.line, Some(3 | 4)), "{p:?}");
+        assert!(p.column.is_some(), "{p:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

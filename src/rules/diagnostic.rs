@@ -531,6 +531,84 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// One step of a path into a TOML document: a table key or an array index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TomlStep<'k> {
+    /// A key of a table.
+    Key(&'k str),
+    /// An index into an array (of tables, too: `[[rule]]`).
+    Index(usize),
+}
+
+/// Where the values of a TOML document are, so that a message about a field — found after the
+/// document was read, by a check serde cannot make — points at its line and column.
+///
+/// ```
+/// use dirsync::rules::diagnostic::{TomlSpans, TomlStep::{Index, Key}};
+/// let text = "[[rule]]\nname = \"users\"\njoin = [[\"mail\"]]\n";
+/// let spans = TomlSpans::parse(text);
+/// let at = spans.span(&[Key("rule"), Index(0), Key("join"), Index(0), Index(0)]).unwrap();
+/// assert_eq!(&text[at.start..at.end], "\"mail\"");
+/// assert_eq!(at.line_col(text), (3, 10));
+/// assert!(spans.span(&[Key("rule"), Index(1)]).is_none());
+/// ```
+#[derive(Default)]
+pub struct TomlSpans<'a> {
+    doc: Option<toml::Spanned<toml::de::DeTable<'a>>>,
+}
+
+impl fmt::Debug for TomlSpans<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TomlSpans")
+            .field("parsed", &self.doc.is_some())
+            .finish()
+    }
+}
+
+impl<'a> TomlSpans<'a> {
+    /// The positions in `text`; none at all when it is not valid TOML.
+    pub fn parse(text: &'a str) -> TomlSpans<'a> {
+        TomlSpans {
+            doc: toml::de::DeTable::parse(text).ok(),
+        }
+    }
+
+    /// The span of the value at `path` (for a table written as `[header]`, its header), if the
+    /// document has it.
+    pub fn span(&self, path: &[TomlStep<'_>]) -> Option<Span> {
+        use toml::de::DeValue;
+        let doc = self.doc.as_ref()?;
+        let mut span = doc.span();
+        let mut node: Option<&DeValue<'_>> = None;
+        for step in path {
+            let value = match (step, node) {
+                (TomlStep::Key(k), None) => toml_lookup(doc.get_ref(), k)?,
+                (TomlStep::Key(k), Some(DeValue::Table(t))) => toml_lookup(t, k)?,
+                (TomlStep::Index(i), Some(DeValue::Array(a))) => a.iter().nth(*i)?,
+                _ => return None,
+            };
+            span = value.span();
+            node = Some(value.get_ref());
+        }
+        Some(Span::new(span.start, span.end))
+    }
+
+    /// The span of the first of `paths` the document has.
+    pub fn first_span(&self, paths: &[&[TomlStep<'_>]]) -> Option<Span> {
+        paths.iter().find_map(|p| self.span(p))
+    }
+}
+
+fn toml_lookup<'t, 'i>(
+    table: &'t toml::de::DeTable<'i>,
+    key: &str,
+) -> Option<&'t toml::Spanned<toml::de::DeValue<'i>>> {
+    table
+        .iter()
+        .find(|(k, _)| k.get_ref().as_ref() == key)
+        .map(|(_, v)| v)
+}
+
 /// A list of diagnostics; the error type of parsing and compiling.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Diagnostics(pub Vec<Diagnostic>);

@@ -44,7 +44,10 @@ use crate::delta::{
 };
 use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Value, Values};
 use crate::rules::context::{EvalContext, SeededRng};
-use crate::rules::diagnostic::{render_report, Code, Diagnostic, Origin, Span};
+use crate::rules::diagnostic::{
+    render_report, Code, Diagnostic, Origin, Span, TomlSpans, TomlStep,
+    TomlStep::{Index, Key},
+};
 use crate::rules::eval::{self, AttributeSource, EvalFailure, Outcome, Program, Slotted};
 use crate::rules::function::Function;
 use crate::rules::scope::{FilterSpec, ScopeError, ScopeErrorKind, ScopeExplanation, ScopeFilter};
@@ -332,54 +335,15 @@ pub mod codes {
 struct Source<'a> {
     file: Option<&'a str>,
     text: Option<&'a str>,
-    /// The TOML document with the span of every value (`None` for JSON and code).
-    doc: Option<toml::Spanned<toml::de::DeTable<'a>>>,
+    /// Where the values are (nothing for JSON and code).
+    spans: TomlSpans<'a>,
 }
-
-/// One step of a path into a TOML document: a table key or an array index.
-#[derive(Debug, Clone, Copy)]
-enum Step<'k> {
-    Key(&'k str),
-    Index(usize),
-}
-
-use Step::{Index, Key};
 
 impl Source<'_> {
-    /// The byte range of the value at `path` (`rule`, 0, `join`, 1 …) in the text, when the
-    /// rule set was loaded from TOML and the value is written there.
-    fn span(&self, path: &[Step<'_>]) -> Option<Range<usize>> {
-        use toml::de::DeValue;
-        let doc = self.doc.as_ref()?;
-        let mut span = doc.span();
-        let mut node: Option<&DeValue<'_>> = None;
-        for step in path {
-            let value = match (step, node) {
-                (Key(k), None) => lookup(doc.get_ref(), k)?,
-                (Key(k), Some(DeValue::Table(t))) => lookup(t, k)?,
-                (Index(i), Some(DeValue::Array(a))) => a.iter().nth(*i)?,
-                _ => return None,
-            };
-            span = value.span();
-            node = Some(value.get_ref());
-        }
-        Some(span)
+    /// The byte range of the value at `path` in the text, when it is written there.
+    fn span(&self, path: &[TomlStep<'_>]) -> Option<Range<usize>> {
+        self.spans.span(path).map(|s| s.start..s.end)
     }
-
-    /// The span of the first of `paths` the text has.
-    fn first_span(&self, paths: &[&[Step<'_>]]) -> Option<Range<usize>> {
-        paths.iter().find_map(|p| self.span(p))
-    }
-}
-
-fn lookup<'t, 'i>(
-    table: &'t toml::de::DeTable<'i>,
-    key: &str,
-) -> Option<&'t toml::Spanned<toml::de::DeValue<'i>>> {
-    table
-        .iter()
-        .find(|(k, _)| k.get_ref().as_ref() == key)
-        .map(|(_, v)| v)
 }
 
 /// Where in the text a scoping-filter error is: the clause's operator or value, the clause, the
@@ -401,7 +365,10 @@ fn scope_error_span(src: &Source<'_>, rule: usize, e: &ScopeError) -> Option<Ran
         _ => None,
     };
     let in_field = field.map(|f| [&clause[..], &[Key(f)]].concat());
-    let span = src.first_span(&[in_field.as_deref().unwrap_or(&[]), &clause, &group, &scope])?;
+    let span = src
+        .spans
+        .first_span(&[in_field.as_deref().unwrap_or(&[]), &clause, &group, &scope])?;
+    let span = span.start..span.end;
     let inside = match e.kind {
         ScopeErrorKind::InvalidRegex { offset } => Some(offset),
         ScopeErrorKind::InvalidDn { position } => Some(position),
@@ -709,7 +676,7 @@ impl RuleSet {
         let mut src = Source {
             file,
             text: Some(text),
-            doc: None,
+            spans: TomlSpans::default(),
         };
         let config: RuleSetConfig = match toml::from_str(text) {
             Ok(c) => c,
@@ -724,7 +691,7 @@ impl RuleSet {
                 )]))
             }
         };
-        src.doc = toml::de::DeTable::parse(text).ok();
+        src.spans = TomlSpans::parse(text);
         RuleSet::compile_from(config, &src)
     }
 
@@ -733,7 +700,7 @@ impl RuleSet {
         let src = Source {
             file,
             text: None,
-            doc: None,
+            spans: TomlSpans::default(),
         };
         let config: RuleSetConfig = serde_json::from_str(text).map_err(|e| {
             let mut error = simple_error(
@@ -756,7 +723,7 @@ impl RuleSet {
         let src = Source {
             file: None,
             text: None,
-            doc: None,
+            spans: TomlSpans::default(),
         };
         RuleSet::compile_from(config, &src)
     }

@@ -38,7 +38,7 @@ pub enum Unmapped {
 
 /// How an [`LdifSource`] turns LDIF records into entries and changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct LdifSourceConfig {
     /// The attribute holding each entry's anchor (default `entryUUID`). It must have exactly one
     /// value in every mapped entry. `objectGUID` values are AD's 16 bytes (as LDIF exports
