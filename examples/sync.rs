@@ -195,7 +195,11 @@ fn ldap_connection(
         }
         (None, None) => {}
         (given, _) => {
-            let key = if given.is_some() { "bind_dn" } else { "password_env" };
+            let key = if given.is_some() {
+                "bind_dn"
+            } else {
+                "password_env"
+            };
             return Err(file.fail(
                 EXIT_CONFIG,
                 &[Key(section), Key(key)],
@@ -516,7 +520,9 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Fail> {
         return Err(usage("apply needs --plan <file.json>".into()));
     }
     if full_import && command != "run" && command != "plan" {
-        return Err(usage(format!("--full-import goes with run or plan, not {command}")));
+        return Err(usage(format!(
+            "--full-import goes with run or plan, not {command}"
+        )));
     }
     Ok(Args {
         config,
@@ -745,7 +751,11 @@ fn build(config: Config, file: &ConfigFile) -> Result<Synchronizer, Fail> {
             c.private_key_path = c.private_key_path.map(|p| relative(base, &p));
             Box::new(
                 dirsync::connector::graph::GraphTarget::new("entra", c).map_err(|e| {
-                    file.fail(EXIT_CONFIG, &[Key("target")], format!("[target] graph: {e}"))
+                    file.fail(
+                        EXIT_CONFIG,
+                        &[Key("target")],
+                        format!("[target] graph: {e}"),
+                    )
                 })?,
             )
         }
@@ -769,9 +779,8 @@ fn build(config: Config, file: &ConfigFile) -> Result<Synchronizer, Fail> {
                 };
             }
             config.ca_file = config.ca_file.map(|f| relative(base, &f));
-            let mut t = ScimTarget::new(config).map_err(|e| {
-                file.fail(EXIT_CONFIG, &[Key("target")], format!("[target] {e}"))
-            })?;
+            let mut t = ScimTarget::new(config)
+                .map_err(|e| file.fail(EXIT_CONFIG, &[Key("target")], format!("[target] {e}")))?;
             if let Some(n) = name {
                 t = t.with_name(n);
             }

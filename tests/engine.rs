@@ -939,3 +939,139 @@ async fn a_fresh_state_joins_what_an_ldif_target_already_holds() {
     assert_eq!(std::fs::read_to_string(&target_path).unwrap(), written);
     assert_eq!(LdifTarget::open(&target_path, tconfig).unwrap().len(), 6);
 }
+
+/// An LDIF source anchored on an attribute its entries do not keep unique (`employeeNumber`),
+/// in both state stores: a change file adding a second entry with an anchor in use — another
+/// added entry's, or an existing entry's — fails the delta import at its line, naming both DNs;
+/// a content file holding two entries with one anchor fails the full import, naming the anchor
+/// and both DNs. Each time nothing is applied: the mirror, the target and the watermark are as
+/// before. Once the files are fixed the next run goes through with nothing to do.
+#[tokio::test]
+async fn ldif_entries_with_one_anchor_are_refused() {
+    use dirsync::connector::ldif::{LdifSource, LdifSourceConfig};
+    let person = |uid: &str, number: &str| {
+        format!("dn: uid={uid},ou=People,dc=src\nobjectClass: inetOrgPerson\nuid: {uid}\ncn: {uid}\nemployeeNumber: {number}\n\n")
+    };
+    let content = format!(
+        "version: 1\n\n{}{}{}",
+        person("ada", "E1"),
+        person("alan", "E2"),
+        person("grace", "E3")
+    );
+    let rules = Arc::new(
+        RuleSet::builder()
+            .rule(
+                RuleBuilder::new("people", "user", "User")
+                    .flow("userName", "[uid]")
+                    .join(["userName"]),
+            )
+            .build()
+            .unwrap(),
+    );
+    for sqlite in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("people.ldif");
+        let changes = dir.path().join("changes");
+        std::fs::create_dir(&changes).unwrap();
+        std::fs::write(&path, &content).unwrap();
+        let source = LdifSource::new(
+            &path,
+            LdifSourceConfig {
+                anchor_attribute: "employeeNumber".into(),
+                changes_dir: Some(changes.clone()),
+                ..LdifSourceConfig::default()
+            },
+        );
+        let store: Box<dyn StateStore> = if sqlite {
+            Box::new(SqliteStore::open(dir.path().join("state.sqlite")).unwrap())
+        } else {
+            Box::new(MemoryStore::new())
+        };
+        let target = MemoryTarget::new("app");
+        let mut sync = Synchronizer::new(
+            Box::new(source),
+            Box::new(target.clone()),
+            store,
+            rules.clone(),
+            EngineConfig::default(),
+        );
+        let report = sync.run_cycle().await.unwrap();
+        assert_eq!(report.count("create"), 3, "{report}");
+        let objects = target.objects();
+        let state = |sync: &Synchronizer| {
+            sync.with_store(|s| {
+                (
+                    s.fingerprint().unwrap(),
+                    s.watermark("ldif").unwrap(),
+                    s.load_all().unwrap().mirror.len(),
+                )
+            })
+        };
+        let before = state(&sync);
+        assert!(before.1.is_some());
+
+        // Two adds with one anchor in a change file; then an add of an anchor ada has.
+        for (file, body, line, first, second) in [
+            (
+                "001.ldif",
+                format!(
+                    "dn: uid=dan,ou=People,dc=src\nchangetype: add\nobjectClass: inetOrgPerson\nuid: dan\nemployeeNumber: E9\n\n\
+                     dn: uid=eve,ou=People,dc=src\nchangetype: add\nobjectClass: inetOrgPerson\nuid: eve\nemployeeNumber: E9\n"
+                ),
+                7,
+                "uid=dan,ou=People,dc=src",
+                "uid=eve,ou=People,dc=src",
+            ),
+            (
+                "002.ldif",
+                "dn: uid=fay,ou=People,dc=src\nchangetype: add\nobjectClass: inetOrgPerson\nuid: fay\nemployeeNumber: E1\n".to_owned(),
+                1,
+                "uid=ada,ou=People,dc=src",
+                "uid=fay,ou=People,dc=src",
+            ),
+        ] {
+            std::fs::write(changes.join(file), body).unwrap();
+            let err = sync.run_cycle().await.unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("line {line}"))
+                    && err.contains(&format!("an add of {second} with the anchor"))
+                    && err.contains(&format!("which {first} already has")),
+                "sqlite {sqlite}, {file}: {err}"
+            );
+            assert_eq!(state(&sync), before, "sqlite {sqlite}, {file}");
+            assert_eq!(target.objects(), objects, "sqlite {sqlite}, {file}");
+            std::fs::remove_file(changes.join(file)).unwrap();
+        }
+
+        // Two entries with one anchor in the content file: the full import it takes refuses.
+        let duplicated = content.replace("employeeNumber: E3", "employeeNumber: E2");
+        std::fs::write(&path, &duplicated).unwrap();
+        let err = sync.run_cycle().await.unwrap_err();
+        assert!(
+            matches!(&err, EngineError::DuplicateAnchor { during: "full import", anchor, first, second }
+                if anchor.as_str() == "E2"
+                    && first == "uid=alan,ou=People,dc=src"
+                    && second == "uid=grace,ou=People,dc=src"),
+            "sqlite {sqlite}: {err}"
+        );
+        let (fingerprint, watermark, mirrored) = state(&sync);
+        assert_eq!(
+            (fingerprint, mirrored),
+            (before.0, before.2),
+            "sqlite {sqlite}"
+        );
+        assert_eq!(watermark, None, "the next import is a full one again");
+        assert_eq!(target.objects(), objects, "sqlite {sqlite}");
+        // Still refused while the file holds them.
+        assert!(matches!(
+            sync.run_cycle().await,
+            Err(EngineError::DuplicateAnchor { .. })
+        ));
+
+        // Fixed: nothing to do.
+        std::fs::write(&path, &content).unwrap();
+        let report = sync.run_cycle().await.unwrap();
+        assert_eq!(report.total_done(), 0, "sqlite {sqlite}: {report}");
+        assert_eq!(target.objects(), objects, "sqlite {sqlite}");
+    }
+}

@@ -318,3 +318,137 @@ async fn a_dropped_connection_restarts_the_import_without_duplicates() {
     assert!(e.is_retryable(), "{e}");
     assert_eq!(source.reconnects(), 0);
 }
+
+/// Anchoring on an attribute the directory does not keep unique (`employeeNumber`): when two
+/// entries come to share one, the full import stops with an error naming the anchor and both
+/// DNs, and nothing of it is applied — the mirror and the target are as before, the watermark
+/// is not advanced — in both state stores, whether the two entries arrive in one import batch
+/// or in two. A fresh state refuses the same way (nothing mirrored, nothing created). Once the
+/// directory is fixed, the next run goes through and changes nothing.
+#[tokio::test(flavor = "current_thread")]
+async fn two_entries_with_one_anchor_stop_the_import() {
+    use std::sync::Arc;
+
+    use dirsync::connector::memory::MemoryTarget;
+    use dirsync::engine::{EngineConfig, EngineError, Synchronizer};
+    use dirsync::model::Anchor;
+    use dirsync::rules::ruleset::{RuleBuilder, RuleSet};
+    use dirsync::state::{MemoryStore, SqliteStore, StateStore};
+
+    let Some(slapd) = start(5, 0) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rules = Arc::new(
+        RuleSet::builder()
+            .rule(
+                RuleBuilder::new("users", "user", "User")
+                    .flow("userName", "[uid]")
+                    .flow("employeeNumber", "[employeeNumber]")
+                    .join(["userName"]),
+            )
+            .build()
+            .unwrap(),
+    );
+    let make = |store: Box<dyn StateStore>, import_batch: usize| {
+        let mut config = source_config(slapd.url());
+        config.anchor = AnchorAttribute::Attribute("employeeNumber".into());
+        let target = MemoryTarget::new("app");
+        let sync = Synchronizer::new(
+            Box::new(LdapSource::new(config)),
+            Box::new(target.clone()),
+            store,
+            rules.clone(),
+            EngineConfig {
+                import_batch,
+                ..EngineConfig::default()
+            },
+        );
+        (sync, target)
+    };
+    let stores: Vec<(&str, Box<dyn StateStore>, usize)> = vec![
+        ("memory, one batch", Box::new(MemoryStore::new()), 1000),
+        (
+            "sqlite, batches of 2",
+            Box::new(SqliteStore::open(dir.path().join("state.sqlite")).unwrap()),
+            2,
+        ),
+    ];
+    let mut synced = Vec::new();
+    for (name, store, batch) in stores {
+        let (mut sync, target) = make(store, batch);
+        let report = sync.run_cycle().await.unwrap();
+        assert_eq!(report.count("create"), 5, "{name}: {report}");
+        synced.push((name, sync, target));
+    }
+
+    // user000004 takes user000001's employee number.
+    let user = |i: usize| format!("uid=user{i:06},ou=People,{SUFFIX}");
+    slapd
+        .ldapmodify(&format!(
+            "dn: {}\nchangetype: modify\nreplace: employeeNumber\nemployeeNumber: E000001\n",
+            user(4)
+        ))
+        .unwrap();
+    for (name, sync, target) in &mut synced {
+        let (fingerprint, watermark) =
+            sync.with_store(|s| (s.fingerprint().unwrap(), s.watermark("ldap").unwrap()));
+        let objects = target.objects();
+        let err = sync.run_cycle().await.unwrap_err();
+        let EngineError::DuplicateAnchor {
+            anchor,
+            first,
+            second,
+            ..
+        } = &err
+        else {
+            panic!("{name}: {err}");
+        };
+        assert_eq!(
+            (anchor.as_str(), first.as_str(), second.as_str()),
+            ("E000001", user(1).as_str(), user(4).as_str()),
+            "{name}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("E000001") && text.contains(&user(1)) && text.contains(&user(4)),
+            "{name}: {text}"
+        );
+        sync.with_store(|s| {
+            assert_eq!(s.fingerprint().unwrap(), fingerprint, "{name}");
+            let e1 = s.source_entry(&Anchor::new("E000001")).unwrap().unwrap();
+            assert_eq!(e1.dn.unwrap().to_string(), user(1), "{name}");
+            assert!(
+                s.source_entry(&Anchor::new("E000004")).unwrap().is_some(),
+                "{name}"
+            );
+            let after = s.watermark("ldap").unwrap();
+            assert!(after.is_none() || after == watermark, "{name}: {after:?}");
+            assert!(s.dirty().unwrap().is_empty(), "{name}");
+        });
+        assert_eq!(target.objects(), objects, "{name}");
+    }
+
+    // A fresh state refuses the same way.
+    let (mut fresh, fresh_target) = make(Box::new(MemoryStore::new()), 1000);
+    assert!(matches!(
+        fresh.run_cycle().await,
+        Err(EngineError::DuplicateAnchor { .. })
+    ));
+    fresh.with_store(|s| assert!(s.load_all().unwrap().mirror.is_empty()));
+    assert!(fresh_target.is_empty());
+
+    // Fixed in the directory: the next run goes through, with nothing to change.
+    slapd
+        .ldapmodify(&format!(
+            "dn: {}\nchangetype: modify\nreplace: employeeNumber\nemployeeNumber: E000004\n",
+            user(4)
+        ))
+        .unwrap();
+    for (name, sync, target) in &mut synced {
+        let objects = target.objects();
+        let report = sync.run_cycle().await.unwrap();
+        assert_eq!(report.total_done(), 0, "{name}: {report}");
+        assert_eq!(target.objects(), objects, "{name}");
+    }
+}

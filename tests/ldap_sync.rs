@@ -49,33 +49,8 @@ fn slapd_to_slapd_through_the_sync_example() {
     .unwrap()
     .unwrap();
     let exe = build_sync();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let shipped = std::fs::read_to_string(root.join("examples/config/ldap-to-ldap.toml")).unwrap();
-    let config = shipped
-        .replace(
-            "../rules/ldap-to-ldap.toml",
-            &root
-                .join("examples/rules/ldap-to-ldap.toml")
-                .display()
-                .to_string(),
-        )
-        .replace(
-            "../../target/sync-example/ldap-to-ldap.sqlite",
-            &dir.path().join("state.sqlite").display().to_string(),
-        )
-        .replace("cn=sync,ou=Services,dc=hr,dc=example", &src.root_dn())
-        .replace("ldap://hr-ldap.example:389", &src.url())
-        .replace(
-            "/etc/dirsync/hr-ca.pem",
-            &src.ca_file().display().to_string(),
-        )
-        .replace("cn=admin,dc=apps,dc=example", &dst.root_dn())
-        .replace("ldaps://apps-ldap.example:636", &dst.ldaps_url())
-        .replace(
-            "/etc/dirsync/apps-ca.pem",
-            &dst.ca_file().display().to_string(),
-        );
+    let config = ldap_to_ldap_config(&src, &dst, &dir.path().join("state.sqlite"));
     let path = dir.path().join("config.toml");
     std::fs::write(&path, config).unwrap();
     let env = [
@@ -134,11 +109,133 @@ fn slapd_to_slapd_through_the_sync_example() {
     );
 }
 
+/// `sync run --full-import` reads every source object again, and so sees what the delta mode
+/// cannot: after the source filter is narrowed, syncrepl reports nothing (no entry changed since
+/// the cookie), so `run` keeps the object that left the filter in the target; `run
+/// --full-import` does not deliver it, and its target object is deleted. A `run` after that
+/// changes nothing.
+#[test]
+fn full_import_sees_what_the_delta_cannot() {
+    let Some(src) = Slapd::start(SlapdOptions {
+        suffix: SOURCE.into(),
+        root_password: "Source-Root-Pw-3".into(),
+        ldif: Some(users_and_groups_ldif(SOURCE, 30, 0, false)),
+        ..SlapdOptions::default()
+    })
+    .unwrap() else {
+        eprintln!("skipped: slapd is not installed");
+        return;
+    };
+    let dst = Slapd::start(SlapdOptions {
+        suffix: TARGET.into(),
+        root_password: "Target-Root-Pw-7".into(),
+        ldif: Some(format!(
+            "dn: ou=People,{TARGET}\nobjectClass: organizationalUnit\nou: People\n\n\
+             dn: ou=Groups,{TARGET}\nobjectClass: organizationalUnit\nou: Groups\n"
+        )),
+        ..SlapdOptions::default()
+    })
+    .unwrap()
+    .unwrap();
+    let exe = build_sync();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ldap_to_ldap_config(&src, &dst, &dir.path().join("state.sqlite"));
+    let shipped_filter = "(|(objectClass=inetOrgPerson)(objectClass=groupOfNames))";
+    assert!(
+        config.contains(shipped_filter),
+        "the shipped filter changed"
+    );
+    assert!(
+        config.contains("delta = \"syncrepl\""),
+        "the shipped delta mode changed"
+    );
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, &config).unwrap();
+    let env = [
+        ("SOURCE_LDAP_PASSWORD", src.root_password()),
+        ("TARGET_LDAP_PASSWORD", dst.root_password()),
+    ];
+    let users = || {
+        ldapsearch(&dst, TARGET, "(objectClass=inetOrgPerson)", &["uid"])
+            .matches("dn: ")
+            .count()
+    };
+    let three = || !ldapsearch(&dst, TARGET, "(uid=user000003)", &["uid"]).is_empty();
+    let first = run_sync_with(&exe, &path, &env, &["run"]);
+    assert_eq!(users(), 30, "{first}");
+    assert!(three());
+
+    // The administrator narrows the source filter: user000003 is no longer synchronized.
+    let narrowed = config.replace(
+        shipped_filter,
+        "(|(&(objectClass=inetOrgPerson)(!(uid=user000003)))(objectClass=groupOfNames))",
+    );
+    std::fs::write(&path, narrowed).unwrap();
+    let delta = run_sync_with(&exe, &path, &env, &["run"]);
+    assert!(three(), "the delta saw the filter change: {delta}");
+    assert_eq!(users(), 30, "{delta}");
+
+    let full = run_sync_with(&exe, &path, &env, &["run", "--full-import"]);
+    assert!(full.contains("run full-import-cycle"), "{full}");
+    assert!(full.contains("done: 1 × delete"), "{full}");
+    assert!(!three(), "{full}");
+    assert_eq!(users(), 29, "{full}");
+
+    let before = ldapsearch(&dst, TARGET, "(objectClass=*)", &["*"]);
+    let after = run_sync_with(&exe, &path, &env, &["run"]);
+    assert_eq!(
+        ldapsearch(&dst, TARGET, "(objectClass=*)", &["*"]),
+        before,
+        "{after}"
+    );
+}
+
+/// The shipped `ldap-to-ldap` configuration pointed at `src` and `dst`, its state at `state`.
+fn ldap_to_ldap_config(src: &Slapd, dst: &Slapd, state: &std::path::Path) -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_to_string(root.join("examples/config/ldap-to-ldap.toml")).unwrap();
+    shipped
+        .replace(
+            "../rules/ldap-to-ldap.toml",
+            &root
+                .join("examples/rules/ldap-to-ldap.toml")
+                .display()
+                .to_string(),
+        )
+        .replace(
+            "../../target/sync-example/ldap-to-ldap.sqlite",
+            &state.display().to_string(),
+        )
+        .replace("cn=sync,ou=Services,dc=hr,dc=example", &src.root_dn())
+        .replace("ldap://hr-ldap.example:389", &src.url())
+        .replace(
+            "/etc/dirsync/hr-ca.pem",
+            &src.ca_file().display().to_string(),
+        )
+        .replace("cn=admin,dc=apps,dc=example", &dst.root_dn())
+        .replace("ldaps://apps-ldap.example:636", &dst.ldaps_url())
+        .replace(
+            "/etc/dirsync/apps-ca.pem",
+            &dst.ca_file().display().to_string(),
+        )
+}
+
 /// Runs `sync --config <path> run` with `env`; returns its output, failing the test if it fails
 /// or prints a password.
 fn run_sync(exe: &std::path::Path, path: &std::path::Path, env: &[(&str, &str)]) -> String {
+    run_sync_with(exe, path, env, &["run"])
+}
+
+/// Runs `sync --config <path> <args>` with `env`, as [`run_sync`] does.
+fn run_sync_with(
+    exe: &std::path::Path,
+    path: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> String {
     let out = Command::new(exe)
-        .args(["--config", path.to_str().unwrap(), "run"])
+        .args(["--config", path.to_str().unwrap()])
+        .args(args)
         .envs(env.iter().copied())
         .output()
         .unwrap();

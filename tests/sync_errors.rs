@@ -123,7 +123,12 @@ sync: the rules rules.toml have 3 errors
         })
     );
     assert_eq!(
-        (&lines[1]["code"], &lines[1]["line"], &lines[1]["column"], &lines[1]["attribute"]),
+        (
+            &lines[1]["code"],
+            &lines[1]["line"],
+            &lines[1]["column"],
+            &lines[1]["attribute"]
+        ),
         (&"E0113".into(), &13.into(), &29.into(), &"userName".into())
     );
     assert_eq!(

@@ -365,9 +365,9 @@ fn scope_error_span(src: &Source<'_>, rule: usize, e: &ScopeError) -> Option<Ran
         _ => None,
     };
     let in_field = field.map(|f| [&clause[..], &[Key(f)]].concat());
-    let span = src
-        .spans
-        .first_span(&[in_field.as_deref().unwrap_or(&[]), &clause, &group, &scope])?;
+    let span =
+        src.spans
+            .first_span(&[in_field.as_deref().unwrap_or(&[]), &clause, &group, &scope])?;
     let span = span.start..span.end;
     let inside = match e.kind {
         ScopeErrorKind::InvalidRegex { offset } => Some(offset),

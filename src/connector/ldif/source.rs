@@ -546,6 +546,22 @@ fn apply_change(
             }
             match config.to_entry(record)? {
                 Some(entry) => {
+                    // Another live entry with this anchor: two objects with one anchor (the
+                    // later would silently replace the earlier in the mirror). A scan, as a
+                    // rename's is: change files are small beside the directory.
+                    let other = index
+                        .iter()
+                        .find(|(_, k)| matches!(k, Some((a, _)) if *a == entry.anchor));
+                    if let Some((other, _)) = other {
+                        return Err(LdifError::new(
+                            record.line,
+                            format!(
+                                "an add of {dn} with the anchor {}, which {other} already has \
+                                 (the anchor attribute {} must be unique); change file {file}",
+                                entry.anchor, config.anchor_attribute
+                            ),
+                        ));
+                    }
                     index.insert(
                         dn.clone(),
                         Some((entry.anchor.clone(), entry.object_type.clone())),
