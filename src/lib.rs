@@ -46,3 +46,9 @@ pub mod state;
 pub mod testkit;
 
 pub use error::Error;
+
+/// The guide `docs/writing-rules.md`, included here so that its Rust blocks run as doctests
+/// (its TOML blocks are loaded by `tests/docs.rs`).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/writing-rules.md")]
+pub struct WritingRulesGuide;

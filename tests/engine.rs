@@ -1011,20 +1011,20 @@ async fn ldif_entries_with_one_anchor_are_refused() {
         assert!(before.1.is_some());
 
         // Two adds with one anchor in a change file; then an add of an anchor ada has.
+        let add = |uid: &str, number: &str| {
+            format!("dn: uid={uid},ou=People,dc=src\nchangetype: add\nobjectClass: inetOrgPerson\nuid: {uid}\nemployeeNumber: {number}\n\n")
+        };
         for (file, body, line, first, second) in [
             (
                 "001.ldif",
-                format!(
-                    "dn: uid=dan,ou=People,dc=src\nchangetype: add\nobjectClass: inetOrgPerson\nuid: dan\nemployeeNumber: E9\n\n\
-                     dn: uid=eve,ou=People,dc=src\nchangetype: add\nobjectClass: inetOrgPerson\nuid: eve\nemployeeNumber: E9\n"
-                ),
+                add("dan", "E9") + &add("eve", "E9"),
                 7,
                 "uid=dan,ou=People,dc=src",
                 "uid=eve,ou=People,dc=src",
             ),
             (
                 "002.ldif",
-                "dn: uid=fay,ou=People,dc=src\nchangetype: add\nobjectClass: inetOrgPerson\nuid: fay\nemployeeNumber: E1\n".to_owned(),
+                add("fay", "E1"),
                 1,
                 "uid=ada,ou=People,dc=src",
                 "uid=fay,ou=People,dc=src",

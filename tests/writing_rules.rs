@@ -1,6 +1,7 @@
 //! Every snippet of `docs/writing-rules.md` works: each ```` ```toml ```` block compiles as a rule
 //! set, and each ```` ```toml ldap-source ```` block reads as an LDAP source configuration (with
-//! the `ldap` feature; without it, as TOML).
+//! the `ldap` feature; without it, as TOML); its ```` ```rust ```` blocks are doctests, and a
+//! block of any other kind but ```` ```text ```` (output) is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,30 +9,58 @@ use dirsync::rules::ruleset::RuleSet;
 
 const GUIDE: &str = include_str!("../docs/writing-rules.md");
 
-/// The fenced blocks of `text` with the given info string: (1-based line of the fence, body).
-fn blocks<'a>(text: &'a str, info: &str) -> Vec<(usize, String)> {
+/// Every fenced block of `text`: (1-based line of the fence, info string, body).
+fn code_blocks(text: &str) -> Vec<(usize, String, String)> {
     let mut out = Vec::new();
     let mut lines = text.lines().enumerate();
     while let Some((i, line)) = lines.next() {
         let Some(rest) = line.trim_start().strip_prefix("```") else {
             continue;
         };
-        let body: Vec<&'a str> = lines
+        if rest.contains('`') {
+            // Not a fence (CommonMark: a backtick fence's info string has no backtick): inline
+            // code at the start of a line, such as ```` ```toml ````.
+            continue;
+        }
+        let body: Vec<&str> = lines
             .by_ref()
             .map(|(_, l)| l)
             .take_while(|l| l.trim_start() != "```")
             .collect();
-        if rest.trim() == info {
-            out.push((i + 1, body.join("\n")));
-        }
+        out.push((i + 1, rest.trim().to_owned(), body.join("\n")));
     }
     out
+}
+
+/// The fenced blocks of `text` with the given info string: (1-based line of the fence, body).
+fn blocks(text: &str, info: &str) -> Vec<(usize, String)> {
+    code_blocks(text)
+        .into_iter()
+        .filter(|(_, i, _)| i == info)
+        .map(|(line, _, body)| (line, body))
+        .collect()
+}
+
+/// Only blocks a test checks (rule sets, source configurations, doctests) or output (`text`):
+/// a snippet of another kind would go unchecked.
+#[test]
+fn every_code_block_of_the_guide_is_checked() {
+    let all = code_blocks(GUIDE);
+    for (line, info, _) in &all {
+        assert!(
+            matches!(info.as_str(), "toml" | "toml ldap-source" | "rust" | "text"),
+            "docs/writing-rules.md:{line}: a ```{info} block; write rule sets as ```toml, \
+             source configurations as ```toml ldap-source, code as ```rust (a doctest)"
+        );
+    }
+    // The Rust blocks run as doctests (src/lib.rs includes the guide under cfg(doctest)).
+    assert!(all.iter().filter(|(_, i, _)| i == "rust").count() >= 5);
 }
 
 #[test]
 fn every_rule_set_of_the_guide_compiles() {
     let sets = blocks(GUIDE, "toml");
-    assert!(sets.len() >= 4, "found {} rule sets", sets.len());
+    assert!(sets.len() >= 10, "found {} rule sets", sets.len());
     for (line, body) in sets {
         if let Err(e) = RuleSet::from_toml(&body, Some("docs/writing-rules.md")) {
             panic!("the rule set at docs/writing-rules.md:{line} does not compile:\n{e}");

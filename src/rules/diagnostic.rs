@@ -584,7 +584,7 @@ impl<'a> TomlSpans<'a> {
             let value = match (step, node) {
                 (TomlStep::Key(k), None) => toml_lookup(doc.get_ref(), k)?,
                 (TomlStep::Key(k), Some(DeValue::Table(t))) => toml_lookup(t, k)?,
-                (TomlStep::Index(i), Some(DeValue::Array(a))) => a.iter().nth(*i)?,
+                (TomlStep::Index(i), Some(DeValue::Array(a))) => a.get(*i)?,
                 _ => return None,
             };
             span = value.span();
