@@ -25,19 +25,25 @@ fn ldapsearch(s: &Slapd, base: &str, filter: &str, attrs: &[&str]) -> String {
     s.ldapsearch(base, filter, attrs).unwrap()
 }
 
-#[test]
-fn slapd_to_slapd_through_the_sync_example() {
-    let Some(src) = Slapd::start(SlapdOptions {
+/// The source slapd: 30 users and `groups` groups under `SOURCE`; `None` (with a note)
+/// when slapd is not installed.
+fn source_slapd(groups: usize) -> Option<Slapd> {
+    let s = Slapd::start(SlapdOptions {
         suffix: SOURCE.into(),
         root_password: "Source-Root-Pw-3".into(),
-        ldif: Some(users_and_groups_ldif(SOURCE, 30, 3, false)),
+        ldif: Some(users_and_groups_ldif(SOURCE, 30, groups, false)),
         ..SlapdOptions::default()
     })
-    .unwrap() else {
+    .unwrap();
+    if s.is_none() {
         eprintln!("skipped: slapd is not installed");
-        return;
-    };
-    let dst = Slapd::start(SlapdOptions {
+    }
+    s
+}
+
+/// The target slapd: empty `ou=People` and `ou=Groups` under `TARGET`.
+fn target_slapd() -> Slapd {
+    Slapd::start(SlapdOptions {
         suffix: TARGET.into(),
         root_password: "Target-Root-Pw-7".into(),
         ldif: Some(format!(
@@ -47,7 +53,15 @@ fn slapd_to_slapd_through_the_sync_example() {
         ..SlapdOptions::default()
     })
     .unwrap()
-    .unwrap();
+    .expect("slapd is installed")
+}
+
+#[test]
+fn slapd_to_slapd_through_the_sync_example() {
+    let Some(src) = source_slapd(3) else {
+        return;
+    };
+    let dst = target_slapd();
     let exe = build_sync();
     let dir = tempfile::tempdir().unwrap();
     let config = ldap_to_ldap_config(&src, &dst, &dir.path().join("state.sqlite"));
@@ -116,27 +130,10 @@ fn slapd_to_slapd_through_the_sync_example() {
 /// changes nothing.
 #[test]
 fn full_import_sees_what_the_delta_cannot() {
-    let Some(src) = Slapd::start(SlapdOptions {
-        suffix: SOURCE.into(),
-        root_password: "Source-Root-Pw-3".into(),
-        ldif: Some(users_and_groups_ldif(SOURCE, 30, 0, false)),
-        ..SlapdOptions::default()
-    })
-    .unwrap() else {
-        eprintln!("skipped: slapd is not installed");
+    let Some(src) = source_slapd(0) else {
         return;
     };
-    let dst = Slapd::start(SlapdOptions {
-        suffix: TARGET.into(),
-        root_password: "Target-Root-Pw-7".into(),
-        ldif: Some(format!(
-            "dn: ou=People,{TARGET}\nobjectClass: organizationalUnit\nou: People\n\n\
-             dn: ou=Groups,{TARGET}\nobjectClass: organizationalUnit\nou: Groups\n"
-        )),
-        ..SlapdOptions::default()
-    })
-    .unwrap()
-    .unwrap();
+    let dst = target_slapd();
     let exe = build_sync();
     let dir = tempfile::tempdir().unwrap();
     let config = ldap_to_ldap_config(&src, &dst, &dir.path().join("state.sqlite"));
@@ -269,17 +266,7 @@ fn ad_to_slapd_through_the_sync_example() {
     dc.ldbadd(&samba::users_ldif(0..40)).unwrap();
     dc.ldbadd(&samba::group_ldif("Engineers", 0..20)).unwrap();
     dc.ldbadd(&samba::group_ldif("Everyone", 0..40)).unwrap();
-    let dst = Slapd::start(SlapdOptions {
-        suffix: TARGET.into(),
-        root_password: "Target-Root-Pw-7".into(),
-        ldif: Some(format!(
-            "dn: ou=People,{TARGET}\nobjectClass: organizationalUnit\nou: People\n\n\
-             dn: ou=Groups,{TARGET}\nobjectClass: organizationalUnit\nou: Groups\n"
-        )),
-        ..SlapdOptions::default()
-    })
-    .unwrap()
-    .expect("slapd is installed when samba is");
+    let dst = target_slapd();
     let exe = build_sync();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let shipped = std::fs::read_to_string(root.join("examples/config/ad-to-ldap.toml")).unwrap();

@@ -137,6 +137,15 @@ sync: the rules rules.toml have 3 errors
     );
 }
 
+/// Runs `sync run` over `config` (with rules that compile): it must exit 78 and print exactly
+/// `expected` on stderr. Returns the directory it ran in.
+fn refused(config: &str, expected: &str) -> tempfile::TempDir {
+    let dir = setup(config, GOOD_RULES);
+    let (code, stderr) = sync(dir.path(), &["--config", "sync.toml", "run"]);
+    assert_eq!((code, stderr.as_str()), (78, expected));
+    dir
+}
+
 #[test]
 fn configuration_errors_point_at_the_value() {
     // A bad value inside a connector's section: at the value, not at `[source]`.
@@ -144,18 +153,15 @@ fn configuration_errors_point_at_the_value() {
         "type = \"ldif\"\npath = \"source.ldif\"",
         "type = \"ldap\"\nbase_dn = \"dc=x\"\ndelta = \"usn\"\n\n[source.connection]\nurl = \"ldap://127.0.0.1:1\"",
     );
-    let dir = setup(&config, GOOD_RULES);
-    let (code, stderr) = sync(dir.path(), &["--config", "sync.toml", "run"]);
-    assert_eq!(code, 78, "{stderr}");
-    assert_eq!(
-        stderr,
+    let dir = refused(
+        &config,
         r#"error: unknown variant `usn`, expected one of `none`, `dirsync`, `usn_changed`, `syncrepl`
  --> sync.toml:7:9
   |
 7 | delta = "usn"
   |         ^^^^^
 sync: the configuration sync.toml has an error
-"#
+"#,
     );
     let (_, stderr) = sync(dir.path(), &["--json", "--config", "sync.toml", "run"]);
     assert_eq!(
@@ -171,51 +177,42 @@ sync: the configuration sync.toml has an error
         "path = \"source.ldif\"",
         "path = \"source.ldif\"\nanchor_atribute = \"objectGUID\"",
     );
-    let dir = setup(&config, GOOD_RULES);
-    let (code, stderr) = sync(dir.path(), &["--config", "sync.toml", "run"]);
-    assert_eq!(code, 78, "{stderr}");
-    assert_eq!(
-        stderr,
+    refused(
+        &config,
         r#"error: unknown field `anchor_atribute`, expected one of `anchor_attribute`, `object_type_map`, `unmapped`, `reference_attributes`, `binary_attributes`, `changes_dir`
  --> sync.toml:7:1
   |
 7 | anchor_atribute = "objectGUID"
   | ^^^^^^^^^^^^^^^
 sync: the configuration sync.toml has an error
-"#
+"#,
     );
 
     // Checks made after reading: a missing file, a password variable that is not set.
     let config = CONFIG.replace("source.ldif", "missing.ldif");
-    let dir = setup(&config, GOOD_RULES);
-    let (code, stderr) = sync(dir.path(), &["--config", "sync.toml", "run"]);
-    assert_eq!(code, 78, "{stderr}");
-    assert_eq!(
-        stderr,
+    refused(
+        &config,
         r#"error: [source] path: no file missing.ldif
  --> sync.toml:6:8
   |
 6 | path = "missing.ldif"
   |        ^^^^^^^^^^^^^^
 sync: the configuration sync.toml has an error
-"#
+"#,
     );
     let config = CONFIG.replace(
         "type = \"ldif\"\npath = \"source.ldif\"",
         "type = \"ldap\"\nbase_dn = \"dc=x\"\nbind_dn = \"cn=sync,dc=x\"\npassword_env = \"DIRSYNC_UNSET_PASSWORD\"\n\n[source.connection]\nurl = \"ldap://127.0.0.1:1\"",
     );
-    let dir = setup(&config, GOOD_RULES);
-    let (code, stderr) = sync(dir.path(), &["--config", "sync.toml", "run"]);
-    assert_eq!(code, 78, "{stderr}");
-    assert_eq!(
-        stderr,
+    refused(
+        &config,
         r#"error: [source] password_env: the variable DIRSYNC_UNSET_PASSWORD is not set
  --> sync.toml:8:16
   |
 8 | password_env = "DIRSYNC_UNSET_PASSWORD"
   |                ^^^^^^^^^^^^^^^^^^^^^^^^
 sync: the configuration sync.toml has an error
-"#
+"#,
     );
 }
 

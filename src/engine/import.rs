@@ -10,47 +10,20 @@ use crate::state::StateError;
 impl Synchronizer {
     /// A full import (see [`Synchronizer::full_import`]).
     pub(super) async fn full_import_inner(&mut self) -> Result<RunReport> {
-        match self.full_import_read().await {
-            Err(EngineError::State(StateError::DuplicateAnchor {
-                anchor,
-                first,
-                second,
-            })) => {
-                // Earlier batches of this import may be in the mirror: forget the watermark so
-                // that no delta builds on an import that did not finish.
-                let name = self.source.name().to_string();
-                self.store(|s| s.clear_watermark(&name))?;
-                warn!(%anchor, first, second, "full import: two objects with one anchor");
-                Err(EngineError::DuplicateAnchor {
-                    during: "full import",
-                    anchor,
-                    first,
-                    second,
-                })
-            }
-            other => other,
+        let result = duplicate_anchor(self.full_import_read().await, "full import");
+        if let Err(EngineError::DuplicateAnchor { .. }) = &result {
+            // Earlier batches of this import may be in the mirror: forget the watermark so
+            // that no delta builds on an import that did not finish.
+            let name = self.source.name().to_string();
+            self.store(|s| s.clear_watermark(&name))?;
         }
+        result
     }
 
     /// A delta import (see [`Synchronizer::delta_import`]). A batch holding two objects with
     /// one anchor was not applied, and its watermark not committed.
     pub(super) async fn delta_import_inner(&mut self) -> Result<RunReport> {
-        match self.delta_import_read().await {
-            Err(EngineError::State(StateError::DuplicateAnchor {
-                anchor,
-                first,
-                second,
-            })) => {
-                warn!(%anchor, first, second, "delta import: two objects with one anchor");
-                Err(EngineError::DuplicateAnchor {
-                    during: "delta import",
-                    anchor,
-                    first,
-                    second,
-                })
-            }
-            other => other,
-        }
+        duplicate_anchor(self.delta_import_read().await, "delta import")
     }
 
     /// Full import, then delta sync: every object of the source is read again, whatever the
@@ -71,5 +44,25 @@ impl Synchronizer {
         .instrument(start.span())
         .await;
         self.finish(start, result)
+    }
+}
+
+/// The state store's refusal of two objects with one anchor, as [`EngineError::DuplicateAnchor`].
+fn duplicate_anchor(result: Result<RunReport>, during: &'static str) -> Result<RunReport> {
+    match result {
+        Err(EngineError::State(StateError::DuplicateAnchor {
+            anchor,
+            first,
+            second,
+        })) => {
+            warn!(%anchor, first, second, "{during}: two objects with one anchor");
+            Err(EngineError::DuplicateAnchor {
+                during,
+                anchor,
+                first,
+                second,
+            })
+        }
+        other => other,
     }
 }
