@@ -48,7 +48,7 @@ pub mod testkit;
 pub use error::Error;
 
 /// The guide `docs/writing-rules.md`, included here so that its Rust blocks run as doctests
-/// (its TOML blocks are loaded by `tests/docs.rs`).
+/// (its TOML blocks are checked by `tests/writing_rules.rs`).
 #[cfg(doctest)]
 #[doc = include_str!("../docs/writing-rules.md")]
 pub struct WritingRulesGuide;
