@@ -143,8 +143,10 @@ async fn cycle_creates_updates_disables_and_converges_on_both_stores() {
         let (s, mut sync) = setup(20, store, |_| {});
         let r = sync.run_cycle().await.unwrap();
         assert_eq!(r.count("create"), 21, "{name}: {r}");
-        assert_eq!(r.count("references"), 1, "{name}: {r}");
+        // The group's members are in its create: one write per object.
+        assert_eq!(r.count("references"), 0, "{name}: {r}");
         assert_eq!(s.target.len(), 21);
+        assert_eq!(s.target.applied().len(), 21, "{name}");
         let again = sync.run_cycle().await.unwrap();
         assert_eq!(again.total_done(), 0, "{name}: {again}");
         // Edits: a rename, a member removed, a user out of scope.
@@ -253,8 +255,8 @@ async fn deletion_guard_holds_until_allowed_and_import_guard_refuses_empty_impor
             .iter()
             .filter(|o| matches!(o, TargetOperation::Update { .. }))
             .count(),
-        1,
-        "only the initial references update: nothing written"
+        0,
+        "the initial load only created (members in the group's create): nothing written"
     );
     sync.allow_deletions_once();
     let r = sync.run_cycle().await.unwrap();
@@ -290,8 +292,16 @@ async fn failing_objects_go_to_escrow_and_are_retried_later() {
     let r = sync.run_cycle().await.unwrap();
     assert_eq!(r.failures.len(), 1, "{r}");
     assert!(r.failures[0].escrowed && r.failures[0].error.contains("Constraint"));
-    // The group got its other members; it stays dirty for the missing one.
-    assert_eq!(r.count("references"), 1, "{r}");
+    // The group was created all the same, with its other members; it stays dirty for the
+    // missing one.
+    assert_eq!((r.count("create"), r.count("references")), (6, 0), "{r}");
+    let g = s
+        .target
+        .objects()
+        .into_iter()
+        .find(|o| o.object_type.is("Group"))
+        .unwrap();
+    assert_eq!(g.attributes.get("members").map(|m| m.len()), Some(4));
     assert!(sync
         .with_store(|st| st.dirty())
         .unwrap()
@@ -599,7 +609,7 @@ async fn ldif_source_and_ldif_target_through_the_engine() {
         config,
     );
     let r = sync.run_cycle().await.unwrap();
-    assert_eq!((r.count("create"), r.count("references")), (4, 1), "{r}");
+    assert_eq!((r.count("create"), r.count("references")), (4, 0), "{r}");
     let written = std::fs::read_to_string(&target_path).unwrap();
     assert!(written.contains("dn: uid=ada,ou=Users,dc=dst"), "{written}");
     assert!(
@@ -1074,4 +1084,130 @@ async fn ldif_entries_with_one_anchor_are_refused() {
         assert_eq!(report.total_done(), 0, "sqlite {sqlite}: {report}");
         assert_eq!(target.objects(), objects, "sqlite {sqlite}");
     }
+}
+
+/// The example directory (`examples/data/corp.ldif`) through the example rules
+/// (`examples/rules/ad-to-scim.toml`) into an in-memory target, as the quickstart loads it.
+fn example_directory_sync(target: &MemoryTarget) -> (Synchronizer, tempfile::TempDir) {
+    use dirsync::connector::ldif::{default_binary_attributes, LdifSource, LdifSourceConfig};
+    use dirsync::model::AttrName;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("corp.ldif");
+    std::fs::copy(root.join("examples/data/corp.ldif"), &content).unwrap();
+    let source = LdifSource::new(
+        &content,
+        LdifSourceConfig {
+            anchor_attribute: AttrName::new("objectGUID"),
+            binary_attributes: default_binary_attributes()
+                .into_iter()
+                .filter(|a| !a.is("objectGUID"))
+                .collect(),
+            ..LdifSourceConfig::default()
+        },
+    );
+    let text = std::fs::read_to_string(root.join("examples/rules/ad-to-scim.toml")).unwrap();
+    let rules = RuleSet::from_toml(&text, Some("ad-to-scim.toml")).unwrap();
+    let sync = Synchronizer::new(
+        Box::new(source),
+        Box::new(target.clone()),
+        Box::new(SqliteStore::open(dir.path().join("state.sqlite")).unwrap()),
+        Arc::new(rules),
+        EngineConfig {
+            seed: 42,
+            ..EngineConfig::default()
+        },
+    );
+    (sync, dir)
+}
+
+/// Every linked source object's reference flows, as the target should hold them: for each
+/// target object, (attribute, sorted target ids) from the source mirror's references.
+fn expected_references(
+    sync: &Synchronizer,
+    attributes: &[(&str, &str)],
+) -> Vec<(String, String, Vec<String>)> {
+    let views = sync.with_store(|s| s.load_all()).unwrap();
+    let mut out = Vec::new();
+    for link in views.links.iter() {
+        let Some(e) = views.mirror.get(&link.anchor) else {
+            continue;
+        };
+        for (source_attr, target_attr) in attributes {
+            let mut ids: Vec<String> = e
+                .get(source_attr)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| match v {
+                    Value::Reference(r) => views.mirror.resolve(r),
+                    _ => None,
+                })
+                .filter_map(|a| views.links.get(&a).map(|l| l.target_id.to_string()))
+                .collect();
+            ids.sort();
+            if !ids.is_empty() {
+                out.push((link.target_id.to_string(), target_attr.to_string(), ids));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What the target holds in reference attributes, in the shape of [`expected_references`].
+fn held_references(
+    target: &MemoryTarget,
+    attributes: &[(&str, &str)],
+) -> Vec<(String, String, Vec<String>)> {
+    let mut out = Vec::new();
+    for o in target.objects() {
+        for (_, target_attr) in attributes {
+            let mut ids: Vec<String> = o
+                .attributes
+                .get(target_attr)
+                .into_iter()
+                .flatten()
+                .filter_map(dirsync::testkit::target_ref)
+                .map(|t| t.to_string())
+                .collect();
+            ids.sort();
+            if !ids.is_empty() {
+                out.push((o.id.to_string(), target_attr.to_string(), ids));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+const SCIM_MANAGER: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager";
+
+#[tokio::test]
+async fn initial_load_of_the_example_directory_writes_each_object_once() {
+    let target = MemoryTarget::new("scim").unique_attribute("User", "userName");
+    let (mut sync, _dir) = example_directory_sync(&target);
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    let objects = target.len();
+    let writes = target.applied().len();
+    let refs = [("manager", SCIM_MANAGER), ("member", "members")];
+    let expected = expected_references(&sync, &refs);
+    // 43 users have a manager in scope and 8 groups have members; the target holds them all.
+    let count = |attr: &str| expected.iter().filter(|(_, a, _)| a == attr).count();
+    assert_eq!(
+        (count(SCIM_MANAGER), count("members")),
+        (43, 8),
+        "{expected:?}"
+    );
+    assert_eq!(held_references(&target, &refs), expected);
+    // The example directory has no reference cycle: one write per object.
+    assert_eq!(
+        (writes, r.count("create"), r.count("references")),
+        (objects, objects as u64, 0),
+        "{r}"
+    );
+    // And nothing to do after it.
+    let again = sync.run_cycle().await.unwrap();
+    assert_eq!(again.total_done(), 0, "{again}");
+    assert_eq!(target.applied().len(), writes);
 }

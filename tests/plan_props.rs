@@ -19,11 +19,14 @@ struct User {
     name: u8,
     dept: usize,
     titles: Vec<u8>,
+    /// The manager (a user id; cycles and self-management happen).
+    manager: Option<u8>,
 }
 
 #[derive(Debug, Clone)]
 struct Group {
     id: u8,
+    /// Users (0..40) and groups (100..106: nested, cycles happen).
     members: Vec<u8>,
 }
 
@@ -35,6 +38,7 @@ enum Edit {
     Add(User),
     Members(u8, Vec<u8>),
     Titles(u8, Vec<u8>),
+    Manager(u8, Option<u8>),
 }
 
 fn user_strategy() -> impl Strategy<Value = User> {
@@ -43,18 +47,23 @@ fn user_strategy() -> impl Strategy<Value = User> {
         0u8..12,
         0usize..3,
         prop::collection::vec(0u8..5, 0..3),
+        prop::option::of(0u8..40),
     )
-        .prop_map(|(id, name, dept, titles)| User {
+        .prop_map(|(id, name, dept, titles, manager)| User {
             id,
             name,
             dept,
             titles,
+            manager,
         })
 }
 
+fn members_strategy() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(prop_oneof![4 => 0u8..40, 1 => 100u8..106], 0..8)
+}
+
 fn group_strategy() -> impl Strategy<Value = Group> {
-    (100u8..106, prop::collection::vec(0u8..40, 0..8))
-        .prop_map(|(id, members)| Group { id, members })
+    (100u8..106, members_strategy()).prop_map(|(id, members)| Group { id, members })
 }
 
 fn edit_strategy() -> impl Strategy<Value = Edit> {
@@ -63,13 +72,18 @@ fn edit_strategy() -> impl Strategy<Value = Edit> {
         (0u8..40, 0usize..3).prop_map(|(a, d)| Edit::Dept(a, d)),
         (0u8..40).prop_map(Edit::Delete),
         user_strategy().prop_map(Edit::Add),
-        (100u8..106, prop::collection::vec(0u8..40, 0..8)).prop_map(|(g, m)| Edit::Members(g, m)),
+        (100u8..106, members_strategy()).prop_map(|(g, m)| Edit::Members(g, m)),
         (0u8..40, prop::collection::vec(0u8..5, 0..3)).prop_map(|(a, t)| Edit::Titles(a, t)),
+        (0u8..40, prop::option::of(0u8..40)).prop_map(|(a, m)| Edit::Manager(a, m)),
     ]
 }
 
 fn user_dn(id: u8) -> Dn {
     Dn::parse(&format!("cn=u{id},ou=People,dc=x")).unwrap()
+}
+
+fn group_dn(id: u8) -> Dn {
+    Dn::parse(&format!("cn=g{id},ou=Groups,dc=x")).unwrap()
 }
 
 fn user_entry(u: &User) -> Entry {
@@ -83,15 +97,18 @@ fn user_entry(u: &User) -> Entry {
         e.attributes
             .add("proxyAddresses", format!("smtp:t{t}@x.test"));
     }
+    if let Some(m) = u.manager {
+        e.attributes.set("manager", Value::dn_ref(user_dn(m)));
+    }
     e
 }
 
 fn group_entry(g: &Group) -> Entry {
     let mut e = Entry::new(format!("g{}", g.id), "group")
-        .with_dn(Dn::parse(&format!("cn=g{},ou=Groups,dc=x", g.id)).unwrap())
+        .with_dn(group_dn(g.id))
         .with("cn", format!("Group {}", g.id));
     for m in &g.members {
-        let v = Value::dn_ref(user_dn(*m));
+        let v = Value::dn_ref(if *m >= 100 { group_dn(*m) } else { user_dn(*m) });
         if !e.get("member").is_some_and(|vs| vs.contains(&v)) {
             e.attributes.add("member", v);
         }
@@ -145,6 +162,17 @@ fn apply_edit(m: &mut SourceMirror, edit: &Edit) {
                 m.insert(e);
             }
         }
+        Edit::Manager(id, manager) => {
+            if let Some(mut e) = m.get(&a(id)).cloned() {
+                match manager {
+                    Some(b) => e.attributes.set("manager", Value::dn_ref(user_dn(*b))),
+                    None => {
+                        e.attributes.remove("manager");
+                    }
+                }
+                m.insert(e);
+            }
+        }
     }
 }
 
@@ -183,6 +211,79 @@ fn out_of_scope(m: &SourceMirror, anchor: &dirsync::model::Anchor) -> bool {
     }
 }
 
+/// Every create of `plan` comes after the creates its attributes reference; a reference to a
+/// created object that waits for a later write (an `UpdateReferences` of a new object) closes a
+/// cycle among the plan's creates (or is a self-reference).
+fn check_create_order(plan: &Plan) -> Result<(), TestCaseError> {
+    use dirsync::model::{Anchor, Reference};
+    use std::collections::HashMap;
+    let pending = |vs: &dirsync::model::Values| -> Vec<Anchor> {
+        vs.iter()
+            .filter_map(|v| match v {
+                Value::Reference(Reference::Pending(a)) => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut position: HashMap<Anchor, usize> = HashMap::new();
+    let mut edges: HashMap<Anchor, Vec<Anchor>> = HashMap::new();
+    let mut deferred: Vec<(Anchor, Anchor)> = Vec::new();
+    for (i, op) in plan.operations.iter().enumerate() {
+        match &op.kind {
+            OperationKind::Create { attributes, .. } => {
+                for (_, vs) in attributes.iter() {
+                    for a in pending(vs) {
+                        let at = position.get(&a).copied();
+                        prop_assert!(
+                            at.is_some_and(|p| p < i),
+                            "{} references {a}, created later:\n{plan}",
+                            op.anchor
+                        );
+                        edges.entry(op.anchor.clone()).or_default().push(a);
+                    }
+                }
+                position.insert(op.anchor.clone(), i);
+            }
+            OperationKind::UpdateReferences {
+                target: dirsync::delta::TargetRef::Pending(b),
+                changes,
+            } => {
+                for c in changes {
+                    for a in pending(&c.values) {
+                        edges.entry(b.clone()).or_default().push(a.clone());
+                        deferred.push((b.clone(), a));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    for (b, a) in deferred {
+        // a reaches b: the edge b → a closes a cycle.
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![a.clone()];
+        let mut found = a == b;
+        while let Some(x) = stack.pop() {
+            if found {
+                break;
+            }
+            for y in edges.get(&x).into_iter().flatten() {
+                if *y == b {
+                    found = true;
+                }
+                if seen.insert(y.clone()) {
+                    stack.push(y.clone());
+                }
+            }
+        }
+        prop_assert!(
+            found,
+            "the reference {b} → {a} waits, but is on no cycle:\n{plan}"
+        );
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
 
@@ -215,6 +316,8 @@ proptest! {
         let m_rev = mirror_of(&rev);
         let p1_rev = plan(&m_rev, &links, &t, DeletionGuard::off(), PlanScope::All);
         prop_assert_eq!(serde_json::to_string(&p1).unwrap(), serde_json::to_string(&p1_rev).unwrap());
+        // Referenced objects are created first; only cycles wait for a references write.
+        check_create_order(&p1)?;
         apply(&p1, &target, &mut links, &mut t);
         let again = plan(&m, &links, &t, DeletionGuard::off(), PlanScope::All);
         prop_assert!(again.is_empty(), "not converged after initial load:\n{}", again);
@@ -223,7 +326,7 @@ proptest! {
         let mut touched = Vec::new();
         for e in &edits {
             let anchor = match e {
-                Edit::Rename(a, _) | Edit::Dept(a, _) | Edit::Delete(a) | Edit::Titles(a, _) => format!("u{a}"),
+                Edit::Rename(a, _) | Edit::Dept(a, _) | Edit::Delete(a) | Edit::Titles(a, _) | Edit::Manager(a, _) => format!("u{a}"),
                 Edit::Add(u) => format!("u{}", u.id),
                 Edit::Members(g, _) => format!("g{g}"),
             };
@@ -235,6 +338,7 @@ proptest! {
             touched.push(anchor);
         }
         let p2 = plan(&m, &links, &t, DeletionGuard::off(), PlanScope::All);
+        check_create_order(&p2)?;
         // The projection's fast path (`unchanged`) agrees with projecting and diffing.
         let slow = {
             struct NoFastPath(UserGroupProjection);

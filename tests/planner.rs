@@ -94,33 +94,31 @@ fn kinds(plan: &Plan) -> Vec<(&str, &str)> {
 }
 
 #[test]
-fn initial_load_creates_then_references_then_nothing() {
+fn initial_load_creates_members_first_with_the_references_in_the_create() {
     let mut w = World::new(vec![
         user("u1", "Ann", "Eng"),
         user("u2", "Bob", "Eng"),
         group("g1", "Staff", &["Ann", "Bob"]),
     ]);
     let plan = w.plan();
+    // The members first, then the group, whose create names them: no references write.
     assert_eq!(
         kinds(&plan),
+        [("create", "u1"), ("create", "u2"), ("create", "g1")]
+    );
+    assert!(plan.operations.iter().all(|o| o.phase() == Phase::Create));
+    let OperationKind::Create { attributes, .. } = &plan.operations[2].kind else {
+        panic!("{plan}")
+    };
+    assert_eq!(
+        attributes.get("member").unwrap()[..],
         [
-            ("create", "g1"),
-            ("create", "u1"),
-            ("create", "u2"),
-            ("references", "g1")
+            Value::Reference(Reference::Pending("u1".into())),
+            Value::Reference(Reference::Pending("u2".into()))
         ]
     );
-    let refs = &plan.operations[3];
-    assert_eq!(refs.phase(), Phase::References);
-    let OperationKind::UpdateReferences { target, changes } = &refs.kind else {
-        panic!("{refs:?}")
-    };
-    assert_eq!(target, &TargetRef::Pending("g1".into()));
-    assert!(changes[0]
-        .values
-        .iter()
-        .all(|v| matches!(v, Value::Reference(Reference::Pending(_)))));
     w.apply(&plan);
+    assert_eq!(w.memory.applied().len(), 3, "one write per object");
     // References were resolved at export: the group holds the users' target ids.
     let g = w
         .target
@@ -134,12 +132,143 @@ fn initial_load_creates_then_references_then_nothing() {
         .filter_map(testkit::target_ref)
         .cloned()
         .collect();
-    let u1 = w.links.get(&"u1".into()).unwrap().target_id.clone();
-    assert!(members.contains(&u1));
+    let id = |a: &str| w.links.get(&a.into()).unwrap().target_id.clone();
+    assert_eq!(members, [id("u1"), id("u2")]);
     assert_eq!(w.memory.len(), 3);
     let again = w.plan();
     assert!(again.is_empty(), "{again}");
     assert_eq!(again.stats.unchanged, 3);
+}
+
+/// A user whose `manager` is the user `manager` names (cn).
+fn managed(a: &str, cn: &str, manager: &str) -> Entry {
+    user(a, cn, "Eng").with(
+        "manager",
+        Value::dn_ref(dn(&format!("cn={manager},ou=People,dc=x"))),
+    )
+}
+
+fn pending(values: &Values) -> Vec<&str> {
+    values
+        .iter()
+        .filter_map(|v| match v {
+            Value::Reference(Reference::Pending(a)) => Some(a.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn managers_come_first_and_only_a_cycle_waits_for_a_references_write() {
+    // Cy reports to Bob who reports to Ann; Dee and Eve manage each other; Fay manages herself.
+    let mut w = World::new(vec![
+        managed("u3", "Cy", "Bob"),
+        managed("u2", "Bob", "Ann"),
+        user("u1", "Ann", "Eng"),
+        managed("u4", "Dee", "Eve"),
+        managed("u5", "Eve", "Dee"),
+        managed("u6", "Fay", "Fay"),
+        group("g1", "Staff", &["Cy", "Dee"]),
+    ]);
+    let plan = w.plan();
+    assert_eq!(
+        kinds(&plan),
+        [
+            // Level 0: no manager, or the edge that closes a cycle left out.
+            ("create", "u1"),
+            ("create", "u5"),
+            ("create", "u6"),
+            // Level 1, 2, 3.
+            ("create", "u2"),
+            ("create", "u4"),
+            ("create", "u3"),
+            ("create", "g1"),
+            // The cycles' edges, after every create.
+            ("references", "u5"),
+            ("references", "u6"),
+        ],
+        "{plan}"
+    );
+    let create_refs = |i: usize| -> Vec<&str> {
+        let OperationKind::Create { attributes, .. } = &plan.operations[i].kind else {
+            panic!()
+        };
+        attributes.iter().flat_map(|(_, vs)| pending(vs)).collect()
+    };
+    assert_eq!(create_refs(3), ["u1"]);
+    assert_eq!(create_refs(4), ["u5"]);
+    assert_eq!(create_refs(6), ["u3", "u4"]);
+    assert!(create_refs(1).is_empty() && create_refs(2).is_empty());
+    for (i, (referrer, manager)) in [(7, ("u5", "u4")), (8, ("u6", "u6"))] {
+        let op = &plan.operations[i];
+        let OperationKind::UpdateReferences { target, changes } = &op.kind else {
+            panic!("{plan}")
+        };
+        assert_eq!(target, &TargetRef::Pending(referrer.into()));
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            (changes[0].op, pending(&changes[0].values)),
+            (ChangeOp::Replace, vec![manager])
+        );
+    }
+    w.apply(&plan);
+    // 7 objects, 2 edges on cycles: 9 writes.
+    assert_eq!(w.memory.applied().len(), 9);
+    let manager_of = |a: &str| {
+        let o = w
+            .target
+            .get(&w.links.get(&a.into()).unwrap().target_id)
+            .unwrap();
+        let m = o.attributes.get("manager").unwrap()[0].clone();
+        let id = testkit::target_ref(&m).unwrap().clone();
+        w.links.anchor_of(&id).unwrap().to_string()
+    };
+    assert_eq!(
+        ["u2", "u3", "u4", "u5", "u6"].map(manager_of),
+        ["u1", "u2", "u5", "u4", "u6"]
+    );
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn a_target_that_takes_no_reference_in_a_create_gets_them_all_afterwards() {
+    let mut w = World::new(vec![user("u1", "Ann", "Eng")]);
+    let p = w.plan();
+    w.apply(&p);
+    w.mirror.insert(user("u2", "Bob", "Eng"));
+    w.mirror.insert(group("g1", "Staff", &["Ann", "Bob"]));
+    let plan_for = |create_references| {
+        let rules = UserGroupProjection::default();
+        let mut input = PlanInput::new(&rules, &w.mirror, &w.links, &w.target);
+        input.create_references = create_references;
+        delta::plan(&input)
+    };
+    // Graph's capability: a group's `members` may go in its create, nothing else.
+    let only = delta::CreateReferences::Only(vec![("Group".into(), "member".into())]);
+    assert_eq!(kinds(&plan_for(only)), [("create", "u2"), ("create", "g1")]);
+    // None: the create carries no reference, existing or new; one write adds them after.
+    let plan = plan_for(delta::CreateReferences::None);
+    assert_eq!(
+        kinds(&plan),
+        [("create", "g1"), ("create", "u2"), ("references", "g1")]
+    );
+    let OperationKind::Create { attributes, .. } = &plan.operations[0].kind else {
+        panic!()
+    };
+    assert!(attributes.get("member").is_none(), "{plan}");
+    let OperationKind::UpdateReferences { changes, .. } = &plan.operations[2].kind else {
+        panic!()
+    };
+    let u1 = w.links.get(&"u1".into()).unwrap().target_id.clone();
+    assert_eq!(
+        changes[0].values[..],
+        [
+            Value::Reference(Reference::Target(u1)),
+            Value::Reference(Reference::Pending("u2".into()))
+        ]
+    );
+    w.apply(&plan);
+    assert!(w.plan().is_empty());
 }
 
 #[test]
@@ -305,8 +434,11 @@ fn unresolvable_references_are_reported_not_dropped_silently() {
     ]);
     let plan = w.plan();
     assert!(plan.issues.iter().any(|i| matches!(i, Issue::UnresolvedReference { anchor, reference, .. } if anchor.as_str() == "g1" && reference.contains("Ghost"))));
-    // The resolvable member still flows.
-    assert_eq!(plan.count("references"), 1);
+    // The resolvable member still flows, in the group's create.
+    let OperationKind::Create { attributes, .. } = &plan.operations[1].kind else {
+        panic!("{plan}")
+    };
+    assert_eq!(pending(attributes.get("member").unwrap()), ["u1"]);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-use crate::delta::{Links, Operation, OperationKind, Plan, TargetMirror};
+use crate::delta::{CreateReferences, Links, Operation, OperationKind, Plan, TargetMirror};
 use crate::model::{
     AttrName, AttributeChange, Attributes, Change, Entry, ObjectType, TargetId, TargetObject, Value,
 };
@@ -126,6 +126,12 @@ pub struct TargetCapabilities {
     /// up in one request (one LDAP search, one SCIM or Graph query). 1 = the target looks values
     /// up one by one (the default [`Target::find_any`]).
     pub lookup_batch: usize,
+    /// The reference attributes (members, manager) a create may carry. The planner puts the
+    /// references of these into the create itself — to existing objects and to objects the same
+    /// run creates first — and writes the others after the create. Every target of this crate
+    /// takes every reference in a create ([`CreateReferences::All`]) except Microsoft Graph,
+    /// which takes only a group's `members` (`members@odata.bind`, up to 20 per request).
+    pub create_references: CreateReferences,
 }
 
 impl Default for TargetCapabilities {
@@ -135,6 +141,7 @@ impl Default for TargetCapabilities {
             max_batch: 1,
             read: true,
             lookup_batch: 1,
+            create_references: CreateReferences::All,
         }
     }
 }
@@ -331,7 +338,9 @@ pub struct ExportReport {
 }
 
 /// The simplest exporter: applies `plan` through `target` one operation at a time, in plan order,
-/// recording each outcome in `links` and `mirror`. Failed operations are reported and skipped.
+/// recording each outcome in `links` and `mirror`. Failed operations are reported and skipped;
+/// references to objects whose create failed are left out of the operations that carry them
+/// (see [`Operation::without_unresolved`]), for the next plan to bring.
 ///
 /// It keeps no journal and does not retry: it is for tests, examples and small tools. Programs
 /// that must survive crashes and throttling use the engine's exporter.
@@ -350,6 +359,9 @@ pub async fn export_sequential(
         return report;
     }
     for op in &plan.operations {
+        // A create whose referenced create failed is still made, without that reference.
+        let stripped = op.without_unresolved(links);
+        let op = stripped.as_ref().unwrap_or(op);
         let top = match op.to_target_operation(links) {
             Ok(Some(t)) => t,
             Ok(None) => {

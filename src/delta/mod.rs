@@ -2,9 +2,9 @@
 //!
 //! [`plan`] takes a [`Projection`] (what is in scope, how entries join, what their target objects
 //! should look like, how they are deprovisioned), the source mirror, the link table and the
-//! target mirror, and returns a [`Plan`]: creates, then updates, then reference updates, then
-//! deprovisions, each with its [`Reason`], sorted so the same input gives the same plan byte for
-//! byte. [`SnapshotDiff`] turns a full import into changes. [`DeletionGuard`] holds plans that
+//! target mirror, and returns a [`Plan`]: creates (referenced objects first, each carrying the
+//! references it can), then updates, then reference updates, then deprovisions, each with its
+//! [`Reason`], sorted so the same input gives the same plan byte for byte. [`SnapshotDiff`] turns a full import into changes. [`DeletionGuard`] holds plans that
 //! delete too much.
 //!
 //! Nothing here does I/O, reads a clock, draws randomness or uses async; `tests/tidy.rs` keeps it
@@ -37,6 +37,7 @@
 
 mod containers;
 mod guard;
+mod order;
 mod plan;
 mod planner;
 mod projection;
@@ -48,6 +49,7 @@ pub use containers::{
     ContainerScope,
 };
 pub use guard::DeletionGuard;
+pub use order::CreateReferences;
 pub use plan::{
     GuardViolation, Issue, Operation, OperationKind, PendingReference, Phase, Plan, PlanStats,
     Reason, TargetRef,

@@ -14,7 +14,8 @@ use crate::model::{
     Value, Values,
 };
 
-/// The phase an operation belongs to; a plan is ordered by phase, then anchor.
+/// The phase an operation belongs to; a plan is ordered by phase, then anchor — creates by
+/// level first: a create comes after the creates it references.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -22,7 +23,9 @@ pub enum Phase {
     Create,
     /// Joins and attribute updates.
     Update,
-    /// Reference attributes (members, manager), after every object they may point at exists.
+    /// Reference attributes (members, manager), after every object they may point at exists:
+    /// the references a create could not carry (those that close a cycle, those the target does
+    /// not take in a create) and the reference changes of existing objects.
     References,
     /// Deletes, disables and unlinks.
     Deprovision,
@@ -44,7 +47,9 @@ pub enum TargetRef {
 pub enum OperationKind {
     /// Create a target object with these attributes.
     Create {
-        /// The attributes (references only to objects that already exist).
+        /// The attributes. References name objects that exist ([`Reference::Target`]) or that
+        /// a create earlier in the plan makes ([`Reference::Pending`]: the engine sends this
+        /// create after that one and resolves the reference to the new object's id).
         attributes: Attributes,
         /// Secret attributes (redacted flows): sent with the create, never shown or serialized
         /// with their values.
@@ -227,9 +232,11 @@ impl Operation {
         self.kind.phase()
     }
 
-    /// The target operation to send, with pending references resolved through `links` (the
-    /// creates of the plan are exported first and link their objects). `None` for an unlink, or
-    /// a join without changes: they touch only the link table.
+    /// The target operation to send, with pending references resolved through `links` (a
+    /// create is exported before the operations that reference its object, and links it).
+    /// `None` for an unlink, or a join without changes: they touch only the link table. A
+    /// pending reference to an object not linked is an error; see
+    /// [`without_unresolved`](Self::without_unresolved).
     pub fn to_target_operation(
         &self,
         links: &Links,
@@ -248,23 +255,26 @@ impl Operation {
                 }
             }
         };
+        let resolve_values = |values: &Values| -> Result<Values, PendingReference> {
+            values
+                .iter()
+                .map(|v| match v {
+                    Value::Reference(Reference::Pending(a)) => Ok(Value::Reference(
+                        Reference::Target(resolve_target(&TargetRef::Pending(a.clone()))?),
+                    )),
+                    other => Ok(other.clone()),
+                })
+                .collect()
+        };
         let resolve_changes =
             |changes: &[AttributeChange]| -> Result<Vec<AttributeChange>, PendingReference> {
                 changes
                     .iter()
                     .map(|c| {
-                        let mut c = c.clone();
-                        let mut values = Values::new();
-                        for v in c.values {
-                            values.push(match v {
-                                Value::Reference(Reference::Pending(a)) => Value::Reference(
-                                    Reference::Target(resolve_target(&TargetRef::Pending(a))?),
-                                ),
-                                other => other,
-                            });
-                        }
-                        c.values = values;
-                        Ok(c)
+                        Ok(AttributeChange {
+                            values: resolve_values(&c.values)?,
+                            ..c.clone()
+                        })
                     })
                     .collect()
             };
@@ -275,7 +285,14 @@ impl Operation {
                 secrets,
                 ..
             } => {
-                let mut all = attributes.clone();
+                let mut all = Attributes::with_capacity(attributes.len() + secrets.len());
+                for (n, v) in attributes.iter() {
+                    if v.iter().any(Value::is_reference) {
+                        all.set(n.clone(), resolve_values(v)?);
+                    } else {
+                        all.set(n.clone(), v.clone());
+                    }
+                }
                 for (n, v) in secrets.iter() {
                     all.set(n.clone(), v.clone());
                 }
@@ -308,6 +325,65 @@ impl Operation {
                 object_type: ty,
             }),
             OperationKind::Unlink { .. } => None,
+        })
+    }
+}
+
+impl Operation {
+    /// The operation without the reference values that point at creates with no link — creates
+    /// that failed, or were held back, in this run — or `None` when every pending reference
+    /// resolves (or the operation has none). A create is still sent without them, so its object
+    /// is not lost with the one it references: what is left out waits for a later write (the
+    /// engine keeps the object dirty, and its next plan brings the references).
+    pub fn without_unresolved(&self, links: &Links) -> Option<Operation> {
+        let resolvable = |v: &Value| match v {
+            Value::Reference(Reference::Pending(a)) => links.get(a).is_some(),
+            _ => true,
+        };
+        let kind = match &self.kind {
+            OperationKind::Create {
+                attributes,
+                secrets,
+                lookup,
+            } => {
+                if attributes.iter().all(|(_, vs)| vs.iter().all(resolvable)) {
+                    return None;
+                }
+                let mut kept = Attributes::with_capacity(attributes.len());
+                for (n, vs) in attributes.iter() {
+                    let vs: Values = vs.iter().filter(|v| resolvable(v)).cloned().collect();
+                    if !vs.is_empty() {
+                        kept.set(n.clone(), vs);
+                    }
+                }
+                OperationKind::Create {
+                    attributes: kept,
+                    secrets: secrets.clone(),
+                    lookup: lookup.clone(),
+                }
+            }
+            OperationKind::UpdateReferences { target, changes } => {
+                if changes.iter().all(|c| c.values.iter().all(resolvable)) {
+                    return None;
+                }
+                let mut kept = Vec::with_capacity(changes.len());
+                for c in changes {
+                    let mut c = c.clone();
+                    c.values.retain(|v| resolvable(v));
+                    if !c.values.is_empty() || c.op == ChangeOp::Replace {
+                        kept.push(c);
+                    }
+                }
+                OperationKind::UpdateReferences {
+                    target: target.clone(),
+                    changes: kept,
+                }
+            }
+            _ => return None,
+        };
+        Some(Operation {
+            kind,
+            ..self.clone()
         })
     }
 }

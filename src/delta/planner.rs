@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 
 use super::containers::ContainerBindings;
 use super::guard::DeletionGuard;
+use super::order::{order_creates, CreateOrder, CreateReferences};
 use super::plan::{Issue, Operation, OperationKind, Plan, PlanStats, Reason, TargetRef};
 use super::projection::{
     Apply, Deprovision, Desired, Flow, Projected, Projection, ProjectionContext, WhenEmpty,
@@ -54,10 +55,14 @@ pub struct PlanInput<'a> {
     /// the engine remembers them; `None`: bound afresh against `mirror` (which must then hold
     /// the containers).
     pub containers: Option<&'a ContainerBindings>,
+    /// Which reference attributes the target accepts in a create (the engine sets it from
+    /// the target's capabilities; [`CreateReferences::All`] by default).
+    pub create_references: CreateReferences,
 }
 
 impl<'a> PlanInput<'a> {
-    /// A full-sync input with `now` at the Unix epoch, seed 0 and the default guard.
+    /// A full-sync input with `now` at the Unix epoch, seed 0, the default guard, and a target
+    /// that takes every reference in a create.
     pub fn new(
         projection: &'a dyn Projection,
         mirror: &'a SourceMirror,
@@ -74,6 +79,7 @@ impl<'a> PlanInput<'a> {
             seed: 0,
             guard: DeletionGuard::default(),
             containers: None,
+            create_references: CreateReferences::All,
         }
     }
 }
@@ -223,8 +229,14 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             _ => None,
         })
         .collect();
+    let order = create_order(input, &pending, &creating);
+    let refs = Resolved {
+        creating: &creating,
+        joining: &joining,
+        order: &order,
+    };
     for p in &pending {
-        let (o, mut i) = finish(input, p, &creating, &joining);
+        let (o, mut i) = finish(input, p, &refs);
         if o.is_empty() && matches!(p.action, Action::Update { .. }) {
             stats.unchanged += 1;
         }
@@ -232,9 +244,15 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         issues.append(&mut i);
     }
 
-    ops.sort_by(|a, b| {
-        (a.phase(), &a.anchor, a.kind.name()).cmp(&(b.phase(), &b.anchor, b.kind.name()))
-    });
+    // Creates by level (a create after the creates it references), then anchor.
+    let key = |o: &Operation| {
+        let level = match o.kind {
+            OperationKind::Create { .. } => order.level(&o.anchor),
+            _ => 0,
+        };
+        (o.phase(), level)
+    };
+    ops.sort_by(|a, b| (key(a), &a.anchor, a.kind.name()).cmp(&(key(b), &b.anchor, b.kind.name())));
     issues.sort_by_cached_key(|i| (i.anchor().cloned(), i.to_string()));
     let mut plan = Plan {
         operations: ops,
@@ -821,12 +839,91 @@ fn claim_unique_values(
     pending.retain(|p| !held.contains(&p.anchor));
 }
 
+/// What phase C knows of the plan's objects when it translates references.
+struct Resolved<'a> {
+    /// The anchors the plan creates.
+    creating: &'a HashSet<&'a Anchor>,
+    /// The anchors the plan joins, with the target object each joins.
+    joining: &'a HashMap<&'a Anchor, &'a TargetId>,
+    /// The order of the creates and the references that wait for a later write.
+    order: &'a CreateOrder,
+}
+
+/// Where a source reference points for this plan.
+enum Points<'a> {
+    /// At the object the plan creates for this anchor.
+    Created(&'a Anchor),
+    /// At an existing target object (linked, joined by this plan, or named by id).
+    Existing(TargetId),
+    /// Nowhere the plan knows: no target object and none planned.
+    Unknown,
+}
+
+/// Where `r` points. An object the plan creates (again, when its linked target object is gone)
+/// comes first: its new object is the one to reference.
+fn point<'a>(input: &PlanInput<'_>, r: &Reference, resolved: &Resolved<'a>) -> Points<'a> {
+    if let Reference::Target(id) = r {
+        return Points::Existing(id.clone());
+    }
+    let Some(a) = input.mirror.resolve_ref(r) else {
+        return Points::Unknown;
+    };
+    if let Some(created) = resolved.creating.get(a) {
+        return Points::Created(created);
+    }
+    if let Some(l) = input.links.get(a) {
+        return Points::Existing(l.target_id.clone());
+    }
+    match resolved.joining.get(a) {
+        Some(id) => Points::Existing((*id).clone()),
+        None => Points::Unknown,
+    }
+}
+
+/// The order of the plan's creates: for each create, the creates its inline-able references
+/// point at (see [`order_creates`]).
+fn create_order(
+    input: &PlanInput<'_>,
+    pending: &[Pending],
+    creating: &HashSet<&Anchor>,
+) -> CreateOrder {
+    let empty = HashMap::new();
+    let no_order = CreateOrder::default();
+    let resolved = Resolved {
+        creating,
+        joining: &empty,
+        order: &no_order,
+    };
+    let graph: Vec<(&Anchor, Vec<&Anchor>)> = pending
+        .iter()
+        .filter(|p| matches!(p.action, Action::Create))
+        .map(|p| {
+            let mut refs: Vec<&Anchor> = Vec::new();
+            for flow in p.desired.flows.iter().filter(|f| {
+                has_references(f)
+                    && input
+                        .create_references
+                        .allows(&p.desired.target_type, &f.attribute)
+            }) {
+                for v in &flow.values {
+                    if let Value::Reference(r) = v {
+                        if let Points::Created(a) = point(input, r, &resolved) {
+                            refs.push(a);
+                        }
+                    }
+                }
+            }
+            (&p.anchor, refs)
+        })
+        .collect();
+    order_creates(&graph)
+}
+
 /// Phase C for one object: translate references and make its operations.
 fn finish(
     input: &PlanInput<'_>,
     p: &Pending,
-    creating: &HashSet<&Anchor>,
-    joining: &HashMap<&Anchor, &TargetId>,
+    resolved: &Resolved<'_>,
 ) -> (Vec<Operation>, Vec<Issue>) {
     let mut issues = Vec::new();
     let is_create = matches!(p.action, Action::Create);
@@ -862,31 +959,43 @@ fn finish(
             }
             continue;
         }
-        // Reference flow: translate each value.
-        let mut existing = Values::new();
+        // Reference flow: translate each value. In a create, references go inline when the
+        // target takes the attribute in a create and the referenced object exists or is created
+        // before this one; the others wait for a write after the creates.
+        let inline_allowed = is_create
+            && input
+                .create_references
+                .allows(&p.desired.target_type, &flow.attribute);
+        let mut inline = Values::new();
         let mut later = Values::new();
         for v in &flow.values {
             let Value::Reference(r) = v else {
-                existing.push(v.clone());
+                if inline_allowed || !is_create {
+                    inline.push(v.clone());
+                } else {
+                    later.push(v.clone());
+                }
                 continue;
             };
-            if let Reference::Target(_) = r {
-                existing.push(v.clone());
-                continue;
-            }
-            let resolved = input.mirror.resolve(r);
-            let linked = resolved.as_ref().and_then(|a| input.links.get(a));
-            match (resolved.as_ref(), linked) {
-                (_, Some(l)) => {
-                    existing.push(Value::Reference(Reference::Target(l.target_id.clone())))
+            match point(input, r, resolved) {
+                Points::Created(a) => {
+                    let deferred = resolved.order.is_deferred(&p.anchor, a);
+                    let v = Value::Reference(Reference::Pending(a.clone()));
+                    if inline_allowed && !deferred {
+                        inline.push(v);
+                    } else {
+                        later.push(v);
+                    }
                 }
-                (Some(a), None) if joining.contains_key(a) => {
-                    existing.push(Value::Reference(Reference::Target(joining[a].clone())))
+                Points::Existing(id) => {
+                    let v = Value::Reference(Reference::Target(id));
+                    if inline_allowed || !is_create {
+                        inline.push(v);
+                    } else {
+                        later.push(v);
+                    }
                 }
-                (Some(a), None) if creating.contains(a) => {
-                    later.push(Value::Reference(Reference::Pending(a.clone())))
-                }
-                _ => issues.push(Issue::UnresolvedReference {
+                Points::Unknown => issues.push(Issue::UnresolvedReference {
                     anchor: p.anchor.clone(),
                     attribute: flow.attribute.clone(),
                     reference: r.to_string(),
@@ -894,8 +1003,8 @@ fn finish(
             }
         }
         if is_create {
-            if !existing.is_empty() {
-                create_attrs.set(flow.attribute.clone(), distinct(&existing, false));
+            if !inline.is_empty() {
+                create_attrs.set(flow.attribute.clone(), distinct(&inline, false));
             }
             if !later.is_empty() {
                 refs.push(change(
@@ -905,13 +1014,13 @@ fn finish(
                     } else {
                         crate::model::ChangeOp::Replace
                     },
-                    later,
+                    distinct(&later, false),
                     &Values::new(),
                 ));
             }
             continue;
         }
-        let mut all = existing;
+        let mut all = inline;
         for v in later {
             all.push(v);
         }

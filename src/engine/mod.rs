@@ -39,6 +39,7 @@
 mod containers;
 mod import;
 mod lookup;
+mod order;
 mod report;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -734,6 +735,7 @@ impl Synchronizer {
         input.seed = self.config.seed;
         input.guard = self.config.guard;
         input.containers = Some(&bindings);
+        input.create_references = self.target.capabilities().create_references;
         let mut plan = delta::plan(&input);
         if delta_scope {
             // The neighbourhood's links are partial: count the linked objects in the store.
@@ -1181,14 +1183,14 @@ impl Synchronizer {
             }
             let concurrency = self.config.concurrency.max(1);
             let this = &*self;
-            let mut results = futures::stream::iter(runnable.into_iter().map(|op| {
+            // A create starts once the creates it references have finished.
+            let mut results = order::ordered(runnable, concurrency, |op| {
                 let links = links.clone();
                 async move {
                     let outcome = this.export_one(run, &op, &links).await;
                     (op, outcome)
                 }
-            }))
-            .buffer_unordered(concurrency);
+            });
             while let Some((op, outcome)) = results.next().await {
                 touched.insert(op.anchor.clone());
                 finished += 1;
@@ -1319,11 +1321,10 @@ impl Synchronizer {
         let span = info_span!("op", anchor = %op.anchor, kind = op.kind.name(), target_type = %op.target_type);
         async move {
             // References to objects whose create failed in this run are left out (the rest is
-            // applied); the object stays dirty and gets them once those objects exist.
-            let (stripped, partial) = {
-                let links = lock(links);
-                strip_unresolved(op, &links)
-            };
+            // applied, a create still creates); the object stays dirty and gets them once those
+            // objects exist.
+            let stripped = op.without_unresolved(&lock(links));
+            let partial = stripped.is_some();
             let op = stripped.as_ref().unwrap_or(op);
             if partial && matches!(&op.kind, OperationKind::UpdateReferences { changes, .. } if changes.is_empty()) {
                 return Ok(Exported { retries: 0, partial: true });
@@ -1483,37 +1484,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Exported {
     retries: u64,
     partial: bool,
-}
-
-/// The operation without reference values that point at creates with no link yet (they failed
-/// in this run); `None` when nothing was left out.
-fn strip_unresolved(op: &Operation, links: &Links) -> (Option<Operation>, bool) {
-    let OperationKind::UpdateReferences { target, changes } = &op.kind else {
-        return (None, false);
-    };
-    let resolvable = |v: &crate::model::Value| match v {
-        crate::model::Value::Reference(crate::model::Reference::Pending(a)) => {
-            links.get(a).is_some()
-        }
-        _ => true,
-    };
-    if changes.iter().all(|c| c.values.iter().all(resolvable)) {
-        return (None, false);
-    }
-    let mut kept = Vec::new();
-    for c in changes {
-        let mut c = c.clone();
-        c.values.retain(|v| resolvable(v));
-        if !c.values.is_empty() || c.op == crate::model::ChangeOp::Replace {
-            kept.push(c);
-        }
-    }
-    let mut stripped = op.clone();
-    stripped.kind = OperationKind::UpdateReferences {
-        target: target.clone(),
-        changes: kept,
-    };
-    (Some(stripped), true)
 }
 
 struct RunStart {

@@ -24,6 +24,7 @@ use crate::connector::Secret;
 use crate::connector::{
     Applied, ConnectorError, ErrorKind, Target, TargetCapabilities, TargetOperation, Watermark,
 };
+use crate::delta::CreateReferences;
 use crate::model::{
     AttrName, AttributeChange, Attributes, ChangeOp, ObjectType, Reference, TargetId, TargetObject,
     Value, Values,
@@ -973,6 +974,12 @@ impl Target for GraphTarget {
             max_batch: 1,
             read: true,
             lookup_batch: filter::MAX_CLAUSES,
+            // `POST /groups` takes members as `members@odata.bind`; a user's manager can only
+            // be assigned once the user exists (`PUT /users/{id}/manager/$ref`).
+            create_references: CreateReferences::Only(vec![(
+                ObjectType::new("Group"),
+                AttrName::new("members"),
+            )]),
         }
     }
 

@@ -974,6 +974,7 @@ impl Target for LdapTarget {
             max_batch: self.config.max_batch.max(1),
             read: true,
             lookup_batch: self.config.lookup_batch.max(1),
+            ..TargetCapabilities::default()
         }
     }
 

@@ -539,6 +539,7 @@ impl Target for LdifTarget {
             read: true,
             // Held in memory: any number of values in one pass.
             lookup_batch: 1000,
+            ..TargetCapabilities::default()
         }
     }
 

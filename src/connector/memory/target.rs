@@ -805,6 +805,7 @@ impl Target for MemoryTarget {
             max_batch: s.max_batch,
             read: true,
             lookup_batch: LOOKUP_BATCH,
+            ..TargetCapabilities::default()
         }
     }
 

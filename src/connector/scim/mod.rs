@@ -1092,6 +1092,7 @@ impl Target for ScimTarget {
             },
             read: true,
             lookup_batch: self.config.lookup_batch.max(1),
+            ..TargetCapabilities::default()
         }
     }
 
