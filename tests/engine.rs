@@ -1211,3 +1211,157 @@ async fn initial_load_of_the_example_directory_writes_each_object_once() {
     assert_eq!(again.total_done(), 0, "{again}");
     assert_eq!(target.applied().len(), writes);
 }
+
+/// Users with a `manager` reference flow and groups with `members`, by name.
+fn managed_rules() -> Arc<RuleSet> {
+    Arc::new(
+        RuleSet::builder()
+            .rule(
+                RuleBuilder::new("users", "user", "User")
+                    .flow("userName", "[cn]")
+                    .flow_with(FlowConfig {
+                        reference: true,
+                        multi: Some(false),
+                        ..FlowConfig::new("manager", "[manager]")
+                    })
+                    .join(["userName"]),
+            )
+            .rule(
+                RuleBuilder::new("groups", "group", "Group")
+                    .flow("displayName", "[cn]")
+                    .flow_with(FlowConfig {
+                        reference: true,
+                        ..FlowConfig::new("members", "[member]")
+                    })
+                    .join(["displayName"]),
+            )
+            .build()
+            .unwrap(),
+    )
+}
+
+fn person(cn: &str, manager: Option<&str>) -> Entry {
+    let e = Entry::new(cn, "user")
+        .with_dn(dn(&format!("cn={cn},ou=people,dc=x")))
+        .with("cn", cn);
+    match manager {
+        Some(m) => e.with("manager", Value::dn_ref(dn(&format!("cn={m},ou=people,dc=x")))),
+        None => e,
+    }
+}
+
+/// (userName → the manager's userName) and (group → its members' userNames), as the target
+/// holds them.
+fn names_held(t: &MemoryTarget) -> (Vec<(String, String)>, Vec<(String, Vec<String>)>) {
+    let objects = t.objects();
+    let name_of = |v: &Value| {
+        let id = dirsync::testkit::target_ref(v).unwrap();
+        let o = objects.iter().find(|o| &o.id == id).unwrap();
+        o.attributes.first_str("userName").unwrap().to_string()
+    };
+    let mut managers = Vec::new();
+    let mut members = Vec::new();
+    for o in &objects {
+        if let Some(m) = o.attributes.first("manager") {
+            let user = o.attributes.first_str("userName").unwrap().to_string();
+            managers.push((user, name_of(m)));
+        }
+        if let Some(ms) = o.attributes.get("members") {
+            let mut names: Vec<String> = ms.iter().map(name_of).collect();
+            names.sort();
+            let group = o.attributes.first_str("displayName").unwrap().to_string();
+            members.push((group, names));
+        }
+    }
+    managers.sort();
+    members.sort();
+    (managers, members)
+}
+
+#[tokio::test]
+async fn a_reference_cycle_and_a_failed_referenced_create_lose_nothing_and_converge() {
+    for (name, store) in stores() {
+        let source = MemorySource::new("hr");
+        // Ann and Bob manage each other; Cy reports to Dee; the group holds Ann, Cy and Dee.
+        for e in [
+            person("ann", Some("bob")),
+            person("bob", Some("ann")),
+            person("cy", Some("dee")),
+            person("dee", None),
+            Entry::new("staff", "group")
+                .with_dn(dn("cn=staff,ou=groups,dc=x"))
+                .with("cn", "staff")
+                .with_values(
+                    "member",
+                    ["ann", "cy", "dee"]
+                        .map(|m| Value::dn_ref(dn(&format!("cn={m},ou=people,dc=x"))))
+                        .to_vec(),
+                ),
+        ] {
+            source.add(e).unwrap();
+        }
+        let target = MemoryTarget::new("app").unique_attribute("User", "userName");
+        // Dee's create fails once.
+        target.fail_when(
+            |op| matches!(op, TargetOperation::Create { attributes, .. } if attributes.first_str("userName") == Some("dee")),
+            ErrorKind::Constraint,
+            Some(1),
+        );
+        let now = Arc::new(Mutex::new(t0()));
+        let clock = now.clone();
+        let mut sync = Synchronizer::new(
+            Box::new(source.clone()),
+            Box::new(target.clone()),
+            store,
+            managed_rules(),
+            EngineConfig {
+                clock: Clock::from_fn(move || *clock.lock().unwrap()),
+                ..EngineConfig::default()
+            },
+        );
+        let r = sync.run_cycle().await.unwrap();
+        assert_eq!(r.failures.len(), 1, "{name}: {r}");
+        // Four creates (Cy without her manager, the group without Dee) and one write for the
+        // edge that closes the cycle: Bob is created first, Ann with Bob as her manager, then
+        // Bob gets Ann.
+        assert_eq!(
+            (r.count("create"), r.count("references"), target.applied().len()),
+            (4, 1, 5),
+            "{name}: {r}"
+        );
+        let (managers, members) = names_held(&target);
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        };
+        assert_eq!(managers, pairs(&[("ann", "bob"), ("bob", "ann")]), "{name}");
+        assert_eq!(members, [("staff".to_string(), vec!["ann".to_string(), "cy".to_string()])]);
+        let dirty = sync.with_store(|s| s.dirty()).unwrap();
+        for a in ["cy", "dee", "staff"] {
+            assert!(dirty.contains(&a.into()), "{name}: {a} is not dirty: {dirty:?}");
+        }
+        // After the escrow delay: Dee is created, and Cy and the group get her.
+        *now.lock().unwrap() = t0() + chrono::Duration::hours(2);
+        let r = sync.run_cycle().await.unwrap();
+        assert!(r.failures.is_empty(), "{name}: {r}");
+        assert_eq!(
+            (r.count("create"), r.count("references"), target.applied().len()),
+            (1, 2, 8),
+            "{name}: {r}"
+        );
+        let (managers, members) = names_held(&target);
+        assert_eq!(
+            managers,
+            pairs(&[("ann", "bob"), ("bob", "ann"), ("cy", "dee")]),
+            "{name}"
+        );
+        assert_eq!(
+            members,
+            [("staff".to_string(), ["ann", "cy", "dee"].map(String::from).to_vec())]
+        );
+        // Converged, nothing duplicated.
+        let r = sync.run_cycle().await.unwrap();
+        assert_eq!(r.total_done(), 0, "{name}: {r}");
+        assert_eq!(target.len(), 5, "{name}");
+        assert!(sync.with_store(|s| s.dirty()).unwrap().is_empty(), "{name}");
+    }
+}

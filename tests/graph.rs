@@ -456,10 +456,38 @@ async fn ad_ldif_to_entra_end_to_end() {
         rules(),
         EngineConfig::default(),
     );
+    let before = emu.stats().writes;
     let report = sync.run_cycle().await.unwrap();
     assert!(report.failures.is_empty(), "{:?}", report.failures);
     let users = emu.users();
     assert!(users.len() >= 20, "{}", users.len());
+    // One write per object: every group's members (at most 20 here) are in its create.
+    let groups = emu.groups();
+    assert_eq!(
+        (emu.stats().writes - before, report.count("references")),
+        ((users.len() + groups.len()) as u64, 0),
+        "{report}"
+    );
+    // Every group holds the members the source names.
+    let views = sync.with_store(|s| s.load_all()).unwrap();
+    let mut checked = 0;
+    for link in views.links.iter().filter(|l| l.target_type.is("group")) {
+        let expected: std::collections::BTreeSet<String> = views
+            .mirror
+            .get(&link.anchor)
+            .and_then(|e| e.get("member"))
+            .into_iter()
+            .flatten()
+            .filter_map(|v| match v {
+                Value::Reference(r) => views.mirror.resolve(r),
+                _ => None,
+            })
+            .filter_map(|a| views.links.get(&a).map(|l| l.target_id.to_string()))
+            .collect();
+        assert_eq!(emu.members(link.target_id.as_str()), expected);
+        checked += usize::from(!expected.is_empty());
+    }
+    assert!(checked >= 6, "{checked}");
     let ada = users
         .values()
         .find(|u| u["userPrincipalName"] == "alovelace@contoso.com")

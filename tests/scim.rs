@@ -48,6 +48,20 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// The write requests (POST, PUT, PATCH, DELETE) the server has answered, by its own log.
+    fn writes(&self) -> usize {
+        let log = std::fs::read_to_string(self._dir.path().join("server.log")).unwrap();
+        log.lines()
+            .filter(|l| {
+                ["\"POST ", "\"PUT ", "\"PATCH ", "\"DELETE "]
+                    .iter()
+                    .any(|m| l.contains(m))
+            })
+            .count()
+    }
+}
+
 fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
@@ -67,6 +81,8 @@ fn server() -> Option<Server> {
     for _ in 0..3 {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        // The server logs one line per request on stderr ("POST /v2/Users HTTP/1.1" 201 …).
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let child = Command::new(&bin)
             .args([
                 "--hostname",
@@ -78,7 +94,7 @@ fn server() -> Option<Server> {
             ])
             .current_dir(dir.path())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("DIRSYNC_SCIM2_SERVER={} cannot start: {e}", bin.display()));
         let mut s = Server {
@@ -520,12 +536,13 @@ async fn real_server_engine_creates_groups_with_hundreds_of_members() {
     let mut s = sync(&source, target(&srv.base));
     let r = s.run_cycle().await.unwrap();
     assert!(r.failures.is_empty(), "{:?}", r.failures);
-    // The group may be created before or after its members; a second cycle settles references.
-    let r2 = s.run_cycle().await.unwrap();
-    assert!(r2.failures.is_empty(), "{:?}", r2.failures);
+    // The members are created first, the group with all 200 of them in its POST.
+    assert_eq!((srv.writes(), r.count("references")), (221, 0), "{r}");
     let (_, gs) = raw("GET", &format!("{}/Groups", srv.base), None).await;
     let g = &gs["Resources"][0];
-    assert_eq!(g["members"].as_array().unwrap().len(), 200, "{r}\n{r2}");
+    assert_eq!(g["members"].as_array().unwrap().len(), 200, "{r}");
+    let r2 = s.run_cycle().await.unwrap();
+    assert_eq!(r2.total_done(), 0, "{r2}");
     // Membership change: 150 out, 20 in.
     source
         .upsert(
@@ -544,6 +561,93 @@ async fn real_server_engine_creates_groups_with_hundreds_of_members() {
     )
     .await;
     assert_eq!(g["members"].as_array().unwrap().len(), 70);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_server_initial_load_of_the_example_directory_writes_each_object_once() {
+    use dirsync::connector::ldif::{default_binary_attributes, LdifSource, LdifSourceConfig};
+    let Some(srv) = server() else { return };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let source = LdifSource::new(
+        root.join("examples/data/corp.ldif"),
+        LdifSourceConfig {
+            anchor_attribute: AttrName::new("objectGUID"),
+            binary_attributes: default_binary_attributes()
+                .into_iter()
+                .filter(|a| !a.is("objectGUID"))
+                .collect(),
+            ..LdifSourceConfig::default()
+        },
+    );
+    let text = std::fs::read_to_string(root.join("examples/rules/ad-to-scim.toml")).unwrap();
+    let rules = RuleSet::from_toml(&text, Some("ad-to-scim.toml")).unwrap();
+    let mut s = Synchronizer::new(
+        Box::new(source),
+        Box::new(target(&srv.base)),
+        Box::new(MemoryStore::new()),
+        Arc::new(rules),
+        EngineConfig::default(),
+    );
+    let r = s.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    let all = users(&srv.base).await;
+    let (_, groups) = raw("GET", &format!("{}/Groups?count=1000", srv.base), None).await;
+    let groups = groups["Resources"].as_array().cloned().unwrap_or_default();
+    // One HTTP write per object: managers and members travel in the creates.
+    assert_eq!(
+        (srv.writes(), r.count("references")),
+        (all.len() + groups.len(), 0),
+        "{r}"
+    );
+    assert_eq!((all.len(), groups.len()), (44, 8));
+    // The server holds the managers and members the source names.
+    let views = s.with_store(|st| st.load_all()).unwrap();
+    let expected = |anchor: &dirsync::model::Anchor, attr: &str| -> Vec<String> {
+        let mut ids: Vec<String> = views
+            .mirror
+            .get(anchor)
+            .and_then(|e| e.get(attr))
+            .into_iter()
+            .flatten()
+            .filter_map(|v| match v {
+                Value::Reference(r) => views.mirror.resolve(r),
+                _ => None,
+            })
+            .filter_map(|a| views.links.get(&a).map(|l| l.target_id.to_string()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let (mut managers, mut memberships) = (0, 0);
+    for link in views.links.iter() {
+        let id = link.target_id.as_str();
+        if link.target_type.is("User") {
+            let u = all.iter().find(|u| u["id"] == id).unwrap();
+            let held: Vec<String> = u["urn:ietf:params:scim:schemas:extension:enterprise:2.0:User"]
+                ["manager"]["value"]
+                .as_str()
+                .map(|m| vec![m.to_string()])
+                .unwrap_or_default();
+            assert_eq!(held, expected(&link.anchor, "manager"), "{u}");
+            managers += held.len();
+        } else {
+            let g = groups.iter().find(|g| g["id"] == id).unwrap();
+            let mut held: Vec<String> = g["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["value"].as_str().map(str::to_string))
+                .collect();
+            held.sort();
+            assert_eq!(held, expected(&link.anchor, "member"), "{g}");
+            memberships += held.len();
+        }
+    }
+    assert_eq!((managers, memberships), (43, 62));
+    // Nothing more to write.
+    let writes = srv.writes();
+    let again = s.run_cycle().await.unwrap();
+    assert_eq!((again.total_done(), srv.writes()), (0, writes), "{again}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 //! [`GraphTarget`]: users, security groups and memberships in Microsoft Entra ID through
 //! Microsoft Graph v1.0 — create (restoring a soft-deleted user when its anchor comes back),
-//! PATCH of only the changed properties, delete, membership diffs by value through
-//! `members@odata.bind` (20 per request) and `DELETE …/members/{id}/$ref` in `$batch`es, join
-//! lookups by `$filter` (`in` batches of 15 values, Graph's limit), and reads through delta queries whose deltaLink is the watermark.
+//! PATCH of only the changed properties, delete, a new group's first 20 members in its create,
+//! membership diffs by value through `members@odata.bind` (20 per request) and
+//! `DELETE …/members/{id}/$ref` in `$batch`es, join lookups by `$filter` (`in` batches of 15
+//! values, Graph's limit), and reads through delta queries whose deltaLink is the watermark.
 //!
 //! It may not panic on a server's answer nor log a secret or a password.
 
@@ -462,6 +463,16 @@ impl GraphTarget {
             .collect()
     }
 
+    /// The `members@odata.bind` value for `ids`: their `directoryObjects` URLs.
+    fn binds(&self, ids: &[String]) -> Json {
+        let base = self.config.graph_url.trim_end_matches('/');
+        Json::Array(
+            ids.iter()
+                .map(|m| Json::String(format!("{base}/directoryObjects/{m}")))
+                .collect(),
+        )
+    }
+
     /// Adds and removes members, in `$batch`es; adding a present member or removing an absent
     /// one counts as done.
     async fn change_members(
@@ -474,15 +485,11 @@ impl GraphTarget {
         let mut reqs = Vec::new();
         let mut chunks: Vec<&[String]> = Vec::new();
         for chunk in add.chunks(MEMBERS_PER_REQUEST) {
-            let binds: Vec<Json> = chunk
-                .iter()
-                .map(|m| Json::String(format!("{base}/directoryObjects/{m}")))
-                .collect();
             let mut ids: Vec<&str> = chunk.iter().map(String::as_str).collect();
             ids.push(group);
             reqs.push(
                 self.request(Method::Patch, format!("/groups/{group}"), &ids)
-                    .body(json!({ "members@odata.bind": binds })),
+                    .body(json!({ "members@odata.bind": self.binds(chunk) })),
             );
             chunks.push(chunk);
         }
@@ -643,7 +650,7 @@ impl GraphTarget {
                         Json::Bool(self.config.force_change_password),
                     );
                 }
-                self.post_create(kind, body).await?
+                self.post_create(kind, body, false).await?
             }
             Kind::Group => {
                 body.entry("securityEnabled").or_insert(Json::Bool(true));
@@ -659,10 +666,20 @@ impl GraphTarget {
                         .collect();
                     body.insert("mailNickname".into(), Json::String(nick));
                 }
-                let id = self.post_create(kind, body).await?;
-                if let Some(members) = attributes.get("members") {
-                    let add = Self::member_ids(members)?;
-                    self.change_members(&id, &add, &[]).await?;
+                // The first members go in the create (`members@odata.bind`: at most 20
+                // relationships per request), the rest in `$batch`ed adds after it.
+                let members = match attributes.get("members") {
+                    Some(m) => Self::member_ids(m)?,
+                    None => Vec::new(),
+                };
+                let (first, rest) = members.split_at(members.len().min(MEMBERS_PER_REQUEST));
+                let recent = first.iter().any(|m| self.is_recent(m));
+                if !first.is_empty() {
+                    body.insert("members@odata.bind".into(), self.binds(first));
+                }
+                let id = self.post_create(kind, body, recent).await?;
+                if !rest.is_empty() {
+                    self.change_members(&id, rest, &[]).await?;
                 }
                 id
             }
@@ -672,15 +689,17 @@ impl GraphTarget {
         })
     }
 
+    /// POSTs a create; `retry_not_found` when it references objects created moments ago (a 404
+    /// may be replication delay).
     async fn post_create(
         &self,
         kind: Kind,
         body: Map<String, Json>,
+        retry_not_found: bool,
     ) -> Result<String, ConnectorError> {
-        let resp = self
-            .client
-            .send(Request::new(Method::Post, kind.collection()).body(Json::Object(body)))
-            .await?;
+        let mut req = Request::new(Method::Post, kind.collection()).body(Json::Object(body));
+        req.retry_not_found = retry_not_found;
+        let resp = self.client.send(req).await?;
         let id = resp
             .body
             .get("id")
