@@ -1245,7 +1245,10 @@ fn person(cn: &str, manager: Option<&str>) -> Entry {
         .with_dn(dn(&format!("cn={cn},ou=people,dc=x")))
         .with("cn", cn);
     match manager {
-        Some(m) => e.with("manager", Value::dn_ref(dn(&format!("cn={m},ou=people,dc=x")))),
+        Some(m) => e.with(
+            "manager",
+            Value::dn_ref(dn(&format!("cn={m},ou=people,dc=x"))),
+        ),
         None => e,
     }
 }
@@ -1325,26 +1328,45 @@ async fn a_reference_cycle_and_a_failed_referenced_create_lose_nothing_and_conve
         // edge that closes the cycle: Bob is created first, Ann with Bob as her manager, then
         // Bob gets Ann.
         assert_eq!(
-            (r.count("create"), r.count("references"), target.applied().len()),
+            (
+                r.count("create"),
+                r.count("references"),
+                target.applied().len()
+            ),
             (4, 1, 5),
             "{name}: {r}"
         );
         let (managers, members) = names_held(&target);
         let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
         };
         assert_eq!(managers, pairs(&[("ann", "bob"), ("bob", "ann")]), "{name}");
-        assert_eq!(members, [("staff".to_string(), vec!["ann".to_string(), "cy".to_string()])]);
+        assert_eq!(
+            members,
+            [(
+                "staff".to_string(),
+                vec!["ann".to_string(), "cy".to_string()]
+            )]
+        );
         let dirty = sync.with_store(|s| s.dirty()).unwrap();
         for a in ["cy", "dee", "staff"] {
-            assert!(dirty.contains(&a.into()), "{name}: {a} is not dirty: {dirty:?}");
+            assert!(
+                dirty.contains(&a.into()),
+                "{name}: {a} is not dirty: {dirty:?}"
+            );
         }
         // After the escrow delay: Dee is created, and Cy and the group get her.
         *now.lock().unwrap() = t0() + chrono::Duration::hours(2);
         let r = sync.run_cycle().await.unwrap();
         assert!(r.failures.is_empty(), "{name}: {r}");
         assert_eq!(
-            (r.count("create"), r.count("references"), target.applied().len()),
+            (
+                r.count("create"),
+                r.count("references"),
+                target.applied().len()
+            ),
             (1, 2, 8),
             "{name}: {r}"
         );
@@ -1356,7 +1378,10 @@ async fn a_reference_cycle_and_a_failed_referenced_create_lose_nothing_and_conve
         );
         assert_eq!(
             members,
-            [("staff".to_string(), ["ann", "cy", "dee"].map(String::from).to_vec())]
+            [(
+                "staff".to_string(),
+                ["ann", "cy", "dee"].map(String::from).to_vec()
+            )]
         );
         // Converged, nothing duplicated.
         let r = sync.run_cycle().await.unwrap();

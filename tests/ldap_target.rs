@@ -9,6 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use dirsync::connector::ldap::{
     connect, Directory, LdapBind, LdapConnection, LdapTarget, LdapTargetConfig,
 };
@@ -762,4 +764,102 @@ async fn a_fresh_state_joins_every_entry_the_directory_already_holds() {
     assert_eq!(delta(&before, &after, "Add"), 6, "{after:?}");
     assert_eq!(delta(&before, &after, "Search"), 2, "{after:?}");
     assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// References in creates (issue 14): an initial load writes each entry once.
+
+/// The example directory (`examples/data/corp.ldif`, Active Directory users with managers and
+/// nested groups) through the shipped `ldap-to-ldap` rules into slapd, which counts the
+/// operations it completed (cn=Monitor): an initial load writes each object once (managers and
+/// members in the adds), and the directory then holds the managers and members the source names.
+#[tokio::test]
+async fn initial_load_of_the_example_directory_writes_each_entry_once() {
+    use dirsync::engine::{EngineConfig, Synchronizer};
+    use dirsync::model::AttrName;
+    use dirsync::state::MemoryStore;
+    use std::collections::BTreeMap;
+
+    let Some(s) = Slapd::start(SlapdOptions {
+        ldif: Some(format!(
+            "dn: ou=People,{SUFFIX}\nobjectClass: organizationalUnit\nou: People\n\n\
+             dn: ou=Groups,{SUFFIX}\nobjectClass: organizationalUnit\nou: Groups\n"
+        )),
+        extra_database_config: "database monitor\naccess to * by * read\n".into(),
+        ..SlapdOptions::default()
+    })
+    .unwrap() else {
+        eprintln!("skipped: slapd is not installed");
+        return;
+    };
+    let start = completed_operations(&s);
+    // Every write the server completed since the start (adds, modifies, renames, deletes).
+    let writes = || {
+        let now = completed_operations(&s);
+        ["Add", "Modify", "Modrdn", "Delete"]
+            .iter()
+            .map(|op| delta(&start, &now, op))
+            .sum::<u64>() as usize
+    };
+    let mut config = target(&s).config().clone();
+    // A group with no member in scope still needs one (groupOfNames).
+    config.placeholders = BTreeMap::from([(
+        ObjectType::new("group"),
+        BTreeMap::from([(AttrName::new("member"), String::new())]),
+    )]);
+    let mut sync = Synchronizer::new(
+        Box::new(common::example_directory()),
+        Box::new(LdapTarget::new(config)),
+        Box::new(MemoryStore::new()),
+        std::sync::Arc::new(common::example_rules("ldap-to-ldap.toml")),
+        EngineConfig::default(),
+    );
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    let views = sync.with_store(|st| st.load_all()).unwrap();
+    let objects = views.links.len();
+    assert_eq!(objects, 56, "{r}");
+    assert_eq!(
+        (writes(), r.count("create"), r.count("references")),
+        (objects, objects as u64, 0),
+        "{r}"
+    );
+    // What the directory holds, read back: manager and member DNs as the source names them.
+    let t = target(&s);
+    let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for ty in ["user", "group"] {
+        let mut read = t.read(&ObjectType::new(ty)).await.unwrap();
+        while let Some(o) = read.next().await {
+            let o = o.unwrap();
+            for attr in ["manager", "member"] {
+                let mut ids: Vec<String> = o
+                    .attributes
+                    .get(attr)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(dirsync::testkit::target_ref)
+                    .map(|id| id.to_string())
+                    .collect();
+                ids.sort();
+                if !ids.is_empty() {
+                    held.insert(format!("{} {attr}", o.id), ids);
+                }
+            }
+        }
+    }
+    let mut expected: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for link in views.links.iter() {
+        for attr in ["manager", "member"] {
+            let ids = common::linked_references(&views, &link.anchor, attr);
+            if !ids.is_empty() {
+                expected.insert(format!("{} {attr}", link.target_id), ids);
+            }
+        }
+    }
+    assert_eq!(held, expected);
+    assert_eq!(held.keys().filter(|k| k.ends_with(" manager")).count(), 43);
+    // A second run writes nothing.
+    let before = writes();
+    let again = sync.run_cycle().await.unwrap();
+    assert_eq!((again.total_done(), writes()), (0, before), "{again}");
 }

@@ -30,3 +30,53 @@ pub fn build_sync() -> PathBuf {
         .and_then(|m| m["executable"].as_str().map(PathBuf::from))
         .expect("cargo did not report the sync example's executable")
 }
+
+/// The example directory, `examples/data/corp.ldif` (an Active Directory export), as a source:
+/// anchored on objectGUID, which the file holds as GUID text.
+#[cfg(feature = "ldif")]
+pub fn example_directory() -> dirsync::connector::ldif::LdifSource {
+    use dirsync::connector::ldif::{default_binary_attributes, LdifSource, LdifSourceConfig};
+    LdifSource::new(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/data/corp.ldif"),
+        LdifSourceConfig {
+            anchor_attribute: dirsync::model::AttrName::new("objectGUID"),
+            binary_attributes: default_binary_attributes()
+                .into_iter()
+                .filter(|a| !a.is("objectGUID"))
+                .collect(),
+            ..LdifSourceConfig::default()
+        },
+    )
+}
+
+/// The rule set `examples/rules/<name>`.
+pub fn example_rules(name: &str) -> dirsync::rules::ruleset::RuleSet {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/rules")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    dirsync::rules::ruleset::RuleSet::from_toml(&text, Some(name)).unwrap()
+}
+
+/// The target ids, sorted, of the linked objects that source object `anchor` references in
+/// `attribute`: what its target object should hold.
+pub fn linked_references(
+    views: &dirsync::state::Views,
+    anchor: &dirsync::model::Anchor,
+    attribute: &str,
+) -> Vec<String> {
+    let mut ids: Vec<String> = views
+        .mirror
+        .get(anchor)
+        .and_then(|e| e.get(attribute))
+        .into_iter()
+        .flatten()
+        .filter_map(|v| match v {
+            dirsync::model::Value::Reference(r) => views.mirror.resolve(r),
+            _ => None,
+        })
+        .filter_map(|a| views.links.get(&a).map(|l| l.target_id.to_string()))
+        .collect();
+    ids.sort();
+    ids
+}
