@@ -1,7 +1,9 @@
 //! Planner benchmarks: full plans with no changes and with 1 % changes at 10k / 100k / 1M
-//! objects, and a delta plan of 1,000 changed anchors in a 10k and a 1M store.
+//! objects, a delta plan of 1,000 changed anchors in a 10k and a 1M store, and the plan of an
+//! initial load (every object created, managers and members first) at 10k / 100k objects.
 //!
-//! Users have 20 attributes; there is one group of 50 members per 100 users.
+//! Users have 20 attributes; there is one group of 50 members per 100 users. In the initial
+//! load, user `i` reports to user `i / 10`.
 //! `DIRSYNC_BENCH_MAX` (default 1000000) caps the sizes, for quick runs.
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -106,6 +108,32 @@ fn bench(c: &mut Criterion) {
         });
     }
     full.finish();
+
+    let mut initial = c.benchmark_group("plan_initial");
+    initial.sample_size(10);
+    for n in [10_000usize, 100_000].into_iter().filter(|n| *n <= max) {
+        let mut mirror = SourceMirror::new();
+        for (i, mut e) in testkit::directory(n - n / 100, 20, n / 100, 50, 42)
+            .into_iter()
+            .enumerate()
+        {
+            if e.object_type.is("user") && i > 0 {
+                e.attributes
+                    .set("manager", Value::dn_ref(testkit::user_dn(i / 10)));
+            }
+            mirror.insert(e);
+        }
+        let (links, target) = (Links::new(), TargetMirror::new());
+        initial.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                let plan = delta::plan(&PlanInput::new(&projection, &mirror, &links, &target));
+                // Every reference is known at create time (user 0 manages nobody).
+                assert_eq!(plan.operations.len(), n);
+                plan
+            })
+        });
+    }
+    initial.finish();
 
     let mut dg = c.benchmark_group("plan_delta_1000");
     dg.sample_size(20);

@@ -1253,9 +1253,11 @@ fn person(cn: &str, manager: Option<&str>) -> Entry {
     }
 }
 
-/// (userName → the manager's userName) and (group → its members' userNames), as the target
-/// holds them.
-fn names_held(t: &MemoryTarget) -> (Vec<(String, String)>, Vec<(String, Vec<String>)>) {
+/// (userName, the manager's userName) pairs and (group, its members' userNames) pairs.
+type Held = (Vec<(String, String)>, Vec<(String, Vec<String>)>);
+
+/// The managers and members the target holds, by name.
+fn names_held(t: &MemoryTarget) -> Held {
     let objects = t.objects();
     let name_of = |v: &Value| {
         let id = dirsync::testkit::target_ref(v).unwrap();

@@ -12,7 +12,7 @@
 //! Pure and deterministic: the same creates and references give the same levels and the same
 //! deferred edges, whatever order they are handed in.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -140,12 +140,14 @@ pub(crate) fn order_creates(creates: &[(&Anchor, Vec<&Anchor>)]) -> CreateOrder 
             .zip(level)
             .map(|(a, l)| ((*a).clone(), l))
             .collect(),
-        deferred: deferred.into_iter().fold(HashMap::new(), |mut m, (v, w)| {
-            m.entry(nodes[v].clone())
-                .or_insert_with(Vec::new)
-                .push(nodes[w].clone());
-            m
-        }),
+        deferred: deferred
+            .into_iter()
+            .fold(HashMap::default(), |mut m, (v, w)| {
+                m.entry(nodes[v].clone())
+                    .or_insert_with(Vec::new)
+                    .push(nodes[w].clone());
+                m
+            }),
     }
 }
 

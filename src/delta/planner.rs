@@ -229,14 +229,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             _ => None,
         })
         .collect();
-    let order = create_order(input, &pending, &creating);
-    let refs = Resolved {
+    let resolved = Resolved {
         creating: &creating,
         joining: &joining,
-        order: &order,
     };
+    let order = create_order(input, &pending, &resolved);
     for p in &pending {
-        let (o, mut i) = finish(input, p, &refs);
+        let (o, mut i) = finish(input, p, &resolved, &order);
         if o.is_empty() && matches!(p.action, Action::Update { .. }) {
             stats.unchanged += 1;
         }
@@ -245,14 +244,20 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     // Creates by level (a create after the creates it references), then anchor.
-    let key = |o: &Operation| {
-        let level = match o.kind {
-            OperationKind::Create { .. } => order.level(&o.anchor),
-            _ => 0,
-        };
-        (o.phase(), level)
-    };
-    ops.sort_by(|a, b| (key(a), &a.anchor, a.kind.name()).cmp(&(key(b), &b.anchor, b.kind.name())));
+    let mut keyed: Vec<(super::Phase, usize, Operation)> = ops
+        .into_iter()
+        .map(|o| {
+            let level = match o.kind {
+                OperationKind::Create { .. } => order.level(&o.anchor),
+                _ => 0,
+            };
+            (o.phase(), level, o)
+        })
+        .collect();
+    keyed.sort_by(|(pa, la, a), (pb, lb, b)| {
+        (pa, la, &a.anchor, a.kind.name()).cmp(&(pb, lb, &b.anchor, b.kind.name()))
+    });
+    let ops: Vec<Operation> = keyed.into_iter().map(|(_, _, o)| o).collect();
     issues.sort_by_cached_key(|i| (i.anchor().cloned(), i.to_string()));
     let mut plan = Plan {
         operations: ops,
@@ -845,8 +850,6 @@ struct Resolved<'a> {
     creating: &'a HashSet<&'a Anchor>,
     /// The anchors the plan joins, with the target object each joins.
     joining: &'a HashMap<&'a Anchor, &'a TargetId>,
-    /// The order of the creates and the references that wait for a later write.
-    order: &'a CreateOrder,
 }
 
 /// Where a source reference points for this plan.
@@ -885,15 +888,8 @@ fn point<'a>(input: &PlanInput<'_>, r: &Reference, resolved: &Resolved<'a>) -> P
 fn create_order(
     input: &PlanInput<'_>,
     pending: &[Pending],
-    creating: &HashSet<&Anchor>,
+    resolved: &Resolved<'_>,
 ) -> CreateOrder {
-    let empty = HashMap::new();
-    let no_order = CreateOrder::default();
-    let resolved = Resolved {
-        creating,
-        joining: &empty,
-        order: &no_order,
-    };
     let graph: Vec<(&Anchor, Vec<&Anchor>)> = pending
         .iter()
         .filter(|p| matches!(p.action, Action::Create))
@@ -907,7 +903,7 @@ fn create_order(
             }) {
                 for v in &flow.values {
                     if let Value::Reference(r) = v {
-                        if let Points::Created(a) = point(input, r, &resolved) {
+                        if let Points::Created(a) = point(input, r, resolved) {
                             refs.push(a);
                         }
                     }
@@ -924,6 +920,7 @@ fn finish(
     input: &PlanInput<'_>,
     p: &Pending,
     resolved: &Resolved<'_>,
+    order: &CreateOrder,
 ) -> (Vec<Operation>, Vec<Issue>) {
     let mut issues = Vec::new();
     let is_create = matches!(p.action, Action::Create);
@@ -979,7 +976,7 @@ fn finish(
             };
             match point(input, r, resolved) {
                 Points::Created(a) => {
-                    let deferred = resolved.order.is_deferred(&p.anchor, a);
+                    let deferred = order.is_deferred(&p.anchor, a);
                     let v = Value::Reference(Reference::Pending(a.clone()));
                     if inline_allowed && !deferred {
                         inline.push(v);

@@ -127,8 +127,9 @@ pub struct LdapTargetConfig {
     #[serde(default = "default_lookup_batch")]
     pub lookup_batch: usize,
     /// Per object type, placeholder values for attributes a schema requires that the engine
-    /// fills later: `[placeholders.group] member = ""` lets a `groupOfNames` (which must have a member) be created before its
-    /// members exist (the engine adds references after the creates). The placeholder is added to
+    /// may fill later: `[placeholders.group] member = ""` lets a `groupOfNames` (which must have
+    /// a member) be created with none — its members all out of scope, or on a cycle of nested
+    /// groups whose references are added after the creates. The placeholder is added to
     /// a create or a replace that leaves the attribute empty and is never read back. A
     /// value-level removal of the last real value is still refused by the server.
     #[serde(default)]
