@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1089,30 +1091,12 @@ async fn ldif_entries_with_one_anchor_are_refused() {
 /// The example directory (`examples/data/corp.ldif`) through the example rules
 /// (`examples/rules/ad-to-scim.toml`) into an in-memory target, as the quickstart loads it.
 fn example_directory_sync(target: &MemoryTarget) -> (Synchronizer, tempfile::TempDir) {
-    use dirsync::connector::ldif::{default_binary_attributes, LdifSource, LdifSourceConfig};
-    use dirsync::model::AttrName;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let content = dir.path().join("corp.ldif");
-    std::fs::copy(root.join("examples/data/corp.ldif"), &content).unwrap();
-    let source = LdifSource::new(
-        &content,
-        LdifSourceConfig {
-            anchor_attribute: AttrName::new("objectGUID"),
-            binary_attributes: default_binary_attributes()
-                .into_iter()
-                .filter(|a| !a.is("objectGUID"))
-                .collect(),
-            ..LdifSourceConfig::default()
-        },
-    );
-    let text = std::fs::read_to_string(root.join("examples/rules/ad-to-scim.toml")).unwrap();
-    let rules = RuleSet::from_toml(&text, Some("ad-to-scim.toml")).unwrap();
     let sync = Synchronizer::new(
-        Box::new(source),
+        Box::new(common::example_directory()),
         Box::new(target.clone()),
         Box::new(SqliteStore::open(dir.path().join("state.sqlite")).unwrap()),
-        Arc::new(rules),
+        Arc::new(common::example_rules("ad-to-scim.toml")),
         EngineConfig {
             seed: 42,
             ..EngineConfig::default()
@@ -1121,8 +1105,8 @@ fn example_directory_sync(target: &MemoryTarget) -> (Synchronizer, tempfile::Tem
     (sync, dir)
 }
 
-/// Every linked source object's reference flows, as the target should hold them: for each
-/// target object, (attribute, sorted target ids) from the source mirror's references.
+/// Every linked source object's reference flows, as the target should hold them: (target id,
+/// target attribute, sorted target ids).
 fn expected_references(
     sync: &Synchronizer,
     attributes: &[(&str, &str)],
@@ -1130,21 +1114,8 @@ fn expected_references(
     let views = sync.with_store(|s| s.load_all()).unwrap();
     let mut out = Vec::new();
     for link in views.links.iter() {
-        let Some(e) = views.mirror.get(&link.anchor) else {
-            continue;
-        };
         for (source_attr, target_attr) in attributes {
-            let mut ids: Vec<String> = e
-                .get(source_attr)
-                .into_iter()
-                .flatten()
-                .filter_map(|v| match v {
-                    Value::Reference(r) => views.mirror.resolve(r),
-                    _ => None,
-                })
-                .filter_map(|a| views.links.get(&a).map(|l| l.target_id.to_string()))
-                .collect();
-            ids.sort();
+            let ids = common::linked_references(&views, &link.anchor, source_attr);
             if !ids.is_empty() {
                 out.push((link.target_id.to_string(), target_attr.to_string(), ids));
             }

@@ -472,19 +472,9 @@ async fn ad_ldif_to_entra_end_to_end() {
     let views = sync.with_store(|s| s.load_all()).unwrap();
     let mut checked = 0;
     for link in views.links.iter().filter(|l| l.target_type.is("group")) {
-        let expected: std::collections::BTreeSet<String> = views
-            .mirror
-            .get(&link.anchor)
-            .and_then(|e| e.get("member"))
-            .into_iter()
-            .flatten()
-            .filter_map(|v| match v {
-                Value::Reference(r) => views.mirror.resolve(r),
-                _ => None,
-            })
-            .filter_map(|a| views.links.get(&a).map(|l| l.target_id.to_string()))
-            .collect();
-        assert_eq!(emu.members(link.target_id.as_str()), expected);
+        let expected = common::linked_references(&views, &link.anchor, "member");
+        let held: Vec<String> = emu.members(link.target_id.as_str()).into_iter().collect();
+        assert_eq!(held, expected);
         checked += usize::from(!expected.is_empty());
     }
     assert!(checked >= 6, "{checked}");

@@ -565,27 +565,12 @@ async fn real_server_engine_creates_groups_with_hundreds_of_members() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_server_initial_load_of_the_example_directory_writes_each_object_once() {
-    use dirsync::connector::ldif::{default_binary_attributes, LdifSource, LdifSourceConfig};
     let Some(srv) = server() else { return };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let source = LdifSource::new(
-        root.join("examples/data/corp.ldif"),
-        LdifSourceConfig {
-            anchor_attribute: AttrName::new("objectGUID"),
-            binary_attributes: default_binary_attributes()
-                .into_iter()
-                .filter(|a| !a.is("objectGUID"))
-                .collect(),
-            ..LdifSourceConfig::default()
-        },
-    );
-    let text = std::fs::read_to_string(root.join("examples/rules/ad-to-scim.toml")).unwrap();
-    let rules = RuleSet::from_toml(&text, Some("ad-to-scim.toml")).unwrap();
     let mut s = Synchronizer::new(
-        Box::new(source),
+        Box::new(common::example_directory()),
         Box::new(target(&srv.base)),
         Box::new(MemoryStore::new()),
-        Arc::new(rules),
+        Arc::new(common::example_rules("ad-to-scim.toml")),
         EngineConfig::default(),
     );
     let r = s.run_cycle().await.unwrap();
@@ -602,22 +587,7 @@ async fn real_server_initial_load_of_the_example_directory_writes_each_object_on
     assert_eq!((all.len(), groups.len()), (44, 8));
     // The server holds the managers and members the source names.
     let views = s.with_store(|st| st.load_all()).unwrap();
-    let expected = |anchor: &dirsync::model::Anchor, attr: &str| -> Vec<String> {
-        let mut ids: Vec<String> = views
-            .mirror
-            .get(anchor)
-            .and_then(|e| e.get(attr))
-            .into_iter()
-            .flatten()
-            .filter_map(|v| match v {
-                Value::Reference(r) => views.mirror.resolve(r),
-                _ => None,
-            })
-            .filter_map(|a| views.links.get(&a).map(|l| l.target_id.to_string()))
-            .collect();
-        ids.sort();
-        ids
-    };
+    let expected = |anchor, attr| common::linked_references(&views, anchor, attr);
     let (mut managers, mut memberships) = (0, 0);
     for link in views.links.iter() {
         let id = link.target_id.as_str();
