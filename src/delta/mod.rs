@@ -60,4 +60,5 @@ pub use projection::{
     ProjectionError, WhenEmpty,
 };
 pub use snapshot::{attribute_changes, SnapshotDiff};
+pub(crate) use state::{remove_references_to, resolve_change_values, resolve_references};
 pub use state::{Link, Links, SourceMirror, TargetMirror};

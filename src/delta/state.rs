@@ -11,7 +11,8 @@ use smallvec::SmallVec;
 
 use crate::connector::TargetOperation;
 use crate::model::{
-    Anchor, AttrName, Change, Dn, Entry, ObjectType, Reference, TargetId, TargetObject, Value,
+    Anchor, AttrName, AttributeChange, Change, Dn, Entry, ObjectType, Reference, TargetId,
+    TargetObject, Value, Values,
 };
 
 /// Where a source object is referenced from: the referring object and the attribute.
@@ -19,12 +20,27 @@ type Referrers = BTreeSet<(Anchor, AttrName)>;
 
 /// The last imported state of the source: entries by anchor, with a DN index and a reverse
 /// reference index (who references whom, for delta neighbourhoods and `ISMEMBEROF`).
+///
+/// **References are kept by anchor.** A DN reference ([`Reference::Dn`]) naming an object the
+/// mirror holds becomes a [`Reference::Anchor`] when its entry is inserted; one naming an object
+/// the mirror does not hold (yet) stays a DN — unresolved — and is resolved when an object with
+/// that DN arrives: [`SourceMirror::insert`] queues such referrers and [`SourceMirror::settle`]
+/// rewrites them, each once (the state stores settle after every batch, so a group that arrives
+/// before its 10,000 members is rewritten once per batch, not once per member). Until then an
+/// unresolved reference still resolves through the DN index, so reads never depend on it.
+///
+/// A rename or move changes no reference: referrers hold the anchor. Removing an object removes
+/// the references to it from its referrers' entries ([`SourceMirror::delete`] says which), so a
+/// DN later taken by another object is never inherited.
 #[derive(Debug, Clone, Default)]
 pub struct SourceMirror {
     entries: HashMap<Anchor, Entry>,
     by_dn: HashMap<Dn, Anchor>,
     refs_by_anchor: HashMap<Anchor, Referrers>,
+    /// Unresolved references, by the DN they name.
     refs_by_dn: HashMap<Dn, Referrers>,
+    /// DNs that name a mirrored object while unresolved references to them wait.
+    unsettled: BTreeSet<Dn>,
 }
 
 fn references(entry: &Entry) -> impl Iterator<Item = (&AttrName, &Reference)> {
@@ -34,6 +50,110 @@ fn references(entry: &Entry) -> impl Iterator<Item = (&AttrName, &Reference)> {
             _ => None,
         })
     })
+}
+
+/// Rewrites the DN references of `values` that `lookup` resolves into anchor references;
+/// returns whether one was. The building block of [`resolve_references`].
+pub(crate) fn resolve_values<E>(
+    values: &mut Values,
+    lookup: &mut impl FnMut(&Dn) -> Result<Option<Anchor>, E>,
+) -> Result<bool, E> {
+    if !values
+        .iter()
+        .any(|v| matches!(v, Value::Reference(Reference::Dn(_))))
+    {
+        return Ok(false);
+    }
+    let mut changed = false;
+    let mut error = None;
+    values.retain(|v| {
+        if error.is_some() {
+            return true;
+        }
+        if let Value::Reference(Reference::Dn(dn)) = v {
+            match lookup(dn) {
+                Ok(Some(a)) => {
+                    *v = Value::Reference(Reference::Anchor(a));
+                    changed = true;
+                }
+                Ok(None) => {}
+                Err(e) => error = Some(e),
+            }
+        }
+        true
+    });
+    match error {
+        Some(e) => Err(e),
+        None => Ok(changed),
+    }
+}
+
+/// Rewrites the DN references of `entry` that name the entry itself or that `lookup` resolves
+/// into anchor references; returns whether one was.
+pub(crate) fn resolve_references<E>(
+    entry: &mut Entry,
+    mut lookup: impl FnMut(&Dn) -> Result<Option<Anchor>, E>,
+) -> Result<bool, E> {
+    let (own_dn, own_anchor) = (entry.dn.clone(), entry.anchor.clone());
+    let mut lookup = |dn: &Dn| -> Result<Option<Anchor>, E> {
+        if own_dn.as_ref() == Some(dn) {
+            return Ok(Some(own_anchor.clone()));
+        }
+        lookup(dn)
+    };
+    let mut changed = false;
+    let names: Vec<AttrName> = entry
+        .attributes
+        .iter()
+        .filter(|(_, vs)| {
+            vs.iter()
+                .any(|v| matches!(v, Value::Reference(Reference::Dn(_))))
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in names {
+        if let Some(values) = entry.attributes.get_mut(name.as_str()) {
+            changed |= resolve_values(values, &mut lookup)?;
+        }
+    }
+    Ok(changed)
+}
+
+/// The changes with their DN reference values resolved as [`resolve_references`] does (so a
+/// removal by DN finds the anchor the mirror keeps).
+pub(crate) fn resolve_change_values<E>(
+    changes: &[AttributeChange],
+    mut lookup: impl FnMut(&Dn) -> Result<Option<Anchor>, E>,
+) -> Result<Vec<AttributeChange>, E> {
+    let mut out = changes.to_vec();
+    for c in &mut out {
+        resolve_values(&mut c.values, &mut lookup)?;
+    }
+    Ok(out)
+}
+
+/// Removes the references to `anchor` from `entry` (an attribute left without values goes);
+/// returns whether there were any.
+pub(crate) fn remove_references_to(entry: &mut Entry, anchor: &Anchor) -> bool {
+    let mut changed = false;
+    let names: Vec<AttrName> = entry
+        .attributes
+        .iter()
+        .filter(|(_, vs)| vs.iter().any(|v| is_reference_to(v, anchor)))
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in names {
+        if let Some(values) = entry.attributes.get_mut(name.as_str()) {
+            values.retain(|v| !is_reference_to(v, anchor));
+            changed = true;
+        }
+    }
+    entry.attributes.prune();
+    changed
+}
+
+fn is_reference_to(v: &Value, anchor: &Anchor) -> bool {
+    matches!(v, Value::Reference(Reference::Anchor(a)) if a == anchor)
 }
 
 impl SourceMirror {
@@ -60,6 +180,11 @@ impl SourceMirror {
     /// The anchor of the entry at `dn`.
     pub fn anchor_of(&self, dn: &Dn) -> Option<&Anchor> {
         self.by_dn.get(dn)
+    }
+
+    /// The current DN of the object `anchor`, if the mirror holds it and it has one.
+    pub fn dn_of(&self, anchor: &Anchor) -> Option<&Dn> {
+        self.entries.get(anchor).and_then(|e| e.dn.as_ref())
     }
 
     /// Every entry, in no particular order.
@@ -110,28 +235,149 @@ impl SourceMirror {
         }
     }
 
-    /// Inserts or replaces an entry; returns the previous one.
+    /// Changes the entry of `anchor` in place with `edit`, keeping the indexes right; returns
+    /// whether `edit` said it changed something.
+    fn rewrite(&mut self, anchor: &Anchor, edit: impl FnOnce(&mut Entry) -> bool) -> bool {
+        let Some(mut e) = self.entries.remove(anchor) else {
+            return false;
+        };
+        self.unindex(&e);
+        let changed = edit(&mut e);
+        self.index(&e);
+        self.entries.insert(anchor.clone(), e);
+        changed
+    }
+
+    /// Resolves the unresolved references to `dn` into references to `anchor` (the object
+    /// that holds `dn`), before `dn` stops naming it.
+    fn pin(&mut self, dn: &Dn, anchor: &Anchor) -> Vec<Anchor> {
+        let Some(set) = self.refs_by_dn.get(dn) else {
+            return Vec::new();
+        };
+        let referrers: BTreeSet<Anchor> = set.iter().map(|(a, _)| a.clone()).collect();
+        let mut out = Vec::new();
+        for r in referrers {
+            let changed = self.rewrite(&r, |e| {
+                let Ok(changed) = resolve_references(e, |d| {
+                    Ok::<_, std::convert::Infallible>((d == dn).then(|| anchor.clone()))
+                });
+                changed
+            });
+            if changed {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// The anchor `dn` resolves to: the object at `dn`.
+    fn lookup(&self, dn: &Dn) -> Option<Anchor> {
+        self.by_dn.get(dn).cloned()
+    }
+
+    /// `entry` with its DN references resolved against this mirror (and itself).
+    pub fn resolved(&self, mut entry: Entry) -> Entry {
+        let Ok(_) = resolve_references(&mut entry, |d| {
+            Ok::<_, std::convert::Infallible>(self.lookup(d))
+        });
+        entry
+    }
+
+    /// Inserts or replaces an entry, its DN references resolved against the mirror (see the
+    /// type's documentation); returns the previous one.
     pub fn insert(&mut self, entry: Entry) -> Option<Entry> {
-        let old = self.entries.remove(&entry.anchor);
+        let entry = self.resolved(entry);
+        let anchor = entry.anchor.clone();
+        if let Some(old_dn) = self.dn_of(&anchor).cloned() {
+            if entry.dn.as_ref() != Some(&old_dn) && self.by_dn.get(&old_dn) == Some(&anchor) {
+                // A rename or move: references still waiting by the old DN meant this object.
+                self.pin(&old_dn, &anchor);
+            }
+        }
+        if let Some(dn) = &entry.dn {
+            if let Some(holder) = self.by_dn.get(dn).cloned().filter(|h| *h != anchor) {
+                // Another object held this DN until now: what waited for it meant that one.
+                self.pin(dn, &holder);
+            }
+        }
+        let old = self.entries.remove(&anchor);
         if let Some(old) = &old {
             self.unindex(old);
         }
         self.index(&entry);
-        self.entries.insert(entry.anchor.clone(), entry);
+        if let Some(dn) = &entry.dn {
+            if self.refs_by_dn.contains_key(dn) {
+                self.unsettled.insert(dn.clone());
+            }
+        }
+        self.entries.insert(anchor, entry);
         old
+    }
+
+    /// Resolves the references that waited for objects inserted since the last call (each
+    /// referrer rewritten once); returns the referrers rewritten, sorted.
+    pub fn settle(&mut self) -> Vec<Anchor> {
+        let mut referrers: BTreeSet<Anchor> = BTreeSet::new();
+        for dn in std::mem::take(&mut self.unsettled) {
+            if self.by_dn.contains_key(&dn) {
+                if let Some(set) = self.refs_by_dn.get(&dn) {
+                    referrers.extend(set.iter().map(|(a, _)| a.clone()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for r in referrers {
+            let by_dn = &self.by_dn;
+            let Some(mut e) = self.entries.get(&r).cloned() else {
+                continue;
+            };
+            let Ok(changed) = resolve_references(&mut e, |d| {
+                Ok::<_, std::convert::Infallible>(by_dn.get(d).cloned())
+            });
+            if changed {
+                self.rewrite(&r, |old| {
+                    *old = e;
+                    true
+                });
+                out.push(r);
+            }
+        }
+        out
     }
 
     /// Removes an entry; returns it.
     pub fn remove(&mut self, anchor: &Anchor) -> Option<Entry> {
+        self.delete(anchor).map(|(e, _)| e)
+    }
+
+    /// Removes an entry and the references to it: returns it, with the referrers whose
+    /// entries lost a reference (sorted).
+    pub fn delete(&mut self, anchor: &Anchor) -> Option<(Entry, Vec<Anchor>)> {
+        if let Some(dn) = self.dn_of(anchor).cloned() {
+            if self.by_dn.get(&dn) == Some(anchor) {
+                self.pin(&dn, anchor);
+            }
+        }
         let old = self.entries.remove(anchor)?;
         self.unindex(&old);
-        Some(old)
+        let referrers: BTreeSet<Anchor> = self
+            .refs_by_anchor
+            .get(anchor)
+            .map(|set| set.iter().map(|(a, _)| a.clone()).collect())
+            .unwrap_or_default();
+        let mut stripped = Vec::new();
+        for r in referrers {
+            if self.rewrite(&r, |e| remove_references_to(e, anchor)) {
+                stripped.push(r);
+            }
+        }
+        Some((old, stripped))
     }
 
     /// Applies a change from a delta import. Modifies and moves of unknown anchors are
     /// ignored and reported by returning `false` (the engine then asks for a full import).
     pub fn apply(&mut self, change: &Change) -> bool {
-        match change {
+        let known = match change {
             Change::Add(e) | Change::Replace(e) => {
                 self.insert(e.clone());
                 true
@@ -140,7 +386,10 @@ impl SourceMirror {
                 anchor, changes, ..
             } => match self.entries.get(anchor).cloned() {
                 Some(mut e) => {
-                    for c in changes {
+                    let Ok(changes) = resolve_change_values(changes, |d| {
+                        Ok::<_, std::convert::Infallible>(self.lookup(d))
+                    });
+                    for c in &changes {
                         // Lenient: a source's change log may repeat what the mirror has.
                         let _ = e.attributes.apply(c, false);
                     }
@@ -161,10 +410,13 @@ impl SourceMirror {
                 self.remove(anchor);
                 true
             }
-        }
+        };
+        self.settle();
+        known
     }
 
-    /// The objects that reference `anchor` (by anchor, or by its DN), with the attribute.
+    /// The objects that reference `anchor` (by anchor, or by its DN while unresolved), with
+    /// the attribute.
     pub fn referrers(&self, anchor: &Anchor) -> Vec<(&Anchor, &AttrName)> {
         let mut out: Vec<(&Anchor, &AttrName)> = Vec::new();
         if let Some(set) = self.refs_by_anchor.get(anchor) {
@@ -528,6 +780,164 @@ mod tests {
         m.remove(&"g1".into());
         assert_eq!(m.referrers(&"u1".into()).len(), 1);
         assert!(m.member_of(&"u1".into()).is_empty());
+    }
+
+    fn refs(m: &SourceMirror, anchor: &str, attr: &str) -> Vec<Value> {
+        m.get(&anchor.into())
+            .and_then(|e| e.attributes.get(attr))
+            .map(|v| v.to_vec())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn references_resolve_whatever_the_order() {
+        let boss = || Entry::new("b", "user").with_dn(dn("cn=Boss,dc=x"));
+        let report = || {
+            Entry::new("r", "user")
+                .with_dn(dn("cn=Report,dc=x"))
+                .with("manager", Value::dn_ref(dn("CN=boss,DC=x")))
+        };
+        let group = || {
+            Entry::new("g", "group")
+                .with_dn(dn("cn=G,dc=x"))
+                .with("member", Value::dn_ref(dn("cn=Report,dc=x")))
+                .with("member", Value::dn_ref(dn("cn=Boss,dc=x")))
+                .with("member", Value::dn_ref(dn("cn=G,dc=x")))
+                .with("member", Value::dn_ref(dn("cn=Nobody,dc=x")))
+        };
+        let want_group = [
+            Value::anchor_ref("r"),
+            Value::anchor_ref("b"),
+            Value::anchor_ref("g"),
+            Value::dn_ref(dn("cn=Nobody,dc=x")),
+        ];
+        // Every order: the referenced object before, after, or in between.
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]] {
+            let mut m = SourceMirror::new();
+            for i in order {
+                m.insert([boss(), report(), group()][i].clone());
+            }
+            // Before settling, a reference waiting by DN still resolves through the index.
+            let r = m
+                .get(&"r".into())
+                .unwrap()
+                .attributes
+                .first("manager")
+                .cloned();
+            let Some(Value::Reference(r)) = r else {
+                panic!("manager")
+            };
+            assert_eq!(m.resolve(&r), Some("b".into()));
+            let rewritten = m.settle();
+            assert!(rewritten.len() <= 2, "{rewritten:?}");
+            assert_eq!(
+                refs(&m, "r", "manager"),
+                [Value::anchor_ref("b")],
+                "{order:?}"
+            );
+            assert_eq!(refs(&m, "g", "member"), want_group, "{order:?}");
+            assert_eq!(m.member_of(&"b".into()), [&dn("cn=g,dc=x")]);
+            assert!(m.settle().is_empty(), "settled once");
+        }
+    }
+
+    #[test]
+    fn a_group_waiting_for_many_members_is_rewritten_once() {
+        let mut m = SourceMirror::new();
+        let mut g = Entry::new("g", "group");
+        for i in 0..200 {
+            g.attributes
+                .add("member", Value::dn_ref(dn(&format!("cn=u{i},dc=x"))));
+        }
+        m.insert(g);
+        for i in 0..200 {
+            m.insert(Entry::new(format!("u{i}"), "user").with_dn(dn(&format!("cn=u{i},dc=x"))));
+        }
+        assert_eq!(m.settle(), [Anchor::from("g")]);
+        assert_eq!(m.referrers(&"u7".into()).len(), 1);
+        assert!(refs(&m, "g", "member")
+            .iter()
+            .all(|v| matches!(v, Value::Reference(Reference::Anchor(_)))));
+    }
+
+    #[test]
+    fn renames_keep_references_and_deletes_remove_them() {
+        let mut m = SourceMirror::new();
+        m.insert(Entry::new("b", "user").with_dn(dn("cn=Boss,ou=a,dc=x")));
+        m.insert(
+            Entry::new("r", "user")
+                .with_dn(dn("cn=Report,ou=a,dc=x"))
+                .with("manager", Value::dn_ref(dn("cn=Boss,ou=a,dc=x"))),
+        );
+        m.insert(
+            Entry::new("g", "group")
+                .with_dn(dn("cn=G,dc=x"))
+                .with("member", Value::dn_ref(dn("cn=Boss,ou=a,dc=x")))
+                .with("member", Value::dn_ref(dn("cn=Report,ou=a,dc=x"))),
+        );
+        // Rename and move.
+        assert!(m.apply(&Change::Move {
+            anchor: "b".into(),
+            object_type: "user".into(),
+            new_dn: dn("cn=Chief,ou=b,dc=x"),
+        }));
+        assert_eq!(refs(&m, "r", "manager"), [Value::anchor_ref("b")]);
+        assert_eq!(m.member_of(&"b".into()), [&dn("cn=G,dc=x")]);
+        assert_eq!(m.dn_of(&"b".into()), Some(&dn("cn=chief,ou=b,dc=x")));
+        // A change removing a member by its current DN finds the anchor.
+        assert!(m.apply(&Change::Modify {
+            anchor: "g".into(),
+            object_type: "group".into(),
+            changes: vec![crate::model::AttributeChange::remove(
+                "member",
+                values([Value::dn_ref(dn("cn=Report,ou=a,dc=x"))]),
+            )],
+        }));
+        assert_eq!(refs(&m, "g", "member"), [Value::anchor_ref("b")]);
+        assert!(m.member_of(&"r".into()).is_empty());
+        // Delete: the references go, the referrers are named.
+        let (_, stripped) = m.delete(&"b".into()).unwrap();
+        assert_eq!(stripped, [Anchor::from("g"), Anchor::from("r")]);
+        assert!(refs(&m, "r", "manager").is_empty());
+        assert!(m
+            .get(&"g".into())
+            .unwrap()
+            .attributes
+            .get("member")
+            .is_none());
+        assert!(m.referrers(&"b".into()).is_empty());
+        // Reuse of either DN inherits nothing.
+        m.insert(Entry::new("b2", "user").with_dn(dn("cn=Chief,ou=b,dc=x")));
+        m.insert(Entry::new("b3", "user").with_dn(dn("cn=Boss,ou=a,dc=x")));
+        m.settle();
+        assert!(m.referrers(&"b2".into()).is_empty());
+        assert!(m.referrers(&"b3".into()).is_empty());
+        assert!(refs(&m, "r", "manager").is_empty());
+    }
+
+    #[test]
+    fn an_unsettled_reference_follows_its_object_through_a_rename_or_delete() {
+        // The group arrives first, then its member; the member is renamed (or deleted) before
+        // anything settles: the group references the member, not its old DN.
+        for delete in [false, true] {
+            let mut m = SourceMirror::new();
+            m.insert(Entry::new("g", "group").with("member", Value::dn_ref(dn("cn=A,dc=x"))));
+            m.insert(Entry::new("a", "user").with_dn(dn("cn=A,dc=x")));
+            if delete {
+                m.remove(&"a".into());
+            } else {
+                m.insert(Entry::new("a", "user").with_dn(dn("cn=A2,dc=x")));
+            }
+            m.insert(Entry::new("z", "user").with_dn(dn("cn=A,dc=x")));
+            m.settle();
+            let want = if delete {
+                vec![]
+            } else {
+                vec![Value::anchor_ref("a")]
+            };
+            assert_eq!(refs(&m, "g", "member"), want, "delete: {delete}");
+            assert!(m.referrers(&"z".into()).is_empty());
+        }
     }
 
     #[test]

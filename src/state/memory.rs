@@ -12,7 +12,9 @@ use super::{
     Views,
 };
 use crate::connector::{TargetOperation, Watermark};
-use crate::delta::{Link, Links, Operation, SourceMirror, TargetMirror};
+use crate::delta::{
+    resolve_change_values, resolve_references, Link, Links, Operation, SourceMirror, TargetMirror,
+};
 use crate::model::{Anchor, AttrName, Change, Dn, Entry, ObjectType, TargetId, TargetObject};
 
 /// An open full import.
@@ -63,8 +65,10 @@ impl MemoryStore {
             .map(|(a, _)| a.clone())
     }
 
-    /// Writes `new` as the entry of `anchor` (`None`: deletes it) with its content `hash`,
-    /// marking what changed dirty. Returns whether the content changed.
+    /// Writes `new` as the entry of `anchor` (`None`: deletes it) with its content `hash` (of
+    /// the entry as the source delivered it), marking what changed dirty. The entry's DN
+    /// references are resolved against the mirror; a delete removes the references to the
+    /// object from its referrers. Returns whether the content changed.
     fn write_entry(
         &mut self,
         anchor: &Anchor,
@@ -81,6 +85,14 @@ impl MemoryStore {
             }
             return false;
         }
+        let new = new.map(|(e, h)| (self.mirror.resolved(e), h));
+        if let Some((e, h)) = &new {
+            if self.mirror.get(anchor) == Some(e) {
+                // Delivered differently (a referenced object's new DN), the same once resolved.
+                self.hashes.insert(anchor.clone(), (*h, generation));
+                return false;
+            }
+        }
         let mut dirty: BTreeSet<Anchor> = BTreeSet::new();
         dirty.insert(anchor.clone());
         dirty.extend(self.referrers(anchor));
@@ -95,7 +107,18 @@ impl MemoryStore {
             }
             None => {
                 self.hashes.remove(anchor);
-                self.mirror.remove(anchor);
+                if let Some((_, stripped)) = self.mirror.delete(anchor) {
+                    // Their stored content changed without the source saying so: their hash
+                    // is now that of what is stored, so the next import of them compares with it.
+                    for r in stripped {
+                        if let Some(e) = self.mirror.get(&r) {
+                            let h = encode_entry(e).map(|(_, h)| h).unwrap_or_default();
+                            let g = self.hashes.get(&r).map(|(_, g)| *g).unwrap_or(0);
+                            self.hashes.insert(r.clone(), (h, g));
+                        }
+                        dirty.insert(r);
+                    }
+                }
             }
         }
         dirty.extend(self.referrers(anchor));
@@ -113,6 +136,19 @@ impl MemoryStore {
         }
         self.dirty.extend(dirty);
         true
+    }
+
+    /// Marks dirty the objects linked to the target objects `ids` and their referrers (the
+    /// target objects are gone: the links are stale and the references to them too).
+    fn mark_linked_gone(&mut self, ids: &[TargetId]) {
+        let mut dirty: BTreeSet<Anchor> = BTreeSet::new();
+        for id in ids {
+            if let Some(a) = self.links.anchor_of(id).cloned() {
+                dirty.extend(self.referrers(&a));
+                dirty.insert(a);
+            }
+        }
+        self.dirty.extend(dirty);
     }
 
     fn bump(&mut self) {
@@ -179,7 +215,10 @@ impl StateStore for MemoryStore {
     ) -> Result<(), StateError> {
         self.check_changes(changes)?;
         // Hash every resulting entry before changing anything, so a failure changes nothing.
+        // A modify's values are resolved as the mirror will be when it applies (the batch's
+        // earlier changes may move DNs: `staged_dn` overlays them).
         let mut staged: HashMap<Anchor, Option<Entry>> = HashMap::new();
+        let mut staged_dn: HashMap<Dn, Option<Anchor>> = HashMap::new();
         let mut order: Vec<(Anchor, Option<(Entry, u64)>)> = Vec::with_capacity(changes.len());
         for c in changes {
             let a = c.anchor().clone();
@@ -187,16 +226,26 @@ impl StateStore for MemoryStore {
                 Some(e) => e.clone(),
                 None => self.mirror.get(&a).cloned(),
             };
+            let lookup = |d: &Dn| -> Result<Option<Anchor>, StateError> {
+                Ok(match staged_dn.get(d) {
+                    Some(held) => held.clone(),
+                    None => self.mirror.anchor_of(d).cloned(),
+                })
+            };
             let next: Option<Entry> = match c {
                 Change::Add(e) | Change::Replace(e) => Some(e.clone()),
                 Change::Delete { .. } => None,
-                Change::Modify { changes, .. } => current.map(|mut e| {
-                    for ch in changes {
-                        let _ = e.attributes.apply(ch, false);
+                Change::Modify { changes, .. } => match current.clone() {
+                    Some(mut e) => {
+                        resolve_references(&mut e, lookup)?;
+                        for ch in &resolve_change_values(changes, lookup)? {
+                            let _ = e.attributes.apply(ch, false);
+                        }
+                        Some(e)
                     }
-                    e
-                }),
-                Change::Move { new_dn, .. } => current.map(|mut e| {
+                    None => None,
+                },
+                Change::Move { new_dn, .. } => current.clone().map(|mut e| {
                     e.dn = Some(new_dn.clone());
                     e
                 }),
@@ -205,6 +254,12 @@ impl StateStore for MemoryStore {
                 Some(e) => Some((e.clone(), encode_entry(e)?.1)),
                 None => None,
             };
+            if let Some(d) = current.as_ref().and_then(|e| e.dn.clone()) {
+                staged_dn.insert(d, None);
+            }
+            if let Some(d) = next.as_ref().and_then(|e| e.dn.clone()) {
+                staged_dn.insert(d, Some(a.clone()));
+            }
             staged.insert(a.clone(), next);
             order.push((a, hashed));
         }
@@ -212,6 +267,7 @@ impl StateStore for MemoryStore {
         for (a, new) in order {
             changed |= self.write_entry(&a, new, None);
         }
+        self.mirror.settle();
         if let Some(w) = watermark {
             self.watermarks.insert(connector.to_owned(), w.clone());
         }
@@ -259,6 +315,7 @@ impl StateStore for MemoryStore {
                 changed += 1;
             }
         }
+        self.mirror.settle();
         if let Some(s) = self.session.as_mut() {
             s.summary.seen += seen;
             s.summary.added += added;
@@ -559,9 +616,14 @@ impl StateStore for MemoryStore {
 
     fn remove_target_objects(&mut self, ids: &[TargetId]) -> Result<(), StateError> {
         let mut changed = false;
+        let mut gone = Vec::new();
         for id in ids {
-            changed |= self.target.remove(id).is_some();
+            if self.target.remove(id).is_some() {
+                changed = true;
+                gone.push(id.clone());
+            }
         }
+        self.mark_linked_gone(&gone);
         if changed {
             self.bump();
         }

@@ -30,7 +30,9 @@ use super::{
     Views,
 };
 use crate::connector::{TargetOperation, Watermark};
-use crate::delta::{Link, Operation, OperationKind};
+use crate::delta::{
+    remove_references_to, resolve_change_values, resolve_references, Link, Operation, OperationKind,
+};
 use crate::model::{
     Anchor, AttrName, Attributes, Change, Dn, Entry, ObjectType, TargetId, TargetObject, Value,
 };
@@ -50,7 +52,7 @@ pub enum Durability {
 }
 
 /// The schema version this build writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// A migration's data step: work SQL cannot do, run in the migration's transaction.
 type DataStep = fn(&Connection) -> Result<(), StateError>;
@@ -166,7 +168,16 @@ static MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V2,
         after: Some(rebuild_target_values),
     },
+    Migration {
+        version: 3,
+        sql: SCHEMA_V3,
+        after: Some(resolve_stored_references),
+    },
 ];
+
+/// Version 3: references are kept by anchor (no table changes; the data step resolves the DN
+/// references that name mirrored objects, as an import now does).
+const SCHEMA_V3: &str = "";
 
 // The statements of the delta path; the tests check each uses an index.
 const ENTRY_COLUMNS: &str = "anchor, object_type, dn, attributes";
@@ -181,6 +192,8 @@ const REFERRERS: &str = "SELECT from_anchor FROM source_refs WHERE to_anchor = ?
      UNION SELECT from_anchor FROM source_refs WHERE to_dn_norm = ?2";
 const REFS_FROM: &str =
     "SELECT attribute, to_anchor, to_dn_norm FROM source_refs WHERE from_anchor = ?1";
+const WAITING: &str = "SELECT DISTINCT from_anchor FROM source_refs WHERE to_dn_norm = ?1";
+const REFERRING: &str = "SELECT DISTINCT from_anchor FROM source_refs WHERE to_anchor = ?1";
 const LINK_BY_ANCHOR: &str =
     "SELECT anchor, source_type, target_id, target_type FROM links WHERE anchor = ?1";
 const LINK_BY_TARGET: &str =
@@ -197,6 +210,8 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     ROW_STATE,
     REFERRERS,
     REFS_FROM,
+    WAITING,
+    REFERRING,
     LINK_BY_ANCHOR,
     LINK_BY_TARGET,
     TARGET_BY_ID,
@@ -773,24 +788,150 @@ fn entry_ref_keys(e: &Entry) -> BTreeSet<RefKey> {
         .collect()
 }
 
+/// The anchor of the object at `dn` (the least, should two claim it).
+fn anchor_at(conn: &Connection, dn: &Dn) -> Result<Option<Anchor>, StateError> {
+    Ok(anchors_at(conn, dn.normalized())?.into_iter().min())
+}
+
+/// The distinct `from_anchor`s of a query on `source_refs`.
+fn ref_sources(conn: &Connection, sql: &str, key: &str) -> Result<Vec<Anchor>, StateError> {
+    rows(conn, sql, [key], "reading references")?
+        .into_iter()
+        .map(|mut r| text("source_refs", key, "from_anchor", take(&mut r, 0)).map(Anchor::from))
+        .collect()
+}
+
+/// Writes the reference rows of `anchor`.
+fn insert_refs(
+    conn: &Connection,
+    anchor: &Anchor,
+    refs: &BTreeSet<RefKey>,
+) -> Result<(), StateError> {
+    let mut ins = conn
+        .prepare_cached(
+            "INSERT INTO source_refs (from_anchor, attribute, to_anchor, to_dn_norm) \
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .ctx("writing references")?;
+    for (attr, by_anchor, to) in refs {
+        let (to_anchor, to_dn) = if *by_anchor {
+            (Some(to.as_str()), None)
+        } else {
+            (None, Some(to.as_str()))
+        };
+        ins.execute(params![anchor.as_str(), attr.as_str(), to_anchor, to_dn])
+            .ctx("writing references")?;
+    }
+    Ok(())
+}
+
+/// Stores `entry` as the content of its existing row with its reference rows — a change the
+/// mirror makes by itself (a reference resolved or removed). `rehash`: the row's hash becomes
+/// that of the stored content (else it stays that of what the source last delivered).
+fn rewrite_entry(conn: &Connection, entry: &Entry, rehash: bool) -> Result<(), StateError> {
+    let (json, hash) = encode_entry(entry)?;
+    conn.prepare_cached(
+        "UPDATE source_objects SET attributes = ?2, \
+         content_hash = CASE WHEN ?4 THEN ?3 ELSE content_hash END WHERE anchor = ?1",
+    )
+    .and_then(|mut s| s.execute(params![entry.anchor.as_str(), json, hash as i64, rehash]))
+    .ctx("rewriting a source object")?;
+    conn.prepare_cached("DELETE FROM source_refs WHERE from_anchor = ?1")
+        .and_then(|mut s| s.execute([entry.anchor.as_str()]))
+        .ctx("removing references")?;
+    insert_refs(conn, &entry.anchor, &entry_ref_keys(entry))
+}
+
+/// Resolves the unresolved references to `dn_norm` of every referrer into references to
+/// `anchor` (the object at `dn_norm`, before that DN stops naming it). Returns the referrers.
+fn pin(conn: &Connection, dn_norm: &str, anchor: &Anchor) -> Result<Vec<Anchor>, StateError> {
+    let mut out = Vec::new();
+    for r in ref_sources(conn, WAITING, dn_norm)? {
+        let Some(mut e) = load_entry(conn, &r)? else {
+            continue;
+        };
+        let changed = resolve_references(&mut e, |d| {
+            Ok::<_, StateError>((d.normalized() == dn_norm).then(|| anchor.clone()))
+        })?;
+        if changed {
+            rewrite_entry(conn, &e, false)?;
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Resolves the references waiting for the objects now at `dns` (normalized), each referrer
+/// rewritten once.
+fn settle(conn: &Connection, dns: BTreeSet<String>) -> Result<(), StateError> {
+    let mut referrers: BTreeSet<Anchor> = BTreeSet::new();
+    for d in dns {
+        if !anchors_at(conn, &d)?.is_empty() {
+            referrers.extend(ref_sources(conn, WAITING, &d)?);
+        }
+    }
+    for r in referrers {
+        let Some(mut e) = load_entry(conn, &r)? else {
+            continue;
+        };
+        if resolve_references(&mut e, |d| anchor_at(conn, d))? {
+            rewrite_entry(conn, &e, false)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the references to `anchor` from its referrers; returns them.
+fn strip(conn: &Connection, anchor: &Anchor) -> Result<Vec<Anchor>, StateError> {
+    let mut out = Vec::new();
+    for r in ref_sources(conn, REFERRING, anchor.as_str())? {
+        let Some(mut e) = load_entry(conn, &r)? else {
+            continue;
+        };
+        if remove_references_to(&mut e, anchor) {
+            rewrite_entry(conn, &e, true)?;
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Migration 3's data step: the DN references that name mirrored objects become anchors.
+fn resolve_stored_references(conn: &Connection) -> Result<(), StateError> {
+    let dns: BTreeSet<String> = rows(
+        conn,
+        "SELECT DISTINCT r.to_dn_norm FROM source_refs r \
+         JOIN source_objects o ON o.dn_norm = r.to_dn_norm",
+        [],
+        "finding references by DN",
+    )?
+    .into_iter()
+    .map(|mut r| text("source_refs", "?", "to_dn_norm", take(&mut r, 0)))
+    .collect::<Result<_, _>>()?;
+    settle(conn, dns)
+}
+
 /// Writes `new` as the entry of `anchor` (`None`: deletes it), marking dirty what changed
 /// (see [`StateStore::apply_changes`]). `generation`: the full import that saw it, or `None`
-/// to keep the stored one. Returns whether the content changed.
+/// to keep the stored one. The entry's DN references are resolved against the mirror; DNs that
+/// unresolved references wait for are added to `unsettled` (for [`settle`]); a delete removes
+/// the references to the object from its referrers. The row's hash is that of `new` as given
+/// (what the source delivered). Returns whether the content changed.
 fn write_entry(
     conn: &Connection,
     anchor: &Anchor,
     new: Option<&Entry>,
     generation: Option<i64>,
+    unsettled: &mut BTreeSet<String>,
 ) -> Result<bool, StateError> {
     let old = row_state(conn, anchor)?;
     let generation = generation
         .or(old.as_ref().map(|o| o.generation))
         .unwrap_or(0);
-    let encoded = match new {
-        Some(e) => Some(encode_entry(e)?),
+    let new_hash = match new {
+        Some(e) => Some(encode_entry(e)?.1 as i64),
         None => None,
     };
-    let new_hash = encoded.as_ref().map(|(_, h)| *h as i64);
     if old.as_ref().map(|o| o.hash) == new_hash {
         if let Some(o) = &old {
             if o.generation != generation {
@@ -801,7 +942,44 @@ fn write_entry(
         }
         return Ok(false);
     }
+    let new = match new {
+        Some(e) => {
+            let mut e = e.clone();
+            resolve_references(&mut e, |d| anchor_at(conn, d))?;
+            Some(e)
+        }
+        None => None,
+    };
+    if let (Some(_), Some(e), Some(h)) = (&old, &new, new_hash) {
+        if load_entry(conn, anchor)?.as_ref() == Some(e) {
+            // Delivered differently (a referenced object's new DN), the same once resolved.
+            conn.prepare_cached(
+                "UPDATE source_objects SET content_hash = ?2, generation = ?3 WHERE anchor = ?1",
+            )
+            .and_then(|mut s| s.execute(params![anchor.as_str(), h, generation]))
+            .ctx("recording a source object's hash")?;
+            return Ok(false);
+        }
+    }
+    let encoded = match &new {
+        Some(e) => Some(encode_entry(e)?.0),
+        None => None,
+    };
     let old_dn = old.as_ref().and_then(|o| o.dn_norm.clone());
+    let new_dn = new
+        .as_ref()
+        .and_then(|e| e.dn.as_ref())
+        .map(|d| d.normalized().to_owned());
+    if let Some(d) = old_dn.as_deref().filter(|d| new_dn.as_deref() != Some(*d)) {
+        // A rename, move or delete: references still waiting by the old DN meant this object.
+        pin(conn, d, anchor)?;
+    }
+    if let Some(d) = new_dn.as_deref().filter(|d| old_dn.as_deref() != Some(*d)) {
+        // Another object held this DN until now: what waited for it meant that one.
+        if let Some(holder) = anchors_at(conn, d)?.into_iter().find(|h| h != anchor) {
+            pin(conn, d, &holder)?;
+        }
+    }
     let mut dirty: BTreeSet<Anchor> = BTreeSet::new();
     dirty.insert(anchor.clone());
     dirty.extend(referrers(conn, anchor, old_dn.as_deref())?);
@@ -810,17 +988,14 @@ fn write_entry(
     } else {
         BTreeSet::new()
     };
-    let new_refs = new.map(entry_ref_keys).unwrap_or_default();
+    let new_refs = new.as_ref().map(entry_ref_keys).unwrap_or_default();
     if old.is_some() {
         conn.prepare_cached("DELETE FROM source_refs WHERE from_anchor = ?1")
             .and_then(|mut s| s.execute([anchor.as_str()]))
             .ctx("removing references")?;
     }
-    let new_dn = new
-        .and_then(|e| e.dn.as_ref())
-        .map(|d| d.normalized().to_owned());
-    match (new, encoded) {
-        (Some(e), Some((attrs, hash))) => {
+    match (&new, encoded, new_hash) {
+        (Some(e), Some(attrs), Some(hash)) => {
             conn.prepare_cached(
                 "INSERT INTO source_objects \
                  (anchor, object_type, dn, dn_norm, attributes, content_hash, generation) \
@@ -836,35 +1011,27 @@ fn write_entry(
                     e.dn.as_ref().map(|d| d.as_str()),
                     new_dn,
                     attrs,
-                    hash as i64,
+                    hash,
                     generation
                 ])
             })
             .ctx("writing a source object")?;
-            let mut ins = conn
-                .prepare_cached(
-                    "INSERT INTO source_refs (from_anchor, attribute, to_anchor, to_dn_norm) \
-                     VALUES (?1, ?2, ?3, ?4)",
-                )
-                .ctx("writing references")?;
-            for (attr, by_anchor, to) in &new_refs {
-                let (to_anchor, to_dn) = if *by_anchor {
-                    (Some(to.as_str()), None)
-                } else {
-                    (None, Some(to.as_str()))
-                };
-                ins.execute(params![anchor.as_str(), attr.as_str(), to_anchor, to_dn])
-                    .ctx("writing references")?;
-            }
+            insert_refs(conn, anchor, &new_refs)?;
         }
         _ => {
             conn.prepare_cached("DELETE FROM source_objects WHERE anchor = ?1")
                 .and_then(|mut s| s.execute([anchor.as_str()]))
                 .ctx("deleting a source object")?;
+            dirty.extend(strip(conn, anchor)?);
         }
     }
     if new_dn != old_dn {
         dirty.extend(referrers(conn, anchor, new_dn.as_deref())?);
+        if let Some(d) = &new_dn {
+            if !ref_sources(conn, WAITING, d)?.is_empty() {
+                unsettled.insert(d.clone());
+            }
+        }
     }
     for (_, by_anchor, to) in old_refs.symmetric_difference(&new_refs) {
         if *by_anchor {
@@ -982,6 +1149,23 @@ fn put_link(conn: &Connection, link: &Link) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Marks dirty the object linked to the target object `id` (gone from the target) and its
+/// referrers: the link is stale, and the references to it too.
+fn mark_linked_gone(conn: &Connection, id: &TargetId) -> Result<(), StateError> {
+    let Some(r) = rows(conn, LINK_BY_TARGET, [id.as_str()], "reading a link")?
+        .into_iter()
+        .next()
+    else {
+        return Ok(());
+    };
+    let link = decode_link(r)?;
+    let dn = row_state(conn, &link.anchor)?.and_then(|r| r.dn_norm);
+    let mut dirty = referrers(conn, &link.anchor, dn.as_deref())?;
+    dirty.push(link.anchor);
+    mark(conn, dirty)?;
+    Ok(())
+}
+
 fn check_changes(conn: &Connection, changes: &[Change]) -> Result<(), StateError> {
     super::check_changes(changes, |a| Ok(row_state(conn, a)?.is_some()))
 }
@@ -996,29 +1180,32 @@ impl StateStore for SqliteStore {
         self.write("applying a delta import", |tx| {
             check_changes(tx, changes)?;
             let mut changed = false;
+            let mut unsettled = BTreeSet::new();
             for c in changes {
                 let a = c.anchor();
+                let u = &mut unsettled;
                 changed |= match c {
-                    Change::Add(e) | Change::Replace(e) => write_entry(tx, a, Some(e), None)?,
-                    Change::Delete { .. } => write_entry(tx, a, None, None)?,
+                    Change::Add(e) | Change::Replace(e) => write_entry(tx, a, Some(e), None, u)?,
+                    Change::Delete { .. } => write_entry(tx, a, None, None, u)?,
                     Change::Modify { changes, .. } => match load_entry(tx, a)? {
                         Some(mut e) => {
-                            for ch in changes {
+                            for ch in &resolve_change_values(changes, |d| anchor_at(tx, d))? {
                                 let _ = e.attributes.apply(ch, false);
                             }
-                            write_entry(tx, a, Some(&e), None)?
+                            write_entry(tx, a, Some(&e), None, u)?
                         }
                         None => false,
                     },
                     Change::Move { new_dn, .. } => match load_entry(tx, a)? {
                         Some(mut e) => {
                             e.dn = Some(new_dn.clone());
-                            write_entry(tx, a, Some(&e), None)?
+                            write_entry(tx, a, Some(&e), None, u)?
                         }
                         None => false,
                     },
                 };
             }
+            settle(tx, unsettled)?;
             if let Some(w) = watermark {
                 put_watermark(tx, connector, w)?;
             }
@@ -1065,6 +1252,7 @@ impl StateStore for SqliteStore {
             };
             let g = generation as i64;
             let (mut seen, mut added, mut changed) = (0, 0, 0);
+            let mut unsettled = BTreeSet::new();
             for e in entries {
                 let before = row_state(tx, &e.anchor)?;
                 match &before {
@@ -1085,10 +1273,12 @@ impl StateStore for SqliteStore {
                         added += 1;
                     }
                 }
-                if write_entry(tx, &e.anchor, Some(e), Some(g))? && before.is_some() {
+                if write_entry(tx, &e.anchor, Some(e), Some(g), &mut unsettled)? && before.is_some()
+                {
                     changed += 1;
                 }
             }
+            settle(tx, unsettled)?;
             s.summary.seen += seen;
             s.summary.added += added;
             s.summary.changed += changed;
@@ -1138,7 +1328,7 @@ impl StateStore for SqliteStore {
             .map(|mut r| text("source_objects", "?", "anchor", take(&mut r, 0)).map(Anchor::from))
             .collect::<Result<_, _>>()?;
             for a in &unseen {
-                write_entry(tx, a, None, None)?;
+                write_entry(tx, a, None, None, &mut BTreeSet::new())?;
             }
             if let Some(w) = watermark {
                 put_watermark(tx, connector, w)?;
@@ -1616,7 +1806,10 @@ impl StateStore for SqliteStore {
         self.write("removing target objects", |tx| {
             let mut changed = false;
             for id in ids {
-                changed |= delete_target(tx, id)?;
+                if delete_target(tx, id)? {
+                    changed = true;
+                    mark_linked_gone(tx, id)?;
+                }
             }
             if changed {
                 bump(tx)?;
@@ -2035,7 +2228,7 @@ mod tests {
             .unwrap();
         }
         let mut s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 2);
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
         let counts = s.link_counts().unwrap();
         assert_eq!(counts.get(&"User".into()), Some(&2));
         assert_eq!(counts.get(&"Group".into()), Some(&1));
@@ -2071,6 +2264,76 @@ mod tests {
         let j = s.journal_intent(run, &op, None).unwrap();
         s.journal_done(j, &op, None, None).unwrap();
         assert_eq!(s.link_counts().unwrap().get(&"User".into()), Some(&1));
+    }
+
+    #[test]
+    fn a_version_2_file_gets_its_references_by_anchor() {
+        // Version 2 kept DN references as imported: write such a file by hand.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(SCHEMA_V2).unwrap();
+            let raw = |e: &Entry| {
+                let (json, hash) = encode_entry(e).unwrap();
+                let dn = e.dn.as_ref().map(|d| d.as_str().to_owned());
+                let norm = e.dn.as_ref().map(|d| d.normalized().to_owned());
+                conn.execute(
+                    "INSERT INTO source_objects VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)",
+                    params![
+                        e.anchor.as_str(),
+                        e.object_type.as_str(),
+                        dn,
+                        norm,
+                        json,
+                        hash as i64
+                    ],
+                )
+                .unwrap();
+                for (attr, by_anchor, to) in entry_ref_keys(e) {
+                    let (ta, td) = if by_anchor {
+                        (Some(to), None)
+                    } else {
+                        (None, Some(to))
+                    };
+                    conn.execute(
+                        "INSERT INTO source_refs VALUES (?1, ?2, ?3, ?4)",
+                        params![e.anchor.as_str(), attr.as_str(), ta, td],
+                    )
+                    .unwrap();
+                }
+            };
+            raw(&Entry::new("u1", "user").with_dn(dn("cn=Ann,dc=x")));
+            raw(&Entry::new("g1", "group")
+                .with_dn(dn("cn=Staff,dc=x"))
+                .with("member", Value::dn_ref(dn("CN=ann,dc=x")))
+                .with("member", Value::dn_ref(dn("cn=Gone,dc=x"))));
+            conn.pragma_update(None, "user_version", 2).unwrap();
+        }
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let g1 = s.source_entry(&"g1".into()).unwrap().unwrap();
+        assert_eq!(
+            g1.attributes.get("member").unwrap()[..],
+            [Value::anchor_ref("u1"), Value::dn_ref(dn("cn=Gone,dc=x"))]
+        );
+        // The reference rows moved with it: deleting u1 removes it from g1.
+        s.apply_changes(
+            "src",
+            &[Change::Delete {
+                anchor: "u1".into(),
+                object_type: "user".into(),
+            }],
+            None,
+        )
+        .unwrap();
+        let g1 = s.source_entry(&"g1".into()).unwrap().unwrap();
+        assert_eq!(
+            g1.attributes.get("member").unwrap()[..],
+            [Value::dn_ref(dn("cn=Gone,dc=x"))]
+        );
+        assert_eq!(s.dirty().unwrap(), ["g1".into(), "u1".into()]);
     }
 
     #[test]

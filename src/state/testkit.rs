@@ -12,12 +12,15 @@ use super::{JournalState, StateError, StateStore, TargetLookup};
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{Operation, OperationKind, Reason, TargetRef};
 use crate::model::{
-    values, Anchor, AttributeChange, Attributes, Change, Dn, Entry, TargetId, TargetObject, Value,
+    values, Anchor, AttributeChange, Attributes, Change, ChangeOp, Dn, Entry, TargetId,
+    TargetObject, Value,
 };
 
 /// Runs every check of the contract, each against a fresh store from `make`.
 pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     delta_imports_mark_changed_objects_and_their_referrers(make());
+    references_follow_anchors_through_imports_renames_and_deletes(make());
+    gone_target_objects_mark_their_objects_and_referrers(make());
     watermark_commits_with_its_changes(make());
     full_import_deletes_unseen_and_guards_small_imports(make());
     interrupted_full_import_leaves_state_valid(make());
@@ -111,7 +114,12 @@ fn delta_imports_mark_changed_objects_and_their_referrers(mut s: Box<dyn StateSt
     )
     .unwrap();
     assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1"]));
-    assert_eq!(s.source_entry(&a("g1")).unwrap(), Some(g1));
+    // The DN reference names a mirrored object: it is kept by anchor.
+    let mut g1_stored = g1.clone();
+    g1_stored
+        .attributes
+        .set("member", values([Value::anchor_ref("u1")]));
+    assert_eq!(s.source_entry(&a("g1")).unwrap(), Some(g1_stored));
     assert_eq!(
         s.anchor_by_dn(&dn("cn=ANN,ou=people,dc=x")).unwrap(),
         Some(a("u1"))
@@ -160,7 +168,7 @@ fn delta_imports_mark_changed_objects_and_their_referrers(mut s: Box<dyn StateSt
     assert_eq!(s.dirty().unwrap(), anchors(&["u1", "u2"]));
     reset_dirty(s);
 
-    // A move marks the object and its referrers under the old DN.
+    // A move marks the object and its referrers; they keep referencing it.
     s.apply_changes(
         "src",
         &[Change::Move {
@@ -198,24 +206,247 @@ fn delta_imports_mark_changed_objects_and_their_referrers(mut s: Box<dyn StateSt
     assert_eq!(s.dirty().unwrap(), anchors(&["u1", "u2"]));
     assert_eq!(s.source_entry(&a("u2")).unwrap(), None);
 
-    // A group gaining a member by DN marks the member (its ISMEMBEROF changed).
+    // A group losing a member by DN (its current one) loses the anchor, and marks the member
+    // (its ISMEMBEROF changed); gaining it back by DN does too.
+    for op in [ChangeOp::Remove, ChangeOp::Add] {
+        reset_dirty(s);
+        s.apply_changes(
+            "src",
+            &[Change::Modify {
+                anchor: a("g1"),
+                object_type: "group".into(),
+                changes: vec![AttributeChange {
+                    op,
+                    ..AttributeChange::add(
+                        "member",
+                        values([Value::dn_ref(dn("cn=Ann,ou=Former,dc=x"))]),
+                    )
+                }],
+            }],
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1"]), "{op:?}");
+        let members = s
+            .source_entry(&a("g1"))
+            .unwrap()
+            .unwrap()
+            .attributes
+            .get("member")
+            .cloned();
+        let expected = (op == ChangeOp::Add).then(|| values([Value::anchor_ref("u1")]));
+        assert_eq!(members, expected, "{op:?}");
+    }
+    s.mark_dirty(&anchors(&["zz"])).unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1", "zz"]));
+}
+
+/// The references an entry holds in `attribute`, as stored.
+fn refs_of(s: &dyn StateStore, anchor: &str, attribute: &str) -> Vec<Value> {
+    s.source_entry(&a(anchor))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{anchor} is mirrored"))
+        .attributes
+        .get(attribute)
+        .map(|v| v.iter().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn references_follow_anchors_through_imports_renames_and_deletes(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let boss_dn = "cn=Boss,ou=People,dc=x";
+    let report = |manager: &str| user("r1", "Report").with("manager", Value::dn_ref(dn(manager)));
+    let group = |boss: &str| {
+        Entry::new("g1", "group")
+            .with_dn(dn("cn=Team,ou=Groups,dc=x"))
+            .with("member", Value::dn_ref(dn("cn=Ann,ou=People,dc=x")))
+            .with("member", Value::dn_ref(dn(boss)))
+            .with("member", Value::dn_ref(dn("cn=Outside,ou=Elsewhere,dc=x")))
+    };
+
+    // A full import delivering referrers before what they reference (in an earlier batch):
+    // every reference to a mirrored object is kept by anchor; the one to an object outside
+    // the mirror waits by DN.
+    for round in 0..2 {
+        let g = s.begin_full_import("src").unwrap();
+        s.import_entries(g, &[report(boss_dn), group(boss_dn)])
+            .unwrap();
+        s.import_entries(g, &[user("u1", "Ann"), user("b1", "Boss")])
+            .unwrap();
+        let sum = s.finish_full_import("src", g, None, 0.5).unwrap();
+        assert_eq!(refs_of(s, "r1", "manager"), [Value::anchor_ref("b1")]);
+        assert_eq!(
+            refs_of(s, "g1", "member"),
+            [
+                Value::anchor_ref("u1"),
+                Value::anchor_ref("b1"),
+                Value::dn_ref(dn("cn=Outside,ou=Elsewhere,dc=x"))
+            ]
+        );
+        if round == 1 {
+            // The same delivery again changes nothing.
+            assert_eq!((sum.changed, sum.added), (0, 0));
+            assert!(s.dirty().unwrap().is_empty(), "{:?}", s.dirty().unwrap());
+        }
+        reset_dirty(s);
+    }
+    let v = s.load_neighbourhood(&anchors(&["b1"])).unwrap();
+    assert!(v.mirror.get(&a("r1")).is_some() && v.mirror.get(&a("g1")).is_some());
+    assert_eq!(
+        v.mirror.member_of(&a("b1")),
+        [&dn("cn=team,ou=groups,dc=x")]
+    );
+
+    // A rename (the whole object again, as uSNChanged polling delivers it): its referrers are
+    // marked (their view of it changed) and keep referencing it by anchor.
+    let renamed = "cn=Boss Two,ou=Other,dc=x";
+    let boss_renamed = Entry {
+        dn: Some(dn(renamed)),
+        ..user("b1", "Boss")
+    };
+    s.apply_changes("src", &[Change::Replace(boss_renamed)], None)
+        .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["b1", "g1", "r1"]));
+    assert_eq!(refs_of(s, "r1", "manager"), [Value::anchor_ref("b1")]);
+    assert_eq!(s.anchor_by_dn(&dn(boss_dn)).unwrap(), None);
+    let v = s.load_neighbourhood(&anchors(&["b1"])).unwrap();
+    assert_eq!(
+        v.mirror.member_of(&a("b1")),
+        [&dn("cn=team,ou=groups,dc=x")]
+    );
     reset_dirty(s);
+    // Its referrers delivered again with its new DN (a full import): the same once resolved.
+    let g = s.begin_full_import("src").unwrap();
+    let boss_renamed = Entry {
+        dn: Some(dn(renamed)),
+        ..user("b1", "Boss")
+    };
+    s.import_entries(
+        g,
+        &[
+            report(renamed),
+            group(renamed),
+            user("u1", "Ann"),
+            boss_renamed,
+        ],
+    )
+    .unwrap();
+    let sum = s.finish_full_import("src", g, None, 0.5).unwrap();
+    assert_eq!((sum.changed, sum.deleted), (0, 0));
+    assert!(s.dirty().unwrap().is_empty(), "{:?}", s.dirty().unwrap());
+    assert_eq!(refs_of(s, "r1", "manager"), [Value::anchor_ref("b1")]);
+
+    // A delete removes the references to the object at once and marks its referrers.
     s.apply_changes(
         "src",
-        &[Change::Modify {
-            anchor: a("g1"),
-            object_type: "group".into(),
-            changes: vec![AttributeChange::add(
-                "member",
-                values([Value::dn_ref(dn("cn=Ann,ou=Former,dc=x"))]),
-            )],
+        &[Change::Delete {
+            anchor: a("b1"),
+            object_type: "user".into(),
         }],
         None,
     )
     .unwrap();
-    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1"]));
-    s.mark_dirty(&anchors(&["zz"])).unwrap();
-    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "u1", "zz"]));
+    assert_eq!(s.dirty().unwrap(), anchors(&["b1", "g1", "r1"]));
+    assert!(refs_of(s, "r1", "manager").is_empty());
+    assert_eq!(
+        refs_of(s, "g1", "member"),
+        [
+            Value::anchor_ref("u1"),
+            Value::dn_ref(dn("cn=Outside,ou=Elsewhere,dc=x"))
+        ]
+    );
+    reset_dirty(s);
+
+    // Another object at the deleted one's DN inherits nothing.
+    s.apply_changes(
+        "src",
+        &[Change::Add(Entry {
+            dn: Some(dn(renamed)),
+            ..user("b2", "Boss")
+        })],
+        None,
+    )
+    .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["b2"]));
+    assert!(refs_of(s, "r1", "manager").is_empty());
+    assert!(s
+        .load_neighbourhood(&anchors(&["b2"]))
+        .unwrap()
+        .mirror
+        .member_of(&a("b2"))
+        .is_empty());
+    reset_dirty(s);
+
+    // The object a reference waited for arrives (a delta): the reference resolves, the
+    // referrer is marked. In one batch, a referrer before the object it references resolves too.
+    s.apply_changes(
+        "src",
+        &[
+            Change::Add(
+                user("r2", "Second").with("manager", Value::dn_ref(dn("cn=New,ou=People,dc=x"))),
+            ),
+            Change::Add(user("n1", "New")),
+            Change::Add(Entry {
+                dn: Some(dn("cn=Outside,ou=Elsewhere,dc=x")),
+                ..user("o1", "Outside")
+            }),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(refs_of(s, "r2", "manager"), [Value::anchor_ref("n1")]);
+    assert_eq!(
+        refs_of(s, "g1", "member"),
+        [Value::anchor_ref("u1"), Value::anchor_ref("o1")]
+    );
+    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "n1", "o1", "r2"]));
+    reset_dirty(s);
+
+    // A move (a `Move` change, as LDIF change files and syncrepl-less sources report) keeps
+    // references too; the reference to the old DN that arrives afterwards does not resolve.
+    s.apply_changes(
+        "src",
+        &[
+            Change::Move {
+                anchor: a("n1"),
+                object_type: "user".into(),
+                new_dn: dn("cn=New,ou=Moved,dc=x"),
+            },
+            Change::Add(
+                user("r3", "Third").with("manager", Value::dn_ref(dn("cn=New,ou=People,dc=x"))),
+            ),
+        ],
+        None,
+    )
+    .unwrap();
+    assert_eq!(refs_of(s, "r2", "manager"), [Value::anchor_ref("n1")]);
+    assert_eq!(
+        refs_of(s, "r3", "manager"),
+        [Value::dn_ref(dn("cn=New,ou=People,dc=x"))]
+    );
+}
+
+fn gone_target_objects_mark_their_objects_and_referrers(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    s.apply_changes(
+        "src",
+        &[
+            Change::Add(user("u1", "Ann")),
+            Change::Add(user("u2", "Bob").with("manager", Value::anchor_ref("u1"))),
+            Change::Add(user("u3", "Cy")),
+        ],
+        None,
+    )
+    .unwrap();
+    link_by_create(s, "u1", "t1", Attributes::new());
+    link_by_create(s, "u3", "t3", Attributes::new());
+    reset_dirty(s);
+    // t9 is linked to nothing; t1 is u1's, whom u2 references.
+    s.put_target_objects(&[TargetObject::new("t9", "User")])
+        .unwrap();
+    s.remove_target_objects(&["t1".into(), "t9".into(), "t-none".into()])
+        .unwrap();
+    assert_eq!(s.dirty().unwrap(), anchors(&["u1", "u2"]));
 }
 
 fn watermark_commits_with_its_changes(mut s: Box<dyn StateStore>) {
