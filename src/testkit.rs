@@ -10,7 +10,7 @@ pub mod slapd;
 
 use crate::delta::{
     Deprovision, Desired, Flow, JoinGroup, Link, Links, Plan, PlanInput, Projected, Projection,
-    ProjectionContext, SourceMirror, TargetMirror,
+    ProjectionContext, SourceMirror, TargetMirror, WhenEmpty,
 };
 use smol_str::SmolStr;
 
@@ -98,6 +98,10 @@ impl Projection for UserGroupProjection {
             }
             let mut f = Flow::new(name.clone(), values.clone());
             f.multi = values.len() > 1 || (may_be("proxyAddresses") && name.is("proxyAddresses"));
+            if values.first().is_some_and(Value::is_reference) {
+                // A reference whose object is gone must not stay in the target.
+                f.when_empty = WhenEmpty::Clear;
+            }
             d.flows.push(f);
         }
         if let Some(cn) = cn {

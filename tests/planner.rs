@@ -630,3 +630,141 @@ fn projection_failures_and_holds_are_data() {
         ]
     );
 }
+
+/// [`UserGroupProjection`], but users who leave scope are deleted (not disabled).
+struct DeleteUsers(UserGroupProjection);
+
+impl Projection for DeleteUsers {
+    fn project(&self, e: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
+        self.0.project(e, ctx)
+    }
+    fn unchanged(
+        &self,
+        e: &Entry,
+        current: &TargetObject,
+        ctx: &ProjectionContext<'_>,
+    ) -> Option<bool> {
+        self.0.unchanged(e, current, ctx)
+    }
+    fn deprovision(&self, _: &Link, _: Option<&Entry>) -> Deprovision {
+        Deprovision::Delete
+    }
+}
+
+/// The target ids an object's attribute holds in the target mirror.
+fn target_refs(w: &World, anchor: &str, attr: &str) -> Vec<String> {
+    let id = &w.links.get(&anchor.into()).unwrap().target_id;
+    let mut out: Vec<String> = w
+        .target
+        .get(id)
+        .unwrap()
+        .attributes
+        .get(attr)
+        .map(|vs| {
+            vs.iter()
+                .filter_map(testkit::target_ref)
+                .map(|t| t.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_deleted_target_object_leaves_its_referrers_in_the_same_plan() {
+    // Delta (only the leaving object named) and full (its referrers found unchanged by the
+    // projection's fast path against the old link) plans alike.
+    for full in [false, true] {
+        let rules = DeleteUsers(UserGroupProjection::default());
+        let mut w = World::new(vec![
+            user("u1", "Ann", "Eng"),
+            user("u2", "Bob", "Eng").with("manager", Value::dn_ref(dn("cn=Ann,ou=People,dc=x"))),
+            group("g1", "Staff", &["Ann", "Bob"]),
+        ]);
+        let p = w.plan_with(&rules, PlanScope::All);
+        w.apply(&p);
+        let ann = w.links.get(&"u1".into()).unwrap().target_id.to_string();
+        let bob = w.links.get(&"u2".into()).unwrap().target_id.to_string();
+        assert_eq!(target_refs(&w, "u2", "manager"), [ann.clone()]);
+        // Ann leaves scope: her target object is deleted.
+        w.mirror.insert(user("u1", "Ann", "Former"));
+        let scope = if full {
+            PlanScope::All
+        } else {
+            PlanScope::Anchors(vec!["u1".into()])
+        };
+        let mut input = PlanInput::new(&rules, &w.mirror, &w.links, &w.target);
+        input.scope = scope;
+        input.guard = DeletionGuard::off();
+        let plan = delta::plan(&input);
+        assert_eq!(
+            kinds(&plan),
+            [("references", "g1"), ("references", "u2"), ("delete", "u1")],
+            "full: {full}\n{plan}"
+        );
+        assert!(plan.issues.is_empty(), "{plan}");
+        assert_eq!(plan.stats.out_of_scope_references, 2, "full: {full}");
+        w.apply(&plan);
+        assert_eq!(target_refs(&w, "g1", "member"), [bob.clone()]);
+        assert!(target_refs(&w, "u2", "manager").is_empty());
+        let again = w.plan_with(&rules, PlanScope::All);
+        assert!(again.is_empty() && again.issues.is_empty(), "{again}");
+        assert_eq!(again.stats.out_of_scope_references, 2);
+    }
+}
+
+#[test]
+fn a_recreated_target_object_gets_its_referrers_back() {
+    let rules = UserGroupProjection::default();
+    let mut w = World::new(vec![
+        user("u1", "Ann", "Eng"),
+        user("u2", "Bob", "Eng").with("manager", Value::anchor_ref("u1")),
+        group("g1", "Staff", &["Ann", "Bob"]),
+    ]);
+    let p = w.plan();
+    w.apply(&p);
+    // Ann's target object is gone (deleted by hand, found by a reconcile).
+    let old = w.links.get(&"u1".into()).unwrap().target_id.clone();
+    w.target.remove(&old);
+    let plan = w.plan_with(&rules, PlanScope::All);
+    assert_eq!(
+        kinds(&plan),
+        [("create", "u1"), ("references", "g1"), ("references", "u2")],
+        "{plan}"
+    );
+    w.apply(&plan);
+    let new = w.links.get(&"u1".into()).unwrap().target_id.to_string();
+    assert_ne!(new, old.to_string());
+    assert_eq!(target_refs(&w, "u2", "manager"), [new.clone()]);
+    assert!(target_refs(&w, "g1", "member").contains(&new));
+    assert!(!target_refs(&w, "g1", "member").contains(&old.to_string()));
+    assert!(w.plan().is_empty());
+}
+
+#[test]
+fn out_of_scope_references_are_counted_not_reported() {
+    let w = World::new(vec![
+        user("u1", "Ann", "Eng"),
+        user("u9", "Zed", "Former").with("manager", Value::anchor_ref("u1")),
+        user("u2", "Bob", "Eng").with("manager", Value::dn_ref(dn("cn=Zed,ou=People,dc=x"))),
+        group("g1", "Staff", &["Ann", "Zed", "Ghost"]),
+    ]);
+    let plan = w.plan();
+    // Zed is mirrored but out of scope: two references left out, counted. Ghost is not in the
+    // mirror at all: an issue.
+    assert_eq!(plan.stats.out_of_scope_references, 2, "{plan}");
+    let issues: Vec<String> = plan.issues.iter().map(|i| i.to_string()).collect();
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert!(issues[0].contains("Ghost"), "{issues:?}");
+    // Bob's only manager is out of scope: created without one.
+    let bob = plan
+        .operations
+        .iter()
+        .find(|o| o.anchor.as_str() == "u2" && o.kind.name() == "create")
+        .unwrap();
+    let OperationKind::Create { attributes, .. } = &bob.kind else {
+        panic!()
+    };
+    assert!(attributes.get("manager").is_none());
+}

@@ -551,6 +551,12 @@ pub struct PlanStats {
     pub in_scope: usize,
     /// In scope, linked and already as desired.
     pub unchanged: usize,
+    /// Reference values left out because the object they name is in the source mirror but has
+    /// no target object and none is planned (it is out of scope, or leaves the target in this
+    /// plan): ordinary, not an [`Issue`]. A reference to an object the mirror does not hold is
+    /// an [`Issue::UnresolvedReference`].
+    #[serde(default)]
+    pub out_of_scope_references: usize,
 }
 
 /// The plan: operations in order, issues, guard violations.

@@ -27,9 +27,11 @@ pub enum PlanScope {
     /// Every object of the source mirror and every linked anchor (full sync).
     All,
     /// These anchors (a delta's dirty set), plus the objects in the mirror that reference the
-    /// ones this plan creates or joins (their references to them are pending). Referrers of other
-    /// changes — a rename, a delete, a link that goes away — are the caller's to include: the
-    /// state store marks them dirty when it applies the change.
+    /// ones whose link this plan makes or ends — creates and joins (their references to them
+    /// are pending), deletes and unlinks (their references to them are removed in this plan,
+    /// before the delete). Referrers of source changes — a delete at the source, a reference
+    /// that resolves — are the caller's to include: the state store marks them dirty when it
+    /// applies the change.
     Anchors(Vec<Anchor>),
 }
 
@@ -161,30 +163,43 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                     link.is_some(),
                 )
             };
-            let set: BTreeSet<&Anchor> = anchors.iter().collect();
+            let mut set: BTreeSet<&Anchor> = anchors.iter().collect();
             let list: Vec<&Anchor> = set.iter().copied().collect();
             let mut tally = par_tally(&list, decide_anchor);
-            // The objects that reference an object this plan creates or joins must be planned
-            // with it (their references become pending ones). Objects whose link stays as it is
-            // keep their target id, so their referrers need nothing.
-            let mut extra: BTreeSet<&Anchor> = BTreeSet::new();
-            for p in &tally.pending {
-                if matches!(p.action, Action::Create | Action::Join { .. }) {
-                    for (referrer, _) in input.mirror.referrers(&p.anchor) {
+            // The objects that reference an object whose link this plan makes or ends must be
+            // planned with it: their references to it become pending ones, or go. Those
+            // objects may in turn end links: until nothing new is found.
+            let mut relinked = tally.relinked();
+            loop {
+                let mut extra: BTreeSet<&Anchor> = BTreeSet::new();
+                for a in &relinked {
+                    for (referrer, _) in input.mirror.referrers(a) {
                         if !set.contains(referrer) {
                             extra.insert(referrer);
                         }
                     }
                 }
-            }
-            if !extra.is_empty() {
+                if extra.is_empty() {
+                    break;
+                }
+                set.extend(extra.iter().copied());
                 let extra: Vec<&Anchor> = extra.into_iter().collect();
-                let more = par_tally(&extra, decide_anchor);
+                // Compared in full: against the links as they were, they would hold.
+                let more = par_tally(&extra, |a: &&Anchor| {
+                    let link = input.links.get(a);
+                    let entry = input.mirror.get(a);
+                    (
+                        decide_with(input, &ctx, a, entry, link, false),
+                        link.is_some(),
+                    )
+                });
+                relinked = more.relinked();
                 tally.absorb(more);
             }
             tally
         }
     };
+    redecide_referrers(input, &ctx, &mut tally);
 
     let mut stats = tally.stats;
     let mut ops: Vec<Operation> = std::mem::take(&mut tally.ops);
@@ -229,13 +244,20 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             _ => None,
         })
         .collect();
+    // The objects whose target object this plan deletes or unlinks: references to them go.
+    let gone: HashSet<Anchor> = ops
+        .iter()
+        .filter(|o| ends_link(&o.kind))
+        .map(|o| o.anchor.clone())
+        .collect();
     let resolved = Resolved {
         creating: &creating,
         joining: &joining,
+        gone: &gone,
     };
     let order = create_order(input, &pending, &resolved);
     for p in &pending {
-        let (o, mut i) = finish(input, p, &resolved, &order);
+        let (o, mut i) = finish(input, p, &resolved, &order, &mut stats);
         if o.is_empty() && matches!(p.action, Action::Update { .. }) {
             stats.unchanged += 1;
         }
@@ -306,10 +328,27 @@ impl Tally {
         self
     }
 
+    /// The anchors whose link the decisions make or end: creates (new, or of a linked object
+    /// whose target object is gone), joins, deletes and unlinks.
+    fn relinked(&self) -> Vec<Anchor> {
+        let pending = self
+            .pending
+            .iter()
+            .filter(|p| matches!(p.action, Action::Create | Action::Join { .. }))
+            .map(|p| p.anchor.clone());
+        let ops = self
+            .ops
+            .iter()
+            .filter(|o| ends_link(&o.kind))
+            .map(|o| o.anchor.clone());
+        pending.chain(ops).collect()
+    }
+
     fn absorb(&mut self, mut other: Tally) {
         self.stats.considered += other.stats.considered;
         self.stats.in_scope += other.stats.in_scope;
         self.stats.unchanged += other.stats.unchanged;
+        self.stats.out_of_scope_references += other.stats.out_of_scope_references;
         self.linked += other.linked;
         self.ops.append(&mut other.ops);
         self.issues.append(&mut other.issues);
@@ -348,12 +387,86 @@ fn seq_tally<T>(items: &[T], f: impl Fn(&T) -> (Decision, bool)) -> Tally {
     t
 }
 
+/// Whether an operation ends its object's link (its references must go).
+fn ends_link(kind: &OperationKind) -> bool {
+    matches!(
+        kind,
+        OperationKind::Delete { .. } | OperationKind::Unlink { .. }
+    )
+}
+
+/// The objects referencing an object whose link this plan changes (a delete, an unlink, a
+/// create of a linked object whose target object is gone) may have been found unchanged
+/// against the link as it was: they are decided again without the shortcuts, and planned when
+/// their references change.
+fn redecide_referrers(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, tally: &mut Tally) {
+    let moved: Vec<&Anchor> = tally
+        .ops
+        .iter()
+        .filter(|o| ends_link(&o.kind))
+        .map(|o| &o.anchor)
+        .chain(
+            tally
+                .pending
+                .iter()
+                .filter(|p| {
+                    matches!(p.action, Action::Create) && input.links.get(&p.anchor).is_some()
+                })
+                .map(|p| &p.anchor),
+        )
+        .collect();
+    if moved.is_empty() {
+        return;
+    }
+    let decided: HashSet<&Anchor> = tally
+        .pending
+        .iter()
+        .map(|p| &p.anchor)
+        .chain(tally.ops.iter().map(|o| &o.anchor))
+        .chain(tally.issues.iter().filter_map(Issue::anchor))
+        .collect();
+    let again: BTreeSet<&Anchor> = moved
+        .iter()
+        .flat_map(|a| input.mirror.referrers(a))
+        .map(|(r, _)| r)
+        .filter(|r| !decided.contains(r))
+        .collect();
+    let mut found = Vec::new();
+    for a in again {
+        let Some(entry) = input.mirror.get(a) else {
+            continue;
+        };
+        let link = input.links.get(a);
+        // Only the shortcuts' "unchanged" can differ: take in-scope objects.
+        if let Decision::Object(p) = decide_with(input, ctx, a, Some(entry), link, false) {
+            found.push(*p);
+        }
+    }
+    for p in found {
+        tally.stats.unchanged = tally.stats.unchanged.saturating_sub(1);
+        tally.pending.push(p);
+    }
+}
+
 fn decide(
     input: &PlanInput<'_>,
     ctx: &ProjectionContext<'_>,
     anchor: &Anchor,
     entry: Option<&Entry>,
     link: Option<&Link>,
+) -> Decision {
+    decide_with(input, ctx, anchor, entry, link, true)
+}
+
+/// [`decide`]; `shortcuts`: ask the projection's fast path first (in full plans), and decide
+/// "unchanged" by comparing through the links without building the operations.
+fn decide_with(
+    input: &PlanInput<'_>,
+    ctx: &ProjectionContext<'_>,
+    anchor: &Anchor,
+    entry: Option<&Entry>,
+    link: Option<&Link>,
+    shortcuts: bool,
 ) -> Decision {
     let Some(entry) = entry else {
         return match link {
@@ -364,9 +477,8 @@ fn decide(
     // The projection's own fast path: linked, in scope, nothing to change. Asked in full plans
     // only, where most objects are unchanged; a delta plan's objects are dirty, and asking
     // first would mostly evaluate their flows twice.
-    let full = matches!(input.scope, PlanScope::All);
     if let Some(current) = link
-        .filter(|_| full)
+        .filter(|_| shortcuts && matches!(input.scope, PlanScope::All))
         .and_then(|l| input.target.get(&l.target_id))
     {
         if link.is_some_and(|l| l.target_type == current.object_type)
@@ -419,15 +531,17 @@ fn decide(
                         // The common case: nothing changed. Decide it without allocating.
                         let mut hint = 0;
                         let refs = Some(Refs::of(input));
-                        if desired.flows.iter().all(|f| {
-                            f.apply == Apply::OnCreate
-                                || flow_holds(
-                                    f,
-                                    &f.values,
-                                    current.attributes.get_hinted(&f.attribute, &mut hint),
-                                    refs,
-                                )
-                        }) {
+                        if shortcuts
+                            && desired.flows.iter().all(|f| {
+                                f.apply == Apply::OnCreate
+                                    || flow_holds(
+                                        f,
+                                        &f.values,
+                                        current.attributes.get_hinted(&f.attribute, &mut hint),
+                                        refs,
+                                    )
+                            })
+                        {
                             return Decision::Nothing { in_scope: true };
                         }
                         object(
@@ -850,6 +964,8 @@ struct Resolved<'a> {
     creating: &'a HashSet<&'a Anchor>,
     /// The anchors the plan joins, with the target object each joins.
     joining: &'a HashMap<&'a Anchor, &'a TargetId>,
+    /// The anchors whose target object the plan deletes or unlinks.
+    gone: &'a HashSet<Anchor>,
 }
 
 /// Where a source reference points for this plan.
@@ -858,7 +974,10 @@ enum Points<'a> {
     Created(&'a Anchor),
     /// At an existing target object (linked, joined by this plan, or named by id).
     Existing(TargetId),
-    /// Nowhere the plan knows: no target object and none planned.
+    /// At an object in the source mirror without a target object, and none planned (out of
+    /// scope, or leaving the target in this plan).
+    Elsewhere,
+    /// At no object the source mirror holds.
     Unknown,
 }
 
@@ -874,11 +993,13 @@ fn point<'a>(input: &PlanInput<'_>, r: &Reference, resolved: &Resolved<'a>) -> P
     if let Some(created) = resolved.creating.get(a) {
         return Points::Created(created);
     }
-    if let Some(l) = input.links.get(a) {
+    let gone = resolved.gone.contains(a);
+    if let Some(l) = input.links.get(a).filter(|_| !gone) {
         return Points::Existing(l.target_id.clone());
     }
     match resolved.joining.get(a) {
         Some(id) => Points::Existing((*id).clone()),
+        None if gone || input.mirror.get(a).is_some() => Points::Elsewhere,
         None => Points::Unknown,
     }
 }
@@ -921,6 +1042,7 @@ fn finish(
     p: &Pending,
     resolved: &Resolved<'_>,
     order: &CreateOrder,
+    stats: &mut PlanStats,
 ) -> (Vec<Operation>, Vec<Issue>) {
     let mut issues = Vec::new();
     let is_create = matches!(p.action, Action::Create);
@@ -965,6 +1087,7 @@ fn finish(
                 .allows(&p.desired.target_type, &flow.attribute);
         let mut inline = Values::new();
         let mut later = Values::new();
+        let unresolved_before = issues.len();
         for v in &flow.values {
             let Value::Reference(r) = v else {
                 if inline_allowed || !is_create {
@@ -992,12 +1115,18 @@ fn finish(
                         later.push(v);
                     }
                 }
+                // Out of scope, or leaving the target in this plan: not part of the target.
+                Points::Elsewhere => stats.out_of_scope_references += 1,
                 Points::Unknown => issues.push(Issue::UnresolvedReference {
                     anchor: p.anchor.clone(),
                     attribute: flow.attribute.clone(),
                     reference: r.to_string(),
                 }),
             }
+        }
+        if inline.is_empty() && later.is_empty() && issues.len() > unresolved_before {
+            // Nothing resolved, and what did not is reported: the target stays as it is.
+            continue;
         }
         if is_create {
             if !inline.is_empty() {

@@ -39,12 +39,16 @@ impl<'a> SnapshotDiff<'a> {
     }
 
     /// Compares one imported entry. An anchor imported twice counts once (the last wins).
+    /// Its DN references are compared as the mirror keeps them: resolved to anchors through the
+    /// mirror (a reference by a DN the mirror does not know yet — a referenced object renamed
+    /// in the same snapshot — shows as a change, which applies to the same end).
     pub fn push(&mut self, entry: Entry) {
         self.seen.insert(entry.anchor.clone());
         let Some(old) = self.mirror.get(&entry.anchor) else {
             self.changes.push(Change::Add(entry));
             return;
         };
+        let entry = self.mirror.resolved(entry);
         if old.object_type != entry.object_type {
             self.changes.push(Change::Replace(entry));
             return;

@@ -233,7 +233,8 @@ pub struct FlowConfig {
     #[serde(default)]
     pub reference: bool,
     /// What Null means: `keep` the target value (default for single values) or `clear` it
-    /// (default for multi-valued flows).
+    /// (default for multi-valued flows and for references: a reference whose object was
+    /// deleted, or left the target, must not stay behind).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when_null: Option<WhenEmpty>,
 }
@@ -814,7 +815,7 @@ impl RuleSet {
                                 apply: fc.apply,
                                 ignore_case: fc.ignore_case,
                                 multi,
-                                when_empty: fc.when_null.unwrap_or(if multi {
+                                when_empty: fc.when_null.unwrap_or(if multi || fc.reference {
                                     WhenEmpty::Clear
                                 } else {
                                     WhenEmpty::Keep
