@@ -627,3 +627,89 @@ target_type = "User"
         "{family}"
     );
 }
+
+/// The mirror keeps references by anchor; expressions, scoping clauses and `ISMEMBEROF` see the
+/// current DN of the object referenced — after a rename, the new one.
+#[test]
+fn rules_read_references_as_the_current_dn() {
+    use dirsync::model::{Change, Dn, Reference};
+    let rules = RuleSet::from_toml(
+        r#"
+[[rule]]
+name = "users"
+source_type = "user"
+target_type = "User"
+[rule.scope]
+family = "connect-sync"
+groups = [[
+  { attribute = "manager", operator = "STARTSWITH", value = "CN=Chief," },
+  { attribute = "cn", operator = "ISMEMBEROF", value = "CN=Team,OU=Groups,DC=x" },
+]]
+[[rule.flow]]
+target = "managerName"
+expression = 'Item(Split([manager], ","), 1)'
+[[rule.flow]]
+target = "manager"
+expression = 'Coalesce([manager], [secretary])'
+reference = true
+[[rule.flow]]
+target = "directManager"
+expression = '[manager]'
+reference = true
+"#,
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let dn = |s: &str| Dn::parse(s).unwrap();
+    let mut m = SourceMirror::new();
+    m.insert(
+        Entry::new("u", "user")
+            .with_dn(dn("CN=Ann,OU=People,DC=x"))
+            .with("cn", "Ann")
+            .with("manager", Value::dn_ref(dn("CN=Boss,OU=People,DC=x"))),
+    );
+    m.insert(Entry::new("b", "user").with_dn(dn("CN=Boss,OU=People,DC=x")));
+    m.insert(
+        Entry::new("g", "group")
+            .with_dn(dn("CN=Staff,OU=Groups,DC=x"))
+            .with("member", Value::dn_ref(dn("CN=Ann,OU=People,DC=x"))),
+    );
+    m.settle();
+    let t = TargetMirror::new();
+    let u = m.get(&"u".into()).unwrap().clone();
+    assert_eq!(u.attributes.first("manager"), Some(&Value::anchor_ref("b")));
+    // Before the renames: out of scope (the manager's DN and the group's are the old ones).
+    let ctx = ProjectionContext::new(chrono::DateTime::UNIX_EPOCH, 7, &m, &t);
+    assert!(matches!(rules.project(&u, &ctx), Projected::OutOfScope(_)));
+    for (anchor, new_dn) in [
+        ("b", "CN=Chief,OU=Managers,DC=x"),
+        ("g", "CN=Team,OU=Groups,DC=x"),
+    ] {
+        m.apply(&Change::Move {
+            anchor: anchor.into(),
+            object_type: "user".into(),
+            new_dn: dn(new_dn),
+        });
+    }
+    let ctx = ProjectionContext::new(chrono::DateTime::UNIX_EPOCH, 7, &m, &t);
+    let p = rules.project(&u, &ctx);
+    assert!(matches!(p, Projected::InScope(_)), "{p:?}");
+    assert_eq!(
+        flow(&p, "managerName").unwrap()[0],
+        Value::string("CN=Chief")
+    );
+    // A computed reference is the current DN, which the planner resolves to the manager.
+    let computed = flow(&p, "manager").unwrap()[0].clone();
+    let Value::Reference(r) = &computed else {
+        panic!("{computed:?}")
+    };
+    assert!(matches!(r, Reference::Dn(d) if d == &dn("cn=chief,ou=managers,dc=x")));
+    assert_eq!(m.resolve(r), Some("b".into()));
+    // A direct mapping keeps the anchor.
+    assert_eq!(
+        flow(&p, "directManager").unwrap()[0],
+        Value::anchor_ref("b")
+    );
+    let shown = rules.explain(&u, &ctx).to_string();
+    assert!(shown.contains("CN=Chief"), "{shown}");
+}

@@ -7,7 +7,8 @@
 //! `Coalesce` and `SelectUniqueValue` are lazy (spec §4.8). Pure: no clock, no I/O; randomness
 //! only from the context's seeded source.
 
-use crate::model::{Attributes, Dn, Reference, Value, Values};
+use crate::delta::SourceMirror;
+use crate::model::{Anchor, Attributes, Dn, Reference, Value, Values};
 use crate::rules::context::EvalContext;
 use crate::rules::diagnostic::{Code, Diagnostic, Diagnostics, Span};
 use crate::rules::expr::{self, CompiledExpr, Literal, LiteralCheck, Node};
@@ -325,6 +326,37 @@ pub trait AttributeSource {
     fn dn(&self) -> Option<&crate::model::Dn> {
         None
     }
+
+    /// The current DN of the object a reference by anchor names: what an expression or a
+    /// scoping clause sees of such a reference (the source mirror keeps references by anchor).
+    /// `None` (the default): the anchor's text.
+    fn reference_dn(&self, anchor: &Anchor) -> Option<&Dn> {
+        let _ = anchor;
+        None
+    }
+}
+
+/// The text a reference value shows expressions and scoping clauses: the current DN of the
+/// object it names (through `attrs`), else its DN or id.
+pub(crate) fn reference_text<A: AttributeSource + ?Sized>(attrs: &A, r: &Reference) -> String {
+    match r {
+        Reference::Anchor(a) => match attrs.reference_dn(a) {
+            Some(dn) => dn.as_str().to_owned(),
+            None => a.as_str().to_owned(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// [`from_model`], references read as `attrs` shows them ([`reference_text`]).
+#[inline]
+fn from_model_in<A: AttributeSource + ?Sized>(attrs: &A, v: &Value) -> EvalValue {
+    match v {
+        Value::Reference(r @ Reference::Anchor(_)) => {
+            EvalValue::Reference(reference_text(attrs, r).into())
+        }
+        other => from_model(other),
+    }
 }
 
 impl AttributeSource for Attributes {
@@ -339,6 +371,8 @@ pub struct Slotted<'a> {
     slots: smallvec::SmallVec<[Option<&'a Values>; 32]>,
     attrs: &'a Attributes,
     dn: Option<&'a crate::model::Dn>,
+    /// Where references by anchor find the current DN of their object.
+    mirror: Option<&'a SourceMirror>,
 }
 
 impl<'a> Slotted<'a> {
@@ -350,6 +384,7 @@ impl<'a> Slotted<'a> {
             slots: smallvec::SmallVec::new(),
             attrs,
             dn: None,
+            mirror: None,
         };
         view.fill(table);
         view
@@ -359,6 +394,13 @@ impl<'a> Slotted<'a> {
     #[inline]
     pub fn with_dn(mut self, dn: Option<&'a crate::model::Dn>) -> Slotted<'a> {
         self.dn = dn;
+        self
+    }
+
+    /// References by anchor read as the current DN of their object in `mirror` (builder style).
+    #[inline]
+    pub fn with_mirror(mut self, mirror: &'a SourceMirror) -> Slotted<'a> {
+        self.mirror = Some(mirror);
         self
     }
 
@@ -412,6 +454,10 @@ impl AttributeSource for Slotted<'_> {
     fn dn(&self) -> Option<&crate::model::Dn> {
         self.dn
     }
+
+    fn reference_dn(&self, anchor: &Anchor) -> Option<&Dn> {
+        self.mirror?.dn_of(anchor)
+    }
 }
 
 /// The values of an attribute as one expression value: Null, a single value or a Multi.
@@ -424,6 +470,17 @@ fn values_value(values: Option<&Values>) -> EvalValue {
         None | Some([]) => EvalValue::Null,
         Some([one]) => from_model(one),
         Some(many) => EvalValue::multi(many.iter().map(from_model).collect()),
+    }
+}
+
+/// [`values_value`] of `attrs`' attribute `name` (bound as `slot`), references read as `attrs`
+/// shows them.
+#[inline]
+fn attr_value<A: AttributeSource + ?Sized>(attrs: &A, name: &str, slot: usize) -> EvalValue {
+    match attrs.values(name, slot).map(|v| &v[..]) {
+        None | Some([]) => EvalValue::Null,
+        Some([one]) => from_model_in(attrs, one),
+        Some(many) => EvalValue::multi(many.iter().map(|v| from_model_in(attrs, v)).collect()),
     }
 }
 
@@ -696,7 +753,7 @@ fn eval_arg<A: AttributeSource + ?Sized>(
     w: &mut Vec<String>,
 ) -> EvalRes<EvalValue> {
     match op {
-        Op::Attr { name, slot } => Ok(values_value(attrs.values(name, *slot))),
+        Op::Attr { name, slot } => Ok(attr_value(attrs, name, *slot)),
         Op::Lit(v) => Ok(v.clone()),
         _ => eval(op, attrs, ctx, w),
     }
@@ -845,7 +902,7 @@ fn call<A: AttributeSource + ?Sized>(
     // here and the literals lent, without the general argument loop.
     if let [Some(Op::Attr { name, slot }), rest @ ..] = args {
         if rest.len() < FIXED_ARGS && rest.iter().all(|a| matches!(a, None | Some(Op::Lit(_)))) {
-            let first = values_value(attrs.values(name, *slot));
+            let first = attr_value(attrs, name, *slot);
             let mut refs: [Option<&EvalValue>; FIXED_ARGS] = [Some(&first), None, None, None];
             for (r, a) in refs[1..].iter_mut().zip(rest) {
                 if let Some(Op::Lit(lit)) = a {

@@ -1058,8 +1058,11 @@ impl RuleSet {
                 flows: Vec::new(),
             };
         };
+        let view = Slotted::new(&rule.attribute_names, &entry.attributes)
+            .with_dn(entry.dn.as_ref())
+            .with_mirror(ctx.mirror());
         let scope = rule.scope.as_ref().map(|f| {
-            f.explain_with_dn(&entry.attributes, entry.dn.as_ref(), &|| {
+            f.explain_in(&view, &|| {
                 ctx.member_of(&entry.anchor).into_iter().cloned().collect()
             })
         });
@@ -1077,8 +1080,6 @@ impl RuleSet {
         };
         let in_scope = in_containers && scope.as_ref().is_none_or(|s| s.in_scope);
         let mut rng = rule.rng(entry, ctx);
-        let view =
-            Slotted::new(&rule.attribute_names, &entry.attributes).with_dn(entry.dn.as_ref());
         let mut flows = Vec::new();
         let mut values: Vec<Option<Values>> = Vec::new();
         for flow in &rule.flows {
@@ -1169,8 +1170,9 @@ impl Projection for RuleSet {
                 container,
             };
         }
-        let view =
-            Slotted::new(&rule.attribute_names, &entry.attributes).with_dn(entry.dn.as_ref());
+        let view = Slotted::new(&rule.attribute_names, &entry.attributes)
+            .with_dn(entry.dn.as_ref())
+            .with_mirror(ctx.mirror());
         if !self.in_scope(rule, entry, &view, ctx) {
             return Projected::OutOfScope(format!("rule {}: scoping filter", rule.name));
         }
@@ -1257,8 +1259,9 @@ impl Projection for RuleSet {
         if self.outside_containers(rule, entry, ctx).is_some() {
             return Some(false);
         }
-        let view =
-            Slotted::new(&rule.attribute_names, &entry.attributes).with_dn(entry.dn.as_ref());
+        let view = Slotted::new(&rule.attribute_names, &entry.attributes)
+            .with_dn(entry.dn.as_ref())
+            .with_mirror(ctx.mirror());
         if !self.in_scope(rule, entry, &view, ctx) {
             return Some(false);
         }

@@ -1407,7 +1407,7 @@ impl<'v> Item<'v> {
     /// The item for `value`, or `None` when its text is empty (such values are dropped, §7.2).
     /// Strings, integers and Booleans cost no allocation.
     #[inline]
-    fn new(value: &'v Value) -> Option<Item<'v>> {
+    fn new(value: &'v Value, entry: &dyn AttributeSource) -> Option<Item<'v>> {
         let text = match value {
             Value::String(s) => {
                 let s = s.as_str();
@@ -1420,7 +1420,10 @@ impl<'v> Item<'v> {
             Value::Boolean(true) => ItemText::Borrowed("True"),
             Value::Boolean(false) => ItemText::Borrowed("False"),
             _ => {
-                let owned = owned_text(value);
+                let owned = match value {
+                    Value::Reference(r) => crate::rules::eval::reference_text(entry, r),
+                    other => owned_text(other),
+                };
                 if owned.is_empty() {
                     return None;
                 }
@@ -1517,7 +1520,7 @@ fn items<'v>(
 ) -> smallvec::SmallVec<[Item<'v>; 2]> {
     entry
         .values(name, slot)
-        .map(|values| values.iter().filter_map(Item::new).collect())
+        .map(|values| values.iter().filter_map(|v| Item::new(v, entry)).collect())
         .unwrap_or_default()
 }
 
@@ -1791,7 +1794,7 @@ impl Clause {
     fn has_value(&self, entry: &dyn AttributeSource) -> bool {
         entry
             .values(&self.attribute, self.slot)
-            .is_some_and(|values| values.iter().any(|v| Item::new(v).is_some()))
+            .is_some_and(|values| values.iter().any(|v| Item::new(v, entry).is_some()))
     }
 
     /// Tests the values of the clause's attribute one at a time, skipping those with empty text,
@@ -1804,7 +1807,7 @@ impl Clause {
         };
         let mut seen = false;
         for value in values.iter() {
-            if let Some(item) = Item::new(value) {
+            if let Some(item) = Item::new(value, entry) {
                 let holds = match test {
                     ValueTest::Provisioning(op) => self.provisioning_holds(op, &item),
                     ValueTest::ConnectSync(op) => self.connect_sync_holds(op, &item),
@@ -3578,7 +3581,7 @@ mod tests {
         #[test]
         fn integer_text_on_the_stack(n in prop_oneof![any::<i64>(), Just(i64::MIN), Just(i64::MAX), Just(0i64)]) {
             let value = Value::Integer(n);
-            let item = Item::new(&value).unwrap();
+            let item = Item::new(&value, &Attributes::new()).unwrap();
             prop_assert_eq!(item.text().to_string(), n.to_string());
         }
 

@@ -755,6 +755,7 @@ impl StateStore for MemoryStore {
                 moved.push(a);
             }
         }
+        self.mirror.settle();
         if !moved.is_empty() {
             self.bump();
         }

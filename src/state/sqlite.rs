@@ -1957,6 +1957,7 @@ impl StateStore for SqliteStore {
         self.write("moving subtrees", |tx| {
             let mut now: std::collections::HashMap<Anchor, Dn> = std::collections::HashMap::new();
             let mut moved: BTreeSet<Anchor> = BTreeSet::new();
+            let mut unsettled = BTreeSet::new();
             for (anchor, to) in moves {
                 let from = match now.get(anchor) {
                     Some(d) => Some(d.clone()),
@@ -1975,11 +1976,12 @@ impl StateStore for SqliteStore {
                         continue;
                     };
                     e.dn = Some(dn);
-                    if write_entry(tx, &a, Some(&e), None)? {
+                    if write_entry(tx, &a, Some(&e), None, &mut unsettled)? {
                         moved.insert(a);
                     }
                 }
             }
+            settle(tx, unsettled)?;
             if !moved.is_empty() {
                 bump(tx)?;
             }
