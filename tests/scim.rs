@@ -620,6 +620,181 @@ async fn real_server_initial_load_of_the_example_directory_writes_each_object_on
     assert_eq!((again.total_done(), srv.writes()), (0, writes), "{again}");
 }
 
+/// Users deleted when they leave scope, a manager reference and group members.
+const REF_RULES: &str = r#"
+[[rule]]
+name = "users"
+source_type = "user"
+target_type = "User"
+join = [["externalId"]]
+deprovision = { action = "delete" }
+
+[rule.scope]
+family = "connect-sync"
+groups = [[{ attribute = "department", operator = "NOTEQUAL", value = "Contractors" }]]
+
+[[rule.flow]]
+target = "externalId"
+expression = '[id]'
+
+[[rule.flow]]
+target = "userName"
+expression = 'ToLower([upn])'
+ignore_case = true
+
+[[rule.flow]]
+target = "name.givenName"
+expression = '[givenName]'
+
+[[rule.flow]]
+target = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager"
+expression = '[manager]'
+reference = true
+multi = false
+
+[[rule]]
+name = "groups"
+source_type = "group"
+target_type = "Group"
+join = [["externalId"]]
+
+[[rule.flow]]
+target = "externalId"
+expression = '[id]'
+
+[[rule.flow]]
+target = "displayName"
+expression = '[cn]'
+
+[[rule.flow]]
+target = "members"
+expression = '[member]'
+reference = true
+"#;
+
+/// Failure 5 of issue 14: a referenced object's target object goes — deleted by the plan (its
+/// source object left scope), or behind dirsync's back — and its referrers lose the reference
+/// in the same run, before the delete. scim2-server keeps a deleted user in its groups
+/// (no referential integrity), so only dirsync's own write removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_server_referrers_lose_a_deleted_object_in_the_same_run() {
+    let Some(srv) = server() else { return };
+    let base = srv.base.clone();
+    const ENT: &str = "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+    let source = MemorySource::new("hr");
+    let staff = |i: usize| user(i).with("department", "Eng");
+    source.add(staff(0)).unwrap();
+    source
+        .add(staff(1).with("manager", Value::anchor_ref("u0")))
+        .unwrap();
+    source.add(staff(2)).unwrap();
+    let group = |members: &[usize]| {
+        Entry::new("g1", "group")
+            .with("id", "g1")
+            .with("cn", "Team")
+            .with_values(
+                "member",
+                members
+                    .iter()
+                    .map(|i| Value::anchor_ref(format!("u{i}")))
+                    .collect::<Values>(),
+            )
+    };
+    source.add(group(&[0, 1, 2])).unwrap();
+    let rules = RuleSet::from_toml(REF_RULES, None).unwrap();
+    let mut s = Synchronizer::new(
+        Box::new(source.clone()),
+        Box::new(target(&base)),
+        Box::new(MemoryStore::new()),
+        Arc::new(rules),
+        EngineConfig::default(),
+    );
+    let r = s.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty() && r.issues.is_empty(), "{r}");
+    let ids = |all: &[Json]| -> std::collections::HashMap<String, String> {
+        all.iter()
+            .map(|u| {
+                (
+                    u["externalId"].as_str().unwrap().to_owned(),
+                    u["id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let id = ids(&users(&base).await);
+    let group_members = || async {
+        let (_, gs) = raw("GET", &format!("{base}/Groups"), None).await;
+        let mut m: Vec<String> = gs["Resources"][0]["members"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m["value"].as_str().unwrap().to_owned())
+            .collect();
+        m.sort();
+        m
+    };
+    let manager_of = |uid: String| {
+        let base = base.clone();
+        async move {
+            let (_, u) = raw("GET", &format!("{base}/Users/{uid}"), None).await;
+            u[ENT]["manager"]["value"].as_str().map(str::to_owned)
+        }
+    };
+    let mut want = vec![id["u0"].clone(), id["u1"].clone(), id["u2"].clone()];
+    want.sort();
+    assert_eq!(group_members().await, want);
+    assert_eq!(manager_of(id["u1"].clone()).await, Some(id["u0"].clone()));
+
+    // u0 leaves scope: one run deletes its target object and removes it from the group and
+    // from u1's manager — the reference updates go before the delete.
+    source
+        .upsert(user(0).with("department", "Contractors"))
+        .unwrap();
+    // One of three users deleted: over the guard's default share.
+    s.allow_deletions_once();
+    let r = s.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty() && r.issues.is_empty(), "{r}");
+    assert_eq!(r.count("delete"), 1, "{r}");
+    assert_eq!(r.count("references"), 2, "{r}");
+    let journal = s.with_store(|st| st.journal(None)).unwrap();
+    let kinds: Vec<&str> = journal
+        .iter()
+        .rev()
+        .take(3)
+        .map(|j| j.operation.kind.name())
+        .collect();
+    assert_eq!(kinds[0], "delete", "{kinds:?}");
+    let mut want = vec![id["u1"].clone(), id["u2"].clone()];
+    want.sort();
+    assert_eq!(group_members().await, want);
+    assert_eq!(manager_of(id["u1"].clone()).await, None);
+    let (status, _) = raw("GET", &format!("{base}/Users/{}", id["u0"]), None).await;
+    assert_eq!(status, 404);
+    // Nothing left to do, and the out-of-scope manager is no issue.
+    let r = s.run_cycle().await.unwrap();
+    assert!(r.issues.is_empty() && r.planned == 0, "{r}");
+
+    // u2's target object is deleted behind dirsync's back; an edit of u2 finds it gone: the
+    // next run creates it again and the group gets the new object instead of the old id.
+    let (status, _) = raw("DELETE", &format!("{base}/Users/{}", id["u2"]), None).await;
+    assert_eq!(status, 204);
+    source
+        .upsert(staff(2).with_values("givenName", Values::one("Edited")))
+        .unwrap();
+    let r = s.run_cycle().await.unwrap();
+    assert_eq!(r.failures.len(), 1, "{r}");
+    assert!(!r.failures[0].escrowed, "{r}");
+    let r = s.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!(r.count("create"), 1, "{r}");
+    let new_u2 = ids(&users(&base).await)["u2"].clone();
+    assert_ne!(new_u2, id["u2"]);
+    let mut want = vec![id["u1"].clone(), new_u2];
+    want.sort();
+    assert_eq!(group_members().await, want);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The in-process server: answers per RFC 7644 for Users, with scripted failures.
 

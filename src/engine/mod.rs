@@ -37,6 +37,7 @@
 //! ```
 
 mod containers;
+mod gone;
 mod import;
 mod lookup;
 mod order;
@@ -745,7 +746,7 @@ impl Synchronizer {
                 .guard
                 .check_with(&plan, |ty| counts.get(ty).copied().unwrap_or(0));
         }
-        debug!(operations = plan.operations.len(), issues = plan.issues.len(), elapsed = ?t0.elapsed(), "planned");
+        debug!(operations = plan.operations.len(), issues = plan.issues.len(), out_of_scope_references = plan.stats.out_of_scope_references, elapsed = ?t0.elapsed(), "planned");
         self.progress(
             Stage::Plan,
             plan.stats.considered as u64,
@@ -1204,6 +1205,17 @@ impl Synchronizer {
                         done_count += 1;
                     }
                     Err(OpFailure::State(e)) => return Err(e.into()),
+                    Err(OpFailure::Gone { error }) => {
+                        // Planned again at once (the store marked it dirty), not escrowed.
+                        failed_anchors.insert(op.anchor.clone());
+                        report.failures.push(Failure {
+                            anchor: op.anchor.to_string(),
+                            operation: op.kind.name().to_string(),
+                            target_type: op.target_type.to_string(),
+                            error,
+                            escrowed: false,
+                        });
+                    }
                     Err(OpFailure::Target { error, retries }) => {
                         report.retries += retries;
                         failures += 1;
@@ -1397,6 +1409,9 @@ impl Synchronizer {
                     self.with_store(|s| s.journal_failed(journal, &msg, error.is_retryable()))
                         .map_err(OpFailure::State)?;
                     debug!(error = %msg, "operation failed");
+                    if let Some(gone) = self.target_gone(op, top, &error)? {
+                        return Err(gone);
+                    }
                     Err(OpFailure::Target { error, retries })
                 }
             }
@@ -1501,5 +1516,12 @@ impl RunStart {
 
 enum OpFailure {
     State(StateError),
-    Target { error: ConnectorError, retries: u64 },
+    Target {
+        error: ConnectorError,
+        retries: u64,
+    },
+    /// The target object the operation changes is gone (see `gone.rs`): reported, not escrowed.
+    Gone {
+        error: String,
+    },
 }
