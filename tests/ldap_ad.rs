@@ -762,7 +762,7 @@ fn references_life_cycle(mode: DeltaMode) {
             (id_of("lc-mgr"), id_of("lc-mem")),
             (mgr.clone(), mem.clone())
         );
-        assert_eq!(refs("lc-rep2", "manager"), [mgr.clone()], "{mode:?}: {r}");
+        assert_eq!(refs("lc-rep2", "manager"), [mgr], "{mode:?}: {r}");
         assert_eq!(
             refs("lc-team", "members"),
             ids(&["lc-report", "lc-mgr", "lc-mem"]),

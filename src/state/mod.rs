@@ -381,6 +381,12 @@ pub trait StateStore: Send {
     /// call with [`StateError::UnknownAnchor`]; a delete of one is ignored. An add of an anchor
     /// that an earlier change of the batch gave another DN fails it with
     /// [`StateError::DuplicateAnchor`].
+    ///
+    /// References are kept by anchor (see [`SourceMirror`]): a DN reference naming a mirrored
+    /// object — before the batch, or by the end of it — is stored as an anchor reference (a
+    /// modify's values too, so a value removed by DN finds it); one naming no mirrored object
+    /// stays a DN until that object arrives. A delete removes the references to the object from
+    /// its referrers (marked dirty); a rename or move changes no reference.
     fn apply_changes(
         &mut self,
         connector: &str,
@@ -394,7 +400,10 @@ pub trait StateStore: Send {
     fn begin_full_import(&mut self, connector: &str) -> Result<u64, StateError>;
 
     /// Upserts a batch of entries of full import `generation` (one transaction), marking dirty
-    /// (as [`StateStore::apply_changes`] does) only the entries whose content changed.
+    /// (as [`StateStore::apply_changes`] does, references resolved the same way) only the
+    /// entries whose content changed: an entry delivered as last time is not looked at again,
+    /// and one delivered differently but the same once its references are resolved (a
+    /// referenced object's new DN) marks nothing.
     ///
     /// An entry whose anchor this import already delivered (in this batch or an earlier one) at
     /// another DN is a second object with the same anchor: the call fails with
@@ -510,7 +519,8 @@ pub trait StateStore: Send {
     /// Inserts or replaces target objects (as read from the target).
     fn put_target_objects(&mut self, objects: &[TargetObject]) -> Result<(), StateError>;
 
-    /// Removes target objects (gone from the target).
+    /// Removes target objects (gone from the target), marking dirty the object linked to each
+    /// and that object's referrers (the next plan re-creates it and repoints them).
     fn remove_target_objects(&mut self, ids: &[TargetId]) -> Result<(), StateError>;
 
     /// Every target object id, sorted.
