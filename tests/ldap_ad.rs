@@ -10,6 +10,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -667,45 +669,12 @@ fn references_life_cycle(mode: DeltaMode) {
                 ..EngineConfig::default()
             },
         );
-        // Target ids by userName / displayName, a user's manager, the team's members.
-        let id_of = |name: &str| {
-            target
-                .objects()
-                .into_iter()
-                .find(|o| {
-                    o.attributes.first_str("userName") == Some(name)
-                        || o.attributes.first_str("displayName") == Some(name)
-                })
-                .map(|o| o.id.to_string())
-                .unwrap_or_else(|| panic!("{name} is in the target"))
-        };
-        let refs = |name: &str, attr: &str| -> Vec<String> {
-            let id = id_of(name);
-            let o = target
-                .objects()
-                .into_iter()
-                .find(|o| o.id.as_str() == id)
-                .unwrap();
-            let mut v: Vec<String> = o
-                .attributes
-                .get(attr)
-                .map(|vs| {
-                    vs.iter()
-                        .map(|v| match v {
-                            Value::Reference(Reference::Target(t)) => t.to_string(),
-                            other => panic!("{attr} of {name}: {other:?}"),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            v.sort();
-            v
-        };
-        let ids = |names: &[&str]| {
-            let mut v: Vec<String> = names.iter().map(|n| id_of(n)).collect();
-            v.sort();
-            v
-        };
+        let named = common::Named(&target);
+        let (id_of, refs, ids) = (
+            |n: &str| named.id(n),
+            |n: &str, a: &str| named.refs(n, a),
+            |ns: &[&str]| named.ids(ns),
+        );
         macro_rules! cycle {
             () => {{
                 let r = sync.run_cycle().await.unwrap();

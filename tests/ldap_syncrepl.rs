@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,7 @@ use dirsync::connector::ldap::{
 use dirsync::connector::memory::MemoryTarget;
 use dirsync::connector::{ConnectorError, ErrorKind, ImportItem, Secret, Source, Watermark};
 use dirsync::engine::{EngineConfig, EngineError, Synchronizer};
-use dirsync::model::{Anchor, Change, Entry, Reference, Value};
+use dirsync::model::{Anchor, Change, Entry};
 use dirsync::rules::ruleset::{RuleBuilder, RuleSet};
 use dirsync::state::MemoryStore;
 use dirsync::testkit::slapd::{users_and_groups_ldif, Slapd, SlapdOptions};
@@ -540,44 +542,12 @@ reference = true
             ..EngineConfig::default()
         },
     );
-    let id_of = |name: &str| {
-        target
-            .objects()
-            .into_iter()
-            .find(|o| {
-                o.attributes.first_str("userName") == Some(name)
-                    || o.attributes.first_str("displayName") == Some(name)
-            })
-            .map(|o| o.id.to_string())
-            .unwrap_or_else(|| panic!("{name} is in the target"))
-    };
-    let refs = |name: &str, attr: &str| -> Vec<String> {
-        let id = id_of(name);
-        let o = target
-            .objects()
-            .into_iter()
-            .find(|o| o.id.as_str() == id)
-            .unwrap();
-        let mut v: Vec<String> = o
-            .attributes
-            .get(attr)
-            .map(|vs| {
-                vs.iter()
-                    .map(|v| match v {
-                        Value::Reference(Reference::Target(t)) => t.to_string(),
-                        other => panic!("{attr} of {name}: {other:?}"),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    };
-    let ids = |names: &[&str]| {
-        let mut v: Vec<String> = names.iter().map(|n| id_of(n)).collect();
-        v.sort();
-        v
-    };
+    let named = common::Named(&target);
+    let (id_of, refs, ids) = (
+        |n: &str| named.id(n),
+        |n: &str, a: &str| named.refs(n, a),
+        |ns: &[&str]| named.ids(ns),
+    );
     macro_rules! cycle {
         () => {{
             let r = sync.run_cycle().await.unwrap();

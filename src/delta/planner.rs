@@ -140,7 +140,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             let mut t = par_tally(&entries, |e| {
                 let link = input.links.get(&e.anchor);
                 (
-                    decide(input, &ctx, &e.anchor, Some(e), link),
+                    decide(input, &ctx, &e.anchor, Some(e), link, true),
                     link.is_some(),
                 )
             });
@@ -149,7 +149,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             if t.linked != input.links.len() {
                 for l in input.links.iter() {
                     if input.mirror.get(&l.anchor).is_none() {
-                        t.add((decide(input, &ctx, &l.anchor, None, Some(l)), true));
+                        t.add((decide(input, &ctx, &l.anchor, None, Some(l), true), true));
                     }
                 }
             }
@@ -159,7 +159,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             let decide_anchor = |a: &&Anchor| {
                 let link = input.links.get(a);
                 (
-                    decide(input, &ctx, a, input.mirror.get(a), link),
+                    decide(input, &ctx, a, input.mirror.get(a), link, true),
                     link.is_some(),
                 )
             };
@@ -188,10 +188,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 let more = par_tally(&extra, |a: &&Anchor| {
                     let link = input.links.get(a);
                     let entry = input.mirror.get(a);
-                    (
-                        decide_with(input, &ctx, a, entry, link, false),
-                        link.is_some(),
-                    )
+                    (decide(input, &ctx, a, entry, link, false), link.is_some())
                 });
                 relinked = more.relinked();
                 tally.absorb(more);
@@ -438,7 +435,7 @@ fn redecide_referrers(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, tally:
         };
         let link = input.links.get(a);
         // Only the shortcuts' "unchanged" can differ: take in-scope objects.
-        if let Decision::Object(p) = decide_with(input, ctx, a, Some(entry), link, false) {
+        if let Decision::Object(p) = decide(input, ctx, a, Some(entry), link, false) {
             found.push(*p);
         }
     }
@@ -448,19 +445,9 @@ fn redecide_referrers(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, tally:
     }
 }
 
+/// Phase A for one anchor. `shortcuts`: ask the projection's fast path first (in full plans),
+/// and decide "unchanged" by comparing through the links without building the operations.
 fn decide(
-    input: &PlanInput<'_>,
-    ctx: &ProjectionContext<'_>,
-    anchor: &Anchor,
-    entry: Option<&Entry>,
-    link: Option<&Link>,
-) -> Decision {
-    decide_with(input, ctx, anchor, entry, link, true)
-}
-
-/// [`decide`]; `shortcuts`: ask the projection's fast path first (in full plans), and decide
-/// "unchanged" by comparing through the links without building the operations.
-fn decide_with(
     input: &PlanInput<'_>,
     ctx: &ProjectionContext<'_>,
     anchor: &Anchor,
@@ -1301,7 +1288,7 @@ mod tests {
         let f = |e: &&Entry| {
             let link = links.get(&e.anchor);
             (
-                decide(&input, &ctx, &e.anchor, Some(e), link),
+                decide(&input, &ctx, &e.anchor, Some(e), link, true),
                 link.is_some(),
             )
         };

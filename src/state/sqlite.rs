@@ -627,11 +627,20 @@ fn load_target(conn: &Connection, id: &TargetId) -> Result<Option<TargetObject>,
         .transpose()
 }
 
-fn anchors_at(conn: &Connection, dn_norm: &str) -> Result<Vec<Anchor>, StateError> {
-    rows(conn, ANCHORS_BY_DN, [dn_norm], "looking up a DN")?
+/// The anchors (first column) a query on `table` by `key` returns.
+fn anchor_rows(
+    conn: &Connection,
+    (sql, table, column): (&str, &'static str, &str),
+    key: &str,
+) -> Result<Vec<Anchor>, StateError> {
+    rows(conn, sql, [key], &format!("reading {table}"))?
         .into_iter()
-        .map(|mut r| text("source_objects", dn_norm, "anchor", take(&mut r, 0)).map(Anchor::from))
+        .map(|mut r| text(table, key, column, take(&mut r, 0)).map(Anchor::from))
         .collect()
+}
+
+fn anchors_at(conn: &Connection, dn_norm: &str) -> Result<Vec<Anchor>, StateError> {
+    anchor_rows(conn, (ANCHORS_BY_DN, "source_objects", "anchor"), dn_norm)
 }
 
 fn referrers(
@@ -795,10 +804,7 @@ fn anchor_at(conn: &Connection, dn: &Dn) -> Result<Option<Anchor>, StateError> {
 
 /// The distinct `from_anchor`s of a query on `source_refs`.
 fn ref_sources(conn: &Connection, sql: &str, key: &str) -> Result<Vec<Anchor>, StateError> {
-    rows(conn, sql, [key], "reading references")?
-        .into_iter()
-        .map(|mut r| text("source_refs", key, "from_anchor", take(&mut r, 0)).map(Anchor::from))
-        .collect()
+    anchor_rows(conn, (sql, "source_refs", "from_anchor"), key)
 }
 
 /// Writes the reference rows of `anchor`.

@@ -80,3 +80,54 @@ pub fn linked_references(
     ids.sort();
     ids
 }
+
+/// The objects of a memory target by name (`userName` or `displayName`), to check references.
+pub struct Named<'a>(pub &'a dirsync::connector::memory::MemoryTarget);
+
+impl Named<'_> {
+    /// The target id of the object named `name`.
+    pub fn id(&self, name: &str) -> String {
+        self.0
+            .objects()
+            .into_iter()
+            .find(|o| {
+                o.attributes.first_str("userName") == Some(name)
+                    || o.attributes.first_str("displayName") == Some(name)
+            })
+            .map(|o| o.id.to_string())
+            .unwrap_or_else(|| panic!("{name} is in the target"))
+    }
+
+    /// The target ids of `names`, sorted.
+    pub fn ids(&self, names: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = names.iter().map(|n| self.id(n)).collect();
+        v.sort();
+        v
+    }
+
+    /// The target ids the object named `name` references in `attr`, sorted.
+    pub fn refs(&self, name: &str, attr: &str) -> Vec<String> {
+        use dirsync::model::{Reference, Value};
+        let id = self.id(name);
+        let o = self
+            .0
+            .objects()
+            .into_iter()
+            .find(|o| o.id.as_str() == id)
+            .unwrap();
+        let mut v: Vec<String> = o
+            .attributes
+            .get(attr)
+            .map(|vs| {
+                vs.iter()
+                    .map(|v| match v {
+                        Value::Reference(Reference::Target(t)) => t.to_string(),
+                        other => panic!("{attr} of {name}: {other:?}"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
