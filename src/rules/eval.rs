@@ -348,15 +348,25 @@ pub(crate) fn reference_text<A: AttributeSource + ?Sized>(attrs: &A, r: &Referen
     }
 }
 
-/// [`from_model`], references read as `attrs` shows them ([`reference_text`]).
-#[inline]
-fn from_model_in<A: AttributeSource + ?Sized>(attrs: &A, v: &Value) -> EvalValue {
-    match v {
-        Value::Reference(r @ Reference::Anchor(_)) => {
-            EvalValue::Reference(reference_text(attrs, r).into())
-        }
-        other => from_model(other),
-    }
+/// A reference value as `attrs` shows it ([`reference_text`]). Out of line: rare, and kept out
+/// of the evaluator's hot path.
+#[cold]
+#[inline(never)]
+fn reference_value<A: AttributeSource + ?Sized>(attrs: &A, r: &Reference) -> EvalValue {
+    EvalValue::Reference(reference_text(attrs, r).into())
+}
+
+/// Several values as an expression value, references read as `attrs` shows them.
+#[inline(never)]
+fn multi_value<A: AttributeSource + ?Sized>(attrs: &A, many: &[Value]) -> EvalValue {
+    EvalValue::multi(
+        many.iter()
+            .map(|v| match v {
+                Value::Reference(r) => reference_value(attrs, r),
+                other => from_model(other),
+            })
+            .collect(),
+    )
 }
 
 impl AttributeSource for Attributes {
@@ -479,8 +489,9 @@ fn values_value(values: Option<&Values>) -> EvalValue {
 fn attr_value<A: AttributeSource + ?Sized>(attrs: &A, name: &str, slot: usize) -> EvalValue {
     match attrs.values(name, slot).map(|v| &v[..]) {
         None | Some([]) => EvalValue::Null,
-        Some([one]) => from_model_in(attrs, one),
-        Some(many) => EvalValue::multi(many.iter().map(|v| from_model_in(attrs, v)).collect()),
+        Some([Value::Reference(r)]) => reference_value(attrs, r),
+        Some([one]) => from_model(one),
+        Some(many) => multi_value(attrs, many),
     }
 }
 
