@@ -455,11 +455,9 @@ async fn the_engine_converges_through_full_and_delta_syncs() {
     }
 }
 
-/// Issue 14, failures 2 and 3 with syncrepl (slapd without the refint overlay: deleting or
-/// renaming an object leaves the DNs its referrers hold as they were, and syncrepl reports
-/// only the object itself). A manager deleted (its report loses the manager, no issue stays),
-/// its DN taken by a new user (inherits nothing), a member renamed and a member-and-manager
-/// renamed and moved (groups and reports keep them: same target ids).
+/// Issue 14, failures 2 and 3 with syncrepl: `common::references_life_cycle` on slapd without
+/// the refint overlay — deleting or renaming an object leaves the DNs its referrers hold as
+/// they were, and syncrepl delivers only the object itself.
 #[tokio::test]
 async fn references_follow_anchors_with_syncrepl() {
     let people = format!("ou=People,{SUFFIX}");
@@ -480,13 +478,13 @@ async fn references_follow_anchors_with_syncrepl() {
          dn: ou=Groups,{SUFFIX}\nobjectClass: organizationalUnit\nou: Groups\n\n\
          dn: {other}\nobjectClass: organizationalUnit\nou: Other\n\n\
          {}{}{}{}{}\
-         dn: cn=team,ou=Groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: team\n\
+         dn: cn=lc-team,ou=Groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: lc-team\n\
          member: {}\nmember: {}\nmember: {}\nmember: {}\n\n",
-        user("Boss", "boss", None),
-        user("Report", "report", Some("Boss")),
-        user("Mgr", "mgr", None),
-        user("Rep2", "rep2", Some("Mgr")),
-        user("Mem", "mem", None),
+        user("Boss", "lc-boss", None),
+        user("Report", "lc-report", Some("Boss")),
+        user("Mgr", "lc-mgr", None),
+        user("Rep2", "lc-rep2", Some("Mgr")),
+        user("Mem", "lc-mem", None),
         dn("Boss"),
         dn("Report"),
         dn("Mgr"),
@@ -500,109 +498,37 @@ async fn references_follow_anchors_with_syncrepl() {
         eprintln!("skipped: slapd is not installed");
         return;
     };
-    let rules = RuleSet::from_toml(
-        r#"
-[[rule]]
-name = "users"
-source_type = "user"
-target_type = "User"
-join = [["userName"]]
-[[rule.flow]]
-target = "userName"
-expression = '[uid]'
-[[rule.flow]]
-target = "manager"
-expression = '[manager]'
-reference = true
-multi = false
-[[rule]]
-name = "groups"
-source_type = "group"
-target_type = "Group"
-join = [["displayName"]]
-[[rule.flow]]
-target = "displayName"
-expression = '[cn]'
-[[rule.flow]]
-target = "members"
-expression = '[member]'
-reference = true
-"#,
-        None,
-    )
-    .unwrap();
     let target = MemoryTarget::new("app");
     let mut sync = Synchronizer::new(
         Box::new(source(&slapd)),
         Box::new(target.clone()),
         Box::new(MemoryStore::new()),
-        Arc::new(rules),
+        Arc::new(common::reference_rules("[uid]", "[cn]")),
         EngineConfig {
             guard: dirsync::delta::DeletionGuard::off(),
             ..EngineConfig::default()
         },
     );
-    let named = common::Named(&target);
-    let (id_of, refs, ids) = (
-        |n: &str| named.id(n),
-        |n: &str, a: &str| named.refs(n, a),
-        |ns: &[&str]| named.ids(ns),
-    );
-    macro_rules! cycle {
-        () => {{
-            let r = sync.run_cycle().await.unwrap();
-            assert!(r.failures.is_empty(), "{r}");
-            assert!(r.issues.is_empty(), "{r}");
-            r
-        }};
-    }
-    let _ = (cycle!(), cycle!());
-    assert_eq!(refs("report", "manager"), [id_of("boss")]);
-    assert_eq!(refs("rep2", "manager"), [id_of("mgr")]);
-    let (mgr, mem) = (id_of("mgr"), id_of("mem"));
-    assert_eq!(
-        refs("team", "members"),
-        ids(&["boss", "report", "mgr", "mem"])
-    );
-
-    // Delete the manager (slapd keeps its DN in the report and the group).
-    slapd
-        .ldapmodify(&format!("dn: {}\nchangetype: delete\n", dn("Boss")))
-        .unwrap();
-    let r = cycle!();
-    assert_eq!((r.count("delete"), r.imported), (1, 1), "{r}");
-    assert!(refs("report", "manager").is_empty(), "{r}");
-    assert_eq!(refs("team", "members"), ids(&["report", "mgr", "mem"]));
-    let r = cycle!();
-    assert_eq!(r.total_done(), 0, "{r}");
-
-    // A new user at the deleted manager's DN inherits nothing.
-    slapd.ldapadd(&user("Boss", "boss2", None)).unwrap();
-    let r = cycle!();
-    assert_eq!(r.count("create"), 1, "{r}");
-    assert!(refs("report", "manager").is_empty(), "{r}");
-    assert_eq!(refs("team", "members"), ids(&["report", "mgr", "mem"]));
-
-    // Rename a member; rename and move a member who is also a manager.
-    slapd
-        .ldapmodify(&format!(
-            "dn: {}\nchangetype: modrdn\nnewrdn: cn=Mem Renamed\ndeleteoldrdn: 1\n\n\
-             dn: {}\nchangetype: modrdn\nnewrdn: cn=Mgr Moved\ndeleteoldrdn: 1\n\
-             newsuperior: {other}\n",
-            dn("Mem"),
-            dn("Mgr")
-        ))
-        .unwrap();
-    let r = cycle!();
-    assert_eq!(r.imported, 2, "only the renamed objects are delivered: {r}");
-    assert_eq!((id_of("mgr"), id_of("mem")), (mgr.clone(), mem.clone()));
-    assert_eq!(refs("rep2", "manager"), [mgr], "{r}");
-    assert_eq!(
-        refs("team", "members"),
-        ids(&["report", "mgr", "mem"]),
-        "{r}"
-    );
-    let r = sync.full_sync().await.unwrap();
-    assert_eq!(r.total_done(), 0, "{r}");
-    assert!(r.issues.is_empty(), "{r}");
+    let steps = common::ReferenceSteps {
+        delete_boss: &|| {
+            slapd
+                .ldapmodify(&format!("dn: {}\nchangetype: delete\n", dn("Boss")))
+                .unwrap()
+        },
+        reuse_boss_dn: &|| slapd.ldapadd(&user("Boss", "lc-boss2", None)).unwrap(),
+        rename_and_move: &|| {
+            slapd
+                .ldapmodify(&format!(
+                    "dn: {}\nchangetype: modrdn\nnewrdn: cn=Mem Renamed\ndeleteoldrdn: 1\n\n\
+                     dn: {}\nchangetype: modrdn\nnewrdn: cn=Mgr Moved\ndeleteoldrdn: 1\n\
+                     newsuperior: {other}\n",
+                    dn("Mem"),
+                    dn("Mgr")
+                ))
+                .unwrap()
+        },
+        // Only the deleted, and then the renamed, objects are delivered.
+        imported: Some((1, 2)),
+    };
+    common::references_life_cycle(&mut sync, &target, "syncrepl", steps).await;
 }
