@@ -5,8 +5,10 @@
 //! Covers: a paged full import of thousands of users with objectGUID anchors and S-1-5 SIDs;
 //! range retrieval of a group with more than 1,500 members; the cleartext simple bind refused by
 //! the connector and by the server; DirSync and uSNChanged deltas after add, modify, membership
-//! changes, rename, move and delete; invalid watermarks; and the engine converging a memory
-//! target through a full and a delta cycle.
+//! changes, rename, move and delete; invalid watermarks; the engine converging a memory
+//! target through a full and a delta cycle; and, in both delta modes, references by anchor
+//! through a life cycle (a manager deleted and its DN reused, members and a manager renamed and
+//! moved).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -2,7 +2,9 @@
 //! test (testkit::slapd): the full import's cookie, refreshOnly deltas after add, modify,
 //! delete and modrdn, a present phase after a restart (slapd's session log lives in memory, so
 //! a restarted server cannot list deletions and answers with a present phase), stale and
-//! foreign cookies, refreshAndPersist, and the engine converging through full and delta syncs.
+//! foreign cookies, refreshAndPersist, the engine converging through full and delta syncs, and
+//! references by anchor through a life cycle (a manager deleted and its DN reused, members and a
+//! manager renamed and moved).
 //! Each test skips with a reason when slapd is not installed (unless DIRSYNC_REQUIRE_SERVERS is
 //! set).
 

@@ -6,7 +6,8 @@
 //! Real server: create, join by externalId and by userName, PATCH update, disable, delete,
 //! groups with hundreds of members and membership add/remove, paging, 409 → join, bulk, ETag
 //! 412, LDIF → SCIM through the `sync` example, a fresh state joining every user and group the
-//! service holds (requests counted by a proxy). In-process server: 429, 500, malformed JSON,
+//! service holds (requests counted by a proxy), referrers losing a deleted object in the same
+//! run and following a re-created one. In-process server: 429, 500, malformed JSON,
 //! 401.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
