@@ -4,9 +4,9 @@
 
 use dirsync::connector::memory::MemoryTarget;
 use dirsync::delta::{
-    self, DeletionGuard, Deprovision, Desired, Flow, Issue, JoinGroup, Link, Links, OperationKind,
-    Phase, Plan, PlanInput, PlanScope, Projected, Projection, ProjectionContext, Reason,
-    SnapshotDiff, SourceMirror, TargetMirror, TargetRef,
+    self, DeletionGuard, Deprovision, DeprovisionCause, Desired, Flow, Issue, JoinGroup, Link,
+    Links, OperationKind, Phase, Plan, PlanInput, PlanScope, Projected, Projection,
+    ProjectionContext, Reason, SnapshotDiff, SourceMirror, TargetMirror, TargetRef,
 };
 use dirsync::model::{values, Change, ChangeOp, Dn, Entry, Reference, TargetObject, Value, Values};
 use dirsync::testkit::{self, UserGroupProjection};
@@ -610,7 +610,7 @@ fn projection_failures_and_holds_are_data() {
                 ),
             }
         }
-        fn deprovision(&self, _: &Link, _: Option<&Entry>) -> Deprovision {
+        fn deprovision(&self, _: &Link, _: Option<&Entry>, _: DeprovisionCause) -> Deprovision {
             Deprovision::Unlink
         }
     }

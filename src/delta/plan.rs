@@ -172,6 +172,34 @@ pub enum Reason {
     },
     /// The object was deleted at the source.
     DeletedAtSource,
+    /// The object is in scope, but the rules now make a target object of another type: the
+    /// operation deprovisions the old object, or creates (joins) the new one.
+    TargetTypeChanged {
+        /// The linked object's type.
+        from: ObjectType,
+        /// The type the rules now make.
+        to: ObjectType,
+    },
+    /// The object is in scope again and its target object, disabled when it left, is
+    /// re-enabled (the changes may carry other attributes too).
+    Reenabled {
+        /// The attributes that re-enable it.
+        attributes: Vec<AttrName>,
+    },
+}
+
+impl Reason {
+    /// The deprovision cause, for the reason of a deprovision (and of the create that replaces
+    /// an object of another type).
+    pub fn cause(&self) -> Option<super::DeprovisionCause> {
+        use super::DeprovisionCause as C;
+        match self {
+            Reason::LeftScope { .. } => Some(C::LeftScope),
+            Reason::DeletedAtSource => Some(C::DeletedAtSource),
+            Reason::TargetTypeChanged { .. } => Some(C::TypeChanged),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Reason {
@@ -195,6 +223,16 @@ impl fmt::Display for Reason {
             }
             Reason::LeftScope { why, .. } => write!(f, "left scope ({why})"),
             Reason::DeletedAtSource => f.write_str("deleted at source"),
+            Reason::TargetTypeChanged { from, to } => {
+                write!(f, "target type changed: {from} → {to}")
+            }
+            Reason::Reenabled { attributes } => {
+                f.write_str("back in scope: re-enabled by")?;
+                for a in attributes {
+                    write!(f, " {a}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -431,15 +469,6 @@ pub enum Issue {
         /// Why.
         reason: String,
     },
-    /// The linked object's target type differs from the one the rules now give.
-    TargetTypeChanged {
-        /// The source object.
-        anchor: Anchor,
-        /// The linked object's type.
-        linked: ObjectType,
-        /// The type the rules give.
-        desired: ObjectType,
-    },
 }
 
 impl Issue {
@@ -449,8 +478,7 @@ impl Issue {
             Issue::JoinConflict { anchor, .. }
             | Issue::UnresolvedReference { anchor, .. }
             | Issue::ProjectionFailed { anchor, .. }
-            | Issue::Held { anchor, .. }
-            | Issue::TargetTypeChanged { anchor, .. } => Some(anchor),
+            | Issue::Held { anchor, .. } => Some(anchor),
             Issue::DuplicateJoin { anchors, .. } => anchors.first(),
         }
     }
@@ -492,14 +520,6 @@ impl fmt::Display for Issue {
             ),
             Issue::ProjectionFailed { anchor, error } => write!(f, "{anchor}: {error}"),
             Issue::Held { anchor, reason } => write!(f, "{anchor}: held: {reason}"),
-            Issue::TargetTypeChanged {
-                anchor,
-                linked,
-                desired,
-            } => write!(
-                f,
-                "{anchor}: linked to a {linked} but the rules now make a {desired}; not changed"
-            ),
         }
     }
 }
