@@ -241,7 +241,8 @@ async fn invalid_watermark_runs_a_full_import_and_deletes_only_after_it() {
 
 #[tokio::test]
 async fn deletion_guard_holds_until_allowed_and_import_guard_refuses_empty_imports() {
-    let (s, mut sync) = setup(20, Box::new(MemoryStore::new()), |_| {});
+    // No floor: five deletions of twenty linked users are over 10 %.
+    let (s, mut sync) = setup(20, Box::new(MemoryStore::new()), |c| c.guard.floor = 0);
     sync.run_cycle().await.unwrap();
     for i in 0..5 {
         s.source

@@ -844,6 +844,19 @@ pub struct Explanation {
     pub join: Vec<JoinExplanation>,
     /// Every flow.
     pub flows: Vec<FlowExplanation>,
+    /// What the rule does with a linked target object, per deprovision cause.
+    pub deprovision: Vec<DeprovisionExplanation>,
+}
+
+/// One deprovision cause's policy, as explain shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeprovisionExplanation {
+    /// The cause.
+    pub cause: DeprovisionCause,
+    /// What happens: `delete`, `unlink`, `disable: active = false (re-enabled with active = true)`.
+    pub action: String,
+    /// Whether it applies now: the object is out of scope (a linked target object gets it).
+    pub applies: bool,
 }
 
 /// One join group's lookup.
@@ -892,6 +905,19 @@ impl fmt::Display for Explanation {
                 f,
                 "flow {} = {}  ⇒  {}",
                 flow.target, flow.expression, flow.result
+            )?;
+        }
+        for d in &self.deprovision {
+            writeln!(
+                f,
+                "deprovision when {}: {}{}",
+                d.cause,
+                d.action,
+                if d.applies {
+                    "  ⇐ out of scope: what a linked target object gets now"
+                } else {
+                    ""
+                }
             )?;
         }
         Ok(())
@@ -1268,6 +1294,7 @@ impl RuleSet {
                 in_scope: false,
                 join: Vec::new(),
                 flows: Vec::new(),
+                deprovision: Vec::new(),
             };
         };
         let scope = rule.scope.as_ref().map(|f| {
@@ -1354,6 +1381,14 @@ impl RuleSet {
                 }
             })
             .collect();
+        let deprovision = DeprovisionCause::ALL
+            .into_iter()
+            .map(|cause| DeprovisionExplanation {
+                cause,
+                action: rule.deprovision[cause_index(cause)].to_string(),
+                applies: !in_scope && cause == DeprovisionCause::LeftScope,
+            })
+            .collect();
         Explanation {
             rule: Some(rule.name.clone()),
             containers,
@@ -1361,6 +1396,7 @@ impl RuleSet {
             in_scope,
             join,
             flows,
+            deprovision,
         }
     }
 }
