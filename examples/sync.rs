@@ -1079,6 +1079,15 @@ mod tests {
         };
         assert_eq!(target.object_types.len(), 2);
         assert_eq!(config.engine.seed, 42);
+        assert_eq!((config.guard.max_count, config.guard.floor), (500, 10));
+    }
+
+    #[test]
+    fn the_guard_floor_is_read_and_defaults_to_the_library_s() {
+        let guard: GuardConfig = toml::from_str("floor = 0\nmax_count = 50").unwrap();
+        assert_eq!((guard.floor, guard.max_count), (0, 50));
+        let guard: GuardConfig = toml::from_str("max_ratio = 0.2").unwrap();
+        assert_eq!(guard.floor, DeletionGuard::default().floor);
     }
 
     #[cfg(feature = "graph")]

@@ -3,7 +3,7 @@
 //! single-policy form applying to every cause; a disabled object re-enabled — the same target
 //! object, never a new one — when it returns, with or without a flow writing the attribute;
 //! rule-file errors with line:column; the same rules from TOML, JSON and the builder; explain
-//! and plan tables naming the cause; and the "Deprovisioning" section of docs/writing-rules.md.
+//! and plan tables naming the cause. (The guide's snippets: tests/writing_rules.rs.)
 //!
 //! Every plan is made twice — with the rule set's fast path and projecting every object
 //! (`testkit::Projecting`) — and must be the same.
@@ -261,7 +261,7 @@ fn a_returning_user_is_re_enabled_not_created() {
     };
     assert_eq!(*target_id, id);
     assert!(changes[0].attribute.is("active"));
-    assert!(matches!(&op.reason, Reason::LeftScope { why } if why.contains("scoping filter")));
+    assert!(matches!(&op.reason, Reason::LeftScope { why, .. } if why.contains("scoping filter")));
     w.apply(&plan);
     assert_eq!(w.attr(&id, "active"), Some(Value::Boolean(false)));
     assert_eq!(w.id("u1"), Some(id.clone()));
@@ -395,7 +395,7 @@ fn rule_file_errors_point_at_line_and_column() {
         ),
         (
             r#"{ left_scope = { action = "disable", set = { employeeType = "Disabled" } } }"#,
-            "E0507",
+            "E0509",
             (6, 75),
             "nothing sets it back",
         ),
@@ -407,7 +407,7 @@ fn rule_file_errors_point_at_line_and_column() {
         ),
         (
             r#"{ action = "disable", set = { active = false }, enable = { activ = true } }"#,
-            "E0508",
+            "E0510",
             (6, 82),
             "enables activ, which its `set` does not disable",
         ),
@@ -429,7 +429,7 @@ fn rule_file_errors_point_at_line_and_column() {
     let text = rules_text("User", "{}", "").replace("deprovision = {}\n", "")
         + "\n[rule.deprovision.deleted]\naction = \"disable\"\nset = { title = \"Gone\" }\n";
     let e = &RuleSet::from_toml(&text, Some("rules.toml")).unwrap_err().0[0];
-    assert_eq!(e.code, "E0507", "{e}");
+    assert_eq!(e.code, "E0509", "{e}");
     let line = text
         .lines()
         .position(|l| l.starts_with("set = { title"))
