@@ -324,13 +324,12 @@ impl Links {
             }),
             // Only the link to the object the operation is about: the anchor may be linked to a
             // new object already (a changed target type creates it first).
-            (K::Delete { target_id }, _) | (K::Unlink { target_id }, _) => {
+            (K::Delete { target_id }, _) | (K::Unlink { target_id }, _)
                 if self
                     .get(&op.anchor)
-                    .is_some_and(|l| l.target_id == *target_id)
-                {
-                    self.remove(&op.anchor);
-                }
+                    .is_some_and(|l| l.target_id == *target_id) =>
+            {
+                self.remove(&op.anchor);
             }
             _ => {}
         }

@@ -751,6 +751,9 @@ struct CompiledFlow {
     reference: bool,
 }
 
+/// An attribute a disable sets, its disabled values, and the rule's `Always` flow of it, if any.
+type DisabledBy = (AttrName, Values, Option<usize>);
+
 /// A compiled rule.
 #[derive(Debug, Clone)]
 struct CompiledRule {
@@ -768,7 +771,7 @@ struct CompiledRule {
     /// values and the rule's `Always` flow of that attribute, if any: a linked object whose
     /// target holds them is re-enabled by the planner unless that flow writes the attribute, so
     /// the fast path of [`Projection::unchanged`] answers as the planner would.
-    disabled_by: Box<[(AttrName, Values, Option<usize>)]>,
+    disabled_by: Box<[DisabledBy]>,
     /// Every source attribute the flows and the scope read, sorted (in [`AttrName`] order):
     /// looked up once per object.
     attribute_names: Box<[Box<str>]>,
@@ -1869,10 +1872,10 @@ fn compile_deprovision(
     rc: &RuleConfig,
     src: &Source<'_>,
     errors: &mut Vec<RuleError>,
-) -> ([Deprovision; 3], Box<[(AttrName, Values, Option<usize>)]>) {
+) -> ([Deprovision; 3], Box<[DisabledBy]>) {
     let rname = rc.name.as_str();
     let mut out: [Deprovision; 3] = Default::default();
-    let mut disabled_by: Vec<(AttrName, Values, Option<usize>)> = Vec::new();
+    let mut disabled_by: Vec<DisabledBy> = Vec::new();
     let mut found: Vec<RuleError> = Vec::new();
     for cause in DeprovisionCause::ALL {
         let DeprovisionPolicy::Disable { set, enable } = rc.deprovision.policy(cause) else {
