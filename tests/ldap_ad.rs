@@ -718,6 +718,14 @@ expression = '[displayName]'
                 .find(|(n, _, _)| *n == name)
                 .map(|(_, id, a)| (id.clone(), a.clone()))
         };
+        // Users 1 and 2 are the SCIM users of the initial load, with `active` as given.
+        let same_users = |now: &[(String, String, Json)], active: bool| {
+            assert_eq!(now.len(), 6, "{now:?}");
+            for i in [1, 2] {
+                let (was, _) = id(&before, i).unwrap();
+                assert_eq!(id(now, i), Some((was, Json::Bool(active))), "user {i}");
+            }
+        };
 
         // User 1 disabled in AD, user 2 moved out of the People OU: deactivated, kept.
         uac(1, 546);
@@ -728,11 +736,7 @@ expression = '[displayName]'
         deletes += r.count("delete");
         assert_eq!((r.count("disable"), r.total_done()), (2, 2), "{r}");
         let now = users().await;
-        assert_eq!(now.len(), 6);
-        for i in [1, 2] {
-            let (was, _) = id(&before, i).unwrap();
-            assert_eq!(id(&now, i), Some((was, Json::Bool(false))), "user {i}");
-        }
+        same_users(&now, false);
         assert_eq!(
             id(&now, 0).unwrap().1,
             id(&before, 0).unwrap().1,
@@ -754,12 +758,7 @@ expression = '[displayName]'
         creates += r.count("create");
         deletes += r.count("delete");
         assert_eq!((r.count("update"), r.total_done()), (2, 2), "{r}");
-        let now = users().await;
-        assert_eq!(now.len(), 6);
-        for i in [1, 2] {
-            let (was, _) = id(&before, i).unwrap();
-            assert_eq!(id(&now, i), Some((was, Json::Bool(true))), "user {i}");
-        }
+        same_users(&users().await, true);
 
         // User 3 deleted in AD: deleted in the service.
         dc.ldap_delete(&samba::user_dn(3)).unwrap();
