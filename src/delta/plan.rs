@@ -3,6 +3,7 @@
 //! errors, guard violations). A plan is a value: it serializes, prints as a table, and is applied
 //! later by the engine.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -374,9 +375,43 @@ impl Operation {
     /// is not lost with the one it references: what is left out waits for a later write (the
     /// engine keeps the object dirty, and its next plan brings the references).
     pub fn without_unresolved(&self, links: &Links) -> Option<Operation> {
+        self.without_unresolved_replacing(links, &HashMap::new())
+    }
+
+    /// [`Operation::without_unresolved`] in a plan that creates new objects for anchors still
+    /// linked to old ones (`replaced`: anchor → old target object, [`Plan::replaced`]): a pending
+    /// reference to such an anchor resolves only once its link names the new object, and until
+    /// then the old object stays referenced — its removal is left out too.
+    pub fn without_unresolved_replacing(
+        &self,
+        links: &Links,
+        replaced: &HashMap<Anchor, TargetId>,
+    ) -> Option<Operation> {
         let resolvable = |v: &Value| match v {
-            Value::Reference(Reference::Pending(a)) => links.get(a).is_some(),
+            Value::Reference(Reference::Pending(a)) => links
+                .get(a)
+                .is_some_and(|l| replaced.get(a) != Some(&l.target_id)),
             _ => true,
+        };
+        let all_values: Box<dyn Iterator<Item = &Value>> = match &self.kind {
+            OperationKind::Create { attributes, .. } => {
+                Box::new(attributes.iter().flat_map(|(_, vs)| vs.iter()))
+            }
+            OperationKind::UpdateReferences { changes, .. } => {
+                Box::new(changes.iter().flat_map(|c| c.values.iter()))
+            }
+            _ => return None,
+        };
+        let still_old: HashSet<&TargetId> = all_values
+            .filter(|v| !resolvable(v))
+            .filter_map(|v| match v {
+                Value::Reference(Reference::Pending(a)) => replaced.get(a),
+                _ => None,
+            })
+            .collect();
+        let unresolved = |v: &Value| {
+            !resolvable(v)
+                || matches!(v, Value::Reference(Reference::Target(id)) if still_old.contains(id))
         };
         let kind = match &self.kind {
             OperationKind::Create {
@@ -384,12 +419,12 @@ impl Operation {
                 secrets,
                 lookup,
             } => {
-                if attributes.iter().all(|(_, vs)| vs.iter().all(resolvable)) {
+                if !attributes.iter().any(|(_, vs)| vs.iter().any(unresolved)) {
                     return None;
                 }
                 let mut kept = Attributes::with_capacity(attributes.len());
                 for (n, vs) in attributes.iter() {
-                    let vs: Values = vs.iter().filter(|v| resolvable(v)).cloned().collect();
+                    let vs: Values = vs.iter().filter(|v| !unresolved(v)).cloned().collect();
                     if !vs.is_empty() {
                         kept.set(n.clone(), vs);
                     }
@@ -401,13 +436,13 @@ impl Operation {
                 }
             }
             OperationKind::UpdateReferences { target, changes } => {
-                if changes.iter().all(|c| c.values.iter().all(resolvable)) {
+                if !changes.iter().any(|c| c.values.iter().any(unresolved)) {
                     return None;
                 }
                 let mut kept = Vec::with_capacity(changes.len());
                 for c in changes {
                     let mut c = c.clone();
-                    c.values.retain(|v| resolvable(v));
+                    c.values.retain(|v| !unresolved(v));
                     if !c.values.is_empty() || c.op == ChangeOp::Replace {
                         kept.push(c);
                     }
@@ -587,6 +622,17 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The objects this plan creates anew for anchors that `links` still links to old ones (a
+    /// changed target type, a target object gone): anchor → the old target object, named by the
+    /// link until the create succeeds (see [`Operation::without_unresolved_replacing`]).
+    pub fn replaced(&self, links: &Links) -> HashMap<Anchor, TargetId> {
+        self.operations
+            .iter()
+            .filter(|o| matches!(o.kind, OperationKind::Create { .. }))
+            .filter_map(|o| Some((o.anchor.clone(), links.get(&o.anchor)?.target_id.clone())))
+            .collect()
+    }
+
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.operations.is_empty()

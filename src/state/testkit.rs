@@ -24,6 +24,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     neighbourhood_holds_referrers_references_links_and_targets(make());
     join_candidates_are_found_by_value(make());
     journal_lifecycle_updates_links_and_target_mirror(make());
+    deprovisioning_an_old_object_keeps_the_new_link(make());
     secrets_are_not_stored(make());
     escrow_counts_attempts(make());
     runs_are_recorded(make());
@@ -701,6 +702,61 @@ fn journal_lifecycle_updates_links_and_target_mirror(mut s: Box<dyn StateStore>)
         .unwrap();
     assert!(s.journal(Some(run2)).unwrap()[1].retryable);
     assert!(s.journal_unconfirmed().unwrap().is_empty());
+}
+
+/// A changed target type: the anchor's new object is created (and linked) before its old object
+/// is deleted or unlinked; those keep the new link and remove only the old object.
+fn deprovisioning_an_old_object_keeps_the_new_link(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    link_by_create(s, "u1", "old-1", Attributes::new());
+    link_by_create(s, "u2", "old-2", Attributes::new());
+    link_by_create(s, "u1", "new-1", Attributes::new());
+    link_by_create(s, "u2", "new-2", Attributes::new());
+    let run = s.begin_run("delta-sync", t(10)).unwrap();
+    let delete = op(
+        "u1",
+        OperationKind::Delete {
+            target_id: "old-1".into(),
+        },
+    );
+    let sent = TargetOperation::Delete {
+        id: "old-1".into(),
+        object_type: "User".into(),
+    };
+    let j = s.journal_intent(run, &delete, Some(&sent)).unwrap();
+    s.journal_done(j, &delete, Some(&sent), None).unwrap();
+    let unlink = op(
+        "u2",
+        OperationKind::Unlink {
+            target_id: "old-2".into(),
+        },
+    );
+    let j = s.journal_intent(run, &unlink, None).unwrap();
+    s.journal_done(j, &unlink, None, None).unwrap();
+    let all = s.load_all().unwrap();
+    for (anchor, new) in [("u1", "new-1"), ("u2", "new-2")] {
+        assert_eq!(
+            all.links.get(&a(anchor)).map(|l| l.target_id.as_str()),
+            Some(new),
+            "{anchor}"
+        );
+    }
+    assert!(all.target.get(&"old-1".into()).is_none());
+    assert!(all.target.get(&"old-2".into()).is_some());
+    // The delete of the object still linked removes the link.
+    let delete = op(
+        "u1",
+        OperationKind::Delete {
+            target_id: "new-1".into(),
+        },
+    );
+    let sent = TargetOperation::Delete {
+        id: "new-1".into(),
+        object_type: "User".into(),
+    };
+    let j = s.journal_intent(run, &delete, Some(&sent)).unwrap();
+    s.journal_done(j, &delete, Some(&sent), None).unwrap();
+    assert!(s.load_all().unwrap().links.get(&a("u1")).is_none());
 }
 
 fn secrets_are_not_stored(mut s: Box<dyn StateStore>) {
