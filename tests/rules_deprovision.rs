@@ -313,6 +313,48 @@ fn a_returning_user_is_re_enabled_not_created() {
     assert!(w.plan().is_empty());
 }
 
+/// A fresh state joining a target object that holds the disabled values (deactivated by an
+/// earlier deployment, or by hand) re-enables it in the join, as it would a linked one.
+#[test]
+fn a_joined_disabled_object_is_re_enabled() {
+    let policy = r#"{ left_scope = { action = "disable", set = { active = false } } }"#;
+    let mut w = World {
+        rules: rules("User", policy, ""),
+        mirror: SourceMirror::new(),
+        links: Links::new(),
+        target: TargetMirror::new().with_index("userName"),
+    };
+    for (id, name, active) in [("pre-1", "u1", false), ("pre-2", "u2", true)] {
+        w.target.insert(
+            dirsync::model::TargetObject::new(id, "User")
+                .with("userName", name)
+                .with("displayName", format!("User {name}"))
+                .with("active", Value::Boolean(active)),
+        );
+        w.mirror.insert(user(name, "Eng"));
+    }
+    let plan = w.plan();
+    assert_eq!(plan.count("join"), 2, "{plan}");
+    for op in &plan.operations {
+        let OperationKind::Join { changes, .. } = &op.kind else {
+            panic!("{plan}")
+        };
+        let names: Vec<&str> = changes.iter().map(|c| c.attribute.as_str()).collect();
+        let want: &[&str] = if op.anchor.as_str() == "u1" {
+            &["active"]
+        } else {
+            &[]
+        };
+        assert_eq!(names, want, "{plan}");
+    }
+    w.apply(&plan);
+    assert_eq!(
+        w.attr(&"pre-1".into(), "active"),
+        Some(Value::Boolean(true))
+    );
+    assert!(w.plan().is_empty());
+}
+
 /// A value that is not a Boolean is set back by the rule's `enable`; an attribute a flow writes
 /// is set back by the flow; a disabled object deleted at the source and restored (AD's recycle
 /// bin keeps the objectGUID) is re-enabled too.

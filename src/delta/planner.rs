@@ -102,7 +102,8 @@ struct Pending {
     source_type: ObjectType,
     desired: Desired,
     action: Action,
-    /// The changes that re-enable a linked object disabled when it left (see [`reenable`]).
+    /// The changes that re-enable a linked (or joined) object disabled when it left (see
+    /// [`reenable`]).
     enable: Vec<AttributeChange>,
     /// The deprovision of the old object when the target type changed: planned with the new
     /// object's create or join, and dropped with it when phase B drops it.
@@ -524,15 +525,7 @@ fn decide(
                 };
             }
             match join(input, anchor, &desired) {
-                Ok(Some((target_id, group, on))) => object(
-                    entry,
-                    desired,
-                    Action::Join {
-                        target_id,
-                        group,
-                        on,
-                    },
-                ),
+                Ok(Some(found)) => joined(input, entry, desired, found),
                 Ok(None) => object(entry, desired, Action::Create),
                 Err(issue) => Decision::Issue(Box::new(issue)),
             }
@@ -549,6 +542,37 @@ fn object(entry: &Entry, desired: Desired, action: Action) -> Decision {
         enable: Vec::new(),
         retire: None,
     }))
+}
+
+/// A join of `entry` to the target object a join group found; a joined object holding the values
+/// its rules disable with is re-enabled as a linked one would be ([`reenable`]).
+fn joined(input: &PlanInput<'_>, entry: &Entry, desired: Desired, found: JoinMatch) -> Decision {
+    let (target_id, group, on) = found;
+    let enable = match input.target.get(&target_id) {
+        Some(current) => {
+            let link = Link {
+                anchor: entry.anchor.clone(),
+                source_type: entry.object_type.clone(),
+                target_id: target_id.clone(),
+                target_type: desired.target_type.clone(),
+            };
+            reenable(input, &link, entry, &desired, current)
+        }
+        None => Vec::new(),
+    };
+    let mut d = object(
+        entry,
+        desired,
+        Action::Join {
+            target_id,
+            group,
+            on,
+        },
+    );
+    if let Decision::Object(p) = &mut d {
+        p.enable = enable;
+    }
+    d
 }
 
 /// An object linked to a target object of another type than its rules now make: the new object
@@ -568,13 +592,9 @@ fn replace_type(
         from: link.target_type.clone(),
         to: desired.target_type.clone(),
     };
-    let action = match join(input, anchor, &desired) {
-        Ok(Some((target_id, group, on))) => Action::Join {
-            target_id,
-            group,
-            on,
-        },
-        Ok(None) => Action::Create,
+    let mut d = match join(input, anchor, &desired) {
+        Ok(Some(found)) => joined(input, entry, desired, found),
+        Ok(None) => object(entry, desired, Action::Create),
         Err(issue) => return Decision::Issue(Box::new(issue)),
     };
     let retire = deprovision(
@@ -584,7 +604,6 @@ fn replace_type(
         DeprovisionCause::TypeChanged,
         reason,
     );
-    let mut d = object(entry, desired, action);
     if let Decision::Object(p) = &mut d {
         p.retire = retire.map(Box::new);
     }
@@ -1252,6 +1271,7 @@ fn finish(
                 group: *group,
                 on: on.clone(),
             };
+            plain.extend(p.enable.iter().cloned());
             ops.push(op(
                 OperationKind::Join {
                     target_id: target_id.clone(),
