@@ -713,27 +713,25 @@ fn deprovisioning_an_old_object_keeps_the_new_link(mut s: Box<dyn StateStore>) {
     link_by_create(s, "u1", "new-1", Attributes::new());
     link_by_create(s, "u2", "new-2", Attributes::new());
     let run = s.begin_run("delta-sync", t(10)).unwrap();
-    let delete = op(
-        "u1",
-        OperationKind::Delete {
-            target_id: "old-1".into(),
-        },
-    );
-    let sent = TargetOperation::Delete {
-        id: "old-1".into(),
-        object_type: "User".into(),
+    // Journals a delete (`sent`) or an unlink of `target` for `anchor` as done.
+    let mut done = |anchor: &str, target: &str, sent: bool| {
+        let target_id = TargetId::from(target);
+        let (kind, sent) = if sent {
+            let d = TargetOperation::Delete {
+                id: target_id.clone(),
+                object_type: "User".into(),
+            };
+            (OperationKind::Delete { target_id }, Some(d))
+        } else {
+            (OperationKind::Unlink { target_id }, None)
+        };
+        let o = op(anchor, kind);
+        let j = s.journal_intent(run, &o, sent.as_ref()).unwrap();
+        s.journal_done(j, &o, sent.as_ref(), None).unwrap();
+        s.load_all().unwrap()
     };
-    let j = s.journal_intent(run, &delete, Some(&sent)).unwrap();
-    s.journal_done(j, &delete, Some(&sent), None).unwrap();
-    let unlink = op(
-        "u2",
-        OperationKind::Unlink {
-            target_id: "old-2".into(),
-        },
-    );
-    let j = s.journal_intent(run, &unlink, None).unwrap();
-    s.journal_done(j, &unlink, None, None).unwrap();
-    let all = s.load_all().unwrap();
+    done("u1", "old-1", true);
+    let all = done("u2", "old-2", false);
     for (anchor, new) in [("u1", "new-1"), ("u2", "new-2")] {
         assert_eq!(
             all.links.get(&a(anchor)).map(|l| l.target_id.as_str()),
@@ -744,19 +742,8 @@ fn deprovisioning_an_old_object_keeps_the_new_link(mut s: Box<dyn StateStore>) {
     assert!(all.target.get(&"old-1".into()).is_none());
     assert!(all.target.get(&"old-2".into()).is_some());
     // The delete of the object still linked removes the link.
-    let delete = op(
-        "u1",
-        OperationKind::Delete {
-            target_id: "new-1".into(),
-        },
-    );
-    let sent = TargetOperation::Delete {
-        id: "new-1".into(),
-        object_type: "User".into(),
-    };
-    let j = s.journal_intent(run, &delete, Some(&sent)).unwrap();
-    s.journal_done(j, &delete, Some(&sent), None).unwrap();
-    assert!(s.load_all().unwrap().links.get(&a("u1")).is_none());
+    let all = done("u1", "new-1", true);
+    assert!(all.links.get(&a("u1")).is_none());
 }
 
 fn secrets_are_not_stored(mut s: Box<dyn StateStore>) {
