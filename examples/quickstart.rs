@@ -9,9 +9,11 @@
 //!    applies that staged plan, and shows the target file;
 //! 2. runs again: nothing to do;
 //! 3. replaces the export with `examples/data/corp-edits.ldif` (a rename, a user moved to
-//!    "Service Accounts" and so out of scope, a user deleted, a membership change, a group
-//!    deleted), shows the operations and their reasons, shows the deletion guard holding the
-//!    group's deletion, allows it explicitly, applies, and prints a summary.
+//!    "Service Accounts" and so out of scope — deactivated, still linked — a user deleted in AD —
+//!    deleted — a membership change, a group deleted), shows the operations with their reasons
+//!    (the cause of each deprovision), applies them — the deletion guard lets a few deletions
+//!    through (its 10 % applies above a floor of ten; a held plan would be allowed explicitly
+//!    here, as an administrator would after review) — and prints a summary.
 
 mod common;
 
@@ -207,9 +209,8 @@ async fn main() -> Result<(), Error> {
     print!("{report}");
     if report.held {
         println!(
-            "(the deletion guard holds deletions beyond 10 % of a type's linked objects — with \
-             a handful of groups, any group deletion. The plan above has been reviewed: \
-             allowing its deletions once.)"
+            "(the deletion guard holds deletions beyond 10 % of a type's linked objects, above \
+             a floor of ten. The plan above has been reviewed: allowing its deletions once.)"
         );
         sync.allow_deletions_once();
         let report = match sync.apply(staged).await {

@@ -221,6 +221,7 @@ struct GuardConfig {
     enabled: bool,
     max_count: usize,
     max_ratio: f64,
+    floor: usize,
     max_container_wave: usize,
     min_import_share: f64,
 }
@@ -232,6 +233,7 @@ impl Default for GuardConfig {
             enabled: g.enabled,
             max_count: g.max_count,
             max_ratio: g.max_ratio,
+            floor: g.floor,
             max_container_wave: g.max_container_wave,
             min_import_share: EngineConfig::default().min_import_share,
         }
@@ -811,6 +813,7 @@ fn build(config: Config, file: &ConfigFile) -> Result<Synchronizer, Fail> {
             enabled: config.guard.enabled,
             max_count: config.guard.max_count,
             max_ratio: config.guard.max_ratio,
+            floor: config.guard.floor,
             max_container_wave: config.guard.max_container_wave,
         },
         min_import_share: config.guard.min_import_share,
@@ -1076,6 +1079,15 @@ mod tests {
         };
         assert_eq!(target.object_types.len(), 2);
         assert_eq!(config.engine.seed, 42);
+        assert_eq!((config.guard.max_count, config.guard.floor), (500, 10));
+    }
+
+    #[test]
+    fn the_guard_floor_is_read_and_defaults_to_the_library_s() {
+        let guard: GuardConfig = toml::from_str("floor = 0\nmax_count = 50").unwrap();
+        assert_eq!((guard.floor, guard.max_count), (0, 50));
+        let guard: GuardConfig = toml::from_str("max_ratio = 0.2").unwrap();
+        assert_eq!(guard.floor, DeletionGuard::default().floor);
     }
 
     #[cfg(feature = "graph")]

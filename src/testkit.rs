@@ -9,8 +9,8 @@ pub mod servers;
 pub mod slapd;
 
 use crate::delta::{
-    Deprovision, Desired, Flow, JoinGroup, Link, Links, Plan, PlanInput, Projected, Projection,
-    ProjectionContext, SourceMirror, TargetMirror, WhenEmpty,
+    Deprovision, DeprovisionCause, Desired, Flow, JoinGroup, Link, Links, Plan, PlanInput,
+    Projected, Projection, ProjectionContext, SourceMirror, TargetMirror, WhenEmpty,
 };
 use smol_str::SmolStr;
 
@@ -179,9 +179,16 @@ impl Projection for UserGroupProjection {
         Some(true)
     }
 
-    fn deprovision(&self, link: &Link, _entry: Option<&Entry>) -> Deprovision {
+    /// Users are disabled (`accountEnabled = false`, set back by the flow), whatever the cause;
+    /// other objects deleted.
+    fn deprovision(
+        &self,
+        link: &Link,
+        _entry: Option<&Entry>,
+        _cause: DeprovisionCause,
+    ) -> Deprovision {
         if link.target_type.is("User") {
-            Deprovision::Disable(vec![("accountEnabled".into(), Values::one(false))])
+            Deprovision::disable([(name("accountEnabled"), false)])
         } else {
             Deprovision::Delete
         }
@@ -320,14 +327,20 @@ impl Projection for Projecting<'_> {
     fn project(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
         self.0.project(entry, ctx)
     }
-    fn deprovision(&self, link: &Link, entry: Option<&Entry>) -> Deprovision {
-        self.0.deprovision(link, entry)
+    fn deprovision(
+        &self,
+        link: &Link,
+        entry: Option<&Entry>,
+        cause: DeprovisionCause,
+    ) -> Deprovision {
+        self.0.deprovision(link, entry, cause)
     }
 }
 
 /// Applies `plan` to the links and the target mirror as a target that accepts every operation
 /// would: each operation is recorded with the id the target would give it (`id-<anchor>` for a
-/// create); one that sends nothing (an unlink, a join without changes) only changes the links.
+/// create, `id-<anchor>-2`, `-3`, … when that id is taken — a changed target type creates a new
+/// object while the old one still stands); one that sends nothing (an unlink, a join without changes) only changes the links.
 /// Operations that do not translate (a reference to an object never linked) are skipped. The
 /// plan's guard violations are not looked at: everything is applied.
 pub fn apply_accepted(plan: &Plan, links: &mut Links, target: &mut TargetMirror) {
@@ -336,7 +349,15 @@ pub fn apply_accepted(plan: &Plan, links: &mut Links, target: &mut TargetMirror)
             Ok(Some(top)) => {
                 let id = match top.id() {
                     Some(id) => id.clone(),
-                    None => TargetId::new(format!("id-{}", op.anchor)),
+                    None => {
+                        let mut id = TargetId::new(format!("id-{}", op.anchor));
+                        let mut n = 1;
+                        while target.get(&id).is_some() {
+                            n += 1;
+                            id = TargetId::new(format!("id-{}-{n}", op.anchor));
+                        }
+                        id
+                    }
                 };
                 target.record(&top, &id);
                 links.record(op, Some(&id));

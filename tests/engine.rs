@@ -15,7 +15,7 @@ use dirsync::connector::memory::{MemorySource, MemoryTarget};
 use dirsync::connector::{ErrorKind, TargetOperation};
 use dirsync::engine::{Clock, EngineConfig, EngineError, RetryPolicy, Synchronizer};
 use dirsync::model::{values, AttributeChange, Dn, Entry, Value};
-use dirsync::rules::ruleset::{FlowConfig, RuleBuilder, RuleSet};
+use dirsync::rules::ruleset::{DeprovisionPolicy, FlowConfig, RuleBuilder, RuleSet};
 use dirsync::state::{MemoryStore, SqliteStore, StateStore};
 
 fn rules() -> Arc<RuleSet> {
@@ -241,7 +241,8 @@ async fn invalid_watermark_runs_a_full_import_and_deletes_only_after_it() {
 
 #[tokio::test]
 async fn deletion_guard_holds_until_allowed_and_import_guard_refuses_empty_imports() {
-    let (s, mut sync) = setup(20, Box::new(MemoryStore::new()), |_| {});
+    // No floor: five deletions of twenty linked users are over 10 %.
+    let (s, mut sync) = setup(20, Box::new(MemoryStore::new()), |c| c.guard.floor = 0);
     sync.run_cycle().await.unwrap();
     for i in 0..5 {
         s.source
@@ -1362,4 +1363,107 @@ async fn a_reference_cycle_and_a_failed_referenced_create_lose_nothing_and_conve
         assert_eq!(target.len(), 5, "{name}");
         assert!(sync.with_store(|s| s.dirty()).unwrap().is_empty(), "{name}");
     }
+}
+
+/// The rules' target type for users changes (User → Person) on a running system: through the
+/// engine, each user's Person is created before its User is deleted, the links move to the new
+/// objects, the group's members follow in the same run, and nothing is left to do. A Person whose
+/// create fails leaves its User linked and untouched until a later run succeeds.
+#[tokio::test]
+async fn a_changed_target_type_replaces_objects_through_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.sqlite");
+    let (s, mut sync) = setup(4, Box::new(SqliteStore::open(&state).unwrap()), |_| {});
+    sync.run_cycle().await.unwrap();
+    let ids_of = |t: &MemoryTarget, ty: &str| -> Vec<String> {
+        let mut v: Vec<String> = t
+            .objects()
+            .into_iter()
+            .filter(|o| o.object_type.is(ty))
+            .map(|o| o.id.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let users = ids_of(&s.target, "User");
+    assert_eq!(users.len(), 4);
+    drop(sync);
+
+    let person = {
+        let mut config = rules().config().clone();
+        config.rules[0].target_type = "Person".into();
+        config.rules[0].deprovision.type_changed = DeprovisionPolicy::Delete;
+        Arc::new(RuleSet::compile(config).unwrap())
+    };
+    let mut sync = Synchronizer::new(
+        Box::new(s.source.clone()),
+        Box::new(s.target.clone()),
+        Box::new(SqliteStore::open(&state).unwrap()),
+        person,
+        EngineConfig {
+            clock: {
+                let now = s.now.clone();
+                Clock::from_fn(move || *now.lock().unwrap())
+            },
+            ..EngineConfig::default()
+        },
+    );
+    // user3's Person cannot be created (yet).
+    s.target.fail_when(
+        |op| matches!(op, TargetOperation::Create { object_type, attributes } if object_type.is("Person") && attributes.first_str("userName") == Some("user3@x.test")),
+        ErrorKind::Constraint,
+        Some(1),
+    );
+    let r = sync.full_sync().await.unwrap();
+    assert_eq!((r.count("create"), r.count("delete")), (3, 3), "{r}");
+    assert_eq!(r.failures.len(), 1, "{r}");
+    let people = ids_of(&s.target, "Person");
+    assert_eq!(people.len(), 3);
+    // user3's User is still there and linked; the others are gone.
+    let left = ids_of(&s.target, "User");
+    assert_eq!(left.len(), 1);
+    let links = sync.with_store(|st| st.load_all()).unwrap().links;
+    let u3 = links.get(&"u003".into()).unwrap();
+    assert_eq!(
+        (u3.target_type.as_str(), u3.target_id.as_str()),
+        ("User", left[0].as_str())
+    );
+    for a in ["u000", "u001", "u002"] {
+        let l = links.get(&a.into()).unwrap();
+        assert!(
+            l.target_type.is("Person") && people.contains(&l.target_id.to_string()),
+            "{a}"
+        );
+    }
+    // The group's members moved to the new objects of the run (user3 still a User).
+    let group = s
+        .target
+        .objects()
+        .into_iter()
+        .find(|o| o.object_type.is("Group"))
+        .unwrap();
+    let mut members: Vec<String> = group
+        .attributes
+        .get("members")
+        .unwrap()
+        .iter()
+        .map(|v| match v {
+            Value::Reference(dirsync::model::Reference::Target(id)) => id.to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    members.sort();
+    let mut want: Vec<String> = people.iter().cloned().chain(left.iter().cloned()).collect();
+    want.sort();
+    assert_eq!(members, want);
+
+    // The next run (after the escrow delay) replaces user3 too; then nothing is left.
+    *s.now.lock().unwrap() += chrono::Duration::hours(1);
+    let r = sync.full_sync().await.unwrap();
+    assert_eq!((r.count("create"), r.count("delete")), (1, 1), "{r}");
+    assert!(r.failures.is_empty(), "{r}");
+    assert!(ids_of(&s.target, "User").is_empty());
+    assert_eq!(ids_of(&s.target, "Person").len(), 4);
+    let r = sync.full_sync().await.unwrap();
+    assert_eq!(r.total_done(), 0, "{r}");
 }

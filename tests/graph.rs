@@ -428,16 +428,22 @@ async fn a_run_with_a_fifth_of_requests_throttled_loses_and_duplicates_nothing()
     let rec = sync.reconcile().await.unwrap();
     assert_eq!(rec.count("create") + rec.count("update"), 0, "{rec:?}");
 
-    // A user leaves: disabled, not deleted.
-    source.delete(&"u3".into()).unwrap();
+    // A user leaves scope (moved to the service accounts): disabled, not deleted; a user
+    // deleted in AD: deleted (the example rules follow Entra provisioning).
+    source
+        .upsert(ad_user(3).with("department", "Service Accounts"))
+        .unwrap();
+    source.delete(&"u4".into()).unwrap();
     let r = sync.run_cycle().await.unwrap();
     assert!(r.failures.is_empty(), "{:?}", r.failures);
-    let u3 = emu
-        .users()
-        .into_values()
+    assert_eq!((r.count("disable"), r.count("delete")), (1, 1), "{r}");
+    let users = emu.users();
+    let u3 = users
+        .values()
         .find(|u| u["mailNickname"] == "user3")
         .unwrap();
     assert_eq!(u3["accountEnabled"], false);
+    assert!(!users.values().any(|u| u["mailNickname"] == "user4"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,9 +6,10 @@
 //! range retrieval of a group with more than 1,500 members; the cleartext simple bind refused by
 //! the connector and by the server; DirSync and uSNChanged deltas after add, modify, membership
 //! changes, rename, move and delete; invalid watermarks; the engine converging a memory
-//! target through a full and a delta cycle; and, in both delta modes, references by anchor
+//! target through a full and a delta cycle; in both delta modes, references by anchor
 //! through a life cycle (a manager deleted and its DN reused, members and a manager renamed and
-//! moved).
+//! moved); and (with the `scim` feature) deprovisioning by cause into a real SCIM service:
+//! disabled on leaving scope, the same object re-enabled on return, deleted when deleted in AD.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -668,4 +669,195 @@ fn references_follow_anchors_with_usn_changed() {
         return;
     }
     references_life_cycle(DeltaMode::UsnChanged);
+}
+
+/// Entra provisioning's policy, from a real AD (Samba, DirSync deltas) through the engine into a
+/// real SCIM service (scim2-server): users who leave scope — one disabled in AD, one moved out of
+/// the People OU — are deactivated (PATCH `active = false`) and stay linked; back in scope, the
+/// same SCIM users are reactivated, though no flow writes `active`, and nothing is created; a user
+/// deleted in AD is deleted. Two deprovisions of six users pass the default deletion guard (its
+/// floor). Creates and deletes are counted over the whole life cycle.
+#[cfg(feature = "scim")]
+#[test]
+fn deprovision_by_cause_deactivates_reactivates_and_deletes_in_scim() {
+    use dirsync::connector::scim::{ScimAuth, ScimConfig, ScimTarget};
+    use serde_json::Value as Json;
+
+    if !enter("deprovision_by_cause_deactivates_reactivates_and_deletes_in_scim") {
+        return;
+    }
+    const TOKEN: &str = "deprovision-token";
+    let Some(srv) = common::scim2_server(TOKEN) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let dc = SambaDc::start(dir.path()).unwrap();
+    load_small(&dc, 6);
+    // Enabled accounts without passwords: NORMAL_ACCOUNT | PASSWD_NOTREQD.
+    let uac = |i: usize, v: u32| {
+        dc.ldbmodify(&format!(
+            "dn: {}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: {v}\n",
+            samba::user_dn(i)
+        ))
+        .unwrap()
+    };
+    for i in 0..6 {
+        uac(i, 544);
+    }
+    const RULES: &str = r#"
+[[rule]]
+name = "people"
+source_type = "user"
+target_type = "User"
+join = [["externalId"], ["userName"]]
+deprovision = { left_scope = { action = "disable", set = { active = false } }, deleted = { action = "delete" } }
+
+[rule.scope]
+family = "connect-sync"
+groups = [[
+  { attribute = "userAccountControl", operator = "ISNOTBITSET", value = 2 },
+  { attribute = "distinguishedName", operator = "ENDSWITH", value = "OU=People,DC=contoso,DC=test" },
+]]
+
+[[rule.flow]]
+target = "externalId"
+expression = '[objectGUID]'
+
+[[rule.flow]]
+target = "userName"
+expression = 'ToLower([sAMAccountName])'
+ignore_case = true
+
+[[rule.flow]]
+target = "displayName"
+expression = '[displayName]'
+"#;
+    let base = srv.base.clone();
+    let get = |path: String| {
+        let base = base.clone();
+        async move {
+            let resp = reqwest::Client::new()
+                .get(format!("{base}{path}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Json>().await.unwrap_or(Json::Null))
+        }
+    };
+    // userName → (id, active) of every SCIM user.
+    let users = || async {
+        let (_, j) = get("/Users?count=1000".into()).await;
+        let mut v: Vec<(String, String, Json)> = j["Resources"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|u| {
+                (
+                    u["userName"].as_str().unwrap().to_owned(),
+                    u["id"].as_str().unwrap().to_owned(),
+                    u["active"].clone(),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    runtime().block_on(async {
+        let mut c = config(&dc, dc.base_dn(), DeltaMode::Dirsync);
+        c.filter = "(&(objectClass=user)(sAMAccountName=user0*))".into();
+        let target = ScimTarget::new(ScimConfig {
+            base_url: srv.base.clone(),
+            auth: ScimAuth::Bearer {
+                token: dirsync::connector::scim::Secret::new(TOKEN),
+            },
+            ..ScimConfig::default()
+        })
+        .unwrap();
+        let mut sync = Synchronizer::new(
+            Box::new(LdapSource::new(c)),
+            Box::new(target),
+            Box::new(MemoryStore::new()),
+            Arc::new(RuleSet::from_toml(RULES, Some("rules.toml")).unwrap()),
+            EngineConfig::default(),
+        );
+        let (mut creates, mut deletes) = (0, 0);
+        async fn cycle(sync: &mut Synchronizer) -> dirsync::engine::RunReport {
+            let r = sync.run_cycle().await.unwrap();
+            assert!(r.failures.is_empty() && !r.held, "{r}");
+            r
+        }
+
+        // Initial load: six users.
+        let r = cycle(&mut sync).await;
+        creates += r.count("create");
+        assert_eq!(r.count("create"), 6, "{r}");
+        let before = users().await;
+        assert_eq!(before.len(), 6, "{before:?}");
+        let id = |list: &[(String, String, Json)], i: usize| {
+            let name = samba::user_sam(i);
+            list.iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, id, a)| (id.clone(), a.clone()))
+        };
+        // Users 1 and 2 are the SCIM users of the initial load, with `active` as given.
+        let same_users = |now: &[(String, String, Json)], active: bool| {
+            assert_eq!(now.len(), 6, "{now:?}");
+            for i in [1, 2] {
+                let (was, _) = id(&before, i).unwrap();
+                assert_eq!(id(now, i), Some((was, Json::Bool(active))), "user {i}");
+            }
+        };
+
+        // User 1 disabled in AD, user 2 moved out of the People OU: deactivated, kept.
+        uac(1, 546);
+        dc.ldap_rename(&samba::user_dn(2), "CN=User 000002", Some(OTHER_OU))
+            .unwrap();
+        let r = cycle(&mut sync).await;
+        creates += r.count("create");
+        deletes += r.count("delete");
+        assert_eq!((r.count("disable"), r.total_done()), (2, 2), "{r}");
+        let now = users().await;
+        same_users(&now, false);
+        assert_eq!(
+            id(&now, 0).unwrap().1,
+            id(&before, 0).unwrap().1,
+            "untouched"
+        );
+        // Still linked: a cycle with no change does nothing.
+        let r = cycle(&mut sync).await;
+        assert_eq!(r.total_done(), 0, "{r}");
+
+        // Both back in scope: the same SCIM users, reactivated; nothing created.
+        uac(1, 544);
+        dc.ldap_rename(
+            &format!("CN=User 000002,{OTHER_OU}"),
+            "CN=User 000002",
+            Some(samba::PEOPLE_OU),
+        )
+        .unwrap();
+        let r = cycle(&mut sync).await;
+        creates += r.count("create");
+        deletes += r.count("delete");
+        assert_eq!((r.count("update"), r.total_done()), (2, 2), "{r}");
+        same_users(&users().await, true);
+
+        // User 3 deleted in AD: deleted in the service.
+        dc.ldap_delete(&samba::user_dn(3)).unwrap();
+        let r = cycle(&mut sync).await;
+        creates += r.count("create");
+        deletes += r.count("delete");
+        assert_eq!((r.count("delete"), r.total_done()), (1, 1), "{r}");
+        let now = users().await;
+        assert_eq!(now.len(), 5, "{now:?}");
+        let (gone, _) = id(&before, 3).unwrap();
+        assert_eq!(get(format!("/Users/{gone}")).await.0, 404);
+        let r = cycle(&mut sync).await;
+        assert_eq!(r.total_done(), 0, "{r}");
+
+        // Over the life cycle: one create per user, one delete; no user created twice.
+        assert_eq!((creates, deletes), (6, 1));
+    });
 }

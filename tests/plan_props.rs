@@ -346,8 +346,8 @@ proptest! {
                 fn project(&self, e: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
                     self.0.project(e, ctx)
                 }
-                fn deprovision(&self, l: &dirsync::delta::Link, e: Option<&Entry>) -> dirsync::delta::Deprovision {
-                    self.0.deprovision(l, e)
+                fn deprovision(&self, l: &dirsync::delta::Link, e: Option<&Entry>, c: dirsync::delta::DeprovisionCause) -> dirsync::delta::Deprovision {
+                    self.0.deprovision(l, e, c)
                 }
             }
             let rules = NoFastPath(UserGroupProjection::default());
@@ -375,7 +375,7 @@ proptest! {
         let p2_delta = plan(&m, &links, &t, DeletionGuard::off(), PlanScope::Anchors(dirty));
         prop_assert_eq!(&p2_delta.operations, &p2.operations);
         // The guard holds exactly the plans over its threshold.
-        let guard = DeletionGuard { enabled: true, max_count: 500, max_ratio: 0.10, ..DeletionGuard::default() };
+        let guard = DeletionGuard { enabled: true, max_count: 500, max_ratio: 0.10, floor: 0, ..DeletionGuard::default() };
         let guarded = plan(&m, &links, &t, guard, PlanScope::All);
         let deletions = guarded.operations.iter().filter(|o| o.kind.is_deletion()).count();
         let linked_users = links.count(&"User".into());

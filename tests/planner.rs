@@ -4,9 +4,9 @@
 
 use dirsync::connector::memory::MemoryTarget;
 use dirsync::delta::{
-    self, DeletionGuard, Deprovision, Desired, Flow, Issue, JoinGroup, Link, Links, OperationKind,
-    Phase, Plan, PlanInput, PlanScope, Projected, Projection, ProjectionContext, Reason,
-    SnapshotDiff, SourceMirror, TargetMirror, TargetRef,
+    self, DeletionGuard, Deprovision, DeprovisionCause, Desired, Flow, Issue, JoinGroup, Link,
+    Links, OperationKind, Phase, Plan, PlanInput, PlanScope, Projected, Projection,
+    ProjectionContext, Reason, SnapshotDiff, SourceMirror, TargetMirror, TargetRef,
 };
 use dirsync::model::{values, Change, ChangeOp, Dn, Entry, Reference, TargetObject, Value, Values};
 use dirsync::testkit::{self, UserGroupProjection};
@@ -355,24 +355,85 @@ fn leaving_scope_disables_users_and_deletes_groups_once() {
 
 #[test]
 fn guard_holds_mass_deletion() {
-    let entries: Vec<Entry> = (0..20)
-        .map(|i| user(&format!("u{i:02}"), &format!("U{i:02}"), "Eng"))
+    let entries: Vec<Entry> = (0..200)
+        .map(|i| user(&format!("u{i:03}"), &format!("U{i:03}"), "Eng"))
         .collect();
     let mut w = World::new(entries);
     let p = w.plan();
     w.apply(&p);
-    for i in 0..3 {
-        w.mirror.remove(&format!("u{i:02}").as_str().into());
+    for i in 0..21 {
+        w.mirror.remove(&format!("u{i:03}").as_str().into());
     }
     let plan = w.plan();
-    assert_eq!(plan.count("disable"), 3);
+    assert_eq!(plan.count("disable"), 21);
     assert!(plan.is_held());
     let v = &plan.guard_violations[0];
-    assert_eq!((v.deletions, v.linked, v.limit), (3, 20, 2));
-    assert!(plan.to_string().contains("HELD: deletion guard: 3 of 20"));
-    // Two deletions are within 10 % of 20.
-    w.mirror.insert(user("u00", "U00", "Eng"));
+    assert_eq!((v.deletions, v.linked, v.limit), (21, 200, 20));
+    assert!(plan.to_string().contains("HELD: deletion guard: 21 of 200"));
+    // Twenty deletions are within 10 % of 200.
+    w.mirror.insert(user("u000", "U000", "Eng"));
     assert!(!w.plan().is_held());
+}
+
+/// The share applies above a floor: a directory of two users can lose one (today's guard held
+/// "1 of 2 linked User objects … the limit is 0"), ten deletions go through whatever the size,
+/// and a large wave is still held.
+#[test]
+fn guard_floor_lets_small_directories_delete_and_still_holds_waves() {
+    let users = |n: usize| -> Vec<Entry> {
+        (0..n)
+            .map(|i| user(&format!("u{i:03}"), &format!("U{i:03}"), "Eng"))
+            .collect()
+    };
+    let plan_with = |w: &World, guard: DeletionGuard| {
+        let rules = UserGroupProjection::default();
+        let mut input = PlanInput::new(&rules, &w.mirror, &w.links, &w.target);
+        input.guard = guard;
+        delta::plan(&input)
+    };
+    // Two users, one leaves.
+    let mut small = World::new(users(2));
+    let p = small.plan();
+    small.apply(&p);
+    small.mirror.remove(&"u001".into());
+    let plan = small.plan();
+    assert_eq!(plan.count("disable"), 1);
+    assert!(!plan.is_held(), "{plan}");
+    let no_floor = DeletionGuard {
+        floor: 0,
+        ..DeletionGuard::default()
+    };
+    let old = plan_with(&small, no_floor);
+    assert!(old.is_held());
+    assert!(
+        old.to_string()
+            .contains("1 of 2 linked User objects would be deleted or disabled; the limit is 0"),
+        "{old}"
+    );
+    small.apply(&plan);
+    assert!(small.plan().is_empty());
+
+    // Thirty users: ten leave (the floor), then an eleventh makes a wave.
+    let mut w = World::new(users(30));
+    let p = w.plan();
+    w.apply(&p);
+    for i in 0..11 {
+        w.mirror.remove(&format!("u{i:03}").as_str().into());
+    }
+    let plan = w.plan();
+    assert!(plan.is_held(), "{plan}");
+    assert_eq!(
+        plan.guard_violations[0].to_string(),
+        "deletion guard: 11 of 30 linked User objects would be deleted or disabled; the limit is 10"
+    );
+    w.mirror.insert(user("u000", "U000", "Eng"));
+    assert!(!w.plan().is_held());
+    // The count still caps the floor.
+    let strict = DeletionGuard {
+        max_count: 5,
+        ..DeletionGuard::default()
+    };
+    assert!(plan_with(&w, strict).is_held());
 }
 
 #[test]
@@ -610,7 +671,7 @@ fn projection_failures_and_holds_are_data() {
                 ),
             }
         }
-        fn deprovision(&self, _: &Link, _: Option<&Entry>) -> Deprovision {
+        fn deprovision(&self, _: &Link, _: Option<&Entry>, _: DeprovisionCause) -> Deprovision {
             Deprovision::Unlink
         }
     }
@@ -646,7 +707,7 @@ impl Projection for DeleteUsers {
     ) -> Option<bool> {
         self.0.unchanged(e, current, ctx)
     }
-    fn deprovision(&self, _: &Link, _: Option<&Entry>) -> Deprovision {
+    fn deprovision(&self, _: &Link, _: Option<&Entry>, _: DeprovisionCause) -> Deprovision {
         Deprovision::Delete
     }
 }

@@ -275,8 +275,13 @@ impl Projection for Counting<'_> {
         }
         answer
     }
-    fn deprovision(&self, link: &delta::Link, entry: Option<&Entry>) -> delta::Deprovision {
-        self.0.deprovision(link, entry)
+    fn deprovision(
+        &self,
+        link: &delta::Link,
+        entry: Option<&Entry>,
+        cause: delta::DeprovisionCause,
+    ) -> delta::Deprovision {
+        self.0.deprovision(link, entry, cause)
     }
 }
 
@@ -538,27 +543,58 @@ fn unchanged_fast_path_draws_random_values_as_project_does() {
 }
 
 #[test]
-fn unchanged_fast_path_reports_a_changed_target_type() {
-    let (m, links, t) = converged(30, 5);
+fn a_changed_target_type_creates_the_new_object_and_deprovisions_the_old() {
+    let (m, mut links, mut t) = converged(30, 5);
+    let users = links.count(&"User".into());
+    assert_eq!(users, 30);
     let person = RuleSet::from_toml(
         &EXAMPLE.replacen(r#"target_type = "User""#, r#"target_type = "Person""#, 1),
         None,
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let fast = delta::plan(&PlanInput::new(&person, &m, &links, &t));
-    let slow = delta::plan(&PlanInput::new(
-        &testkit::Projecting(&person),
-        &m,
-        &links,
-        &t,
-    ));
+    let mut input = PlanInput::new(&person, &m, &links, &t);
+    input.guard = delta::DeletionGuard::off();
+    let fast = delta::plan(&input);
+    let slow = delta::plan(&PlanInput {
+        projection: &testkit::Projecting(&person),
+        ..input
+    });
     assert_eq!(fast, slow);
-    assert!(
-        fast.issues
+    // Every user: a Person created, the User deleted (the rule names no `type_changed`: delete),
+    // both for the same reason; the groups' members follow the new objects.
+    let changed = delta::Reason::TargetTypeChanged {
+        from: "User".into(),
+        to: "Person".into(),
+    };
+    let of = |kind: &str, ty: &str| {
+        fast.operations
             .iter()
-            .any(|i| matches!(i, delta::Issue::TargetTypeChanged { .. })),
-        "{fast}"
-    );
+            .filter(|o| o.kind.name() == kind && o.target_type.is(ty))
+            .inspect(|o| assert_eq!(o.reason, changed, "{}", o.anchor))
+            .count()
+    };
+    assert_eq!(of("create", "Person"), users, "{fast}");
+    assert_eq!(of("delete", "User"), users, "{fast}");
+    assert!(fast.issues.is_empty(), "{fast}");
+    assert!(fast
+        .to_string()
+        .contains("target type changed: User → Person"));
+    // The groups, unchanged themselves, are planned again for their members: each member's new
+    // object replaces its old one in the same plan.
+    let groups: Vec<_> = fast
+        .operations
+        .iter()
+        .filter(|o| o.target_type.is("Group"))
+        .collect();
+    assert_eq!(groups.len(), 6, "{fast}");
+    assert!(groups.iter().all(|o| o.kind.name() == "references"));
+    assert_eq!(fast.stats.considered, m.len());
+    testkit::apply_accepted(&fast, &mut links, &mut t);
+    // The new objects took the links; the deletes of the old ones did not take them away.
+    assert_eq!(links.count(&"Person".into()), users);
+    assert_eq!(links.count(&"User".into()), 0);
+    let again = delta::plan(&PlanInput::new(&person, &m, &links, &t));
+    assert!(again.is_empty(), "{again}");
 }
 
 /// Every error of a rule set loaded from TOML has its file line and column, and its report shows

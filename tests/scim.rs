@@ -13,10 +13,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::build_sync;
-use std::net::TcpListener as StdListener;
+use common::{build_sync, free_port};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,87 +34,11 @@ use serde_json::{json, Value as Json};
 
 const TOKEN: &str = "test-token-123";
 
-/// A running scim2-server; killed on drop.
-struct Server {
-    child: Child,
-    base: String,
-    _dir: tempfile::TempDir,
-}
+/// A running scim2-server (see `common::scim2_server`).
+type Server = common::Scim2Server;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// The write requests (POST, PUT, PATCH, DELETE) the server has answered, by its own log.
-    fn writes(&self) -> usize {
-        let log = std::fs::read_to_string(self._dir.path().join("server.log")).unwrap();
-        log.lines()
-            .filter(|l| {
-                ["\"POST ", "\"PUT ", "\"PATCH ", "\"DELETE "]
-                    .iter()
-                    .any(|m| l.contains(m))
-            })
-            .count()
-    }
-}
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts scim2-server, or `None` (with the reason printed) when `DIRSYNC_SCIM2_SERVER` is unset.
-/// Panics — fails the test — when the variable is set but the server does not come up.
 fn server() -> Option<Server> {
-    let Some(bin) = std::env::var_os("DIRSYNC_SCIM2_SERVER") else {
-        eprintln!("skipped: DIRSYNC_SCIM2_SERVER is not set (scripts/test.sh installs scim2-server and sets it)");
-        return None;
-    };
-    let bin = PathBuf::from(bin);
-    for _ in 0..3 {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        // The server logs one line per request on stderr ("POST /v2/Users HTTP/1.1" 201 …).
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(&bin)
-            .args([
-                "--hostname",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--bearer-token",
-                TOKEN,
-            ])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("DIRSYNC_SCIM2_SERVER={} cannot start: {e}", bin.display()));
-        let mut s = Server {
-            child,
-            base: format!("http://127.0.0.1:{port}/v2"),
-            _dir: dir,
-        };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(15) {
-            if let Ok(Some(_)) = s.child.try_wait() {
-                break; // exited (port taken?): try another port
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = s.child.kill();
-    }
-    panic!("scim2-server ({}) did not become ready", bin.display());
+    common::scim2_server(TOKEN)
 }
 
 fn target(base: &str) -> ScimTarget {

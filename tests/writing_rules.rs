@@ -97,3 +97,69 @@ fn a_broken_snippet_is_caught() {
     assert_eq!(found.len(), 1);
     assert!(RuleSet::from_toml(&found[0].1, None).is_err());
 }
+
+/// The Deprovisioning section: the single form applies to every cause, the table form names each,
+/// and Entra provisioning's policy (its first rule set) disables a user who leaves scope,
+/// re-enables the same object when it returns, and deletes a user deleted at the source.
+#[test]
+fn the_deprovisioning_snippets_behave_as_the_guide_says() {
+    use dirsync::delta::{self, DeprovisionCause, Links, PlanInput, SourceMirror, TargetMirror};
+    use dirsync::model::{Entry, Value};
+    use dirsync::rules::ruleset::{DeprovisionConfig, DeprovisionPolicy};
+
+    let section = &GUIDE[GUIDE.find("\n## Deprovisioning").unwrap()..];
+    let section = &section[..section[1..].find("\n## ").unwrap_or(section.len() - 1) + 1];
+    let rules: Vec<RuleSet> = blocks(section, "toml")
+        .iter()
+        .map(|(_, t)| RuleSet::from_toml(t, None).unwrap())
+        .collect();
+    assert_eq!(rules.len(), 4);
+    let entra = &rules[0];
+    let d = &entra.config().rules[0].deprovision;
+    assert!(matches!(d.left_scope, DeprovisionPolicy::Disable { .. }));
+    assert_eq!(d.deleted, DeprovisionPolicy::Delete);
+    assert_eq!(
+        d.type_changed,
+        DeprovisionPolicy::Delete,
+        "a cause not named deletes"
+    );
+    assert_eq!(
+        rules[1].config().rules[0].deprovision,
+        DeprovisionConfig::all(DeprovisionPolicy::Unlink)
+    );
+    assert_eq!(
+        rules[2].config().rules[0]
+            .deprovision
+            .policy(DeprovisionCause::TypeChanged),
+        &DeprovisionPolicy::Unlink
+    );
+
+    let (mut mirror, mut links, mut target) =
+        (SourceMirror::new(), Links::new(), TargetMirror::new());
+    let ad = |a: &str, uac: i64| {
+        Entry::new(a, "user")
+            .with("objectGUID", a)
+            .with("userAccountControl", Value::Integer(uac))
+    };
+    let step = |mirror: &SourceMirror, links: &mut Links, target: &mut TargetMirror| {
+        let plan = delta::plan(&PlanInput::new(entra, mirror, links, target));
+        dirsync::testkit::apply_accepted(&plan, links, target);
+        plan
+    };
+    mirror.insert(ad("g1", 512));
+    mirror.insert(ad("g2", 512));
+    assert_eq!(step(&mirror, &mut links, &mut target).count("create"), 2);
+    let id = links.get(&"g1".into()).unwrap().target_id.clone();
+    mirror.insert(ad("g1", 514));
+    assert_eq!(step(&mirror, &mut links, &mut target).count("disable"), 1);
+    mirror.insert(ad("g1", 512));
+    let p = step(&mirror, &mut links, &mut target);
+    assert_eq!((p.count("update"), p.count("create")), (1, 0), "{p}");
+    assert_eq!(links.get(&"g1".into()).unwrap().target_id, id);
+    let active = target
+        .get(&id)
+        .and_then(|o| o.attributes.first("active").cloned());
+    assert_eq!(active, Some(Value::Boolean(true)));
+    mirror.remove(&"g2".into());
+    assert_eq!(step(&mirror, &mut links, &mut target).count("delete"), 1);
+}

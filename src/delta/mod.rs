@@ -11,8 +11,8 @@
 //! so.
 //!
 //! ```
-//! use dirsync::delta::{self, Deprovision, Desired, Flow, Link, Links, PlanInput, Projected,
-//!     Projection, ProjectionContext, SourceMirror, TargetMirror};
+//! use dirsync::delta::{self, Deprovision, DeprovisionCause, Desired, Flow, Link, Links,
+//!     PlanInput, Projected, Projection, ProjectionContext, SourceMirror, TargetMirror};
 //! use dirsync::model::Entry;
 //!
 //! /// Every user is in scope and flows its `cn` to the target's `displayName`.
@@ -22,8 +22,13 @@
 //!         let cn = e.get("cn").cloned().unwrap_or_default();
 //!         Projected::InScope(Desired::new("User").flow(Flow::new("displayName", cn)))
 //!     }
-//!     fn deprovision(&self, _: &Link, _: Option<&Entry>) -> Deprovision {
-//!         Deprovision::Delete
+//!     /// Users who leave scope are disabled (and re-enabled when they return); deleted ones
+//!     /// are deleted.
+//!     fn deprovision(&self, _: &Link, _: Option<&Entry>, cause: DeprovisionCause) -> Deprovision {
+//!         match cause {
+//!             DeprovisionCause::LeftScope => Deprovision::disable([("active", false)]),
+//!             _ => Deprovision::Delete,
+//!         }
 //!     }
 //! }
 //!
@@ -56,8 +61,8 @@ pub use plan::{
 };
 pub use planner::{plan, PlanInput, PlanScope};
 pub use projection::{
-    Apply, Deprovision, Desired, Flow, JoinGroup, Projected, Projection, ProjectionContext,
-    ProjectionError, WhenEmpty,
+    enabled_values, Apply, Deprovision, DeprovisionCause, Desired, Flow, JoinGroup, Projected,
+    Projection, ProjectionContext, ProjectionError, WhenEmpty,
 };
 pub use snapshot::{attribute_changes, SnapshotDiff};
 pub(crate) use state::{remove_references_to, resolve_change_values, resolve_references};

@@ -3,6 +3,7 @@
 //! errors, guard violations). A plan is a value: it serializes, prints as a table, and is applied
 //! later by the engine.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -172,6 +173,34 @@ pub enum Reason {
     },
     /// The object was deleted at the source.
     DeletedAtSource,
+    /// The object is in scope, but the rules now make a target object of another type: the
+    /// operation deprovisions the old object, or creates (joins) the new one.
+    TargetTypeChanged {
+        /// The linked object's type.
+        from: ObjectType,
+        /// The type the rules now make.
+        to: ObjectType,
+    },
+    /// The object is in scope again and its target object, disabled when it left, is
+    /// re-enabled (the changes may carry other attributes too).
+    Reenabled {
+        /// The attributes that re-enable it.
+        attributes: Vec<AttrName>,
+    },
+}
+
+impl Reason {
+    /// The deprovision cause, for the reason of a deprovision (and of the create that replaces
+    /// an object of another type).
+    pub fn cause(&self) -> Option<super::DeprovisionCause> {
+        use super::DeprovisionCause as C;
+        match self {
+            Reason::LeftScope { .. } => Some(C::LeftScope),
+            Reason::DeletedAtSource => Some(C::DeletedAtSource),
+            Reason::TargetTypeChanged { .. } => Some(C::TypeChanged),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Reason {
@@ -195,6 +224,16 @@ impl fmt::Display for Reason {
             }
             Reason::LeftScope { why, .. } => write!(f, "left scope ({why})"),
             Reason::DeletedAtSource => f.write_str("deleted at source"),
+            Reason::TargetTypeChanged { from, to } => {
+                write!(f, "target type changed: {from} → {to}")
+            }
+            Reason::Reenabled { attributes } => {
+                f.write_str("back in scope: re-enabled by")?;
+                for a in attributes {
+                    write!(f, " {a}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -336,9 +375,43 @@ impl Operation {
     /// is not lost with the one it references: what is left out waits for a later write (the
     /// engine keeps the object dirty, and its next plan brings the references).
     pub fn without_unresolved(&self, links: &Links) -> Option<Operation> {
+        self.without_unresolved_replacing(links, &HashMap::new())
+    }
+
+    /// [`Operation::without_unresolved`] in a plan that creates new objects for anchors still
+    /// linked to old ones (`replaced`: anchor → old target object, [`Plan::replaced`]): a pending
+    /// reference to such an anchor resolves only once its link names the new object, and until
+    /// then the old object stays referenced — its removal is left out too.
+    pub fn without_unresolved_replacing(
+        &self,
+        links: &Links,
+        replaced: &HashMap<Anchor, TargetId>,
+    ) -> Option<Operation> {
         let resolvable = |v: &Value| match v {
-            Value::Reference(Reference::Pending(a)) => links.get(a).is_some(),
+            Value::Reference(Reference::Pending(a)) => links
+                .get(a)
+                .is_some_and(|l| replaced.get(a) != Some(&l.target_id)),
             _ => true,
+        };
+        let all_values: Box<dyn Iterator<Item = &Value>> = match &self.kind {
+            OperationKind::Create { attributes, .. } => {
+                Box::new(attributes.iter().flat_map(|(_, vs)| vs.iter()))
+            }
+            OperationKind::UpdateReferences { changes, .. } => {
+                Box::new(changes.iter().flat_map(|c| c.values.iter()))
+            }
+            _ => return None,
+        };
+        let still_old: HashSet<&TargetId> = all_values
+            .filter(|v| !resolvable(v))
+            .filter_map(|v| match v {
+                Value::Reference(Reference::Pending(a)) => replaced.get(a),
+                _ => None,
+            })
+            .collect();
+        let unresolved = |v: &Value| {
+            !resolvable(v)
+                || matches!(v, Value::Reference(Reference::Target(id)) if still_old.contains(id))
         };
         let kind = match &self.kind {
             OperationKind::Create {
@@ -346,12 +419,12 @@ impl Operation {
                 secrets,
                 lookup,
             } => {
-                if attributes.iter().all(|(_, vs)| vs.iter().all(resolvable)) {
+                if !attributes.iter().any(|(_, vs)| vs.iter().any(unresolved)) {
                     return None;
                 }
                 let mut kept = Attributes::with_capacity(attributes.len());
                 for (n, vs) in attributes.iter() {
-                    let vs: Values = vs.iter().filter(|v| resolvable(v)).cloned().collect();
+                    let vs: Values = vs.iter().filter(|v| !unresolved(v)).cloned().collect();
                     if !vs.is_empty() {
                         kept.set(n.clone(), vs);
                     }
@@ -363,13 +436,13 @@ impl Operation {
                 }
             }
             OperationKind::UpdateReferences { target, changes } => {
-                if changes.iter().all(|c| c.values.iter().all(resolvable)) {
+                if !changes.iter().any(|c| c.values.iter().any(unresolved)) {
                     return None;
                 }
                 let mut kept = Vec::with_capacity(changes.len());
                 for c in changes {
                     let mut c = c.clone();
-                    c.values.retain(|v| resolvable(v));
+                    c.values.retain(|v| !unresolved(v));
                     if !c.values.is_empty() || c.op == ChangeOp::Replace {
                         kept.push(c);
                     }
@@ -431,15 +504,6 @@ pub enum Issue {
         /// Why.
         reason: String,
     },
-    /// The linked object's target type differs from the one the rules now give.
-    TargetTypeChanged {
-        /// The source object.
-        anchor: Anchor,
-        /// The linked object's type.
-        linked: ObjectType,
-        /// The type the rules give.
-        desired: ObjectType,
-    },
 }
 
 impl Issue {
@@ -449,8 +513,7 @@ impl Issue {
             Issue::JoinConflict { anchor, .. }
             | Issue::UnresolvedReference { anchor, .. }
             | Issue::ProjectionFailed { anchor, .. }
-            | Issue::Held { anchor, .. }
-            | Issue::TargetTypeChanged { anchor, .. } => Some(anchor),
+            | Issue::Held { anchor, .. } => Some(anchor),
             Issue::DuplicateJoin { anchors, .. } => anchors.first(),
         }
     }
@@ -492,14 +555,6 @@ impl fmt::Display for Issue {
             ),
             Issue::ProjectionFailed { anchor, error } => write!(f, "{anchor}: {error}"),
             Issue::Held { anchor, reason } => write!(f, "{anchor}: held: {reason}"),
-            Issue::TargetTypeChanged {
-                anchor,
-                linked,
-                desired,
-            } => write!(
-                f,
-                "{anchor}: linked to a {linked} but the rules now make a {desired}; not changed"
-            ),
         }
     }
 }
@@ -573,6 +628,17 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The objects this plan creates anew for anchors that `links` still links to old ones (a
+    /// changed target type, a target object gone): anchor → the old target object, named by the
+    /// link until the create succeeds (see [`Operation::without_unresolved_replacing`]).
+    pub fn replaced(&self, links: &Links) -> HashMap<Anchor, TargetId> {
+        self.operations
+            .iter()
+            .filter(|o| matches!(o.kind, OperationKind::Create { .. }))
+            .filter_map(|o| Some((o.anchor.clone(), links.get(&o.anchor)?.target_id.clone())))
+            .collect()
+    }
+
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.operations.is_empty()

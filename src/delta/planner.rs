@@ -13,7 +13,8 @@ use super::guard::DeletionGuard;
 use super::order::{order_creates, CreateOrder, CreateReferences};
 use super::plan::{Issue, Operation, OperationKind, Plan, PlanStats, Reason, TargetRef};
 use super::projection::{
-    Apply, Deprovision, Desired, Flow, Projected, Projection, ProjectionContext, WhenEmpty,
+    Apply, Deprovision, DeprovisionCause, Desired, Flow, Projected, Projection, ProjectionContext,
+    WhenEmpty,
 };
 use super::state::{Link, Links, SourceMirror, TargetMirror};
 use crate::model::{
@@ -103,6 +104,12 @@ struct Pending {
     source_type: ObjectType,
     desired: Desired,
     action: Action,
+    /// The changes that re-enable a linked (or joined) object disabled when it left (see
+    /// [`reenable`]).
+    enable: Vec<AttributeChange>,
+    /// The deprovision of the old object when the target type changed: planned with the new
+    /// object's create or join, and dropped with it when phase B drops it.
+    retire: Option<Box<Operation>>,
 }
 
 enum Action {
@@ -198,6 +205,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     };
     redecide_referrers(input, &ctx, &mut tally);
 
+    replan_referrers_of_recreated(input, containers, &mut tally);
+
     let mut stats = tally.stats;
     let mut ops: Vec<Operation> = std::mem::take(&mut tally.ops);
     let mut issues: Vec<Issue> = std::mem::take(&mut tally.issues);
@@ -286,6 +295,60 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     };
     plan.guard_violations = input.guard.check(&plan, input.links);
     plan
+}
+
+/// Objects this plan creates anew while they are linked — their target object is gone, or the
+/// rules now make one of another type — are referred to by their new objects (phase C makes
+/// those references pending). Their referrers that phase A found unchanged, because they refer
+/// to the old object through its link, are decided again with that link set aside, so the
+/// references move to the new object in the same plan.
+fn replan_referrers_of_recreated(
+    input: &PlanInput<'_>,
+    containers: &ContainerBindings,
+    tally: &mut Tally,
+) {
+    let recreated: HashSet<Anchor> = tally
+        .pending
+        .iter()
+        .filter(|p| matches!(p.action, Action::Create) && input.links.get(&p.anchor).is_some())
+        .map(|p| p.anchor.clone())
+        .collect();
+    if recreated.is_empty() {
+        return;
+    }
+    let decided: HashSet<&Anchor> = tally
+        .pending
+        .iter()
+        .map(|p| &p.anchor)
+        .chain(tally.ops.iter().map(|o| &o.anchor))
+        .chain(tally.issues.iter().filter_map(Issue::anchor))
+        .collect();
+    let again: Vec<Anchor> = recreated
+        .iter()
+        .flat_map(|a| input.mirror.referrers(a))
+        .map(|(r, _)| r)
+        .filter(|r| !decided.contains(r))
+        .cloned()
+        .collect::<BTreeSet<Anchor>>()
+        .into_iter()
+        .collect();
+    let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target)
+        .with_containers(containers);
+    ctx.links = Some(input.links);
+    ctx.recreated = Some(&recreated);
+    let more = seq_tally(&again, |a| {
+        let link = input.links.get(a);
+        (
+            decide(input, &ctx, a, input.mirror.get(a), link, false),
+            link.is_some(),
+        )
+    });
+    // Phase A counted each of them, the ones in scope as unchanged.
+    let stats = &mut tally.stats;
+    stats.considered = stats.considered.saturating_sub(more.stats.considered);
+    stats.in_scope = stats.in_scope.saturating_sub(more.stats.in_scope);
+    stats.unchanged = stats.unchanged.saturating_sub(more.stats.in_scope);
+    tally.absorb(more);
 }
 
 /// What phase A found: the statistics so far and the decisions that are not "nothing to do".
@@ -457,7 +520,16 @@ fn decide(
 ) -> Decision {
     let Some(entry) = entry else {
         return match link {
-            Some(link) => deprovision(input, link, None, Reason::DeletedAtSource),
+            Some(link) => deprovision(
+                input,
+                link,
+                None,
+                DeprovisionCause::DeletedAtSource,
+                Reason::DeletedAtSource,
+            )
+            .map_or(Decision::Nothing { in_scope: false }, |op| {
+                Decision::Op(Box::new(op))
+            }),
             None => Decision::Nothing { in_scope: false },
         };
     };
@@ -480,11 +552,15 @@ fn decide(
                 input,
                 link,
                 Some(entry),
+                DeprovisionCause::LeftScope,
                 Reason::LeftScope {
                     why,
                     container: None,
                 },
-            ),
+            )
+            .map_or(Decision::Nothing { in_scope: false }, |op| {
+                Decision::Op(Box::new(op))
+            }),
             None => Decision::Nothing { in_scope: false },
         },
         Projected::OutOfContainer { why, container } => match link {
@@ -492,8 +568,12 @@ fn decide(
                 input,
                 link,
                 Some(entry),
+                DeprovisionCause::LeftScope,
                 Reason::LeftScope { why, container },
-            ),
+            )
+            .map_or(Decision::Nothing { in_scope: false }, |op| {
+                Decision::Op(Box::new(op))
+            }),
             None => Decision::Nothing { in_scope: false },
         },
         Projected::Held(reason) => Decision::Issue(Box::new(Issue::Held {
@@ -507,18 +587,16 @@ fn decide(
         Projected::InScope(desired) => {
             if let Some(link) = link {
                 if link.target_type != desired.target_type {
-                    return Decision::Issue(Box::new(Issue::TargetTypeChanged {
-                        anchor: anchor.clone(),
-                        linked: link.target_type.clone(),
-                        desired: desired.target_type,
-                    }));
+                    return replace_type(input, anchor, entry, link, desired);
                 }
                 return match input.target.get(&link.target_id) {
                     Some(current) => {
+                        let enable = reenable(input, link, entry, &desired, current);
                         // The common case: nothing changed. Decide it without allocating.
                         let mut hint = 0;
-                        let refs = Some(Refs::of(input));
+                        let refs = ctx.refs();
                         if shortcuts
+                            && enable.is_empty()
                             && desired.flows.iter().all(|f| {
                                 f.apply == Apply::OnCreate
                                     || flow_holds(
@@ -531,27 +609,23 @@ fn decide(
                         {
                             return Decision::Nothing { in_scope: true };
                         }
-                        object(
+                        let mut d = object(
                             entry,
                             desired,
                             Action::Update {
                                 target_id: link.target_id.clone(),
                             },
-                        )
+                        );
+                        if let Decision::Object(p) = &mut d {
+                            p.enable = enable;
+                        }
+                        d
                     }
                     None => object(entry, desired, Action::Create),
                 };
             }
             match join(input, anchor, &desired) {
-                Ok(Some((target_id, group, on))) => object(
-                    entry,
-                    desired,
-                    Action::Join {
-                        target_id,
-                        group,
-                        on,
-                    },
-                ),
+                Ok(Some(found)) => joined(input, entry, desired, found),
                 Ok(None) => object(entry, desired, Action::Create),
                 Err(issue) => Decision::Issue(Box::new(issue)),
             }
@@ -565,7 +639,75 @@ fn object(entry: &Entry, desired: Desired, action: Action) -> Decision {
         source_type: entry.object_type.clone(),
         desired,
         action,
+        enable: Vec::new(),
+        retire: None,
     }))
+}
+
+/// A join of `entry` to the target object a join group found; a joined object holding the values
+/// its rules disable with is re-enabled as a linked one would be ([`reenable`]).
+fn joined(input: &PlanInput<'_>, entry: &Entry, desired: Desired, found: JoinMatch) -> Decision {
+    let (target_id, group, on) = found;
+    let enable = match input.target.get(&target_id) {
+        Some(current) => {
+            let link = Link {
+                anchor: entry.anchor.clone(),
+                source_type: entry.object_type.clone(),
+                target_id: target_id.clone(),
+                target_type: desired.target_type.clone(),
+            };
+            reenable(input, &link, entry, &desired, current)
+        }
+        None => Vec::new(),
+    };
+    let mut d = object(
+        entry,
+        desired,
+        Action::Join {
+            target_id,
+            group,
+            on,
+        },
+    );
+    if let Decision::Object(p) = &mut d {
+        p.enable = enable;
+    }
+    d
+}
+
+/// An object linked to a target object of another type than its rules now make: the new object
+/// is created (or joined) and the old one deprovisioned by the rules' `type_changed` policy, in
+/// the same plan. The create comes first (its phase), the deprovision last: a failed create
+/// defers the deprovision (the engine never runs an object's later phases after a failure), so
+/// the old object is never gone before the new one exists. A join conflict for the new object
+/// leaves the old one as it is.
+fn replace_type(
+    input: &PlanInput<'_>,
+    anchor: &Anchor,
+    entry: &Entry,
+    link: &Link,
+    desired: Desired,
+) -> Decision {
+    let reason = Reason::TargetTypeChanged {
+        from: link.target_type.clone(),
+        to: desired.target_type.clone(),
+    };
+    let mut d = match join(input, anchor, &desired) {
+        Ok(Some(found)) => joined(input, entry, desired, found),
+        Ok(None) => object(entry, desired, Action::Create),
+        Err(issue) => return Decision::Issue(Box::new(issue)),
+    };
+    let retire = deprovision(
+        input,
+        link,
+        Some(entry),
+        DeprovisionCause::TypeChanged,
+        reason,
+    );
+    if let Decision::Object(p) = &mut d {
+        p.retire = retire.map(Box::new);
+    }
+    d
 }
 
 /// A join's result: the target object, the group (0-based) and the values it matched on.
@@ -607,36 +749,40 @@ fn join(
     Ok(None)
 }
 
+/// The operation that deprovisions `link`'s target object for `cause`, as the projection
+/// decides; `None` when there is nothing to do (a disable already in place).
 fn deprovision(
     input: &PlanInput<'_>,
     link: &Link,
     entry: Option<&Entry>,
+    cause: DeprovisionCause,
     reason: Reason,
-) -> Decision {
+) -> Option<Operation> {
     let op = |kind| {
-        Decision::Op(Box::new(Operation {
+        Some(Operation {
             anchor: link.anchor.clone(),
             source_type: link.source_type.clone(),
             target_type: link.target_type.clone(),
             kind,
             reason: reason.clone(),
-        }))
+        })
+    };
+    let unlink = || {
+        op(OperationKind::Unlink {
+            target_id: link.target_id.clone(),
+        })
     };
     let Some(current) = input.target.get(&link.target_id) else {
         // The target object is already gone: only the link remains to forget.
-        return op(OperationKind::Unlink {
-            target_id: link.target_id.clone(),
-        });
+        return unlink();
     };
-    match input.projection.deprovision(link, entry) {
+    match input.projection.deprovision(link, entry, cause) {
         Deprovision::Delete => op(OperationKind::Delete {
             target_id: link.target_id.clone(),
         }),
-        Deprovision::Unlink => op(OperationKind::Unlink {
-            target_id: link.target_id.clone(),
-        }),
-        Deprovision::Disable(attrs) => {
-            let changes: Vec<AttributeChange> = attrs
+        Deprovision::Unlink => unlink(),
+        Deprovision::Disable { set, .. } => {
+            let changes: Vec<AttributeChange> = set
                 .into_iter()
                 .filter_map(|(name, values)| {
                     let flow = Flow::new(name, values);
@@ -648,16 +794,63 @@ fn deprovision(
                     .map(|mut c| c.remove(0))
                 })
                 .collect();
-            if changes.is_empty() {
-                Decision::Nothing { in_scope: false }
-            } else {
+            if !changes.is_empty() {
                 op(OperationKind::Disable {
                     target_id: link.target_id.clone(),
                     changes,
                 })
+            } else if cause == DeprovisionCause::TypeChanged {
+                // Already disabled; the new object takes the link.
+                unlink()
+            } else {
+                None
             }
         }
     }
+}
+
+/// The changes that re-enable `current`, the target object of a linked object `entry` that is in
+/// scope: for each attribute a disable of its rules sets ([`DeprovisionCause::KEEPING_THE_LINK`]:
+/// left scope, deleted) that no flow of `desired` writes, when `current` holds the disabled
+/// values, the policy's enabled values. State-based, as the rest of the plan: a target object
+/// disabled by the rules' values is re-enabled whoever disabled it (the rules manage those
+/// attributes).
+fn reenable(
+    input: &PlanInput<'_>,
+    link: &Link,
+    entry: &Entry,
+    desired: &Desired,
+    current: &TargetObject,
+) -> Vec<AttributeChange> {
+    let mut out: Vec<AttributeChange> = Vec::new();
+    for cause in DeprovisionCause::KEEPING_THE_LINK {
+        let Deprovision::Disable { set, enable } =
+            input.projection.deprovision(link, Some(entry), cause)
+        else {
+            continue;
+        };
+        for (attribute, disabled) in set {
+            let written = desired.flows.iter().any(|f| {
+                f.attribute == attribute
+                    && f.apply == Apply::Always
+                    && (!f.values.is_empty() || f.when_empty == WhenEmpty::Clear)
+            });
+            if written || out.iter().any(|c| c.attribute == attribute) {
+                continue;
+            }
+            let Some((_, enabled)) = enable.iter().find(|(a, _)| *a == attribute) else {
+                continue;
+            };
+            let have = current.attributes.get(attribute.as_str());
+            if !have.is_some_and(|h| disabled.same_set(h, true)) {
+                continue;
+            }
+            if let Some(mut c) = diff_flow(&Flow::new(attribute, enabled.clone()), have, false) {
+                out.append(&mut c);
+            }
+        }
+    }
+    out
 }
 
 fn has_references(flow: &Flow) -> bool {
@@ -669,14 +862,18 @@ fn has_references(flow: &Flow) -> bool {
 pub(crate) struct Refs<'a> {
     pub(crate) mirror: &'a SourceMirror,
     pub(crate) links: &'a Links,
+    /// Objects this plan creates anew while they are still linked (see [`plan`]): a reference to
+    /// one does not resolve through its old link.
+    pub(crate) recreated: Option<&'a HashSet<Anchor>>,
 }
 
 impl<'a> Refs<'a> {
-    fn of(input: &PlanInput<'a>) -> Refs<'a> {
-        Refs {
-            mirror: input.mirror,
-            links: input.links,
+    /// The target id of `anchor`'s existing link, unless the plan creates it anew.
+    fn linked(self, anchor: &Anchor) -> Option<&'a TargetId> {
+        if self.recreated.is_some_and(|r| r.contains(anchor)) {
+            return None;
         }
+        self.links.get(anchor).map(|l| &l.target_id)
     }
 }
 
@@ -747,9 +944,7 @@ fn translate_ref<'a>(refs: Refs<'a>, v: &'a Value) -> Option<TranslatedRef<'a>> 
         Value::Reference(Reference::Target(id)) => Some(TranslatedRef::Target(id)),
         Value::Reference(r) => {
             let a = refs.mirror.resolve_ref(r)?;
-            refs.links
-                .get(a)
-                .map(|l| TranslatedRef::Target(&l.target_id))
+            refs.linked(a).map(TranslatedRef::Target)
         }
         other => Some(TranslatedRef::Value(other)),
     }
@@ -776,7 +971,7 @@ fn translate_existing(refs: Refs<'_>, r: &Reference) -> Option<TargetId> {
         Reference::Target(id) => Some(id.clone()),
         other => {
             let a = refs.mirror.resolve(other)?;
-            refs.links.get(&a).map(|l| l.target_id.clone())
+            refs.linked(&a).cloned()
         }
     }
 }
@@ -1159,10 +1354,10 @@ fn finish(
     let mut ops = Vec::new();
     match &p.action {
         Action::Create => {
-            let reason = if input.links.get(&p.anchor).is_some() {
-                Reason::TargetMissing
-            } else {
-                Reason::EnteredScope
+            let reason = match (input.links.get(&p.anchor), &p.retire) {
+                (Some(_), Some(retire)) => retire.reason.clone(),
+                (Some(_), None) => Reason::TargetMissing,
+                (None, _) => Reason::EnteredScope,
             };
             ops.push(op(
                 OperationKind::Create {
@@ -1191,6 +1386,7 @@ fn finish(
                 group: *group,
                 on: on.clone(),
             };
+            plain.extend(p.enable.iter().cloned());
             ops.push(op(
                 OperationKind::Join {
                     target_id: target_id.clone(),
@@ -1210,6 +1406,17 @@ fn finish(
             }
         }
         Action::Update { target_id } => {
+            if !p.enable.is_empty() {
+                let attributes = p.enable.iter().map(|c| c.attribute.clone()).collect();
+                plain.extend(p.enable.iter().cloned());
+                ops.push(op(
+                    OperationKind::Update {
+                        target: TargetRef::Existing(target_id.clone()),
+                        changes: std::mem::take(&mut plain),
+                    },
+                    Reason::Reenabled { attributes },
+                ));
+            }
             if !plain.is_empty() {
                 let r = changed(&plain);
                 ops.push(op(
@@ -1232,6 +1439,7 @@ fn finish(
             }
         }
     }
+    ops.extend(p.retire.as_deref().cloned());
     (ops, issues)
 }
 

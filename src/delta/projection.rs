@@ -45,9 +45,21 @@ pub trait Projection: Send + Sync {
         Vec::new()
     }
 
-    /// What to do with the target object of `link` when its source object left scope
-    /// (`entry` is `Some`) or was deleted at the source (`entry` is `None`).
-    fn deprovision(&self, link: &Link, entry: Option<&Entry>) -> Deprovision;
+    /// What to do with the target object of `link`, and why ([`DeprovisionCause`]): its source
+    /// object left scope (`entry` is `Some`), was deleted at the source (`entry` is `None`), or
+    /// is in scope but now makes a target object of another type (`entry` is `Some`; the planner
+    /// creates or joins the new object in the same plan).
+    ///
+    /// The planner also asks it about a linked object that is in scope, with the causes that
+    /// keep the link ([`DeprovisionCause::LeftScope`], [`DeprovisionCause::DeletedAtSource`]): a
+    /// [`Deprovision::Disable`] answer tells it what a disabled object looks like and what
+    /// re-enables it when it returns.
+    fn deprovision(
+        &self,
+        link: &Link,
+        entry: Option<&Entry>,
+        cause: DeprovisionCause,
+    ) -> Deprovision;
 }
 
 /// What the planner hands a projection besides the entry.
@@ -61,6 +73,9 @@ pub struct ProjectionContext<'a> {
     pub(crate) links: Option<&'a Links>,
     /// The bound containers of [`Projection::containers`] (set by the planner).
     pub(crate) containers: Option<&'a super::ContainerBindings>,
+    /// Objects the plan creates anew while linked: references to them do not translate
+    /// through their old links (set by the planner).
+    pub(crate) recreated: Option<&'a HashSet<Anchor>>,
 }
 
 impl<'a> ProjectionContext<'a> {
@@ -79,6 +94,7 @@ impl<'a> ProjectionContext<'a> {
             claimed: None,
             links: None,
             containers: None,
+            recreated: None,
         }
     }
 
@@ -93,6 +109,16 @@ impl<'a> ProjectionContext<'a> {
     /// anchors and current DNs; `None` in a context made without them.
     pub fn containers(&self) -> Option<&'a super::ContainerBindings> {
         self.containers
+    }
+
+    /// What source references translate through (`None` in a context the planner did not
+    /// make).
+    pub(crate) fn refs(&self) -> Option<super::planner::Refs<'a>> {
+        self.links.map(|links| super::planner::Refs {
+            mirror: self.mirror,
+            links,
+            recreated: self.recreated,
+        })
     }
 
     /// The instant the run is planned for (`Now()`).
@@ -157,11 +183,7 @@ impl<'a> ProjectionContext<'a> {
     /// assert!(ctx.flow_holds(&title, &Values::new(), Some(&values(["Engineer"]))));
     /// ```
     pub fn flow_holds(&self, flow: &Flow, values: &Values, have: Option<&Values>) -> bool {
-        let refs = self.links.map(|links| super::planner::Refs {
-            mirror: self.mirror,
-            links,
-        });
-        super::planner::flow_holds(flow, values, have, refs)
+        super::planner::flow_holds(flow, values, have, self.refs())
     }
 
     /// Whether no target object of `object_type` has `value` in `attribute` (strings compared
@@ -421,15 +443,173 @@ impl Flow {
     }
 }
 
-/// What happens to a linked target object when its source object leaves scope or is deleted.
+/// Why a linked target object is deprovisioned: rules choose a [`Deprovision`] per cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeprovisionCause {
+    /// The source object still exists but is no longer in scope (a scoping filter, a container,
+    /// a rule that no longer applies). It may come back.
+    LeftScope,
+    /// The source object was deleted at the source.
+    #[serde(rename = "deleted")]
+    DeletedAtSource,
+    /// The source object is in scope, but the rules now make a target object of another type:
+    /// the old one is deprovisioned and a new one created (or joined) in the same plan.
+    TypeChanged,
+}
+
+impl DeprovisionCause {
+    /// Every cause, in order.
+    pub const ALL: [DeprovisionCause; 3] = [
+        DeprovisionCause::LeftScope,
+        DeprovisionCause::DeletedAtSource,
+        DeprovisionCause::TypeChanged,
+    ];
+
+    /// The causes whose deprovision keeps the link (a disable): the object may return to them.
+    pub const KEEPING_THE_LINK: [DeprovisionCause; 2] = [
+        DeprovisionCause::LeftScope,
+        DeprovisionCause::DeletedAtSource,
+    ];
+
+    /// The name rule files use: `left_scope`, `deleted`, `type_changed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeprovisionCause::LeftScope => "left_scope",
+            DeprovisionCause::DeletedAtSource => "deleted",
+            DeprovisionCause::TypeChanged => "type_changed",
+        }
+    }
+}
+
+impl std::fmt::Display for DeprovisionCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeprovisionCause::LeftScope => "left scope",
+            DeprovisionCause::DeletedAtSource => "deleted at source",
+            DeprovisionCause::TypeChanged => "target type changed",
+        })
+    }
+}
+
+/// What happens to a linked target object for one [`DeprovisionCause`].
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Deprovision {
-    /// Delete the target object.
+    /// Delete the target object (and forget the link).
     #[default]
     Delete,
-    /// Disable it by setting these attributes (`accountEnabled = false`, `active = false`).
-    Disable(Vec<(AttrName, Values)>),
-    /// Leave it as it is and forget the link.
+    /// Disable it by setting attributes (`active = false`, `accountEnabled = false`), keeping
+    /// the link: when the source object is in scope again, the same target object is
+    /// re-enabled, never created anew.
+    ///
+    /// For a changed target type the attributes are set on the old object, which then keeps
+    /// no link (the new object takes it).
+    Disable {
+        /// The attributes and values that disable the object.
+        set: Vec<(AttrName, Values)>,
+        /// The values that re-enable it. The planner sets them on a linked object that is in
+        /// scope when its target object holds an attribute's disabled values (from `set`) and
+        /// no flow of the object writes that attribute (a flow that does brings it back
+        /// itself). An attribute of `set` without an entry here is not re-enabled by the
+        /// planner.
+        enable: Vec<(AttrName, Values)>,
+    },
+    /// Leave the target object as it is and forget the link.
     Unlink,
+}
+
+impl Deprovision {
+    /// A disable by `set`, re-enabled by the opposite of each Boolean value (`active = false`
+    /// is undone by `active = true`); other values are not re-enabled unless given with
+    /// [`Deprovision::enable`].
+    ///
+    /// ```
+    /// use dirsync::delta::Deprovision;
+    /// use dirsync::model::Values;
+    ///
+    /// let d = Deprovision::disable([("active", false)]);
+    /// let Deprovision::Disable { enable, .. } = &d else { unreachable!() };
+    /// assert_eq!(enable[0].1, Values::one(true));
+    /// let d = Deprovision::disable([("employeeType", "Disabled")]).enable("employeeType", "Employee");
+    /// assert_eq!(d.to_string(), "disable: employeeType = Disabled (re-enabled with employeeType = Employee)");
+    /// ```
+    pub fn disable<A: Into<AttrName>, V: Into<Value>>(
+        set: impl IntoIterator<Item = (A, V)>,
+    ) -> Deprovision {
+        let set: Vec<(AttrName, Values)> = set
+            .into_iter()
+            .map(|(a, v)| (a.into(), Values::one(v)))
+            .collect();
+        let enable = set
+            .iter()
+            .filter_map(|(a, v)| Some((a.clone(), enabled_values(v)?)))
+            .collect();
+        Deprovision::Disable { set, enable }
+    }
+
+    /// Sets the value that re-enables `attribute` (builder style; no effect unless a disable).
+    pub fn enable(mut self, attribute: impl Into<AttrName>, value: impl Into<Value>) -> Self {
+        if let Deprovision::Disable { enable, .. } = &mut self {
+            let attribute = attribute.into();
+            enable.retain(|(a, _)| *a != attribute);
+            enable.push((attribute, Values::one(value)));
+        }
+        self
+    }
+
+    /// A short name: `delete`, `disable`, `unlink`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Deprovision::Delete => "delete",
+            Deprovision::Disable { .. } => "disable",
+            Deprovision::Unlink => "unlink",
+        }
+    }
+}
+
+/// The values that undo `disabled` when it is one Boolean: its opposite.
+pub fn enabled_values(disabled: &Values) -> Option<Values> {
+    match &disabled[..] {
+        [Value::Boolean(b)] => Some(Values::one(!*b)),
+        _ => None,
+    }
+}
+
+impl std::fmt::Display for Deprovision {
+    /// `delete`, `unlink`, or `disable: active = false (re-enabled with active = true)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pairs = |f: &mut std::fmt::Formatter<'_>, list: &[(AttrName, Values)]| {
+            for (i, (a, v)) in list.iter().enumerate() {
+                // Booleans as a rule file writes them (`false`), not as LDAP does (`FALSE`).
+                let text: Vec<String> = v
+                    .iter()
+                    .map(|x| match x {
+                        Value::Boolean(b) => b.to_string(),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                write!(
+                    f,
+                    "{}{a} = {}",
+                    if i > 0 { ", " } else { "" },
+                    text.join(" | ")
+                )?;
+            }
+            Ok(())
+        };
+        match self {
+            Deprovision::Disable { set, enable } => {
+                f.write_str("disable: ")?;
+                pairs(f, set)?;
+                if !enable.is_empty() {
+                    f.write_str(" (re-enabled with ")?;
+                    pairs(f, enable)?;
+                    f.write_str(")")?;
+                }
+                Ok(())
+            }
+            other => f.write_str(other.name()),
+        }
+    }
 }

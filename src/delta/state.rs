@@ -574,7 +574,13 @@ impl Links {
                 target_id: target_id.clone(),
                 target_type: op.target_type.clone(),
             }),
-            (K::Delete { .. }, _) | (K::Unlink { .. }, _) => {
+            // Only the link to the object the operation is about: the anchor may be linked to a
+            // new object already (a changed target type creates it first).
+            (K::Delete { target_id }, _) | (K::Unlink { target_id }, _)
+                if self
+                    .get(&op.anchor)
+                    .is_some_and(|l| l.target_id == *target_id) =>
+            {
                 self.remove(&op.anchor);
             }
             _ => {}

@@ -1151,6 +1151,7 @@ impl Synchronizer {
             .into_iter()
             .map(|e| (e.anchor, e.next_retry))
             .collect();
+        let replaced = plan.replaced(&views.links);
         let links = Arc::new(Mutex::new(views.links));
         let total = plan.operations.len() as u64;
         let mut done_count = 0u64;
@@ -1187,8 +1188,9 @@ impl Synchronizer {
             // A create starts once the creates it references have finished.
             let mut results = order::ordered(runnable, concurrency, |op| {
                 let links = links.clone();
+                let replaced = &replaced;
                 async move {
-                    let outcome = this.export_one(run, &op, &links).await;
+                    let outcome = this.export_one(run, &op, &links, replaced).await;
                     (op, outcome)
                 }
             });
@@ -1329,13 +1331,14 @@ impl Synchronizer {
         run: RunId,
         op: &Operation,
         links: &Mutex<Links>,
+        replaced: &HashMap<Anchor, TargetId>,
     ) -> Result<Exported, OpFailure> {
         let span = info_span!("op", anchor = %op.anchor, kind = op.kind.name(), target_type = %op.target_type);
         async move {
             // References to objects whose create failed in this run are left out (the rest is
             // applied, a create still creates); the object stays dirty and gets them once those
-            // objects exist.
-            let stripped = op.without_unresolved(&lock(links));
+            // objects exist. An object created anew resolves once its new object exists.
+            let stripped = op.without_unresolved_replacing(&lock(links), replaced);
             let partial = stripped.is_some();
             let op = stripped.as_ref().unwrap_or(op);
             if partial && matches!(&op.kind, OperationKind::UpdateReferences { changes, .. } if changes.is_empty()) {

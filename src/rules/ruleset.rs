@@ -31,7 +31,7 @@
 //! Pure: the rules read no clock and no randomness of their own; `now` and a per-object seed come
 //! from the planner.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
@@ -39,8 +39,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::delta::{
     Apply, ContainerBindings, ContainerDecision, ContainerRef, ContainerScope, Deprovision,
-    Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext, ProjectionError,
-    WhenEmpty,
+    DeprovisionCause, Desired, Flow, JoinGroup, Link, Projected, Projection, ProjectionContext,
+    ProjectionError, WhenEmpty,
 };
 use crate::model::{Anchor, AttrName, Dn, Entry, ObjectType, Value, Values};
 use crate::rules::context::{EvalContext, SeededRng};
@@ -255,20 +255,234 @@ impl FlowConfig {
     }
 }
 
-/// The deprovision policy.
+/// What a rule does with a linked target object that its source object no longer wants, per
+/// [`DeprovisionCause`]: left scope, deleted at the source, or now of another target type.
+///
+/// Two forms, in TOML and JSON alike. One policy for every cause:
+///
+/// ```toml
+/// deprovision = { action = "disable", set = { active = false } }
+/// ```
+///
+/// or one per cause, each optional (a cause not named deletes):
+///
+/// ```toml
+/// deprovision = { left_scope = { action = "disable", set = { active = false } }, deleted = { action = "delete" } }
+/// ```
+///
+/// No `deprovision` at all deletes for every cause (Entra Connect Sync's behaviour). A disable
+/// keeps the link, and a returning object gets its enabled values back (`enable`, by default
+/// the opposite of each Boolean of `set`): the same target object, never a new one.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
-pub enum DeprovisionConfig {
+#[serde(try_from = "DeprovisionToml", into = "DeprovisionToml")]
+pub struct DeprovisionConfig {
+    /// When the source object leaves scope.
+    pub left_scope: DeprovisionPolicy,
+    /// When the source object is deleted at the source.
+    pub deleted: DeprovisionPolicy,
+    /// When the rules now make a target object of another type (the old object's fate; the
+    /// new one is created in the same run).
+    pub type_changed: DeprovisionPolicy,
+}
+
+impl DeprovisionConfig {
+    /// The same policy for every cause (the single-policy form).
+    pub fn all(policy: DeprovisionPolicy) -> DeprovisionConfig {
+        DeprovisionConfig {
+            left_scope: policy.clone(),
+            deleted: policy.clone(),
+            type_changed: policy,
+        }
+    }
+
+    /// The policy for `cause`.
+    pub fn policy(&self, cause: DeprovisionCause) -> &DeprovisionPolicy {
+        match cause {
+            DeprovisionCause::LeftScope => &self.left_scope,
+            DeprovisionCause::DeletedAtSource => &self.deleted,
+            DeprovisionCause::TypeChanged => &self.type_changed,
+        }
+    }
+
+    /// The policy for `cause`, to change it.
+    pub fn policy_mut(&mut self, cause: DeprovisionCause) -> &mut DeprovisionPolicy {
+        match cause {
+            DeprovisionCause::LeftScope => &mut self.left_scope,
+            DeprovisionCause::DeletedAtSource => &mut self.deleted,
+            DeprovisionCause::TypeChanged => &mut self.type_changed,
+        }
+    }
+}
+
+/// One deprovision action (`action = "delete" | "disable" | "unlink"`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PolicyToml", into = "PolicyToml")]
+pub enum DeprovisionPolicy {
     /// Delete the target object.
     #[default]
     Delete,
-    /// Set these attributes (`active = false`).
+    /// Set these attributes (`active = false`), keep the link; re-enable on return.
     Disable {
-        /// Attribute → value.
-        set: HashMap<String, serde_json::Value>,
+        /// Attribute → value (a string, number or Boolean).
+        set: BTreeMap<String, serde_json::Value>,
+        /// Attribute → the value that re-enables a returning object. Needed for every
+        /// attribute of `set` that is not a Boolean (whose opposite is the default) and that no
+        /// flow of the rule writes.
+        enable: BTreeMap<String, serde_json::Value>,
     },
     /// Leave the target object and forget the link.
     Unlink,
+}
+
+/// The serde form of [`DeprovisionConfig`]: either the single-policy keys or the per-cause ones.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeprovisionToml {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    action: Option<ActionName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    set: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enable: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    left_scope: Option<DeprovisionPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deleted: Option<DeprovisionPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    type_changed: Option<DeprovisionPolicy>,
+}
+
+/// The serde form of [`DeprovisionPolicy`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyToml {
+    action: ActionName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    set: Option<BTreeMap<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enable: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ActionName {
+    Delete,
+    Disable,
+    Unlink,
+}
+
+impl TryFrom<PolicyToml> for DeprovisionPolicy {
+    type Error = String;
+
+    fn try_from(t: PolicyToml) -> Result<Self, String> {
+        match (t.action, t.set, t.enable) {
+            (ActionName::Disable, Some(set), enable) if !set.is_empty() => {
+                Ok(DeprovisionPolicy::Disable {
+                    set,
+                    enable: enable.unwrap_or_default(),
+                })
+            }
+            (ActionName::Disable, _, _) => Err(
+                "action = \"disable\" needs `set`: the attributes that disable the object, \
+                 as in `set = { active = false }`"
+                    .into(),
+            ),
+            (action, set, enable) if set.is_some() || enable.is_some() => Err(format!(
+                "`{}` is only for action = \"disable\" (this action is \"{}\")",
+                if set.is_some() { "set" } else { "enable" },
+                action.name()
+            )),
+            (ActionName::Delete, _, _) => Ok(DeprovisionPolicy::Delete),
+            (ActionName::Unlink, _, _) => Ok(DeprovisionPolicy::Unlink),
+        }
+    }
+}
+
+impl From<DeprovisionPolicy> for PolicyToml {
+    fn from(p: DeprovisionPolicy) -> PolicyToml {
+        match p {
+            DeprovisionPolicy::Delete => PolicyToml {
+                action: ActionName::Delete,
+                set: None,
+                enable: None,
+            },
+            DeprovisionPolicy::Unlink => PolicyToml {
+                action: ActionName::Unlink,
+                set: None,
+                enable: None,
+            },
+            DeprovisionPolicy::Disable { set, enable } => PolicyToml {
+                action: ActionName::Disable,
+                set: Some(set),
+                enable: (!enable.is_empty()).then_some(enable),
+            },
+        }
+    }
+}
+
+impl ActionName {
+    fn name(self) -> &'static str {
+        match self {
+            ActionName::Delete => "delete",
+            ActionName::Disable => "disable",
+            ActionName::Unlink => "unlink",
+        }
+    }
+}
+
+impl TryFrom<DeprovisionToml> for DeprovisionConfig {
+    type Error = String;
+
+    fn try_from(t: DeprovisionToml) -> Result<Self, String> {
+        let per_cause = t.left_scope.is_some() || t.deleted.is_some() || t.type_changed.is_some();
+        match t.action {
+            Some(action) => {
+                if per_cause {
+                    return Err(
+                        "either one policy for every cause (`action = …`) or one per \
+                                cause (`left_scope`, `deleted`, `type_changed`), not both"
+                            .into(),
+                    );
+                }
+                let policy = DeprovisionPolicy::try_from(PolicyToml {
+                    action,
+                    set: t.set,
+                    enable: t.enable,
+                })?;
+                Ok(DeprovisionConfig::all(policy))
+            }
+            None if t.set.is_some() || t.enable.is_some() => Err(format!(
+                "`{}` needs `action = \"disable\"` beside it (or inside a cause: \
+                 `left_scope = {{ action = \"disable\", set = {{ … }} }}`)",
+                if t.set.is_some() { "set" } else { "enable" }
+            )),
+            None => Ok(DeprovisionConfig {
+                left_scope: t.left_scope.unwrap_or_default(),
+                deleted: t.deleted.unwrap_or_default(),
+                type_changed: t.type_changed.unwrap_or_default(),
+            }),
+        }
+    }
+}
+
+impl From<DeprovisionConfig> for DeprovisionToml {
+    fn from(c: DeprovisionConfig) -> DeprovisionToml {
+        if c.left_scope == c.deleted && c.deleted == c.type_changed {
+            let p = PolicyToml::from(c.left_scope);
+            return DeprovisionToml {
+                action: Some(p.action),
+                set: p.set,
+                enable: p.enable,
+                ..DeprovisionToml::default()
+            };
+        }
+        DeprovisionToml {
+            left_scope: Some(c.left_scope),
+            deleted: Some(c.deleted),
+            type_changed: Some(c.type_changed),
+            ..DeprovisionToml::default()
+        }
+    }
 }
 
 /// A rule-set error: what, where (rule, attribute, file line:column) and the rendered report.
@@ -330,6 +544,11 @@ pub mod codes {
     pub const INVALID_CONTAINER: u16 = 507;
     /// One container both included and excluded.
     pub const CONTAINER_CONFLICT: u16 = 508;
+    /// A deprovision disables by an attribute nothing sets back when the object returns (not a
+    /// Boolean, no `enable` value, no flow of the rule writes it).
+    pub const NO_WAY_BACK: u16 = 509;
+    /// A deprovision's `enable` names an attribute its `set` does not.
+    pub const ENABLE_WITHOUT_SET: u16 = 510;
 }
 
 /// Where a rule set's text came from, to point errors at lines.
@@ -400,6 +619,22 @@ fn char_in_string(text: &str, r: Range<usize>, n: usize) -> Range<usize> {
     }
     let start = r.start + 1 + at;
     start..start + c.len_utf8()
+}
+
+impl Source<'_> {
+    /// The byte range of `rule[ri].deprovision[.cause].section.key`'s value in the text.
+    fn deprovision_span(
+        &self,
+        ri: usize,
+        cause: Option<&str>,
+        section: &str,
+        key: &str,
+    ) -> Option<Range<usize>> {
+        let mut path = vec![Key("rule"), Index(ri), Key("deprovision")];
+        path.extend(cause.map(Key));
+        path.extend([Key(section), Key(key)]);
+        self.span(&path)
+    }
 }
 
 fn line_col(text: &str, byte: usize) -> (usize, usize) {
@@ -517,6 +752,9 @@ struct CompiledFlow {
     reference: bool,
 }
 
+/// An attribute a disable sets, its disabled values, and the rule's `Always` flow of it, if any.
+type DisabledBy = (AttrName, Values, Option<usize>);
+
 /// A compiled rule.
 #[derive(Debug, Clone)]
 struct CompiledRule {
@@ -528,7 +766,13 @@ struct CompiledRule {
     containers: ContainerScope,
     join: Vec<Vec<usize>>,
     flows: Vec<CompiledFlow>,
-    deprovision: Deprovision,
+    /// The policy per cause, indexed by [`cause_index`].
+    deprovision: [Deprovision; 3],
+    /// The attributes a disable that keeps the link sets and can set back, with the disabled
+    /// values and the rule's `Always` flow of that attribute, if any: a linked object whose
+    /// target holds them is re-enabled by the planner unless that flow writes the attribute, so
+    /// the fast path of [`Projection::unchanged`] answers as the planner would.
+    disabled_by: Box<[DisabledBy]>,
     /// Every source attribute the flows and the scope read, sorted (in [`AttrName`] order):
     /// looked up once per object.
     attribute_names: Box<[Box<str>]>,
@@ -604,6 +848,19 @@ pub struct Explanation {
     pub join: Vec<JoinExplanation>,
     /// Every flow.
     pub flows: Vec<FlowExplanation>,
+    /// What the rule does with a linked target object, per deprovision cause.
+    pub deprovision: Vec<DeprovisionExplanation>,
+}
+
+/// One deprovision cause's policy, as explain shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeprovisionExplanation {
+    /// The cause.
+    pub cause: DeprovisionCause,
+    /// What happens: `delete`, `unlink`, `disable: active = false (re-enabled with active = true)`.
+    pub action: String,
+    /// Whether it applies now: the object is out of scope (a linked target object gets it).
+    pub applies: bool,
 }
 
 /// One join group's lookup.
@@ -652,6 +909,19 @@ impl fmt::Display for Explanation {
                 f,
                 "flow {} = {}  ⇒  {}",
                 flow.target, flow.expression, flow.result
+            )?;
+        }
+        for d in &self.deprovision {
+            writeln!(
+                f,
+                "deprovision when {}: {}{}",
+                d.cause,
+                d.action,
+                if d.applies {
+                    "  ⇐ out of scope: what a linked target object gets now"
+                } else {
+                    ""
+                }
             )?;
         }
         Ok(())
@@ -865,36 +1135,7 @@ impl RuleSet {
                 }
                 join.push(idx);
             }
-            let deprovision = match &rc.deprovision {
-                DeprovisionConfig::Delete => Deprovision::Delete,
-                DeprovisionConfig::Unlink => Deprovision::Unlink,
-                DeprovisionConfig::Disable { set } => {
-                    let mut attrs: Vec<(AttrName, Values)> = Vec::new();
-                    for (k, v) in set {
-                        match json_value(v) {
-                            Some(v) => attrs.push((AttrName::new(k.as_str()), Values::one(v))),
-                            None => errors.push(simple_error(
-                                codes::BAD_DEPROVISION_VALUE,
-                                Some(rname),
-                                Some(k),
-                                format!(
-                                    "deprovision value of {k} must be a string, number or Boolean"
-                                ),
-                                src,
-                                src.span(&[
-                                    Key("rule"),
-                                    Index(ri),
-                                    Key("deprovision"),
-                                    Key("set"),
-                                    Key(k),
-                                ]),
-                            )),
-                        }
-                    }
-                    attrs.sort_by(|a, b| a.0.cmp(&b.0));
-                    Deprovision::Disable(attrs)
-                }
-            };
+            let (deprovision, disabled_by) = compile_deprovision(ri, rc, src, &mut errors);
             let mut attributes: Vec<AttrName> = flows
                 .iter()
                 .flat_map(|f| f.program.attribute_names())
@@ -928,6 +1169,7 @@ impl RuleSet {
                 join,
                 flows,
                 deprovision,
+                disabled_by,
             });
         }
         if !errors.is_empty() {
@@ -1056,6 +1298,7 @@ impl RuleSet {
                 in_scope: false,
                 join: Vec::new(),
                 flows: Vec::new(),
+                deprovision: Vec::new(),
             };
         };
         let view = Slotted::new(&rule.attribute_names, &entry.attributes)
@@ -1143,6 +1386,14 @@ impl RuleSet {
                 }
             })
             .collect();
+        let deprovision = DeprovisionCause::ALL
+            .into_iter()
+            .map(|cause| DeprovisionExplanation {
+                cause,
+                action: rule.deprovision[cause_index(cause)].to_string(),
+                applies: !in_scope && cause == DeprovisionCause::LeftScope,
+            })
+            .collect();
         Explanation {
             rule: Some(rule.name.clone()),
             containers,
@@ -1150,6 +1401,7 @@ impl RuleSet {
             in_scope,
             join,
             flows,
+            deprovision,
         }
     }
 }
@@ -1259,6 +1511,21 @@ impl Projection for RuleSet {
         if self.outside_containers(rule, entry, ctx).is_some() {
             return Some(false);
         }
+        // A target object holding disabled values is re-enabled by the planner, unless a flow
+        // writes the attribute: those flows must then give values.
+        let mut must_write: smallvec::SmallVec<[usize; 2]> = smallvec::SmallVec::new();
+        for (a, disabled, flow) in rule.disabled_by.iter() {
+            if current
+                .attributes
+                .get(a.as_str())
+                .is_some_and(|h| disabled.same_set(h, true))
+            {
+                match flow {
+                    Some(i) => must_write.push(*i),
+                    None => return Some(false),
+                }
+            }
+        }
         let view = Slotted::new(&rule.attribute_names, &entry.attributes)
             .with_dn(entry.dn.as_ref())
             .with_mirror(ctx.mirror());
@@ -1268,7 +1535,10 @@ impl Projection for RuleSet {
         let mut rng = rule.rng(entry, ctx);
         let mut hint = 0;
         let empty = Values::new();
-        for flow in rule.compare_order.iter().filter_map(|&i| rule.flows.get(i)) {
+        for &i in rule.compare_order.iter() {
+            let Some(flow) = rule.flows.get(i) else {
+                continue;
+            };
             let made;
             let values = match flow.program.direct_attribute() {
                 Some((name, slot)) => match view.values(name, slot) {
@@ -1276,6 +1546,7 @@ impl Projection for RuleSet {
                     _ => flow.default.as_ref().unwrap_or(&empty),
                 },
                 None => match self.flow_values(rule, flow, &view, ctx, &mut rng) {
+                    Ok(None) if must_write.contains(&i) => return Some(false),
                     Ok(None) => continue,
                     Ok(Some((v, _))) => {
                         made = v;
@@ -1284,6 +1555,12 @@ impl Projection for RuleSet {
                     Err(_) => return Some(false),
                 },
             };
+            if values.is_empty()
+                && flow.shape.when_empty == WhenEmpty::Keep
+                && must_write.contains(&i)
+            {
+                return Some(false);
+            }
             if flow.shape.apply != Apply::OnCreate {
                 let have = current
                     .attributes
@@ -1306,9 +1583,16 @@ impl Projection for RuleSet {
         out
     }
 
-    fn deprovision(&self, link: &Link, _entry: Option<&Entry>) -> Deprovision {
+    /// The rule's policy for `cause`; a link whose source type no rule names any more is
+    /// deleted.
+    fn deprovision(
+        &self,
+        link: &Link,
+        _entry: Option<&Entry>,
+        cause: DeprovisionCause,
+    ) -> Deprovision {
         self.rule_for(&link.source_type)
-            .map(|r| r.deprovision.clone())
+            .map(|r| r.deprovision[cause_index(cause)].clone())
             .unwrap_or_default()
     }
 }
@@ -1470,7 +1754,7 @@ impl RuleBuilder {
                 scope: None,
                 join: Vec::new(),
                 flows: Vec::new(),
-                deprovision: DeprovisionConfig::Delete,
+                deprovision: DeprovisionConfig::default(),
                 containers: ContainersConfig::default(),
             },
         }
@@ -1514,24 +1798,182 @@ impl RuleBuilder {
         self
     }
 
-    /// Deprovisions by setting `attribute` to `value` (adds to the attributes set).
+    /// Deprovisions by setting `attribute` to `value`, for every cause (adds to the attributes
+    /// a disable sets; the single-policy form).
     pub fn disable_with(
         mut self,
         attribute: impl Into<String>,
         value: impl Into<serde_json::Value>,
     ) -> Self {
-        let mut set = match std::mem::take(&mut self.config.deprovision) {
-            DeprovisionConfig::Disable { set } => set,
-            _ => HashMap::new(),
-        };
-        set.insert(attribute.into(), value.into());
-        self.config.deprovision = DeprovisionConfig::Disable { set };
+        let (attribute, value) = (attribute.into(), value.into());
+        for cause in DeprovisionCause::ALL {
+            let policy = self.config.deprovision.policy_mut(cause);
+            if !matches!(policy, DeprovisionPolicy::Disable { .. }) {
+                *policy = DeprovisionPolicy::Disable {
+                    set: BTreeMap::new(),
+                    enable: BTreeMap::new(),
+                };
+            }
+            if let DeprovisionPolicy::Disable { set, .. } = policy {
+                set.insert(attribute.clone(), value.clone());
+            }
+        }
         self
     }
 
-    /// Sets the deprovision policy.
+    /// Sets the deprovision policy of every cause.
     pub fn deprovision(mut self, policy: DeprovisionConfig) -> Self {
         self.config.deprovision = policy;
         self
     }
+
+    /// Sets the deprovision policy of one cause.
+    ///
+    /// ```
+    /// use std::collections::BTreeMap;
+    /// use dirsync::delta::DeprovisionCause;
+    /// use dirsync::rules::ruleset::{DeprovisionPolicy, RuleBuilder, RuleSet};
+    ///
+    /// // Entra provisioning's policy: disable who leaves scope, delete who is deleted.
+    /// let rules = RuleSet::builder()
+    ///     .rule(
+    ///         RuleBuilder::new("users", "user", "User")
+    ///             .flow("userName", "[sAMAccountName]")
+    ///             .deprovision_on(
+    ///                 DeprovisionCause::LeftScope,
+    ///                 DeprovisionPolicy::Disable {
+    ///                     set: BTreeMap::from([("active".into(), false.into())]),
+    ///                     enable: BTreeMap::new(), // `active = true`, the opposite
+    ///                 },
+    ///             )
+    ///             .deprovision_on(DeprovisionCause::DeletedAtSource, DeprovisionPolicy::Delete),
+    ///     )
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(rules.config().rules[0].deprovision.deleted, DeprovisionPolicy::Delete);
+    /// ```
+    pub fn deprovision_on(mut self, cause: DeprovisionCause, policy: DeprovisionPolicy) -> Self {
+        *self.config.deprovision.policy_mut(cause) = policy;
+        self
+    }
+}
+
+/// The index of `cause` in a compiled rule's policies.
+fn cause_index(cause: DeprovisionCause) -> usize {
+    match cause {
+        DeprovisionCause::LeftScope => 0,
+        DeprovisionCause::DeletedAtSource => 1,
+        DeprovisionCause::TypeChanged => 2,
+    }
+}
+
+/// Compiles rule `ri`'s deprovision policies: the planner's [`Deprovision`] per cause, and the
+/// attributes a disable that keeps the link sets and can set back (with their disabled values).
+/// Errors point at the value in the file: a value that is not a string, number or Boolean; an
+/// attribute nothing sets back; an `enable` without its `set`.
+fn compile_deprovision(
+    ri: usize,
+    rc: &RuleConfig,
+    src: &Source<'_>,
+    errors: &mut Vec<RuleError>,
+) -> ([Deprovision; 3], Box<[DisabledBy]>) {
+    let rname = rc.name.as_str();
+    let mut out: [Deprovision; 3] = Default::default();
+    let mut disabled_by: Vec<DisabledBy> = Vec::new();
+    let mut found: Vec<RuleError> = Vec::new();
+    for cause in DeprovisionCause::ALL {
+        let DeprovisionPolicy::Disable { set, enable } = rc.deprovision.policy(cause) else {
+            out[cause_index(cause)] = match rc.deprovision.policy(cause) {
+                DeprovisionPolicy::Unlink => Deprovision::Unlink,
+                _ => Deprovision::Delete,
+            };
+            continue;
+        };
+        // The value's place: under the cause's own table, or the single policy's.
+        let at = |section: &str, key: &str| {
+            src.deprovision_span(ri, Some(cause.name()), section, key)
+                .or_else(|| src.deprovision_span(ri, None, section, key))
+        };
+        let value = |section: &str, k: &str, v: &serde_json::Value, found: &mut Vec<RuleError>| {
+            let got = json_value(v).map(Values::one);
+            if got.is_none() {
+                found.push(simple_error(
+                    codes::BAD_DEPROVISION_VALUE,
+                    Some(rname),
+                    Some(k),
+                    format!("deprovision value of {k} must be a string, number or Boolean"),
+                    src,
+                    at(section, k),
+                ));
+            }
+            got
+        };
+        for k in enable.keys().filter(|k| !set.contains_key(*k)) {
+            found.push(simple_error(
+                codes::ENABLE_WITHOUT_SET,
+                Some(rname),
+                Some(k),
+                format!("deprovision enables {k}, which its `set` does not disable"),
+                src,
+                at("enable", k),
+            ));
+        }
+        let mut sets: Vec<(AttrName, Values)> = Vec::new();
+        let mut enables: Vec<(AttrName, Values)> = Vec::new();
+        for (k, v) in set {
+            let Some(disabled) = value("set", k, v, &mut found) else {
+                continue;
+            };
+            let name = AttrName::new(k.as_str());
+            let back = match enable.get(k) {
+                Some(e) => value("enable", k, e, &mut found),
+                None => crate::delta::enabled_values(&disabled),
+            };
+            let flowed = rc
+                .flows
+                .iter()
+                .position(|f| f.apply == Apply::Always && name.is(&f.target));
+            if back.is_none()
+                && flowed.is_none()
+                && !enable.contains_key(k)
+                && cause != DeprovisionCause::TypeChanged
+            {
+                found.push(simple_error(
+                    codes::NO_WAY_BACK,
+                    Some(rname),
+                    Some(k),
+                    format!(
+                        "deprovision sets {k} = {v}, and nothing sets it back when the object \
+                         returns: the value is not a Boolean and no flow of this rule writes \
+                         {k}; say what an enabled object has with `enable = {{ {k} = … }}` \
+                         beside `set`"
+                    ),
+                    src,
+                    at("set", k),
+                ));
+            }
+            if let Some(back) = back {
+                if DeprovisionCause::KEEPING_THE_LINK.contains(&cause)
+                    && !disabled_by
+                        .iter()
+                        .any(|(a, d, _)| *a == name && *d == disabled)
+                {
+                    disabled_by.push((name.clone(), disabled.clone(), flowed));
+                }
+                enables.push((name.clone(), back));
+            }
+            sets.push((name, disabled));
+        }
+        out[cause_index(cause)] = Deprovision::Disable {
+            set: sets,
+            enable: enables,
+        };
+    }
+    // The single-policy form gives every cause the same policy: report each problem once.
+    for e in found {
+        if !errors.iter().any(|x| x.rendered == e.rendered) {
+            errors.push(e);
+        }
+    }
+    (out, disabled_by.into_boxed_slice())
 }

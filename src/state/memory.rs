@@ -563,8 +563,14 @@ impl StateStore for MemoryStore {
                 target_id: t,
                 target_type: op.target_type.clone(),
             });
-        } else if unlinks(op) {
-            self.links.remove(&op.anchor);
+        } else if let Some(t) = unlinks(op) {
+            if self
+                .links
+                .get(&op.anchor)
+                .is_some_and(|l| l.target_id == *t)
+            {
+                self.links.remove(&op.anchor);
+            }
         }
         if let Some((tid, effect)) = effect {
             self.target.record(&effect, &tid);

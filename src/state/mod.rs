@@ -717,12 +717,16 @@ pub(crate) fn link_target<'a>(
     }
 }
 
-/// Whether `op`'s success forgets the link.
-pub(crate) fn unlinks(op: &Operation) -> bool {
-    matches!(
-        op.kind,
-        OperationKind::Delete { .. } | OperationKind::Unlink { .. }
-    )
+/// The target object whose link `op`'s success forgets (a delete's or an unlink's): the anchor's
+/// link is removed only while it still points there — a changed target type links the anchor
+/// to its new object before the old one is deprovisioned.
+pub(crate) fn unlinks(op: &Operation) -> Option<&TargetId> {
+    match &op.kind {
+        OperationKind::Delete { target_id } | OperationKind::Unlink { target_id } => {
+            Some(target_id)
+        }
+        _ => None,
+    }
 }
 
 /// Checks the full-import guard.

@@ -1711,9 +1711,9 @@ impl StateStore for SqliteStore {
                         target_type: op.target_type.clone(),
                     },
                 )?;
-            } else if unlinks(op) {
-                tx.prepare_cached("DELETE FROM links WHERE anchor = ?1")
-                    .and_then(|mut s| s.execute([op.anchor.as_str()]))
+            } else if let Some(t) = unlinks(op) {
+                tx.prepare_cached("DELETE FROM links WHERE anchor = ?1 AND target_id = ?2")
+                    .and_then(|mut s| s.execute([op.anchor.as_str(), t.as_str()]))
                     .ctx("removing a link")?;
             }
             if let Some((tid, effect)) = effect {

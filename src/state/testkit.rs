@@ -27,6 +27,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     neighbourhood_holds_referrers_references_links_and_targets(make());
     join_candidates_are_found_by_value(make());
     journal_lifecycle_updates_links_and_target_mirror(make());
+    deprovisioning_an_old_object_keeps_the_new_link(make());
     secrets_are_not_stored(make());
     escrow_counts_attempts(make());
     runs_are_recorded(make());
@@ -932,6 +933,48 @@ fn journal_lifecycle_updates_links_and_target_mirror(mut s: Box<dyn StateStore>)
         .unwrap();
     assert!(s.journal(Some(run2)).unwrap()[1].retryable);
     assert!(s.journal_unconfirmed().unwrap().is_empty());
+}
+
+/// A changed target type: the anchor's new object is created (and linked) before its old object
+/// is deleted or unlinked; those keep the new link and remove only the old object.
+fn deprovisioning_an_old_object_keeps_the_new_link(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    link_by_create(s, "u1", "old-1", Attributes::new());
+    link_by_create(s, "u2", "old-2", Attributes::new());
+    link_by_create(s, "u1", "new-1", Attributes::new());
+    link_by_create(s, "u2", "new-2", Attributes::new());
+    let run = s.begin_run("delta-sync", t(10)).unwrap();
+    // Journals a delete (`sent`) or an unlink of `target` for `anchor` as done.
+    let mut done = |anchor: &str, target: &str, sent: bool| {
+        let target_id = TargetId::from(target);
+        let (kind, sent) = if sent {
+            let d = TargetOperation::Delete {
+                id: target_id.clone(),
+                object_type: "User".into(),
+            };
+            (OperationKind::Delete { target_id }, Some(d))
+        } else {
+            (OperationKind::Unlink { target_id }, None)
+        };
+        let o = op(anchor, kind);
+        let j = s.journal_intent(run, &o, sent.as_ref()).unwrap();
+        s.journal_done(j, &o, sent.as_ref(), None).unwrap();
+        s.load_all().unwrap()
+    };
+    done("u1", "old-1", true);
+    let all = done("u2", "old-2", false);
+    for (anchor, new) in [("u1", "new-1"), ("u2", "new-2")] {
+        assert_eq!(
+            all.links.get(&a(anchor)).map(|l| l.target_id.as_str()),
+            Some(new),
+            "{anchor}"
+        );
+    }
+    assert!(all.target.get(&"old-1".into()).is_none());
+    assert!(all.target.get(&"old-2".into()).is_some());
+    // The delete of the object still linked removes the link.
+    let all = done("u1", "new-1", true);
+    assert!(all.links.get(&a("u1")).is_none());
 }
 
 fn secrets_are_not_stored(mut s: Box<dyn StateStore>) {

@@ -253,3 +253,94 @@ pub async fn references_life_cycle(
     let r = cycle!();
     assert_eq!(r.total_done(), 0, "{label}: {r}");
 }
+
+/// A free TCP port on 127.0.0.1 (free when asked; a server started on it may still lose it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running scim2-server (PyPI `scim2-server`, path in `DIRSYNC_SCIM2_SERVER`); killed on drop.
+pub struct Scim2Server {
+    child: std::process::Child,
+    /// The service's base URL (`http://127.0.0.1:PORT/v2`).
+    pub base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Scim2Server {
+    /// The write requests (POST, PUT, PATCH, DELETE) the server has answered, by its own log.
+    pub fn writes(&self) -> usize {
+        let log = std::fs::read_to_string(self._dir.path().join("server.log")).unwrap();
+        log.lines()
+            .filter(|l| {
+                ["\"POST ", "\"PUT ", "\"PATCH ", "\"DELETE "]
+                    .iter()
+                    .any(|m| l.contains(m))
+            })
+            .count()
+    }
+}
+
+impl Drop for Scim2Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts scim2-server on a free port of 127.0.0.1 with bearer token `token`, or `None` (with the
+/// reason printed) when `DIRSYNC_SCIM2_SERVER` is unset — a failure instead when
+/// `DIRSYNC_REQUIRE_SERVERS` is set. Panics — fails the test — when the server does not come up.
+pub fn scim2_server(token: &str) -> Option<Scim2Server> {
+    use std::time::{Duration, Instant};
+    let Some(bin) = std::env::var_os("DIRSYNC_SCIM2_SERVER") else {
+        let why =
+            "DIRSYNC_SCIM2_SERVER is not set (scripts/test.sh installs scim2-server and sets it)";
+        if std::env::var_os("DIRSYNC_REQUIRE_SERVERS").is_some() {
+            panic!("{why}, and DIRSYNC_REQUIRE_SERVERS is");
+        }
+        eprintln!("skipped: {why}");
+        return None;
+    };
+    let bin = PathBuf::from(bin);
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args([
+                "--hostname",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--bearer-token",
+                token,
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            // The server logs one line per request on stderr ("POST /v2/Users HTTP/1.1" 201 …).
+            .stderr(std::fs::File::create(dir.path().join("server.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("DIRSYNC_SCIM2_SERVER={} cannot start: {e}", bin.display()));
+        let mut s = Scim2Server {
+            child,
+            base: format!("http://127.0.0.1:{port}/v2"),
+            _dir: dir,
+        };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(_)) = s.child.try_wait() {
+                break; // exited (port taken?): try another port
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = s.child.kill();
+    }
+    panic!("scim2-server ({}) did not become ready", bin.display());
+}
