@@ -273,15 +273,32 @@ pub struct Scim2Server {
 
 impl Scim2Server {
     /// The write requests (POST, PUT, PATCH, DELETE) the server has answered, by its own log.
+    ///
+    /// The server writes a request's log line after it has sent the answer, so the client can
+    /// be ahead of the log: the count is read until it has stayed the same for 250 ms (at most
+    /// 5 s).
     pub fn writes(&self) -> usize {
-        let log = std::fs::read_to_string(self._dir.path().join("server.log")).unwrap();
-        log.lines()
-            .filter(|l| {
-                ["\"POST ", "\"PUT ", "\"PATCH ", "\"DELETE "]
-                    .iter()
-                    .any(|m| l.contains(m))
-            })
-            .count()
+        use std::time::{Duration, Instant};
+        let count = || {
+            let log = std::fs::read_to_string(self._dir.path().join("server.log")).unwrap();
+            log.lines()
+                .filter(|l| {
+                    ["\"POST ", "\"PUT ", "\"PATCH ", "\"DELETE "]
+                        .iter()
+                        .any(|m| l.contains(m))
+                })
+                .count()
+        };
+        let (t0, mut last, mut since) = (Instant::now(), count(), Instant::now());
+        while since.elapsed() < Duration::from_millis(250) && t0.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(25));
+            let n = count();
+            if n != last {
+                (last, since) = (n, Instant::now());
+            }
+        }
+        last
     }
 }
 
