@@ -307,22 +307,11 @@ fn replan_referrers_of_recreated(
     containers: &ContainerBindings,
     tally: &mut Tally,
 ) {
-    let recreated: HashSet<Anchor> = tally
-        .pending
-        .iter()
-        .filter(|p| matches!(p.action, Action::Create) && input.links.get(&p.anchor).is_some())
-        .map(|p| p.anchor.clone())
-        .collect();
+    let recreated: HashSet<Anchor> = tally.recreated(input).cloned().collect();
     if recreated.is_empty() {
         return;
     }
-    let decided: HashSet<&Anchor> = tally
-        .pending
-        .iter()
-        .map(|p| &p.anchor)
-        .chain(tally.ops.iter().map(|o| &o.anchor))
-        .chain(tally.issues.iter().filter_map(Issue::anchor))
-        .collect();
+    let decided = tally.decided();
     let again: Vec<Anchor> = recreated
         .iter()
         .flat_map(|a| input.mirror.referrers(a))
@@ -363,6 +352,25 @@ struct Tally {
 }
 
 impl Tally {
+    /// The anchors phase A decided something for: an object, an operation or an issue.
+    fn decided(&self) -> HashSet<&Anchor> {
+        self.pending
+            .iter()
+            .map(|p| &p.anchor)
+            .chain(self.ops.iter().map(|o| &o.anchor))
+            .chain(self.issues.iter().filter_map(Issue::anchor))
+            .collect()
+    }
+
+    /// The objects this plan creates anew while they are linked: their target object is gone,
+    /// or the rules now make one of another type.
+    fn recreated<'t>(&'t self, input: &'t PlanInput<'_>) -> impl Iterator<Item = &'t Anchor> {
+        self.pending
+            .iter()
+            .filter(|p| matches!(p.action, Action::Create) && input.links.get(&p.anchor).is_some())
+            .map(|p| &p.anchor)
+    }
+
     fn add(&mut self, (d, linked): (Decision, bool)) {
         self.stats.considered += 1;
         self.linked += usize::from(linked);
@@ -465,26 +473,12 @@ fn redecide_referrers(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, tally:
         .iter()
         .filter(|o| ends_link(&o.kind))
         .map(|o| &o.anchor)
-        .chain(
-            tally
-                .pending
-                .iter()
-                .filter(|p| {
-                    matches!(p.action, Action::Create) && input.links.get(&p.anchor).is_some()
-                })
-                .map(|p| &p.anchor),
-        )
+        .chain(tally.recreated(input))
         .collect();
     if moved.is_empty() {
         return;
     }
-    let decided: HashSet<&Anchor> = tally
-        .pending
-        .iter()
-        .map(|p| &p.anchor)
-        .chain(tally.ops.iter().map(|o| &o.anchor))
-        .chain(tally.issues.iter().filter_map(Issue::anchor))
-        .collect();
+    let decided = tally.decided();
     let again: BTreeSet<&Anchor> = moved
         .iter()
         .flat_map(|a| input.mirror.referrers(a))
