@@ -5,7 +5,8 @@
 
 use tracing::info;
 
-use super::{is_not_found, OpFailure, Synchronizer};
+use super::export::OpFailure;
+use super::{is_not_found, Synchronizer};
 use crate::connector::{ConnectorError, TargetOperation};
 use crate::delta::{Operation, OperationKind};
 

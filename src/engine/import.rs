@@ -2,10 +2,7 @@
 //! one anchor become [`EngineError::DuplicateAnchor`], and the full-import cycle
 //! ([`Synchronizer::full_import_cycle`]).
 
-use tracing::{warn, Instrument};
-
-use super::{EngineError, Result, RunReport, Synchronizer};
-use crate::state::StateError;
+use super::*;
 
 impl Synchronizer {
     /// A full import (see [`Synchronizer::full_import`]).
@@ -64,5 +61,253 @@ fn duplicate_anchor(result: Result<RunReport>, during: &'static str) -> Result<R
             })
         }
         other => other,
+    }
+}
+
+impl Synchronizer {
+
+    /// Reads every object of the source into the mirror. Deletions (objects not delivered) are
+    /// applied only when the whole import completed and delivered enough objects.
+    ///
+    /// Two objects with one anchor stop the import with [`EngineError::DuplicateAnchor`]: the
+    /// batch holding the second is not applied, nothing is deleted, and the watermark is
+    /// cleared, so the next import is a full one again (a delta from the old watermark would
+    /// not see the source being fixed).
+    pub async fn full_import(&mut self) -> Result<RunReport> {
+        let start = self.begin("full-import")?;
+        let result = self.full_import_inner().instrument(start.span()).await;
+        self.finish(start, result)
+    }
+
+    pub(super) async fn full_import_read(&mut self) -> Result<RunReport> {
+        let t0 = Instant::now();
+        let name = self.source.name().to_string();
+        let generation = self.store(|s| s.begin_full_import(&name))?;
+        let mut report = RunReport::default();
+        let mut watermark = None;
+        let mut batch = Vec::with_capacity(self.config.import_batch);
+        let batch_size = self.config.import_batch.max(1);
+        {
+            let mut stream = self.source.full_import().await?;
+            while let Some(item) = stream.next().await {
+                match item? {
+                    ImportItem::Item(e) => {
+                        batch.push(e);
+                        report.imported += 1;
+                        if batch.len() >= batch_size {
+                            let b = std::mem::take(&mut batch);
+                            self.with_store(|s| s.import_entries(generation, &b))?;
+                            self.progress(Stage::Import, report.imported, None);
+                        }
+                    }
+                    ImportItem::Checkpoint(w) => watermark = Some(w),
+                    ImportItem::Present(anchors) => {
+                        let b = std::mem::take(&mut batch);
+                        self.with_store(|s| s.import_entries(generation, &b))?;
+                        self.reimport(generation, &anchors)?;
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            self.with_store(|s| s.import_entries(generation, &batch))?;
+        }
+        let share = self.config.min_import_share;
+        let summary =
+            self.with_store(|s| s.finish_full_import(&name, generation, watermark.as_ref(), share));
+        match summary {
+            Ok(sum) => info!(
+                seen = sum.seen,
+                added = sum.added,
+                changed = sum.changed,
+                deleted = sum.deleted,
+                "full import finished"
+            ),
+            Err(StateError::ImportTooSmall { seen, mirrored }) => {
+                warn!(seen, mirrored, "full import refused");
+                return Err(EngineError::ImportTooSmall { seen, mirrored });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.progress(Stage::Import, report.imported, Some(report.imported));
+        report.stages.push((Stage::Import, t0.elapsed()));
+        Ok(report)
+    }
+
+    /// Reads the changes since the last watermark. Without a watermark, or when the source
+    /// says it is no longer valid, runs a full import instead (and no deletion is planned until
+    /// that import has completed).
+    pub async fn delta_import(&mut self) -> Result<RunReport> {
+        let start = self.begin("delta-import")?;
+        let result = self.delta_import_inner().instrument(start.span()).await;
+        self.finish(start, result)
+    }
+
+    pub(super) async fn delta_import_read(&mut self) -> Result<RunReport> {
+        let t0 = Instant::now();
+        let name = self.source.name().to_string();
+        let Some(since) = self.store(|s| s.watermark(&name))? else {
+            return self.full_import_inner().await;
+        };
+        if !self.source.capabilities().delta {
+            return self.full_import_inner().await;
+        }
+        let mut report = RunReport::default();
+        let mut batch: Vec<Change> = Vec::new();
+        let batch_size = self.config.import_batch.max(1);
+        // A present phase (see `ImportItem::Present`): the full-import generation its objects
+        // are (re)imported into, and the entries of it not written yet.
+        let mut phase: Option<u64> = None;
+        let mut phase_entries: Vec<Entry> = Vec::new();
+        // The anchors changed since the last checkpoint: present too, when a phase begins.
+        let mut since_checkpoint: Vec<Anchor> = Vec::new();
+        let result: Result<()> = async {
+            let mut stream = self.source.delta_import(&since).await?;
+            while let Some(item) = stream.next().await {
+                match item? {
+                    ImportItem::Item(c) => {
+                        report.imported += 1;
+                        let Some(generation) = phase else {
+                            since_checkpoint.push(c.anchor().clone());
+                            batch.push(c);
+                            continue;
+                        };
+                        match c {
+                            Change::Add(e) | Change::Replace(e) => {
+                                phase_entries.push(e);
+                                if phase_entries.len() >= batch_size {
+                                    let b = std::mem::take(&mut phase_entries);
+                                    self.store(|s| s.import_entries(generation, &b))?;
+                                }
+                            }
+                            other => {
+                                let b = std::mem::take(&mut phase_entries);
+                                self.store(|s| s.import_entries(generation, &b))?;
+                                let anchor = other.anchor().clone();
+                                let deleted = matches!(other, Change::Delete { .. });
+                                self.store(|s| {
+                                    containers::apply_changes(s, &name, &[other], None)
+                                })?;
+                                if !deleted {
+                                    self.reimport(generation, std::slice::from_ref(&anchor))?;
+                                }
+                            }
+                        }
+                    }
+                    ImportItem::Present(anchors) => {
+                        let generation = match phase {
+                            Some(g) => g,
+                            None => {
+                                // The changes since the last checkpoint belong to the phase.
+                                let b = std::mem::take(&mut batch);
+                                self.store(|s| containers::apply_changes(s, &name, &b, None))?;
+                                let g = self.store(|s| s.begin_full_import(&name))?;
+                                let changed = std::mem::take(&mut since_checkpoint);
+                                self.reimport(g, &changed)?;
+                                phase = Some(g);
+                                g
+                            }
+                        };
+                        let b = std::mem::take(&mut phase_entries);
+                        self.store(|s| s.import_entries(generation, &b))?;
+                        self.reimport(generation, &anchors)?;
+                    }
+                    ImportItem::Checkpoint(w) => {
+                        since_checkpoint.clear();
+                        if let Some(generation) = phase.take() {
+                            let b = std::mem::take(&mut phase_entries);
+                            self.store(|s| s.import_entries(generation, &b))?;
+                            self.finish_present_phase(&name, generation, &w)?;
+                        } else {
+                            let b = std::mem::take(&mut batch);
+                            self.store(|s| containers::apply_changes(s, &name, &b, Some(&w)))?;
+                        }
+                        self.progress(Stage::Import, report.imported, None);
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Some(generation) = phase {
+            // The stream ended inside a present phase: what it delivered is newer data and
+            // stays; the phase is abandoned and deletes nothing.
+            if !phase_entries.is_empty() {
+                self.store(|s| s.import_entries(generation, &phase_entries))?;
+            }
+        }
+        match result {
+            Ok(()) => {}
+            Err(EngineError::Connector(e)) if e.kind() == ErrorKind::InvalidWatermark => {
+                warn!(error = %e, "watermark no longer valid: full import");
+                self.store(|s| s.clear_watermark(&name))?;
+                return self.full_import_inner().await;
+            }
+            // A change to an object the mirror does not hold (a source that reported a modify
+            // for an object it never delivered): nothing of that batch was applied and its
+            // watermark did not move; a full import brings the mirror back in line.
+            Err(EngineError::State(e @ StateError::UnknownAnchor { .. })) => {
+                warn!(error = %e, "delta import: unknown object, full import");
+                self.store(|s| s.clear_watermark(&name))?;
+                return self.full_import_inner().await;
+            }
+            Err(e) => return Err(e),
+        }
+        if !batch.is_empty() {
+            // Changes after the last checkpoint: durable now, their watermark comes next time
+            // (applying them again is harmless: the mirror is state, not a log).
+            match self.with_store(|s| containers::apply_changes(s, &name, &batch, None)) {
+                Ok(()) => {}
+                Err(StateError::UnknownAnchor { .. }) => {
+                    self.store(|s| s.clear_watermark(&name))?;
+                    return self.full_import_inner().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        report.stages.push((Stage::Import, t0.elapsed()));
+        Ok(report)
+    }
+
+    /// Imports the mirrored entries of `anchors` unchanged into full import `generation` (the
+    /// objects a present phase reports as still there). Anchors the mirror does not hold (the
+    /// source left them out before) are skipped.
+    pub(super) fn reimport(&self, generation: u64, anchors: &[Anchor]) -> Result<()> {
+        for chunk in anchors.chunks(self.config.import_batch.max(1)) {
+            let mut entries = Vec::with_capacity(chunk.len());
+            for a in chunk {
+                if let Some(e) = self.store(|s| s.source_entry(a))? {
+                    entries.push(e);
+                }
+            }
+            self.store(|s| s.import_entries(generation, &entries))?;
+        }
+        Ok(())
+    }
+
+    /// Ends a present phase at its checkpoint: deletes what it did not report and commits the
+    /// watermark, under the full import's guard.
+    pub(super) fn finish_present_phase(
+        &self,
+        name: &str,
+        generation: u64,
+        watermark: &crate::connector::Watermark,
+    ) -> Result<()> {
+        let share = self.config.min_import_share;
+        match self.with_store(|s| s.finish_full_import(name, generation, Some(watermark), share)) {
+            Ok(sum) => {
+                info!(
+                    seen = sum.seen,
+                    deleted = sum.deleted,
+                    "delta import: present phase finished"
+                );
+                Ok(())
+            }
+            Err(StateError::ImportTooSmall { seen, mirrored }) => {
+                warn!(seen, mirrored, "present phase refused");
+                Err(EngineError::ImportTooSmall { seen, mirrored })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }

@@ -124,6 +124,31 @@ pub struct JournalEntry {
     pub retryable: bool,
 }
 
+/// The outcome of one journaled operation, for [`StateStore::journal_outcomes`].
+#[derive(Debug, Clone, Copy)]
+pub enum JournalOutcome<'a> {
+    /// It took effect: as [`StateStore::journal_done`].
+    Done {
+        /// The journal row.
+        id: JournalId,
+        /// The planned operation.
+        op: &'a Operation,
+        /// The operation as sent (`None` for link-only operations).
+        sent: Option<&'a TargetOperation>,
+        /// The target object (required for a create).
+        target_id: Option<&'a TargetId>,
+    },
+    /// It failed: as [`StateStore::journal_failed`].
+    Failed {
+        /// The journal row.
+        id: JournalId,
+        /// Why.
+        error: &'a str,
+        /// Whether retrying may help.
+        retryable: bool,
+    },
+}
+
 /// An anchor whose export keeps failing, held until its next retry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Escrow {
@@ -506,6 +531,45 @@ pub trait StateStore: Send {
         error: &str,
         retryable: bool,
     ) -> Result<(), StateError>;
+
+    /// Journals a batch of operations as intended, before any of them is sent: the group-commit
+    /// form of [`StateStore::journal_intent`]. Returns their ids in order.
+    ///
+    /// Stores that can should do it in **one transaction** (all or none); the default journals
+    /// them one by one, which keeps every promise but the single commit.
+    fn journal_intents(
+        &mut self,
+        run: RunId,
+        ops: &[(&Operation, Option<&TargetOperation>)],
+    ) -> Result<Vec<JournalId>, StateError> {
+        ops.iter()
+            .map(|(op, sent)| self.journal_intent(run, op, *sent))
+            .collect()
+    }
+
+    /// Records the outcomes of journaled operations: the group-commit form of
+    /// [`StateStore::journal_done`] and [`StateStore::journal_failed`], applied in order.
+    ///
+    /// Stores that can should do it in **one transaction** (all or none); the default records
+    /// them one by one, which keeps every promise but the single commit.
+    fn journal_outcomes(&mut self, outcomes: &[JournalOutcome<'_>]) -> Result<(), StateError> {
+        for o in outcomes {
+            match o {
+                JournalOutcome::Done {
+                    id,
+                    op,
+                    sent,
+                    target_id,
+                } => self.journal_done(*id, op, *sent, *target_id)?,
+                JournalOutcome::Failed {
+                    id,
+                    error,
+                    retryable,
+                } => self.journal_failed(*id, error, *retryable)?,
+            }
+        }
+        Ok(())
+    }
 
     /// The operations journaled as intended and never confirmed done or failed (a crash came
     /// between sending and recording), oldest first.
