@@ -1,9 +1,11 @@
 //! Test support for this crate and downstream crates (feature `testkit`): a ready-made
-//! projection for users and groups, a deterministic directory generator, and [`servers`]: real
-//! servers (ports, a throwaway CA, child processes) for tests that talk to them.
+//! projection for users and groups, a deterministic directory generator, [`scale`]: an AD-like
+//! LDIF export of any size for benchmarks, and [`servers`]: real servers (ports, a throwaway
+//! CA, child processes) for tests that talk to them.
 
 #[cfg(feature = "ldap")]
 pub mod samba;
+pub mod scale;
 pub mod servers;
 #[cfg(feature = "ldap")]
 pub mod slapd;
