@@ -28,7 +28,9 @@
 //! Options: `--users N` (default 100000), `--dir D` (keep the export and the state there; by
 //! default a temporary directory removed at the end), `--phases floor,initial,noop,full_sync,edit`
 //! (a subset, run in this order; without `initial` the state already in `--dir` is used),
-//! `--seed S`, `--edit-seed S`, `--lookups`, `--progress` (the engine's progress events on
+//! `--seed S`, `--edit-seed S`, `--lookups`, `--create-references all|none|graph` (which references
+//! the target takes in a create: `none` writes every reference after its create, as the issue's
+//! first measurement did; `graph` as Microsoft Graph: a group's members only), `--progress` (the engine's progress events on
 //! stderr), `--json` (also print each phase as a JSON line, prefixed `{"phase"`), `--label L`
 //! (added to every JSON line, e.g. a commit).
 
@@ -54,7 +56,8 @@ use futures::StreamExt;
 
 const USAGE: &str =
     "usage: scale [--users N] [--dir D] [--phases floor,initial,noop,full_sync,edit] \
-[--seed S] [--edit-seed S] [--lookups] [--progress] [--json] [--label L]";
+[--seed S] [--edit-seed S] [--lookups] [--create-references all|none|graph] [--progress] [--json] \
+[--label L]";
 
 const PHASES: [&str; 5] = ["floor", "initial", "noop", "full_sync", "edit"];
 
@@ -66,6 +69,7 @@ struct Args {
     seed: u64,
     edit_seed: u64,
     lookups: bool,
+    create_references: CreateReferences,
     progress: bool,
     json: bool,
     label: Option<String>,
@@ -79,6 +83,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         seed: 1,
         edit_seed: 2,
         lookups: false,
+        create_references: CreateReferences::All,
         progress: false,
         json: false,
         label: None,
@@ -113,6 +118,15 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     .collect();
             }
             "--lookups" => a.lookups = true,
+            "--create-references" => {
+                a.create_references = match value()?.as_str() {
+                    "all" => CreateReferences::All,
+                    "none" => CreateReferences::None,
+                    // Microsoft Graph's: a group's members only.
+                    "graph" => CreateReferences::Only(vec![("Group".into(), "members".into())]),
+                    v => return Err(format!("--create-references {v}: all, none or graph")),
+                }
+            }
             "--progress" => a.progress = true,
             "--json" => a.json = true,
             "--help" | "-h" => return Err(USAGE.into()),
@@ -127,6 +141,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
 /// readable unless `read` (then every read and lookup finds nothing).
 struct NullTarget {
     read: bool,
+    create_references: CreateReferences,
     counts: Arc<Counts>,
 }
 
@@ -150,7 +165,7 @@ impl Target for NullTarget {
         c.lookup_batch = 1000;
         c.read = self.read;
         c.value_level_changes = true;
-        c.create_references = CreateReferences::All;
+        c.create_references = self.create_references.clone();
         c
     }
 
@@ -460,6 +475,7 @@ async fn run(args: &Args) -> Result<(), String> {
                 Box::new(LdifSource::new(&ldif, source_config())),
                 Box::new(NullTarget {
                     read: args.lookups,
+                    create_references: args.create_references.clone(),
                     counts: counts.clone(),
                 }),
                 Box::new(store),
@@ -559,6 +575,7 @@ async fn run(args: &Args) -> Result<(), String> {
         match table_sizes(&state) {
             Ok(t) => {
                 let total: u64 = t.iter().map(|(_, _, b)| b).sum();
+                let mut lines = Vec::new();
                 println!("\nstate file by table and index (dbstat), {}:", mb(total));
                 for (name, table, bytes) in &t {
                     let of = if name == table {
@@ -572,11 +589,14 @@ async fn run(args: &Args) -> Result<(), String> {
                         mb(*bytes),
                         *bytes as f64 / written.objects().max(1) as f64
                     );
-                    if args.json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"table": name, "of": table, "bytes": bytes, "users": args.users, "label": args.label})
-                        );
+                    lines.push(serde_json::json!({
+                        "table": name, "of": table, "bytes": bytes,
+                        "users": args.users, "label": args.label,
+                    }));
+                }
+                if args.json {
+                    for l in lines {
+                        println!("{l}");
                     }
                 }
             }
