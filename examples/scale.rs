@@ -30,7 +30,9 @@
 //! (a subset, run in this order; without `initial` the state already in `--dir` is used),
 //! `--seed S`, `--edit-seed S`, `--lookups`, `--create-references all|none|graph` (which references
 //! the target takes in a create: `none` writes every reference after its create, as the issue's
-//! first measurement did; `graph` as Microsoft Graph: a group's members only), `--progress` (the engine's progress events on
+//! first measurement did; `graph` as Microsoft Graph: a group's members only), `--durability
+//! full|normal` (`normal`: no fsync per commit, for quick set-ups and profiles, not for figures
+//! of the default), `--progress` (the engine's progress events on
 //! stderr), `--json` (also print each phase as a JSON line, prefixed `{"phase"`), `--label L`
 //! (added to every JSON line, e.g. a commit).
 
@@ -49,15 +51,15 @@ use dirsync::delta::CreateReferences;
 use dirsync::engine::{EngineConfig, RunReport, Synchronizer};
 use dirsync::model::{AttrName, ObjectType, TargetId, TargetObject, Value};
 use dirsync::rules::ruleset::RuleSet;
-use dirsync::state::SqliteStore;
+use dirsync::state::{Durability, SqliteStore};
 use dirsync::testkit::scale::{Edits, ScaleExport, Written};
 use futures::stream::{self, BoxStream};
 use futures::StreamExt;
 
 const USAGE: &str =
     "usage: scale [--users N] [--dir D] [--phases floor,initial,noop,full_sync,edit] \
-[--seed S] [--edit-seed S] [--lookups] [--create-references all|none|graph] [--progress] [--json] \
-[--label L]";
+[--seed S] [--edit-seed S] [--lookups] [--create-references all|none|graph] [--durability full|normal] \
+[--progress] [--json] [--label L]";
 
 const PHASES: [&str; 5] = ["floor", "initial", "noop", "full_sync", "edit"];
 
@@ -70,6 +72,7 @@ struct Args {
     edit_seed: u64,
     lookups: bool,
     create_references: CreateReferences,
+    durability: Durability,
     progress: bool,
     json: bool,
     label: Option<String>,
@@ -84,6 +87,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         edit_seed: 2,
         lookups: false,
         create_references: CreateReferences::All,
+        durability: Durability::Full,
         progress: false,
         json: false,
         label: None,
@@ -118,6 +122,13 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     .collect();
             }
             "--lookups" => a.lookups = true,
+            "--durability" => {
+                a.durability = match value()?.as_str() {
+                    "full" => Durability::Full,
+                    "normal" => Durability::Normal,
+                    v => return Err(format!("--durability {v}: full or normal")),
+                }
+            }
             "--create-references" => {
                 a.create_references = match value()?.as_str() {
                     "all" => CreateReferences::All,
@@ -321,6 +332,9 @@ fn json_line(args: &Args, row: &Row, floor: Option<f64>) -> String {
         "state_bytes_per_object": row.state.map(|s| s as f64 / row.objects.max(1) as f64),
         "stages": row.stages.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
         "detail": row.detail,
+        "durability": format!("{:?}", args.durability),
+        "create_references": format!("{:?}", args.create_references),
+        "lookups": args.lookups,
         "label": args.label,
     })
     .to_string()
@@ -441,11 +455,15 @@ async fn run(args: &Args) -> Result<(), String> {
     let export = ScaleExport::new(args.users).with_seed(args.seed);
     let mut written = generate(&export, &ldif, None)?;
     println!(
-        "scale benchmark: {} users, {} groups ({} objects), export {}",
+        "scale benchmark: {} users, {} groups ({} objects), export {}; durability {:?}, \
+         create references {:?}, join lookups {}",
         written.users,
         written.groups,
         written.objects(),
-        mb(written.bytes)
+        mb(written.bytes),
+        args.durability,
+        args.create_references,
+        if args.lookups { "on" } else { "off" }
     );
     let rules_path = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -469,8 +487,8 @@ async fn run(args: &Args) -> Result<(), String> {
             written = generate(&export, &ldif, Some(&Edits::new(args.edit_seed)))?;
         }
         if phase != "floor" && sync.is_none() {
-            let store =
-                SqliteStore::open(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+            let store = SqliteStore::open_with(&state, args.durability)
+                .map_err(|e| format!("{}: {e}", state.display()))?;
             let mut s = Synchronizer::new(
                 Box::new(LdifSource::new(&ldif, source_config())),
                 Box::new(NullTarget {
