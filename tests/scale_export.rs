@@ -2,6 +2,8 @@
 //! bytes, the export reads through `LdifSource` as the documentation describes it, and the
 //! edited export changes, deletes and adds exactly what its counts say.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use dirsync::connector::ldif::{LdifSource, LdifSourceConfig};
