@@ -234,10 +234,21 @@ impl Target for NullTarget {
 }
 
 /// The source configuration of `examples/config/ldif-to-ldif.toml`: `objectGUID` (GUID text)
-/// anchors, users and groups mapped, OUs skipped.
+/// anchors and, not binary here, reaches the rules as text (`externalId`, a join attribute the
+/// state indexes; as bytes it would not be, and every join lookup would scan the target mirror);
+/// users and groups mapped, OUs skipped.
 fn source_config() -> LdifSourceConfig {
     LdifSourceConfig {
         anchor_attribute: AttrName::new("objectGUID"),
+        binary_attributes: [
+            "objectSid",
+            "jpegPhoto",
+            "thumbnailPhoto",
+            "userCertificate",
+        ]
+        .into_iter()
+        .map(AttrName::new)
+        .collect(),
         ..LdifSourceConfig::default()
     }
 }
