@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use dirsync::connector::ldif::{LdifSource, LdifSourceConfig};
+use dirsync::connector::ldif::{default_binary_attributes, LdifSource, LdifSourceConfig};
 use dirsync::connector::{
     Applied, ConnectorError, ImportItem, Source, Target, TargetCapabilities, TargetOperation,
 };
@@ -240,15 +240,10 @@ impl Target for NullTarget {
 fn source_config() -> LdifSourceConfig {
     LdifSourceConfig {
         anchor_attribute: AttrName::new("objectGUID"),
-        binary_attributes: [
-            "objectSid",
-            "jpegPhoto",
-            "thumbnailPhoto",
-            "userCertificate",
-        ]
-        .into_iter()
-        .map(AttrName::new)
-        .collect(),
+        binary_attributes: default_binary_attributes()
+            .into_iter()
+            .filter(|a| !a.is("objectGUID"))
+            .collect(),
         ..LdifSourceConfig::default()
     }
 }
