@@ -24,10 +24,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_import_share, encode_entry, entry_references, link_target, lookup_key, redact_operation,
-    redact_target_operation, target_effect, unlinks, Escrow, FullImportSummary, JournalEntry,
-    JournalId, JournalState, RefTarget, RunId, RunRecord, StateError, StateStore, TargetLookup,
-    Views,
+    audit_attributes, check_import_share, encode_entry, entry_references, link_target, lookup_key,
+    lower_lookup_attributes, redact_operation, redact_target_operation, target_effect, unlinks,
+    Escrow, FullImportSummary, JournalEntry, JournalId, JournalOutcome, JournalRecord,
+    JournalState, LookupAttributes, Pruned, RefTarget, Retention, RunId, RunRecord, StateError,
+    StateStore, TargetLookup, Views,
 };
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{
@@ -52,7 +53,7 @@ pub enum Durability {
 }
 
 /// The schema version this build writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 5;
 
 /// A migration's data step: work SQL cannot do, run in the migration's transaction.
 type DataStep = fn(&Connection) -> Result<(), StateError>;
@@ -173,11 +174,43 @@ static MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V3,
         after: Some(resolve_stored_references),
     },
+    Migration {
+        version: 5,
+        sql: SCHEMA_V5,
+        after: Some(compact_done_rows),
+    },
 ];
 
 /// Version 3: references are kept by anchor (no table changes; the data step resolves the DN
 /// references that name mirrored objects, as an import now does).
 const SCHEMA_V3: &str = "";
+
+/// Version 5: a lean journal. A done row keeps run, anchor, kind, state, target id and the
+/// names of the attributes an update changed; its payloads (`op`, `sent`) are dropped (the
+/// data step compacts the rows already done). The small columns come first, so reading them
+/// does not read a payload's overflow pages. The target value index is unchanged: it is
+/// narrowed to the declared lookup attributes when the engine first declares them.
+const SCHEMA_V5: &str = r#"
+CREATE TABLE journal_v5 (
+    id INTEGER PRIMARY KEY,
+    run INTEGER NOT NULL REFERENCES runs (id),
+    anchor TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('intended', 'done', 'failed')),
+    target_id TEXT,
+    attributes TEXT,
+    error TEXT,
+    retryable INTEGER NOT NULL DEFAULT 0,
+    op TEXT CHECK (op IS NOT NULL OR state = 'done'),
+    sent TEXT
+);
+INSERT INTO journal_v5 (id, run, anchor, kind, state, target_id, error, retryable, op, sent)
+    SELECT id, run, anchor, kind, state, target_id, error, retryable, op, sent FROM journal;
+DROP TABLE journal;
+ALTER TABLE journal_v5 RENAME TO journal;
+CREATE INDEX journal_run ON journal (run);
+CREATE INDEX journal_intended ON journal (state) WHERE state = 'intended';
+"#;
 
 // The statements of the delta path; the tests check each uses an index.
 const ENTRY_COLUMNS: &str = "anchor, object_type, dn, attributes";
@@ -247,6 +280,11 @@ const MAX_INDEXED_VALUE: usize = 256;
 /// ```
 pub struct SqliteStore {
     conn: Connection,
+    /// Applied at every [`StateStore::finish_run`]; `None`: keep everything.
+    retention: Option<Retention>,
+    /// The declared lookup attributes (kept in `meta`); `None` until declared: every attribute
+    /// is indexed.
+    lookup: Option<LookupAttributes>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -337,9 +375,25 @@ impl SqliteStore {
             .ctx("setting the page cache size")?;
         conn.pragma_update(None, "mmap_size", 268_435_456i64)
             .ctx("setting the memory-mapped I/O size")?;
-        let mut store = SqliteStore { conn };
+        let mut store = SqliteStore {
+            conn,
+            retention: Some(Retention::default()),
+            lookup: None,
+        };
         store.migrate()?;
+        store.lookup = lookup_attributes(&store.conn)?;
         Ok(store)
+    }
+
+    /// Sets the journal retention applied at every [`StateStore::finish_run`] (the default is
+    /// [`Retention::default`]); `None` keeps every run and journal row.
+    pub fn set_retention(&mut self, retention: Option<Retention>) {
+        self.retention = retention;
+    }
+
+    /// The journal retention applied at every [`StateStore::finish_run`].
+    pub fn retention(&self) -> Option<Retention> {
+        self.retention
     }
 
     /// The schema version of the open file.
@@ -400,7 +454,14 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", m.version)
                 .ctx("recording the schema version")?;
         }
-        tx.commit().ctx("committing the schema migration")
+        tx.commit().ctx("committing the schema migration")?;
+        if (1..5).contains(&found) {
+            // The compacted journal left free pages: give them back to the file system, once.
+            self.conn
+                .execute_batch("VACUUM")
+                .ctx("compacting the state file after the migration")?;
+        }
+        Ok(())
     }
 
     /// Runs `f` in one immediate transaction.
@@ -574,6 +635,7 @@ fn decode_journal(mut row: Vec<SqlValue>) -> Result<JournalEntry, StateError> {
     let id = int(T, "?", "id", take(&mut row, 0))?;
     let key = id.to_string();
     let run = int(T, &key, "run", take(&mut row, 1))?;
+    // An intended row always keeps its payload (the table's check says so).
     let op = text(T, &key, "op", take(&mut row, 2))?;
     let sent = opt_text(T, &key, "sent", take(&mut row, 3))?;
     let state = text(T, &key, "state", take(&mut row, 4))?;
@@ -593,6 +655,41 @@ fn decode_journal(mut row: Vec<SqlValue>) -> Result<JournalEntry, StateError> {
         target_id: target_id.map(TargetId::from),
         error,
         retryable: retryable != 0,
+    })
+}
+
+const RECORD_COLUMNS: &str =
+    "id, run, anchor, kind, state, target_id, attributes, error, retryable, op, sent";
+
+fn decode_record(mut row: Vec<SqlValue>) -> Result<JournalRecord, StateError> {
+    const T: &str = "journal";
+    let id = int(T, "?", "id", take(&mut row, 0))?;
+    let key = id.to_string();
+    let k = key.as_str();
+    let state = text(T, k, "state", take(&mut row, 4))?;
+    let attributes: Vec<AttrName> = match opt_text(T, k, "attributes", take(&mut row, 6))? {
+        Some(a) => json(T, k, "attributes", &a)?,
+        None => Vec::new(),
+    };
+    Ok(JournalRecord {
+        id: JournalId(id),
+        run: RunId(int(T, k, "run", take(&mut row, 1))?),
+        anchor: text(T, k, "anchor", take(&mut row, 2))?.into(),
+        kind: text(T, k, "kind", take(&mut row, 3))?,
+        state: JournalState::parse(&state)
+            .ok_or_else(|| corrupt(T, k, format!("column state holds {state:?}")))?,
+        target_id: opt_text(T, k, "target_id", take(&mut row, 5))?.map(TargetId::from),
+        attributes,
+        error: opt_text(T, k, "error", take(&mut row, 7))?,
+        retryable: int(T, k, "retryable", take(&mut row, 8))? != 0,
+        operation: match opt_text(T, k, "op", take(&mut row, 9))? {
+            Some(o) => Some(json(T, k, "op", &o)?),
+            None => None,
+        },
+        sent: match opt_text(T, k, "sent", take(&mut row, 10))? {
+            Some(o) => Some(json(T, k, "sent", &o)?),
+            None => None,
+        },
     })
 }
 
@@ -1080,7 +1177,31 @@ fn value_key(v: &Value) -> Option<String> {
     serde_json::to_string(&key).ok()
 }
 
-fn write_target(conn: &Connection, o: &TargetObject) -> Result<(), StateError> {
+/// The declared lookup attributes kept in `meta` (`None`: never declared).
+fn lookup_attributes(conn: &Connection) -> Result<Option<LookupAttributes>, StateError> {
+    let v: Option<SqlValue> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'lookup_attributes'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+        .ctx("reading the lookup attributes")?;
+    match v {
+        None => Ok(None),
+        Some(v) => {
+            let s = text("meta", "lookup_attributes", "value", v)?;
+            json("meta", "lookup_attributes", "value", &s).map(Some)
+        }
+    }
+}
+
+/// Whether the index holds the values of `attribute` (lower-cased) of objects of `ty`.
+fn indexed(lookup: Option<&LookupAttributes>, ty: &ObjectType, attribute: &str) -> bool {
+    lookup.is_none_or(|m| m.get(ty).is_some_and(|a| a.contains(attribute)))
+}
+
+fn write_target(
+    conn: &Connection,
+    o: &TargetObject,
+    lookup: Option<&LookupAttributes>,
+) -> Result<(), StateError> {
     let attrs = to_json(&format!("target object {}", o.id), &o.attributes)?;
     conn.prepare_cached(
         "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
@@ -1089,10 +1210,14 @@ fn write_target(conn: &Connection, o: &TargetObject) -> Result<(), StateError> {
     )
     .and_then(|mut s| s.execute(params![o.id.as_str(), o.object_type.as_str(), attrs]))
     .ctx("writing a target object")?;
-    index_target(conn, o)
+    index_target(conn, o, lookup)
 }
 
-fn index_target(conn: &Connection, o: &TargetObject) -> Result<(), StateError> {
+fn index_target(
+    conn: &Connection,
+    o: &TargetObject,
+    lookup: Option<&LookupAttributes>,
+) -> Result<(), StateError> {
     conn.prepare_cached("DELETE FROM target_values WHERE id = ?1")
         .and_then(|mut s| s.execute([o.id.as_str()]))
         .ctx("re-indexing a target object")?;
@@ -1102,6 +1227,9 @@ fn index_target(conn: &Connection, o: &TargetObject) -> Result<(), StateError> {
         )
         .ctx("indexing a target object")?;
     for (attr, key) in value_keys(o) {
+        if !indexed(lookup, &o.object_type, &attr) {
+            continue;
+        }
         ins.execute(params![attr, key, o.id.as_str()])
             .ctx("indexing a target object")?;
     }
@@ -1121,16 +1249,235 @@ fn delete_target(conn: &Connection, id: &TargetId) -> Result<bool, StateError> {
 
 /// Migration 2's data step: indexes the values of every stored target object.
 fn rebuild_target_values(conn: &Connection) -> Result<(), StateError> {
+    reindex_targets(conn, None)
+}
+
+/// Rebuilds the target value index: the values of the `lookup` attributes (all, if `None`) of
+/// every stored target object.
+fn reindex_targets(conn: &Connection, lookup: Option<&LookupAttributes>) -> Result<(), StateError> {
     conn.execute("DELETE FROM target_values", [])
         .ctx("clearing the target value index")?;
-    let all = rows(
+    if lookup.is_some_and(|m| m.values().all(|a| a.is_empty())) {
+        return Ok(());
+    }
+    let mut stmt = conn
+        .prepare("SELECT id, object_type, attributes FROM target_objects")
+        .ctx("reading target objects")?;
+    let mut q = stmt.query([]).ctx("reading target objects")?;
+    while let Some(r) = q.next().ctx("reading target objects")? {
+        let row = (0..3)
+            .map(|i| r.get::<_, SqlValue>(i))
+            .collect::<Result<Vec<_>, _>>()
+            .ctx("reading target objects")?;
+        index_target(conn, &decode_target(row)?, lookup)?;
+    }
+    Ok(())
+}
+
+/// Migration 5's data step: the rows already done lose their payloads, keeping the names of
+/// the attributes an update changed. A payload that does not decode is dropped all the same
+/// (nothing reads it any more).
+fn compact_done_rows(conn: &Connection) -> Result<(), StateError> {
+    let mut stmt = conn
+        .prepare("SELECT id, sent FROM journal WHERE state = 'done' AND op IS NOT NULL")
+        .ctx("reading the journal")?;
+    let mut upd = conn
+        .prepare("UPDATE journal SET attributes = ?2, op = NULL, sent = NULL WHERE id = ?1")
+        .ctx("compacting the journal")?;
+    let mut q = stmt.query([]).ctx("reading the journal")?;
+    while let Some(r) = q.next().ctx("reading the journal")? {
+        let id: i64 = r.get(0).ctx("reading the journal")?;
+        let sent: Option<String> = r.get(1).unwrap_or(None);
+        let sent: Option<TargetOperation> = sent.and_then(|s| serde_json::from_str(&s).ok());
+        let attrs = audit_json(sent.as_ref())?;
+        upd.execute(params![id, attrs])
+            .ctx("compacting the journal")?;
+    }
+    Ok(())
+}
+
+/// The `attributes` column of a done row: the names an update changed, as JSON (`NULL`: none).
+fn audit_json(sent: Option<&TargetOperation>) -> Result<Option<String>, StateError> {
+    let names = audit_attributes(sent);
+    if names.is_empty() {
+        return Ok(None);
+    }
+    to_json("the attributes of a journaled update", &names).map(Some)
+}
+
+/// Prunes the runs outside `retention` at `now` and their journal rows (see
+/// [`StateStore::prune_journal`]).
+fn prune(
+    conn: &Connection,
+    retention: &Retention,
+    now: DateTime<Utc>,
+) -> Result<Pruned, StateError> {
+    let doomed: Vec<i64> = rows(
         conn,
-        "SELECT id, object_type, attributes FROM target_objects",
-        [],
-        "reading target objects",
-    )?;
-    for r in all {
-        index_target(conn, &decode_target(r)?)?;
+        "SELECT id FROM runs WHERE finished IS NOT NULL          AND julianday(finished) < julianday(?1)          AND id < (SELECT COALESCE(MIN(id), 9223372036854775807) FROM              (SELECT id FROM runs ORDER BY id DESC LIMIT ?2)) ORDER BY id",
+        params![
+            time_text(&retention.cutoff(now)),
+            i64::try_from(retention.runs).unwrap_or(i64::MAX)
+        ],
+        "finding runs to prune",
+    )?
+    .into_iter()
+    .map(|mut r| int("runs", "?", "id", take(&mut r, 0)))
+    .collect::<Result<_, _>>()?;
+    let mut out = Pruned::default();
+    let mut entries = conn
+        .prepare_cached("DELETE FROM journal WHERE run = ?1 AND state <> 'intended'")
+        .ctx("pruning the journal")?;
+    let mut runs = conn
+        .prepare_cached(
+            "DELETE FROM runs WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM journal WHERE run = ?1)",
+        )
+        .ctx("pruning runs")?;
+    for id in doomed {
+        out.entries += entries.execute([id]).ctx("pruning the journal")? as u64;
+        out.runs += runs.execute([id]).ctx("pruning runs")? as u64;
+    }
+    Ok(out)
+}
+
+/// Journals `op` as intended in `conn` (the run is known).
+fn intend(
+    conn: &Connection,
+    run: RunId,
+    op: &Operation,
+    sent: Option<&TargetOperation>,
+) -> Result<JournalId, StateError> {
+    let op_json = to_json("a journaled operation", &redact_operation(op))?;
+    let sent_json = match sent {
+        Some(s) => Some(to_json(
+            "a journaled target operation",
+            &redact_target_operation(op, s),
+        )?),
+        None => None,
+    };
+    conn.prepare_cached(
+        "INSERT INTO journal (run, anchor, kind, op, sent, state)          VALUES (?1, ?2, ?3, ?4, ?5, 'intended')",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            run.0,
+            op.anchor.as_str(),
+            op.kind.name(),
+            op_json,
+            sent_json
+        ])
+    })
+    .ctx("journaling an operation")?;
+    Ok(JournalId(conn.last_insert_rowid()))
+}
+
+fn check_run(conn: &Connection, run: RunId) -> Result<(), StateError> {
+    let known = conn
+        .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")
+        .and_then(|mut s| s.exists([run.0]))
+        .ctx("checking the run")?;
+    if known {
+        Ok(())
+    } else {
+        Err(StateError::UnknownRun(run))
+    }
+}
+
+/// Records in `conn` that `op` took effect (see [`StateStore::journal_done`]); the caller
+/// moves the fingerprint.
+fn record_done(
+    conn: &Connection,
+    lookup: Option<&LookupAttributes>,
+    id: JournalId,
+    op: &Operation,
+    sent: Option<&TargetOperation>,
+    target_id: Option<&TargetId>,
+) -> Result<(), StateError> {
+    let effect = match sent {
+        Some(s) => Some(target_effect(op, s, target_id)?),
+        None => None,
+    };
+    let link_to = link_target(op, target_id).cloned();
+    if matches!(op.kind, OperationKind::Create { .. }) && link_to.is_none() {
+        return Err(StateError::Invalid(format!(
+            "journal_done for the create of object {} needs the new target id",
+            op.anchor
+        )));
+    }
+    let recorded = target_id
+        .cloned()
+        .or_else(|| effect.as_ref().map(|(id, _)| id.clone()))
+        .or_else(|| link_to.clone());
+    let attrs = audit_json(sent)?;
+    let n = conn
+        .prepare_cached(
+            "UPDATE journal SET state = 'done', target_id = ?2, attributes = ?3, error = NULL,              retryable = 0, op = NULL, sent = NULL WHERE id = ?1",
+        )
+        .and_then(|mut s| s.execute(params![id.0, recorded.as_ref().map(|t| t.as_str()), attrs]))
+        .ctx("recording a done operation")?;
+    if n == 0 {
+        return Err(StateError::UnknownJournalId(id));
+    }
+    if let Some(t) = link_to {
+        put_link(
+            conn,
+            &Link {
+                anchor: op.anchor.clone(),
+                source_type: op.source_type.clone(),
+                target_id: t,
+                target_type: op.target_type.clone(),
+            },
+        )?;
+    } else if let Some(t) = unlinks(op) {
+        conn.prepare_cached("DELETE FROM links WHERE anchor = ?1 AND target_id = ?2")
+            .and_then(|mut s| s.execute([op.anchor.as_str(), t.as_str()]))
+            .ctx("removing a link")?;
+    }
+    if let Some((tid, effect)) = effect {
+        match effect {
+            TargetOperation::Create {
+                object_type,
+                attributes,
+            } => write_target(
+                conn,
+                &TargetObject {
+                    id: tid,
+                    object_type,
+                    attributes,
+                },
+                lookup,
+            )?,
+            TargetOperation::Update { changes, .. } => {
+                if let Some(mut o) = load_target(conn, &tid)? {
+                    for c in &changes {
+                        let _ = o.attributes.apply(c, false);
+                    }
+                    write_target(conn, &o, lookup)?;
+                }
+            }
+            TargetOperation::Delete { .. } => {
+                delete_target(conn, &tid)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records in `conn` that a journaled operation failed.
+fn record_failed(
+    conn: &Connection,
+    id: JournalId,
+    error: &str,
+    retryable: bool,
+) -> Result<(), StateError> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE journal SET state = 'failed', error = ?2, retryable = ?3 WHERE id = ?1",
+        )
+        .and_then(|mut s| s.execute(params![id.0, error, retryable]))
+        .ctx("recording a failed operation")?;
+    if n == 0 {
+        return Err(StateError::UnknownJournalId(id));
     }
     Ok(())
 }
@@ -1513,13 +1860,16 @@ impl StateStore for SqliteStore {
     ) -> Result<(), StateError> {
         let conn = &self.conn;
         for l in lookups {
-            let found: Vec<TargetObject> = match value_key(&l.value) {
+            let attr = l.attribute.as_str().to_lowercase();
+            let key = value_key(&l.value)
+                .filter(|_| indexed(self.lookup.as_ref(), &l.object_type, &attr));
+            let found: Vec<TargetObject> = match key {
                 Some(key) => {
                     let mut out = Vec::new();
                     for mut r in rows(
                         conn,
                         TARGET_LOOKUP,
-                        params![l.attribute.as_str().to_lowercase(), key],
+                        params![attr, key],
                         "looking up target values",
                     )? {
                         let id = text("target_values", "?", "id", take(&mut r, 0))?;
@@ -1530,7 +1880,8 @@ impl StateStore for SqliteStore {
                     out
                 }
                 None => {
-                    // Values too long (or of a kind) not indexed: scan.
+                    // An attribute not declared, or values too long (or of a kind) not
+                    // indexed: scan.
                     let key = lookup_key(&l.value);
                     rows(
                         conn,
@@ -1634,37 +1985,22 @@ impl StateStore for SqliteStore {
         op: &Operation,
         sent: Option<&TargetOperation>,
     ) -> Result<JournalId, StateError> {
-        let op_json = to_json("a journaled operation", &redact_operation(op))?;
-        let sent_json = match sent {
-            Some(s) => Some(to_json(
-                "a journaled target operation",
-                &redact_target_operation(op, s),
-            )?),
-            None => None,
-        };
         self.write("journaling an operation", |tx| {
-            let known = tx
-                .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")
-                .and_then(|mut s| s.exists([run.0]))
-                .ctx("checking the run")?;
-            if !known {
-                return Err(StateError::UnknownRun(run));
-            }
-            tx.prepare_cached(
-                "INSERT INTO journal (run, anchor, kind, op, sent, state) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'intended')",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    run.0,
-                    op.anchor.as_str(),
-                    op.kind.name(),
-                    op_json,
-                    sent_json
-                ])
-            })
-            .ctx("journaling an operation")?;
-            Ok(JournalId(tx.last_insert_rowid()))
+            check_run(tx, run)?;
+            intend(tx, run, op, sent)
+        })
+    }
+
+    fn journal_intents(
+        &mut self,
+        run: RunId,
+        ops: &[(&Operation, Option<&TargetOperation>)],
+    ) -> Result<Vec<JournalId>, StateError> {
+        self.write("journaling operations", |tx| {
+            check_run(tx, run)?;
+            ops.iter()
+                .map(|(op, sent)| intend(tx, run, op, *sent))
+                .collect()
         })
     }
 
@@ -1675,73 +2011,9 @@ impl StateStore for SqliteStore {
         sent: Option<&TargetOperation>,
         target_id: Option<&TargetId>,
     ) -> Result<(), StateError> {
-        let effect = match sent {
-            Some(s) => Some(target_effect(op, s, target_id)?),
-            None => None,
-        };
-        let link_to = link_target(op, target_id).cloned();
-        if matches!(op.kind, OperationKind::Create { .. }) && link_to.is_none() {
-            return Err(StateError::Invalid(format!(
-                "journal_done for the create of object {} needs the new target id",
-                op.anchor
-            )));
-        }
-        let recorded = target_id
-            .cloned()
-            .or_else(|| effect.as_ref().map(|(id, _)| id.clone()))
-            .or_else(|| link_to.clone());
+        let lookup = self.lookup.clone();
         self.write("recording a done operation", |tx| {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE journal SET state = 'done', target_id = ?2, error = NULL, \
-                     retryable = 0 WHERE id = ?1",
-                )
-                .and_then(|mut s| s.execute(params![id.0, recorded.as_ref().map(|t| t.as_str())]))
-                .ctx("recording a done operation")?;
-            if n == 0 {
-                return Err(StateError::UnknownJournalId(id));
-            }
-            if let Some(t) = link_to {
-                put_link(
-                    tx,
-                    &Link {
-                        anchor: op.anchor.clone(),
-                        source_type: op.source_type.clone(),
-                        target_id: t,
-                        target_type: op.target_type.clone(),
-                    },
-                )?;
-            } else if let Some(t) = unlinks(op) {
-                tx.prepare_cached("DELETE FROM links WHERE anchor = ?1 AND target_id = ?2")
-                    .and_then(|mut s| s.execute([op.anchor.as_str(), t.as_str()]))
-                    .ctx("removing a link")?;
-            }
-            if let Some((tid, effect)) = effect {
-                match effect {
-                    TargetOperation::Create {
-                        object_type,
-                        attributes,
-                    } => write_target(
-                        tx,
-                        &TargetObject {
-                            id: tid,
-                            object_type,
-                            attributes,
-                        },
-                    )?,
-                    TargetOperation::Update { changes, .. } => {
-                        if let Some(mut o) = load_target(tx, &tid)? {
-                            for c in &changes {
-                                let _ = o.attributes.apply(c, false);
-                            }
-                            write_target(tx, &o)?;
-                        }
-                    }
-                    TargetOperation::Delete { .. } => {
-                        delete_target(tx, &tid)?;
-                    }
-                }
-            }
+            record_done(tx, lookup.as_ref(), id, op, sent, target_id)?;
             bump(tx)
         })
     }
@@ -1753,14 +2025,34 @@ impl StateStore for SqliteStore {
         retryable: bool,
     ) -> Result<(), StateError> {
         self.write("recording a failed operation", |tx| {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE journal SET state = 'failed', error = ?2, retryable = ?3 WHERE id = ?1",
-                )
-                .and_then(|mut s| s.execute(params![id.0, error, retryable]))
-                .ctx("recording a failed operation")?;
-            if n == 0 {
-                return Err(StateError::UnknownJournalId(id));
+            record_failed(tx, id, error, retryable)
+        })
+    }
+
+    fn journal_outcomes(&mut self, outcomes: &[JournalOutcome<'_>]) -> Result<(), StateError> {
+        let lookup = self.lookup.clone();
+        self.write("recording outcomes", |tx| {
+            let mut done = false;
+            for o in outcomes {
+                match o {
+                    JournalOutcome::Done {
+                        id,
+                        op,
+                        sent,
+                        target_id,
+                    } => {
+                        record_done(tx, lookup.as_ref(), *id, op, *sent, *target_id)?;
+                        done = true;
+                    }
+                    JournalOutcome::Failed {
+                        id,
+                        error,
+                        retryable,
+                    } => record_failed(tx, *id, error, *retryable)?,
+                }
+            }
+            if done {
+                bump(tx)?;
             }
             Ok(())
         })
@@ -1778,28 +2070,59 @@ impl StateStore for SqliteStore {
         .collect()
     }
 
-    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalEntry>, StateError> {
+    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalRecord>, StateError> {
         let found = match run {
             Some(r) => rows(
                 &self.conn,
-                &format!("SELECT {JOURNAL_COLUMNS} FROM journal WHERE run = ?1 ORDER BY id"),
+                &format!("SELECT {RECORD_COLUMNS} FROM journal WHERE run = ?1 ORDER BY id"),
                 [r.0],
                 "reading the journal",
             )?,
             None => rows(
                 &self.conn,
-                &format!("SELECT {JOURNAL_COLUMNS} FROM journal ORDER BY id"),
+                &format!("SELECT {RECORD_COLUMNS} FROM journal ORDER BY id"),
                 [],
                 "reading the journal",
             )?,
         };
-        found.into_iter().map(decode_journal).collect()
+        found.into_iter().map(decode_record).collect()
+    }
+
+    fn prune_journal(
+        &mut self,
+        retention: &Retention,
+        now: DateTime<Utc>,
+    ) -> Result<Pruned, StateError> {
+        self.write("pruning the journal", |tx| prune(tx, retention, now))
+    }
+
+    fn set_lookup_attributes(
+        &mut self,
+        attributes: &BTreeMap<ObjectType, BTreeSet<AttrName>>,
+    ) -> Result<(), StateError> {
+        let lookup = lower_lookup_attributes(attributes);
+        if self.lookup.as_ref() == Some(&lookup) {
+            return Ok(());
+        }
+        let j = to_json("the lookup attributes", &lookup)?;
+        self.write("declaring the lookup attributes", |tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('lookup_attributes', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [j],
+            )
+            .ctx("recording the lookup attributes")?;
+            reindex_targets(tx, Some(&lookup))
+        })?;
+        self.lookup = Some(lookup);
+        Ok(())
     }
 
     fn put_target_objects(&mut self, objects: &[TargetObject]) -> Result<(), StateError> {
+        let lookup = self.lookup.clone();
         self.write("writing target objects", |tx| {
             for o in objects {
-                write_target(tx, o)?;
+                write_target(tx, o, lookup.as_ref())?;
             }
             if !objects.is_empty() {
                 bump(tx)?;
@@ -1911,6 +2234,7 @@ impl StateStore for SqliteStore {
         outcome: &str,
         report_json: &str,
     ) -> Result<(), StateError> {
+        let retention = self.retention;
         self.write("recording the end of a run", |tx| {
             let n = tx
                 .execute(
@@ -1920,6 +2244,9 @@ impl StateStore for SqliteStore {
                 .ctx("recording the end of a run")?;
             if n == 0 {
                 return Err(StateError::UnknownRun(run));
+            }
+            if let Some(r) = &retention {
+                prune(tx, r, finished)?;
             }
             Ok(())
         })
