@@ -253,6 +253,9 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     "DELETE FROM target_values WHERE id = ?1",
     "DELETE FROM links WHERE anchor = ?1 OR target_id = ?2",
     "SELECT 1 FROM runs WHERE id = ?1",
+    "DELETE FROM journal WHERE run = ?1 AND state <> 'intended'",
+    "UPDATE journal SET state = 'done', target_id = ?2, attributes = ?3, error = NULL, \
+     retryable = 0, op = NULL, sent = NULL WHERE id = ?1",
 ];
 
 /// Values longer than this are not indexed for join lookups (a lookup of one scans).
@@ -2805,5 +2808,231 @@ mod tests {
             large <= small + small / 5,
             "neighbourhood cost grew with the store: {small} steps at 1k, {large} at 20k"
         );
+    }
+
+    fn value_index(s: &SqliteStore) -> Vec<(String, String)> {
+        let mut stmt = s
+            .conn
+            .prepare("SELECT attribute, id FROM target_values ORDER BY attribute, id")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn declared_lookup_attributes_narrow_the_value_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut s = SqliteStore::open(&path).unwrap();
+        s.put_target_objects(&[TargetObject::new("t1", "User")
+            .with("mail", "a@x")
+            .with("title", "Boss")
+            .with("displayName", "Ann")])
+            .unwrap();
+        // Never declared: every attribute is indexed (as before version 5).
+        assert_eq!(value_index(&s).len(), 3);
+        let decl: BTreeMap<ObjectType, BTreeSet<AttrName>> = [
+            ("User".into(), ["Mail".into()].into_iter().collect()),
+            ("Group".into(), ["displayName".into()].into_iter().collect()),
+        ]
+        .into_iter()
+        .collect();
+        let fp = s.fingerprint().unwrap();
+        s.set_lookup_attributes(&decl).unwrap();
+        assert_eq!(s.fingerprint().unwrap(), fp, "the index is no plan input");
+        assert_eq!(value_index(&s), [("mail".into(), "t1".into())]);
+        // Objects written later: by a put, by a done create; a User's displayName is not
+        // indexed, a Group's is.
+        s.put_target_objects(&[
+            TargetObject::new("t2", "Group").with("displayName", "Staff"),
+            TargetObject::new("t3", "User").with("displayName", "Bob"),
+        ])
+        .unwrap();
+        let run = s.begin_run("x", DateTime::UNIX_EPOCH).unwrap();
+        let op = Operation {
+            anchor: "u4".into(),
+            source_type: "user".into(),
+            target_type: "User".into(),
+            kind: OperationKind::Create {
+                attributes: [("mail", crate::model::values(["d@x"]))]
+                    .into_iter()
+                    .collect(),
+                secrets: Attributes::new(),
+                lookup: Vec::new(),
+            },
+            reason: crate::delta::Reason::EnteredScope,
+        };
+        let sent = op.to_target_operation(&Default::default()).unwrap();
+        let ids = s.journal_intents(run, &[(&op, sent.as_ref())]).unwrap();
+        s.journal_outcomes(&[JournalOutcome::Done {
+            id: ids[0],
+            op: &op,
+            sent: sent.as_ref(),
+            target_id: Some(&"t4".into()),
+        }])
+        .unwrap();
+        let want: Vec<(String, String)> = vec![
+            ("displayname".into(), "t2".into()),
+            ("mail".into(), "t1".into()),
+            ("mail".into(), "t4".into()),
+        ];
+        assert_eq!(value_index(&s), want);
+        // The declaration is kept in the file: reopened, the store indexes the same.
+        drop(s);
+        let mut s = SqliteStore::open(&path).unwrap();
+        s.put_target_objects(&[TargetObject::new("t5", "User").with("title", "x")])
+            .unwrap();
+        assert_eq!(value_index(&s), want);
+        s.set_lookup_attributes(&decl).unwrap();
+        assert_eq!(value_index(&s), want);
+        // A new declaration rebuilds the index.
+        let decl: BTreeMap<ObjectType, BTreeSet<AttrName>> =
+            [("User".into(), ["title".into()].into_iter().collect())]
+                .into_iter()
+                .collect();
+        s.set_lookup_attributes(&decl).unwrap();
+        assert_eq!(
+            value_index(&s),
+            [("title".into(), "t1".into()), ("title".into(), "t5".into())]
+        );
+    }
+
+    #[test]
+    fn retention_can_be_turned_off() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        assert_eq!(s.retention(), Some(Retention::default()));
+        s.set_retention(None);
+        let day = chrono::TimeDelta::days(1);
+        for i in 0..3 {
+            let r = s
+                .begin_run("x", DateTime::UNIX_EPOCH + day * (i * 400))
+                .unwrap();
+            s.finish_run(r, DateTime::UNIX_EPOCH + day * (i * 400), "ok", "{}")
+                .unwrap();
+        }
+        assert_eq!(s.runs(10).unwrap().len(), 3);
+        s.set_retention(Some(Retention { runs: 1, days: 1 }));
+        let r = s.begin_run("x", DateTime::UNIX_EPOCH + day * 1200).unwrap();
+        s.finish_run(r, DateTime::UNIX_EPOCH + day * 1200, "ok", "{}")
+            .unwrap();
+        assert_eq!(s.runs(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_version_3_file_gets_a_lean_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        let create = Operation {
+            anchor: "u1".into(),
+            source_type: "user".into(),
+            target_type: "User".into(),
+            kind: OperationKind::Create {
+                attributes: [("displayName", crate::model::values(["Ann"]))]
+                    .into_iter()
+                    .collect(),
+                secrets: Attributes::new(),
+                lookup: Vec::new(),
+            },
+            reason: crate::delta::Reason::EnteredScope,
+        };
+        let sent_c = create.to_target_operation(&Default::default()).unwrap();
+        let changes = vec![crate::model::AttributeChange::replace(
+            "title",
+            crate::model::values(["Boss"]),
+        )];
+        let update = Operation {
+            kind: OperationKind::Update {
+                target: crate::delta::TargetRef::Existing("t1".into()),
+                changes: changes.clone(),
+            },
+            ..create.clone()
+        };
+        let sent_u = TargetOperation::Update {
+            id: "t1".into(),
+            object_type: "User".into(),
+            changes,
+        };
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(SCHEMA_V2).unwrap();
+            conn.execute_batch(
+                "INSERT INTO runs (id, profile, started, finished) \
+                 VALUES (1, 'delta-sync', '2026-01-01T00:00:00Z', '2026-01-01T00:01:00Z');
+                 INSERT INTO target_objects VALUES ('t1', 'User', '[[\"title\",[{\"string\":\"Boss\"}]]]');
+                 INSERT INTO target_values VALUES ('title', '{\"string\":\"boss\"}', 't1');",
+            )
+            .unwrap();
+            let rows: [(&str, &Operation, &TargetOperation, &str, Option<&str>); 4] = [
+                ("u1", &create, sent_c.as_ref().unwrap(), "done", Some("t1")),
+                ("u1", &update, &sent_u, "done", Some("t1")),
+                ("u1", &update, &sent_u, "failed", None),
+                ("u1", &update, &sent_u, "intended", None),
+            ];
+            for (anchor, op, sent, state, tid) in rows {
+                conn.execute(
+                    "INSERT INTO journal (run, anchor, kind, op, sent, state, target_id) \
+                     VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        anchor,
+                        op.kind.name(),
+                        serde_json::to_string(op).unwrap(),
+                        serde_json::to_string(sent).unwrap(),
+                        state,
+                        tid
+                    ],
+                )
+                .unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+        }
+        let before = std::fs::metadata(&path).unwrap().len();
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let journal = s.journal(None).unwrap();
+        let compact: Vec<_> = journal
+            .iter()
+            .map(|r| {
+                (
+                    r.kind.as_str(),
+                    r.state,
+                    r.operation.is_some(),
+                    r.sent.is_some(),
+                    r.attributes.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            compact,
+            [
+                ("create", JournalState::Done, false, false, vec![]),
+                (
+                    "update",
+                    JournalState::Done,
+                    false,
+                    false,
+                    vec!["title".into()]
+                ),
+                ("update", JournalState::Failed, true, true, vec![]),
+                ("update", JournalState::Intended, true, true, vec![]),
+            ]
+        );
+        assert_eq!(journal[0].target_id, Some("t1".into()));
+        // Recovery still finds the intended row whole.
+        let pending = s.journal_unconfirmed().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].operation, update);
+        assert_eq!(pending[0].sent.as_ref(), Some(&sent_u));
+        // The value index is kept until the engine declares its lookup attributes.
+        assert_eq!(value_index(&s), [("title".into(), "t1".into())]);
+        // The migration left no free pages behind.
+        let free: i64 = s
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(free, 0);
+        assert!(before > 0);
     }
 }

@@ -937,7 +937,10 @@ fn journal_lifecycle_updates_links_and_target_mirror(mut s: Box<dyn StateStore>)
     for j in [&journal[0], &journal[1], &journal[3], &journal[4]] {
         assert_eq!((&j.operation, &j.sent), (&None, &None), "{j:?}");
     }
-    assert_eq!(journal[1].attributes, [crate::model::AttrName::from("title")]);
+    assert_eq!(
+        journal[1].attributes,
+        [crate::model::AttrName::from("title")]
+    );
     assert!(journal[0].attributes.is_empty());
     assert_eq!(journal[2].operation.as_ref(), Some(&update));
     assert_eq!(journal[2].sent.as_ref(), Some(&sent_u));
