@@ -185,13 +185,17 @@ static MIGRATIONS: &[Migration] = &[
 /// references that name mirrored objects, as an import now does).
 const SCHEMA_V3: &str = "";
 
-/// Version 5: a lean journal. A done row keeps run, anchor, kind, state, target id and the
-/// names of the attributes an update changed; its payloads (`op`, `sent`) are dropped (the
-/// data step compacts the rows already done). The small columns come first, so reading them
-/// does not read a payload's overflow pages. The target value index is unchanged: it is
-/// narrowed to the declared lookup attributes when the engine first declares them.
+/// Version 5: a lean journal. The payloads (the planned operation `op` and the target operation
+/// `sent`, as JSON) move to `journal_payload`, kept while a row is intended or failed and
+/// deleted when it is done; a journal row keeps run, anchor, kind, state, target id, the names
+/// of the attributes an update changed, error. (Payloads in the row itself, shrunk once done,
+/// would leave each page of a batch nearly empty: SQLite merges pages on deletes, not on
+/// updates.) The data step compacts the rows already done. The target value index is
+/// unchanged: it is narrowed to the declared lookup attributes when the engine first
+/// declares them.
 const SCHEMA_V5: &str = r#"
-CREATE TABLE journal_v5 (
+ALTER TABLE journal RENAME TO journal_v4;
+CREATE TABLE journal (
     id INTEGER PRIMARY KEY,
     run INTEGER NOT NULL REFERENCES runs (id),
     anchor TEXT NOT NULL,
@@ -200,16 +204,17 @@ CREATE TABLE journal_v5 (
     target_id TEXT,
     attributes TEXT,
     error TEXT,
-    retryable INTEGER NOT NULL DEFAULT 0,
-    op TEXT CHECK (op IS NOT NULL OR state = 'done'),
+    retryable INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE journal_payload (
+    id INTEGER PRIMARY KEY REFERENCES journal (id) ON DELETE CASCADE,
+    op TEXT NOT NULL,
     sent TEXT
 );
-INSERT INTO journal_v5 (id, run, anchor, kind, state, target_id, error, retryable, op, sent)
-    SELECT id, run, anchor, kind, state, target_id, error, retryable, op, sent FROM journal;
-DROP TABLE journal;
-ALTER TABLE journal_v5 RENAME TO journal;
-CREATE INDEX journal_run ON journal (run);
-CREATE INDEX journal_intended ON journal (state) WHERE state = 'intended';
+INSERT INTO journal (id, run, anchor, kind, state, target_id, error, retryable)
+    SELECT id, run, anchor, kind, state, target_id, error, retryable FROM journal_v4;
+INSERT INTO journal_payload (id, op, sent)
+    SELECT id, op, sent FROM journal_v4 WHERE state <> 'done';
 "#;
 
 // The statements of the delta path; the tests check each uses an index.
@@ -254,9 +259,16 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     "DELETE FROM links WHERE anchor = ?1 OR target_id = ?2",
     "SELECT 1 FROM runs WHERE id = ?1",
     "DELETE FROM journal WHERE run = ?1 AND state <> 'intended'",
-    "UPDATE journal SET state = 'done', target_id = ?2, attributes = ?3, error = NULL, \
-     retryable = 0, op = NULL, sent = NULL WHERE id = ?1",
+    "DELETE FROM journal_payload WHERE id = ?1",
+    JOURNAL_DONE,
+    UNCONFIRMED,
 ];
+
+const JOURNAL_DONE: &str = "UPDATE journal SET state = 'done', target_id = ?2, attributes = ?3, \
+     error = NULL, retryable = 0 WHERE id = ?1";
+const UNCONFIRMED: &str = "SELECT j.id, j.run, p.op, p.sent, j.state, j.target_id, j.error, \
+     j.retryable FROM journal j LEFT JOIN journal_payload p ON p.id = j.id \
+     WHERE j.state = 'intended' ORDER BY j.id";
 
 /// Values longer than this are not indexed for join lookups (a lookup of one scans).
 const MAX_INDEXED_VALUE: usize = 256;
@@ -631,14 +643,12 @@ fn decode_target(mut row: Vec<SqlValue>) -> Result<TargetObject, StateError> {
     })
 }
 
-const JOURNAL_COLUMNS: &str = "id, run, op, sent, state, target_id, error, retryable";
-
 fn decode_journal(mut row: Vec<SqlValue>) -> Result<JournalEntry, StateError> {
     const T: &str = "journal";
     let id = int(T, "?", "id", take(&mut row, 0))?;
     let key = id.to_string();
     let run = int(T, &key, "run", take(&mut row, 1))?;
-    // An intended row always keeps its payload (the table's check says so).
+    // An intended row always has its payload (a missing one is corrupt: NULL is no text).
     let op = text(T, &key, "op", take(&mut row, 2))?;
     let sent = opt_text(T, &key, "sent", take(&mut row, 3))?;
     let state = text(T, &key, "state", take(&mut row, 4))?;
@@ -661,8 +671,9 @@ fn decode_journal(mut row: Vec<SqlValue>) -> Result<JournalEntry, StateError> {
     })
 }
 
-const RECORD_COLUMNS: &str =
-    "id, run, anchor, kind, state, target_id, attributes, error, retryable, op, sent";
+const JOURNAL_RECORDS: &str = "SELECT j.id, j.run, j.anchor, j.kind, j.state, j.target_id, \
+     j.attributes, j.error, j.retryable, p.op, p.sent \
+     FROM journal j LEFT JOIN journal_payload p ON p.id = j.id";
 
 fn decode_record(mut row: Vec<SqlValue>) -> Result<JournalRecord, StateError> {
     const T: &str = "journal";
@@ -1277,26 +1288,33 @@ fn reindex_targets(conn: &Connection, lookup: Option<&LookupAttributes>) -> Resu
     Ok(())
 }
 
-/// Migration 5's data step: the rows already done lose their payloads, keeping the names of
-/// the attributes an update changed. A payload that does not decode is dropped all the same
-/// (nothing reads it any more).
+/// Migration 5's data step: the rows already done get the names of the attributes an update
+/// changed, from their payloads (a payload that does not decode is dropped all the same:
+/// nothing reads it any more); then the old table goes.
 fn compact_done_rows(conn: &Connection) -> Result<(), StateError> {
     let mut stmt = conn
-        .prepare("SELECT id, sent FROM journal WHERE state = 'done' AND op IS NOT NULL")
+        .prepare("SELECT id, sent FROM journal_v4 WHERE state = 'done' AND sent IS NOT NULL")
         .ctx("reading the journal")?;
     let mut upd = conn
-        .prepare("UPDATE journal SET attributes = ?2, op = NULL, sent = NULL WHERE id = ?1")
+        .prepare("UPDATE journal SET attributes = ?2 WHERE id = ?1")
         .ctx("compacting the journal")?;
     let mut q = stmt.query([]).ctx("reading the journal")?;
     while let Some(r) = q.next().ctx("reading the journal")? {
         let id: i64 = r.get(0).ctx("reading the journal")?;
         let sent: Option<String> = r.get(1).unwrap_or(None);
         let sent: Option<TargetOperation> = sent.and_then(|s| serde_json::from_str(&s).ok());
-        let attrs = audit_json(sent.as_ref())?;
-        upd.execute(params![id, attrs])
-            .ctx("compacting the journal")?;
+        if let Some(attrs) = audit_json(sent.as_ref())? {
+            upd.execute(params![id, attrs])
+                .ctx("compacting the journal")?;
+        }
     }
-    Ok(())
+    drop(q);
+    conn.execute_batch(
+        "DROP TABLE journal_v4;
+         CREATE INDEX journal_run ON journal (run);
+         CREATE INDEX journal_intended ON journal (state) WHERE state = 'intended';",
+    )
+    .ctx("compacting the journal")
 }
 
 /// The `attributes` column of a done row: the names an update changed, as JSON (`NULL`: none).
@@ -1359,19 +1377,15 @@ fn intend(
         None => None,
     };
     conn.prepare_cached(
-        "INSERT INTO journal (run, anchor, kind, op, sent, state)          VALUES (?1, ?2, ?3, ?4, ?5, 'intended')",
+        "INSERT INTO journal (run, anchor, kind, state) VALUES (?1, ?2, ?3, 'intended')",
     )
-    .and_then(|mut s| {
-        s.execute(params![
-            run.0,
-            op.anchor.as_str(),
-            op.kind.name(),
-            op_json,
-            sent_json
-        ])
-    })
+    .and_then(|mut s| s.execute(params![run.0, op.anchor.as_str(), op.kind.name()]))
     .ctx("journaling an operation")?;
-    Ok(JournalId(conn.last_insert_rowid()))
+    let id = conn.last_insert_rowid();
+    conn.prepare_cached("INSERT INTO journal_payload (id, op, sent) VALUES (?1, ?2, ?3)")
+        .and_then(|mut s| s.execute(params![id, op_json, sent_json]))
+        .ctx("journaling an operation")?;
+    Ok(JournalId(id))
 }
 
 fn check_run(conn: &Connection, run: RunId) -> Result<(), StateError> {
@@ -1413,10 +1427,11 @@ fn record_done(
         .or_else(|| link_to.clone());
     let attrs = audit_json(sent)?;
     let n = conn
-        .prepare_cached(
-            "UPDATE journal SET state = 'done', target_id = ?2, attributes = ?3, error = NULL,              retryable = 0, op = NULL, sent = NULL WHERE id = ?1",
-        )
+        .prepare_cached(JOURNAL_DONE)
         .and_then(|mut s| s.execute(params![id.0, recorded.as_ref().map(|t| t.as_str()), attrs]))
+        .ctx("recording a done operation")?;
+    conn.prepare_cached("DELETE FROM journal_payload WHERE id = ?1")
+        .and_then(|mut s| s.execute([id.0]))
         .ctx("recording a done operation")?;
     if n == 0 {
         return Err(StateError::UnknownJournalId(id));
@@ -2062,28 +2077,23 @@ impl StateStore for SqliteStore {
     }
 
     fn journal_unconfirmed(&self) -> Result<Vec<JournalEntry>, StateError> {
-        rows(
-            &self.conn,
-            &format!("SELECT {JOURNAL_COLUMNS} FROM journal WHERE state = 'intended' ORDER BY id"),
-            [],
-            "reading the journal",
-        )?
-        .into_iter()
-        .map(decode_journal)
-        .collect()
+        rows(&self.conn, UNCONFIRMED, [], "reading the journal")?
+            .into_iter()
+            .map(decode_journal)
+            .collect()
     }
 
     fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalRecord>, StateError> {
         let found = match run {
             Some(r) => rows(
                 &self.conn,
-                &format!("SELECT {RECORD_COLUMNS} FROM journal WHERE run = ?1 ORDER BY id"),
+                &format!("{JOURNAL_RECORDS} WHERE j.run = ?1 ORDER BY j.id"),
                 [r.0],
                 "reading the journal",
             )?,
             None => rows(
                 &self.conn,
-                &format!("SELECT {RECORD_COLUMNS} FROM journal ORDER BY id"),
+                &format!("{JOURNAL_RECORDS} ORDER BY j.id"),
                 [],
                 "reading the journal",
             )?,
@@ -2702,7 +2712,7 @@ mod tests {
             .execute_batch(
                 "UPDATE source_objects SET attributes = 42 WHERE anchor = 'u1';
                  UPDATE source_objects SET dn = 'not a dn' WHERE anchor = 'g1';
-                 UPDATE journal SET op = '{\"kind\":\"explode\"}' WHERE id = 1;
+                 UPDATE journal_payload SET op = '{\"kind\":\"explode\"}' WHERE id = 2;
                  UPDATE escrow SET next_retry = 'tomorrow';
                  UPDATE target_objects SET attributes = '[1,2]' WHERE id = 't2';",
             )
@@ -2717,7 +2727,7 @@ mod tests {
         ));
         assert!(matches!(
             s.journal(None),
-            Err(StateError::Corrupt { table: "journal", ref key, .. }) if key == "1"
+            Err(StateError::Corrupt { table: "journal", ref key, .. }) if key == "2"
         ));
         assert!(matches!(
             s.escrowed(),
