@@ -5,6 +5,18 @@
 //! every lookup the delta path makes goes through a primary key or an index (the tests check the
 //! query plans), so a delta costs in proportion to its neighbourhood, not to the store.
 //!
+//! The journal is two tables: `journal`, one small row per operation (run, anchor, kind, state,
+//! target id, the attributes an update changed as a JSON array, error), and `journal_payload`,
+//! the planned and sent operations as JSON, kept only while the row is intended or failed
+//! (see the [journal's promises](super#the-journal-what-it-keeps-and-for-how-long)). A batch of
+//! intents or outcomes is one transaction ([`StateStore::journal_intents`],
+//! [`StateStore::journal_outcomes`]): one commit, one fsync. Retention runs in
+//! [`StateStore::finish_run`]'s transaction ([`SqliteStore::set_retention`]).
+//!
+//! `target_values` indexes target attribute values for join lookups: every attribute until the
+//! engine declares the ones it looks up ([`StateStore::set_lookup_attributes`], kept in `meta`),
+//! only those afterwards.
+//!
 //! The schema is versioned with `PRAGMA user_version` and migrated forward on open, in one
 //! transaction; a file written by a newer dirsync is refused.
 //!
