@@ -16,8 +16,12 @@
 //! It prints seconds, operations per second, and the state file's bytes per table and index
 //! (SQLite's `dbstat`), per object.
 //!
+//! `--migrate FILE` instead opens an existing state file (migrating it to this version, in
+//! place: work on a copy) and prints how long that took and the sizes before and after.
+//!
 //! ```text
 //! cargo run --release --example journal_bench -- --users 100000 --single 10000
+//! cargo run --release --example journal_bench -- --migrate /tmp/copy-of-state.sqlite
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,6 +47,10 @@ fn main() -> Result<(), Error> {
             "--users" => users = num()?,
             "--single" => single = num()?,
             "--batch" => batch = num()?.max(1),
+            "--migrate" => {
+                let path = args.next().ok_or("a state file must follow --migrate")?;
+                return migrate(Path::new(&path));
+            }
             _ => {
                 return Err(
                     format!("unknown argument {a}: use --users N --single N --batch B").into(),
@@ -60,6 +68,50 @@ fn main() -> Result<(), Error> {
         users,
         Some(batch),
     )?;
+    Ok(())
+}
+
+fn migrate(path: &Path) -> Result<(), Error> {
+    let objects = {
+        let conn = rusqlite::Connection::open(path)?;
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM links", [], |r| r.get(0))?;
+        n.max(1) as usize
+    };
+    println!("before ({objects} linked objects):");
+    sizes(path, objects, |_| true)?;
+    let t0 = Instant::now();
+    let store = SqliteStore::open(path)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "migrated to schema version {} in {secs:.2} s; after:",
+        store.schema_version()?
+    );
+    drop(store);
+    sizes(path, objects, |_| true)
+}
+
+/// Prints the bytes per table and index of the state file (those `show` accepts).
+fn sizes(path: &Path, objects: usize, show: impl Fn(&str) -> bool) -> Result<(), Error> {
+    let conn = rusqlite::Connection::open(path)?;
+    let mut stmt = conn
+        .prepare("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY SUM(pgsize) DESC")?;
+    let sizes: Vec<(String, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let file = std::fs::metadata(path)?.len();
+    println!(
+        "  {:<28} {:>10.1} MB {:>8.0} B/object",
+        "(file)",
+        file as f64 / 1e6,
+        file as f64 / objects as f64
+    );
+    for (table, bytes) in sizes.iter().filter(|(t, _)| show(t)) {
+        println!(
+            "  {table:<28} {:>10.1} MB {:>8.0} B/object",
+            *bytes as f64 / 1e6,
+            *bytes as f64 / objects as f64
+        );
+    }
     Ok(())
 }
 
@@ -205,20 +257,7 @@ fn phase(path: &Path, name: &str, n: usize, batch: Option<usize>) -> Result<(), 
             .map(|b| format!(" (batches of {b})"))
             .unwrap_or_default()
     );
-    let conn = rusqlite::Connection::open(path)?;
-    let mut stmt = conn
-        .prepare("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY SUM(pgsize) DESC")?;
-    let sizes: Vec<(String, i64)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    for (table, bytes) in sizes.iter().filter(|(t, _)| {
+    sizes(path, n, |t| {
         t.starts_with("journal") || t.starts_with("target_") || t.starts_with("runs")
-    }) {
-        println!(
-            "  {table:<28} {:>10.1} MB {:>8.0} B/user",
-            *bytes as f64 / 1e6,
-            *bytes as f64 / n as f64
-        );
-    }
-    Ok(())
+    })
 }
