@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 
 use super::{
-    audit_attributes, check_import_share, encode_entry, entry_references, link_target, lookup_key,
-    redact_operation, redact_target_operation, target_effect, unlinks, Escrow, FullImportSummary,
+    audit_attributes, check_import_share, done_effect, encode_entry, entry_references, lookup_key,
+    redact_operation, redact_target_operation, unlinks, DoneEffect, Escrow, FullImportSummary,
     JournalEntry, JournalId, JournalOutcome, JournalRecord, JournalState, Pruned, RefTarget,
     Retention, RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
 };
@@ -79,14 +79,6 @@ impl Default for MemoryStore {
     }
 }
 
-/// What a checked `journal_done` will do: the target mirror's effect, the link made, the
-/// target id recorded.
-type DoneEffect = (
-    Option<(TargetId, TargetOperation)>,
-    Option<TargetId>,
-    Option<TargetId>,
-);
-
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> MemoryStore {
@@ -110,22 +102,7 @@ impl MemoryStore {
         if !self.journal.contains_key(&id.0) {
             return Err(StateError::UnknownJournalId(id));
         }
-        let effect = match sent {
-            Some(s) => Some(target_effect(op, s, target_id)?),
-            None => None,
-        };
-        let link_to = link_target(op, target_id).cloned();
-        if matches!(op.kind, crate::delta::OperationKind::Create { .. }) && link_to.is_none() {
-            return Err(StateError::Invalid(format!(
-                "journal_done for the create of object {} needs the new target id",
-                op.anchor
-            )));
-        }
-        let recorded = target_id
-            .cloned()
-            .or_else(|| effect.as_ref().map(|(id, _)| id.clone()))
-            .or_else(|| link_to.clone());
-        Ok((effect, link_to, recorded))
+        done_effect(op, sent, target_id)
     }
 
     /// Applies a checked `journal_done` (the caller moves the fingerprint).

@@ -928,6 +928,39 @@ pub(crate) fn target_effect(
     Ok((id, effect))
 }
 
+/// What recording `op` as done does: the target mirror's effect (see [`target_effect`]), the
+/// link it makes, and the target id the journal records. Fails when `op` is a create and no
+/// target id is given, or `sent` names no object.
+pub(crate) type DoneEffect = (
+    Option<(TargetId, TargetOperation)>,
+    Option<TargetId>,
+    Option<TargetId>,
+);
+
+/// The [`DoneEffect`] of `op` (shared by the stores; checked before anything is written).
+pub(crate) fn done_effect(
+    op: &Operation,
+    sent: Option<&TargetOperation>,
+    target_id: Option<&TargetId>,
+) -> Result<DoneEffect, StateError> {
+    let effect = match sent {
+        Some(s) => Some(target_effect(op, s, target_id)?),
+        None => None,
+    };
+    let link_to = link_target(op, target_id).cloned();
+    if matches!(op.kind, OperationKind::Create { .. }) && link_to.is_none() {
+        return Err(StateError::Invalid(format!(
+            "journal_done for the create of object {} needs the new target id",
+            op.anchor
+        )));
+    }
+    let recorded = target_id
+        .cloned()
+        .or_else(|| effect.as_ref().map(|(id, _)| id.clone()))
+        .or_else(|| link_to.clone());
+    Ok((effect, link_to, recorded))
+}
+
 /// The target id of the link `op` makes when it succeeds (create, join), if any.
 pub(crate) fn link_target<'a>(
     op: &'a Operation,

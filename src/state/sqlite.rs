@@ -36,15 +36,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    audit_attributes, check_import_share, encode_entry, entry_references, link_target, lookup_key,
-    lower_lookup_attributes, redact_operation, redact_target_operation, target_effect, unlinks,
-    Escrow, FullImportSummary, JournalEntry, JournalId, JournalOutcome, JournalRecord,
-    JournalState, LookupAttributes, Pruned, RefTarget, Retention, RunId, RunRecord, StateError,
-    StateStore, TargetLookup, Views,
+    audit_attributes, check_import_share, done_effect, encode_entry, entry_references, lookup_key,
+    lower_lookup_attributes, redact_operation, redact_target_operation, unlinks, Escrow,
+    FullImportSummary, JournalEntry, JournalId, JournalOutcome, JournalRecord, JournalState,
+    LookupAttributes, Pruned, RefTarget, Retention, RunId, RunRecord, StateError, StateStore,
+    TargetLookup, Views,
 };
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{
-    remove_references_to, resolve_change_values, resolve_references, Link, Operation, OperationKind,
+    remove_references_to, resolve_change_values, resolve_references, Link, Operation,
 };
 use crate::model::{
     Anchor, AttrName, Attributes, Change, Dn, Entry, ObjectType, TargetId, TargetObject, Value,
@@ -1422,21 +1422,7 @@ fn record_done(
     sent: Option<&TargetOperation>,
     target_id: Option<&TargetId>,
 ) -> Result<(), StateError> {
-    let effect = match sent {
-        Some(s) => Some(target_effect(op, s, target_id)?),
-        None => None,
-    };
-    let link_to = link_target(op, target_id).cloned();
-    if matches!(op.kind, OperationKind::Create { .. }) && link_to.is_none() {
-        return Err(StateError::Invalid(format!(
-            "journal_done for the create of object {} needs the new target id",
-            op.anchor
-        )));
-    }
-    let recorded = target_id
-        .cloned()
-        .or_else(|| effect.as_ref().map(|(id, _)| id.clone()))
-        .or_else(|| link_to.clone());
+    let (effect, link_to, recorded) = done_effect(op, sent, target_id)?;
     let attrs = audit_json(sent)?;
     let n = conn
         .prepare_cached(JOURNAL_DONE)
@@ -2420,6 +2406,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
+    use crate::delta::OperationKind;
     use crate::state::testkit;
 
     #[test]
@@ -2440,6 +2427,23 @@ mod tests {
 
     fn dn(s: &str) -> Dn {
         Dn::parse(s).unwrap()
+    }
+
+    /// The create of `anchor` (a User) with one attribute.
+    fn create_op(anchor: &str, attribute: &str, value: &str) -> Operation {
+        Operation {
+            anchor: anchor.into(),
+            source_type: "user".into(),
+            target_type: "User".into(),
+            kind: OperationKind::Create {
+                attributes: [(attribute, crate::model::values([value]))]
+                    .into_iter()
+                    .collect(),
+                secrets: Attributes::new(),
+                lookup: Vec::new(),
+            },
+            reason: crate::delta::Reason::EnteredScope,
+        }
     }
 
     fn populate(s: &mut SqliteStore) {
@@ -2465,19 +2469,7 @@ mod tests {
                 DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             )
             .unwrap();
-        let op = Operation {
-            anchor: "u1".into(),
-            source_type: "user".into(),
-            target_type: "User".into(),
-            kind: OperationKind::Create {
-                attributes: [("displayName", crate::model::values(["Ann"]))]
-                    .into_iter()
-                    .collect(),
-                secrets: Attributes::new(),
-                lookup: Vec::new(),
-            },
-            reason: crate::delta::Reason::EnteredScope,
-        };
+        let op = create_op("u1", "displayName", "Ann");
         let sent = op.to_target_operation(&Default::default()).unwrap();
         let j = s.journal_intent(run, &op, sent.as_ref()).unwrap();
         s.journal_done(j, &op, sent.as_ref(), Some(&"t1".into()))
@@ -2873,19 +2865,7 @@ mod tests {
         ])
         .unwrap();
         let run = s.begin_run("x", DateTime::UNIX_EPOCH).unwrap();
-        let op = Operation {
-            anchor: "u4".into(),
-            source_type: "user".into(),
-            target_type: "User".into(),
-            kind: OperationKind::Create {
-                attributes: [("mail", crate::model::values(["d@x"]))]
-                    .into_iter()
-                    .collect(),
-                secrets: Attributes::new(),
-                lookup: Vec::new(),
-            },
-            reason: crate::delta::Reason::EnteredScope,
-        };
+        let op = create_op("u4", "mail", "d@x");
         let sent = op.to_target_operation(&Default::default()).unwrap();
         let ids = s.journal_intents(run, &[(&op, sent.as_ref())]).unwrap();
         s.journal_outcomes(&[JournalOutcome::Done {
@@ -2946,19 +2926,7 @@ mod tests {
     fn a_version_3_file_gets_a_lean_journal() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v3.db");
-        let create = Operation {
-            anchor: "u1".into(),
-            source_type: "user".into(),
-            target_type: "User".into(),
-            kind: OperationKind::Create {
-                attributes: [("displayName", crate::model::values(["Ann"]))]
-                    .into_iter()
-                    .collect(),
-                secrets: Attributes::new(),
-                lookup: Vec::new(),
-            },
-            reason: crate::delta::Reason::EnteredScope,
-        };
+        let create = create_op("u1", "displayName", "Ann");
         let sent_c = create.to_target_operation(&Default::default()).unwrap();
         let changes = vec![crate::model::AttributeChange::replace(
             "title",
