@@ -15,7 +15,8 @@
 //!
 //! `target_values` indexes target attribute values for join lookups: every attribute until the
 //! engine declares the ones it looks up ([`StateStore::set_lookup_attributes`], kept in `meta`),
-//! only those afterwards.
+//! only those afterwards. Writing a target object changes only the keys that changed, computed
+//! from the object it replaces.
 //!
 //! The schema is versioned with `PRAGMA user_version` and migrated forward on open, in one
 //! transaction; a file written by a newer dirsync is refused.
@@ -202,9 +203,10 @@ const SCHEMA_V3: &str = "";
 /// deleted when it is done; a journal row keeps run, anchor, kind, state, target id, the names
 /// of the attributes an update changed, error. (Payloads in the row itself, shrunk once done,
 /// would leave each page of a batch nearly empty: SQLite merges pages on deletes, not on
-/// updates.) The data step compacts the rows already done. The target value index is
-/// unchanged: it is narrowed to the declared lookup attributes when the engine first
-/// declares them.
+/// updates.) The data step compacts the rows already done. The target value index loses its
+/// index by id (as large as the index: an object's old keys are computed from the object
+/// instead); it is narrowed to the declared lookup attributes when the engine first declares
+/// them.
 const SCHEMA_V5: &str = r#"
 ALTER TABLE journal RENAME TO journal_v4;
 CREATE TABLE journal (
@@ -227,6 +229,7 @@ INSERT INTO journal (id, run, anchor, kind, state, target_id, error, retryable)
     SELECT id, run, anchor, kind, state, target_id, error, retryable FROM journal_v4;
 INSERT INTO journal_payload (id, op, sent)
     SELECT id, op, sent FROM journal_v4 WHERE state <> 'done';
+DROP INDEX target_values_id;
 "#;
 
 // The statements of the delta path; the tests check each uses an index.
@@ -267,7 +270,7 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     TARGET_BY_ID,
     TARGET_LOOKUP,
     "DELETE FROM source_refs WHERE from_anchor = ?1",
-    "DELETE FROM target_values WHERE id = ?1",
+    "DELETE FROM target_values WHERE attribute = ?1 AND value_key = ?2 AND id = ?3",
     "DELETE FROM links WHERE anchor = ?1 OR target_id = ?2",
     "SELECT 1 FROM runs WHERE id = ?1",
     "DELETE FROM journal WHERE run = ?1 AND state <> 'intended'",
@@ -1228,6 +1231,7 @@ fn write_target(
     o: &TargetObject,
     lookup: Option<&LookupAttributes>,
 ) -> Result<(), StateError> {
+    let old = stored_target(conn, &o.id)?;
     let attrs = to_json(&format!("target object {}", o.id), &o.attributes)?;
     conn.prepare_cached(
         "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
@@ -1236,36 +1240,96 @@ fn write_target(
     )
     .and_then(|mut s| s.execute(params![o.id.as_str(), o.object_type.as_str(), attrs]))
     .ctx("writing a target object")?;
-    index_target(conn, o, lookup)
+    index_target(conn, o, old.as_ref(), lookup)
 }
 
-fn index_target(
+/// The index keys of `o` under `lookup`.
+fn indexed_keys(o: &TargetObject, lookup: Option<&LookupAttributes>) -> BTreeSet<(String, String)> {
+    value_keys(o)
+        .into_iter()
+        .filter(|(attr, _)| indexed(lookup, &o.object_type, attr))
+        .collect()
+}
+
+/// The stored object `id` as the index knows it, read before it is overwritten or deleted:
+/// `Err(())` when the row does not decode (its index rows are then found by a scan).
+fn stored_target(
     conn: &Connection,
-    o: &TargetObject,
+    id: &TargetId,
+) -> Result<Result<Option<TargetObject>, ()>, StateError> {
+    match load_target(conn, id) {
+        Ok(o) => Ok(Ok(o)),
+        Err(StateError::Corrupt { .. }) => Ok(Err(())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Brings the index rows of `o` (`None`: removed) from those of `old`, the stored object it
+/// replaces, to its own: only the keys that changed are written. The index has no index by id
+/// (it would be as large as the index itself): the old keys are computed from the old object.
+fn reindex_target(
+    conn: &Connection,
+    id: &TargetId,
+    o: Option<&TargetObject>,
+    old: Result<Option<&TargetObject>, ()>,
     lookup: Option<&LookupAttributes>,
 ) -> Result<(), StateError> {
-    conn.prepare_cached("DELETE FROM target_values WHERE id = ?1")
-        .and_then(|mut s| s.execute([o.id.as_str()]))
+    let new = o.map(|o| indexed_keys(o, lookup)).unwrap_or_default();
+    let old = match old {
+        Ok(old) => old.map(|o| indexed_keys(o, lookup)).unwrap_or_default(),
+        Err(()) => {
+            // A stored row that does not decode: its keys are unknown; find them by a scan.
+            conn.prepare_cached("DELETE FROM target_values WHERE id = ?1")
+                .and_then(|mut s| s.execute([id.as_str()]))
+                .ctx("re-indexing a target object")?;
+            BTreeSet::new()
+        }
+    };
+    let mut del = conn
+        .prepare_cached(
+            "DELETE FROM target_values WHERE attribute = ?1 AND value_key = ?2 AND id = ?3",
+        )
         .ctx("re-indexing a target object")?;
+    for (attr, key) in old.difference(&new) {
+        del.execute(params![attr, key, id.as_str()])
+            .ctx("re-indexing a target object")?;
+    }
     let mut ins = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO target_values (attribute, value_key, id) VALUES (?1, ?2, ?3)",
         )
         .ctx("indexing a target object")?;
-    for (attr, key) in value_keys(o) {
-        if !indexed(lookup, &o.object_type, &attr) {
-            continue;
-        }
-        ins.execute(params![attr, key, o.id.as_str()])
+    for (attr, key) in new.difference(&old) {
+        ins.execute(params![attr, key, id.as_str()])
             .ctx("indexing a target object")?;
     }
     Ok(())
 }
 
+fn index_target(
+    conn: &Connection,
+    o: &TargetObject,
+    old: Result<&Option<TargetObject>, &()>,
+    lookup: Option<&LookupAttributes>,
+) -> Result<(), StateError> {
+    reindex_target(
+        conn,
+        &o.id,
+        Some(o),
+        old.map(Option::as_ref).map_err(|_| ()),
+        lookup,
+    )
+}
+
 fn delete_target(conn: &Connection, id: &TargetId) -> Result<bool, StateError> {
-    conn.prepare_cached("DELETE FROM target_values WHERE id = ?1")
-        .and_then(|mut s| s.execute([id.as_str()]))
-        .ctx("un-indexing a target object")?;
+    let old = stored_target(conn, id)?;
+    reindex_target(
+        conn,
+        id,
+        None,
+        old.as_ref().map(Option::as_ref).map_err(|_| ()),
+        None,
+    )?;
     let n = conn
         .prepare_cached("DELETE FROM target_objects WHERE id = ?1")
         .and_then(|mut s| s.execute([id.as_str()]))
@@ -1295,7 +1359,7 @@ fn reindex_targets(conn: &Connection, lookup: Option<&LookupAttributes>) -> Resu
             .map(|i| r.get::<_, SqlValue>(i))
             .collect::<Result<Vec<_>, _>>()
             .ctx("reading target objects")?;
-        index_target(conn, &decode_target(row)?, lookup)?;
+        index_target(conn, &decode_target(row)?, Ok(&None), lookup)?;
     }
     Ok(())
 }
@@ -2899,6 +2963,78 @@ mod tests {
             value_index(&s),
             [("title".into(), "t1".into()), ("title".into(), "t5".into())]
         );
+    }
+
+    #[test]
+    fn the_value_index_follows_writes_updates_and_deletes() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let keys = |s: &SqliteStore| -> Vec<(String, String, String)> {
+            let mut stmt = s
+                .conn
+                .prepare("SELECT attribute, value_key, id FROM target_values ORDER BY 1, 2, 3")
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let k = |a: &str, v: &str, id: &str| {
+            (
+                a.to_owned(),
+                format!("{{\"string\":\"{v}\"}}"),
+                id.to_owned(),
+            )
+        };
+        s.put_target_objects(&[
+            TargetObject::new("t1", "User")
+                .with("mail", "A@x")
+                .with("cn", "a"),
+            TargetObject::new("t2", "User").with("mail", "b@x"),
+        ])
+        .unwrap();
+        assert_eq!(
+            keys(&s),
+            [
+                k("cn", "a", "t1"),
+                k("mail", "a@x", "t1"),
+                k("mail", "b@x", "t2")
+            ]
+        );
+        // Replaced by a put: the old values leave the index.
+        s.put_target_objects(&[TargetObject::new("t1", "User").with("mail", "c@x")])
+            .unwrap();
+        assert_eq!(keys(&s), [k("mail", "b@x", "t2"), k("mail", "c@x", "t1")]);
+        // Updated by a done operation, then deleted.
+        let run = s.begin_run("x", DateTime::UNIX_EPOCH).unwrap();
+        let changes = vec![crate::model::AttributeChange::replace(
+            "mail",
+            crate::model::values(["d@x"]),
+        )];
+        let mut op = create_op("u1", "mail", "c@x");
+        op.kind = OperationKind::Update {
+            target: crate::delta::TargetRef::Existing("t1".into()),
+            changes: changes.clone(),
+        };
+        let sent = TargetOperation::Update {
+            id: "t1".into(),
+            object_type: "User".into(),
+            changes,
+        };
+        let j = s.journal_intent(run, &op, Some(&sent)).unwrap();
+        s.journal_done(j, &op, Some(&sent), None).unwrap();
+        assert_eq!(keys(&s), [k("mail", "b@x", "t2"), k("mail", "d@x", "t1")]);
+        s.remove_target_objects(&["t2".into()]).unwrap();
+        assert_eq!(keys(&s), [k("mail", "d@x", "t1")]);
+        // A stored row that does not decode is re-indexed all the same.
+        s.conn
+            .execute(
+                "UPDATE target_objects SET attributes = '[1' WHERE id = 't1'",
+                [],
+            )
+            .unwrap();
+        s.put_target_objects(&[TargetObject::new("t1", "User").with("mail", "e@x")])
+            .unwrap();
+        assert_eq!(keys(&s), [k("mail", "e@x", "t1")]);
     }
 
     #[test]
