@@ -64,6 +64,28 @@ struct Config {
     guard: GuardConfig,
     #[serde(default)]
     engine: EngineSection,
+    #[serde(default)]
+    journal: JournalSection,
+}
+
+/// `[journal]`: how long the state file keeps runs and their journal.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct JournalSection {
+    /// The newest runs always kept.
+    keep_runs: u64,
+    /// Runs finished within this many days are kept.
+    keep_days: u32,
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        let r = dirsync::state::Retention::default();
+        JournalSection {
+            keep_runs: r.runs,
+            keep_days: r.days,
+        }
+    }
 }
 
 /// `[source]`, tagged by `type`. Other connectors add variants here.
@@ -801,13 +823,17 @@ fn build(config: Config, file: &ConfigFile) -> Result<Synchronizer, Fail> {
     };
     let state = relative(base, &config.state);
     parent_dir(&state, "state").map_err(|m| file.fail(EXIT_ERROR, &[Key("state")], m))?;
-    let store = SqliteStore::open(&state).map_err(|e| {
+    let mut store = SqliteStore::open(&state).map_err(|e| {
         file.fail(
             EXIT_ERROR,
             &[Key("state")],
             format!("the state store {}: {e}", state.display()),
         )
     })?;
+    store.set_retention(Some(dirsync::state::Retention {
+        runs: config.journal.keep_runs,
+        days: config.journal.keep_days,
+    }));
     let engine = EngineConfig {
         guard: DeletionGuard {
             enabled: config.guard.enabled,

@@ -49,6 +49,20 @@ impl Default for UserGroupProjection {
 }
 
 impl Projection for UserGroupProjection {
+    fn join_attributes(
+        &self,
+    ) -> Option<std::collections::BTreeMap<ObjectType, std::collections::BTreeSet<AttrName>>> {
+        Some(
+            [
+                ("Group", &["displayName"][..]),
+                ("User", &["mail", "employeeId"][..]),
+            ]
+            .into_iter()
+            .map(|(ty, attrs)| (ty.into(), attrs.iter().map(|a| (*a).into()).collect()))
+            .collect(),
+        )
+    }
+
     fn project(&self, e: &Entry, _ctx: &ProjectionContext<'_>) -> Projected {
         if e.object_type.is("group") {
             let cn = e.get("cn").cloned().unwrap_or_default();

@@ -1467,3 +1467,43 @@ async fn a_changed_target_type_replaces_objects_through_the_engine() {
     let r = sync.full_sync().await.unwrap();
     assert_eq!(r.total_done(), 0, "{r}");
 }
+
+/// The engine declares the rules' join attributes: the SQLite store indexes only those target
+/// values, and an object that appears in the target (read by reconcile) is joined through
+/// that index by a new source object, with nothing created.
+#[tokio::test]
+async fn the_state_indexes_only_join_attributes_and_joins_through_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.sqlite");
+    let (s, mut sync) = setup(3, Box::new(SqliteStore::open(&path).unwrap()), |_| {});
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.count("create"), 4, "{r}");
+    let indexed = || -> Vec<String> {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT DISTINCT attribute FROM target_values ORDER BY attribute")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    // users join on userName, groups on displayName; department and the rest are not indexed.
+    assert_eq!(indexed(), ["displayname", "username"]);
+    // An administrator creates the account by hand; reconcile reads it into the state.
+    s.target.insert(
+        dirsync::model::TargetObject::new("hand-made", "User")
+            .with("userName", "user7@x.test")
+            .with("department", "Eng"),
+    );
+    sync.reconcile().await.unwrap();
+    s.source.add(user(7, "Eng")).unwrap();
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!((r.count("join"), r.count("create")), (1, 0), "{r}");
+    let links = sync.with_store(|st| st.load_all()).unwrap().links;
+    assert_eq!(
+        links.get(&"u007".into()).map(|l| l.target_id.as_str()),
+        Some("hand-made")
+    );
+    assert_eq!(indexed(), ["displayname", "username"]);
+}

@@ -749,3 +749,20 @@ reference = true
     let shown = rules.explain(&u, &ctx).to_string();
     assert!(shown.contains("CN=Chief"), "{shown}");
 }
+
+#[test]
+fn join_attributes_are_the_join_groups_per_target_type() {
+    use dirsync::delta::Projection;
+    let attrs = example().join_attributes().unwrap();
+    let names = |ty: &str| -> Vec<String> {
+        attrs
+            .get(&ty.into())
+            .unwrap()
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    };
+    assert_eq!(attrs.len(), 2);
+    assert_eq!(names("User"), ["externalId", "userName"]);
+    assert_eq!(names("Group"), ["displayName", "externalId"]);
+}

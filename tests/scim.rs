@@ -686,7 +686,7 @@ async fn real_server_referrers_lose_a_deleted_object_in_the_same_run() {
         .iter()
         .rev()
         .take(3)
-        .map(|j| j.operation.kind.name())
+        .map(|j| j.kind.as_str())
         .collect();
     assert_eq!(kinds[0], "delete", "{kinds:?}");
     let mut want = vec![id["u1"].clone(), id["u2"].clone()];

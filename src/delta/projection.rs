@@ -45,6 +45,17 @@ pub trait Projection: Send + Sync {
         Vec::new()
     }
 
+    /// The target attributes its join groups look up, per target object type (every type it
+    /// makes, even with no join): the engine declares them to the state store
+    /// ([`StateStore::set_lookup_attributes`](crate::state::StateStore::set_lookup_attributes)),
+    /// which then indexes only those target values. `None` (the default): not known, and the
+    /// store keeps indexing what it did.
+    fn join_attributes(
+        &self,
+    ) -> Option<std::collections::BTreeMap<ObjectType, std::collections::BTreeSet<AttrName>>> {
+        None
+    }
+
     /// What to do with the target object of `link`, and why ([`DeprovisionCause`]): its source
     /// object left scope (`entry` is `Some`), was deleted at the source (`entry` is `None`), or
     /// is in scope but now makes a target object of another type (`entry` is `Some`; the planner

@@ -388,6 +388,9 @@ impl Synchronizer {
     fn begin(&self, profile: &'static str) -> Result<RunStart> {
         let started = self.config.clock.now();
         let run = self.store(|s| s.begin_run(profile, started))?;
+        if let Some(attrs) = self.projection.join_attributes() {
+            self.store(|s| s.set_lookup_attributes(&attrs))?;
+        }
         Ok(RunStart {
             profile,
             run,

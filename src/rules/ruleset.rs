@@ -1573,6 +1573,21 @@ impl Projection for RuleSet {
         Some(true)
     }
 
+    fn join_attributes(
+        &self,
+    ) -> Option<BTreeMap<ObjectType, std::collections::BTreeSet<AttrName>>> {
+        let mut out: BTreeMap<ObjectType, std::collections::BTreeSet<AttrName>> = BTreeMap::new();
+        for r in &self.rules {
+            let attrs = out.entry(r.target_type.clone()).or_default();
+            for &i in r.join.iter().flatten() {
+                if let Some(f) = r.flows.get(i) {
+                    attrs.insert(f.shape.attribute.clone());
+                }
+            }
+        }
+        Some(out)
+    }
+
     fn containers(&self) -> Vec<ContainerRef> {
         let mut out: Vec<ContainerRef> = Vec::new();
         for r in self.rules.iter().flat_map(|r| r.containers.references()) {

@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 
 use super::{
-    check_import_share, encode_entry, entry_references, link_target, lookup_key, redact_operation,
-    redact_target_operation, target_effect, unlinks, Escrow, FullImportSummary, JournalEntry,
-    JournalId, JournalState, RefTarget, RunId, RunRecord, StateError, StateStore, TargetLookup,
-    Views,
+    audit_attributes, check_import_share, done_effect, encode_entry, entry_references, lookup_key,
+    redact_operation, redact_target_operation, unlinks, DoneEffect, Escrow, FullImportSummary,
+    JournalEntry, JournalId, JournalOutcome, JournalRecord, JournalState, Pruned, RefTarget,
+    Retention, RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
 };
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{
@@ -34,7 +34,7 @@ struct Session {
 /// assert_eq!(store.dirty()?, ["a1".into()]);
 /// # Ok::<(), dirsync::state::StateError>(())
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     mirror: SourceMirror,
     hashes: HashMap<Anchor, (u64, u64)>,
@@ -44,17 +44,129 @@ pub struct MemoryStore {
     links: Links,
     target: TargetMirror,
     dirty: BTreeSet<Anchor>,
-    journal: Vec<JournalEntry>,
+    /// The journal by id (done rows compact, as the SQLite store keeps them).
+    journal: BTreeMap<i64, JournalRecord>,
+    last_journal_id: i64,
     escrow: BTreeMap<Anchor, Escrow>,
+    /// The runs, oldest first.
     runs: Vec<RunRecord>,
+    last_run_id: i64,
+    retention: Option<Retention>,
     fingerprint: u64,
     containers: crate::delta::ContainerBindings,
+}
+
+impl Default for MemoryStore {
+    fn default() -> MemoryStore {
+        MemoryStore {
+            mirror: SourceMirror::default(),
+            hashes: HashMap::new(),
+            generation: 0,
+            session: None,
+            watermarks: BTreeMap::new(),
+            links: Links::default(),
+            target: TargetMirror::default(),
+            dirty: BTreeSet::new(),
+            journal: BTreeMap::new(),
+            last_journal_id: 0,
+            escrow: BTreeMap::new(),
+            runs: Vec::new(),
+            last_run_id: 0,
+            retention: Some(Retention::default()),
+            fingerprint: 0,
+            containers: crate::delta::ContainerBindings::default(),
+        }
+    }
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> MemoryStore {
         MemoryStore::default()
+    }
+
+    /// Sets the journal retention applied at every [`StateStore::finish_run`] (the default is
+    /// [`Retention::default`]); `None` keeps every run and journal row.
+    pub fn set_retention(&mut self, retention: Option<Retention>) {
+        self.retention = retention;
+    }
+
+    /// Checks a `journal_done` without changing anything.
+    fn check_done(
+        &self,
+        id: JournalId,
+        op: &Operation,
+        sent: Option<&TargetOperation>,
+        target_id: Option<&TargetId>,
+    ) -> Result<DoneEffect, StateError> {
+        if !self.journal.contains_key(&id.0) {
+            return Err(StateError::UnknownJournalId(id));
+        }
+        done_effect(op, sent, target_id)
+    }
+
+    /// Applies a checked `journal_done` (the caller moves the fingerprint).
+    fn apply_done(
+        &mut self,
+        id: JournalId,
+        op: &Operation,
+        sent: Option<&TargetOperation>,
+        (effect, link_to, recorded): DoneEffect,
+    ) {
+        if let Some(row) = self.journal.get_mut(&id.0) {
+            row.state = JournalState::Done;
+            row.target_id = recorded;
+            row.attributes = audit_attributes(sent);
+            row.error = None;
+            row.retryable = false;
+            row.operation = None;
+            row.sent = None;
+        }
+        if let Some(t) = link_to {
+            self.links.insert(Link {
+                anchor: op.anchor.clone(),
+                source_type: op.source_type.clone(),
+                target_id: t,
+                target_type: op.target_type.clone(),
+            });
+        } else if let Some(t) = unlinks(op) {
+            if self
+                .links
+                .get(&op.anchor)
+                .is_some_and(|l| l.target_id == *t)
+            {
+                self.links.remove(&op.anchor);
+            }
+        }
+        if let Some((tid, effect)) = effect {
+            self.target.record(&effect, &tid);
+        }
+    }
+
+    fn prune(&mut self, retention: &Retention, now: DateTime<Utc>) -> Pruned {
+        let cutoff = retention.cutoff(now);
+        let keep_from = usize::try_from(retention.runs)
+            .map(|n| self.runs.len().saturating_sub(n))
+            .unwrap_or(0);
+        let doomed: BTreeSet<RunId> = self.runs[..keep_from]
+            .iter()
+            .filter(|r| r.finished.is_some_and(|f| f < cutoff))
+            .map(|r| r.id)
+            .collect();
+        let mut out = Pruned::default();
+        if doomed.is_empty() {
+            return out;
+        }
+        let before = self.journal.len();
+        self.journal
+            .retain(|_, j| j.state == JournalState::Intended || !doomed.contains(&j.run));
+        out.entries = (before - self.journal.len()) as u64;
+        let pinned: BTreeSet<RunId> = self.journal.values().map(|j| j.run).collect();
+        let before = self.runs.len();
+        self.runs
+            .retain(|r| !doomed.contains(&r.id) || pinned.contains(&r.id));
+        out.runs = (before - self.runs.len()) as u64;
+        out
     }
 
     /// The anchors `anchor`'s entry is referenced from, by anchor or by its current DN.
@@ -155,10 +267,9 @@ impl MemoryStore {
         self.fingerprint = self.fingerprint.wrapping_add(1);
     }
 
-    fn journal_row(&mut self, id: JournalId) -> Result<&mut JournalEntry, StateError> {
-        usize::try_from(id.0 - 1)
-            .ok()
-            .and_then(|i| self.journal.get_mut(i))
+    fn journal_row(&mut self, id: JournalId) -> Result<&mut JournalRecord, StateError> {
+        self.journal
+            .get_mut(&id.0)
             .ok_or(StateError::UnknownJournalId(id))
     }
 
@@ -511,21 +622,44 @@ impl StateStore for MemoryStore {
         op: &Operation,
         sent: Option<&TargetOperation>,
     ) -> Result<JournalId, StateError> {
+        self.journal_intents(run, &[(op, sent)]).map(|ids| {
+            ids.first()
+                .copied()
+                .unwrap_or(JournalId(self.last_journal_id))
+        })
+    }
+
+    fn journal_intents(
+        &mut self,
+        run: RunId,
+        ops: &[(&Operation, Option<&TargetOperation>)],
+    ) -> Result<Vec<JournalId>, StateError> {
         if !self.runs.iter().any(|r| r.id == run) {
             return Err(StateError::UnknownRun(run));
         }
-        let id = JournalId(self.journal.len() as i64 + 1);
-        self.journal.push(JournalEntry {
-            id,
-            run,
-            operation: redact_operation(op),
-            sent: sent.map(|s| redact_target_operation(op, s)),
-            state: JournalState::Intended,
-            target_id: None,
-            error: None,
-            retryable: false,
-        });
-        Ok(id)
+        let mut ids = Vec::with_capacity(ops.len());
+        for (op, sent) in ops {
+            self.last_journal_id += 1;
+            let id = JournalId(self.last_journal_id);
+            self.journal.insert(
+                id.0,
+                JournalRecord {
+                    id,
+                    run,
+                    anchor: op.anchor.clone(),
+                    kind: op.kind.name().to_owned(),
+                    state: JournalState::Intended,
+                    target_id: None,
+                    attributes: Vec::new(),
+                    error: None,
+                    retryable: false,
+                    operation: Some(redact_operation(op)),
+                    sent: sent.map(|s| redact_target_operation(op, s)),
+                },
+            );
+            ids.push(id);
+        }
+        Ok(ids)
     }
 
     fn journal_done(
@@ -535,46 +669,8 @@ impl StateStore for MemoryStore {
         sent: Option<&TargetOperation>,
         target_id: Option<&TargetId>,
     ) -> Result<(), StateError> {
-        self.journal_row(id)?;
-        let effect = match sent {
-            Some(s) => Some(target_effect(op, s, target_id)?),
-            None => None,
-        };
-        let link_to = link_target(op, target_id).cloned();
-        if matches!(op.kind, crate::delta::OperationKind::Create { .. }) && link_to.is_none() {
-            return Err(StateError::Invalid(format!(
-                "journal_done for the create of object {} needs the new target id",
-                op.anchor
-            )));
-        }
-        let recorded = target_id
-            .cloned()
-            .or_else(|| effect.as_ref().map(|(id, _)| id.clone()))
-            .or_else(|| link_to.clone());
-        let row = self.journal_row(id)?;
-        row.state = JournalState::Done;
-        row.target_id = recorded;
-        row.error = None;
-        row.retryable = false;
-        if let Some(t) = link_to {
-            self.links.insert(Link {
-                anchor: op.anchor.clone(),
-                source_type: op.source_type.clone(),
-                target_id: t,
-                target_type: op.target_type.clone(),
-            });
-        } else if let Some(t) = unlinks(op) {
-            if self
-                .links
-                .get(&op.anchor)
-                .is_some_and(|l| l.target_id == *t)
-            {
-                self.links.remove(&op.anchor);
-            }
-        }
-        if let Some((tid, effect)) = effect {
-            self.target.record(&effect, &tid);
-        }
+        let done = self.check_done(id, op, sent, target_id)?;
+        self.apply_done(id, op, sent, done);
         self.bump();
         Ok(())
     }
@@ -592,22 +688,88 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
+    fn journal_outcomes(&mut self, outcomes: &[JournalOutcome<'_>]) -> Result<(), StateError> {
+        // All or nothing: every outcome is checked before any is applied (applying a checked
+        // outcome cannot fail, and an earlier one cannot make a later one invalid).
+        let mut checked = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            checked.push(match o {
+                JournalOutcome::Done {
+                    id,
+                    op,
+                    sent,
+                    target_id,
+                } => Some(self.check_done(*id, op, *sent, *target_id)?),
+                JournalOutcome::Failed { id, .. } => {
+                    if !self.journal.contains_key(&id.0) {
+                        return Err(StateError::UnknownJournalId(*id));
+                    }
+                    None
+                }
+            });
+        }
+        let mut done = false;
+        for (o, c) in outcomes.iter().zip(checked) {
+            match (o, c) {
+                (JournalOutcome::Done { id, op, sent, .. }, Some(effect)) => {
+                    self.apply_done(*id, op, *sent, effect);
+                    done = true;
+                }
+                (
+                    JournalOutcome::Failed {
+                        id,
+                        error,
+                        retryable,
+                    },
+                    _,
+                ) => self.journal_failed(*id, error, *retryable)?,
+                (JournalOutcome::Done { .. }, None) => {}
+            }
+        }
+        if done {
+            self.bump();
+        }
+        Ok(())
+    }
+
     fn journal_unconfirmed(&self) -> Result<Vec<JournalEntry>, StateError> {
+        self.journal
+            .values()
+            .filter(|j| j.state == JournalState::Intended)
+            .map(|j| {
+                Ok(JournalEntry {
+                    id: j.id,
+                    run: j.run,
+                    operation: j.operation.clone().ok_or_else(|| StateError::Corrupt {
+                        table: "journal",
+                        key: j.id.0.to_string(),
+                        detail: "an intended row without its operation".into(),
+                    })?,
+                    sent: j.sent.clone(),
+                    state: j.state,
+                    target_id: j.target_id.clone(),
+                    error: j.error.clone(),
+                    retryable: j.retryable,
+                })
+            })
+            .collect()
+    }
+
+    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalRecord>, StateError> {
         Ok(self
             .journal
-            .iter()
-            .filter(|j| j.state == JournalState::Intended)
+            .values()
+            .filter(|j| run.is_none_or(|r| j.run == r))
             .cloned()
             .collect())
     }
 
-    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalEntry>, StateError> {
-        Ok(self
-            .journal
-            .iter()
-            .filter(|j| run.is_none_or(|r| j.run == r))
-            .cloned()
-            .collect())
+    fn prune_journal(
+        &mut self,
+        retention: &Retention,
+        now: DateTime<Utc>,
+    ) -> Result<Pruned, StateError> {
+        Ok(self.prune(retention, now))
     }
 
     fn put_target_objects(&mut self, objects: &[TargetObject]) -> Result<(), StateError> {
@@ -670,7 +832,8 @@ impl StateStore for MemoryStore {
     }
 
     fn begin_run(&mut self, profile: &str, started: DateTime<Utc>) -> Result<RunId, StateError> {
-        let id = RunId(self.runs.len() as i64 + 1);
+        self.last_run_id += 1;
+        let id = RunId(self.last_run_id);
         self.runs.push(RunRecord {
             id,
             profile: profile.to_owned(),
@@ -697,6 +860,9 @@ impl StateStore for MemoryStore {
         r.finished = Some(finished);
         r.outcome = Some(outcome.to_owned());
         r.report_json = Some(report_json.to_owned());
+        if let Some(retention) = self.retention {
+            self.prune(&retention, finished);
+        }
         Ok(())
     }
 

@@ -19,6 +19,34 @@
 //!   target mirror holds what the target would show when read back, and targets never return
 //!   passwords).
 //!
+//! # The journal: what it keeps, and for how long
+//!
+//! Every export operation is journaled **intended** — the planned operation and the target
+//! operation it becomes, in full (secrets removed) — and committed before it is sent: that row
+//! is what crash recovery ([`StateStore::journal_unconfirmed`]) replays or confirms. Once the
+//! operation is recorded **done**, the payload has served: the target mirror holds the result,
+//! the source mirror the cause. A done row keeps what the audit trail needs — run (and so
+//! time), object (anchor), kind, target id, and for an update the names of the attributes it
+//! changed (not their values: the journal is no second copy of the directory's personal data)
+//! — and drops the planned and sent payloads. A **failed** row keeps its payloads (they explain
+//! the failure) until retention removes it. [`StateStore::journal`] returns these
+//! [`JournalRecord`]s.
+//!
+//! **Retention** ([`Retention`]): finished runs outside both windows — neither among the
+//! newest [`Retention::runs`] runs nor finished within [`Retention::days`] days — are pruned
+//! with their journal rows, at [`StateStore::finish_run`] (the stores apply their retention,
+//! [`Retention::default`] unless set) or on demand ([`StateStore::prune_journal`]). Intended
+//! rows and the runs they belong to, and runs never finished, are never pruned.
+//!
+//! # The target value index
+//!
+//! Join lookups ([`StateStore::load_join_candidates`]) find target objects by attribute value.
+//! A store may index only the attributes the engine declares it looks up
+//! ([`StateStore::set_lookup_attributes`], from the rules' join groups); a lookup of an
+//! attribute not declared still answers, by a scan of the target objects of its type.
+//!
+//! # Sources
+//!
 //! The store holds one source: the mirror of the source the engine imports from. Watermarks are
 //! keyed by connector name so the target's own change position (a Graph deltaLink) can be kept
 //! too. Times come in as parameters: the store reads no clock. It plans nothing and talks to no
@@ -122,6 +150,108 @@ pub struct JournalEntry {
     pub error: Option<String>,
     /// Whether the failure may go away by retrying.
     pub retryable: bool,
+}
+
+/// One row of the journal as [`StateStore::journal`] shows it: what was exported when, and
+/// how it went. Done rows are compact (see the [module documentation](self#the-journal-what-it-keeps-and-for-how-long)):
+/// their payloads are dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalRecord {
+    /// The row's id.
+    pub id: JournalId,
+    /// The run that exported it.
+    pub run: RunId,
+    /// The source object.
+    pub anchor: Anchor,
+    /// The kind of operation ([`OperationKind::name`]: `create`, `update`, …).
+    pub kind: String,
+    /// Where it stands.
+    pub state: JournalState,
+    /// The target object, once done (the new id for a create).
+    pub target_id: Option<TargetId>,
+    /// The attributes a done update changed (names only), in order; empty for other kinds.
+    pub attributes: Vec<AttrName>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Whether the failure may go away by retrying.
+    pub retryable: bool,
+    /// The planned operation (secrets removed) while intended or failed; `None` once done.
+    pub operation: Option<Operation>,
+    /// The operation as sent (secrets removed) while intended or failed, when it has one;
+    /// `None` once done.
+    pub sent: Option<TargetOperation>,
+}
+
+/// How long the journal and the run records are kept (see the
+/// [module documentation](self#the-journal-what-it-keeps-and-for-how-long)): a finished run
+/// is pruned, with its journal rows, once it is outside both windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// The newest runs always kept (finished or not).
+    pub runs: u64,
+    /// Runs finished within this many days (of the time of pruning) are kept.
+    pub days: u32,
+}
+
+impl Default for Retention {
+    /// The newest 100 runs, and every run of the last 30 days.
+    fn default() -> Retention {
+        Retention {
+            runs: 100,
+            days: 30,
+        }
+    }
+}
+
+impl Retention {
+    /// The finish time before which a run may be pruned, when pruning at `now`.
+    pub fn cutoff(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now.checked_sub_signed(chrono::TimeDelta::days(i64::from(self.days)))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+}
+
+/// What [`StateStore::prune_journal`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pruned {
+    /// Run records removed.
+    pub runs: u64,
+    /// Journal rows removed.
+    pub entries: u64,
+}
+
+/// The attributes a done operation's audit record names: those `sent` changed, for an update.
+pub(crate) fn audit_attributes(sent: Option<&TargetOperation>) -> Vec<AttrName> {
+    match sent {
+        Some(TargetOperation::Update { changes, .. }) => {
+            let mut out: Vec<AttrName> = Vec::with_capacity(changes.len());
+            for c in changes {
+                if !out.contains(&c.attribute) {
+                    out.push(c.attribute.clone());
+                }
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The lookup attributes of target types, names lower-cased (as lookups compare them).
+pub(crate) type LookupAttributes = BTreeMap<ObjectType, std::collections::BTreeSet<String>>;
+
+/// `attrs` with their names lower-cased.
+pub(crate) fn lower_lookup_attributes(
+    attrs: &BTreeMap<ObjectType, std::collections::BTreeSet<AttrName>>,
+) -> LookupAttributes {
+    attrs
+        .iter()
+        .map(|(t, names)| {
+            (
+                t.clone(),
+                names.iter().map(|n| n.as_str().to_lowercase()).collect(),
+            )
+        })
+        .collect()
 }
 
 /// The outcome of one journaled operation, for [`StateStore::journal_outcomes`].
@@ -480,6 +610,18 @@ pub trait StateStore: Send {
         lookups: &[TargetLookup],
     ) -> Result<(), StateError>;
 
+    /// Declares the attributes join lookups ask for, per target object type (the engine takes
+    /// them from the rules' join groups). A store may then index only those values (the
+    /// SQLite store does, rebuilding its index when the declaration changes); a lookup of an
+    /// attribute not declared must still answer, if more slowly. The default does nothing.
+    fn set_lookup_attributes(
+        &mut self,
+        attributes: &BTreeMap<ObjectType, std::collections::BTreeSet<AttrName>>,
+    ) -> Result<(), StateError> {
+        let _ = attributes;
+        Ok(())
+    }
+
     /// The entry of `anchor`.
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError>;
 
@@ -535,8 +677,9 @@ pub trait StateStore: Send {
     /// Journals a batch of operations as intended, before any of them is sent: the group-commit
     /// form of [`StateStore::journal_intent`]. Returns their ids in order.
     ///
-    /// Stores that can should do it in **one transaction** (all or none); the default journals
-    /// them one by one, which keeps every promise but the single commit.
+    /// Stores that can should do it in **one transaction** (all or none: a batch naming a run
+    /// never begun journals nothing); the default journals them one by one, which keeps every
+    /// promise but the single commit. Both shipped stores journal the batch whole.
     fn journal_intents(
         &mut self,
         run: RunId,
@@ -550,8 +693,11 @@ pub trait StateStore: Send {
     /// Records the outcomes of journaled operations: the group-commit form of
     /// [`StateStore::journal_done`] and [`StateStore::journal_failed`], applied in order.
     ///
-    /// Stores that can should do it in **one transaction** (all or none); the default records
-    /// them one by one, which keeps every promise but the single commit.
+    /// Stores that can should do it in **one transaction** (all or none: if any outcome is
+    /// invalid — an unknown journal id, a create's done without its target id — nothing of the
+    /// batch is recorded, and the journal, links and target mirror are as before); the default
+    /// records them one by one, which keeps every promise but the single commit. Both shipped
+    /// stores record the batch whole.
     fn journal_outcomes(&mut self, outcomes: &[JournalOutcome<'_>]) -> Result<(), StateError> {
         for o in outcomes {
             match o {
@@ -575,8 +721,21 @@ pub trait StateStore: Send {
     /// between sending and recording), oldest first.
     fn journal_unconfirmed(&self) -> Result<Vec<JournalEntry>, StateError>;
 
-    /// The journal of `run`, or of every run, oldest first.
-    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalEntry>, StateError>;
+    /// The journal of `run`, or of every run, oldest first, as kept (done rows compact: see
+    /// [`JournalRecord`]).
+    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalRecord>, StateError>;
+
+    /// Prunes the finished runs outside `retention` (judged at `now`) and their journal rows,
+    /// in one transaction; never an intended row, the run it belongs to, or a run not finished.
+    /// The default prunes nothing (a store that keeps everything keeps every promise).
+    fn prune_journal(
+        &mut self,
+        retention: &Retention,
+        now: DateTime<Utc>,
+    ) -> Result<Pruned, StateError> {
+        let _ = (retention, now);
+        Ok(Pruned::default())
+    }
 
     // --- target mirror (reconcile) ---
 
@@ -612,7 +771,8 @@ pub trait StateStore: Send {
     /// Records the start of a run of `profile`.
     fn begin_run(&mut self, profile: &str, started: DateTime<Utc>) -> Result<RunId, StateError>;
 
-    /// Records how a run ended, with its report as JSON.
+    /// Records how a run ended, with its report as JSON. The shipped stores then prune the
+    /// journal by their retention ([`StateStore::prune_journal`]), in the same transaction.
     fn finish_run(
         &mut self,
         run: RunId,
@@ -766,6 +926,39 @@ pub(crate) fn target_effect(
         changes.retain(|c| !c.redacted);
     }
     Ok((id, effect))
+}
+
+/// What recording `op` as done does: the target mirror's effect (see [`target_effect`]), the
+/// link it makes, and the target id the journal records. Fails when `op` is a create and no
+/// target id is given, or `sent` names no object.
+pub(crate) type DoneEffect = (
+    Option<(TargetId, TargetOperation)>,
+    Option<TargetId>,
+    Option<TargetId>,
+);
+
+/// The [`DoneEffect`] of `op` (shared by the stores; checked before anything is written).
+pub(crate) fn done_effect(
+    op: &Operation,
+    sent: Option<&TargetOperation>,
+    target_id: Option<&TargetId>,
+) -> Result<DoneEffect, StateError> {
+    let effect = match sent {
+        Some(s) => Some(target_effect(op, s, target_id)?),
+        None => None,
+    };
+    let link_to = link_target(op, target_id).cloned();
+    if matches!(op.kind, OperationKind::Create { .. }) && link_to.is_none() {
+        return Err(StateError::Invalid(format!(
+            "journal_done for the create of object {} needs the new target id",
+            op.anchor
+        )));
+    }
+    let recorded = target_id
+        .cloned()
+        .or_else(|| effect.as_ref().map(|(id, _)| id.clone()))
+        .or_else(|| link_to.clone());
+    Ok((effect, link_to, recorded))
 }
 
 /// The target id of the link `op` makes when it succeeds (create, join), if any.

@@ -5,6 +5,19 @@
 //! every lookup the delta path makes goes through a primary key or an index (the tests check the
 //! query plans), so a delta costs in proportion to its neighbourhood, not to the store.
 //!
+//! The journal is two tables: `journal`, one small row per operation (run, anchor, kind, state,
+//! target id, the attributes an update changed as a JSON array, error), and `journal_payload`,
+//! the planned and sent operations as JSON, kept only while the row is intended or failed
+//! (see the [journal's promises](super#the-journal-what-it-keeps-and-for-how-long)). A batch of
+//! intents or outcomes is one transaction ([`StateStore::journal_intents`],
+//! [`StateStore::journal_outcomes`]): one commit, one fsync. Retention runs in
+//! [`StateStore::finish_run`]'s transaction ([`SqliteStore::set_retention`]).
+//!
+//! `target_values` indexes target attribute values for join lookups: every attribute until the
+//! engine declares the ones it looks up ([`StateStore::set_lookup_attributes`], kept in `meta`),
+//! only those afterwards. Writing a target object changes only the keys that changed, computed
+//! from the object it replaces.
+//!
 //! The schema is versioned with `PRAGMA user_version` and migrated forward on open, in one
 //! transaction; a file written by a newer dirsync is refused.
 //!
@@ -24,14 +37,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_import_share, encode_entry, entry_references, link_target, lookup_key, redact_operation,
-    redact_target_operation, target_effect, unlinks, Escrow, FullImportSummary, JournalEntry,
-    JournalId, JournalState, RefTarget, RunId, RunRecord, StateError, StateStore, TargetLookup,
-    Views,
+    audit_attributes, check_import_share, done_effect, encode_entry, entry_references, lookup_key,
+    lower_lookup_attributes, redact_operation, redact_target_operation, unlinks, Escrow,
+    FullImportSummary, JournalEntry, JournalId, JournalOutcome, JournalRecord, JournalState,
+    LookupAttributes, Pruned, RefTarget, Retention, RunId, RunRecord, StateError, StateStore,
+    TargetLookup, Views,
 };
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{
-    remove_references_to, resolve_change_values, resolve_references, Link, Operation, OperationKind,
+    remove_references_to, resolve_change_values, resolve_references, Link, Operation,
 };
 use crate::model::{
     Anchor, AttrName, Attributes, Change, Dn, Entry, ObjectType, TargetId, TargetObject, Value,
@@ -52,7 +66,7 @@ pub enum Durability {
 }
 
 /// The schema version this build writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 5;
 
 /// A migration's data step: work SQL cannot do, run in the migration's transaction.
 type DataStep = fn(&Connection) -> Result<(), StateError>;
@@ -173,11 +187,50 @@ static MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V3,
         after: Some(resolve_stored_references),
     },
+    Migration {
+        version: 5,
+        sql: SCHEMA_V5,
+        after: Some(compact_done_rows),
+    },
 ];
 
 /// Version 3: references are kept by anchor (no table changes; the data step resolves the DN
 /// references that name mirrored objects, as an import now does).
 const SCHEMA_V3: &str = "";
+
+/// Version 5: a lean journal. The payloads (the planned operation `op` and the target operation
+/// `sent`, as JSON) move to `journal_payload`, kept while a row is intended or failed and
+/// deleted when it is done; a journal row keeps run, anchor, kind, state, target id, the names
+/// of the attributes an update changed, error. (Payloads in the row itself, shrunk once done,
+/// would leave each page of a batch nearly empty: SQLite merges pages on deletes, not on
+/// updates.) The data step compacts the rows already done. The target value index loses its
+/// index by id (as large as the index: an object's old keys are computed from the object
+/// instead); it is narrowed to the declared lookup attributes when the engine first declares
+/// them.
+const SCHEMA_V5: &str = r#"
+ALTER TABLE journal RENAME TO journal_v4;
+CREATE TABLE journal (
+    id INTEGER PRIMARY KEY,
+    run INTEGER NOT NULL REFERENCES runs (id),
+    anchor TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('intended', 'done', 'failed')),
+    target_id TEXT,
+    attributes TEXT,
+    error TEXT,
+    retryable INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE journal_payload (
+    id INTEGER PRIMARY KEY REFERENCES journal (id) ON DELETE CASCADE,
+    op TEXT NOT NULL,
+    sent TEXT
+);
+INSERT INTO journal (id, run, anchor, kind, state, target_id, error, retryable)
+    SELECT id, run, anchor, kind, state, target_id, error, retryable FROM journal_v4;
+INSERT INTO journal_payload (id, op, sent)
+    SELECT id, op, sent FROM journal_v4 WHERE state <> 'done';
+DROP INDEX target_values_id;
+"#;
 
 // The statements of the delta path; the tests check each uses an index.
 const ENTRY_COLUMNS: &str = "anchor, object_type, dn, attributes";
@@ -217,10 +270,20 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     TARGET_BY_ID,
     TARGET_LOOKUP,
     "DELETE FROM source_refs WHERE from_anchor = ?1",
-    "DELETE FROM target_values WHERE id = ?1",
+    "DELETE FROM target_values WHERE attribute = ?1 AND value_key = ?2 AND id = ?3",
     "DELETE FROM links WHERE anchor = ?1 OR target_id = ?2",
     "SELECT 1 FROM runs WHERE id = ?1",
+    "DELETE FROM journal WHERE run = ?1 AND state <> 'intended'",
+    "DELETE FROM journal_payload WHERE id = ?1",
+    JOURNAL_DONE,
+    UNCONFIRMED,
 ];
+
+const JOURNAL_DONE: &str = "UPDATE journal SET state = 'done', target_id = ?2, attributes = ?3, \
+     error = NULL, retryable = 0 WHERE id = ?1";
+const UNCONFIRMED: &str = "SELECT j.id, j.run, p.op, p.sent, j.state, j.target_id, j.error, \
+     j.retryable FROM journal j LEFT JOIN journal_payload p ON p.id = j.id \
+     WHERE j.state = 'intended' ORDER BY j.id";
 
 /// Values longer than this are not indexed for join lookups (a lookup of one scans).
 const MAX_INDEXED_VALUE: usize = 256;
@@ -247,6 +310,11 @@ const MAX_INDEXED_VALUE: usize = 256;
 /// ```
 pub struct SqliteStore {
     conn: Connection,
+    /// Applied at every [`StateStore::finish_run`]; `None`: keep everything.
+    retention: Option<Retention>,
+    /// The declared lookup attributes (kept in `meta`); `None` until declared: every attribute
+    /// is indexed.
+    lookup: Option<LookupAttributes>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -337,9 +405,25 @@ impl SqliteStore {
             .ctx("setting the page cache size")?;
         conn.pragma_update(None, "mmap_size", 268_435_456i64)
             .ctx("setting the memory-mapped I/O size")?;
-        let mut store = SqliteStore { conn };
+        let mut store = SqliteStore {
+            conn,
+            retention: Some(Retention::default()),
+            lookup: None,
+        };
         store.migrate()?;
+        store.lookup = lookup_attributes(&store.conn)?;
         Ok(store)
+    }
+
+    /// Sets the journal retention applied at every [`StateStore::finish_run`] (the default is
+    /// [`Retention::default`]); `None` keeps every run and journal row.
+    pub fn set_retention(&mut self, retention: Option<Retention>) {
+        self.retention = retention;
+    }
+
+    /// The journal retention applied at every [`StateStore::finish_run`].
+    pub fn retention(&self) -> Option<Retention> {
+        self.retention
     }
 
     /// The schema version of the open file.
@@ -400,7 +484,14 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", m.version)
                 .ctx("recording the schema version")?;
         }
-        tx.commit().ctx("committing the schema migration")
+        tx.commit().ctx("committing the schema migration")?;
+        if (1..5).contains(&found) {
+            // The compacted journal left free pages: give them back to the file system, once.
+            self.conn
+                .execute_batch("VACUUM")
+                .ctx("compacting the state file after the migration")?;
+        }
+        Ok(())
     }
 
     /// Runs `f` in one immediate transaction.
@@ -567,13 +658,12 @@ fn decode_target(mut row: Vec<SqlValue>) -> Result<TargetObject, StateError> {
     })
 }
 
-const JOURNAL_COLUMNS: &str = "id, run, op, sent, state, target_id, error, retryable";
-
 fn decode_journal(mut row: Vec<SqlValue>) -> Result<JournalEntry, StateError> {
     const T: &str = "journal";
     let id = int(T, "?", "id", take(&mut row, 0))?;
     let key = id.to_string();
     let run = int(T, &key, "run", take(&mut row, 1))?;
+    // An intended row always has its payload (a missing one is corrupt: NULL is no text).
     let op = text(T, &key, "op", take(&mut row, 2))?;
     let sent = opt_text(T, &key, "sent", take(&mut row, 3))?;
     let state = text(T, &key, "state", take(&mut row, 4))?;
@@ -593,6 +683,42 @@ fn decode_journal(mut row: Vec<SqlValue>) -> Result<JournalEntry, StateError> {
         target_id: target_id.map(TargetId::from),
         error,
         retryable: retryable != 0,
+    })
+}
+
+const JOURNAL_RECORDS: &str = "SELECT j.id, j.run, j.anchor, j.kind, j.state, j.target_id, \
+     j.attributes, j.error, j.retryable, p.op, p.sent \
+     FROM journal j LEFT JOIN journal_payload p ON p.id = j.id";
+
+fn decode_record(mut row: Vec<SqlValue>) -> Result<JournalRecord, StateError> {
+    const T: &str = "journal";
+    let id = int(T, "?", "id", take(&mut row, 0))?;
+    let key = id.to_string();
+    let k = key.as_str();
+    let state = text(T, k, "state", take(&mut row, 4))?;
+    let attributes: Vec<AttrName> = match opt_text(T, k, "attributes", take(&mut row, 6))? {
+        Some(a) => json(T, k, "attributes", &a)?,
+        None => Vec::new(),
+    };
+    Ok(JournalRecord {
+        id: JournalId(id),
+        run: RunId(int(T, k, "run", take(&mut row, 1))?),
+        anchor: text(T, k, "anchor", take(&mut row, 2))?.into(),
+        kind: text(T, k, "kind", take(&mut row, 3))?,
+        state: JournalState::parse(&state)
+            .ok_or_else(|| corrupt(T, k, format!("column state holds {state:?}")))?,
+        target_id: opt_text(T, k, "target_id", take(&mut row, 5))?.map(TargetId::from),
+        attributes,
+        error: opt_text(T, k, "error", take(&mut row, 7))?,
+        retryable: int(T, k, "retryable", take(&mut row, 8))? != 0,
+        operation: match opt_text(T, k, "op", take(&mut row, 9))? {
+            Some(o) => Some(json(T, k, "op", &o)?),
+            None => None,
+        },
+        sent: match opt_text(T, k, "sent", take(&mut row, 10))? {
+            Some(o) => Some(json(T, k, "sent", &o)?),
+            None => None,
+        },
     })
 }
 
@@ -1080,7 +1206,32 @@ fn value_key(v: &Value) -> Option<String> {
     serde_json::to_string(&key).ok()
 }
 
-fn write_target(conn: &Connection, o: &TargetObject) -> Result<(), StateError> {
+/// The declared lookup attributes kept in `meta` (`None`: never declared).
+fn lookup_attributes(conn: &Connection) -> Result<Option<LookupAttributes>, StateError> {
+    let v: Option<SqlValue> = conn
+        .prepare_cached("SELECT value FROM meta WHERE key = 'lookup_attributes'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+        .ctx("reading the lookup attributes")?;
+    match v {
+        None => Ok(None),
+        Some(v) => {
+            let s = text("meta", "lookup_attributes", "value", v)?;
+            json("meta", "lookup_attributes", "value", &s).map(Some)
+        }
+    }
+}
+
+/// Whether the index holds the values of `attribute` (lower-cased) of objects of `ty`.
+fn indexed(lookup: Option<&LookupAttributes>, ty: &ObjectType, attribute: &str) -> bool {
+    lookup.is_none_or(|m| m.get(ty).is_some_and(|a| a.contains(attribute)))
+}
+
+fn write_target(
+    conn: &Connection,
+    o: &TargetObject,
+    lookup: Option<&LookupAttributes>,
+) -> Result<(), StateError> {
+    let old = stored_target(conn, &o.id)?;
     let attrs = to_json(&format!("target object {}", o.id), &o.attributes)?;
     conn.prepare_cached(
         "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
@@ -1089,29 +1240,96 @@ fn write_target(conn: &Connection, o: &TargetObject) -> Result<(), StateError> {
     )
     .and_then(|mut s| s.execute(params![o.id.as_str(), o.object_type.as_str(), attrs]))
     .ctx("writing a target object")?;
-    index_target(conn, o)
+    index_target(conn, o, old.as_ref(), lookup)
 }
 
-fn index_target(conn: &Connection, o: &TargetObject) -> Result<(), StateError> {
-    conn.prepare_cached("DELETE FROM target_values WHERE id = ?1")
-        .and_then(|mut s| s.execute([o.id.as_str()]))
+/// The index keys of `o` under `lookup`.
+fn indexed_keys(o: &TargetObject, lookup: Option<&LookupAttributes>) -> BTreeSet<(String, String)> {
+    value_keys(o)
+        .into_iter()
+        .filter(|(attr, _)| indexed(lookup, &o.object_type, attr))
+        .collect()
+}
+
+/// The stored object `id` as the index knows it, read before it is overwritten or deleted:
+/// `Err(())` when the row does not decode (its index rows are then found by a scan).
+fn stored_target(
+    conn: &Connection,
+    id: &TargetId,
+) -> Result<Result<Option<TargetObject>, ()>, StateError> {
+    match load_target(conn, id) {
+        Ok(o) => Ok(Ok(o)),
+        Err(StateError::Corrupt { .. }) => Ok(Err(())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Brings the index rows of `o` (`None`: removed) from those of `old`, the stored object it
+/// replaces, to its own: only the keys that changed are written. The index has no index by id
+/// (it would be as large as the index itself): the old keys are computed from the old object.
+fn reindex_target(
+    conn: &Connection,
+    id: &TargetId,
+    o: Option<&TargetObject>,
+    old: Result<Option<&TargetObject>, ()>,
+    lookup: Option<&LookupAttributes>,
+) -> Result<(), StateError> {
+    let new = o.map(|o| indexed_keys(o, lookup)).unwrap_or_default();
+    let old = match old {
+        Ok(old) => old.map(|o| indexed_keys(o, lookup)).unwrap_or_default(),
+        Err(()) => {
+            // A stored row that does not decode: its keys are unknown; find them by a scan.
+            conn.prepare_cached("DELETE FROM target_values WHERE id = ?1")
+                .and_then(|mut s| s.execute([id.as_str()]))
+                .ctx("re-indexing a target object")?;
+            BTreeSet::new()
+        }
+    };
+    let mut del = conn
+        .prepare_cached(
+            "DELETE FROM target_values WHERE attribute = ?1 AND value_key = ?2 AND id = ?3",
+        )
         .ctx("re-indexing a target object")?;
+    for (attr, key) in old.difference(&new) {
+        del.execute(params![attr, key, id.as_str()])
+            .ctx("re-indexing a target object")?;
+    }
     let mut ins = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO target_values (attribute, value_key, id) VALUES (?1, ?2, ?3)",
         )
         .ctx("indexing a target object")?;
-    for (attr, key) in value_keys(o) {
-        ins.execute(params![attr, key, o.id.as_str()])
+    for (attr, key) in new.difference(&old) {
+        ins.execute(params![attr, key, id.as_str()])
             .ctx("indexing a target object")?;
     }
     Ok(())
 }
 
+fn index_target(
+    conn: &Connection,
+    o: &TargetObject,
+    old: Result<&Option<TargetObject>, &()>,
+    lookup: Option<&LookupAttributes>,
+) -> Result<(), StateError> {
+    reindex_target(
+        conn,
+        &o.id,
+        Some(o),
+        old.map(Option::as_ref).map_err(|_| ()),
+        lookup,
+    )
+}
+
 fn delete_target(conn: &Connection, id: &TargetId) -> Result<bool, StateError> {
-    conn.prepare_cached("DELETE FROM target_values WHERE id = ?1")
-        .and_then(|mut s| s.execute([id.as_str()]))
-        .ctx("un-indexing a target object")?;
+    let old = stored_target(conn, id)?;
+    reindex_target(
+        conn,
+        id,
+        None,
+        old.as_ref().map(Option::as_ref).map_err(|_| ()),
+        None,
+    )?;
     let n = conn
         .prepare_cached("DELETE FROM target_objects WHERE id = ?1")
         .and_then(|mut s| s.execute([id.as_str()]))
@@ -1121,16 +1339,225 @@ fn delete_target(conn: &Connection, id: &TargetId) -> Result<bool, StateError> {
 
 /// Migration 2's data step: indexes the values of every stored target object.
 fn rebuild_target_values(conn: &Connection) -> Result<(), StateError> {
+    reindex_targets(conn, None)
+}
+
+/// Rebuilds the target value index: the values of the `lookup` attributes (all, if `None`) of
+/// every stored target object.
+fn reindex_targets(conn: &Connection, lookup: Option<&LookupAttributes>) -> Result<(), StateError> {
     conn.execute("DELETE FROM target_values", [])
         .ctx("clearing the target value index")?;
-    let all = rows(
+    if lookup.is_some_and(|m| m.values().all(|a| a.is_empty())) {
+        return Ok(());
+    }
+    let mut stmt = conn
+        .prepare("SELECT id, object_type, attributes FROM target_objects")
+        .ctx("reading target objects")?;
+    let mut q = stmt.query([]).ctx("reading target objects")?;
+    while let Some(r) = q.next().ctx("reading target objects")? {
+        let row = (0..3)
+            .map(|i| r.get::<_, SqlValue>(i))
+            .collect::<Result<Vec<_>, _>>()
+            .ctx("reading target objects")?;
+        index_target(conn, &decode_target(row)?, Ok(&None), lookup)?;
+    }
+    Ok(())
+}
+
+/// Migration 5's data step: the rows already done get the names of the attributes an update
+/// changed, from their payloads (a payload that does not decode is dropped all the same:
+/// nothing reads it any more); then the old table goes.
+fn compact_done_rows(conn: &Connection) -> Result<(), StateError> {
+    let mut stmt = conn
+        .prepare("SELECT id, sent FROM journal_v4 WHERE state = 'done' AND sent IS NOT NULL")
+        .ctx("reading the journal")?;
+    let mut upd = conn
+        .prepare("UPDATE journal SET attributes = ?2 WHERE id = ?1")
+        .ctx("compacting the journal")?;
+    let mut q = stmt.query([]).ctx("reading the journal")?;
+    while let Some(r) = q.next().ctx("reading the journal")? {
+        let id: i64 = r.get(0).ctx("reading the journal")?;
+        let sent: Option<String> = r.get(1).unwrap_or(None);
+        let sent: Option<TargetOperation> = sent.and_then(|s| serde_json::from_str(&s).ok());
+        if let Some(attrs) = audit_json(sent.as_ref())? {
+            upd.execute(params![id, attrs])
+                .ctx("compacting the journal")?;
+        }
+    }
+    drop(q);
+    conn.execute_batch(
+        "DROP TABLE journal_v4;
+         CREATE INDEX journal_run ON journal (run);
+         CREATE INDEX journal_intended ON journal (state) WHERE state = 'intended';",
+    )
+    .ctx("compacting the journal")
+}
+
+/// The `attributes` column of a done row: the names an update changed, as JSON (`NULL`: none).
+fn audit_json(sent: Option<&TargetOperation>) -> Result<Option<String>, StateError> {
+    let names = audit_attributes(sent);
+    if names.is_empty() {
+        return Ok(None);
+    }
+    to_json("the attributes of a journaled update", &names).map(Some)
+}
+
+/// Prunes the runs outside `retention` at `now` and their journal rows (see
+/// [`StateStore::prune_journal`]).
+fn prune(
+    conn: &Connection,
+    retention: &Retention,
+    now: DateTime<Utc>,
+) -> Result<Pruned, StateError> {
+    let doomed: Vec<i64> = rows(
         conn,
-        "SELECT id, object_type, attributes FROM target_objects",
-        [],
-        "reading target objects",
-    )?;
-    for r in all {
-        index_target(conn, &decode_target(r)?)?;
+        "SELECT id FROM runs WHERE finished IS NOT NULL          AND julianday(finished) < julianday(?1)          AND id < (SELECT COALESCE(MIN(id), 9223372036854775807) FROM              (SELECT id FROM runs ORDER BY id DESC LIMIT ?2)) ORDER BY id",
+        params![
+            time_text(&retention.cutoff(now)),
+            i64::try_from(retention.runs).unwrap_or(i64::MAX)
+        ],
+        "finding runs to prune",
+    )?
+    .into_iter()
+    .map(|mut r| int("runs", "?", "id", take(&mut r, 0)))
+    .collect::<Result<_, _>>()?;
+    let mut out = Pruned::default();
+    let mut entries = conn
+        .prepare_cached("DELETE FROM journal WHERE run = ?1 AND state <> 'intended'")
+        .ctx("pruning the journal")?;
+    let mut runs = conn
+        .prepare_cached(
+            "DELETE FROM runs WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM journal WHERE run = ?1)",
+        )
+        .ctx("pruning runs")?;
+    for id in doomed {
+        out.entries += entries.execute([id]).ctx("pruning the journal")? as u64;
+        out.runs += runs.execute([id]).ctx("pruning runs")? as u64;
+    }
+    Ok(out)
+}
+
+/// Journals `op` as intended in `conn` (the run is known).
+fn intend(
+    conn: &Connection,
+    run: RunId,
+    op: &Operation,
+    sent: Option<&TargetOperation>,
+) -> Result<JournalId, StateError> {
+    let op_json = to_json("a journaled operation", &redact_operation(op))?;
+    let sent_json = match sent {
+        Some(s) => Some(to_json(
+            "a journaled target operation",
+            &redact_target_operation(op, s),
+        )?),
+        None => None,
+    };
+    conn.prepare_cached(
+        "INSERT INTO journal (run, anchor, kind, state) VALUES (?1, ?2, ?3, 'intended')",
+    )
+    .and_then(|mut s| s.execute(params![run.0, op.anchor.as_str(), op.kind.name()]))
+    .ctx("journaling an operation")?;
+    let id = conn.last_insert_rowid();
+    conn.prepare_cached("INSERT INTO journal_payload (id, op, sent) VALUES (?1, ?2, ?3)")
+        .and_then(|mut s| s.execute(params![id, op_json, sent_json]))
+        .ctx("journaling an operation")?;
+    Ok(JournalId(id))
+}
+
+fn check_run(conn: &Connection, run: RunId) -> Result<(), StateError> {
+    let known = conn
+        .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")
+        .and_then(|mut s| s.exists([run.0]))
+        .ctx("checking the run")?;
+    if known {
+        Ok(())
+    } else {
+        Err(StateError::UnknownRun(run))
+    }
+}
+
+/// Records in `conn` that `op` took effect (see [`StateStore::journal_done`]); the caller
+/// moves the fingerprint.
+fn record_done(
+    conn: &Connection,
+    lookup: Option<&LookupAttributes>,
+    id: JournalId,
+    op: &Operation,
+    sent: Option<&TargetOperation>,
+    target_id: Option<&TargetId>,
+) -> Result<(), StateError> {
+    let (effect, link_to, recorded) = done_effect(op, sent, target_id)?;
+    let attrs = audit_json(sent)?;
+    let n = conn
+        .prepare_cached(JOURNAL_DONE)
+        .and_then(|mut s| s.execute(params![id.0, recorded.as_ref().map(|t| t.as_str()), attrs]))
+        .ctx("recording a done operation")?;
+    conn.prepare_cached("DELETE FROM journal_payload WHERE id = ?1")
+        .and_then(|mut s| s.execute([id.0]))
+        .ctx("recording a done operation")?;
+    if n == 0 {
+        return Err(StateError::UnknownJournalId(id));
+    }
+    if let Some(t) = link_to {
+        put_link(
+            conn,
+            &Link {
+                anchor: op.anchor.clone(),
+                source_type: op.source_type.clone(),
+                target_id: t,
+                target_type: op.target_type.clone(),
+            },
+        )?;
+    } else if let Some(t) = unlinks(op) {
+        conn.prepare_cached("DELETE FROM links WHERE anchor = ?1 AND target_id = ?2")
+            .and_then(|mut s| s.execute([op.anchor.as_str(), t.as_str()]))
+            .ctx("removing a link")?;
+    }
+    if let Some((tid, effect)) = effect {
+        match effect {
+            TargetOperation::Create {
+                object_type,
+                attributes,
+            } => write_target(
+                conn,
+                &TargetObject {
+                    id: tid,
+                    object_type,
+                    attributes,
+                },
+                lookup,
+            )?,
+            TargetOperation::Update { changes, .. } => {
+                if let Some(mut o) = load_target(conn, &tid)? {
+                    for c in &changes {
+                        let _ = o.attributes.apply(c, false);
+                    }
+                    write_target(conn, &o, lookup)?;
+                }
+            }
+            TargetOperation::Delete { .. } => {
+                delete_target(conn, &tid)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Records in `conn` that a journaled operation failed.
+fn record_failed(
+    conn: &Connection,
+    id: JournalId,
+    error: &str,
+    retryable: bool,
+) -> Result<(), StateError> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE journal SET state = 'failed', error = ?2, retryable = ?3 WHERE id = ?1",
+        )
+        .and_then(|mut s| s.execute(params![id.0, error, retryable]))
+        .ctx("recording a failed operation")?;
+    if n == 0 {
+        return Err(StateError::UnknownJournalId(id));
     }
     Ok(())
 }
@@ -1513,13 +1940,16 @@ impl StateStore for SqliteStore {
     ) -> Result<(), StateError> {
         let conn = &self.conn;
         for l in lookups {
-            let found: Vec<TargetObject> = match value_key(&l.value) {
+            let attr = l.attribute.as_str().to_lowercase();
+            let key = value_key(&l.value)
+                .filter(|_| indexed(self.lookup.as_ref(), &l.object_type, &attr));
+            let found: Vec<TargetObject> = match key {
                 Some(key) => {
                     let mut out = Vec::new();
                     for mut r in rows(
                         conn,
                         TARGET_LOOKUP,
-                        params![l.attribute.as_str().to_lowercase(), key],
+                        params![attr, key],
                         "looking up target values",
                     )? {
                         let id = text("target_values", "?", "id", take(&mut r, 0))?;
@@ -1530,7 +1960,8 @@ impl StateStore for SqliteStore {
                     out
                 }
                 None => {
-                    // Values too long (or of a kind) not indexed: scan.
+                    // An attribute not declared, or values too long (or of a kind) not
+                    // indexed: scan.
                     let key = lookup_key(&l.value);
                     rows(
                         conn,
@@ -1634,37 +2065,22 @@ impl StateStore for SqliteStore {
         op: &Operation,
         sent: Option<&TargetOperation>,
     ) -> Result<JournalId, StateError> {
-        let op_json = to_json("a journaled operation", &redact_operation(op))?;
-        let sent_json = match sent {
-            Some(s) => Some(to_json(
-                "a journaled target operation",
-                &redact_target_operation(op, s),
-            )?),
-            None => None,
-        };
         self.write("journaling an operation", |tx| {
-            let known = tx
-                .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")
-                .and_then(|mut s| s.exists([run.0]))
-                .ctx("checking the run")?;
-            if !known {
-                return Err(StateError::UnknownRun(run));
-            }
-            tx.prepare_cached(
-                "INSERT INTO journal (run, anchor, kind, op, sent, state) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'intended')",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    run.0,
-                    op.anchor.as_str(),
-                    op.kind.name(),
-                    op_json,
-                    sent_json
-                ])
-            })
-            .ctx("journaling an operation")?;
-            Ok(JournalId(tx.last_insert_rowid()))
+            check_run(tx, run)?;
+            intend(tx, run, op, sent)
+        })
+    }
+
+    fn journal_intents(
+        &mut self,
+        run: RunId,
+        ops: &[(&Operation, Option<&TargetOperation>)],
+    ) -> Result<Vec<JournalId>, StateError> {
+        self.write("journaling operations", |tx| {
+            check_run(tx, run)?;
+            ops.iter()
+                .map(|(op, sent)| intend(tx, run, op, *sent))
+                .collect()
         })
     }
 
@@ -1675,73 +2091,9 @@ impl StateStore for SqliteStore {
         sent: Option<&TargetOperation>,
         target_id: Option<&TargetId>,
     ) -> Result<(), StateError> {
-        let effect = match sent {
-            Some(s) => Some(target_effect(op, s, target_id)?),
-            None => None,
-        };
-        let link_to = link_target(op, target_id).cloned();
-        if matches!(op.kind, OperationKind::Create { .. }) && link_to.is_none() {
-            return Err(StateError::Invalid(format!(
-                "journal_done for the create of object {} needs the new target id",
-                op.anchor
-            )));
-        }
-        let recorded = target_id
-            .cloned()
-            .or_else(|| effect.as_ref().map(|(id, _)| id.clone()))
-            .or_else(|| link_to.clone());
+        let lookup = self.lookup.clone();
         self.write("recording a done operation", |tx| {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE journal SET state = 'done', target_id = ?2, error = NULL, \
-                     retryable = 0 WHERE id = ?1",
-                )
-                .and_then(|mut s| s.execute(params![id.0, recorded.as_ref().map(|t| t.as_str())]))
-                .ctx("recording a done operation")?;
-            if n == 0 {
-                return Err(StateError::UnknownJournalId(id));
-            }
-            if let Some(t) = link_to {
-                put_link(
-                    tx,
-                    &Link {
-                        anchor: op.anchor.clone(),
-                        source_type: op.source_type.clone(),
-                        target_id: t,
-                        target_type: op.target_type.clone(),
-                    },
-                )?;
-            } else if let Some(t) = unlinks(op) {
-                tx.prepare_cached("DELETE FROM links WHERE anchor = ?1 AND target_id = ?2")
-                    .and_then(|mut s| s.execute([op.anchor.as_str(), t.as_str()]))
-                    .ctx("removing a link")?;
-            }
-            if let Some((tid, effect)) = effect {
-                match effect {
-                    TargetOperation::Create {
-                        object_type,
-                        attributes,
-                    } => write_target(
-                        tx,
-                        &TargetObject {
-                            id: tid,
-                            object_type,
-                            attributes,
-                        },
-                    )?,
-                    TargetOperation::Update { changes, .. } => {
-                        if let Some(mut o) = load_target(tx, &tid)? {
-                            for c in &changes {
-                                let _ = o.attributes.apply(c, false);
-                            }
-                            write_target(tx, &o)?;
-                        }
-                    }
-                    TargetOperation::Delete { .. } => {
-                        delete_target(tx, &tid)?;
-                    }
-                }
-            }
+            record_done(tx, lookup.as_ref(), id, op, sent, target_id)?;
             bump(tx)
         })
     }
@@ -1753,53 +2105,99 @@ impl StateStore for SqliteStore {
         retryable: bool,
     ) -> Result<(), StateError> {
         self.write("recording a failed operation", |tx| {
-            let n = tx
-                .prepare_cached(
-                    "UPDATE journal SET state = 'failed', error = ?2, retryable = ?3 WHERE id = ?1",
-                )
-                .and_then(|mut s| s.execute(params![id.0, error, retryable]))
-                .ctx("recording a failed operation")?;
-            if n == 0 {
-                return Err(StateError::UnknownJournalId(id));
+            record_failed(tx, id, error, retryable)
+        })
+    }
+
+    fn journal_outcomes(&mut self, outcomes: &[JournalOutcome<'_>]) -> Result<(), StateError> {
+        let lookup = self.lookup.clone();
+        self.write("recording outcomes", |tx| {
+            let mut done = false;
+            for o in outcomes {
+                match o {
+                    JournalOutcome::Done {
+                        id,
+                        op,
+                        sent,
+                        target_id,
+                    } => {
+                        record_done(tx, lookup.as_ref(), *id, op, *sent, *target_id)?;
+                        done = true;
+                    }
+                    JournalOutcome::Failed {
+                        id,
+                        error,
+                        retryable,
+                    } => record_failed(tx, *id, error, *retryable)?,
+                }
+            }
+            if done {
+                bump(tx)?;
             }
             Ok(())
         })
     }
 
     fn journal_unconfirmed(&self) -> Result<Vec<JournalEntry>, StateError> {
-        rows(
-            &self.conn,
-            &format!("SELECT {JOURNAL_COLUMNS} FROM journal WHERE state = 'intended' ORDER BY id"),
-            [],
-            "reading the journal",
-        )?
-        .into_iter()
-        .map(decode_journal)
-        .collect()
+        rows(&self.conn, UNCONFIRMED, [], "reading the journal")?
+            .into_iter()
+            .map(decode_journal)
+            .collect()
     }
 
-    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalEntry>, StateError> {
+    fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalRecord>, StateError> {
         let found = match run {
             Some(r) => rows(
                 &self.conn,
-                &format!("SELECT {JOURNAL_COLUMNS} FROM journal WHERE run = ?1 ORDER BY id"),
+                &format!("{JOURNAL_RECORDS} WHERE j.run = ?1 ORDER BY j.id"),
                 [r.0],
                 "reading the journal",
             )?,
             None => rows(
                 &self.conn,
-                &format!("SELECT {JOURNAL_COLUMNS} FROM journal ORDER BY id"),
+                &format!("{JOURNAL_RECORDS} ORDER BY j.id"),
                 [],
                 "reading the journal",
             )?,
         };
-        found.into_iter().map(decode_journal).collect()
+        found.into_iter().map(decode_record).collect()
+    }
+
+    fn prune_journal(
+        &mut self,
+        retention: &Retention,
+        now: DateTime<Utc>,
+    ) -> Result<Pruned, StateError> {
+        self.write("pruning the journal", |tx| prune(tx, retention, now))
+    }
+
+    fn set_lookup_attributes(
+        &mut self,
+        attributes: &BTreeMap<ObjectType, BTreeSet<AttrName>>,
+    ) -> Result<(), StateError> {
+        let lookup = lower_lookup_attributes(attributes);
+        if self.lookup.as_ref() == Some(&lookup) {
+            return Ok(());
+        }
+        let j = to_json("the lookup attributes", &lookup)?;
+        self.write("declaring the lookup attributes", |tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('lookup_attributes', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [j],
+            )
+            .ctx("recording the lookup attributes")?;
+            reindex_targets(tx, Some(&lookup))
+        })?;
+        self.lookup = Some(lookup);
+        Ok(())
     }
 
     fn put_target_objects(&mut self, objects: &[TargetObject]) -> Result<(), StateError> {
+        let lookup = self.lookup.clone();
         self.write("writing target objects", |tx| {
             for o in objects {
-                write_target(tx, o)?;
+                write_target(tx, o, lookup.as_ref())?;
             }
             if !objects.is_empty() {
                 bump(tx)?;
@@ -1911,6 +2309,7 @@ impl StateStore for SqliteStore {
         outcome: &str,
         report_json: &str,
     ) -> Result<(), StateError> {
+        let retention = self.retention;
         self.write("recording the end of a run", |tx| {
             let n = tx
                 .execute(
@@ -1920,6 +2319,9 @@ impl StateStore for SqliteStore {
                 .ctx("recording the end of a run")?;
             if n == 0 {
                 return Err(StateError::UnknownRun(run));
+            }
+            if let Some(r) = &retention {
+                prune(tx, r, finished)?;
             }
             Ok(())
         })
@@ -2068,6 +2470,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
+    use crate::delta::OperationKind;
     use crate::state::testkit;
 
     #[test]
@@ -2088,6 +2491,23 @@ mod tests {
 
     fn dn(s: &str) -> Dn {
         Dn::parse(s).unwrap()
+    }
+
+    /// The create of `anchor` (a User) with one attribute.
+    fn create_op(anchor: &str, attribute: &str, value: &str) -> Operation {
+        Operation {
+            anchor: anchor.into(),
+            source_type: "user".into(),
+            target_type: "User".into(),
+            kind: OperationKind::Create {
+                attributes: [(attribute, crate::model::values([value]))]
+                    .into_iter()
+                    .collect(),
+                secrets: Attributes::new(),
+                lookup: Vec::new(),
+            },
+            reason: crate::delta::Reason::EnteredScope,
+        }
     }
 
     fn populate(s: &mut SqliteStore) {
@@ -2113,19 +2533,7 @@ mod tests {
                 DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             )
             .unwrap();
-        let op = Operation {
-            anchor: "u1".into(),
-            source_type: "user".into(),
-            target_type: "User".into(),
-            kind: OperationKind::Create {
-                attributes: [("displayName", crate::model::values(["Ann"]))]
-                    .into_iter()
-                    .collect(),
-                secrets: Attributes::new(),
-                lookup: Vec::new(),
-            },
-            reason: crate::delta::Reason::EnteredScope,
-        };
+        let op = create_op("u1", "displayName", "Ann");
         let sent = op.to_target_operation(&Default::default()).unwrap();
         let j = s.journal_intent(run, &op, sent.as_ref()).unwrap();
         s.journal_done(j, &op, sent.as_ref(), Some(&"t1".into()))
@@ -2372,7 +2780,7 @@ mod tests {
             .execute_batch(
                 "UPDATE source_objects SET attributes = 42 WHERE anchor = 'u1';
                  UPDATE source_objects SET dn = 'not a dn' WHERE anchor = 'g1';
-                 UPDATE journal SET op = '{\"kind\":\"explode\"}' WHERE id = 1;
+                 UPDATE journal_payload SET op = '{\"kind\":\"explode\"}' WHERE id = 2;
                  UPDATE escrow SET next_retry = 'tomorrow';
                  UPDATE target_objects SET attributes = '[1,2]' WHERE id = 't2';",
             )
@@ -2387,7 +2795,7 @@ mod tests {
         ));
         assert!(matches!(
             s.journal(None),
-            Err(StateError::Corrupt { table: "journal", ref key, .. }) if key == "1"
+            Err(StateError::Corrupt { table: "journal", ref key, .. }) if key == "2"
         ));
         assert!(matches!(
             s.escrowed(),
@@ -2478,5 +2886,279 @@ mod tests {
             large <= small + small / 5,
             "neighbourhood cost grew with the store: {small} steps at 1k, {large} at 20k"
         );
+    }
+
+    fn value_index(s: &SqliteStore) -> Vec<(String, String)> {
+        let mut stmt = s
+            .conn
+            .prepare("SELECT attribute, id FROM target_values ORDER BY attribute, id")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn declared_lookup_attributes_narrow_the_value_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut s = SqliteStore::open(&path).unwrap();
+        s.put_target_objects(&[TargetObject::new("t1", "User")
+            .with("mail", "a@x")
+            .with("title", "Boss")
+            .with("displayName", "Ann")])
+            .unwrap();
+        // Never declared: every attribute is indexed (as before version 5).
+        assert_eq!(value_index(&s).len(), 3);
+        let decl: BTreeMap<ObjectType, BTreeSet<AttrName>> = [
+            ("User".into(), ["Mail".into()].into_iter().collect()),
+            ("Group".into(), ["displayName".into()].into_iter().collect()),
+        ]
+        .into_iter()
+        .collect();
+        let fp = s.fingerprint().unwrap();
+        s.set_lookup_attributes(&decl).unwrap();
+        assert_eq!(s.fingerprint().unwrap(), fp, "the index is no plan input");
+        assert_eq!(value_index(&s), [("mail".into(), "t1".into())]);
+        // Objects written later: by a put, by a done create; a User's displayName is not
+        // indexed, a Group's is.
+        s.put_target_objects(&[
+            TargetObject::new("t2", "Group").with("displayName", "Staff"),
+            TargetObject::new("t3", "User").with("displayName", "Bob"),
+        ])
+        .unwrap();
+        let run = s.begin_run("x", DateTime::UNIX_EPOCH).unwrap();
+        let op = create_op("u4", "mail", "d@x");
+        let sent = op.to_target_operation(&Default::default()).unwrap();
+        let ids = s.journal_intents(run, &[(&op, sent.as_ref())]).unwrap();
+        s.journal_outcomes(&[JournalOutcome::Done {
+            id: ids[0],
+            op: &op,
+            sent: sent.as_ref(),
+            target_id: Some(&"t4".into()),
+        }])
+        .unwrap();
+        let want: Vec<(String, String)> = vec![
+            ("displayname".into(), "t2".into()),
+            ("mail".into(), "t1".into()),
+            ("mail".into(), "t4".into()),
+        ];
+        assert_eq!(value_index(&s), want);
+        // The declaration is kept in the file: reopened, the store indexes the same.
+        drop(s);
+        let mut s = SqliteStore::open(&path).unwrap();
+        s.put_target_objects(&[TargetObject::new("t5", "User").with("title", "x")])
+            .unwrap();
+        assert_eq!(value_index(&s), want);
+        s.set_lookup_attributes(&decl).unwrap();
+        assert_eq!(value_index(&s), want);
+        // A new declaration rebuilds the index.
+        let decl: BTreeMap<ObjectType, BTreeSet<AttrName>> =
+            [("User".into(), ["title".into()].into_iter().collect())]
+                .into_iter()
+                .collect();
+        s.set_lookup_attributes(&decl).unwrap();
+        assert_eq!(
+            value_index(&s),
+            [("title".into(), "t1".into()), ("title".into(), "t5".into())]
+        );
+    }
+
+    #[test]
+    fn the_value_index_follows_writes_updates_and_deletes() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let keys = |s: &SqliteStore| -> Vec<(String, String, String)> {
+            let mut stmt = s
+                .conn
+                .prepare("SELECT attribute, value_key, id FROM target_values ORDER BY 1, 2, 3")
+                .unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let k = |a: &str, v: &str, id: &str| {
+            (
+                a.to_owned(),
+                format!("{{\"string\":\"{v}\"}}"),
+                id.to_owned(),
+            )
+        };
+        s.put_target_objects(&[
+            TargetObject::new("t1", "User")
+                .with("mail", "A@x")
+                .with("cn", "a"),
+            TargetObject::new("t2", "User").with("mail", "b@x"),
+        ])
+        .unwrap();
+        assert_eq!(
+            keys(&s),
+            [
+                k("cn", "a", "t1"),
+                k("mail", "a@x", "t1"),
+                k("mail", "b@x", "t2")
+            ]
+        );
+        // Replaced by a put: the old values leave the index.
+        s.put_target_objects(&[TargetObject::new("t1", "User").with("mail", "c@x")])
+            .unwrap();
+        assert_eq!(keys(&s), [k("mail", "b@x", "t2"), k("mail", "c@x", "t1")]);
+        // Updated by a done operation, then deleted.
+        let run = s.begin_run("x", DateTime::UNIX_EPOCH).unwrap();
+        let changes = vec![crate::model::AttributeChange::replace(
+            "mail",
+            crate::model::values(["d@x"]),
+        )];
+        let mut op = create_op("u1", "mail", "c@x");
+        op.kind = OperationKind::Update {
+            target: crate::delta::TargetRef::Existing("t1".into()),
+            changes: changes.clone(),
+        };
+        let sent = TargetOperation::Update {
+            id: "t1".into(),
+            object_type: "User".into(),
+            changes,
+        };
+        let j = s.journal_intent(run, &op, Some(&sent)).unwrap();
+        s.journal_done(j, &op, Some(&sent), None).unwrap();
+        assert_eq!(keys(&s), [k("mail", "b@x", "t2"), k("mail", "d@x", "t1")]);
+        s.remove_target_objects(&["t2".into()]).unwrap();
+        assert_eq!(keys(&s), [k("mail", "d@x", "t1")]);
+        // A stored row that does not decode is re-indexed all the same.
+        s.conn
+            .execute(
+                "UPDATE target_objects SET attributes = '[1' WHERE id = 't1'",
+                [],
+            )
+            .unwrap();
+        s.put_target_objects(&[TargetObject::new("t1", "User").with("mail", "e@x")])
+            .unwrap();
+        assert_eq!(keys(&s), [k("mail", "e@x", "t1")]);
+    }
+
+    #[test]
+    fn retention_can_be_turned_off() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        assert_eq!(s.retention(), Some(Retention::default()));
+        s.set_retention(None);
+        let day = chrono::TimeDelta::days(1);
+        for i in 0..3 {
+            let r = s
+                .begin_run("x", DateTime::UNIX_EPOCH + day * (i * 400))
+                .unwrap();
+            s.finish_run(r, DateTime::UNIX_EPOCH + day * (i * 400), "ok", "{}")
+                .unwrap();
+        }
+        assert_eq!(s.runs(10).unwrap().len(), 3);
+        s.set_retention(Some(Retention { runs: 1, days: 1 }));
+        let r = s.begin_run("x", DateTime::UNIX_EPOCH + day * 1200).unwrap();
+        s.finish_run(r, DateTime::UNIX_EPOCH + day * 1200, "ok", "{}")
+            .unwrap();
+        assert_eq!(s.runs(10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_version_3_file_gets_a_lean_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        let create = create_op("u1", "displayName", "Ann");
+        let sent_c = create.to_target_operation(&Default::default()).unwrap();
+        let changes = vec![crate::model::AttributeChange::replace(
+            "title",
+            crate::model::values(["Boss"]),
+        )];
+        let update = Operation {
+            kind: OperationKind::Update {
+                target: crate::delta::TargetRef::Existing("t1".into()),
+                changes: changes.clone(),
+            },
+            ..create.clone()
+        };
+        let sent_u = TargetOperation::Update {
+            id: "t1".into(),
+            object_type: "User".into(),
+            changes,
+        };
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(SCHEMA_V2).unwrap();
+            conn.execute_batch(
+                "INSERT INTO runs (id, profile, started, finished) \
+                 VALUES (1, 'delta-sync', '2026-01-01T00:00:00Z', '2026-01-01T00:01:00Z');
+                 INSERT INTO target_objects VALUES ('t1', 'User', '[[\"title\",[{\"string\":\"Boss\"}]]]');
+                 INSERT INTO target_values VALUES ('title', '{\"string\":\"boss\"}', 't1');",
+            )
+            .unwrap();
+            let rows: [(&str, &Operation, &TargetOperation, &str, Option<&str>); 4] = [
+                ("u1", &create, sent_c.as_ref().unwrap(), "done", Some("t1")),
+                ("u1", &update, &sent_u, "done", Some("t1")),
+                ("u1", &update, &sent_u, "failed", None),
+                ("u1", &update, &sent_u, "intended", None),
+            ];
+            for (anchor, op, sent, state, tid) in rows {
+                conn.execute(
+                    "INSERT INTO journal (run, anchor, kind, op, sent, state, target_id) \
+                     VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        anchor,
+                        op.kind.name(),
+                        serde_json::to_string(op).unwrap(),
+                        serde_json::to_string(sent).unwrap(),
+                        state,
+                        tid
+                    ],
+                )
+                .unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+        }
+        let before = std::fs::metadata(&path).unwrap().len();
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let journal = s.journal(None).unwrap();
+        let compact: Vec<_> = journal
+            .iter()
+            .map(|r| {
+                (
+                    r.kind.as_str(),
+                    r.state,
+                    r.operation.is_some(),
+                    r.sent.is_some(),
+                    r.attributes.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            compact,
+            [
+                ("create", JournalState::Done, false, false, vec![]),
+                (
+                    "update",
+                    JournalState::Done,
+                    false,
+                    false,
+                    vec!["title".into()]
+                ),
+                ("update", JournalState::Failed, true, true, vec![]),
+                ("update", JournalState::Intended, true, true, vec![]),
+            ]
+        );
+        assert_eq!(journal[0].target_id, Some("t1".into()));
+        // Recovery still finds the intended row whole.
+        let pending = s.journal_unconfirmed().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].operation, update);
+        assert_eq!(pending[0].sent.as_ref(), Some(&sent_u));
+        // The value index is kept until the engine declares its lookup attributes.
+        assert_eq!(value_index(&s), [("title".into(), "t1".into())]);
+        // The migration left no free pages behind.
+        let free: i64 = s
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(free, 0);
+        assert!(before > 0);
     }
 }

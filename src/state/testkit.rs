@@ -27,6 +27,11 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     neighbourhood_holds_referrers_references_links_and_targets(make());
     join_candidates_are_found_by_value(make());
     journal_lifecycle_updates_links_and_target_mirror(make());
+    group_commit_is_all_or_nothing(make());
+    batched_outcomes_equal_single_calls(make(), make());
+    retention_prunes_old_finished_runs_only(make());
+    finishing_a_run_applies_the_default_retention(make());
+    undeclared_lookup_attributes_are_still_found(make());
     deprovisioning_an_old_object_keeps_the_new_link(make());
     secrets_are_not_stored(make());
     escrow_counts_attempts(make());
@@ -915,6 +920,30 @@ fn journal_lifecycle_updates_links_and_target_mirror(mut s: Box<dyn StateStore>)
     );
     assert_eq!(journal[0].target_id, Some("t1".into()));
     assert_eq!(journal[3].target_id, Some("t9".into()));
+    // Done rows keep what the audit needs, not the payloads; a failed row keeps them.
+    assert_eq!(
+        journal
+            .iter()
+            .map(|j| (j.anchor.as_str(), j.kind.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("u1", "create"),
+            ("u1", "update"),
+            ("u1", "update"),
+            ("u2", "join"),
+            ("u2", "unlink")
+        ]
+    );
+    for j in [&journal[0], &journal[1], &journal[3], &journal[4]] {
+        assert_eq!((&j.operation, &j.sent), (&None, &None), "{j:?}");
+    }
+    assert_eq!(
+        journal[1].attributes,
+        [crate::model::AttrName::from("title")]
+    );
+    assert!(journal[0].attributes.is_empty());
+    assert_eq!(journal[2].operation.as_ref(), Some(&update));
+    assert_eq!(journal[2].sent.as_ref(), Some(&sent_u));
     assert_eq!(
         journal[2].error.as_deref(),
         Some("Constraint: title too long")
@@ -933,6 +962,394 @@ fn journal_lifecycle_updates_links_and_target_mirror(mut s: Box<dyn StateStore>)
         .unwrap();
     assert!(s.journal(Some(run2)).unwrap()[1].retryable);
     assert!(s.journal_unconfirmed().unwrap().is_empty());
+}
+
+/// What a test compares of a store: journal, unconfirmed rows, links, target mirror, link
+/// counts, dirty set (everything the journal's calls may change but the fingerprint's value).
+fn journal_state(s: &dyn StateStore) -> String {
+    let v = s.load_all().unwrap();
+    let mut links: Vec<String> = v.links.iter().map(|l| format!("{l:?}")).collect();
+    links.sort();
+    let mut targets: Vec<String> = v.target.objects().map(|o| format!("{o:?}")).collect();
+    targets.sort();
+    format!(
+        "{:?}\n{:?}\n{links:?}\n{targets:?}\n{:?}\n{:?}",
+        s.journal(None).unwrap(),
+        s.journal_unconfirmed().unwrap(),
+        s.link_counts().unwrap(),
+        s.dirty().unwrap(),
+    )
+}
+
+fn title_update(anchor: &str, target: &str, title: &str) -> (Operation, TargetOperation) {
+    let changes = vec![AttributeChange::replace("title", values([title]))];
+    let o = op(
+        anchor,
+        OperationKind::Update {
+            target: TargetRef::Existing(target.into()),
+            changes: changes.clone(),
+        },
+    );
+    let sent = TargetOperation::Update {
+        id: target.into(),
+        object_type: "User".into(),
+        changes,
+    };
+    (o, sent)
+}
+
+/// `journal_intents` and `journal_outcomes` take effect whole or not at all: a batch with one
+/// bad entry leaves the journal, links and target mirror as they were.
+fn group_commit_is_all_or_nothing(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    link_by_create(
+        s,
+        "u0",
+        "t0",
+        [("displayName", values(["Zed"]))].into_iter().collect(),
+    );
+    let run = s.begin_run("delta-sync", t(10)).unwrap();
+    let (c1, sc1) = create_op(
+        "u1",
+        [("displayName", values(["Ann"]))].into_iter().collect(),
+    );
+    let (c2, sc2) = create_op(
+        "u2",
+        [("displayName", values(["Bob"]))].into_iter().collect(),
+    );
+    let (u0, su0) = title_update("u0", "t0", "Boss");
+    let before = journal_state(s);
+    // A batch for a run never begun journals nothing.
+    assert!(matches!(
+        s.journal_intents(super::RunId(999), &[(&c1, Some(&sc1)), (&c2, Some(&sc2))]),
+        Err(StateError::UnknownRun(_))
+    ));
+    assert_eq!(journal_state(s), before);
+    let ids = s
+        .journal_intents(
+            run,
+            &[(&c1, Some(&sc1)), (&c2, Some(&sc2)), (&u0, Some(&su0))],
+        )
+        .unwrap();
+    assert_eq!(ids.len(), 3);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let unconfirmed = s.journal_unconfirmed().unwrap();
+    assert_eq!(
+        unconfirmed.iter().map(|j| j.id).collect::<Vec<_>>(),
+        ids,
+        "the batch is journaled in order"
+    );
+    assert_eq!(unconfirmed[2].operation, u0);
+    assert_eq!(unconfirmed[2].sent.as_ref(), Some(&su0));
+
+    let before = journal_state(s);
+    let fingerprint = s.fingerprint().unwrap();
+    let (t1, t2) = (TargetId::from("t1"), TargetId::from("t2"));
+    let done = |id, op, sent, target_id| super::JournalOutcome::Done {
+        id,
+        op,
+        sent,
+        target_id,
+    };
+    let bad_batches: Vec<(&str, Vec<super::JournalOutcome<'_>>)> = vec![
+        (
+            "a create done without its target id",
+            vec![
+                done(ids[0], &c1, Some(&sc1), Some(&t1)),
+                done(ids[2], &u0, Some(&su0), None),
+                done(ids[1], &c2, Some(&sc2), None),
+            ],
+        ),
+        (
+            "an unknown journal id (done)",
+            vec![
+                done(ids[0], &c1, Some(&sc1), Some(&t1)),
+                done(ids[2], &u0, Some(&su0), None),
+                done(super::JournalId(4242), &c2, Some(&sc2), Some(&t2)),
+            ],
+        ),
+        (
+            "an unknown journal id (failed)",
+            vec![
+                done(ids[0], &c1, Some(&sc1), Some(&t1)),
+                super::JournalOutcome::Failed {
+                    id: ids[1],
+                    error: "Conflict",
+                    retryable: false,
+                },
+                super::JournalOutcome::Failed {
+                    id: super::JournalId(4243),
+                    error: "x",
+                    retryable: true,
+                },
+            ],
+        ),
+    ];
+    for (why, batch) in &bad_batches {
+        assert!(s.journal_outcomes(batch).is_err(), "{why}: accepted");
+        assert_eq!(journal_state(s), before, "{why}: the batch left traces");
+        assert_eq!(s.fingerprint().unwrap(), fingerprint, "{why}");
+    }
+    // A good batch takes effect whole.
+    s.journal_outcomes(&[
+        done(ids[0], &c1, Some(&sc1), Some(&t1)),
+        super::JournalOutcome::Failed {
+            id: ids[1],
+            error: "Conflict: userName taken",
+            retryable: false,
+        },
+        done(ids[2], &u0, Some(&su0), None),
+    ])
+    .unwrap();
+    assert_ne!(s.fingerprint().unwrap(), fingerprint);
+    assert!(s.journal_unconfirmed().unwrap().is_empty());
+    let v = s.load_all().unwrap();
+    assert_eq!(
+        v.links.get(&a("u1")).map(|l| l.target_id.as_str()),
+        Some("t1")
+    );
+    assert!(v.links.get(&a("u2")).is_none());
+    assert_eq!(
+        v.target
+            .get(&"t0".into())
+            .and_then(|o| o.attributes.first_str("title")),
+        Some("Boss")
+    );
+    let j = s.journal(Some(run)).unwrap();
+    assert_eq!(
+        j.iter().map(|j| j.state).collect::<Vec<_>>(),
+        [JournalState::Done, JournalState::Failed, JournalState::Done]
+    );
+    assert_eq!(j[1].error.as_deref(), Some("Conflict: userName taken"));
+    // An empty batch is nothing.
+    assert!(s.journal_intents(run, &[]).unwrap().is_empty());
+    s.journal_outcomes(&[]).unwrap();
+}
+
+/// A batch of 1,000 outcomes (creates, updates, failures) has the effect of 1,000 single calls.
+fn batched_outcomes_equal_single_calls(mut a_: Box<dyn StateStore>, mut b: Box<dyn StateStore>) {
+    const N: usize = 1_000;
+    let mut ops: Vec<(Operation, TargetOperation, Option<TargetId>, bool)> = Vec::new();
+    for i in 0..N {
+        // Creates first, then title updates of the creates that worked; every 7th fails.
+        let fails = i % 7 == 3;
+        if i < 600 {
+            let (o, sent) = create_op(
+                &format!("u{i}"),
+                [
+                    ("displayName", values([format!("User {i}").as_str()])),
+                    ("mail", values([format!("U{i}@X").as_str()])),
+                ]
+                .into_iter()
+                .collect(),
+            );
+            ops.push((o, sent, Some(TargetId::from(format!("t{i}"))), fails));
+        } else {
+            let k = (i - 600) * 3 % 600;
+            let k = if k % 7 == 3 { k + 1 } else { k };
+            let (o, sent) = title_update(&format!("u{k}"), &format!("t{k}"), &format!("T{i}"));
+            ops.push((o, sent, None, fails));
+        }
+    }
+    let runs: Vec<_> = [&mut a_, &mut b]
+        .into_iter()
+        .map(|s| s.begin_run("delta-sync", t(0)).unwrap())
+        .collect();
+    // Batched: the creates, then the updates, each as one batch of intents and one of outcomes.
+    let (creates, updates) = ops.split_at(600);
+    for part in [creates, updates] {
+        let batch: Vec<(&Operation, Option<&TargetOperation>)> =
+            part.iter().map(|(o, s, _, _)| (o, Some(s))).collect();
+        let ids = a_.journal_intents(runs[0], &batch).unwrap();
+        let outcomes: Vec<super::JournalOutcome<'_>> = part
+            .iter()
+            .zip(&ids)
+            .map(|((o, s, tid, fails), id)| {
+                if *fails {
+                    super::JournalOutcome::Failed {
+                        id: *id,
+                        error: "Throttled",
+                        retryable: true,
+                    }
+                } else {
+                    super::JournalOutcome::Done {
+                        id: *id,
+                        op: o,
+                        sent: Some(s),
+                        target_id: tid.as_ref(),
+                    }
+                }
+            })
+            .collect();
+        a_.journal_outcomes(&outcomes).unwrap();
+    }
+    // One by one.
+    for part in [creates, updates] {
+        let ids: Vec<_> = part
+            .iter()
+            .map(|(o, s, _, _)| b.journal_intent(runs[1], o, Some(s)).unwrap())
+            .collect();
+        for ((o, s, tid, fails), id) in part.iter().zip(ids) {
+            if *fails {
+                b.journal_failed(id, "Throttled", true).unwrap();
+            } else {
+                b.journal_done(id, o, Some(s), tid.as_ref()).unwrap();
+            }
+        }
+    }
+    let (sa, sb) = (journal_state(a_.as_ref()), journal_state(b.as_ref()));
+    assert!(sa == sb, "a batch of outcomes differs from single calls");
+    assert_eq!(a_.journal(None).unwrap().len(), N);
+    assert_eq!(a_.load_all().unwrap().links.len(), 600 - 600 / 7 - 1);
+}
+
+/// `prune_journal` removes the finished runs outside both windows with their rows — never an
+/// intended row (nor its run), never a run not finished.
+fn retention_prunes_old_finished_runs_only(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    const DAY: i64 = 86_400;
+    let mut runs = Vec::new();
+    for i in 0..6 {
+        let r = s.begin_run("delta-sync", t(i * DAY)).unwrap();
+        let (o, sent) = title_update(&format!("u{i}"), &format!("t{i}"), "x");
+        let ids = s
+            .journal_intents(
+                r,
+                &[(&o, Some(&sent)), (&o, Some(&sent)), (&o, Some(&sent))],
+            )
+            .unwrap();
+        s.journal_done(ids[0], &o, Some(&sent), None).unwrap();
+        s.journal_failed(ids[1], "Throttled", true).unwrap();
+        if i != 1 {
+            s.journal_failed(ids[2], "Throttled", true).unwrap();
+        }
+        // Run 3 never finished (a crash); the others finished the day they began.
+        if i != 3 {
+            s.finish_run(r, t(i * DAY + 60), "success", "{}").unwrap();
+        }
+        runs.push(r);
+    }
+    let keep_all = super::Retention { runs: 0, days: 365 };
+    assert_eq!(
+        s.prune_journal(&keep_all, t(6 * DAY)).unwrap(),
+        super::Pruned::default()
+    );
+    assert_eq!(s.journal(None).unwrap().len(), 18);
+    // Keep the newest 2 runs and 2 days: runs 0..=3 are outside both windows.
+    let r = super::Retention { runs: 2, days: 2 };
+    let pruned = s.prune_journal(&r, t(6 * DAY)).unwrap();
+    // Run 0 and 2 go whole; run 1 keeps its intended row (and its record); run 3 never
+    // finished.
+    assert_eq!(
+        pruned,
+        super::Pruned {
+            runs: 2,
+            entries: 8
+        }
+    );
+    let left: Vec<_> = s.runs(100).unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(left, [runs[5], runs[4], runs[3], runs[1]]);
+    let rows: Vec<(super::RunId, JournalState)> = s
+        .journal(None)
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.run, j.state))
+        .collect();
+    assert_eq!(rows.len(), 10);
+    assert_eq!(rows[0], (runs[1], JournalState::Intended));
+    assert!(rows[1..4].iter().all(|(r, _)| *r == runs[3]));
+    assert_eq!(s.journal_unconfirmed().unwrap().len(), 1);
+    // Pruning again finds nothing more.
+    assert_eq!(
+        s.prune_journal(&r, t(6 * DAY)).unwrap(),
+        super::Pruned::default()
+    );
+    // Recovered, the intended row and its run go too.
+    let j = s.journal_unconfirmed().unwrap()[0].id;
+    s.journal_failed(j, "gone", false).unwrap();
+    assert_eq!(
+        s.prune_journal(&r, t(6 * DAY)).unwrap(),
+        super::Pruned {
+            runs: 1,
+            entries: 1
+        }
+    );
+    // New runs get new ids.
+    let next = s.begin_run("delta-sync", t(7 * DAY)).unwrap();
+    assert!(next > runs[5]);
+}
+
+/// `finish_run` applies the store's retention (by default, the newest 100 runs and 30 days).
+fn finishing_a_run_applies_the_default_retention(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    const DAY: i64 = 86_400;
+    let mut first = Vec::new();
+    for i in 0..103 {
+        let r = s.begin_run("delta-sync", t(i)).unwrap();
+        let (o, sent) = title_update("u1", "t1", "x");
+        let j = s.journal_intent(r, &o, Some(&sent)).unwrap();
+        s.journal_failed(j, "Throttled", true).unwrap();
+        if i < 102 {
+            s.finish_run(r, t(i + 1), "success", "{}").unwrap();
+        }
+        first.push(r);
+    }
+    // All within 30 days so far: nothing pruned.
+    assert_eq!(s.runs(1000).unwrap().len(), 103);
+    s.finish_run(first[102], t(40 * DAY), "success", "{}")
+        .unwrap();
+    let runs = s.runs(1000).unwrap();
+    assert_eq!(runs.len(), 100);
+    assert_eq!(runs.last().map(|r| r.id), Some(first[3]));
+    assert_eq!(s.journal(None).unwrap().len(), 100);
+}
+
+/// Lookups find target objects by attributes declared for lookup and by those not declared.
+fn undeclared_lookup_attributes_are_still_found(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    s.put_target_objects(&[
+        TargetObject::new("t1", "User")
+            .with("mail", "Ann@X")
+            .with("title", "Boss"),
+        TargetObject::new("t2", "Group").with("mail", "ann@x"),
+    ])
+    .unwrap();
+    let find = |s: &dyn StateStore, ty: &str, attr: &str, value: &str| {
+        let mut v = super::Views::default();
+        s.load_join_candidates(
+            &mut v,
+            &[TargetLookup {
+                object_type: ty.into(),
+                attribute: attr.into(),
+                value: Value::string(value),
+            }],
+        )
+        .unwrap();
+        let mut ids: Vec<String> = v.target.objects().map(|o| o.id.to_string()).collect();
+        ids.sort();
+        ids
+    };
+    let declare = |s: &mut dyn StateStore, decl: &[(&str, &[&str])]| {
+        let m: std::collections::BTreeMap<_, std::collections::BTreeSet<_>> = decl
+            .iter()
+            .map(|(ty, attrs)| ((*ty).into(), attrs.iter().map(|a| (*a).into()).collect()))
+            .collect();
+        s.set_lookup_attributes(&m).unwrap();
+    };
+    for decl in [
+        &[("User", &["MAIL"][..])][..],
+        &[("User", &["userName"][..]), ("Group", &["displayName"][..])][..],
+        &[][..],
+    ] {
+        declare(s, decl);
+        // Objects written after the declaration are found as well as those before.
+        s.put_target_objects(&[TargetObject::new("t3", "User").with("title", "boss")])
+            .unwrap();
+        assert_eq!(find(s, "User", "mail", "ann@x"), ["t1"], "{decl:?}");
+        assert_eq!(find(s, "User", "title", "BOSS"), ["t1", "t3"], "{decl:?}");
+        assert_eq!(find(s, "Group", "Mail", "ANN@x"), ["t2"], "{decl:?}");
+        assert!(find(s, "Group", "title", "boss").is_empty(), "{decl:?}");
+    }
 }
 
 /// A changed target type: the anchor's new object is created (and linked) before its old object

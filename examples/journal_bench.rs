@@ -1,0 +1,263 @@
+//! `journal_bench`: what the export's state-store writes cost in [`SqliteStore`] (default
+//! durability, a file on disk) and what they leave in the file — the store alone, no engine.
+//!
+//! Per phase, like an initial load: creates of users with twenty attributes (one target object
+//! each), then one reference update per user (`manager`), every operation journaled intended
+//! and then done:
+//!
+//! * `single`: one call (one commit) per intent and per outcome, as the engine did before group
+//!   commit — `--single N` users (default 10,000: at a few milliseconds per commit, 100,000
+//!   would take minutes);
+//! * `batched`: [`StateStore::journal_intents`] and [`StateStore::journal_outcomes`] over
+//!   batches of `--batch B` operations (default 1,000), `--users N` users (default 100,000),
+//!   with the lookup attributes declared as the example rules' join groups would
+//!   (`userName`, `externalId`).
+//!
+//! It prints seconds, operations per second, and the state file's bytes per table and index
+//! (SQLite's `dbstat`), per object.
+//!
+//! `--migrate FILE` instead opens an existing state file (migrating it to this version, in
+//! place: work on a copy) and prints how long that took and the sizes before and after.
+//!
+//! ```text
+//! cargo run --release --example journal_bench -- --users 100000 --single 10000
+//! cargo run --release --example journal_bench -- --migrate /tmp/copy-of-state.sqlite
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Instant;
+
+use dirsync::connector::TargetOperation;
+use dirsync::delta::{Operation, OperationKind, Reason, TargetRef};
+use dirsync::model::{AttrName, AttributeChange, Attributes, ObjectType, TargetId, Value, Values};
+use dirsync::state::{JournalOutcome, SqliteStore, StateStore};
+
+type Error = Box<dyn std::error::Error>;
+
+fn main() -> Result<(), Error> {
+    let mut users = 100_000usize;
+    let mut single = 10_000usize;
+    let mut batch = 1_000usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num =
+            || -> Result<usize, Error> { Ok(args.next().ok_or("a number must follow")?.parse()?) };
+        match a.as_str() {
+            "--users" => users = num()?,
+            "--single" => single = num()?,
+            "--batch" => batch = num()?.max(1),
+            "--migrate" => {
+                let path = args.next().ok_or("a state file must follow --migrate")?;
+                return migrate(Path::new(&path));
+            }
+            _ => {
+                return Err(
+                    format!("unknown argument {a}: use --users N --single N --batch B").into(),
+                )
+            }
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    if single > 0 {
+        phase(&dir.path().join("single.db"), "single", single, None)?;
+    }
+    phase(
+        &dir.path().join("batched.db"),
+        "batched",
+        users,
+        Some(batch),
+    )?;
+    Ok(())
+}
+
+fn migrate(path: &Path) -> Result<(), Error> {
+    let objects = {
+        let conn = rusqlite::Connection::open(path)?;
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM links", [], |r| r.get(0))?;
+        n.max(1) as usize
+    };
+    println!("before ({objects} linked objects):");
+    sizes(path, objects, |_| true)?;
+    let t0 = Instant::now();
+    let store = SqliteStore::open(path)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "migrated to schema version {} in {secs:.2} s; after:",
+        store.schema_version()?
+    );
+    drop(store);
+    sizes(path, objects, |_| true)
+}
+
+/// Prints the bytes per table and index of the state file (those `show` accepts).
+fn sizes(path: &Path, objects: usize, show: impl Fn(&str) -> bool) -> Result<(), Error> {
+    let conn = rusqlite::Connection::open(path)?;
+    let mut stmt = conn
+        .prepare("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY SUM(pgsize) DESC")?;
+    let sizes: Vec<(String, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let file = std::fs::metadata(path)?.len();
+    println!(
+        "  {:<28} {:>10.1} MB {:>8.0} B/object",
+        "(file)",
+        file as f64 / 1e6,
+        file as f64 / objects as f64
+    );
+    for (table, bytes) in sizes.iter().filter(|(t, _)| show(t)) {
+        println!(
+            "  {table:<28} {:>10.1} MB {:>8.0} B/object",
+            *bytes as f64 / 1e6,
+            *bytes as f64 / objects as f64
+        );
+    }
+    Ok(())
+}
+
+/// The create of user `i` and the target operation it becomes.
+fn create(i: usize) -> (Operation, TargetOperation) {
+    let mut attributes = Attributes::new();
+    let s = |v: String| Values::from(vec![Value::string(v)]);
+    attributes.set("userName", s(format!("user{i}@corp.example.com")));
+    attributes.set("externalId", s(format!("{i:08x}-5c1e-4d2a-9f00-{i:012x}")));
+    attributes.set("displayName", s(format!("Given{i} Surname{i}")));
+    attributes.set("active", Values::from(vec![Value::Boolean(true)]));
+    for (k, name) in [
+        "name.givenName",
+        "name.familyName",
+        "title",
+        "department",
+        "emails[type eq \"work\"].value",
+        "phoneNumbers[type eq \"work\"].value",
+        "addresses[type eq \"work\"].locality",
+        "addresses[type eq \"work\"].country",
+        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:employeeNumber",
+        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:costCenter",
+        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:organization",
+        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:division",
+        "preferredLanguage",
+        "locale",
+        "timezone",
+        "nickName",
+    ]
+    .iter()
+    .enumerate()
+    {
+        attributes.set(*name, s(format!("value {k} of user {i}")));
+    }
+    let op = Operation {
+        anchor: format!("{i:08x}-aaaa-4bbb-8ccc-{i:012x}").into(),
+        source_type: "user".into(),
+        target_type: "User".into(),
+        kind: OperationKind::Create {
+            attributes: attributes.clone(),
+            secrets: Attributes::new(),
+            lookup: Vec::new(),
+        },
+        reason: Reason::EnteredScope,
+    };
+    let sent = TargetOperation::Create {
+        object_type: "User".into(),
+        attributes,
+    };
+    (op, sent)
+}
+
+/// The target id the create of user `i` gets.
+fn target_id(i: usize) -> TargetId {
+    format!("{i:08x}-7777-4eee-9fff-{i:012x}").into()
+}
+
+/// The reference update of user `i` (its manager).
+fn manager(i: usize) -> (Operation, TargetOperation) {
+    let changes = vec![AttributeChange::replace(
+        "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager",
+        Values::from(vec![Value::string(target_id(i / 10).to_string())]),
+    )];
+    let op = Operation {
+        anchor: format!("{i:08x}-aaaa-4bbb-8ccc-{i:012x}").into(),
+        source_type: "user".into(),
+        target_type: "User".into(),
+        kind: OperationKind::UpdateReferences {
+            target: TargetRef::Existing(target_id(i)),
+            changes: changes.clone(),
+        },
+        reason: Reason::AttributesChanged {
+            attributes: vec![
+                "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User:manager".into(),
+            ],
+        },
+    };
+    let sent = TargetOperation::Update {
+        id: target_id(i),
+        object_type: "User".into(),
+        changes,
+    };
+    (op, sent)
+}
+
+fn phase(path: &Path, name: &str, n: usize, batch: Option<usize>) -> Result<(), Error> {
+    let mut store = SqliteStore::open(path)?;
+    if batch.is_some() {
+        let lookups: BTreeMap<ObjectType, BTreeSet<AttrName>> = [(
+            "User".into(),
+            ["userName".into(), "externalId".into()]
+                .into_iter()
+                .collect(),
+        )]
+        .into_iter()
+        .collect();
+        store.set_lookup_attributes(&lookups)?;
+    }
+    let run = store.begin_run("bench", chrono::Utc::now())?;
+    let t0 = Instant::now();
+    for make in [create as fn(usize) -> _, manager] {
+        let ops: Vec<(Operation, TargetOperation, Option<TargetId>)> = (0..n)
+            .map(|i| {
+                let (o, s) = make(i);
+                let id = matches!(o.kind, OperationKind::Create { .. }).then(|| target_id(i));
+                (o, s, id)
+            })
+            .collect();
+        match batch {
+            None => {
+                for (o, s, id) in &ops {
+                    let j = store.journal_intent(run, o, Some(s))?;
+                    store.journal_done(j, o, Some(s), id.as_ref())?;
+                }
+            }
+            Some(b) => {
+                for chunk in ops.chunks(b) {
+                    let intents: Vec<_> = chunk.iter().map(|(o, s, _)| (o, Some(s))).collect();
+                    let ids = store.journal_intents(run, &intents)?;
+                    let outcomes: Vec<JournalOutcome<'_>> = chunk
+                        .iter()
+                        .zip(ids)
+                        .map(|((o, s, tid), id)| JournalOutcome::Done {
+                            id,
+                            op: o,
+                            sent: Some(s),
+                            target_id: tid.as_ref(),
+                        })
+                        .collect();
+                    store.journal_outcomes(&outcomes)?;
+                }
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    store.finish_run(run, chrono::Utc::now(), "ok", "{}")?;
+    drop(store);
+    let ops = 2 * n;
+    println!(
+        "{name}: {n} users, {ops} operations in {secs:.2} s = {:.0} operations/s{}",
+        ops as f64 / secs,
+        batch
+            .map(|b| format!(" (batches of {b})"))
+            .unwrap_or_default()
+    );
+    sizes(path, n, |t| {
+        t.starts_with("journal") || t.starts_with("target_") || t.starts_with("runs")
+    })
+}
