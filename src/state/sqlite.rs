@@ -1,7 +1,8 @@
 //! [`SqliteStore`]: the embedded durable state store (feature `sqlite`), one SQLite file.
 //!
 //! The tables are meant to be read by an administrator with the `sqlite3` shell: payloads are
-//! JSON, times RFC 3339 text, states words. Every mutating call is one `IMMEDIATE` transaction;
+//! JSON (the mirrors' attributes in the compact form of [`encoding`](super::encoding), which
+//! `json_extract` reads), times RFC 3339 text, states words. Every mutating call is one `IMMEDIATE` transaction;
 //! every lookup the delta path makes goes through a primary key or an index (the tests check the
 //! query plans), so a delta costs in proportion to its neighbourhood, not to the store.
 //!
@@ -190,13 +191,16 @@ const SCHEMA_V3: &str = "";
 /// [`encoding`](super::encoding) (re-encoded by the data step); the mirrors are keyed by anchor
 /// and id without a separate rowid; a source object's content hash and the generation of the
 /// last full import that saw it move to the narrow `source_state`, so a full import that finds
-/// an object unchanged rewrites a few bytes, not the object.
+/// an object unchanged rewrites a few bytes, not the object. Its rows are in the order objects
+/// first arrived (a rowid), which is the order a source delivers them again: the generations a
+/// batch of an import updates share a few pages.
 const SCHEMA_V4: &str = r#"
 CREATE TABLE source_state (
-    anchor TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    anchor TEXT NOT NULL UNIQUE,
     content_hash INTEGER NOT NULL,
     generation INTEGER NOT NULL
-) WITHOUT ROWID;
+);
 CREATE TABLE source_objects_v4 (
     anchor TEXT PRIMARY KEY,
     object_type TEXT NOT NULL,
@@ -229,7 +233,7 @@ const ENTRY_BY_DN: &str =
 const ANCHORS_BY_DN: &str = "SELECT anchor FROM source_objects WHERE dn_norm = ?1";
 const ROW_STATE: &str = "SELECT s.content_hash, s.generation, o.dn_norm FROM source_state s \
      JOIN source_objects o ON o.anchor = s.anchor WHERE s.anchor = ?1";
-const SEEN_STATE: &str = "SELECT content_hash, generation FROM source_state WHERE anchor = ?1";
+const SEEN_STATE: &str = "SELECT id, content_hash, generation FROM source_state WHERE anchor = ?1";
 const REFERRERS: &str = "SELECT from_anchor FROM source_refs WHERE to_anchor = ?1 \
      UNION SELECT from_anchor FROM source_refs WHERE to_dn_norm = ?2";
 const REFS_FROM: &str =
@@ -263,6 +267,8 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     "DELETE FROM target_values WHERE id = ?1",
     "DELETE FROM links WHERE anchor = ?1 OR target_id = ?2",
     "SELECT 1 FROM runs WHERE id = ?1",
+    "UPDATE source_state SET generation = ?2 WHERE id = ?1",
+    "UPDATE source_state SET generation = ?2 WHERE anchor = ?1",
 ];
 
 /// Values longer than this are not indexed for join lookups (a lookup of one scans).
@@ -823,25 +829,33 @@ fn row_state(conn: &Connection, anchor: &Anchor) -> Result<Option<RowState>, Sta
     }))
 }
 
-/// The content hash and generation of a source row (`source_state` alone: what an import of
-/// an unchanged object reads).
-fn seen_state(conn: &Connection, anchor: &Anchor) -> Result<Option<(i64, i64)>, StateError> {
+/// The state of a source row in `source_state` (all an import of an unchanged object reads).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// The row's id in `source_state`.
+    id: i64,
+    hash: i64,
+    generation: i64,
+}
+
+fn seen_state(conn: &Connection, anchor: &Anchor) -> Result<Option<Seen>, StateError> {
     const T: &str = "source_state";
-    let found: Option<(SqlValue, SqlValue)> = conn
+    let found: Option<(SqlValue, SqlValue, SqlValue)> = conn
         .prepare_cached(SEEN_STATE)
         .and_then(|mut s| {
-            s.query_row([anchor.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            s.query_row([anchor.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()
         })
         .ctx("reading a source object's state")?;
-    let Some((h, g)) = found else {
+    let Some((id, h, g)) = found else {
         return Ok(None);
     };
     let a = anchor.as_str();
-    Ok(Some((
-        int(T, a, "content_hash", h)?,
-        int(T, a, "generation", g)?,
-    )))
+    Ok(Some(Seen {
+        id: int(T, a, "id", id)?,
+        hash: int(T, a, "content_hash", h)?,
+        generation: int(T, a, "generation", g)?,
+    }))
 }
 
 /// Records the hash and generation of a source row.
@@ -1086,10 +1100,11 @@ fn resolve_stored_references(conn: &Connection) -> Result<(), StateError> {
     settle(conn, dns)
 }
 
-/// Records that full import `generation` saw the source object `anchor` (unchanged).
-fn set_generation(conn: &Connection, anchor: &Anchor, generation: i64) -> Result<(), StateError> {
-    conn.prepare_cached("UPDATE source_state SET generation = ?2 WHERE anchor = ?1")
-        .and_then(|mut s| s.execute(params![anchor.as_str(), generation]))
+/// Records that full import `generation` saw the source object of row `id` of `source_state`
+/// (unchanged).
+fn set_generation(conn: &Connection, id: i64, generation: i64) -> Result<(), StateError> {
+    conn.prepare_cached("UPDATE source_state SET generation = ?2 WHERE id = ?1")
+        .and_then(|mut s| s.execute(params![id, generation]))
         .ctx("recording a full import's generation")?;
     Ok(())
 }
@@ -1118,7 +1133,9 @@ fn write_entry(
     if old.as_ref().map(|o| o.hash) == new_hash {
         if let Some(o) = &old {
             if o.generation != generation {
-                set_generation(conn, anchor, generation)?;
+                conn.prepare_cached("UPDATE source_state SET generation = ?2 WHERE anchor = ?1")
+                    .and_then(|mut s| s.execute(params![anchor.as_str(), generation]))
+                    .ctx("recording a full import's generation")?;
             }
         }
         return Ok(false);
@@ -1434,7 +1451,7 @@ impl StateStore for SqliteStore {
             for e in entries {
                 let before = seen_state(tx, &e.anchor)?;
                 match before {
-                    Some((_, bg)) if bg == g => {
+                    Some(b) if b.generation == g => {
                         // Delivered before in this import: at another DN it is another object.
                         if e.dn.is_some() {
                             let first = entry_dn(tx, &e.anchor)?;
@@ -1447,11 +1464,11 @@ impl StateStore for SqliteStore {
                         added += 1;
                     }
                 }
-                if let Some((bh, bg)) = before {
+                if let Some(b) = before {
                     // Delivered as last time: the hash says so, nothing else is read or written.
-                    if bh == encode_entry_into(e, &mut buf) as i64 {
-                        if bg != g {
-                            set_generation(tx, &e.anchor, g)?;
+                    if b.hash == encode_entry_into(e, &mut buf) as i64 {
+                        if b.generation != g {
+                            set_generation(tx, b.id, g)?;
                         }
                         continue;
                     }
@@ -2450,6 +2467,237 @@ mod tests {
         let j = s.journal_intent(run, &op, None).unwrap();
         s.journal_done(j, &op, None, None).unwrap();
         assert_eq!(s.link_counts().unwrap().get(&"User".into()), Some(&1));
+    }
+
+    #[test]
+    fn an_unchanged_full_import_rewrites_no_object() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let users: Vec<Entry> = (0..50)
+            .map(|i| {
+                let e = Entry::new(format!("u{i:02}"), "user")
+                    .with_dn(dn(&format!("cn=u{i},dc=x")))
+                    .with("cn", format!("u{i}").as_str());
+                if i > 0 {
+                    e.with("manager", Value::dn_ref(dn("cn=u0,dc=x")))
+                } else {
+                    e
+                }
+            })
+            .collect();
+        let group = Entry::new("g", "group")
+            .with_dn(dn("cn=g,dc=x"))
+            .with("member", Value::dn_ref(dn("cn=u1,dc=x")))
+            .with("member", Value::dn_ref(dn("cn=nobody,dc=x")));
+        let mut export = users.clone();
+        export.push(group.clone());
+        let import = |s: &mut SqliteStore, entries: &[Entry]| {
+            let g = s.begin_full_import("src").unwrap();
+            for batch in entries.chunks(7) {
+                s.import_entries(g, batch).unwrap();
+            }
+            s.finish_full_import("src", g, None, 0.0).unwrap()
+        };
+        import(&mut s, &export);
+        s.clear_dirty(&s.dirty().unwrap()).unwrap();
+        // Record every write to the mirror's object and reference rows from now on.
+        s.conn
+            .execute_batch(
+                "CREATE TEMP TABLE touched (what TEXT);
+                 CREATE TEMP TRIGGER o_upd AFTER UPDATE ON main.source_objects
+                     BEGIN INSERT INTO touched VALUES ('update ' || NEW.anchor); END;
+                 CREATE TEMP TRIGGER o_ins AFTER INSERT ON main.source_objects
+                     BEGIN INSERT INTO touched VALUES ('insert ' || NEW.anchor); END;
+                 CREATE TEMP TRIGGER o_del AFTER DELETE ON main.source_objects
+                     BEGIN INSERT INTO touched VALUES ('delete ' || OLD.anchor); END;
+                 CREATE TEMP TRIGGER r_ins AFTER INSERT ON main.source_refs
+                     BEGIN INSERT INTO touched VALUES ('ref ' || NEW.from_anchor); END;
+                 CREATE TEMP TRIGGER r_del AFTER DELETE ON main.source_refs
+                     BEGIN INSERT INTO touched VALUES ('unref ' || OLD.from_anchor); END;",
+            )
+            .unwrap();
+        let touched = |s: &SqliteStore| -> Vec<String> {
+            let mut st = s
+                .conn
+                .prepare("SELECT what FROM touched ORDER BY rowid")
+                .unwrap();
+            let out = st
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            s.conn.execute("DELETE FROM touched", []).unwrap();
+            out
+        };
+        let fingerprint = s.fingerprint().unwrap();
+        // The same export again: nothing written but the generations, nothing dirty.
+        let sum = import(&mut s, &export);
+        assert_eq!(
+            (sum.seen, sum.added, sum.changed, sum.deleted),
+            (51, 0, 0, 0)
+        );
+        assert_eq!(touched(&s), Vec::<String>::new());
+        assert_eq!(s.dirty().unwrap(), Vec::<Anchor>::new());
+        assert_eq!(s.fingerprint().unwrap(), fingerprint);
+        // One user changed, one gone (and out of its group): only they and the group are
+        // written.
+        let mut edited = export.clone();
+        edited[7] = edited[7].clone().with("title", "Boss");
+        edited.remove(1);
+        *edited.last_mut().unwrap() = Entry::new("g", "group")
+            .with_dn(dn("cn=g,dc=x"))
+            .with("member", Value::dn_ref(dn("cn=nobody,dc=x")));
+        let sum = import(&mut s, &edited);
+        assert_eq!((sum.seen, sum.changed, sum.deleted), (50, 2, 1));
+        let t = touched(&s);
+        assert!(t.contains(&"update u07".to_owned()), "{t:?}");
+        assert!(t.contains(&"delete u01".to_owned()), "{t:?}");
+        assert!(
+            t.iter()
+                .all(|w| w.ends_with("u07") || w.ends_with("u01") || w.ends_with(" g")),
+            "{t:?}"
+        );
+        // u01's group and manager are dirty with it.
+        assert_eq!(
+            s.dirty().unwrap(),
+            ["g".into(), "u00".into(), "u01".into(), "u07".into()]
+        );
+        // And the next import of that export is quiet again.
+        s.clear_dirty(&s.dirty().unwrap()).unwrap();
+        import(&mut s, &edited);
+        assert_eq!(touched(&s), Vec::<String>::new());
+        assert_eq!(s.dirty().unwrap(), Vec::<Anchor>::new());
+    }
+
+    #[test]
+    fn a_version_3_file_is_re_encoded_compactly() {
+        // Version 3 stored attributes in their serde form, the hash and generation in the
+        // object's row: write such a file by hand, as version 3 wrote it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        let ann = Entry::new("u1", "user")
+            .with_dn(dn("cn=Ann,dc=x"))
+            .with("cn", "Ann")
+            .with("mail", "ann@x")
+            .with("objectGUID", Value::Bytes(vec![0, 159, 255]));
+        let bob = Entry::new("u2", "user")
+            .with_dn(dn("cn=Bob,dc=x"))
+            .with("manager", Value::dn_ref(dn("cn=Ann,dc=x")));
+        let bob_stored = Entry::new("u2", "user")
+            .with_dn(dn("cn=Bob,dc=x"))
+            .with("manager", Value::anchor_ref("u1"));
+        let staff = TargetObject::new("t1", "Group")
+            .with("displayName", "Staff")
+            .with("members", Value::target_ref("t2"))
+            .with("members", Value::target_ref("t3"));
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(SCHEMA_V2).unwrap();
+            // Version 3's hash: FNV-1a over type, DN and the serde JSON, of what was delivered.
+            let v3_hash = |e: &Entry| {
+                let json = serde_json::to_string(&e.attributes).unwrap();
+                let mut h = super::super::fnv1a(
+                    super::super::FNV_OFFSET,
+                    e.object_type.as_str().as_bytes(),
+                );
+                h = super::super::fnv1a(h, &[0]);
+                h = super::super::fnv1a(h, e.dn.as_ref().unwrap().as_str().as_bytes());
+                h = super::super::fnv1a(h, &[0]);
+                (json.clone(), super::super::fnv1a(h, json.as_bytes()) as i64)
+            };
+            for (stored, delivered) in [(&ann, &ann), (&bob_stored, &bob)] {
+                let (json, _) = v3_hash(stored);
+                let (_, hash) = v3_hash(delivered);
+                assert!(json.starts_with("[["), "{json}");
+                conn.execute(
+                    "INSERT INTO source_objects VALUES (?1, ?2, ?3, ?4, ?5, ?6, 7)",
+                    params![
+                        stored.anchor.as_str(),
+                        stored.object_type.as_str(),
+                        stored.dn.as_ref().map(|d| d.as_str()),
+                        stored.dn.as_ref().map(|d| d.normalized()),
+                        json,
+                        hash
+                    ],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO source_refs VALUES ('u2', 'manager', 'u1', NULL)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO target_objects VALUES ('t1', 'Group', ?1)",
+                [serde_json::to_string(&staff.attributes).unwrap()],
+            )
+            .unwrap();
+            conn.execute_batch(
+                "UPDATE meta SET value = 7 WHERE key = 'generation';
+                 INSERT INTO links VALUES ('u1', 'user', 't2', 'User');
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 4);
+        // The same objects, now in the compact form an administrator can query.
+        assert_eq!(s.source_entry(&"u1".into()).unwrap(), Some(ann.clone()));
+        assert_eq!(
+            s.source_entry(&"u2".into()).unwrap(),
+            Some(bob_stored.clone())
+        );
+        let v = s.load_all().unwrap();
+        assert_eq!(v.target.get(&"t1".into()), Some(&staff));
+        assert_eq!(
+            v.links.anchor_of(&"t2".into()).map(|a| a.as_str()),
+            Some("u1")
+        );
+        let (mail, members, legacy): (String, String, i64) = s
+            .conn
+            .query_row(
+                "SELECT json_extract(o.attributes, '$.mail'), \
+                 (SELECT json_extract(attributes, '$.members') FROM target_objects), \
+                 (SELECT COUNT(*) FROM source_objects WHERE attributes LIKE '[%') \
+                 FROM source_objects o WHERE anchor = 'u1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((mail.as_str(), legacy), ("ann@x", 0));
+        assert_eq!(members, r#"[{"r":"t2"},{"r":"t3"}]"#);
+        // The next full import of the same export finds nothing changed: not Ann (hashed
+        // anew), not Bob (delivered by DN, the same once resolved), and deletes nothing.
+        let g = s.begin_full_import("ad").unwrap();
+        assert_eq!(g, 8);
+        s.import_entries(g, &[bob.clone(), ann.clone()]).unwrap();
+        let sum = s.finish_full_import("ad", g, None, 1.0).unwrap();
+        assert_eq!(
+            (sum.seen, sum.added, sum.changed, sum.deleted),
+            (2, 0, 0, 0)
+        );
+        assert_eq!(s.dirty().unwrap(), Vec::<Anchor>::new());
+        // Bob now carries the hash of what the source delivers: the next import of him is
+        // the unchanged fast path, and a real change is still seen.
+        let g = s.begin_full_import("ad").unwrap();
+        s.import_entries(g, &[bob.clone(), ann.clone().with("title", "Boss")])
+            .unwrap();
+        let sum = s.finish_full_import("ad", g, None, 1.0).unwrap();
+        assert_eq!((sum.seen, sum.changed), (2, 1));
+        // Ann changed: she and her referrer Bob are dirty.
+        assert_eq!(s.dirty().unwrap(), ["u1".into(), "u2".into()]);
+        // The reference rows survived: deleting Ann removes her from Bob.
+        s.apply_changes(
+            "ad",
+            &[Change::Delete {
+                anchor: "u1".into(),
+                object_type: "user".into(),
+            }],
+            None,
+        )
+        .unwrap();
+        let bob_now = s.source_entry(&"u2".into()).unwrap().unwrap();
+        assert!(bob_now.attributes.get("manager").is_none(), "{bob_now:?}");
     }
 
     #[test]
