@@ -16,6 +16,7 @@
 //! `[name, [{"string": …}, …]]` pairs); [`decode_attributes`] still reads it, for migrations.
 
 use std::fmt;
+use std::marker::PhantomData;
 
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -117,129 +118,123 @@ impl<'de> Visitor<'de> for AttributesVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Attributes, A::Error> {
         let mut out: Vec<(AttrName, Values)> = Vec::with_capacity(map.size_hint().unwrap_or(16));
         while let Some(name) = map.next_key::<AttrName>()? {
-            let values = map.next_value_seed(ValuesSeed)?;
+            let values = map.next_value_seed(SlotSeed::<Values>(PhantomData))?;
             out.push((name, values));
         }
         Ok(Attributes::from(out))
     }
 }
 
-/// An attribute's values: one value, or an array of them.
-struct ValuesSeed;
-
-impl<'de> DeserializeSeed<'de> for ValuesSeed {
-    type Value = Values;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Values, D::Error> {
-        d.deserialize_any(ValuesVisitor)
-    }
+/// What a JSON value decodes to: an attribute's values (one value, or an array of them) or
+/// one value (in such an array: arrays do not nest).
+trait Slot: Sized {
+    fn one(v: Value) -> Self;
+    fn many<'de, A: SeqAccess<'de>>(seq: A) -> Result<Self, A::Error>;
 }
 
-struct ValuesVisitor;
-
-impl<'de> Visitor<'de> for ValuesVisitor {
-    type Value = Values;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a value or an array of values")
+impl Slot for Values {
+    fn one(v: Value) -> Values {
+        Values::one(v)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Values, A::Error> {
+    fn many<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Values, A::Error> {
         let mut out = Values::new();
-        while let Some(v) = seq.next_element_seed(ValueSeed)? {
+        while let Some(v) = seq.next_element_seed(SlotSeed::<Value>(PhantomData))? {
             out.push(v);
         }
         Ok(out)
     }
+}
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Values, E> {
-        ValueVisitor.visit_str(v).map(Values::one)
+impl Slot for Value {
+    fn one(v: Value) -> Value {
+        v
     }
 
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Values, E> {
-        ValueVisitor.visit_i64(v).map(Values::one)
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Values, E> {
-        ValueVisitor.visit_u64(v).map(Values::one)
-    }
-
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Values, E> {
-        ValueVisitor.visit_bool(v).map(Values::one)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Values, A::Error> {
-        ValueVisitor.visit_map(map).map(Values::one)
+    fn many<'de, A: SeqAccess<'de>>(_: A) -> Result<Value, A::Error> {
+        Err(de::Error::custom(
+            "an array is not a value (arrays do not nest)",
+        ))
     }
 }
 
-struct ValueSeed;
+/// Decodes a [`Slot`].
+struct SlotSeed<T>(PhantomData<T>);
 
-impl<'de> DeserializeSeed<'de> for ValueSeed {
-    type Value = Value;
+impl<'de, T: Slot> DeserializeSeed<'de> for SlotSeed<T> {
+    type Value = T;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(ValueVisitor)
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-struct ValueVisitor;
-
-impl<'de> Visitor<'de> for ValueVisitor {
-    type Value = Value;
+impl<'de, T: Slot> Visitor<'de> for SlotSeed<T> {
+    type Value = T;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a string, an integer, a Boolean or a one-key object (b, t, a, d, r, p)")
+        f.write_str(
+            "a string, an integer, a Boolean, a one-key object (b, t, a, d, r, p) or an array of them",
+        )
     }
 
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::string(v))
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+        T::many(seq)
     }
 
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::Integer(v))
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        Ok(T::one(Value::string(v)))
     }
 
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        Ok(T::one(Value::Integer(v)))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
         i64::try_from(v)
-            .map(Value::Integer)
+            .map(|i| T::one(Value::Integer(i)))
             .map_err(|_| E::custom(format!("integer {v} out of range")))
     }
 
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Boolean(v))
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<T, E> {
+        Ok(T::one(Value::Boolean(v)))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let Some(tag) = map.next_key::<SmolStr>()? else {
-            return Err(de::Error::custom("an empty object is not a value"));
-        };
-        let text: SmolStr = map.next_value()?;
-        let text = text.as_str();
-        let value = match tag.as_str() {
-            "b" => Value::Bytes(
-                base64::engine::general_purpose::STANDARD
-                    .decode(text)
-                    .map_err(|e| de::Error::custom(format!("bytes: {e}")))?,
-            ),
-            "t" => Value::Timestamp(
-                DateTime::parse_from_rfc3339(text)
-                    .map(|t| t.with_timezone(&Utc))
-                    .map_err(|e| de::Error::custom(format!("timestamp {text:?}: {e}")))?,
-            ),
-            "a" => Value::anchor_ref(text),
-            "d" => Value::dn_ref(
-                Dn::parse(text).map_err(|e| de::Error::custom(format!("DN {text:?}: {e}")))?,
-            ),
-            "r" => Value::target_ref(text),
-            "p" => Value::Reference(Reference::Pending(text.into())),
-            other => return Err(de::Error::custom(format!("unknown value tag {other:?}"))),
-        };
-        if map.next_key::<de::IgnoredAny>()?.is_some() {
-            return Err(de::Error::custom("a value object has one key"));
-        }
-        Ok(value)
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        tagged(map).map(T::one)
     }
+}
+
+/// A value written as a one-key object.
+fn tagged<'de, A: MapAccess<'de>>(mut map: A) -> Result<Value, A::Error> {
+    let Some(tag) = map.next_key::<SmolStr>()? else {
+        return Err(de::Error::custom("an empty object is not a value"));
+    };
+    let text: SmolStr = map.next_value()?;
+    let text = text.as_str();
+    let value = match tag.as_str() {
+        "b" => Value::Bytes(
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| de::Error::custom(format!("bytes: {e}")))?,
+        ),
+        "t" => Value::Timestamp(
+            DateTime::parse_from_rfc3339(text)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| de::Error::custom(format!("timestamp {text:?}: {e}")))?,
+        ),
+        "a" => Value::anchor_ref(text),
+        "d" => Value::dn_ref(
+            Dn::parse(text).map_err(|e| de::Error::custom(format!("DN {text:?}: {e}")))?,
+        ),
+        "r" => Value::target_ref(text),
+        "p" => Value::Reference(Reference::Pending(text.into())),
+        other => return Err(de::Error::custom(format!("unknown value tag {other:?}"))),
+    };
+    if map.next_key::<de::IgnoredAny>()?.is_some() {
+        return Err(de::Error::custom("a value object has one key"));
+    }
+    Ok(value)
 }
 
 #[cfg(test)]

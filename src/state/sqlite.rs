@@ -555,14 +555,13 @@ fn rows(
 ) -> Result<Vec<Vec<SqlValue>>, StateError> {
     let mut stmt = conn.prepare_cached(sql).ctx(what)?;
     let n = stmt.column_count();
-    let mapped = stmt
-        .query_map(params, |r| {
-            (0..n)
-                .map(|i| r.get::<_, SqlValue>(i))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .ctx(what)?;
+    let mapped = stmt.query_map(params, |r| raw_row(r, n)).ctx(what)?;
     mapped.collect::<Result<Vec<_>, _>>().ctx(what)
+}
+
+/// The first `n` columns of a row as raw values.
+fn raw_row(r: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Vec<SqlValue>> {
+    (0..n).map(|i| r.get::<_, SqlValue>(i)).collect()
 }
 
 fn take(row: &mut [SqlValue], i: usize) -> SqlValue {
@@ -1031,10 +1030,7 @@ fn compact_mirrors(conn: &Connection) -> Result<(), StateError> {
             .ctx("migrating the source mirror")?;
         let mut q = read.query([]).ctx("reading the source mirror to migrate")?;
         while let Some(r) = q.next().ctx("reading the source mirror to migrate")? {
-            let row = (0..5)
-                .map(|i| r.get::<_, SqlValue>(i))
-                .collect::<Result<Vec<_>, _>>()
-                .ctx("reading the source mirror to migrate")?;
+            let row = raw_row(r, 5).ctx("reading the source mirror to migrate")?;
             let mut row = row;
             let generation = take(&mut row, 4);
             let e = decode_entry(row)?;
@@ -1067,10 +1063,7 @@ fn compact_mirrors(conn: &Connection) -> Result<(), StateError> {
             .ctx("migrating the target mirror")?;
         let mut q = read.query([]).ctx("reading the target mirror to migrate")?;
         while let Some(r) = q.next().ctx("reading the target mirror to migrate")? {
-            let row = (0..3)
-                .map(|i| r.get::<_, SqlValue>(i))
-                .collect::<Result<Vec<_>, _>>()
-                .ctx("reading the target mirror to migrate")?;
+            let row = raw_row(r, 3).ctx("reading the target mirror to migrate")?;
             let o = decode_target(row)?;
             ins.execute(params![
                 o.id.as_str(),
@@ -1592,12 +1585,7 @@ impl StateStore for SqliteStore {
         let mut q = stmt.query([]).ctx("reading the source mirror")?;
         let mut raw = Vec::new();
         while let Some(r) = q.next().ctx("reading the source mirror")? {
-            raw.push(
-                (0..4)
-                    .map(|i| r.get::<_, SqlValue>(i))
-                    .collect::<Result<Vec<_>, _>>()
-                    .ctx("reading the source mirror")?,
-            );
+            raw.push(raw_row(r, 4).ctx("reading the source mirror")?);
         }
         for e in decode_rows(raw, decode_entry)? {
             views.mirror.insert(e);
@@ -1616,12 +1604,7 @@ impl StateStore for SqliteStore {
         let mut q = stmt.query([]).ctx("reading the target mirror")?;
         let mut raw = Vec::new();
         while let Some(r) = q.next().ctx("reading the target mirror")? {
-            raw.push(
-                (0..3)
-                    .map(|i| r.get::<_, SqlValue>(i))
-                    .collect::<Result<Vec<_>, _>>()
-                    .ctx("reading the target mirror")?,
-            );
+            raw.push(raw_row(r, 3).ctx("reading the target mirror")?);
         }
         for o in decode_rows(raw, decode_target)? {
             views.target.insert(o);
