@@ -188,8 +188,10 @@ static MIGRATIONS: &[Migration] = &[
 const SCHEMA_V3: &str = "";
 
 /// Version 4: compact mirrors. Attributes are stored in the compact JSON of
-/// [`encoding`](super::encoding) (re-encoded by the data step); the mirrors are keyed by anchor
-/// and id without a separate rowid; a source object's content hash and the generation of the
+/// [`encoding`](super::encoding) (re-encoded by the data step); the target mirror is keyed by
+/// id without a separate rowid (the source mirror keeps its rows in arrival order, so an
+/// import appends instead of writing all over the table); a source object's content hash and
+/// the generation of the
 /// last full import that saw it move to the narrow `source_state`, so a full import that finds
 /// an object unchanged rewrites a few bytes, not the object. Its rows are in the order objects
 /// first arrived (a rowid), which is the order a source delivers them again: the generations a
@@ -207,7 +209,7 @@ CREATE TABLE source_objects_v4 (
     dn TEXT,
     dn_norm TEXT,
     attributes TEXT NOT NULL
-) WITHOUT ROWID;
+);
 CREATE TABLE target_objects_v4 (
     id TEXT PRIMARY KEY,
     object_type TEXT NOT NULL,
