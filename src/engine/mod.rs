@@ -428,7 +428,6 @@ impl Synchronizer {
         Ok(r)
     }
 
-
     /// Re-plans every object from the mirrors (after a rule change) and exports.
     pub async fn full_sync(&mut self) -> Result<RunReport> {
         let start = self.begin("full-sync")?;
@@ -571,7 +570,6 @@ impl Synchronizer {
             report,
         })
     }
-
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -191,6 +191,10 @@ impl Attributes {
 
 impl From<Vec<(AttrName, Values)>> for Attributes {
     fn from(mut v: Vec<(AttrName, Values)>) -> Attributes {
+        // Already in order (as stored and serialized forms are): nothing to sort or merge.
+        if v.iter().all(|(_, vals)| !vals.is_empty()) && v.windows(2).all(|w| w[0].0 < w[1].0) {
+            return Attributes(v);
+        }
         v.retain(|(_, vals)| !vals.is_empty());
         // Stable sort, then merge duplicates names (a later spelling adds values).
         v.sort_by(|a, b| a.0.cmp(&b.0));

@@ -65,6 +65,7 @@ use crate::model::{
     Value,
 };
 
+mod encoding;
 mod memory;
 #[cfg(feature = "sqlite")]
 mod sqlite;
@@ -1014,21 +1015,31 @@ pub(crate) fn lookup_key(v: &Value) -> Value {
     }
 }
 
-/// An entry's stored form: its attributes as JSON, and its content hash — FNV-1a (64 bits) over
-/// its type, its DN as spelled and that JSON. Both stores decide "changed" by this hash.
+/// An entry's stored form: its attributes in the mirrors' compact JSON (see
+/// [`encoding`](self::encoding)), and its content hash — FNV-1a (64 bits) over its type, its
+/// DN as spelled and that JSON. Both stores decide "changed" by this hash.
 pub(crate) fn encode_entry(entry: &Entry) -> Result<(String, u64), StateError> {
-    let json = serde_json::to_string(&entry.attributes).map_err(|e| StateError::Serialize {
+    let mut buf = Vec::with_capacity(64 + entry.attributes.len() * 32);
+    let hash = encode_entry_into(entry, &mut buf);
+    // The encoder writes UTF-8 only.
+    let json = String::from_utf8(buf).map_err(|e| StateError::Serialize {
         what: format!("the attributes of entry {}", entry.anchor),
         detail: e.to_string(),
     })?;
+    Ok((json, hash))
+}
+
+/// [`encode_entry`] into a buffer the caller reuses (cleared first); returns the hash.
+pub(crate) fn encode_entry_into(entry: &Entry, buf: &mut Vec<u8>) -> u64 {
+    buf.clear();
+    encoding::encode_attributes_into(&entry.attributes, buf);
     let mut h = fnv1a(FNV_OFFSET, entry.object_type.as_str().as_bytes());
     h = fnv1a(h, &[0]);
     if let Some(dn) = &entry.dn {
         h = fnv1a(h, dn.as_str().as_bytes());
     }
     h = fnv1a(h, &[0]);
-    h = fnv1a(h, json.as_bytes());
-    Ok((json, h))
+    fnv1a(h, buf)
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

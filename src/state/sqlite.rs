@@ -1,7 +1,8 @@
 //! [`SqliteStore`]: the embedded durable state store (feature `sqlite`), one SQLite file.
 //!
 //! The tables are meant to be read by an administrator with the `sqlite3` shell: payloads are
-//! JSON, times RFC 3339 text, states words. Every mutating call is one `IMMEDIATE` transaction;
+//! JSON (the mirrors' attributes in the compact form of [`encoding`](super::encoding), which
+//! `json_extract` reads), times RFC 3339 text, states words. Every mutating call is one `IMMEDIATE` transaction;
 //! every lookup the delta path makes goes through a primary key or an index (the tests check the
 //! query plans), so a delta costs in proportion to its neighbourhood, not to the store.
 //!
@@ -36,19 +37,20 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::encoding::{decode_attributes, encode_attributes};
 use super::{
-    audit_attributes, check_import_share, done_effect, encode_entry, entry_references, lookup_key,
-    lower_lookup_attributes, redact_operation, redact_target_operation, unlinks, Escrow,
-    FullImportSummary, JournalEntry, JournalId, JournalOutcome, JournalRecord, JournalState,
-    LookupAttributes, Pruned, RefTarget, Retention, RunId, RunRecord, StateError, StateStore,
-    TargetLookup, Views,
+    audit_attributes, check_import_share, done_effect, encode_entry, encode_entry_into,
+    entry_references, lookup_key, lower_lookup_attributes, redact_operation,
+    redact_target_operation, unlinks, Escrow, FullImportSummary, JournalEntry, JournalId,
+    JournalOutcome, JournalRecord, JournalState, LookupAttributes, Pruned, RefTarget, Retention,
+    RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
 };
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{
     remove_references_to, resolve_change_values, resolve_references, Link, Operation,
 };
 use crate::model::{
-    Anchor, AttrName, Attributes, Change, Dn, Entry, ObjectType, TargetId, TargetObject, Value,
+    Anchor, AttrName, Change, Dn, Entry, ObjectType, TargetId, TargetObject, Value,
 };
 
 /// How hard a commit waits for the disk.
@@ -185,7 +187,12 @@ static MIGRATIONS: &[Migration] = &[
     Migration {
         version: 3,
         sql: SCHEMA_V3,
-        after: Some(resolve_stored_references),
+        after: None,
+    },
+    Migration {
+        version: 4,
+        sql: SCHEMA_V4,
+        after: Some(compact_mirrors),
     },
     Migration {
         version: 5,
@@ -194,8 +201,9 @@ static MIGRATIONS: &[Migration] = &[
     },
 ];
 
-/// Version 3: references are kept by anchor (no table changes; the data step resolves the DN
-/// references that name mirrored objects, as an import now does).
+/// Version 3: references are kept by anchor (no table changes; the DN references that name
+/// mirrored objects are resolved, as an import now does, by version 4's data step — which runs
+/// after this one whenever this one runs, and reads the mirrors in their new form).
 const SCHEMA_V3: &str = "";
 
 /// Version 5: a lean journal. The payloads (the planned operation `op` and the target operation
@@ -232,6 +240,45 @@ INSERT INTO journal_payload (id, op, sent)
 DROP INDEX target_values_id;
 "#;
 
+/// Version 4: compact mirrors. Attributes are stored in the compact JSON of
+/// [`encoding`](super::encoding) (re-encoded by the data step); the target mirror is keyed by
+/// id without a separate rowid (the source mirror keeps its rows in arrival order, so an
+/// import appends instead of writing all over the table); a source object's content hash and
+/// the generation of the
+/// last full import that saw it move to the narrow `source_state`, so a full import that finds
+/// an object unchanged rewrites a few bytes, not the object. Its rows are in the order objects
+/// first arrived (a rowid), which is the order a source delivers them again: the generations a
+/// batch of an import updates share a few pages.
+const SCHEMA_V4: &str = r#"
+CREATE TABLE source_state (
+    id INTEGER PRIMARY KEY,
+    anchor TEXT NOT NULL UNIQUE,
+    content_hash INTEGER NOT NULL,
+    generation INTEGER NOT NULL
+);
+CREATE TABLE source_objects_v4 (
+    anchor TEXT PRIMARY KEY,
+    object_type TEXT NOT NULL,
+    dn TEXT,
+    dn_norm TEXT,
+    attributes TEXT NOT NULL
+);
+CREATE TABLE target_objects_v4 (
+    id TEXT PRIMARY KEY,
+    object_type TEXT NOT NULL,
+    attributes TEXT NOT NULL
+) WITHOUT ROWID;
+"#;
+
+/// Version 4's last step, once the data step filled the new tables.
+const SCHEMA_V4_SWAP: &str = r#"
+DROP TABLE source_objects;
+ALTER TABLE source_objects_v4 RENAME TO source_objects;
+CREATE INDEX source_objects_dn_norm ON source_objects (dn_norm);
+DROP TABLE target_objects;
+ALTER TABLE target_objects_v4 RENAME TO target_objects;
+"#;
+
 // The statements of the delta path; the tests check each uses an index.
 const ENTRY_COLUMNS: &str = "anchor, object_type, dn, attributes";
 const ENTRY_BY_ANCHOR: &str =
@@ -239,8 +286,9 @@ const ENTRY_BY_ANCHOR: &str =
 const ENTRY_BY_DN: &str =
     "SELECT anchor, object_type, dn, attributes FROM source_objects WHERE dn_norm = ?1 ORDER BY anchor";
 const ANCHORS_BY_DN: &str = "SELECT anchor FROM source_objects WHERE dn_norm = ?1";
-const ROW_STATE: &str =
-    "SELECT content_hash, generation, dn_norm FROM source_objects WHERE anchor = ?1";
+const ROW_STATE: &str = "SELECT s.content_hash, s.generation, o.dn_norm FROM source_state s \
+     JOIN source_objects o ON o.anchor = s.anchor WHERE s.anchor = ?1";
+const SEEN_STATE: &str = "SELECT id, content_hash, generation FROM source_state WHERE anchor = ?1";
 const REFERRERS: &str = "SELECT from_anchor FROM source_refs WHERE to_anchor = ?1 \
      UNION SELECT from_anchor FROM source_refs WHERE to_dn_norm = ?2";
 const REFS_FROM: &str =
@@ -261,6 +309,7 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     ENTRY_BY_DN,
     ANCHORS_BY_DN,
     ROW_STATE,
+    SEEN_STATE,
     REFERRERS,
     REFS_FROM,
     WAITING,
@@ -277,6 +326,8 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     "DELETE FROM journal_payload WHERE id = ?1",
     JOURNAL_DONE,
     UNCONFIRMED,
+    "UPDATE source_state SET generation = ?2 WHERE id = ?1",
+    "UPDATE source_state SET generation = ?2 WHERE anchor = ?1",
 ];
 
 const JOURNAL_DONE: &str = "UPDATE journal SET state = 'done', target_id = ?2, attributes = ?3, \
@@ -597,14 +648,13 @@ fn rows(
 ) -> Result<Vec<Vec<SqlValue>>, StateError> {
     let mut stmt = conn.prepare_cached(sql).ctx(what)?;
     let n = stmt.column_count();
-    let mapped = stmt
-        .query_map(params, |r| {
-            (0..n)
-                .map(|i| r.get::<_, SqlValue>(i))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .ctx(what)?;
+    let mapped = stmt.query_map(params, |r| raw_row(r, n)).ctx(what)?;
     mapped.collect::<Result<Vec<_>, _>>().ctx(what)
+}
+
+/// The first `n` columns of a row as raw values.
+fn raw_row(r: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Vec<SqlValue>> {
+    (0..n).map(|i| r.get::<_, SqlValue>(i)).collect()
 }
 
 fn take(row: &mut [SqlValue], i: usize) -> SqlValue {
@@ -613,19 +663,32 @@ fn take(row: &mut [SqlValue], i: usize) -> SqlValue {
         .unwrap_or(SqlValue::Null)
 }
 
+/// A source object's row ([`ENTRY_COLUMNS`], in order) as an entry.
 fn decode_entry(mut row: Vec<SqlValue>) -> Result<Entry, StateError> {
     const T: &str = "source_objects";
     let anchor = text(T, "?", "anchor", take(&mut row, 0))?;
     let object_type = text(T, &anchor, "object_type", take(&mut row, 1))?;
     let dn = opt_text(T, &anchor, "dn", take(&mut row, 2))?;
     let attributes = text(T, &anchor, "attributes", take(&mut row, 3))?;
+    decode_entry_parts(&anchor, &object_type, dn.as_deref(), &attributes)
+}
+
+/// A source object from its columns ([`ENTRY_COLUMNS`]) as SQLite holds them: what every
+/// read of the source mirror decodes with (a reader stepping through rows may pass the
+/// borrowed column text, copying nothing). Errors are [`StateError::Corrupt`] naming the anchor.
+fn decode_entry_parts(
+    anchor: &str,
+    object_type: &str,
+    dn: Option<&str>,
+    attributes: &str,
+) -> Result<Entry, StateError> {
+    const T: &str = "source_objects";
     let dn = match dn {
-        Some(d) => {
-            Some(Dn::try_from(d).map_err(|e| corrupt(T, &anchor, format!("column dn: {e}")))?)
-        }
+        Some(d) => Some(Dn::parse(d).map_err(|e| corrupt(T, anchor, format!("column dn: {e}")))?),
         None => None,
     };
-    let attributes: Attributes = json(T, &anchor, "attributes", &attributes)?;
+    let attributes = decode_attributes(attributes)
+        .map_err(|e| corrupt(T, anchor, format!("column attributes: {e}")))?;
     Ok(Entry {
         anchor: Anchor::from(anchor),
         object_type: ObjectType::from(object_type),
@@ -650,7 +713,8 @@ fn decode_target(mut row: Vec<SqlValue>) -> Result<TargetObject, StateError> {
     let id = text(T, "?", "id", take(&mut row, 0))?;
     let object_type = text(T, &id, "object_type", take(&mut row, 1))?;
     let attributes = text(T, &id, "attributes", take(&mut row, 2))?;
-    let attributes: Attributes = json(T, &id, "attributes", &attributes)?;
+    let attributes = decode_attributes(&attributes)
+        .map_err(|e| corrupt(T, &id, format!("column attributes: {e}")))?;
     Ok(TargetObject {
         id: id.into(),
         object_type: object_type.into(),
@@ -892,6 +956,52 @@ fn row_state(conn: &Connection, anchor: &Anchor) -> Result<Option<RowState>, Sta
     }))
 }
 
+/// The state of a source row in `source_state` (all an import of an unchanged object reads).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// The row's id in `source_state`.
+    id: i64,
+    hash: i64,
+    generation: i64,
+}
+
+fn seen_state(conn: &Connection, anchor: &Anchor) -> Result<Option<Seen>, StateError> {
+    const T: &str = "source_state";
+    let found: Option<(SqlValue, SqlValue, SqlValue)> = conn
+        .prepare_cached(SEEN_STATE)
+        .and_then(|mut s| {
+            s.query_row([anchor.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()
+        })
+        .ctx("reading a source object's state")?;
+    let Some((id, h, g)) = found else {
+        return Ok(None);
+    };
+    let a = anchor.as_str();
+    Ok(Some(Seen {
+        id: int(T, a, "id", id)?,
+        hash: int(T, a, "content_hash", h)?,
+        generation: int(T, a, "generation", g)?,
+    }))
+}
+
+/// Records the hash and generation of a source row.
+fn put_state(
+    conn: &Connection,
+    anchor: &Anchor,
+    hash: i64,
+    generation: i64,
+) -> Result<(), StateError> {
+    conn.prepare_cached(
+        "INSERT INTO source_state (anchor, content_hash, generation) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (anchor) DO UPDATE SET content_hash = excluded.content_hash, \
+         generation = excluded.generation",
+    )
+    .and_then(|mut s| s.execute(params![anchor.as_str(), hash, generation]))
+    .ctx("recording a source object's state")?;
+    Ok(())
+}
+
 /// A reference, comparable: attribute and target (anchor, or normalized DN).
 type RefKey = (AttrName, bool, String);
 
@@ -962,12 +1072,14 @@ fn insert_refs(
 /// that of the stored content (else it stays that of what the source last delivered).
 fn rewrite_entry(conn: &Connection, entry: &Entry, rehash: bool) -> Result<(), StateError> {
     let (json, hash) = encode_entry(entry)?;
-    conn.prepare_cached(
-        "UPDATE source_objects SET attributes = ?2, \
-         content_hash = CASE WHEN ?4 THEN ?3 ELSE content_hash END WHERE anchor = ?1",
-    )
-    .and_then(|mut s| s.execute(params![entry.anchor.as_str(), json, hash as i64, rehash]))
-    .ctx("rewriting a source object")?;
+    conn.prepare_cached("UPDATE source_objects SET attributes = ?2 WHERE anchor = ?1")
+        .and_then(|mut s| s.execute(params![entry.anchor.as_str(), json]))
+        .ctx("rewriting a source object")?;
+    if rehash {
+        conn.prepare_cached("UPDATE source_state SET content_hash = ?2 WHERE anchor = ?1")
+            .and_then(|mut s| s.execute(params![entry.anchor.as_str(), hash as i64]))
+            .ctx("rewriting a source object's hash")?;
+    }
     conn.prepare_cached("DELETE FROM source_refs WHERE from_anchor = ?1")
         .and_then(|mut s| s.execute([entry.anchor.as_str()]))
         .ctx("removing references")?;
@@ -1028,7 +1140,73 @@ fn strip(conn: &Connection, anchor: &Anchor) -> Result<Vec<Anchor>, StateError> 
     Ok(out)
 }
 
-/// Migration 3's data step: the DN references that name mirrored objects become anchors.
+/// Migration 4's data step: every mirrored object re-encoded into the new tables (the hash of
+/// a source object becomes that of its stored content: one delivered otherwise, but the same
+/// once its references are resolved, marks nothing at the next import and takes the hash of
+/// what was delivered), the new tables swapped in, and the stored DN references that name
+/// mirrored objects resolved (migration 3's work, for files that come from version 2).
+fn compact_mirrors(conn: &Connection) -> Result<(), StateError> {
+    {
+        let mut read = conn
+            .prepare("SELECT anchor, object_type, dn, attributes, generation FROM source_objects")
+            .ctx("reading the source mirror to migrate")?;
+        let mut ins = conn
+            .prepare(
+                "INSERT INTO source_objects_v4 (anchor, object_type, dn, dn_norm, attributes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .ctx("migrating the source mirror")?;
+        let mut q = read.query([]).ctx("reading the source mirror to migrate")?;
+        while let Some(r) = q.next().ctx("reading the source mirror to migrate")? {
+            let row = raw_row(r, 5).ctx("reading the source mirror to migrate")?;
+            let mut row = row;
+            let generation = take(&mut row, 4);
+            let e = decode_entry(row)?;
+            let generation = int(
+                "source_objects",
+                e.anchor.as_str(),
+                "generation",
+                generation,
+            )?;
+            let (attrs, hash) = encode_entry(&e)?;
+            ins.execute(params![
+                e.anchor.as_str(),
+                e.object_type.as_str(),
+                e.dn.as_ref().map(|d| d.as_str()),
+                e.dn.as_ref().map(|d| d.normalized()),
+                attrs
+            ])
+            .ctx("migrating the source mirror")?;
+            put_state(conn, &e.anchor, hash as i64, generation)?;
+        }
+    }
+    {
+        let mut read = conn
+            .prepare("SELECT id, object_type, attributes FROM target_objects")
+            .ctx("reading the target mirror to migrate")?;
+        let mut ins = conn
+            .prepare(
+                "INSERT INTO target_objects_v4 (id, object_type, attributes) VALUES (?1, ?2, ?3)",
+            )
+            .ctx("migrating the target mirror")?;
+        let mut q = read.query([]).ctx("reading the target mirror to migrate")?;
+        while let Some(r) = q.next().ctx("reading the target mirror to migrate")? {
+            let row = raw_row(r, 3).ctx("reading the target mirror to migrate")?;
+            let o = decode_target(row)?;
+            ins.execute(params![
+                o.id.as_str(),
+                o.object_type.as_str(),
+                encode_attributes(&o.attributes)
+            ])
+            .ctx("migrating the target mirror")?;
+        }
+    }
+    conn.execute_batch(SCHEMA_V4_SWAP)
+        .ctx("replacing the mirror tables")?;
+    resolve_stored_references(conn)
+}
+
+/// The DN references that name mirrored objects become anchors.
 fn resolve_stored_references(conn: &Connection) -> Result<(), StateError> {
     let dns: BTreeSet<String> = rows(
         conn,
@@ -1041,6 +1219,15 @@ fn resolve_stored_references(conn: &Connection) -> Result<(), StateError> {
     .map(|mut r| text("source_refs", "?", "to_dn_norm", take(&mut r, 0)))
     .collect::<Result<_, _>>()?;
     settle(conn, dns)
+}
+
+/// Records that full import `generation` saw the source object of row `id` of `source_state`
+/// (unchanged).
+fn set_generation(conn: &Connection, id: i64, generation: i64) -> Result<(), StateError> {
+    conn.prepare_cached("UPDATE source_state SET generation = ?2 WHERE id = ?1")
+        .and_then(|mut s| s.execute(params![id, generation]))
+        .ctx("recording a full import's generation")?;
+    Ok(())
 }
 
 /// Writes `new` as the entry of `anchor` (`None`: deletes it), marking dirty what changed
@@ -1067,7 +1254,7 @@ fn write_entry(
     if old.as_ref().map(|o| o.hash) == new_hash {
         if let Some(o) = &old {
             if o.generation != generation {
-                conn.prepare_cached("UPDATE source_objects SET generation = ?2 WHERE anchor = ?1")
+                conn.prepare_cached("UPDATE source_state SET generation = ?2 WHERE anchor = ?1")
                     .and_then(|mut s| s.execute(params![anchor.as_str(), generation]))
                     .ctx("recording a full import's generation")?;
             }
@@ -1085,11 +1272,7 @@ fn write_entry(
     if let (Some(_), Some(e), Some(h)) = (&old, &new, new_hash) {
         if load_entry(conn, anchor)?.as_ref() == Some(e) {
             // Delivered differently (a referenced object's new DN), the same once resolved.
-            conn.prepare_cached(
-                "UPDATE source_objects SET content_hash = ?2, generation = ?3 WHERE anchor = ?1",
-            )
-            .and_then(|mut s| s.execute(params![anchor.as_str(), h, generation]))
-            .ctx("recording a source object's hash")?;
+            put_state(conn, anchor, h, generation)?;
             return Ok(false);
         }
     }
@@ -1129,12 +1312,10 @@ fn write_entry(
     match (&new, encoded, new_hash) {
         (Some(e), Some(attrs), Some(hash)) => {
             conn.prepare_cached(
-                "INSERT INTO source_objects \
-                 (anchor, object_type, dn, dn_norm, attributes, content_hash, generation) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                "INSERT INTO source_objects (anchor, object_type, dn, dn_norm, attributes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (anchor) DO UPDATE SET object_type = excluded.object_type, \
-                 dn = excluded.dn, dn_norm = excluded.dn_norm, attributes = excluded.attributes, \
-                 content_hash = excluded.content_hash, generation = excluded.generation",
+                 dn = excluded.dn, dn_norm = excluded.dn_norm, attributes = excluded.attributes",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -1143,15 +1324,17 @@ fn write_entry(
                     e.dn.as_ref().map(|d| d.as_str()),
                     new_dn,
                     attrs,
-                    hash,
-                    generation
                 ])
             })
             .ctx("writing a source object")?;
+            put_state(conn, anchor, hash, generation)?;
             insert_refs(conn, anchor, &new_refs)?;
         }
         _ => {
             conn.prepare_cached("DELETE FROM source_objects WHERE anchor = ?1")
+                .and_then(|mut s| s.execute([anchor.as_str()]))
+                .ctx("deleting a source object")?;
+            conn.prepare_cached("DELETE FROM source_state WHERE anchor = ?1")
                 .and_then(|mut s| s.execute([anchor.as_str()]))
                 .ctx("deleting a source object")?;
             dirty.extend(strip(conn, anchor)?);
@@ -1232,7 +1415,7 @@ fn write_target(
     lookup: Option<&LookupAttributes>,
 ) -> Result<(), StateError> {
     let old = stored_target(conn, &o.id)?;
-    let attrs = to_json(&format!("target object {}", o.id), &o.attributes)?;
+    let attrs = encode_attributes(&o.attributes);
     conn.prepare_cached(
         "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
          ON CONFLICT (id) DO UPDATE SET object_type = excluded.object_type, \
@@ -1600,7 +1783,7 @@ fn mark_linked_gone(conn: &Connection, id: &TargetId) -> Result<(), StateError> 
 }
 
 fn check_changes(conn: &Connection, changes: &[Change]) -> Result<(), StateError> {
-    super::check_changes(changes, |a| Ok(row_state(conn, a)?.is_some()))
+    super::check_changes(changes, |a| Ok(seen_state(conn, a)?.is_some()))
 }
 
 impl StateStore for SqliteStore {
@@ -1686,17 +1869,14 @@ impl StateStore for SqliteStore {
             let g = generation as i64;
             let (mut seen, mut added, mut changed) = (0, 0, 0);
             let mut unsettled = BTreeSet::new();
+            let mut buf = Vec::new();
             for e in entries {
-                let before = row_state(tx, &e.anchor)?;
-                match &before {
+                let before = seen_state(tx, &e.anchor)?;
+                match before {
                     Some(b) if b.generation == g => {
                         // Delivered before in this import: at another DN it is another object.
-                        let dn_norm = e.dn.as_ref().map(|d| d.normalized());
-                        if b.dn_norm.is_some()
-                            && dn_norm.is_some()
-                            && b.dn_norm.as_deref() != dn_norm
-                        {
-                            let first = load_entry(tx, &e.anchor)?.and_then(|f| f.dn);
+                        if e.dn.is_some() {
+                            let first = entry_dn(tx, &e.anchor)?;
                             super::same_object(&e.anchor, first.as_ref(), e.dn.as_ref())?;
                         }
                     }
@@ -1704,6 +1884,15 @@ impl StateStore for SqliteStore {
                     None => {
                         seen += 1;
                         added += 1;
+                    }
+                }
+                if let Some(b) = before {
+                    // Delivered as last time: the hash says so, nothing else is read or written.
+                    if b.hash == encode_entry_into(e, &mut buf) as i64 {
+                        if b.generation != g {
+                            set_generation(tx, b.id, g)?;
+                        }
+                        continue;
                     }
                 }
                 if write_entry(tx, &e.anchor, Some(e), Some(g), &mut unsettled)? && before.is_some()
@@ -1753,7 +1942,7 @@ impl StateStore for SqliteStore {
             check_import_share(s.summary.seen, mirrored.max(0) as u64, min_share)?;
             let unseen: Vec<Anchor> = rows(
                 tx,
-                "SELECT anchor FROM source_objects WHERE generation <> ?1 ORDER BY anchor",
+                "SELECT anchor FROM source_state WHERE generation <> ?1 ORDER BY anchor",
                 [generation as i64],
                 "finding objects the import did not see",
             )?
@@ -1825,12 +2014,7 @@ impl StateStore for SqliteStore {
         let mut q = stmt.query([]).ctx("reading the source mirror")?;
         let mut raw = Vec::new();
         while let Some(r) = q.next().ctx("reading the source mirror")? {
-            raw.push(
-                (0..4)
-                    .map(|i| r.get::<_, SqlValue>(i))
-                    .collect::<Result<Vec<_>, _>>()
-                    .ctx("reading the source mirror")?,
-            );
+            raw.push(raw_row(r, 4).ctx("reading the source mirror")?);
         }
         for e in decode_rows(raw, decode_entry)? {
             views.mirror.insert(e);
@@ -1849,12 +2033,7 @@ impl StateStore for SqliteStore {
         let mut q = stmt.query([]).ctx("reading the target mirror")?;
         let mut raw = Vec::new();
         while let Some(r) = q.next().ctx("reading the target mirror")? {
-            raw.push(
-                (0..3)
-                    .map(|i| r.get::<_, SqlValue>(i))
-                    .collect::<Result<Vec<_>, _>>()
-                    .ctx("reading the target mirror")?,
-            );
+            raw.push(raw_row(r, 3).ctx("reading the target mirror")?);
         }
         for o in decode_rows(raw, decode_target)? {
             views.target.insert(o);
@@ -2471,6 +2650,7 @@ mod tests {
 
     use super::*;
     use crate::delta::OperationKind;
+    use crate::model::Attributes;
     use crate::state::testkit;
 
     #[test]
@@ -2680,6 +2860,237 @@ mod tests {
         let j = s.journal_intent(run, &op, None).unwrap();
         s.journal_done(j, &op, None, None).unwrap();
         assert_eq!(s.link_counts().unwrap().get(&"User".into()), Some(&1));
+    }
+
+    #[test]
+    fn an_unchanged_full_import_rewrites_no_object() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let users: Vec<Entry> = (0..50)
+            .map(|i| {
+                let e = Entry::new(format!("u{i:02}"), "user")
+                    .with_dn(dn(&format!("cn=u{i},dc=x")))
+                    .with("cn", format!("u{i}").as_str());
+                if i > 0 {
+                    e.with("manager", Value::dn_ref(dn("cn=u0,dc=x")))
+                } else {
+                    e
+                }
+            })
+            .collect();
+        let group = Entry::new("g", "group")
+            .with_dn(dn("cn=g,dc=x"))
+            .with("member", Value::dn_ref(dn("cn=u1,dc=x")))
+            .with("member", Value::dn_ref(dn("cn=nobody,dc=x")));
+        let mut export = users.clone();
+        export.push(group.clone());
+        let import = |s: &mut SqliteStore, entries: &[Entry]| {
+            let g = s.begin_full_import("src").unwrap();
+            for batch in entries.chunks(7) {
+                s.import_entries(g, batch).unwrap();
+            }
+            s.finish_full_import("src", g, None, 0.0).unwrap()
+        };
+        import(&mut s, &export);
+        s.clear_dirty(&s.dirty().unwrap()).unwrap();
+        // Record every write to the mirror's object and reference rows from now on.
+        s.conn
+            .execute_batch(
+                "CREATE TEMP TABLE touched (what TEXT);
+                 CREATE TEMP TRIGGER o_upd AFTER UPDATE ON main.source_objects
+                     BEGIN INSERT INTO touched VALUES ('update ' || NEW.anchor); END;
+                 CREATE TEMP TRIGGER o_ins AFTER INSERT ON main.source_objects
+                     BEGIN INSERT INTO touched VALUES ('insert ' || NEW.anchor); END;
+                 CREATE TEMP TRIGGER o_del AFTER DELETE ON main.source_objects
+                     BEGIN INSERT INTO touched VALUES ('delete ' || OLD.anchor); END;
+                 CREATE TEMP TRIGGER r_ins AFTER INSERT ON main.source_refs
+                     BEGIN INSERT INTO touched VALUES ('ref ' || NEW.from_anchor); END;
+                 CREATE TEMP TRIGGER r_del AFTER DELETE ON main.source_refs
+                     BEGIN INSERT INTO touched VALUES ('unref ' || OLD.from_anchor); END;",
+            )
+            .unwrap();
+        let touched = |s: &SqliteStore| -> Vec<String> {
+            let mut st = s
+                .conn
+                .prepare("SELECT what FROM touched ORDER BY rowid")
+                .unwrap();
+            let out = st
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            s.conn.execute("DELETE FROM touched", []).unwrap();
+            out
+        };
+        let fingerprint = s.fingerprint().unwrap();
+        // The same export again: nothing written but the generations, nothing dirty.
+        let sum = import(&mut s, &export);
+        assert_eq!(
+            (sum.seen, sum.added, sum.changed, sum.deleted),
+            (51, 0, 0, 0)
+        );
+        assert_eq!(touched(&s), Vec::<String>::new());
+        assert_eq!(s.dirty().unwrap(), Vec::<Anchor>::new());
+        assert_eq!(s.fingerprint().unwrap(), fingerprint);
+        // One user changed, one gone (and out of its group): only they and the group are
+        // written.
+        let mut edited = export.clone();
+        edited[7] = edited[7].clone().with("title", "Boss");
+        edited.remove(1);
+        *edited.last_mut().unwrap() = Entry::new("g", "group")
+            .with_dn(dn("cn=g,dc=x"))
+            .with("member", Value::dn_ref(dn("cn=nobody,dc=x")));
+        let sum = import(&mut s, &edited);
+        assert_eq!((sum.seen, sum.changed, sum.deleted), (50, 2, 1));
+        let t = touched(&s);
+        assert!(t.contains(&"update u07".to_owned()), "{t:?}");
+        assert!(t.contains(&"delete u01".to_owned()), "{t:?}");
+        assert!(
+            t.iter()
+                .all(|w| w.ends_with("u07") || w.ends_with("u01") || w.ends_with(" g")),
+            "{t:?}"
+        );
+        // u01's group and manager are dirty with it.
+        assert_eq!(
+            s.dirty().unwrap(),
+            ["g".into(), "u00".into(), "u01".into(), "u07".into()]
+        );
+        // And the next import of that export is quiet again.
+        s.clear_dirty(&s.dirty().unwrap()).unwrap();
+        import(&mut s, &edited);
+        assert_eq!(touched(&s), Vec::<String>::new());
+        assert_eq!(s.dirty().unwrap(), Vec::<Anchor>::new());
+    }
+
+    #[test]
+    fn a_version_3_file_is_re_encoded_compactly() {
+        // Version 3 stored attributes in their serde form, the hash and generation in the
+        // object's row: write such a file by hand, as version 3 wrote it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        let ann = Entry::new("u1", "user")
+            .with_dn(dn("cn=Ann,dc=x"))
+            .with("cn", "Ann")
+            .with("mail", "ann@x")
+            .with("objectGUID", Value::Bytes(vec![0, 159, 255]));
+        let bob = Entry::new("u2", "user")
+            .with_dn(dn("cn=Bob,dc=x"))
+            .with("manager", Value::dn_ref(dn("cn=Ann,dc=x")));
+        let bob_stored = Entry::new("u2", "user")
+            .with_dn(dn("cn=Bob,dc=x"))
+            .with("manager", Value::anchor_ref("u1"));
+        let staff = TargetObject::new("t1", "Group")
+            .with("displayName", "Staff")
+            .with("members", Value::target_ref("t2"))
+            .with("members", Value::target_ref("t3"));
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(SCHEMA_V2).unwrap();
+            // Version 3's hash: FNV-1a over type, DN and the serde JSON, of what was delivered.
+            let v3_hash = |e: &Entry| {
+                let json = serde_json::to_string(&e.attributes).unwrap();
+                let mut h = super::super::fnv1a(
+                    super::super::FNV_OFFSET,
+                    e.object_type.as_str().as_bytes(),
+                );
+                h = super::super::fnv1a(h, &[0]);
+                h = super::super::fnv1a(h, e.dn.as_ref().unwrap().as_str().as_bytes());
+                h = super::super::fnv1a(h, &[0]);
+                (json.clone(), super::super::fnv1a(h, json.as_bytes()) as i64)
+            };
+            for (stored, delivered) in [(&ann, &ann), (&bob_stored, &bob)] {
+                let (json, _) = v3_hash(stored);
+                let (_, hash) = v3_hash(delivered);
+                assert!(json.starts_with("[["), "{json}");
+                conn.execute(
+                    "INSERT INTO source_objects VALUES (?1, ?2, ?3, ?4, ?5, ?6, 7)",
+                    params![
+                        stored.anchor.as_str(),
+                        stored.object_type.as_str(),
+                        stored.dn.as_ref().map(|d| d.as_str()),
+                        stored.dn.as_ref().map(|d| d.normalized()),
+                        json,
+                        hash
+                    ],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO source_refs VALUES ('u2', 'manager', 'u1', NULL)",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO target_objects VALUES ('t1', 'Group', ?1)",
+                [serde_json::to_string(&staff.attributes).unwrap()],
+            )
+            .unwrap();
+            conn.execute_batch(
+                "UPDATE meta SET value = 7 WHERE key = 'generation';
+                 INSERT INTO links VALUES ('u1', 'user', 't2', 'User');
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        }
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        // The same objects, now in the compact form an administrator can query.
+        assert_eq!(s.source_entry(&"u1".into()).unwrap(), Some(ann.clone()));
+        assert_eq!(
+            s.source_entry(&"u2".into()).unwrap(),
+            Some(bob_stored.clone())
+        );
+        let v = s.load_all().unwrap();
+        assert_eq!(v.target.get(&"t1".into()), Some(&staff));
+        assert_eq!(
+            v.links.anchor_of(&"t2".into()).map(|a| a.as_str()),
+            Some("u1")
+        );
+        let (mail, members, legacy): (String, String, i64) = s
+            .conn
+            .query_row(
+                "SELECT json_extract(o.attributes, '$.mail'), \
+                 (SELECT json_extract(attributes, '$.members') FROM target_objects), \
+                 (SELECT COUNT(*) FROM source_objects WHERE attributes LIKE '[%') \
+                 FROM source_objects o WHERE anchor = 'u1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((mail.as_str(), legacy), ("ann@x", 0));
+        assert_eq!(members, r#"[{"r":"t2"},{"r":"t3"}]"#);
+        // The next full import of the same export finds nothing changed: not Ann (hashed
+        // anew), not Bob (delivered by DN, the same once resolved), and deletes nothing.
+        let g = s.begin_full_import("ad").unwrap();
+        assert_eq!(g, 8);
+        s.import_entries(g, &[bob.clone(), ann.clone()]).unwrap();
+        let sum = s.finish_full_import("ad", g, None, 1.0).unwrap();
+        assert_eq!(
+            (sum.seen, sum.added, sum.changed, sum.deleted),
+            (2, 0, 0, 0)
+        );
+        assert_eq!(s.dirty().unwrap(), Vec::<Anchor>::new());
+        // Bob now carries the hash of what the source delivers: the next import of him is
+        // the unchanged fast path, and a real change is still seen.
+        let g = s.begin_full_import("ad").unwrap();
+        s.import_entries(g, &[bob.clone(), ann.clone().with("title", "Boss")])
+            .unwrap();
+        let sum = s.finish_full_import("ad", g, None, 1.0).unwrap();
+        assert_eq!((sum.seen, sum.changed), (2, 1));
+        // Ann changed: she and her referrer Bob are dirty.
+        assert_eq!(s.dirty().unwrap(), ["u1".into(), "u2".into()]);
+        // The reference rows survived: deleting Ann removes her from Bob.
+        s.apply_changes(
+            "ad",
+            &[Change::Delete {
+                anchor: "u1".into(),
+                object_type: "user".into(),
+            }],
+            None,
+        )
+        .unwrap();
+        let bob_now = s.source_entry(&"u2".into()).unwrap().unwrap();
+        assert!(bob_now.attributes.get("manager").is_none(), "{bob_now:?}");
     }
 
     #[test]
