@@ -40,13 +40,15 @@ mod containers;
 mod export;
 mod gone;
 mod import;
+mod ledger;
 mod lookup;
 mod order;
 mod plan;
 mod recovery;
 mod report;
+mod writer;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,12 +62,12 @@ pub use report::{Failure, Progress, RunReport, Stage};
 
 use crate::connector::{ConnectorError, ErrorKind, ImportItem, Source, Target, TargetOperation};
 use crate::delta::{
-    self, DeletionGuard, Issue, Links, Operation, OperationKind, Plan, PlanInput, PlanScope,
-    Projected, Projection, ProjectionContext,
+    self, DeletionGuard, OperationKind, Plan, PlanInput, PlanScope, Projected, Projection,
+    ProjectionContext,
 };
 use crate::model::{Anchor, Change, Dn, Entry, TargetId, TargetObject};
 use crate::rules::ruleset::{Explanation, RuleSet};
-use crate::state::{JournalEntry, JournalId, RunId, StateError, StateStore, TargetLookup, Views};
+use crate::state::{JournalEntry, RunId, StateError, StateStore, TargetLookup, Views};
 
 /// How a run retries retryable errors (throttling, unavailability, timeouts).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -293,7 +295,7 @@ pub struct OnDemand {
 pub struct Synchronizer {
     source: Box<dyn Source>,
     target: Box<dyn Target>,
-    store: Mutex<Box<dyn StateStore>>,
+    store: writer::SharedStore,
     projection: Arc<dyn Projection>,
     rules: Option<Arc<RuleSet>>,
     config: EngineConfig,
@@ -342,7 +344,7 @@ impl Synchronizer {
         Synchronizer {
             source,
             target,
-            store: Mutex::new(store),
+            store: Arc::new(Mutex::new(store)),
             projection,
             rules: None,
             config,
@@ -425,7 +427,6 @@ impl Synchronizer {
         Ok(r)
     }
 
-
     /// Re-plans every object from the mirrors (after a rule change) and exports.
     pub async fn full_sync(&mut self) -> Result<RunReport> {
         let start = self.begin("full-sync")?;
@@ -462,20 +463,20 @@ impl Synchronizer {
 
     async fn sync_inner(&mut self, run: RunId, full: bool) -> Result<RunReport> {
         let mut report = self.recover(run).await?;
+        // The dirty anchors this run answers for (see `export`).
+        let dirty = self.store(|s| s.dirty())?;
         let scope = if full {
             PlanScope::All
         } else {
-            PlanScope::Anchors(self.store(|s| s.dirty())?)
-        };
-        if let PlanScope::Anchors(a) = &scope {
-            if a.is_empty() {
+            if dirty.is_empty() {
                 return Ok(report);
             }
-        }
+            PlanScope::Anchors(dirty.clone())
+        };
         let t0 = Instant::now();
         let (staged, views) = self.plan_checked(scope, &mut report).await?;
         report.stages.push((Stage::Plan, t0.elapsed()));
-        report.absorb(self.export(run, staged.plan, views).await?);
+        report.absorb(self.export(run, staged.plan, views, &dirty).await?);
         Ok(report)
     }
 
@@ -554,7 +555,7 @@ impl Synchronizer {
         let plan = staged.plan.clone();
         let start = self.begin("on-demand")?;
         let result = self
-            .export(start.run, staged.plan, views)
+            .export(start.run, staged.plan, views, std::slice::from_ref(&anchor))
             .instrument(start.span())
             .await
             .map(|mut r| {
@@ -568,7 +569,6 @@ impl Synchronizer {
             report,
         })
     }
-
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
