@@ -717,3 +717,533 @@ fn jitter(item: &Item, attempt: u32, backoff: Duration) -> Duration {
     let frac = (h.finish() % 1000) as u32;
     backoff / 2 * frac / 1000
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta::{JoinGroup, Link, Reason, TargetRef};
+    use crate::engine::order::tests::create;
+    use crate::model::{AttributeChange, Reference, Value, Values};
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap()
+    }
+
+    fn settings(max_batch: usize, concurrency: usize, min_operations: u64) -> Settings {
+        Settings {
+            max_batch,
+            concurrency,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                base_delay: Duration::from_secs(1),
+                max_delay: Duration::from_secs(30),
+            },
+            breaker: CircuitBreaker {
+                min_operations,
+                failure_ratio: 0.5,
+            },
+            escrow_base: Duration::from_secs(60),
+            escrow_max: Duration::from_secs(3600),
+        }
+    }
+
+    fn ledger(s: Settings, ops: Vec<Operation>) -> Ledger {
+        Ledger::new(s, ops, &[], linked(&[]), Vec::new(), now())
+    }
+
+    /// Links of `anchors` to target objects `t-<anchor>`.
+    fn linked(anchors: &[&str]) -> Links {
+        let mut links = Links::new();
+        for a in anchors {
+            links.insert(Link {
+                anchor: Anchor::new(*a),
+                source_type: "user".into(),
+                target_id: TargetId::new(format!("t-{a}")),
+                target_type: "User".into(),
+            });
+        }
+        links
+    }
+
+    fn user_create(anchor: &str) -> Operation {
+        let mut op = create(anchor, &[]);
+        if let OperationKind::Create { lookup, .. } = &mut op.kind {
+            lookup.push(JoinGroup::on("userName", anchor));
+        }
+        op.source_type = "user".into();
+        op.target_type = "User".into();
+        op
+    }
+
+    fn update(anchor: &str) -> Operation {
+        Operation {
+            anchor: Anchor::new(anchor),
+            source_type: "user".into(),
+            target_type: "User".into(),
+            kind: OperationKind::Update {
+                target: TargetRef::Existing(TargetId::new(format!("t-{anchor}"))),
+                changes: vec![AttributeChange::replace("title", Values::one("x"))],
+            },
+            reason: Reason::AttributesChanged {
+                attributes: vec!["title".into()],
+            },
+        }
+    }
+
+    /// A reference update of `anchor` adding members: the creates of `refs`.
+    fn references(anchor: &str, refs: &[&str]) -> Operation {
+        Operation {
+            anchor: Anchor::new(anchor),
+            source_type: "group".into(),
+            target_type: "Group".into(),
+            kind: OperationKind::UpdateReferences {
+                target: TargetRef::Pending(Anchor::new(anchor)),
+                changes: vec![AttributeChange::add(
+                    "member",
+                    refs.iter()
+                        .map(|r| Value::Reference(Reference::Pending(Anchor::new(*r))))
+                        .collect::<Values>(),
+                )],
+            },
+            reason: Reason::EnteredScope,
+        }
+    }
+
+    fn anchors(b: &Batch) -> Vec<&str> {
+        b.items.iter().map(|i| i.op.anchor.as_str()).collect()
+    }
+
+    /// Journals the batch (rows numbered from `first`).
+    fn journaled(mut b: Batch, first: i64) -> Batch {
+        for (k, i) in b.items.iter_mut().enumerate() {
+            i.journal.get_or_insert(JournalId(first + k as i64));
+        }
+        b
+    }
+
+    /// Every item done, creates given the id `t-<anchor>`.
+    fn all_done(b: &Batch) -> Vec<Outcome> {
+        b.items
+            .iter()
+            .map(|i| Outcome::Done(Some(TargetId::new(format!("t-{}", i.op.anchor)))))
+            .collect()
+    }
+
+    fn fails(kind: ErrorKind) -> Outcome {
+        Outcome::Failed(ConnectorError::new(kind, "refused"))
+    }
+
+    /// Runs the ledger to its end with every operation succeeding; the batches' anchors.
+    fn run_all(l: &mut Ledger) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        let mut id = 0;
+        while !l.is_finished() {
+            let mut batches = Vec::new();
+            while let Some(b) = l.ready(Duration::ZERO) {
+                batches.push(b);
+            }
+            assert!(!batches.is_empty(), "stalled");
+            for b in batches {
+                out.push(anchors(&b).iter().map(|a| a.to_string()).collect());
+                let b = journaled(b, id);
+                id += 1000;
+                let o = all_done(&b);
+                l.settle(b, o, Duration::ZERO);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn batches_honour_max_batch_and_the_batches_in_flight() {
+        let ops: Vec<Operation> = (0..250).map(|i| user_create(&format!("u{i:03}"))).collect();
+        let mut l = ledger(settings(100, 2, 0), ops);
+        let b1 = l.ready(Duration::ZERO).unwrap();
+        let b2 = l.ready(Duration::ZERO).unwrap();
+        assert_eq!((b1.items.len(), b2.items.len()), (100, 100));
+        assert_eq!(anchors(&b1)[..2], ["u000", "u001"], "plan order");
+        assert!(l.ready(Duration::ZERO).is_none(), "two batches in flight at most");
+        let b1 = journaled(b1, 0);
+        let o = all_done(&b1);
+        l.settle(b1, o, Duration::ZERO);
+        let b3 = l.ready(Duration::ZERO).unwrap();
+        assert_eq!(b3.items.len(), 50);
+        // Every create is journaled as done with its new object.
+        let writes = l.take_writes();
+        assert_eq!(writes.len(), 100);
+        assert!(matches!(&writes[0], Write::Done { journal: JournalId(0), target_id: Some(t), .. } if t.as_str() == "t-u000"));
+    }
+
+    #[test]
+    fn until_the_breaker_can_judge_no_more_is_in_flight_than_it_needs() {
+        let ops: Vec<Operation> = (0..100).map(|i| user_create(&format!("u{i:03}"))).collect();
+        let mut l = ledger(settings(50, 8, 20), ops);
+        let b1 = l.ready(Duration::ZERO).unwrap();
+        assert_eq!(b1.items.len(), 20);
+        assert!(l.ready(Duration::ZERO).is_none());
+        let b1 = journaled(b1, 0);
+        let o = all_done(&b1);
+        l.settle(b1, o, Duration::ZERO);
+        let sizes: Vec<usize> = std::iter::from_fn(|| l.ready(Duration::ZERO))
+            .map(|b| b.items.len())
+            .collect();
+        assert_eq!(sizes, [50, 30]);
+    }
+
+    #[test]
+    fn phases_run_in_order_and_a_create_waits_for_the_creates_it_references() {
+        let ops = vec![
+            references("g1", &["u1"]),
+            create("g1", &["u1", "u2", "gone"]),
+            update("u9"),
+            user_create("u1"),
+            user_create("u2"),
+            create("g2", &["g1"]),
+            user_create("u3"),
+        ];
+        let mut l = Ledger::new(
+            settings(10, 4, 0),
+            ops,
+            &[],
+            linked(&["u9"]),
+            Vec::new(),
+            now(),
+        );
+        let batches = run_all(&mut l);
+        assert_eq!(
+            batches,
+            [
+                vec!["u1", "u2", "u3"],
+                vec!["g1"],
+                vec!["g2"],
+                vec!["u9"],
+                vec!["g1"]
+            ]
+        );
+        // The links learned from the outcomes resolve the later references at once.
+        let writes = l.take_writes();
+        let sent_g1 = writes
+            .iter()
+            .find_map(|w| match w {
+                Write::Done { op, sent, .. } if op.anchor.as_str() == "g1" => sent.clone(),
+                _ => None,
+            })
+            .unwrap();
+        let TargetOperation::Create { attributes, .. } = sent_g1 else {
+            panic!("{sent_g1:?}")
+        };
+        let members: Vec<String> = attributes
+            .get("member")
+            .unwrap()
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        assert_eq!(members.len(), 2, "{members:?}");
+        assert!(members.iter().any(|m| m.contains("t-u1")), "{members:?}");
+    }
+
+    #[test]
+    fn a_cycle_of_creates_from_a_hand_made_plan_does_not_stall() {
+        let ops = vec![create("a", &["b"]), create("b", &["a"]), create("c", &[])];
+        let mut l = ledger(settings(10, 4, 0), ops);
+        let batches = run_all(&mut l);
+        assert_eq!(batches, [vec!["c"], vec!["a"], vec!["b"]]);
+        // `a` went without its reference to `b` (not created yet): it stays dirty.
+        let covered: Vec<Anchor> = ["a", "b", "c"].map(Anchor::new).to_vec();
+        assert_eq!(
+            l.settlement(&covered).clean,
+            [Anchor::new("b"), Anchor::new("c")]
+        );
+    }
+
+    #[test]
+    fn a_failure_in_a_batch_is_escrowed_the_others_recorded_and_its_later_phases_deferred() {
+        let ops = vec![
+            user_create("u1"),
+            user_create("u2"),
+            user_create("u3"),
+            references("u2", &["u1"]),
+            references("g", &["u2"]),
+        ];
+        let mut l = ledger(settings(10, 4, 100), ops);
+        let b = journaled(l.ready(Duration::ZERO).unwrap(), 0);
+        assert_eq!(anchors(&b), ["u1", "u2", "u3"]);
+        l.settle(
+            b,
+            vec![
+                Outcome::Done(Some("t-u1".into())),
+                fails(ErrorKind::Constraint),
+                Outcome::Done(Some("t-u3".into())),
+            ],
+            Duration::ZERO,
+        );
+        let writes = l.take_writes();
+        assert!(matches!(&writes[0], Write::Done { journal: JournalId(0), .. }));
+        assert!(matches!(&writes[1], Write::Failed { journal: JournalId(1), retryable: false, .. }));
+        assert!(
+            matches!(&writes[2], Write::Escrow { anchor, next_retry, .. } if anchor.as_str() == "u2" && *next_retry == now() + chrono::Duration::seconds(60))
+        );
+        assert!(matches!(&writes[3], Write::Done { journal: JournalId(2), .. }));
+        // u2's references wait for the next run; g's reference to u2 is left out: nothing
+        // left to send, and g stays dirty for it.
+        assert!(l.ready(Duration::ZERO).is_none());
+        assert!(l.is_finished());
+        let mut report = RunReport::default();
+        l.report_into(&mut report);
+        assert_eq!((report.count("create"), report.deferred), (2, 1), "{report:?}");
+        assert_eq!(report.failures.len(), 1);
+        assert!(report.failures[0].escrowed && report.failures[0].error.contains("refused"));
+        let covered: Vec<Anchor> = ["u1", "u2", "u3", "g"].map(Anchor::new).to_vec();
+        assert_eq!(
+            l.settlement(&covered),
+            Settlement {
+                clean: vec![Anchor::new("u1"), Anchor::new("u3")],
+                released: Vec::new()
+            }
+        );
+    }
+
+    #[test]
+    fn escrow_defers_until_due_then_releases_and_its_delay_doubles() {
+        let escrow = |anchor: &str, attempts, minutes| Escrow {
+            anchor: Anchor::new(anchor),
+            attempts,
+            next_retry: now() + chrono::Duration::minutes(minutes),
+            last_error: "earlier".into(),
+        };
+        let ops = vec![update("u1"), update("u2"), update("u3")];
+        let mut l = Ledger::new(
+            settings(10, 1, 100),
+            ops,
+            &[],
+            linked(&["u1", "u2", "u3"]),
+            vec![escrow("u1", 1, 5), escrow("u2", 2, -5), escrow("u4", 1, -5)],
+            now(),
+        );
+        let b = journaled(l.ready(Duration::ZERO).unwrap(), 0);
+        // u1 waits (due in 5 minutes); u2 is due.
+        assert_eq!(anchors(&b), ["u2", "u3"]);
+        l.settle(
+            b,
+            vec![fails(ErrorKind::Constraint), Outcome::Done(None)],
+            Duration::ZERO,
+        );
+        let writes = l.take_writes();
+        // The third failure in a row waits 60 s × 2².
+        assert!(
+            writes.iter().any(|w| matches!(w, Write::Escrow { anchor, next_retry, .. } if anchor.as_str() == "u2" && *next_retry == now() + chrono::Duration::seconds(240))),
+            "{writes:?}"
+        );
+        assert!(l.is_finished());
+        // u4 (due, nothing to do) is clean and released; u1 (not due) and u2 (failed again)
+        // stay dirty and escrowed.
+        let covered: Vec<Anchor> = ["u1", "u2", "u3", "u4"].map(Anchor::new).to_vec();
+        assert_eq!(
+            l.settlement(&covered),
+            Settlement {
+                clean: vec![Anchor::new("u3"), Anchor::new("u4")],
+                released: vec![Anchor::new("u4")]
+            }
+        );
+        let mut report = RunReport::default();
+        l.report_into(&mut report);
+        assert_eq!(report.deferred, 1);
+    }
+
+    #[test]
+    fn a_retryable_failure_is_sent_again_after_its_wait_with_its_journal_row() {
+        let mut l = ledger(
+            settings(10, 4, 100),
+            vec![user_create("u1"), user_create("u2")],
+        );
+        let b = journaled(l.ready(Duration::ZERO).unwrap(), 7);
+        l.settle(
+            b,
+            vec![
+                Outcome::Done(Some("t-u1".into())),
+                Outcome::Failed(
+                    ConnectorError::new(ErrorKind::Throttled, "slow down")
+                        .with_retry_after(Duration::from_secs(5)),
+                ),
+            ],
+            Duration::from_secs(1),
+        );
+        // Nothing recorded for u2 yet: its intent stays as it is until the retry settles.
+        assert_eq!(l.take_writes().len(), 1);
+        assert!(!l.is_finished());
+        assert!(l.ready(Duration::from_secs(5)).is_none());
+        assert_eq!(l.next_due(), Some(Duration::from_secs(6)));
+        let b = l.ready(Duration::from_secs(6)).unwrap();
+        assert_eq!(anchors(&b), ["u2"]);
+        let item = &b.items[0];
+        assert_eq!((item.journal, item.attempt), (Some(JournalId(8)), 1));
+        assert!(item.look_up_first(), "a create sent before is looked up first");
+        // A second failure waits the backoff (2 s, plus up to half of it); the third is final.
+        l.settle(b, vec![fails(ErrorKind::Unavailable)], Duration::from_secs(6));
+        let due = l.next_due().unwrap();
+        assert!(
+            due >= Duration::from_secs(8) && due <= Duration::from_secs(9),
+            "{due:?}"
+        );
+        let b = l.ready(due).unwrap();
+        assert_eq!(b.items[0].attempt, 2);
+        l.settle(b, vec![fails(ErrorKind::Unavailable)], due);
+        let writes = l.take_writes();
+        assert!(matches!(&writes[0], Write::Failed { journal: JournalId(8), retryable: true, .. }));
+        assert!(matches!(&writes[1], Write::Escrow { .. }));
+        assert!(l.is_finished());
+        let mut report = RunReport::default();
+        l.report_into(&mut report);
+        assert_eq!((report.retries, report.failures.len()), (2, 1));
+    }
+
+    #[test]
+    fn the_breaker_trips_mid_batch_records_the_batch_and_starts_nothing_more() {
+        let ops: Vec<Operation> = (0..20).map(|i| user_create(&format!("u{i:02}"))).collect();
+        let mut l = ledger(settings(6, 1, 2), ops);
+        let b = journaled(l.ready(Duration::ZERO).unwrap(), 0);
+        assert_eq!(b.items.len(), 2, "the breaker's minimum first");
+        let o = all_done(&b);
+        l.settle(b, o, Duration::ZERO);
+        let b = journaled(l.ready(Duration::ZERO).unwrap(), 100);
+        assert_eq!(anchors(&b), ["u02", "u03", "u04", "u05", "u06", "u07"]);
+        l.settle(
+            b,
+            vec![
+                fails(ErrorKind::Auth),
+                fails(ErrorKind::Auth),
+                Outcome::Done(Some("t-u04".into())),
+                fails(ErrorKind::Auth),
+                fails(ErrorKind::Unavailable),
+                Outcome::Done(Some("t-u07".into())),
+            ],
+            Duration::ZERO,
+        );
+        // It tripped at the second failure (2 of 4); the rest of the batch is still recorded,
+        // and a retryable failure is not retried any more.
+        let stopped = l.stopped().unwrap().to_string();
+        assert!(stopped.contains("2 of 4 operations failed"), "{stopped}");
+        let writes = l.take_writes();
+        let done = writes.iter().filter(|w| matches!(w, Write::Done { .. })).count();
+        let failed = writes.iter().filter(|w| matches!(w, Write::Failed { .. })).count();
+        assert_eq!((done, failed), (2 + 2, 4));
+        assert!(l.ready(Duration::ZERO).is_none());
+        assert!(l.is_finished());
+        // Only the objects whose operations are all done are clean; the rest waits.
+        let covered: Vec<Anchor> = (0..20).map(|i| Anchor::new(format!("u{i:02}"))).collect();
+        let clean: Vec<String> = l
+            .settlement(&covered)
+            .clean
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(clean, ["u00", "u01", "u04", "u07"]);
+    }
+
+    #[test]
+    fn a_pending_retry_is_left_to_recovery_when_the_breaker_trips() {
+        let ops: Vec<Operation> = (0..4).map(|i| user_create(&format!("u{i}"))).collect();
+        let mut l = ledger(settings(2, 2, 2), ops);
+        let b1 = journaled(l.ready(Duration::ZERO).unwrap(), 0);
+        l.settle(
+            b1,
+            vec![
+                Outcome::Failed(ConnectorError::new(ErrorKind::Timeout, "lost")),
+                Outcome::Done(Some("t-u1".into())),
+            ],
+            Duration::ZERO,
+        );
+        let b2 = journaled(l.ready(Duration::ZERO).unwrap(), 10);
+        l.settle(
+            b2,
+            vec![fails(ErrorKind::Auth), fails(ErrorKind::Auth)],
+            Duration::ZERO,
+        );
+        assert!(l.stopped().is_some());
+        assert!(l.is_finished() && l.next_due().is_none());
+        // u0's intent (row 0) is neither done nor failed: the next run's recovery looks it up.
+        let writes = l.take_writes();
+        assert!(!writes.iter().any(|w| matches!(w, Write::Done { journal: JournalId(0), .. } | Write::Failed { journal: JournalId(0), .. })));
+        let covered: Vec<Anchor> = (0..4).map(|i| Anchor::new(format!("u{i}"))).collect();
+        assert_eq!(l.settlement(&covered).clean, [Anchor::new("u1")]);
+    }
+
+    #[test]
+    fn a_gone_target_object_is_forgotten_not_escrowed() {
+        let mut l = Ledger::new(
+            settings(10, 1, 100),
+            vec![update("u1")],
+            &[],
+            linked(&["u1"]),
+            Vec::new(),
+            now(),
+        );
+        let b = journaled(l.ready(Duration::ZERO).unwrap(), 0);
+        l.settle(b, vec![fails(ErrorKind::NotFound)], Duration::ZERO);
+        let writes = l.take_writes();
+        assert!(matches!(&writes[0], Write::Failed { .. }));
+        assert!(matches!(&writes[1], Write::Forget(id) if id.as_str() == "t-u1"));
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        let mut report = RunReport::default();
+        l.report_into(&mut report);
+        assert!(!report.failures[0].escrowed);
+        assert!(l.settlement(&[Anchor::new("u1")]).clean.is_empty());
+    }
+
+    #[test]
+    fn link_only_operations_go_in_batches_without_a_target_operation() {
+        let unlink = Operation {
+            kind: OperationKind::Unlink {
+                target_id: "t-u1".into(),
+            },
+            reason: Reason::DeletedAtSource,
+            ..update("u1")
+        };
+        let mut l = Ledger::new(
+            settings(10, 1, 0),
+            vec![unlink],
+            &[],
+            linked(&["u1"]),
+            Vec::new(),
+            now(),
+        );
+        let b = journaled(l.ready(Duration::ZERO).unwrap(), 0);
+        assert!(b.items[0].sent.is_none());
+        l.settle(b, vec![Outcome::Done(None)], Duration::ZERO);
+        assert!(
+            matches!(&l.take_writes()[0], Write::Done { target_id: Some(t), sent: None, .. } if t.as_str() == "t-u1")
+        );
+        assert!(l.is_finished());
+    }
+
+    #[test]
+    fn the_settlement_covers_only_the_anchors_given_and_keeps_unplaced_ones_dirty() {
+        let issues = vec![
+            Issue::Held {
+                anchor: "u2".into(),
+                reason: "held".into(),
+            },
+            Issue::UnresolvedReference {
+                anchor: "u3".into(),
+                attribute: "manager".into(),
+                reference: "x".into(),
+            },
+        ];
+        let mut l = Ledger::new(
+            settings(10, 1, 0),
+            vec![update("u1")],
+            &issues,
+            linked(&["u1"]),
+            Vec::new(),
+            now(),
+        );
+        run_all(&mut l);
+        // u9 is dirty but not covered by this plan (another page): not touched.
+        let covered: Vec<Anchor> = ["u1", "u2", "u3"].map(Anchor::new).to_vec();
+        assert_eq!(
+            l.settlement(&covered).clean,
+            [Anchor::new("u1"), Anchor::new("u3")]
+        );
+    }
+}
