@@ -863,7 +863,10 @@ mod tests {
         let b2 = l.ready(Duration::ZERO).unwrap();
         assert_eq!((b1.items.len(), b2.items.len()), (100, 100));
         assert_eq!(anchors(&b1)[..2], ["u000", "u001"], "plan order");
-        assert!(l.ready(Duration::ZERO).is_none(), "two batches in flight at most");
+        assert!(
+            l.ready(Duration::ZERO).is_none(),
+            "two batches in flight at most"
+        );
         let b1 = journaled(b1, 0);
         let o = all_done(&b1);
         l.settle(b1, o, Duration::ZERO);
@@ -872,7 +875,9 @@ mod tests {
         // Every create is journaled as done with its new object.
         let writes = l.take_writes();
         assert_eq!(writes.len(), 100);
-        assert!(matches!(&writes[0], Write::Done { journal: JournalId(0), target_id: Some(t), .. } if t.as_str() == "t-u000"));
+        assert!(
+            matches!(&writes[0], Write::Done { journal: JournalId(0), target_id: Some(t), .. } if t.as_str() == "t-u000")
+        );
     }
 
     #[test]
@@ -979,19 +984,42 @@ mod tests {
             Duration::ZERO,
         );
         let writes = l.take_writes();
-        assert!(matches!(&writes[0], Write::Done { journal: JournalId(0), .. }));
-        assert!(matches!(&writes[1], Write::Failed { journal: JournalId(1), retryable: false, .. }));
+        assert!(matches!(
+            &writes[0],
+            Write::Done {
+                journal: JournalId(0),
+                ..
+            }
+        ));
+        assert!(matches!(
+            &writes[1],
+            Write::Failed {
+                journal: JournalId(1),
+                retryable: false,
+                ..
+            }
+        ));
         assert!(
             matches!(&writes[2], Write::Escrow { anchor, next_retry, .. } if anchor.as_str() == "u2" && *next_retry == now() + chrono::Duration::seconds(60))
         );
-        assert!(matches!(&writes[3], Write::Done { journal: JournalId(2), .. }));
+        assert!(matches!(
+            &writes[3],
+            Write::Done {
+                journal: JournalId(2),
+                ..
+            }
+        ));
         // u2's references wait for the next run; g's reference to u2 is left out: nothing
         // left to send, and g stays dirty for it.
         assert!(l.ready(Duration::ZERO).is_none());
         assert!(l.is_finished());
         let mut report = RunReport::default();
         l.report_into(&mut report);
-        assert_eq!((report.count("create"), report.deferred), (2, 1), "{report:?}");
+        assert_eq!(
+            (report.count("create"), report.deferred),
+            (2, 1),
+            "{report:?}"
+        );
         assert_eq!(report.failures.len(), 1);
         assert!(report.failures[0].escrowed && report.failures[0].error.contains("refused"));
         let covered: Vec<Anchor> = ["u1", "u2", "u3", "g"].map(Anchor::new).to_vec();
@@ -1078,9 +1106,16 @@ mod tests {
         assert_eq!(anchors(&b), ["u2"]);
         let item = &b.items[0];
         assert_eq!((item.journal, item.attempt), (Some(JournalId(8)), 1));
-        assert!(item.look_up_first(), "a create sent before is looked up first");
+        assert!(
+            item.look_up_first(),
+            "a create sent before is looked up first"
+        );
         // A second failure waits the backoff (2 s, plus up to half of it); the third is final.
-        l.settle(b, vec![fails(ErrorKind::Unavailable)], Duration::from_secs(6));
+        l.settle(
+            b,
+            vec![fails(ErrorKind::Unavailable)],
+            Duration::from_secs(6),
+        );
         let due = l.next_due().unwrap();
         assert!(
             due >= Duration::from_secs(8) && due <= Duration::from_secs(9),
@@ -1090,7 +1125,14 @@ mod tests {
         assert_eq!(b.items[0].attempt, 2);
         l.settle(b, vec![fails(ErrorKind::Unavailable)], due);
         let writes = l.take_writes();
-        assert!(matches!(&writes[0], Write::Failed { journal: JournalId(8), retryable: true, .. }));
+        assert!(matches!(
+            &writes[0],
+            Write::Failed {
+                journal: JournalId(8),
+                retryable: true,
+                ..
+            }
+        ));
         assert!(matches!(&writes[1], Write::Escrow { .. }));
         assert!(l.is_finished());
         let mut report = RunReport::default();
@@ -1125,8 +1167,14 @@ mod tests {
         let stopped = l.stopped().unwrap().to_string();
         assert!(stopped.contains("2 of 4 operations failed"), "{stopped}");
         let writes = l.take_writes();
-        let done = writes.iter().filter(|w| matches!(w, Write::Done { .. })).count();
-        let failed = writes.iter().filter(|w| matches!(w, Write::Failed { .. })).count();
+        let done = writes
+            .iter()
+            .filter(|w| matches!(w, Write::Done { .. }))
+            .count();
+        let failed = writes
+            .iter()
+            .filter(|w| matches!(w, Write::Failed { .. }))
+            .count();
         assert_eq!((done, failed), (2 + 2, 4));
         assert!(l.ready(Duration::ZERO).is_none());
         assert!(l.is_finished());
@@ -1164,7 +1212,16 @@ mod tests {
         assert!(l.is_finished() && l.next_due().is_none());
         // u0's intent (row 0) is neither done nor failed: the next run's recovery looks it up.
         let writes = l.take_writes();
-        assert!(!writes.iter().any(|w| matches!(w, Write::Done { journal: JournalId(0), .. } | Write::Failed { journal: JournalId(0), .. })));
+        assert!(!writes.iter().any(|w| matches!(
+            w,
+            Write::Done {
+                journal: JournalId(0),
+                ..
+            } | Write::Failed {
+                journal: JournalId(0),
+                ..
+            }
+        )));
         let covered: Vec<Anchor> = (0..4).map(|i| Anchor::new(format!("u{i}"))).collect();
         assert_eq!(l.settlement(&covered).clean, [Anchor::new("u1")]);
     }
