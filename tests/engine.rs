@@ -1645,3 +1645,56 @@ async fn the_breaker_trips_mid_batch_and_the_next_run_converges() {
     assert!(sync.with_store(|st| st.dirty()).unwrap().is_empty());
     assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
 }
+
+#[tokio::test]
+async fn a_whole_batch_left_unconfirmed_by_a_crash_is_settled_in_batches() {
+    // A crash after a batch of 30 creates was journaled and 20 of them were applied: the
+    // journal says "intended" for all 30, the target holds 20, the link table none.
+    let (s, mut sync) = setup(30, Box::new(SqliteStore::open_in_memory().unwrap()), |c| {
+        c.join_lookup = dirsync::engine::JoinLookup::Off;
+    });
+    sync.delta_import().await.unwrap();
+    let staged = sync.plan(false).unwrap();
+    let creates: Vec<_> = staged
+        .plan
+        .operations
+        .iter()
+        .filter(|o| o.target_type.is("User"))
+        .cloned()
+        .collect();
+    assert_eq!(creates.len(), 30);
+    let sent: Vec<TargetOperation> = creates
+        .iter()
+        .map(|c| c.to_target_operation(&Default::default()).unwrap().unwrap())
+        .collect();
+    sync.with_store(|st| {
+        let run = st.begin_run("crashed", t0())?;
+        let intents: Vec<_> = creates
+            .iter()
+            .zip(&sent)
+            .map(|(c, t)| (c, Some(t)))
+            .collect();
+        st.journal_intents(run, &intents)
+    })
+    .unwrap();
+    use dirsync::connector::Target;
+    let applied = s.target.apply(&sent[..20]).await;
+    assert!(applied.iter().all(Result::is_ok));
+    let lookups = s.target.lookups();
+    // The next run settles the 30 with one lookup (the target answers many values per
+    // request), records the 20 as done, and creates the 10 others — nothing twice.
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.recovered, 30, "{r}");
+    assert_eq!(s.target.lookups() - lookups, 1, "{r}");
+    assert_eq!(r.count("create"), 10 + 1, "the 10 and the group: {r}");
+    assert_eq!(user_names(&s.target).len(), 30);
+    let links = sync.with_store(|st| st.load_all()).unwrap().links;
+    for a in applied.iter().flatten() {
+        assert!(links.anchor_of(&a.id).is_some(), "{a:?} linked");
+    }
+    assert!(sync
+        .with_store(|st| st.journal_unconfirmed())
+        .unwrap()
+        .is_empty());
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
