@@ -95,7 +95,9 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CircuitBreaker {
-    /// Operations a run must have finished before the breaker may trip.
+    /// Operations a run must have finished before the breaker may trip. Until then no more
+    /// operations are in flight than it takes to reach it (the first batch carries at most
+    /// this many), so a target that refuses everything is sent this many, not a batch.
     pub min_operations: u64,
     /// The failure share that trips it (0.5 = half).
     pub failure_ratio: f64,
@@ -119,7 +121,10 @@ pub struct EngineConfig {
     /// A full import delivering fewer than this share of the mirrored objects is refused before
     /// it can plan deletions (an import of nothing always is).
     pub min_import_share: f64,
-    /// Operations exported at once.
+    /// Batches exported at once: target calls in flight, each carrying up to the target's
+    /// [`max_batch`](crate::connector::TargetCapabilities::max_batch) operations (a target
+    /// without batching gets this many operations at once). Crash recovery re-reads this many
+    /// objects at once.
     pub concurrency: usize,
     /// Entries or changes per state-store transaction during import.
     pub import_batch: usize,
