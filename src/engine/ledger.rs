@@ -688,10 +688,10 @@ impl Ledger {
                     !self.failed.contains(*a)
                         && !self.pending.contains(*a)
                         && !self.keep_dirty.contains(*a)
-                        && !self
+                        && self
                             .escrow
                             .get(*a)
-                            .is_some_and(|(_, next)| *next > self.now)
+                            .is_none_or(|(_, next)| *next <= self.now)
                 })
                 .cloned()
                 .collect()
