@@ -1698,3 +1698,18 @@ async fn a_whole_batch_left_unconfirmed_by_a_crash_is_settled_in_batches() {
         .is_empty());
     assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
 }
+
+#[test]
+fn the_engine_runs_under_any_executor_retries_and_commits_included() {
+    // No tokio runtime: the state writer is a thread of its own, and a retry waits on a timer
+    // thread.
+    let (s, mut sync) = setup(12, Box::new(SqliteStore::open_in_memory().unwrap()), |_| {});
+    s.target.throttle_every(5, Duration::from_millis(2));
+    let r = futures::executor::block_on(sync.run_cycle()).unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert!(r.retries > 0, "{r}");
+    assert_eq!(user_names(&s.target).len(), 12);
+    s.target.clear_faults();
+    let r = futures::executor::block_on(sync.run_cycle()).unwrap();
+    assert_eq!(r.total_done(), 0, "{r}");
+}
