@@ -1507,3 +1507,249 @@ async fn the_state_indexes_only_join_attributes_and_joins_through_them() {
     );
     assert_eq!(indexed(), ["displayname", "username"]);
 }
+
+/// The journal of the state file at `path`, read through a connection of its own.
+fn journal_at(path: &std::path::Path) -> Vec<dirsync::state::JournalRecord> {
+    SqliteStore::open(path).unwrap().journal(None).unwrap()
+}
+
+#[tokio::test]
+async fn batches_of_max_batch_each_journaled_before_it_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.sqlite");
+    let store = SqliteStore::open(&path).unwrap();
+    let (s, mut sync) = setup(45, Box::new(store), |c| c.concurrency = 2);
+    let target = s.target.clone().max_batch(7);
+    // Whenever the target receives an operation, the journal (read through another
+    // connection: what a crash would leave) already holds it as intended.
+    let (seen, missing) = (Arc::new(Mutex::new(0)), Arc::new(Mutex::new(Vec::new())));
+    let (n, m, p) = (seen.clone(), missing.clone(), path.clone());
+    target.fail_when(
+        move |op| {
+            *n.lock().unwrap() += 1;
+            let journal = journal_at(&p);
+            if !journal.iter().any(|e| e.sent.as_ref() == Some(op)) {
+                m.lock().unwrap().push(format!("{op:?}"));
+            }
+            false
+        },
+        ErrorKind::Other,
+        None,
+    );
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!(r.count("create"), 46, "{r}");
+    assert_eq!(*seen.lock().unwrap(), 46);
+    assert!(
+        missing.lock().unwrap().is_empty(),
+        "{:?}",
+        missing.lock().unwrap()
+    );
+    // 46 creates in calls of at most 7 (the target refuses larger ones): 7 calls at best,
+    // one more for the group (it waits for its members) and for what the first calls leave.
+    let calls = target.calls();
+    assert!(
+        (7..=10).contains(&calls),
+        "{calls} apply calls for 46 creates"
+    );
+    // Every operation is confirmed; nothing is left to recover.
+    let journal = journal_at(&path);
+    assert_eq!(journal.len(), 46);
+    assert!(journal
+        .iter()
+        .all(|e| e.state == dirsync::state::JournalState::Done));
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+    assert_eq!(target.calls(), calls);
+}
+
+#[tokio::test]
+async fn a_failure_inside_a_batch_is_escrowed_and_retried_next_run_the_rest_recorded() {
+    let (s, mut sync) = setup(30, Box::new(MemoryStore::new()), |c| c.concurrency = 1);
+    let target = s.target.clone().max_batch(50);
+    target.fail_when(
+        |op| matches!(op, TargetOperation::Create { attributes, .. } if attributes.first_str("userName") == Some("user17@x.test")),
+        ErrorKind::Constraint,
+        None,
+    );
+    let r = sync.run_cycle().await.unwrap();
+    // The first call carries the breaker's 20 users (u017 fails among them), the second the
+    // group — its members exist by then — and the 10 other users.
+    assert_eq!(target.calls(), 2, "{r}");
+    assert_eq!(r.failures.len(), 1, "{r}");
+    assert!(r.failures[0].escrowed && r.failures[0].anchor == "u017");
+    assert_eq!(r.count("create"), 30, "{r}");
+    assert_eq!(user_names(&s.target).len(), 29);
+    let journal = sync.with_store(|st| st.journal(None)).unwrap();
+    assert_eq!(journal.len(), 31);
+    let failed: Vec<_> = journal
+        .iter()
+        .filter(|e| e.state == dirsync::state::JournalState::Failed)
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].anchor.as_str(), "u017");
+    assert_eq!(
+        sync.with_store(|st| st.dirty()).unwrap(),
+        ["u017".into()],
+        "only the failed object stays dirty"
+    );
+    // Next run, before its escrow ends: deferred, nothing sent.
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(
+        (r.deferred, r.total_done(), target.calls()),
+        (1, 0, 2),
+        "{r}"
+    );
+    // After it, with the fault gone: created, and the run after that has nothing to do.
+    target.clear_faults();
+    *s.now.lock().unwrap() = t0() + chrono::Duration::hours(1);
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!(r.count("create"), 1, "{r}");
+    assert_eq!(user_names(&s.target).len(), 30);
+    assert!(sync.with_store(|st| st.escrowed()).unwrap().is_empty());
+    assert!(sync.with_store(|st| st.dirty()).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_throttled_operation_inside_a_batch_is_retried_after_its_retry_after() {
+    let (s, mut sync) = setup(30, Box::new(SqliteStore::open_in_memory().unwrap()), |_| {});
+    let target = s.target.clone().max_batch(50);
+    // Every 7th operation sent is throttled; the lost create's response too.
+    target.throttle_every(7, Duration::from_millis(3));
+    target.fail_after_apply_when(
+        |op| matches!(op, TargetOperation::Create { attributes, .. } if attributes.first_str("userName") == Some("user5@x.test")),
+        ErrorKind::Timeout,
+    );
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert!(r.retries >= 4, "{r}");
+    assert_eq!(r.count("create"), 31, "{r}");
+    target.clear_faults();
+    // Nothing duplicated (user5 was found before it could be sent again), nothing left
+    // unconfirmed, and a retry reused its journal row.
+    assert_eq!(user_names(&s.target).len(), 30);
+    let journal = sync.with_store(|st| st.journal(None)).unwrap();
+    assert_eq!(journal.len(), 31);
+    assert!(sync
+        .with_store(|st| st.journal_unconfirmed())
+        .unwrap()
+        .is_empty());
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
+
+#[tokio::test]
+async fn the_breaker_trips_mid_batch_and_the_next_run_converges() {
+    let (s, mut sync) = setup(60, Box::new(SqliteStore::open_in_memory().unwrap()), |c| {
+        c.circuit_breaker.min_operations = 10;
+    });
+    let target = s.target.clone().max_batch(100);
+    let number = |op: &TargetOperation| match op {
+        TargetOperation::Create { attributes, .. } => {
+            attributes.first_str("userName").and_then(|n| {
+                n.strip_prefix("user")?
+                    .split('@')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+        }
+        _ => None,
+    };
+    target.fail_when(
+        move |op| number(op).is_some_and(|i| i >= 20),
+        ErrorKind::Auth,
+        None,
+    );
+    let r = sync.run_cycle().await.unwrap();
+    let stopped = r.stopped.clone().expect("stopped");
+    // A first call of 10 (the breaker's minimum) goes through; the second carries the 50
+    // other users and the group: the breaker trips at its 20th failure (20 of 40), and what
+    // follows in the same call is recorded too (20 more failures, the group created) —
+    // nothing more is sent.
+    assert!(stopped.contains("20 of 40"), "{stopped}");
+    assert_eq!(target.calls(), 2, "{r}");
+    assert_eq!((r.count("create"), r.failures.len()), (21, 40), "{r}");
+    assert!(sync
+        .with_store(|st| st.journal_unconfirmed())
+        .unwrap()
+        .is_empty());
+    let dirty = sync.with_store(|st| st.dirty()).unwrap();
+    assert_eq!(dirty.len(), 40, "the failed objects stay dirty: {dirty:?}");
+    // The target is fixed; after the escrow, the next run creates the 40, once.
+    target.clear_faults();
+    *s.now.lock().unwrap() = t0() + chrono::Duration::hours(1);
+    let r = sync.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty() && r.stopped.is_none(), "{r}");
+    assert_eq!(r.count("create"), 40, "{r}");
+    assert_eq!(user_names(&s.target).len(), 60);
+    assert!(sync.with_store(|st| st.dirty()).unwrap().is_empty());
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
+
+#[tokio::test]
+async fn a_whole_batch_left_unconfirmed_by_a_crash_is_settled_in_batches() {
+    // A crash after a batch of 30 creates was journaled and 20 of them were applied: the
+    // journal says "intended" for all 30, the target holds 20, the link table none.
+    let (s, mut sync) = setup(30, Box::new(SqliteStore::open_in_memory().unwrap()), |c| {
+        c.join_lookup = dirsync::engine::JoinLookup::Off;
+    });
+    sync.delta_import().await.unwrap();
+    let staged = sync.plan(false).unwrap();
+    let creates: Vec<_> = staged
+        .plan
+        .operations
+        .iter()
+        .filter(|o| o.target_type.is("User"))
+        .cloned()
+        .collect();
+    assert_eq!(creates.len(), 30);
+    let sent: Vec<TargetOperation> = creates
+        .iter()
+        .map(|c| c.to_target_operation(&Default::default()).unwrap().unwrap())
+        .collect();
+    sync.with_store(|st| {
+        let run = st.begin_run("crashed", t0())?;
+        let intents: Vec<_> = creates
+            .iter()
+            .zip(&sent)
+            .map(|(c, t)| (c, Some(t)))
+            .collect();
+        st.journal_intents(run, &intents)
+    })
+    .unwrap();
+    use dirsync::connector::Target;
+    let applied = s.target.apply(&sent[..20]).await;
+    assert!(applied.iter().all(Result::is_ok));
+    let lookups = s.target.lookups();
+    // The next run settles the 30 with one lookup (the target answers many values per
+    // request), records the 20 as done, and creates the 10 others — nothing twice.
+    let r = sync.run_cycle().await.unwrap();
+    assert_eq!(r.recovered, 30, "{r}");
+    assert_eq!(s.target.lookups() - lookups, 1, "{r}");
+    assert_eq!(r.count("create"), 10 + 1, "the 10 and the group: {r}");
+    assert_eq!(user_names(&s.target).len(), 30);
+    let links = sync.with_store(|st| st.load_all()).unwrap().links;
+    for a in applied.iter().flatten() {
+        assert!(links.anchor_of(&a.id).is_some(), "{a:?} linked");
+    }
+    assert!(sync
+        .with_store(|st| st.journal_unconfirmed())
+        .unwrap()
+        .is_empty());
+    assert_eq!(sync.run_cycle().await.unwrap().total_done(), 0);
+}
+
+#[test]
+fn the_engine_runs_under_any_executor_retries_and_commits_included() {
+    // No tokio runtime: the state writer is a thread of its own, and a retry waits on a timer
+    // thread.
+    let (s, mut sync) = setup(12, Box::new(SqliteStore::open_in_memory().unwrap()), |_| {});
+    s.target.throttle_every(5, Duration::from_millis(2));
+    let r = futures::executor::block_on(sync.run_cycle()).unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert!(r.retries > 0, "{r}");
+    assert_eq!(user_names(&s.target).len(), 12);
+    s.target.clear_faults();
+    let r = futures::executor::block_on(sync.run_cycle()).unwrap();
+    assert_eq!(r.total_done(), 0, "{r}");
+}

@@ -40,13 +40,15 @@ mod containers;
 mod export;
 mod gone;
 mod import;
+mod ledger;
 mod lookup;
 mod order;
 mod plan;
 mod recovery;
 mod report;
+mod writer;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,12 +62,12 @@ pub use report::{Failure, Progress, RunReport, Stage};
 
 use crate::connector::{ConnectorError, ErrorKind, ImportItem, Source, Target, TargetOperation};
 use crate::delta::{
-    self, DeletionGuard, Issue, Links, Operation, OperationKind, Plan, PlanInput, PlanScope,
-    Projected, Projection, ProjectionContext,
+    self, DeletionGuard, OperationKind, Plan, PlanInput, PlanScope, Projected, Projection,
+    ProjectionContext,
 };
 use crate::model::{Anchor, Change, Dn, Entry, TargetId, TargetObject};
 use crate::rules::ruleset::{Explanation, RuleSet};
-use crate::state::{JournalEntry, JournalId, RunId, StateError, StateStore, TargetLookup, Views};
+use crate::state::{JournalEntry, RunId, StateError, StateStore, TargetLookup, Views};
 
 /// How a run retries retryable errors (throttling, unavailability, timeouts).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -93,7 +95,9 @@ impl Default for RetryPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CircuitBreaker {
-    /// Operations a run must have finished before the breaker may trip.
+    /// Operations a run must have finished before the breaker may trip. Until then no more
+    /// operations are in flight than it takes to reach it (the first batch carries at most
+    /// this many), so a target that refuses everything is sent this many, not a batch.
     pub min_operations: u64,
     /// The failure share that trips it (0.5 = half).
     pub failure_ratio: f64,
@@ -117,7 +121,10 @@ pub struct EngineConfig {
     /// A full import delivering fewer than this share of the mirrored objects is refused before
     /// it can plan deletions (an import of nothing always is).
     pub min_import_share: f64,
-    /// Operations exported at once.
+    /// Batches exported at once: target calls in flight, each carrying up to the target's
+    /// [`max_batch`](crate::connector::TargetCapabilities::max_batch) operations (a target
+    /// without batching gets this many operations at once). Crash recovery re-reads this many
+    /// objects at once.
     pub concurrency: usize,
     /// Entries or changes per state-store transaction during import.
     pub import_batch: usize,
@@ -293,7 +300,7 @@ pub struct OnDemand {
 pub struct Synchronizer {
     source: Box<dyn Source>,
     target: Box<dyn Target>,
-    store: Mutex<Box<dyn StateStore>>,
+    store: writer::SharedStore,
     projection: Arc<dyn Projection>,
     rules: Option<Arc<RuleSet>>,
     config: EngineConfig,
@@ -342,7 +349,7 @@ impl Synchronizer {
         Synchronizer {
             source,
             target,
-            store: Mutex::new(store),
+            store: Arc::new(Mutex::new(store)),
             projection,
             rules: None,
             config,
@@ -464,20 +471,20 @@ impl Synchronizer {
 
     async fn sync_inner(&mut self, run: RunId, full: bool) -> Result<RunReport> {
         let mut report = self.recover(run).await?;
+        // The dirty anchors this run answers for (see `export`).
+        let dirty = self.store(|s| s.dirty())?;
         let scope = if full {
             PlanScope::All
         } else {
-            PlanScope::Anchors(self.store(|s| s.dirty())?)
-        };
-        if let PlanScope::Anchors(a) = &scope {
-            if a.is_empty() {
+            if dirty.is_empty() {
                 return Ok(report);
             }
-        }
+            PlanScope::Anchors(dirty.clone())
+        };
         let t0 = Instant::now();
         let (staged, views) = self.plan_checked(scope, &mut report).await?;
         report.stages.push((Stage::Plan, t0.elapsed()));
-        report.absorb(self.export(run, staged.plan, views).await?);
+        report.absorb(self.export(run, staged.plan, views, &dirty).await?);
         Ok(report)
     }
 
@@ -556,7 +563,7 @@ impl Synchronizer {
         let plan = staged.plan.clone();
         let start = self.begin("on-demand")?;
         let result = self
-            .export(start.run, staged.plan, views)
+            .export(start.run, staged.plan, views, std::slice::from_ref(&anchor))
             .instrument(start.span())
             .await
             .map(|mut r| {

@@ -145,7 +145,9 @@ impl Synchronizer {
             let views = self.views_for(&PlanScope::Anchors(anchors), staged.now, &bindings)?;
             let plan =
                 self.restore_secrets(staged.plan, &views, &bindings, staged.now, staged.seed);
-            let mut report = self.export(run, plan, views).await?;
+            // The plan was made from this dirty set (the fingerprint says nothing moved since).
+            let covered = self.store(|s| s.dirty())?;
+            let mut report = self.export(run, plan, views, &covered).await?;
             report.absorb(looked_up);
             Ok(report)
         }

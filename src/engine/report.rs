@@ -112,11 +112,12 @@ impl RunReport {
         self.done.values().sum()
     }
 
-    pub(crate) fn add_done(&mut self, kind: &str, target_type: &str) {
+    /// Adds `n` done operations of `kind` to `target_type`.
+    pub(crate) fn add_done(&mut self, kind: &str, target_type: &str, n: u64) {
         *self
             .done
             .entry(format!("{kind} {target_type}"))
-            .or_default() += 1;
+            .or_default() += n;
     }
 
     /// Merges a later stage's report into this one.
