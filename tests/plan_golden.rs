@@ -349,12 +349,14 @@ fn now() -> chrono::DateTime<chrono::Utc> {
 }
 
 fn config(plan_page: Option<usize>) -> EngineConfig {
-    let c = EngineConfig {
+    let mut c = EngineConfig {
         clock: Clock::fixed(now()),
         seed: 42,
         ..EngineConfig::default()
     };
-    let _ = plan_page;
+    if let Some(p) = plan_page {
+        c.plan_page = p;
+    }
     c
 }
 
@@ -567,4 +569,15 @@ fn engine_plans_are_the_golden_ones() {
     engine_plans(&mut golden, None);
     container_plans(&mut golden, None);
     golden.finish();
+}
+
+/// Full plans made in pages of one, two and three objects are the golden plans too.
+#[test]
+fn engine_plans_in_tiny_pages_are_the_golden_ones() {
+    for page in [1, 2, 3] {
+        let mut golden = Golden::default();
+        engine_plans(&mut golden, Some(page));
+        container_plans(&mut golden, Some(page));
+        golden.finish();
+    }
 }

@@ -121,6 +121,9 @@ pub struct EngineConfig {
     pub concurrency: usize,
     /// Entries or changes per state-store transaction during import.
     pub import_batch: usize,
+    /// Objects per page when a plan pages through the store (a full plan, a large dirty set):
+    /// what bounds the memory a run holds, beyond a compact record of each planned object.
+    pub plan_page: usize,
     /// Retries within a run.
     pub retry: RetryPolicy,
     /// The circuit breaker.
@@ -189,6 +192,7 @@ impl Default for EngineConfig {
             min_import_share: 0.5,
             concurrency: 8,
             import_batch: 1000,
+            plan_page: 20_000,
             retry: RetryPolicy::default(),
             circuit_breaker: CircuitBreaker::default(),
             escrow_base: Duration::from_secs(60),
@@ -207,6 +211,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("guard", &self.guard)
             .field("min_import_share", &self.min_import_share)
             .field("concurrency", &self.concurrency)
+            .field("plan_page", &self.plan_page)
             .field("retry", &self.retry)
             .field("circuit_breaker", &self.circuit_breaker)
             .field("join_lookup", &self.join_lookup)
@@ -425,7 +430,6 @@ impl Synchronizer {
         Ok(r)
     }
 
-
     /// Re-plans every object from the mirrors (after a rule change) and exports.
     pub async fn full_sync(&mut self) -> Result<RunReport> {
         let start = self.begin("full-sync")?;
@@ -568,7 +572,6 @@ impl Synchronizer {
             report,
         })
     }
-
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -463,6 +463,31 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
+    fn anchors_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<Anchor>, StateError> {
+        // A scan per page: this store holds everything in memory anyway.
+        let mut page: Vec<&Anchor> = self
+            .mirror
+            .anchors()
+            .chain(
+                self.links
+                    .iter()
+                    .map(|l| &l.anchor)
+                    .filter(|a| self.mirror.get(a).is_none()),
+            )
+            .filter(|a| after.is_none_or(|after| *a > after))
+            .collect();
+        if page.len() > limit {
+            page.select_nth_unstable(limit);
+            page.truncate(limit);
+        }
+        page.sort_unstable();
+        Ok(page.into_iter().cloned().collect())
+    }
+
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
         Ok(self.mirror.get(anchor).cloned())
     }

@@ -480,6 +480,14 @@ pub trait StateStore: Send {
         lookups: &[TargetLookup],
     ) -> Result<(), StateError>;
 
+    /// A page of the anchors a full plan considers — those of the source mirror and those
+    /// linked (a linked object whose source object is gone is deprovisioned) — each once, in
+    /// ascending order, the first `limit` after `after` (from the first when `None`). A full
+    /// plan pages through the store with it ([`crate::delta::decide_page`]) instead of loading
+    /// it whole.
+    fn anchors_page(&self, after: Option<&Anchor>, limit: usize)
+        -> Result<Vec<Anchor>, StateError>;
+
     /// The entry of `anchor`.
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError>;
 

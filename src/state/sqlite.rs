@@ -1566,6 +1566,32 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    fn anchors_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<Anchor>, StateError> {
+        // Both tables are ordered by anchor (their primary key): a merge of two range scans.
+        let sql = "SELECT anchor FROM source_objects WHERE anchor > ?1 \
+                   UNION SELECT anchor FROM links WHERE anchor > ?1 \
+                   ORDER BY anchor LIMIT ?2";
+        let mut stmt = self
+            .conn
+            .prepare_cached(sql)
+            .ctx("reading a page of anchors")?;
+        let after = after.map_or("", |a| a.as_str());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut q = stmt
+            .query(params![after, limit])
+            .ctx("reading a page of anchors")?;
+        let mut out = Vec::new();
+        while let Some(r) = q.next().ctx("reading a page of anchors")? {
+            let a: String = r.get(0).ctx("reading a page of anchors")?;
+            out.push(Anchor::from(a));
+        }
+        Ok(out)
+    }
+
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
         load_entry(&self.conn, anchor)
     }
