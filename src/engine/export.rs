@@ -4,11 +4,14 @@
 use super::*;
 
 impl Synchronizer {
+    /// Exports `plan`. `page`: the dirty anchors the plan answers for (a page of a large
+    /// dirty set), the only ones it may clear; `None`: the whole dirty set.
     pub(super) async fn export(
         &mut self,
         run: RunId,
         plan: Plan,
         views: Views,
+        page: Option<&[Anchor]>,
     ) -> Result<RunReport> {
         let t0 = Instant::now();
         let mut report = RunReport {
@@ -142,7 +145,10 @@ impl Synchronizer {
                 .filter(|a| !failed_anchors.contains(a) && !keep_dirty.contains(a))
                 .collect()
         } else {
-            let dirty = self.store(|s| s.dirty())?;
+            let dirty = match page {
+                Some(page) => page.to_vec(),
+                None => self.store(|s| s.dirty())?,
+            };
             // Objects the planner could not place stay dirty, to be planned again — except for
             // unresolved references: when the referenced object arrives, the store marks its
             // referrers dirty, so keeping them dirty meanwhile would only replan them for nothing.

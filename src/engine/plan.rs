@@ -80,6 +80,16 @@ impl Synchronizer {
     /// beyond the decisions. The deletion guard counts the links in the store, for full and
     /// delta plans alike, in the planner.
     pub(super) fn plan_scope(&self, scope: PlanScope) -> Result<(StagedPlan, Views)> {
+        self.plan_scope_with(scope, &Together::default())
+    }
+
+    /// [`Synchronizer::plan_scope`], planning the anchors `together` groups with each other:
+    /// whenever one of a group is planned, all of it is.
+    pub(super) fn plan_scope_with(
+        &self,
+        scope: PlanScope,
+        together: &Together,
+    ) -> Result<(StagedPlan, Views)> {
         let t0 = Instant::now();
         let now = self.config.clock.now();
         let fingerprint = self.store(|s| s.fingerprint())?;
@@ -113,13 +123,32 @@ impl Synchronizer {
                     views,
                 )
             }
-            PlanScope::Anchors(anchors) => {
+            PlanScope::Anchors(mut anchors) => loop {
+                together.expand(&mut anchors);
                 let views = self.neighbourhood(&anchors, now, &bindings)?;
                 let mut input =
                     self.plan_input(&views, now, &bindings, &counts, &create_references);
-                input.scope = PlanScope::Anchors(anchors);
-                (delta::plan(&input), views)
-            }
+                input.scope = PlanScope::Anchors(anchors.clone());
+                let plan = delta::plan(&input);
+                // The planner also plans the objects that reference the ones it links (and
+                // theirs). One it creates beyond the scope was planned without all it needs:
+                // a linked one without its target object (it would be created again), an
+                // unlinked one without its join candidates. Plan again with it in the scope,
+                // until the plan creates nothing beyond it.
+                let beyond: BTreeSet<&Anchor> = plan
+                    .operations
+                    .iter()
+                    .filter(|o| {
+                        matches!(o.kind, OperationKind::Create { .. })
+                            && anchors.binary_search(&o.anchor).is_err()
+                    })
+                    .map(|o| &o.anchor)
+                    .collect();
+                if beyond.is_empty() {
+                    break (plan, views);
+                }
+                anchors.extend(beyond.into_iter().cloned());
+            },
         };
         debug!(operations = plan.operations.len(), issues = plan.issues.len(), out_of_scope_references = plan.stats.out_of_scope_references, elapsed = ?t0.elapsed(), "planned");
         self.progress(
@@ -192,7 +221,7 @@ impl Synchronizer {
             let views = self.neighbourhood(&anchors, staged.now, &bindings)?;
             let plan =
                 self.restore_secrets(staged.plan, &views, &bindings, staged.now, staged.seed);
-            let mut report = self.export(run, plan, views).await?;
+            let mut report = self.export(run, plan, views, None).await?;
             report.absorb(looked_up);
             Ok(report)
         }
@@ -231,5 +260,41 @@ impl Synchronizer {
             }
         }
         plan
+    }
+}
+
+/// Groups of anchors planned together: whenever a plan holds one of a group, it holds all of
+/// it (objects that would join one target object, so none joins it, as in one plan).
+#[derive(Debug, Default)]
+pub(super) struct Together {
+    groups: Vec<Vec<Anchor>>,
+    by_anchor: HashMap<Anchor, usize>,
+}
+
+impl Together {
+    /// These groups.
+    pub(super) fn new(groups: Vec<Vec<Anchor>>) -> Together {
+        let mut by_anchor = HashMap::new();
+        for (i, g) in groups.iter().enumerate() {
+            for a in g {
+                by_anchor.insert(a.clone(), i);
+            }
+        }
+        Together { groups, by_anchor }
+    }
+
+    /// The group of `anchor`, if it has one.
+    pub(super) fn group(&self, anchor: &Anchor) -> Option<usize> {
+        self.by_anchor.get(anchor).copied()
+    }
+
+    /// `anchors` with the whole group of each, sorted, each once.
+    pub(super) fn expand(&self, anchors: &mut Vec<Anchor>) {
+        let groups: BTreeSet<usize> = anchors.iter().filter_map(|a| self.group(a)).collect();
+        for g in groups {
+            anchors.extend(self.groups[g].iter().cloned());
+        }
+        anchors.sort();
+        anchors.dedup();
     }
 }

@@ -508,6 +508,24 @@ impl StateStore for MemoryStore {
         Ok(self.dirty.iter().cloned().collect())
     }
 
+    fn dirty_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<(Anchor, bool)>, StateError> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        Ok(self
+            .dirty
+            .range::<Anchor, _>((from, Bound::Unbounded))
+            .take(limit)
+            .map(|a| (a.clone(), self.links.get(a).is_some()))
+            .collect())
+    }
+
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError> {
         let mut changed = false;
         for a in anchors {
@@ -659,6 +677,13 @@ impl StateStore for MemoryStore {
             self.bump();
         }
         Ok(())
+    }
+
+    fn has_unlinked_target_objects(&self) -> Result<bool, StateError> {
+        Ok(self
+            .target
+            .objects()
+            .any(|o| self.links.anchor_of(&o.id).is_none()))
     }
 
     fn target_ids(&self) -> Result<Vec<TargetId>, StateError> {

@@ -1629,6 +1629,33 @@ impl StateStore for SqliteStore {
         .collect()
     }
 
+    fn dirty_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<(Anchor, bool)>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT d.anchor, l.anchor IS NOT NULL FROM dirty d \
+                 LEFT JOIN links l ON l.anchor = d.anchor \
+                 WHERE d.anchor > ?1 ORDER BY d.anchor LIMIT ?2",
+            )
+            .ctx("reading a page of the dirty set")?;
+        let after = after.map_or("", |a| a.as_str());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut q = stmt
+            .query(params![after, limit])
+            .ctx("reading a page of the dirty set")?;
+        let mut out = Vec::new();
+        while let Some(r) = q.next().ctx("reading a page of the dirty set")? {
+            let a: String = r.get(0).ctx("reading a page of the dirty set")?;
+            let linked: bool = r.get(1).ctx("reading a page of the dirty set")?;
+            out.push((Anchor::from(a), linked));
+        }
+        Ok(out)
+    }
+
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError> {
         self.write("clearing the dirty set", |tx| {
             let mut stmt = tx
@@ -1848,6 +1875,16 @@ impl StateStore for SqliteStore {
             }
             Ok(())
         })
+    }
+
+    fn has_unlinked_target_objects(&self) -> Result<bool, StateError> {
+        self.conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM target_objects t \
+                 WHERE NOT EXISTS (SELECT 1 FROM links l WHERE l.target_id = t.id))",
+            )
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)))
+            .ctx("looking for unlinked target objects")
     }
 
     fn target_ids(&self) -> Result<Vec<TargetId>, StateError> {

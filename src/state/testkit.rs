@@ -1443,4 +1443,46 @@ fn anchor_pages_cover_the_mirror_and_the_links_once(mut s: Box<dyn StateStore>) 
         anchors(&["m3", "z9"])
     );
     assert!(s.anchors_page(Some(&a("zz")), 5).unwrap().is_empty());
+
+    // Every target object is linked (by the creates above) until one is recorded unlinked.
+    assert!(!s.has_unlinked_target_objects().unwrap());
+    s.put_target_objects(&[TargetObject::new("loose", "User")])
+        .unwrap();
+    assert!(s.has_unlinked_target_objects().unwrap());
+
+    // The dirty set pages the same way, saying which anchors are linked.
+    reset_dirty(s);
+    s.mark_dirty(&anchors(&["z9", "b1", "k5", "a0", "zz", "q7"]))
+        .unwrap();
+    let want: Vec<(Anchor, bool)> = [
+        ("a0", false),
+        ("b1", true),
+        ("k5", true),
+        ("q7", false),
+        ("z9", false),
+        ("zz", true),
+    ]
+    .iter()
+    .map(|(x, l)| (a(x), *l))
+    .collect();
+    for size in [1, 2, 4, 6, 50] {
+        let mut seen = Vec::new();
+        let mut after: Option<Anchor> = None;
+        loop {
+            let page = s.dirty_page(after.as_ref(), size).unwrap();
+            assert!(page.len() <= size, "page size {size}: {page:?}");
+            let Some((last, _)) = page.last().cloned() else {
+                break;
+            };
+            seen.extend(page);
+            after = Some(last);
+        }
+        assert_eq!(seen, want, "page size {size}");
+    }
+    // Clearing a page leaves the rest.
+    s.clear_dirty(&anchors(&["a0", "b1"])).unwrap();
+    assert_eq!(
+        s.dirty_page(None, 2).unwrap(),
+        vec![(a("k5"), true), (a("q7"), false)]
+    );
 }
