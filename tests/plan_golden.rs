@@ -50,19 +50,58 @@ fn dir() -> PathBuf {
 struct Golden {
     failures: Vec<String>,
     checked: usize,
+    /// After runs exported in pages, compare staged plans without their fingerprint (the state
+    /// was written in more transactions: the memory store's fingerprint counts them) and with
+    /// the memory target's fresh ids (`t000001`, …) numbered in order of appearance (it numbers
+    /// creates in the order they came). The plan must be the same otherwise.
+    after_pages: bool,
+}
+
+/// `json` with the memory target's fresh ids renamed in order of first appearance.
+fn renumber_ids(json: &str) -> String {
+    let mut seen: Vec<String> = Vec::new();
+    let mut out = String::with_capacity(json.len());
+    let mut rest = json;
+    while let Some(at) = rest.find("\"t") {
+        let (head, tail) = rest.split_at(at + 1);
+        out.push_str(head);
+        let id: String = tail.chars().take(7).collect();
+        if id.len() == 7
+            && id[1..].chars().all(|c| c.is_ascii_digit())
+            && tail[7..].starts_with('"')
+        {
+            let n = match seen.iter().position(|s| *s == id) {
+                Some(n) => n,
+                None => {
+                    seen.push(id.clone());
+                    seen.len() - 1
+                }
+            };
+            out.push_str(&format!("fresh-{n}"));
+            rest = &tail[7..];
+        } else {
+            rest = tail;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl Golden {
     fn check(&mut self, name: &str, json: String) {
         self.checked += 1;
         let path = dir().join(format!("{name}.json"));
-        let json = json + "\n";
+        let mut json = json + "\n";
         if std::env::var_os(BLESS).is_some() {
             std::fs::create_dir_all(dir()).unwrap();
             std::fs::write(&path, &json).unwrap();
             return;
         }
         let want = match std::fs::read_to_string(&path) {
+            Ok(w) if self.after_pages => {
+                json = renumber_ids(&json);
+                renumber_ids(&w)
+            }
             Ok(w) => w,
             Err(e) => {
                 self.failures
@@ -99,7 +138,15 @@ impl Golden {
             !staged.plan.operations.is_empty() || !staged.plan.issues.is_empty(),
             "{name}: an empty plan tests nothing"
         );
-        self.check(name, serde_json::to_string_pretty(staged).unwrap());
+        let mut staged = staged.clone();
+        if self.after_pages {
+            let path = dir().join(format!("{name}.json"));
+            if let Ok(text) = std::fs::read_to_string(path) {
+                let golden: StagedPlan = serde_json::from_str(&text).unwrap();
+                staged.fingerprint = golden.fingerprint;
+            }
+        }
+        self.check(name, serde_json::to_string_pretty(&staged).unwrap());
     }
 
     fn finish(self) {
@@ -571,11 +618,18 @@ fn engine_plans_are_the_golden_ones() {
     golden.finish();
 }
 
-/// Full plans made in pages of one, two and three objects are the golden plans too.
+/// Full plans made in pages of one, two and three objects are the golden plans too, after
+/// runs whose dirty sets were exported in pages as small.
 #[test]
 fn engine_plans_in_tiny_pages_are_the_golden_ones() {
+    if std::env::var_os(BLESS).is_some() {
+        return;
+    }
     for page in [1, 2, 3] {
-        let mut golden = Golden::default();
+        let mut golden = Golden {
+            after_pages: true,
+            ..Golden::default()
+        };
         engine_plans(&mut golden, Some(page));
         container_plans(&mut golden, Some(page));
         golden.finish();

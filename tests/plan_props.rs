@@ -611,8 +611,7 @@ proptest! {
             let (p, w) = (block(&mut paged), block(&mut whole));
             prop_assert!(p.failures.is_empty() && w.failures.is_empty(), "{:?} {:?}", p.failures, w.failures);
             prop_assert_eq!(target_by_anchor(&paged_target, &paged), target_by_anchor(&whole_target, &whole), "round {}", round);
-            // A paged run may leave references to objects of later pages for the next run to
-            // complete; one more run, and nothing is left to do.
+            // One more run changes nothing either way, and nothing is left to do.
             block(&mut paged);
             block(&mut whole);
             prop_assert_eq!(target_by_anchor(&paged_target, &paged), target_by_anchor(&whole_target, &whole), "round {}, converged", round);

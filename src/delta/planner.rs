@@ -65,6 +65,13 @@ pub struct PlanInput<'a> {
     /// delta plan's neighbourhood, a page): what the deletion guard's limits are computed from.
     /// `None`: `links` holds every link, and they are counted.
     pub linked: Option<&'a BTreeMap<ObjectType, usize>>,
+    /// Whether a plan also plans the objects without a link that reference an object whose
+    /// link it makes or ends (creating them, their reference pending). `true` by default. A
+    /// run planned page by page sets it `false`: those objects are dirty and planned in their
+    /// own page — when the object they reference is linked, or a later page plans them again
+    /// (as linked referrers) to add the reference — so a page does not grow into the objects
+    /// that reference it, and theirs.
+    pub unlinked_referrers: bool,
 }
 
 impl<'a> PlanInput<'a> {
@@ -88,7 +95,14 @@ impl<'a> PlanInput<'a> {
             containers: None,
             create_references: CreateReferences::All,
             linked: None,
+            unlinked_referrers: true,
         }
+    }
+
+    /// Whether the plan takes `referrer` in as an object referencing one whose link it makes
+    /// or ends (see [`PlanInput::unlinked_referrers`]).
+    fn plans_referrer(&self, referrer: &Anchor) -> bool {
+        self.unlinked_referrers || self.links.get(referrer).is_some()
     }
 }
 
@@ -177,7 +191,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 let mut extra: BTreeSet<&Anchor> = BTreeSet::new();
                 for a in &relinked {
                     for (referrer, _) in input.mirror.referrers(a) {
-                        if !set.contains(referrer) {
+                        if !set.contains(referrer) && input.plans_referrer(referrer) {
                             extra.insert(referrer);
                         }
                     }
@@ -235,6 +249,7 @@ fn as_full<'i>(input: &PlanInput<'i>) -> PlanInput<'i> {
         containers: input.containers,
         create_references: input.create_references.clone(),
         linked: input.linked,
+        unlinked_referrers: input.unlinked_referrers,
     }
 }
 
@@ -445,7 +460,7 @@ fn replan_referrers_of_recreated(
         .iter()
         .flat_map(|a| input.mirror.referrers(a))
         .map(|(r, _)| r)
-        .filter(|r| !decided.contains(r))
+        .filter(|r| !decided.contains(r) && input.plans_referrer(r))
         .cloned()
         .collect::<BTreeSet<Anchor>>()
         .into_iter()
@@ -612,7 +627,7 @@ fn redecide_referrers(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, tally:
         .iter()
         .flat_map(|a| input.mirror.referrers(a))
         .map(|(r, _)| r)
-        .filter(|r| !decided.contains(r))
+        .filter(|r| !decided.contains(r) && input.plans_referrer(r))
         .collect();
     let mut found = Vec::new();
     for a in again {

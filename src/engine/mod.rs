@@ -499,9 +499,11 @@ impl Synchronizer {
     /// deprovision of the run before anything is exported (a run it holds exports nothing),
     /// and objects that would join one target object are planned in one page (so none joins
     /// it, as in one plan). Each page's plan is a delta plan of the page, which includes the
-    /// objects that reference the page's creates: references to objects of later pages are
-    /// completed when those are created. Each page's export clears only the page's anchors
-    /// from the dirty set, so a run that stops (or is killed) leaves the rest dirty.
+    /// linked objects that reference the page's creates: references to objects of later pages
+    /// are completed when those are created. Deprovisions wait until every page is exported
+    /// (as in one plan, references to an object go before it). Each page's export clears only
+    /// the page's anchors from the dirty set (those with a deprovision waiting, once it is
+    /// exported), so a run that stops (or is killed) leaves the rest dirty.
     async fn sync_pages(&mut self, run: RunId) -> Result<RunReport> {
         let mut report = RunReport::default();
         let page = self.config.plan_page.max(1);
@@ -523,8 +525,9 @@ impl Synchronizer {
         };
         // The survey looked up the creates (when they are looked up at all): what it found
         // is in the target mirror, so the pages are planned without looking up again.
-        let together = plan::Together::new(survey.contested);
+        let together = plan::Together::pages(survey.contested);
         let mut planned_groups: HashSet<usize> = HashSet::new();
+        let mut deprovisions: Vec<Operation> = Vec::new();
         let mut after: Option<Anchor> = None;
         loop {
             let dirty = self.store(|s| s.dirty_page(after.as_ref(), page))?;
@@ -545,14 +548,46 @@ impl Synchronizer {
             let (staged, views) =
                 self.plan_scope_with(PlanScope::Anchors(anchors.clone()), &together)?;
             report.stages.push((Stage::Plan, t0.elapsed()));
-            // Deletions the guard let through (or that were allowed) for the whole run.
+            // Deprovisions wait for every page: the references to their objects go first
+            // (a target may remove them with the object), as in one plan. Their objects stay
+            // dirty until they are exported.
+            let mut plan = staged.plan;
+            let (last_phase, rest): (Vec<Operation>, Vec<Operation>) =
+                std::mem::take(&mut plan.operations)
+                    .into_iter()
+                    .partition(|o| o.phase() == delta::Phase::Deprovision);
+            plan.operations = rest;
+            let waiting: HashSet<&Anchor> = last_phase.iter().map(|o| &o.anchor).collect();
+            let clear: Vec<Anchor> = anchors
+                .iter()
+                .filter(|a| !waiting.contains(a))
+                .cloned()
+                .collect();
+            deprovisions.extend(last_phase);
+            // A page's plan the guard holds (its deprovisions counted) stops the run, unless
+            // the run was allowed.
             self.allow_deletions_once |= allowed;
-            let exported = self.export(run, staged.plan, views, Some(&anchors)).await?;
+            let exported = self.export(run, plan, views, Some(&clear)).await?;
             let stop = exported.held || exported.stopped.is_some();
             report.absorb(exported);
             if stop {
-                break;
+                self.allow_deletions_once = false;
+                return Ok(report);
             }
+        }
+        if !deprovisions.is_empty() {
+            let mut anchors: Vec<Anchor> = deprovisions.iter().map(|o| o.anchor.clone()).collect();
+            anchors.sort();
+            anchors.dedup();
+            let bindings = self.bind_containers()?;
+            let views = self.neighbourhood(&anchors, self.config.clock.now(), &bindings)?;
+            let plan = Plan {
+                operations: deprovisions,
+                ..Plan::default()
+            };
+            // Deletions the guard let through (or that were allowed) for the whole run.
+            self.allow_deletions_once = allowed;
+            report.absorb(self.export(run, plan, views, Some(&anchors)).await?);
         }
         self.allow_deletions_once = false;
         Ok(report)
@@ -586,7 +621,11 @@ impl Synchronizer {
             );
             if batch.len() >= page || (done && !batch.is_empty()) {
                 let scope = PlanScope::Anchors(std::mem::take(&mut batch));
-                let plan = self.plan_checked(scope, report).await?.0.plan;
+                let plan = self
+                    .plan_checked_with(scope, &plan::Together::pages(Vec::new()), report)
+                    .await?
+                    .0
+                    .plan;
                 for i in &plan.issues {
                     if let Issue::DuplicateJoin { target_id, anchors } = i {
                         claims

@@ -80,11 +80,13 @@ impl Synchronizer {
     /// beyond the decisions. The deletion guard counts the links in the store, for full and
     /// delta plans alike, in the planner.
     pub(super) fn plan_scope(&self, scope: PlanScope) -> Result<(StagedPlan, Views)> {
-        self.plan_scope_with(scope, &Together::default())
+        self.plan_scope_with(scope, &Together::whole())
     }
 
-    /// [`Synchronizer::plan_scope`], planning the anchors `together` groups with each other:
-    /// whenever one of a group is planned, all of it is.
+    /// [`Synchronizer::plan_scope`] for a page of a paged run: planning the anchors
+    /// `together` groups with each other (whenever one of a group is planned, all of it is),
+    /// and not the unlinked objects referencing the page's creates (they have their own page:
+    /// [`PlanInput::unlinked_referrers`]).
     pub(super) fn plan_scope_with(
         &self,
         scope: PlanScope,
@@ -129,17 +131,18 @@ impl Synchronizer {
                 let mut input =
                     self.plan_input(&views, now, &bindings, &counts, &create_references);
                 input.scope = PlanScope::Anchors(anchors.clone());
+                input.unlinked_referrers = !together.paged;
                 let plan = delta::plan(&input);
                 // The planner also plans the objects that reference the ones it links (and
-                // theirs). One it creates beyond the scope was planned without all it needs:
-                // a linked one without its target object (it would be created again), an
-                // unlinked one without its join candidates. Plan again with it in the scope,
-                // until the plan creates nothing beyond it.
+                // theirs). A linked one it creates beyond the scope was planned without its
+                // target object, which the views hold for the scope's objects only: it would
+                // be created again. Plan again with it in the scope, until none is.
                 let beyond: BTreeSet<&Anchor> = plan
                     .operations
                     .iter()
                     .filter(|o| {
                         matches!(o.kind, OperationKind::Create { .. })
+                            && views.links.get(&o.anchor).is_some()
                             && anchors.binary_search(&o.anchor).is_err()
                     })
                     .map(|o| &o.anchor)
@@ -269,18 +272,29 @@ impl Synchronizer {
 pub(super) struct Together {
     groups: Vec<Vec<Anchor>>,
     by_anchor: HashMap<Anchor, usize>,
+    /// Whether the plan is a page of a paged run.
+    paged: bool,
 }
 
 impl Together {
-    /// These groups.
-    pub(super) fn new(groups: Vec<Vec<Anchor>>) -> Together {
+    /// For a plan that is not a page: no groups.
+    pub(super) fn whole() -> Together {
+        Together::default()
+    }
+
+    /// For the pages of a paged run, with these groups.
+    pub(super) fn pages(groups: Vec<Vec<Anchor>>) -> Together {
         let mut by_anchor = HashMap::new();
         for (i, g) in groups.iter().enumerate() {
             for a in g {
                 by_anchor.insert(a.clone(), i);
             }
         }
-        Together { groups, by_anchor }
+        Together {
+            groups,
+            by_anchor,
+            paged: true,
+        }
     }
 
     /// The group of `anchor`, if it has one.
