@@ -208,13 +208,13 @@ fn set(m: &mut SourceMirror, anchor: &str, attr: &str, v: Value) {
 /// to join (two users sharing one mail: a duplicate join), and a group that joins by name.
 fn pure_world() -> (SourceMirror, TargetMirror) {
     let mut entries = testkit::directory(60, 6, 5, 14, 11);
-    for i in 1..60 {
+    for (i, e) in entries.iter_mut().enumerate().take(60).skip(1) {
         let boss = if i % 29 == 0 {
             Dn::parse(&format!("cn=Nobody {i},ou=Gone,dc=example,dc=com")).unwrap()
         } else {
             testkit::user_dn(i / 4)
         };
-        entries[i].attributes.set("manager", Value::dn_ref(boss));
+        e.attributes.set("manager", Value::dn_ref(boss));
     }
     // A second object with user 5's mail: both would join the target object that has it.
     entries.push(
