@@ -393,6 +393,26 @@ proptest! {
     }
 }
 
+/// A world: its entries (one per anchor), preexisting target objects (by mail number), edits.
+fn world_strategy() -> impl Strategy<Value = (Vec<Entry>, Vec<u8>, Vec<Edit>)> {
+    (
+        prop::collection::vec(user_strategy(), 0..25),
+        prop::collection::vec(group_strategy(), 0..4),
+        prop::collection::vec(0u8..12, 0..4),
+        prop::collection::vec(edit_strategy(), 0..12),
+    )
+        .prop_map(|(users, groups, preexisting, edits)| {
+            let mut seen = std::collections::HashSet::new();
+            let mut entries: Vec<Entry> = users
+                .iter()
+                .filter(|u| seen.insert(u.id))
+                .map(user_entry)
+                .collect();
+            entries.extend(groups.iter().filter(|g| seen.insert(g.id)).map(group_entry));
+            (entries, preexisting, edits)
+        })
+}
+
 /// A guard that holds more than 10 % deletions, even in a small directory.
 const GUARD: DeletionGuard = DeletionGuard {
     enabled: true,
@@ -545,16 +565,10 @@ proptest! {
     /// (creates, renames, leavers, deletes, memberships, managers; held by the guard or not).
     #[test]
     fn full_plans_in_pages_are_the_whole_plan(
-        users in prop::collection::vec(user_strategy(), 0..25),
-        groups in prop::collection::vec(group_strategy(), 0..4),
-        preexisting in prop::collection::vec(0u8..12, 0..4),
-        edits in prop::collection::vec(edit_strategy(), 0..12),
+        (entries, preexisting, edits) in world_strategy(),
         page in 1usize..7,
         sqlite in any::<bool>(),
     ) {
-        let mut seen = std::collections::HashSet::new();
-        let mut entries: Vec<Entry> = users.iter().filter(|u| seen.insert(u.id)).map(user_entry).collect();
-        entries.extend(groups.iter().filter(|g| seen.insert(g.id)).map(group_entry));
         let (source, mut sync) = engine_world(&entries, &preexisting, page, sqlite);
 
         futures::executor::block_on(sync.full_import()).unwrap();
@@ -587,16 +601,10 @@ proptest! {
     /// edits.
     #[test]
     fn paged_runs_end_where_unpaged_runs_do(
-        users in prop::collection::vec(user_strategy(), 0..25),
-        groups in prop::collection::vec(group_strategy(), 0..4),
-        preexisting in prop::collection::vec(0u8..12, 0..4),
-        edits in prop::collection::vec(edit_strategy(), 0..12),
+        (entries, preexisting, edits) in world_strategy(),
         page in 1usize..5,
         sqlite in any::<bool>(),
     ) {
-        let mut seen = std::collections::HashSet::new();
-        let mut entries: Vec<Entry> = users.iter().filter(|u| seen.insert(u.id)).map(user_entry).collect();
-        entries.extend(groups.iter().filter(|g| seen.insert(g.id)).map(group_entry));
         let (paged_source, paged_target, mut paged) = engine_world_with_target(&entries, &preexisting, page, sqlite);
         let (whole_source, whole_target, mut whole) = engine_world_with_target(&entries, &preexisting, 10_000, sqlite);
         let block = |s: &mut dirsync::engine::Synchronizer| {

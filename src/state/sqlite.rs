@@ -667,6 +667,25 @@ fn referrers(
     .collect()
 }
 
+/// The rows of a page query (`?1`: the anchor the page starts after, `?2`: its size).
+fn page_rows<T>(
+    conn: &Connection,
+    sql: &str,
+    (after, limit): (Option<&Anchor>, usize),
+    what: &str,
+    row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StateError> {
+    let mut stmt = conn.prepare_cached(sql).ctx(what)?;
+    let after = after.map_or("", |a| a.as_str());
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut q = stmt.query(params![after, limit]).ctx(what)?;
+    let mut out = Vec::new();
+    while let Some(r) = q.next().ctx(what)? {
+        out.push(row(r).ctx(what)?);
+    }
+    Ok(out)
+}
+
 fn meta_int(conn: &Connection, key: &str) -> Result<i64, StateError> {
     let v: Option<SqlValue> = conn
         .prepare_cached("SELECT value FROM meta WHERE key = ?1")
@@ -1572,24 +1591,15 @@ impl StateStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<Anchor>, StateError> {
         // Both tables are ordered by anchor (their primary key): a merge of two range scans.
-        let sql = "SELECT anchor FROM source_objects WHERE anchor > ?1 \
-                   UNION SELECT anchor FROM links WHERE anchor > ?1 \
-                   ORDER BY anchor LIMIT ?2";
-        let mut stmt = self
-            .conn
-            .prepare_cached(sql)
-            .ctx("reading a page of anchors")?;
-        let after = after.map_or("", |a| a.as_str());
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut q = stmt
-            .query(params![after, limit])
-            .ctx("reading a page of anchors")?;
-        let mut out = Vec::new();
-        while let Some(r) = q.next().ctx("reading a page of anchors")? {
-            let a: String = r.get(0).ctx("reading a page of anchors")?;
-            out.push(Anchor::from(a));
-        }
-        Ok(out)
+        page_rows(
+            &self.conn,
+            "SELECT anchor FROM source_objects WHERE anchor > ?1 \
+             UNION SELECT anchor FROM links WHERE anchor > ?1 \
+             ORDER BY anchor LIMIT ?2",
+            (after, limit),
+            "reading a page of anchors",
+            |r| Ok(Anchor::from(r.get::<_, String>(0)?)),
+        )
     }
 
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
@@ -1634,26 +1644,15 @@ impl StateStore for SqliteStore {
         after: Option<&Anchor>,
         limit: usize,
     ) -> Result<Vec<(Anchor, bool)>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT d.anchor, l.anchor IS NOT NULL FROM dirty d \
-                 LEFT JOIN links l ON l.anchor = d.anchor \
-                 WHERE d.anchor > ?1 ORDER BY d.anchor LIMIT ?2",
-            )
-            .ctx("reading a page of the dirty set")?;
-        let after = after.map_or("", |a| a.as_str());
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut q = stmt
-            .query(params![after, limit])
-            .ctx("reading a page of the dirty set")?;
-        let mut out = Vec::new();
-        while let Some(r) = q.next().ctx("reading a page of the dirty set")? {
-            let a: String = r.get(0).ctx("reading a page of the dirty set")?;
-            let linked: bool = r.get(1).ctx("reading a page of the dirty set")?;
-            out.push((Anchor::from(a), linked));
-        }
-        Ok(out)
+        page_rows(
+            &self.conn,
+            "SELECT d.anchor, l.anchor IS NOT NULL FROM dirty d \
+             LEFT JOIN links l ON l.anchor = d.anchor \
+             WHERE d.anchor > ?1 ORDER BY d.anchor LIMIT ?2",
+            (after, limit),
+            "reading a page of the dirty set",
+            |r| Ok((Anchor::from(r.get::<_, String>(0)?), r.get::<_, bool>(1)?)),
+        )
     }
 
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError> {
