@@ -392,3 +392,240 @@ proptest! {
         prop_assert_eq!(target.len(), t.len());
     }
 }
+
+/// A world: its entries (one per anchor), preexisting target objects (by mail number), edits.
+fn world_strategy() -> impl Strategy<Value = (Vec<Entry>, Vec<u8>, Vec<Edit>)> {
+    (
+        prop::collection::vec(user_strategy(), 0..25),
+        prop::collection::vec(group_strategy(), 0..4),
+        prop::collection::vec(0u8..12, 0..4),
+        prop::collection::vec(edit_strategy(), 0..12),
+    )
+        .prop_map(|(users, groups, preexisting, edits)| {
+            let mut seen = std::collections::HashSet::new();
+            let mut entries: Vec<Entry> = users
+                .iter()
+                .filter(|u| seen.insert(u.id))
+                .map(user_entry)
+                .collect();
+            entries.extend(groups.iter().filter(|g| seen.insert(g.id)).map(group_entry));
+            (entries, preexisting, edits)
+        })
+}
+
+/// A guard that holds more than 10 % deletions, even in a small directory.
+const GUARD: DeletionGuard = DeletionGuard {
+    enabled: true,
+    max_count: 500,
+    max_ratio: 0.10,
+    floor: 0,
+    max_container_wave: 5,
+};
+
+/// A source with the world's entries, a synchronizer over it (plans in pages of `page`); a
+/// SQLite store or the memory store.
+fn engine_world(
+    entries: &[Entry],
+    preexisting: &[u8],
+    page: usize,
+    sqlite: bool,
+) -> (
+    dirsync::connector::memory::MemorySource,
+    dirsync::engine::Synchronizer,
+) {
+    let (source, _, sync) = engine_world_with_target(entries, preexisting, page, sqlite);
+    (source, sync)
+}
+
+/// [`engine_world`], with its target.
+fn engine_world_with_target(
+    entries: &[Entry],
+    preexisting: &[u8],
+    page: usize,
+    sqlite: bool,
+) -> (
+    dirsync::connector::memory::MemorySource,
+    MemoryTarget,
+    dirsync::engine::Synchronizer,
+) {
+    use dirsync::engine::{Clock, EngineConfig, Synchronizer};
+    use std::sync::Arc;
+    let source = dirsync::connector::memory::MemorySource::new("src");
+    for e in entries {
+        source.add(e.clone()).unwrap();
+    }
+    let target = MemoryTarget::new("target");
+    for (i, n) in preexisting.iter().enumerate() {
+        target.insert(
+            TargetObject::new(format!("pre{i}"), "User").with("mail", format!("N{n}@X.TEST")),
+        );
+    }
+    let store: Box<dyn dirsync::state::StateStore> = if sqlite {
+        Box::new(dirsync::state::SqliteStore::open_in_memory().unwrap())
+    } else {
+        Box::new(dirsync::state::MemoryStore::new())
+    };
+    let config = EngineConfig {
+        clock: Clock::fixed(chrono::DateTime::UNIX_EPOCH),
+        guard: GUARD,
+        plan_page: page,
+        ..EngineConfig::default()
+    };
+    let sync = Synchronizer::with_projection(
+        Box::new(source.clone()),
+        Box::new(target.clone()),
+        store,
+        Arc::new(UserGroupProjection::default()),
+        config,
+    );
+    (source, target, sync)
+}
+
+/// The target's objects as the source sees them: each by the anchor linked to it (ids differ
+/// between runs that create in another order), references by anchor too.
+fn target_by_anchor(
+    target: &MemoryTarget,
+    sync: &dirsync::engine::Synchronizer,
+) -> Vec<(String, String, String)> {
+    use dirsync::model::Reference;
+    let links = sync.with_store(|s| s.load_all().unwrap().links);
+    let name = |id: &dirsync::model::TargetId| {
+        links
+            .anchor_of(id)
+            .map_or_else(|| format!("unlinked {id}"), |a| a.to_string())
+    };
+    let mut out: Vec<(String, String, String)> = target
+        .objects()
+        .into_iter()
+        .map(|o| {
+            let attrs: Vec<String> = o
+                .attributes
+                .iter()
+                .map(|(k, vs)| {
+                    let mut vs: Vec<String> = vs
+                        .iter()
+                        .map(|v| match v {
+                            Value::Reference(Reference::Target(id)) => format!("-> {}", name(id)),
+                            other => format!("{other:?}"),
+                        })
+                        .collect();
+                    vs.sort();
+                    format!("{k}={vs:?}")
+                })
+                .collect();
+            (name(&o.id), o.object_type.to_string(), attrs.join(";"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Applies `edits` to the source.
+fn edit_source(source: &dirsync::connector::memory::MemorySource, edits: &[Edit]) {
+    let mut m = mirror_of(&source.entries());
+    for e in edits {
+        apply_edit(&mut m, e);
+    }
+    for e in source.entries() {
+        if m.get(&e.anchor).is_none() {
+            source.delete(&e.anchor).unwrap();
+        }
+    }
+    for e in m.entries() {
+        if source.get(&e.anchor).as_ref() != Some(e) {
+            source.upsert(e.clone()).unwrap();
+        }
+    }
+}
+
+/// The plan the planner makes from the whole store (every entry, link and target object at
+/// once), with the engine's settings.
+fn whole_plan(sync: &dirsync::engine::Synchronizer) -> Plan {
+    sync.with_store(|s| {
+        let views = s.load_all().unwrap();
+        let counts = s.link_counts().unwrap();
+        assert_eq!(
+            counts.values().sum::<usize>(),
+            views.links.len(),
+            "the store's link counts"
+        );
+        let rules = UserGroupProjection::default();
+        let mut input = PlanInput::new(&rules, &views.mirror, &views.links, &views.target);
+        input.guard = GUARD;
+        input.seed = sync.config().seed;
+        delta::plan(&input)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// A full plan made page by page from the store (pages of 1 to 6 objects) is the plan the
+    /// planner makes from the whole store, byte for byte: at the initial load, after edits
+    /// (creates, renames, leavers, deletes, memberships, managers; held by the guard or not).
+    #[test]
+    fn full_plans_in_pages_are_the_whole_plan(
+        (entries, preexisting, edits) in world_strategy(),
+        page in 1usize..7,
+        sqlite in any::<bool>(),
+    ) {
+        let (source, mut sync) = engine_world(&entries, &preexisting, page, sqlite);
+
+        futures::executor::block_on(sync.full_import()).unwrap();
+        // Before anything is linked (the target mirror holds nothing yet: no joins), then
+        // with the target's objects looked up (joins).
+        let json = |p: &Plan| serde_json::to_string(p).unwrap();
+        prop_assert_eq!(json(&sync.plan(true).unwrap().plan), json(&whole_plan(&sync)));
+        futures::executor::block_on(sync.full_sync()).unwrap();
+        prop_assert_eq!(json(&sync.plan(true).unwrap().plan), json(&whole_plan(&sync)));
+
+        // Edits at the source, imported.
+        edit_source(&source, &edits);
+        futures::executor::block_on(sync.delta_import()).unwrap();
+        prop_assert_eq!(json(&sync.plan(true).unwrap().plan), json(&whole_plan(&sync)));
+        // The export of the paged plan converges: nothing left to do, page by page or whole.
+        sync.allow_deletions_once();
+        futures::executor::block_on(sync.full_sync()).unwrap();
+        let after = sync.plan(true).unwrap().plan;
+        prop_assert_eq!(json(&after), json(&whole_plan(&sync)));
+        prop_assert!(after.operations.is_empty(), "not converged:\n{}", after);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Runs whose dirty set is planned and exported in pages of 1 to 4 objects end where runs
+    /// of one plan do: the same target objects (by the anchors linked to them), the same
+    /// references, nothing left dirty, nothing left to do — after the initial load and after
+    /// edits.
+    #[test]
+    fn paged_runs_end_where_unpaged_runs_do(
+        (entries, preexisting, edits) in world_strategy(),
+        page in 1usize..5,
+        sqlite in any::<bool>(),
+    ) {
+        let (paged_source, paged_target, mut paged) = engine_world_with_target(&entries, &preexisting, page, sqlite);
+        let (whole_source, whole_target, mut whole) = engine_world_with_target(&entries, &preexisting, 10_000, sqlite);
+        let block = |s: &mut dirsync::engine::Synchronizer| {
+            s.allow_deletions_once();
+            futures::executor::block_on(s.run_cycle()).unwrap()
+        };
+        for round in 0..2 {
+            if round == 1 {
+                edit_source(&paged_source, &edits);
+                edit_source(&whole_source, &edits);
+            }
+            let (p, w) = (block(&mut paged), block(&mut whole));
+            prop_assert!(p.failures.is_empty() && w.failures.is_empty(), "{:?} {:?}", p.failures, w.failures);
+            prop_assert_eq!(target_by_anchor(&paged_target, &paged), target_by_anchor(&whole_target, &whole), "round {}", round);
+            // One more run changes nothing either way, and nothing is left to do.
+            block(&mut paged);
+            block(&mut whole);
+            prop_assert_eq!(target_by_anchor(&paged_target, &paged), target_by_anchor(&whole_target, &whole), "round {}, converged", round);
+            let left = paged.plan(true).unwrap().plan;
+            prop_assert!(left.operations.is_empty(), "round {}: not converged:\n{}", round, left);
+            prop_assert!(paged.with_store(|s| s.dirty().unwrap()).is_empty() == whole.with_store(|s| s.dirty().unwrap()).is_empty());
+        }
+    }
+}

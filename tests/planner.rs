@@ -523,6 +523,49 @@ fn references_to_existing_objects_go_inline_in_the_create() {
     );
 }
 
+/// A page of a paged run (`unlinked_referrers: false`) plans the linked objects referencing
+/// its creates (their references gain the new object), not the unlinked ones (they have their
+/// own page, which finds the new object linked); the two pages end where one plan does.
+#[test]
+fn a_page_leaves_unlinked_referrers_to_their_own_page() {
+    let mut w = World::new(vec![
+        user("boss", "Bea", "Former"),
+        managed("old", "Olaf", "Bea"),
+        managed("new", "Nina", "Bea"),
+    ]);
+    w.mirror.remove(&"new".into());
+    let p = w.plan();
+    w.apply(&p);
+    // Bea enters scope and Nina arrives: both dirty, in two pages.
+    w.mirror.insert(user("boss", "Bea", "Eng"));
+    w.mirror.insert(managed("new", "Nina", "Bea"));
+    let rules = UserGroupProjection::default();
+    let page = |w: &World, anchor: &str, unlinked_referrers: bool| {
+        let mut input = PlanInput::new(&rules, &w.mirror, &w.links, &w.target);
+        input.scope = PlanScope::Anchors(vec![anchor.into()]);
+        input.unlinked_referrers = unlinked_referrers;
+        delta::plan(&input)
+    };
+    // As one delta plan: Nina is created with Bea as her pending manager.
+    assert_eq!(
+        kinds(&page(&w, "boss", true)),
+        [("create", "boss"), ("create", "new"), ("references", "old")]
+    );
+    let first = page(&w, "boss", false);
+    assert_eq!(kinds(&first), [("create", "boss"), ("references", "old")]);
+    w.apply(&first);
+    let second = page(&w, "new", false);
+    assert_eq!(kinds(&second), [("create", "new")]);
+    let OperationKind::Create { attributes, .. } = &second.operations[0].kind else {
+        unreachable!()
+    };
+    assert!(attributes
+        .get("manager")
+        .is_some_and(|v| testkit::target_ref(&v[0]).is_some()));
+    w.apply(&second);
+    assert!(w.plan().is_empty());
+}
+
 #[test]
 fn delta_scope_plans_the_referrers_of_changed_anchors() {
     let mut w = World::new(vec![

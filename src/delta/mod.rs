@@ -59,7 +59,7 @@ pub use plan::{
     GuardViolation, Issue, Operation, OperationKind, PendingReference, Phase, Plan, PlanStats,
     Reason, TargetRef,
 };
-pub use planner::{plan, PlanInput, PlanScope};
+pub use planner::{decide_page, plan, plan_decided, Decisions, PlanInput, PlanScope};
 pub use projection::{
     enabled_values, Apply, Deprovision, DeprovisionCause, Desired, Flow, JoinGroup, Projected,
     Projection, ProjectionContext, ProjectionError, WhenEmpty,

@@ -61,6 +61,17 @@ pub struct PlanInput<'a> {
     /// Which reference attributes the target accepts in a create (the engine sets it from
     /// the target's capabilities; [`CreateReferences::All`] by default).
     pub create_references: CreateReferences,
+    /// The number of linked objects per target type, when `links` holds only some of them (a
+    /// delta plan's neighbourhood, a page): what the deletion guard's limits are computed from.
+    /// `None`: `links` holds every link, and they are counted.
+    pub linked: Option<&'a BTreeMap<ObjectType, usize>>,
+    /// Whether a plan also plans the objects without a link that reference an object whose
+    /// link it makes or ends (creating them, their reference pending). `true` by default. A
+    /// run planned page by page sets it `false`: those objects are dirty and planned in their
+    /// own page — when the object they reference is linked, or a later page plans them again
+    /// (as linked referrers) to add the reference — so a page does not grow into the objects
+    /// that reference it, and theirs.
+    pub unlinked_referrers: bool,
 }
 
 impl<'a> PlanInput<'a> {
@@ -83,7 +94,15 @@ impl<'a> PlanInput<'a> {
             guard: DeletionGuard::default(),
             containers: None,
             create_references: CreateReferences::All,
+            linked: None,
+            unlinked_referrers: true,
         }
+    }
+
+    /// Whether the plan takes `referrer` in as an object referencing one whose link it makes
+    /// or ends (see [`PlanInput::unlinked_referrers`]).
+    fn plans_referrer(&self, referrer: &Anchor) -> bool {
+        self.unlinked_referrers || self.links.get(referrer).is_some()
     }
 }
 
@@ -126,22 +145,13 @@ enum Action {
 
 /// Plans. See the module documentation.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
-    let fresh;
-    let containers = match input.containers {
-        Some(c) => c,
-        None => {
-            let named = input.projection.containers();
-            fresh = ContainerBindings::resolve(&named, input.mirror, &ContainerBindings::new());
-            &fresh
-        }
-    };
-    let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target)
-        .with_containers(containers);
-    ctx.links = Some(input.links);
+    let mut fresh = None;
+    let containers = bound_containers(input, &mut fresh);
+    let ctx = context(input, containers);
 
     // Phase A: every considered anchor, in parallel where enabled. The common "nothing to do"
     // decisions are only counted; the others are kept for phases B and C.
-    let mut tally = match &input.scope {
+    let tally = match &input.scope {
         PlanScope::All => {
             let entries: Vec<&Entry> = input.mirror.entries().collect();
             let mut t = par_tally(&entries, |e| {
@@ -181,7 +191,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 let mut extra: BTreeSet<&Anchor> = BTreeSet::new();
                 for a in &relinked {
                     for (referrer, _) in input.mirror.referrers(a) {
-                        if !set.contains(referrer) {
+                        if !set.contains(referrer) && input.plans_referrer(referrer) {
                             extra.insert(referrer);
                         }
                     }
@@ -203,8 +213,137 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             tally
         }
     };
-    redecide_referrers(input, &ctx, &mut tally);
+    conclude(input, containers, &ctx, tally)
+}
 
+/// The bindings of the projection's containers: the input's, or bound afresh against its
+/// mirror (in `fresh`).
+fn bound_containers<'i>(
+    input: &'i PlanInput<'_>,
+    fresh: &'i mut Option<ContainerBindings>,
+) -> &'i ContainerBindings {
+    match input.containers {
+        Some(c) => c,
+        None => {
+            let named = input.projection.containers();
+            fresh.insert(ContainerBindings::resolve(
+                &named,
+                input.mirror,
+                &ContainerBindings::new(),
+            ))
+        }
+    }
+}
+
+/// `input` as the input of a full plan.
+fn as_full<'i>(input: &PlanInput<'i>) -> PlanInput<'i> {
+    PlanInput {
+        projection: input.projection,
+        mirror: input.mirror,
+        links: input.links,
+        target: input.target,
+        scope: PlanScope::All,
+        now: input.now,
+        seed: input.seed,
+        guard: input.guard,
+        containers: input.containers,
+        create_references: input.create_references.clone(),
+        linked: input.linked,
+        unlinked_referrers: input.unlinked_referrers,
+    }
+}
+
+/// The context the projection is asked in.
+fn context<'i>(input: &PlanInput<'i>, containers: &'i ContainerBindings) -> ProjectionContext<'i> {
+    let mut ctx = ProjectionContext::new(input.now, input.seed, input.mirror, input.target)
+        .with_containers(containers);
+    ctx.links = Some(input.links);
+    ctx
+}
+
+/// Phase A of a full plan ([`PlanScope::All`]) over part of its anchors, for a plan made page
+/// by page from a store too large to hold at once: what [`plan`] decides for each of
+/// `anchors` (those of the source mirror, and linked anchors whose source object is gone),
+/// the "nothing to do" decisions only counted. `input` holds the page's neighbourhood (its
+/// entries, their links and target objects, what they reference and what references them, the
+/// join candidates of the unlinked ones), as for a delta plan; its scope is ignored. Anchors
+/// neither in the mirror nor linked are not considered.
+///
+/// The pages' decisions, [absorbed](Decisions::absorb) into one, then go to [`plan_decided`]
+/// with the neighbourhood of [`Decisions::anchors`]: the plan is the one [`plan`] makes from
+/// the whole store, byte for byte.
+pub fn decide_page(input: &PlanInput<'_>, anchors: &[Anchor]) -> Decisions {
+    let mut fresh = None;
+    let containers = bound_containers(input, &mut fresh);
+    let ctx = context(input, containers);
+    let full = as_full(input);
+    let items: Vec<(&Anchor, Option<&Entry>, Option<&Link>)> = anchors
+        .iter()
+        .map(|a| (a, input.mirror.get(a), input.links.get(a)))
+        .filter(|(_, e, l)| e.is_some() || l.is_some())
+        .collect();
+    Decisions(par_tally(&items, |(a, entry, link)| {
+        (decide(&full, &ctx, a, *entry, *link, true), link.is_some())
+    }))
+}
+
+/// What phase A of a plan decided, page by page ([`decide_page`]): the statistics, and the
+/// decisions that are not "nothing to do" — few when little changed, so a full plan of a
+/// large store holds only these.
+#[derive(Default)]
+pub struct Decisions(Tally);
+
+impl Decisions {
+    /// Adds the decisions of another page.
+    pub fn absorb(&mut self, other: Decisions) {
+        self.0.absorb(other.0);
+    }
+
+    /// The anchors considered so far.
+    pub fn considered(&self) -> usize {
+        self.0.stats.considered
+    }
+
+    /// The anchors decided something for (an operation, an object to create, join or update,
+    /// an issue), sorted: the ones whose neighbourhood [`plan_decided`] needs.
+    pub fn anchors(&self) -> Vec<Anchor> {
+        let mut out: Vec<Anchor> = self.0.decided().into_iter().cloned().collect();
+        out.sort();
+        out
+    }
+}
+
+impl std::fmt::Debug for Decisions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decisions")
+            .field("stats", &self.0.stats)
+            .field("operations", &self.0.ops.len())
+            .field("objects", &self.0.pending.len())
+            .field("issues", &self.0.issues.len())
+            .finish()
+    }
+}
+
+/// The rest of a full plan made page by page: phases B and C over the pages' [`Decisions`].
+/// `input` holds the neighbourhood of [`Decisions::anchors`] (as a delta plan's views, join
+/// candidates included) and, in [`PlanInput::linked`], the number of linked objects per
+/// target type for the guard.
+pub fn plan_decided(input: &PlanInput<'_>, decisions: Decisions) -> Plan {
+    let mut fresh = None;
+    let containers = bound_containers(input, &mut fresh);
+    let full = as_full(input);
+    let ctx = context(&full, containers);
+    conclude(&full, containers, &ctx, decisions.0)
+}
+
+/// Phases B and C, after phase A.
+fn conclude(
+    input: &PlanInput<'_>,
+    containers: &ContainerBindings,
+    ctx: &ProjectionContext<'_>,
+    mut tally: Tally,
+) -> Plan {
+    redecide_referrers(input, ctx, &mut tally);
     replan_referrers_of_recreated(input, containers, &mut tally);
 
     let mut stats = tally.stats;
@@ -293,7 +432,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         guard_violations: Vec::new(),
         stats,
     };
-    plan.guard_violations = input.guard.check(&plan, input.links);
+    plan.guard_violations = match input.linked {
+        Some(counts) => input
+            .guard
+            .check_with(&plan, |ty| counts.get(ty).copied().unwrap_or(0)),
+        None => input.guard.check(&plan, input.links),
+    };
     plan
 }
 
@@ -316,7 +460,7 @@ fn replan_referrers_of_recreated(
         .iter()
         .flat_map(|a| input.mirror.referrers(a))
         .map(|(r, _)| r)
-        .filter(|r| !decided.contains(r))
+        .filter(|r| !decided.contains(r) && input.plans_referrer(r))
         .cloned()
         .collect::<BTreeSet<Anchor>>()
         .into_iter()
@@ -483,7 +627,7 @@ fn redecide_referrers(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, tally:
         .iter()
         .flat_map(|a| input.mirror.referrers(a))
         .map(|(r, _)| r)
-        .filter(|r| !decided.contains(r))
+        .filter(|r| !decided.contains(r) && input.plans_referrer(r))
         .collect();
     let mut found = Vec::new();
     for a in again {

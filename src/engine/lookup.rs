@@ -153,11 +153,23 @@ impl Synchronizer {
         scope: PlanScope,
         report: &mut RunReport,
     ) -> Result<(StagedPlan, Views)> {
-        let (mut staged, mut views) = self.plan_scope(scope.clone())?;
+        self.plan_checked_with(scope, &super::plan::Together::whole(), report)
+            .await
+    }
+
+    /// [`Synchronizer::plan_checked`] for a page of a paged run (see
+    /// [`Synchronizer::plan_scope_with`]).
+    pub(super) async fn plan_checked_with(
+        &self,
+        scope: PlanScope,
+        together: &super::plan::Together,
+        report: &mut RunReport,
+    ) -> Result<(StagedPlan, Views)> {
+        let (mut staged, mut views) = self.plan_scope_with(scope.clone(), together)?;
         let mut round = 0;
         while let Some(found) = self.look_up_creates(&staged.plan, round, report).await? {
             if found > 0 {
-                (staged, views) = self.plan_scope(scope.clone())?;
+                (staged, views) = self.plan_scope_with(scope.clone(), together)?;
             }
             round += 1;
         }

@@ -48,7 +48,7 @@ mod recovery;
 mod report;
 mod writer;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,7 @@ pub use report::{Failure, Progress, RunReport, Stage};
 
 use crate::connector::{ConnectorError, ErrorKind, ImportItem, Source, Target, TargetOperation};
 use crate::delta::{
-    self, DeletionGuard, OperationKind, Plan, PlanInput, PlanScope, Projected, Projection,
+    self, DeletionGuard, Issue, Operation, OperationKind, Plan, PlanInput, PlanScope, Projected, Projection,
     ProjectionContext,
 };
 use crate::model::{Anchor, Change, Dn, Entry, TargetId, TargetObject};
@@ -128,6 +128,9 @@ pub struct EngineConfig {
     pub concurrency: usize,
     /// Entries or changes per state-store transaction during import.
     pub import_batch: usize,
+    /// Objects per page when a plan pages through the store (a full plan, a large dirty set):
+    /// what bounds the memory a run holds, beyond a compact record of each planned object.
+    pub plan_page: usize,
     /// Retries within a run.
     pub retry: RetryPolicy,
     /// The circuit breaker.
@@ -196,6 +199,7 @@ impl Default for EngineConfig {
             min_import_share: 0.5,
             concurrency: 8,
             import_batch: 1000,
+            plan_page: 20_000,
             retry: RetryPolicy::default(),
             circuit_breaker: CircuitBreaker::default(),
             escrow_base: Duration::from_secs(60),
@@ -214,6 +218,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("guard", &self.guard)
             .field("min_import_share", &self.min_import_share)
             .field("concurrency", &self.concurrency)
+            .field("plan_page", &self.plan_page)
             .field("retry", &self.retry)
             .field("circuit_breaker", &self.circuit_breaker)
             .field("join_lookup", &self.join_lookup)
@@ -469,23 +474,210 @@ impl Synchronizer {
         self.finish(start, result)
     }
 
+    /// Plans and exports: every object (`full`: the plan pages through the store, see
+    /// [`Synchronizer::plan`]), or the dirty set — in one plan when it fits in a page
+    /// ([`EngineConfig::plan_page`]), else page by page ([`Synchronizer::sync_pages`]).
     async fn sync_inner(&mut self, run: RunId, full: bool) -> Result<RunReport> {
         let mut report = self.recover(run).await?;
-        // The dirty anchors this run answers for (see `export`).
-        let dirty = self.store(|s| s.dirty())?;
         let scope = if full {
             PlanScope::All
         } else {
-            if dirty.is_empty() {
+            let page = self.config.plan_page.max(1);
+            let first = self.store(|s| s.dirty_page(None, page.saturating_add(1)))?;
+            if first.is_empty() {
                 return Ok(report);
             }
-            PlanScope::Anchors(dirty.clone())
+            if first.len() > page {
+                report.absorb(self.sync_pages(run).await?);
+                return Ok(report);
+            }
+            PlanScope::Anchors(first.into_iter().map(|(a, _)| a).collect())
+        };
+        // The dirty anchors this run answers for (see `export`).
+        let covered = match &scope {
+            PlanScope::Anchors(a) => a.clone(),
+            PlanScope::All => self.store(|s| s.dirty())?,
         };
         let t0 = Instant::now();
         let (staged, views) = self.plan_checked(scope, &mut report).await?;
         report.stages.push((Stage::Plan, t0.elapsed()));
-        report.absorb(self.export(run, staged.plan, views, &dirty).await?);
+        report.absorb(self.export(run, staged.plan, views, &covered).await?);
         Ok(report)
+    }
+
+    /// A dirty set larger than a page (the initial load), planned and exported page by page
+    /// in anchor order, so neither the whole mirror nor the whole plan is held at once; a
+    /// staged plan ([`Synchronizer::plan`]) stays one plan.
+    ///
+    /// What one plan decides across all its objects is decided first, from a survey of the
+    /// whole dirty set ([`Synchronizer::survey_pages`]): the deletion guard sees every
+    /// deprovision of the run before anything is exported (a run it holds exports nothing),
+    /// and objects that would join one target object are planned in one page (so none joins
+    /// it, as in one plan). Each page's plan is a delta plan of the page, which includes the
+    /// linked objects that reference the page's creates: references to objects of later pages
+    /// are completed when those are created. Deprovisions wait until every page is exported
+    /// (as in one plan, references to an object go before it). Each page's export clears only
+    /// the page's anchors from the dirty set (those with a deprovision waiting, once it is
+    /// exported), so a run that stops (or is killed) leaves the rest dirty.
+    async fn sync_pages(&mut self, run: RunId) -> Result<RunReport> {
+        let mut report = RunReport::default();
+        let page = self.config.plan_page.max(1);
+        let t0 = Instant::now();
+        let survey = self.survey_pages(page, &mut report).await?;
+        report.stages.push((Stage::Plan, t0.elapsed()));
+        let allowed = if survey.violations.is_empty() {
+            false
+        } else if std::mem::take(&mut self.allow_deletions_once) {
+            true
+        } else {
+            warn!(
+                violations = survey.violations.len(),
+                "export held by the deletion guard"
+            );
+            report.held = true;
+            report.guard_violations = survey.violations;
+            return Ok(report);
+        };
+        // The survey looked up the creates (when they are looked up at all): what it found
+        // is in the target mirror, so the pages are planned without looking up again.
+        let together = plan::Together::pages(survey.contested);
+        let mut planned_groups: HashSet<usize> = HashSet::new();
+        let mut deprovisions: Vec<Operation> = Vec::new();
+        let mut after: Option<Anchor> = None;
+        loop {
+            let dirty = self.store(|s| s.dirty_page(after.as_ref(), page))?;
+            let Some((last, _)) = dirty.last().cloned() else {
+                break;
+            };
+            after = Some(last);
+            let mut anchors: Vec<Anchor> = Vec::with_capacity(dirty.len());
+            for (a, _) in dirty {
+                match together.group(&a) {
+                    // Planned with its group already.
+                    Some(g) if !planned_groups.insert(g) => {}
+                    _ => anchors.push(a),
+                }
+            }
+            together.expand(&mut anchors);
+            let t0 = Instant::now();
+            let (staged, views) =
+                self.plan_scope_with(PlanScope::Anchors(anchors.clone()), &together)?;
+            report.stages.push((Stage::Plan, t0.elapsed()));
+            // Deprovisions wait for every page: the references to their objects go first
+            // (a target may remove them with the object), as in one plan. Their objects stay
+            // dirty until they are exported.
+            let mut plan = staged.plan;
+            let (last_phase, rest): (Vec<Operation>, Vec<Operation>) =
+                std::mem::take(&mut plan.operations)
+                    .into_iter()
+                    .partition(|o| o.phase() == delta::Phase::Deprovision);
+            plan.operations = rest;
+            let waiting: HashSet<&Anchor> = last_phase.iter().map(|o| &o.anchor).collect();
+            let clear: Vec<Anchor> = anchors
+                .iter()
+                .filter(|a| !waiting.contains(a))
+                .cloned()
+                .collect();
+            deprovisions.extend(last_phase);
+            // A page's plan the guard holds (its deprovisions counted) stops the run, unless
+            // the run was allowed.
+            self.allow_deletions_once |= allowed;
+            let exported = self.export(run, plan, views, &clear).await?;
+            let stop = exported.held || exported.stopped.is_some();
+            report.absorb(exported);
+            if stop {
+                self.allow_deletions_once = false;
+                return Ok(report);
+            }
+        }
+        if !deprovisions.is_empty() {
+            let mut anchors: Vec<Anchor> = deprovisions.iter().map(|o| o.anchor.clone()).collect();
+            anchors.sort();
+            anchors.dedup();
+            let bindings = self.bind_containers()?;
+            let views = self.neighbourhood(&anchors, self.config.clock.now(), &bindings)?;
+            let plan = Plan {
+                operations: deprovisions,
+                ..Plan::default()
+            };
+            // Deletions the guard let through (or that were allowed) for the whole run.
+            self.allow_deletions_once = allowed;
+            report.absorb(self.export(run, plan, views, &anchors).await?);
+        }
+        self.allow_deletions_once = false;
+        Ok(report)
+    }
+
+    /// What a paged run must know of its whole dirty set before it exports a page: the dirty
+    /// objects that may be deprovisioned (the linked ones) or may join (the unlinked ones,
+    /// when the target mirror holds objects no link points at, or creates are looked up in
+    /// the target — which the survey then does) planned `page` at a time, keeping only their
+    /// deprovisions — checked by the deletion guard together — and the target objects more
+    /// than one of them would join.
+    async fn survey_pages(&self, page: usize, report: &mut RunReport) -> Result<Survey> {
+        let lookups = self.config.join_lookup != JoinLookup::Off && self.target.capabilities().read;
+        let joins = lookups || self.store(|s| s.has_unlinked_target_objects())?;
+        if !self.config.guard.enabled && !joins {
+            return Ok(Survey::default());
+        }
+        let mut deprovisions = Plan::default();
+        let mut claims: BTreeMap<TargetId, BTreeSet<Anchor>> = BTreeMap::new();
+        let mut batch: Vec<Anchor> = Vec::new();
+        let mut after: Option<Anchor> = None;
+        loop {
+            let dirty = self.store(|s| s.dirty_page(after.as_ref(), page))?;
+            let done = dirty.len() < page;
+            after = dirty.last().map(|(a, _)| a.clone());
+            batch.extend(
+                dirty
+                    .into_iter()
+                    .filter(|(_, linked)| *linked || joins)
+                    .map(|(a, _)| a),
+            );
+            if batch.len() >= page || (done && !batch.is_empty()) {
+                let scope = PlanScope::Anchors(std::mem::take(&mut batch));
+                let plan = self
+                    .plan_checked_with(scope, &plan::Together::pages(Vec::new()), report)
+                    .await?
+                    .0
+                    .plan;
+                for i in &plan.issues {
+                    if let Issue::DuplicateJoin { target_id, anchors } = i {
+                        claims
+                            .entry(target_id.clone())
+                            .or_default()
+                            .extend(anchors.iter().cloned());
+                    }
+                }
+                for o in plan.operations {
+                    match &o.kind {
+                        OperationKind::Join { target_id, .. } => {
+                            claims
+                                .entry(target_id.clone())
+                                .or_default()
+                                .insert(o.anchor);
+                        }
+                        k if k.is_deletion() => deprovisions.operations.push(o),
+                        _ => {}
+                    }
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        let counts = self.store(|s| s.link_counts())?;
+        Ok(Survey {
+            violations: self
+                .config
+                .guard
+                .check_with(&deprovisions, |ty| counts.get(ty).copied().unwrap_or(0)),
+            contested: claims
+                .into_values()
+                .filter(|a| a.len() > 1)
+                .map(|a| a.into_iter().collect())
+                .collect(),
+        })
     }
 
     /// Reads the target (every object type the links and rules name), replaces the target
@@ -584,6 +776,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
+}
+
+/// What a paged run learns of its whole dirty set first ([`Synchronizer::survey_pages`]).
+#[derive(Default)]
+struct Survey {
+    /// The deletion guard's violations for every deprovision of the run.
+    violations: Vec<delta::GuardViolation>,
+    /// Groups of anchors that would join one target object.
+    contested: Vec<Vec<Anchor>>,
 }
 
 struct RunStart {

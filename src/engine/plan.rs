@@ -3,77 +3,156 @@
 use super::*;
 
 impl Synchronizer {
-    pub(super) fn views_for(
+    /// The views a plan of `anchors` reads: their neighbourhood
+    /// ([`StateStore::load_neighbourhood`]), and the target objects the join groups of the
+    /// unlinked ones name.
+    pub(super) fn neighbourhood(
         &self,
-        scope: &PlanScope,
+        anchors: &[Anchor],
         now: DateTime<Utc>,
         bindings: &crate::delta::ContainerBindings,
     ) -> Result<Views> {
-        match scope {
-            PlanScope::All => self.store(|s| s.load_all()),
-            PlanScope::Anchors(anchors) => {
-                let mut views = self.store(|s| s.load_neighbourhood(anchors))?;
-                // New objects may join target objects outside the neighbourhood: load the
-                // candidates their join groups name.
-                let ctx =
-                    ProjectionContext::new(now, self.config.seed, &views.mirror, &views.target)
-                        .with_containers(bindings);
-                let mut lookups = Vec::new();
-                for a in anchors {
-                    if views.links.get(a).is_some() {
-                        continue;
-                    }
-                    let Some(e) = views.mirror.get(a) else {
-                        continue;
-                    };
-                    if let Projected::InScope(d) = self.projection.project(e, &ctx) {
-                        for g in &d.join {
-                            for (attr, value) in g.pairs() {
-                                lookups.push(TargetLookup {
-                                    object_type: d.target_type.clone(),
-                                    attribute: attr.clone(),
-                                    value: value.clone(),
-                                });
-                            }
-                        }
+        if anchors.is_empty() {
+            return Ok(Views::default());
+        }
+        let mut views = self.store(|s| s.load_neighbourhood(anchors))?;
+        // New objects may join target objects outside the neighbourhood: load the
+        // candidates their join groups name.
+        let ctx = ProjectionContext::new(now, self.config.seed, &views.mirror, &views.target)
+            .with_containers(bindings);
+        let mut lookups = Vec::new();
+        for a in anchors {
+            if views.links.get(a).is_some() {
+                continue;
+            }
+            let Some(e) = views.mirror.get(a) else {
+                continue;
+            };
+            if let Projected::InScope(d) = self.projection.project(e, &ctx) {
+                for g in &d.join {
+                    for (attr, value) in g.pairs() {
+                        lookups.push(TargetLookup {
+                            object_type: d.target_type.clone(),
+                            attribute: attr.clone(),
+                            value: value.clone(),
+                        });
                     }
                 }
-                if !lookups.is_empty() {
-                    self.store(|s| s.load_join_candidates(&mut views, &lookups))?;
-                }
-                Ok(views)
             }
         }
+        if !lookups.is_empty() {
+            self.store(|s| s.load_join_candidates(&mut views, &lookups))?;
+        }
+        Ok(views)
     }
 
-    pub(super) fn plan_scope(&self, scope: PlanScope) -> Result<(StagedPlan, Views)> {
-        let t0 = Instant::now();
-        let now = self.config.clock.now();
-        let fingerprint = self.store(|s| s.fingerprint())?;
-        let bindings = self.bind_containers()?;
-        let views = self.views_for(&scope, now, &bindings)?;
-        let delta_scope = matches!(scope, PlanScope::Anchors(_));
+    /// The planner's input over `views`, with the run's settings.
+    fn plan_input<'v>(
+        &'v self,
+        views: &'v Views,
+        now: DateTime<Utc>,
+        bindings: &'v crate::delta::ContainerBindings,
+        counts: &'v BTreeMap<crate::model::ObjectType, usize>,
+        create_references: &crate::delta::CreateReferences,
+    ) -> PlanInput<'v> {
         let mut input = PlanInput::new(
             self.projection.as_ref(),
             &views.mirror,
             &views.links,
             &views.target,
         );
-        input.scope = scope;
         input.now = now;
         input.seed = self.config.seed;
         input.guard = self.config.guard;
-        input.containers = Some(&bindings);
-        input.create_references = self.target.capabilities().create_references;
-        let mut plan = delta::plan(&input);
-        if delta_scope {
-            // The neighbourhood's links are partial: count the linked objects in the store.
-            let counts = self.store(|s| s.link_counts())?;
-            plan.guard_violations = self
-                .config
-                .guard
-                .check_with(&plan, |ty| counts.get(ty).copied().unwrap_or(0));
-        }
+        input.containers = Some(bindings);
+        input.create_references = create_references.clone();
+        input.linked = Some(counts);
+        input
+    }
+
+    /// Plans `scope`; returns the plan and the views it was made from (for the export).
+    ///
+    /// A full plan pages through the store ([`StateStore::anchors_page`], `plan_page` anchors
+    /// at a time): phase A decides each page from the page's neighbourhood and keeps only
+    /// what is not "nothing to do"; phases B and C then run over those, from their
+    /// neighbourhood. The plan is the one the planner makes from the whole store, byte for
+    /// byte (`tests/plan_golden.rs`), and the memory it takes does not grow with the store,
+    /// beyond the decisions. The deletion guard counts the links in the store, for full and
+    /// delta plans alike, in the planner.
+    pub(super) fn plan_scope(&self, scope: PlanScope) -> Result<(StagedPlan, Views)> {
+        self.plan_scope_with(scope, &Together::whole())
+    }
+
+    /// [`Synchronizer::plan_scope`] for a page of a paged run: planning the anchors
+    /// `together` groups with each other (whenever one of a group is planned, all of it is),
+    /// and not the unlinked objects referencing the page's creates (they have their own page:
+    /// [`PlanInput::unlinked_referrers`]).
+    pub(super) fn plan_scope_with(
+        &self,
+        scope: PlanScope,
+        together: &Together,
+    ) -> Result<(StagedPlan, Views)> {
+        let t0 = Instant::now();
+        let now = self.config.clock.now();
+        let fingerprint = self.store(|s| s.fingerprint())?;
+        let bindings = self.bind_containers()?;
+        let counts = self.store(|s| s.link_counts())?;
+        let create_references = self.target.capabilities().create_references;
+        let (plan, views) = match scope {
+            PlanScope::All => {
+                let page = self.config.plan_page.max(1);
+                let mut decisions = delta::Decisions::default();
+                let mut after: Option<Anchor> = None;
+                loop {
+                    let anchors = self.store(|s| s.anchors_page(after.as_ref(), page))?;
+                    let Some(last) = anchors.last().cloned() else {
+                        break;
+                    };
+                    let views = self.neighbourhood(&anchors, now, &bindings)?;
+                    decisions.absorb(delta::decide_page(
+                        &self.plan_input(&views, now, &bindings, &counts, &create_references),
+                        &anchors,
+                    ));
+                    self.progress(Stage::Plan, decisions.considered() as u64, None);
+                    after = Some(last);
+                }
+                let views = self.neighbourhood(&decisions.anchors(), now, &bindings)?;
+                (
+                    delta::plan_decided(
+                        &self.plan_input(&views, now, &bindings, &counts, &create_references),
+                        decisions,
+                    ),
+                    views,
+                )
+            }
+            PlanScope::Anchors(mut anchors) => loop {
+                together.expand(&mut anchors);
+                let views = self.neighbourhood(&anchors, now, &bindings)?;
+                let mut input =
+                    self.plan_input(&views, now, &bindings, &counts, &create_references);
+                input.scope = PlanScope::Anchors(anchors.clone());
+                input.unlinked_referrers = !together.paged;
+                let plan = delta::plan(&input);
+                // The planner also plans the objects that reference the ones it links (and
+                // theirs). A linked one it creates beyond the scope was planned without its
+                // target object, which the views hold for the scope's objects only: it would
+                // be created again. Plan again with it in the scope, until none is.
+                let beyond: BTreeSet<&Anchor> = plan
+                    .operations
+                    .iter()
+                    .filter(|o| {
+                        matches!(o.kind, OperationKind::Create { .. })
+                            && views.links.get(&o.anchor).is_some()
+                            && anchors.binary_search(&o.anchor).is_err()
+                    })
+                    .map(|o| &o.anchor)
+                    .collect();
+                if beyond.is_empty() {
+                    break (plan, views);
+                }
+                anchors.extend(beyond.into_iter().cloned());
+            },
+        };
         debug!(operations = plan.operations.len(), issues = plan.issues.len(), out_of_scope_references = plan.stats.out_of_scope_references, elapsed = ?t0.elapsed(), "planned");
         self.progress(
             Stage::Plan,
@@ -142,7 +221,7 @@ impl Synchronizer {
                 .collect();
             // The container bindings the plan was made with (recorded when it was made).
             let bindings = self.store(|s| s.container_bindings())?;
-            let views = self.views_for(&PlanScope::Anchors(anchors), staged.now, &bindings)?;
+            let views = self.neighbourhood(&anchors, staged.now, &bindings)?;
             let plan =
                 self.restore_secrets(staged.plan, &views, &bindings, staged.now, staged.seed);
             // The plan was made from this dirty set (the fingerprint says nothing moved since).
@@ -186,5 +265,52 @@ impl Synchronizer {
             }
         }
         plan
+    }
+}
+
+/// Groups of anchors planned together: whenever a plan holds one of a group, it holds all of
+/// it (objects that would join one target object, so none joins it, as in one plan).
+#[derive(Debug, Default)]
+pub(super) struct Together {
+    groups: Vec<Vec<Anchor>>,
+    by_anchor: HashMap<Anchor, usize>,
+    /// Whether the plan is a page of a paged run.
+    paged: bool,
+}
+
+impl Together {
+    /// For a plan that is not a page: no groups.
+    pub(super) fn whole() -> Together {
+        Together::default()
+    }
+
+    /// For the pages of a paged run, with these groups.
+    pub(super) fn pages(groups: Vec<Vec<Anchor>>) -> Together {
+        let mut by_anchor = HashMap::new();
+        for (i, g) in groups.iter().enumerate() {
+            for a in g {
+                by_anchor.insert(a.clone(), i);
+            }
+        }
+        Together {
+            groups,
+            by_anchor,
+            paged: true,
+        }
+    }
+
+    /// The group of `anchor`, if it has one.
+    pub(super) fn group(&self, anchor: &Anchor) -> Option<usize> {
+        self.by_anchor.get(anchor).copied()
+    }
+
+    /// `anchors` with the whole group of each, sorted, each once.
+    pub(super) fn expand(&self, anchors: &mut Vec<Anchor>) {
+        let groups: BTreeSet<usize> = anchors.iter().filter_map(|a| self.group(a)).collect();
+        for g in groups {
+            anchors.extend(self.groups[g].iter().cloned());
+        }
+        anchors.sort();
+        anchors.dedup();
     }
 }

@@ -574,6 +574,31 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
+    fn anchors_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<Anchor>, StateError> {
+        // A scan per page: this store holds everything in memory anyway.
+        let mut page: Vec<&Anchor> = self
+            .mirror
+            .anchors()
+            .chain(
+                self.links
+                    .iter()
+                    .map(|l| &l.anchor)
+                    .filter(|a| self.mirror.get(a).is_none()),
+            )
+            .filter(|a| after.is_none_or(|after| *a > after))
+            .collect();
+        if page.len() > limit {
+            page.select_nth_unstable(limit);
+            page.truncate(limit);
+        }
+        page.sort_unstable();
+        Ok(page.into_iter().cloned().collect())
+    }
+
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
         Ok(self.mirror.get(anchor).cloned())
     }
@@ -592,6 +617,24 @@ impl StateStore for MemoryStore {
 
     fn dirty(&self) -> Result<Vec<Anchor>, StateError> {
         Ok(self.dirty.iter().cloned().collect())
+    }
+
+    fn dirty_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<(Anchor, bool)>, StateError> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        Ok(self
+            .dirty
+            .range::<Anchor, _>((from, Bound::Unbounded))
+            .take(limit)
+            .map(|a| (a.clone(), self.links.get(a).is_some()))
+            .collect())
     }
 
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError> {
@@ -796,6 +839,13 @@ impl StateStore for MemoryStore {
             self.bump();
         }
         Ok(())
+    }
+
+    fn has_unlinked_target_objects(&self) -> Result<bool, StateError> {
+        Ok(self
+            .target
+            .objects()
+            .any(|o| self.links.anchor_of(&o.id).is_none()))
     }
 
     fn target_ids(&self) -> Result<Vec<TargetId>, StateError> {

@@ -623,6 +623,14 @@ pub trait StateStore: Send {
         Ok(())
     }
 
+    /// A page of the anchors a full plan considers — those of the source mirror and those
+    /// linked (a linked object whose source object is gone is deprovisioned) — each once, in
+    /// ascending order, the first `limit` after `after` (from the first when `None`). A full
+    /// plan pages through the store with it ([`crate::delta::decide_page`]) instead of loading
+    /// it whole.
+    fn anchors_page(&self, after: Option<&Anchor>, limit: usize)
+        -> Result<Vec<Anchor>, StateError>;
+
     /// The entry of `anchor`.
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError>;
 
@@ -637,6 +645,15 @@ pub trait StateStore: Send {
 
     /// The dirty anchors, sorted.
     fn dirty(&self) -> Result<Vec<Anchor>, StateError>;
+
+    /// A page of the dirty set: the first `limit` dirty anchors after `after` (from the first
+    /// when `None`), in ascending order, each with whether it is linked (only a linked object
+    /// can be deprovisioned). A large dirty set is planned and exported page by page with it.
+    fn dirty_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<(Anchor, bool)>, StateError>;
 
     /// Removes `anchors` from the dirty set (they were exported, or need nothing).
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError>;
@@ -746,6 +763,10 @@ pub trait StateStore: Send {
     /// Removes target objects (gone from the target), marking dirty the object linked to each
     /// and that object's referrers (the next plan re-creates it and repoints them).
     fn remove_target_objects(&mut self, ids: &[TargetId]) -> Result<(), StateError>;
+
+    /// Whether the target mirror holds an object no link points at (one a new object may
+    /// join).
+    fn has_unlinked_target_objects(&self) -> Result<bool, StateError>;
 
     /// Every target object id, sorted.
     fn target_ids(&self) -> Result<Vec<TargetId>, StateError>;

@@ -857,6 +857,25 @@ fn referrers(
     .collect()
 }
 
+/// The rows of a page query (`?1`: the anchor the page starts after, `?2`: its size).
+fn page_rows<T>(
+    conn: &Connection,
+    sql: &str,
+    (after, limit): (Option<&Anchor>, usize),
+    what: &str,
+    row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Vec<T>, StateError> {
+    let mut stmt = conn.prepare_cached(sql).ctx(what)?;
+    let after = after.map_or("", |a| a.as_str());
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut q = stmt.query(params![after, limit]).ctx(what)?;
+    let mut out = Vec::new();
+    while let Some(r) = q.next().ctx(what)? {
+        out.push(row(r).ctx(what)?);
+    }
+    Ok(out)
+}
+
 fn meta_int(conn: &Connection, key: &str) -> Result<i64, StateError> {
     let v: Option<SqlValue> = conn
         .prepare_cached("SELECT value FROM meta WHERE key = ?1")
@@ -2176,6 +2195,23 @@ impl StateStore for SqliteStore {
         Ok(())
     }
 
+    fn anchors_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<Anchor>, StateError> {
+        // Both tables are ordered by anchor (their primary key): a merge of two range scans.
+        page_rows(
+            &self.conn,
+            "SELECT anchor FROM source_objects WHERE anchor > ?1 \
+             UNION SELECT anchor FROM links WHERE anchor > ?1 \
+             ORDER BY anchor LIMIT ?2",
+            (after, limit),
+            "reading a page of anchors",
+            |r| Ok(Anchor::from(r.get::<_, String>(0)?)),
+        )
+    }
+
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
         load_entry(&self.conn, anchor)
     }
@@ -2211,6 +2247,22 @@ impl StateStore for SqliteStore {
         .into_iter()
         .map(|mut r| text("dirty", "?", "anchor", take(&mut r, 0)).map(Anchor::from))
         .collect()
+    }
+
+    fn dirty_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<(Anchor, bool)>, StateError> {
+        page_rows(
+            &self.conn,
+            "SELECT d.anchor, l.anchor IS NOT NULL FROM dirty d \
+             LEFT JOIN links l ON l.anchor = d.anchor \
+             WHERE d.anchor > ?1 ORDER BY d.anchor LIMIT ?2",
+            (after, limit),
+            "reading a page of the dirty set",
+            |r| Ok((Anchor::from(r.get::<_, String>(0)?), r.get::<_, bool>(1)?)),
+        )
     }
 
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError> {
@@ -2399,6 +2451,16 @@ impl StateStore for SqliteStore {
             }
             Ok(())
         })
+    }
+
+    fn has_unlinked_target_objects(&self) -> Result<bool, StateError> {
+        self.conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM target_objects t \
+                 WHERE NOT EXISTS (SELECT 1 FROM links l WHERE l.target_id = t.id))",
+            )
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)))
+            .ctx("looking for unlinked target objects")
     }
 
     fn target_ids(&self) -> Result<Vec<TargetId>, StateError> {

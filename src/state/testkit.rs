@@ -41,6 +41,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     subtrees_move_with_their_container(make());
     container_bindings_are_kept(make());
     duplicate_anchors_are_refused(make());
+    anchor_pages_cover_the_mirror_and_the_links_once(make());
 }
 
 fn dn(s: &str) -> Dn {
@@ -1822,4 +1823,83 @@ fn duplicate_anchors_are_refused(mut s: Box<dyn StateStore>) {
         Some(dn("cn=Hal,ou=People,dc=x"))
     );
     assert_eq!(s.watermark("src").unwrap(), Some(w2));
+}
+
+/// `anchors_page` pages through the source mirror and the links (a link whose source object
+/// is gone included, an anchor both mirrored and linked once), in order, whatever the page size.
+fn anchor_pages_cover_the_mirror_and_the_links_once(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    assert!(s.anchors_page(None, 10).unwrap().is_empty());
+    let g = s.begin_full_import("src").unwrap();
+    let entries: Vec<Entry> = ["m3", "b1", "z9", "a0", "m2"]
+        .iter()
+        .map(|x| user(x, &format!("cn-{x}")))
+        .collect();
+    s.import_entries(g, &entries).unwrap();
+    s.finish_full_import("src", g, None, 0.0).unwrap();
+    link_by_create(s, "b1", "t-b1", Attributes::new());
+    link_by_create(s, "k5", "t-k5", Attributes::new());
+    link_by_create(s, "zz", "t-zz", Attributes::new());
+    let all = anchors(&["a0", "b1", "k5", "m2", "m3", "z9", "zz"]);
+    for size in [1, 2, 3, 7, 100] {
+        let mut seen: Vec<Anchor> = Vec::new();
+        let mut after: Option<Anchor> = None;
+        loop {
+            let page = s.anchors_page(after.as_ref(), size).unwrap();
+            assert!(page.len() <= size, "page size {size}: {page:?}");
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            seen.extend(page);
+            after = Some(last);
+        }
+        assert_eq!(seen, all, "page size {size}");
+    }
+    assert_eq!(
+        s.anchors_page(Some(&a("m2")), 2).unwrap(),
+        anchors(&["m3", "z9"])
+    );
+    assert!(s.anchors_page(Some(&a("zz")), 5).unwrap().is_empty());
+
+    // Every target object is linked (by the creates above) until one is recorded unlinked.
+    assert!(!s.has_unlinked_target_objects().unwrap());
+    s.put_target_objects(&[TargetObject::new("loose", "User")])
+        .unwrap();
+    assert!(s.has_unlinked_target_objects().unwrap());
+
+    // The dirty set pages the same way, saying which anchors are linked.
+    reset_dirty(s);
+    s.mark_dirty(&anchors(&["z9", "b1", "k5", "a0", "zz", "q7"]))
+        .unwrap();
+    let want: Vec<(Anchor, bool)> = [
+        ("a0", false),
+        ("b1", true),
+        ("k5", true),
+        ("q7", false),
+        ("z9", false),
+        ("zz", true),
+    ]
+    .iter()
+    .map(|(x, l)| (a(x), *l))
+    .collect();
+    for size in [1, 2, 4, 6, 50] {
+        let mut seen = Vec::new();
+        let mut after: Option<Anchor> = None;
+        loop {
+            let page = s.dirty_page(after.as_ref(), size).unwrap();
+            assert!(page.len() <= size, "page size {size}: {page:?}");
+            let Some((last, _)) = page.last().cloned() else {
+                break;
+            };
+            seen.extend(page);
+            after = Some(last);
+        }
+        assert_eq!(seen, want, "page size {size}");
+    }
+    // Clearing a page leaves the rest.
+    s.clear_dirty(&anchors(&["a0", "b1"])).unwrap();
+    assert_eq!(
+        s.dirty_page(None, 2).unwrap(),
+        vec![(a("k5"), true), (a("q7"), false)]
+    );
 }
