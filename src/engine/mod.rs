@@ -425,7 +425,6 @@ impl Synchronizer {
         Ok(r)
     }
 
-
     /// Re-plans every object from the mirrors (after a rule change) and exports.
     pub async fn full_sync(&mut self) -> Result<RunReport> {
         let start = self.begin("full-sync")?;
@@ -568,7 +567,6 @@ impl Synchronizer {
             report,
         })
     }
-
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

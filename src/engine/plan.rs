@@ -3,7 +3,6 @@
 use super::*;
 
 impl Synchronizer {
-
     pub(super) fn views_for(
         &self,
         scope: &PlanScope,
@@ -186,5 +185,4 @@ impl Synchronizer {
         }
         plan
     }
-
 }

@@ -4,7 +4,6 @@
 use super::*;
 
 impl Synchronizer {
-
     /// Resolves operations a crash left unconfirmed (journaled as intended, never recorded as
     /// done or failed), before anything else is sent: a create is looked up in the target by
     /// its join keys — found, it is recorded as done (never sent twice); an update or delete is
@@ -124,5 +123,4 @@ impl Synchronizer {
         }
         Ok(None)
     }
-
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use super::auth::{random_password, CertificateCredential, Credential, TokenProvider};
-use super::client::{Client, Method, Request, Response, RetrySettings, StatsSnapshot};
+use super::client::{Client, Method, Request, Response, RetrySettings, StatsSnapshot, MAX_BATCH};
 use super::filter;
 use super::map::{from_json, set_path, to_json};
 use crate::connector::Secret;
@@ -990,7 +990,8 @@ impl Target for GraphTarget {
     fn capabilities(&self) -> TargetCapabilities {
         TargetCapabilities {
             value_level_changes: true,
-            max_batch: 1,
+            // One `$batch` envelope's worth of operations per call.
+            max_batch: MAX_BATCH,
             read: true,
             lookup_batch: filter::MAX_CLAUSES,
             // `POST /groups` takes members as `members@odata.bind`; a user's manager can only
@@ -1164,12 +1165,16 @@ impl Target for GraphTarget {
         Ok(out)
     }
 
+    /// The operations run together, those on one object in order (see
+    /// [`Target::apply`]): their requests go out in shared `$batch` envelopes of up to 20 —
+    /// the first request of every operation in the first envelopes, the next ones (a group's
+    /// further members, a restored user's update) in later ones as answers come in.
     async fn apply(&self, operations: &[TargetOperation]) -> Vec<Result<Applied, ConnectorError>> {
-        let mut out = Vec::with_capacity(operations.len());
-        for op in operations {
-            out.push(self.apply_one(op).await);
-        }
-        out
+        self.client
+            .batched(crate::connector::apply_per_object(operations, |op| {
+                self.apply_one(op)
+            }))
+            .await
     }
 }
 
