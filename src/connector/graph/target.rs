@@ -4,6 +4,8 @@
 //! membership diffs by value through `members@odata.bind` (20 per request) and
 //! `DELETE …/members/{id}/$ref` in `$batch`es, join lookups by `$filter` (`in` batches of 15
 //! values, Graph's limit), and reads through delta queries whose deltaLink is the watermark.
+//! The operations of one apply call run together, their requests combined into `$batch`
+//! envelopes of up to 20 ([`Client::batched`](super::client)).
 //!
 //! It may not panic on a server's answer nor log a secret or a password.
 
