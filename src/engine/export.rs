@@ -4,12 +4,7 @@
 use super::*;
 
 impl Synchronizer {
-    pub(super) async fn export(
-        &mut self,
-        run: RunId,
-        plan: Plan,
-        views: Views,
-    ) -> Result<RunReport> {
+    pub(super) async fn export(&mut self, run: RunId, plan: Plan, views: Views) -> Result<RunReport> {
         let t0 = Instant::now();
         let mut report = RunReport {
             planned: plan.operations.len() as u64,
@@ -188,11 +183,7 @@ impl Synchronizer {
         Ok(report)
     }
 
-    pub(super) fn escrow_delay(
-        &self,
-        anchor: &Anchor,
-        escrowed: &HashMap<Anchor, DateTime<Utc>>,
-    ) -> Duration {
+    pub(super) fn escrow_delay(&self, anchor: &Anchor, escrowed: &HashMap<Anchor, DateTime<Utc>>) -> Duration {
         let attempts = self
             .with_store(|s| s.escrowed())
             .ok()

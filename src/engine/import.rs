@@ -65,6 +65,7 @@ fn duplicate_anchor(result: Result<RunReport>, during: &'static str) -> Result<R
 }
 
 impl Synchronizer {
+
     /// Reads every object of the source into the mirror. Deletions (objects not delivered) are
     /// applied only when the whole import completed and delivered enough objects.
     ///

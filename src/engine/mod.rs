@@ -425,6 +425,7 @@ impl Synchronizer {
         Ok(r)
     }
 
+
     /// Re-plans every object from the mirrors (after a rule change) and exports.
     pub async fn full_sync(&mut self) -> Result<RunReport> {
         let start = self.begin("full-sync")?;
@@ -567,6 +568,7 @@ impl Synchronizer {
             report,
         })
     }
+
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -3,6 +3,7 @@
 use super::*;
 
 impl Synchronizer {
+
     pub(super) fn views_for(
         &self,
         scope: &PlanScope,
@@ -185,4 +186,5 @@ impl Synchronizer {
         }
         plan
     }
+
 }

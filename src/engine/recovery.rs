@@ -4,6 +4,7 @@
 use super::*;
 
 impl Synchronizer {
+
     /// Resolves operations a crash left unconfirmed (journaled as intended, never recorded as
     /// done or failed), before anything else is sent: a create is looked up in the target by
     /// its join keys — found, it is recorded as done (never sent twice); an update or delete is
@@ -123,4 +124,5 @@ impl Synchronizer {
         }
         Ok(None)
     }
+
 }
