@@ -70,6 +70,15 @@ async fn setup() -> (GraphEmulator, GraphTarget) {
     (emu, target)
 }
 
+/// Applies `ops` in one call, each of which must succeed: the ids.
+async fn created(t: &GraphTarget, ops: &[TargetOperation]) -> Vec<String> {
+    t.apply(ops)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().id.as_str().to_string())
+        .collect()
+}
+
 async fn apply1(t: &GraphTarget, op: TargetOperation) -> Result<String, ErrorKind> {
     t.apply(&[op])
         .await
@@ -241,12 +250,7 @@ async fn delta_reads_changes_and_a_stale_link_is_an_invalid_watermark() {
     emu.set_page_size(7);
     let ty = ObjectType::new("user");
     let ops: Vec<_> = (0..20).map(|n| create("user", user(n))).collect();
-    let ids: Vec<String> = t
-        .apply(&ops)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().id.as_str().to_string())
-        .collect();
+    let ids = created(&t, &ops).await;
     let all: Vec<_> = t.read(&ty).await.unwrap().collect::<Vec<_>>().await;
     assert_eq!(all.len(), 20, "paged with nextLink");
     let w = t.watermark(&ty).unwrap();
@@ -1057,12 +1061,7 @@ async fn operations_of_one_apply_share_batch_envelopes() {
     };
     let before = (emu.stats(), t.stats());
     let ops: Vec<_> = (0..60).map(|n| create("user", plain(n))).collect();
-    let ids: Vec<String> = t
-        .apply(&ops)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().id.as_str().to_string())
-        .collect();
+    let ids = created(&t, &ops).await;
     let (emu_after, t_after) = (emu.stats(), t.stats());
     assert_eq!(emu.users().len(), 60);
     assert_eq!(emu_after.requests - before.0.requests, 60);
@@ -1144,12 +1143,7 @@ async fn operations_of_one_apply_share_batch_envelopes() {
         })
         .collect();
     let before = emu.stats();
-    let gids: Vec<String> = t
-        .apply(&ops)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().id.as_str().to_string())
-        .collect();
+    let gids = created(&t, &ops).await;
     assert_eq!(emu.stats().http_requests - before.http_requests, 2);
     assert!(gids.iter().all(|g| emu.members(g).len() == 30));
 
