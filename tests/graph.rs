@@ -1075,6 +1075,20 @@ async fn operations_of_one_apply_share_batch_envelopes() {
             format!("p{n}@contoso.com")
         );
     }
+    // Join lookups: 60 values are 4 `$filter … in (…)` queries of 15, in one envelope.
+    assert_eq!(t.capabilities().lookup_batch, 300);
+    let before = emu.stats();
+    let values: Vec<Value> = (0..60)
+        .map(|n| Value::string(format!("P{n}@contoso.com")))
+        .collect();
+    let found = t
+        .find_any(&"user".into(), &AttrName::new("userPrincipalName"), &values)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 60);
+    let after = emu.stats();
+    assert_eq!(after.filtered_reads - before.filtered_reads, 4);
+    assert_eq!(after.http_requests - before.http_requests, 1);
     // With restore keys, a create first looks for a deleted user to restore: two rounds.
     let before = emu.stats();
     let ops: Vec<_> = (0..20).map(|n| create("user", user(n))).collect();
