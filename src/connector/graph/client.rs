@@ -721,6 +721,56 @@ mod tests {
     }
 
     #[test]
+    fn envelopes_and_their_answers() {
+        let (reply, _rx) = tokio::sync::oneshot::channel();
+        let (reply2, _rx2) = tokio::sync::oneshot::channel();
+        let mut get = Request::new(Method::Get, "https://g/v1.0/users?$top=1");
+        get.eventual = true;
+        let items = vec![
+            Queued {
+                req: Request::new(Method::Patch, "/users/1").body(json!({"city": "Oslo"})),
+                reply,
+            },
+            Queued {
+                req: get,
+                reply: reply2,
+            },
+        ];
+        let e = envelope(&items, |p| p.strip_prefix("https://g/v1.0").unwrap_or(p));
+        assert_eq!(
+            e,
+            json!({"requests": [
+                {"id": "1", "method": "PATCH", "url": "/users/1", "body": {"city": "Oslo"},
+                 "headers": {"Content-Type": "application/json"}},
+                {"id": "2", "method": "GET", "url": "/users?$top=1",
+                 "headers": {"ConsistencyLevel": "eventual"}},
+            ]})
+        );
+        // Answers in any order, by id; Retry-After as a string or a number, any case.
+        let a = answers(&json!({"responses": [
+            {"id": "2", "status": 429, "headers": {"retry-after": 3}, "body": {}},
+            {"id": "1", "status": 204, "headers": {"Retry-After": "x"}},
+            {"status": 200},
+            {"id": "9", "status": "200"},
+        ]}));
+        assert_eq!(a["1"].0, 204);
+        assert_eq!(a["1"].1, None);
+        assert_eq!(a["2"], (429, Some(Duration::from_secs(3)), json!({})));
+        assert_eq!(
+            a["9"].0, 0,
+            "a status that is not a number is not a success"
+        );
+        assert_eq!(a.len(), 3);
+        assert_eq!(
+            chunks((0..45).collect(), 20)
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>(),
+            [20, 20, 5]
+        );
+    }
+
+    #[test]
     fn retry_after_parses_seconds_only() {
         assert_eq!(parse_retry_after(Some(" 3 ")), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after(Some("soon")), None);
