@@ -70,6 +70,15 @@ async fn setup() -> (GraphEmulator, GraphTarget) {
     (emu, target)
 }
 
+/// Applies `ops` in one call, each of which must succeed: the ids.
+async fn created(t: &GraphTarget, ops: &[TargetOperation]) -> Vec<String> {
+    t.apply(ops)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().id.as_str().to_string())
+        .collect()
+}
+
 async fn apply1(t: &GraphTarget, op: TargetOperation) -> Result<String, ErrorKind> {
     t.apply(&[op])
         .await
@@ -241,12 +250,7 @@ async fn delta_reads_changes_and_a_stale_link_is_an_invalid_watermark() {
     emu.set_page_size(7);
     let ty = ObjectType::new("user");
     let ops: Vec<_> = (0..20).map(|n| create("user", user(n))).collect();
-    let ids: Vec<String> = t
-        .apply(&ops)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap().id.as_str().to_string())
-        .collect();
+    let ids = created(&t, &ops).await;
     let all: Vec<_> = t.read(&ty).await.unwrap().collect::<Vec<_>>().await;
     assert_eq!(all.len(), 20, "paged with nextLink");
     let w = t.watermark(&ty).unwrap();
@@ -843,4 +847,339 @@ fn enc(s: &str) -> String {
             }
         })
         .collect()
+}
+
+async fn post_batch(
+    emu: &GraphEmulator,
+    token: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/$batch", emu.graph_url()))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+fn new_user(n: usize) -> serde_json::Value {
+    json!({
+        "accountEnabled": true,
+        "displayName": format!("Batch {n}"),
+        "mailNickname": format!("batch{n}"),
+        "userPrincipalName": format!("batch{n}@contoso.com"),
+        "passwordProfile": {"password": "Xy9!long-enough-pass", "forceChangePasswordNextSignIn": true},
+    })
+}
+
+fn post_user(id: &str, n: usize) -> serde_json::Value {
+    json!({"id": id, "method": "POST", "url": "/users", "body": new_user(n),
+        "headers": {"Content-Type": "application/json"}})
+}
+
+/// The status of each response of a `$batch` answer, by request id.
+fn statuses(answer: &serde_json::Value) -> std::collections::BTreeMap<String, u64> {
+    answer["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["status"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The emulator's `$batch` refuses what Microsoft documents Graph refuses ("Combine multiple
+/// HTTP requests using JSON batching" and its known issues), whatever our client sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emulator_batch_follows_graphs_documented_rules() {
+    let emu = GraphEmulator::start().await.unwrap();
+    let token = emu_token(&emu).await;
+    let get_me = |id: &str| json!({"id": id, "method": "GET", "url": "/users?$top=1"});
+    // Malformed batches are refused whole, with 400, and run nothing.
+    let too_many: Vec<_> = (0..21).map(|n| get_me(&n.to_string())).collect();
+    let refused = [
+        ("21 requests", json!({ "requests": too_many })),
+        ("no requests", json!({ "requests": [] })),
+        ("not an array", json!({ "requests": {"id": "1"} })),
+        (
+            "ids not unique ignoring case",
+            json!({"requests": [
+            post_user("a", 1), {"id": "A", "method": "GET", "url": "/users"}]}),
+        ),
+        (
+            "no id",
+            json!({"requests": [{"method": "GET", "url": "/users"}]}),
+        ),
+        (
+            "no method",
+            json!({"requests": [{"id": "1", "url": "/users"}]}),
+        ),
+        (
+            "no url",
+            json!({"requests": [{"id": "1", "method": "GET"}]}),
+        ),
+        (
+            "absolute url",
+            json!({"requests": [
+            {"id": "1", "method": "GET", "url": format!("{}/users", emu.graph_url())}]}),
+        ),
+        (
+            "body without Content-Type",
+            json!({"requests": [
+            {"id": "1", "method": "POST", "url": "/users", "body": new_user(1)}]}),
+        ),
+        (
+            "nested batch",
+            json!({"requests": [
+            {"id": "1", "method": "POST", "url": "/$batch", "body": {"requests": []},
+             "headers": {"Content-Type": "application/json"}}]}),
+        ),
+        (
+            "dependsOn an unknown id",
+            json!({"requests": [
+            post_user("1", 1), {"id": "2", "dependsOn": ["9"], "method": "GET", "url": "/users"}]}),
+        ),
+        (
+            "dependsOn itself",
+            json!({"requests": [
+            {"id": "1", "dependsOn": ["1"], "method": "GET", "url": "/users"}]}),
+        ),
+        (
+            "dependsOn two requests",
+            json!({"requests": [
+            get_me("1"), get_me("2"),
+            {"id": "3", "dependsOn": ["1", "2"], "method": "GET", "url": "/users"}]}),
+        ),
+        // 2 → 1 and 4 → 2, 3 on its own: neither parallel, nor serial, nor the same
+        // dependency (the known issue "Request dependencies are limited").
+        (
+            "mixed dependencies",
+            json!({"requests": [
+            get_me("1"),
+            {"id": "2", "dependsOn": ["1"], "method": "GET", "url": "/users"},
+            get_me("3"),
+            {"id": "4", "dependsOn": ["2"], "method": "GET", "url": "/users"}]}),
+        ),
+    ];
+    for (what, body) in refused {
+        let (status, answer) = post_batch(&emu, &token, body).await;
+        assert_eq!(status, 400, "{what}: {answer}");
+        assert_eq!(answer["error"]["code"], "BadRequest", "{what}: {answer}");
+    }
+    assert!(emu.users().is_empty(), "a refused batch runs nothing");
+
+    // Parallel: each request answered on its own (a 400 beside a 201), correlated by id —
+    // the emulator answers in an order of its own, not the batch's.
+    let (status, answer) = post_batch(
+        &emu,
+        &token,
+        json!({"requests": [post_user("u1", 1), post_user("u2", 2), post_user("dup", 1)]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let ids: Vec<&str> = answer["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_ne!(
+        ids,
+        ["u1", "u2", "dup"],
+        "responses need not follow the requests' order"
+    );
+    let st = statuses(&answer);
+    assert_eq!(st["u2"], 201);
+    // Run in reverse: "dup" made batch1 first, so "u1" (the same userPrincipalName) failed.
+    assert_eq!((st["dup"], st["u1"]), (201, 400), "{answer}");
+
+    // Serial: a failure fails everything after it with 424, and those do not run.
+    let (status, answer) = post_batch(
+        &emu,
+        &token,
+        json!({"requests": [
+            post_user("1", 3),
+            {"id": "2", "dependsOn": ["1"], "method": "POST", "url": "/users",
+             "body": new_user(3), "headers": {"Content-Type": "application/json"}},
+            {"id": "3", "dependsOn": ["2"], "method": "POST", "url": "/users",
+             "body": new_user(4), "headers": {"Content-Type": "application/json"}},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let st = statuses(&answer);
+    assert_eq!((st["1"], st["2"], st["3"]), (201, 400, 424), "{answer}");
+    assert!(!emu
+        .users()
+        .values()
+        .any(|u| u["userPrincipalName"] == "batch4@contoso.com"));
+    // The same dependency: the dependents run after it, in order.
+    let (status, answer) = post_batch(
+        &emu,
+        &token,
+        json!({"requests": [
+            post_user("x", 5),
+            {"id": "y", "dependsOn": ["x"], "method": "GET", "url": "/users?$top=1"},
+            {"id": "z", "dependsOn": ["x"], "method": "GET", "url": "/users?$top=1"},
+            get_me("w"),
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let st = statuses(&answer);
+    assert_eq!((st["x"], st["y"], st["z"], st["w"]), (201, 200, 200, 200));
+    let stats = emu.stats();
+    assert_eq!(stats.batches, 17);
+    assert_eq!(stats.http_requests, 17, "a batch is one HTTP request");
+}
+
+/// Operations of one apply call share `$batch` envelopes: 60 user creates, 20 updates and 20
+/// deletes, and 5 groups' membership changes cost a handful of round trips, not one (or
+/// more) per operation; operations on the same object keep their order; a throttled request
+/// inside a batch is sent again after its `Retry-After`, alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_of_one_apply_share_batch_envelopes() {
+    let (emu, t) = setup().await;
+    assert_eq!(t.capabilities().max_batch, 20);
+    // Users without restore keys: one request each, 20 to an envelope.
+    let plain = |n: usize| {
+        attrs(&[
+            (
+                "userPrincipalName",
+                Value::string(format!("p{n}@contoso.com")),
+            ),
+            ("displayName", Value::string(format!("P {n}"))),
+            ("mailNickname", Value::string(format!("p{n}"))),
+        ])
+    };
+    let before = (emu.stats(), t.stats());
+    let ops: Vec<_> = (0..60).map(|n| create("user", plain(n))).collect();
+    let ids = created(&t, &ops).await;
+    let (emu_after, t_after) = (emu.stats(), t.stats());
+    assert_eq!(emu.users().len(), 60);
+    assert_eq!(emu_after.requests - before.0.requests, 60);
+    assert_eq!(emu_after.batches - before.0.batches, 3, "{emu_after:?}");
+    assert_eq!(emu_after.http_requests - before.0.http_requests, 3);
+    assert_eq!(t_after.http_requests - before.1.http_requests, 3);
+    // Each id is the one of its operation's user.
+    for (n, id) in ids.iter().enumerate() {
+        assert_eq!(
+            emu.users()[id]["userPrincipalName"],
+            format!("p{n}@contoso.com")
+        );
+    }
+    // Join lookups: 60 values are 4 `$filter … in (…)` queries of 15, in one envelope.
+    assert_eq!(t.capabilities().lookup_batch, 300);
+    let before = emu.stats();
+    let values: Vec<Value> = (0..60)
+        .map(|n| Value::string(format!("P{n}@contoso.com")))
+        .collect();
+    let found = t
+        .find_any(&"user".into(), &AttrName::new("userPrincipalName"), &values)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 60);
+    let after = emu.stats();
+    assert_eq!(after.filtered_reads - before.filtered_reads, 4);
+    assert_eq!(after.http_requests - before.http_requests, 1);
+    // With restore keys, a create first looks for a deleted user to restore: two rounds.
+    let before = emu.stats();
+    let ops: Vec<_> = (0..20).map(|n| create("user", user(n))).collect();
+    assert!(t.apply(&ops).await.iter().all(Result::is_ok));
+    assert_eq!(emu.stats().http_requests - before.http_requests, 2);
+
+    // Updates of 20 users and deletes of 20 others, and the same user updated then deleted
+    // in one call (in that order, or the update would find nothing).
+    let mut ops = Vec::new();
+    for id in &ids[..20] {
+        ops.push(TargetOperation::Update {
+            id: id.as_str().into(),
+            object_type: "user".into(),
+            changes: vec![AttributeChange::replace(
+                "jobTitle",
+                Values::one("Engineer"),
+            )],
+        });
+    }
+    for id in &ids[20..39] {
+        ops.push(TargetOperation::Delete {
+            id: id.as_str().into(),
+            object_type: "user".into(),
+        });
+    }
+    ops.push(TargetOperation::Update {
+        id: ids[39].as_str().into(),
+        object_type: "user".into(),
+        changes: vec![AttributeChange::replace("jobTitle", Values::one("Leaving"))],
+    });
+    ops.push(TargetOperation::Delete {
+        id: ids[39].as_str().into(),
+        object_type: "user".into(),
+    });
+    let before = emu.stats();
+    let out = t.apply(&ops).await;
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    let after = emu.stats();
+    assert_eq!(after.requests - before.requests, 41);
+    // 40 operations on distinct objects in 2 envelopes, then the delete that waited for its
+    // update, alone.
+    assert_eq!(after.http_requests - before.http_requests, 3, "{after:?}");
+    assert_eq!(emu.users().len(), 60 + 20 - 20);
+    assert!(ids[..20]
+        .iter()
+        .all(|id| emu.users()[id]["jobTitle"] == "Engineer"));
+    assert_eq!(emu.deleted_users()[&ids[39]]["jobTitle"], "Leaving");
+
+    // Five groups, created with 30 members each (20 in the create, 10 added after it), in one
+    // call: 5 creates in one envelope, then their 5 member adds in another.
+    let ops: Vec<_> = (0..5)
+        .map(|g| {
+            let mut a = attrs(&[
+                ("displayName", Value::string(format!("G{g}"))),
+                ("mailNickname", Value::string(format!("g{g}"))),
+            ]);
+            a.set(
+                "members",
+                ids[40..60]
+                    .iter()
+                    .chain(&ids[..10])
+                    .map(|i| Value::target_ref(i.as_str()))
+                    .collect::<Values>(),
+            );
+            create("group", a)
+        })
+        .collect();
+    let before = emu.stats();
+    let gids = created(&t, &ops).await;
+    assert_eq!(emu.stats().http_requests - before.http_requests, 2);
+    assert!(gids.iter().all(|g| emu.members(g).len() == 30));
+
+    // A fifth of the requests throttled: those are sent again, and everything lands once.
+    emu.set_faults(Faults {
+        throttle_share: 0.2,
+        retry_after_secs: 0,
+        seed: 11,
+        ..Faults::default()
+    });
+    let ops: Vec<_> = (100..140).map(|n| create("user", plain(n))).collect();
+    let out = t.apply(&ops).await;
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    let s = emu.stats();
+    assert!(s.throttled_injected > 0, "{s:?}");
+    assert_eq!(emu.users().len(), 60 + 40);
+    let mut upns: Vec<String> = emu
+        .users()
+        .values()
+        .map(|u| u["userPrincipalName"].as_str().unwrap().to_string())
+        .collect();
+    upns.sort();
+    upns.dedup();
+    assert_eq!(upns.len(), 100, "no duplicate");
 }

@@ -21,6 +21,7 @@ use dirsync::model::{
 use dirsync::testkit::samba::{self, SambaDc};
 use dirsync::testkit::slapd::{Slapd, SlapdOptions};
 use futures::StreamExt;
+use std::sync::Arc;
 
 const SUFFIX: &str = "dc=example,dc=test";
 
@@ -654,7 +655,6 @@ async fn a_fresh_state_joins_every_entry_the_directory_already_holds() {
     use dirsync::engine::{EngineConfig, Synchronizer};
     use dirsync::rules::ruleset::RuleSet;
     use dirsync::state::MemoryStore;
-    use std::sync::Arc;
     // Another tool provisioned 30 people and two groups under ou=Legacy — not where dirsync
     // creates them, so no DN would collide: nothing but a lookup can find them.
     let mut legacy = format!(
@@ -862,4 +862,200 @@ async fn initial_load_of_the_example_directory_writes_each_entry_once() {
     let before = writes();
     let again = sync.run_cycle().await.unwrap();
     assert_eq!((again.total_done(), writes()), (0, before), "{again}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batches (issue 15): one connection, one bind, the operations of a call pipelined on it.
+
+/// What an LDAP proxy saw: connections, bind requests, and the most requests the client had
+/// sent without their answer yet.
+#[derive(Default)]
+struct Seen {
+    connections: std::sync::atomic::AtomicUsize,
+    binds: std::sync::atomic::AtomicUsize,
+    sent: std::sync::atomic::AtomicUsize,
+    answered: std::sync::atomic::AtomicUsize,
+    most_outstanding: std::sync::atomic::AtomicUsize,
+}
+
+/// The complete BER LDAPMessages at the start of `buf`, drained: each one's protocolOp tag.
+fn ldap_messages(buf: &mut Vec<u8>) -> Vec<u8> {
+    let mut ops = Vec::new();
+    loop {
+        if buf.len() < 2 {
+            return ops;
+        }
+        let (len, head) = if buf[1] < 0x80 {
+            (buf[1] as usize, 2)
+        } else {
+            let n = (buf[1] & 0x7f) as usize;
+            if buf.len() < 2 + n {
+                return ops;
+            }
+            (
+                buf[2..2 + n]
+                    .iter()
+                    .fold(0usize, |a, b| (a << 8) | *b as usize),
+                2 + n,
+            )
+        };
+        if buf.len() < head + len {
+            return ops;
+        }
+        // messageID: INTEGER (tag, short length, value), then the protocolOp's tag.
+        let id_len = buf[head + 1] as usize;
+        ops.push(buf[head + 2 + id_len]);
+        buf.drain(..head + len);
+    }
+}
+
+/// A TCP proxy in front of `upstream` (host:port) that parses the LDAP messages both ways.
+async fn ldap_proxy(upstream: String) -> (u16, Arc<Seen>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            s.connections.fetch_add(1, SeqCst);
+            let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let up = s.clone();
+            tokio::spawn(async move {
+                let (mut buf, mut chunk) = (Vec::new(), [0u8; 65536]);
+                while let Ok(n @ 1..) = cr.read(&mut chunk).await {
+                    buf.extend_from_slice(&chunk[..n]);
+                    for op in ldap_messages(&mut buf) {
+                        if op == 0x60 {
+                            up.binds.fetch_add(1, SeqCst);
+                        }
+                        // An abandon or unbind gets no answer.
+                        if op != 0x42 && op != 0x50 {
+                            let sent = up.sent.fetch_add(1, SeqCst) + 1;
+                            let out = sent - up.answered.load(SeqCst).min(sent);
+                            up.most_outstanding.fetch_max(out, SeqCst);
+                        }
+                    }
+                    if sw.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let down = s.clone();
+            tokio::spawn(async move {
+                let (mut buf, mut chunk) = (Vec::new(), [0u8; 65536]);
+                while let Ok(n @ 1..) = sr.read(&mut chunk).await {
+                    buf.extend_from_slice(&chunk[..n]);
+                    // Search entries and references (0x64, 0x73) precede their search's done.
+                    let done = ldap_messages(&mut buf)
+                        .into_iter()
+                        .filter(|op| *op != 0x64 && *op != 0x73)
+                        .count();
+                    down.answered.fetch_add(done, SeqCst);
+                    if cw.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// The operations of one apply call go over the target's one connection, bound once, and
+/// are pipelined: the target sends the next request before the answer to the previous one.
+/// Operations on the same entry still take effect in their order.
+#[tokio::test]
+async fn a_batch_is_pipelined_on_one_bound_connection() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let Some(s) = start() else { return };
+    let (port, seen) = ldap_proxy(format!("127.0.0.1:{}", s.port())).await;
+    let mut conn = LdapConnection::new(format!("ldap://127.0.0.1:{port}"));
+    conn.allow_cleartext_bind = true;
+    conn.bind = LdapBind::Simple {
+        dn: s.root_dn(),
+        password: Secret::new(s.root_password()),
+    };
+    let mut c = LdapTargetConfig::new(conn).with_object_type(
+        "user",
+        "uid",
+        Dn::parse(&format!("ou=People,{SUFFIX}")).unwrap(),
+        ["top", "person", "organizationalPerson", "inetOrgPerson"],
+    );
+    c.base_dn = Some(SUFFIX.to_owned());
+    let t = LdapTarget::new(c);
+    assert_eq!(t.capabilities().max_batch, 100);
+    let person = |i: usize| {
+        create(
+            "user",
+            attrs(&[
+                ("uid", &format!("pipe{i}")),
+                ("cn", &format!("Pipe {i}")),
+                ("sn", "P"),
+            ]),
+        )
+    };
+    let mut ops: Vec<TargetOperation> = (0..60).map(person).collect();
+    // A duplicate: its own failure only.
+    ops.push(person(7));
+    let out = t.apply(&ops).await;
+    assert_eq!(
+        out[60].as_ref().unwrap_err().kind(),
+        ErrorKind::AlreadyExists
+    );
+    let ids: Vec<TargetId> = out[..60]
+        .iter()
+        .map(|r| r.as_ref().unwrap().id.clone())
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            id.as_str(),
+            format!("uid=pipe{i},ou=people,{SUFFIX}").to_lowercase()
+        );
+    }
+    // Updates of 40, and one entry changed twice then deleted, in their order.
+    let mut ops: Vec<TargetOperation> = ids[..40]
+        .iter()
+        .map(|id| {
+            update(
+                "user",
+                id,
+                vec![AttributeChange::replace("sn", Values::one("Piped"))],
+            )
+        })
+        .collect();
+    ops.push(update(
+        "user",
+        &ids[50],
+        vec![AttributeChange::add("mail", Values::one("a@example.test"))],
+    ));
+    ops.push(update(
+        "user",
+        &ids[50],
+        vec![AttributeChange::remove(
+            "mail",
+            Values::one("a@example.test"),
+        )],
+    ));
+    ops.push(TargetOperation::Delete {
+        id: ids[50].clone(),
+        object_type: user(),
+    });
+    let out = t.apply(&ops).await;
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    let people: Vec<_> = t.read(&user()).await.unwrap().collect::<Vec<_>>().await;
+    assert_eq!(people.len(), 59);
+    let piped = people
+        .iter()
+        .filter(|p| texts(p.as_ref().unwrap().attributes.get("sn")) == ["Piped"])
+        .count();
+    assert_eq!(piped, 40);
+    assert_eq!(seen.connections.load(SeqCst), 1, "one connection");
+    assert_eq!(seen.binds.load(SeqCst), 1, "one bind");
+    let most = seen.most_outstanding.load(SeqCst);
+    eprintln!("at most {most} requests outstanding on the connection");
+    assert!(most >= 2, "requests pipelined: at most {most} outstanding");
 }

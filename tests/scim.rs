@@ -1207,3 +1207,149 @@ async fn real_server_a_fresh_state_joins_every_user_and_group_it_holds() {
     assert_eq!(gs["totalResults"], 4, "{gs}");
     assert_eq!(s.run_cycle().await.unwrap().total_done(), 0);
 }
+
+fn new_user(name: &str) -> TargetOperation {
+    let mut a = Attributes::new();
+    a.set("userName", Values::one(name));
+    TargetOperation::Create {
+        object_type: "User".into(),
+        attributes: a,
+    }
+}
+
+/// One apply call of 40 operations is one `POST /Bulk` (scim2-server announces bulk, up to
+/// 1,000 operations): creates, updates and deletes, with a failure in the middle that fails
+/// only its own operation (the others run: `failOnErrors` is not sent), outcomes matched to
+/// operations by bulkId and location — not by position — and two operations on the same user
+/// applied in their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_server_one_apply_is_one_bulk_request_with_per_operation_outcomes() {
+    let Some(srv) = server() else { return };
+    let (_, spc) = raw("GET", &format!("{}/ServiceProviderConfig", srv.base), None).await;
+    assert_eq!(spc["bulk"]["supported"], true, "{spc}");
+    let proxy = Counting::start(&srv.base).await;
+    let t = target(&proxy.base);
+    // Before discovery the target already offers batches (its configured size); after it,
+    // the size within the service's maxOperations.
+    assert_eq!(t.capabilities().max_batch, 50);
+    let seed: Vec<TargetOperation> = (0..20).map(|i| new_user(&format!("s{i}"))).collect();
+    let ids: Vec<TargetId> = t
+        .apply(&seed)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().id)
+        .collect();
+    assert_eq!(t.capabilities().max_batch, 50);
+    let lines = proxy.take();
+    assert_eq!(count(&lines, "POST", "/v2/Bulk"), 1, "{lines:#?}");
+    assert_eq!(writes(&lines), 1, "{lines:#?}");
+
+    let title = |v: &str| {
+        vec![AttributeChange::replace(
+            "title",
+            Values::one(v.to_string()),
+        )]
+    };
+    let mut ops: Vec<TargetOperation> = Vec::new();
+    for i in 0..10 {
+        ops.push(new_user(&format!("n{i}")));
+    }
+    // A duplicate userName: 409 uniqueness, in the middle of the request.
+    ops.push(new_user("s3"));
+    for id in &ids[..10] {
+        ops.push(TargetOperation::Update {
+            id: id.clone(),
+            object_type: "User".into(),
+            changes: title("Engineer"),
+        });
+    }
+    // An update of a user that does not exist: 404, its own failure only.
+    ops.push(TargetOperation::Update {
+        id: TargetId::new("no-such-user"),
+        object_type: "User".into(),
+        changes: title("Ghost"),
+    });
+    for id in &ids[10..18] {
+        ops.push(TargetOperation::Delete {
+            id: id.clone(),
+            object_type: "User".into(),
+        });
+    }
+    // The same user updated, then deleted.
+    ops.push(TargetOperation::Update {
+        id: ids[18].clone(),
+        object_type: "User".into(),
+        changes: title("Leaving"),
+    });
+    ops.push(TargetOperation::Delete {
+        id: ids[18].clone(),
+        object_type: "User".into(),
+    });
+    let out = t.apply(&ops).await;
+    assert_eq!(out.len(), ops.len());
+    for (i, r) in out.iter().enumerate() {
+        match i {
+            10 => assert_eq!(r.as_ref().unwrap_err().kind(), ErrorKind::AlreadyExists),
+            21 => {
+                let e = r.as_ref().unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+            }
+            _ => assert!(r.is_ok(), "operation {i}: {r:?}"),
+        }
+    }
+    // The creates' ids are those of their own users.
+    let all = users(&srv.base).await;
+    for (i, r) in out[..10].iter().enumerate() {
+        let id = r.as_ref().unwrap().id.as_str();
+        let u = all.iter().find(|u| u["id"] == id).unwrap();
+        assert_eq!(u["userName"], format!("n{i}"));
+    }
+    for id in &ids[..10] {
+        let u = all.iter().find(|u| u["id"] == id.as_str()).unwrap();
+        assert_eq!(u["title"], "Engineer", "{u}");
+    }
+    assert_eq!(all.len(), 20 + 10 - 8 - 1, "{all:#?}");
+    assert!(!all.iter().any(|u| u["id"] == ids[18].as_str()));
+    let lines = proxy.take();
+    // The update and delete of one user cannot share a request (If-Match versions, order):
+    // two bulk requests, nothing sent one by one.
+    assert_eq!(count(&lines, "POST", "/v2/Bulk"), 2, "{lines:#?}");
+    assert_eq!(writes(&lines), 2, "{lines:#?}");
+}
+
+/// A service without bulk (its ServiceProviderConfig says `bulk.supported: false`): a batch
+/// handed to the target before discovery is sent one request per operation, in order, each
+/// with its own outcome (a 500 fails only its operation); after discovery the target asks
+/// for batches of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_without_bulk_a_batch_is_one_request_per_operation() {
+    let m = mock(Script::FailOnce(2)).await;
+    let t = mock_target(&m.base);
+    assert_eq!(
+        t.capabilities().max_batch,
+        50,
+        "configured, before discovery"
+    );
+    let ops: Vec<TargetOperation> = (0..6).map(|i| new_user(&format!("b{i}"))).collect();
+    let out = t.apply(&ops).await;
+    assert_eq!(out.len(), 6);
+    assert_eq!(
+        out[2].as_ref().unwrap_err().kind(),
+        ErrorKind::Unavailable,
+        "{out:?}"
+    );
+    let ids: Vec<String> = out
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, r)| r.as_ref().unwrap().id.as_str().to_string())
+        .collect();
+    assert_eq!(ids, ["id0", "id1", "id2", "id3", "id4"], "in order");
+    assert_eq!(
+        m.posts.load(Ordering::SeqCst),
+        6,
+        "one POST per operation, no /Bulk"
+    );
+    assert_eq!(m.created.load(Ordering::SeqCst), 5);
+    assert_eq!(t.capabilities().max_batch, 1, "after discovery");
+}

@@ -295,6 +295,11 @@ pub trait Target: Send + Sync {
 
     /// Applies `operations`, returning exactly one outcome per operation, in order. A partial
     /// failure is ordinary data: each failed operation has its error, and the others took effect.
+    ///
+    /// The engine hands at most [`TargetCapabilities::max_batch`] operations per call, of objects
+    /// it could as well have sent concurrently: a connector may send operations on different
+    /// objects in any order or together (one `/Bulk`, one `$batch`, one file rewrite), but
+    /// operations on the same target object take effect in their order.
     async fn apply(&self, operations: &[TargetOperation]) -> Vec<Result<Applied, ConnectorError>>;
 }
 
@@ -324,6 +329,56 @@ pub(crate) fn split_runs<T>(
         out.push(&items[start..]);
     }
     out
+}
+
+/// Applies `operations` with `apply_one`, those on different objects concurrently and those on
+/// the same object (the same target id) one after the other in their order; a create is an
+/// object of its own. One outcome per operation, in order. This is how a connector whose
+/// protocol runs independent requests together (a Graph `$batch`, requests pipelined on one
+/// LDAP connection) keeps the promise of [`Target::apply`].
+#[cfg_attr(not(any(feature = "graph", feature = "ldap")), allow(dead_code))]
+pub(crate) async fn apply_per_object<'a, F, Fut>(
+    operations: &'a [TargetOperation],
+    apply_one: F,
+) -> Vec<Result<Applied, ConnectorError>>
+where
+    F: Fn(&'a TargetOperation) -> Fut,
+    Fut: std::future::Future<Output = Result<Applied, ConnectorError>>,
+{
+    let mut chains: Vec<Vec<usize>> = Vec::new();
+    let mut by_id: std::collections::HashMap<&TargetId, usize> = std::collections::HashMap::new();
+    for (i, op) in operations.iter().enumerate() {
+        match op.id() {
+            Some(id) => match by_id.get(id) {
+                Some(&c) => chains[c].push(i),
+                None => {
+                    by_id.insert(id, chains.len());
+                    chains.push(vec![i]);
+                }
+            },
+            None => chains.push(vec![i]),
+        }
+    }
+    let apply_one = &apply_one;
+    let done = futures::future::join_all(chains.into_iter().map(|chain| async move {
+        let mut out = Vec::with_capacity(chain.len());
+        for i in chain {
+            out.push((i, apply_one(&operations[i]).await));
+        }
+        out
+    }))
+    .await;
+    let mut outcomes: Vec<Option<Result<Applied, ConnectorError>>> =
+        operations.iter().map(|_| None).collect();
+    for (i, r) in done.into_iter().flatten() {
+        outcomes[i] = Some(r);
+    }
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| Err(ConnectorError::new(ErrorKind::Other, "operation not run")))
+        })
+        .collect()
 }
 
 /// What [`export_sequential`] did.

@@ -6,8 +6,11 @@
 //!
 //! It may not panic on a server's answer, nor log a token.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value as Json};
@@ -220,6 +223,8 @@ pub(crate) fn error_from(
         404 => ErrorKind::NotFound,
         410 => ErrorKind::InvalidWatermark,
         409 | 412 => ErrorKind::Conflict,
+        // Not run because the batched request it depended on failed: sending it again is safe.
+        424 => ErrorKind::Unavailable,
         _ if code == "syncStateNotFound" || code == "resyncRequired" => ErrorKind::InvalidWatermark,
         400 if lower.contains("added object references already exist") => ErrorKind::ValueExists,
         400 if lower.contains("already exists") => ErrorKind::AlreadyExists,
@@ -387,19 +392,26 @@ impl Client {
         Ok((status, retry_after, body))
     }
 
-    /// Sends one request, with pacing and retries.
+    /// Sends one request, with pacing and retries. Inside [`Client::batched`] the request
+    /// joins the `$batch` envelopes of the batched work (it is answered on its own all the same:
+    /// its status, `Retry-After` and body are judged here as for a request of its own).
     pub(crate) async fn send(&self, req: Request) -> Result<Response, ConnectorError> {
+        let queue = QUEUE.try_with(Arc::clone).ok();
         let url = self.url(&req.path);
         let mut attempt = 0u32;
         let mut refreshed = false;
         loop {
-            if req.method.is_write() {
-                self.pacer.acquire().await;
-                self.stats.writes.fetch_add(1, Ordering::Relaxed);
-            }
-            let (status, retry_after, body) = self
-                .send_raw(req.method, &url, req.body.as_ref(), req.eventual)
-                .await?;
+            let (status, retry_after, body) = match &queue {
+                Some(q) => q.send(&req).await?,
+                None => {
+                    if req.method.is_write() {
+                        self.pacer.acquire().await;
+                        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.send_raw(req.method, &url, req.body.as_ref(), req.eventual)
+                        .await?
+                }
+            };
             if status == 401 && !refreshed {
                 // The token expired or was revoked early: one more try with a new one.
                 refreshed = true;
@@ -422,158 +434,246 @@ impl Client {
         }
     }
 
-    /// Sends requests through `$batch` (20 at most per batch), one outcome per request, in
-    /// order. Each answer inside a batch is judged on its own: throttled ones are sent again
-    /// after their `Retry-After`, the others keep their outcome.
+    /// Sends independent requests (Graph may run them in any order), one outcome per request,
+    /// in order: through `$batch` envelopes of at most 20 (see [`Client::batched`]).
     pub(crate) async fn batch(&self, reqs: Vec<Request>) -> Vec<Result<Response, ConnectorError>> {
-        if reqs.len() == 1 {
-            let mut reqs = reqs;
-            let r = reqs.remove(0);
-            return vec![self.send(r).await];
-        }
-        let mut out: Vec<Option<Result<Response, ConnectorError>>> =
-            (0..reqs.len()).map(|_| None).collect();
-        let mut attempts = vec![0u32; reqs.len()];
-        let mut pending: Vec<usize> = (0..reqs.len()).collect();
-        let mut refreshed = false;
-        while !pending.is_empty() {
-            let mut next_round = Vec::new();
-            let mut wait = Duration::ZERO;
-            for chunk in pending.chunks(MAX_BATCH) {
-                let mut items = Vec::with_capacity(chunk.len());
-                for &i in chunk {
-                    let r = &reqs[i];
-                    if r.method.is_write() {
-                        self.pacer.acquire().await;
-                        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let mut item = json!({
-                        "id": i.to_string(),
-                        "method": r.method.as_str(),
-                        "url": self.relative(&r.path),
-                    });
-                    let mut headers = serde_json::Map::new();
-                    if let Some(b) = &r.body {
-                        item["body"] = b.clone();
-                        headers.insert("Content-Type".into(), "application/json".into());
-                    }
-                    if r.eventual {
-                        headers.insert("ConsistencyLevel".into(), "eventual".into());
-                    }
-                    if !headers.is_empty() {
-                        item["headers"] = Json::Object(headers);
-                    }
-                    items.push(item);
-                }
-                let body = json!({ "requests": items });
-                let url = format!("{}/$batch", self.base);
-                let answer = self.send_raw(Method::Post, &url, Some(&body), false).await;
-                let (status, retry_after, resp) = match answer {
-                    Ok(a) => a,
-                    Err(e) => {
-                        for &i in chunk {
-                            out[i] =
-                                Some(Err(ConnectorError::new(e.kind(), e.message().to_string())));
-                        }
-                        continue;
-                    }
-                };
-                if status == 401 && !refreshed {
-                    refreshed = true;
-                    self.count_retry(false);
-                    next_round.extend_from_slice(chunk);
-                    continue;
-                }
-                if !(200..300).contains(&status) {
-                    // The whole batch failed: each request shares its fate.
-                    let probe = Request::new(Method::Post, "/$batch");
-                    for &i in chunk {
-                        match self.judge(&probe, status, retry_after, resp.clone(), attempts[i]) {
-                            Verdict::Done(r) => out[i] = Some(r),
-                            Verdict::Retry {
-                                after, throttled, ..
-                            } => {
-                                attempts[i] += 1;
-                                self.count_retry(throttled);
-                                wait = wait.max(after);
-                                next_round.push(i);
-                            }
-                        }
-                    }
-                    continue;
-                }
-                let responses = resp
-                    .get("responses")
-                    .and_then(Json::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                for &i in chunk {
-                    let key = i.to_string();
-                    let Some(r) = responses
-                        .iter()
-                        .find(|r| r.get("id").and_then(Json::as_str) == Some(key.as_str()))
-                    else {
-                        out[i] = Some(Err(ConnectorError::new(
-                            ErrorKind::Protocol,
-                            format!(
-                                "$batch: no response for request {key} ({} {})",
-                                reqs[i].method.as_str(),
-                                reqs[i].path
-                            ),
-                        )));
-                        continue;
-                    };
-                    let st = r
-                        .get("status")
-                        .and_then(Json::as_u64)
-                        .and_then(|s| u16::try_from(s).ok())
-                        .unwrap_or(0);
-                    let ra = parse_retry_after(
-                        r.get("headers")
-                            .and_then(|h| {
-                                h.as_object().and_then(|o| {
-                                    o.iter()
-                                        .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
-                                        .map(|(_, v)| v)
-                                })
-                            })
-                            .and_then(|v| {
-                                v.as_str()
-                                    .map(str::to_string)
-                                    .or_else(|| v.as_u64().map(|n| n.to_string()))
-                            })
-                            .as_deref(),
-                    );
-                    let b = r.get("body").cloned().unwrap_or(Json::Null);
-                    match self.judge(&reqs[i], st, ra, b, attempts[i]) {
-                        Verdict::Done(res) => out[i] = Some(res),
-                        Verdict::Retry {
-                            after, throttled, ..
-                        } => {
-                            attempts[i] += 1;
-                            self.count_retry(throttled);
-                            wait = wait.max(after);
-                            next_round.push(i);
-                        }
-                    }
-                }
-            }
-            if !next_round.is_empty() {
-                tokio::time::sleep(wait).await;
-            }
-            pending = next_round;
-        }
-        out.into_iter()
-            .map(|o| {
-                o.unwrap_or_else(|| {
-                    Err(ConnectorError::new(
-                        ErrorKind::Other,
-                        "$batch: request not sent",
-                    ))
-                })
-            })
-            .collect()
+        self.batched(futures::future::join_all(
+            reqs.into_iter().map(|r| self.send(r)),
+        ))
+        .await
     }
+
+    /// Runs `work` — any number of concurrent tasks that send requests through
+    /// [`Client::send`] — with their requests combined into `$batch` envelopes: whenever every
+    /// task waits for an answer (or a timer), the requests they wait for are sent, at most 20
+    /// per envelope (Graph's limit), a lone request as itself. Each request of an envelope is
+    /// independent of the others (no `dependsOn`): a task sends its next request only once the
+    /// answer to its previous one is in, so whatever must happen in order takes successive
+    /// envelopes. Writes are paced envelope by envelope (Graph counts each request of a batch
+    /// against its limits).
+    pub(crate) async fn batched<T>(&self, work: impl Future<Output = T>) -> T {
+        if QUEUE.try_with(|_| ()).is_ok() {
+            // Already inside batched work: its driver sends these requests too.
+            return work.await;
+        }
+        let queue = Arc::new(BatchQueue::default());
+        let work = QUEUE.scope(queue.clone(), work);
+        futures::pin_mut!(work);
+        loop {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+            if let Poll::Ready(out) = polled {
+                return out;
+            }
+            // Every task that could make progress did: what they wait for is queued.
+            let waiting = queue.take();
+            if waiting.is_empty() {
+                // Wait for the work to end, or for a task to queue a request (after a timer).
+                let notified = queue.notify.notified();
+                futures::pin_mut!(notified);
+                let done = std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
+                    Poll::Ready(out) => Poll::Ready(Some(out)),
+                    Poll::Pending => notified.as_mut().poll(cx).map(|()| None),
+                })
+                .await;
+                if let Some(out) = done {
+                    return out;
+                }
+                continue;
+            }
+            for chunk in chunks(waiting, MAX_BATCH) {
+                self.flush(chunk).await;
+            }
+        }
+    }
+
+    /// Sends queued requests in one `$batch` envelope (or a lone one as itself) and hands each
+    /// its answer.
+    async fn flush(&self, items: Vec<Queued>) {
+        for q in &items {
+            if q.req.method.is_write() {
+                self.pacer.acquire().await;
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if items.len() == 1 {
+            for q in items {
+                let url = self.url(&q.req.path);
+                let a = self
+                    .send_raw(q.req.method, &url, q.req.body.as_ref(), q.req.eventual)
+                    .await;
+                let _ = q.reply.send(a);
+            }
+            return;
+        }
+        let body = envelope(&items, |p| self.relative(p));
+        let url = format!("{}/$batch", self.base);
+        let (status, retry_after, resp) =
+            match self.send_raw(Method::Post, &url, Some(&body), false).await {
+                Ok(a) => a,
+                Err(e) => {
+                    for q in items {
+                        let _ = q
+                            .reply
+                            .send(Err(ConnectorError::new(e.kind(), e.message().to_string())));
+                    }
+                    return;
+                }
+            };
+        if !(200..300).contains(&status) {
+            // The envelope itself was refused (throttled, unauthorized, malformed): every
+            // request shares its answer, and each is judged (and retried) on its own.
+            for q in items {
+                let _ = q.reply.send(Ok((status, retry_after, resp.clone())));
+            }
+            return;
+        }
+        let mut answers = answers(&resp);
+        for (n, q) in items.into_iter().enumerate() {
+            let a = answers.remove(&(n + 1).to_string()).ok_or_else(|| {
+                ConnectorError::new(
+                    ErrorKind::Protocol,
+                    format!(
+                        "$batch: no response for request {} ({} {})",
+                        n + 1,
+                        q.req.method.as_str(),
+                        q.req.path
+                    ),
+                )
+            });
+            let _ = q.reply.send(a);
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The queue of the batched work the current task belongs to (see [`Client::batched`]).
+    static QUEUE: Arc<BatchQueue>;
+}
+
+/// A request waiting for its envelope, and where its answer goes.
+struct Queued {
+    req: Request,
+    reply: tokio::sync::oneshot::Sender<Result<Answer, ConnectorError>>,
+}
+
+/// An HTTP answer: status, `Retry-After`, JSON body.
+type Answer = (u16, Option<Duration>, Json);
+
+/// The requests batched work waits for.
+#[derive(Default)]
+struct BatchQueue {
+    items: std::sync::Mutex<Vec<Queued>>,
+    notify: tokio::sync::Notify,
+}
+
+impl BatchQueue {
+    /// Queues `req` and waits for its answer.
+    async fn send(&self, req: &Request) -> Result<Answer, ConnectorError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.items
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Queued {
+                req: req.clone(),
+                reply,
+            });
+        self.notify.notify_one();
+        answer.await.unwrap_or_else(|_| {
+            Err(ConnectorError::new(
+                ErrorKind::Other,
+                format!("$batch: {} {} was not sent", req.method.as_str(), req.path),
+            ))
+        })
+    }
+
+    fn take(&self) -> Vec<Queued> {
+        std::mem::take(
+            &mut *self
+                .items
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// `items` in runs of at most `n`, in order.
+fn chunks<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    for item in items {
+        match out.last_mut() {
+            Some(c) if c.len() < n => c.push(item),
+            _ => out.push(vec![item]),
+        }
+    }
+    out
+}
+
+/// The `$batch` body for `items`: ids `"1"`, `"2"`, … in order, URLs relative to the version
+/// root, `Content-Type` with every body (Graph requires it), `ConsistencyLevel` when asked.
+fn envelope(items: &[Queued], relative: impl Fn(&str) -> &str) -> Json {
+    let requests: Vec<Json> = items
+        .iter()
+        .enumerate()
+        .map(|(n, q)| {
+            let r = &q.req;
+            let mut item = json!({
+                "id": (n + 1).to_string(),
+                "method": r.method.as_str(),
+                "url": relative(&r.path),
+            });
+            let mut headers = serde_json::Map::new();
+            if let Some(b) = &r.body {
+                item["body"] = b.clone();
+                headers.insert("Content-Type".into(), "application/json".into());
+            }
+            if r.eventual {
+                headers.insert("ConsistencyLevel".into(), "eventual".into());
+            }
+            if !headers.is_empty() {
+                item["headers"] = Json::Object(headers);
+            }
+            item
+        })
+        .collect();
+    json!({ "requests": requests })
+}
+
+/// The answers of a `$batch` response by request id (responses may come in any order).
+fn answers(resp: &Json) -> HashMap<String, Answer> {
+    let mut out = HashMap::new();
+    for r in resp
+        .get("responses")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(id) = r.get("id").and_then(Json::as_str) else {
+            continue;
+        };
+        let status = r
+            .get("status")
+            .and_then(Json::as_u64)
+            .and_then(|s| u16::try_from(s).ok())
+            .unwrap_or(0);
+        let retry_after = parse_retry_after(
+            r.get("headers")
+                .and_then(Json::as_object)
+                .and_then(|o| {
+                    o.iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                        .map(|(_, v)| v)
+                })
+                .and_then(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .or_else(|| v.as_u64().map(|n| n.to_string()))
+                })
+                .as_deref(),
+        );
+        let body = r.get("body").cloned().unwrap_or(Json::Null);
+        out.insert(id.to_string(), (status, retry_after, body));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -617,6 +717,56 @@ mod tests {
         assert_eq!(
             error_from("GET", "/x", 500, &json!([1, 2]), None).kind(),
             ErrorKind::Unavailable
+        );
+    }
+
+    #[test]
+    fn envelopes_and_their_answers() {
+        let (reply, _rx) = tokio::sync::oneshot::channel();
+        let (reply2, _rx2) = tokio::sync::oneshot::channel();
+        let mut get = Request::new(Method::Get, "https://g/v1.0/users?$top=1");
+        get.eventual = true;
+        let items = vec![
+            Queued {
+                req: Request::new(Method::Patch, "/users/1").body(json!({"city": "Oslo"})),
+                reply,
+            },
+            Queued {
+                req: get,
+                reply: reply2,
+            },
+        ];
+        let e = envelope(&items, |p| p.strip_prefix("https://g/v1.0").unwrap_or(p));
+        assert_eq!(
+            e,
+            json!({"requests": [
+                {"id": "1", "method": "PATCH", "url": "/users/1", "body": {"city": "Oslo"},
+                 "headers": {"Content-Type": "application/json"}},
+                {"id": "2", "method": "GET", "url": "/users?$top=1",
+                 "headers": {"ConsistencyLevel": "eventual"}},
+            ]})
+        );
+        // Answers in any order, by id; Retry-After as a string or a number, any case.
+        let a = answers(&json!({"responses": [
+            {"id": "2", "status": 429, "headers": {"retry-after": 3}, "body": {}},
+            {"id": "1", "status": 204, "headers": {"Retry-After": "x"}},
+            {"status": 200},
+            {"id": "9", "status": "200"},
+        ]}));
+        assert_eq!(a["1"].0, 204);
+        assert_eq!(a["1"].1, None);
+        assert_eq!(a["2"], (429, Some(Duration::from_secs(3)), json!({})));
+        assert_eq!(
+            a["9"].0, 0,
+            "a status that is not a number is not a success"
+        );
+        assert_eq!(a.len(), 3);
+        assert_eq!(
+            chunks((0..45).collect(), 20)
+                .iter()
+                .map(Vec::len)
+                .collect::<Vec<_>>(),
+            [20, 20, 5]
         );
     }
 

@@ -5,7 +5,10 @@
 //! deleted items and restore, `$filter` eq and `in`, joined by `or` (advanced queries need
 //! `ConsistencyLevel: eventual` and `$count=true`; at most 15 clauses — an `in` counts one per
 //! value — without them, a URL of at most 2,048 characters with them), `$select`, paging by `@odata.nextLink`, delta queries (a stale deltaLink
-//! is `410 syncStateNotFound`), `$batch` (20 requests at most, each answered on its own),
+//! is `410 syncStateNotFound`), `$batch` (1 to 20 requests with unique ids, run in an order of
+//! its own choosing unless `dependsOn` orders them — parallel, serial or all on the same
+//! request, a failed dependency answered `424` — each answered on its own, malformed batches
+//! refused with 400),
 //! uniqueness of `userPrincipalName` and `mailNickname`, the OData error shape, validation of
 //! every body against the CSDL, a write-rate limit, and injectable faults (429 with
 //! `Retry-After` on a share of requests, 503, slow answers, a visibility delay after create,
@@ -85,6 +88,9 @@ pub struct EmulatorStats {
     pub tokens: u64,
     /// `$batch` envelopes.
     pub batches: u64,
+    /// HTTP requests to Graph received, a `$batch` envelope counting once (token requests
+    /// excluded): the round trips a client made.
+    pub http_requests: u64,
 }
 
 enum ClientAuth {
@@ -677,6 +683,7 @@ async fn serve(
     let now = Instant::now();
     {
         let mut s = lock(&st);
+        s.stats.http_requests += 1;
         let tok = auth.as_deref().and_then(|a| a.strip_prefix("Bearer "));
         let valid = tok.is_some_and(|t| s.tokens.get(t).is_some_and(|exp| *exp > now));
         if !valid {
@@ -807,62 +814,238 @@ fn verify_assertion(jwt: &str, key: &[u8], client: &str, aud: &str) -> bool {
         .is_ok()
 }
 
-fn batch(s: &mut State, body: Option<Json>, now: Instant) -> Answer {
-    s.stats.batches += 1;
-    let Some(reqs) = body
-        .as_ref()
+/// One request of a `$batch`, checked.
+struct BatchItem {
+    id: String,
+    method: String,
+    url: String,
+    eventual: bool,
+    body: Option<Json>,
+    depends_on: Option<String>,
+}
+
+/// Checks a `$batch` body as Graph documents it ("Combine multiple HTTP requests using JSON
+/// batching", and its known issues): a `requests` array of 1 to 20 requests, each with a
+/// string `id` unique in the batch (ignoring case), a `method` and a `url` relative to the
+/// version root; a `body` only with `headers` that carry `Content-Type`; no nested `$batch`;
+/// `dependsOn` naming one other request of the batch, in one of the three patterns Graph
+/// supports — parallel (no request depends on another), serial (each request depends on the
+/// one before it) or same (every request that depends on another depends on the same one).
+/// A malformed batch is refused as a whole with 400.
+fn check_batch(body: Option<&Json>) -> Result<Vec<BatchItem>, String> {
+    let reqs = body
         .and_then(|b| b.get("requests"))
         .and_then(Json::as_array)
-        .cloned()
-    else {
-        return s.error(400, "BadRequest", "Invalid batch payload: no requests.");
-    };
-    if reqs.len() > 20 {
-        return s.error(
-            400,
-            "BadRequest",
-            "Invalid batch payload format: the batch holds more than 20 requests.",
-        );
+        .ok_or("Invalid batch payload: the body has no requests array.")?;
+    if reqs.is_empty() {
+        return Err("Invalid batch payload: the batch holds no requests.".into());
     }
-    let mut out = Vec::with_capacity(reqs.len());
+    if reqs.len() > 20 {
+        return Err("Invalid batch payload format: the batch holds more than 20 requests.".into());
+    }
+    let mut items: Vec<BatchItem> = Vec::with_capacity(reqs.len());
+    let mut ids: BTreeSet<String> = BTreeSet::new();
     for r in reqs {
-        let id = r.get("id").cloned().unwrap_or(Json::Null);
+        let id = r
+            .get("id")
+            .and_then(Json::as_str)
+            .filter(|i| !i.is_empty())
+            .ok_or("Invalid batch payload: every request needs a string id.")?;
+        if !ids.insert(id.to_ascii_lowercase()) {
+            return Err(format!(
+                "Invalid batch payload: the id {id} is not unique in the batch."
+            ));
+        }
         let method = r
             .get("method")
             .and_then(Json::as_str)
-            .unwrap_or("GET")
+            .ok_or_else(|| format!("Invalid batch payload: request {id} has no method."))?
             .to_ascii_uppercase();
-        let url = r.get("url").and_then(Json::as_str).unwrap_or("");
-        let url = url.strip_prefix("/v1.0").unwrap_or(url);
-        let url_len = s.base.len() + "/v1.0/".len() + url.trim_start_matches('/').len();
-        let (path, query) = url.split_once('?').unwrap_or((url, ""));
-        let eventual = r
-            .get("headers")
-            .and_then(|h| h.as_object())
-            .and_then(|h| {
-                h.iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case("consistencylevel"))
-            })
-            .and_then(|(_, v)| v.as_str())
-            .is_some_and(|v| v.eq_ignore_ascii_case("eventual"));
-        let path = if path.starts_with('/') {
-            path.to_string()
-        } else {
-            format!("/{path}")
+        if !["GET", "POST", "PATCH", "PUT", "DELETE"].contains(&method.as_str()) {
+            return Err(format!(
+                "Invalid batch payload: request {id} has an invalid method {method}."
+            ));
+        }
+        let url = r
+            .get("url")
+            .and_then(Json::as_str)
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| format!("Invalid batch payload: request {id} has no url."))?;
+        if url.contains("://") {
+            return Err(format!(
+                "Invalid batch payload: the url of request {id} must be relative."
+            ));
+        }
+        let headers = match r.get("headers") {
+            None => None,
+            Some(Json::Object(h)) => Some(h),
+            Some(_) => {
+                return Err(format!(
+                    "Invalid batch payload: the headers of request {id} are not an object."
+                ))
+            }
         };
-        let a = exec(
-            s,
-            Ctx {
-                method: &method,
-                path: &path,
-                url_len,
-                query: parse_query(query),
-                eventual,
-                body: r.get("body").cloned(),
-                now,
-            },
+        let header = |name: &str| {
+            headers.and_then(|h| {
+                h.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .and_then(|(_, v)| v.as_str())
+            })
+        };
+        let body = r.get("body").cloned();
+        if body.is_some() && header("content-type").is_none() {
+            return Err(format!(
+                "Invalid batch payload: request {id} has a body but no Content-Type header."
+            ));
+        }
+        let path = url.split('?').next().unwrap_or(url);
+        let path = path.strip_prefix("/v1.0").unwrap_or(path);
+        if path.trim_matches('/').eq_ignore_ascii_case("$batch") {
+            return Err("Invalid batch payload: nested batches are not supported.".into());
+        }
+        let depends_on = match r.get("dependsOn") {
+            None | Some(Json::Null) => None,
+            Some(Json::Array(d)) => {
+                let [one] = d.as_slice() else {
+                    return Err(format!(
+                        "Invalid batch payload: request {id} depends on {} requests; a request \
+                         can depend on a single other request.",
+                        d.len()
+                    ));
+                };
+                let dep = one.as_str().ok_or_else(|| {
+                    format!("Invalid batch payload: the dependsOn of request {id} is not an id.")
+                })?;
+                Some(dep.to_string())
+            }
+            Some(_) => {
+                return Err(format!(
+                    "Invalid batch payload: the dependsOn of request {id} is not an array."
+                ))
+            }
+        };
+        items.push(BatchItem {
+            id: id.to_string(),
+            method,
+            url: url.to_string(),
+            eventual: header("consistencylevel")
+                .is_some_and(|v| v.eq_ignore_ascii_case("eventual")),
+            body,
+            depends_on,
+        });
+    }
+    for it in &items {
+        if let Some(d) = &it.depends_on {
+            if d.eq_ignore_ascii_case(&it.id) || !ids.contains(&d.to_ascii_lowercase()) {
+                return Err(format!(
+                    "Invalid batch payload: request {} depends on {d}, which is not another \
+                     request of the batch.",
+                    it.id
+                ));
+            }
+        }
+    }
+    let deps: Vec<Option<String>> = items
+        .iter()
+        .map(|i| i.depends_on.as_ref().map(|d| d.to_ascii_lowercase()))
+        .collect();
+    let parallel = deps.iter().all(Option::is_none);
+    let serial = deps.iter().enumerate().all(|(n, d)| match n {
+        0 => d.is_none(),
+        _ => d.as_deref() == Some(items[n - 1].id.to_ascii_lowercase().as_str()),
+    });
+    let stated: BTreeSet<&String> = deps.iter().flatten().collect();
+    let same = stated.len() == 1;
+    if !(parallel || serial || same) {
+        return Err(
+            "Invalid batch payload: dependsOn must make the batch parallel, serial, or \
+                    depend on the same request."
+                .into(),
         );
-        let mut item = json!({"id": id, "status": a.status, "body": a.body});
+    }
+    Ok(items)
+}
+
+fn batch(s: &mut State, body: Option<Json>, now: Instant) -> Answer {
+    s.stats.batches += 1;
+    let items = match check_batch(body.as_ref()) {
+        Ok(items) => items,
+        Err(m) => return s.error(400, "BadRequest", &m),
+    };
+    // The order requests run in: a request after the one it depends on; independent requests
+    // in an order of the server's choosing (here the reverse of the batch's: Graph documents
+    // that it may run them in any order, and a client must not rely on the batch's).
+    let mut order: Vec<usize> = Vec::with_capacity(items.len());
+    let mut placed = vec![false; items.len()];
+    let index_of = |id: &str| items.iter().position(|i| i.id.eq_ignore_ascii_case(id));
+    let independent: Vec<usize> = (0..items.len())
+        .rev()
+        .filter(|&n| items[n].depends_on.is_none())
+        .collect();
+    for n in independent {
+        order.push(n);
+        placed[n] = true;
+        // Whatever depends on it (transitively) runs after it, in the batch's order.
+        let mut k = 0;
+        while k < items.len() {
+            let ready = !placed[k]
+                && items[k]
+                    .depends_on
+                    .as_deref()
+                    .and_then(index_of)
+                    .is_some_and(|d| placed[d]);
+            if ready {
+                order.push(k);
+                placed[k] = true;
+                k = 0;
+            } else {
+                k += 1;
+            }
+        }
+    }
+    let mut statuses: Vec<Option<u16>> = vec![None; items.len()];
+    let mut out = Vec::with_capacity(items.len());
+    for n in order {
+        let it = &items[n];
+        let failed_dependency = it
+            .depends_on
+            .as_deref()
+            .and_then(index_of)
+            .and_then(|d| statuses[d])
+            .is_some_and(|st| !(200..300).contains(&st));
+        let a = if failed_dependency {
+            s.error(
+                424,
+                "FailedDependency",
+                &format!(
+                    "The request depends on request {}, which failed.",
+                    it.depends_on.as_deref().unwrap_or("")
+                ),
+            )
+        } else {
+            let url = it.url.strip_prefix("/v1.0").unwrap_or(&it.url);
+            let url_len = s.base.len() + "/v1.0/".len() + url.trim_start_matches('/').len();
+            let (path, query) = url.split_once('?').unwrap_or((url, ""));
+            let path = if path.starts_with('/') {
+                path.to_string()
+            } else {
+                format!("/{path}")
+            };
+            exec(
+                s,
+                Ctx {
+                    method: &it.method,
+                    path: &path,
+                    url_len,
+                    query: parse_query(query),
+                    eventual: it.eventual,
+                    body: it.body.clone(),
+                    now,
+                },
+            )
+        };
+        statuses[n] = Some(a.status);
+        let mut item = json!({"id": it.id, "status": a.status, "body": a.body});
         if let Some(ra) = a.retry_after {
             item["headers"] = json!({"Retry-After": ra.to_string()});
         }

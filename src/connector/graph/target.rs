@@ -4,6 +4,8 @@
 //! membership diffs by value through `members@odata.bind` (20 per request) and
 //! `DELETE …/members/{id}/$ref` in `$batch`es, join lookups by `$filter` (`in` batches of 15
 //! values, Graph's limit), and reads through delta queries whose deltaLink is the watermark.
+//! The operations of one apply call run together, their requests combined into `$batch`
+//! envelopes of up to 20 ([`Client::batched`](super::client)).
 //!
 //! It may not panic on a server's answer nor log a secret or a password.
 
@@ -18,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value as Json};
 
 use super::auth::{random_password, CertificateCredential, Credential, TokenProvider};
-use super::client::{Client, Method, Request, Response, RetrySettings, StatsSnapshot};
+use super::client::{Client, Method, Request, Response, RetrySettings, StatsSnapshot, MAX_BATCH};
 use super::filter;
 use super::map::{from_json, set_path, to_json};
 use crate::connector::Secret;
@@ -990,9 +992,11 @@ impl Target for GraphTarget {
     fn capabilities(&self) -> TargetCapabilities {
         TargetCapabilities {
             value_level_changes: true,
-            max_batch: 1,
+            // One `$batch` envelope's worth of operations per call.
+            max_batch: MAX_BATCH,
             read: true,
-            lookup_batch: filter::MAX_CLAUSES,
+            // A `$batch` of 20 queries of 15 values (Graph's limit per `$filter`).
+            lookup_batch: filter::MAX_CLAUSES * MAX_BATCH,
             // `POST /groups` takes members as `members@odata.bind`; a user's manager can only
             // be assigned once the user exists (`PUT /users/{id}/manager/$ref`).
             create_references: CreateReferences::Only(vec![(
@@ -1076,8 +1080,9 @@ impl Target for GraphTarget {
     /// `$filter=path in ('v1','v2',…)` (directory extension properties, documented with `eq`
     /// only: `path eq 'v1' or path eq 'v2' …`), at most 15 values per request as Graph allows
     /// without the advanced query parameters; with them (properties of
-    /// `onPremisesExtensionAttributes`), as many as fit a URL of 2,048 characters. Every page
-    /// is read; a group found comes with its members. `id` is looked up by reading each object.
+    /// `onPremisesExtensionAttributes`), as many as fit a URL of 2,048 characters. The
+    /// requests go together in `$batch`es of 20. Every page is read; a group found comes with
+    /// its members. `id` is looked up by reading each object.
     async fn find_any(
         &self,
         object_type: &ObjectType,
@@ -1138,7 +1143,7 @@ impl Target for GraphTarget {
                 vals.len() <= filter::MAX_CLAUSES
             }
         };
-        let mut out: Vec<TargetObject> = Vec::new();
+        let mut queries = Vec::new();
         let mut start = 0;
         while start < values.len() {
             let mut end = start + 1;
@@ -1147,29 +1152,48 @@ impl Target for GraphTarget {
             }
             let mut req = Request::new(Method::Get, query(&values[start..end]));
             req.eventual = advanced;
+            queries.push(req);
             start = end;
-            let (items, _) = self.pages(req).await?;
-            for o in &items {
+        }
+        // The queries (and then the found groups' member reads) go together, in `$batch`es.
+        let answers = self
+            .client
+            .batched(futures::future::join_all(
+                queries.into_iter().map(|q| self.pages(q)),
+            ))
+            .await;
+        let mut out: Vec<TargetObject> = Vec::new();
+        for answer in answers {
+            for o in &answer?.0 {
                 let t = Self::object(kind, o)?;
-                if out.iter().any(|x| x.id == t.id) {
-                    continue;
+                if !out.iter().any(|x| x.id == t.id) {
+                    out.push(t);
                 }
-                out.push(if kind == Kind::Group {
-                    self.with_members(t).await?
-                } else {
-                    t
-                });
             }
+        }
+        if kind == Kind::Group {
+            out = self
+                .client
+                .batched(futures::future::join_all(
+                    out.into_iter().map(|t| self.with_members(t)),
+                ))
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
         }
         Ok(out)
     }
 
+    /// The operations run together, those on one object in order (see
+    /// [`Target::apply`]): their requests go out in shared `$batch` envelopes of up to 20 —
+    /// the first request of every operation in the first envelopes, the next ones (a group's
+    /// further members, a restored user's update) in later ones as answers come in.
     async fn apply(&self, operations: &[TargetOperation]) -> Vec<Result<Applied, ConnectorError>> {
-        let mut out = Vec::with_capacity(operations.len());
-        for op in operations {
-            out.push(self.apply_one(op).await);
-        }
-        out
+        self.client
+            .batched(crate::connector::apply_per_object(operations, |op| {
+                self.apply_one(op)
+            }))
+            .await
     }
 }
 

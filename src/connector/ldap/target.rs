@@ -231,8 +231,8 @@ impl LdapTargetConfig {
 ///   violations → [`ErrorKind::Constraint`], busy/unavailable/lost connection → retryable; each
 ///   names the DN, and the attribute when the server's message names one of the operation's.
 ///
-/// One connection is opened at first use and shared by the calls; a connection failure drops
-/// it and the next call reconnects.
+/// One connection is opened (and bound) at first use and shared by the calls; the operations of
+/// one call are pipelined on it. A connection failure drops it and the next call reconnects.
 pub struct LdapTarget {
     config: Arc<LdapTargetConfig>,
     mapper: Arc<EntryMapper>,
@@ -1051,12 +1051,11 @@ impl Target for LdapTarget {
         Ok(out)
     }
 
+    /// The operations are pipelined on the one connection: those on different entries are
+    /// all sent without waiting for each other's answers (LDAP matches answers to requests by
+    /// message id), those on the same entry one after the other in their order.
     async fn apply(&self, operations: &[TargetOperation]) -> Vec<Result<Applied, ConnectorError>> {
-        let mut out = Vec::with_capacity(operations.len());
-        for op in operations {
-            out.push(self.apply_one(op).await);
-        }
-        out
+        crate::connector::apply_per_object(operations, |op| self.apply_one(op)).await
     }
 }
 

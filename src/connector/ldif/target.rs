@@ -147,6 +147,7 @@ pub struct LdifTarget {
     path: PathBuf,
     config: LdifTargetConfig,
     objects: Mutex<Objects>,
+    rewrites: std::sync::atomic::AtomicU64,
 }
 
 impl LdifTarget {
@@ -173,7 +174,14 @@ impl LdifTarget {
             path,
             config,
             objects: Mutex::new(objects),
+            rewrites: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many times [`apply`](Target::apply) has rewritten the file since it was opened:
+    /// once per call that changed something, however many operations the call carried.
+    pub fn rewrites(&self) -> u64 {
+        self.rewrites.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sets the name used in logs and errors (default `"ldif"`).
@@ -626,7 +634,11 @@ impl Target for LdifTarget {
         }
         let written = render(&next).and_then(|bytes| write_atomically(&self.path, &bytes));
         match written {
-            Ok(()) => *current = next,
+            Ok(()) => {
+                *current = next;
+                self.rewrites
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(e) => {
                 let message = format!(
                     "could not rewrite the LDIF target file {}: {e}; the operations of this call \
@@ -690,6 +702,49 @@ mod tests {
 
     fn file(t: &LdifTarget) -> String {
         std::fs::read_to_string(t.path()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_rewrite_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dir.ldif");
+        let t = LdifTarget::open(&path, config()).unwrap();
+        // 300 creates, one of them a duplicate DN, in one call: one rewrite.
+        let mut ops: Vec<TargetOperation> = (0..300).map(|i| user(&format!("U{i}"))).collect();
+        ops.push(user("U7"));
+        let out = t.apply(&ops).await;
+        assert_eq!(
+            out[300].as_ref().unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        assert!(out[..300].iter().all(Result::is_ok));
+        assert_eq!(t.rewrites(), 1);
+        assert_eq!(file(&t).matches("\ndn: ").count(), 300);
+        // Updates of 100 and deletes of 100 in another call: one more rewrite.
+        let ids: Vec<TargetId> = out[..300]
+            .iter()
+            .map(|r| r.as_ref().unwrap().id.clone())
+            .collect();
+        let mut ops: Vec<TargetOperation> = ids[..100]
+            .iter()
+            .map(|id| update(id, vec![AttributeChange::replace("sn", values(["Batch"]))]))
+            .collect();
+        ops.extend(ids[100..200].iter().map(|id| TargetOperation::Delete {
+            id: id.clone(),
+            object_type: "user".into(),
+        }));
+        assert!(t.apply(&ops).await.iter().all(Result::is_ok));
+        assert_eq!(t.rewrites(), 2);
+        assert_eq!(file(&t).matches("sn: Batch").count(), 100);
+        // A call whose operations all fail writes nothing; one by one, a rewrite per call.
+        assert!(t.apply(&[user("U0")]).await[0].is_err());
+        assert_eq!(t.rewrites(), 2);
+        for i in 0..5 {
+            one(&t, user(&format!("V{i}"))).await.unwrap();
+        }
+        assert_eq!(t.rewrites(), 7);
+        let reopened = LdifTarget::open(&path, config()).unwrap();
+        assert_eq!(reopened.len(), t.len());
     }
 
     #[tokio::test]

@@ -821,8 +821,14 @@ impl ScimTarget {
         })
     }
 
-    /// Applies `ops` through `/Bulk` (requests within the service's limits), each outcome in
-    /// order.
+    /// Applies `ops` through `/Bulk`, each outcome in order. The operations go in waves: an
+    /// operation on an object an earlier operation of the call also changes waits for the next
+    /// wave (its `If-Match` version and its order depend on that one's outcome). Each wave is
+    /// one bulk request (more where the service's `maxOperations` or `maxPayloadSize` ask for
+    /// it); an operation that cannot go in a bulk request (a PATCH needing several requests)
+    /// is sent on its own in its wave. `failOnErrors` is left out: the service runs every
+    /// operation whatever fails (RFC 7644 §3.7.3), and each outcome is matched to its
+    /// operation by `bulkId` (creates) or method and location (the others), never by position.
     async fn apply_bulk(
         &self,
         info: &ServiceInfo,
@@ -830,14 +836,50 @@ impl ScimTarget {
     ) -> Vec<Result<Applied, ConnectorError>> {
         let mut out: Vec<Option<Result<Applied, ConnectorError>>> =
             (0..ops.len()).map(|_| None).collect();
-        let mut pending: Vec<(usize, Json)> = Vec::new();
+        let mut waves: Vec<Vec<usize>> = Vec::new();
+        let mut last: HashMap<&TargetId, usize> = HashMap::new();
         for (i, op) in ops.iter().enumerate() {
-            match self.bulk_op(info, i, op) {
-                Ok(Some(j)) => pending.push((i, j)),
-                Ok(None) => out[i] = Some(self.apply_one(info, op).await),
-                Err(e) => out[i] = Some(Err(e)),
+            let w = match op.id() {
+                Some(id) => {
+                    let w = last.get(id).map_or(0, |w| w + 1);
+                    last.insert(id, w);
+                    w
+                }
+                None => 0,
+            };
+            if waves.len() <= w {
+                waves.resize_with(w + 1, Vec::new);
+            }
+            waves[w].push(i);
+        }
+        for wave in waves {
+            let mut pending: Vec<(usize, Json)> = Vec::new();
+            for i in wave {
+                match self.bulk_op(info, i, &ops[i]) {
+                    Ok(Some(j)) => pending.push((i, j)),
+                    Ok(None) => out[i] = Some(self.apply_one(info, &ops[i]).await),
+                    Err(e) => out[i] = Some(Err(e)),
+                }
+            }
+            for batch in self.bulk_requests(info, pending) {
+                self.send_bulk(ops, &batch, &mut out).await;
             }
         }
+        out.into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Err(ConnectorError::new(ErrorKind::Protocol, "no bulk outcome"))
+                })
+            })
+            .collect()
+    }
+
+    /// `pending` bulk operations split into requests within the service's limits.
+    fn bulk_requests(
+        &self,
+        info: &ServiceInfo,
+        pending: Vec<(usize, Json)>,
+    ) -> Vec<Vec<(usize, Json)>> {
         let max_ops = info.bulk_max_operations.max(1);
         let max_payload = if info.bulk_max_payload == 0 {
             usize::MAX
@@ -859,45 +901,46 @@ impl ScimTarget {
                 }
             }
         }
-        for batch in batches {
-            let body = json!({
-                "schemas": [BULK_REQUEST],
-                "failOnErrors": 0,
-                "Operations": batch.iter().map(|(_, j)| j.clone()).collect::<Vec<_>>(),
-            });
-            let results = match self.request(Method::POST, "/Bulk", Some(&body), None).await {
-                Ok(a) => parse(&a.body, &format!("{} POST /Bulk", self.name)).map(|j| {
-                    j.get("Operations")
-                        .and_then(Json::as_array)
-                        .cloned()
-                        .unwrap_or_default()
-                }),
-                Err(e) => Err(e),
-            };
-            match results {
-                Err(e) => {
-                    for (i, _) in &batch {
-                        out[*i] = Some(Err(ConnectorError::new(e.kind(), e.message().to_string())));
+        batches
+    }
+
+    /// Sends one bulk request and records the outcome of each of its operations in `out`.
+    async fn send_bulk(
+        &self,
+        ops: &[TargetOperation],
+        batch: &[(usize, Json)],
+        out: &mut [Option<Result<Applied, ConnectorError>>],
+    ) {
+        let body = json!({
+            "schemas": [BULK_REQUEST],
+            "Operations": batch.iter().map(|(_, j)| j.clone()).collect::<Vec<_>>(),
+        });
+        let results = match self.request(Method::POST, "/Bulk", Some(&body), None).await {
+            Ok(a) => parse(&a.body, &format!("{} POST /Bulk", self.name)).map(|j| {
+                j.get("Operations")
+                    .and_then(Json::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+            }),
+            Err(e) => Err(e),
+        };
+        match results {
+            Err(e) => {
+                for (i, _) in batch {
+                    let mut each = ConnectorError::new(e.kind(), e.message().to_string());
+                    if let Some(after) = e.retry_after() {
+                        each = each.with_retry_after(after);
                     }
+                    out[*i] = Some(Err(each));
                 }
-                Ok(results) => {
-                    for (pos, (i, sent)) in batch.iter().enumerate() {
-                        let r = sent
-                            .get("bulkId")
-                            .and_then(|b| results.iter().find(|r| r.get("bulkId") == Some(b)))
-                            .or_else(|| results.get(pos));
-                        out[*i] = Some(self.bulk_result(&ops[*i], sent, r));
-                    }
+            }
+            Ok(results) => {
+                for (i, sent) in batch {
+                    let r = results.iter().find(|r| same_operation(sent, r));
+                    out[*i] = Some(self.bulk_result(&ops[*i], sent, r));
                 }
             }
         }
-        out.into_iter()
-            .map(|o| {
-                o.unwrap_or_else(|| {
-                    Err(ConnectorError::new(ErrorKind::Protocol, "no bulk outcome"))
-                })
-            })
-            .collect()
     }
 
     fn bulk_result(
@@ -1051,6 +1094,30 @@ impl ScimTarget {
     }
 }
 
+/// Whether the bulk response operation `r` answers the bulk request operation `sent`: the same
+/// `bulkId` (creates), or the same method and a location ending with the sent path.
+fn same_operation(sent: &Json, r: &Json) -> bool {
+    if let Some(b) = sent.get("bulkId") {
+        return r.get("bulkId") == Some(b);
+    }
+    let method = |j: &Json| {
+        j.get("method")
+            .and_then(Json::as_str)
+            .map(str::to_ascii_uppercase)
+    };
+    let (Some(path), Some(location)) = (
+        sent.get("path").and_then(Json::as_str),
+        r.get("location").and_then(Json::as_str),
+    ) else {
+        return false;
+    };
+    method(sent) == method(r)
+        && r.get("bulkId").is_none_or(Json::is_null)
+        && location
+            .trim_end_matches('/')
+            .ends_with(path.trim_end_matches('/'))
+}
+
 fn truthy(v: &Json) -> bool {
     match v {
         Json::Bool(b) => *b,
@@ -1082,14 +1149,19 @@ impl Target for ScimTarget {
     }
 
     fn capabilities(&self) -> TargetCapabilities {
-        let bulk = self.info.get().map(|i| i.bulk_max_operations).unwrap_or(0);
+        // Before discovery (nothing asked of the service yet) the configured size: a service
+        // without bulk then gets its operations one request each, within the call.
+        let max_batch = match (self.config.bulk, self.info.get()) {
+            (false, _) => 1,
+            (true, None) => self.config.max_batch.max(1),
+            (true, Some(i)) if i.bulk_max_operations > 1 => {
+                self.config.max_batch.clamp(1, i.bulk_max_operations)
+            }
+            (true, Some(_)) => 1,
+        };
         TargetCapabilities {
             value_level_changes: true,
-            max_batch: if self.config.bulk && bulk > 1 {
-                self.config.max_batch.clamp(1, bulk)
-            } else {
-                1
-            },
+            max_batch,
             read: true,
             lookup_batch: self.config.lookup_batch.max(1),
             ..TargetCapabilities::default()
