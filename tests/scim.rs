@@ -1353,3 +1353,38 @@ async fn in_process_without_bulk_a_batch_is_one_request_per_operation() {
     assert_eq!(m.created.load(Ordering::SeqCst), 5);
     assert_eq!(t.capabilities().max_batch, 1, "after discovery");
 }
+
+/// Through the engine: an initial load of 120 users and 6 groups of 20 members is a handful of
+/// `/Bulk` requests (50 operations each at most), not one request per object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_server_an_initial_load_through_the_engine_is_batched() {
+    let Some(srv) = server() else { return };
+    let proxy = Counting::start(&srv.base).await;
+    let source = MemorySource::new("hr");
+    for i in 0..120 {
+        source.add(user(i)).unwrap();
+    }
+    for g in 0..6 {
+        source.add(source_group(g, g * 20..g * 20 + 20)).unwrap();
+    }
+    let mut s = sync(&source, target(&proxy.base));
+    let r = s.run_cycle().await.unwrap();
+    assert!(r.failures.is_empty(), "{r}");
+    assert_eq!(r.count("create"), 126, "{r}");
+    let lines = proxy.take();
+    let bulk = count(&lines, "POST", "/v2/Bulk");
+    eprintln!(
+        "initial load, 120 users + 6 groups: {} writes ({bulk} /Bulk), {} lookups",
+        writes(&lines),
+        lookups(&lines)
+    );
+    assert_eq!(writes(&lines), bulk, "every write in /Bulk: {lines:#?}");
+    assert!(bulk * 20 <= 126, "{bulk} bulk requests for 126 creates");
+    assert_eq!(users(&srv.base).await.len(), 120);
+    let (_, gs) = raw("GET", &format!("{}/Groups?count=100", srv.base), None).await;
+    assert_eq!(gs["totalResults"], 6, "{gs}");
+    for g in gs["Resources"].as_array().unwrap() {
+        assert_eq!(g["members"].as_array().unwrap().len(), 20, "{g}");
+    }
+    assert_eq!(s.run_cycle().await.unwrap().total_done(), 0);
+}
