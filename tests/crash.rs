@@ -906,7 +906,13 @@ fn check_target(dir: &Path, d: &Directory) {
                     .collect()
             })
             .unwrap_or_default();
-        assert_eq!(got, want, "members of {}", g.cn);
+        assert!(
+            got == want,
+            "members of {}: {:?} too many, {:?} missing",
+            g.cn,
+            got.difference(&want).collect::<Vec<_>>(),
+            want.difference(&got).collect::<Vec<_>>()
+        );
     }
 }
 
