@@ -933,12 +933,12 @@ fn killed_runs_converge_without_duplicates_or_losses() {
         exe: std::env::current_exe().unwrap(),
     };
 
-    const ROUNDS: usize = 140;
+    const ROUNDS: usize = 150;
     // How long an uninterrupted run takes; timed kills are drawn as shares of it (so they land
     // inside runs on fast and slow machines alike), updated from runs that finish on their own.
     let mut estimate = Duration::from_millis(1000);
     // Per chosen kind, the bound n is drawn below: it follows how many such moments a run has
-    // (grows when the kill landed, halves when the run ended first).
+    // (grows when the kill landed; below n when the run ended before its n-th).
     let mut caps: BTreeMap<Moment, usize> = Moment::CHOSEN.iter().map(|m| (*m, 8)).collect();
     let mut landed: BTreeMap<String, usize> = BTreeMap::new();
     let mut kills = 0;
@@ -964,9 +964,10 @@ fn killed_runs_converge_without_duplicates_or_losses() {
             let o = runs.run(round, Some((kind, n)), None);
             let cap = caps.get_mut(&kind).unwrap();
             *cap = if o.killed.is_some() {
-                (*cap + *cap / 4 + 1).min(500)
+                (*cap + 2).min(500)
             } else {
-                (*cap / 2).max(1)
+                // The run had fewer than n such moments.
+                (n as usize - 1).max(1)
             };
             (o, format!("{}:{n}", kind.name()))
         } else {
