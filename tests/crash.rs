@@ -472,10 +472,18 @@ impl Killer {
         self.at == Some((kind, n))
     }
 
+    /// Target calls, the largest batch, and the moments of each kind passed, in
+    /// [`Moment::CHOSEN`]'s order (`seen=3,4,20,4,2,4`).
     fn stats(&self) -> String {
+        let seen: Vec<String> = self
+            .seen
+            .iter()
+            .map(|n| n.load(Ordering::SeqCst).to_string())
+            .collect();
         format!(
-            "batches={} largest={}",
+            "batches={} seen={} largest={}",
             self.batches.load(Ordering::SeqCst),
+            seen.join(","),
             self.largest.load(Ordering::SeqCst)
         )
     }
@@ -800,6 +808,17 @@ fn last_stage(stderr: &str) -> &'static str {
     }
 }
 
+/// The moments of each kind a child that finished passed (`seen=…` on its last line).
+fn seen(stderr: &str) -> Vec<usize> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("crash-child: finished"))
+        .filter_map(|l| l.split(" seen=").nth(1))
+        .filter_map(|s| s.split(' ').next())
+        .flat_map(|s| s.split(',').map(|n| n.parse().unwrap_or(0)))
+        .collect()
+}
+
 /// The largest batch a child reported (`largest=N` on its last line).
 fn largest_batch(stderr: &str) -> usize {
     stderr
@@ -937,16 +956,18 @@ fn killed_runs_converge_without_duplicates_or_losses() {
     // How long an uninterrupted run takes; timed kills are drawn as shares of it (so they land
     // inside runs on fast and slow machines alike), updated from runs that finish on their own.
     let mut estimate = Duration::from_millis(1000);
-    // Per chosen kind, the bound n is drawn below: it follows how many such moments a run has
-    // (grows when the kill landed; below n when the run ended before its n-th).
+    // Per chosen kind, the bound n is drawn below: how many such moments the last run that
+    // finished with any had (or more, when a kill landed further).
     let mut caps: BTreeMap<Moment, usize> = Moment::CHOSEN.iter().map(|m| (*m, 8)).collect();
     let mut landed: BTreeMap<String, usize> = BTreeMap::new();
     let mut kills = 0;
     let mut finished = 0;
     let mut largest = 0;
     let mut duplicates = Vec::new();
+    // Whether the last run finished its work (then the next one gets new work).
+    let mut idle = true;
     for round in 0..ROUNDS {
-        if round % 3 != 0 {
+        if round % 3 != 0 || idle {
             let changes = 2 + rng.below(12);
             let what = d.edit(&mut rng, changes);
             d.write(&dir.join("source.ldif"));
@@ -962,13 +983,10 @@ fn killed_runs_converge_without_duplicates_or_losses() {
         let (outcome, chosen) = if let Some(&kind) = choices.get(pick) {
             let n = 1 + rng.below(caps[&kind]) as u64;
             let o = runs.run(round, Some((kind, n)), None);
-            let cap = caps.get_mut(&kind).unwrap();
-            *cap = if o.killed.is_some() {
-                (*cap + 2).min(500)
-            } else {
-                // The run had fewer than n such moments.
-                (n as usize - 1).max(1)
-            };
+            if o.killed.is_some() {
+                let cap = caps.get_mut(&kind).unwrap();
+                *cap = (*cap).max(n as usize);
+            }
             (o, format!("{}:{n}", kind.name()))
         } else {
             // A third of the timed kills early (start-up, import, planning), the rest anywhere
@@ -986,6 +1004,12 @@ fn killed_runs_converge_without_duplicates_or_losses() {
             (o, format!("timed {delay:.0?}"))
         };
         outcome.record(&mut duplicates, &mut largest);
+        idle = outcome.killed.is_none();
+        for (kind, &n) in Moment::CHOSEN.iter().zip(&seen(&outcome.stderr)) {
+            if n > 0 {
+                caps.insert(*kind, n);
+            }
+        }
         match &outcome.killed {
             Some(at) => {
                 kills += 1;
