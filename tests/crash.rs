@@ -10,7 +10,8 @@
 //! already holds, nothing pending, and a further full plan must find nothing to do.
 //!
 //! The killed process is this test binary itself, started again with [`CHILD`] set: it runs one
-//! cycle of the engine (`Synchronizer::run_cycle`, as the `sync` example's `run` does) with
+//! cycle of the engine (`Synchronizer::run_cycle`, as the `sync` example's `run` does; one run
+//! in five a full sync, as `run --full`) with
 //! - a [`tracing`] subscriber that kills the process at the n-th `state: committing` event of a
 //!   kind — the event `SqliteStore` emits inside every write transaction, after its work and
 //!   before its commit, naming the transaction in `what`;
@@ -54,6 +55,9 @@ const CHILD: &str = "DIRSYNC_CRASH_CHILD";
 /// The moment the child kills itself at: `<kind>:<n>` (see [`Moment`]); absent, it runs to
 /// the end (or until the parent kills it).
 const KILL_AT: &str = "DIRSYNC_CRASH_KILL_AT";
+/// Set (to anything): the child runs a full sync (`delta_import` then `full_sync`, as the
+/// `sync` example's `run --full`) instead of the usual cycle.
+const FULL: &str = "DIRSYNC_CRASH_FULL";
 /// The name of the test, to run it again as the child.
 const TEST_NAME: &str = "killed_runs_converge_without_duplicates_or_losses";
 /// The most operations one target call carries (the LDIF target rewrites its file once per call).
@@ -655,7 +659,8 @@ impl tracing::Subscriber for Commits {
     fn exit(&self, _: &tracing::span::Id) {}
 }
 
-/// The child: one `run_cycle` of the synchronization in `dir`, dying at `KILL_AT` if it comes.
+/// The child: one `run_cycle` (with [`FULL`]: a full sync) of the synchronization in `dir`,
+/// dying at `KILL_AT` if it comes.
 fn child(dir: &Path) {
     let at = std::env::var(KILL_AT).ok().map(|s| {
         let (kind, n) = s.split_once(':').expect("KILL_AT is kind:n");
@@ -673,8 +678,16 @@ fn child(dir: &Path) {
     let mut sync = synchronizer(dir, kill.clone());
     // The stage a timed kill lands in, for the record.
     sync.on_progress(|p| eprintln!("progress {:?} {}", p.stage, p.done));
+    let full = std::env::var_os(FULL).is_some();
     let report = runtime
-        .block_on(sync.run_cycle())
+        .block_on(async {
+            if full {
+                sync.delta_import().await?;
+                sync.full_sync().await
+            } else {
+                sync.run_cycle().await
+            }
+        })
         .unwrap_or_else(|e| panic!("the run failed: {e}"));
     assert!(
         report.failures.is_empty() && report.stopped.is_none() && !report.held,
@@ -717,25 +730,36 @@ struct Runs<'a> {
 }
 
 impl Runs<'_> {
-    fn command(&self, at: Option<(Moment, u64)>) -> Command {
+    fn command(&self, full: bool, at: Option<(Moment, u64)>) -> Command {
         let mut c = Command::new(&self.exe);
         c.args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD, self.dir)
             .env_remove(KILL_AT)
+            .env_remove(FULL)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("stderr.txt")).unwrap());
         if let Some((kind, n)) = at {
             c.env(KILL_AT, format!("{}:{n}", kind.name()));
         }
+        if full {
+            c.env(FULL, "1");
+        }
         c
     }
 
-    /// Runs the child: to the moment `at`, or (`at` = `None`) until `delay` has passed, or (no
-    /// delay) to its end. A child that was not killed must have finished cleanly.
-    fn run(&self, round: usize, at: Option<(Moment, u64)>, delay: Option<Duration>) -> Outcome {
+    /// Runs the child (a full sync when `full`, else the usual cycle): to the moment `at`, or
+    /// (`at` = `None`) until `delay` has passed, or (no delay) to its end. A child that was not
+    /// killed must have finished cleanly.
+    fn run(
+        &self,
+        round: usize,
+        full: bool,
+        at: Option<(Moment, u64)>,
+        delay: Option<Duration>,
+    ) -> Outcome {
         let t0 = Instant::now();
-        let mut child = self.command(at).spawn().expect("spawn the child");
+        let mut child = self.command(full, at).spawn().expect("spawn the child");
         let limit = delay.unwrap_or(Duration::from_secs(120));
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -980,14 +1004,19 @@ fn killed_runs_converge_without_duplicates_or_losses() {
             .filter(|m| *m != Moment::BatchPartlyApplied || largest > 1)
             .collect();
         let pick = rng.below(choices.len() + 2);
+        // One run in five a full sync (every object planned; a large run exported in pages).
+        let full = rng.below(5) == 0;
         let (outcome, chosen) = if let Some(&kind) = choices.get(pick) {
             let n = 1 + rng.below(caps[&kind]) as u64;
-            let o = runs.run(round, Some((kind, n)), None);
+            let o = runs.run(round, full, Some((kind, n)), None);
             if o.killed.is_some() {
                 let cap = caps.get_mut(&kind).unwrap();
                 *cap = (*cap).max(n as usize);
             }
-            (o, format!("{}:{n}", kind.name()))
+            (
+                o,
+                format!("{}:{n}{}", kind.name(), if full { " full" } else { "" }),
+            )
         } else {
             // A third of the timed kills early (start-up, import, planning), the rest anywhere
             // up to a little past the expected end.
@@ -997,11 +1026,14 @@ fn killed_runs_converge_without_duplicates_or_losses() {
                 rng.unit() * 1.1
             };
             let delay = estimate.mul_f64(share).max(Duration::from_millis(5));
-            let o = runs.run(round, None, Some(delay));
+            let o = runs.run(round, full, None, Some(delay));
             if o.killed.is_none() {
                 estimate = (estimate + o.took.max(Duration::from_millis(50))) / 2;
             }
-            (o, format!("timed {delay:.0?}"))
+            (
+                o,
+                format!("timed {delay:.0?}{}", if full { " full" } else { "" }),
+            )
         };
         outcome.record(&mut duplicates, &mut largest);
         idle = outcome.killed.is_none();
@@ -1037,7 +1069,7 @@ fn killed_runs_converge_without_duplicates_or_losses() {
 
     // Runs to completion: the first resolves what the kills left unconfirmed.
     for round in ROUNDS..ROUNDS + 2 {
-        let o = runs.run(round, None, None);
+        let o = runs.run(round, false, None, None);
         o.record(&mut duplicates, &mut largest);
         eprintln!(
             "round {round}: {}",
