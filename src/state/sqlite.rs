@@ -546,6 +546,10 @@ impl SqliteStore {
     }
 
     /// Runs `f` in one immediate transaction.
+    ///
+    /// Emits the trace event `state: committing` (field `what`) after `f`'s work and before
+    /// the commit: a stable message, on which `tests/crash.rs` kills the process inside the
+    /// transaction.
     fn write<T>(
         &mut self,
         what: &str,
@@ -556,6 +560,7 @@ impl SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .ctx(&format!("{what}: starting a transaction"))?;
         let out = f(&tx)?;
+        tracing::trace!(what, "state: committing");
         tx.commit().ctx(&format!("{what}: committing"))?;
         Ok(out)
     }
