@@ -62,8 +62,8 @@ pub use report::{Failure, Progress, RunReport, Stage};
 
 use crate::connector::{ConnectorError, ErrorKind, ImportItem, Source, Target, TargetOperation};
 use crate::delta::{
-    self, DeletionGuard, Issue, Operation, OperationKind, Plan, PlanInput, PlanScope, Projected, Projection,
-    ProjectionContext,
+    self, DeletionGuard, Issue, Operation, OperationKind, Plan, PlanInput, PlanScope, Projected,
+    Projection, ProjectionContext,
 };
 use crate::model::{Anchor, Change, Dn, Entry, TargetId, TargetObject};
 use crate::rules::ruleset::{Explanation, RuleSet};
