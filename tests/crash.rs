@@ -1115,13 +1115,10 @@ fn killed_runs_converge_without_duplicates_or_losses() {
 
     // The kills were many, and landed at every kind of moment.
     assert!(kills >= 100, "only {kills} kills");
+    // The engine exports in batches (the LDIF target takes 25 operations per call).
+    assert!(largest > 1, "the target never received a batch of several operations");
     for kind in Moment::CHOSEN.iter().chain([&Moment::Timed]) {
         let n = landed.get(kind.name()).copied().unwrap_or(0);
-        if *kind == Moment::BatchPartlyApplied && largest < 2 {
-            // Only a batch of several operations can be partly applied.
-            eprintln!("no batch of several operations: no kill could land in one");
-            continue;
-        }
         assert!(n >= 3, "only {n} kills at {}: {landed:?}", kind.name());
     }
     eprintln!("crash test took {:.1?}", started.elapsed());

@@ -50,8 +50,7 @@ fn dir() -> PathBuf {
 struct Golden {
     failures: Vec<String>,
     checked: usize,
-    /// After runs exported in pages, compare staged plans without their fingerprint (the state
-    /// was written in more transactions: the memory store's fingerprint counts them) and with
+    /// After runs exported in pages or batches, compare staged plans with
     /// the memory target's fresh ids (`t000001`, …) numbered in order of appearance (it numbers
     /// creates in the order they came). The plan must be the same otherwise.
     after_pages: bool,
@@ -139,7 +138,9 @@ impl Golden {
             "{name}: an empty plan tests nothing"
         );
         let mut staged = staged.clone();
-        if self.after_pages {
+        // The fingerprint counts the store's write transactions, not what the plan holds:
+        // group commit (one transaction per batch) moved it. The plan itself must not move.
+        {
             let path = dir().join(format!("{name}.json"));
             if let Ok(text) = std::fs::read_to_string(path) {
                 let golden: StagedPlan = serde_json::from_str(&text).unwrap();
@@ -612,7 +613,12 @@ fn container_plans(golden: &mut Golden, plan_page: Option<usize>) {
 
 #[test]
 fn engine_plans_are_the_golden_ones() {
-    let mut golden = Golden::default();
+    // The runs before these plans exported in batches, several at once: the memory target
+    // numbered its fresh ids in the order the creates reached it, which batching may change.
+    let mut golden = Golden {
+        after_pages: true,
+        ..Golden::default()
+    };
     engine_plans(&mut golden, None);
     container_plans(&mut golden, None);
     golden.finish();
