@@ -1116,7 +1116,10 @@ fn killed_runs_converge_without_duplicates_or_losses() {
     // The kills were many, and landed at every kind of moment.
     assert!(kills >= 100, "only {kills} kills");
     // The engine exports in batches (the LDIF target takes 25 operations per call).
-    assert!(largest > 1, "the target never received a batch of several operations");
+    assert!(
+        largest > 1,
+        "the target never received a batch of several operations"
+    );
     for kind in Moment::CHOSEN.iter().chain([&Moment::Timed]) {
         let n = landed.get(kind.name()).copied().unwrap_or(0);
         assert!(n >= 3, "only {n} kills at {}: {landed:?}", kind.name());
