@@ -65,5 +65,7 @@ pub use projection::{
     Projection, ProjectionContext, ProjectionError, WhenEmpty,
 };
 pub use snapshot::{attribute_changes, SnapshotDiff};
-pub(crate) use state::{remove_references_to, resolve_change_values, resolve_references};
+#[cfg(feature = "sqlite")]
+pub(crate) use state::remove_references_to;
+pub(crate) use state::{resolve_change_values, resolve_references};
 pub use state::{Link, Links, SourceMirror, TargetMirror};

@@ -15,6 +15,9 @@
 //! mail address. Schema versions before 4 stored `Attributes`' serde form (a list of
 //! `[name, [{"string": …}, …]]` pairs); [`decode_attributes`] still reads it, for migrations.
 
+// The decoder and the string form serve the SQLite store only.
+#![cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+
 use std::fmt;
 use std::marker::PhantomData;
 

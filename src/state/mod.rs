@@ -238,9 +238,11 @@ pub(crate) fn audit_attributes(sent: Option<&TargetOperation>) -> Vec<AttrName> 
 }
 
 /// The lookup attributes of target types, names lower-cased (as lookups compare them).
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) type LookupAttributes = BTreeMap<ObjectType, std::collections::BTreeSet<String>>;
 
 /// `attrs` with their names lower-cased.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) fn lower_lookup_attributes(
     attrs: &BTreeMap<ObjectType, std::collections::BTreeSet<AttrName>>,
 ) -> LookupAttributes {
