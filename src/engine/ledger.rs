@@ -13,7 +13,8 @@
 //!   have finished ([`dependencies`]); a cycle from a hand-made plan is broken at its earliest
 //!   operation rather than stalling;
 //! - **deferral**: an object in escrow until later, or whose operation of an earlier phase
-//!   failed, waits for a later run;
+//!   failed, waits for a later run — except that escrow never holds a deprovision (a disable or
+//!   delete goes out while the object's failing updates wait);
 //! - **batches**: up to `max_batch` operations per [`Target::apply`](crate::connector::Target)
 //!   call, at most `concurrency` batches in flight, and — until the circuit breaker may judge
 //!   (its `min_operations`) — no more operations in flight than it needs to judge, so a target
@@ -312,11 +313,15 @@ impl Ledger {
             self.dependents.clear();
             let mut runnable = Vec::with_capacity(range.len());
             for i in range {
-                let anchor = &self.slots[i].op.anchor;
-                let escrowed = self
-                    .escrow
-                    .get(anchor)
-                    .is_some_and(|(_, next)| *next > self.now);
+                let op = &self.slots[i].op;
+                let anchor = &op.anchor;
+                // Escrow holds what keeps failing, never a deprovision: an object disabled or
+                // deleted at the source leaves the target now, whatever its failed updates.
+                let escrowed = op.phase() != Phase::Deprovision
+                    && self
+                        .escrow
+                        .get(anchor)
+                        .is_some_and(|(_, next)| *next > self.now);
                 // An earlier phase of this object failed: its later phases wait for the next
                 // run.
                 if escrowed || self.failed.contains(anchor) {
@@ -1030,6 +1035,45 @@ mod tests {
                 released: Vec::new()
             }
         );
+    }
+
+    #[test]
+    fn escrow_never_holds_a_deprovision() {
+        let mut disable = update("u1");
+        disable.kind = OperationKind::Disable {
+            target_id: TargetId::new("t-u1"),
+            changes: vec![AttributeChange::replace("active", Values::one(false))],
+        };
+        disable.reason = Reason::DeletedAtSource;
+        assert_eq!(disable.phase(), Phase::Deprovision);
+        let escrow = Escrow {
+            anchor: Anchor::new("u1"),
+            attempts: 3,
+            next_retry: now() + chrono::Duration::hours(6),
+            last_error: "refused".into(),
+        };
+        let mut l = Ledger::new(
+            settings(10, 1, 100),
+            vec![update("u2"), disable],
+            &[],
+            linked(&["u1", "u2"]),
+            vec![
+                escrow.clone(),
+                Escrow {
+                    anchor: Anchor::new("u2"),
+                    ..escrow
+                },
+            ],
+            now(),
+        );
+        // u2's update waits in escrow; u1's disable goes out at once.
+        let b = journaled(l.ready(Duration::ZERO).unwrap(), 0);
+        assert_eq!(anchors(&b), ["u1"]);
+        l.settle(b, vec![Outcome::Done(None)], Duration::ZERO);
+        assert!(l.is_finished());
+        let mut report = RunReport::default();
+        l.report_into(&mut report);
+        assert_eq!(report.deferred, 1);
     }
 
     #[test]
