@@ -311,6 +311,9 @@ pub struct Synchronizer {
     config: EngineConfig,
     progress: Option<Arc<dyn Fn(Progress) + Send + Sync>>,
     allow_deletions_once: bool,
+    /// The target attributes the projection's joins look up (every type's), indexed in the
+    /// target mirror of each plan's views.
+    join_attributes: Vec<crate::model::AttrName>,
 }
 
 impl std::fmt::Debug for Synchronizer {
@@ -351,10 +354,16 @@ impl Synchronizer {
         projection: Arc<dyn Projection>,
         config: EngineConfig,
     ) -> Synchronizer {
+        let join_attributes: BTreeSet<crate::model::AttrName> = projection
+            .join_attributes()
+            .into_iter()
+            .flat_map(|m| m.into_values().flatten())
+            .collect();
         Synchronizer {
             source,
             target,
             store: Arc::new(Mutex::new(store)),
+            join_attributes: join_attributes.into_iter().collect(),
             projection,
             rules: None,
             config,

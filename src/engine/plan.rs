@@ -16,6 +16,11 @@ impl Synchronizer {
             return Ok(Views::default());
         }
         let mut views = self.store(|s| s.load_neighbourhood(anchors))?;
+        // Joins look their attributes up in the views' target mirror: index them, or each
+        // lookup scans every target object of the neighbourhood (quadratic in a page).
+        for attr in self.join_attributes.iter() {
+            views.target.index_attribute(attr.clone());
+        }
         // New objects may join target objects outside the neighbourhood: load the
         // candidates their join groups name.
         let ctx = ProjectionContext::new(now, self.config.seed, &views.mirror, &views.target)
