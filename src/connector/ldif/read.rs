@@ -10,11 +10,15 @@
 //! Base64 padding may be omitted, a line of only spaces where no line is open counts as a blank
 //! line, the final `-` of a modify record may be left out, `changetype` values ignore case.
 
+use std::borrow::Cow;
 use std::io::BufRead;
 
 use base64::Engine as _;
 
 use super::{LdifBody, LdifControl, LdifError, LdifModification, LdifRecord, LdifValue, ModDn};
+use smallvec::SmallVec;
+use smol_str::SmolStr;
+
 use crate::model::{AttrName, ChangeOp, Dn, Rdn, Value};
 
 /// Base64 as RFC 2849 writes it, accepting values with or without padding.
@@ -25,6 +29,10 @@ const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::n
 );
 
 /// A streaming LDIF reader: an iterator of records, read one at a time from `input`.
+///
+/// It reads `input` in large chunks into a buffer of its own and parses each record from that
+/// buffer without copying its lines (only folded lines are joined); a record is held in memory
+/// whole, never the file.
 ///
 /// After the first error the iterator ends: what follows a malformed record cannot be trusted to
 /// be where it seems.
@@ -39,17 +47,32 @@ const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::n
 /// ```
 pub struct LdifReader<R> {
     input: R,
+    /// Bytes read from `input`: `buf[..filled]` holds data, `buf[pos..filled]` is not yet split
+    /// into lines.
+    buf: Vec<u8>,
+    filled: usize,
+    /// Start of the next physical line.
+    pos: usize,
+    /// Where to look for the next newline (`buf[pos..scan]` has none).
+    scan: usize,
     /// Physical lines read so far.
     line: usize,
     /// A physical line read ahead (to see whether it continues the previous one).
-    peeked: Option<(usize, Vec<u8>)>,
+    peeked: Option<Phys>,
     eof: bool,
     /// The optional `version:` line can no longer come.
     past_version: bool,
     /// Whether the file holds change records (`Some(true)`) or content records, once known.
     changes: Option<bool>,
     done: bool,
+    /// The logical lines of the record being read (reused from record to record).
+    lines: Vec<LineRef>,
+    /// Folded lines of the record being read, unfolded.
+    joined: Vec<u8>,
 }
+
+/// How much is read from the input at a time (the buffer grows beyond it for a larger record).
+const CHUNK: usize = 256 * 1024;
 
 /// Parses a whole LDIF text.
 ///
@@ -62,14 +85,33 @@ pub fn parse_str(text: &str) -> Result<Vec<LdifRecord>, LdifError> {
     LdifReader::new(text.as_bytes()).collect()
 }
 
-/// A line after unfolding, with where each of its pieces came from.
-struct Logical {
-    bytes: Vec<u8>,
-    /// (offset in `bytes`, physical line) of each piece; the first piece starts at 0.
-    pieces: Vec<(usize, usize)>,
+/// A physical line: its number and where it is in the reader's buffer (without the line end).
+#[derive(Clone, Copy)]
+struct Phys {
+    no: usize,
+    start: usize,
+    end: usize,
 }
 
-impl Logical {
+/// Where a logical line of the record being read is.
+struct LineRef {
+    /// In `joined` (a folded line, unfolded) rather than in `buf`.
+    joined: bool,
+    start: usize,
+    end: usize,
+    /// (offset in the line, physical line) of each piece; the first piece starts at 0.
+    pieces: SmallVec<[(usize, usize); 1]>,
+}
+
+/// A line after unfolding, with where each of its pieces came from.
+#[derive(Clone, Copy)]
+struct Logical<'a> {
+    bytes: &'a [u8],
+    /// (offset in `bytes`, physical line) of each piece; the first piece starts at 0.
+    pieces: &'a [(usize, usize)],
+}
+
+impl Logical<'_> {
     fn line(&self) -> usize {
         self.pieces.first().map_or(0, |p| p.1)
     }
@@ -120,9 +162,11 @@ struct Split<'a> {
     offset: usize,
 }
 
+/// What [`LdifReader::logical`] found.
 enum Item {
     Blank,
-    Line(Logical),
+    /// A logical line, pushed onto `lines`.
+    Line,
 }
 
 impl<R: BufRead> LdifReader<R> {
@@ -130,16 +174,23 @@ impl<R: BufRead> LdifReader<R> {
     pub fn new(input: R) -> LdifReader<R> {
         LdifReader {
             input,
+            buf: Vec::new(),
+            filled: 0,
+            pos: 0,
+            scan: 0,
             line: 0,
             peeked: None,
             eof: false,
             past_version: false,
             changes: None,
             done: false,
+            lines: Vec::new(),
+            joined: Vec::new(),
         }
     }
 
-    /// The input (for example to learn how much was read).
+    /// The input (for example to learn how much was read). The reader reads ahead of the
+    /// records it has returned.
     pub fn get_ref(&self) -> &R {
         &self.input
     }
@@ -154,44 +205,111 @@ impl<R: BufRead> LdifReader<R> {
         self.changes
     }
 
-    fn physical(&mut self) -> Result<Option<(usize, Vec<u8>)>, LdifError> {
+    /// Reads more input into the buffer. When room is short, first drops what lies before `keep`
+    /// (every line the record being read still needs starts at or after it), then grows the
+    /// buffer; returns how far the kept bytes moved down.
+    fn refill(&mut self, keep: usize) -> Result<usize, LdifError> {
+        let mut moved = 0;
+        if self.buf.len() - self.filled < CHUNK / 2 && keep > 0 {
+            self.buf.copy_within(keep..self.filled, 0);
+            self.filled -= keep;
+            self.pos -= keep;
+            self.scan -= keep;
+            for l in self.lines.iter_mut().filter(|l| !l.joined) {
+                l.start -= keep;
+                l.end -= keep;
+            }
+            moved = keep;
+        }
+        if self.buf.len() - self.filled < CHUNK / 2 {
+            let len = (self.buf.len() * 2).max(CHUNK);
+            self.buf.resize(len, 0);
+        }
+        loop {
+            let room = self.buf.get_mut(self.filled..).unwrap_or(&mut []);
+            match self.input.read(room) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(moved);
+                }
+                Ok(n) => {
+                    self.filled += n;
+                    return Ok(moved);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(LdifError::new(
+                        self.line + 1,
+                        format!("could not read the input: {e}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The next physical line; `keep` is where the record being read starts in the buffer.
+    fn physical(&mut self, keep: &mut usize) -> Result<Option<Phys>, LdifError> {
         if let Some(p) = self.peeked.take() {
             return Ok(Some(p));
         }
-        if self.eof {
-            return Ok(None);
-        }
-        let mut buf = Vec::new();
-        let n = self
-            .input
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| LdifError::new(self.line + 1, format!("could not read the input: {e}")))?;
-        if n == 0 {
-            self.eof = true;
-            return Ok(None);
-        }
-        self.line += 1;
-        if buf.last() == Some(&b'\n') {
-            buf.pop();
-            if buf.last() == Some(&b'\r') {
-                buf.pop();
+        loop {
+            let unread = self.buf.get(self.scan..self.filled).unwrap_or(&[]);
+            if let Some(i) = memchr::memchr(b'\n', unread) {
+                let start = self.pos;
+                let newline = self.scan + i;
+                self.pos = newline + 1;
+                self.scan = self.pos;
+                self.line += 1;
+                let end = if newline > start && self.buf.get(newline - 1) == Some(&b'\r') {
+                    newline - 1
+                } else {
+                    newline
+                };
+                return Ok(Some(Phys {
+                    no: self.line,
+                    start,
+                    end,
+                }));
             }
+            self.scan = self.filled;
+            if self.eof {
+                if self.pos == self.filled {
+                    return Ok(None);
+                }
+                // A last line without a line end keeps a final CR.
+                let start = self.pos;
+                self.pos = self.filled;
+                self.scan = self.filled;
+                self.line += 1;
+                return Ok(Some(Phys {
+                    no: self.line,
+                    start,
+                    end: self.filled,
+                }));
+            }
+            let from = (*keep).min(self.pos);
+            *keep -= self.refill(from)?;
         }
-        Ok(Some((self.line, buf)))
     }
 
-    /// The next logical line or blank line; comments (and their continuations) are skipped.
-    fn logical(&mut self) -> Result<Option<Item>, LdifError> {
+    fn bytes(&self, p: Phys) -> &[u8] {
+        self.buf.get(p.start..p.end).unwrap_or(&[])
+    }
+
+    /// The next logical line (pushed onto `lines`) or blank line; comments (and their
+    /// continuations) are skipped.
+    fn logical(&mut self, keep: &mut usize) -> Result<Option<Item>, LdifError> {
         loop {
-            let Some((no, bytes)) = self.physical()? else {
+            let Some(first) = self.physical(keep)? else {
                 return Ok(None);
             };
+            let bytes = self.bytes(first);
             match bytes.first() {
                 None => return Ok(Some(Item::Blank)),
                 Some(b' ') if bytes.iter().all(|b| *b == b' ') => return Ok(Some(Item::Blank)),
                 Some(b' ') => {
                     return Err(LdifError::at(
-                        no,
+                        first.no,
                         1,
                         "a continuation line (starting with a space) with no line to continue; \
                          remove the leading space or join it to the line before",
@@ -200,51 +318,90 @@ impl<R: BufRead> LdifReader<R> {
                 _ => {}
             }
             let comment = bytes.first() == Some(&b'#');
-            let mut line = Logical {
-                bytes,
-                pieces: vec![(0, no)],
-            };
+            if !comment {
+                self.lines.push(LineRef {
+                    joined: false,
+                    start: first.start,
+                    end: first.end,
+                    pieces: smallvec::smallvec![(0, first.no)],
+                });
+            }
             loop {
-                match self.physical()? {
-                    Some((n, b)) if b.first() == Some(&b' ') => {
-                        if !comment {
-                            line.pieces.push((line.bytes.len(), n));
-                            line.bytes.extend_from_slice(b.get(1..).unwrap_or(&[]));
-                        }
-                    }
-                    Some(other) => {
-                        self.peeked = Some(other);
-                        break;
-                    }
-                    None => break,
+                let Some(next) = self.physical(keep)? else {
+                    break;
+                };
+                if self.bytes(next).first() != Some(&b' ') {
+                    self.peeked = Some(next);
+                    break;
                 }
+                if comment {
+                    continue;
+                }
+                let Some(l) = self.lines.last_mut() else {
+                    break;
+                };
+                if !l.joined {
+                    // The first continuation: move the line to `joined`.
+                    let start = self.joined.len();
+                    self.joined
+                        .extend_from_slice(self.buf.get(l.start..l.end).unwrap_or(&[]));
+                    *l = LineRef {
+                        joined: true,
+                        start,
+                        end: self.joined.len(),
+                        pieces: std::mem::take(&mut l.pieces),
+                    };
+                }
+                l.pieces.push((l.end - l.start, next.no));
+                self.joined.extend_from_slice(
+                    self.buf
+                        .get(next.start..next.end)
+                        .and_then(|b| b.get(1..))
+                        .unwrap_or(&[]),
+                );
+                l.end = self.joined.len();
             }
             if !comment {
-                return Ok(Some(Item::Line(line)));
+                return Ok(Some(Item::Line));
             }
         }
     }
 
     fn record(&mut self) -> Result<Option<LdifRecord>, LdifError> {
         loop {
-            let mut lines = Vec::new();
+            self.lines.clear();
+            self.joined.clear();
+            let mut keep = self.peeked.map_or(self.pos, |p| p.start);
             loop {
-                match self.logical()? {
+                match self.logical(&mut keep)? {
                     None => break,
-                    Some(Item::Blank) if lines.is_empty() => {}
+                    Some(Item::Blank) if self.lines.is_empty() => {
+                        keep = self.pos;
+                    }
                     Some(Item::Blank) => break,
-                    Some(Item::Line(l)) => lines.push(l),
+                    Some(Item::Line) => {}
                 }
             }
-            if lines.is_empty() {
+            if self.lines.is_empty() {
                 return Ok(None);
             }
+            let (buf, joined) = (&self.buf, &self.joined);
+            let mut lines: Vec<Logical<'_>> = self
+                .lines
+                .iter()
+                .map(|l| Logical {
+                    bytes: if l.joined { joined } else { buf }
+                        .get(l.start..l.end)
+                        .unwrap_or(&[]),
+                    pieces: &l.pieces,
+                })
+                .collect();
             if !self.past_version {
                 self.past_version = true;
                 if let Some(first) = lines.first() {
                     let s = split(first)?;
                     if s.name.eq_ignore_ascii_case("version") {
-                        let v = plain_text(first, &s)?;
+                        let v = text(first, &s)?;
                         if v.trim_end() != "1" {
                             return Err(first.error(
                                 s.offset,
@@ -347,9 +504,9 @@ fn check_description(name: &[u8]) -> Result<(), (usize, &'static str)> {
 }
 
 /// Splits `name: value` / `name:: base64` / `name:< url`.
-fn split(line: &Logical) -> Result<Split<'_>, LdifError> {
-    let b = &line.bytes;
-    let Some(colon) = b.iter().position(|c| *c == b':') else {
+fn split<'a>(line: &Logical<'a>) -> Result<Split<'a>, LdifError> {
+    let b = line.bytes;
+    let Some(colon) = memchr::memchr(b':', b) else {
         return Err(line.error(
             0,
             "expected `attribute: value` (no `:` on the line); records are separated by blank lines",
@@ -382,62 +539,90 @@ fn split(line: &Logical) -> Result<Split<'_>, LdifError> {
     })
 }
 
+/// Checks a plain value: no NUL or CR.
+fn check_plain(line: &Logical<'_>, s: &Split<'_>) -> Result<(), LdifError> {
+    match memchr::memchr2(0, b'\r', s.value) {
+        Some(i) => Err(line.error(
+            s.offset + i,
+            "NUL or CR in a plain value; write the value as Base64 (`attr:: …`)",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Decodes a Base64 value.
+fn decode_base64(line: &Logical<'_>, s: &Split<'_>) -> Result<Vec<u8>, LdifError> {
+    let text = s.value.trim_ascii_end();
+    BASE64.decode(text).map_err(|e| {
+        let at = match e {
+            base64::DecodeError::InvalidByte(i, _)
+            | base64::DecodeError::InvalidLastSymbol(i, _) => i,
+            _ => 0,
+        };
+        line.error(s.offset + at, format!("invalid Base64 value: {e}"))
+    })
+}
+
+fn url_error(line: &Logical<'_>, s: &Split<'_>) -> LdifError {
+    line.error(
+        s.offset,
+        format!(
+            "URL values (`{}:< url`) are not supported: reading LDIF never opens files or \
+             connections named by the data; put the value inline as Base64 (`{}:: …`)",
+            s.name, s.name
+        ),
+    )
+}
+
 /// The value of a line as raw bytes.
-fn value_bytes(line: &Logical, s: &Split<'_>) -> Result<Vec<u8>, LdifError> {
+fn value_bytes(line: &Logical<'_>, s: &Split<'_>) -> Result<Vec<u8>, LdifError> {
     match s.form {
         Form::Plain => {
-            if let Some(i) = s.value.iter().position(|c| *c == 0 || *c == b'\r') {
-                return Err(line.error(
-                    s.offset + i,
-                    "NUL or CR in a plain value; write the value as Base64 (`attr:: …`)",
-                ));
-            }
+            check_plain(line, s)?;
             Ok(s.value.to_vec())
         }
-        Form::Base64 => {
-            let text = s.value.trim_ascii_end();
-            BASE64.decode(text).map_err(|e| {
-                let at = match e {
-                    base64::DecodeError::InvalidByte(i, _)
-                    | base64::DecodeError::InvalidLastSymbol(i, _) => i,
-                    _ => 0,
-                };
-                line.error(s.offset + at, format!("invalid Base64 value: {e}"))
-            })
-        }
-        Form::Url => Err(line.error(
-            s.offset,
-            format!(
-                "URL values (`{}:< url`) are not supported: reading LDIF never opens files or \
-                 connections named by the data; put the value inline as Base64 (`{}:: …`)",
-                s.name, s.name
-            ),
-        )),
+        Form::Base64 => decode_base64(line, s),
+        Form::Url => Err(url_error(line, s)),
     }
+}
+
+/// A plain value as text.
+fn plain_str<'a>(line: &Logical<'_>, s: &Split<'a>) -> Result<&'a str, LdifError> {
+    check_plain(line, s)?;
+    std::str::from_utf8(s.value).map_err(|e| {
+        line.error(
+            s.offset + e.valid_up_to(),
+            "a plain value is not UTF-8; write it as Base64 (`attr:: …`)",
+        )
+    })
 }
 
 /// The value of a line as a model value: a string when it is UTF-8, bytes otherwise (plain
 /// values must be UTF-8).
-fn value(line: &Logical, s: &Split<'_>) -> Result<Value, LdifError> {
-    let bytes = value_bytes(line, s)?;
-    match String::from_utf8(bytes) {
-        Ok(t) => Ok(Value::String(t.into())),
-        Err(e) if s.form == Form::Plain => Err(line.error(
-            s.offset + e.utf8_error().valid_up_to(),
-            "a plain value is not UTF-8; write it as Base64 (`attr:: …`)",
-        )),
-        Err(e) => Ok(Value::Bytes(e.into_bytes())),
+fn value(line: &Logical<'_>, s: &Split<'_>) -> Result<Value, LdifError> {
+    match s.form {
+        Form::Plain => Ok(Value::String(SmolStr::new(plain_str(line, s)?))),
+        Form::Base64 => match String::from_utf8(decode_base64(line, s)?) {
+            Ok(t) => Ok(Value::String(t.into())),
+            Err(e) => Ok(Value::Bytes(e.into_bytes())),
+        },
+        Form::Url => Err(url_error(line, s)),
     }
 }
 
 /// The value of a line that must be text (dn, newrdn, changetype, …).
-fn plain_text(line: &Logical, s: &Split<'_>) -> Result<String, LdifError> {
-    match value(line, s)? {
-        Value::String(t) => Ok(t.to_string()),
-        _ => Err(line.error(
-            s.offset,
-            format!("the `{}:` value is not UTF-8 text", s.name),
-        )),
+fn text<'a>(line: &Logical<'_>, s: &Split<'a>) -> Result<Cow<'a, str>, LdifError> {
+    match s.form {
+        Form::Plain => Ok(Cow::Borrowed(plain_str(line, s)?)),
+        Form::Base64 => String::from_utf8(decode_base64(line, s)?)
+            .map(Cow::Owned)
+            .map_err(|_| {
+                line.error(
+                    s.offset,
+                    format!("the `{}:` value is not UTF-8 text", s.name),
+                )
+            }),
+        Form::Url => Err(url_error(line, s)),
     }
 }
 
@@ -447,10 +632,10 @@ fn char_offset(s: &str, chars: usize) -> usize {
 }
 
 fn parse_dn(line: &Logical, s: &Split<'_>) -> Result<Dn, LdifError> {
-    let text = plain_text(line, s)?;
-    Dn::parse(&text).map_err(|e| {
+    let dn_text = text(line, s)?;
+    Dn::parse(&dn_text).map_err(|e| {
         let at = if s.form == Form::Plain {
-            s.offset + char_offset(&text, e.position())
+            s.offset + char_offset(&dn_text, e.position())
         } else {
             s.offset
         };
@@ -480,7 +665,18 @@ fn attr_value(line: &Logical) -> Result<LdifValue, LdifError> {
     })
 }
 
-fn parse_record(lines: Vec<Logical>) -> Result<LdifRecord, LdifError> {
+/// The attribute values of the lines left in `it`.
+fn attr_values(
+    it: std::iter::Peekable<std::vec::IntoIter<Logical<'_>>>,
+) -> Result<Vec<LdifValue>, LdifError> {
+    let mut values = Vec::with_capacity(it.len());
+    for l in it {
+        values.push(attr_value(&l)?);
+    }
+    Ok(values)
+}
+
+fn parse_record(lines: Vec<Logical<'_>>) -> Result<LdifRecord, LdifError> {
     let mut it = lines.into_iter().peekable();
     let Some(first) = it.next() else {
         return Err(LdifError::new(0, "empty record"));
@@ -513,7 +709,7 @@ fn parse_record(lines: Vec<Logical>) -> Result<LdifRecord, LdifError> {
             controls.push(parse_control(next, &s)?);
             it.next();
         } else if s.name.eq_ignore_ascii_case("changetype") {
-            let t = plain_text(next, &s)?;
+            let t = text(next, &s)?;
             changetype = Some((t, next.line(), next.error(s.offset, "")));
             it.next();
             break;
@@ -533,7 +729,7 @@ fn parse_record(lines: Vec<Logical>) -> Result<LdifRecord, LdifError> {
                 ),
             ));
         }
-        let values = it.map(|l| attr_value(&l)).collect::<Result<Vec<_>, _>>()?;
+        let values = attr_values(it)?;
         if values.is_empty() {
             return Err(LdifError::new(
                 line,
@@ -550,7 +746,7 @@ fn parse_record(lines: Vec<Logical>) -> Result<LdifRecord, LdifError> {
 
     let body = match kind.trim_end().to_ascii_lowercase().as_str() {
         "add" => {
-            let values = it.map(|l| attr_value(&l)).collect::<Result<Vec<_>, _>>()?;
+            let values = attr_values(it)?;
             if values.is_empty() {
                 return Err(LdifError::new(
                     ct_line,
@@ -644,7 +840,7 @@ fn parse_control(line: &Logical, s: &Split<'_>) -> Result<LdifControl, LdifError
 }
 
 fn parse_modify(
-    mut it: std::iter::Peekable<std::vec::IntoIter<Logical>>,
+    mut it: std::iter::Peekable<std::vec::IntoIter<Logical<'_>>>,
 ) -> Result<Vec<LdifModification>, LdifError> {
     let mut mods = Vec::new();
     while let Some(head) = it.next() {
@@ -666,7 +862,7 @@ fn parse_modify(
                 ))
             }
         };
-        let attr = plain_text(&head, &s)?;
+        let attr = text(&head, &s)?;
         let attr = attr.trim_end();
         check_description(attr.as_bytes()).map_err(|(i, msg)| head.error(s.offset + i, msg))?;
         let attribute = AttrName::new(attr);
@@ -701,7 +897,7 @@ fn parse_modify(
 }
 
 fn parse_moddn(
-    mut it: std::iter::Peekable<std::vec::IntoIter<Logical>>,
+    mut it: std::iter::Peekable<std::vec::IntoIter<Logical<'_>>>,
     ct_line: usize,
 ) -> Result<ModDn, LdifError> {
     let mut expect = |name: &str| -> Result<Option<(Logical, usize, Form)>, LdifError> {
@@ -722,10 +918,10 @@ fn parse_moddn(
         ));
     };
     let s = split(&rdn_line)?;
-    let text = plain_text(&rdn_line, &s)?;
-    let new_rdn: Rdn = text.parse().map_err(|e: crate::model::DnError| {
+    let rdn_text = text(&rdn_line, &s)?;
+    let new_rdn: Rdn = rdn_text.parse().map_err(|e: crate::model::DnError| {
         let at = if s.form == Form::Plain {
-            s.offset + char_offset(&text, e.position())
+            s.offset + char_offset(&rdn_text, e.position())
         } else {
             s.offset
         };
@@ -738,7 +934,7 @@ fn parse_moddn(
         ));
     };
     let s = split(&del_line)?;
-    let delete_old_rdn = match plain_text(&del_line, &s)?.trim_end() {
+    let delete_old_rdn = match text(&del_line, &s)?.trim_end() {
         "0" => false,
         "1" => true,
         other => {
@@ -1041,6 +1237,71 @@ mod tests {
         assert!(e.message.contains("disk on fire"));
     }
 
+    /// Hands out its bytes at most `step` at a time, as a pipe or a slow disk may.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.data.len());
+            let (head, tail) = self.data.split_at(n);
+            buf[..n].copy_from_slice(head);
+            self.data = tail;
+            Ok(n)
+        }
+    }
+
+    /// Every record (or the error) of `bytes`, as text (a `Dn`'s text included), read in pieces
+    /// of `step` bytes.
+    fn read_in_steps(bytes: &[u8], step: usize) -> Vec<String> {
+        let input = std::io::BufReader::with_capacity(1, Trickle { data: bytes, step });
+        LdifReader::new(input).map(|r| format!("{r:?}")).collect()
+    }
+
+    #[test]
+    fn records_do_not_depend_on_how_the_input_arrives() {
+        // Folded lines, CRLF, comments, a final line without a line end, and records larger
+        // than the reader's chunk (the buffer grows and moves while a record is read).
+        let mut text = String::from("version: 1\r\n# a comment\r\n  continued\r\n\r\n");
+        for i in 0..3000 {
+            text.push_str(&format!(
+                "dn: cn=user {i},\r\n ou=people,dc=example\ncn: user {i}\ndescription:: \
+                 w6k=\nmember: cn=a\n b,dc=x\n# note\n\n"
+            ));
+        }
+        text.push_str("dn: cn=big,dc=example\ncn: big\n");
+        for i in 0..20_000 {
+            text.push_str(&format!(
+                "member: cn=member number {i},ou=people,dc=example\n"
+            ));
+        }
+        text.push_str("\n \ndn: cn=last,dc=example\ncn: last");
+        assert!(text.len() > 3 * CHUNK);
+        let whole = read_in_steps(text.as_bytes(), usize::MAX);
+        assert_eq!(whole.len(), 3002);
+        assert!(
+            whole.iter().all(|r| r.starts_with("Ok(")),
+            "{:?}",
+            whole.first()
+        );
+        assert!(
+            whole[4].contains("cn=user 4,ou=people,dc=example"),
+            "{}",
+            whole[4]
+        );
+        for step in [1, 7, 4096, CHUNK - 1, CHUNK + 3] {
+            let pieces = read_in_steps(text.as_bytes(), step);
+            assert!(pieces == whole, "read {step} bytes at a time");
+        }
+        // An error's line and column do not depend on it either.
+        let bad = format!("{text}\n\ndn: cn=x\ncn:: ab!d\n");
+        let whole = read_in_steps(bad.as_bytes(), usize::MAX);
+        assert!(whole.last().is_some_and(|e| e.starts_with("Err(")));
+        assert_eq!(read_in_steps(bad.as_bytes(), 5), whole);
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
@@ -1049,6 +1310,12 @@ mod tests {
                     proptest::prop_assert!(e.line >= 1);
                 }
             }
+        }
+
+        #[test]
+        fn chunking_changes_nothing(text in "(dn: |cn: |cn:: |changetype: |modify|add: cn|-|#| |a|=|,|\n|\r\n|\r|w6k=|\n \n|[a-z=,]{0,6}){0,80}", step in 1usize..12) {
+            let whole = read_in_steps(text.as_bytes(), usize::MAX);
+            proptest::prop_assert_eq!(read_in_steps(text.as_bytes(), step), whole);
         }
 
         #[test]
