@@ -178,27 +178,62 @@ fn check_attr_type(raw: &str) -> Result<&str, String> {
 
 /// Writes the normalized form of an attribute type.
 fn write_norm_attr(out: &mut String, attr: &str) {
-    out.extend(attr.chars().map(|c| c.to_ascii_lowercase()));
+    if attr.bytes().any(|b| b.is_ascii_uppercase()) {
+        out.extend(attr.chars().map(|c| c.to_ascii_lowercase()));
+    } else {
+        out.push_str(attr);
+    }
+}
+
+/// Writes one character of a normalized string value (already lower-cased).
+fn push_norm_char(out: &mut String, l: char, first: bool) {
+    match l {
+        '#' if first => out.push_str("\\#"),
+        '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+            out.push('\\');
+            out.push(l);
+        }
+        '\0' => out.push_str("\\00"),
+        _ => out.push(l),
+    }
 }
 
 /// Writes the normalized form of a string value: trimmed of spaces, lower-cased, escaped.
+///
+/// Runs of ASCII characters that stay as they are (not upper-case, not escaped) are copied
+/// whole; every other character goes through [`push_norm_char`].
 fn write_norm_value(out: &mut String, value: &str) {
     let trimmed = value.trim_matches(' ');
-    let mut first = true;
-    for c in trimmed.chars() {
-        for l in c.to_lowercase() {
-            match l {
-                '#' if first => out.push_str("\\#"),
-                '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
-                    out.push('\\');
-                    out.push(l);
-                }
-                '\0' => out.push_str("\\00"),
-                _ => out.push(l),
-            }
-            first = false;
+    let bytes = trimmed.as_bytes();
+    // Start of the run of characters not yet written.
+    let mut run = 0;
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let plain = b.is_ascii()
+            && !b.is_ascii_uppercase()
+            && !matches!(b, b'"' | b'+' | b',' | b';' | b'<' | b'>' | b'\\' | 0)
+            && !(i == 0 && b == b'#');
+        if plain {
+            i += 1;
+            continue;
         }
+        out.push_str(trimmed.get(run..i).unwrap_or(""));
+        let Some(c) = trimmed.get(i..).and_then(|t| t.chars().next()) else {
+            break;
+        };
+        if c.is_ascii() {
+            push_norm_char(out, c.to_ascii_lowercase(), i == 0);
+        } else {
+            let mut first = i == 0;
+            for l in c.to_lowercase() {
+                push_norm_char(out, l, first);
+                first = false;
+            }
+        }
+        i += c.len_utf8();
+        run = i;
     }
+    out.push_str(trimmed.get(run..).unwrap_or(""));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1374,7 +1409,63 @@ mod tests {
         format!("  {}  ", rdns.join(" ; "))
     }
 
+    /// The normalized value as first written (one character at a time), which the run-copying
+    /// [`write_norm_value`] must match byte for byte.
+    fn norm_value_reference(value: &str) -> String {
+        let mut out = String::new();
+        let mut first = true;
+        for c in value.trim_matches(' ').chars() {
+            for l in c.to_lowercase() {
+                match l {
+                    '#' if first => out.push_str("\\#"),
+                    '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                        out.push('\\');
+                        out.push(l);
+                    }
+                    '\0' => out.push_str("\\00"),
+                    _ => out.push(l),
+                }
+                first = false;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn normalized_values_match_the_reference() {
+        for v in [
+            "",
+            " ",
+            "#",
+            " #a",
+            "a#",
+            "ABC def",
+            "İstanbul",
+            "\u{212a}elvin",
+            "ß",
+            "a\0b",
+            "x,y+z;\"<>\\",
+            "Émile Zola ",
+            "#Ä",
+            "ΣΑΣ",
+            "mixed Ü and ascii",
+        ] {
+            let mut out = String::new();
+            write_norm_value(&mut out, v);
+            assert_eq!(out, norm_value_reference(v), "{v:?}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn normalized_value_matches_the_reference(v in any::<String>(), w in "[ #A-Za-z\"+,;<>\\\\\u{0}ÄäİΣ\u{212a} ]{0,12}") {
+            for v in [&v, &w] {
+                let mut out = String::new();
+                write_norm_value(&mut out, v);
+                prop_assert_eq!(out, norm_value_reference(v));
+            }
+        }
+
         #[test]
         fn escaped_value_round_trips(v in arb_value()) {
             let text = format!("cn={},dc=example", escape_value(&v));

@@ -52,13 +52,28 @@ impl Schema<'_> {
         dn: &Dn,
         form: RefForm,
     ) -> Result<Value, LdifError> {
-        if self.is_binary(attribute) {
+        let kind = (self.is_binary(attribute), self.is_reference(attribute));
+        self.convert_known(attribute, value, line, dn, form, kind)
+    }
+
+    /// [`Schema::convert_value`] for an attribute known to be binary (`kind.0`) or a reference
+    /// (`kind.1`) or neither.
+    pub(crate) fn convert_known(
+        &self,
+        attribute: &AttrName,
+        value: Value,
+        line: usize,
+        dn: &Dn,
+        form: RefForm,
+        (binary, reference): (bool, bool),
+    ) -> Result<Value, LdifError> {
+        if binary {
             return Ok(match value {
                 Value::String(s) => Value::Bytes(s.as_bytes().to_vec()),
                 other => other,
             });
         }
-        if !self.is_reference(attribute) {
+        if !reference {
             return Ok(value);
         }
         let Value::String(text) = value else {

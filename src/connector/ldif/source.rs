@@ -13,7 +13,10 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+use smol_str::SmolStr;
 
 use super::map::{RefForm, Schema};
 use super::{LdifBody, LdifError, LdifReader, LdifRecord, LdifValue};
@@ -93,6 +96,16 @@ impl LdifSourceConfig {
     /// The model entry of a content or `changetype: add` record: `Ok(None)` when its object
     /// classes are unmapped and [`Unmapped::Skip`] applies. Errors name the DN and line.
     pub fn to_entry(&self, record: &LdifRecord) -> Result<Option<Entry>, LdifError> {
+        self.to_entry_cached(record, &mut MapCache::default())
+    }
+
+    /// [`LdifSourceConfig::to_entry`], with what the mapping makes of each attribute name and
+    /// `objectClass` value remembered in `cache` from one record to the next.
+    fn to_entry_cached(
+        &self,
+        record: &LdifRecord,
+        cache: &mut MapCache,
+    ) -> Result<Option<Entry>, LdifError> {
         let (LdifBody::Content(values) | LdifBody::Add(values)) = &record.body else {
             return Err(LdifError::new(
                 record.line,
@@ -100,11 +113,17 @@ impl LdifSourceConfig {
             ));
         };
         let dn = &record.dn;
+        let schema = self.schema();
+        let kinds: SmallVec<[AttrKind; 32]> = values
+            .iter()
+            .map(|v| cache.kind(&v.attribute, self, &schema))
+            .collect();
         let classes = values
             .iter()
-            .filter(|v| v.attribute.is("objectClass"))
-            .map(|v| &v.value);
-        let Some(object_type) = self.schema().object_type(classes.clone()) else {
+            .zip(&kinds)
+            .filter(|(_, k)| k.object_class)
+            .map(|(v, _)| &v.value);
+        let Some(object_type) = cache.object_type(classes.clone(), &schema) else {
             return match self.unmapped {
                 Unmapped::Skip => Ok(None),
                 Unmapped::Error => {
@@ -124,32 +143,41 @@ impl LdifSourceConfig {
                 }
             };
         };
-        let anchor = self.anchor(record, values)?;
-        let schema = self.schema();
+        let mut anchors = values.iter().zip(&kinds).filter(|(_, k)| k.anchor);
+        let anchor = match (anchors.next(), anchors.next()) {
+            (Some((v, _)), None) => self.anchor(record, v)?,
+            _ => {
+                let n = kinds.iter().filter(|k| k.anchor).count();
+                let attr = &self.anchor_attribute;
+                return Err(LdifError::new(
+                    record.line,
+                    if n == 0 {
+                        format!("the entry {dn} has no {attr} (the anchor attribute)")
+                    } else {
+                        format!("the entry {dn} has {n} values of {attr}; an anchor has one")
+                    },
+                ));
+            }
+        };
         let mut entry = Entry::new(anchor, object_type).with_dn(dn.clone());
-        for v in values {
-            entry
-                .attributes
-                .add(v.attribute.clone(), schema.convert(v, dn, RefForm::Dn)?);
+        for (v, k) in values.iter().zip(&kinds) {
+            let value = schema.convert_known(
+                &v.attribute,
+                v.value.clone(),
+                v.line,
+                dn,
+                RefForm::Dn,
+                (k.binary, k.reference),
+            )?;
+            entry.attributes.add(v.attribute.clone(), value);
         }
         Ok(Some(entry))
     }
 
-    fn anchor(&self, record: &LdifRecord, values: &[LdifValue]) -> Result<Anchor, LdifError> {
+    /// The anchor of the entry `record` from its one value `v` of the anchor attribute.
+    fn anchor(&self, record: &LdifRecord, v: &LdifValue) -> Result<Anchor, LdifError> {
         let attr = &self.anchor_attribute;
         let dn = &record.dn;
-        let mut found = values.iter().filter(|v| v.attribute == *attr);
-        let (Some(v), None) = (found.next(), found.next()) else {
-            let n = values.iter().filter(|v| v.attribute == *attr).count();
-            return Err(LdifError::new(
-                record.line,
-                if n == 0 {
-                    format!("the entry {dn} has no {attr} (the anchor attribute)")
-                } else {
-                    format!("the entry {dn} has {n} values of {attr}; an anchor has one")
-                },
-            ));
-        };
         let bad = |what: &str| {
             LdifError::new(
                 v.line,
@@ -188,6 +216,67 @@ impl LdifSourceConfig {
 
 /// What the source knows of a DN: its anchor and type, or `None` for an entry it skipped.
 type Known = Option<(Anchor, ObjectType)>;
+
+/// What the mapping makes of an attribute name.
+#[derive(Clone, Copy)]
+struct AttrKind {
+    object_class: bool,
+    anchor: bool,
+    binary: bool,
+    reference: bool,
+}
+
+/// How many names (and `objectClass` values) a [`MapCache`] remembers at most.
+const CACHE_CAP: usize = 4096;
+
+/// What the mapping made of attribute names and `objectClass` values, by their exact spelling
+/// (a spelling always maps the same way): an LDIF file repeats a few names in every record.
+#[derive(Default)]
+struct MapCache {
+    kinds: FxHashMap<SmolStr, AttrKind>,
+    classes: FxHashMap<SmolStr, Option<ObjectType>>,
+}
+
+impl MapCache {
+    fn kind(
+        &mut self,
+        name: &AttrName,
+        config: &LdifSourceConfig,
+        schema: &Schema<'_>,
+    ) -> AttrKind {
+        if let Some(k) = self.kinds.get(name.as_str()) {
+            return *k;
+        }
+        let k = AttrKind {
+            object_class: name.is("objectClass"),
+            anchor: *name == config.anchor_attribute,
+            binary: schema.is_binary(name),
+            reference: schema.is_reference(name),
+        };
+        if self.kinds.len() < CACHE_CAP {
+            self.kinds.insert(SmolStr::new(name.as_str()), k);
+        }
+        k
+    }
+
+    /// [`Schema::object_type`], remembering each class looked up.
+    fn object_type<'v>(
+        &mut self,
+        classes: impl DoubleEndedIterator<Item = &'v Value>,
+        schema: &Schema<'_>,
+    ) -> Option<ObjectType> {
+        classes.rev().filter_map(Value::as_str).find_map(|c| {
+            if let Some(t) = self.classes.get(c) {
+                return t.clone();
+            }
+            let t = schema.object_type(std::iter::once(&Value::from(c)));
+            if self.classes.len() < CACHE_CAP {
+                self.classes.insert(SmolStr::new(c), t.clone());
+            }
+            t
+        })
+    }
+}
 
 /// A content file's identity: a 64-bit FNV-1a hash of its bytes and its size. It detects a
 /// replaced or edited file; it is not a defence against deliberate collisions.
@@ -328,6 +417,7 @@ struct ContentScan<'c> {
     reader: LdifReader<BufReader<Hashing<File>>>,
     index: HashMap<Dn, Known>,
     skipped: usize,
+    cache: MapCache,
 }
 
 impl<'c> ContentScan<'c> {
@@ -352,6 +442,7 @@ impl<'c> ContentScan<'c> {
             reader: LdifReader::new(BufReader::new(Hashing::new(file))),
             index: HashMap::new(),
             skipped: 0,
+            cache: MapCache::default(),
         })
     }
 
@@ -371,26 +462,25 @@ impl<'c> ContentScan<'c> {
                     ),
                 ));
             }
-            if self.index.contains_key(&record.dn) {
+            let std::collections::hash_map::Entry::Vacant(slot) =
+                self.index.entry(record.dn.clone())
+            else {
                 return Err(ldif_error(
                     self.path,
                     LdifError::new(record.line, format!("a second entry {}", record.dn)),
                 ));
-            }
+            };
             match self
                 .config
-                .to_entry(&record)
+                .to_entry_cached(&record, &mut self.cache)
                 .map_err(|e| ldif_error(self.path, e))?
             {
                 Some(entry) => {
-                    self.index.insert(
-                        record.dn,
-                        Some((entry.anchor.clone(), entry.object_type.clone())),
-                    );
+                    slot.insert(Some((entry.anchor.clone(), entry.object_type.clone())));
                     return Ok(Some(entry));
                 }
                 None => {
-                    self.index.insert(record.dn, None);
+                    slot.insert(None);
                     self.skipped += 1;
                 }
             }
