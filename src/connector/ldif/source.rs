@@ -5,7 +5,7 @@
 //! the import streams, one record at a time: a large file is never held in memory whole. It never
 //! writes.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -13,7 +13,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
+// The DN index: DNs hash with FxHash (no iteration order is relied on).
+use rustc_hash::FxHashMap as HashMap;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use smol_str::SmolStr;
@@ -24,8 +26,8 @@ use crate::connector::{
     ConnectorError, ErrorKind, ImportItem, ImportStream, Source, SourceCapabilities, Watermark,
 };
 use crate::model::{
-    guid_from_ad_bytes, Anchor, AttrName, AttributeChange, Change, ChangeOp, Dn, Entry, ObjectType,
-    Value, Values,
+    guid_from_ad_bytes, Anchor, AttrName, AttributeChange, Attributes, Change, ChangeOp, Dn, Entry,
+    ObjectType, Reference, Value, Values,
 };
 
 /// What to do with an entry whose `objectClass` values the object type map does not name.
@@ -160,15 +162,33 @@ impl LdifSourceConfig {
             }
         };
         let mut entry = Entry::new(anchor, object_type).with_dn(dn.clone());
+        // At most one attribute per run of one spelling.
+        let runs = 1 + values
+            .windows(2)
+            .filter(|w| w[0].attribute.as_str() != w[1].attribute.as_str())
+            .count();
+        entry.attributes = Attributes::with_capacity(runs);
         for (v, k) in values.iter().zip(&kinds) {
-            let value = schema.convert_known(
-                &v.attribute,
-                v.value.clone(),
-                v.line,
-                dn,
-                RefForm::Dn,
-                (k.binary, k.reference),
-            )?;
+            let known = (k.reference && !k.binary)
+                .then(|| cache.known_dn(&v.value))
+                .flatten();
+            let hit = known.is_some();
+            let value = match known {
+                Some(target) => Value::dn_ref(target),
+                None => schema.convert_known(
+                    &v.attribute,
+                    v.value.clone(),
+                    v.line,
+                    dn,
+                    RefForm::Dn,
+                    (k.binary, k.reference),
+                )?,
+            };
+            if let Value::Reference(Reference::Dn(target)) = &value {
+                if !hit {
+                    cache.remember(target);
+                }
+            }
             entry.attributes.add(v.attribute.clone(), value);
         }
         Ok(Some(entry))
@@ -231,13 +251,66 @@ const CACHE_CAP: usize = 4096;
 
 /// What the mapping made of attribute names and `objectClass` values, by their exact spelling
 /// (a spelling always maps the same way): an LDIF file repeats a few names in every record.
+///
+/// A full import also remembers every DN it has read (entries' and references'), by its text:
+/// a reference to an entry read before (group members, mostly) shares that entry's [`Dn`]
+/// instead of parsing the text again. Two DNs of one text are the same in every respect.
 #[derive(Default)]
 struct MapCache {
     kinds: FxHashMap<SmolStr, AttrKind>,
     classes: FxHashMap<SmolStr, Option<ObjectType>>,
+    dns: Option<FxHashSet<DnText>>,
+}
+
+/// A [`Dn`] hashed and compared by its text (not its normalized form).
+struct DnText(Dn);
+
+impl PartialEq for DnText {
+    fn eq(&self, other: &DnText) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for DnText {}
+
+impl std::hash::Hash for DnText {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for DnText {
+    fn borrow(&self) -> &str {
+        self.0.as_str()
+    }
 }
 
 impl MapCache {
+    /// A cache that also remembers DNs (for one full import).
+    fn with_dns() -> MapCache {
+        MapCache {
+            dns: Some(FxHashSet::default()),
+            ..MapCache::default()
+        }
+    }
+
+    /// Remembers `dn` by its text.
+    fn remember(&mut self, dn: &Dn) {
+        if let Some(dns) = &mut self.dns {
+            if !dns.contains(dn.as_str()) {
+                dns.insert(DnText(dn.clone()));
+            }
+        }
+    }
+
+    /// The DN of `value` of a reference attribute, when the same text was read before.
+    fn known_dn(&self, value: &Value) -> Option<Dn> {
+        let (Some(dns), Value::String(text)) = (&self.dns, value) else {
+            return None;
+        };
+        dns.get(text.as_str()).map(|d| d.0.clone())
+    }
+
     fn kind(
         &mut self,
         name: &AttrName,
@@ -440,9 +513,9 @@ impl<'c> ContentScan<'c> {
             config,
             path,
             reader: LdifReader::new(BufReader::new(Hashing::new(file))),
-            index: HashMap::new(),
+            index: HashMap::default(),
             skipped: 0,
-            cache: MapCache::default(),
+            cache: MapCache::with_dns(),
         })
     }
 
@@ -476,6 +549,7 @@ impl<'c> ContentScan<'c> {
                 .map_err(|e| ldif_error(self.path, e))?
             {
                 Some(entry) => {
+                    self.cache.remember(&record.dn);
                     slot.insert(Some((entry.anchor.clone(), entry.object_type.clone())));
                     return Ok(Some(entry));
                 }
@@ -1139,6 +1213,57 @@ member: cn=Charles Babbage,ou=People,dc=example,dc=com
         assert!(text.ends_with(&format!(";{};", CONTENT.len())), "{text}");
         // The same file gives the same watermark.
         assert_eq!(last_watermark(&full(&f.source()).await), w);
+    }
+
+    /// References keep their own spelling: a DN read before shares that entry's `Dn` only when
+    /// the text is the same, and every reference matches what the mapping alone makes of it.
+    #[tokio::test]
+    async fn references_keep_their_text_and_match_the_mapping() {
+        let text = "dn: CN=Ada,DC=x\nobjectClass: inetOrgPerson\nentryUUID: a\n\n\
+                    dn: cn=Bob,dc=x\nobjectClass: inetOrgPerson\nentryUUID: b\nmanager: cn=ada,dc=x\n\n\
+                    dn: cn=g,dc=x\nobjectClass: groupOfNames\nentryUUID: g\n\
+                    member: CN=Ada,DC=x\nmember: cn=ada, dc=x\nmember: cn=Bob,dc=x\n\
+                    member: cn=Carl,dc=x\nmember: cn=Carl,dc=x\nmanager: cn=Bob,dc=x\n";
+        let f = Fixture::new(text);
+        let source = f.source();
+        let items = full(&source).await;
+        let es = entries(&items);
+        assert_eq!(es.len(), 3);
+        let texts = |e: &Entry, name: &str| -> Vec<String> {
+            e.attributes
+                .get(name)
+                .unwrap()
+                .iter()
+                .map(|v| match v {
+                    Value::Reference(Reference::Dn(d)) => d.as_str().to_owned(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(texts(es[1], "manager"), ["cn=ada,dc=x"]);
+        assert_eq!(
+            texts(es[2], "member"),
+            [
+                "CN=Ada,DC=x",
+                "cn=ada, dc=x",
+                "cn=Bob,dc=x",
+                "cn=Carl,dc=x",
+                "cn=Carl,dc=x"
+            ]
+        );
+        // The same entries as the record-by-record mapping makes.
+        for (record, entry) in crate::connector::ldif::parse_str(text)
+            .unwrap()
+            .iter()
+            .zip(&es)
+        {
+            let mapped = source.config().to_entry(record).unwrap().unwrap();
+            assert_eq!(format!("{mapped:?}"), format!("{entry:?}"));
+            assert_eq!(
+                serde_json::to_string(&mapped).unwrap(),
+                serde_json::to_string(entry).unwrap()
+            );
+        }
     }
 
     #[tokio::test]
