@@ -209,11 +209,11 @@ fn write_norm_value(out: &mut String, value: &str) {
     let mut run = 0;
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
-        let plain = b.is_ascii()
-            && !b.is_ascii_uppercase()
-            && !matches!(b, b'"' | b'+' | b',' | b';' | b'<' | b'>' | b'\\' | 0)
-            && !(i == 0 && b == b'#');
-        if plain {
+        let special = !b.is_ascii()
+            || b.is_ascii_uppercase()
+            || matches!(b, b'"' | b'+' | b',' | b';' | b'<' | b'>' | b'\\' | 0)
+            || (i == 0 && b == b'#');
+        if !special {
             i += 1;
             continue;
         }

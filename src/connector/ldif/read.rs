@@ -326,10 +326,7 @@ impl<R: BufRead> LdifReader<R> {
                     pieces: smallvec::smallvec![(0, first.no)],
                 });
             }
-            loop {
-                let Some(next) = self.physical(keep)? else {
-                    break;
-                };
+            while let Some(next) = self.physical(keep)? {
                 if self.bytes(next).first() != Some(&b' ') {
                     self.peeked = Some(next);
                     break;
