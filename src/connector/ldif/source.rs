@@ -426,10 +426,12 @@ impl<R> Hashing<R> {
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        // In a local, the hash stays in a register (not stored and reloaded at every byte).
+        let mut hash = self.hash;
         for b in buf.get(..n).unwrap_or(&[]) {
-            self.hash ^= u64::from(*b);
-            self.hash = self.hash.wrapping_mul(0x0100_0000_01b3);
+            hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
         }
+        self.hash = hash;
         self.size += n as u64;
         Ok(n)
     }
