@@ -580,21 +580,26 @@ impl Db<'_> {
     }
 
     /// The stored (binary) form of `attributes`, names by id.
-    fn encode(&self, attributes: &Attributes) -> Result<Vec<u8>, StateError> {
+    /// `own`: the row's key (a source object's anchor), which a value equal to it refers to.
+    fn encode(&self, attributes: &Attributes, own: Option<&str>) -> Result<Vec<u8>, StateError> {
         let mut out = Vec::with_capacity(16 + attributes.len() * 24);
-        encode_binary(attributes, &mut out, |n| self.id_of(n))?;
+        encode_binary(attributes, own, &mut out, |n| self.id_of(n))?;
         Ok(out)
     }
 
     /// Attributes from a mirror's `attributes` column (binary, or JSON text as files before
     /// version 6 held them); `Err` is a description for [`StateError::Corrupt`].
-    fn decode(&self, v: &SqlValue) -> Result<Result<Attributes, String>, StateError> {
+    fn decode(
+        &self,
+        v: &SqlValue,
+        own: Option<&str>,
+    ) -> Result<Result<Attributes, String>, StateError> {
         match v {
             SqlValue::Blob(b) => {
                 let missing = Cell::new(false);
                 let first = {
                     let names = self.names()?;
-                    decode_binary(b, |id| {
+                    decode_binary(b, own, |id| {
                         let n = names.name(id);
                         missing.set(missing.get() || n.is_none());
                         n
@@ -606,7 +611,7 @@ impl Db<'_> {
                 // An id another connection added: read the dictionary again, once.
                 self.names.borrow_mut().reload(self.conn)?;
                 let names = self.names()?;
-                Ok(decode_binary(b, |id| names.name(id)))
+                Ok(decode_binary(b, own, |id| names.name(id)))
             }
             SqlValue::Text(t) => Ok(decode_attributes(t)),
             other => Ok(Err(format!(
@@ -697,6 +702,10 @@ impl SqliteStore {
     fn setup(conn: Connection, durability: Durability) -> Result<SqliteStore, StateError> {
         conn.busy_timeout(Duration::from_secs(10))
             .ctx("setting the busy timeout")?;
+        // A new file frees pages incrementally (this must come before the file is first
+        // written, WAL mode included; on an existing file it waits for a VACUUM).
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+            .ctx("setting auto-vacuum")?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
             .ctx("switching to WAL mode")?;
         let sync = match durability {
@@ -714,8 +723,8 @@ impl SqliteStore {
         conn.pragma_update(None, "mmap_size", 268_435_456i64)
             .ctx("setting the memory-mapped I/O size")?;
         // The write-ahead log keeps the size of the largest transaction since it was last
-        // reset: cut it back to 16 MiB after each checkpoint.
-        conn.pragma_update(None, "journal_size_limit", 16_777_216i64)
+        // reset: cut it back to 4 MiB after each checkpoint.
+        conn.pragma_update(None, "journal_size_limit", 4_194_304i64)
             .ctx("limiting the write-ahead log")?;
         let mut store = SqliteStore {
             conn,
@@ -798,10 +807,6 @@ impl SqliteStore {
     }
 
     fn migrate(&mut self) -> Result<(), StateError> {
-        // A new file frees pages incrementally (set before its first table; a no-op otherwise).
-        self.conn
-            .execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
-            .ctx("setting auto-vacuum")?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Exclusive)
@@ -868,11 +873,33 @@ impl SqliteStore {
 
     /// Gives the file's free pages back to the file system (incremental auto-vacuum: a run's
     /// journal payloads, deleted once done, and rewritten rows leave free pages behind), and
-    /// lets the write-ahead log shrink.
+    /// checkpoints the write-ahead log and truncates it: once a run, so the file's size is
+    /// what it holds.
     fn reclaim(&mut self) -> Result<(), StateError> {
         self.conn
             .execute_batch("PRAGMA incremental_vacuum")
-            .ctx("reclaiming free pages")
+            .ctx("reclaiming free pages")?;
+        // Best effort, without waiting: a reader of another connection holding an old
+        // snapshot keeps the log until its next reset.
+        self.conn
+            .busy_timeout(Duration::ZERO)
+            .ctx("checkpointing the write-ahead log")?;
+        let checkpoint = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .optional();
+        self.conn
+            .busy_timeout(Duration::from_secs(10))
+            .ctx("setting the busy timeout")?;
+        match checkpoint {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).ctx("checkpointing the write-ahead log"),
+        }
     }
 
     /// Runs `f` in one immediate transaction.
@@ -1012,19 +1039,19 @@ fn take(row: &mut [SqlValue], i: usize) -> SqlValue {
 
 /// A source object's row ([`ENTRY_COLUMNS`], in order) as an entry.
 fn decode_entry(conn: &Db<'_>, row: Vec<SqlValue>) -> Result<Entry, StateError> {
-    decode_entry_with(row, |v| conn.decode(v))
+    decode_entry_with(row, |v, own| conn.decode(v, Some(own)))
 }
 
 /// [`decode_entry`] with the dictionary already read (for decoding on several threads).
 fn decode_entry_in(names: &Names, row: Vec<SqlValue>) -> Result<Entry, StateError> {
-    decode_entry_with(row, |v| Ok(decode_stored(names, v)))
+    decode_entry_with(row, |v, own| Ok(decode_stored(names, v, Some(own))))
 }
 
 /// A source object from its columns ([`ENTRY_COLUMNS`]) as SQLite holds them, its attributes
 /// decoded by `attributes`. Errors are [`StateError::Corrupt`] naming the anchor.
 fn decode_entry_with(
     mut row: Vec<SqlValue>,
-    attributes: impl FnOnce(&SqlValue) -> Result<Result<Attributes, String>, StateError>,
+    attributes: impl FnOnce(&SqlValue, &str) -> Result<Result<Attributes, String>, StateError>,
 ) -> Result<Entry, StateError> {
     const T: &str = "source_objects";
     let anchor = text(T, "?", "anchor", take(&mut row, 0))?;
@@ -1034,7 +1061,7 @@ fn decode_entry_with(
         Some(d) => Some(Dn::parse(&d).map_err(|e| corrupt(T, &anchor, format!("column dn: {e}")))?),
         None => None,
     };
-    let attributes = attributes(&take(&mut row, 3))?
+    let attributes = attributes(&take(&mut row, 3), &anchor)?
         .map_err(|e| corrupt(T, &anchor, format!("column attributes: {e}")))?;
     Ok(Entry {
         anchor: Anchor::from(anchor),
@@ -1046,9 +1073,9 @@ fn decode_entry_with(
 
 /// Attributes as a mirror's `attributes` column holds them, with a dictionary already read
 /// (binary; or JSON text, as files before version 6 held them).
-fn decode_stored(names: &Names, v: &SqlValue) -> Result<Attributes, String> {
+fn decode_stored(names: &Names, v: &SqlValue, own: Option<&str>) -> Result<Attributes, String> {
     match v {
-        SqlValue::Blob(b) => decode_binary(b, |id| names.name(id)),
+        SqlValue::Blob(b) => decode_binary(b, own, |id| names.name(id)),
         SqlValue::Text(t) => decode_attributes(t),
         other => Err(format!("holds {:?}, not attributes", other.data_type())),
     }
@@ -1066,12 +1093,12 @@ fn decode_link(mut row: Vec<SqlValue>) -> Result<Link, StateError> {
 }
 
 fn decode_target(conn: &Db<'_>, row: Vec<SqlValue>) -> Result<TargetObject, StateError> {
-    decode_target_with(row, |v| conn.decode(v))
+    decode_target_with(row, |v| conn.decode(v, None))
 }
 
 /// [`decode_target`] with the dictionary already read (for decoding on several threads).
 fn decode_target_in(names: &Names, row: Vec<SqlValue>) -> Result<TargetObject, StateError> {
-    decode_target_with(row, |v| Ok(decode_stored(names, v)))
+    decode_target_with(row, |v| Ok(decode_stored(names, v, None)))
 }
 
 fn decode_target_with(
@@ -1511,7 +1538,7 @@ fn rewrite_entry(
     let Some(id) = object_id(conn, entry.anchor.as_str())? else {
         return Ok(());
     };
-    let attrs = conn.encode(&entry.attributes)?;
+    let attrs = conn.encode(&entry.attributes, Some(entry.anchor.as_str()))?;
     conn.prepare_cached("UPDATE source_objects SET attributes = ?2 WHERE id = ?1")
         .and_then(|mut s| s.execute(params![id, attrs]))
         .ctx("rewriting a source object")?;
@@ -1716,7 +1743,7 @@ fn lean_mirrors(conn: &Db<'_>) -> Result<(), StateError> {
 /// Inserts or replaces the source object row of `e` (its anchor's row keeps its id); returns
 /// the id.
 fn insert_object(conn: &Db<'_>, e: &Entry) -> Result<i64, StateError> {
-    let attrs = conn.encode(&e.attributes)?;
+    let attrs = conn.encode(&e.attributes, Some(e.anchor.as_str()))?;
     conn.prepare_cached(
         "INSERT INTO source_objects (anchor, object_type, dn, dn_key, attributes) \
          VALUES (?1, ?2, ?3, ?4, ?5) \
@@ -1933,7 +1960,7 @@ fn write_target(
 
 /// Writes the row of a target object (not its index rows).
 fn put_target_row(conn: &Db<'_>, o: &TargetObject) -> Result<(), StateError> {
-    let attrs = conn.encode(&o.attributes)?;
+    let attrs = conn.encode(&o.attributes, None)?;
     conn.prepare_cached(
         "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
          ON CONFLICT (id) DO UPDATE SET object_type = excluded.object_type, \
@@ -4157,5 +4184,321 @@ mod tests {
             .unwrap();
         assert_eq!(free, 0);
         assert!(before > 0);
+    }
+    /// A version 5 file, as version 5 wrote it: the schema chain's SQL, rows in its form.
+    fn write_v5_file(path: &Path, entries: &[&Entry], targets: &[&TargetObject]) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute_batch(SCHEMA_V2).unwrap();
+        conn.execute_batch(SCHEMA_V4).unwrap();
+        conn.execute_batch(SCHEMA_V4_SWAP).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE journal RENAME TO journal_v4_old;
+             CREATE TABLE journal_v4 (id INTEGER PRIMARY KEY, run INTEGER, anchor TEXT, kind TEXT,
+                 op TEXT, sent TEXT, state TEXT, target_id TEXT, error TEXT, retryable INTEGER);
+             DROP TABLE journal_v4_old;",
+        )
+        .unwrap();
+        // Version 5's SQL renames `journal` itself: run it on a journal of version 4's shape.
+        conn.execute_batch(
+            "ALTER TABLE journal_v4 RENAME TO journal;
+             DROP INDEX IF EXISTS journal_run; DROP INDEX IF EXISTS journal_intended;",
+        )
+        .unwrap();
+        conn.execute_batch(SCHEMA_V5).unwrap();
+        conn.execute_batch(
+            "DROP TABLE journal_v4;
+             CREATE INDEX journal_run ON journal (run);
+             CREATE INDEX journal_intended ON journal (state) WHERE state = 'intended';",
+        )
+        .unwrap();
+        for e in entries {
+            let (json, hash) = encode_entry(e).unwrap();
+            conn.execute(
+                "INSERT INTO source_objects (anchor, object_type, dn, dn_norm, attributes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    e.anchor.as_str(),
+                    e.object_type.as_str(),
+                    e.dn.as_ref().map(|d| d.as_str()),
+                    e.dn.as_ref().map(|d| d.normalized()),
+                    json
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO source_state (anchor, content_hash, generation) VALUES (?1, ?2, 4)",
+                params![e.anchor.as_str(), hash as i64],
+            )
+            .unwrap();
+            for (attr, t) in entry_references(e) {
+                let (to_anchor, to_dn) = match t {
+                    RefTarget::Anchor(a) => (Some(a.as_str().to_owned()), None),
+                    RefTarget::Dn(d) => (None, Some(d)),
+                };
+                conn.execute(
+                    "INSERT INTO source_refs (from_anchor, attribute, to_anchor, to_dn_norm) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![e.anchor.as_str(), attr.as_str(), to_anchor, to_dn],
+                )
+                .unwrap();
+            }
+        }
+        for o in targets {
+            conn.execute(
+                "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3)",
+                params![
+                    o.id.as_str(),
+                    o.object_type.as_str(),
+                    encode_attributes(&o.attributes)
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO target_values (attribute, value_key, id) VALUES ('displayname', ?1, ?2)",
+                params![
+                    serde_json::to_string(&Value::string(o.id.as_str())).unwrap(),
+                    o.id.as_str()
+                ],
+            )
+            .unwrap();
+        }
+        conn.execute_batch(
+            "UPDATE meta SET value = 4 WHERE key = 'generation';
+             INSERT INTO links VALUES ('u1', 'user', 't1', 'User');
+             INSERT INTO links VALUES ('g', 'group', 't2', 'Group');
+             INSERT INTO runs (id, profile, started, finished, outcome)
+                 VALUES (1, 'full-import', '2026-01-01T00:00:00Z', '2026-01-01T00:01:00Z', 'ok');
+             INSERT INTO journal (id, run, anchor, kind, state, target_id, attributes)
+                 VALUES (1, 1, 'u1', 'create', 'done', 't1', NULL),
+                        (2, 1, 'g', 'create', 'done', 't2', NULL),
+                        (3, 1, 'u2', 'update', 'done', 't1', '[\"title\"]'),
+                        (4, 1, 'u2', 'create', 'failed', NULL, NULL);
+             UPDATE journal SET error = 'refused', retryable = 1 WHERE id = 4;",
+        )
+        .unwrap();
+        let op = create_op("u2", "displayName", "Bob");
+        conn.execute(
+            "INSERT INTO journal (id, run, anchor, kind, state) VALUES (5, 1, 'u2', 'create', 'intended')",
+            [],
+        )
+        .unwrap();
+        for id in [4, 5] {
+            conn.execute(
+                "INSERT INTO journal_payload (id, op, sent) VALUES (?1, ?2, NULL)",
+                params![id, serde_json::to_string(&op).unwrap()],
+            )
+            .unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+    }
+
+    #[test]
+    fn a_version_5_file_keeps_every_row_in_the_lean_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v5.db");
+        let ann = Entry::new("u1", "user")
+            .with_dn(dn("cn=Ann,ou=Staff,dc=x"))
+            .with("cn", "Ann")
+            .with("mail", "ann@x")
+            .with("objectGUID", Value::Bytes(vec![0, 159, 255]))
+            .with("uac", Value::Integer(-512))
+            .with("enabled", Value::Boolean(true))
+            .with(
+                "when",
+                Value::Timestamp(DateTime::from_timestamp(1_700_000_000, 5).unwrap()),
+            );
+        let bob = Entry::new("u2", "user")
+            .with_dn(dn("cn=Bob,ou=Staff,dc=x"))
+            .with("cn", "Bob")
+            .with("manager", Value::anchor_ref("u1"));
+        let group = Entry::new("g", "group")
+            .with_dn(dn("cn=G,dc=x"))
+            .with("member", Value::anchor_ref("u1"))
+            .with("member", Value::anchor_ref("u2"))
+            .with("member", Value::anchor_ref("ghost"))
+            .with("member", Value::dn_ref(dn("cn=Nobody,dc=x")));
+        let t1 = TargetObject::new("t1", "User")
+            .with("displayName", "Ann")
+            .with("urn:x:manager", Value::target_ref("t9"));
+        let t2 = TargetObject::new("t2", "Group")
+            .with("displayName", "G")
+            .with("members", Value::target_ref("t1"))
+            .with("members", Value::target_ref("t3"));
+        write_v5_file(&path, &[&ann, &bob, &group], &[&t1, &t2]);
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 6);
+        // Every object, link and target object, as it was.
+        for e in [&ann, &bob, &group] {
+            assert_eq!(s.source_entry(&e.anchor).unwrap().as_ref(), Some(e));
+        }
+        let v = s.load_all().unwrap();
+        assert_eq!(v.mirror.len(), 3);
+        assert_eq!(v.target.get(&"t1".into()), Some(&t1));
+        assert_eq!(v.target.get(&"t2".into()), Some(&t2));
+        assert_eq!(v.target.len(), 2);
+        assert_eq!(
+            v.links.anchor_of(&"t1".into()).map(|a| a.as_str()),
+            Some("u1")
+        );
+        assert_eq!(
+            v.links.anchor_of(&"t2".into()).map(|a| a.as_str()),
+            Some("g")
+        );
+        assert_eq!(
+            s.link_counts().unwrap(),
+            BTreeMap::from([("User".into(), 1), ("Group".into(), 1)])
+        );
+        assert_eq!(
+            s.anchor_by_dn(&dn("CN=ann,OU=staff,DC=x")).unwrap(),
+            Some("u1".into())
+        );
+        // Every reference: by id (mirrored objects), by anchor (not mirrored), by DN (unresolved).
+        let db = s.db();
+        let refs = |a: &str, d: Option<&str>| {
+            let mut r = referrers(&db, &a.into(), d).unwrap();
+            r.sort();
+            r
+        };
+        assert_eq!(refs("u1", None), ["g".into(), "u2".into()]);
+        assert_eq!(refs("u2", None), ["g".into()]);
+        assert_eq!(refs("ghost", None), ["g".into()]);
+        assert_eq!(refs("nobody", Some("cn=nobody,dc=x")), ["g".into()]);
+        drop(db);
+        let counts: (i64, i64, i64) = s
+            .conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM source_refs), (SELECT COUNT(*) FROM source_refs_open), \
+                 (SELECT COUNT(*) FROM target_values)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(counts, (3, 2, 2));
+        // Every journal row and payload.
+        let journal = s.journal(None).unwrap();
+        let rows: Vec<_> = journal
+            .iter()
+            .map(|r| {
+                (
+                    r.id.0,
+                    r.anchor.as_str().to_owned(),
+                    r.kind.clone(),
+                    r.state,
+                    r.target_id.as_ref().map(|t| t.as_str().to_owned()),
+                    r.attributes
+                        .iter()
+                        .map(|a| a.as_str().to_owned())
+                        .collect::<Vec<_>>(),
+                    r.error.clone(),
+                    r.operation.is_some(),
+                )
+            })
+            .collect();
+        let t = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            rows,
+            [
+                (
+                    1,
+                    "u1".into(),
+                    "create".into(),
+                    JournalState::Done,
+                    t("t1"),
+                    vec![],
+                    None,
+                    false
+                ),
+                (
+                    2,
+                    "g".into(),
+                    "create".into(),
+                    JournalState::Done,
+                    t("t2"),
+                    vec![],
+                    None,
+                    false
+                ),
+                (
+                    3,
+                    "u2".into(),
+                    "update".into(),
+                    JournalState::Done,
+                    t("t1"),
+                    vec!["title".into()],
+                    None,
+                    false
+                ),
+                (
+                    4,
+                    "u2".into(),
+                    "create".into(),
+                    JournalState::Failed,
+                    None,
+                    vec![],
+                    t("refused"),
+                    true
+                ),
+                (
+                    5,
+                    "u2".into(),
+                    "create".into(),
+                    JournalState::Intended,
+                    None,
+                    vec![],
+                    None,
+                    true
+                ),
+            ]
+        );
+        assert_eq!(s.journal_unconfirmed().unwrap().len(), 1);
+        assert_eq!(s.runs(10).unwrap().len(), 1);
+        // The same export is unchanged (hashes and generations kept); then the objects the
+        // group waited for arrive and take its references, and a delete strips them again.
+        let g = s.begin_full_import("ad").unwrap();
+        assert_eq!(g, 5);
+        s.import_entries(g, &[ann.clone(), bob.clone(), group.clone()])
+            .unwrap();
+        let sum = s.finish_full_import("ad", g, None, 1.0).unwrap();
+        assert_eq!(
+            (sum.seen, sum.added, sum.changed, sum.deleted),
+            (3, 0, 0, 0)
+        );
+        assert_eq!(s.dirty().unwrap(), Vec::<Anchor>::new());
+        let ghost = Entry::new("ghost", "user").with_dn(dn("cn=Ghost,dc=x"));
+        let nobody = Entry::new("n", "user").with_dn(dn("cn=Nobody,dc=x"));
+        s.apply_changes("ad", &[Change::Add(ghost), Change::Add(nobody)], None)
+            .unwrap();
+        assert!(s.dirty().unwrap().contains(&"g".into()));
+        let stored = s.source_entry(&"g".into()).unwrap().unwrap();
+        assert!(stored
+            .attributes
+            .get("member")
+            .unwrap()
+            .contains(&Value::anchor_ref("n")));
+        let db = s.db();
+        assert_eq!(referrers(&db, &"n".into(), None).unwrap(), ["g".into()]);
+        assert_eq!(referrers(&db, &"ghost".into(), None).unwrap(), ["g".into()]);
+        drop(db);
+        s.apply_changes(
+            "ad",
+            &[Change::Delete {
+                anchor: "ghost".into(),
+                object_type: "user".into(),
+            }],
+            None,
+        )
+        .unwrap();
+        let stored = s.source_entry(&"g".into()).unwrap().unwrap();
+        assert!(!stored
+            .attributes
+            .get("member")
+            .unwrap()
+            .contains(&Value::anchor_ref("ghost")));
+        let open: i64 = s
+            .conn
+            .query_row("SELECT COUNT(*) FROM source_refs_open", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(open, 0);
     }
 }
