@@ -1,7 +1,13 @@
-//! The stored form of attributes (the source and target mirrors' `attributes` column): compact
-//! JSON an administrator can read, and query with SQLite's JSON functions.
+//! The stored forms of attributes (the source and target mirrors' `attributes` column).
 //!
-//! An entry's attributes are one JSON object, names as keys in the entry's (sorted) order. An
+//! Since schema version 6 the mirrors store a compact binary form ([`encode_binary`]): the
+//! attribute names by id (the file's `attr_names` dictionary), each value as a tag and its
+//! bytes, a source value equal to the object's anchor as one byte. It is decoded by the store
+//! only; an administrator reads it through `SqliteStore::dump` (the `state_dump` example),
+//! which prints the compact JSON below.
+//!
+//! The compact JSON (what versions 4 and 5 stored, and what the dump shows): an entry's
+//! attributes are one JSON object, names as keys in the entry's (sorted) order. An
 //! attribute with one value holds the value itself; with several, an array of them. A string is
 //! a JSON string, an integer a JSON number, a Boolean `true`/`false`; the other kinds are
 //! one-key objects: `{"b": Base64}` bytes, `{"t": RFC 3339}` a timestamp, and references
@@ -11,9 +17,10 @@
 //! {"cn":"Ann","manager":{"a":"5f0c…"},"objectClass":["top","person","user"]}
 //! ```
 //!
-//! so `SELECT json_extract(attributes, '$.mail') FROM source_objects WHERE anchor = …` shows a
-//! mail address. Schema versions before 4 stored `Attributes`' serde form (a list of
-//! `[name, [{"string": …}, …]]` pairs); [`decode_attributes`] still reads it, for migrations.
+//! Schema versions before 4 stored `Attributes`' serde form (a list of
+//! `[name, [{"string": …}, …]]` pairs); [`decode_attributes`] still reads both JSON forms, for
+//! migrations. The content hash of an entry (which decides "changed") is still taken over the
+//! compact JSON, so hashes survive the move to version 6.
 
 // The decoder and the string form serve the SQLite store only.
 #![cfg_attr(not(feature = "sqlite"), allow(dead_code))]

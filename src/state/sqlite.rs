@@ -1,8 +1,11 @@
 //! [`SqliteStore`]: the embedded durable state store (feature `sqlite`), one SQLite file.
 //!
-//! The tables are meant to be read by an administrator with the `sqlite3` shell: payloads are
-//! JSON (the mirrors' attributes in the compact form of [`encoding`](super::encoding), which
-//! `json_extract` reads), times RFC 3339 text, states words. Every mutating call is one `IMMEDIATE` transaction;
+//! The tables are meant to be read by an administrator with the `sqlite3` shell: journal
+//! payloads are JSON, times RFC 3339 text, states words. The mirrors are lean (schema version
+//! 6): a source object has an integer id keying its state and reference rows, attribute names
+//! are stored once (`attr_names`) and a row's attributes are the binary form of
+//! [`encoding`](super::encoding), which [`SqliteStore::dump`] prints as JSON. Every mutating
+//! call is one `IMMEDIATE` transaction;
 //! every lookup the delta path makes goes through a primary key or an index (the tests check the
 //! query plans), so a delta costs in proportion to its neighbourhood, not to the store.
 //!
@@ -876,9 +879,15 @@ impl SqliteStore {
     /// checkpoints the write-ahead log and truncates it: once a run, so the file's size is
     /// what it holds.
     fn reclaim(&mut self) -> Result<(), StateError> {
-        self.conn
-            .execute_batch("PRAGMA incremental_vacuum")
-            .ctx("reclaiming free pages")?;
+        {
+            // Each step frees one page: step to the end.
+            let mut stmt = self
+                .conn
+                .prepare_cached("PRAGMA incremental_vacuum")
+                .ctx("reclaiming free pages")?;
+            let mut q = stmt.query([]).ctx("reclaiming free pages")?;
+            while q.next().ctx("reclaiming free pages")?.is_some() {}
+        }
         // Best effort, without waiting: a reader of another connection holding an old
         // snapshot keeps the log until its next reset.
         self.conn
@@ -4500,5 +4509,43 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM source_refs_open", [], |r| r.get(0))
             .unwrap();
         assert_eq!(open, 0);
+    }
+    #[test]
+    fn a_run_gives_free_pages_back_to_the_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut s = SqliteStore::open(&path).unwrap();
+        let many: Vec<Entry> = (0..2000)
+            .map(|i| {
+                Entry::new(format!("u{i:04}"), "user")
+                    .with_dn(dn(&format!("cn=u{i},dc=x")))
+                    .with("description", "x".repeat(200).as_str())
+            })
+            .collect();
+        let g = s.begin_full_import("src").unwrap();
+        s.import_entries(g, &many).unwrap();
+        s.finish_full_import("src", g, None, 0.0).unwrap();
+        // All but one object gone: their pages are free until a run ends.
+        let g = s.begin_full_import("src").unwrap();
+        s.import_entries(g, &many[..1]).unwrap();
+        s.finish_full_import("src", g, None, 0.0).unwrap();
+        let pragma = |s: &SqliteStore, p: &str| -> i64 {
+            s.conn
+                .query_row(&format!("PRAGMA {p}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(pragma(&s, "auto_vacuum"), 2, "incremental");
+        assert!(pragma(&s, "freelist_count") > 100);
+        let run = s.begin_run("full-import", Utc::now()).unwrap();
+        s.finish_run(run, Utc::now(), "ok", "{}").unwrap();
+        assert_eq!(pragma(&s, "freelist_count"), 0);
+        // The log was checkpointed and cut back: the file is what it holds.
+        let wal = std::fs::metadata(dir.path().join("state.db-wal"))
+            .unwrap()
+            .len();
+        assert_eq!(wal, 0);
+        let pages = pragma(&s, "page_count") * pragma(&s, "page_size");
+        assert_eq!(std::fs::metadata(&path).unwrap().len() as i64, pages);
+        assert!(pages < 200 * 1024, "{pages}");
     }
 }
