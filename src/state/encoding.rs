@@ -19,8 +19,8 @@
 //!
 //! Schema versions before 4 stored `Attributes`' serde form (a list of
 //! `[name, [{"string": …}, …]]` pairs); [`decode_attributes`] still reads both JSON forms, for
-//! migrations. The content hash of an entry (which decides "changed") is still taken over the
-//! compact JSON, so hashes survive the move to version 6.
+//! migrations. The content hash of an entry (which decides "changed") is taken over
+//! [`hash_form_into`]'s form (since version 6; before, over the compact JSON).
 
 // The decoder and the string form serve the SQLite store only.
 #![cfg_attr(not(feature = "sqlite"), allow(dead_code))]
@@ -290,6 +290,22 @@ pub(crate) fn encode_binary<E>(
         }
     }
     Ok(())
+}
+
+/// Appends the form of `attributes` an entry's content hash is taken over: the binary form
+/// with each name spelled out (length and bytes) instead of an id, so the hash does not depend
+/// on a file's dictionary.
+pub(crate) fn hash_form_into(attributes: &Attributes, out: &mut Vec<u8>) {
+    out.push(BINARY_V1);
+    put_varint(out, attributes.len() as u64);
+    for (name, values) in attributes.iter() {
+        put_varint(out, name.as_str().len() as u64);
+        out.extend_from_slice(name.as_str().as_bytes());
+        put_varint(out, values.len() as u64);
+        for v in values {
+            put_value(out, v);
+        }
+    }
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {

@@ -45,7 +45,7 @@ use std::cell::{Cell, RefCell};
 
 use super::encoding::{decode_attributes, decode_binary, encode_attributes, encode_binary};
 use super::{
-    audit_attributes, check_import_share, done_effect, encode_entry, encode_entry_into,
+    audit_attributes, check_import_share, done_effect, encode_entry, entry_hash_into,
     entry_references, lookup_key, lower_lookup_attributes, redact_operation,
     redact_target_operation, unlinks, Escrow, FullImportSummary, JournalEntry, JournalId,
     JournalOutcome, JournalRecord, JournalState, LookupAttributes, Pruned, RefTarget, Retention,
@@ -397,6 +397,11 @@ const ROW_STATE: &str = "SELECT s.content_hash, s.generation, o.dn, o.id FROM so
      JOIN source_state s ON s.id = o.id WHERE o.anchor = ?1";
 const SEEN_STATE: &str = "SELECT s.id, s.content_hash, s.generation FROM source_objects o \
      JOIN source_state s ON s.id = o.id WHERE o.anchor = ?1";
+/// Moves the generation of the object `?1` to `?3` if its hash is `?2` and its generation is
+/// another (an unchanged object a full import sees for the first time).
+const SEEN_UNCHANGED: &str = "UPDATE source_state SET generation = ?3 \
+     WHERE id = (SELECT id FROM source_objects WHERE anchor = ?1) \
+     AND content_hash = ?2 AND generation <> ?3";
 const OBJECT_ID: &str = "SELECT id FROM source_objects WHERE anchor = ?1";
 /// The referrers of the object `?1` (an anchor) and of the DN `?2` (normalized).
 const REFERRERS: &str = "SELECT f.anchor FROM source_objects t \
@@ -440,6 +445,7 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     ANCHORS_BY_DN,
     ROW_STATE,
     SEEN_STATE,
+    SEEN_UNCHANGED,
     OBJECT_ID,
     REFERRERS,
     WAITING,
@@ -1695,28 +1701,29 @@ fn compact_mirrors(conn: &Db<'_>) -> Result<(), StateError> {
 }
 
 /// Migration 6's data step: every mirrored object moved to the version 6 tables in its
-/// binary form (source objects in arrival order, keeping hash and generation), the references
+/// binary form (source objects in arrival order, keeping their generation, hashed anew), the
+/// references
 /// moved by SQL, the old tables dropped; then the references by DN that name mirrored objects
 /// are resolved (migration 3's work, for files that come from version 2 or 3).
 fn lean_mirrors(conn: &Db<'_>) -> Result<(), StateError> {
     {
         let mut read = conn
             .prepare(
-                "SELECT o.anchor, o.object_type, o.dn, o.attributes, s.content_hash, \
-                 s.generation FROM source_objects_v5 o \
+                "SELECT o.anchor, o.object_type, o.dn, o.attributes, s.generation \
+                 FROM source_objects_v5 o \
                  LEFT JOIN source_state_v5 s ON s.anchor = o.anchor ORDER BY o.rowid",
             )
             .ctx("reading the source mirror to migrate")?;
         let mut q = read.query([]).ctx("reading the source mirror to migrate")?;
         while let Some(r) = q.next().ctx("reading the source mirror to migrate")? {
-            let mut row = raw_row(r, 6).ctx("reading the source mirror to migrate")?;
-            let (hash, generation) = (take(&mut row, 4), take(&mut row, 5));
+            let mut row = raw_row(r, 5).ctx("reading the source mirror to migrate")?;
+            let generation = take(&mut row, 4);
             let e = decode_entry(conn, row)?;
             let a = e.anchor.as_str();
-            let hash = match hash {
-                SqlValue::Null => encode_entry(&e)?.1 as i64,
-                h => int("source_state", a, "content_hash", h)?,
-            };
+            // Version 6 hashes another form: the hash of the stored content (an object
+            // delivered otherwise, by DN, is found the same once resolved at the next import,
+            // and takes the hash of what was delivered).
+            let hash = entry_hash_into(&e, &mut Vec::new()) as i64;
             let generation = match generation {
                 SqlValue::Null => 0,
                 g => int("source_state", a, "generation", g)?,
@@ -2420,7 +2427,21 @@ impl StateStore for SqliteStore {
             let (mut seen, mut added, mut changed) = (0, 0, 0);
             let mut unsettled = BTreeSet::new();
             let mut buf = Vec::new();
+            let mut seen_now = tx
+                .prepare_cached(SEEN_UNCHANGED)
+                .ctx("recording a full import's generation")?;
             for e in entries {
+                // Delivered as last time, first time in this import (most objects of most
+                // imports): one statement moves its generation, nothing else is read.
+                let hash = entry_hash_into(e, &mut buf) as i64;
+                if seen_now
+                    .execute(params![e.anchor.as_str(), hash, g])
+                    .ctx("recording a full import's generation")?
+                    == 1
+                {
+                    seen += 1;
+                    continue;
+                }
                 let before = seen_state(tx, &e.anchor)?;
                 match before {
                     Some(b) if b.generation == g => {
@@ -2438,7 +2459,7 @@ impl StateStore for SqliteStore {
                 }
                 if let Some(b) = before {
                     // Delivered as last time: the hash says so, nothing else is read or written.
-                    if b.hash == encode_entry_into(e, &mut buf) as i64 {
+                    if b.hash == hash {
                         if b.generation != g {
                             set_generation(tx, b.id, g)?;
                         }
