@@ -766,8 +766,10 @@ impl SqliteStore {
 
     /// Writes the mirrors as JSON lines, for an administrator: one line per source object
     /// (`{"source": anchor, "type", "dn", "attributes"}`) in anchor order, then one per target
-    /// object (`{"target": id, "type", "attributes"}`), attributes in the compact JSON of
-    /// [`encoding`](super::encoding). The file stores them in a binary form (names by id, from
+    /// object (`{"target": id, "type", "attributes"}`), attributes as one JSON object (names as
+    /// keys; one value bare, several as an array; references as `{"a": anchor}`, `{"d": DN}`,
+    /// `{"r": target id}`, bytes as `{"b": Base64}`, timestamps as `{"t": RFC 3339}`). The
+    /// file stores them in a binary form (names by id, from
     /// `attr_names`) the `sqlite3` shell does not decode; this is how to read them
     /// (`cargo run --example state_dump -- state.db`).
     pub fn dump(&self, out: &mut dyn std::io::Write) -> Result<(), StateError> {
@@ -865,7 +867,6 @@ impl SqliteStore {
             tx.pragma_update(None, "user_version", m.version)
                 .ctx("recording the schema version")?;
         }
-        drop(db);
         let committed = tx.commit().ctx("committing the schema migration");
         // The dictionary is read again from what was committed.
         self.names.borrow_mut().loaded = false;
@@ -936,7 +937,6 @@ impl SqliteStore {
             names: &self.names,
         };
         let out = f(&db);
-        drop(db);
         let committed = out.and_then(|out| {
             tracing::trace!(what, "state: committing");
             tx.commit().ctx(&format!("{what}: committing"))?;
@@ -4394,7 +4394,6 @@ mod tests {
         assert_eq!(refs("u2", None), ["g".into()]);
         assert_eq!(refs("ghost", None), ["g".into()]);
         assert_eq!(refs("nobody", Some("cn=nobody,dc=x")), ["g".into()]);
-        drop(db);
         let counts: (i64, i64, i64) = s
             .conn
             .query_row(
@@ -4509,7 +4508,6 @@ mod tests {
         let db = s.db();
         assert_eq!(referrers(&db, &"n".into(), None).unwrap(), ["g".into()]);
         assert_eq!(referrers(&db, &"ghost".into(), None).unwrap(), ["g".into()]);
-        drop(db);
         s.apply_changes(
             "ad",
             &[Change::Delete {
