@@ -220,7 +220,8 @@ static MIGRATIONS: &[Migration] = &[
 /// mirrored or to a DN no mirrored object has (by text), and which attribute refers is read
 /// from the referrer's attributes. The normalized DN is no longer stored: `dn_key` holds its
 /// 64-bit hash (indexed; a lookup compares the DNs it finds). Links are keyed by anchor
-/// without a rowid. The data step moves every row.
+/// without a rowid. A target value's index key is the lower-cased string itself (other kinds
+/// keep their JSON, after a marker). The data step moves every row.
 const SCHEMA_V6: &str = r#"
 CREATE TABLE attr_names (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 DROP INDEX source_objects_dn_norm;
@@ -1744,6 +1745,8 @@ fn lean_mirrors(conn: &Db<'_>) -> Result<(), StateError> {
     }
     conn.execute_batch(SCHEMA_V6_REFS)
         .ctx("migrating the references")?;
+    // Value keys are shorter: the index is rebuilt for the attributes it held.
+    reindex_targets(conn, lookup_attributes(conn)?.as_ref())?;
     let dns: BTreeSet<String> = rows(
         conn,
         "SELECT DISTINCT target FROM source_refs_open WHERE by_dn = 1",
@@ -1941,8 +1944,18 @@ fn value_key(v: &Value) -> Option<String> {
     if !indexed {
         return None;
     }
-    serde_json::to_string(&key).ok()
+    // A string is its own key (lower-cased); any other value, or a string that starts as
+    // those keys do, is the marker and its JSON (version 6; before, every key was JSON).
+    match key {
+        Value::String(s) if !s.starts_with(OTHER_KEY) => Some(s.to_string()),
+        other => serde_json::to_string(&other)
+            .ok()
+            .map(|j| format!("{OTHER_KEY}{j}")),
+    }
 }
+
+/// The first character of a value key that is not a plain string.
+const OTHER_KEY: char = '\u{1}';
 
 /// The declared lookup attributes kept in `meta` (`None`: never declared).
 fn lookup_attributes(conn: &Db<'_>) -> Result<Option<LookupAttributes>, StateError> {
@@ -4032,13 +4045,7 @@ mod tests {
                 .collect::<Result<_, _>>()
                 .unwrap()
         };
-        let k = |a: &str, v: &str, id: &str| {
-            (
-                a.to_owned(),
-                format!("{{\"string\":\"{v}\"}}"),
-                id.to_owned(),
-            )
-        };
+        let k = |a: &str, v: &str, id: &str| (a.to_owned(), v.to_owned(), id.to_owned());
         s.put_target_objects(&[
             TargetObject::new("t1", "User")
                 .with("mail", "A@x")
@@ -4566,5 +4573,29 @@ mod tests {
         let pages = pragma(&s, "page_count") * pragma(&s, "page_size");
         assert_eq!(std::fs::metadata(&path).unwrap().len() as i64, pages);
         assert!(pages < 200 * 1024, "{pages}");
+    }
+    #[test]
+    fn value_keys_of_different_kinds_never_collide() {
+        let keys: Vec<Option<String>> = [
+            Value::string("42"),
+            Value::Integer(42),
+            Value::string("\u{1}42"),
+            Value::string(format!(
+                "\u{1}{}",
+                serde_json::to_string(&Value::Integer(42)).unwrap()
+            )),
+            Value::Boolean(true),
+            Value::string("true"),
+        ]
+        .iter()
+        .map(value_key)
+        .collect();
+        let distinct: BTreeSet<&Option<String>> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+        assert!(keys.iter().all(Option::is_some));
+        // A string is its own key, lower-cased; bytes and references are not indexed.
+        assert_eq!(value_key(&Value::string("Ann@X")).as_deref(), Some("ann@x"));
+        assert_eq!(value_key(&Value::Bytes(vec![1])), None);
+        assert_eq!(value_key(&Value::anchor_ref("a")), None);
     }
 }
