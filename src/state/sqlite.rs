@@ -153,11 +153,10 @@ CREATE TABLE escrow (
 );
 "#;
 
-/// Version 2: link counts kept by triggers (the deletion guard reads them without counting
-/// the link table), and an index of target attribute values for join lookups.
-const SCHEMA_V2: &str = r#"
-CREATE TABLE link_counts (target_type TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO link_counts (target_type, n) SELECT target_type, COUNT(*) FROM links GROUP BY target_type;
+/// The triggers that keep `link_counts` (version 2; recreated by version 6 with `links`).
+macro_rules! link_count_triggers {
+    () => {
+        r#"
 CREATE TRIGGER links_count_insert AFTER INSERT ON links BEGIN
     INSERT INTO link_counts (target_type, n) VALUES (NEW.target_type, 1)
         ON CONFLICT (target_type) DO UPDATE SET n = n + 1;
@@ -170,14 +169,27 @@ CREATE TRIGGER links_count_update AFTER UPDATE OF target_type ON links BEGIN
     INSERT INTO link_counts (target_type, n) VALUES (NEW.target_type, 1)
         ON CONFLICT (target_type) DO UPDATE SET n = n + 1;
 END;
-CREATE TABLE target_values (
+"#
+    };
+}
+
+/// Version 2: link counts kept by triggers (the deletion guard reads them without counting
+/// the link table), and an index of target attribute values for join lookups.
+const SCHEMA_V2: &str = concat!(
+    r#"
+CREATE TABLE link_counts (target_type TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO link_counts (target_type, n) SELECT target_type, COUNT(*) FROM links GROUP BY target_type;
+"#,
+    link_count_triggers!(),
+    r#"CREATE TABLE target_values (
     attribute TEXT NOT NULL,
     value_key TEXT NOT NULL,
     id TEXT NOT NULL,
     PRIMARY KEY (attribute, value_key, id)
 ) WITHOUT ROWID;
 CREATE INDEX target_values_id ON target_values (id);
-"#;
+"#
+);
 
 static MIGRATIONS: &[Migration] = &[
     Migration {
@@ -222,7 +234,8 @@ static MIGRATIONS: &[Migration] = &[
 /// 64-bit hash (indexed; a lookup compares the DNs it finds). Links are keyed by anchor
 /// without a rowid. A target value's index key is the lower-cased string itself (other kinds
 /// keep their JSON, after a marker). The data step moves every row.
-const SCHEMA_V6: &str = r#"
+const SCHEMA_V6: &str = concat!(
+    r#"
 CREATE TABLE attr_names (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 DROP INDEX source_objects_dn_norm;
 DROP INDEX source_refs_from;
@@ -272,19 +285,9 @@ CREATE TABLE links (
 INSERT INTO links (anchor, source_type, target_id, target_type)
     SELECT anchor, source_type, target_id, target_type FROM links_v5;
 DROP TABLE links_v5;
-CREATE TRIGGER links_count_insert AFTER INSERT ON links BEGIN
-    INSERT INTO link_counts (target_type, n) VALUES (NEW.target_type, 1)
-        ON CONFLICT (target_type) DO UPDATE SET n = n + 1;
-END;
-CREATE TRIGGER links_count_delete AFTER DELETE ON links BEGIN
-    UPDATE link_counts SET n = n - 1 WHERE target_type = OLD.target_type;
-END;
-CREATE TRIGGER links_count_update AFTER UPDATE OF target_type ON links BEGIN
-    UPDATE link_counts SET n = n - 1 WHERE target_type = OLD.target_type;
-    INSERT INTO link_counts (target_type, n) VALUES (NEW.target_type, 1)
-        ON CONFLICT (target_type) DO UPDATE SET n = n + 1;
-END;
-"#;
+"#,
+    link_count_triggers!()
+);
 
 /// Version 6's references, moved by SQL once the objects have their ids.
 const SCHEMA_V6_REFS: &str = r#"
