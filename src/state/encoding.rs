@@ -1,7 +1,13 @@
-//! The stored form of attributes (the source and target mirrors' `attributes` column): compact
-//! JSON an administrator can read, and query with SQLite's JSON functions.
+//! The stored forms of attributes (the source and target mirrors' `attributes` column).
 //!
-//! An entry's attributes are one JSON object, names as keys in the entry's (sorted) order. An
+//! Since schema version 6 the mirrors store a compact binary form ([`encode_binary`]): the
+//! attribute names by id (the file's `attr_names` dictionary), each value as a tag and its
+//! bytes, a source value equal to the object's anchor as one byte. It is decoded by the store
+//! only; an administrator reads it through `SqliteStore::dump` (the `state_dump` example),
+//! which prints the compact JSON below.
+//!
+//! The compact JSON (what versions 4 and 5 stored, and what the dump shows): an entry's
+//! attributes are one JSON object, names as keys in the entry's (sorted) order. An
 //! attribute with one value holds the value itself; with several, an array of them. A string is
 //! a JSON string, an integer a JSON number, a Boolean `true`/`false`; the other kinds are
 //! one-key objects: `{"b": Base64}` bytes, `{"t": RFC 3339}` a timestamp, and references
@@ -11,9 +17,10 @@
 //! {"cn":"Ann","manager":{"a":"5f0c…"},"objectClass":["top","person","user"]}
 //! ```
 //!
-//! so `SELECT json_extract(attributes, '$.mail') FROM source_objects WHERE anchor = …` shows a
-//! mail address. Schema versions before 4 stored `Attributes`' serde form (a list of
-//! `[name, [{"string": …}, …]]` pairs); [`decode_attributes`] still reads it, for migrations.
+//! Schema versions before 4 stored `Attributes`' serde form (a list of
+//! `[name, [{"string": …}, …]]` pairs); [`decode_attributes`] still reads both JSON forms, for
+//! migrations. The content hash of an entry (which decides "changed") is taken over
+//! [`hash_form_into`]'s form (since version 6; before, over the compact JSON).
 
 // The decoder and the string form serve the SQLite store only.
 #![cfg_attr(not(feature = "sqlite"), allow(dead_code))]
@@ -240,6 +247,243 @@ fn tagged<'de, A: MapAccess<'de>>(mut map: A) -> Result<Value, A::Error> {
     Ok(value)
 }
 
+// --- the binary form (schema version 6) ---
+
+/// The first byte of the binary form (a later layout would take another).
+const BINARY_V1: u8 = 1;
+// Value tags. A byte below 0x80 is a string of that many bytes (most values).
+const T_STRING: u8 = 0x80;
+const T_INTEGER: u8 = 0x81;
+const T_FALSE: u8 = 0x82;
+const T_TRUE: u8 = 0x83;
+const T_BYTES: u8 = 0x84;
+const T_TIMESTAMP: u8 = 0x85;
+const T_ANCHOR: u8 = 0x86;
+const T_DN: u8 = 0x87;
+const T_TARGET: u8 = 0x88;
+const T_PENDING: u8 = 0x89;
+/// A string equal to the object's own key (a source object's anchor: AD's `objectGUID`, an
+/// LDAP `entryUUID`), stored once in the row's key column and derived here.
+const T_OWN: u8 = 0x8a;
+
+/// Appends the binary form of `attributes` to `out`: a format byte, the number of attributes,
+/// then per attribute its name's id (`id_of`: the file's attribute-name dictionary), the number
+/// of values and each value (a tag, then its bytes; a short string is one length byte and its
+/// UTF-8; a string equal to `own`, the row's key, is one byte). Integers are LEB128 varints
+/// (signed ones zig-zag encoded).
+pub(crate) fn encode_binary<E>(
+    attributes: &Attributes,
+    own: Option<&str>,
+    out: &mut Vec<u8>,
+    mut id_of: impl FnMut(&AttrName) -> Result<u64, E>,
+) -> Result<(), E> {
+    out.push(BINARY_V1);
+    put_varint(out, attributes.len() as u64);
+    for (name, values) in attributes.iter() {
+        put_varint(out, id_of(name)?);
+        put_varint(out, values.len() as u64);
+        for v in values {
+            match v {
+                Value::String(t) if Some(t.as_str()) == own => out.push(T_OWN),
+                v => put_value(out, v),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends the form of `attributes` an entry's content hash is taken over: the binary form
+/// with each name spelled out (length and bytes) instead of an id, so the hash does not depend
+/// on a file's dictionary.
+pub(crate) fn hash_form_into(attributes: &Attributes, out: &mut Vec<u8>) {
+    out.push(BINARY_V1);
+    put_varint(out, attributes.len() as u64);
+    for (name, values) in attributes.iter() {
+        put_varint(out, name.as_str().len() as u64);
+        out.extend_from_slice(name.as_str().as_bytes());
+        put_varint(out, values.len() as u64);
+        for v in values {
+            put_value(out, v);
+        }
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_signed(out: &mut Vec<u8>, v: i64) {
+    put_varint(out, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+fn put_bytes(out: &mut Vec<u8>, tag: u8, b: &[u8]) {
+    out.push(tag);
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::String(s) if s.len() < 0x80 => {
+            out.push(s.len() as u8);
+            out.extend_from_slice(s.as_bytes());
+        }
+        Value::String(s) => put_bytes(out, T_STRING, s.as_bytes()),
+        Value::Integer(i) => {
+            out.push(T_INTEGER);
+            put_signed(out, *i);
+        }
+        Value::Boolean(false) => out.push(T_FALSE),
+        Value::Boolean(true) => out.push(T_TRUE),
+        Value::Bytes(b) => put_bytes(out, T_BYTES, b),
+        Value::Timestamp(t) => {
+            out.push(T_TIMESTAMP);
+            put_signed(out, t.timestamp());
+            put_varint(out, u64::from(t.timestamp_subsec_nanos()));
+        }
+        Value::Reference(Reference::Anchor(a)) => put_bytes(out, T_ANCHOR, a.as_str().as_bytes()),
+        Value::Reference(Reference::Dn(d)) => put_bytes(out, T_DN, d.as_str().as_bytes()),
+        Value::Reference(Reference::Target(t)) => put_bytes(out, T_TARGET, t.as_str().as_bytes()),
+        Value::Reference(Reference::Pending(a)) => put_bytes(out, T_PENDING, a.as_str().as_bytes()),
+    }
+}
+
+/// Reads attributes in the binary form of [`encode_binary`] (`own`: the row's key, as
+/// encoded); `name_of` maps a name id back to its name (`None`: an id the dictionary does not
+/// hold, an error).
+pub(crate) fn decode_binary(
+    bytes: &[u8],
+    own: Option<&str>,
+    name_of: impl Fn(u64) -> Option<AttrName>,
+) -> Result<Attributes, String> {
+    let mut r = Reader { bytes, at: 0, own };
+    if r.byte()? != BINARY_V1 {
+        return Err("not the binary form of attributes".into());
+    }
+    let n = r.len()?;
+    let mut out: Vec<(AttrName, Values)> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let id = r.varint()?;
+        let name =
+            name_of(id).ok_or_else(|| format!("attribute name id {id} is not in attr_names"))?;
+        let count = r.len()?;
+        let mut values = Values::new();
+        for _ in 0..count {
+            values.push(r.value()?);
+        }
+        out.push((name, values));
+    }
+    if r.at != bytes.len() {
+        return Err(format!("{} bytes after the attributes", bytes.len() - r.at));
+    }
+    Ok(Attributes::from(out))
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    own: Option<&'a str>,
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Result<u8, String> {
+        let b = *self
+            .bytes
+            .get(self.at)
+            .ok_or_else(|| format!("truncated at byte {}", self.at))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(format!("a varint too long at byte {}", self.at))
+    }
+
+    /// A count or length: at most the bytes left (each item takes at least one).
+    fn len(&mut self) -> Result<usize, String> {
+        let n = self.varint()?;
+        if n > (self.bytes.len() - self.at) as u64 {
+            return Err(format!("a length of {n} past the end at byte {}", self.at));
+        }
+        Ok(n as usize)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at + n;
+        let s = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(|| format!("truncated at byte {}", self.at))?;
+        self.at = end;
+        Ok(s)
+    }
+
+    fn str(&mut self, n: usize) -> Result<&'a str, String> {
+        let at = self.at;
+        std::str::from_utf8(self.take(n)?).map_err(|e| format!("text at byte {at}: {e}"))
+    }
+
+    fn text(&mut self) -> Result<&'a str, String> {
+        let n = self.len()?;
+        self.str(n)
+    }
+
+    fn value(&mut self) -> Result<Value, String> {
+        let tag = self.byte()?;
+        Ok(match tag {
+            0..=0x7f => Value::string(self.str(tag as usize)?),
+            T_STRING => Value::string(self.text()?),
+            T_INTEGER => {
+                let z = self.varint()?;
+                Value::Integer(((z >> 1) as i64) ^ -((z & 1) as i64))
+            }
+            T_FALSE => Value::Boolean(false),
+            T_TRUE => Value::Boolean(true),
+            T_BYTES => {
+                let n = self.len()?;
+                Value::Bytes(self.take(n)?.to_vec())
+            }
+            T_TIMESTAMP => {
+                let z = self.varint()?;
+                let secs = ((z >> 1) as i64) ^ -((z & 1) as i64);
+                let nanos = u32::try_from(self.varint()?).map_err(|e| e.to_string())?;
+                Value::Timestamp(
+                    DateTime::from_timestamp(secs, nanos)
+                        .ok_or_else(|| format!("timestamp {secs}.{nanos} out of range"))?,
+                )
+            }
+            T_ANCHOR => Value::anchor_ref(self.text()?),
+            T_DN => {
+                let t = self.text()?;
+                Value::dn_ref(Dn::parse(t).map_err(|e| format!("DN {t:?}: {e}"))?)
+            }
+            T_TARGET => Value::target_ref(self.text()?),
+            T_PENDING => Value::Reference(Reference::Pending(self.text()?.into())),
+            T_OWN => Value::string(self.own.ok_or_else(|| {
+                format!("the row's own key at byte {}, but it has none", self.at - 1)
+            })?),
+            other => {
+                return Err(format!(
+                    "unknown value tag {other:#x} at byte {}",
+                    self.at - 1
+                ))
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +552,57 @@ mod tests {
         ] {
             assert!(decode_attributes(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A dictionary for the binary form's tests: ids in first-use order.
+    fn binary(a: &Attributes, own: Option<&str>) -> (Vec<u8>, Vec<AttrName>) {
+        let mut names: Vec<AttrName> = Vec::new();
+        let mut out = Vec::new();
+        encode_binary(a, own, &mut out, |n| {
+            let id = names.iter().position(|x| x.as_str() == n.as_str());
+            Ok::<_, ()>(id.unwrap_or_else(|| {
+                names.push(n.clone());
+                names.len() - 1
+            }) as u64)
+        })
+        .unwrap();
+        (out, names)
+    }
+
+    #[test]
+    fn every_kind_of_value_round_trips_in_binary() {
+        let mut a = sample();
+        a.add("long", Value::string("x".repeat(300)));
+        a.add("guid", Value::string("a"));
+        let (bytes, names) = binary(&a, Some("a"));
+        let name_of = |id: u64| names.get(id as usize).cloned();
+        assert_eq!(decode_binary(&bytes, Some("a"), name_of).unwrap(), a);
+        // Names are not in the row; the own key is one byte.
+        assert!(!bytes.windows(11).any(|w| w == b"objectClass"));
+        assert!(bytes.contains(&T_OWN));
+        let (no_own, _) = binary(&a, None);
+        assert!(decode_binary(&no_own, None, name_of).unwrap() == a);
+        assert!(decode_binary(&bytes, None, name_of).is_err());
+        assert_eq!(
+            decode_binary(&binary(&Attributes::new(), None).0, None, |_| None).unwrap(),
+            Attributes::new()
+        );
+    }
+
+    #[test]
+    fn malformed_binary_attributes_are_errors() {
+        let (bytes, names) = binary(&sample(), None);
+        let name_of = |id: u64| names.get(id as usize).cloned();
+        // Every truncation, a trailing byte, an unknown name id, an unknown tag.
+        for n in 0..bytes.len() {
+            assert!(decode_binary(&bytes[..n], None, name_of).is_err(), "{n}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode_binary(&long, None, name_of).is_err());
+        assert!(decode_binary(&bytes, None, |_| None).is_err());
+        assert!(decode_binary(&[BINARY_V1, 1, 0, 1, 0xff], None, name_of).is_err());
+        assert!(decode_binary(&[BINARY_V1, 1, 0, 200, 1], None, name_of).is_err());
+        assert!(decode_binary(b"{}", None, name_of).is_err());
     }
 }

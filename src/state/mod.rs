@@ -1038,24 +1038,25 @@ pub(crate) fn lookup_key(v: &Value) -> Value {
     }
 }
 
-/// An entry's stored form: its attributes in the mirrors' compact JSON (see
-/// [`encoding`](self::encoding)), and its content hash — FNV-1a (64 bits) over its type, its
-/// DN as spelled and that JSON. Both stores decide "changed" by this hash.
+/// An entry's attributes in the compact JSON of [`encoding`](self::encoding), and its
+/// [content hash](entry_hash_into).
 pub(crate) fn encode_entry(entry: &Entry) -> Result<(String, u64), StateError> {
     let mut buf = Vec::with_capacity(64 + entry.attributes.len() * 32);
-    let hash = encode_entry_into(entry, &mut buf);
+    encoding::encode_attributes_into(&entry.attributes, &mut buf);
     // The encoder writes UTF-8 only.
     let json = String::from_utf8(buf).map_err(|e| StateError::Serialize {
         what: format!("the attributes of entry {}", entry.anchor),
         detail: e.to_string(),
     })?;
-    Ok((json, hash))
+    Ok((json, entry_hash_into(entry, &mut Vec::new())))
 }
 
-/// [`encode_entry`] into a buffer the caller reuses (cleared first); returns the hash.
-pub(crate) fn encode_entry_into(entry: &Entry, buf: &mut Vec<u8>) -> u64 {
+/// An entry's content hash — FNV-1a (64 bits) over its type, its DN as spelled and its
+/// attributes in [`encoding::hash_form_into`]'s form, written to `buf` (a buffer the caller
+/// reuses; cleared first). Both stores decide "changed" by this hash.
+pub(crate) fn entry_hash_into(entry: &Entry, buf: &mut Vec<u8>) -> u64 {
     buf.clear();
-    encoding::encode_attributes_into(&entry.attributes, buf);
+    encoding::hash_form_into(&entry.attributes, buf);
     let mut h = fnv1a(FNV_OFFSET, entry.object_type.as_str().as_bytes());
     h = fnv1a(h, &[0]);
     if let Some(dn) = &entry.dn {

@@ -1,8 +1,11 @@
 //! [`SqliteStore`]: the embedded durable state store (feature `sqlite`), one SQLite file.
 //!
-//! The tables are meant to be read by an administrator with the `sqlite3` shell: payloads are
-//! JSON (the mirrors' attributes in the compact form of [`encoding`](super::encoding), which
-//! `json_extract` reads), times RFC 3339 text, states words. Every mutating call is one `IMMEDIATE` transaction;
+//! The tables are meant to be read by an administrator with the `sqlite3` shell: journal
+//! payloads are JSON, times RFC 3339 text, states words. The mirrors are lean (schema version
+//! 6): a source object has an integer id keying its state and reference rows, attribute names
+//! are stored once (`attr_names`) and a row's attributes are the binary form of
+//! [`encoding`](super::encoding), which [`SqliteStore::dump`] prints as JSON. Every mutating
+//! call is one `IMMEDIATE` transaction;
 //! every lookup the delta path makes goes through a primary key or an index (the tests check the
 //! query plans), so a delta costs in proportion to its neighbourhood, not to the store.
 //!
@@ -33,13 +36,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use smol_str::SmolStr;
+use std::cell::{Cell, RefCell};
 
-use super::encoding::{decode_attributes, encode_attributes};
+use super::encoding::{decode_attributes, decode_binary, encode_attributes, encode_binary};
 use super::{
-    audit_attributes, check_import_share, done_effect, encode_entry, encode_entry_into,
+    audit_attributes, check_import_share, done_effect, encode_entry, entry_hash_into,
     entry_references, lookup_key, lower_lookup_attributes, redact_operation,
     redact_target_operation, unlinks, Escrow, FullImportSummary, JournalEntry, JournalId,
     JournalOutcome, JournalRecord, JournalState, LookupAttributes, Pruned, RefTarget, Retention,
@@ -50,7 +56,7 @@ use crate::delta::{
     remove_references_to, resolve_change_values, resolve_references, Link, Operation,
 };
 use crate::model::{
-    Anchor, AttrName, Change, Dn, Entry, ObjectType, TargetId, TargetObject, Value,
+    Anchor, AttrName, Attributes, Change, Dn, Entry, ObjectType, TargetId, TargetObject, Value,
 };
 
 /// How hard a commit waits for the disk.
@@ -68,10 +74,10 @@ pub enum Durability {
 }
 
 /// The schema version this build writes.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// A migration's data step: work SQL cannot do, run in the migration's transaction.
-type DataStep = fn(&Connection) -> Result<(), StateError>;
+type DataStep = fn(&Db<'_>) -> Result<(), StateError>;
 
 /// One schema migration: from `version - 1` to `version`.
 struct Migration {
@@ -147,11 +153,10 @@ CREATE TABLE escrow (
 );
 "#;
 
-/// Version 2: link counts kept by triggers (the deletion guard reads them without counting
-/// the link table), and an index of target attribute values for join lookups.
-const SCHEMA_V2: &str = r#"
-CREATE TABLE link_counts (target_type TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO link_counts (target_type, n) SELECT target_type, COUNT(*) FROM links GROUP BY target_type;
+/// The triggers that keep `link_counts` (version 2; recreated by version 6 with `links`).
+macro_rules! link_count_triggers {
+    () => {
+        r#"
 CREATE TRIGGER links_count_insert AFTER INSERT ON links BEGIN
     INSERT INTO link_counts (target_type, n) VALUES (NEW.target_type, 1)
         ON CONFLICT (target_type) DO UPDATE SET n = n + 1;
@@ -164,14 +169,27 @@ CREATE TRIGGER links_count_update AFTER UPDATE OF target_type ON links BEGIN
     INSERT INTO link_counts (target_type, n) VALUES (NEW.target_type, 1)
         ON CONFLICT (target_type) DO UPDATE SET n = n + 1;
 END;
-CREATE TABLE target_values (
+"#
+    };
+}
+
+/// Version 2: link counts kept by triggers (the deletion guard reads them without counting
+/// the link table), and an index of target attribute values for join lookups.
+const SCHEMA_V2: &str = concat!(
+    r#"
+CREATE TABLE link_counts (target_type TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO link_counts (target_type, n) SELECT target_type, COUNT(*) FROM links GROUP BY target_type;
+"#,
+    link_count_triggers!(),
+    r#"CREATE TABLE target_values (
     attribute TEXT NOT NULL,
     value_key TEXT NOT NULL,
     id TEXT NOT NULL,
     PRIMARY KEY (attribute, value_key, id)
 ) WITHOUT ROWID;
 CREATE INDEX target_values_id ON target_values (id);
-"#;
+"#
+);
 
 static MIGRATIONS: &[Migration] = &[
     Migration {
@@ -199,7 +217,98 @@ static MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V5,
         after: Some(compact_done_rows),
     },
+    Migration {
+        version: 6,
+        sql: SCHEMA_V6,
+        after: Some(lean_mirrors),
+    },
 ];
+
+/// Version 6: lean mirrors. Attribute names are stored once, in `attr_names`; a mirror row's
+/// `attributes` is the binary form of [`encoding`](super::encoding) naming attributes by id
+/// (read them with [`SqliteStore::dump`]). A source object has an integer id (`source_objects.id`,
+/// in arrival order), which keys its `source_state` row and its reference rows: `source_refs`
+/// holds (referenced id, referrer id) pairs, `source_refs_open` the references to an anchor not
+/// mirrored or to a DN no mirrored object has (by text), and which attribute refers is read
+/// from the referrer's attributes. The normalized DN is no longer stored: `dn_key` holds its
+/// 64-bit hash (indexed; a lookup compares the DNs it finds). Links are keyed by anchor
+/// without a rowid. A target value's index key is the lower-cased string itself (other kinds
+/// keep their JSON, after a marker). The data step moves every row.
+const SCHEMA_V6: &str = concat!(
+    r#"
+CREATE TABLE attr_names (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+DROP INDEX source_objects_dn_norm;
+DROP INDEX source_refs_from;
+DROP INDEX source_refs_to_anchor;
+DROP INDEX source_refs_to_dn_norm;
+ALTER TABLE source_objects RENAME TO source_objects_v5;
+ALTER TABLE source_state RENAME TO source_state_v5;
+ALTER TABLE source_refs RENAME TO source_refs_v5;
+ALTER TABLE target_objects RENAME TO target_objects_v5;
+ALTER TABLE links RENAME TO links_v5;
+CREATE TABLE source_objects (
+    id INTEGER PRIMARY KEY,
+    anchor TEXT NOT NULL UNIQUE,
+    object_type TEXT NOT NULL,
+    dn TEXT,
+    dn_key INTEGER,
+    attributes BLOB NOT NULL
+);
+CREATE INDEX source_objects_dn_key ON source_objects (dn_key) WHERE dn_key IS NOT NULL;
+CREATE TABLE source_state (
+    id INTEGER PRIMARY KEY,
+    content_hash INTEGER NOT NULL,
+    generation INTEGER NOT NULL
+);
+CREATE TABLE source_refs (
+    to_id INTEGER NOT NULL,
+    from_id INTEGER NOT NULL,
+    PRIMARY KEY (to_id, from_id)
+) WITHOUT ROWID;
+CREATE TABLE source_refs_open (
+    target TEXT NOT NULL,
+    by_dn INTEGER NOT NULL,
+    from_id INTEGER NOT NULL,
+    PRIMARY KEY (target, by_dn, from_id)
+) WITHOUT ROWID;
+CREATE TABLE target_objects (
+    id TEXT PRIMARY KEY,
+    object_type TEXT NOT NULL,
+    attributes BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE links (
+    anchor TEXT PRIMARY KEY,
+    source_type TEXT NOT NULL,
+    target_id TEXT NOT NULL UNIQUE,
+    target_type TEXT NOT NULL
+) WITHOUT ROWID;
+INSERT INTO links (anchor, source_type, target_id, target_type)
+    SELECT anchor, source_type, target_id, target_type FROM links_v5;
+DROP TABLE links_v5;
+"#,
+    link_count_triggers!()
+);
+
+/// Version 6's references, moved by SQL once the objects have their ids.
+const SCHEMA_V6_REFS: &str = r#"
+INSERT OR IGNORE INTO source_refs (to_id, from_id)
+    SELECT t.id, f.id FROM source_refs_v5 r
+    JOIN source_objects f ON f.anchor = r.from_anchor
+    JOIN source_objects t ON t.anchor = r.to_anchor;
+INSERT OR IGNORE INTO source_refs_open (target, by_dn, from_id)
+    SELECT r.to_anchor, 0, f.id FROM source_refs_v5 r
+    JOIN source_objects f ON f.anchor = r.from_anchor
+    WHERE r.to_anchor IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM source_objects t WHERE t.anchor = r.to_anchor);
+INSERT OR IGNORE INTO source_refs_open (target, by_dn, from_id)
+    SELECT r.to_dn_norm, 1, f.id FROM source_refs_v5 r
+    JOIN source_objects f ON f.anchor = r.from_anchor
+    WHERE r.to_anchor IS NULL AND r.to_dn_norm IS NOT NULL;
+DROP TABLE source_refs_v5;
+DROP TABLE source_state_v5;
+DROP TABLE source_objects_v5;
+DROP TABLE target_objects_v5;
+"#;
 
 /// Version 3: references are kept by anchor (no table changes; the DN references that name
 /// mirrored objects are resolved, as an import now does, by version 4's data step — which runs
@@ -279,22 +388,52 @@ DROP TABLE target_objects;
 ALTER TABLE target_objects_v4 RENAME TO target_objects;
 "#;
 
-// The statements of the delta path; the tests check each uses an index.
+// The statements of the delta path; the tests check each uses an index. Each table's SQL is
+// here (and in the few functions that run it), so a layout change is one place.
 const ENTRY_COLUMNS: &str = "anchor, object_type, dn, attributes";
 const ENTRY_BY_ANCHOR: &str =
     "SELECT anchor, object_type, dn, attributes FROM source_objects WHERE anchor = ?1";
-const ENTRY_BY_DN: &str =
-    "SELECT anchor, object_type, dn, attributes FROM source_objects WHERE dn_norm = ?1 ORDER BY anchor";
-const ANCHORS_BY_DN: &str = "SELECT anchor FROM source_objects WHERE dn_norm = ?1";
-const ROW_STATE: &str = "SELECT s.content_hash, s.generation, o.dn_norm FROM source_state s \
-     JOIN source_objects o ON o.anchor = s.anchor WHERE s.anchor = ?1";
-const SEEN_STATE: &str = "SELECT id, content_hash, generation FROM source_state WHERE anchor = ?1";
-const REFERRERS: &str = "SELECT from_anchor FROM source_refs WHERE to_anchor = ?1 \
-     UNION SELECT from_anchor FROM source_refs WHERE to_dn_norm = ?2";
-const REFS_FROM: &str =
-    "SELECT attribute, to_anchor, to_dn_norm FROM source_refs WHERE from_anchor = ?1";
-const WAITING: &str = "SELECT DISTINCT from_anchor FROM source_refs WHERE to_dn_norm = ?1";
-const REFERRING: &str = "SELECT DISTINCT from_anchor FROM source_refs WHERE to_anchor = ?1";
+/// The objects whose DN hashes to `?1` (the caller compares the DNs).
+const ENTRY_BY_DN: &str = "SELECT anchor, object_type, dn, attributes FROM source_objects \
+     WHERE dn_key = ?1 ORDER BY anchor";
+const ANCHORS_BY_DN: &str = "SELECT anchor, dn FROM source_objects WHERE dn_key = ?1";
+const ROW_STATE: &str = "SELECT s.content_hash, s.generation, o.dn, o.id FROM source_objects o \
+     JOIN source_state s ON s.id = o.id WHERE o.anchor = ?1";
+const SEEN_STATE: &str = "SELECT s.id, s.content_hash, s.generation FROM source_objects o \
+     JOIN source_state s ON s.id = o.id WHERE o.anchor = ?1";
+/// Moves the generation of the object `?1` to `?3` if its hash is `?2` and its generation is
+/// another (an unchanged object a full import sees for the first time).
+const SEEN_UNCHANGED: &str = "UPDATE source_state SET generation = ?3 \
+     WHERE id = (SELECT id FROM source_objects WHERE anchor = ?1) \
+     AND content_hash = ?2 AND generation <> ?3";
+const OBJECT_ID: &str = "SELECT id FROM source_objects WHERE anchor = ?1";
+/// The referrers of the object `?1` (an anchor) and of the DN `?2` (normalized).
+const REFERRERS: &str = "SELECT f.anchor FROM source_objects t \
+     JOIN source_refs r ON r.to_id = t.id JOIN source_objects f ON f.id = r.from_id \
+     WHERE t.anchor = ?1 \
+     UNION SELECT f.anchor FROM source_refs_open r JOIN source_objects f ON f.id = r.from_id \
+     WHERE r.target = ?1 AND r.by_dn = 0 \
+     UNION SELECT f.anchor FROM source_refs_open r JOIN source_objects f ON f.id = r.from_id \
+     WHERE r.target = ?2 AND r.by_dn = 1";
+/// The objects whose references wait for the DN `?1` (normalized).
+const WAITING: &str = "SELECT f.anchor FROM source_refs_open r \
+     JOIN source_objects f ON f.id = r.from_id WHERE r.target = ?1 AND r.by_dn = 1";
+/// The objects that refer to the object with id `?1` or anchor `?2`.
+const REFERRING: &str =
+    "SELECT f.anchor FROM source_refs r JOIN source_objects f ON f.id = r.from_id \
+     WHERE r.to_id = ?1 \
+     UNION SELECT f.anchor FROM source_refs_open r JOIN source_objects f ON f.id = r.from_id \
+     WHERE r.target = ?2 AND r.by_dn = 0";
+const REF_INSERT: &str = "INSERT OR IGNORE INTO source_refs (to_id, from_id) VALUES (?1, ?2)";
+const REF_DELETE: &str = "DELETE FROM source_refs WHERE to_id = ?1 AND from_id = ?2";
+const OPEN_REF_INSERT: &str =
+    "INSERT OR IGNORE INTO source_refs_open (target, by_dn, from_id) VALUES (?1, ?2, ?3)";
+const OPEN_REF_DELETE: &str =
+    "DELETE FROM source_refs_open WHERE target = ?1 AND by_dn = ?2 AND from_id = ?3";
+/// The references waiting for anchor `?1` become references to its new object `?2`.
+const OPEN_REFS_ADOPT: &str = "INSERT OR IGNORE INTO source_refs (to_id, from_id) \
+     SELECT ?2, from_id FROM source_refs_open WHERE target = ?1 AND by_dn = 0";
+const OPEN_REFS_ADOPTED: &str = "DELETE FROM source_refs_open WHERE target = ?1 AND by_dn = 0";
 const LINK_BY_ANCHOR: &str =
     "SELECT anchor, source_type, target_id, target_type FROM links WHERE anchor = ?1";
 const LINK_BY_TARGET: &str =
@@ -310,15 +449,20 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     ANCHORS_BY_DN,
     ROW_STATE,
     SEEN_STATE,
+    SEEN_UNCHANGED,
+    OBJECT_ID,
     REFERRERS,
-    REFS_FROM,
     WAITING,
     REFERRING,
+    REF_DELETE,
+    OPEN_REF_DELETE,
+    OPEN_REFS_ADOPT,
+    OPEN_REFS_ADOPTED,
+    "DELETE FROM source_refs WHERE to_id = ?1",
     LINK_BY_ANCHOR,
     LINK_BY_TARGET,
     TARGET_BY_ID,
     TARGET_LOOKUP,
-    "DELETE FROM source_refs WHERE from_anchor = ?1",
     "DELETE FROM target_values WHERE attribute = ?1 AND value_key = ?2 AND id = ?3",
     "DELETE FROM links WHERE anchor = ?1 OR target_id = ?2",
     "SELECT 1 FROM runs WHERE id = ?1",
@@ -327,7 +471,6 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     JOURNAL_DONE,
     UNCONFIRMED,
     "UPDATE source_state SET generation = ?2 WHERE id = ?1",
-    "UPDATE source_state SET generation = ?2 WHERE anchor = ?1",
 ];
 
 const JOURNAL_DONE: &str = "UPDATE journal SET state = 'done', target_id = ?2, attributes = ?3, \
@@ -366,6 +509,130 @@ pub struct SqliteStore {
     /// The declared lookup attributes (kept in `meta`); `None` until declared: every attribute
     /// is indexed.
     lookup: Option<LookupAttributes>,
+    /// The attribute-name dictionary (`attr_names`) as far as this connection has read it.
+    names: RefCell<Names>,
+}
+
+/// The attribute-name dictionary of the file (table `attr_names`): the mirrors' rows name
+/// attributes by id. Read lazily; an id not yet known is looked up again in the table (another
+/// connection may have added it). Names are kept as spelled (ids are case-sensitive).
+#[derive(Debug, Default)]
+pub(crate) struct Names {
+    by_id: FxHashMap<u64, AttrName>,
+    ids: FxHashMap<SmolStr, u64>,
+    loaded: bool,
+}
+
+impl Names {
+    /// Reads the whole dictionary again.
+    fn reload(&mut self, conn: &Connection) -> Result<(), StateError> {
+        self.by_id.clear();
+        self.ids.clear();
+        let mut stmt = conn
+            .prepare_cached("SELECT id, name FROM attr_names")
+            .ctx("reading attribute names")?;
+        let mut q = stmt.query([]).ctx("reading attribute names")?;
+        while let Some(r) = q.next().ctx("reading attribute names")? {
+            let id: i64 = r.get(0).ctx("reading attribute names")?;
+            let name: String = r.get(1).ctx("reading attribute names")?;
+            self.ids.insert(SmolStr::from(name.as_str()), id as u64);
+            self.by_id.insert(id as u64, AttrName::from(name));
+        }
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// The name of `id`, if known.
+    fn name(&self, id: u64) -> Option<AttrName> {
+        self.by_id.get(&id).cloned()
+    }
+}
+
+/// A connection (or transaction) with the file's attribute-name dictionary: what every
+/// function reading or writing the mirrors works on.
+pub(crate) struct Db<'c> {
+    conn: &'c Connection,
+    names: &'c RefCell<Names>,
+}
+
+impl std::ops::Deref for Db<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Db<'_> {
+    /// The dictionary, read first if this connection has not yet read it.
+    fn names(&self) -> Result<std::cell::Ref<'_, Names>, StateError> {
+        if !self.names.borrow().loaded {
+            self.names.borrow_mut().reload(self.conn)?;
+        }
+        Ok(self.names.borrow())
+    }
+
+    /// The id of `name`, added to the dictionary (in the current transaction) when new.
+    fn id_of(&self, name: &AttrName) -> Result<u64, StateError> {
+        if let Some(id) = self.names()?.ids.get(name.as_str()) {
+            return Ok(*id);
+        }
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO attr_names (name) VALUES (?1)")
+            .and_then(|mut s| s.execute([name.as_str()]))
+            .ctx("adding an attribute name")?;
+        let id: i64 = self
+            .conn
+            .prepare_cached("SELECT id FROM attr_names WHERE name = ?1")
+            .and_then(|mut s| s.query_row([name.as_str()], |r| r.get(0)))
+            .ctx("adding an attribute name")?;
+        let mut names = self.names.borrow_mut();
+        names.ids.insert(SmolStr::from(name.as_str()), id as u64);
+        names.by_id.insert(id as u64, name.clone());
+        Ok(id as u64)
+    }
+
+    /// The stored (binary) form of `attributes`, names by id.
+    /// `own`: the row's key (a source object's anchor), which a value equal to it refers to.
+    fn encode(&self, attributes: &Attributes, own: Option<&str>) -> Result<Vec<u8>, StateError> {
+        let mut out = Vec::with_capacity(16 + attributes.len() * 24);
+        encode_binary(attributes, own, &mut out, |n| self.id_of(n))?;
+        Ok(out)
+    }
+
+    /// Attributes from a mirror's `attributes` column (binary, or JSON text as files before
+    /// version 6 held them); `Err` is a description for [`StateError::Corrupt`].
+    fn decode(
+        &self,
+        v: &SqlValue,
+        own: Option<&str>,
+    ) -> Result<Result<Attributes, String>, StateError> {
+        match v {
+            SqlValue::Blob(b) => {
+                let missing = Cell::new(false);
+                let first = {
+                    let names = self.names()?;
+                    decode_binary(b, own, |id| {
+                        let n = names.name(id);
+                        missing.set(missing.get() || n.is_none());
+                        n
+                    })
+                };
+                if !missing.get() {
+                    return Ok(first);
+                }
+                // An id another connection added: read the dictionary again, once.
+                self.names.borrow_mut().reload(self.conn)?;
+                let names = self.names()?;
+                Ok(decode_binary(b, own, |id| names.name(id)))
+            }
+            SqlValue::Text(t) => Ok(decode_attributes(t)),
+            other => Ok(Err(format!(
+                "holds {:?}, not attributes",
+                other.data_type()
+            ))),
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -437,9 +704,21 @@ impl SqliteStore {
         SqliteStore::setup(conn, Durability::Full)
     }
 
+    /// The connection with the attribute-name dictionary.
+    fn db(&self) -> Db<'_> {
+        Db {
+            conn: &self.conn,
+            names: &self.names,
+        }
+    }
+
     fn setup(conn: Connection, durability: Durability) -> Result<SqliteStore, StateError> {
         conn.busy_timeout(Duration::from_secs(10))
             .ctx("setting the busy timeout")?;
+        // A new file frees pages incrementally (this must come before the file is first
+        // written, WAL mode included; on an existing file it waits for a VACUUM).
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")
+            .ctx("setting auto-vacuum")?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
             .ctx("switching to WAL mode")?;
         let sync = match durability {
@@ -456,13 +735,18 @@ impl SqliteStore {
             .ctx("setting the page cache size")?;
         conn.pragma_update(None, "mmap_size", 268_435_456i64)
             .ctx("setting the memory-mapped I/O size")?;
+        // The write-ahead log keeps the size of the largest transaction since it was last
+        // reset: cut it back to 4 MiB after each checkpoint.
+        conn.pragma_update(None, "journal_size_limit", 4_194_304i64)
+            .ctx("limiting the write-ahead log")?;
         let mut store = SqliteStore {
             conn,
             retention: Some(Retention::default()),
             lookup: None,
+            names: RefCell::new(Names::default()),
         };
         store.migrate()?;
-        store.lookup = lookup_attributes(&store.conn)?;
+        store.lookup = lookup_attributes(&store.db())?;
         Ok(store)
     }
 
@@ -482,6 +766,54 @@ impl SqliteStore {
         self.conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .ctx("reading the schema version")
+    }
+
+    /// Writes the mirrors as JSON lines, for an administrator: one line per source object
+    /// (`{"source": anchor, "type", "dn", "attributes"}`) in anchor order, then one per target
+    /// object (`{"target": id, "type", "attributes"}`), attributes as one JSON object (names as
+    /// keys; one value bare, several as an array; references as `{"a": anchor}`, `{"d": DN}`,
+    /// `{"r": target id}`, bytes as `{"b": Base64}`, timestamps as `{"t": RFC 3339}`). The
+    /// file stores them in a binary form (names by id, from
+    /// `attr_names`) the `sqlite3` shell does not decode; this is how to read them
+    /// (`cargo run --example state_dump -- state.db`).
+    pub fn dump(&self, out: &mut dyn std::io::Write) -> Result<(), StateError> {
+        let db = self.db();
+        let io = |e: std::io::Error| StateError::Invalid(format!("writing the dump: {e}"));
+        let mut line = |v: serde_json::Value| -> Result<(), StateError> {
+            serde_json::to_writer(&mut *out, &v)
+                .map_err(|e| StateError::Invalid(format!("writing the dump: {e}")))?;
+            out.write_all(b"\n").map_err(io)
+        };
+        let attrs = |a: &Attributes| -> Result<serde_json::Value, StateError> {
+            serde_json::from_str(&encode_attributes(a)).map_err(|e| StateError::Serialize {
+                what: "attributes".into(),
+                detail: e.to_string(),
+            })
+        };
+        let sql = format!("SELECT {ENTRY_COLUMNS} FROM source_objects ORDER BY anchor");
+        for r in rows(&db, &sql, [], "reading the source mirror")? {
+            let e = decode_entry(&db, r)?;
+            line(serde_json::json!({
+                "source": e.anchor.as_str(),
+                "type": e.object_type.as_str(),
+                "dn": e.dn.as_ref().map(|d| d.as_str()),
+                "attributes": attrs(&e.attributes)?,
+            }))?;
+        }
+        for r in rows(
+            &db,
+            "SELECT id, object_type, attributes FROM target_objects ORDER BY id",
+            [],
+            "reading the target mirror",
+        )? {
+            let o = decode_target(&db, r)?;
+            line(serde_json::json!({
+                "target": o.id.as_str(),
+                "type": o.object_type.as_str(),
+                "attributes": attrs(&o.attributes)?,
+            }))?;
+        }
+        Ok(())
     }
 
     /// The newest schema version this build reads and writes.
@@ -526,23 +858,68 @@ impl SqliteStore {
                 ));
             }
         }
+        let db = Db {
+            conn: &tx,
+            names: &self.names,
+        };
         for m in MIGRATIONS.iter().filter(|m| m.version > found) {
-            tx.execute_batch(m.sql)
+            db.execute_batch(m.sql)
                 .ctx(&format!("migrating the schema to version {}", m.version))?;
             if let Some(after) = m.after {
-                after(&tx)?;
+                after(&db)?;
             }
             tx.pragma_update(None, "user_version", m.version)
                 .ctx("recording the schema version")?;
         }
-        tx.commit().ctx("committing the schema migration")?;
-        if (1..5).contains(&found) {
-            // The compacted journal left free pages: give them back to the file system, once.
+        let committed = tx.commit().ctx("committing the schema migration");
+        // The dictionary is read again from what was committed.
+        self.names.borrow_mut().loaded = false;
+        committed?;
+        if (1..SCHEMA_VERSION).contains(&found) {
+            // The rebuilt tables left free pages: give them back to the file system, once, and
+            // let later frees go back too (incremental auto-vacuum takes a VACUUM to turn on).
             self.conn
-                .execute_batch("VACUUM")
+                .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM")
                 .ctx("compacting the state file after the migration")?;
         }
         Ok(())
+    }
+
+    /// Gives the file's free pages back to the file system (incremental auto-vacuum: a run's
+    /// journal payloads, deleted once done, and rewritten rows leave free pages behind), and
+    /// checkpoints the write-ahead log and truncates it: once a run, so the file's size is
+    /// what it holds.
+    fn reclaim(&mut self) -> Result<(), StateError> {
+        {
+            // Each step frees one page: step to the end.
+            let mut stmt = self
+                .conn
+                .prepare_cached("PRAGMA incremental_vacuum")
+                .ctx("reclaiming free pages")?;
+            let mut q = stmt.query([]).ctx("reclaiming free pages")?;
+            while q.next().ctx("reclaiming free pages")?.is_some() {}
+        }
+        // Best effort, without waiting: a reader of another connection holding an old
+        // snapshot keeps the log until its next reset.
+        self.conn
+            .busy_timeout(Duration::ZERO)
+            .ctx("checkpointing the write-ahead log")?;
+        let checkpoint = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .optional();
+        self.conn
+            .busy_timeout(Duration::from_secs(10))
+            .ctx("setting the busy timeout")?;
+        match checkpoint {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).ctx("checkpointing the write-ahead log"),
+        }
     }
 
     /// Runs `f` in one immediate transaction.
@@ -553,16 +930,27 @@ impl SqliteStore {
     fn write<T>(
         &mut self,
         what: &str,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, StateError>,
+        f: impl FnOnce(&Db<'_>) -> Result<T, StateError>,
     ) -> Result<T, StateError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .ctx(&format!("{what}: starting a transaction"))?;
-        let out = f(&tx)?;
-        tracing::trace!(what, "state: committing");
-        tx.commit().ctx(&format!("{what}: committing"))?;
-        Ok(out)
+        let db = Db {
+            conn: &tx,
+            names: &self.names,
+        };
+        let out = f(&db);
+        let committed = out.and_then(|out| {
+            tracing::trace!(what, "state: committing");
+            tx.commit().ctx(&format!("{what}: committing"))?;
+            Ok(out)
+        });
+        if committed.is_err() {
+            // Names this transaction added are gone with it.
+            self.names.borrow_mut().loaded = false;
+        }
+        committed
     }
 }
 
@@ -646,7 +1034,7 @@ fn parse_time(
 
 /// Reads every row of a prepared query as raw values.
 fn rows(
-    conn: &Connection,
+    conn: &Db<'_>,
     sql: &str,
     params: impl rusqlite::Params,
     what: &str,
@@ -669,37 +1057,47 @@ fn take(row: &mut [SqlValue], i: usize) -> SqlValue {
 }
 
 /// A source object's row ([`ENTRY_COLUMNS`], in order) as an entry.
-fn decode_entry(mut row: Vec<SqlValue>) -> Result<Entry, StateError> {
+fn decode_entry(conn: &Db<'_>, row: Vec<SqlValue>) -> Result<Entry, StateError> {
+    decode_entry_with(row, |v, own| conn.decode(v, Some(own)))
+}
+
+/// [`decode_entry`] with the dictionary already read (for decoding on several threads).
+fn decode_entry_in(names: &Names, row: Vec<SqlValue>) -> Result<Entry, StateError> {
+    decode_entry_with(row, |v, own| Ok(decode_stored(names, v, Some(own))))
+}
+
+/// A source object from its columns ([`ENTRY_COLUMNS`]) as SQLite holds them, its attributes
+/// decoded by `attributes`. Errors are [`StateError::Corrupt`] naming the anchor.
+fn decode_entry_with(
+    mut row: Vec<SqlValue>,
+    attributes: impl FnOnce(&SqlValue, &str) -> Result<Result<Attributes, String>, StateError>,
+) -> Result<Entry, StateError> {
     const T: &str = "source_objects";
     let anchor = text(T, "?", "anchor", take(&mut row, 0))?;
     let object_type = text(T, &anchor, "object_type", take(&mut row, 1))?;
     let dn = opt_text(T, &anchor, "dn", take(&mut row, 2))?;
-    let attributes = text(T, &anchor, "attributes", take(&mut row, 3))?;
-    decode_entry_parts(&anchor, &object_type, dn.as_deref(), &attributes)
-}
-
-/// A source object from its columns ([`ENTRY_COLUMNS`]) as SQLite holds them: what every
-/// read of the source mirror decodes with (a reader stepping through rows may pass the
-/// borrowed column text, copying nothing). Errors are [`StateError::Corrupt`] naming the anchor.
-fn decode_entry_parts(
-    anchor: &str,
-    object_type: &str,
-    dn: Option<&str>,
-    attributes: &str,
-) -> Result<Entry, StateError> {
-    const T: &str = "source_objects";
     let dn = match dn {
-        Some(d) => Some(Dn::parse(d).map_err(|e| corrupt(T, anchor, format!("column dn: {e}")))?),
+        Some(d) => Some(Dn::parse(&d).map_err(|e| corrupt(T, &anchor, format!("column dn: {e}")))?),
         None => None,
     };
-    let attributes = decode_attributes(attributes)
-        .map_err(|e| corrupt(T, anchor, format!("column attributes: {e}")))?;
+    let attributes = attributes(&take(&mut row, 3), &anchor)?
+        .map_err(|e| corrupt(T, &anchor, format!("column attributes: {e}")))?;
     Ok(Entry {
         anchor: Anchor::from(anchor),
         object_type: ObjectType::from(object_type),
         dn,
         attributes,
     })
+}
+
+/// Attributes as a mirror's `attributes` column holds them, with a dictionary already read
+/// (binary; or JSON text, as files before version 6 held them).
+fn decode_stored(names: &Names, v: &SqlValue, own: Option<&str>) -> Result<Attributes, String> {
+    match v {
+        SqlValue::Blob(b) => decode_binary(b, own, |id| names.name(id)),
+        SqlValue::Text(t) => decode_attributes(t),
+        other => Err(format!("holds {:?}, not attributes", other.data_type())),
+    }
 }
 
 fn decode_link(mut row: Vec<SqlValue>) -> Result<Link, StateError> {
@@ -713,12 +1111,23 @@ fn decode_link(mut row: Vec<SqlValue>) -> Result<Link, StateError> {
     })
 }
 
-fn decode_target(mut row: Vec<SqlValue>) -> Result<TargetObject, StateError> {
+fn decode_target(conn: &Db<'_>, row: Vec<SqlValue>) -> Result<TargetObject, StateError> {
+    decode_target_with(row, |v| conn.decode(v, None))
+}
+
+/// [`decode_target`] with the dictionary already read (for decoding on several threads).
+fn decode_target_in(names: &Names, row: Vec<SqlValue>) -> Result<TargetObject, StateError> {
+    decode_target_with(row, |v| Ok(decode_stored(names, v, None)))
+}
+
+fn decode_target_with(
+    mut row: Vec<SqlValue>,
+    attributes: impl FnOnce(&SqlValue) -> Result<Result<Attributes, String>, StateError>,
+) -> Result<TargetObject, StateError> {
     const T: &str = "target_objects";
     let id = text(T, "?", "id", take(&mut row, 0))?;
     let object_type = text(T, &id, "object_type", take(&mut row, 1))?;
-    let attributes = text(T, &id, "attributes", take(&mut row, 2))?;
-    let attributes = decode_attributes(&attributes)
+    let attributes = attributes(&take(&mut row, 2))?
         .map_err(|e| corrupt(T, &id, format!("column attributes: {e}")))?;
     Ok(TargetObject {
         id: id.into(),
@@ -793,7 +1202,7 @@ fn decode_record(mut row: Vec<SqlValue>) -> Result<JournalRecord, StateError> {
 
 // --- reading helpers (work on a connection or a transaction) ---
 
-fn load_entry(conn: &Connection, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
+fn load_entry(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
     rows(
         conn,
         ENTRY_BY_ANCHOR,
@@ -802,11 +1211,11 @@ fn load_entry(conn: &Connection, anchor: &Anchor) -> Result<Option<Entry>, State
     )?
     .into_iter()
     .next()
-    .map(decode_entry)
+    .map(|r| decode_entry(conn, r))
     .transpose()
 }
 
-fn load_link(conn: &Connection, anchor: &Anchor) -> Result<Option<Link>, StateError> {
+fn load_link(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<Link>, StateError> {
     rows(conn, LINK_BY_ANCHOR, [anchor.as_str()], "reading a link")?
         .into_iter()
         .next()
@@ -814,57 +1223,82 @@ fn load_link(conn: &Connection, anchor: &Anchor) -> Result<Option<Link>, StateEr
         .transpose()
 }
 
-fn load_target(conn: &Connection, id: &TargetId) -> Result<Option<TargetObject>, StateError> {
+fn load_target(conn: &Db<'_>, id: &TargetId) -> Result<Option<TargetObject>, StateError> {
     rows(conn, TARGET_BY_ID, [id.as_str()], "reading a target object")?
         .into_iter()
         .next()
-        .map(decode_target)
+        .map(|r| decode_target(conn, r))
         .transpose()
 }
 
-/// The anchors (first column) a query on `table` by `key` returns.
-fn anchor_rows(
-    conn: &Connection,
-    (sql, table, column): (&str, &'static str, &str),
+/// The key `source_objects.dn_key` holds for a normalized DN: its 64-bit FNV-1a hash.
+fn dn_key(dn_norm: &str) -> i64 {
+    super::fnv1a(super::FNV_OFFSET, dn_norm.as_bytes()) as i64
+}
+
+/// Whether the DN column `dn` (as spelled) normalizes to `dn_norm`.
+fn dn_is(dn: &str, dn_norm: &str) -> bool {
+    Dn::parse(dn).is_ok_and(|d| d.normalized() == dn_norm)
+}
+
+/// The source objects at `dn_norm` (normalized), least anchor first.
+fn entries_at(conn: &Db<'_>, dn_norm: &str) -> Result<Vec<Entry>, StateError> {
+    let mut out = Vec::new();
+    for r in rows(conn, ENTRY_BY_DN, [dn_key(dn_norm)], "resolving a DN")? {
+        let e = decode_entry(conn, r)?;
+        if e.dn.as_ref().is_some_and(|d| d.normalized() == dn_norm) {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+fn anchors_at(conn: &Db<'_>, dn_norm: &str) -> Result<Vec<Anchor>, StateError> {
+    const T: &str = "source_objects";
+    let mut out = Vec::new();
+    for mut r in rows(
+        conn,
+        ANCHORS_BY_DN,
+        [dn_key(dn_norm)],
+        "reading source_objects",
+    )? {
+        let anchor = text(T, dn_norm, "anchor", take(&mut r, 0))?;
+        if opt_text(T, &anchor, "dn", take(&mut r, 1))?.is_some_and(|d| dn_is(&d, dn_norm)) {
+            out.push(Anchor::from(anchor));
+        }
+    }
+    Ok(out)
+}
+
+/// The anchors (first column) a query on `source_refs` returns.
+fn ref_rows(
+    conn: &Db<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
     key: &str,
 ) -> Result<Vec<Anchor>, StateError> {
-    rows(conn, sql, [key], &format!("reading {table}"))?
+    rows(conn, sql, params, "reading references")?
         .into_iter()
-        .map(|mut r| text(table, key, column, take(&mut r, 0)).map(Anchor::from))
+        .map(|mut r| text("source_refs", key, "from_anchor", take(&mut r, 0)).map(Anchor::from))
         .collect()
 }
 
-fn anchors_at(conn: &Connection, dn_norm: &str) -> Result<Vec<Anchor>, StateError> {
-    anchor_rows(conn, (ANCHORS_BY_DN, "source_objects", "anchor"), dn_norm)
-}
-
 fn referrers(
-    conn: &Connection,
+    conn: &Db<'_>,
     anchor: &Anchor,
     dn_norm: Option<&str>,
 ) -> Result<Vec<Anchor>, StateError> {
-    rows(
+    ref_rows(
         conn,
         REFERRERS,
         params![anchor.as_str(), dn_norm],
-        "reading referrers",
-    )?
-    .into_iter()
-    .map(|mut r| {
-        text(
-            "source_refs",
-            anchor.as_str(),
-            "from_anchor",
-            take(&mut r, 0),
-        )
-        .map(Anchor::from)
-    })
-    .collect()
+        anchor.as_str(),
+    )
 }
 
 /// The rows of a page query (`?1`: the anchor the page starts after, `?2`: its size).
 fn page_rows<T>(
-    conn: &Connection,
+    conn: &Db<'_>,
     sql: &str,
     (after, limit): (Option<&Anchor>, usize),
     what: &str,
@@ -881,7 +1315,7 @@ fn page_rows<T>(
     Ok(out)
 }
 
-fn meta_int(conn: &Connection, key: &str) -> Result<i64, StateError> {
+fn meta_int(conn: &Db<'_>, key: &str) -> Result<i64, StateError> {
     let v: Option<SqlValue> = conn
         .prepare_cached("SELECT value FROM meta WHERE key = ?1")
         .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
@@ -892,14 +1326,14 @@ fn meta_int(conn: &Connection, key: &str) -> Result<i64, StateError> {
     }
 }
 
-fn bump(conn: &Connection) -> Result<(), StateError> {
+fn bump(conn: &Db<'_>) -> Result<(), StateError> {
     conn.prepare_cached("UPDATE meta SET value = value + 1 WHERE key = 'fingerprint'")
         .and_then(|mut s| s.execute([]))
         .ctx("moving the fingerprint")?;
     Ok(())
 }
 
-fn session(conn: &Connection) -> Result<Option<Session>, StateError> {
+fn session(conn: &Db<'_>) -> Result<Option<Session>, StateError> {
     let v: Option<SqlValue> = conn
         .prepare_cached("SELECT value FROM meta WHERE key = 'full_import'")
         .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
@@ -913,7 +1347,7 @@ fn session(conn: &Connection) -> Result<Option<Session>, StateError> {
     }
 }
 
-fn set_session(conn: &Connection, s: Option<&Session>) -> Result<(), StateError> {
+fn set_session(conn: &Db<'_>, s: Option<&Session>) -> Result<(), StateError> {
     match s {
         Some(s) => {
             let j = to_json("the open full import", s)?;
@@ -932,7 +1366,7 @@ fn set_session(conn: &Connection, s: Option<&Session>) -> Result<(), StateError>
     Ok(())
 }
 
-fn put_watermark(conn: &Connection, connector: &str, w: &Watermark) -> Result<(), StateError> {
+fn put_watermark(conn: &Db<'_>, connector: &str, w: &Watermark) -> Result<(), StateError> {
     conn.prepare_cached(
         "INSERT INTO watermarks (connector, kind, data) VALUES (?1, ?2, ?3) \
          ON CONFLICT (connector) DO UPDATE SET kind = excluded.kind, data = excluded.data",
@@ -942,7 +1376,7 @@ fn put_watermark(conn: &Connection, connector: &str, w: &Watermark) -> Result<()
     Ok(())
 }
 
-fn mark(conn: &Connection, anchors: impl IntoIterator<Item = Anchor>) -> Result<usize, StateError> {
+fn mark(conn: &Db<'_>, anchors: impl IntoIterator<Item = Anchor>) -> Result<usize, StateError> {
     let mut stmt = conn
         .prepare_cached("INSERT OR IGNORE INTO dirty (anchor) VALUES (?1)")
         .ctx("marking dirty")?;
@@ -955,12 +1389,13 @@ fn mark(conn: &Connection, anchors: impl IntoIterator<Item = Anchor>) -> Result<
 
 /// The stored state of a source row.
 struct RowState {
+    id: i64,
     hash: i64,
     generation: i64,
     dn_norm: Option<String>,
 }
 
-fn row_state(conn: &Connection, anchor: &Anchor) -> Result<Option<RowState>, StateError> {
+fn row_state(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<RowState>, StateError> {
     const T: &str = "source_objects";
     let Some(mut r) = rows(
         conn,
@@ -973,23 +1408,33 @@ fn row_state(conn: &Connection, anchor: &Anchor) -> Result<Option<RowState>, Sta
         return Ok(None);
     };
     let a = anchor.as_str();
+    let dn_norm = match opt_text(T, a, "dn", take(&mut r, 2))? {
+        Some(d) => Some(
+            Dn::parse(&d)
+                .map_err(|e| corrupt(T, a, format!("column dn: {e}")))?
+                .normalized()
+                .to_owned(),
+        ),
+        None => None,
+    };
     Ok(Some(RowState {
         hash: int(T, a, "content_hash", take(&mut r, 0))?,
         generation: int(T, a, "generation", take(&mut r, 1))?,
-        dn_norm: opt_text(T, a, "dn_norm", take(&mut r, 2))?,
+        id: int(T, a, "id", take(&mut r, 3))?,
+        dn_norm,
     }))
 }
 
 /// The state of a source row in `source_state` (all an import of an unchanged object reads).
 #[derive(Debug, Clone, Copy)]
 struct Seen {
-    /// The row's id in `source_state`.
+    /// The object's id.
     id: i64,
     hash: i64,
     generation: i64,
 }
 
-fn seen_state(conn: &Connection, anchor: &Anchor) -> Result<Option<Seen>, StateError> {
+fn seen_state(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<Seen>, StateError> {
     const T: &str = "source_state";
     let found: Option<(SqlValue, SqlValue, SqlValue)> = conn
         .prepare_cached(SEEN_STATE)
@@ -1009,43 +1454,27 @@ fn seen_state(conn: &Connection, anchor: &Anchor) -> Result<Option<Seen>, StateE
     }))
 }
 
-/// Records the hash and generation of a source row.
-fn put_state(
-    conn: &Connection,
-    anchor: &Anchor,
-    hash: i64,
-    generation: i64,
-) -> Result<(), StateError> {
+/// Records the hash and generation of the source object `id`.
+fn put_state(conn: &Db<'_>, id: i64, hash: i64, generation: i64) -> Result<(), StateError> {
     conn.prepare_cached(
-        "INSERT INTO source_state (anchor, content_hash, generation) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (anchor) DO UPDATE SET content_hash = excluded.content_hash, \
+        "INSERT INTO source_state (id, content_hash, generation) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (id) DO UPDATE SET content_hash = excluded.content_hash, \
          generation = excluded.generation",
     )
-    .and_then(|mut s| s.execute(params![anchor.as_str(), hash, generation]))
+    .and_then(|mut s| s.execute(params![id, hash, generation]))
     .ctx("recording a source object's state")?;
     Ok(())
 }
 
+/// The id of the source object `anchor`, if mirrored.
+fn object_id(conn: &Db<'_>, anchor: &str) -> Result<Option<i64>, StateError> {
+    conn.prepare_cached(OBJECT_ID)
+        .and_then(|mut s| s.query_row([anchor], |r| r.get(0)).optional())
+        .ctx("reading a source object's id")
+}
+
 /// A reference, comparable: attribute and target (anchor, or normalized DN).
 type RefKey = (AttrName, bool, String);
-
-fn stored_refs(conn: &Connection, anchor: &Anchor) -> Result<BTreeSet<RefKey>, StateError> {
-    const T: &str = "source_refs";
-    let a = anchor.as_str();
-    let mut out = BTreeSet::new();
-    for mut r in rows(conn, REFS_FROM, [a], "reading references")? {
-        let attr = AttrName::from(text(T, a, "attribute", take(&mut r, 0))?);
-        match (
-            opt_text(T, a, "to_anchor", take(&mut r, 1))?,
-            opt_text(T, a, "to_dn_norm", take(&mut r, 2))?,
-        ) {
-            (Some(to), _) => out.insert((attr, true, to)),
-            (None, Some(dn)) => out.insert((attr, false, dn)),
-            (None, None) => return Err(corrupt(T, a, "a reference to neither anchor nor DN")),
-        };
-    }
-    Ok(out)
-}
 
 fn entry_ref_keys(e: &Entry) -> BTreeSet<RefKey> {
     entry_references(e)
@@ -1057,72 +1486,104 @@ fn entry_ref_keys(e: &Entry) -> BTreeSet<RefKey> {
         .collect()
 }
 
+/// What an entry's reference rows record: the targets it refers to, (by DN, anchor or
+/// normalized DN), whatever the attribute.
+fn ref_targets(e: Option<&Entry>) -> BTreeSet<(bool, String)> {
+    let Some(e) = e else {
+        return BTreeSet::new();
+    };
+    entry_references(e)
+        .into_iter()
+        .map(|(_, t)| match t {
+            RefTarget::Anchor(a) => (false, a.as_str().to_owned()),
+            RefTarget::Dn(d) => (true, d),
+        })
+        .collect()
+}
+
 /// The anchor of the object at `dn` (the least, should two claim it).
-fn anchor_at(conn: &Connection, dn: &Dn) -> Result<Option<Anchor>, StateError> {
+fn anchor_at(conn: &Db<'_>, dn: &Dn) -> Result<Option<Anchor>, StateError> {
     Ok(anchors_at(conn, dn.normalized())?.into_iter().min())
 }
 
-/// The distinct `from_anchor`s of a query on `source_refs`.
-fn ref_sources(conn: &Connection, sql: &str, key: &str) -> Result<Vec<Anchor>, StateError> {
-    anchor_rows(conn, (sql, "source_refs", "from_anchor"), key)
-}
-
-/// Writes the reference rows of `anchor`.
-fn insert_refs(
-    conn: &Connection,
-    anchor: &Anchor,
-    refs: &BTreeSet<RefKey>,
+/// Brings the reference rows of the object `id` from those of its stored entry `old` to
+/// those of `new` (the rows follow the entries: which rows an entry has is computed from it).
+/// A reference to a mirrored object is a pair of ids; to an anchor not mirrored or a DN, an
+/// open row by text.
+fn put_refs(
+    conn: &Db<'_>,
+    id: i64,
+    old: Option<&Entry>,
+    new: Option<&Entry>,
 ) -> Result<(), StateError> {
-    let mut ins = conn
-        .prepare_cached(
-            "INSERT INTO source_refs (from_anchor, attribute, to_anchor, to_dn_norm) \
-             VALUES (?1, ?2, ?3, ?4)",
-        )
+    let (old, new) = (ref_targets(old), ref_targets(new));
+    for (by_dn, to) in old.difference(&new) {
+        if !by_dn {
+            if let Some(t) = object_id(conn, to)? {
+                conn.prepare_cached(REF_DELETE)
+                    .and_then(|mut s| s.execute(params![t, id]))
+                    .ctx("removing references")?;
+            }
+        }
+        conn.prepare_cached(OPEN_REF_DELETE)
+            .and_then(|mut s| s.execute(params![to, by_dn, id]))
+            .ctx("removing references")?;
+    }
+    for (by_dn, to) in new.difference(&old) {
+        let to_id = if *by_dn { None } else { object_id(conn, to)? };
+        match to_id {
+            Some(t) => conn
+                .prepare_cached(REF_INSERT)
+                .and_then(|mut s| s.execute(params![t, id])),
+            None => conn
+                .prepare_cached(OPEN_REF_INSERT)
+                .and_then(|mut s| s.execute(params![to, by_dn, id])),
+        }
         .ctx("writing references")?;
-    for (attr, by_anchor, to) in refs {
-        let (to_anchor, to_dn) = if *by_anchor {
-            (Some(to.as_str()), None)
-        } else {
-            (None, Some(to.as_str()))
-        };
-        ins.execute(params![anchor.as_str(), attr.as_str(), to_anchor, to_dn])
-            .ctx("writing references")?;
     }
     Ok(())
 }
 
-/// Stores `entry` as the content of its existing row with its reference rows — a change the
-/// mirror makes by itself (a reference resolved or removed). `rehash`: the row's hash becomes
-/// that of the stored content (else it stays that of what the source last delivered).
-fn rewrite_entry(conn: &Connection, entry: &Entry, rehash: bool) -> Result<(), StateError> {
-    let (json, hash) = encode_entry(entry)?;
-    conn.prepare_cached("UPDATE source_objects SET attributes = ?2 WHERE anchor = ?1")
-        .and_then(|mut s| s.execute(params![entry.anchor.as_str(), json]))
+/// Stores `entry` as the content of its existing row (whose stored content is `before`) with
+/// its reference rows — a change the mirror makes by itself (a reference resolved or
+/// removed). `rehash`: the row's hash becomes that of the stored content (else it stays that
+/// of what the source last delivered).
+fn rewrite_entry(
+    conn: &Db<'_>,
+    before: &Entry,
+    entry: &Entry,
+    rehash: bool,
+) -> Result<(), StateError> {
+    let Some(id) = object_id(conn, entry.anchor.as_str())? else {
+        return Ok(());
+    };
+    let attrs = conn.encode(&entry.attributes, Some(entry.anchor.as_str()))?;
+    conn.prepare_cached("UPDATE source_objects SET attributes = ?2 WHERE id = ?1")
+        .and_then(|mut s| s.execute(params![id, attrs]))
         .ctx("rewriting a source object")?;
     if rehash {
-        conn.prepare_cached("UPDATE source_state SET content_hash = ?2 WHERE anchor = ?1")
-            .and_then(|mut s| s.execute(params![entry.anchor.as_str(), hash as i64]))
+        let hash = encode_entry(entry)?.1;
+        conn.prepare_cached("UPDATE source_state SET content_hash = ?2 WHERE id = ?1")
+            .and_then(|mut s| s.execute(params![id, hash as i64]))
             .ctx("rewriting a source object's hash")?;
     }
-    conn.prepare_cached("DELETE FROM source_refs WHERE from_anchor = ?1")
-        .and_then(|mut s| s.execute([entry.anchor.as_str()]))
-        .ctx("removing references")?;
-    insert_refs(conn, &entry.anchor, &entry_ref_keys(entry))
+    put_refs(conn, id, Some(before), Some(entry))
 }
 
 /// Resolves the unresolved references to `dn_norm` of every referrer into references to
 /// `anchor` (the object at `dn_norm`, before that DN stops naming it). Returns the referrers.
-fn pin(conn: &Connection, dn_norm: &str, anchor: &Anchor) -> Result<Vec<Anchor>, StateError> {
+fn pin(conn: &Db<'_>, dn_norm: &str, anchor: &Anchor) -> Result<Vec<Anchor>, StateError> {
     let mut out = Vec::new();
-    for r in ref_sources(conn, WAITING, dn_norm)? {
-        let Some(mut e) = load_entry(conn, &r)? else {
+    for r in ref_rows(conn, WAITING, [dn_norm], dn_norm)? {
+        let Some(before) = load_entry(conn, &r)? else {
             continue;
         };
+        let mut e = before.clone();
         let changed = resolve_references(&mut e, |d| {
             Ok::<_, StateError>((d.normalized() == dn_norm).then(|| anchor.clone()))
         })?;
         if changed {
-            rewrite_entry(conn, &e, false)?;
+            rewrite_entry(conn, &before, &e, false)?;
             out.push(r);
         }
     }
@@ -1131,45 +1592,53 @@ fn pin(conn: &Connection, dn_norm: &str, anchor: &Anchor) -> Result<Vec<Anchor>,
 
 /// Resolves the references waiting for the objects now at `dns` (normalized), each referrer
 /// rewritten once.
-fn settle(conn: &Connection, dns: BTreeSet<String>) -> Result<(), StateError> {
+fn settle(conn: &Db<'_>, dns: BTreeSet<String>) -> Result<(), StateError> {
     let mut referrers: BTreeSet<Anchor> = BTreeSet::new();
     for d in dns {
         if !anchors_at(conn, &d)?.is_empty() {
-            referrers.extend(ref_sources(conn, WAITING, &d)?);
+            referrers.extend(ref_rows(conn, WAITING, [d.as_str()], &d)?);
         }
     }
     for r in referrers {
-        let Some(mut e) = load_entry(conn, &r)? else {
+        let Some(before) = load_entry(conn, &r)? else {
             continue;
         };
+        let mut e = before.clone();
         if resolve_references(&mut e, |d| anchor_at(conn, d))? {
-            rewrite_entry(conn, &e, false)?;
+            rewrite_entry(conn, &before, &e, false)?;
         }
     }
     Ok(())
 }
 
-/// Removes the references to `anchor` from its referrers; returns them.
-fn strip(conn: &Connection, anchor: &Anchor) -> Result<Vec<Anchor>, StateError> {
+/// Removes the references to `anchor` (whose object had id `id`) from its referrers; returns
+/// them.
+fn strip(conn: &Db<'_>, anchor: &Anchor, id: i64) -> Result<Vec<Anchor>, StateError> {
     let mut out = Vec::new();
-    for r in ref_sources(conn, REFERRING, anchor.as_str())? {
-        let Some(mut e) = load_entry(conn, &r)? else {
+    for r in ref_rows(
+        conn,
+        REFERRING,
+        params![id, anchor.as_str()],
+        anchor.as_str(),
+    )? {
+        let Some(before) = load_entry(conn, &r)? else {
             continue;
         };
+        let mut e = before.clone();
         if remove_references_to(&mut e, anchor) {
-            rewrite_entry(conn, &e, true)?;
+            rewrite_entry(conn, &before, &e, true)?;
             out.push(r);
         }
     }
     Ok(out)
 }
 
-/// Migration 4's data step: every mirrored object re-encoded into the new tables (the hash of
-/// a source object becomes that of its stored content: one delivered otherwise, but the same
-/// once its references are resolved, marks nothing at the next import and takes the hash of
-/// what was delivered), the new tables swapped in, and the stored DN references that name
-/// mirrored objects resolved (migration 3's work, for files that come from version 2).
-fn compact_mirrors(conn: &Connection) -> Result<(), StateError> {
+/// Migration 4's data step: every mirrored object re-encoded into the version 4 tables (the
+/// hash of a source object becomes that of its stored content), then the new tables swapped
+/// in. (The DN references that name mirrored objects, migration 3's work for files from
+/// version 2, are resolved by version 6's step, on its tables.) Runs on the version 3 tables
+/// only: its SQL is its own.
+fn compact_mirrors(conn: &Db<'_>) -> Result<(), StateError> {
     {
         let mut read = conn
             .prepare("SELECT anchor, object_type, dn, attributes, generation FROM source_objects")
@@ -1180,12 +1649,16 @@ fn compact_mirrors(conn: &Connection) -> Result<(), StateError> {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )
             .ctx("migrating the source mirror")?;
+        let mut state = conn
+            .prepare(
+                "INSERT INTO source_state (anchor, content_hash, generation) VALUES (?1, ?2, ?3)",
+            )
+            .ctx("migrating the source mirror")?;
         let mut q = read.query([]).ctx("reading the source mirror to migrate")?;
         while let Some(r) = q.next().ctx("reading the source mirror to migrate")? {
-            let row = raw_row(r, 5).ctx("reading the source mirror to migrate")?;
-            let mut row = row;
+            let mut row = raw_row(r, 5).ctx("reading the source mirror to migrate")?;
             let generation = take(&mut row, 4);
-            let e = decode_entry(row)?;
+            let e = decode_entry(conn, row)?;
             let generation = int(
                 "source_objects",
                 e.anchor.as_str(),
@@ -1201,7 +1674,9 @@ fn compact_mirrors(conn: &Connection) -> Result<(), StateError> {
                 attrs
             ])
             .ctx("migrating the source mirror")?;
-            put_state(conn, &e.anchor, hash as i64, generation)?;
+            state
+                .execute(params![e.anchor.as_str(), hash as i64, generation])
+                .ctx("migrating the source mirror")?;
         }
     }
     {
@@ -1216,7 +1691,7 @@ fn compact_mirrors(conn: &Connection) -> Result<(), StateError> {
         let mut q = read.query([]).ctx("reading the target mirror to migrate")?;
         while let Some(r) = q.next().ctx("reading the target mirror to migrate")? {
             let row = raw_row(r, 3).ctx("reading the target mirror to migrate")?;
-            let o = decode_target(row)?;
+            let o = decode_target(conn, row)?;
             ins.execute(params![
                 o.id.as_str(),
                 o.object_type.as_str(),
@@ -1226,28 +1701,95 @@ fn compact_mirrors(conn: &Connection) -> Result<(), StateError> {
         }
     }
     conn.execute_batch(SCHEMA_V4_SWAP)
-        .ctx("replacing the mirror tables")?;
-    resolve_stored_references(conn)
+        .ctx("replacing the mirror tables")
 }
 
-/// The DN references that name mirrored objects become anchors.
-fn resolve_stored_references(conn: &Connection) -> Result<(), StateError> {
+/// Migration 6's data step: every mirrored object moved to the version 6 tables in its
+/// binary form (source objects in arrival order, keeping their generation, hashed anew), the
+/// references
+/// moved by SQL, the old tables dropped; then the references by DN that name mirrored objects
+/// are resolved (migration 3's work, for files that come from version 2 or 3).
+fn lean_mirrors(conn: &Db<'_>) -> Result<(), StateError> {
+    {
+        let mut read = conn
+            .prepare(
+                "SELECT o.anchor, o.object_type, o.dn, o.attributes, s.generation \
+                 FROM source_objects_v5 o \
+                 LEFT JOIN source_state_v5 s ON s.anchor = o.anchor ORDER BY o.rowid",
+            )
+            .ctx("reading the source mirror to migrate")?;
+        let mut q = read.query([]).ctx("reading the source mirror to migrate")?;
+        while let Some(r) = q.next().ctx("reading the source mirror to migrate")? {
+            let mut row = raw_row(r, 5).ctx("reading the source mirror to migrate")?;
+            let generation = take(&mut row, 4);
+            let e = decode_entry(conn, row)?;
+            let a = e.anchor.as_str();
+            // Version 6 hashes another form: the hash of the stored content (an object
+            // delivered otherwise, by DN, is found the same once resolved at the next import,
+            // and takes the hash of what was delivered).
+            let hash = entry_hash_into(&e, &mut Vec::new()) as i64;
+            let generation = match generation {
+                SqlValue::Null => 0,
+                g => int("source_state", a, "generation", g)?,
+            };
+            let id = insert_object(conn, &e)?;
+            put_state(conn, id, hash, generation)?;
+        }
+    }
+    {
+        let mut read = conn
+            .prepare("SELECT id, object_type, attributes FROM target_objects_v5")
+            .ctx("reading the target mirror to migrate")?;
+        let mut q = read.query([]).ctx("reading the target mirror to migrate")?;
+        while let Some(r) = q.next().ctx("reading the target mirror to migrate")? {
+            let row = raw_row(r, 3).ctx("reading the target mirror to migrate")?;
+            put_target_row(conn, &decode_target(conn, row)?)?;
+        }
+    }
+    conn.execute_batch(SCHEMA_V6_REFS)
+        .ctx("migrating the references")?;
+    // Value keys are shorter: the index is rebuilt for the attributes it held.
+    reindex_targets(conn, lookup_attributes(conn)?.as_ref())?;
     let dns: BTreeSet<String> = rows(
         conn,
-        "SELECT DISTINCT r.to_dn_norm FROM source_refs r \
-         JOIN source_objects o ON o.dn_norm = r.to_dn_norm",
+        "SELECT DISTINCT target FROM source_refs_open WHERE by_dn = 1",
         [],
         "finding references by DN",
     )?
     .into_iter()
-    .map(|mut r| text("source_refs", "?", "to_dn_norm", take(&mut r, 0)))
+    .map(|mut r| text("source_refs_open", "?", "target", take(&mut r, 0)))
     .collect::<Result<_, _>>()?;
     settle(conn, dns)
 }
 
-/// Records that full import `generation` saw the source object of row `id` of `source_state`
-/// (unchanged).
-fn set_generation(conn: &Connection, id: i64, generation: i64) -> Result<(), StateError> {
+/// Inserts or replaces the source object row of `e` (its anchor's row keeps its id); returns
+/// the id.
+fn insert_object(conn: &Db<'_>, e: &Entry) -> Result<i64, StateError> {
+    let attrs = conn.encode(&e.attributes, Some(e.anchor.as_str()))?;
+    conn.prepare_cached(
+        "INSERT INTO source_objects (anchor, object_type, dn, dn_key, attributes) \
+         VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (anchor) DO UPDATE SET object_type = excluded.object_type, \
+         dn = excluded.dn, dn_key = excluded.dn_key, attributes = excluded.attributes \
+         RETURNING id",
+    )
+    .and_then(|mut s| {
+        s.query_row(
+            params![
+                e.anchor.as_str(),
+                e.object_type.as_str(),
+                e.dn.as_ref().map(|d| d.as_str()),
+                e.dn.as_ref().map(|d| dn_key(d.normalized())),
+                attrs,
+            ],
+            |r| r.get(0),
+        )
+    })
+    .ctx("writing a source object")
+}
+
+/// Records that full import `generation` saw the source object `id` (unchanged).
+fn set_generation(conn: &Db<'_>, id: i64, generation: i64) -> Result<(), StateError> {
     conn.prepare_cached("UPDATE source_state SET generation = ?2 WHERE id = ?1")
         .and_then(|mut s| s.execute(params![id, generation]))
         .ctx("recording a full import's generation")?;
@@ -1261,7 +1803,7 @@ fn set_generation(conn: &Connection, id: i64, generation: i64) -> Result<(), Sta
 /// the references to the object from its referrers. The row's hash is that of `new` as given
 /// (what the source delivered). Returns whether the content changed.
 fn write_entry(
-    conn: &Connection,
+    conn: &Db<'_>,
     anchor: &Anchor,
     new: Option<&Entry>,
     generation: Option<i64>,
@@ -1278,9 +1820,7 @@ fn write_entry(
     if old.as_ref().map(|o| o.hash) == new_hash {
         if let Some(o) = &old {
             if o.generation != generation {
-                conn.prepare_cached("UPDATE source_state SET generation = ?2 WHERE anchor = ?1")
-                    .and_then(|mut s| s.execute(params![anchor.as_str(), generation]))
-                    .ctx("recording a full import's generation")?;
+                set_generation(conn, o.id, generation)?;
             }
         }
         return Ok(false);
@@ -1293,17 +1833,17 @@ fn write_entry(
         }
         None => None,
     };
-    if let (Some(_), Some(e), Some(h)) = (&old, &new, new_hash) {
-        if load_entry(conn, anchor)?.as_ref() == Some(e) {
+    let stored = match &old {
+        Some(_) => load_entry(conn, anchor)?,
+        None => None,
+    };
+    if let (Some(o), Some(e), Some(h)) = (&old, &new, new_hash) {
+        if stored.as_ref() == Some(e) {
             // Delivered differently (a referenced object's new DN), the same once resolved.
-            put_state(conn, anchor, h, generation)?;
+            put_state(conn, o.id, h, generation)?;
             return Ok(false);
         }
     }
-    let encoded = match &new {
-        Some(e) => Some(encode_entry(e)?.0),
-        None => None,
-    };
     let old_dn = old.as_ref().and_then(|o| o.dn_norm.clone());
     let new_dn = new
         .as_ref()
@@ -1322,52 +1862,49 @@ fn write_entry(
     let mut dirty: BTreeSet<Anchor> = BTreeSet::new();
     dirty.insert(anchor.clone());
     dirty.extend(referrers(conn, anchor, old_dn.as_deref())?);
-    let old_refs = if old.is_some() {
-        stored_refs(conn, anchor)?
-    } else {
-        BTreeSet::new()
+    // Pinning may have rewritten this very object (a reference to its own old DN).
+    let stored = match &old {
+        Some(_) => load_entry(conn, anchor)?,
+        None => None,
     };
+    let old_refs = stored.as_ref().map(entry_ref_keys).unwrap_or_default();
     let new_refs = new.as_ref().map(entry_ref_keys).unwrap_or_default();
-    if old.is_some() {
-        conn.prepare_cached("DELETE FROM source_refs WHERE from_anchor = ?1")
-            .and_then(|mut s| s.execute([anchor.as_str()]))
-            .ctx("removing references")?;
-    }
-    match (&new, encoded, new_hash) {
-        (Some(e), Some(attrs), Some(hash)) => {
-            conn.prepare_cached(
-                "INSERT INTO source_objects (anchor, object_type, dn, dn_norm, attributes) \
-                 VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (anchor) DO UPDATE SET object_type = excluded.object_type, \
-                 dn = excluded.dn, dn_norm = excluded.dn_norm, attributes = excluded.attributes",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    anchor.as_str(),
-                    e.object_type.as_str(),
-                    e.dn.as_ref().map(|d| d.as_str()),
-                    new_dn,
-                    attrs,
-                ])
-            })
-            .ctx("writing a source object")?;
-            put_state(conn, anchor, hash, generation)?;
-            insert_refs(conn, anchor, &new_refs)?;
+    match (&new, new_hash) {
+        (Some(e), Some(hash)) => {
+            let id = insert_object(conn, e)?;
+            put_state(conn, id, hash, generation)?;
+            if old.is_none() {
+                // References that waited for this anchor now name its object.
+                conn.prepare_cached(OPEN_REFS_ADOPT)
+                    .and_then(|mut s| s.execute(params![anchor.as_str(), id]))
+                    .ctx("resolving references")?;
+                conn.prepare_cached(OPEN_REFS_ADOPTED)
+                    .and_then(|mut s| s.execute([anchor.as_str()]))
+                    .ctx("resolving references")?;
+            }
+            put_refs(conn, id, stored.as_ref(), Some(e))?;
         }
         _ => {
-            conn.prepare_cached("DELETE FROM source_objects WHERE anchor = ?1")
-                .and_then(|mut s| s.execute([anchor.as_str()]))
-                .ctx("deleting a source object")?;
-            conn.prepare_cached("DELETE FROM source_state WHERE anchor = ?1")
-                .and_then(|mut s| s.execute([anchor.as_str()]))
-                .ctx("deleting a source object")?;
-            dirty.extend(strip(conn, anchor)?);
+            if let Some(o) = &old {
+                put_refs(conn, o.id, stored.as_ref(), None)?;
+                conn.prepare_cached("DELETE FROM source_objects WHERE id = ?1")
+                    .and_then(|mut s| s.execute([o.id]))
+                    .ctx("deleting a source object")?;
+                conn.prepare_cached("DELETE FROM source_state WHERE id = ?1")
+                    .and_then(|mut s| s.execute([o.id]))
+                    .ctx("deleting a source object")?;
+                dirty.extend(strip(conn, anchor, o.id)?);
+                // References to the gone object (none once stripped) would dangle.
+                conn.prepare_cached("DELETE FROM source_refs WHERE to_id = ?1")
+                    .and_then(|mut s| s.execute([o.id]))
+                    .ctx("deleting a source object")?;
+            }
         }
     }
     if new_dn != old_dn {
         dirty.extend(referrers(conn, anchor, new_dn.as_deref())?);
         if let Some(d) = &new_dn {
-            if !ref_sources(conn, WAITING, d)?.is_empty() {
+            if !ref_rows(conn, WAITING, [d.as_str()], d)?.is_empty() {
                 unsettled.insert(d.clone());
             }
         }
@@ -1410,11 +1947,21 @@ fn value_key(v: &Value) -> Option<String> {
     if !indexed {
         return None;
     }
-    serde_json::to_string(&key).ok()
+    // A string is its own key (lower-cased); any other value, or a string that starts as
+    // those keys do, is the marker and its JSON (version 6; before, every key was JSON).
+    match key {
+        Value::String(s) if !s.starts_with(OTHER_KEY) => Some(s.to_string()),
+        other => serde_json::to_string(&other)
+            .ok()
+            .map(|j| format!("{OTHER_KEY}{j}")),
+    }
 }
 
+/// The first character of a value key that is not a plain string.
+const OTHER_KEY: char = '\u{1}';
+
 /// The declared lookup attributes kept in `meta` (`None`: never declared).
-fn lookup_attributes(conn: &Connection) -> Result<Option<LookupAttributes>, StateError> {
+fn lookup_attributes(conn: &Db<'_>) -> Result<Option<LookupAttributes>, StateError> {
     let v: Option<SqlValue> = conn
         .prepare_cached("SELECT value FROM meta WHERE key = 'lookup_attributes'")
         .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
@@ -1434,12 +1981,18 @@ fn indexed(lookup: Option<&LookupAttributes>, ty: &ObjectType, attribute: &str) 
 }
 
 fn write_target(
-    conn: &Connection,
+    conn: &Db<'_>,
     o: &TargetObject,
     lookup: Option<&LookupAttributes>,
 ) -> Result<(), StateError> {
     let old = stored_target(conn, &o.id)?;
-    let attrs = encode_attributes(&o.attributes);
+    put_target_row(conn, o)?;
+    index_target(conn, o, old.as_ref(), lookup)
+}
+
+/// Writes the row of a target object (not its index rows).
+fn put_target_row(conn: &Db<'_>, o: &TargetObject) -> Result<(), StateError> {
+    let attrs = conn.encode(&o.attributes, None)?;
     conn.prepare_cached(
         "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
          ON CONFLICT (id) DO UPDATE SET object_type = excluded.object_type, \
@@ -1447,7 +2000,7 @@ fn write_target(
     )
     .and_then(|mut s| s.execute(params![o.id.as_str(), o.object_type.as_str(), attrs]))
     .ctx("writing a target object")?;
-    index_target(conn, o, old.as_ref(), lookup)
+    Ok(())
 }
 
 /// The index keys of `o` under `lookup`.
@@ -1461,7 +2014,7 @@ fn indexed_keys(o: &TargetObject, lookup: Option<&LookupAttributes>) -> BTreeSet
 /// The stored object `id` as the index knows it, read before it is overwritten or deleted:
 /// `Err(())` when the row does not decode (its index rows are then found by a scan).
 fn stored_target(
-    conn: &Connection,
+    conn: &Db<'_>,
     id: &TargetId,
 ) -> Result<Result<Option<TargetObject>, ()>, StateError> {
     match load_target(conn, id) {
@@ -1475,7 +2028,7 @@ fn stored_target(
 /// replaces, to its own: only the keys that changed are written. The index has no index by id
 /// (it would be as large as the index itself): the old keys are computed from the old object.
 fn reindex_target(
-    conn: &Connection,
+    conn: &Db<'_>,
     id: &TargetId,
     o: Option<&TargetObject>,
     old: Result<Option<&TargetObject>, ()>,
@@ -1514,7 +2067,7 @@ fn reindex_target(
 }
 
 fn index_target(
-    conn: &Connection,
+    conn: &Db<'_>,
     o: &TargetObject,
     old: Result<&Option<TargetObject>, &()>,
     lookup: Option<&LookupAttributes>,
@@ -1528,7 +2081,7 @@ fn index_target(
     )
 }
 
-fn delete_target(conn: &Connection, id: &TargetId) -> Result<bool, StateError> {
+fn delete_target(conn: &Db<'_>, id: &TargetId) -> Result<bool, StateError> {
     let old = stored_target(conn, id)?;
     reindex_target(
         conn,
@@ -1545,13 +2098,13 @@ fn delete_target(conn: &Connection, id: &TargetId) -> Result<bool, StateError> {
 }
 
 /// Migration 2's data step: indexes the values of every stored target object.
-fn rebuild_target_values(conn: &Connection) -> Result<(), StateError> {
+fn rebuild_target_values(conn: &Db<'_>) -> Result<(), StateError> {
     reindex_targets(conn, None)
 }
 
 /// Rebuilds the target value index: the values of the `lookup` attributes (all, if `None`) of
 /// every stored target object.
-fn reindex_targets(conn: &Connection, lookup: Option<&LookupAttributes>) -> Result<(), StateError> {
+fn reindex_targets(conn: &Db<'_>, lookup: Option<&LookupAttributes>) -> Result<(), StateError> {
     conn.execute("DELETE FROM target_values", [])
         .ctx("clearing the target value index")?;
     if lookup.is_some_and(|m| m.values().all(|a| a.is_empty())) {
@@ -1566,7 +2119,7 @@ fn reindex_targets(conn: &Connection, lookup: Option<&LookupAttributes>) -> Resu
             .map(|i| r.get::<_, SqlValue>(i))
             .collect::<Result<Vec<_>, _>>()
             .ctx("reading target objects")?;
-        index_target(conn, &decode_target(row)?, Ok(&None), lookup)?;
+        index_target(conn, &decode_target(conn, row)?, Ok(&None), lookup)?;
     }
     Ok(())
 }
@@ -1574,7 +2127,7 @@ fn reindex_targets(conn: &Connection, lookup: Option<&LookupAttributes>) -> Resu
 /// Migration 5's data step: the rows already done get the names of the attributes an update
 /// changed, from their payloads (a payload that does not decode is dropped all the same:
 /// nothing reads it any more); then the old table goes.
-fn compact_done_rows(conn: &Connection) -> Result<(), StateError> {
+fn compact_done_rows(conn: &Db<'_>) -> Result<(), StateError> {
     let mut stmt = conn
         .prepare("SELECT id, sent FROM journal_v4 WHERE state = 'done' AND sent IS NOT NULL")
         .ctx("reading the journal")?;
@@ -1611,11 +2164,7 @@ fn audit_json(sent: Option<&TargetOperation>) -> Result<Option<String>, StateErr
 
 /// Prunes the runs outside `retention` at `now` and their journal rows (see
 /// [`StateStore::prune_journal`]).
-fn prune(
-    conn: &Connection,
-    retention: &Retention,
-    now: DateTime<Utc>,
-) -> Result<Pruned, StateError> {
+fn prune(conn: &Db<'_>, retention: &Retention, now: DateTime<Utc>) -> Result<Pruned, StateError> {
     let doomed: Vec<i64> = rows(
         conn,
         "SELECT id FROM runs WHERE finished IS NOT NULL          AND julianday(finished) < julianday(?1)          AND id < (SELECT COALESCE(MIN(id), 9223372036854775807) FROM              (SELECT id FROM runs ORDER BY id DESC LIMIT ?2)) ORDER BY id",
@@ -1646,7 +2195,7 @@ fn prune(
 
 /// Journals `op` as intended in `conn` (the run is known).
 fn intend(
-    conn: &Connection,
+    conn: &Db<'_>,
     run: RunId,
     op: &Operation,
     sent: Option<&TargetOperation>,
@@ -1671,7 +2220,7 @@ fn intend(
     Ok(JournalId(id))
 }
 
-fn check_run(conn: &Connection, run: RunId) -> Result<(), StateError> {
+fn check_run(conn: &Db<'_>, run: RunId) -> Result<(), StateError> {
     let known = conn
         .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")
         .and_then(|mut s| s.exists([run.0]))
@@ -1686,7 +2235,7 @@ fn check_run(conn: &Connection, run: RunId) -> Result<(), StateError> {
 /// Records in `conn` that `op` took effect (see [`StateStore::journal_done`]); the caller
 /// moves the fingerprint.
 fn record_done(
-    conn: &Connection,
+    conn: &Db<'_>,
     lookup: Option<&LookupAttributes>,
     id: JournalId,
     op: &Operation,
@@ -1752,7 +2301,7 @@ fn record_done(
 
 /// Records in `conn` that a journaled operation failed.
 fn record_failed(
-    conn: &Connection,
+    conn: &Db<'_>,
     id: JournalId,
     error: &str,
     retryable: bool,
@@ -1769,7 +2318,7 @@ fn record_failed(
     Ok(())
 }
 
-fn put_link(conn: &Connection, link: &Link) -> Result<(), StateError> {
+fn put_link(conn: &Db<'_>, link: &Link) -> Result<(), StateError> {
     // Explicit delete then insert (not INSERT OR REPLACE: its implicit deletes skip triggers).
     conn.prepare_cached("DELETE FROM links WHERE anchor = ?1 OR target_id = ?2")
         .and_then(|mut s| s.execute([link.anchor.as_str(), link.target_id.as_str()]))
@@ -1791,7 +2340,7 @@ fn put_link(conn: &Connection, link: &Link) -> Result<(), StateError> {
 
 /// Marks dirty the object linked to the target object `id` (gone from the target) and its
 /// referrers: the link is stale, and the references to it too.
-fn mark_linked_gone(conn: &Connection, id: &TargetId) -> Result<(), StateError> {
+fn mark_linked_gone(conn: &Db<'_>, id: &TargetId) -> Result<(), StateError> {
     let Some(r) = rows(conn, LINK_BY_TARGET, [id.as_str()], "reading a link")?
         .into_iter()
         .next()
@@ -1806,7 +2355,7 @@ fn mark_linked_gone(conn: &Connection, id: &TargetId) -> Result<(), StateError> 
     Ok(())
 }
 
-fn check_changes(conn: &Connection, changes: &[Change]) -> Result<(), StateError> {
+fn check_changes(conn: &Db<'_>, changes: &[Change]) -> Result<(), StateError> {
     super::check_changes(changes, |a| Ok(seen_state(conn, a)?.is_some()))
 }
 
@@ -1894,7 +2443,21 @@ impl StateStore for SqliteStore {
             let (mut seen, mut added, mut changed) = (0, 0, 0);
             let mut unsettled = BTreeSet::new();
             let mut buf = Vec::new();
+            let mut seen_now = tx
+                .prepare_cached(SEEN_UNCHANGED)
+                .ctx("recording a full import's generation")?;
             for e in entries {
+                // Delivered as last time, first time in this import (most objects of most
+                // imports): one statement moves its generation, nothing else is read.
+                let hash = entry_hash_into(e, &mut buf) as i64;
+                if seen_now
+                    .execute(params![e.anchor.as_str(), hash, g])
+                    .ctx("recording a full import's generation")?
+                    == 1
+                {
+                    seen += 1;
+                    continue;
+                }
                 let before = seen_state(tx, &e.anchor)?;
                 match before {
                     Some(b) if b.generation == g => {
@@ -1912,7 +2475,7 @@ impl StateStore for SqliteStore {
                 }
                 if let Some(b) = before {
                     // Delivered as last time: the hash says so, nothing else is read or written.
-                    if b.hash == encode_entry_into(e, &mut buf) as i64 {
+                    if b.hash == hash {
                         if b.generation != g {
                             set_generation(tx, b.id, g)?;
                         }
@@ -1966,7 +2529,8 @@ impl StateStore for SqliteStore {
             check_import_share(s.summary.seen, mirrored.max(0) as u64, min_share)?;
             let unseen: Vec<Anchor> = rows(
                 tx,
-                "SELECT anchor FROM source_state WHERE generation <> ?1 ORDER BY anchor",
+                "SELECT o.anchor FROM source_state s JOIN source_objects o ON o.id = s.id \
+                 WHERE s.generation <> ?1 ORDER BY o.anchor",
                 [generation as i64],
                 "finding objects the import did not see",
             )?
@@ -1993,7 +2557,7 @@ impl StateStore for SqliteStore {
     fn watermark(&self, connector: &str) -> Result<Option<Watermark>, StateError> {
         const T: &str = "watermarks";
         let Some(mut r) = rows(
-            &self.conn,
+            &self.db(),
             "SELECT kind, data FROM watermarks WHERE connector = ?1",
             [connector],
             "reading a watermark",
@@ -2031,7 +2595,11 @@ impl StateStore for SqliteStore {
             .conn
             .unchecked_transaction()
             .ctx("starting a read transaction")?;
-        let conn: &Connection = &tx;
+        let db = Db {
+            conn: &tx,
+            names: &self.names,
+        };
+        let conn = &db;
         let mut views = Views::default();
         let sql = format!("SELECT {ENTRY_COLUMNS} FROM source_objects");
         let mut stmt = conn.prepare(&sql).ctx("reading the source mirror")?;
@@ -2040,7 +2608,10 @@ impl StateStore for SqliteStore {
         while let Some(r) = q.next().ctx("reading the source mirror")? {
             raw.push(raw_row(r, 4).ctx("reading the source mirror")?);
         }
-        for e in decode_rows(raw, decode_entry)? {
+        conn.names.borrow_mut().reload(conn)?;
+        let names_ref = conn.names()?;
+        let names: &Names = &names_ref;
+        for e in decode_rows(raw, |r| decode_entry_in(names, r))? {
             views.mirror.insert(e);
         }
         for r in rows(
@@ -2059,7 +2630,7 @@ impl StateStore for SqliteStore {
         while let Some(r) = q.next().ctx("reading the target mirror")? {
             raw.push(raw_row(r, 3).ctx("reading the target mirror")?);
         }
-        for o in decode_rows(raw, decode_target)? {
+        for o in decode_rows(raw, |r| decode_target_in(names, r))? {
             views.target.insert(o);
         }
         Ok(views)
@@ -2070,10 +2641,14 @@ impl StateStore for SqliteStore {
             .conn
             .unchecked_transaction()
             .ctx("starting a read transaction")?;
-        let conn: &Connection = &tx;
+        let db = Db {
+            conn: &tx,
+            names: &self.names,
+        };
+        let conn = &db;
         let mut entries: BTreeMap<Anchor, Option<Entry>> = BTreeMap::new();
         fn get(
-            conn: &Connection,
+            conn: &Db<'_>,
             entries: &mut BTreeMap<Anchor, Option<Entry>>,
             a: &Anchor,
         ) -> Result<Option<Entry>, StateError> {
@@ -2106,8 +2681,7 @@ impl StateStore for SqliteStore {
                             context.insert(a);
                         }
                         RefTarget::Dn(d) => {
-                            for r in rows(conn, ENTRY_BY_DN, [d.as_str()], "resolving a DN")? {
-                                let e = decode_entry(r)?;
+                            for e in entries_at(conn, &d)? {
                                 context.insert(e.anchor.clone());
                                 entries.insert(e.anchor.clone(), Some(e));
                             }
@@ -2141,7 +2715,7 @@ impl StateStore for SqliteStore {
         views: &mut Views,
         lookups: &[TargetLookup],
     ) -> Result<(), StateError> {
-        let conn = &self.conn;
+        let conn = &self.db();
         for l in lookups {
             let attr = l.attribute.as_str().to_lowercase();
             let key = value_key(&l.value)
@@ -2173,7 +2747,7 @@ impl StateStore for SqliteStore {
                         "scanning target objects",
                     )?
                     .into_iter()
-                    .map(decode_target)
+                    .map(|r| decode_target(conn, r))
                     .filter(|o| {
                         o.as_ref().map_or(true, |o| {
                             o.attributes
@@ -2207,7 +2781,7 @@ impl StateStore for SqliteStore {
     ) -> Result<Vec<Anchor>, StateError> {
         // Both tables are ordered by anchor (their primary key): a merge of two range scans.
         page_rows(
-            &self.conn,
+            &self.db(),
             "SELECT anchor FROM source_objects WHERE anchor > ?1 \
              UNION SELECT anchor FROM links WHERE anchor > ?1 \
              ORDER BY anchor LIMIT ?2",
@@ -2218,17 +2792,17 @@ impl StateStore for SqliteStore {
     }
 
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
-        load_entry(&self.conn, anchor)
+        load_entry(&self.db(), anchor)
     }
 
     fn anchor_by_dn(&self, dn: &Dn) -> Result<Option<Anchor>, StateError> {
-        Ok(anchors_at(&self.conn, dn.normalized())?.into_iter().min())
+        Ok(anchors_at(&self.db(), dn.normalized())?.into_iter().min())
     }
 
     fn link_counts(&self) -> Result<BTreeMap<ObjectType, usize>, StateError> {
         let mut out = BTreeMap::new();
         for mut r in rows(
-            &self.conn,
+            &self.db(),
             "SELECT target_type, n FROM link_counts",
             [],
             "reading link counts",
@@ -2244,7 +2818,7 @@ impl StateStore for SqliteStore {
 
     fn dirty(&self) -> Result<Vec<Anchor>, StateError> {
         rows(
-            &self.conn,
+            &self.db(),
             "SELECT anchor FROM dirty ORDER BY anchor",
             [],
             "reading the dirty set",
@@ -2260,7 +2834,7 @@ impl StateStore for SqliteStore {
         limit: usize,
     ) -> Result<Vec<(Anchor, bool)>, StateError> {
         page_rows(
-            &self.conn,
+            &self.db(),
             "SELECT d.anchor, l.anchor IS NOT NULL FROM dirty d \
              LEFT JOIN links l ON l.anchor = d.anchor \
              WHERE d.anchor > ?1 ORDER BY d.anchor LIMIT ?2",
@@ -2375,7 +2949,7 @@ impl StateStore for SqliteStore {
     }
 
     fn journal_unconfirmed(&self) -> Result<Vec<JournalEntry>, StateError> {
-        rows(&self.conn, UNCONFIRMED, [], "reading the journal")?
+        rows(&self.db(), UNCONFIRMED, [], "reading the journal")?
             .into_iter()
             .map(decode_journal)
             .collect()
@@ -2384,13 +2958,13 @@ impl StateStore for SqliteStore {
     fn journal(&self, run: Option<RunId>) -> Result<Vec<JournalRecord>, StateError> {
         let found = match run {
             Some(r) => rows(
-                &self.conn,
+                &self.db(),
                 &format!("{JOURNAL_RECORDS} WHERE j.run = ?1 ORDER BY j.id"),
                 [r.0],
                 "reading the journal",
             )?,
             None => rows(
-                &self.conn,
+                &self.db(),
                 &format!("{JOURNAL_RECORDS} ORDER BY j.id"),
                 [],
                 "reading the journal",
@@ -2470,7 +3044,7 @@ impl StateStore for SqliteStore {
 
     fn target_ids(&self) -> Result<Vec<TargetId>, StateError> {
         rows(
-            &self.conn,
+            &self.db(),
             "SELECT id FROM target_objects ORDER BY id",
             [],
             "reading target ids",
@@ -2508,7 +3082,7 @@ impl StateStore for SqliteStore {
     fn escrowed(&self) -> Result<Vec<Escrow>, StateError> {
         const T: &str = "escrow";
         rows(
-            &self.conn,
+            &self.db(),
             "SELECT anchor, attempts, next_retry, last_error FROM escrow ORDER BY anchor",
             [],
             "reading the escrow",
@@ -2570,13 +3144,14 @@ impl StateStore for SqliteStore {
                 prune(tx, r, finished)?;
             }
             Ok(())
-        })
+        })?;
+        self.reclaim()
     }
 
     fn runs(&self, limit: usize) -> Result<Vec<RunRecord>, StateError> {
         const T: &str = "runs";
         rows(
-            &self.conn,
+            &self.db(),
             "SELECT id, profile, started, finished, outcome, report FROM runs \
              ORDER BY id DESC LIMIT ?1",
             [i64::try_from(limit).unwrap_or(i64::MAX)],
@@ -2604,7 +3179,7 @@ impl StateStore for SqliteStore {
     }
 
     fn fingerprint(&self) -> Result<u64, StateError> {
-        Ok(meta_int(&self.conn, "fingerprint")? as u64)
+        Ok(meta_int(&self.db(), "fingerprint")? as u64)
     }
 
     fn move_subtrees(&mut self, moves: &[(Anchor, Dn)]) -> Result<Vec<Anchor>, StateError> {
@@ -2678,7 +3253,7 @@ impl StateStore for SqliteStore {
 }
 
 /// The DN of the mirrored object `anchor`, if it has one.
-fn entry_dn(conn: &Connection, anchor: &Anchor) -> Result<Option<Dn>, StateError> {
+fn entry_dn(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<Dn>, StateError> {
     let dn: Option<Option<String>> = conn
         .prepare_cached("SELECT dn FROM source_objects WHERE anchor = ?1")
         .and_then(|mut s| s.query_row([anchor.as_str()], |r| r.get(0)).optional())
@@ -2694,21 +3269,24 @@ fn entry_dn(conn: &Connection, anchor: &Anchor) -> Result<Option<Dn>, StateError
 /// The mirrored objects whose normalized DN ends with `,` and `dn`'s (candidates below it; the
 /// caller checks each as a DN). A scan of the table: called only for an object whose DN
 /// changed.
-fn below_dn(conn: &Connection, dn: &Dn) -> Result<Vec<Anchor>, StateError> {
+fn below_dn(conn: &Db<'_>, dn: &Dn) -> Result<Vec<Anchor>, StateError> {
+    // The normalized DN is not stored (only its hash): every DN is read and compared. Subtree
+    // moves are rare; this scan is their cost.
     let suffix = format!(",{}", dn.normalized());
-    let found: Vec<String> = conn
-        .prepare_cached(
-            "SELECT anchor FROM source_objects WHERE length(dn_norm) > ?1 \
-             AND substr(dn_norm, -?1) = ?2 ORDER BY anchor",
-        )
-        .and_then(|mut s| {
-            s.query_map(params![suffix.chars().count() as i64, suffix], |r| {
-                r.get::<_, String>(0)
-            })?
-            .collect()
-        })
-        .ctx("finding the objects below a DN")?;
-    Ok(found.into_iter().map(Anchor::from).collect())
+    let mut out = Vec::new();
+    for mut r in rows(
+        conn,
+        "SELECT anchor, dn FROM source_objects WHERE dn IS NOT NULL ORDER BY anchor",
+        [],
+        "finding the objects below a DN",
+    )? {
+        let anchor = text("source_objects", "?", "anchor", take(&mut r, 0))?;
+        let d = text("source_objects", &anchor, "dn", take(&mut r, 1))?;
+        if Dn::parse(&d).is_ok_and(|d| d.normalized().ends_with(&suffix)) {
+            out.push(Anchor::from(anchor));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -2970,9 +3548,17 @@ mod tests {
                  CREATE TEMP TRIGGER o_del AFTER DELETE ON main.source_objects
                      BEGIN INSERT INTO touched VALUES ('delete ' || OLD.anchor); END;
                  CREATE TEMP TRIGGER r_ins AFTER INSERT ON main.source_refs
-                     BEGIN INSERT INTO touched VALUES ('ref ' || NEW.from_anchor); END;
+                     BEGIN INSERT INTO touched SELECT 'ref ' || anchor FROM main.source_objects
+                         WHERE id = NEW.from_id; END;
                  CREATE TEMP TRIGGER r_del AFTER DELETE ON main.source_refs
-                     BEGIN INSERT INTO touched VALUES ('unref ' || OLD.from_anchor); END;",
+                     BEGIN INSERT INTO touched SELECT 'unref ' || anchor FROM main.source_objects
+                         WHERE id = OLD.from_id; END;
+                 CREATE TEMP TRIGGER ro_ins AFTER INSERT ON main.source_refs_open
+                     BEGIN INSERT INTO touched SELECT 'ref ' || anchor FROM main.source_objects
+                         WHERE id = NEW.from_id; END;
+                 CREATE TEMP TRIGGER ro_del AFTER DELETE ON main.source_refs_open
+                     BEGIN INSERT INTO touched SELECT 'unref ' || anchor FROM main.source_objects
+                         WHERE id = OLD.from_id; END;",
             )
             .unwrap();
         let touched = |s: &SqliteStore| -> Vec<String> {
@@ -3113,19 +3699,25 @@ mod tests {
             v.links.anchor_of(&"t2".into()).map(|a| a.as_str()),
             Some("u1")
         );
-        let (mail, members, legacy): (String, String, i64) = s
+        let legacy: i64 = s
             .conn
             .query_row(
-                "SELECT json_extract(o.attributes, '$.mail'), \
-                 (SELECT json_extract(attributes, '$.members') FROM target_objects), \
-                 (SELECT COUNT(*) FROM source_objects WHERE attributes LIKE '[%') \
-                 FROM source_objects o WHERE anchor = 'u1'",
+                "SELECT (SELECT COUNT(*) FROM source_objects WHERE typeof(attributes) <> 'blob') \
+                 + (SELECT COUNT(*) FROM target_objects WHERE typeof(attributes) <> 'blob')",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| r.get(0),
             )
             .unwrap();
-        assert_eq!((mail.as_str(), legacy), ("ann@x", 0));
-        assert_eq!(members, r#"[{"r":"t2"},{"r":"t3"}]"#);
+        assert_eq!(legacy, 0);
+        // The dump shows them in the compact JSON.
+        let mut dump = Vec::new();
+        s.dump(&mut dump).unwrap();
+        let dump = String::from_utf8(dump).unwrap();
+        assert!(dump.contains(r#""mail":"ann@x""#), "{dump}");
+        assert!(
+            dump.contains(r#""members":[{"r":"t2"},{"r":"t3"}]"#),
+            "{dump}"
+        );
         // The next full import of the same export finds nothing changed: not Ann (hashed
         // anew), not Bob (delivered by DN, the same once resolved), and deletes nothing.
         let g = s.begin_full_import("ad").unwrap();
@@ -3456,13 +4048,7 @@ mod tests {
                 .collect::<Result<_, _>>()
                 .unwrap()
         };
-        let k = |a: &str, v: &str, id: &str| {
-            (
-                a.to_owned(),
-                format!("{{\"string\":\"{v}\"}}"),
-                id.to_owned(),
-            )
-        };
+        let k = |a: &str, v: &str, id: &str| (a.to_owned(), v.to_owned(), id.to_owned());
         s.put_target_objects(&[
             TargetObject::new("t1", "User")
                 .with("mail", "A@x")
@@ -3638,5 +4224,381 @@ mod tests {
             .unwrap();
         assert_eq!(free, 0);
         assert!(before > 0);
+    }
+    /// A version 5 file, as version 5 wrote it: the schema chain's SQL, rows in its form.
+    fn write_v5_file(path: &Path, entries: &[&Entry], targets: &[&TargetObject]) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute_batch(SCHEMA_V2).unwrap();
+        conn.execute_batch(SCHEMA_V4).unwrap();
+        conn.execute_batch(SCHEMA_V4_SWAP).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE journal RENAME TO journal_v4_old;
+             CREATE TABLE journal_v4 (id INTEGER PRIMARY KEY, run INTEGER, anchor TEXT, kind TEXT,
+                 op TEXT, sent TEXT, state TEXT, target_id TEXT, error TEXT, retryable INTEGER);
+             DROP TABLE journal_v4_old;",
+        )
+        .unwrap();
+        // Version 5's SQL renames `journal` itself: run it on a journal of version 4's shape.
+        conn.execute_batch(
+            "ALTER TABLE journal_v4 RENAME TO journal;
+             DROP INDEX IF EXISTS journal_run; DROP INDEX IF EXISTS journal_intended;",
+        )
+        .unwrap();
+        conn.execute_batch(SCHEMA_V5).unwrap();
+        conn.execute_batch(
+            "DROP TABLE journal_v4;
+             CREATE INDEX journal_run ON journal (run);
+             CREATE INDEX journal_intended ON journal (state) WHERE state = 'intended';",
+        )
+        .unwrap();
+        for e in entries {
+            let (json, hash) = encode_entry(e).unwrap();
+            conn.execute(
+                "INSERT INTO source_objects (anchor, object_type, dn, dn_norm, attributes) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    e.anchor.as_str(),
+                    e.object_type.as_str(),
+                    e.dn.as_ref().map(|d| d.as_str()),
+                    e.dn.as_ref().map(|d| d.normalized()),
+                    json
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO source_state (anchor, content_hash, generation) VALUES (?1, ?2, 4)",
+                params![e.anchor.as_str(), hash as i64],
+            )
+            .unwrap();
+            for (attr, t) in entry_references(e) {
+                let (to_anchor, to_dn) = match t {
+                    RefTarget::Anchor(a) => (Some(a.as_str().to_owned()), None),
+                    RefTarget::Dn(d) => (None, Some(d)),
+                };
+                conn.execute(
+                    "INSERT INTO source_refs (from_anchor, attribute, to_anchor, to_dn_norm) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![e.anchor.as_str(), attr.as_str(), to_anchor, to_dn],
+                )
+                .unwrap();
+            }
+        }
+        for o in targets {
+            conn.execute(
+                "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3)",
+                params![
+                    o.id.as_str(),
+                    o.object_type.as_str(),
+                    encode_attributes(&o.attributes)
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO target_values (attribute, value_key, id) VALUES ('displayname', ?1, ?2)",
+                params![
+                    serde_json::to_string(&Value::string(o.id.as_str())).unwrap(),
+                    o.id.as_str()
+                ],
+            )
+            .unwrap();
+        }
+        conn.execute_batch(
+            "UPDATE meta SET value = 4 WHERE key = 'generation';
+             INSERT INTO links VALUES ('u1', 'user', 't1', 'User');
+             INSERT INTO links VALUES ('g', 'group', 't2', 'Group');
+             INSERT INTO runs (id, profile, started, finished, outcome)
+                 VALUES (1, 'full-import', '2026-01-01T00:00:00Z', '2026-01-01T00:01:00Z', 'ok');
+             INSERT INTO journal (id, run, anchor, kind, state, target_id, attributes)
+                 VALUES (1, 1, 'u1', 'create', 'done', 't1', NULL),
+                        (2, 1, 'g', 'create', 'done', 't2', NULL),
+                        (3, 1, 'u2', 'update', 'done', 't1', '[\"title\"]'),
+                        (4, 1, 'u2', 'create', 'failed', NULL, NULL);
+             UPDATE journal SET error = 'refused', retryable = 1 WHERE id = 4;",
+        )
+        .unwrap();
+        let op = create_op("u2", "displayName", "Bob");
+        conn.execute(
+            "INSERT INTO journal (id, run, anchor, kind, state) VALUES (5, 1, 'u2', 'create', 'intended')",
+            [],
+        )
+        .unwrap();
+        for id in [4, 5] {
+            conn.execute(
+                "INSERT INTO journal_payload (id, op, sent) VALUES (?1, ?2, NULL)",
+                params![id, serde_json::to_string(&op).unwrap()],
+            )
+            .unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+    }
+
+    #[test]
+    fn a_version_5_file_keeps_every_row_in_the_lean_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v5.db");
+        let ann = Entry::new("u1", "user")
+            .with_dn(dn("cn=Ann,ou=Staff,dc=x"))
+            .with("cn", "Ann")
+            .with("mail", "ann@x")
+            .with("objectGUID", Value::Bytes(vec![0, 159, 255]))
+            .with("uac", Value::Integer(-512))
+            .with("enabled", Value::Boolean(true))
+            .with(
+                "when",
+                Value::Timestamp(DateTime::from_timestamp(1_700_000_000, 5).unwrap()),
+            );
+        let bob = Entry::new("u2", "user")
+            .with_dn(dn("cn=Bob,ou=Staff,dc=x"))
+            .with("cn", "Bob")
+            .with("manager", Value::anchor_ref("u1"));
+        let group = Entry::new("g", "group")
+            .with_dn(dn("cn=G,dc=x"))
+            .with("member", Value::anchor_ref("u1"))
+            .with("member", Value::anchor_ref("u2"))
+            .with("member", Value::anchor_ref("ghost"))
+            .with("member", Value::dn_ref(dn("cn=Nobody,dc=x")));
+        let t1 = TargetObject::new("t1", "User")
+            .with("displayName", "Ann")
+            .with("urn:x:manager", Value::target_ref("t9"));
+        let t2 = TargetObject::new("t2", "Group")
+            .with("displayName", "G")
+            .with("members", Value::target_ref("t1"))
+            .with("members", Value::target_ref("t3"));
+        write_v5_file(&path, &[&ann, &bob, &group], &[&t1, &t2]);
+        let mut s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 6);
+        // Every object, link and target object, as it was.
+        for e in [&ann, &bob, &group] {
+            assert_eq!(s.source_entry(&e.anchor).unwrap().as_ref(), Some(e));
+        }
+        let v = s.load_all().unwrap();
+        assert_eq!(v.mirror.len(), 3);
+        assert_eq!(v.target.get(&"t1".into()), Some(&t1));
+        assert_eq!(v.target.get(&"t2".into()), Some(&t2));
+        assert_eq!(v.target.len(), 2);
+        assert_eq!(
+            v.links.anchor_of(&"t1".into()).map(|a| a.as_str()),
+            Some("u1")
+        );
+        assert_eq!(
+            v.links.anchor_of(&"t2".into()).map(|a| a.as_str()),
+            Some("g")
+        );
+        assert_eq!(
+            s.link_counts().unwrap(),
+            BTreeMap::from([("User".into(), 1), ("Group".into(), 1)])
+        );
+        assert_eq!(
+            s.anchor_by_dn(&dn("CN=ann,OU=staff,DC=x")).unwrap(),
+            Some("u1".into())
+        );
+        // Every reference: by id (mirrored objects), by anchor (not mirrored), by DN (unresolved).
+        let db = s.db();
+        let refs = |a: &str, d: Option<&str>| {
+            let mut r = referrers(&db, &a.into(), d).unwrap();
+            r.sort();
+            r
+        };
+        assert_eq!(refs("u1", None), ["g".into(), "u2".into()]);
+        assert_eq!(refs("u2", None), ["g".into()]);
+        assert_eq!(refs("ghost", None), ["g".into()]);
+        assert_eq!(refs("nobody", Some("cn=nobody,dc=x")), ["g".into()]);
+        let counts: (i64, i64, i64) = s
+            .conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM source_refs), (SELECT COUNT(*) FROM source_refs_open), \
+                 (SELECT COUNT(*) FROM target_values)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(counts, (3, 2, 2));
+        // Every journal row and payload.
+        let journal = s.journal(None).unwrap();
+        let rows: Vec<_> = journal
+            .iter()
+            .map(|r| {
+                (
+                    r.id.0,
+                    r.anchor.as_str().to_owned(),
+                    r.kind.clone(),
+                    r.state,
+                    r.target_id.as_ref().map(|t| t.as_str().to_owned()),
+                    r.attributes
+                        .iter()
+                        .map(|a| a.as_str().to_owned())
+                        .collect::<Vec<_>>(),
+                    r.error.clone(),
+                    r.operation.is_some(),
+                )
+            })
+            .collect();
+        let t = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            rows,
+            [
+                (
+                    1,
+                    "u1".into(),
+                    "create".into(),
+                    JournalState::Done,
+                    t("t1"),
+                    vec![],
+                    None,
+                    false
+                ),
+                (
+                    2,
+                    "g".into(),
+                    "create".into(),
+                    JournalState::Done,
+                    t("t2"),
+                    vec![],
+                    None,
+                    false
+                ),
+                (
+                    3,
+                    "u2".into(),
+                    "update".into(),
+                    JournalState::Done,
+                    t("t1"),
+                    vec!["title".into()],
+                    None,
+                    false
+                ),
+                (
+                    4,
+                    "u2".into(),
+                    "create".into(),
+                    JournalState::Failed,
+                    None,
+                    vec![],
+                    t("refused"),
+                    true
+                ),
+                (
+                    5,
+                    "u2".into(),
+                    "create".into(),
+                    JournalState::Intended,
+                    None,
+                    vec![],
+                    None,
+                    true
+                ),
+            ]
+        );
+        assert_eq!(s.journal_unconfirmed().unwrap().len(), 1);
+        assert_eq!(s.runs(10).unwrap().len(), 1);
+        // The same export is unchanged (hashes and generations kept); then the objects the
+        // group waited for arrive and take its references, and a delete strips them again.
+        let g = s.begin_full_import("ad").unwrap();
+        assert_eq!(g, 5);
+        s.import_entries(g, &[ann.clone(), bob.clone(), group.clone()])
+            .unwrap();
+        let sum = s.finish_full_import("ad", g, None, 1.0).unwrap();
+        assert_eq!(
+            (sum.seen, sum.added, sum.changed, sum.deleted),
+            (3, 0, 0, 0)
+        );
+        assert_eq!(s.dirty().unwrap(), Vec::<Anchor>::new());
+        let ghost = Entry::new("ghost", "user").with_dn(dn("cn=Ghost,dc=x"));
+        let nobody = Entry::new("n", "user").with_dn(dn("cn=Nobody,dc=x"));
+        s.apply_changes("ad", &[Change::Add(ghost), Change::Add(nobody)], None)
+            .unwrap();
+        assert!(s.dirty().unwrap().contains(&"g".into()));
+        let stored = s.source_entry(&"g".into()).unwrap().unwrap();
+        assert!(stored
+            .attributes
+            .get("member")
+            .unwrap()
+            .contains(&Value::anchor_ref("n")));
+        let db = s.db();
+        assert_eq!(referrers(&db, &"n".into(), None).unwrap(), ["g".into()]);
+        assert_eq!(referrers(&db, &"ghost".into(), None).unwrap(), ["g".into()]);
+        s.apply_changes(
+            "ad",
+            &[Change::Delete {
+                anchor: "ghost".into(),
+                object_type: "user".into(),
+            }],
+            None,
+        )
+        .unwrap();
+        let stored = s.source_entry(&"g".into()).unwrap().unwrap();
+        assert!(!stored
+            .attributes
+            .get("member")
+            .unwrap()
+            .contains(&Value::anchor_ref("ghost")));
+        let open: i64 = s
+            .conn
+            .query_row("SELECT COUNT(*) FROM source_refs_open", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(open, 0);
+    }
+    #[test]
+    fn a_run_gives_free_pages_back_to_the_file_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut s = SqliteStore::open(&path).unwrap();
+        let many: Vec<Entry> = (0..2000)
+            .map(|i| {
+                Entry::new(format!("u{i:04}"), "user")
+                    .with_dn(dn(&format!("cn=u{i},dc=x")))
+                    .with("description", "x".repeat(200).as_str())
+            })
+            .collect();
+        let g = s.begin_full_import("src").unwrap();
+        s.import_entries(g, &many).unwrap();
+        s.finish_full_import("src", g, None, 0.0).unwrap();
+        // All but one object gone: their pages are free until a run ends.
+        let g = s.begin_full_import("src").unwrap();
+        s.import_entries(g, &many[..1]).unwrap();
+        s.finish_full_import("src", g, None, 0.0).unwrap();
+        let pragma = |s: &SqliteStore, p: &str| -> i64 {
+            s.conn
+                .query_row(&format!("PRAGMA {p}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(pragma(&s, "auto_vacuum"), 2, "incremental");
+        assert!(pragma(&s, "freelist_count") > 100);
+        let run = s.begin_run("full-import", Utc::now()).unwrap();
+        s.finish_run(run, Utc::now(), "ok", "{}").unwrap();
+        assert_eq!(pragma(&s, "freelist_count"), 0);
+        // The log was checkpointed and cut back: the file is what it holds.
+        let wal = std::fs::metadata(dir.path().join("state.db-wal"))
+            .unwrap()
+            .len();
+        assert_eq!(wal, 0);
+        let pages = pragma(&s, "page_count") * pragma(&s, "page_size");
+        assert_eq!(std::fs::metadata(&path).unwrap().len() as i64, pages);
+        assert!(pages < 200 * 1024, "{pages}");
+    }
+    #[test]
+    fn value_keys_of_different_kinds_never_collide() {
+        let keys: Vec<Option<String>> = [
+            Value::string("42"),
+            Value::Integer(42),
+            Value::string("\u{1}42"),
+            Value::string(format!(
+                "\u{1}{}",
+                serde_json::to_string(&Value::Integer(42)).unwrap()
+            )),
+            Value::Boolean(true),
+            Value::string("true"),
+        ]
+        .iter()
+        .map(value_key)
+        .collect();
+        let distinct: BTreeSet<&Option<String>> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+        assert!(keys.iter().all(Option::is_some));
+        // A string is its own key, lower-cased; bytes and references are not indexed.
+        assert_eq!(value_key(&Value::string("Ann@X")).as_deref(), Some("ann@x"));
+        assert_eq!(value_key(&Value::Bytes(vec![1])), None);
+        assert_eq!(value_key(&Value::anchor_ref("a")), None);
     }
 }
