@@ -657,6 +657,42 @@ pub trait StateStore: Send {
         limit: usize,
     ) -> Result<Vec<(Anchor, bool)>, StateError>;
 
+    /// A page of the dirty set as [`dirty_page`](Self::dirty_page) pages it, each anchor with
+    /// the anchors its source object references (sorted, each once; none for an anchor with no
+    /// source object): by anchor, and by a DN that names a mirrored object. A run too large
+    /// for one plan orders its pages with it, referenced objects first, so that a create finds
+    /// the objects it references already made. The default reads each page's entries with
+    /// [`source_entry`](Self::source_entry).
+    fn dirty_references_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<(Anchor, Vec<Anchor>)>, StateError> {
+        let mut out = Vec::new();
+        for (anchor, _) in self.dirty_page(after, limit)? {
+            let mut refs = Vec::new();
+            if let Some(entry) = self.source_entry(&anchor)? {
+                for (_, values) in entry.attributes.iter() {
+                    for v in values {
+                        match v {
+                            Value::Reference(Reference::Anchor(a) | Reference::Pending(a)) => {
+                                refs.push(a.clone())
+                            }
+                            Value::Reference(Reference::Dn(dn)) => {
+                                refs.extend(self.anchor_by_dn(dn)?);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            refs.sort();
+            refs.dedup();
+            out.push((anchor, refs));
+        }
+        Ok(out)
+    }
+
     /// Removes `anchors` from the dirty set (they were exported, or need nothing).
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError>;
 

@@ -295,6 +295,10 @@ const REFS_FROM: &str =
     "SELECT attribute, to_anchor, to_dn_norm FROM source_refs WHERE from_anchor = ?1";
 const WAITING: &str = "SELECT DISTINCT from_anchor FROM source_refs WHERE to_dn_norm = ?1";
 const REFERRING: &str = "SELECT DISTINCT from_anchor FROM source_refs WHERE to_anchor = ?1";
+/// The references to objects (by anchor) of the dirty anchors from `?1` to `?2`.
+const DIRTY_REFERENCES: &str = "SELECT d.anchor, r.to_anchor FROM dirty d \
+     JOIN source_refs r ON r.from_anchor = d.anchor \
+     WHERE d.anchor BETWEEN ?1 AND ?2 AND r.to_anchor IS NOT NULL";
 const LINK_BY_ANCHOR: &str =
     "SELECT anchor, source_type, target_id, target_type FROM links WHERE anchor = ?1";
 const LINK_BY_TARGET: &str =
@@ -314,6 +318,7 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     REFS_FROM,
     WAITING,
     REFERRING,
+    DIRTY_REFERENCES,
     LINK_BY_ANCHOR,
     LINK_BY_TARGET,
     TARGET_BY_ID,
@@ -2268,6 +2273,36 @@ impl StateStore for SqliteStore {
             "reading a page of the dirty set",
             |r| Ok((Anchor::from(r.get::<_, String>(0)?), r.get::<_, bool>(1)?)),
         )
+    }
+
+    fn dirty_references_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<(Anchor, Vec<Anchor>)>, StateError> {
+        let mut page: Vec<(Anchor, Vec<Anchor>)> = self
+            .dirty_page(after, limit)?
+            .into_iter()
+            .map(|(a, _)| (a, Vec::new()))
+            .collect();
+        let (Some((first, _)), Some((last, _))) = (page.first(), page.last()) else {
+            return Ok(page);
+        };
+        let what = "reading the references of the dirty set";
+        let mut stmt = self.conn.prepare_cached(DIRTY_REFERENCES).ctx(what)?;
+        let mut q = stmt.query([first.as_str(), last.as_str()]).ctx(what)?;
+        while let Some(r) = q.next().ctx(what)? {
+            let from: String = r.get(0).ctx(what)?;
+            let to: String = r.get(1).ctx(what)?;
+            if let Ok(k) = page.binary_search_by(|(a, _)| a.as_str().cmp(&from)) {
+                page[k].1.push(Anchor::from(to));
+            }
+        }
+        for (_, refs) in &mut page {
+            refs.sort();
+            refs.dedup();
+        }
+        Ok(page)
     }
 
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError> {

@@ -42,6 +42,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     container_bindings_are_kept(make());
     duplicate_anchors_are_refused(make());
     anchor_pages_cover_the_mirror_and_the_links_once(make());
+    dirty_pages_name_what_their_objects_reference(make());
 }
 
 fn dn(s: &str) -> Dn {
@@ -1901,5 +1902,66 @@ fn anchor_pages_cover_the_mirror_and_the_links_once(mut s: Box<dyn StateStore>) 
     assert_eq!(
         s.dirty_page(None, 2).unwrap(),
         vec![(a("k5"), true), (a("q7"), false)]
+    );
+}
+
+/// `dirty_references_page` pages through the dirty set as `dirty_page` does, each anchor with
+/// the mirrored objects its source object references (by anchor, or by a DN resolved when
+/// the object arrived), sorted and once each; a reference to an object outside the mirror is
+/// not named, and a dirty anchor without a source object references nothing.
+fn dirty_pages_name_what_their_objects_reference(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let g = s.begin_full_import("src").unwrap();
+    let boss = "cn=Boss,ou=People,dc=x";
+    s.import_entries(
+        g,
+        &[
+            user("r1", "Report").with("manager", Value::dn_ref(dn(boss))),
+            Entry::new("g1", "group")
+                .with_dn(dn("cn=Team,ou=Groups,dc=x"))
+                .with("member", Value::dn_ref(dn(boss)))
+                .with("member", Value::dn_ref(dn("cn=Ann,ou=People,dc=x")))
+                .with("member", Value::dn_ref(dn("cn=Outside,ou=Elsewhere,dc=x")))
+                .with("owner", Value::dn_ref(dn(boss))),
+        ],
+    )
+    .unwrap();
+    s.import_entries(g, &[user("u1", "Ann"), user("b1", "Boss")])
+        .unwrap();
+    s.finish_full_import("src", g, None, 0.0).unwrap();
+    link_by_create(s, "zz", "t-zz", Attributes::new());
+    reset_dirty(s);
+    s.mark_dirty(&anchors(&["r1", "g1", "b1", "u1", "zz"]))
+        .unwrap();
+    let want: Vec<(Anchor, Vec<Anchor>)> = vec![
+        (a("b1"), vec![]),
+        (a("g1"), anchors(&["b1", "u1"])),
+        (a("r1"), anchors(&["b1"])),
+        (a("u1"), vec![]),
+        (a("zz"), vec![]),
+    ];
+    for size in [1, 2, 3, 50] {
+        let mut seen = Vec::new();
+        let mut after: Option<Anchor> = None;
+        loop {
+            let page = s.dirty_references_page(after.as_ref(), size).unwrap();
+            assert!(page.len() <= size, "page size {size}: {page:?}");
+            let Some((last, _)) = page.last().cloned() else {
+                break;
+            };
+            seen.extend(page);
+            after = Some(last);
+        }
+        assert_eq!(seen, want, "page size {size}");
+    }
+    // Only the dirty set is paged.
+    s.clear_dirty(&anchors(&["g1", "b1"])).unwrap();
+    assert_eq!(
+        s.dirty_references_page(None, 10).unwrap(),
+        vec![
+            (a("r1"), anchors(&["b1"])),
+            (a("u1"), vec![]),
+            (a("zz"), vec![])
+        ]
     );
 }
