@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 use super::encoding::{decode_attributes, encode_attributes};
 use super::{
     audit_attributes, check_import_share, done_effect, encode_entry, encode_entry_into,
-    entry_references, lookup_key, lower_lookup_attributes, redact_operation,
-    redact_target_operation, unlinks, Escrow, FullImportSummary, JournalEntry, JournalId,
+    entry_references, lookup_key, lower_lookup_attributes, redacted_operation,
+    redacted_target_operation, unlinks, Escrow, FullImportSummary, JournalEntry, JournalId,
     JournalOutcome, JournalRecord, JournalState, LookupAttributes, Pruned, RefTarget, Retention,
     RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
 };
@@ -50,7 +50,7 @@ use crate::delta::{
     remove_references_to, resolve_change_values, resolve_references, Link, Operation,
 };
 use crate::model::{
-    Anchor, AttrName, Change, Dn, Entry, ObjectType, TargetId, TargetObject, Value,
+    Anchor, AttrName, Attributes, Change, Dn, Entry, ObjectType, TargetId, TargetObject, Value,
 };
 
 /// How hard a commit waits for the disk.
@@ -1388,21 +1388,6 @@ fn write_entry(
     Ok(true)
 }
 
-/// The index keys of a target object's values: (attribute lower-cased, value key).
-fn value_keys(o: &TargetObject) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (name, values) in o.attributes.iter() {
-        for v in values {
-            if let Some(k) = value_key(v) {
-                out.push((name.as_str().to_lowercase(), k));
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
 /// The index key of a value, if such values are indexed: decided on the lower-cased key, so a
 /// stored value and a lookup that differ only in case are both indexed or both not.
 fn value_key(v: &Value) -> Option<String> {
@@ -1444,23 +1429,55 @@ fn write_target(
     lookup: Option<&LookupAttributes>,
 ) -> Result<(), StateError> {
     let old = stored_target(conn, &o.id)?;
-    let attrs = encode_attributes(&o.attributes);
+    write_target_over(
+        conn,
+        &o.id,
+        (&o.object_type, &o.attributes),
+        old.as_ref().map(Option::as_ref).map_err(|_| ()),
+        lookup,
+    )
+}
+
+/// Writes the target object `id` (type and attributes, not copied into a [`TargetObject`])
+/// over `old`, the stored object it replaces as [`stored_target`] read it.
+fn write_target_over(
+    conn: &Connection,
+    id: &TargetId,
+    (object_type, attributes): (&ObjectType, &Attributes),
+    old: Result<Option<&TargetObject>, ()>,
+    lookup: Option<&LookupAttributes>,
+) -> Result<(), StateError> {
+    let attrs = encode_attributes(attributes);
     conn.prepare_cached(
         "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
          ON CONFLICT (id) DO UPDATE SET object_type = excluded.object_type, \
          attributes = excluded.attributes",
     )
-    .and_then(|mut s| s.execute(params![o.id.as_str(), o.object_type.as_str(), attrs]))
+    .and_then(|mut s| s.execute(params![id.as_str(), object_type.as_str(), attrs]))
     .ctx("writing a target object")?;
-    index_target(conn, o, old.as_ref(), lookup)
+    reindex_target(conn, id, Some((object_type, attributes)), old, lookup)
 }
 
-/// The index keys of `o` under `lookup`.
-fn indexed_keys(o: &TargetObject, lookup: Option<&LookupAttributes>) -> BTreeSet<(String, String)> {
-    value_keys(o)
-        .into_iter()
-        .filter(|(attr, _)| indexed(lookup, &o.object_type, attr))
-        .collect()
+/// The index keys of an object of type `ty` with `attributes` under `lookup`: (attribute
+/// lower-cased, value key), the values of attributes not indexed left alone.
+fn indexed_keys(
+    ty: &ObjectType,
+    attributes: &Attributes,
+    lookup: Option<&LookupAttributes>,
+) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for (name, values) in attributes.iter() {
+        let attr = name.as_str().to_lowercase();
+        if !indexed(lookup, ty, &attr) {
+            continue;
+        }
+        for v in values {
+            if let Some(k) = value_key(v) {
+                out.insert((attr.clone(), k));
+            }
+        }
+    }
+    out
 }
 
 /// The stored object `id` as the index knows it, read before it is overwritten or deleted:
@@ -1476,19 +1493,24 @@ fn stored_target(
     }
 }
 
-/// Brings the index rows of `o` (`None`: removed) from those of `old`, the stored object it
-/// replaces, to its own: only the keys that changed are written. The index has no index by id
-/// (it would be as large as the index itself): the old keys are computed from the old object.
+/// Brings the index rows of the object `id` (`new`: its type and attributes; `None`: removed)
+/// from those of `old`, the stored object it replaces, to its own: only the keys that changed
+/// are written. The index has no index by id (it would be as large as the index itself): the
+/// old keys are computed from the old object.
 fn reindex_target(
     conn: &Connection,
     id: &TargetId,
-    o: Option<&TargetObject>,
+    new: Option<(&ObjectType, &Attributes)>,
     old: Result<Option<&TargetObject>, ()>,
     lookup: Option<&LookupAttributes>,
 ) -> Result<(), StateError> {
-    let new = o.map(|o| indexed_keys(o, lookup)).unwrap_or_default();
+    let new = new
+        .map(|(ty, attributes)| indexed_keys(ty, attributes, lookup))
+        .unwrap_or_default();
     let old = match old {
-        Ok(old) => old.map(|o| indexed_keys(o, lookup)).unwrap_or_default(),
+        Ok(old) => old
+            .map(|o| indexed_keys(&o.object_type, &o.attributes, lookup))
+            .unwrap_or_default(),
         Err(()) => {
             // A stored row that does not decode: its keys are unknown; find them by a scan.
             conn.prepare_cached("DELETE FROM target_values WHERE id = ?1")
@@ -1497,6 +1519,9 @@ fn reindex_target(
             BTreeSet::new()
         }
     };
+    if old == new {
+        return Ok(());
+    }
     let mut del = conn
         .prepare_cached(
             "DELETE FROM target_values WHERE attribute = ?1 AND value_key = ?2 AND id = ?3",
@@ -1516,21 +1541,6 @@ fn reindex_target(
             .ctx("indexing a target object")?;
     }
     Ok(())
-}
-
-fn index_target(
-    conn: &Connection,
-    o: &TargetObject,
-    old: Result<&Option<TargetObject>, &()>,
-    lookup: Option<&LookupAttributes>,
-) -> Result<(), StateError> {
-    reindex_target(
-        conn,
-        &o.id,
-        Some(o),
-        old.map(Option::as_ref).map_err(|_| ()),
-        lookup,
-    )
 }
 
 fn delete_target(conn: &Connection, id: &TargetId) -> Result<bool, StateError> {
@@ -1571,7 +1581,14 @@ fn reindex_targets(conn: &Connection, lookup: Option<&LookupAttributes>) -> Resu
             .map(|i| r.get::<_, SqlValue>(i))
             .collect::<Result<Vec<_>, _>>()
             .ctx("reading target objects")?;
-        index_target(conn, &decode_target(row)?, Ok(&None), lookup)?;
+        let o = decode_target(row)?;
+        reindex_target(
+            conn,
+            &o.id,
+            Some((&o.object_type, &o.attributes)),
+            Ok(None),
+            lookup,
+        )?;
     }
     Ok(())
 }
@@ -1649,19 +1666,29 @@ fn prune(
     Ok(out)
 }
 
-/// Journals `op` as intended in `conn` (the run is known).
+/// Journals `op` as intended in `conn` (the run is known): the journal row and its payload
+/// (`op` and `sent`, redacted, as JSON — encoded into `buf`, reused from one call to the next).
 fn intend(
     conn: &Connection,
     run: RunId,
-    op: &Operation,
-    sent: Option<&TargetOperation>,
+    (op, sent): (&Operation, Option<&TargetOperation>),
+    buf: &mut JsonBuffers,
 ) -> Result<JournalId, StateError> {
-    let op_json = to_json("a journaled operation", &redact_operation(op))?;
+    buf.op.clear();
+    serde_json::to_writer(&mut buf.op, redacted_operation(op).as_ref())
+        .map_err(|e| serialize_error("a journaled operation", &e))?;
+    buf.sent.clear();
+    if let Some(s) = sent {
+        serde_json::to_writer(&mut buf.sent, redacted_target_operation(op, s).as_ref())
+            .map_err(|e| serialize_error("a journaled target operation", &e))?;
+    }
+    let op_json =
+        std::str::from_utf8(&buf.op).map_err(|e| serialize_error("a journaled operation", &e))?;
     let sent_json = match sent {
-        Some(s) => Some(to_json(
-            "a journaled target operation",
-            &redact_target_operation(op, s),
-        )?),
+        Some(_) => Some(
+            std::str::from_utf8(&buf.sent)
+                .map_err(|e| serialize_error("a journaled target operation", &e))?,
+        ),
         None => None,
     };
     conn.prepare_cached(
@@ -1674,6 +1701,65 @@ fn intend(
         .and_then(|mut s| s.execute(params![id, op_json, sent_json]))
         .ctx("journaling an operation")?;
     Ok(JournalId(id))
+}
+
+/// The buffers [`intend`] encodes payloads into.
+#[derive(Default)]
+struct JsonBuffers {
+    op: Vec<u8>,
+    sent: Vec<u8>,
+}
+
+fn serialize_error(what: &str, e: &dyn std::fmt::Display) -> StateError {
+    StateError::Serialize {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// Journals `ops` as intended for `run` (see [`StateStore::journal_intents`]).
+fn intend_all(
+    conn: &Connection,
+    run: RunId,
+    ops: &[(&Operation, Option<&TargetOperation>)],
+) -> Result<Vec<JournalId>, StateError> {
+    check_run(conn, run)?;
+    let mut buf = JsonBuffers::default();
+    ops.iter()
+        .map(|(op, sent)| intend(conn, run, (op, *sent), &mut buf))
+        .collect()
+}
+
+/// Records `outcomes` (see [`StateStore::journal_outcomes`]), moving the fingerprint when one
+/// is done.
+fn record_outcomes(
+    conn: &Connection,
+    lookup: Option<&LookupAttributes>,
+    outcomes: &[JournalOutcome<'_>],
+) -> Result<(), StateError> {
+    let mut done = false;
+    for o in outcomes {
+        match o {
+            JournalOutcome::Done {
+                id,
+                op,
+                sent,
+                target_id,
+            } => {
+                record_done(conn, lookup, *id, op, *sent, *target_id)?;
+                done = true;
+            }
+            JournalOutcome::Failed {
+                id,
+                error,
+                retryable,
+            } => record_failed(conn, *id, error, *retryable)?,
+        }
+    }
+    if done {
+        bump(conn)?;
+    }
+    Ok(())
 }
 
 fn check_run(conn: &Connection, run: RunId) -> Result<(), StateError> {
@@ -1726,25 +1812,33 @@ fn record_done(
             .ctx("removing a link")?;
     }
     if let Some((tid, effect)) = effect {
-        match effect {
+        match effect.as_ref() {
             TargetOperation::Create {
                 object_type,
                 attributes,
-            } => write_target(
-                conn,
-                &TargetObject {
-                    id: tid,
-                    object_type,
-                    attributes,
-                },
-                lookup,
-            )?,
+            } => {
+                let old = stored_target(conn, &tid)?;
+                write_target_over(
+                    conn,
+                    &tid,
+                    (object_type, attributes),
+                    old.as_ref().map(Option::as_ref).map_err(|_| ()),
+                    lookup,
+                )?;
+            }
             TargetOperation::Update { changes, .. } => {
-                if let Some(mut o) = load_target(conn, &tid)? {
-                    for c in &changes {
+                if let Some(old) = load_target(conn, &tid)? {
+                    let mut o = old.clone();
+                    for c in changes {
                         let _ = o.attributes.apply(c, false);
                     }
-                    write_target(conn, &o, lookup)?;
+                    write_target_over(
+                        conn,
+                        &tid,
+                        (&o.object_type, &o.attributes),
+                        Ok(Some(&old)),
+                        lookup,
+                    )?;
                 }
             }
             TargetOperation::Delete { .. } => {
@@ -2338,7 +2432,7 @@ impl StateStore for SqliteStore {
     ) -> Result<JournalId, StateError> {
         self.write("journaling an operation", |tx| {
             check_run(tx, run)?;
-            intend(tx, run, op, sent)
+            intend(tx, run, (op, sent), &mut JsonBuffers::default())
         })
     }
 
@@ -2347,12 +2441,7 @@ impl StateStore for SqliteStore {
         run: RunId,
         ops: &[(&Operation, Option<&TargetOperation>)],
     ) -> Result<Vec<JournalId>, StateError> {
-        self.write("journaling operations", |tx| {
-            check_run(tx, run)?;
-            ops.iter()
-                .map(|(op, sent)| intend(tx, run, op, *sent))
-                .collect()
-        })
+        self.write("journaling operations", |tx| intend_all(tx, run, ops))
     }
 
     fn journal_done(
@@ -2383,29 +2472,23 @@ impl StateStore for SqliteStore {
     fn journal_outcomes(&mut self, outcomes: &[JournalOutcome<'_>]) -> Result<(), StateError> {
         let lookup = self.lookup.clone();
         self.write("recording outcomes", |tx| {
-            let mut done = false;
-            for o in outcomes {
-                match o {
-                    JournalOutcome::Done {
-                        id,
-                        op,
-                        sent,
-                        target_id,
-                    } => {
-                        record_done(tx, lookup.as_ref(), *id, op, *sent, *target_id)?;
-                        done = true;
-                    }
-                    JournalOutcome::Failed {
-                        id,
-                        error,
-                        retryable,
-                    } => record_failed(tx, *id, error, *retryable)?,
-                }
+            record_outcomes(tx, lookup.as_ref(), outcomes)
+        })
+    }
+
+    fn journal_commit(
+        &mut self,
+        run: RunId,
+        outcomes: &[JournalOutcome<'_>],
+        intents: &[(&Operation, Option<&TargetOperation>)],
+    ) -> Result<Vec<JournalId>, StateError> {
+        let lookup = self.lookup.clone();
+        self.write("journaling intents and recording outcomes", |tx| {
+            record_outcomes(tx, lookup.as_ref(), outcomes)?;
+            if intents.is_empty() {
+                return Ok(Vec::new());
             }
-            if done {
-                bump(tx)?;
-            }
-            Ok(())
+            intend_all(tx, run, intents)
         })
     }
 

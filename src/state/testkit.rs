@@ -1092,8 +1092,21 @@ fn group_commit_is_all_or_nothing(mut s: Box<dyn StateStore>) {
         assert_eq!(journal_state(s), before, "{why}: the batch left traces");
         assert_eq!(s.fingerprint().unwrap(), fingerprint, "{why}");
     }
-    // A good batch takes effect whole.
-    s.journal_outcomes(&[
+    // The export's group commit (outcomes with the next intents) is all or nothing too: a bad
+    // outcome journals no intent, a run never begun records no outcome.
+    let (c3, sc3) = create_op(
+        "u3",
+        [("displayName", values(["Cy"]))].into_iter().collect(),
+    );
+    for (why, batch) in &bad_batches {
+        assert!(
+            s.journal_commit(run, batch, &[(&c3, Some(&sc3))]).is_err(),
+            "{why}: accepted with intents"
+        );
+        assert_eq!(journal_state(s), before, "{why}: the commit left traces");
+        assert_eq!(s.fingerprint().unwrap(), fingerprint, "{why}");
+    }
+    let good = [
         done(ids[0], &c1, Some(&sc1), Some(&t1)),
         super::JournalOutcome::Failed {
             id: ids[1],
@@ -1101,9 +1114,31 @@ fn group_commit_is_all_or_nothing(mut s: Box<dyn StateStore>) {
             retryable: false,
         },
         done(ids[2], &u0, Some(&su0), None),
-    ])
-    .unwrap();
+    ];
+    assert!(matches!(
+        s.journal_commit(super::RunId(999), &good, &[(&c3, Some(&sc3))]),
+        Err(StateError::UnknownRun(_))
+    ));
+    assert_eq!(journal_state(s), before, "a run never begun: traces left");
+    assert_eq!(s.fingerprint().unwrap(), fingerprint);
+    // A good batch takes effect whole, with the intents journaled after it.
+    let next = s.journal_commit(run, &good, &[(&c3, Some(&sc3))]).unwrap();
+    assert_eq!(next.len(), 1);
+    assert!(next[0] > ids[2], "{next:?}");
     assert_ne!(s.fingerprint().unwrap(), fingerprint);
+    let unconfirmed = s.journal_unconfirmed().unwrap();
+    assert_eq!(
+        unconfirmed
+            .iter()
+            .map(|j| (j.id, &j.operation, j.sent.as_ref()))
+            .collect::<Vec<_>>(),
+        [(next[0], &c3, Some(&sc3))]
+    );
+    let t3 = TargetId::from("t3");
+    assert!(s
+        .journal_commit(run, &[done(next[0], &c3, Some(&sc3), Some(&t3))], &[])
+        .unwrap()
+        .is_empty());
     assert!(s.journal_unconfirmed().unwrap().is_empty());
     let v = s.load_all().unwrap();
     assert_eq!(
@@ -1120,12 +1155,22 @@ fn group_commit_is_all_or_nothing(mut s: Box<dyn StateStore>) {
     let j = s.journal(Some(run)).unwrap();
     assert_eq!(
         j.iter().map(|j| j.state).collect::<Vec<_>>(),
-        [JournalState::Done, JournalState::Failed, JournalState::Done]
+        [
+            JournalState::Done,
+            JournalState::Failed,
+            JournalState::Done,
+            JournalState::Done
+        ]
     );
     assert_eq!(j[1].error.as_deref(), Some("Conflict: userName taken"));
+    assert_eq!(
+        v.links.get(&a("u3")).map(|l| l.target_id.as_str()),
+        Some("t3")
+    );
     // An empty batch is nothing.
     assert!(s.journal_intents(run, &[]).unwrap().is_empty());
     s.journal_outcomes(&[]).unwrap();
+    assert!(s.journal_commit(run, &[], &[]).unwrap().is_empty());
 }
 
 /// A batch of 1,000 outcomes (creates, updates, failures) has the effect of 1,000 single calls.
