@@ -1929,17 +1929,7 @@ fn anchor_pages_cover_the_mirror_and_the_links_once(mut s: Box<dyn StateStore>) 
     .map(|(x, l)| (a(x), *l))
     .collect();
     for size in [1, 2, 4, 6, 50] {
-        let mut seen = Vec::new();
-        let mut after: Option<Anchor> = None;
-        loop {
-            let page = s.dirty_page(after.as_ref(), size).unwrap();
-            assert!(page.len() <= size, "page size {size}: {page:?}");
-            let Some((last, _)) = page.last().cloned() else {
-                break;
-            };
-            seen.extend(page);
-            after = Some(last);
-        }
+        let seen = every_page(size, |after| s.dirty_page(after, size).unwrap());
         assert_eq!(seen, want, "page size {size}");
     }
     // Clearing a page leaves the rest.
@@ -1986,17 +1976,7 @@ fn dirty_pages_name_what_their_objects_reference(mut s: Box<dyn StateStore>) {
         (a("zz"), vec![]),
     ];
     for size in [1, 2, 3, 50] {
-        let mut seen = Vec::new();
-        let mut after: Option<Anchor> = None;
-        loop {
-            let page = s.dirty_references_page(after.as_ref(), size).unwrap();
-            assert!(page.len() <= size, "page size {size}: {page:?}");
-            let Some((last, _)) = page.last().cloned() else {
-                break;
-            };
-            seen.extend(page);
-            after = Some(last);
-        }
+        let seen = every_page(size, |after| s.dirty_references_page(after, size).unwrap());
         assert_eq!(seen, want, "page size {size}");
     }
     // Only the dirty set is paged.
@@ -2009,4 +1989,24 @@ fn dirty_pages_name_what_their_objects_reference(mut s: Box<dyn StateStore>) {
             (a("zz"), vec![])
         ]
     );
+}
+
+/// Every page of a read of the dirty set `size` anchors at a time (`page(after)`: the page
+/// after `after`), each checked to be no larger, one after the other.
+fn every_page<T: std::fmt::Debug>(
+    size: usize,
+    mut page: impl FnMut(Option<&Anchor>) -> Vec<(Anchor, T)>,
+) -> Vec<(Anchor, T)> {
+    let mut seen = Vec::new();
+    let mut after: Option<Anchor> = None;
+    loop {
+        let p = page(after.as_ref());
+        assert!(p.len() <= size, "page size {size}: {p:?}");
+        let Some((last, _)) = p.last() else {
+            break;
+        };
+        after = Some(last.clone());
+        seen.extend(p);
+    }
+    seen
 }
