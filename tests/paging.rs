@@ -161,3 +161,71 @@ fn a_paged_run_that_stops_half_way_leaves_the_rest_dirty_for_the_next() {
         .sum();
     assert!(members > 0);
 }
+
+/// A run of three pages whose manager chain goes against anchor order (each user's manager
+/// comes after it, and the group of all of them before them): the pages go by reference
+/// level, so every create carries its manager or its members, and no reference update is
+/// needed — in anchor order, the first two pages would be created without their managers
+/// (and the group without its members) and completed by reference updates.
+#[test]
+fn pages_go_by_reference_level_so_creates_carry_their_references() {
+    let source = MemorySource::new("hr");
+    let mut users = testkit::directory(12, 5, 0, 0, 7);
+    for (i, e) in users.iter_mut().enumerate() {
+        if i + 1 < 12 {
+            e.attributes
+                .set("manager", Value::dn_ref(testkit::user_dn(i + 1)));
+        }
+        e.attributes.set("department", Value::string("Engineering"));
+    }
+    let mut group = testkit::directory(12, 5, 1, 0, 7).pop().unwrap();
+    group.attributes.set(
+        "member",
+        (0..12)
+            .map(|i| Value::dn_ref(testkit::user_dn(i)))
+            .collect::<dirsync::model::Values>(),
+    );
+    assert!(group.anchor < users[0].anchor, "the group sorts first");
+    for e in users.into_iter().chain([group]) {
+        source.add(e).unwrap();
+    }
+    let target = MemoryTarget::new("app");
+    let mut sync = Synchronizer::with_projection(
+        Box::new(source),
+        Box::new(target.clone()),
+        Box::new(SqliteStore::open_in_memory().unwrap()),
+        Arc::new(UserGroupProjection::default()),
+        EngineConfig {
+            plan_page: 4,
+            ..EngineConfig::default()
+        },
+    );
+    let report = run(&mut sync);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.count("create"), 13, "{report}");
+    assert_eq!(report.count("references"), 0, "{report}");
+    assert!(
+        target
+            .applied()
+            .iter()
+            .all(|op| matches!(op, TargetOperation::Create { .. })),
+        "{:?}",
+        target.applied()
+    );
+    assert_eq!(dirty(&sync), 0);
+    // Every reference made it, in the creates.
+    let objects = target.objects();
+    let with_manager = objects
+        .iter()
+        .filter(|o| o.attributes.get("manager").is_some_and(|v| !v.is_empty()))
+        .count();
+    assert_eq!(with_manager, 11);
+    let members = objects
+        .iter()
+        .find(|o| o.object_type.is("Group"))
+        .and_then(|g| g.attributes.get("member"))
+        .map_or(0, |v| v.len());
+    assert_eq!(members, 12);
+    let plan = sync.plan(true).unwrap().plan;
+    assert!(plan.operations.is_empty(), "{plan}");
+}

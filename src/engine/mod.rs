@@ -514,9 +514,13 @@ impl Synchronizer {
         Ok(report)
     }
 
-    /// A dirty set larger than a page (the initial load), planned and exported page by page
-    /// in anchor order, so neither the whole mirror nor the whole plan is held at once; a
-    /// staged plan ([`Synchronizer::plan`]) stays one plan.
+    /// A dirty set larger than a page (the initial load), planned and exported page by page,
+    /// so neither the whole mirror nor the whole plan is held at once; a staged plan
+    /// ([`Synchronizer::plan`]) stays one plan. The pages go by reference level
+    /// ([`Synchronizer::page_order`]): an object's page comes after the pages of the dirty
+    /// objects it references, so its create carries those references (a manager is created
+    /// before its reports, members before their groups) instead of being completed by a
+    /// reference update later.
     ///
     /// What one plan decides across all its objects is decided first, from a survey of the
     /// whole dirty set ([`Synchronizer::survey_pages`]): the deletion guard sees every
@@ -524,7 +528,8 @@ impl Synchronizer {
     /// and objects that would join one target object are planned in one page (so none joins
     /// it, as in one plan). Each page's plan is a delta plan of the page, which includes the
     /// linked objects that reference the page's creates: references to objects of later pages
-    /// are completed when those are created. Deprovisions wait until every page is exported
+    /// (a cycle of references, or a dirty object changed since) are completed when those are
+    /// created. Deprovisions wait until every page is exported
     /// (as in one plan, references to an object go before it). Each page's export clears only
     /// the page's anchors from the dirty set (those with a deprovision waiting, once it is
     /// exported), so a run that stops (or is killed) leaves the rest dirty.
@@ -550,17 +555,14 @@ impl Synchronizer {
         // The survey looked up the creates (when they are looked up at all): what it found
         // is in the target mirror, so the pages are planned without looking up again.
         let together = plan::Together::pages(survey.contested);
+        let t0 = Instant::now();
+        let order = self.page_order(page)?;
+        report.stages.push((Stage::Plan, t0.elapsed()));
         let mut planned_groups: HashSet<usize> = HashSet::new();
         let mut deprovisions: Vec<Operation> = Vec::new();
-        let mut after: Option<Anchor> = None;
-        loop {
-            let dirty = self.store(|s| s.dirty_page(after.as_ref(), page))?;
-            let Some((last, _)) = dirty.last().cloned() else {
-                break;
-            };
-            after = Some(last);
+        for dirty in order.pages(page) {
             let mut anchors: Vec<Anchor> = Vec::with_capacity(dirty.len());
-            for (a, _) in dirty {
+            for a in dirty {
                 match together.group(&a) {
                     // Planned with its group already.
                     Some(g) if !planned_groups.insert(g) => {}
@@ -615,6 +617,30 @@ impl Synchronizer {
         }
         self.allow_deletions_once = false;
         Ok(report)
+    }
+
+    /// The dirty set in the order a paged run plans it, referenced objects first (see
+    /// [`order::PageOrder`]): read `page` anchors at a time with what each references; what
+    /// it holds is a compact index of the anchors, not the objects. The dirty set as it is
+    /// now: objects made dirty during the run are left to the next, as in one plan.
+    fn page_order(&self, page: usize) -> Result<order::PageOrder> {
+        let mut order = order::PageOrder::default();
+        let mut after: Option<Anchor> = None;
+        loop {
+            let dirty = self.store(|s| s.dirty_references_page(after.as_ref(), page))?;
+            let Some((last, _)) = dirty.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            for (a, refs) in &dirty {
+                order.push(a, refs);
+            }
+        }
+        debug!(
+            objects = order.len(),
+            "paged run ordered by reference level"
+        );
+        Ok(order.finish())
     }
 
     /// What a paged run must know of its whole dirty set before it exports a page: the dirty

@@ -1,12 +1,19 @@
-//! The export order within a phase: [`dependencies`] names, for each operation, the creates it
-//! must wait for — the creates of the objects its create attributes reference
-//! ([`Reference::Pending`] values). The export ledger (`ledger.rs`) starts an operation once
-//! those have finished — succeeded, so the reference resolves to the new object's id, or
-//! failed, so the create goes without it (see [`Operation::without_unresolved`]) and the object
-//! stays dirty for a later write.
+//! The export order.
 //!
+//! Within a phase, [`dependencies`] names, for each operation, the creates it must wait for —
+//! the creates of the objects its create attributes reference ([`Reference::Pending`] values).
+//! The export ledger (`ledger.rs`) starts an operation once those have finished — succeeded, so
+//! the reference resolves to the new object's id, or failed, so the create goes without it
+//! (see [`Operation::without_unresolved`]) and the object stays dirty for a later write.
 //! Per-operation dependencies, not a barrier per level: a report is sent as soon as its manager
 //! exists, while other managers are still being created.
+//!
+//! Across the pages of a run too large for one plan, [`PageOrder`] puts referenced objects in
+//! earlier pages than their referrers (by reference level), so that a create finds what it
+//! references already made — instead of going without it and being completed by a reference
+//! update once the referenced object's page is exported.
+//!
+//! Pure: no I/O (the engine feeds [`PageOrder`] the dirty set and its references).
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -46,6 +53,139 @@ pub(super) fn dependencies<O: Borrow<Operation>>(ops: &[O]) -> Vec<Vec<usize>> {
             deps
         })
         .collect()
+}
+
+/// The dirty set of a paged run, in the order its pages are planned: by reference level —
+/// an object after every dirty object it references, those that reference none first — and in
+/// anchor order within a level. A cycle of references is broken where the walk meets it.
+///
+/// A compact index (the anchors' text in one buffer, a few integers per object and per
+/// reference), not the objects: built by [`PageOrder::push`] with the dirty anchors in
+/// ascending order and the anchors each references, then [`PageOrder::finish`].
+#[derive(Debug, Default)]
+pub(super) struct PageOrder {
+    /// The anchors' text, one after the other in anchor order.
+    names: String,
+    /// Where each anchor's text ends in `names`.
+    ends: Vec<usize>,
+    /// The anchors referenced, as text (resolved to indices by `finish`).
+    refs: String,
+    /// Per reference: the referrer's index and where the referenced anchor's text ends.
+    ref_ends: Vec<(u32, usize)>,
+    /// The indices in planning order (once finished).
+    order: Vec<u32>,
+}
+
+impl PageOrder {
+    /// Adds the next dirty anchor (after every one added before) and what it references.
+    pub fn push(&mut self, anchor: &Anchor, references: &[Anchor]) {
+        let i = u32::try_from(self.ends.len()).unwrap_or(u32::MAX);
+        self.names.push_str(anchor.as_str());
+        self.ends.push(self.names.len());
+        for r in references {
+            self.refs.push_str(r.as_str());
+            self.ref_ends.push((i, self.refs.len()));
+        }
+    }
+
+    /// The anchors added.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn name(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.names[start..self.ends[i]]
+    }
+
+    /// Orders the anchors added (see [`PageOrder`]); references to anchors not added are
+    /// left out.
+    pub fn finish(mut self) -> PageOrder {
+        let n = self.ends.len();
+        let index: HashMap<&str, u32> = (0..n)
+            .map(|i| (self.name(i), u32::try_from(i).unwrap_or(u32::MAX)))
+            .collect();
+        // The references as adjacency lists, one after the other (referrers in order).
+        let mut starts: Vec<usize> = Vec::with_capacity(n + 1);
+        let mut targets: Vec<u32> = Vec::with_capacity(self.ref_ends.len());
+        let mut begin = 0;
+        for &(from, end) in &self.ref_ends {
+            while starts.len() <= from as usize {
+                starts.push(targets.len());
+            }
+            if let Some(&to) = index.get(&self.refs[begin..end]) {
+                targets.push(to);
+            }
+            begin = end;
+        }
+        while starts.len() <= n {
+            starts.push(targets.len());
+        }
+        drop(index);
+        self.refs = String::new();
+        self.ref_ends = Vec::new();
+        let level = levels(&starts, &targets);
+        let mut order: Vec<u32> = (0..n)
+            .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+            .collect();
+        order.sort_by_key(|&i| level[i as usize]);
+        self.order = order;
+        self
+    }
+
+    /// The pages, in order: `page` anchors each (at least one), each page's sorted.
+    pub fn pages(&self, page: usize) -> impl Iterator<Item = Vec<Anchor>> + '_ {
+        self.order.chunks(page.max(1)).map(|chunk| {
+            let mut anchors: Vec<Anchor> = chunk
+                .iter()
+                .map(|&i| Anchor::new(self.name(i as usize)))
+                .collect();
+            anchors.sort();
+            anchors
+        })
+    }
+}
+
+/// The reference level of each object of a graph given as adjacency lists (`targets[starts[i]
+/// .. starts[i + 1]]`: what object `i` references): 0 for an object that references none,
+/// else one more than the highest level of what it references. An edge that closes a cycle
+/// (found by the depth-first walk, a self-reference included) is left out. Iterative: a chain
+/// of a million references does not overflow the stack.
+fn levels(starts: &[usize], targets: &[u32]) -> Vec<u32> {
+    const UNSEEN: u32 = u32::MAX;
+    const ACTIVE: u32 = u32::MAX - 1;
+    let n = starts.len().saturating_sub(1);
+    let mut level = vec![UNSEEN; n];
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    for root in 0..n {
+        if level[root] != UNSEEN {
+            continue;
+        }
+        level[root] = ACTIVE;
+        stack.push((root, starts[root]));
+        while let Some((v, next)) = stack.last_mut() {
+            let v = *v;
+            if *next < starts[v + 1] {
+                let w = targets[*next] as usize;
+                *next += 1;
+                if level[w] == UNSEEN {
+                    level[w] = ACTIVE;
+                    stack.push((w, starts[w]));
+                }
+                continue;
+            }
+            level[v] = targets[starts[v]..starts[v + 1]]
+                .iter()
+                .map(|&w| level[w as usize])
+                .filter(|&l| l < ACTIVE)
+                .map(|l| l.saturating_add(1))
+                .max()
+                .unwrap_or(0)
+                .min(ACTIVE - 1);
+            stack.pop();
+        }
+    }
+    level
 }
 
 #[cfg(test)]
@@ -90,6 +230,88 @@ pub(super) mod tests {
         assert_eq!(
             dependencies(&ops),
             [vec![], vec![], vec![0, 1], vec![2], vec![]]
+        );
+    }
+
+    /// A page order built from `(anchor, references)` in anchor order.
+    fn order(objects: &[(&str, &[&str])]) -> PageOrder {
+        let mut o = PageOrder::default();
+        for (a, refs) in objects {
+            let refs: Vec<Anchor> = refs.iter().map(|r| Anchor::new(*r)).collect();
+            o.push(&Anchor::new(*a), &refs);
+        }
+        o.finish()
+    }
+
+    fn pages(o: &PageOrder, page: usize) -> Vec<Vec<String>> {
+        o.pages(page)
+            .map(|p| p.iter().map(|a| a.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn pages_put_referenced_objects_first() {
+        // A manager chain against anchor order (a0 reports to a1, …, a4 to no one), a group
+        // of a0 and a4, and an object referencing what is not dirty.
+        let o = order(&[
+            ("a0", &["a1"]),
+            ("a1", &["a2"]),
+            ("a2", &["a3"]),
+            ("a3", &["a4"]),
+            ("a4", &[]),
+            ("g", &["a0", "a4", "elsewhere"]),
+            ("x", &["elsewhere"]),
+        ]);
+        assert_eq!(o.len(), 7);
+        assert_eq!(
+            pages(&o, 2),
+            [
+                vec!["a4", "x"],
+                vec!["a3", "a2"],
+                vec!["a1", "a0"],
+                vec!["g"]
+            ]
+            .map(|p| {
+                let mut p: Vec<String> = p.iter().map(|s| s.to_string()).collect();
+                p.sort();
+                p
+            })
+        );
+        // One page: everything, sorted.
+        assert_eq!(
+            pages(&o, 100),
+            [vec!["a0", "a1", "a2", "a3", "a4", "g", "x"]]
+        );
+    }
+
+    #[test]
+    fn cycles_and_self_references_are_broken_not_looped() {
+        // b ↔ c, c references itself; d references the cycle; e nothing.
+        let o = order(&[("b", &["c"]), ("c", &["b", "c"]), ("d", &["b"]), ("e", &[])]);
+        let flat: Vec<String> = pages(&o, 1).into_iter().flatten().collect();
+        assert_eq!(flat.len(), 4);
+        let at = |a: &str| flat.iter().position(|x| x == a).unwrap();
+        // The walk from b meets c, whose reference back to b closes the cycle: c first.
+        assert!(at("c") < at("b"), "{flat:?}");
+        assert!(at("b") < at("d"), "{flat:?}");
+        assert_eq!(at("e"), 1, "{flat:?}");
+    }
+
+    #[test]
+    fn a_long_chain_does_not_overflow_the_stack() {
+        // Each object references the next: the last is level 0, the first the highest.
+        let n = 200_000;
+        let names: Vec<String> = (0..n).map(|i| format!("u{i:06}")).collect();
+        let mut o = PageOrder::default();
+        for i in 0..n {
+            let refs: Vec<Anchor> = names.get(i + 1).map(Anchor::new).into_iter().collect();
+            o.push(&Anchor::new(&names[i]), &refs);
+        }
+        let o = o.finish();
+        let first: Vec<Anchor> = o.pages(3).next().unwrap();
+        assert_eq!(
+            first,
+            [&names[n - 3], &names[n - 2], &names[n - 1]].map(Anchor::new)
         );
     }
 }

@@ -5,9 +5,10 @@
 //! Jobs run in the order they are queued, with one freedom: the journal intents of all the
 //! batches waiting are committed together, after the outcomes and other writes queued with
 //! them (an intent only ever waits longer; an outcome is only ever recorded after its own
-//! intent, which was committed before its operation was sent). Consecutive outcomes are
-//! committed together too ([`StateStore::journal_outcomes`]), so a busy export needs about two
-//! commits per round of batches, not two per operation.
+//! intent, which was committed before its operation was sent). The outcomes queued are
+//! committed together with those intents ([`StateStore::journal_commit`]; in a commit of their
+//! own, [`StateStore::journal_outcomes`], when other writes follow them), so a busy export
+//! needs about one commit per round of batches, not two per operation.
 //!
 //! The crash promise holds: [`Writer::intents`] answers once the intents are committed
 //! (durable), and only then is a batch sent.
@@ -198,18 +199,29 @@ fn serve_jobs(
             Job::Flush(reply) => flushes.push(reply),
         }
     }
-    commit(s, writes)?;
-    if intents.is_empty() {
-        return Ok(());
-    }
     let ops: Vec<(&Operation, Option<&TargetOperation>)> = intents
         .iter()
         .flat_map(|(b, _)| b.items.iter())
         .filter(|i| i.journal.is_none())
         .map(|i| (&*i.op, i.sent.as_ref()))
         .collect();
-    let mut ids = s.journal_intents(run, &ops)?.into_iter();
+    let (outcomes, rest) = outcomes(&writes);
+    let ids = if outcomes.is_empty() && ops.is_empty() && rest.is_empty() {
+        Vec::new()
+    } else if rest.is_empty() {
+        // The outcomes and the intents in one commit.
+        s.journal_commit(run, &outcomes, &ops)?
+    } else {
+        drop(outcomes);
+        commit(s, writes)?;
+        if ops.is_empty() {
+            Vec::new()
+        } else {
+            s.journal_intents(run, &ops)?
+        }
+    };
     drop(ops);
+    let mut ids = ids.into_iter();
     for (batch, reply) in intents.drain(..) {
         let n = batch.items.iter().filter(|i| i.journal.is_none()).count();
         let mine: Vec<JournalId> = ids.by_ref().take(n).collect();
@@ -219,15 +231,11 @@ fn serve_jobs(
     Ok(())
 }
 
-/// Commits the ledger's decisions: consecutive journal outcomes in one
-/// [`StateStore::journal_outcomes`], then escrows and forgotten objects, in order.
-fn commit(s: &mut dyn StateStore, writes: Vec<Write>) -> Result<(), StateError> {
-    if writes.is_empty() {
-        return Ok(());
-    }
+/// The journal outcomes among `writes`, and the other writes (escrows, forgotten objects).
+fn outcomes(writes: &[Write]) -> (Vec<JournalOutcome<'_>>, Vec<&Write>) {
     let mut outcomes = Vec::with_capacity(writes.len());
     let mut rest = Vec::new();
-    for w in &writes {
+    for w in writes {
         match w {
             Write::Done {
                 journal,
@@ -252,6 +260,16 @@ fn commit(s: &mut dyn StateStore, writes: Vec<Write>) -> Result<(), StateError> 
             other => rest.push(other),
         }
     }
+    (outcomes, rest)
+}
+
+/// Commits the ledger's decisions: the journal outcomes in one
+/// [`StateStore::journal_outcomes`], then escrows and forgotten objects, in order.
+fn commit(s: &mut dyn StateStore, writes: Vec<Write>) -> Result<(), StateError> {
+    if writes.is_empty() {
+        return Ok(());
+    }
+    let (outcomes, rest) = outcomes(&writes);
     if !outcomes.is_empty() {
         s.journal_outcomes(&outcomes)?;
     }

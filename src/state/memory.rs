@@ -92,13 +92,13 @@ impl MemoryStore {
     }
 
     /// Checks a `journal_done` without changing anything.
-    fn check_done(
+    fn check_done<'a>(
         &self,
         id: JournalId,
         op: &Operation,
-        sent: Option<&TargetOperation>,
+        sent: Option<&'a TargetOperation>,
         target_id: Option<&TargetId>,
-    ) -> Result<DoneEffect, StateError> {
+    ) -> Result<DoneEffect<'a>, StateError> {
         if !self.journal.contains_key(&id.0) {
             return Err(StateError::UnknownJournalId(id));
         }
@@ -111,7 +111,7 @@ impl MemoryStore {
         id: JournalId,
         op: &Operation,
         sent: Option<&TargetOperation>,
-        (effect, link_to, recorded): DoneEffect,
+        (effect, link_to, recorded): DoneEffect<'_>,
     ) {
         if let Some(row) = self.journal.get_mut(&id.0) {
             row.state = JournalState::Done;
@@ -729,6 +729,23 @@ impl StateStore for MemoryStore {
         row.error = Some(error.to_owned());
         row.retryable = retryable;
         Ok(())
+    }
+
+    fn journal_commit(
+        &mut self,
+        run: RunId,
+        outcomes: &[JournalOutcome<'_>],
+        intents: &[(&Operation, Option<&TargetOperation>)],
+    ) -> Result<Vec<JournalId>, StateError> {
+        // All or nothing: the intents can only fail on an unknown run, checked first.
+        if !intents.is_empty() && !self.runs.iter().any(|r| r.id == run) {
+            return Err(StateError::UnknownRun(run));
+        }
+        self.journal_outcomes(outcomes)?;
+        if intents.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.journal_intents(run, intents)
     }
 
     fn journal_outcomes(&mut self, outcomes: &[JournalOutcome<'_>]) -> Result<(), StateError> {

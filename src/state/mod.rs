@@ -52,6 +52,7 @@
 //! too. Times come in as parameters: the store reads no clock. It plans nothing and talks to no
 //! connector.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -657,6 +658,42 @@ pub trait StateStore: Send {
         limit: usize,
     ) -> Result<Vec<(Anchor, bool)>, StateError>;
 
+    /// A page of the dirty set as [`dirty_page`](Self::dirty_page) pages it, each anchor with
+    /// the anchors its source object references (sorted, each once; none for an anchor with no
+    /// source object): by anchor, and by a DN that names a mirrored object. A run too large
+    /// for one plan orders its pages with it, referenced objects first, so that a create finds
+    /// the objects it references already made. The default reads each page's entries with
+    /// [`source_entry`](Self::source_entry).
+    fn dirty_references_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<(Anchor, Vec<Anchor>)>, StateError> {
+        let mut out = Vec::new();
+        for (anchor, _) in self.dirty_page(after, limit)? {
+            let mut refs = Vec::new();
+            if let Some(entry) = self.source_entry(&anchor)? {
+                for (_, values) in entry.attributes.iter() {
+                    for v in values {
+                        match v {
+                            Value::Reference(Reference::Anchor(a) | Reference::Pending(a)) => {
+                                refs.push(a.clone())
+                            }
+                            Value::Reference(Reference::Dn(dn)) => {
+                                refs.extend(self.anchor_by_dn(dn)?);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            refs.sort();
+            refs.dedup();
+            out.push((anchor, refs));
+        }
+        Ok(out)
+    }
+
     /// Removes `anchors` from the dirty set (they were exported, or need nothing).
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError>;
 
@@ -735,6 +772,29 @@ pub trait StateStore: Send {
             }
         }
         Ok(())
+    }
+
+    /// Records `outcomes` ([`StateStore::journal_outcomes`]), then journals `intents` as
+    /// intended for `run` ([`StateStore::journal_intents`]; their ids in order): the export's
+    /// group commit, outcomes of the batches that came back with the intents of the batches
+    /// about to go.
+    ///
+    /// Stores that can should do both in **one transaction** (all or none); the default makes
+    /// the two calls, which keeps every promise but the single commit. Both shipped stores
+    /// commit once.
+    fn journal_commit(
+        &mut self,
+        run: RunId,
+        outcomes: &[JournalOutcome<'_>],
+        intents: &[(&Operation, Option<&TargetOperation>)],
+    ) -> Result<Vec<JournalId>, StateError> {
+        if !outcomes.is_empty() {
+            self.journal_outcomes(outcomes)?;
+        }
+        if intents.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.journal_intents(run, intents)
     }
 
     /// The operations journaled as intended and never confirmed done or failed (a crash came
@@ -891,6 +951,22 @@ pub(crate) fn entry_references(entry: &Entry) -> Vec<(AttrName, RefTarget)> {
 
 /// The operation as it may be stored: a create's secrets and redacted changes' values removed.
 pub(crate) fn redact_operation(op: &Operation) -> Operation {
+    redacted_operation(op).into_owned()
+}
+
+/// [`redact_operation`], copying `op` only when it holds something to remove.
+pub(crate) fn redacted_operation(op: &Operation) -> Cow<'_, Operation> {
+    let secret = match &op.kind {
+        OperationKind::Create { secrets, .. } => !secrets.is_empty(),
+        OperationKind::Join { changes, .. }
+        | OperationKind::Update { changes, .. }
+        | OperationKind::UpdateReferences { changes, .. }
+        | OperationKind::Disable { changes, .. } => changes.iter().any(|c| c.redacted),
+        OperationKind::Delete { .. } | OperationKind::Unlink { .. } => false,
+    };
+    if !secret {
+        return Cow::Borrowed(op);
+    }
     let mut op = op.clone();
     match &mut op.kind {
         OperationKind::Create { secrets, .. } => *secrets = Attributes::new(),
@@ -900,7 +976,7 @@ pub(crate) fn redact_operation(op: &Operation) -> Operation {
         | OperationKind::Disable { changes, .. } => redact_changes(changes),
         OperationKind::Delete { .. } | OperationKind::Unlink { .. } => {}
     }
-    op
+    Cow::Owned(op)
 }
 
 fn redact_changes(changes: &mut [crate::model::AttributeChange]) {
@@ -913,6 +989,26 @@ fn redact_changes(changes: &mut [crate::model::AttributeChange]) {
 /// The target operation as it may be stored: the create's secret attributes (named by `op`)
 /// dropped, redacted changes without values.
 pub(crate) fn redact_target_operation(op: &Operation, sent: &TargetOperation) -> TargetOperation {
+    redacted_target_operation(op, sent).into_owned()
+}
+
+/// [`redact_target_operation`], copying `sent` only when it holds something to remove.
+pub(crate) fn redacted_target_operation<'a>(
+    op: &Operation,
+    sent: &'a TargetOperation,
+) -> Cow<'a, TargetOperation> {
+    let secret = match (sent, &op.kind) {
+        (TargetOperation::Create { attributes, .. }, OperationKind::Create { secrets, .. }) => {
+            secrets
+                .iter()
+                .any(|(name, _)| attributes.get(name.as_str()).is_some())
+        }
+        (TargetOperation::Update { changes, .. }, _) => changes.iter().any(|c| c.redacted),
+        _ => false,
+    };
+    if !secret {
+        return Cow::Borrowed(sent);
+    }
     let mut sent = sent.clone();
     match &mut sent {
         TargetOperation::Create { attributes, .. } => {
@@ -925,16 +1021,17 @@ pub(crate) fn redact_target_operation(op: &Operation, sent: &TargetOperation) ->
         TargetOperation::Update { changes, .. } => redact_changes(changes),
         TargetOperation::Delete { .. } => {}
     }
-    sent
+    Cow::Owned(sent)
 }
 
 /// What `journal_done` does to the target mirror: the object id it applies `sent` to, and the
-/// operation to apply with redacted changes skipped (their values are not kept).
-pub(crate) fn target_effect(
+/// operation to apply with redacted changes skipped (their values are not kept) — `sent`
+/// itself when it holds nothing redacted.
+pub(crate) fn target_effect<'a>(
     op: &Operation,
-    sent: &TargetOperation,
+    sent: &'a TargetOperation,
     target_id: Option<&TargetId>,
-) -> Result<(TargetId, TargetOperation), StateError> {
+) -> Result<(TargetId, Cow<'a, TargetOperation>), StateError> {
     let id = match (target_id, sent.id()) {
         (Some(id), _) | (None, Some(id)) => id.clone(),
         (None, None) => {
@@ -945,9 +1042,13 @@ pub(crate) fn target_effect(
             )))
         }
     };
-    let mut effect = redact_target_operation(op, sent);
-    if let TargetOperation::Update { changes, .. } = &mut effect {
-        changes.retain(|c| !c.redacted);
+    let mut effect = redacted_target_operation(op, sent);
+    if let TargetOperation::Update { changes, .. } = effect.as_ref() {
+        if changes.iter().any(|c| c.redacted) {
+            if let TargetOperation::Update { changes, .. } = effect.to_mut() {
+                changes.retain(|c| !c.redacted);
+            }
+        }
     }
     Ok((id, effect))
 }
@@ -955,18 +1056,18 @@ pub(crate) fn target_effect(
 /// What recording `op` as done does: the target mirror's effect (see [`target_effect`]), the
 /// link it makes, and the target id the journal records. Fails when `op` is a create and no
 /// target id is given, or `sent` names no object.
-pub(crate) type DoneEffect = (
-    Option<(TargetId, TargetOperation)>,
+pub(crate) type DoneEffect<'a> = (
+    Option<(TargetId, Cow<'a, TargetOperation>)>,
     Option<TargetId>,
     Option<TargetId>,
 );
 
 /// The [`DoneEffect`] of `op` (shared by the stores; checked before anything is written).
-pub(crate) fn done_effect(
+pub(crate) fn done_effect<'a>(
     op: &Operation,
-    sent: Option<&TargetOperation>,
+    sent: Option<&'a TargetOperation>,
     target_id: Option<&TargetId>,
-) -> Result<DoneEffect, StateError> {
+) -> Result<DoneEffect<'a>, StateError> {
     let effect = match sent {
         Some(s) => Some(target_effect(op, s, target_id)?),
         None => None,

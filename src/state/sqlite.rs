@@ -46,8 +46,8 @@ use std::cell::{Cell, RefCell};
 use super::encoding::{decode_attributes, decode_binary, encode_attributes, encode_binary};
 use super::{
     audit_attributes, check_import_share, done_effect, encode_entry, entry_hash_into,
-    entry_references, lookup_key, lower_lookup_attributes, redact_operation,
-    redact_target_operation, unlinks, Escrow, FullImportSummary, JournalEntry, JournalId,
+    entry_references, lookup_key, lower_lookup_attributes, redacted_operation,
+    redacted_target_operation, unlinks, Escrow, FullImportSummary, JournalEntry, JournalId,
     JournalOutcome, JournalRecord, JournalState, LookupAttributes, Pruned, RefTarget, Retention,
     RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
 };
@@ -434,6 +434,10 @@ const OPEN_REF_DELETE: &str =
 const OPEN_REFS_ADOPT: &str = "INSERT OR IGNORE INTO source_refs (to_id, from_id) \
      SELECT ?2, from_id FROM source_refs_open WHERE target = ?1 AND by_dn = 0";
 const OPEN_REFS_ADOPTED: &str = "DELETE FROM source_refs_open WHERE target = ?1 AND by_dn = 0";
+/// The dirty objects from `?1` to `?2`, with their stored attributes (references resolve by
+/// anchor in them).
+const DIRTY_ENTRIES: &str = "SELECT o.anchor, o.object_type, o.dn, o.attributes FROM dirty d \
+     JOIN source_objects o ON o.anchor = d.anchor WHERE d.anchor BETWEEN ?1 AND ?2";
 const LINK_BY_ANCHOR: &str =
     "SELECT anchor, source_type, target_id, target_type FROM links WHERE anchor = ?1";
 const LINK_BY_TARGET: &str =
@@ -459,6 +463,7 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     OPEN_REFS_ADOPT,
     OPEN_REFS_ADOPTED,
     "DELETE FROM source_refs WHERE to_id = ?1",
+    DIRTY_ENTRIES,
     LINK_BY_ANCHOR,
     LINK_BY_TARGET,
     TARGET_BY_ID,
@@ -1743,7 +1748,8 @@ fn lean_mirrors(conn: &Db<'_>) -> Result<(), StateError> {
         let mut q = read.query([]).ctx("reading the target mirror to migrate")?;
         while let Some(r) = q.next().ctx("reading the target mirror to migrate")? {
             let row = raw_row(r, 3).ctx("reading the target mirror to migrate")?;
-            put_target_row(conn, &decode_target(conn, row)?)?;
+            let o = decode_target(conn, row)?;
+            put_target_row(conn, &o.id, (&o.object_type, &o.attributes))?;
         }
     }
     conn.execute_batch(SCHEMA_V6_REFS)
@@ -1920,21 +1926,6 @@ fn write_entry(
     Ok(true)
 }
 
-/// The index keys of a target object's values: (attribute lower-cased, value key).
-fn value_keys(o: &TargetObject) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (name, values) in o.attributes.iter() {
-        for v in values {
-            if let Some(k) = value_key(v) {
-                out.push((name.as_str().to_lowercase(), k));
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
 /// The index key of a value, if such values are indexed: decided on the lower-cased key, so a
 /// stored value and a lookup that differ only in case are both indexed or both not.
 fn value_key(v: &Value) -> Option<String> {
@@ -1986,29 +1977,65 @@ fn write_target(
     lookup: Option<&LookupAttributes>,
 ) -> Result<(), StateError> {
     let old = stored_target(conn, &o.id)?;
-    put_target_row(conn, o)?;
-    index_target(conn, o, old.as_ref(), lookup)
+    write_target_over(
+        conn,
+        &o.id,
+        (&o.object_type, &o.attributes),
+        old.as_ref().map(Option::as_ref).map_err(|_| ()),
+        lookup,
+    )
+}
+
+/// Writes the target object `id` (type and attributes, not copied into a [`TargetObject`])
+/// over `old`, the stored object it replaces as [`stored_target`] read it.
+fn write_target_over(
+    conn: &Db<'_>,
+    id: &TargetId,
+    (object_type, attributes): (&ObjectType, &Attributes),
+    old: Result<Option<&TargetObject>, ()>,
+    lookup: Option<&LookupAttributes>,
+) -> Result<(), StateError> {
+    put_target_row(conn, id, (object_type, attributes))?;
+    reindex_target(conn, id, Some((object_type, attributes)), old, lookup)
 }
 
 /// Writes the row of a target object (not its index rows).
-fn put_target_row(conn: &Db<'_>, o: &TargetObject) -> Result<(), StateError> {
-    let attrs = conn.encode(&o.attributes, None)?;
+fn put_target_row(
+    conn: &Db<'_>,
+    id: &TargetId,
+    (object_type, attributes): (&ObjectType, &Attributes),
+) -> Result<(), StateError> {
+    let attrs = conn.encode(attributes, None)?;
     conn.prepare_cached(
         "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
          ON CONFLICT (id) DO UPDATE SET object_type = excluded.object_type, \
          attributes = excluded.attributes",
     )
-    .and_then(|mut s| s.execute(params![o.id.as_str(), o.object_type.as_str(), attrs]))
+    .and_then(|mut s| s.execute(params![id.as_str(), object_type.as_str(), attrs]))
     .ctx("writing a target object")?;
     Ok(())
 }
 
-/// The index keys of `o` under `lookup`.
-fn indexed_keys(o: &TargetObject, lookup: Option<&LookupAttributes>) -> BTreeSet<(String, String)> {
-    value_keys(o)
-        .into_iter()
-        .filter(|(attr, _)| indexed(lookup, &o.object_type, attr))
-        .collect()
+/// The index keys of an object of type `ty` with `attributes` under `lookup`: (attribute
+/// lower-cased, value key), the values of attributes not indexed left alone.
+fn indexed_keys(
+    ty: &ObjectType,
+    attributes: &Attributes,
+    lookup: Option<&LookupAttributes>,
+) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for (name, values) in attributes.iter() {
+        let attr = name.as_str().to_lowercase();
+        if !indexed(lookup, ty, &attr) {
+            continue;
+        }
+        for v in values {
+            if let Some(k) = value_key(v) {
+                out.insert((attr.clone(), k));
+            }
+        }
+    }
+    out
 }
 
 /// The stored object `id` as the index knows it, read before it is overwritten or deleted:
@@ -2024,19 +2051,24 @@ fn stored_target(
     }
 }
 
-/// Brings the index rows of `o` (`None`: removed) from those of `old`, the stored object it
-/// replaces, to its own: only the keys that changed are written. The index has no index by id
-/// (it would be as large as the index itself): the old keys are computed from the old object.
+/// Brings the index rows of the object `id` (`new`: its type and attributes; `None`: removed)
+/// from those of `old`, the stored object it replaces, to its own: only the keys that changed
+/// are written. The index has no index by id (it would be as large as the index itself): the
+/// old keys are computed from the old object.
 fn reindex_target(
     conn: &Db<'_>,
     id: &TargetId,
-    o: Option<&TargetObject>,
+    new: Option<(&ObjectType, &Attributes)>,
     old: Result<Option<&TargetObject>, ()>,
     lookup: Option<&LookupAttributes>,
 ) -> Result<(), StateError> {
-    let new = o.map(|o| indexed_keys(o, lookup)).unwrap_or_default();
+    let new = new
+        .map(|(ty, attributes)| indexed_keys(ty, attributes, lookup))
+        .unwrap_or_default();
     let old = match old {
-        Ok(old) => old.map(|o| indexed_keys(o, lookup)).unwrap_or_default(),
+        Ok(old) => old
+            .map(|o| indexed_keys(&o.object_type, &o.attributes, lookup))
+            .unwrap_or_default(),
         Err(()) => {
             // A stored row that does not decode: its keys are unknown; find them by a scan.
             conn.prepare_cached("DELETE FROM target_values WHERE id = ?1")
@@ -2045,6 +2077,9 @@ fn reindex_target(
             BTreeSet::new()
         }
     };
+    if old == new {
+        return Ok(());
+    }
     let mut del = conn
         .prepare_cached(
             "DELETE FROM target_values WHERE attribute = ?1 AND value_key = ?2 AND id = ?3",
@@ -2064,21 +2099,6 @@ fn reindex_target(
             .ctx("indexing a target object")?;
     }
     Ok(())
-}
-
-fn index_target(
-    conn: &Db<'_>,
-    o: &TargetObject,
-    old: Result<&Option<TargetObject>, &()>,
-    lookup: Option<&LookupAttributes>,
-) -> Result<(), StateError> {
-    reindex_target(
-        conn,
-        &o.id,
-        Some(o),
-        old.map(Option::as_ref).map_err(|_| ()),
-        lookup,
-    )
 }
 
 fn delete_target(conn: &Db<'_>, id: &TargetId) -> Result<bool, StateError> {
@@ -2119,7 +2139,14 @@ fn reindex_targets(conn: &Db<'_>, lookup: Option<&LookupAttributes>) -> Result<(
             .map(|i| r.get::<_, SqlValue>(i))
             .collect::<Result<Vec<_>, _>>()
             .ctx("reading target objects")?;
-        index_target(conn, &decode_target(conn, row)?, Ok(&None), lookup)?;
+        let o = decode_target(conn, row)?;
+        reindex_target(
+            conn,
+            &o.id,
+            Some((&o.object_type, &o.attributes)),
+            Ok(None),
+            lookup,
+        )?;
     }
     Ok(())
 }
@@ -2193,19 +2220,29 @@ fn prune(conn: &Db<'_>, retention: &Retention, now: DateTime<Utc>) -> Result<Pru
     Ok(out)
 }
 
-/// Journals `op` as intended in `conn` (the run is known).
+/// Journals `op` as intended in `conn` (the run is known): the journal row and its payload
+/// (`op` and `sent`, redacted, as JSON — encoded into `buf`, reused from one call to the next).
 fn intend(
     conn: &Db<'_>,
     run: RunId,
-    op: &Operation,
-    sent: Option<&TargetOperation>,
+    (op, sent): (&Operation, Option<&TargetOperation>),
+    buf: &mut JsonBuffers,
 ) -> Result<JournalId, StateError> {
-    let op_json = to_json("a journaled operation", &redact_operation(op))?;
+    buf.op.clear();
+    serde_json::to_writer(&mut buf.op, redacted_operation(op).as_ref())
+        .map_err(|e| serialize_error("a journaled operation", &e))?;
+    buf.sent.clear();
+    if let Some(s) = sent {
+        serde_json::to_writer(&mut buf.sent, redacted_target_operation(op, s).as_ref())
+            .map_err(|e| serialize_error("a journaled target operation", &e))?;
+    }
+    let op_json =
+        std::str::from_utf8(&buf.op).map_err(|e| serialize_error("a journaled operation", &e))?;
     let sent_json = match sent {
-        Some(s) => Some(to_json(
-            "a journaled target operation",
-            &redact_target_operation(op, s),
-        )?),
+        Some(_) => Some(
+            std::str::from_utf8(&buf.sent)
+                .map_err(|e| serialize_error("a journaled target operation", &e))?,
+        ),
         None => None,
     };
     conn.prepare_cached(
@@ -2218,6 +2255,65 @@ fn intend(
         .and_then(|mut s| s.execute(params![id, op_json, sent_json]))
         .ctx("journaling an operation")?;
     Ok(JournalId(id))
+}
+
+/// The buffers [`intend`] encodes payloads into.
+#[derive(Default)]
+struct JsonBuffers {
+    op: Vec<u8>,
+    sent: Vec<u8>,
+}
+
+fn serialize_error(what: &str, e: &dyn std::fmt::Display) -> StateError {
+    StateError::Serialize {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// Journals `ops` as intended for `run` (see [`StateStore::journal_intents`]).
+fn intend_all(
+    conn: &Db<'_>,
+    run: RunId,
+    ops: &[(&Operation, Option<&TargetOperation>)],
+) -> Result<Vec<JournalId>, StateError> {
+    check_run(conn, run)?;
+    let mut buf = JsonBuffers::default();
+    ops.iter()
+        .map(|(op, sent)| intend(conn, run, (op, *sent), &mut buf))
+        .collect()
+}
+
+/// Records `outcomes` (see [`StateStore::journal_outcomes`]), moving the fingerprint when one
+/// is done.
+fn record_outcomes(
+    conn: &Db<'_>,
+    lookup: Option<&LookupAttributes>,
+    outcomes: &[JournalOutcome<'_>],
+) -> Result<(), StateError> {
+    let mut done = false;
+    for o in outcomes {
+        match o {
+            JournalOutcome::Done {
+                id,
+                op,
+                sent,
+                target_id,
+            } => {
+                record_done(conn, lookup, *id, op, *sent, *target_id)?;
+                done = true;
+            }
+            JournalOutcome::Failed {
+                id,
+                error,
+                retryable,
+            } => record_failed(conn, *id, error, *retryable)?,
+        }
+    }
+    if done {
+        bump(conn)?;
+    }
+    Ok(())
 }
 
 fn check_run(conn: &Db<'_>, run: RunId) -> Result<(), StateError> {
@@ -2270,25 +2366,33 @@ fn record_done(
             .ctx("removing a link")?;
     }
     if let Some((tid, effect)) = effect {
-        match effect {
+        match effect.as_ref() {
             TargetOperation::Create {
                 object_type,
                 attributes,
-            } => write_target(
-                conn,
-                &TargetObject {
-                    id: tid,
-                    object_type,
-                    attributes,
-                },
-                lookup,
-            )?,
+            } => {
+                let old = stored_target(conn, &tid)?;
+                write_target_over(
+                    conn,
+                    &tid,
+                    (object_type, attributes),
+                    old.as_ref().map(Option::as_ref).map_err(|_| ()),
+                    lookup,
+                )?;
+            }
             TargetOperation::Update { changes, .. } => {
-                if let Some(mut o) = load_target(conn, &tid)? {
-                    for c in &changes {
+                if let Some(old) = load_target(conn, &tid)? {
+                    let mut o = old.clone();
+                    for c in changes {
                         let _ = o.attributes.apply(c, false);
                     }
-                    write_target(conn, &o, lookup)?;
+                    write_target_over(
+                        conn,
+                        &tid,
+                        (&o.object_type, &o.attributes),
+                        Ok(Some(&old)),
+                        lookup,
+                    )?;
                 }
             }
             TargetOperation::Delete { .. } => {
@@ -2844,6 +2948,45 @@ impl StateStore for SqliteStore {
         )
     }
 
+    fn dirty_references_page(
+        &self,
+        after: Option<&Anchor>,
+        limit: usize,
+    ) -> Result<Vec<(Anchor, Vec<Anchor>)>, StateError> {
+        let mut page: Vec<(Anchor, Vec<Anchor>)> = self
+            .dirty_page(after, limit)?
+            .into_iter()
+            .map(|(a, _)| (a, Vec::new()))
+            .collect();
+        let (Some((first, _)), Some((last, _))) = (page.first(), page.last()) else {
+            return Ok(page);
+        };
+        let what = "reading the references of the dirty set";
+        let db = self.db();
+        let mut stmt = db.prepare_cached(DIRTY_ENTRIES).ctx(what)?;
+        let mut q = stmt.query([first.as_str(), last.as_str()]).ctx(what)?;
+        while let Some(r) = q.next().ctx(what)? {
+            let row = (0..4)
+                .map(|i| r.get::<_, SqlValue>(i))
+                .collect::<Result<Vec<_>, _>>()
+                .ctx(what)?;
+            let e = decode_entry(&db, row)?;
+            let Ok(k) = page.binary_search_by(|(a, _)| a.cmp(&e.anchor)) else {
+                continue;
+            };
+            for (_, t) in entry_references(&e) {
+                if let RefTarget::Anchor(a) = t {
+                    page[k].1.push(a);
+                }
+            }
+        }
+        for (_, refs) in &mut page {
+            refs.sort();
+            refs.dedup();
+        }
+        Ok(page)
+    }
+
     fn clear_dirty(&mut self, anchors: &[Anchor]) -> Result<(), StateError> {
         self.write("clearing the dirty set", |tx| {
             let mut stmt = tx
@@ -2877,7 +3020,7 @@ impl StateStore for SqliteStore {
     ) -> Result<JournalId, StateError> {
         self.write("journaling an operation", |tx| {
             check_run(tx, run)?;
-            intend(tx, run, op, sent)
+            intend(tx, run, (op, sent), &mut JsonBuffers::default())
         })
     }
 
@@ -2886,12 +3029,7 @@ impl StateStore for SqliteStore {
         run: RunId,
         ops: &[(&Operation, Option<&TargetOperation>)],
     ) -> Result<Vec<JournalId>, StateError> {
-        self.write("journaling operations", |tx| {
-            check_run(tx, run)?;
-            ops.iter()
-                .map(|(op, sent)| intend(tx, run, op, *sent))
-                .collect()
-        })
+        self.write("journaling operations", |tx| intend_all(tx, run, ops))
     }
 
     fn journal_done(
@@ -2922,29 +3060,23 @@ impl StateStore for SqliteStore {
     fn journal_outcomes(&mut self, outcomes: &[JournalOutcome<'_>]) -> Result<(), StateError> {
         let lookup = self.lookup.clone();
         self.write("recording outcomes", |tx| {
-            let mut done = false;
-            for o in outcomes {
-                match o {
-                    JournalOutcome::Done {
-                        id,
-                        op,
-                        sent,
-                        target_id,
-                    } => {
-                        record_done(tx, lookup.as_ref(), *id, op, *sent, *target_id)?;
-                        done = true;
-                    }
-                    JournalOutcome::Failed {
-                        id,
-                        error,
-                        retryable,
-                    } => record_failed(tx, *id, error, *retryable)?,
-                }
+            record_outcomes(tx, lookup.as_ref(), outcomes)
+        })
+    }
+
+    fn journal_commit(
+        &mut self,
+        run: RunId,
+        outcomes: &[JournalOutcome<'_>],
+        intents: &[(&Operation, Option<&TargetOperation>)],
+    ) -> Result<Vec<JournalId>, StateError> {
+        let lookup = self.lookup.clone();
+        self.write("journaling intents and recording outcomes", |tx| {
+            record_outcomes(tx, lookup.as_ref(), outcomes)?;
+            if intents.is_empty() {
+                return Ok(Vec::new());
             }
-            if done {
-                bump(tx)?;
-            }
-            Ok(())
+            intend_all(tx, run, intents)
         })
     }
 

@@ -42,6 +42,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     container_bindings_are_kept(make());
     duplicate_anchors_are_refused(make());
     anchor_pages_cover_the_mirror_and_the_links_once(make());
+    dirty_pages_name_what_their_objects_reference(make());
 }
 
 fn dn(s: &str) -> Dn {
@@ -1091,8 +1092,21 @@ fn group_commit_is_all_or_nothing(mut s: Box<dyn StateStore>) {
         assert_eq!(journal_state(s), before, "{why}: the batch left traces");
         assert_eq!(s.fingerprint().unwrap(), fingerprint, "{why}");
     }
-    // A good batch takes effect whole.
-    s.journal_outcomes(&[
+    // The export's group commit (outcomes with the next intents) is all or nothing too: a bad
+    // outcome journals no intent, a run never begun records no outcome.
+    let (c3, sc3) = create_op(
+        "u3",
+        [("displayName", values(["Cy"]))].into_iter().collect(),
+    );
+    for (why, batch) in &bad_batches {
+        assert!(
+            s.journal_commit(run, batch, &[(&c3, Some(&sc3))]).is_err(),
+            "{why}: accepted with intents"
+        );
+        assert_eq!(journal_state(s), before, "{why}: the commit left traces");
+        assert_eq!(s.fingerprint().unwrap(), fingerprint, "{why}");
+    }
+    let good = [
         done(ids[0], &c1, Some(&sc1), Some(&t1)),
         super::JournalOutcome::Failed {
             id: ids[1],
@@ -1100,9 +1114,31 @@ fn group_commit_is_all_or_nothing(mut s: Box<dyn StateStore>) {
             retryable: false,
         },
         done(ids[2], &u0, Some(&su0), None),
-    ])
-    .unwrap();
+    ];
+    assert!(matches!(
+        s.journal_commit(super::RunId(999), &good, &[(&c3, Some(&sc3))]),
+        Err(StateError::UnknownRun(_))
+    ));
+    assert_eq!(journal_state(s), before, "a run never begun: traces left");
+    assert_eq!(s.fingerprint().unwrap(), fingerprint);
+    // A good batch takes effect whole, with the intents journaled after it.
+    let next = s.journal_commit(run, &good, &[(&c3, Some(&sc3))]).unwrap();
+    assert_eq!(next.len(), 1);
+    assert!(next[0] > ids[2], "{next:?}");
     assert_ne!(s.fingerprint().unwrap(), fingerprint);
+    let unconfirmed = s.journal_unconfirmed().unwrap();
+    assert_eq!(
+        unconfirmed
+            .iter()
+            .map(|j| (j.id, &j.operation, j.sent.as_ref()))
+            .collect::<Vec<_>>(),
+        [(next[0], &c3, Some(&sc3))]
+    );
+    let t3 = TargetId::from("t3");
+    assert!(s
+        .journal_commit(run, &[done(next[0], &c3, Some(&sc3), Some(&t3))], &[])
+        .unwrap()
+        .is_empty());
     assert!(s.journal_unconfirmed().unwrap().is_empty());
     let v = s.load_all().unwrap();
     assert_eq!(
@@ -1119,12 +1155,22 @@ fn group_commit_is_all_or_nothing(mut s: Box<dyn StateStore>) {
     let j = s.journal(Some(run)).unwrap();
     assert_eq!(
         j.iter().map(|j| j.state).collect::<Vec<_>>(),
-        [JournalState::Done, JournalState::Failed, JournalState::Done]
+        [
+            JournalState::Done,
+            JournalState::Failed,
+            JournalState::Done,
+            JournalState::Done
+        ]
     );
     assert_eq!(j[1].error.as_deref(), Some("Conflict: userName taken"));
+    assert_eq!(
+        v.links.get(&a("u3")).map(|l| l.target_id.as_str()),
+        Some("t3")
+    );
     // An empty batch is nothing.
     assert!(s.journal_intents(run, &[]).unwrap().is_empty());
     s.journal_outcomes(&[]).unwrap();
+    assert!(s.journal_commit(run, &[], &[]).unwrap().is_empty());
 }
 
 /// A batch of 1,000 outcomes (creates, updates, failures) has the effect of 1,000 single calls.
@@ -1883,17 +1929,7 @@ fn anchor_pages_cover_the_mirror_and_the_links_once(mut s: Box<dyn StateStore>) 
     .map(|(x, l)| (a(x), *l))
     .collect();
     for size in [1, 2, 4, 6, 50] {
-        let mut seen = Vec::new();
-        let mut after: Option<Anchor> = None;
-        loop {
-            let page = s.dirty_page(after.as_ref(), size).unwrap();
-            assert!(page.len() <= size, "page size {size}: {page:?}");
-            let Some((last, _)) = page.last().cloned() else {
-                break;
-            };
-            seen.extend(page);
-            after = Some(last);
-        }
+        let seen = every_page(size, |after| s.dirty_page(after, size).unwrap());
         assert_eq!(seen, want, "page size {size}");
     }
     // Clearing a page leaves the rest.
@@ -1902,4 +1938,75 @@ fn anchor_pages_cover_the_mirror_and_the_links_once(mut s: Box<dyn StateStore>) 
         s.dirty_page(None, 2).unwrap(),
         vec![(a("k5"), true), (a("q7"), false)]
     );
+}
+
+/// `dirty_references_page` pages through the dirty set as `dirty_page` does, each anchor with
+/// the mirrored objects its source object references (by anchor, or by a DN resolved when
+/// the object arrived), sorted and once each; a reference to an object outside the mirror is
+/// not named, and a dirty anchor without a source object references nothing.
+fn dirty_pages_name_what_their_objects_reference(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let g = s.begin_full_import("src").unwrap();
+    let boss = "cn=Boss,ou=People,dc=x";
+    s.import_entries(
+        g,
+        &[
+            user("r1", "Report").with("manager", Value::dn_ref(dn(boss))),
+            Entry::new("g1", "group")
+                .with_dn(dn("cn=Team,ou=Groups,dc=x"))
+                .with("member", Value::dn_ref(dn(boss)))
+                .with("member", Value::dn_ref(dn("cn=Ann,ou=People,dc=x")))
+                .with("member", Value::dn_ref(dn("cn=Outside,ou=Elsewhere,dc=x")))
+                .with("owner", Value::dn_ref(dn(boss))),
+        ],
+    )
+    .unwrap();
+    s.import_entries(g, &[user("u1", "Ann"), user("b1", "Boss")])
+        .unwrap();
+    s.finish_full_import("src", g, None, 0.0).unwrap();
+    link_by_create(s, "zz", "t-zz", Attributes::new());
+    reset_dirty(s);
+    s.mark_dirty(&anchors(&["r1", "g1", "b1", "u1", "zz"]))
+        .unwrap();
+    let want: Vec<(Anchor, Vec<Anchor>)> = vec![
+        (a("b1"), vec![]),
+        (a("g1"), anchors(&["b1", "u1"])),
+        (a("r1"), anchors(&["b1"])),
+        (a("u1"), vec![]),
+        (a("zz"), vec![]),
+    ];
+    for size in [1, 2, 3, 50] {
+        let seen = every_page(size, |after| s.dirty_references_page(after, size).unwrap());
+        assert_eq!(seen, want, "page size {size}");
+    }
+    // Only the dirty set is paged.
+    s.clear_dirty(&anchors(&["g1", "b1"])).unwrap();
+    assert_eq!(
+        s.dirty_references_page(None, 10).unwrap(),
+        vec![
+            (a("r1"), anchors(&["b1"])),
+            (a("u1"), vec![]),
+            (a("zz"), vec![])
+        ]
+    );
+}
+
+/// Every page of a read of the dirty set `size` anchors at a time (`page(after)`: the page
+/// after `after`), each checked to be no larger, one after the other.
+fn every_page<T: std::fmt::Debug>(
+    size: usize,
+    mut page: impl FnMut(Option<&Anchor>) -> Vec<(Anchor, T)>,
+) -> Vec<(Anchor, T)> {
+    let mut seen = Vec::new();
+    let mut after: Option<Anchor> = None;
+    loop {
+        let p = page(after.as_ref());
+        assert!(p.len() <= size, "page size {size}: {p:?}");
+        let Some((last, _)) = p.last() else {
+            break;
+        };
+        after = Some(last.clone());
+        seen.extend(p);
+    }
+    seen
 }
