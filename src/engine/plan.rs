@@ -1,6 +1,7 @@
 //! The plan stage: the views a plan reads, planning a scope, staging (plan now, apply later).
 
 use super::*;
+use crate::state::Reach;
 
 impl Synchronizer {
     /// The views a plan of `anchors` reads: their neighbourhood
@@ -12,10 +13,22 @@ impl Synchronizer {
         now: DateTime<Utc>,
         bindings: &crate::delta::ContainerBindings,
     ) -> Result<Views> {
+        self.views_for(anchors, now, bindings, Reach::Referrers)
+    }
+
+    /// The views for planning `anchors` with the objects referencing them as far as `reach`
+    /// says ([`StateStore::load_neighbourhood_reaching`]), join candidates included.
+    fn views_for(
+        &self,
+        anchors: &[Anchor],
+        now: DateTime<Utc>,
+        bindings: &crate::delta::ContainerBindings,
+        reach: Reach,
+    ) -> Result<Views> {
         if anchors.is_empty() {
             return Ok(Views::default());
         }
-        let mut views = self.store(|s| s.load_neighbourhood(anchors))?;
+        let mut views = self.store(|s| s.load_neighbourhood_reaching(anchors, reach))?;
         // Joins look their attributes up in the views' target mirror: index them, or each
         // lookup scans every target object of the neighbourhood (quadratic in a page).
         for attr in self.join_attributes.iter() {
@@ -113,7 +126,8 @@ impl Synchronizer {
                     let Some(last) = anchors.last().cloned() else {
                         break;
                     };
-                    let views = self.neighbourhood(&anchors, now, &bindings)?;
+                    // Only the page's own objects are decided: their referrers are context.
+                    let views = self.views_for(&anchors, now, &bindings, Reach::Anchors)?;
                     decisions.absorb(delta::decide_page(
                         &self.plan_input(&views, now, &bindings, &counts, &create_references),
                         &anchors,
@@ -132,7 +146,13 @@ impl Synchronizer {
             }
             PlanScope::Anchors(mut anchors) => loop {
                 together.expand(&mut anchors);
-                let views = self.neighbourhood(&anchors, now, &bindings)?;
+                // A page plans the referrers without a link in their own page.
+                let reach = if together.paged {
+                    Reach::LinkedReferrers
+                } else {
+                    Reach::Referrers
+                };
+                let views = self.views_for(&anchors, now, &bindings, reach)?;
                 let mut input =
                     self.plan_input(&views, now, &bindings, &counts, &create_references);
                 input.scope = PlanScope::Anchors(anchors.clone());

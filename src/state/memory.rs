@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::{
     audit_attributes, check_import_share, done_effect, encode_entry, entry_references, lookup_key,
     redact_operation, redact_target_operation, unlinks, DoneEffect, Escrow, FullImportSummary,
-    JournalEntry, JournalId, JournalOutcome, JournalRecord, JournalState, Pruned, RefTarget,
+    JournalEntry, JournalId, JournalOutcome, JournalRecord, JournalState, Pruned, Reach, RefTarget,
     Retention, RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
 };
 use crate::connector::{TargetOperation, Watermark};
@@ -167,6 +167,53 @@ impl MemoryStore {
             .retain(|r| !doomed.contains(&r.id) || pinned.contains(&r.id));
         out.runs = (before - self.runs.len()) as u64;
         out
+    }
+
+    /// The neighbourhood of `anchors` reaching as far as `reach` says
+    /// ([`StateStore::load_neighbourhood_reaching`]).
+    fn neighbourhood(&self, anchors: &[Anchor], reach: Reach) -> Views {
+        let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
+        for a in anchors {
+            planned.extend(self.referrers(a).filter(|r| match reach {
+                Reach::Referrers => true,
+                Reach::LinkedReferrers => self.links.get(r).is_some(),
+                Reach::Anchors => false,
+            }));
+        }
+        let mut context: BTreeSet<Anchor> = BTreeSet::new();
+        for p in &planned {
+            context.extend(self.referrers(p));
+            if let Some(e) = self.mirror.get(p) {
+                for (_, t) in entry_references(e) {
+                    let resolved = match t {
+                        RefTarget::Anchor(a) => Some(a),
+                        RefTarget::Dn(s) => Dn::parse(&s)
+                            .ok()
+                            .and_then(|d| self.mirror.anchor_of(&d).cloned()),
+                    };
+                    context.extend(resolved);
+                }
+            }
+        }
+        let mut views = Views::default();
+        for a in planned.iter().chain(context.iter()) {
+            if let Some(e) = self.mirror.get(a) {
+                views.mirror.insert(e.clone());
+            }
+            if let Some(l) = self.links.get(a) {
+                views.links.insert(l.clone());
+            }
+        }
+        for p in &planned {
+            if let Some(o) = self
+                .links
+                .get(p)
+                .and_then(|l| self.target.get(&l.target_id))
+            {
+                views.target.insert(o.clone());
+            }
+        }
+        views
     }
 
     /// The anchors `anchor`'s entry is referenced from, by anchor or by its current DN.
@@ -506,44 +553,15 @@ impl StateStore for MemoryStore {
     }
 
     fn load_neighbourhood(&self, anchors: &[Anchor]) -> Result<Views, StateError> {
-        let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
-        for a in anchors {
-            planned.extend(self.referrers(a));
-        }
-        let mut context: BTreeSet<Anchor> = BTreeSet::new();
-        for p in &planned {
-            context.extend(self.referrers(p));
-            if let Some(e) = self.mirror.get(p) {
-                for (_, t) in entry_references(e) {
-                    let resolved = match t {
-                        RefTarget::Anchor(a) => Some(a),
-                        RefTarget::Dn(s) => Dn::parse(&s)
-                            .ok()
-                            .and_then(|d| self.mirror.anchor_of(&d).cloned()),
-                    };
-                    context.extend(resolved);
-                }
-            }
-        }
-        let mut views = Views::default();
-        for a in planned.iter().chain(context.iter()) {
-            if let Some(e) = self.mirror.get(a) {
-                views.mirror.insert(e.clone());
-            }
-            if let Some(l) = self.links.get(a) {
-                views.links.insert(l.clone());
-            }
-        }
-        for p in &planned {
-            if let Some(o) = self
-                .links
-                .get(p)
-                .and_then(|l| self.target.get(&l.target_id))
-            {
-                views.target.insert(o.clone());
-            }
-        }
-        Ok(views)
+        Ok(self.neighbourhood(anchors, Reach::Referrers))
+    }
+
+    fn load_neighbourhood_reaching(
+        &self,
+        anchors: &[Anchor],
+        reach: Reach,
+    ) -> Result<Views, StateError> {
+        Ok(self.neighbourhood(anchors, reach))
     }
 
     fn load_join_candidates(

@@ -341,6 +341,21 @@ pub struct Views {
     pub target: TargetMirror,
 }
 
+/// Which of the objects referencing a neighbourhood's anchors it plans too
+/// ([`StateStore::load_neighbourhood_reaching`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reach {
+    /// All of them (a delta plan: [`StateStore::load_neighbourhood`]).
+    Referrers,
+    /// The linked ones (a page of a run planned page by page, which plans the referrers
+    /// without a link in their own page: [`crate::delta::PlanInput::unlinked_referrers`]).
+    LinkedReferrers,
+    /// None: only the anchors are decided (phase A of a full plan,
+    /// [`crate::delta::decide_page`]).
+    Anchors,
+}
+
 /// A join lookup for [`StateStore::load_join_candidates`]: target objects of `object_type`
 /// whose `attribute` has `value` (strings compared ignoring case).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -605,6 +620,22 @@ pub trait StateStore: Send {
     ///   references translate through their links) and the objects that reference them (so
     ///   `member_of` answers for them too), with their links.
     fn load_neighbourhood(&self, anchors: &[Anchor]) -> Result<Views, StateError>;
+
+    /// The neighbourhood of `anchors` as [`StateStore::load_neighbourhood`] reads it, with the
+    /// objects that reference them planned too ([`Reach::Referrers`]: that very
+    /// neighbourhood), only the linked ones ([`Reach::LinkedReferrers`]) or none
+    /// ([`Reach::Anchors`]). A referrer not planned is context: its entry and link, not its
+    /// target object, nor what it references or what references it — so a group of 50,000
+    /// members that references a page's objects does not bring its members into the page. The
+    /// default loads the whole neighbourhood (which holds every narrower one).
+    fn load_neighbourhood_reaching(
+        &self,
+        anchors: &[Anchor],
+        reach: Reach,
+    ) -> Result<Views, StateError> {
+        let _ = reach;
+        self.load_neighbourhood(anchors)
+    }
 
     /// Adds to `views` the target objects matching `lookups` (for joins of objects without a
     /// link), and the links to them, so a neighbourhood plan joins as a full plan would.

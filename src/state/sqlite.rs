@@ -48,8 +48,8 @@ use super::{
     audit_attributes, check_import_share, done_effect, encode_entry, entry_hash_into,
     entry_references, lookup_key, lower_lookup_attributes, redacted_operation,
     redacted_target_operation, unlinks, Escrow, FullImportSummary, JournalEntry, JournalId,
-    JournalOutcome, JournalRecord, JournalState, LookupAttributes, Pruned, RefTarget, Retention,
-    RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
+    JournalOutcome, JournalRecord, JournalState, LookupAttributes, Pruned, Reach, RefTarget,
+    Retention, RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
 };
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{
@@ -393,9 +393,6 @@ ALTER TABLE target_objects_v4 RENAME TO target_objects;
 const ENTRY_COLUMNS: &str = "anchor, object_type, dn, attributes";
 const ENTRY_BY_ANCHOR: &str =
     "SELECT anchor, object_type, dn, attributes FROM source_objects WHERE anchor = ?1";
-/// The objects whose DN hashes to `?1` (the caller compares the DNs).
-const ENTRY_BY_DN: &str = "SELECT anchor, object_type, dn, attributes FROM source_objects \
-     WHERE dn_key = ?1 ORDER BY anchor";
 const ANCHORS_BY_DN: &str = "SELECT anchor, dn FROM source_objects WHERE dn_key = ?1";
 const ROW_STATE: &str = "SELECT s.content_hash, s.generation, o.dn, o.id FROM source_objects o \
      JOIN source_state s ON s.id = o.id WHERE o.anchor = ?1";
@@ -438,18 +435,46 @@ const OPEN_REFS_ADOPTED: &str = "DELETE FROM source_refs_open WHERE target = ?1 
 /// anchor in them).
 const DIRTY_ENTRIES: &str = "SELECT o.anchor, o.object_type, o.dn, o.attributes FROM dirty d \
      JOIN source_objects o ON o.anchor = d.anchor WHERE d.anchor BETWEEN ?1 AND ?2";
-const LINK_BY_ANCHOR: &str =
-    "SELECT anchor, source_type, target_id, target_type FROM links WHERE anchor = ?1";
 const LINK_BY_TARGET: &str =
     "SELECT anchor, source_type, target_id, target_type FROM links WHERE target_id = ?1";
 const TARGET_BY_ID: &str = "SELECT id, object_type, attributes FROM target_objects WHERE id = ?1";
 const TARGET_LOOKUP: &str = "SELECT id FROM target_values WHERE attribute = ?1 AND value_key = ?2";
 
+// The bulk reads of the plan stage (`{}`: where the `IN` list goes, `?1` to `?n`; a query with
+// two `{}` binds the same keys in both); the tests check each uses an index.
+const ENTRIES_IN: &str =
+    "SELECT anchor, object_type, dn, attributes FROM source_objects WHERE anchor IN {}";
+/// The objects whose DN hashes to one of the keys (the caller compares the DNs).
+const ENTRIES_AT_DNS_IN: &str =
+    "SELECT anchor, object_type, dn, attributes FROM source_objects WHERE dn_key IN {}";
+/// The referrers of the objects with one of the anchors (by id, or waiting for the anchor).
+const REFERRERS_BY_ANCHOR_IN: &str = "SELECT f.anchor FROM source_objects t \
+     JOIN source_refs r ON r.to_id = t.id JOIN source_objects f ON f.id = r.from_id \
+     WHERE t.anchor IN {} \
+     UNION ALL SELECT f.anchor FROM source_refs_open r JOIN source_objects f ON f.id = r.from_id \
+     WHERE r.target IN {} AND r.by_dn = 0";
+/// The objects whose references wait for one of the DNs (normalized).
+const REFERRERS_BY_DN_IN: &str = "SELECT f.anchor FROM source_refs_open r \
+     JOIN source_objects f ON f.id = r.from_id WHERE r.target IN {} AND r.by_dn = 1";
+const LINKS_IN: &str =
+    "SELECT anchor, source_type, target_id, target_type FROM links WHERE anchor IN {}";
+const TARGETS_IN: &str = "SELECT id, object_type, attributes FROM target_objects WHERE id IN {}";
+
+/// The bulk reads (for the query-plan test).
+#[cfg(test)]
+pub(crate) const BULK_QUERIES: &[&str] = &[
+    ENTRIES_IN,
+    ENTRIES_AT_DNS_IN,
+    REFERRERS_BY_ANCHOR_IN,
+    REFERRERS_BY_DN_IN,
+    LINKS_IN,
+    TARGETS_IN,
+];
+
 /// The statements of the delta path (for the query-plan test).
 #[cfg(test)]
 pub(crate) const INDEXED_QUERIES: &[&str] = &[
     ENTRY_BY_ANCHOR,
-    ENTRY_BY_DN,
     ANCHORS_BY_DN,
     ROW_STATE,
     SEEN_STATE,
@@ -464,7 +489,6 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     OPEN_REFS_ADOPTED,
     "DELETE FROM source_refs WHERE to_id = ?1",
     DIRTY_ENTRIES,
-    LINK_BY_ANCHOR,
     LINK_BY_TARGET,
     TARGET_BY_ID,
     TARGET_LOOKUP,
@@ -1205,6 +1229,232 @@ fn decode_record(mut row: Vec<SqlValue>) -> Result<JournalRecord, StateError> {
     })
 }
 
+// --- bulk reads of the plan stage (a neighbourhood of thousands of anchors) ---
+//
+// Each reads the rows of many keys with `IN` lists of `IN_CHUNK` keys (one statement, prepared
+// once, for every chunk: a short last chunk repeats its last key), and decodes them on all
+// cores ([`decode_rows`]). The SQL of the plan stage's reads is here and nowhere else.
+
+/// The keys per `IN` list of a bulk read.
+const IN_CHUNK: usize = 256;
+
+/// `sql` with an `IN` list of the `n` parameters `?1` to `?n` wherever its `{}` is.
+fn in_list_sql(sql: &str, n: usize) -> String {
+    let list: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+    sql.replace("{}", &format!("({})", list.join(",")))
+}
+
+/// The rows `sql` (with `{}` where the `IN` list goes) returns for `keys`, read `IN_CHUNK`
+/// keys at a time; each row's first `columns` columns.
+fn rows_in<K: rusqlite::ToSql>(
+    conn: &Db<'_>,
+    sql: &str,
+    keys: &[K],
+    columns: usize,
+    what: &str,
+) -> Result<Vec<Vec<SqlValue>>, StateError> {
+    let mut out = Vec::new();
+    let Some(n) = (!keys.is_empty()).then(|| IN_CHUNK.min(keys.len())) else {
+        return Ok(out);
+    };
+    let sql = in_list_sql(sql, n);
+    let mut stmt = conn.prepare_cached(&sql).ctx(what)?;
+    for chunk in keys.chunks(IN_CHUNK) {
+        let last = &chunk[chunk.len() - 1];
+        let padded = chunk.iter().chain(std::iter::repeat(last)).take(n);
+        let mut q = stmt.query(rusqlite::params_from_iter(padded)).ctx(what)?;
+        while let Some(r) = q.next().ctx(what)? {
+            out.push(raw_row(r, columns).ctx(what)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The source objects of `anchors` (those in the mirror).
+fn entries_by_anchors(
+    conn: &Db<'_>,
+    names: &Names,
+    anchors: &[&str],
+) -> Result<Vec<Entry>, StateError> {
+    let raw = rows_in(conn, ENTRIES_IN, anchors, 4, "reading source objects")?;
+    decode_rows(raw, |r| decode_entry_in(names, r))
+}
+
+/// The source objects at the normalized DNs `dns` (by their hashes, less the collisions).
+fn entries_by_dns(conn: &Db<'_>, names: &Names, dns: &[&str]) -> Result<Vec<Entry>, StateError> {
+    let mut keys: Vec<i64> = dns.iter().map(|d| dn_key(d)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let raw = rows_in(conn, ENTRIES_AT_DNS_IN, &keys, 4, "resolving DNs")?;
+    let mut out = decode_rows(raw, |r| decode_entry_in(names, r))?;
+    let wanted: rustc_hash::FxHashSet<&str> = dns.iter().copied().collect();
+    out.retain(|e| {
+        e.dn.as_ref()
+            .is_some_and(|d| wanted.contains(d.normalized()))
+    });
+    Ok(out)
+}
+
+/// The anchors of the objects that reference one of `anchors` by anchor, or one of `dns` (the
+/// normalized DNs of objects) by DN.
+fn referrers_of(
+    conn: &Db<'_>,
+    anchors: &[&str],
+    dns: &[&str],
+) -> Result<BTreeSet<Anchor>, StateError> {
+    let mut out = BTreeSet::new();
+    for (sql, keys) in [(REFERRERS_BY_ANCHOR_IN, anchors), (REFERRERS_BY_DN_IN, dns)] {
+        for mut r in rows_in(conn, sql, keys, 1, "reading referrers")? {
+            out.insert(text("source_refs", "?", "from_id", take(&mut r, 0))?.into());
+        }
+    }
+    Ok(out)
+}
+
+/// The links of `anchors` (those linked).
+fn links_by_anchors(conn: &Db<'_>, anchors: &[&str]) -> Result<Vec<Link>, StateError> {
+    rows_in(conn, LINKS_IN, anchors, 4, "reading links")?
+        .into_iter()
+        .map(decode_link)
+        .collect()
+}
+
+/// The target objects of `ids` (those in the target mirror).
+fn targets_by_ids(
+    conn: &Db<'_>,
+    names: &Names,
+    ids: &[&str],
+) -> Result<Vec<TargetObject>, StateError> {
+    let raw = rows_in(conn, TARGETS_IN, ids, 3, "reading target objects")?;
+    decode_rows(raw, |r| decode_target_in(names, r))
+}
+
+/// Source objects read so far for a neighbourhood: `None` for an anchor not in the mirror.
+type Fetched = std::collections::HashMap<Anchor, Option<Entry>>;
+
+/// Reads into `entries` the source objects of `want` not read yet.
+fn fetch_entries<'a>(
+    conn: &Db<'_>,
+    names: &Names,
+    entries: &mut Fetched,
+    want: impl IntoIterator<Item = &'a Anchor>,
+) -> Result<(), StateError> {
+    let mut missing: Vec<&Anchor> = want
+        .into_iter()
+        .filter(|a| !entries.contains_key(*a))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    let keys: Vec<&str> = missing.iter().map(|a| a.as_str()).collect();
+    for e in entries_by_anchors(conn, names, &keys)? {
+        entries.insert(e.anchor.clone(), Some(e));
+    }
+    for a in missing {
+        entries.entry(a.clone()).or_insert(None);
+    }
+    Ok(())
+}
+
+/// The objects referencing one of `of` (by anchor, or by the DN of its entry in `entries`).
+fn referrers_of_read<'a>(
+    conn: &Db<'_>,
+    entries: &Fetched,
+    of: impl IntoIterator<Item = &'a Anchor>,
+) -> Result<BTreeSet<Anchor>, StateError> {
+    let mut anchors = Vec::new();
+    let mut dns = Vec::new();
+    for a in of {
+        anchors.push(a.as_str());
+        if let Some(d) = entries.get(a).and_then(|e| e.as_ref()?.dn.as_ref()) {
+            dns.push(d.normalized());
+        }
+    }
+    referrers_of(conn, &anchors, &dns)
+}
+
+/// The neighbourhood of `anchors` reaching as far as `reach` says
+/// ([`StateStore::load_neighbourhood_reaching`]), read with bulk reads: one `IN` list per few
+/// hundred keys and table, not a query per anchor.
+fn read_neighbourhood(
+    conn: &Db<'_>,
+    anchors: &[Anchor],
+    reach: Reach,
+) -> Result<Views, StateError> {
+    // The dictionary as this snapshot has it (another connection may have added names), read
+    // once for the decoding on several threads.
+    conn.names.borrow_mut().reload(conn)?;
+    let names_ref = conn.names()?;
+    let names: &Names = &names_ref;
+    let mut entries = Fetched::new();
+    fetch_entries(conn, names, &mut entries, anchors)?;
+    let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
+    match reach {
+        Reach::Anchors => {}
+        Reach::Referrers => planned.extend(referrers_of_read(conn, &entries, anchors)?),
+        Reach::LinkedReferrers => {
+            let referrers = referrers_of_read(conn, &entries, anchors)?;
+            let keys: Vec<&str> = referrers
+                .iter()
+                .filter(|r| !planned.contains(*r))
+                .map(|r| r.as_str())
+                .collect();
+            let linked: Vec<Anchor> = links_by_anchors(conn, &keys)?
+                .into_iter()
+                .map(|l| l.anchor)
+                .collect();
+            planned.extend(linked);
+        }
+    }
+    fetch_entries(conn, names, &mut entries, &planned)?;
+    // What references a planned object (the referrers not planned among them).
+    let mut context = referrers_of_read(conn, &entries, &planned)?;
+    let mut dns: Vec<String> = Vec::new();
+    for e in planned.iter().filter_map(|p| entries.get(p)?.as_ref()) {
+        for (_, t) in entry_references(e) {
+            match t {
+                RefTarget::Anchor(a) => {
+                    context.insert(a);
+                }
+                RefTarget::Dn(d) => dns.push(d),
+            }
+        }
+    }
+    dns.sort_unstable();
+    dns.dedup();
+    let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
+    for e in entries_by_dns(conn, names, &dns)? {
+        context.insert(e.anchor.clone());
+        entries.insert(e.anchor.clone(), Some(e));
+    }
+    fetch_entries(conn, names, &mut entries, &context)?;
+    let all: Vec<&str> = planned
+        .iter()
+        .chain(context.iter().filter(|a| !planned.contains(*a)))
+        .map(|a| a.as_str())
+        .collect();
+    let links = links_by_anchors(conn, &all)?;
+    let ids: Vec<&str> = links
+        .iter()
+        .filter(|l| planned.contains(&l.anchor))
+        .map(|l| l.target_id.as_str())
+        .collect();
+    let targets = targets_by_ids(conn, names, &ids)?;
+    let mut views = Views::default();
+    // Into the views in the order the planned objects then the context come.
+    for a in planned.iter().chain(context.iter()) {
+        if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+            views.mirror.insert(e);
+        }
+    }
+    for l in links {
+        views.links.insert(l);
+    }
+    for o in targets {
+        views.target.insert(o);
+    }
+    Ok(views)
+}
+
 // --- reading helpers (work on a connection or a transaction) ---
 
 fn load_entry(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<Entry>, StateError> {
@@ -1218,14 +1468,6 @@ fn load_entry(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<Entry>, StateErro
     .next()
     .map(|r| decode_entry(conn, r))
     .transpose()
-}
-
-fn load_link(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<Link>, StateError> {
-    rows(conn, LINK_BY_ANCHOR, [anchor.as_str()], "reading a link")?
-        .into_iter()
-        .next()
-        .map(decode_link)
-        .transpose()
 }
 
 fn load_target(conn: &Db<'_>, id: &TargetId) -> Result<Option<TargetObject>, StateError> {
@@ -1244,18 +1486,6 @@ fn dn_key(dn_norm: &str) -> i64 {
 /// Whether the DN column `dn` (as spelled) normalizes to `dn_norm`.
 fn dn_is(dn: &str, dn_norm: &str) -> bool {
     Dn::parse(dn).is_ok_and(|d| d.normalized() == dn_norm)
-}
-
-/// The source objects at `dn_norm` (normalized), least anchor first.
-fn entries_at(conn: &Db<'_>, dn_norm: &str) -> Result<Vec<Entry>, StateError> {
-    let mut out = Vec::new();
-    for r in rows(conn, ENTRY_BY_DN, [dn_key(dn_norm)], "resolving a DN")? {
-        let e = decode_entry(conn, r)?;
-        if e.dn.as_ref().is_some_and(|d| d.normalized() == dn_norm) {
-            out.push(e);
-        }
-    }
-    Ok(out)
 }
 
 fn anchors_at(conn: &Db<'_>, dn_norm: &str) -> Result<Vec<Anchor>, StateError> {
@@ -2749,69 +2979,23 @@ impl StateStore for SqliteStore {
             conn: &tx,
             names: &self.names,
         };
-        let conn = &db;
-        let mut entries: BTreeMap<Anchor, Option<Entry>> = BTreeMap::new();
-        fn get(
-            conn: &Db<'_>,
-            entries: &mut BTreeMap<Anchor, Option<Entry>>,
-            a: &Anchor,
-        ) -> Result<Option<Entry>, StateError> {
-            if let Some(e) = entries.get(a) {
-                return Ok(e.clone());
-            }
-            let e = load_entry(conn, a)?;
-            entries.insert(a.clone(), e.clone());
-            Ok(e)
-        }
-        let dn_of = |e: &Option<Entry>| {
-            e.as_ref()
-                .and_then(|e| e.dn.as_ref())
-                .map(|d| d.normalized().to_owned())
+        read_neighbourhood(&db, anchors, Reach::Referrers)
+    }
+
+    fn load_neighbourhood_reaching(
+        &self,
+        anchors: &[Anchor],
+        reach: Reach,
+    ) -> Result<Views, StateError> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .ctx("starting a read transaction")?;
+        let db = Db {
+            conn: &tx,
+            names: &self.names,
         };
-        let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
-        for a in anchors {
-            let e = get(conn, &mut entries, a)?;
-            planned.extend(referrers(conn, a, dn_of(&e).as_deref())?);
-        }
-        let mut context: BTreeSet<Anchor> = BTreeSet::new();
-        let mut views = Views::default();
-        for p in &planned {
-            let e = get(conn, &mut entries, p)?;
-            context.extend(referrers(conn, p, dn_of(&e).as_deref())?);
-            if let Some(e) = &e {
-                for (_, t) in entry_references(e) {
-                    match t {
-                        RefTarget::Anchor(a) => {
-                            context.insert(a);
-                        }
-                        RefTarget::Dn(d) => {
-                            for e in entries_at(conn, &d)? {
-                                context.insert(e.anchor.clone());
-                                entries.insert(e.anchor.clone(), Some(e));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        for a in planned.iter().chain(context.iter()) {
-            let e = match entries.get(a) {
-                Some(e) => e.clone(),
-                None => load_entry(conn, a)?,
-            };
-            if let Some(e) = e {
-                views.mirror.insert(e);
-            }
-            if let Some(l) = load_link(conn, a)? {
-                if planned.contains(a) {
-                    if let Some(o) = load_target(conn, &l.target_id)? {
-                        views.target.insert(o);
-                    }
-                }
-                views.links.insert(l);
-            }
-        }
-        Ok(views)
+        read_neighbourhood(&db, anchors, reach)
     }
 
     fn load_join_candidates(
@@ -4014,7 +4198,8 @@ mod tests {
         let s = SqliteStore::open_in_memory().unwrap();
         // Give the planner statistics that make a scan tempting if an index were missing.
         s.conn.execute_batch("ANALYZE").unwrap();
-        for sql in INDEXED_QUERIES {
+        let bulk = BULK_QUERIES.iter().map(|q| in_list_sql(q, 3));
+        for sql in INDEXED_QUERIES.iter().map(|q| q.to_string()).chain(bulk) {
             let mut stmt = s
                 .conn
                 .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
@@ -4058,20 +4243,19 @@ mod tests {
             );
             s.import_entries(g, &batch).unwrap();
             s.finish_full_import("src", g, None, 0.0).unwrap();
-            // Fresh statements: their counters start at zero.
+            // Fresh statements: their counters start at zero (and every one stays cached).
             s.conn.flush_prepared_statement_cache();
+            s.conn.set_prepared_statement_cache_capacity(64);
             let v = s.load_neighbourhood(&["u1".into()]).unwrap();
             assert_eq!(v.mirror.len(), 3);
-            // Every cached statement's full-scan and VM-step counters.
+            // Every cached statement's full-scan and VM-step counters (the bulk reads with
+            // the `IN` lists of up to 4 keys this neighbourhood asks).
             let mut total = 0;
-            for sql in [
-                ENTRY_BY_ANCHOR,
-                ENTRY_BY_DN,
-                REFERRERS,
-                LINK_BY_ANCHOR,
-                TARGET_BY_ID,
-            ] {
-                let stmt = s.conn.prepare_cached(sql).unwrap();
+            let bulk = BULK_QUERIES
+                .iter()
+                .flat_map(|q| (1..=4).map(move |n| in_list_sql(q, n)));
+            for sql in bulk {
+                let stmt = s.conn.prepare_cached(&sql).unwrap();
                 assert_eq!(
                     stmt.get_status(rusqlite::StatementStatus::FullscanStep),
                     0,

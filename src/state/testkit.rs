@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use super::{JournalState, StateError, StateStore, TargetLookup};
+use super::{JournalState, Reach, StateError, StateStore, TargetLookup};
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{Operation, OperationKind, Reason, TargetRef};
 use crate::model::{
@@ -25,6 +25,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     full_import_deletes_unseen_and_guards_small_imports(make());
     interrupted_full_import_leaves_state_valid(make());
     neighbourhood_holds_referrers_references_links_and_targets(make());
+    narrow_neighbourhoods_plan_fewer_referrers(make());
     join_candidates_are_found_by_value(make());
     journal_lifecycle_updates_links_and_target_mirror(make());
     group_commit_is_all_or_nothing(make());
@@ -716,6 +717,122 @@ fn neighbourhood_holds_referrers_references_links_and_targets(mut s: Box<dyn Sta
         (all.mirror.len(), all.links.len(), all.target.len()),
         (5, 5, 5)
     );
+}
+
+fn narrow_neighbourhoods_plan_fewer_referrers(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    // A big group (of u1 and u2) and a group of it; u1 managed by m1, u3 by u1; g1 names u1
+    // by DN, u1 names m1 by DN.
+    let changes = [
+        Change::Add(user("u1", "Ann").with("manager", Value::dn_ref(dn("cn=Max,ou=People,dc=x")))),
+        Change::Add(user("u2", "Bob")),
+        Change::Add(user("u3", "Cy").with("manager", Value::anchor_ref("u1"))),
+        Change::Add(user("m1", "Max")),
+        Change::Add(user("x1", "Xi").with("manager", Value::anchor_ref("m1"))),
+        Change::Add(
+            Entry::new("g1", "group")
+                .with_dn(dn("cn=Staff,ou=Groups,dc=x"))
+                .with("member", Value::dn_ref(dn("cn=Ann,ou=People,dc=x")))
+                .with("member", Value::anchor_ref("u2")),
+        ),
+        Change::Add(
+            Entry::new("g2", "group")
+                .with_dn(dn("cn=All,ou=Groups,dc=x"))
+                .with("member", Value::anchor_ref("g1")),
+        ),
+    ];
+    s.apply_changes("src", &changes, None).unwrap();
+    for anchor in ["u1", "u2", "u3", "m1", "x1", "g1", "g2"] {
+        link_by_create(
+            s,
+            anchor,
+            &format!("t-{anchor}"),
+            [("displayName", values([anchor]))].into_iter().collect(),
+        );
+    }
+    let sorted = |v: &super::Views| {
+        let mut m: Vec<String> = v.mirror.anchors().map(|a| a.to_string()).collect();
+        let mut l: Vec<String> = v.links.iter().map(|l| l.anchor.to_string()).collect();
+        let mut t: Vec<String> = v.target.objects().map(|o| o.id.to_string()).collect();
+        m.sort();
+        l.sort();
+        t.sort();
+        (m, l, t)
+    };
+    let v = s
+        .load_neighbourhood_reaching(&anchors(&["u1"]), Reach::Anchors)
+        .unwrap();
+    // u1, what it references (m1, by DN) and what references it (g1 by DN, u3): entries and
+    // links; the target object of u1 only. Not g1's other member u2, nor g2 (g1's group), nor
+    // m1's other report x1.
+    let (m, l, t) = sorted(&v);
+    assert_eq!(m, ["g1", "m1", "u1", "u3"]);
+    assert_eq!(l, ["g1", "m1", "u1", "u3"]);
+    assert_eq!(t, ["t-u1"]);
+    assert_eq!(
+        v.mirror.member_of(&a("u1")),
+        [&dn("cn=staff,ou=groups,dc=x")]
+    );
+    // Within the whole neighbourhood, which plans the referrers too.
+    let whole = sorted(&s.load_neighbourhood(&anchors(&["u1"])).unwrap());
+    let (m, l, t) = sorted(&v);
+    for (part, all) in [(m, &whole.0), (l, &whole.1), (t, &whole.2)] {
+        assert!(
+            part.iter().all(|x| all.contains(x)),
+            "{part:?} not in {all:?}"
+        );
+    }
+    assert!(whole.0.contains(&"u2".to_string()) && whole.2.contains(&"t-g1".to_string()));
+
+    // Pages: each anchor decided with its own links and target objects; a deleted object
+    // keeps its link and target object; an anchor neither mirrored nor linked adds nothing.
+    s.apply_changes(
+        "src",
+        &[Change::Delete {
+            anchor: a("x1"),
+            object_type: "user".into(),
+        }],
+        None,
+    )
+    .unwrap();
+    let v = s
+        .load_neighbourhood_reaching(&anchors(&["g2", "nobody", "x1"]), Reach::Anchors)
+        .unwrap();
+    let (m, l, t) = sorted(&v);
+    assert_eq!(m, ["g1", "g2"]);
+    assert_eq!(l, ["g1", "g2", "x1"]);
+    assert_eq!(t, ["t-g2", "t-x1"]);
+    assert!(s
+        .load_neighbourhood_reaching(&[], Reach::Anchors)
+        .unwrap()
+        .mirror
+        .is_empty());
+
+    // Linked referrers planned: u3 (linked) brings its target object, not g1 (unlinked now),
+    // which stays context without its other member u2 or its group g2.
+    let run = s.begin_run("x", DateTime::UNIX_EPOCH).unwrap();
+    let unlink = op(
+        "g1",
+        OperationKind::Unlink {
+            target_id: "t-g1".into(),
+        },
+    );
+    let id = s.journal_intent(run, &unlink, None).unwrap();
+    s.journal_done(id, &unlink, None, None).unwrap();
+    let v = s
+        .load_neighbourhood_reaching(&anchors(&["u1"]), Reach::LinkedReferrers)
+        .unwrap();
+    let (m, l, t) = sorted(&v);
+    assert_eq!(m, ["g1", "m1", "u1", "u3"]);
+    assert_eq!(l, ["m1", "u1", "u3"]);
+    assert_eq!(t, ["t-u1", "t-u3"]);
+    let whole = sorted(&s.load_neighbourhood(&anchors(&["u1"])).unwrap());
+    assert_eq!(whole.0, ["g1", "g2", "m1", "u1", "u2", "u3"]);
+    let (m, l, t) = sorted(
+        &s.load_neighbourhood_reaching(&anchors(&["u1"]), Reach::Referrers)
+            .unwrap(),
+    );
+    assert_eq!((m, l, t), whole);
 }
 
 fn join_candidates_are_found_by_value(mut s: Box<dyn StateStore>) {
