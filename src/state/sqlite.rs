@@ -1330,7 +1330,7 @@ fn targets_by_ids(
 }
 
 /// Source objects read so far for a neighbourhood: `None` for an anchor not in the mirror.
-type Fetched = std::collections::HashMap<Anchor, Option<Entry>>;
+type Fetched = rustc_hash::FxHashMap<Anchor, Option<Entry>>;
 
 /// Reads into `entries` the source objects of `want` not read yet.
 fn fetch_entries<'a>(
@@ -1385,7 +1385,7 @@ fn read_neighbourhood(
     conn.names.borrow_mut().reload(conn)?;
     let names_ref = conn.names()?;
     let names: &Names = &names_ref;
-    let mut entries = Fetched::new();
+    let mut entries = Fetched::default();
     fetch_entries(conn, names, &mut entries, anchors)?;
     let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
     match reach {
