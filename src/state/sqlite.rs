@@ -1270,14 +1270,32 @@ fn rows_in<K: rusqlite::ToSql>(
     Ok(out)
 }
 
+/// [`rows_in`], each row decoded by `decode` ([`decode_rows`]: on all cores).
+fn decoded_in<K: rusqlite::ToSql, T: Send>(
+    conn: &Db<'_>,
+    sql: &str,
+    keys: &[K],
+    columns: usize,
+    what: &str,
+    decode: impl Fn(Vec<SqlValue>) -> Result<T, StateError> + Sync + Send,
+) -> Result<Vec<T>, StateError> {
+    decode_rows(rows_in(conn, sql, keys, columns, what)?, decode)
+}
+
 /// The source objects of `anchors` (those in the mirror).
 fn entries_by_anchors(
     conn: &Db<'_>,
     names: &Names,
     anchors: &[&str],
 ) -> Result<Vec<Entry>, StateError> {
-    let raw = rows_in(conn, ENTRIES_IN, anchors, 4, "reading source objects")?;
-    decode_rows(raw, |r| decode_entry_in(names, r))
+    decoded_in(
+        conn,
+        ENTRIES_IN,
+        anchors,
+        4,
+        "reading source objects",
+        |r| decode_entry_in(names, r),
+    )
 }
 
 /// The source objects at the normalized DNs `dns` (by their hashes, less the collisions).
@@ -1285,8 +1303,9 @@ fn entries_by_dns(conn: &Db<'_>, names: &Names, dns: &[&str]) -> Result<Vec<Entr
     let mut keys: Vec<i64> = dns.iter().map(|d| dn_key(d)).collect();
     keys.sort_unstable();
     keys.dedup();
-    let raw = rows_in(conn, ENTRIES_AT_DNS_IN, &keys, 4, "resolving DNs")?;
-    let mut out = decode_rows(raw, |r| decode_entry_in(names, r))?;
+    let mut out = decoded_in(conn, ENTRIES_AT_DNS_IN, &keys, 4, "resolving DNs", |r| {
+        decode_entry_in(names, r)
+    })?;
     let wanted: rustc_hash::FxHashSet<&str> = dns.iter().copied().collect();
     out.retain(|e| {
         e.dn.as_ref()
@@ -1325,8 +1344,9 @@ fn targets_by_ids(
     names: &Names,
     ids: &[&str],
 ) -> Result<Vec<TargetObject>, StateError> {
-    let raw = rows_in(conn, TARGETS_IN, ids, 3, "reading target objects")?;
-    decode_rows(raw, |r| decode_target_in(names, r))
+    decoded_in(conn, TARGETS_IN, ids, 3, "reading target objects", |r| {
+        decode_target_in(names, r)
+    })
 }
 
 /// Source objects read so far for a neighbourhood: `None` for an anchor not in the mirror.
@@ -2971,15 +2991,7 @@ impl StateStore for SqliteStore {
     }
 
     fn load_neighbourhood(&self, anchors: &[Anchor]) -> Result<Views, StateError> {
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .ctx("starting a read transaction")?;
-        let db = Db {
-            conn: &tx,
-            names: &self.names,
-        };
-        read_neighbourhood(&db, anchors, Reach::Referrers)
+        self.load_neighbourhood_reaching(anchors, Reach::Referrers)
     }
 
     fn load_neighbourhood_reaching(

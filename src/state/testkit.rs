@@ -102,6 +102,23 @@ fn create_op(anchor: &str, attributes: Attributes) -> (Operation, TargetOperatio
     (o, sent)
 }
 
+/// Two groups: g1 (cn=Staff) of Ann by DN and u2 by anchor, g2 (cn=All) of g1.
+fn staff_groups() -> [Change; 2] {
+    [
+        Change::Add(
+            Entry::new("g1", "group")
+                .with_dn(dn("cn=Staff,ou=Groups,dc=x"))
+                .with("member", Value::dn_ref(dn("cn=Ann,ou=People,dc=x")))
+                .with("member", Value::anchor_ref("u2")),
+        ),
+        Change::Add(
+            Entry::new("g2", "group")
+                .with_dn(dn("cn=All,ou=Groups,dc=x"))
+                .with("member", Value::anchor_ref("g1")),
+        ),
+    ]
+}
+
 /// Links `anchor` to `target` through a journaled create.
 fn link_by_create(s: &mut dyn StateStore, anchor: &str, target: &str, attrs: Attributes) {
     let run = s.begin_run("test", t(0)).unwrap();
@@ -647,18 +664,8 @@ fn neighbourhood_holds_referrers_references_links_and_targets(mut s: Box<dyn Sta
         Change::Add(user("u2", "Bob")),
         Change::Add(user("u3", "Cy")),
         Change::Add(user("m1", "Max")),
-        Change::Add(
-            Entry::new("g1", "group")
-                .with_dn(dn("cn=Staff,ou=Groups,dc=x"))
-                .with("member", Value::dn_ref(dn("cn=Ann,ou=People,dc=x")))
-                .with("member", Value::anchor_ref("u2")),
-        ),
-        Change::Add(
-            Entry::new("g2", "group")
-                .with_dn(dn("cn=All,ou=Groups,dc=x"))
-                .with("member", Value::anchor_ref("g1")),
-        ),
     ];
+    let changes: Vec<Change> = changes.into_iter().chain(staff_groups()).collect();
     s.apply_changes("src", &changes, None).unwrap();
     for (anchor, target) in [
         ("u1", "t-u1"),
@@ -729,18 +736,8 @@ fn narrow_neighbourhoods_plan_fewer_referrers(mut s: Box<dyn StateStore>) {
         Change::Add(user("u3", "Cy").with("manager", Value::anchor_ref("u1"))),
         Change::Add(user("m1", "Max")),
         Change::Add(user("x1", "Xi").with("manager", Value::anchor_ref("m1"))),
-        Change::Add(
-            Entry::new("g1", "group")
-                .with_dn(dn("cn=Staff,ou=Groups,dc=x"))
-                .with("member", Value::dn_ref(dn("cn=Ann,ou=People,dc=x")))
-                .with("member", Value::anchor_ref("u2")),
-        ),
-        Change::Add(
-            Entry::new("g2", "group")
-                .with_dn(dn("cn=All,ou=Groups,dc=x"))
-                .with("member", Value::anchor_ref("g1")),
-        ),
     ];
+    let changes: Vec<Change> = changes.into_iter().chain(staff_groups()).collect();
     s.apply_changes("src", &changes, None).unwrap();
     for anchor in ["u1", "u2", "u3", "m1", "x1", "g1", "g2"] {
         link_by_create(
