@@ -520,7 +520,9 @@ impl Synchronizer {
     /// ([`Synchronizer::page_order`]): an object's page comes after the pages of the dirty
     /// objects it references, so its create carries those references (a manager is created
     /// before its reports, members before their groups) instead of being completed by a
-    /// reference update later.
+    /// reference update later. A page closes when its objects and the references they make
+    /// reach `plan_page` ([`PageOrder::pages`](order::PageOrder::pages)), so what a page's plan
+    /// reads stays about a page, however large the groups.
     ///
     /// What one plan decides across all its objects is decided first, from a survey of the
     /// whole dirty set ([`Synchronizer::survey_pages`]): the deletion guard sees every

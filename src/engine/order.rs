@@ -74,6 +74,9 @@ pub(super) struct PageOrder {
     ref_ends: Vec<(u32, usize)>,
     /// The indices in planning order (once finished).
     order: Vec<u32>,
+    /// Per anchor: 1 + the references it makes, what planning it reads (its neighbourhood
+    /// holds what it references).
+    weight: Vec<u32>,
 }
 
 impl PageOrder {
@@ -82,6 +85,11 @@ impl PageOrder {
         let i = u32::try_from(self.ends.len()).unwrap_or(u32::MAX);
         self.names.push_str(anchor.as_str());
         self.ends.push(self.names.len());
+        self.weight.push(
+            u32::try_from(references.len())
+                .unwrap_or(u32::MAX)
+                .saturating_add(1),
+        );
         for r in references {
             self.refs.push_str(r.as_str());
             self.ref_ends.push((i, self.refs.len()));
@@ -133,15 +141,35 @@ impl PageOrder {
         self
     }
 
-    /// The pages, in order: `page` anchors each (at least one), each page's sorted.
+    /// The pages, in order, each page's anchors sorted. A page closes when what it reads
+    /// reaches `page`: each anchor counts 1 and 1 per reference it makes, so a page of users
+    /// holds about `page` of them and a page of large groups as many as hold `page` members
+    /// together (a group larger than that has a page of its own). The objects a page's plan
+    /// reads stay about `page`, whatever the size of the groups.
     pub fn pages(&self, page: usize) -> impl Iterator<Item = Vec<Anchor>> + '_ {
-        self.order.chunks(page.max(1)).map(|chunk| {
+        let page = u64::try_from(page.max(1)).unwrap_or(u64::MAX);
+        let mut rest: &[u32] = &self.order;
+        std::iter::from_fn(move || {
+            if rest.is_empty() {
+                return None;
+            }
+            let mut read = 0u64;
+            let mut taken = 0;
+            for &i in rest {
+                if taken > 0 && read >= page {
+                    break;
+                }
+                read += u64::from(self.weight[i as usize]);
+                taken += 1;
+            }
+            let (chunk, after) = rest.split_at(taken);
+            rest = after;
             let mut anchors: Vec<Anchor> = chunk
                 .iter()
                 .map(|&i| Anchor::new(self.name(i as usize)))
                 .collect();
             anchors.sort();
-            anchors
+            Some(anchors)
         })
     }
 }
@@ -267,8 +295,10 @@ pub(super) mod tests {
             pages(&o, 2),
             [
                 vec!["a4", "x"],
-                vec!["a3", "a2"],
-                vec!["a1", "a0"],
+                vec!["a3"],
+                vec!["a2"],
+                vec!["a1"],
+                vec!["a0"],
                 vec!["g"]
             ]
             .map(|p| {
@@ -282,6 +312,34 @@ pub(super) mod tests {
             pages(&o, 100),
             [vec!["a0", "a1", "a2", "a3", "a4", "g", "x"]]
         );
+    }
+
+    #[test]
+    fn pages_of_groups_hold_about_a_page_of_members() {
+        // Five users, then three groups of three members each: a page of 4 reads about 4
+        // objects, so the groups do not share one page (whose plan would read every member).
+        let o = order(&[
+            ("g1", &["u0", "u1", "u2"]),
+            ("g2", &["u2", "u3", "u4"]),
+            ("g3", &["u0", "u3", "u4"]),
+            ("u0", &[]),
+            ("u1", &[]),
+            ("u2", &[]),
+            ("u3", &[]),
+            ("u4", &[]),
+        ]);
+        assert_eq!(
+            pages(&o, 4),
+            [
+                vec!["u0", "u1", "u2", "u3"],
+                vec!["g1", "u4"],
+                vec!["g2"],
+                vec!["g3"]
+            ]
+            .map(|p| p.into_iter().map(String::from).collect::<Vec<_>>())
+        );
+        // A large page holds them all.
+        assert_eq!(pages(&o, 100).len(), 1);
     }
 
     #[test]
@@ -308,7 +366,8 @@ pub(super) mod tests {
             o.push(&Anchor::new(&names[i]), &refs);
         }
         let o = o.finish();
-        let first: Vec<Anchor> = o.pages(3).next().unwrap();
+        // The last counts 1 (it references none), the others 2 each.
+        let first: Vec<Anchor> = o.pages(4).next().unwrap();
         assert_eq!(
             first,
             [&names[n - 3], &names[n - 2], &names[n - 1]].map(Anchor::new)
