@@ -947,7 +947,22 @@ async fn ldap_proxy(upstream: String) -> (u16, Arc<Seen>) {
             let down = s.clone();
             tokio::spawn(async move {
                 let (mut buf, mut chunk) = (Vec::new(), [0u8; 65536]);
+                let mut held = false;
                 while let Ok(n @ 1..) = sr.read(&mut chunk).await {
+                    // The first answer to an operation (not a bind) waits, up to 2 s, for a
+                    // second request: a pipelining client sends it without that answer, one
+                    // that is not never does. Without the wait, a loaded machine could let the
+                    // answer through before this proxy reads the next request, and the count
+                    // would say "not pipelined" of a client that is.
+                    if !held && down.sent.load(SeqCst) > down.binds.load(SeqCst) {
+                        held = true;
+                        let t0 = std::time::Instant::now();
+                        while down.sent.load(SeqCst) < down.answered.load(SeqCst) + 2
+                            && t0.elapsed() < std::time::Duration::from_secs(2)
+                        {
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                    }
                     buf.extend_from_slice(&chunk[..n]);
                     // Search entries and references (0x64, 0x73) precede their search's done.
                     let done = ldap_messages(&mut buf)
