@@ -872,3 +872,104 @@ fn out_of_scope_references_are_counted_not_reported() {
     };
     assert!(attributes.get("manager").is_none());
 }
+
+/// Light views (`StateStore::load_neighbourhood_light`) hold the objects around the planned
+/// ones as context only: a plan from them is the plan from whole views, or says which of them
+/// it had to decide. A chain of new users — Cy's manager is Bo, Bo's is Ann — planned for Ann
+/// alone: Ann's create takes in Bo (who references her), and Bo's create takes in Cy, whom the
+/// light views hold as context.
+#[test]
+fn light_views_plan_as_whole_ones_or_say_what_they_need() {
+    use dirsync::state::{Reach, SqliteStore, StateStore};
+    let dn = |cn: &str| Dn::parse(&format!("cn={cn},ou=People,dc=example,dc=com")).unwrap();
+    let person = |cn: &str, manager: Option<&str>| {
+        let mut e = Entry::new(cn.to_lowercase(), "user")
+            .with_dn(dn(cn))
+            .with("cn", cn)
+            .with("mail", format!("{}@example.com", cn.to_lowercase()))
+            .with("department", "Engineering");
+        if let Some(m) = manager {
+            e.attributes.set("manager", Value::dn_ref(dn(m)));
+        }
+        e
+    };
+    let mut store = SqliteStore::open_in_memory().unwrap();
+    let generation = store.begin_full_import("hr").unwrap();
+    store
+        .import_entries(
+            generation,
+            &[
+                person("Ann", None),
+                person("Bo", Some("Ann")),
+                person("Cy", Some("Bo")),
+            ],
+        )
+        .unwrap();
+    store
+        .finish_full_import("hr", generation, None, 0.0)
+        .unwrap();
+    let (ann, bo, cy) = (
+        testkit::anchor("ann"),
+        testkit::anchor("bo"),
+        testkit::anchor("cy"),
+    );
+    let projection = UserGroupProjection::default();
+    let plan = |views: &dirsync::state::Views, scope: Vec<dirsync::model::Anchor>| {
+        let mut input = PlanInput::new(&projection, &views.mirror, &views.links, &views.target);
+        input.scope = PlanScope::Anchors(scope);
+        delta::plan(&input)
+    };
+    let creates = |p: &Plan| -> Vec<String> {
+        p.operations
+            .iter()
+            .filter(|o| matches!(o.kind, OperationKind::Create { .. }))
+            .map(|o| o.anchor.to_string())
+            .collect()
+    };
+
+    let whole = store
+        .load_neighbourhood(std::slice::from_ref(&ann))
+        .unwrap();
+    assert!(!whole.mirror.is_partial(&cy));
+    let expected = plan(&whole, vec![ann.clone()]);
+    assert_eq!(creates(&expected), ["ann", "bo", "cy"], "{expected}");
+    assert!(expected.issues.is_empty(), "{expected}");
+
+    let light = store
+        .load_neighbourhood_light(std::slice::from_ref(&ann), Reach::Referrers)
+        .unwrap();
+    // Ann is planned, Bo too (he references her); Cy is context: her DN and her reference to
+    // Bo, nothing else.
+    assert!(!light.mirror.is_partial(&ann) && !light.mirror.is_partial(&bo));
+    assert!(light.mirror.is_partial(&cy));
+    let held = light.mirror.get(&cy).unwrap();
+    assert_eq!(held.dn, Some(dn("Cy")));
+    let names: Vec<&str> = held.attributes.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["manager"]);
+    assert_eq!(
+        light
+            .mirror
+            .get(&bo)
+            .unwrap()
+            .attributes
+            .get("mail")
+            .unwrap()[0],
+        Value::string("bo@example.com")
+    );
+    // Planned from the light views, Cy is held, not decided from what the views lack.
+    let partial = plan(&light, vec![ann.clone()]);
+    assert_eq!(creates(&partial), ["ann", "bo"], "{partial}");
+    assert!(
+        matches!(&partial.issues[..], [Issue::Held { anchor, reason }]
+            if *anchor == cy && reason.contains("context only")),
+        "{partial}"
+    );
+    // Planned again with Cy planned (what the engine does): the whole views' plan.
+    let again = store
+        .load_neighbourhood_light(&[ann.clone(), cy.clone()], Reach::Referrers)
+        .unwrap();
+    assert!(!again.mirror.is_partial(&cy));
+    let replanned = plan(&again, vec![ann, cy]);
+    assert_eq!(replanned.operations, expected.operations);
+    assert!(replanned.issues.is_empty(), "{replanned}");
+}

@@ -59,6 +59,7 @@ pub use plan::{
     GuardViolation, Issue, Operation, OperationKind, PendingReference, Phase, Plan, PlanStats,
     Reason, TargetRef,
 };
+pub(crate) use planner::plan_or_incomplete;
 pub use planner::{decide_page, plan, plan_decided, Decisions, PlanInput, PlanScope};
 pub use projection::{
     enabled_values, Apply, Deprovision, DeprovisionCause, Desired, Flow, JoinGroup, Projected,

@@ -116,8 +116,12 @@ enum Decision {
     Issue(Box<Issue>),
     /// In scope: a create, join or update, whose reference flows still need translating.
     Object(Box<Pending>),
+    /// The mirror holds the object as context only ([`SourceMirror::is_partial`]): the plan
+    /// must be made again with its whole entry.
+    Incomplete(Anchor),
 }
 
+#[derive(Clone)]
 struct Pending {
     anchor: Anchor,
     source_type: ObjectType,
@@ -131,6 +135,7 @@ struct Pending {
     retire: Option<Box<Operation>>,
 }
 
+#[derive(Clone)]
 enum Action {
     Create,
     Join {
@@ -144,7 +149,47 @@ enum Action {
 }
 
 /// Plans. See the module documentation.
+///
+/// An object the plan must decide whose entry the mirror holds as context only
+/// ([`SourceMirror::is_partial`]) is not decided: the plan holds it with an
+/// [`Issue::Held`] saying so (the engine plans again with its whole entry instead).
 pub fn plan(input: &PlanInput<'_>) -> Plan {
+    with_held(plan_or_incomplete(input))
+}
+
+/// A plan, or the plan made anyway with the objects the mirror held as context only
+/// ([`SourceMirror::is_partial`]) that it had to decide held.
+fn with_held(result: Result<Plan, Incomplete>) -> Plan {
+    match result {
+        Ok(plan) => plan,
+        Err(Incomplete { plan, anchors }) => {
+            let mut plan = *plan;
+            for anchor in anchors {
+                plan.issues.push(Issue::Held {
+                    anchor,
+                    reason: "the mirror held the object as context only; plan it again with \
+                             its whole entry"
+                        .into(),
+                });
+            }
+            plan.issues
+                .sort_by_cached_key(|i| (i.anchor().cloned(), i.to_string()));
+            plan
+        }
+    }
+}
+
+/// A plan that had to decide objects the mirror held as context only
+/// ([`SourceMirror::is_partial`]): their anchors (sorted, each once), and the plan made without
+/// deciding them.
+pub(crate) struct Incomplete {
+    pub(crate) plan: Box<Plan>,
+    pub(crate) anchors: Vec<Anchor>,
+}
+
+/// [`plan`], or [`Incomplete`] when it had to decide objects the mirror held as context only:
+/// the caller plans again with their whole entries.
+pub(crate) fn plan_or_incomplete(input: &PlanInput<'_>) -> Result<Plan, Incomplete> {
     let mut fresh = None;
     let containers = bound_containers(input, &mut fresh);
     let ctx = context(input, containers);
@@ -299,6 +344,13 @@ impl Decisions {
         self.0.absorb(other.0);
     }
 
+    /// Whether an object to decide was held as context only by the mirror
+    /// ([`SourceMirror::is_partial`]): these decisions are to be made again with its whole
+    /// entry.
+    pub fn incomplete(&self) -> bool {
+        !self.0.incomplete.is_empty()
+    }
+
     /// The anchors considered so far.
     pub fn considered(&self) -> usize {
         self.0.stats.considered
@@ -328,7 +380,17 @@ impl std::fmt::Debug for Decisions {
 /// `input` holds the neighbourhood of [`Decisions::anchors`] (as a delta plan's views, join
 /// candidates included) and, in [`PlanInput::linked`], the number of linked objects per
 /// target type for the guard.
+///
+/// Objects the mirror holds as context only are held, as in [`plan`].
 pub fn plan_decided(input: &PlanInput<'_>, decisions: Decisions) -> Plan {
+    with_held(plan_decided_or_incomplete(input, decisions))
+}
+
+/// [`plan_decided`], or [`Incomplete`] as [`plan_or_incomplete`].
+pub(crate) fn plan_decided_or_incomplete(
+    input: &PlanInput<'_>,
+    decisions: Decisions,
+) -> Result<Plan, Incomplete> {
     let mut fresh = None;
     let containers = bound_containers(input, &mut fresh);
     let full = as_full(input);
@@ -342,9 +404,10 @@ fn conclude(
     containers: &ContainerBindings,
     ctx: &ProjectionContext<'_>,
     mut tally: Tally,
-) -> Plan {
+) -> Result<Plan, Incomplete> {
     redecide_referrers(input, ctx, &mut tally);
     replan_referrers_of_recreated(input, containers, &mut tally);
+    let mut incomplete = std::mem::take(&mut tally.incomplete);
 
     let mut stats = tally.stats;
     let mut ops: Vec<Operation> = std::mem::take(&mut tally.ops);
@@ -438,7 +501,15 @@ fn conclude(
             .check_with(&plan, |ty| counts.get(ty).copied().unwrap_or(0)),
         None => input.guard.check(&plan, input.links),
     };
-    plan
+    if incomplete.is_empty() {
+        return Ok(plan);
+    }
+    incomplete.sort();
+    incomplete.dedup();
+    Err(Incomplete {
+        plan: Box::new(plan),
+        anchors: incomplete,
+    })
 }
 
 /// Objects this plan creates anew while they are linked — their target object is gone, or the
@@ -485,7 +556,7 @@ fn replan_referrers_of_recreated(
 }
 
 /// What phase A found: the statistics so far and the decisions that are not "nothing to do".
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Tally {
     stats: PlanStats,
     /// How many of the decided anchors have a link.
@@ -493,6 +564,8 @@ struct Tally {
     ops: Vec<Operation>,
     issues: Vec<Issue>,
     pending: Vec<Pending>,
+    /// Objects decided from a context-only entry ([`Decision::Incomplete`]).
+    incomplete: Vec<Anchor>,
 }
 
 impl Tally {
@@ -531,6 +604,7 @@ impl Tally {
                 self.stats.in_scope += 1;
                 self.pending.push(*p)
             }
+            Decision::Incomplete(a) => self.incomplete.push(a),
         }
     }
 
@@ -565,6 +639,7 @@ impl Tally {
         self.ops.append(&mut other.ops);
         self.issues.append(&mut other.issues);
         self.pending.append(&mut other.pending);
+        self.incomplete.append(&mut other.incomplete);
     }
 }
 
@@ -636,8 +711,10 @@ fn redecide_referrers(input: &PlanInput<'_>, ctx: &ProjectionContext<'_>, tally:
         };
         let link = input.links.get(a);
         // Only the shortcuts' "unchanged" can differ: take in-scope objects.
-        if let Decision::Object(p) = decide(input, ctx, a, Some(entry), link, false) {
-            found.push(*p);
+        match decide(input, ctx, a, Some(entry), link, false) {
+            Decision::Object(p) => found.push(*p),
+            Decision::Incomplete(a) => tally.incomplete.push(a),
+            _ => {}
         }
     }
     for p in found {
@@ -671,6 +748,9 @@ fn decide(
             None => Decision::Nothing { in_scope: false },
         };
     };
+    if input.mirror.is_partial(anchor) {
+        return Decision::Incomplete(anchor.clone());
+    }
     // The projection's own fast path: linked, in scope, nothing to change. Asked in full plans
     // only, where most objects are unchanged; a delta plan's objects are dirty, and asking
     // first would mostly evaluate their flows twice.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
@@ -41,6 +41,8 @@ pub struct SourceMirror {
     refs_by_dn: HashMap<Dn, Referrers>,
     /// DNs that name a mirrored object while unresolved references to them wait.
     unsettled: BTreeSet<Dn>,
+    /// The entries held as context only ([`SourceMirror::is_partial`]).
+    partial: HashSet<Anchor>,
 }
 
 fn references(entry: &Entry) -> impl Iterator<Item = (&AttrName, &Reference)> {
@@ -177,6 +179,25 @@ impl SourceMirror {
         self.entries.get(anchor)
     }
 
+    /// Whether the entry of `anchor` is held as context only: its anchor, type and DN, and of
+    /// its attributes only the references it makes to the objects a plan decides — what
+    /// reference translation and `member_of` read of an object the plan does not decide. A
+    /// state store's neighbourhood holds such entries for the objects around the planned
+    /// ones ([`crate::state::StateStore::load_neighbourhood_light`]); the planner never
+    /// decides one: it says it needs the whole entry instead.
+    pub fn is_partial(&self, anchor: &Anchor) -> bool {
+        !self.partial.is_empty() && self.partial.contains(anchor)
+    }
+
+    /// Inserts an entry held as context only ([`SourceMirror::is_partial`]); a later
+    /// [`SourceMirror::insert`] of the anchor replaces it with a whole entry.
+    pub(crate) fn insert_partial(&mut self, entry: Entry) -> Option<Entry> {
+        let anchor = entry.anchor.clone();
+        let old = self.insert(entry);
+        self.partial.insert(anchor);
+        old
+    }
+
     /// The anchor of the entry at `dn`.
     pub fn anchor_of(&self, dn: &Dn) -> Option<&Anchor> {
         self.by_dn.get(dn)
@@ -288,6 +309,9 @@ impl SourceMirror {
     pub fn insert(&mut self, entry: Entry) -> Option<Entry> {
         let entry = self.resolved(entry);
         let anchor = entry.anchor.clone();
+        if !self.partial.is_empty() {
+            self.partial.remove(&anchor);
+        }
         if let Some(old_dn) = self.dn_of(&anchor).cloned() {
             if entry.dn.as_ref() != Some(&old_dn) && self.by_dn.get(&old_dn) == Some(&anchor) {
                 // A rename or move: references still waiting by the old DN meant this object.
@@ -360,6 +384,9 @@ impl SourceMirror {
         }
         let old = self.entries.remove(anchor)?;
         self.unindex(&old);
+        if !self.partial.is_empty() {
+            self.partial.remove(anchor);
+        }
         let referrers: BTreeSet<Anchor> = self
             .refs_by_anchor
             .get(anchor)

@@ -13,22 +13,30 @@ impl Synchronizer {
         now: DateTime<Utc>,
         bindings: &crate::delta::ContainerBindings,
     ) -> Result<Views> {
-        self.views_for(anchors, now, bindings, Reach::Referrers)
+        self.views_for(anchors, now, bindings, Reach::Referrers, false)
     }
 
     /// The views for planning `anchors` with the objects referencing them as far as `reach`
-    /// says ([`StateStore::load_neighbourhood_reaching`]), join candidates included.
+    /// says ([`StateStore::load_neighbourhood_reaching`]), join candidates included; `light`:
+    /// the objects around them held as context only
+    /// ([`StateStore::load_neighbourhood_light`]), for a plan that says when it needs one
+    /// whole.
     fn views_for(
         &self,
         anchors: &[Anchor],
         now: DateTime<Utc>,
         bindings: &crate::delta::ContainerBindings,
         reach: Reach,
+        light: bool,
     ) -> Result<Views> {
         if anchors.is_empty() {
             return Ok(Views::default());
         }
-        let mut views = self.store(|s| s.load_neighbourhood_reaching(anchors, reach))?;
+        let mut views = if light {
+            self.store(|s| s.load_neighbourhood_light(anchors, reach))?
+        } else {
+            self.store(|s| s.load_neighbourhood_reaching(anchors, reach))?
+        };
         // Joins look their attributes up in the views' target mirror: index them, or each
         // lookup scans every target object of the neighbourhood (quadratic in a page).
         for attr in self.join_attributes.iter() {
@@ -127,12 +135,23 @@ impl Synchronizer {
                     let Some(last) = anchors.last().cloned() else {
                         break;
                     };
-                    // Only the page's own objects are decided: their referrers are context.
-                    let views = self.views_for(&anchors, now, &bindings, Reach::Anchors)?;
-                    decisions.absorb(delta::decide_page(
+                    // Only the page's own objects are decided: what is around them is
+                    // context, held light.
+                    let mut views =
+                        self.views_for(&anchors, now, &bindings, Reach::Anchors, true)?;
+                    let mut page = delta::decide_page(
                         &self.plan_input(&views, now, &bindings, &counts, &create_references),
                         &anchors,
-                    ));
+                    );
+                    if page.incomplete() {
+                        // A store whose light views hold a page's own object as context.
+                        views = self.views_for(&anchors, now, &bindings, Reach::Anchors, false)?;
+                        page = delta::decide_page(
+                            &self.plan_input(&views, now, &bindings, &counts, &create_references),
+                            &anchors,
+                        );
+                    }
+                    decisions.absorb(page);
                     self.progress(Stage::Plan, decisions.considered() as u64, None);
                     after = Some(last);
                     // Freeing a page's views takes a tenth of its time: on another thread,
@@ -145,6 +164,8 @@ impl Synchronizer {
                 if let Some(d) = dropping.take() {
                     let _ = d.join();
                 }
+                // Phases B and C decide the referrers of what phase A decided: whole
+                // entries, as the neighbourhood plans them.
                 let views = self.neighbourhood(&decisions.anchors(), now, &bindings)?;
                 (
                     delta::plan_decided(
@@ -162,12 +183,19 @@ impl Synchronizer {
                 } else {
                     Reach::Referrers
                 };
-                let views = self.views_for(&anchors, now, &bindings, reach)?;
+                let views = self.views_for(&anchors, now, &bindings, reach, true)?;
                 let mut input =
                     self.plan_input(&views, now, &bindings, &counts, &create_references);
                 input.scope = PlanScope::Anchors(anchors.clone());
                 input.unlinked_referrers = !together.paged;
-                let plan = delta::plan(&input);
+                let plan = match delta::plan_or_incomplete(&input) {
+                    Ok(plan) => plan,
+                    Err(more) => {
+                        // It had to decide objects the views held as context: plan them.
+                        anchors = merged(anchors, more.anchors);
+                        continue;
+                    }
+                };
                 // The planner also plans the objects that reference the ones it links (and
                 // theirs). A linked one it creates beyond the scope was planned without its
                 // target object, which the views hold for the scope's objects only: it would
@@ -301,6 +329,14 @@ impl Synchronizer {
         }
         plan
     }
+}
+
+/// `anchors` and `more`, sorted, each once.
+fn merged(mut anchors: Vec<Anchor>, more: Vec<Anchor>) -> Vec<Anchor> {
+    anchors.extend(more);
+    anchors.sort();
+    anchors.dedup();
+    anchors
 }
 
 /// Groups of anchors planned together: whenever a plan holds one of a group, it holds all of

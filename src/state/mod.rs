@@ -637,6 +637,22 @@ pub trait StateStore: Send {
         self.load_neighbourhood(anchors)
     }
 
+    /// [`StateStore::load_neighbourhood_reaching`] with the context held light: an object that
+    /// is not planned may come as its anchor, type and DN and, of its attributes, only the
+    /// references it makes to the planned objects
+    /// ([`SourceMirror::is_partial`](crate::delta::SourceMirror::is_partial)) — what
+    /// reference translation and `member_of` read of it. A group of 50,000 members that
+    /// references a page's objects then costs the page a scan of its members, not 50,000
+    /// decoded values. The planner never decides such an object: the engine plans again with
+    /// it planned. The default loads whole entries.
+    fn load_neighbourhood_light(
+        &self,
+        anchors: &[Anchor],
+        reach: Reach,
+    ) -> Result<Views, StateError> {
+        self.load_neighbourhood_reaching(anchors, reach)
+    }
+
     /// Adds to `views` the target objects matching `lookups` (for joins of objects without a
     /// link), and the links to them, so a neighbourhood plan joins as a full plan would.
     fn load_join_candidates(

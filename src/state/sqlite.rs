@@ -43,7 +43,10 @@ use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
 use std::cell::{Cell, RefCell};
 
-use super::encoding::{decode_attributes, decode_binary, encode_attributes, encode_binary};
+use super::encoding::{
+    decode_attributes, decode_binary, decode_binary_refs, encode_attributes, encode_binary,
+    StoredRef,
+};
 use super::{
     audit_attributes, check_import_share, done_effect, encode_entry, entry_hash_into,
     entry_references, lookup_key, lower_lookup_attributes, redacted_operation,
@@ -1095,6 +1098,65 @@ fn decode_entry_in(names: &Names, row: Vec<SqlValue>) -> Result<Entry, StateErro
     decode_entry_with(row, |v, own| Ok(decode_stored(names, v, Some(own))))
 }
 
+/// A source object held as context ([`SourceMirror::is_partial`]): of its attributes only the
+/// references `keep` accepts.
+fn decode_entry_light(
+    names: &Names,
+    row: Vec<SqlValue>,
+    keep: &Keep<'_>,
+) -> Result<Entry, StateError> {
+    decode_entry_with(row, |v, _| {
+        Ok(match v {
+            SqlValue::Blob(b) => decode_binary_refs(b, |id| names.name(id), |r| keep.accepts(r)),
+            // Files before version 6 (migrated on open, so only in tests of migrations).
+            SqlValue::Text(t) => decode_attributes(t).map(|a| keep.filter(a)),
+            other => Err(format!("holds {:?}, not attributes", other.data_type())),
+        })
+    })
+}
+
+/// What an entry held as context keeps of its attributes: the references to the planned
+/// objects, by anchor or by normalized DN.
+struct Keep<'a> {
+    anchors: rustc_hash::FxHashSet<&'a str>,
+    dns: rustc_hash::FxHashSet<&'a str>,
+}
+
+impl Keep<'_> {
+    fn accepts(&self, r: StoredRef<'_>) -> bool {
+        match r {
+            StoredRef::Anchor(a) => self.anchors.contains(a),
+            StoredRef::Dn(d) => self.dns.contains(d.normalized()),
+        }
+    }
+
+    /// `attributes` less what [`Keep::accepts`] refuses.
+    fn filter(&self, attributes: Attributes) -> Attributes {
+        let kept: Vec<(AttrName, crate::model::Values)> = attributes
+            .iter()
+            .map(|(name, values)| {
+                let values: crate::model::Values = values
+                    .iter()
+                    .filter(|v| match v {
+                        Value::Reference(
+                            crate::model::Reference::Anchor(a)
+                            | crate::model::Reference::Pending(a),
+                        ) => self.accepts(StoredRef::Anchor(a.as_str())),
+                        Value::Reference(crate::model::Reference::Dn(d)) => {
+                            self.accepts(StoredRef::Dn(d))
+                        }
+                        _ => false,
+                    })
+                    .cloned()
+                    .collect();
+                (name.clone(), values)
+            })
+            .filter(|(_, values)| !values.is_empty())
+            .collect();
+        Attributes::from(kept)
+    }
+}
+
 /// A source object from its columns ([`ENTRY_COLUMNS`]) as SQLite holds them, its attributes
 /// decoded by `attributes`. Errors are [`StateError::Corrupt`] naming the anchor.
 fn decode_entry_with(
@@ -1282,11 +1344,13 @@ fn decoded_in<K: rusqlite::ToSql, T: Send>(
     decode_rows(rows_in(conn, sql, keys, columns, what)?, decode)
 }
 
-/// The source objects of `anchors` (those in the mirror).
+/// The source objects of `anchors` (those in the mirror): whole, or held as context with what
+/// `keep` keeps.
 fn entries_by_anchors(
     conn: &Db<'_>,
     names: &Names,
     anchors: &[&str],
+    keep: Option<&Keep<'_>>,
 ) -> Result<Vec<Entry>, StateError> {
     decoded_in(
         conn,
@@ -1294,18 +1358,35 @@ fn entries_by_anchors(
         anchors,
         4,
         "reading source objects",
-        |r| decode_entry_in(names, r),
+        |r| match keep {
+            Some(k) => decode_entry_light(names, r, k),
+            None => decode_entry_in(names, r),
+        },
     )
 }
 
-/// The source objects at the normalized DNs `dns` (by their hashes, less the collisions).
-fn entries_by_dns(conn: &Db<'_>, names: &Names, dns: &[&str]) -> Result<Vec<Entry>, StateError> {
+/// The source objects at the normalized DNs `dns` (by their hashes, less the collisions), as
+/// [`entries_by_anchors`] reads them.
+fn entries_by_dns(
+    conn: &Db<'_>,
+    names: &Names,
+    dns: &[&str],
+    keep: Option<&Keep<'_>>,
+) -> Result<Vec<Entry>, StateError> {
     let mut keys: Vec<i64> = dns.iter().map(|d| dn_key(d)).collect();
     keys.sort_unstable();
     keys.dedup();
-    let mut out = decoded_in(conn, ENTRIES_AT_DNS_IN, &keys, 4, "resolving DNs", |r| {
-        decode_entry_in(names, r)
-    })?;
+    let mut out = decoded_in(
+        conn,
+        ENTRIES_AT_DNS_IN,
+        &keys,
+        4,
+        "resolving DNs",
+        |r| match keep {
+            Some(k) => decode_entry_light(names, r, k),
+            None => decode_entry_in(names, r),
+        },
+    )?;
     let wanted: rustc_hash::FxHashSet<&str> = dns.iter().copied().collect();
     out.retain(|e| {
         e.dn.as_ref()
@@ -1358,6 +1439,7 @@ fn fetch_entries<'a>(
     names: &Names,
     entries: &mut Fetched,
     want: impl IntoIterator<Item = &'a Anchor>,
+    keep: Option<&Keep<'_>>,
 ) -> Result<(), StateError> {
     let mut missing: Vec<&Anchor> = want
         .into_iter()
@@ -1366,7 +1448,7 @@ fn fetch_entries<'a>(
     missing.sort_unstable();
     missing.dedup();
     let keys: Vec<&str> = missing.iter().map(|a| a.as_str()).collect();
-    for e in entries_by_anchors(conn, names, &keys)? {
+    for e in entries_by_anchors(conn, names, &keys, keep)? {
         entries.insert(e.anchor.clone(), Some(e));
     }
     for a in missing {
@@ -1399,6 +1481,7 @@ fn read_neighbourhood(
     conn: &Db<'_>,
     anchors: &[Anchor],
     reach: Reach,
+    light: bool,
 ) -> Result<Views, StateError> {
     // The dictionary as this snapshot has it (another connection may have added names), read
     // once for the decoding on several threads.
@@ -1406,7 +1489,7 @@ fn read_neighbourhood(
     let names_ref = conn.names()?;
     let names: &Names = &names_ref;
     let mut entries = Fetched::default();
-    fetch_entries(conn, names, &mut entries, anchors)?;
+    fetch_entries(conn, names, &mut entries, anchors, None)?;
     let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
     match reach {
         Reach::Anchors => {}
@@ -1425,7 +1508,7 @@ fn read_neighbourhood(
             planned.extend(linked);
         }
     }
-    fetch_entries(conn, names, &mut entries, &planned)?;
+    fetch_entries(conn, names, &mut entries, &planned, None)?;
     // What references a planned object (the referrers not planned among them).
     let mut context = referrers_of_read(conn, &entries, &planned)?;
     let mut dns: Vec<String> = Vec::new();
@@ -1441,12 +1524,34 @@ fn read_neighbourhood(
     }
     dns.sort_unstable();
     dns.dedup();
+    // Context entries keep only their references to the planned objects (when `light`).
+    let planned_dns: Vec<String> = planned
+        .iter()
+        .filter_map(|p| {
+            Some(
+                entries
+                    .get(p)?
+                    .as_ref()?
+                    .dn
+                    .as_ref()?
+                    .normalized()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let keep = Keep {
+        anchors: planned.iter().map(Anchor::as_str).collect(),
+        dns: planned_dns.iter().map(String::as_str).collect(),
+    };
+    let keep = light.then_some(&keep);
     let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
-    for e in entries_by_dns(conn, names, &dns)? {
+    for e in entries_by_dns(conn, names, &dns, keep)? {
         context.insert(e.anchor.clone());
-        entries.insert(e.anchor.clone(), Some(e));
+        if !planned.contains(&e.anchor) {
+            entries.insert(e.anchor.clone(), Some(e));
+        }
     }
-    fetch_entries(conn, names, &mut entries, &context)?;
+    fetch_entries(conn, names, &mut entries, &context, keep)?;
     let all: Vec<&str> = planned
         .iter()
         .chain(context.iter().filter(|a| !planned.contains(*a)))
@@ -1461,9 +1566,18 @@ fn read_neighbourhood(
     let targets = targets_by_ids(conn, names, &ids)?;
     let mut views = Views::default();
     // Into the views in the order the planned objects then the context come.
-    for a in planned.iter().chain(context.iter()) {
+    for a in &planned {
         if let Some(e) = entries.get_mut(a).and_then(Option::take) {
             views.mirror.insert(e);
+        }
+    }
+    for a in context.iter().filter(|a| !planned.contains(*a)) {
+        if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+            if light {
+                views.mirror.insert_partial(e);
+            } else {
+                views.mirror.insert(e);
+            }
         }
     }
     for l in links {
@@ -3007,7 +3121,23 @@ impl StateStore for SqliteStore {
             conn: &tx,
             names: &self.names,
         };
-        read_neighbourhood(&db, anchors, reach)
+        read_neighbourhood(&db, anchors, reach, false)
+    }
+
+    fn load_neighbourhood_light(
+        &self,
+        anchors: &[Anchor],
+        reach: Reach,
+    ) -> Result<Views, StateError> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .ctx("starting a read transaction")?;
+        let db = Db {
+            conn: &tx,
+            names: &self.names,
+        };
+        read_neighbourhood(&db, anchors, reach, true)
     }
 
     fn load_join_candidates(
