@@ -34,7 +34,7 @@ use dirsync::delta::{
 use dirsync::engine::{Clock, EngineConfig, StagedPlan, Synchronizer};
 use dirsync::model::{Anchor, Dn, Entry, TargetObject, Value};
 use dirsync::rules::ruleset::RuleSet;
-use dirsync::state::MemoryStore;
+use dirsync::state::{MemoryStore, SqliteStore, StateStore};
 use dirsync::testkit::{self, Fixture, UserGroupProjection};
 
 /// The variable that writes the golden files instead of comparing with them.
@@ -408,16 +408,30 @@ fn config(plan_page: Option<usize>) -> EngineConfig {
     c
 }
 
+/// Which state store the engine plans over.
+#[derive(Clone, Copy)]
+enum Store {
+    Memory,
+    /// SQLite, whose pages and delta plans read light neighbourhoods (context objects held
+    /// partial): the plans must not see it.
+    Sqlite,
+}
+
 fn sync(
     source: &MemorySource,
     target: &MemoryTarget,
     rules: RuleSet,
     plan_page: Option<usize>,
+    store: Store,
 ) -> Synchronizer {
+    let store: Box<dyn StateStore> = match store {
+        Store::Memory => Box::new(MemoryStore::new()),
+        Store::Sqlite => Box::new(SqliteStore::open_in_memory().unwrap()),
+    };
     Synchronizer::new(
         Box::new(source.clone()),
         Box::new(target.clone()),
-        Box::new(MemoryStore::new()),
+        store,
         Arc::new(rules),
         config(plan_page),
     )
@@ -470,10 +484,10 @@ fn scim_world() -> (MemorySource, MemoryTarget, Vec<Entry>) {
 }
 
 /// The engine's staged plans, full (made in pages of `plan_page`) and delta.
-fn engine_plans(golden: &mut Golden, plan_page: Option<usize>) {
+fn engine_plans(golden: &mut Golden, plan_page: Option<usize>, store: Store) {
     let (source, target, users) = scim_world();
     let rules = || RuleSet::from_toml(SCIM_RULES, Some("ad-to-scim.toml")).unwrap();
-    let mut s = sync(&source, &target, rules(), plan_page);
+    let mut s = sync(&source, &target, rules(), plan_page, store);
 
     futures::executor::block_on(s.full_import()).unwrap();
     golden.staged("engine_initial_full", &s.plan(true).unwrap());
@@ -549,7 +563,7 @@ reference = true
 "#;
 
 /// Containers: objects in and out of a subtree, one moved out, a wave of them leaving.
-fn container_plans(golden: &mut Golden, plan_page: Option<usize>) {
+fn container_plans(golden: &mut Golden, plan_page: Option<usize>, store: Store) {
     let dn = |s: &str| Dn::parse(s).unwrap();
     let staff = "OU=Staff,DC=corp,DC=example";
     let sales = "OU=Sales,OU=Staff,DC=corp,DC=example";
@@ -581,7 +595,7 @@ fn container_plans(golden: &mut Golden, plan_page: Option<usize>) {
     }
     let target = MemoryTarget::new("app");
     let rules = RuleSet::from_toml(CONTAINER_RULES, Some("rules.toml")).unwrap();
-    let mut s = sync(&source, &target, rules, plan_page);
+    let mut s = sync(&source, &target, rules, plan_page, store);
 
     futures::executor::block_on(s.full_import()).unwrap();
     golden.staged("containers_initial_full", &s.plan(true).unwrap());
@@ -619,9 +633,27 @@ fn engine_plans_are_the_golden_ones() {
         after_pages: true,
         ..Golden::default()
     };
-    engine_plans(&mut golden, None);
-    container_plans(&mut golden, None);
+    engine_plans(&mut golden, None, Store::Memory);
+    container_plans(&mut golden, None, Store::Memory);
     golden.finish();
+}
+
+/// Over SQLite (light neighbourhoods), in the default pages and in pages of one and three,
+/// the engine's plans are the golden ones too.
+#[test]
+fn engine_plans_over_sqlite_are_the_golden_ones() {
+    if std::env::var_os(BLESS).is_some() {
+        return;
+    }
+    for page in [None, Some(1), Some(3)] {
+        let mut golden = Golden {
+            after_pages: true,
+            ..Golden::default()
+        };
+        engine_plans(&mut golden, page, Store::Sqlite);
+        container_plans(&mut golden, page, Store::Sqlite);
+        golden.finish();
+    }
 }
 
 /// Full plans made in pages of one, two and three objects are the golden plans too, after
@@ -636,8 +668,8 @@ fn engine_plans_in_tiny_pages_are_the_golden_ones() {
             after_pages: true,
             ..Golden::default()
         };
-        engine_plans(&mut golden, Some(page));
-        container_plans(&mut golden, Some(page));
+        engine_plans(&mut golden, Some(page), Store::Memory);
+        container_plans(&mut golden, Some(page), Store::Memory);
         golden.finish();
     }
 }

@@ -696,6 +696,10 @@ reference = true
         None,
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    // A scope by membership: a plan of some objects needs what references them as context.
+    assert!(rules.reads_member_of());
+    let scim = RuleSet::from_toml(include_str!("../examples/rules/ad-to-scim.toml"), None).unwrap();
+    assert!(!scim.reads_member_of());
     let dn = |s: &str| Dn::parse(s).unwrap();
     let mut m = SourceMirror::new();
     m.insert(

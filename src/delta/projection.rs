@@ -45,6 +45,14 @@ pub trait Projection: Send + Sync {
         Vec::new()
     }
 
+    /// Whether it reads [`ProjectionContext::member_of`] (a scope by group membership): a plan
+    /// that decides only some objects then needs the objects that reference them as context.
+    /// `true` by default; a projection that never reads it says `false`, and a full plan's
+    /// pages read less ([`Reach::AnchorsAlone`](crate::state::Reach::AnchorsAlone)).
+    fn reads_member_of(&self) -> bool {
+        true
+    }
+
     /// The target attributes its join groups look up, per target object type (every type it
     /// makes, even with no join): the engine declares them to the state store
     /// ([`StateStore::set_lookup_attributes`](crate::state::StateStore::set_lookup_attributes)),

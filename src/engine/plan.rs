@@ -130,6 +130,12 @@ impl Synchronizer {
                 let mut decisions = delta::Decisions::default();
                 let mut after: Option<Anchor> = None;
                 let mut dropping: Option<std::thread::JoinHandle<()>> = None;
+                // Rules that do not read `member_of` need nothing of what references a page.
+                let alone = if self.projection.reads_member_of() {
+                    Reach::Anchors
+                } else {
+                    Reach::AnchorsAlone
+                };
                 loop {
                     let anchors = self.store(|s| s.anchors_page(after.as_ref(), page))?;
                     let Some(last) = anchors.last().cloned() else {
@@ -137,8 +143,7 @@ impl Synchronizer {
                     };
                     // Only the page's own objects are decided: what is around them is
                     // context, held light.
-                    let mut views =
-                        self.views_for(&anchors, now, &bindings, Reach::Anchors, true)?;
+                    let mut views = self.views_for(&anchors, now, &bindings, alone, true)?;
                     let mut page = delta::decide_page(
                         &self.plan_input(&views, now, &bindings, &counts, &create_references),
                         &anchors,

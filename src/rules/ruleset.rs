@@ -1412,6 +1412,12 @@ enum FlowFailure {
 }
 
 impl Projection for RuleSet {
+    fn reads_member_of(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.scope.as_ref().is_some_and(ScopeFilter::reads_member_of))
+    }
+
     fn project(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
         let Some(rule) = self.rule_for(&entry.object_type) else {
             return Projected::OutOfScope(format!("no rule for object type {}", entry.object_type));

@@ -704,6 +704,19 @@ impl TextOperand {
 }
 
 impl ScopeFilter {
+    /// Whether a clause tests group membership (`ISMEMBEROF`, `ISNOTMEMBEROF`): evaluating it
+    /// calls its `member_of`.
+    pub fn reads_member_of(&self) -> bool {
+        self.groups.iter().flatten().any(|c| {
+            matches!(
+                c.operator,
+                Operator::ConnectSync(
+                    ConnectSyncOperator::IsMemberOf | ConnectSyncOperator::IsNotMemberOf
+                )
+            )
+        })
+    }
+
     /// Checks `spec` and compiles it. Returns every problem found, each naming its group, clause,
     /// attribute and operator.
     pub fn compile(spec: &FilterSpec) -> Result<ScopeFilter, Vec<ScopeError>> {

@@ -177,7 +177,7 @@ impl MemoryStore {
             planned.extend(self.referrers(a).filter(|r| match reach {
                 Reach::Referrers => true,
                 Reach::LinkedReferrers => self.links.get(r).is_some(),
-                Reach::Anchors => false,
+                Reach::Anchors | Reach::AnchorsAlone => false,
             }));
         }
         let mut context: BTreeSet<Anchor> = BTreeSet::new();

@@ -354,6 +354,11 @@ pub enum Reach {
     /// None: only the anchors are decided (phase A of a full plan,
     /// [`crate::delta::decide_page`]).
     Anchors,
+    /// None, and no object referencing them comes as context either: only the anchors are
+    /// decided, by rules that do not read `member_of`
+    /// ([`Projection::reads_member_of`](crate::delta::Projection::reads_member_of)). What they
+    /// reference still comes as context (its links translate their references).
+    AnchorsAlone,
 }
 
 /// A join lookup for [`StateStore::load_join_candidates`]: target objects of `object_type`

@@ -447,6 +447,12 @@ const TARGET_LOOKUP: &str = "SELECT id FROM target_values WHERE attribute = ?1 A
 // two `{}` binds the same keys in both); the tests check each uses an index.
 const ENTRIES_IN: &str =
     "SELECT anchor, object_type, dn, attributes FROM source_objects WHERE anchor IN {}";
+/// [`ENTRIES_IN`] without the attributes.
+const HEADS_IN: &str =
+    "SELECT anchor, object_type, dn, NULL FROM source_objects WHERE anchor IN {}";
+/// [`ENTRIES_AT_DNS_IN`] without the attributes.
+const HEADS_AT_DNS_IN: &str =
+    "SELECT anchor, object_type, dn, NULL FROM source_objects WHERE dn_key IN {}";
 /// The objects whose DN hashes to one of the keys (the caller compares the DNs).
 const ENTRIES_AT_DNS_IN: &str =
     "SELECT anchor, object_type, dn, attributes FROM source_objects WHERE dn_key IN {}";
@@ -468,6 +474,8 @@ const TARGETS_IN: &str = "SELECT id, object_type, attributes FROM target_objects
 pub(crate) const BULK_QUERIES: &[&str] = &[
     ENTRIES_IN,
     ENTRIES_AT_DNS_IN,
+    HEADS_IN,
+    HEADS_AT_DNS_IN,
     REFERRERS_BY_ANCHOR_IN,
     REFERRERS_BY_DN_IN,
     LINKS_IN,
@@ -1107,6 +1115,7 @@ fn decode_entry_light(
 ) -> Result<Entry, StateError> {
     decode_entry_with(row, |v, _| {
         Ok(match v {
+            _ if keep.heads => Ok(Attributes::new()),
             SqlValue::Blob(b) => decode_binary_refs(b, |id| names.name(id), |r| keep.accepts(r)),
             // Files before version 6 (migrated on open, so only in tests of migrations).
             SqlValue::Text(t) => decode_attributes(t).map(|a| keep.filter(a)),
@@ -1120,6 +1129,9 @@ fn decode_entry_light(
 struct Keep<'a> {
     anchors: rustc_hash::FxHashSet<&'a str>,
     dns: rustc_hash::FxHashSet<&'a str>,
+    /// No attribute at all: the entries are not read for their references
+    /// ([`Reach::AnchorsAlone`]).
+    heads: bool,
 }
 
 impl Keep<'_> {
@@ -1352,9 +1364,13 @@ fn entries_by_anchors(
     anchors: &[&str],
     keep: Option<&Keep<'_>>,
 ) -> Result<Vec<Entry>, StateError> {
+    let sql = match keep {
+        Some(k) if k.heads => HEADS_IN,
+        _ => ENTRIES_IN,
+    };
     decoded_in(
         conn,
-        ENTRIES_IN,
+        sql,
         anchors,
         4,
         "reading source objects",
@@ -1376,17 +1392,14 @@ fn entries_by_dns(
     let mut keys: Vec<i64> = dns.iter().map(|d| dn_key(d)).collect();
     keys.sort_unstable();
     keys.dedup();
-    let mut out = decoded_in(
-        conn,
-        ENTRIES_AT_DNS_IN,
-        &keys,
-        4,
-        "resolving DNs",
-        |r| match keep {
-            Some(k) => decode_entry_light(names, r, k),
-            None => decode_entry_in(names, r),
-        },
-    )?;
+    let sql = match keep {
+        Some(k) if k.heads => HEADS_AT_DNS_IN,
+        _ => ENTRIES_AT_DNS_IN,
+    };
+    let mut out = decoded_in(conn, sql, &keys, 4, "resolving DNs", |r| match keep {
+        Some(k) => decode_entry_light(names, r, k),
+        None => decode_entry_in(names, r),
+    })?;
     let wanted: rustc_hash::FxHashSet<&str> = dns.iter().copied().collect();
     out.retain(|e| {
         e.dn.as_ref()
@@ -1492,7 +1505,7 @@ fn read_neighbourhood(
     fetch_entries(conn, names, &mut entries, anchors, None)?;
     let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
     match reach {
-        Reach::Anchors => {}
+        Reach::Anchors | Reach::AnchorsAlone => {}
         Reach::Referrers => planned.extend(referrers_of_read(conn, &entries, anchors)?),
         Reach::LinkedReferrers => {
             let referrers = referrers_of_read(conn, &entries, anchors)?;
@@ -1510,7 +1523,11 @@ fn read_neighbourhood(
     }
     fetch_entries(conn, names, &mut entries, &planned, None)?;
     // What references a planned object (the referrers not planned among them).
-    let mut context = referrers_of_read(conn, &entries, &planned)?;
+    let mut context = if reach == Reach::AnchorsAlone {
+        BTreeSet::new()
+    } else {
+        referrers_of_read(conn, &entries, &planned)?
+    };
     let mut dns: Vec<String> = Vec::new();
     for e in planned.iter().filter_map(|p| entries.get(p)?.as_ref()) {
         for (_, t) in entry_references(e) {
@@ -1542,6 +1559,7 @@ fn read_neighbourhood(
     let keep = Keep {
         anchors: planned.iter().map(Anchor::as_str).collect(),
         dns: planned_dns.iter().map(String::as_str).collect(),
+        heads: reach == Reach::AnchorsAlone,
     };
     let keep = light.then_some(&keep);
     let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
