@@ -38,9 +38,16 @@ impl Synchronizer {
             self.store(|s| s.load_neighbourhood_reaching(anchors, reach))?
         };
         // Joins look their attributes up in the views' target mirror: index them, or each
-        // lookup scans every target object of the neighbourhood (quadratic in a page).
-        for attr in self.join_attributes.iter() {
-            views.target.index_attribute(attr.clone());
+        // lookup scans every target object of the neighbourhood (quadratic in a page). Only
+        // objects without a link join: a page of linked ones needs no index.
+        let unlinked = views
+            .mirror
+            .entries()
+            .any(|e| views.links.get(&e.anchor).is_none() && !views.mirror.is_partial(&e.anchor));
+        if unlinked {
+            for attr in self.join_attributes.iter() {
+                views.target.index_attribute(attr.clone());
+            }
         }
         // New objects may join target objects outside the neighbourhood: load the
         // candidates their join groups name.
