@@ -877,7 +877,7 @@ fn out_of_scope_references_are_counted_not_reported() {
 /// ones as context only: a plan from them is the plan from whole views, or says which of them
 /// it had to decide. A chain of new users — Cy's manager is Bo, Bo's is Ann — planned for Ann
 /// alone: Ann's create takes in Bo (who references her), and Bo's create takes in Cy, whom the
-/// light views hold as context.
+/// light views hold as context. Dee, Ann's manager, is context she references.
 #[test]
 fn light_views_plan_as_whole_ones_or_say_what_they_need() {
     use dirsync::state::{Reach, SqliteStore, StateStore};
@@ -899,7 +899,8 @@ fn light_views_plan_as_whole_ones_or_say_what_they_need() {
         .import_entries(
             generation,
             &[
-                person("Ann", None),
+                person("Dee", None),
+                person("Ann", Some("Dee")),
                 person("Bo", Some("Ann")),
                 person("Cy", Some("Bo")),
             ],
@@ -956,6 +957,12 @@ fn light_views_plan_as_whole_ones_or_say_what_they_need() {
             .unwrap()[0],
         Value::string("bo@example.com")
     );
+    // Dee, whom Ann references, references nothing planned: her anchor, type and DN only.
+    let dee = testkit::anchor("dee");
+    assert!(light.mirror.is_partial(&dee));
+    let held = light.mirror.get(&dee).unwrap();
+    assert_eq!(held.dn, Some(dn("Dee")));
+    assert!(held.attributes.is_empty(), "{:?}", held.attributes);
     // Planned from the light views, Cy is held, not decided from what the views lack.
     let partial = plan(&light, vec![ann.clone()]);
     assert_eq!(creates(&partial), ["ann", "bo"], "{partial}");

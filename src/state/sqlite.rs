@@ -1523,11 +1523,12 @@ fn read_neighbourhood(
     }
     fetch_entries(conn, names, &mut entries, &planned, None)?;
     // What references a planned object (the referrers not planned among them).
-    let mut context = if reach == Reach::AnchorsAlone {
+    let referrers = if reach == Reach::AnchorsAlone {
         BTreeSet::new()
     } else {
         referrers_of_read(conn, &entries, &planned)?
     };
+    let mut context = referrers.clone();
     let mut dns: Vec<String> = Vec::new();
     for e in planned.iter().filter_map(|p| entries.get(p)?.as_ref()) {
         for (_, t) in entry_references(e) {
@@ -1541,7 +1542,9 @@ fn read_neighbourhood(
     }
     dns.sort_unstable();
     dns.dedup();
-    // Context entries keep only their references to the planned objects (when `light`).
+    // Held light, a referrer keeps its references to the planned objects (what `member_of`
+    // and the planner's walks over referrers read); an object only referenced keeps none:
+    // translating a reference to it reads its link and DN.
     let planned_dns: Vec<String> = planned
         .iter()
         .filter_map(|p| {
@@ -1556,20 +1559,29 @@ fn read_neighbourhood(
             )
         })
         .collect();
-    let keep = Keep {
+    let keep_refs = Keep {
         anchors: planned.iter().map(Anchor::as_str).collect(),
         dns: planned_dns.iter().map(String::as_str).collect(),
-        heads: reach == Reach::AnchorsAlone,
+        heads: false,
     };
-    let keep = light.then_some(&keep);
+    let keep_heads = Keep {
+        anchors: Default::default(),
+        dns: Default::default(),
+        heads: true,
+    };
+    let (for_referrers, for_referenced) = match light {
+        true => (Some(&keep_refs), Some(&keep_heads)),
+        false => (None, None),
+    };
+    fetch_entries(conn, names, &mut entries, &referrers, for_referrers)?;
     let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
-    for e in entries_by_dns(conn, names, &dns, keep)? {
+    for e in entries_by_dns(conn, names, &dns, for_referenced)? {
         context.insert(e.anchor.clone());
-        if !planned.contains(&e.anchor) {
+        if !matches!(entries.get(&e.anchor), Some(Some(_))) {
             entries.insert(e.anchor.clone(), Some(e));
         }
     }
-    fetch_entries(conn, names, &mut entries, &context, keep)?;
+    fetch_entries(conn, names, &mut entries, &context, for_referenced)?;
     let all: Vec<&str> = planned
         .iter()
         .chain(context.iter().filter(|a| !planned.contains(*a)))
