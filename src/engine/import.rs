@@ -428,3 +428,71 @@ impl Drop for ImportWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::MemoryStore;
+
+    fn user(anchor: &str, cn: &str) -> Entry {
+        Entry::new(anchor, "user").with_dn(Dn::parse(&format!("cn={cn},dc=x")).unwrap())
+    }
+
+    fn batches(from: usize, n: usize) -> Vec<Entry> {
+        (from..from + n)
+            .map(|i| user(&format!("a{i:04}"), &format!("u{i}")))
+            .collect()
+    }
+
+    /// The store thread writes every batch in order, through a present phase, and what it
+    /// wrote is there once `finish` returns; then a second import whose fourth batch repeats
+    /// an anchor at another DN stops there: `finish` returns the store's refusal, the batches
+    /// after it are not written, and the engine's sends fail once the thread has stopped.
+    #[test]
+    fn the_import_thread_writes_in_order_and_stops_at_the_first_error() {
+        futures::executor::block_on(async {
+            let store: writer::SharedStore = Arc::new(Mutex::new(Box::new(MemoryStore::new())));
+            let generation = lock(&store).begin_full_import("src").unwrap();
+            let mut w = ImportWriter::start(store.clone(), generation, 3).unwrap();
+            for b in 0..20 {
+                assert!(w.send(ImportJob::Entries(batches(b * 3, 3))).await);
+            }
+            // A present phase: a0000 again (from the mirror), in order after the entries.
+            let present = vec![Anchor::from("a0000"), Anchor::from("gone")];
+            assert!(w.send(ImportJob::Present(present)).await);
+            w.finish().unwrap();
+            let mut s = lock(&store);
+            let summary = s.finish_full_import("src", generation, None, 0.5).unwrap();
+            assert_eq!((summary.seen, summary.added), (60, 60));
+            assert!(s.source_entry(&Anchor::from("a0059")).unwrap().is_some());
+            drop(s);
+
+            let generation = lock(&store).begin_full_import("src").unwrap();
+            let mut w = ImportWriter::start(store.clone(), generation, 3).unwrap();
+            let mut refused = false;
+            for b in 0..40 {
+                let mut batch = batches(100 + b * 3, 3);
+                if b == 3 {
+                    batch[1] = user("a0100", "someone-else");
+                }
+                if !w.send(ImportJob::Entries(batch)).await {
+                    refused = true;
+                    break;
+                }
+            }
+            let err = w.finish().unwrap_err();
+            assert!(
+                matches!(&err, StateError::DuplicateAnchor { anchor, .. } if anchor.as_str() == "a0100"),
+                "{err}"
+            );
+            let s = lock(&store);
+            for i in 112..220 {
+                let a = Anchor::from(format!("a{i:04}"));
+                assert!(s.source_entry(&a).unwrap().is_none(), "{a} after the refusal");
+            }
+            // The thread stops reading at the error: with 40 batches for a queue of 8, the
+            // engine learns it before it has sent them all.
+            assert!(refused);
+        });
+    }
+}
