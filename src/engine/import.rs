@@ -461,11 +461,12 @@ mod tests {
             let present = vec![Anchor::from("a0000"), Anchor::from("gone")];
             assert!(w.send(ImportJob::Present(present)).await);
             w.finish().unwrap();
-            let mut s = lock(&store);
-            let summary = s.finish_full_import("src", generation, None, 0.5).unwrap();
-            assert_eq!((summary.seen, summary.added), (60, 60));
-            assert!(s.source_entry(&Anchor::from("a0059")).unwrap().is_some());
-            drop(s);
+            {
+                let mut s = lock(&store);
+                let summary = s.finish_full_import("src", generation, None, 0.5).unwrap();
+                assert_eq!((summary.seen, summary.added), (60, 60));
+                assert!(s.source_entry(&Anchor::from("a0059")).unwrap().is_some());
+            }
 
             let generation = lock(&store).begin_full_import("src").unwrap();
             let mut w = ImportWriter::start(store.clone(), generation, 3).unwrap();
@@ -488,7 +489,10 @@ mod tests {
             let s = lock(&store);
             for i in 112..220 {
                 let a = Anchor::from(format!("a{i:04}"));
-                assert!(s.source_entry(&a).unwrap().is_none(), "{a} after the refusal");
+                assert!(
+                    s.source_entry(&a).unwrap().is_none(),
+                    "{a} after the refusal"
+                );
             }
             // The thread stops reading at the error: with 40 batches for a queue of 8, the
             // engine learns it before it has sent them all.
