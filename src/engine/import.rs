@@ -84,9 +84,12 @@ impl Synchronizer {
         let generation = self.store(|s| s.begin_full_import(&name))?;
         let mut report = RunReport::default();
         let mut watermark = None;
-        let mut batch = Vec::with_capacity(self.config.import_batch);
         let batch_size = self.config.import_batch.max(1);
-        {
+        let mut batch = Vec::with_capacity(batch_size);
+        // The store's side runs on a thread of its own: the source is read (and parsed) here
+        // while the batches before are compared with the mirror and written.
+        let mut writer = ImportWriter::start(self.store.clone(), generation, batch_size)?;
+        let read: Result<()> = async {
             let mut stream = self.source.full_import().await?;
             while let Some(item) = stream.next().await {
                 match item? {
@@ -94,23 +97,34 @@ impl Synchronizer {
                         batch.push(e);
                         report.imported += 1;
                         if batch.len() >= batch_size {
-                            let b = std::mem::take(&mut batch);
-                            self.with_store(|s| s.import_entries(generation, &b))?;
+                            let b = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
+                            if !writer.send(ImportJob::Entries(b)).await {
+                                // The writer stopped at an error: `finish` returns it.
+                                return Ok(());
+                            }
                             self.progress(Stage::Import, report.imported, None);
                         }
                     }
                     ImportItem::Checkpoint(w) => watermark = Some(w),
                     ImportItem::Present(anchors) => {
                         let b = std::mem::take(&mut batch);
-                        self.with_store(|s| s.import_entries(generation, &b))?;
-                        self.reimport(generation, &anchors)?;
+                        if !writer.send(ImportJob::Entries(b)).await
+                            || !writer.send(ImportJob::Present(anchors)).await
+                        {
+                            return Ok(());
+                        }
                     }
                 }
             }
+            if !batch.is_empty() {
+                writer.send(ImportJob::Entries(batch)).await;
+            }
+            Ok(())
         }
-        if !batch.is_empty() {
-            self.with_store(|s| s.import_entries(generation, &batch))?;
-        }
+        .await;
+        // A store error concerns objects delivered before any error of the source after it.
+        writer.finish()?;
+        read?;
         let share = self.config.min_import_share;
         let summary =
             self.with_store(|s| s.finish_full_import(&name, generation, watermark.as_ref(), share));
@@ -272,16 +286,8 @@ impl Synchronizer {
     /// objects a present phase reports as still there). Anchors the mirror does not hold (the
     /// source left them out before) are skipped.
     pub(super) fn reimport(&self, generation: u64, anchors: &[Anchor]) -> Result<()> {
-        for chunk in anchors.chunks(self.config.import_batch.max(1)) {
-            let mut entries = Vec::with_capacity(chunk.len());
-            for a in chunk {
-                if let Some(e) = self.store(|s| s.source_entry(a))? {
-                    entries.push(e);
-                }
-            }
-            self.store(|s| s.import_entries(generation, &entries))?;
-        }
-        Ok(())
+        let batch = self.config.import_batch.max(1);
+        self.store(|s| reimport_into(s, generation, anchors, batch))
     }
 
     /// Ends a present phase at its checkpoint: deletes what it did not report and commits the
@@ -308,5 +314,189 @@ impl Synchronizer {
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// Imports the mirrored entries of `anchors` unchanged into full import `generation`, `batch`
+/// per transaction (see [`Synchronizer::reimport`]).
+fn reimport_into(
+    s: &mut dyn StateStore,
+    generation: u64,
+    anchors: &[Anchor],
+    batch: usize,
+) -> Result<(), StateError> {
+    for chunk in anchors.chunks(batch.max(1)) {
+        let mut entries = Vec::with_capacity(chunk.len());
+        for a in chunk {
+            if let Some(e) = s.source_entry(a)? {
+                entries.push(e);
+            }
+        }
+        s.import_entries(generation, &entries)?;
+    }
+    Ok(())
+}
+
+/// The batches a full import's store thread lets wait (see [`ImportWriter`]).
+const QUEUED: usize = 8;
+
+/// What a full import hands its store thread, in the order the source delivered it.
+enum ImportJob {
+    /// Entries, for [`StateStore::import_entries`].
+    Entries(Vec<Entry>),
+    /// The anchors a present phase reports as still there (see [`Synchronizer::reimport`]).
+    Present(Vec<Anchor>),
+}
+
+/// The store's side of a full import, on a thread of its own: it compares each batch with the
+/// mirror and writes it while the engine reads the next from the source (a source that parses
+/// a file, such as LDIF, keeps one core busy; the mirror's work gets the other). At most
+/// [`QUEUED`] batches wait, so memory does not grow with a source faster than the store; the
+/// batches waiting when the thread takes the next are written in one transaction (a store
+/// behind its source commits less often: in an initial import each commit rewrites pages all
+/// over the anchor and DN indexes, whatever the number of objects it adds). Jobs run in
+/// order; the first error stops the thread, and the jobs after it are not run.
+struct ImportWriter {
+    tx: Option<tokio::sync::mpsc::Sender<ImportJob>>,
+    thread: Option<std::thread::JoinHandle<Result<(), StateError>>>,
+}
+
+impl ImportWriter {
+    /// Starts the thread for full import `generation`.
+    fn start(store: writer::SharedStore, generation: u64, batch: usize) -> Result<ImportWriter> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<ImportJob>(QUEUED);
+        let thread = std::thread::Builder::new()
+            .name("dirsync-import".into())
+            .spawn(move || {
+                let mut next = None;
+                loop {
+                    let Some(job) = next.take().or_else(|| rx.blocking_recv()) else {
+                        return Ok(());
+                    };
+                    match job {
+                        ImportJob::Entries(mut entries) => {
+                            while let Ok(more) = rx.try_recv() {
+                                match more {
+                                    ImportJob::Entries(e) => entries.extend(e),
+                                    present => {
+                                        next = Some(present);
+                                        break;
+                                    }
+                                }
+                            }
+                            lock(&store).import_entries(generation, &entries)?;
+                        }
+                        ImportJob::Present(anchors) => {
+                            reimport_into(lock(&store).as_mut(), generation, &anchors, batch)?
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StateError::Invalid(format!("cannot start the import thread: {e}")))?;
+        Ok(ImportWriter {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues `job`; `false` once the thread has stopped at an error (which
+    /// [`ImportWriter::finish`] returns).
+    async fn send(&mut self, job: ImportJob) -> bool {
+        match &self.tx {
+            Some(tx) => tx.send(job).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Waits until every job queued has run; the first error.
+    fn finish(mut self) -> Result<(), StateError> {
+        self.tx = None;
+        match self.thread.take().map(|t| t.join()) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for ImportWriter {
+    /// Waits for the thread (the store is the engine's again once this returns).
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::MemoryStore;
+
+    fn user(anchor: &str, cn: &str) -> Entry {
+        Entry::new(anchor, "user").with_dn(Dn::parse(&format!("cn={cn},dc=x")).unwrap())
+    }
+
+    fn batches(from: usize, n: usize) -> Vec<Entry> {
+        (from..from + n)
+            .map(|i| user(&format!("a{i:04}"), &format!("u{i}")))
+            .collect()
+    }
+
+    /// The store thread writes every batch in order, through a present phase, and what it
+    /// wrote is there once `finish` returns; then a second import whose fourth batch repeats
+    /// an anchor at another DN stops there: `finish` returns the store's refusal, the batches
+    /// after it are not written, and the engine's sends fail once the thread has stopped.
+    #[test]
+    fn the_import_thread_writes_in_order_and_stops_at_the_first_error() {
+        futures::executor::block_on(async {
+            let store: writer::SharedStore = Arc::new(Mutex::new(Box::new(MemoryStore::new())));
+            let generation = lock(&store).begin_full_import("src").unwrap();
+            let mut w = ImportWriter::start(store.clone(), generation, 3).unwrap();
+            for b in 0..20 {
+                assert!(w.send(ImportJob::Entries(batches(b * 3, 3))).await);
+            }
+            // A present phase: a0000 again (from the mirror), in order after the entries.
+            let present = vec![Anchor::from("a0000"), Anchor::from("gone")];
+            assert!(w.send(ImportJob::Present(present)).await);
+            w.finish().unwrap();
+            {
+                let mut s = lock(&store);
+                let summary = s.finish_full_import("src", generation, None, 0.5).unwrap();
+                assert_eq!((summary.seen, summary.added), (60, 60));
+                assert!(s.source_entry(&Anchor::from("a0059")).unwrap().is_some());
+            }
+
+            let generation = lock(&store).begin_full_import("src").unwrap();
+            let mut w = ImportWriter::start(store.clone(), generation, 3).unwrap();
+            let mut refused = false;
+            for b in 0..40 {
+                let mut batch = batches(100 + b * 3, 3);
+                if b == 3 {
+                    batch[1] = user("a0100", "someone-else");
+                }
+                if !w.send(ImportJob::Entries(batch)).await {
+                    refused = true;
+                    break;
+                }
+            }
+            let err = w.finish().unwrap_err();
+            assert!(
+                matches!(&err, StateError::DuplicateAnchor { anchor, .. } if anchor.as_str() == "a0100"),
+                "{err}"
+            );
+            let s = lock(&store);
+            for i in 112..220 {
+                let a = Anchor::from(format!("a{i:04}"));
+                assert!(
+                    s.source_entry(&a).unwrap().is_none(),
+                    "{a} after the refusal"
+                );
+            }
+            // The thread stops reading at the error: with 40 batches for a queue of 8, the
+            // engine learns it before it has sent them all.
+            assert!(refused);
+        });
     }
 }

@@ -769,6 +769,12 @@ impl SqliteStore {
             .ctx("setting synchronous")?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .ctx("enabling foreign keys")?;
+        // Statement journals, sorts and the temporary tables of `UNION`s in memory: in a
+        // transaction of thousands of objects, each statement that changes a page the
+        // transaction already changed journals it, and on disk (SQLite's default) an initial
+        // import wrote more to temporary files than to the state file.
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .ctx("keeping temporary data in memory")?;
         // A 64 MiB page cache and memory-mapped reads: a delta's neighbourhood is scattered
         // over the file, and a 100k-object store outgrows SQLite's 2 MiB default.
         conn.pragma_update(None, "cache_size", -65536)
@@ -1653,6 +1659,16 @@ fn dn_is(dn: &str, dn_norm: &str) -> bool {
 }
 
 fn anchors_at(conn: &Db<'_>, dn_norm: &str) -> Result<Vec<Anchor>, StateError> {
+    anchors_at_spelled(conn, dn_norm, None)
+}
+
+/// [`anchors_at`]; a row whose DN is spelled `spelled` (a spelling of `dn_norm`) is at it
+/// without parsing its DN (how references to an object are usually spelled).
+fn anchors_at_spelled(
+    conn: &Db<'_>,
+    dn_norm: &str,
+    spelled: Option<&str>,
+) -> Result<Vec<Anchor>, StateError> {
     const T: &str = "source_objects";
     let mut out = Vec::new();
     for mut r in rows(
@@ -1662,7 +1678,9 @@ fn anchors_at(conn: &Db<'_>, dn_norm: &str) -> Result<Vec<Anchor>, StateError> {
         "reading source_objects",
     )? {
         let anchor = text(T, dn_norm, "anchor", take(&mut r, 0))?;
-        if opt_text(T, &anchor, "dn", take(&mut r, 1))?.is_some_and(|d| dn_is(&d, dn_norm)) {
+        if opt_text(T, &anchor, "dn", take(&mut r, 1))?
+            .is_some_and(|d| spelled == Some(d.as_str()) || dn_is(&d, dn_norm))
+        {
             out.push(Anchor::from(anchor));
         }
     }
@@ -1902,7 +1920,11 @@ fn ref_targets(e: Option<&Entry>) -> BTreeSet<(bool, String)> {
 
 /// The anchor of the object at `dn` (the least, should two claim it).
 fn anchor_at(conn: &Db<'_>, dn: &Dn) -> Result<Option<Anchor>, StateError> {
-    Ok(anchors_at(conn, dn.normalized())?.into_iter().min())
+    Ok(
+        anchors_at_spelled(conn, dn.normalized(), Some(dn.as_str()))?
+            .into_iter()
+            .min(),
+    )
 }
 
 /// Brings the reference rows of the object `id` from those of its stored entry `old` to
@@ -2209,14 +2231,24 @@ fn write_entry(
     generation: Option<i64>,
     unsettled: &mut BTreeSet<String>,
 ) -> Result<bool, StateError> {
+    let hash = new.map(|e| entry_hash_into(e, &mut Vec::new()) as i64);
+    write_hashed(conn, anchor, new.zip(hash), generation, unsettled)
+}
+
+/// [`write_entry`] with the content hash of `new` (as [`entry_hash_into`] computes it) given.
+fn write_hashed(
+    conn: &Db<'_>,
+    anchor: &Anchor,
+    new: Option<(&Entry, i64)>,
+    generation: Option<i64>,
+    unsettled: &mut BTreeSet<String>,
+) -> Result<bool, StateError> {
     let old = row_state(conn, anchor)?;
     let generation = generation
         .or(old.as_ref().map(|o| o.generation))
         .unwrap_or(0);
-    let new_hash = match new {
-        Some(e) => Some(encode_entry(e)?.1 as i64),
-        None => None,
-    };
+    let new_hash = new.map(|(_, h)| h);
+    let new = new.map(|(e, _)| e);
     if old.as_ref().map(|o| o.hash) == new_hash {
         if let Some(o) = &old {
             if o.generation != generation {
@@ -2261,7 +2293,11 @@ fn write_entry(
     }
     let mut dirty: BTreeSet<Anchor> = BTreeSet::new();
     dirty.insert(anchor.clone());
-    dirty.extend(referrers(conn, anchor, old_dn.as_deref())?);
+    if old.is_some() || new_dn.is_none() {
+        // (A new object at a DN: its referrers by anchor and by DN are read below, once its
+        // row holds the references that waited for its anchor.)
+        dirty.extend(referrers(conn, anchor, old_dn.as_deref())?);
+    }
     // Pinning may have rewritten this very object (a reference to its own old DN).
     let stored = match &old {
         Some(_) => load_entry(conn, anchor)?,
@@ -2980,8 +3016,9 @@ impl StateStore for SqliteStore {
                         continue;
                     }
                 }
-                if write_entry(tx, &e.anchor, Some(e), Some(g), &mut unsettled)? && before.is_some()
-                {
+                let written =
+                    write_hashed(tx, &e.anchor, Some((e, hash)), Some(g), &mut unsettled)?;
+                if written && before.is_some() {
                     changed += 1;
                 }
             }
