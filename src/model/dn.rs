@@ -903,11 +903,14 @@ impl Dn {
 /// Parses the RDNs of a DN string in one pass.
 fn parse_rdns(s: &str) -> Result<Box<[Rdn]>, DnError> {
     let mut p = Parser::new(s);
-    let mut rdns = Vec::new();
     p.skip_spaces();
     if p.at_end() {
         return Ok(Box::new([]));
     }
+    // Room for one RDN per separator (an escaped one gives one too many): no regrowth.
+    let mut rdns = Vec::with_capacity(1 + memchr::memchr2_iter(b',', b';', s.as_bytes()).count());
+    // A value is never longer than the text.
+    p.scratch.reserve(s.len());
     loop {
         match p.peek() {
             None | Some(b',' | b';') => return Err(p.err(p.i, "empty RDN")),

@@ -7,8 +7,9 @@
 //! exactly (the text is parsed again and the normalized forms compared). A GUID anchor in its
 //! canonical form takes its 16 bytes; any other anchor is text in the shared buffer. Each DN also
 //! names its parent container (by the parent's normalized text, kept once per container), so
-//! the entries below a renamed one are found without reading every DN. About 60 bytes and the
-//! DN's text per entry, against over 500 for a `HashMap<Dn, _>`.
+//! the entries below a renamed one are found without reading every DN. About 60 bytes (a slot
+//! and its share of the table) and the DN's text per entry, against over 500 for a
+//! `HashMap<Dn, _>`; texts and slots are kept in chunks, so growing never copies them.
 //!
 //! Pure data structure: no I/O.
 
@@ -22,11 +23,18 @@ use crate::model::{Anchor, Dn, ObjectType};
 /// What the source knows of a DN: its anchor and type, or `None` for an entry it skipped.
 pub(super) type Known = Option<(Anchor, ObjectType)>;
 
+/// Bytes of text per chunk of [`DnIndex::text`] (a longer text has a chunk of its own).
+const TEXT_CHUNK: usize = 1 << 22;
+
+/// Slots per chunk of [`DnIndex::slots`] (a power of two).
+const SLOT_CHUNK: usize = 1 << 16;
+
 /// A piece of [`DnIndex::text`].
 #[derive(Clone, Copy)]
 struct Span {
-    at: usize,
-    len: usize,
+    chunk: u32,
+    at: u32,
+    len: u32,
 }
 
 /// How a slot holds its anchor.
@@ -62,16 +70,22 @@ struct Slot {
 
 const NO_PARENT: u32 = u32::MAX;
 
+// What an entry costs besides its texts.
+const _: () = assert!(std::mem::size_of::<Slot>() <= 48);
+
 /// DN → [`Known`], compact (see the [module documentation](self)).
 #[derive(Default)]
 pub(super) struct DnIndex {
     /// Slot numbers, by [`Slot::hash`].
     table: HashTable<u32>,
-    slots: Vec<Slot>,
+    /// The slots, in chunks of [`SLOT_CHUNK`] (which are never moved as the index grows).
+    slots: Vec<Vec<Slot>>,
     /// Free slots, for reuse.
     free: Vec<u32>,
-    /// DN texts and text anchors, one after the other.
-    text: String,
+    /// DN texts and text anchors, one after the other, in chunks of about [`TEXT_CHUNK`] bytes.
+    text: Vec<String>,
+    /// Bytes in `text`.
+    text_len: usize,
     /// Bytes of `text` no live slot uses any more.
     garbage: usize,
     /// The object types of mapped entries (a handful).
@@ -115,6 +129,33 @@ fn at_or_below(dn: &str, ancestor: &str) -> bool {
     before.iter().rev().take_while(|c| **c == b'\\').count() % 2 == 0
 }
 
+/// Appends `s` to the chunks of `text`; returns where it is. (Texts over 4 GiB, which no LDIF
+/// record holds, are cut.)
+fn push_text(text: &mut Vec<String>, s: &str) -> Span {
+    let fits = text
+        .last()
+        .is_some_and(|c| c.capacity() - c.len() >= s.len());
+    if !fits {
+        text.push(String::with_capacity(TEXT_CHUNK.max(s.len())));
+    }
+    let chunk = text.len() - 1;
+    let Some(c) = text.last_mut() else {
+        return Span {
+            chunk: 0,
+            at: 0,
+            len: 0,
+        };
+    };
+    let at = c.len();
+    c.push_str(s);
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    Span {
+        chunk: n(chunk),
+        at: n(at),
+        len: n(s.len()),
+    }
+}
+
 /// The GUID of `anchor` when it is a GUID's canonical text.
 fn guid_of(anchor: &Anchor) -> Option<[u8; 16]> {
     let s = anchor.as_str();
@@ -139,18 +180,38 @@ impl DnIndex {
     }
 
     fn span(&self, s: Span) -> &str {
-        self.text.get(s.at..s.at + s.len).unwrap_or("")
+        let (at, len) = (s.at as usize, s.len as usize);
+        self.text
+            .get(s.chunk as usize)
+            .and_then(|c| c.get(at..at + len))
+            .unwrap_or("")
     }
 
     fn push_text(&mut self, s: &str) -> Span {
-        let at = self.text.len();
-        self.text.push_str(s);
-        Span { at, len: s.len() }
+        self.text_len += s.len();
+        push_text(&mut self.text, s)
+    }
+
+    fn slot(&self, n: u32) -> Option<&Slot> {
+        let n = n as usize;
+        self.slots.get(n / SLOT_CHUNK)?.get(n % SLOT_CHUNK)
+    }
+
+    fn slot_mut(&mut self, n: u32) -> Option<&mut Slot> {
+        let n = n as usize;
+        self.slots.get_mut(n / SLOT_CHUNK)?.get_mut(n % SLOT_CHUNK)
+    }
+
+    fn live_slots(&self) -> impl Iterator<Item = &Slot> {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|s| !matches!(s.kind, Kind::Free))
     }
 
     /// Whether `slot` holds `dn` (whose hash is `hash`).
     fn holds(&self, slot: u32, hash: u64, dn: &Dn) -> bool {
-        let Some(s) = self.slots.get(slot as usize) else {
+        let Some(s) = self.slot(slot) else {
             return false;
         };
         if s.hash != hash {
@@ -190,7 +251,7 @@ impl DnIndex {
     /// What the index knows of `dn`, or `None` when it does not hold it.
     pub(super) fn get(&self, dn: &Dn) -> Option<Known> {
         let slot = self.find(Self::hash(dn), dn)?;
-        self.slots.get(slot as usize).map(|s| self.known(s))
+        self.slot(slot).map(|s| self.known(s))
     }
 
     fn type_number(&mut self, ty: &ObjectType) -> u16 {
@@ -237,19 +298,31 @@ impl DnIndex {
         };
         let n = match self.free.pop() {
             Some(n) => {
-                if let Some(s) = self.slots.get_mut(n as usize) {
+                if let Some(s) = self.slot_mut(n) {
                     *s = slot;
                 }
                 n
             }
             None => {
-                self.slots.push(slot);
-                (self.slots.len() - 1) as u32
+                let full = self.slots.last().is_none_or(|c| c.len() == SLOT_CHUNK);
+                if full {
+                    self.slots.push(Vec::with_capacity(SLOT_CHUNK));
+                }
+                let chunks = self.slots.len() - 1;
+                let last = self.slots.last_mut().map_or(0, |c| {
+                    c.push(slot);
+                    c.len() - 1
+                });
+                (chunks * SLOT_CHUNK + last) as u32
             }
         };
         let slots = &self.slots;
         self.table.insert_unique(hash, n, |&s| {
-            slots.get(s as usize).map_or(0, |s| s.hash)
+            let s = s as usize;
+            slots
+                .get(s / SLOT_CHUNK)
+                .and_then(|c| c.get(s % SLOT_CHUNK))
+                .map_or(0, |s| s.hash)
         });
     }
 
@@ -281,7 +354,7 @@ impl DnIndex {
         if let Ok(entry) = self.table.find_entry(hash, |&s| s == slot) {
             entry.remove();
         }
-        let s = self.slots.get_mut(slot as usize)?;
+        let s = self.slot_mut(slot)?;
         let kind = std::mem::replace(&mut s.kind, Kind::Free);
         s.parent = NO_PARENT;
         let (hash, text, parent) = (s.hash, s.text, s.parent);
@@ -291,13 +364,13 @@ impl DnIndex {
             parent,
             kind,
         });
-        self.garbage += text.len
+        self.garbage += text.len as usize
             + match kind {
-                Kind::Mapped(AnchorRef::Text(a), _) => a.len,
+                Kind::Mapped(AnchorRef::Text(a), _) => a.len as usize,
                 _ => 0,
             };
         self.free.push(slot);
-        if self.garbage > (1 << 20) && self.garbage > self.text.len() / 2 {
+        if self.garbage > (1 << 20) && self.garbage > self.text_len / 2 {
             self.compact();
         }
         Some(known)
@@ -305,23 +378,32 @@ impl DnIndex {
 
     /// Rewrites the text buffer without what removed slots left behind.
     fn compact(&mut self) {
-        let mut text = String::with_capacity(self.text.len() - self.garbage);
-        let mut keep = |old: &String, span: &mut Span| {
-            let at = text.len();
-            text.push_str(old.get(span.at..span.at + span.len).unwrap_or(""));
-            span.at = at;
+        let old = std::mem::take(&mut self.text);
+        let mut text = Vec::new();
+        let mut keep = |span: &mut Span| {
+            let (at, len) = (span.at as usize, span.len as usize);
+            let s = old
+                .get(span.chunk as usize)
+                .and_then(|c| c.get(at..at + len))
+                .unwrap_or("");
+            *span = push_text(&mut text, s);
         };
-        for s in &mut self.slots {
+        for s in self.slots.iter_mut().flatten() {
             if matches!(s.kind, Kind::Free) {
-                s.text = Span { at: 0, len: 0 };
+                s.text = Span {
+                    chunk: 0,
+                    at: 0,
+                    len: 0,
+                };
                 continue;
             }
-            keep(&self.text, &mut s.text);
+            keep(&mut s.text);
             if let Kind::Mapped(AnchorRef::Text(a), _) = &mut s.kind {
-                keep(&self.text, a);
+                keep(a);
             }
         }
         self.text = text;
+        self.text_len = self.text.iter().map(String::len).sum();
         self.garbage = 0;
     }
 
@@ -329,8 +411,7 @@ impl DnIndex {
     /// records of a delta import, which are few beside the directory).
     pub(super) fn holder_of(&self, anchor: &Anchor) -> Option<&str> {
         let guid = guid_of(anchor);
-        self.slots
-            .iter()
+        self.live_slots()
             .find(|s| match (s.kind, guid) {
                 (Kind::Mapped(AnchorRef::Guid(g), _), Some(want)) => g == want,
                 (Kind::Mapped(AnchorRef::Text(a), _), None) => self.span(a) == anchor.as_str(),
@@ -351,12 +432,8 @@ impl DnIndex {
                 }
             }
         }
-        self.slots
-            .iter()
-            .filter(|s| {
-                !matches!(s.kind, Kind::Free)
-                    && below.get(s.parent as usize).copied().unwrap_or(false)
-            })
+        self.live_slots()
+            .filter(|s| below.get(s.parent as usize).copied().unwrap_or(false))
             .filter_map(|s| Dn::parse(self.span(s.text)).ok())
             .collect()
     }
@@ -488,6 +565,7 @@ mod tests {
         for (d, k) in &model {
             assert_eq!(index.get(d).as_ref(), Some(k));
         }
-        assert!(index.text.len() < 2 * (index.text.len() - index.garbage) + (1 << 20));
+        assert!(index.text_len < 2 * (index.text_len - index.garbage) + (1 << 20));
+        assert_eq!(index.text_len, index.text.iter().map(String::len).sum::<usize>());
     }
 }

@@ -441,7 +441,9 @@ struct State {
 /// **Full import** streams the content records of the file as entries (see
 /// [`LdifSourceConfig`] for the mapping), then a checkpoint whose watermark (kind `"ldif"`) is
 /// the file's content hash and size. A file holding change records, or a malformed one, yields
-/// an error naming the file and line, and nothing after it.
+/// an error naming the file and line, and nothing after it. The file is read and mapped on a
+/// thread of its own, a few batches ahead of the stream: the consumer's work on one batch
+/// overlaps the reading of the next, and a dropped stream stops the thread.
 ///
 /// **Delta import** reads the change files of [`LdifSourceConfig::changes_dir`] that sort after
 /// the watermark's last file, in file-name order, yielding a checkpoint after each file (its
@@ -452,7 +454,10 @@ struct State {
 /// mapped entry below a renamed one), `delete` [`Change::Delete`].
 ///
 /// LDIF change records name objects by DN only, so the source keeps a **DN → anchor index**, in
-/// memory only: built by a full import and kept up to date by the change records it streams.
+/// memory only: built by a full import and kept up to date by the change records it streams. It
+/// is compact (about 60 bytes and the DN's text per entry: some 150 MB for a million entries)
+/// and kept only with a [`changes_dir`](LdifSourceConfig::changes_dir); without one, a full
+/// import still uses it to refuse a DN read twice, then lets it go.
 /// When a delta import starts from a watermark the index does not reflect (after a restart, or
 /// when an earlier stream was not consumed to its end), the index is rebuilt by reading the
 /// content file and replaying the change files up to the watermark's. A change naming a DN the
@@ -555,11 +560,15 @@ impl ContentScan {
     }
 }
 
-/// Entries a full import hands over at a time.
+/// Entries a full import hands over at a time, at most.
 const SCAN_BATCH: usize = 256;
 
+/// Attribute values a full import hands over at a time, at most (unless one entry holds more):
+/// a batch of large groups is as small as a batch of users.
+const SCAN_BATCH_VALUES: usize = 8192;
+
 /// Batches a full import's reading thread may be ahead of the stream.
-const SCAN_QUEUE: usize = 4;
+const SCAN_QUEUE: usize = 2;
 
 /// What the thread of a full import hands to its stream.
 enum Scanned {
@@ -578,11 +587,13 @@ enum Scanned {
 fn scan_in_background(mut scan: ContentScan, tx: &tokio::sync::mpsc::Sender<Scanned>) {
     loop {
         let mut batch = Vec::with_capacity(SCAN_BATCH);
+        let mut values = 0;
         let end = loop {
             match scan.next_entry() {
                 Ok(Some(entry)) => {
+                    values += entry.attributes.iter().map(|(_, v)| v.len()).sum::<usize>();
                     batch.push(entry);
-                    if batch.len() == SCAN_BATCH {
+                    if batch.len() == SCAN_BATCH || values >= SCAN_BATCH_VALUES {
                         break None;
                     }
                 }
