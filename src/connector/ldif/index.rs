@@ -407,6 +407,17 @@ impl DnIndex {
         self.garbage = 0;
     }
 
+    /// The bytes the index uses (what its slots, table and texts fill, not spare capacity).
+    #[cfg(test)]
+    fn bytes_used(&self) -> usize {
+        let slots: usize = self.slots.iter().map(Vec::len).sum();
+        let containers: usize = self.containers.keys().map(|k| k.len() + 32).sum();
+        slots * std::mem::size_of::<Slot>()
+            + self.table.capacity() * (std::mem::size_of::<u32>() + 1)
+            + self.text_len
+            + containers
+    }
+
     /// The DN of a live mapped entry whose anchor is `anchor`, if any (a scan: for the change
     /// records of a delta import, which are few beside the directory).
     pub(super) fn holder_of(&self, anchor: &Anchor) -> Option<&str> {
@@ -492,7 +503,10 @@ mod tests {
             &dn("cn=b,dc=example"),
             Some((&Anchor::new(upper), &ObjectType::new("group")))
         ));
-        assert_eq!(index.get(&dn("cn=b,dc=example")), Some(known(upper, "group")));
+        assert_eq!(
+            index.get(&dn("cn=b,dc=example")),
+            Some(known(upper, "group"))
+        );
         assert_eq!(index.holder_of(&Anchor::new(upper.to_lowercase())), None);
         assert_eq!(index.len(), 2);
         assert_eq!(
@@ -523,10 +537,38 @@ mod tests {
             .map(|d| d.as_str().to_owned())
             .collect();
         below.sort();
-        assert_eq!(below, ["cn=A,OU=People,dc=x", "cn=B,ou=Deep,ou=people,DC=X"]);
+        assert_eq!(
+            below,
+            ["cn=A,OU=People,dc=x", "cn=B,ou=Deep,ou=people,DC=X"]
+        );
         assert_eq!(index.descendants(&dn("dc=x")).len(), 5);
         assert_eq!(index.descendants(&dn("")).len(), 6);
         assert!(index.descendants(&dn("cn=A,ou=people,dc=x")).is_empty());
+    }
+
+    /// What an entry of the scale benchmark's shape costs: its DN's text and about 60 bytes.
+    #[test]
+    fn an_entry_costs_its_text_and_about_sixty_bytes() {
+        let mut index = DnIndex::default();
+        let n = 100_000u64;
+        let mut text = 0;
+        for i in 0..n {
+            let d = dn(&format!(
+                "CN=Given{} Surname{} {i},OU=Region{},OU=Department{},OU=Staff,DC=corp,DC=contoso,DC=com",
+                i % 97,
+                i % 89,
+                i % 4,
+                i % 8
+            ));
+            text += d.as_str().len();
+            let anchor = Anchor::from_guid(uuid::Uuid::from_u64_pair(i, i));
+            assert!(index.insert_new(&d, Some((&anchor, &ObjectType::new("user")))));
+        }
+        let per_entry = (index.bytes_used() - text) as f64 / n as f64;
+        assert!(
+            per_entry < 70.0,
+            "{per_entry} bytes per entry besides the text"
+        );
     }
 
     /// The index against a `HashMap<Dn, Known>` over a long run of inserts, replacements and
@@ -537,7 +579,9 @@ mod tests {
         let mut model: HashMap<Dn, Known> = HashMap::new();
         let mut x: u64 = 7;
         for step in 0..60_000u64 {
-            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             let n = (x >> 33) % 5_000;
             let pad = "p".repeat((x >> 20) as usize % 300);
             let d = dn(&format!("CN=User {n} {pad},OU=Unit {},DC=Example", n % 7));
@@ -566,6 +610,9 @@ mod tests {
             assert_eq!(index.get(d).as_ref(), Some(k));
         }
         assert!(index.text_len < 2 * (index.text_len - index.garbage) + (1 << 20));
-        assert_eq!(index.text_len, index.text.iter().map(String::len).sum::<usize>());
+        assert_eq!(
+            index.text_len,
+            index.text.iter().map(String::len).sum::<usize>()
+        );
     }
 }

@@ -937,7 +937,10 @@ impl Source for LdifSource {
             .map_err(|e| {
                 ConnectorError::new(
                     ErrorKind::Other,
-                    format!("cannot start the thread reading {}: {e}", self.path.display()),
+                    format!(
+                        "cannot start the thread reading {}: {e}",
+                        self.path.display()
+                    ),
                 )
                 .with_source(e)
             })?;
@@ -1593,6 +1596,43 @@ description: skipped: the ou is unmapped
         let restarted = f.source();
         let replayed = delta(&restarted, &w2).await.unwrap();
         assert_eq!(ok_changes(&replayed), ok_changes(&third));
+    }
+
+    #[tokio::test]
+    async fn a_full_import_dropped_midway_then_run_again() {
+        let f = Fixture::new(CONTENT);
+        let source = f.source();
+        {
+            // One entry, then the stream (and its reading thread) is dropped.
+            let mut s = source.full_import().await.unwrap();
+            assert!(matches!(s.next().await, Some(Ok(ImportItem::Item(_)))));
+        }
+        assert_eq!(source.lock().at, None, "no position after a dropped import");
+        let items = full(&source).await;
+        assert_eq!(entries(&items).len(), 3);
+        let w0 = last_watermark(&items);
+        assert_eq!(
+            source.lock().index.len(),
+            5,
+            "the index holds every entry read"
+        );
+        // The delta import starts from the index that import built.
+        f.change(
+            "001.ldif",
+            "dn: CN=ADA LOVELACE,ou=people,DC=example,DC=com\nchangetype: delete\n",
+        );
+        assert_eq!(
+            ok_changes(&delta(&source, &w0).await.unwrap()),
+            vec![Change::Delete {
+                anchor: ADA.into(),
+                object_type: "user".into()
+            }]
+        );
+        // Without a changes directory the index is not kept.
+        let plain = LdifSource::new(f.content(), LdifSourceConfig::default());
+        assert_eq!(entries(&full(&plain).await).len(), 3);
+        assert_eq!(plain.lock().index.len(), 0);
+        assert_eq!(plain.skipped(), 2);
     }
 
     #[tokio::test]
