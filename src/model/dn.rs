@@ -16,7 +16,7 @@ use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
 use std::hash::{Hash, Hasher};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use smol_str::SmolStr;
 
@@ -727,7 +727,10 @@ impl<'a> Parser<'a> {
 /// assert_eq!(a.parent().unwrap().as_str(), "OU=Sales;DC=Example");
 /// ```
 ///
-/// The parts are shared: cloning a `Dn` is a reference-count increment.
+/// The parts are shared: cloning a `Dn` is a reference-count increment. A parsed DN keeps its
+/// text, its normalized form and the number of its RDNs; the RDNs themselves are parsed from the
+/// text again when first asked for ([`Dn::rdns`], [`Dn::rdn`], [`Dn::parent`]'s), then kept. A
+/// million parsed DNs (a large group's members) take a third of the memory they would otherwise.
 #[derive(Clone)]
 pub struct Dn(Arc<DnParts>);
 
@@ -736,7 +739,32 @@ struct DnParts {
     text: Box<str>,
     /// `None` when the normalized form is the text itself.
     norm: Option<Box<str>>,
-    rdns: Box<[Rdn]>,
+    /// The number of RDNs.
+    len: usize,
+    /// The RDNs, parsed from `text` again when first asked for: a parsed DN keeps only its two
+    /// texts (most DNs, references above all, are compared and hashed, never taken apart).
+    rdns: OnceLock<Box<[Rdn]>>,
+}
+
+impl DnParts {
+    fn new(text: Box<str>, norm: Option<Box<str>>, rdns: Option<Box<[Rdn]>>, len: usize) -> Self {
+        let lazy = OnceLock::new();
+        if let Some(rdns) = rdns {
+            let _ = lazy.set(rdns);
+        }
+        DnParts {
+            text,
+            norm,
+            len,
+            rdns: lazy,
+        }
+    }
+
+    fn rdns(&self) -> &[Rdn] {
+        // The text parsed once; should it not again, the DN reads as having no RDNs.
+        self.rdns
+            .get_or_init(|| parse_rdns(&self.text).unwrap_or_default())
+    }
 }
 
 impl Dn {
@@ -748,11 +776,13 @@ impl Dn {
     /// value are tolerated.
     pub fn parse(s: &str) -> Result<Dn, DnError> {
         let rdns = parse_rdns(s)?;
-        Ok(Dn::assemble(Box::from(s), rdns))
+        // The RDNs are dropped: `rdns()` parses the text again if asked.
+        Ok(Dn::assemble(Box::from(s), rdns, false))
     }
 
-    /// Builds the normalized form for `rdns` and stores it unless it equals `text`.
-    fn assemble(text: Box<str>, rdns: Box<[Rdn]>) -> Dn {
+    /// Builds the normalized form for `rdns` and stores it unless it equals `text`; keeps
+    /// `rdns` when `keep`.
+    fn assemble(text: Box<str>, rdns: Box<[Rdn]>, keep: bool) -> Dn {
         let mut norm = String::with_capacity(text.len());
         for (i, r) in rdns.iter().enumerate() {
             if i > 0 {
@@ -761,16 +791,23 @@ impl Dn {
             r.write_norm(&mut norm);
         }
         let norm = (norm != *text).then(|| norm.into_boxed_str());
-        Dn(Arc::new(DnParts { text, norm, rdns }))
+        let len = rdns.len();
+        Dn(Arc::new(DnParts::new(
+            text,
+            norm,
+            keep.then_some(rdns),
+            len,
+        )))
     }
 
     /// The root (empty) DN, `""`.
     pub fn root() -> Dn {
-        Dn(Arc::new(DnParts {
-            text: Box::from(""),
-            norm: None,
-            rdns: Box::new([]),
-        }))
+        Dn(Arc::new(DnParts::new(
+            Box::from(""),
+            None,
+            Some(Box::new([])),
+            0,
+        )))
     }
 
     /// A DN from its RDNs, most specific first; the text is their escaped RFC 4514 form.
@@ -783,43 +820,46 @@ impl Dn {
             }
             let _ = write!(text, "{r}");
         }
-        Dn::assemble(text.into_boxed_str(), rdns)
+        Dn::assemble(text.into_boxed_str(), rdns, true)
     }
 
     /// Whether this is the root (empty) DN.
     pub fn is_root(&self) -> bool {
-        self.0.rdns.is_empty()
+        self.0.len == 0
     }
 
     /// The most specific RDN (the first one written), or `None` for the root.
     pub fn rdn(&self) -> Option<&Rdn> {
-        self.0.rdns.first()
+        self.0.rdns().first()
     }
 
     /// All RDNs, most specific first.
     pub fn rdns(&self) -> &[Rdn] {
-        &self.0.rdns
+        self.0.rdns()
     }
 
     /// The DN one level up (keeping the original spelling), or `None` for the root.
     pub fn parent(&self) -> Option<Dn> {
-        match self.0.rdns.len() {
+        match self.0.len {
             0 => None,
             1 => Some(Dn::root()),
             _ => {
-                let rdns: Box<[Rdn]> = self.0.rdns.get(1..).unwrap_or(&[]).into();
                 let (Some(text), Some(norm)) = (
                     after_first_separator(&self.0.text, true),
                     after_first_separator(self.normalized(), false),
                 ) else {
-                    return Some(Dn::from_rdns(rdns.into_vec()));
+                    return Some(Dn::from_rdns(self.rdns().get(1..).unwrap_or(&[]).to_vec()));
                 };
+                // The parent's text parses to this DN's RDNs but the first: they are copied
+                // when this DN holds them, else parsed when asked for.
+                let rdns = self.0.rdns.get().map(|r| r.get(1..).unwrap_or(&[]).into());
                 let norm = (norm != text).then(|| Box::from(norm));
-                Some(Dn(Arc::new(DnParts {
-                    text: Box::from(text),
+                Some(Dn(Arc::new(DnParts::new(
+                    Box::from(text),
                     norm,
                     rdns,
-                })))
+                    self.0.len - 1,
+                ))))
             }
         }
     }
@@ -834,21 +874,23 @@ impl Dn {
             norm.push(',');
             norm.push_str(self.normalized());
         }
-        let mut rdns = Vec::with_capacity(self.0.rdns.len() + 1);
+        let mut rdns = Vec::with_capacity(self.0.len + 1);
         rdns.push(rdn);
-        rdns.extend_from_slice(&self.0.rdns);
+        rdns.extend_from_slice(self.0.rdns());
         let norm = (norm != text).then(|| norm.into_boxed_str());
-        Dn(Arc::new(DnParts {
-            text: text.into_boxed_str(),
+        let len = rdns.len();
+        Dn(Arc::new(DnParts::new(
+            text.into_boxed_str(),
             norm,
-            rdns: rdns.into_boxed_slice(),
-        }))
+            Some(rdns.into_boxed_slice()),
+            len,
+        )))
     }
 
     /// Whether `ancestor` is a strict ancestor of this DN (a DN is not its own descendant; every
     /// DN except the root descends from the root).
     pub fn is_descendant_of(&self, ancestor: &Dn) -> bool {
-        if self.0.rdns.len() <= ancestor.0.rdns.len() {
+        if self.0.len <= ancestor.0.len {
             return false;
         }
         let (me, anc) = (self.normalized(), ancestor.normalized());
@@ -864,12 +906,12 @@ impl Dn {
 
     /// The number of RDNs (0 for the root).
     pub fn len(&self) -> usize {
-        self.0.rdns.len()
+        self.0.len
     }
 
     /// Whether this DN has no RDNs (is the root).
     pub fn is_empty(&self) -> bool {
-        self.0.rdns.is_empty()
+        self.0.len == 0
     }
 
     /// This DN renamed: same parent, new RDN. For the root, the DN made of `rdn` alone.
@@ -903,11 +945,14 @@ impl Dn {
 /// Parses the RDNs of a DN string in one pass.
 fn parse_rdns(s: &str) -> Result<Box<[Rdn]>, DnError> {
     let mut p = Parser::new(s);
-    let mut rdns = Vec::new();
     p.skip_spaces();
     if p.at_end() {
         return Ok(Box::new([]));
     }
+    // Room for one RDN per separator (an escaped one gives one too many): no regrowth.
+    let mut rdns = Vec::with_capacity(1 + memchr::memchr2_iter(b',', b';', s.as_bytes()).count());
+    // A value is never longer than the text.
+    p.scratch.reserve(s.len());
     loop {
         match p.peek() {
             None | Some(b',' | b';') => return Err(p.err(p.i, "empty RDN")),
@@ -1006,7 +1051,7 @@ impl TryFrom<String> for Dn {
     /// Parses `s`, reusing its allocation for the kept text.
     fn try_from(s: String) -> Result<Dn, DnError> {
         let rdns = parse_rdns(&s)?;
-        Ok(Dn::assemble(s.into_boxed_str(), rdns))
+        Ok(Dn::assemble(s.into_boxed_str(), rdns, false))
     }
 }
 
@@ -1263,6 +1308,33 @@ mod tests {
         assert_eq!(moved.as_str(), "CN=John Smith,ou=Former,dc=example,dc=com");
         assert_eq!(moved.rdn(), d.rdn());
         assert_eq!(Dn::from_rdns(d.rdns().to_vec()), d);
+    }
+
+    #[test]
+    fn a_parsed_dn_parses_its_rdns_when_asked() {
+        let d = Dn::parse("CN=Smith\\, John , OU=Sales;DC=Example").unwrap();
+        assert!(d.0.rdns.get().is_none(), "not kept by parse");
+        assert_eq!(d.len(), 3);
+        assert!(d.is_descendant_of(&Dn::parse("dc=example").unwrap()));
+        let p = d.parent().unwrap();
+        assert!(p.0.rdns.get().is_none(), "nor by parent");
+        assert_eq!(p.as_str(), "OU=Sales;DC=Example");
+        assert_eq!(p.len(), 2);
+        assert_eq!(p.rdn().unwrap().value(), "Sales");
+        assert_eq!(d.rdn().unwrap().value(), "Smith, John");
+        assert!(d.0.rdns.get().is_some());
+        // Once parsed, a parent copies them.
+        assert_eq!(d.parent().unwrap().0.rdns.get().map(|r| r.len()), Some(2));
+        let rebuilt = Dn::from_rdns(d.rdns().to_vec());
+        assert_eq!(rebuilt, d);
+        assert!(
+            rebuilt.0.rdns.get().is_some(),
+            "built from RDNs, it keeps them"
+        );
+        assert_eq!(
+            Dn::try_from(String::from("cn=a,dc=b")).unwrap().rdns()[1].value(),
+            "b"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::fmt;
 
 use crate::model::{AttrName, AttributeChange, Attributes, ChangeOp, Dn, Rdn, Value};
 
+mod index;
 mod map;
 mod read;
 mod source;

@@ -13,13 +13,12 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use rustc_hash::{FxHashMap, FxHashSet};
-// The DN index: DNs hash with FxHash (no iteration order is relied on).
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxBuildHasher, FxHashMap};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use smol_str::SmolStr;
 
+use super::index::DnIndex;
 use super::map::{RefForm, Schema};
 use super::{LdifBody, LdifError, LdifReader, LdifRecord, LdifValue};
 use crate::connector::{
@@ -234,9 +233,6 @@ impl LdifSourceConfig {
     }
 }
 
-/// What the source knows of a DN: its anchor and type, or `None` for an entry it skipped.
-type Known = Option<(Anchor, ObjectType)>;
-
 /// What the mapping makes of an attribute name.
 #[derive(Clone, Copy)]
 struct AttrKind {
@@ -249,66 +245,57 @@ struct AttrKind {
 /// How many names (and `objectClass` values) a [`MapCache`] remembers at most.
 const CACHE_CAP: usize = 4096;
 
+/// How many reference DNs a full import remembers (a power of two).
+const REFS: usize = 4096;
+
 /// What the mapping made of attribute names and `objectClass` values, by their exact spelling
 /// (a spelling always maps the same way): an LDIF file repeats a few names in every record.
 ///
-/// A full import also remembers every DN it has read (entries' and references'), by its text:
-/// a reference to an entry read before (group members, mostly) shares that entry's [`Dn`]
-/// instead of parsing the text again. Two DNs of one text are the same in every respect.
+/// A full import also remembers the last reference DNs it has read, by their text (one per
+/// slot of a small table, by a hash of the text): a reference read again soon after (a manager
+/// of several entries in a row) shares that [`Dn`] instead of parsing the text again. Two DNs of
+/// one text are the same in every respect. The table is bounded: memory does not grow with the
+/// directory.
 #[derive(Default)]
 struct MapCache {
     kinds: FxHashMap<SmolStr, AttrKind>,
     classes: FxHashMap<SmolStr, Option<ObjectType>>,
-    dns: Option<FxHashSet<DnText>>,
+    refs: Option<Box<[Option<Dn>]>>,
 }
 
-/// A [`Dn`] hashed and compared by its text (not its normalized form).
-struct DnText(Dn);
-
-impl PartialEq for DnText {
-    fn eq(&self, other: &DnText) -> bool {
-        self.0.as_str() == other.0.as_str()
-    }
-}
-
-impl Eq for DnText {}
-
-impl std::hash::Hash for DnText {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.as_str().hash(state);
-    }
-}
-
-impl std::borrow::Borrow<str> for DnText {
-    fn borrow(&self) -> &str {
-        self.0.as_str()
-    }
+/// The slot of the reference text `text` in [`MapCache::refs`].
+fn ref_slot(text: &str) -> usize {
+    use std::hash::BuildHasher;
+    FxBuildHasher.hash_one(text) as usize & (REFS - 1)
 }
 
 impl MapCache {
-    /// A cache that also remembers DNs (for one full import).
+    /// A cache that also remembers reference DNs (for one full import).
     fn with_dns() -> MapCache {
         MapCache {
-            dns: Some(FxHashSet::default()),
+            refs: Some(vec![None; REFS].into_boxed_slice()),
             ..MapCache::default()
         }
     }
 
-    /// Remembers `dn` by its text.
+    /// Remembers the reference `dn` by its text.
     fn remember(&mut self, dn: &Dn) {
-        if let Some(dns) = &mut self.dns {
-            if !dns.contains(dn.as_str()) {
-                dns.insert(DnText(dn.clone()));
-            }
+        if let Some(slot) = self
+            .refs
+            .as_mut()
+            .and_then(|r| r.get_mut(ref_slot(dn.as_str())))
+        {
+            *slot = Some(dn.clone());
         }
     }
 
-    /// The DN of `value` of a reference attribute, when the same text was read before.
+    /// The DN of `value` of a reference attribute, when the same text was read recently.
     fn known_dn(&self, value: &Value) -> Option<Dn> {
-        let (Some(dns), Value::String(text)) = (&self.dns, value) else {
+        let (Some(refs), Value::String(text)) = (&self.refs, value) else {
             return None;
         };
-        dns.get(text.as_str()).map(|d| d.0.clone())
+        let dn = refs.get(ref_slot(text.as_str()))?.as_ref()?;
+        (dn.as_str() == text.as_str()).then(|| dn.clone())
     }
 
     fn kind(
@@ -439,8 +426,9 @@ impl<R: Read> Read for Hashing<R> {
 
 #[derive(Default)]
 struct State {
-    /// DN → anchor and type, as of `at`.
-    index: HashMap<Dn, Known>,
+    /// DN → anchor and type, as of `at` (kept only with a changes directory: without one it
+    /// serves no delta import).
+    index: DnIndex,
     /// The position `index` reflects; `None` when it reflects none (never built, or a delta
     /// stream stopped inside a file).
     at: Option<Position>,
@@ -453,7 +441,9 @@ struct State {
 /// **Full import** streams the content records of the file as entries (see
 /// [`LdifSourceConfig`] for the mapping), then a checkpoint whose watermark (kind `"ldif"`) is
 /// the file's content hash and size. A file holding change records, or a malformed one, yields
-/// an error naming the file and line, and nothing after it.
+/// an error naming the file and line, and nothing after it. The file is read and mapped on a
+/// thread of its own, a few batches ahead of the stream: the consumer's work on one batch
+/// overlaps the reading of the next, and a dropped stream stops the thread.
 ///
 /// **Delta import** reads the change files of [`LdifSourceConfig::changes_dir`] that sort after
 /// the watermark's last file, in file-name order, yielding a checkpoint after each file (its
@@ -464,7 +454,10 @@ struct State {
 /// mapped entry below a renamed one), `delete` [`Change::Delete`].
 ///
 /// LDIF change records name objects by DN only, so the source keeps a **DN → anchor index**, in
-/// memory only: built by a full import and kept up to date by the change records it streams.
+/// memory only: built by a full import and kept up to date by the change records it streams. It
+/// is compact (about 60 bytes and the DN's text per entry: some 150 MB for a million entries)
+/// and kept only with a [`changes_dir`](LdifSourceConfig::changes_dir); without one, a full
+/// import still uses it to refuse a DN read twice, then lets it go.
 /// When a delta import starts from a watermark the index does not reflect (after a restart, or
 /// when an earlier stream was not consumed to its end), the index is rebuilt by reading the
 /// content file and replaying the change files up to the watermark's. A change naming a DN the
@@ -485,18 +478,19 @@ fn ldif_error(path: &Path, e: LdifError) -> ConnectorError {
     ConnectorError::new(ErrorKind::Protocol, format!("{}: {e}", path.display())).with_source(e)
 }
 
-/// Reads the content file record by record, building the DN index.
-struct ContentScan<'c> {
-    config: &'c LdifSourceConfig,
-    path: &'c Path,
+/// Reads the content file record by record, building the DN index. It owns what it needs, so
+/// that a full import can run it on a thread of its own.
+struct ContentScan {
+    config: LdifSourceConfig,
+    path: PathBuf,
     reader: LdifReader<BufReader<Hashing<File>>>,
-    index: HashMap<Dn, Known>,
+    index: DnIndex,
     skipped: usize,
     cache: MapCache,
 }
 
-impl<'c> ContentScan<'c> {
-    fn open(config: &'c LdifSourceConfig, path: &'c Path) -> Result<Self, ConnectorError> {
+impl ContentScan {
+    fn open(config: &LdifSourceConfig, path: &Path) -> Result<Self, ConnectorError> {
         if config.anchor_attribute.as_str().is_empty() {
             return Err(ConnectorError::new(
                 ErrorKind::Config,
@@ -512,10 +506,10 @@ impl<'c> ContentScan<'c> {
             )
         })?;
         Ok(ContentScan {
-            config,
-            path,
+            config: config.clone(),
+            path: path.to_path_buf(),
             reader: LdifReader::new(BufReader::new(Hashing::new(file))),
-            index: HashMap::default(),
+            index: DnIndex::default(),
             skipped: 0,
             cache: MapCache::with_dns(),
         })
@@ -527,36 +521,34 @@ impl<'c> ContentScan<'c> {
             let Some(record) = self.reader.next() else {
                 return Ok(None);
             };
-            let record = record.map_err(|e| ldif_error(self.path, e))?;
+            let record = record.map_err(|e| ldif_error(&self.path, e))?;
             if record.is_change() {
                 return Err(ldif_error(
-                    self.path,
+                    &self.path,
                     LdifError::new(
                         record.line,
                         "the content file holds change records; put them in changes_dir",
                     ),
                 ));
             }
-            let std::collections::hash_map::Entry::Vacant(slot) =
-                self.index.entry(record.dn.clone())
-            else {
+            if self.index.contains(&record.dn) {
                 return Err(ldif_error(
-                    self.path,
+                    &self.path,
                     LdifError::new(record.line, format!("a second entry {}", record.dn)),
                 ));
-            };
+            }
             match self
                 .config
                 .to_entry_cached(&record, &mut self.cache)
-                .map_err(|e| ldif_error(self.path, e))?
+                .map_err(|e| ldif_error(&self.path, e))?
             {
                 Some(entry) => {
-                    self.cache.remember(&record.dn);
-                    slot.insert(Some((entry.anchor.clone(), entry.object_type.clone())));
+                    self.index
+                        .insert_new(&record.dn, Some((&entry.anchor, &entry.object_type)));
                     return Ok(Some(entry));
                 }
                 None => {
-                    slot.insert(None);
+                    self.index.insert_new(&record.dn, None);
                     self.skipped += 1;
                 }
             }
@@ -565,6 +557,65 @@ impl<'c> ContentScan<'c> {
 
     fn fingerprint(&self) -> Fingerprint {
         self.reader.get_ref().get_ref().fingerprint()
+    }
+}
+
+/// Entries a full import hands over at a time, at most.
+const SCAN_BATCH: usize = 256;
+
+/// Attribute values a full import hands over at a time, at most (unless one entry holds more):
+/// a batch of large groups is as small as a batch of users.
+const SCAN_BATCH_VALUES: usize = 8192;
+
+/// Batches a full import's reading thread may be ahead of the stream.
+const SCAN_QUEUE: usize = 2;
+
+/// What the thread of a full import hands to its stream.
+enum Scanned {
+    Entries(Vec<Entry>),
+    Failed(ConnectorError),
+    /// The end of the file: the index built and the file's fingerprint.
+    Done {
+        index: DnIndex,
+        skipped: usize,
+        fingerprint: Fingerprint,
+    },
+}
+
+/// Runs `scan` to the end of the file (or the first error), sending its entries in batches; stops
+/// early when the stream is dropped.
+fn scan_in_background(mut scan: ContentScan, tx: &tokio::sync::mpsc::Sender<Scanned>) {
+    loop {
+        let mut batch = Vec::with_capacity(SCAN_BATCH);
+        let mut values = 0;
+        let end = loop {
+            match scan.next_entry() {
+                Ok(Some(entry)) => {
+                    values += entry.attributes.iter().map(|(_, v)| v.len()).sum::<usize>();
+                    batch.push(entry);
+                    if batch.len() == SCAN_BATCH || values >= SCAN_BATCH_VALUES {
+                        break None;
+                    }
+                }
+                Ok(None) => break Some(Ok(())),
+                Err(e) => break Some(Err(e)),
+            }
+        };
+        if !batch.is_empty() && tx.blocking_send(Scanned::Entries(batch)).is_err() {
+            return;
+        }
+        let last = match end {
+            None => continue,
+            Some(Ok(())) => Scanned::Done {
+                fingerprint: scan.fingerprint(),
+                index: scan.index,
+                skipped: scan.skipped,
+            },
+            Some(Err(e)) => Scanned::Failed(e),
+        };
+        // A dropped stream wants nothing more.
+        let _ = tx.blocking_send(last);
+        return;
     }
 }
 
@@ -683,7 +734,7 @@ fn changed_content(path: &Path) -> ConnectorError {
 /// entries (none for entries the mapping skips).
 fn apply_change(
     config: &LdifSourceConfig,
-    index: &mut HashMap<Dn, Known>,
+    index: &mut DnIndex,
     record: &LdifRecord,
     file: &str,
     skipped: &mut usize,
@@ -704,7 +755,7 @@ fn apply_change(
             format!("change file {file} holds content records; change files hold change records"),
         )),
         LdifBody::Add(_) => {
-            if index.contains_key(dn) {
+            if index.contains(dn) {
                 return Err(LdifError::new(
                     record.line,
                     format!("an add of {dn}, which already exists"),
@@ -715,10 +766,7 @@ fn apply_change(
                     // Another live entry with this anchor: two objects with one anchor (the
                     // later would silently replace the earlier in the mirror). A scan, as a
                     // rename's is: change files are small beside the directory.
-                    let other = index
-                        .iter()
-                        .find(|(_, k)| matches!(k, Some((a, _)) if *a == entry.anchor));
-                    if let Some((other, _)) = other {
+                    if let Some(other) = index.holder_of(&entry.anchor) {
                         return Err(LdifError::new(
                             record.line,
                             format!(
@@ -728,14 +776,11 @@ fn apply_change(
                             ),
                         ));
                     }
-                    index.insert(
-                        dn.clone(),
-                        Some((entry.anchor.clone(), entry.object_type.clone())),
-                    );
+                    index.insert_new(dn, Some((&entry.anchor, &entry.object_type)));
                     Ok(vec![Change::Add(entry)])
                 }
                 None => {
-                    index.insert(dn.clone(), None);
+                    index.insert_new(dn, None);
                     *skipped += 1;
                     Ok(Vec::new())
                 }
@@ -750,7 +795,7 @@ fn apply_change(
             }]),
         },
         LdifBody::Modify(mods) => {
-            let Some((anchor, object_type)) = index.get(dn).ok_or_else(unknown)?.clone() else {
+            let Some((anchor, object_type)) = index.get(dn).ok_or_else(unknown)? else {
                 return Ok(Vec::new());
             };
             let schema = config.schema();
@@ -774,11 +819,11 @@ fn apply_change(
             }])
         }
         LdifBody::ModDn(m) => {
-            let known = index.get(dn).ok_or_else(unknown)?.clone();
+            let known = index.get(dn).ok_or_else(unknown)?;
             let new_dn = m
                 .new_dn(dn)
                 .ok_or_else(|| LdifError::new(record.line, "the root DN cannot be renamed"))?;
-            if new_dn != *dn && index.contains_key(&new_dn) {
+            if new_dn != *dn && index.contains(&new_dn) {
                 return Err(LdifError::new(
                     record.line,
                     format!("a rename of {dn} to {new_dn}, which already exists"),
@@ -801,14 +846,10 @@ fn apply_change(
                 }
             }
             // Everything below the entry moves with it.
-            let mut below: Vec<Dn> = index
-                .keys()
-                .filter(|k| k.is_descendant_of(dn))
-                .cloned()
-                .collect();
+            let mut below = index.descendants(dn);
             below.sort();
             index.remove(dn);
-            index.insert(new_dn.clone(), known);
+            index.insert(&new_dn, &known);
             for old in below {
                 let keep = old.len() - dn.len();
                 let moved =
@@ -821,7 +862,7 @@ fn apply_change(
                         new_dn: moved.clone(),
                     });
                 }
-                index.insert(moved, entry);
+                index.insert(&moved, &entry);
             }
             Ok(out)
         }
@@ -889,32 +930,60 @@ impl Source for LdifSource {
 
     async fn full_import(&self) -> Result<ImportStream<'_, Entry>, ConnectorError> {
         let scan = ContentScan::open(&self.config, &self.path)?;
-        let mut scan = Some(scan);
+        let (tx, rx) = tokio::sync::mpsc::channel(SCAN_QUEUE);
+        std::thread::Builder::new()
+            .name("dirsync-ldif-scan".into())
+            .spawn(move || scan_in_background(scan, &tx))
+            .map_err(|e| {
+                ConnectorError::new(
+                    ErrorKind::Other,
+                    format!(
+                        "cannot start the thread reading {}: {e}",
+                        self.path.display()
+                    ),
+                )
+                .with_source(e)
+            })?;
         let source = self;
-        let items = std::iter::from_fn(move || {
-            let s = scan.as_mut()?;
-            match s.next_entry() {
-                Ok(Some(entry)) => Some(Ok(ImportItem::Item(entry))),
-                Err(e) => {
-                    scan = None;
-                    Some(Err(e))
+        let batches = futures::stream::unfold(Some(rx), move |rx| async move {
+            let mut rx = rx?;
+            let items: Vec<Result<ImportItem<Entry>, ConnectorError>> = match rx.recv().await {
+                Some(Scanned::Entries(entries)) => {
+                    let items = entries.into_iter().map(|e| Ok(ImportItem::Item(e)));
+                    return Some((items.collect(), Some(rx)));
                 }
-                Ok(None) => {
-                    let done = scan.take()?;
+                Some(Scanned::Failed(e)) => vec![Err(e)],
+                Some(Scanned::Done {
+                    index,
+                    skipped,
+                    fingerprint,
+                }) => {
                     let at = Position {
-                        content: done.fingerprint(),
+                        content: fingerprint,
                         change_file: String::new(),
                     };
                     let watermark = at.watermark();
                     let mut st = source.lock();
-                    st.index = done.index;
-                    st.skipped = done.skipped;
+                    // Without a changes directory there is no delta import to serve.
+                    st.index = match source.config.changes_dir {
+                        Some(_) => index,
+                        None => DnIndex::default(),
+                    };
+                    st.skipped = skipped;
                     st.at = Some(at);
-                    Some(Ok(ImportItem::Checkpoint(watermark)))
+                    vec![Ok(ImportItem::Checkpoint(watermark))]
                 }
-            }
+                None => vec![Err(ConnectorError::new(
+                    ErrorKind::Other,
+                    format!(
+                        "the thread reading {} stopped before the end of the file",
+                        source.path.display()
+                    ),
+                ))],
+            };
+            Some((items, None))
         });
-        Ok(futures::stream::iter(items).boxed())
+        Ok(batches.flat_map(futures::stream::iter).boxed())
     }
 
     async fn delta_import(
@@ -1527,6 +1596,43 @@ description: skipped: the ou is unmapped
         let restarted = f.source();
         let replayed = delta(&restarted, &w2).await.unwrap();
         assert_eq!(ok_changes(&replayed), ok_changes(&third));
+    }
+
+    #[tokio::test]
+    async fn a_full_import_dropped_midway_then_run_again() {
+        let f = Fixture::new(CONTENT);
+        let source = f.source();
+        {
+            // One entry, then the stream (and its reading thread) is dropped.
+            let mut s = source.full_import().await.unwrap();
+            assert!(matches!(s.next().await, Some(Ok(ImportItem::Item(_)))));
+        }
+        assert_eq!(source.lock().at, None, "no position after a dropped import");
+        let items = full(&source).await;
+        assert_eq!(entries(&items).len(), 3);
+        let w0 = last_watermark(&items);
+        assert_eq!(
+            source.lock().index.len(),
+            5,
+            "the index holds every entry read"
+        );
+        // The delta import starts from the index that import built.
+        f.change(
+            "001.ldif",
+            "dn: CN=ADA LOVELACE,ou=people,DC=example,DC=com\nchangetype: delete\n",
+        );
+        assert_eq!(
+            ok_changes(&delta(&source, &w0).await.unwrap()),
+            vec![Change::Delete {
+                anchor: ADA.into(),
+                object_type: "user".into()
+            }]
+        );
+        // Without a changes directory the index is not kept.
+        let plain = LdifSource::new(f.content(), LdifSourceConfig::default());
+        assert_eq!(entries(&full(&plain).await).len(), 3);
+        assert_eq!(plain.lock().index.len(), 0);
+        assert_eq!(plain.skipped(), 2);
     }
 
     #[tokio::test]
