@@ -47,6 +47,11 @@ fn main() -> Result<(), Error> {
             "--users" => users = num()?,
             "--single" => single = num()?,
             "--batch" => batch = num()?.max(1),
+            "--export" => {
+                let n = num()?;
+                let dir = tempfile::tempdir()?;
+                return export(&dir.path().join("export.db"), n);
+            }
             "--migrate" => {
                 let path = args.next().ok_or("a state file must follow --migrate")?;
                 return migrate(Path::new(&path));
@@ -162,6 +167,124 @@ fn create(i: usize) -> (Operation, TargetOperation) {
         attributes,
     };
     (op, sent)
+}
+
+/// A GUID-like anchor for user `i`, scattered over the key space as a directory's are.
+fn scattered_anchor(i: usize) -> String {
+    let mut x = (i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    format!("{:08x}-{:04x}-4bbb-8ccc-{i:012x}", x >> 32, x & 0xffff)
+}
+
+/// This thread's CPU time (user + system) in seconds, where `/proc` tells it.
+fn thread_cpu() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rsplit(')').next() else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f
+        .get(11..13)
+        .map(|t| t.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// `--export N`: the state writes of an initial export of `n` user creates as the engine
+/// makes them (`export.rs`, `writer.rs`): anchors scattered over the key space and dirty at
+/// the start; pages of 10,000 anchors in anchor order; per page, rounds of 8 batches of
+/// 1,000 — each round's intents committed together with the outcomes of the round before
+/// ([`StateStore::journal_commit`]), the last outcomes alone, then the page's anchors
+/// cleared from the dirty set.
+fn export(path: &Path, n: usize) -> Result<(), Error> {
+    const PAGE: usize = 10_000;
+    const ROUND: usize = 8_000;
+    let mut store = SqliteStore::open(path)?;
+    let lookups: BTreeMap<ObjectType, BTreeSet<AttrName>> = [(
+        "User".into(),
+        ["userName".into(), "externalId".into()]
+            .into_iter()
+            .collect(),
+    )]
+    .into_iter()
+    .collect();
+    store.set_lookup_attributes(&lookups)?;
+    let mut anchors: Vec<(String, usize)> = (0..n).map(|i| (scattered_anchor(i), i)).collect();
+    anchors.sort();
+    for chunk in anchors.chunks(50_000) {
+        let dirty: Vec<dirsync::model::Anchor> =
+            chunk.iter().map(|(a, _)| a.as_str().into()).collect();
+        store.mark_dirty(&dirty)?;
+    }
+    let run = store.begin_run("bench", chrono::Utc::now())?;
+    let (t0, c0) = (Instant::now(), thread_cpu());
+    let mut next_id = 0usize;
+    for page in anchors.chunks(PAGE) {
+        let mut prev: Vec<(
+            Operation,
+            TargetOperation,
+            TargetId,
+            dirsync::state::JournalId,
+        )> = Vec::new();
+        for round in page.chunks(ROUND) {
+            let ops: Vec<(Operation, TargetOperation)> = round
+                .iter()
+                .map(|(a, i)| {
+                    let (mut o, s) = create(*i);
+                    o.anchor = a.as_str().into();
+                    (o, s)
+                })
+                .collect();
+            let intents: Vec<_> = ops.iter().map(|(o, s)| (o, Some(s))).collect();
+            let outcomes: Vec<JournalOutcome<'_>> = prev
+                .iter()
+                .map(|(o, s, tid, id)| JournalOutcome::Done {
+                    id: *id,
+                    op: o,
+                    sent: Some(s),
+                    target_id: Some(tid),
+                })
+                .collect();
+            let ids = store.journal_commit(run, &outcomes, &intents)?;
+            drop(outcomes);
+            prev = ops
+                .into_iter()
+                .zip(ids)
+                .map(|((o, s), id)| {
+                    next_id += 1;
+                    (o, s, TargetId::new(format!("n{next_id}")), id)
+                })
+                .collect();
+        }
+        let outcomes: Vec<JournalOutcome<'_>> = prev
+            .iter()
+            .map(|(o, s, tid, id)| JournalOutcome::Done {
+                id: *id,
+                op: o,
+                sent: Some(s),
+                target_id: Some(tid),
+            })
+            .collect();
+        store.journal_outcomes(&outcomes)?;
+        let clean: Vec<dirsync::model::Anchor> =
+            page.iter().map(|(a, _)| a.as_str().into()).collect();
+        store.clear_dirty(&clean)?;
+    }
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), thread_cpu() - c0);
+    store.finish_run(run, chrono::Utc::now(), "ok", "{}")?;
+    drop(store);
+    println!(
+        "export: {n} creates in {secs:.2} s ({cpu:.2} s of CPU) = {:.1} us per operation ({:.1} us of CPU)",
+        secs * 1e6 / n as f64,
+        cpu * 1e6 / n as f64
+    );
+    sizes(path, n, |t| {
+        t.starts_with("journal") || t.starts_with("target_") || t.starts_with("links")
+    })
 }
 
 /// The target id the create of user `i` gets.
