@@ -16,11 +16,17 @@
 //! It prints seconds, operations per second, and the state file's bytes per table and index
 //! (SQLite's `dbstat`), per object.
 //!
+//! `--export N` instead replays the state writes of an initial export of `N` user creates as the
+//! engine makes them (anchors scattered over the key space, pages of 10,000, rounds of eight
+//! batches of 1,000 committed with [`StateStore::journal_commit`], the dirty set cleared per
+//! page) and prints the time and the writing thread's CPU time per operation.
+//!
 //! `--migrate FILE` instead opens an existing state file (migrating it to this version, in
 //! place: work on a copy) and prints how long that took and the sizes before and after.
 //!
 //! ```text
 //! cargo run --release --example journal_bench -- --users 100000 --single 10000
+//! cargo run --release --example journal_bench -- --export 1000000
 //! cargo run --release --example journal_bench -- --migrate /tmp/copy-of-state.sqlite
 //! ```
 
@@ -57,9 +63,11 @@ fn main() -> Result<(), Error> {
                 return migrate(Path::new(&path));
             }
             _ => {
-                return Err(
-                    format!("unknown argument {a}: use --users N --single N --batch B").into(),
+                return Err(format!(
+                    "unknown argument {a}: use --users N --single N --batch B, \
+                     --export N or --migrate FILE"
                 )
+                .into())
             }
         }
     }
@@ -204,15 +212,7 @@ fn export(path: &Path, n: usize) -> Result<(), Error> {
     const PAGE: usize = 10_000;
     const ROUND: usize = 8_000;
     let mut store = SqliteStore::open(path)?;
-    let lookups: BTreeMap<ObjectType, BTreeSet<AttrName>> = [(
-        "User".into(),
-        ["userName".into(), "externalId".into()]
-            .into_iter()
-            .collect(),
-    )]
-    .into_iter()
-    .collect();
-    store.set_lookup_attributes(&lookups)?;
+    declare_lookups(&mut store)?;
     let mut anchors: Vec<(String, usize)> = (0..n).map(|i| (scattered_anchor(i), i)).collect();
     anchors.sort();
     for chunk in anchors.chunks(50_000) {
@@ -240,15 +240,7 @@ fn export(path: &Path, n: usize) -> Result<(), Error> {
                 })
                 .collect();
             let intents: Vec<_> = ops.iter().map(|(o, s)| (o, Some(s))).collect();
-            let outcomes: Vec<JournalOutcome<'_>> = prev
-                .iter()
-                .map(|(o, s, tid, id)| JournalOutcome::Done {
-                    id: *id,
-                    op: o,
-                    sent: Some(s),
-                    target_id: Some(tid),
-                })
-                .collect();
+            let outcomes = done(&prev);
             let ids = store.journal_commit(run, &outcomes, &intents)?;
             drop(outcomes);
             prev = ops
@@ -260,15 +252,7 @@ fn export(path: &Path, n: usize) -> Result<(), Error> {
                 })
                 .collect();
         }
-        let outcomes: Vec<JournalOutcome<'_>> = prev
-            .iter()
-            .map(|(o, s, tid, id)| JournalOutcome::Done {
-                id: *id,
-                op: o,
-                sent: Some(s),
-                target_id: Some(tid),
-            })
-            .collect();
+        let outcomes = done(&prev);
         store.journal_outcomes(&outcomes)?;
         let clean: Vec<dirsync::model::Anchor> =
             page.iter().map(|(a, _)| a.as_str().into()).collect();
@@ -285,6 +269,41 @@ fn export(path: &Path, n: usize) -> Result<(), Error> {
     sizes(path, n, |t| {
         t.starts_with("journal") || t.starts_with("target_") || t.starts_with("links")
     })
+}
+
+/// An operation journaled and sent: planned, as sent, the target id it got, its journal row.
+type Sent = (
+    Operation,
+    TargetOperation,
+    TargetId,
+    dirsync::state::JournalId,
+);
+
+/// The outcomes of `sent`: all done.
+fn done(sent: &[Sent]) -> Vec<JournalOutcome<'_>> {
+    sent.iter()
+        .map(|(o, s, tid, id)| JournalOutcome::Done {
+            id: *id,
+            op: o,
+            sent: Some(s),
+            target_id: Some(tid),
+        })
+        .collect()
+}
+
+/// Declares the lookup attributes the example rules' join groups would (`userName`,
+/// `externalId`), so the store indexes those target values only.
+fn declare_lookups(store: &mut SqliteStore) -> Result<(), Error> {
+    let lookups: BTreeMap<ObjectType, BTreeSet<AttrName>> = [(
+        "User".into(),
+        ["userName".into(), "externalId".into()]
+            .into_iter()
+            .collect(),
+    )]
+    .into_iter()
+    .collect();
+    store.set_lookup_attributes(&lookups)?;
+    Ok(())
 }
 
 /// The target id the create of user `i` gets.
@@ -323,15 +342,7 @@ fn manager(i: usize) -> (Operation, TargetOperation) {
 fn phase(path: &Path, name: &str, n: usize, batch: Option<usize>) -> Result<(), Error> {
     let mut store = SqliteStore::open(path)?;
     if batch.is_some() {
-        let lookups: BTreeMap<ObjectType, BTreeSet<AttrName>> = [(
-            "User".into(),
-            ["userName".into(), "externalId".into()]
-                .into_iter()
-                .collect(),
-        )]
-        .into_iter()
-        .collect();
-        store.set_lookup_attributes(&lookups)?;
+        declare_lookups(&mut store)?;
     }
     let run = store.begin_run("bench", chrono::Utc::now())?;
     let t0 = Instant::now();
