@@ -16,11 +16,17 @@
 //! It prints seconds, operations per second, and the state file's bytes per table and index
 //! (SQLite's `dbstat`), per object.
 //!
+//! `--export N` instead replays the state writes of an initial export of `N` user creates as the
+//! engine makes them (anchors scattered over the key space, pages of 10,000, rounds of eight
+//! batches of 1,000 committed with [`StateStore::journal_commit`], the dirty set cleared per
+//! page) and prints the time and the writing thread's CPU time per operation.
+//!
 //! `--migrate FILE` instead opens an existing state file (migrating it to this version, in
 //! place: work on a copy) and prints how long that took and the sizes before and after.
 //!
 //! ```text
 //! cargo run --release --example journal_bench -- --users 100000 --single 10000
+//! cargo run --release --example journal_bench -- --export 1000000
 //! cargo run --release --example journal_bench -- --migrate /tmp/copy-of-state.sqlite
 //! ```
 
@@ -47,14 +53,21 @@ fn main() -> Result<(), Error> {
             "--users" => users = num()?,
             "--single" => single = num()?,
             "--batch" => batch = num()?.max(1),
+            "--export" => {
+                let n = num()?;
+                let dir = tempfile::tempdir()?;
+                return export(&dir.path().join("export.db"), n);
+            }
             "--migrate" => {
                 let path = args.next().ok_or("a state file must follow --migrate")?;
                 return migrate(Path::new(&path));
             }
             _ => {
-                return Err(
-                    format!("unknown argument {a}: use --users N --single N --batch B").into(),
+                return Err(format!(
+                    "unknown argument {a}: use --users N --single N --batch B, \
+                     --export N or --migrate FILE"
                 )
+                .into())
             }
         }
     }
@@ -164,6 +177,135 @@ fn create(i: usize) -> (Operation, TargetOperation) {
     (op, sent)
 }
 
+/// A GUID-like anchor for user `i`, scattered over the key space as a directory's are.
+fn scattered_anchor(i: usize) -> String {
+    let mut x = (i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    format!("{:08x}-{:04x}-4bbb-8ccc-{i:012x}", x >> 32, x & 0xffff)
+}
+
+/// This thread's CPU time (user + system) in seconds, where `/proc` tells it.
+fn thread_cpu() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rsplit(')').next() else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f
+        .get(11..13)
+        .map(|t| t.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// `--export N`: the state writes of an initial export of `n` user creates as the engine
+/// makes them (`export.rs`, `writer.rs`): anchors scattered over the key space and dirty at
+/// the start; pages of 10,000 anchors in anchor order; per page, rounds of 8 batches of
+/// 1,000 — each round's intents committed together with the outcomes of the round before
+/// ([`StateStore::journal_commit`]), the last outcomes alone, then the page's anchors
+/// cleared from the dirty set.
+fn export(path: &Path, n: usize) -> Result<(), Error> {
+    const PAGE: usize = 10_000;
+    const ROUND: usize = 8_000;
+    let mut store = SqliteStore::open(path)?;
+    declare_lookups(&mut store)?;
+    let mut anchors: Vec<(String, usize)> = (0..n).map(|i| (scattered_anchor(i), i)).collect();
+    anchors.sort();
+    for chunk in anchors.chunks(50_000) {
+        let dirty: Vec<dirsync::model::Anchor> =
+            chunk.iter().map(|(a, _)| a.as_str().into()).collect();
+        store.mark_dirty(&dirty)?;
+    }
+    let run = store.begin_run("bench", chrono::Utc::now())?;
+    let (t0, c0) = (Instant::now(), thread_cpu());
+    let mut next_id = 0usize;
+    for page in anchors.chunks(PAGE) {
+        let mut prev: Vec<(
+            Operation,
+            TargetOperation,
+            TargetId,
+            dirsync::state::JournalId,
+        )> = Vec::new();
+        for round in page.chunks(ROUND) {
+            let ops: Vec<(Operation, TargetOperation)> = round
+                .iter()
+                .map(|(a, i)| {
+                    let (mut o, s) = create(*i);
+                    o.anchor = a.as_str().into();
+                    (o, s)
+                })
+                .collect();
+            let intents: Vec<_> = ops.iter().map(|(o, s)| (o, Some(s))).collect();
+            let outcomes = done(&prev);
+            let ids = store.journal_commit(run, &outcomes, &intents)?;
+            drop(outcomes);
+            prev = ops
+                .into_iter()
+                .zip(ids)
+                .map(|((o, s), id)| {
+                    next_id += 1;
+                    (o, s, TargetId::new(format!("n{next_id}")), id)
+                })
+                .collect();
+        }
+        let outcomes = done(&prev);
+        store.journal_outcomes(&outcomes)?;
+        let clean: Vec<dirsync::model::Anchor> =
+            page.iter().map(|(a, _)| a.as_str().into()).collect();
+        store.clear_dirty(&clean)?;
+    }
+    let (secs, cpu) = (t0.elapsed().as_secs_f64(), thread_cpu() - c0);
+    store.finish_run(run, chrono::Utc::now(), "ok", "{}")?;
+    drop(store);
+    println!(
+        "export: {n} creates in {secs:.2} s ({cpu:.2} s of CPU) = {:.1} us per operation ({:.1} us of CPU)",
+        secs * 1e6 / n as f64,
+        cpu * 1e6 / n as f64
+    );
+    sizes(path, n, |t| {
+        t.starts_with("journal") || t.starts_with("target_") || t.starts_with("links")
+    })
+}
+
+/// An operation journaled and sent: planned, as sent, the target id it got, its journal row.
+type Sent = (
+    Operation,
+    TargetOperation,
+    TargetId,
+    dirsync::state::JournalId,
+);
+
+/// The outcomes of `sent`: all done.
+fn done(sent: &[Sent]) -> Vec<JournalOutcome<'_>> {
+    sent.iter()
+        .map(|(o, s, tid, id)| JournalOutcome::Done {
+            id: *id,
+            op: o,
+            sent: Some(s),
+            target_id: Some(tid),
+        })
+        .collect()
+}
+
+/// Declares the lookup attributes the example rules' join groups would (`userName`,
+/// `externalId`), so the store indexes those target values only.
+fn declare_lookups(store: &mut SqliteStore) -> Result<(), Error> {
+    let lookups: BTreeMap<ObjectType, BTreeSet<AttrName>> = [(
+        "User".into(),
+        ["userName".into(), "externalId".into()]
+            .into_iter()
+            .collect(),
+    )]
+    .into_iter()
+    .collect();
+    store.set_lookup_attributes(&lookups)?;
+    Ok(())
+}
+
 /// The target id the create of user `i` gets.
 fn target_id(i: usize) -> TargetId {
     format!("{i:08x}-7777-4eee-9fff-{i:012x}").into()
@@ -200,15 +342,7 @@ fn manager(i: usize) -> (Operation, TargetOperation) {
 fn phase(path: &Path, name: &str, n: usize, batch: Option<usize>) -> Result<(), Error> {
     let mut store = SqliteStore::open(path)?;
     if batch.is_some() {
-        let lookups: BTreeMap<ObjectType, BTreeSet<AttrName>> = [(
-            "User".into(),
-            ["userName".into(), "externalId".into()]
-                .into_iter()
-                .collect(),
-        )]
-        .into_iter()
-        .collect();
-        store.set_lookup_attributes(&lookups)?;
+        declare_lookups(&mut store)?;
     }
     let run = store.begin_run("bench", chrono::Utc::now())?;
     let t0 = Instant::now();

@@ -313,6 +313,9 @@ pub struct Synchronizer {
     config: EngineConfig,
     progress: Option<Arc<dyn Fn(Progress) + Send + Sync>>,
     allow_deletions_once: bool,
+    /// The threads freeing what the last export was done with (see `export.rs`), joined
+    /// before the next export starts, so no more than one export's leftovers are held.
+    freeing: Vec<std::thread::JoinHandle<()>>,
     /// The target attributes the projection's joins look up (every type's), indexed in the
     /// target mirror of each plan's views.
     join_attributes: Vec<crate::model::AttrName>,
@@ -371,6 +374,7 @@ impl Synchronizer {
             config,
             progress: None,
             allow_deletions_once: false,
+            freeing: Vec::new(),
         }
     }
 

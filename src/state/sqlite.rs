@@ -504,15 +504,19 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     TARGET_BY_ID,
     TARGET_LOOKUP,
     "DELETE FROM target_values WHERE attribute = ?1 AND value_key = ?2 AND id = ?3",
-    "DELETE FROM links WHERE anchor = ?1 OR target_id = ?2",
+    LINK_DELETE_ANCHOR,
+    LINK_DELETE_TARGET,
     "SELECT 1 FROM runs WHERE id = ?1",
     "DELETE FROM journal WHERE run = ?1 AND state <> 'intended'",
-    "DELETE FROM journal_payload WHERE id = ?1",
+    PAYLOADS_DELETE,
     JOURNAL_DONE,
     UNCONFIRMED,
     "UPDATE source_state SET generation = ?2 WHERE id = ?1",
 ];
 
+const LINK_DELETE_ANCHOR: &str = "DELETE FROM links WHERE anchor = ?1";
+const LINK_DELETE_TARGET: &str = "DELETE FROM links WHERE target_id = ?1";
+const PAYLOADS_DELETE: &str = "DELETE FROM journal_payload WHERE id BETWEEN ?1 AND ?2";
 const JOURNAL_DONE: &str = "UPDATE journal SET state = 'done', target_id = ?2, attributes = ?3, \
      error = NULL, retryable = 0 WHERE id = ?1";
 const UNCONFIRMED: &str = "SELECT j.id, j.run, p.op, p.sent, j.state, j.target_id, j.error, \
@@ -2446,6 +2450,24 @@ fn put_target_row(
     Ok(())
 }
 
+/// Inserts the row of a target object not stored yet (not its index rows): false, writing
+/// nothing, when one with its id is.
+fn insert_target_row(
+    conn: &Db<'_>,
+    id: &TargetId,
+    (object_type, attributes): (&ObjectType, &Attributes),
+) -> Result<bool, StateError> {
+    let attrs = conn.encode(attributes, None)?;
+    let n = conn
+        .prepare_cached(
+            "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(params![id.as_str(), object_type.as_str(), attrs]))
+        .ctx("writing a target object")?;
+    Ok(n > 0)
+}
+
 /// The index keys of an object of type `ty` with `attributes` under `lookup`: (attribute
 /// lower-cased, value key), the values of attributes not indexed left alone.
 fn indexed_keys(
@@ -2721,7 +2743,7 @@ fn record_outcomes(
     lookup: Option<&LookupAttributes>,
     outcomes: &[JournalOutcome<'_>],
 ) -> Result<(), StateError> {
-    let mut done = false;
+    let mut done: Vec<i64> = Vec::with_capacity(outcomes.len());
     for o in outcomes {
         match o {
             JournalOutcome::Done {
@@ -2731,7 +2753,7 @@ fn record_outcomes(
                 target_id,
             } => {
                 record_done(conn, lookup, *id, op, *sent, *target_id)?;
-                done = true;
+                done.push(id.0);
             }
             JournalOutcome::Failed {
                 id,
@@ -2740,8 +2762,32 @@ fn record_outcomes(
             } => record_failed(conn, *id, error, *retryable)?,
         }
     }
-    if done {
+    if !done.is_empty() {
+        drop_payloads(conn, done)?;
         bump(conn)?;
+    }
+    Ok(())
+}
+
+/// Deletes the payloads of the journal rows `ids` (done: nothing reads them any more), a run of
+/// consecutive ids in one statement — a batch's rows are, as a rule.
+fn drop_payloads(conn: &Db<'_>, mut ids: Vec<i64>) -> Result<(), StateError> {
+    ids.sort_unstable();
+    ids.dedup();
+    let mut stmt = conn
+        .prepare_cached(PAYLOADS_DELETE)
+        .ctx("recording a done operation")?;
+    let mut k = 0;
+    while k < ids.len() {
+        let first = ids[k];
+        let mut last = first;
+        k += 1;
+        while k < ids.len() && Some(ids[k]) == last.checked_add(1) {
+            last = ids[k];
+            k += 1;
+        }
+        stmt.execute([first, last])
+            .ctx("recording a done operation")?;
     }
     Ok(())
 }
@@ -2774,9 +2820,6 @@ fn record_done(
         .prepare_cached(JOURNAL_DONE)
         .and_then(|mut s| s.execute(params![id.0, recorded.as_ref().map(|t| t.as_str()), attrs]))
         .ctx("recording a done operation")?;
-    conn.prepare_cached("DELETE FROM journal_payload WHERE id = ?1")
-        .and_then(|mut s| s.execute([id.0]))
-        .ctx("recording a done operation")?;
     if n == 0 {
         return Err(StateError::UnknownJournalId(id));
     }
@@ -2801,6 +2844,16 @@ fn record_done(
                 object_type,
                 attributes,
             } => {
+                // A new object, as a rule: inserted, its keys indexed, without reading first.
+                if insert_target_row(conn, &tid, (object_type, attributes))? {
+                    return reindex_target(
+                        conn,
+                        &tid,
+                        Some((object_type, attributes)),
+                        Ok(None),
+                        lookup,
+                    );
+                }
                 let old = stored_target(conn, &tid)?;
                 write_target_over(
                     conn,
@@ -2853,21 +2906,36 @@ fn record_failed(
 }
 
 fn put_link(conn: &Db<'_>, link: &Link) -> Result<(), StateError> {
-    // Explicit delete then insert (not INSERT OR REPLACE: its implicit deletes skip triggers).
-    conn.prepare_cached("DELETE FROM links WHERE anchor = ?1 OR target_id = ?2")
-        .and_then(|mut s| s.execute([link.anchor.as_str(), link.target_id.as_str()]))
+    let row = [
+        link.anchor.as_str(),
+        link.source_type.as_str(),
+        link.target_id.as_str(),
+        link.target_type.as_str(),
+    ];
+    // A new link, as a rule: one insert, which a link of the anchor or to the target object
+    // refuses.
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO links (anchor, source_type, target_id, target_type) \
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+        )
+        .and_then(|mut s| s.execute(row))
+        .ctx("writing a link")?;
+    if inserted > 0 {
+        return Ok(());
+    }
+    // Replaced: explicit deletes then the insert (not INSERT OR REPLACE: its implicit deletes
+    // skip triggers).
+    conn.prepare_cached(LINK_DELETE_ANCHOR)
+        .and_then(|mut s| s.execute([link.anchor.as_str()]))
+        .ctx("replacing a link")?;
+    conn.prepare_cached(LINK_DELETE_TARGET)
+        .and_then(|mut s| s.execute([link.target_id.as_str()]))
         .ctx("replacing a link")?;
     conn.prepare_cached(
         "INSERT INTO links (anchor, source_type, target_id, target_type) VALUES (?1, ?2, ?3, ?4)",
     )
-    .and_then(|mut s| {
-        s.execute([
-            link.anchor.as_str(),
-            link.source_type.as_str(),
-            link.target_id.as_str(),
-            link.target_type.as_str(),
-        ])
-    })
+    .and_then(|mut s| s.execute(row))
     .ctx("writing a link")?;
     Ok(())
 }
@@ -3435,6 +3503,7 @@ impl StateStore for SqliteStore {
         let lookup = self.lookup.clone();
         self.write("recording a done operation", |tx| {
             record_done(tx, lookup.as_ref(), id, op, sent, target_id)?;
+            drop_payloads(tx, vec![id.0])?;
             bump(tx)
         })
     }

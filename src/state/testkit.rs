@@ -34,6 +34,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     finishing_a_run_applies_the_default_retention(make());
     undeclared_lookup_attributes_are_still_found(make());
     deprovisioning_an_old_object_keeps_the_new_link(make());
+    a_done_create_replaces_links_and_objects_in_its_way(make());
     secrets_are_not_stored(make());
     escrow_counts_attempts(make());
     runs_are_recorded(make());
@@ -1573,6 +1574,63 @@ fn deprovisioning_an_old_object_keeps_the_new_link(mut s: Box<dyn StateStore>) {
     // The delete of the object still linked removes the link.
     let all = done("u1", "new-1", true);
     assert!(all.links.get(&a("u1")).is_none());
+}
+
+/// A done create whose target object is already linked (to another anchor) or stored takes
+/// its place: one link per anchor and per target object, the counts and the value index
+/// following.
+fn a_done_create_replaces_links_and_objects_in_its_way(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let mail = |m: &str| -> Attributes { [("mail", values([m]))].into_iter().collect() };
+    let found = |s: &dyn StateStore, m: &str| -> Vec<String> {
+        let mut v = s.load_neighbourhood(&anchors(&["nobody"])).unwrap();
+        s.load_join_candidates(
+            &mut v,
+            &[TargetLookup {
+                object_type: "User".into(),
+                attribute: "mail".into(),
+                value: Value::string(m),
+            }],
+        )
+        .unwrap();
+        let mut ids: Vec<String> = v.target.objects().map(|o| o.id.to_string()).collect();
+        ids.sort();
+        ids
+    };
+    link_by_create(s, "u1", "t1", mail("one@x"));
+    link_by_create(s, "u2", "t2", mail("two@x"));
+    // The target object t1 is created again for u2: u1 loses its link, u2 its old one.
+    link_by_create(s, "u2", "t1", mail("again@x"));
+    let v = s.load_all().unwrap();
+    assert!(v.links.get(&a("u1")).is_none());
+    assert_eq!(
+        v.links.get(&a("u2")).map(|l| l.target_id.as_str()),
+        Some("t1")
+    );
+    assert_eq!(v.links.len(), 1);
+    assert_eq!(s.link_counts().unwrap().get(&"User".into()), Some(&1));
+    assert_eq!(
+        v.target
+            .get(&"t1".into())
+            .map(|o| format!("{:?}", o.attributes)),
+        Some(format!("{:?}", mail("again@x")))
+    );
+    assert!(found(s, "one@x").is_empty());
+    assert_eq!(found(s, "again@x"), ["t1"]);
+    // A target object stored by a read (no link) is overwritten by the create that makes it.
+    s.put_target_objects(&[TargetObject::new("t3", "User").with("mail", "read@x")])
+        .unwrap();
+    link_by_create(s, "u3", "t3", mail("made@x"));
+    assert!(found(s, "read@x").is_empty());
+    assert_eq!(found(s, "made@x"), ["t3"]);
+    assert_eq!(s.link_counts().unwrap().get(&"User".into()), Some(&2));
+    // The same create recorded twice changes nothing.
+    let before = journal_state(s);
+    link_by_create(s, "u3", "t3", mail("made@x"));
+    let after = journal_state(s);
+    let links = |st: &str| st.lines().nth(2).map(str::to_owned);
+    assert_eq!(links(&before), links(&after));
+    assert_eq!(s.link_counts().unwrap().get(&"User".into()), Some(&2));
 }
 
 fn secrets_are_not_stored(mut s: Box<dyn StateStore>) {
