@@ -679,6 +679,61 @@ impl Db<'_> {
     }
 }
 
+impl SqliteStore {
+    /// `read` in one read transaction: what it reads is one snapshot of the file.
+    fn in_snapshot<R>(
+        &self,
+        read: impl FnOnce(&Db<'_>) -> Result<R, StateError>,
+    ) -> Result<R, StateError> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .ctx("starting a read transaction")?;
+        read(&Db {
+            conn: &tx,
+            names: &self.names,
+        })
+    }
+}
+
+/// The whole store: every source object, link and target object ([`StateStore::load_all`]).
+fn read_all(conn: &Db<'_>) -> Result<Views, StateError> {
+    let mut views = Views::default();
+    let sql = format!("SELECT {ENTRY_COLUMNS} FROM source_objects");
+    let mut stmt = conn.prepare(&sql).ctx("reading the source mirror")?;
+    let mut q = stmt.query([]).ctx("reading the source mirror")?;
+    let mut raw = Vec::new();
+    while let Some(r) = q.next().ctx("reading the source mirror")? {
+        raw.push(raw_row(r, 4).ctx("reading the source mirror")?);
+    }
+    conn.names.borrow_mut().reload(conn)?;
+    let names_ref = conn.names()?;
+    let names: &Names = &names_ref;
+    for e in decode_rows(raw, |r| decode_entry_in(names, r))? {
+        views.mirror.insert(e);
+    }
+    for r in rows(
+        conn,
+        "SELECT anchor, source_type, target_id, target_type FROM links",
+        [],
+        "reading the links",
+    )? {
+        views.links.insert(decode_link(r)?);
+    }
+    let mut stmt = conn
+        .prepare("SELECT id, object_type, attributes FROM target_objects")
+        .ctx("reading the target mirror")?;
+    let mut q = stmt.query([]).ctx("reading the target mirror")?;
+    let mut raw = Vec::new();
+    while let Some(r) = q.next().ctx("reading the target mirror")? {
+        raw.push(raw_row(r, 3).ctx("reading the target mirror")?);
+    }
+    for o in decode_rows(raw, |r| decode_target_in(names, r))? {
+        views.target.insert(o);
+    }
+    Ok(views)
+}
+
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore")
@@ -1374,21 +1429,29 @@ fn entries_by_anchors(
     anchors: &[&str],
     keep: Option<&Keep<'_>>,
 ) -> Result<Vec<Entry>, StateError> {
-    let sql = match keep {
-        Some(k) if k.heads => HEADS_IN,
-        _ => ENTRIES_IN,
+    let sql = [ENTRIES_IN, HEADS_IN];
+    entries_in(conn, names, sql, anchors, keep, "reading source objects")
+}
+
+/// The source objects the first query of `sql` returns for `keys` (the second when `keep`
+/// wants heads alone), whole or held as context with what `keep` keeps.
+fn entries_in<K: rusqlite::ToSql>(
+    conn: &Db<'_>,
+    names: &Names,
+    [whole, heads]: [&str; 2],
+    keys: &[K],
+    keep: Option<&Keep<'_>>,
+    what: &str,
+) -> Result<Vec<Entry>, StateError> {
+    let sql = if keep.is_some_and(|k| k.heads) {
+        heads
+    } else {
+        whole
     };
-    decoded_in(
-        conn,
-        sql,
-        anchors,
-        4,
-        "reading source objects",
-        |r| match keep {
-            Some(k) => decode_entry_light(names, r, k),
-            None => decode_entry_in(names, r),
-        },
-    )
+    decoded_in(conn, sql, keys, 4, what, |r| match keep {
+        Some(k) => decode_entry_light(names, r, k),
+        None => decode_entry_in(names, r),
+    })
 }
 
 /// The source objects at the normalized DNs `dns` (by their hashes, less the collisions), as
@@ -1402,14 +1465,8 @@ fn entries_by_dns(
     let mut keys: Vec<i64> = dns.iter().map(|d| dn_key(d)).collect();
     keys.sort_unstable();
     keys.dedup();
-    let sql = match keep {
-        Some(k) if k.heads => HEADS_AT_DNS_IN,
-        _ => ENTRIES_AT_DNS_IN,
-    };
-    let mut out = decoded_in(conn, sql, &keys, 4, "resolving DNs", |r| match keep {
-        Some(k) => decode_entry_light(names, r, k),
-        None => decode_entry_in(names, r),
-    })?;
+    let sql = [ENTRIES_AT_DNS_IN, HEADS_AT_DNS_IN];
+    let mut out = entries_in(conn, names, sql, &keys, keep, "resolving DNs")?;
     let wanted: rustc_hash::FxHashSet<&str> = dns.iter().copied().collect();
     out.retain(|e| {
         e.dn.as_ref()
@@ -3194,49 +3251,7 @@ impl StateStore for SqliteStore {
 
     fn load_all(&self) -> Result<Views, StateError> {
         // One read transaction: the three views are one snapshot.
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .ctx("starting a read transaction")?;
-        let db = Db {
-            conn: &tx,
-            names: &self.names,
-        };
-        let conn = &db;
-        let mut views = Views::default();
-        let sql = format!("SELECT {ENTRY_COLUMNS} FROM source_objects");
-        let mut stmt = conn.prepare(&sql).ctx("reading the source mirror")?;
-        let mut q = stmt.query([]).ctx("reading the source mirror")?;
-        let mut raw = Vec::new();
-        while let Some(r) = q.next().ctx("reading the source mirror")? {
-            raw.push(raw_row(r, 4).ctx("reading the source mirror")?);
-        }
-        conn.names.borrow_mut().reload(conn)?;
-        let names_ref = conn.names()?;
-        let names: &Names = &names_ref;
-        for e in decode_rows(raw, |r| decode_entry_in(names, r))? {
-            views.mirror.insert(e);
-        }
-        for r in rows(
-            conn,
-            "SELECT anchor, source_type, target_id, target_type FROM links",
-            [],
-            "reading the links",
-        )? {
-            views.links.insert(decode_link(r)?);
-        }
-        let mut stmt = conn
-            .prepare("SELECT id, object_type, attributes FROM target_objects")
-            .ctx("reading the target mirror")?;
-        let mut q = stmt.query([]).ctx("reading the target mirror")?;
-        let mut raw = Vec::new();
-        while let Some(r) = q.next().ctx("reading the target mirror")? {
-            raw.push(raw_row(r, 3).ctx("reading the target mirror")?);
-        }
-        for o in decode_rows(raw, |r| decode_target_in(names, r))? {
-            views.target.insert(o);
-        }
-        Ok(views)
+        self.in_snapshot(read_all)
     }
 
     fn load_neighbourhood(&self, anchors: &[Anchor]) -> Result<Views, StateError> {
@@ -3248,15 +3263,7 @@ impl StateStore for SqliteStore {
         anchors: &[Anchor],
         reach: Reach,
     ) -> Result<Views, StateError> {
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .ctx("starting a read transaction")?;
-        let db = Db {
-            conn: &tx,
-            names: &self.names,
-        };
-        read_neighbourhood(&db, anchors, reach, false)
+        self.in_snapshot(|db| read_neighbourhood(db, anchors, reach, false))
     }
 
     fn load_neighbourhood_light(
@@ -3264,15 +3271,7 @@ impl StateStore for SqliteStore {
         anchors: &[Anchor],
         reach: Reach,
     ) -> Result<Views, StateError> {
-        let tx = self
-            .conn
-            .unchecked_transaction()
-            .ctx("starting a read transaction")?;
-        let db = Db {
-            conn: &tx,
-            names: &self.names,
-        };
-        read_neighbourhood(&db, anchors, reach, true)
+        self.in_snapshot(|db| read_neighbourhood(db, anchors, reach, true))
     }
 
     fn load_join_candidates(
