@@ -665,36 +665,20 @@ impl Synchronizer {
         }
         let mut deprovisions = Plan::default();
         let mut claims: BTreeMap<TargetId, BTreeSet<Anchor>> = BTreeMap::new();
-        // Batches close as pages do, so a batch of groups does not bring in all their members.
-        let mut batcher = order::Batcher::new(page);
+        let mut batch: Vec<Anchor> = Vec::new();
         let mut after: Option<Anchor> = None;
         loop {
             let dirty = self.store(|s| s.dirty_page(after.as_ref(), page))?;
-            // What they reference, when any of them is surveyed (an initial load's are not).
-            let refs = if dirty.iter().any(|(_, linked)| *linked || joins) {
-                self.store(|s| s.dirty_references_page(after.as_ref(), page))?
-            } else {
-                Vec::new()
-            };
             let done = dirty.len() < page;
             after = dirty.last().map(|(a, _)| a.clone());
-            let mut ready: Vec<Vec<Anchor>> = Vec::new();
-            for (i, (a, linked)) in dirty.into_iter().enumerate() {
-                if !(linked || joins) {
-                    continue;
-                }
-                // The two pages hold the same anchors; should they not, count one reference.
-                let made = match refs.get(i) {
-                    Some((r, to)) if *r == a => to.len(),
-                    _ => 1,
-                };
-                ready.extend(batcher.push(a, made));
-            }
-            if done {
-                ready.extend(batcher.finish());
-            }
-            for anchors in ready {
-                let scope = PlanScope::Anchors(anchors);
+            batch.extend(
+                dirty
+                    .into_iter()
+                    .filter(|(_, linked)| *linked || joins)
+                    .map(|(a, _)| a),
+            );
+            if batch.len() >= page || (done && !batch.is_empty()) {
+                let scope = PlanScope::Anchors(std::mem::take(&mut batch));
                 let plan = self
                     .plan_checked_with(scope, &plan::Together::pages(Vec::new()), report)
                     .await?

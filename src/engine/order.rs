@@ -216,68 +216,11 @@ fn levels(starts: &[usize], targets: &[u32]) -> Vec<u32> {
     level
 }
 
-/// Batches of anchors that close as [`PageOrder::pages`] close pages: when the objects and the
-/// references they make reach `page` — what planning a batch reads (its neighbourhood holds
-/// what it references), so a batch of groups does not bring in all their members.
-#[derive(Debug)]
-pub(super) struct Batcher {
-    page: usize,
-    batch: Vec<Anchor>,
-    weight: usize,
-}
-
-impl Batcher {
-    /// Batches of about `page`.
-    pub fn new(page: usize) -> Batcher {
-        Batcher {
-            page: page.max(1),
-            batch: Vec::new(),
-            weight: 0,
-        }
-    }
-
-    /// Adds `anchor`, which makes `references` references; returns the batch it closes.
-    pub fn push(&mut self, anchor: Anchor, references: usize) -> Option<Vec<Anchor>> {
-        self.batch.push(anchor);
-        self.weight = self.weight.saturating_add(references.saturating_add(1));
-        if self.weight < self.page {
-            return None;
-        }
-        self.weight = 0;
-        Some(std::mem::take(&mut self.batch))
-    }
-
-    /// The last batch, if it holds anything.
-    pub fn finish(&mut self) -> Option<Vec<Anchor>> {
-        self.weight = 0;
-        Some(std::mem::take(&mut self.batch)).filter(|b| !b.is_empty())
-    }
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
     use crate::delta::Reason;
     use crate::model::{Attributes, Values};
-
-    #[test]
-    fn batches_close_when_objects_and_references_reach_a_page() {
-        let mut b = Batcher::new(2_000);
-        let mut batches = Vec::new();
-        // 5 groups of 999 members, then 3,000 users with one reference each.
-        for g in 0..5 {
-            batches.extend(b.push(Anchor::new(format!("g{g}")), 999));
-        }
-        for u in 0..3_000 {
-            batches.extend(b.push(Anchor::new(format!("u{u}")), 1));
-        }
-        batches.extend(b.finish());
-        let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
-        assert_eq!(sizes, [2, 2, 1 + 500, 1_000, 1_000, 500]);
-        let all: usize = sizes.iter().sum();
-        assert_eq!(all, 3_005);
-        assert!(b.finish().is_none());
-    }
 
     /// A create of a group `anchor` whose members are the creates of `refs`.
     pub(in crate::engine) fn create(anchor: &str, refs: &[&str]) -> Operation {
