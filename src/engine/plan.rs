@@ -187,46 +187,53 @@ impl Synchronizer {
                     views,
                 )
             }
-            PlanScope::Anchors(mut anchors) => loop {
-                together.expand(&mut anchors);
-                // A page plans the referrers without a link in their own page.
-                let reach = if together.paged {
-                    Reach::LinkedReferrers
-                } else {
-                    Reach::Referrers
-                };
-                let views = self.views_for(&anchors, now, &bindings, reach, true)?;
-                let mut input =
-                    self.plan_input(&views, now, &bindings, &counts, &create_references);
-                input.scope = PlanScope::Anchors(anchors.clone());
-                input.unlinked_referrers = !together.paged;
-                let plan = match delta::plan_or_incomplete(&input) {
-                    Ok(plan) => plan,
-                    Err(more) => {
-                        // It had to decide objects the views held as context: plan them.
-                        anchors = merged(anchors, more.anchors);
-                        continue;
+            PlanScope::Anchors(mut anchors) => {
+                // Light views, unless a store holds a planned object as context only.
+                let mut light = true;
+                loop {
+                    together.expand(&mut anchors);
+                    // A page plans the referrers without a link in their own page.
+                    let reach = if together.paged {
+                        Reach::LinkedReferrers
+                    } else {
+                        Reach::Referrers
+                    };
+                    let views = self.views_for(&anchors, now, &bindings, reach, light)?;
+                    let mut input =
+                        self.plan_input(&views, now, &bindings, &counts, &create_references);
+                    input.scope = PlanScope::Anchors(anchors.clone());
+                    input.unlinked_referrers = !together.paged;
+                    let plan = match delta::plan_or_incomplete(&input) {
+                        Ok(plan) => plan,
+                        Err(more) => {
+                            // It had to decide objects the views held as context: plan them. Were
+                            // they planned already, the store's light views are not to be trusted.
+                            let before = anchors.len();
+                            anchors = merged(anchors, more.anchors);
+                            light &= anchors.len() > before;
+                            continue;
+                        }
+                    };
+                    // The planner also plans the objects that reference the ones it links (and
+                    // theirs). A linked one it creates beyond the scope was planned without its
+                    // target object, which the views hold for the scope's objects only: it would
+                    // be created again. Plan again with it in the scope, until none is.
+                    let beyond: BTreeSet<&Anchor> = plan
+                        .operations
+                        .iter()
+                        .filter(|o| {
+                            matches!(o.kind, OperationKind::Create { .. })
+                                && views.links.get(&o.anchor).is_some()
+                                && anchors.binary_search(&o.anchor).is_err()
+                        })
+                        .map(|o| &o.anchor)
+                        .collect();
+                    if beyond.is_empty() {
+                        break (plan, views);
                     }
-                };
-                // The planner also plans the objects that reference the ones it links (and
-                // theirs). A linked one it creates beyond the scope was planned without its
-                // target object, which the views hold for the scope's objects only: it would
-                // be created again. Plan again with it in the scope, until none is.
-                let beyond: BTreeSet<&Anchor> = plan
-                    .operations
-                    .iter()
-                    .filter(|o| {
-                        matches!(o.kind, OperationKind::Create { .. })
-                            && views.links.get(&o.anchor).is_some()
-                            && anchors.binary_search(&o.anchor).is_err()
-                    })
-                    .map(|o| &o.anchor)
-                    .collect();
-                if beyond.is_empty() {
-                    break (plan, views);
+                    anchors.extend(beyond.into_iter().cloned());
                 }
-                anchors.extend(beyond.into_iter().cloned());
-            },
+            }
         };
         debug!(operations = plan.operations.len(), issues = plan.issues.len(), out_of_scope_references = plan.stats.out_of_scope_references, elapsed = ?t0.elapsed(), "planned");
         self.progress(
