@@ -229,3 +229,66 @@ fn pages_go_by_reference_level_so_creates_carry_their_references() {
     let plan = sync.plan(true).unwrap().plan;
     assert!(plan.operations.is_empty(), "{plan}");
 }
+
+/// Twelve new users (three pages of four) join a group that is itself dirty: the pages of the
+/// new users do not each write the group (as the objects referencing their creates) — the
+/// group's own page writes it once, with every new member.
+#[test]
+fn a_dirty_group_is_written_once_in_its_own_page_not_once_per_page_of_new_members() {
+    let (source, target, mut sync) = world();
+    let first = run(&mut sync);
+    assert!(first.failures.is_empty(), "{:?}", first.failures);
+    let group = source
+        .entries()
+        .into_iter()
+        .find(|e| e.object_type.is("group"))
+        .unwrap();
+    let mut fx = testkit::Fixture::new(11);
+    let mut members: Vec<Value> = group
+        .attributes
+        .get("member")
+        .map(|v| v.iter().cloned().collect())
+        .unwrap_or_default();
+    for i in 60..72 {
+        let mut u = testkit::user(i, 5, &mut fx);
+        u.attributes.set("department", Value::string("Engineering"));
+        source.add(u).unwrap();
+        members.push(Value::dn_ref(testkit::user_dn(i)));
+    }
+    let mut grown = group.clone();
+    grown.attributes.set(
+        "member",
+        members.into_iter().collect::<dirsync::model::Values>(),
+    );
+    source.upsert(grown).unwrap();
+    let group_id = sync
+        .with_store(|s| {
+            s.load_neighbourhood(std::slice::from_ref(&group.anchor))
+                .unwrap()
+                .links
+                .get(&group.anchor)
+                .cloned()
+        })
+        .unwrap()
+        .target_id;
+    let applied = target.applied().len();
+    let report = run(&mut sync);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.count("create"), 12, "{report}");
+    let writes = target.applied()[applied..]
+        .iter()
+        .filter(|op| matches!(op, TargetOperation::Update { id, .. } if *id == group_id))
+        .count();
+    assert_eq!(writes, 1, "{report}");
+    let members = target
+        .get_object(&group_id)
+        .and_then(|g| g.attributes.get("member").map(|v| v.len()))
+        .unwrap_or(0);
+    assert_eq!(
+        members,
+        group.attributes.get("member").map_or(0, |v| v.len()) + 12
+    );
+    assert_eq!(dirty(&sync), 0);
+    let plan = sync.plan(true).unwrap().plan;
+    assert!(plan.operations.is_empty(), "{plan}");
+}

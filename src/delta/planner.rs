@@ -72,6 +72,11 @@ pub struct PlanInput<'a> {
     /// (as linked referrers) to add the reference — so a page does not grow into the objects
     /// that reference it, and theirs.
     pub unlinked_referrers: bool,
+    /// The objects planned elsewhere: a run planned page by page plans its dirty objects each
+    /// in its own page, so a page does not take in, as an object referencing one whose link
+    /// it makes or ends, an object a later page plans anyway (against the links as they are
+    /// then). `None` (the default): every such referrer is planned with it.
+    pub planned_elsewhere: Option<&'a (dyn Fn(&Anchor) -> bool + Sync)>,
 }
 
 impl<'a> PlanInput<'a> {
@@ -96,13 +101,15 @@ impl<'a> PlanInput<'a> {
             create_references: CreateReferences::All,
             linked: None,
             unlinked_referrers: true,
+            planned_elsewhere: None,
         }
     }
 
     /// Whether the plan takes `referrer` in as an object referencing one whose link it makes
     /// or ends (see [`PlanInput::unlinked_referrers`]).
     fn plans_referrer(&self, referrer: &Anchor) -> bool {
-        self.unlinked_referrers || self.links.get(referrer).is_some()
+        (self.unlinked_referrers || self.links.get(referrer).is_some())
+            && !self.planned_elsewhere.is_some_and(|f| f(referrer))
     }
 }
 
@@ -295,6 +302,7 @@ fn as_full<'i>(input: &PlanInput<'i>) -> PlanInput<'i> {
         create_references: input.create_references.clone(),
         linked: input.linked,
         unlinked_referrers: input.unlinked_referrers,
+        planned_elsewhere: input.planned_elsewhere,
     }
 }
 

@@ -535,7 +535,9 @@ impl Synchronizer {
     /// deprovision of the run before anything is exported (a run it holds exports nothing),
     /// and objects that would join one target object are planned in one page (so none joins
     /// it, as in one plan). Each page's plan is a delta plan of the page, which includes the
-    /// linked objects that reference the page's creates: references to objects of later pages
+    /// linked objects that reference the page's creates — except the dirty ones a later page
+    /// plans anyway ([`PlanInput::planned_elsewhere`]), so a page of users does not plan every
+    /// group holding one of them: references to objects of later pages
     /// (a cycle of references, or a dirty object changed since) are completed when those are
     /// created. Deprovisions wait until every page is exported
     /// (as in one plan, references to an object go before it). Each page's export clears only
@@ -545,7 +547,8 @@ impl Synchronizer {
         let mut report = RunReport::default();
         let page = self.config.plan_page.max(1);
         let t0 = Instant::now();
-        let survey = self.survey_pages(page, &mut report).await?;
+        let order = Arc::new(self.page_order(page)?);
+        let survey = self.survey_pages(page, &order, &mut report).await?;
         report.stages.push((Stage::Plan, t0.elapsed()));
         let allowed = if survey.violations.is_empty() {
             false
@@ -562,13 +565,15 @@ impl Synchronizer {
         };
         // The survey looked up the creates (when they are looked up at all): what it found
         // is in the target mirror, so the pages are planned without looking up again.
-        let together = plan::Together::pages(survey.contested);
-        let t0 = Instant::now();
-        let order = self.page_order(page)?;
-        report.stages.push((Stage::Plan, t0.elapsed()));
+        let together = plan::Together::pages(survey.contested).planning(order.clone());
         let mut planned_groups: HashSet<usize> = HashSet::new();
         let mut deprovisions: Vec<Operation> = Vec::new();
+        let mut planned = 0;
         for dirty in order.pages(page) {
+            // This page's objects and those before it are planned here or were; the rest are
+            // planned in the pages after it.
+            planned += dirty.len();
+            together.planned_up_to(planned);
             let mut anchors: Vec<Anchor> = Vec::with_capacity(dirty.len());
             for a in dirty {
                 match together.group(&a) {
@@ -657,7 +662,12 @@ impl Synchronizer {
     /// the target — which the survey then does) planned `page` at a time, keeping only their
     /// deprovisions — checked by the deletion guard together — and the target objects more
     /// than one of them would join.
-    async fn survey_pages(&self, page: usize, report: &mut RunReport) -> Result<Survey> {
+    async fn survey_pages(
+        &self,
+        page: usize,
+        order: &Arc<order::PageOrder>,
+        report: &mut RunReport,
+    ) -> Result<Survey> {
         let lookups = self.config.join_lookup != JoinLookup::Off && self.target.capabilities().read;
         let joins = lookups || self.store(|s| s.has_unlinked_target_objects())?;
         if !self.config.guard.enabled && !joins {
@@ -680,7 +690,13 @@ impl Synchronizer {
             if batch.len() >= page || (done && !batch.is_empty()) {
                 let scope = PlanScope::Anchors(std::mem::take(&mut batch));
                 let plan = self
-                    .plan_checked_with(scope, &plan::Together::pages(Vec::new()), report)
+                    .plan_checked_with(
+                        scope,
+                        // Each dirty object is surveyed in a batch of its own: a batch
+                        // takes none of them in as a referrer.
+                        &plan::Together::pages(Vec::new()).planning(order.clone()),
+                        report,
+                    )
                     .await?
                     .0
                     .plan;

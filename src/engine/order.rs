@@ -77,6 +77,8 @@ pub(super) struct PageOrder {
     /// Per anchor: 1 + the references it makes, what planning it reads (its neighbourhood
     /// holds what it references).
     weight: Vec<u32>,
+    /// Per anchor: its position in `order` (once finished).
+    rank: Vec<u32>,
 }
 
 impl PageOrder {
@@ -137,8 +139,31 @@ impl PageOrder {
             .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
             .collect();
         order.sort_by_key(|&i| level[i as usize]);
+        let mut rank = vec![0u32; n];
+        for (position, &i) in order.iter().enumerate() {
+            rank[i as usize] = u32::try_from(position).unwrap_or(u32::MAX);
+        }
         self.order = order;
+        self.rank = rank;
         self
+    }
+
+    /// Where `anchor` comes in the planning order (the number of anchors planned before it),
+    /// if it was added; once finished.
+    pub fn position(&self, anchor: &Anchor) -> Option<usize> {
+        let name = anchor.as_str();
+        let (mut lo, mut hi) = (0, self.ends.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.name(mid).cmp(name) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => {
+                    return self.rank.get(mid).map(|&r| r as usize);
+                }
+            }
+        }
+        None
     }
 
     /// The pages, in order, each page's anchors sorted. A page closes when what it reads

@@ -1,5 +1,7 @@
 //! The plan stage: the views a plan reads, planning a scope, staging (plan now, apply later).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::*;
 use crate::state::Reach;
 
@@ -192,17 +194,24 @@ impl Synchronizer {
                 let mut light = true;
                 loop {
                     together.expand(&mut anchors);
-                    // A page plans the referrers without a link in their own page.
-                    let reach = if together.paged {
-                        Reach::LinkedReferrers
-                    } else {
-                        Reach::Referrers
+                    // A page plans the referrers without a link in their own page, and those
+                    // the run plans in a later page there too. Held light, the others come as
+                    // context, and the planner says which of them it has to decide
+                    // (`Incomplete`): only those are read whole.
+                    let reach = match (together.paged, light) {
+                        (false, _) => Reach::Referrers,
+                        (true, true) => Reach::Anchors,
+                        (true, false) => Reach::LinkedReferrers,
                     };
                     let views = self.views_for(&anchors, now, &bindings, reach, light)?;
                     let mut input =
                         self.plan_input(&views, now, &bindings, &counts, &create_references);
                     input.scope = PlanScope::Anchors(anchors.clone());
                     input.unlinked_referrers = !together.paged;
+                    let elsewhere = |a: &Anchor| together.planned_elsewhere(a);
+                    if together.elsewhere.is_some() {
+                        input.planned_elsewhere = Some(&elsewhere);
+                    }
                     let plan = match delta::plan_or_incomplete(&input) {
                         Ok(plan) => plan,
                         Err(more) => {
@@ -366,6 +375,9 @@ pub(super) struct Together {
     by_anchor: HashMap<Anchor, usize>,
     /// Whether the plan is a page of a paged run.
     paged: bool,
+    /// A paged run's planning order, and how many of it the pages planned so far hold: the
+    /// objects after those are planned in later pages ([`PlanInput::planned_elsewhere`]).
+    elsewhere: Option<(Arc<super::order::PageOrder>, AtomicUsize)>,
 }
 
 impl Together {
@@ -386,7 +398,32 @@ impl Together {
             groups,
             by_anchor,
             paged: true,
+            elsewhere: None,
         }
+    }
+
+    /// These groups, in a run that plans the dirty objects of `order` in pages of their own
+    /// (see [`Together::planned_up_to`]).
+    pub(super) fn planning(mut self, order: Arc<super::order::PageOrder>) -> Together {
+        self.elsewhere = Some((order, AtomicUsize::new(0)));
+        self
+    }
+
+    /// The pages planned so far hold the first `n` objects of the planning order: those
+    /// after them are planned elsewhere.
+    pub(super) fn planned_up_to(&self, n: usize) {
+        if let Some((_, from)) = &self.elsewhere {
+            from.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a later page of the run plans `anchor`.
+    fn planned_elsewhere(&self, anchor: &Anchor) -> bool {
+        self.elsewhere.as_ref().is_some_and(|(order, from)| {
+            order
+                .position(anchor)
+                .is_some_and(|p| p >= from.load(Ordering::Relaxed))
+        })
     }
 
     /// The group of `anchor`, if it has one.
