@@ -162,6 +162,9 @@ struct Counts {
     calls: AtomicU64,
     operations: AtomicU64,
     next_id: AtomicU64,
+    /// When this process began, in nanoseconds since the Unix epoch: the new ids of two runs
+    /// never meet.
+    epoch: u64,
 }
 
 #[async_trait]
@@ -224,7 +227,17 @@ impl Target for NullTarget {
                 let id = match op.id() {
                     Some(id) => id.clone(),
                     None => {
-                        TargetId::new(format!("n{}", c.next_id.fetch_add(1, Ordering::Relaxed)))
+                        // A GUID, as Graph and most SCIM services give: unique across the
+                        // runs on one state (each process starts at its own clock reading),
+                        // as long as a real target's ids.
+                        let n = c.next_id.fetch_add(1, Ordering::Relaxed);
+                        TargetId::new(format!(
+                            "{:08x}-{:04x}-4{:03x}-8000-{:012x}",
+                            c.epoch >> 32,
+                            (c.epoch >> 16) & 0xffff,
+                            c.epoch & 0xfff,
+                            n
+                        ))
                     }
                 };
                 Ok(Applied { id })
@@ -480,7 +493,12 @@ async fn run(args: &Args) -> Result<(), String> {
     let rules = Arc::new(
         RuleSet::from_toml(&rules_text, Some("ad-to-scim.toml")).map_err(|e| e.to_string())?,
     );
-    let counts = Arc::new(Counts::default());
+    let counts = Arc::new(Counts {
+        epoch: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+        ..Counts::default()
+    });
     let mut rows: Vec<Row> = Vec::new();
     let mut sync: Option<Synchronizer> = None;
     for &phase in &args.phases {

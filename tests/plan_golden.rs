@@ -415,6 +415,8 @@ enum Store {
     /// SQLite, whose pages and delta plans read light neighbourhoods (context objects held
     /// partial): the plans must not see it.
     Sqlite,
+    /// SQLite with its heads index built by the first plan (context and links from memory).
+    SqliteHeads,
 }
 
 fn sync(
@@ -427,6 +429,11 @@ fn sync(
     let store: Box<dyn StateStore> = match store {
         Store::Memory => Box::new(MemoryStore::new()),
         Store::Sqlite => Box::new(SqliteStore::open_in_memory().unwrap()),
+        Store::SqliteHeads => {
+            let mut s = SqliteStore::open_in_memory().unwrap();
+            s.set_head_index(dirsync::state::HeadIndex::Always);
+            Box::new(s)
+        }
     };
     Synchronizer::new(
         Box::new(source.clone()),
@@ -645,14 +652,16 @@ fn engine_plans_over_sqlite_are_the_golden_ones() {
     if std::env::var_os(BLESS).is_some() {
         return;
     }
-    for page in [None, Some(1), Some(3)] {
-        let mut golden = Golden {
-            after_pages: true,
-            ..Golden::default()
-        };
-        engine_plans(&mut golden, page, Store::Sqlite);
-        container_plans(&mut golden, page, Store::Sqlite);
-        golden.finish();
+    for store in [Store::Sqlite, Store::SqliteHeads] {
+        for page in [None, Some(1), Some(3)] {
+            let mut golden = Golden {
+                after_pages: true,
+                ..Golden::default()
+            };
+            engine_plans(&mut golden, page, store);
+            container_plans(&mut golden, page, store);
+            golden.finish();
+        }
     }
 }
 

@@ -67,6 +67,7 @@ use crate::model::{
 };
 
 mod encoding;
+mod heads;
 mod memory;
 #[cfg(feature = "sqlite")]
 mod sqlite;
@@ -75,7 +76,7 @@ pub mod testkit;
 
 pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
-pub use sqlite::{Durability, SqliteStore};
+pub use sqlite::{Durability, HeadIndex, SqliteStore};
 
 /// The id of a run ([`StateStore::begin_run`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -47,6 +47,7 @@ use super::encoding::{
     decode_attributes, decode_binary, decode_binary_refs, encode_attributes, encode_binary,
     StoredRef,
 };
+use super::heads::Heads;
 use super::{
     audit_attributes, check_import_share, done_effect, encode_entry, entry_hash_into,
     entry_references, lookup_key, lower_lookup_attributes, redacted_operation,
@@ -555,7 +556,89 @@ pub struct SqliteStore {
     lookup: Option<LookupAttributes>,
     /// The attribute-name dictionary (`attr_names`) as far as this connection has read it.
     names: RefCell<Names>,
+    /// The heads of the source objects and the links, in memory once plans read enough of
+    /// them ([`HeadsCache`]).
+    heads: RefCell<HeadsCache>,
 }
+
+/// When a [`SqliteStore`] keeps the heads of its source objects (anchor, type, DN) and its
+/// links in memory, so that a plan finds the objects around the ones it plans — the managers
+/// its users reference, the members of its groups — and the links of all of them without a
+/// random read of the file each. About 200 bytes per object (200 MB at a million), kept up to
+/// date by the store's own writes and dropped when another connection writes the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HeadIndex {
+    /// Built once the plans have read a tenth of the store's heads (at least 20,000) from the
+    /// file: a large plan (a full sync, a large delta, an initial load) gets it, a small
+    /// delta does not pay for it.
+    #[default]
+    Auto,
+    /// Built by the first plan that reads context.
+    Always,
+    /// Never: every head and link is read from the file.
+    Off,
+}
+
+/// The in-memory index of source object heads and links ([`Heads`]) and what keeps it true to
+/// the file: the temporary triggers that log every change to a head or a link made through
+/// this connection (`temp.heads_log`), applied before each read that uses the index, and
+/// `PRAGMA data_version`, which says when another connection changed the file (the index is
+/// then dropped).
+#[derive(Default)]
+struct HeadsCache {
+    mode: HeadIndex,
+    heads: Option<Heads>,
+    /// `PRAGMA data_version` as of the index.
+    data_version: i64,
+    /// The last row of `temp.heads_log` the index holds.
+    applied: i64,
+    /// Heads and links read from the file since the index was last dropped (or the store
+    /// opened): once they would have paid for building it, it is built.
+    missed: usize,
+}
+
+/// The log and triggers that keep [`HeadsCache`] up to date (temporary: this connection's
+/// only, nothing in the file). A trigger body names its table unqualified: `heads_log` is
+/// the temporary one.
+const HEADS_LOG: &str = r#"
+CREATE TEMP TABLE IF NOT EXISTS heads_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind INTEGER NOT NULL,
+    anchor TEXT NOT NULL,
+    a TEXT,
+    b TEXT,
+    c TEXT,
+    k INTEGER
+);
+CREATE TEMP TRIGGER IF NOT EXISTS heads_source_insert AFTER INSERT ON main.source_objects BEGIN
+    INSERT INTO heads_log (kind, anchor, a, b, k)
+        VALUES (1, NEW.anchor, NEW.object_type, NEW.dn, NEW.dn_key);
+END;
+CREATE TEMP TRIGGER IF NOT EXISTS heads_source_update
+AFTER UPDATE OF anchor, object_type, dn, dn_key ON main.source_objects BEGIN
+    INSERT INTO heads_log (kind, anchor) VALUES (2, OLD.anchor);
+    INSERT INTO heads_log (kind, anchor, a, b, k)
+        VALUES (1, NEW.anchor, NEW.object_type, NEW.dn, NEW.dn_key);
+END;
+CREATE TEMP TRIGGER IF NOT EXISTS heads_source_delete AFTER DELETE ON main.source_objects BEGIN
+    INSERT INTO heads_log (kind, anchor) VALUES (2, OLD.anchor);
+END;
+CREATE TEMP TRIGGER IF NOT EXISTS heads_link_insert AFTER INSERT ON main.links BEGIN
+    INSERT INTO heads_log (kind, anchor, a, b, c)
+        VALUES (3, NEW.anchor, NEW.source_type, NEW.target_id, NEW.target_type);
+END;
+CREATE TEMP TRIGGER IF NOT EXISTS heads_link_update AFTER UPDATE ON main.links BEGIN
+    INSERT INTO heads_log (kind, anchor) VALUES (4, OLD.anchor);
+    INSERT INTO heads_log (kind, anchor, a, b, c)
+        VALUES (3, NEW.anchor, NEW.source_type, NEW.target_id, NEW.target_type);
+END;
+CREATE TEMP TRIGGER IF NOT EXISTS heads_link_delete AFTER DELETE ON main.links BEGIN
+    INSERT INTO heads_log (kind, anchor) VALUES (4, OLD.anchor);
+END;
+"#;
+
+const HEADS_UNLOG: &str = "DROP TRIGGER IF EXISTS temp.heads_source_insert;      DROP TRIGGER IF EXISTS temp.heads_source_update;      DROP TRIGGER IF EXISTS temp.heads_source_delete;      DROP TRIGGER IF EXISTS temp.heads_link_insert;      DROP TRIGGER IF EXISTS temp.heads_link_update;      DROP TRIGGER IF EXISTS temp.heads_link_delete;      DROP TABLE IF EXISTS temp.heads_log;";
 
 /// The attribute-name dictionary of the file (table `attr_names`): the mirrors' rows name
 /// attributes by id. Read lazily; an id not yet known is looked up again in the table (another
@@ -679,7 +762,30 @@ impl Db<'_> {
     }
 }
 
+/// `PRAGMA data_version`: changes when another connection commits to the file.
+fn data_version(conn: &Connection) -> Result<i64, StateError> {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+        .ctx("reading the data version")
+}
+
 impl SqliteStore {
+    /// [`read_neighbourhood`] in one snapshot, with the heads index when there is one.
+    fn neighbourhood(
+        &self,
+        anchors: &[Anchor],
+        reach: Reach,
+        light: bool,
+    ) -> Result<Views, StateError> {
+        let heads = self.current_heads()?;
+        let missed = std::cell::Cell::new(0);
+        let views = self.in_snapshot(|db| {
+            read_neighbourhood(db, anchors, reach, light, heads.as_deref(), &missed)
+        })?;
+        drop(heads);
+        self.missed_heads(missed.get());
+        Ok(views)
+    }
+
     /// `read` in one read transaction: what it reads is one snapshot of the file.
     fn in_snapshot<R>(
         &self,
@@ -849,6 +955,7 @@ impl SqliteStore {
             retention: Some(Retention::default()),
             lookup: None,
             names: RefCell::new(Names::default()),
+            heads: RefCell::new(HeadsCache::default()),
         };
         store.migrate()?;
         store.lookup = lookup_attributes(&store.db())?;
@@ -864,6 +971,191 @@ impl SqliteStore {
     /// The journal retention applied at every [`StateStore::finish_run`].
     pub fn retention(&self) -> Option<Retention> {
         self.retention
+    }
+
+    /// When the store keeps the heads of its source objects and its links in memory (see
+    /// [`HeadIndex`]; the default is [`HeadIndex::Auto`]).
+    pub fn set_head_index(&mut self, mode: HeadIndex) {
+        let c = self.heads.get_mut();
+        c.mode = mode;
+        if mode == HeadIndex::Off && c.heads.is_some() {
+            c.heads = None;
+            // Without the index the log would only cost: the triggers go with it.
+            let _ = self.conn.execute_batch(HEADS_UNLOG);
+        }
+    }
+
+    /// The heads index, brought up to date with this connection's writes; built first when
+    /// the reads it would serve have paid for it; dropped if another connection changed the
+    /// file. `None`: read the file.
+    fn current_heads(&self) -> Result<Option<std::cell::Ref<'_, Heads>>, StateError> {
+        // Inside a transaction the log holds rows that may yet be rolled back.
+        if !self.conn.is_autocommit() {
+            return Ok(None);
+        }
+        {
+            let mut c = self.heads.borrow_mut();
+            if c.heads.is_some() {
+                let version = data_version(&self.conn)?;
+                if version != c.data_version || self.apply_heads_log(&mut c).is_err() {
+                    c.heads = None;
+                    c.missed = 0;
+                    self.conn
+                        .execute_batch(HEADS_UNLOG)
+                        .ctx("dropping the heads index's log")?;
+                }
+            }
+            let wanted = match c.mode {
+                HeadIndex::Off => false,
+                HeadIndex::Always => true,
+                HeadIndex::Auto => {
+                    // Building reads every head once: worth it once the file was read for a
+                    // tenth of them (at least 20,000) and the index would not be dropped
+                    // straight away.
+                    let objects: i64 = self
+                        .conn
+                        .query_row("SELECT coalesce(max(id), 0) FROM source_objects", [], |r| {
+                            r.get(0)
+                        })
+                        .ctx("counting source objects")?;
+                    let objects = usize::try_from(objects).unwrap_or(0);
+                    c.missed >= (objects / 10).max(20_000)
+                }
+            };
+            if c.heads.is_none() && wanted {
+                self.build_heads(&mut c)?;
+            }
+        }
+        Ok(std::cell::Ref::filter_map(self.heads.borrow(), |c| c.heads.as_ref()).ok())
+    }
+
+    /// Counts `n` heads or links read from the file (see [`SqliteStore::current_heads`]).
+    fn missed_heads(&self, n: usize) {
+        let mut c = self.heads.borrow_mut();
+        c.missed = c.missed.saturating_add(n);
+    }
+
+    /// Builds the index from the file, with the log that keeps it up to date from now on.
+    fn build_heads(&self, c: &mut HeadsCache) -> Result<(), StateError> {
+        self.conn
+            .execute_batch(HEADS_LOG)
+            .and_then(|()| self.conn.execute_batch("DELETE FROM temp.heads_log"))
+            .ctx("starting the heads index's log")?;
+        let built = self.in_snapshot(|db| {
+            let mut heads = Heads::default();
+            let mut too_large = false;
+            let mut stmt = db
+                .prepare("SELECT anchor, object_type, dn, dn_key FROM source_objects")
+                .ctx("reading the source object heads")?;
+            let mut q = stmt.query([]).ctx("reading the source object heads")?;
+            while let Some(r) = q.next().ctx("reading the source object heads")? {
+                let anchor: String = r.get(0).ctx("reading the source object heads")?;
+                let object_type: String = r.get(1).ctx("reading the source object heads")?;
+                let dn: Option<String> = r.get(2).ctx("reading the source object heads")?;
+                let key: Option<i64> = r.get(3).ctx("reading the source object heads")?;
+                let dn = dn.as_deref().map(|d| (d, key.unwrap_or(0)));
+                too_large |= heads
+                    .set_source(&anchor, Some((&ObjectType::from(object_type), dn)))
+                    .is_err();
+            }
+            drop(q);
+            for l in rows(
+                db,
+                "SELECT anchor, source_type, target_id, target_type FROM links",
+                [],
+                "reading the links",
+            )? {
+                let l = decode_link(l)?;
+                too_large |= heads
+                    .set_link(
+                        l.anchor.as_str(),
+                        Some((&l.source_type, l.target_id.as_str(), &l.target_type)),
+                    )
+                    .is_err();
+            }
+            // As of this snapshot (another connection's commit since makes it differ).
+            let version = data_version(db)?;
+            Ok((!too_large).then_some((heads, version)))
+        })?;
+        match built {
+            Some((heads, version)) => {
+                tracing::debug!(
+                    objects = heads.len(),
+                    bytes = heads.bytes(),
+                    "heads index built"
+                );
+                c.heads = Some(heads);
+                c.data_version = version;
+                c.applied = 0;
+            }
+            None => {
+                // Beyond what the index addresses: read the file, as without it.
+                c.mode = HeadIndex::Off;
+                self.conn
+                    .execute_batch(HEADS_UNLOG)
+                    .ctx("dropping the heads index's log")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies to the index the log's rows it does not hold yet, then empties the log.
+    fn apply_heads_log(&self, c: &mut HeadsCache) -> Result<(), StateError> {
+        let Some(heads) = c.heads.as_mut() else {
+            return Ok(());
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, kind, anchor, a, b, c, k FROM temp.heads_log                  WHERE seq > ?1 ORDER BY seq",
+            )
+            .ctx("reading the heads index's log")?;
+        let mut q = stmt
+            .query([c.applied])
+            .ctx("reading the heads index's log")?;
+        let mut last = c.applied;
+        let mut fits = true;
+        while let Some(r) = q.next().ctx("reading the heads index's log")? {
+            let get = |i: usize| -> Result<Option<String>, StateError> {
+                r.get(i).ctx("reading the heads index's log")
+            };
+            last = r.get(0).ctx("reading the heads index's log")?;
+            let kind: i64 = r.get(1).ctx("reading the heads index's log")?;
+            let anchor: String = r.get(2).ctx("reading the heads index's log")?;
+            let applied = match kind {
+                1 => {
+                    let object_type = ObjectType::from(get(3)?.unwrap_or_default());
+                    let dn = get(4)?;
+                    let key: Option<i64> = r.get(6).ctx("reading the heads index's log")?;
+                    let dn = dn.as_deref().map(|d| (d, key.unwrap_or(0)));
+                    heads.set_source(&anchor, Some((&object_type, dn)))
+                }
+                2 => heads.set_source(&anchor, None),
+                3 => {
+                    let source_type = ObjectType::from(get(3)?.unwrap_or_default());
+                    let target_id = get(4)?.unwrap_or_default();
+                    let target_type = ObjectType::from(get(5)?.unwrap_or_default());
+                    heads.set_link(&anchor, Some((&source_type, &target_id, &target_type)))
+                }
+                _ => heads.set_link(&anchor, None),
+            };
+            fits &= applied.is_ok();
+        }
+        drop(q);
+        drop(stmt);
+        if last > c.applied {
+            c.applied = last;
+            self.conn
+                .prepare_cached("DELETE FROM temp.heads_log WHERE seq <= ?1")
+                .and_then(|mut s| s.execute([last]))
+                .ctx("emptying the heads index's log")?;
+        }
+        if !fits || heads.is_wasteful() {
+            return Err(StateError::Invalid(
+                "the heads index is to be built again".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The schema version of the open file.
@@ -1510,6 +1802,76 @@ fn targets_by_ids(
     })
 }
 
+/// A source object held as context with none of its attributes, from the heads index.
+fn entry_of_head(head: crate::state::heads::Head<'_>, dn: Option<Dn>) -> Result<Entry, StateError> {
+    let dn = match (dn, head.dn) {
+        (Some(d), _) => Some(d),
+        (None, Some(d)) => Some(
+            Dn::parse(d)
+                .map_err(|e| corrupt("source_objects", head.anchor, format!("column dn: {e}")))?,
+        ),
+        (None, None) => None,
+    };
+    Ok(Entry {
+        anchor: Anchor::new(head.anchor),
+        object_type: head.object_type.clone(),
+        dn,
+        attributes: Attributes::new(),
+    })
+}
+
+/// [`entries_by_dns`] for heads, from the index: the source objects at the DNs `dns`
+/// reference (compared normalized). A DN stored as the reference spells it is the
+/// reference's own, not parsed again.
+fn heads_at_dns(heads: &Heads, dns: &[Dn]) -> Result<Vec<Entry>, StateError> {
+    let mut seen: rustc_hash::FxHashSet<&str> = Default::default();
+    let mut out = Vec::new();
+    for d in dns {
+        if !seen.insert(d.normalized()) {
+            continue;
+        }
+        for h in heads.heads_at_key(dn_key(d.normalized())) {
+            let Some(stored) = h.dn else { continue };
+            let dn = if stored == d.as_str() {
+                d.clone()
+            } else {
+                match Dn::parse(stored) {
+                    Ok(p) if p.normalized() == d.normalized() => p,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        return Err(corrupt(
+                            "source_objects",
+                            h.anchor,
+                            format!("column dn: {e}"),
+                        ))
+                    }
+                }
+            };
+            out.push(entry_of_head(h, Some(dn))?);
+        }
+    }
+    Ok(out)
+}
+
+/// [`fetch_entries`] for heads, from the index.
+fn fetch_heads<'a>(
+    heads: &Heads,
+    entries: &mut Fetched,
+    want: impl IntoIterator<Item = &'a Anchor>,
+) -> Result<(), StateError> {
+    for a in want {
+        if entries.contains_key(a) {
+            continue;
+        }
+        let e = match heads.head(a.as_str()) {
+            Some(h) => Some(entry_of_head(h, None)?),
+            None => None,
+        };
+        entries.insert(a.clone(), e);
+    }
+    Ok(())
+}
+
 /// Source objects read so far for a neighbourhood: `None` for an anchor not in the mirror.
 type Fetched = rustc_hash::FxHashMap<Anchor, Option<Entry>>;
 
@@ -1562,7 +1924,18 @@ fn read_neighbourhood(
     anchors: &[Anchor],
     reach: Reach,
     light: bool,
+    heads: Option<&Heads>,
+    missed: &std::cell::Cell<usize>,
 ) -> Result<Views, StateError> {
+    let links_of = |keys: &[&str]| -> Result<Vec<Link>, StateError> {
+        match heads {
+            Some(h) => Ok(keys.iter().filter_map(|a| h.link(a)).collect()),
+            None => {
+                missed.set(missed.get() + keys.len());
+                links_by_anchors(conn, keys)
+            }
+        }
+    };
     // The dictionary as this snapshot has it (another connection may have added names), read
     // once for the decoding on several threads.
     conn.names.borrow_mut().reload(conn)?;
@@ -1581,10 +1954,7 @@ fn read_neighbourhood(
                 .filter(|r| !planned.contains(*r))
                 .map(|r| r.as_str())
                 .collect();
-            let linked: Vec<Anchor> = links_by_anchors(conn, &keys)?
-                .into_iter()
-                .map(|l| l.anchor)
-                .collect();
+            let linked: Vec<Anchor> = links_of(&keys)?.into_iter().map(|l| l.anchor).collect();
             planned.extend(linked);
         }
     }
@@ -1597,7 +1967,27 @@ fn read_neighbourhood(
     };
     let mut context = referrers.clone();
     let mut dns: Vec<String> = Vec::new();
+    // The DNs referenced, as the references spell them (an index read takes the parsed DN of
+    // a reference spelled as the object's own).
+    let mut ref_dns: Vec<Dn> = Vec::new();
     for e in planned.iter().filter_map(|p| entries.get(p)?.as_ref()) {
+        if light && heads.is_some() {
+            for (_, values) in e.attributes.iter() {
+                for v in values {
+                    match v {
+                        Value::Reference(
+                            crate::model::Reference::Anchor(a)
+                            | crate::model::Reference::Pending(a),
+                        ) => {
+                            context.insert(a.clone());
+                        }
+                        Value::Reference(crate::model::Reference::Dn(d)) => ref_dns.push(d.clone()),
+                        _ => {}
+                    }
+                }
+            }
+            continue;
+        }
         for (_, t) in entry_references(e) {
             match t {
                 RefTarget::Anchor(a) => {
@@ -1642,19 +2032,29 @@ fn read_neighbourhood(
     };
     fetch_entries(conn, names, &mut entries, &referrers, for_referrers)?;
     let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
-    for e in entries_by_dns(conn, names, &dns, for_referenced)? {
+    let referenced = match (light, heads) {
+        (true, Some(h)) => heads_at_dns(h, &ref_dns)?,
+        _ => {
+            missed.set(missed.get() + dns.len());
+            entries_by_dns(conn, names, &dns, for_referenced)?
+        }
+    };
+    for e in referenced {
         context.insert(e.anchor.clone());
         if !matches!(entries.get(&e.anchor), Some(Some(_))) {
             entries.insert(e.anchor.clone(), Some(e));
         }
     }
-    fetch_entries(conn, names, &mut entries, &context, for_referenced)?;
+    match (light, heads) {
+        (true, Some(h)) => fetch_heads(h, &mut entries, &context)?,
+        _ => fetch_entries(conn, names, &mut entries, &context, for_referenced)?,
+    }
     let all: Vec<&str> = planned
         .iter()
         .chain(context.iter().filter(|a| !planned.contains(*a)))
         .map(|a| a.as_str())
         .collect();
-    let links = links_by_anchors(conn, &all)?;
+    let links = links_of(&all)?;
     let ids: Vec<&str> = links
         .iter()
         .filter(|l| planned.contains(&l.anchor))
@@ -3263,7 +3663,7 @@ impl StateStore for SqliteStore {
         anchors: &[Anchor],
         reach: Reach,
     ) -> Result<Views, StateError> {
-        self.in_snapshot(|db| read_neighbourhood(db, anchors, reach, false))
+        self.neighbourhood(anchors, reach, false)
     }
 
     fn load_neighbourhood_light(
@@ -3271,7 +3671,7 @@ impl StateStore for SqliteStore {
         anchors: &[Anchor],
         reach: Reach,
     ) -> Result<Views, StateError> {
-        self.in_snapshot(|db| read_neighbourhood(db, anchors, reach, true))
+        self.neighbourhood(anchors, reach, true)
     }
 
     fn load_join_candidates(
@@ -3905,6 +4305,126 @@ mod tests {
     #[test]
     fn sqlite_store_keeps_the_contract_in_memory() {
         testkit::store_contract(|| Box::new(SqliteStore::open_in_memory().unwrap()));
+    }
+
+    /// The heads index follows this connection's writes (a link made, an object moved, the
+    /// reference following it) and is dropped when another connection writes the file: a
+    /// light neighbourhood reads the heads and links as the file holds them, every time.
+    #[test]
+    fn the_heads_index_follows_this_connections_writes_and_drops_at_anothers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut a = SqliteStore::open(&path).unwrap();
+        a.set_head_index(HeadIndex::Always);
+        let mut b = SqliteStore::open(&path).unwrap();
+        a.apply_changes(
+            "ad",
+            &[
+                Change::Add(
+                    Entry::new("u1", "user")
+                        .with_dn(dn("CN=Ann,DC=x"))
+                        .with("manager", Value::dn_ref(dn("cn=bob,dc=x"))),
+                ),
+                Change::Add(Entry::new("u2", "user").with_dn(dn("CN=Bob,DC=x"))),
+            ],
+            None,
+        )
+        .unwrap();
+        let u1: Anchor = "u1".into();
+        let u2: Anchor = "u2".into();
+        let context = |s: &SqliteStore| {
+            let v = s
+                .load_neighbourhood_light(std::slice::from_ref(&u1), Reach::Anchors)
+                .unwrap();
+            let dn = v
+                .mirror
+                .get(&u2)
+                .and_then(|e| e.dn.as_ref().map(|d| d.as_str().to_owned()));
+            let link = v.links.get(&u2).map(|l| l.target_id.as_str().to_owned());
+            (dn, link)
+        };
+        assert_eq!(context(&a), (Some("CN=Bob,DC=x".to_owned()), None));
+        assert!(a.heads.borrow().heads.is_some(), "built by the first read");
+        // A link made through this connection.
+        let run = a
+            .begin_run("sync", DateTime::from_timestamp(1_700_000_000, 0).unwrap())
+            .unwrap();
+        let op = create_op("u2", "displayName", "Bob");
+        let j = a.journal_intent(run, &op, None).unwrap();
+        a.journal_done(j, &op, None, Some(&"t2".into())).unwrap();
+        assert_eq!(
+            context(&a),
+            (Some("CN=Bob,DC=x".to_owned()), Some("t2".to_owned()))
+        );
+        // Moved, and the reference following it.
+        a.apply_changes(
+            "ad",
+            &[
+                Change::Move {
+                    anchor: u2.clone(),
+                    object_type: "user".into(),
+                    new_dn: dn("CN=Robert,DC=x"),
+                },
+                Change::Replace(
+                    Entry::new("u1", "user")
+                        .with_dn(dn("CN=Ann,DC=x"))
+                        .with("manager", Value::dn_ref(dn("CN=Robert,DC=x"))),
+                ),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            context(&a),
+            (Some("CN=Robert,DC=x".to_owned()), Some("t2".to_owned()))
+        );
+        assert!(
+            a.heads.borrow().heads.is_some(),
+            "kept through its own writes"
+        );
+        // Another connection moves the manager: the index is built again from the file (the
+        // reference is held by anchor; a stale index would give the old DN).
+        b.apply_changes(
+            "ad",
+            &[Change::Move {
+                anchor: u2.clone(),
+                object_type: "user".into(),
+                new_dn: dn("CN=Bobby,DC=x"),
+            }],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            context(&a),
+            (Some("CN=Bobby,DC=x".to_owned()), Some("t2".to_owned()))
+        );
+        // And deletes it.
+        b.apply_changes(
+            "ad",
+            &[Change::Delete {
+                anchor: u2.clone(),
+                object_type: "user".into(),
+            }],
+            None,
+        )
+        .unwrap();
+        assert_eq!(context(&a), (None, None));
+        let links = a
+            .load_neighbourhood_light(std::slice::from_ref(&u2), Reach::Anchors)
+            .unwrap()
+            .links;
+        assert_eq!(links.get(&u2).map(|l| l.target_type.as_str()), Some("User"));
+    }
+
+    /// With the heads index built by the first read that wants it: the same contract, every
+    /// neighbourhood's context and links from the index as the writes left it.
+    #[test]
+    fn sqlite_store_keeps_the_contract_with_the_heads_index() {
+        testkit::store_contract(|| {
+            let mut s = SqliteStore::open_in_memory().unwrap();
+            s.set_head_index(HeadIndex::Always);
+            Box::new(s)
+        });
     }
 
     fn dn(s: &str) -> Dn {
