@@ -162,9 +162,9 @@ struct Counts {
     calls: AtomicU64,
     operations: AtomicU64,
     next_id: AtomicU64,
-    /// When this process began, in nanoseconds since the Unix epoch: the new ids of two runs
-    /// never meet.
-    epoch: u64,
+    /// This process's prefix of new ids (four base-36 digits of its start time): the new ids of
+    /// two runs do not meet.
+    prefix: String,
 }
 
 #[async_trait]
@@ -227,17 +227,10 @@ impl Target for NullTarget {
                 let id = match op.id() {
                     Some(id) => id.clone(),
                     None => {
-                        // A GUID, as Graph and most SCIM services give: unique across the
-                        // runs on one state (each process starts at its own clock reading),
-                        // as long as a real target's ids.
+                        // As short as `MemoryTarget`'s (the measure), and unique
+                        // across the runs on one state: each process has its own prefix.
                         let n = c.next_id.fetch_add(1, Ordering::Relaxed);
-                        TargetId::new(format!(
-                            "{:08x}-{:04x}-4{:03x}-8000-{:012x}",
-                            c.epoch >> 32,
-                            (c.epoch >> 16) & 0xffff,
-                            c.epoch & 0xfff,
-                            n
-                        ))
+                        TargetId::new(format!("{}{n:06}", c.prefix))
                     }
                 };
                 Ok(Applied { id })
@@ -493,10 +486,16 @@ async fn run(args: &Args) -> Result<(), String> {
     let rules = Arc::new(
         RuleSet::from_toml(&rules_text, Some("ad-to-scim.toml")).map_err(|e| e.to_string())?,
     );
+    let mut start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let mut prefix = String::new();
+    for _ in 0..4 {
+        prefix.push(char::from_digit((start % 36) as u32, 36).unwrap_or('0'));
+        start /= 36;
+    }
     let counts = Arc::new(Counts {
-        epoch: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
+        prefix,
         ..Counts::default()
     });
     let mut rows: Vec<Row> = Vec::new();
