@@ -59,8 +59,8 @@ pub use plan::{
     GuardViolation, Issue, Operation, OperationKind, PendingReference, Phase, Plan, PlanStats,
     Reason, TargetRef,
 };
-pub(crate) use planner::plan_or_incomplete;
 pub use planner::{decide_page, plan, plan_decided, Decisions, PlanInput, PlanScope};
+pub(crate) use planner::{plan_decided_or_incomplete, plan_or_incomplete};
 pub use projection::{
     enabled_values, Apply, Deprovision, DeprovisionCause, Desired, Flow, JoinGroup, Projected,
     Projection, ProjectionContext, ProjectionError, WhenEmpty,

@@ -343,7 +343,7 @@ pub fn decide_page(input: &PlanInput<'_>, anchors: &[Anchor]) -> Decisions {
 /// What phase A of a plan decided, page by page ([`decide_page`]): the statistics, and the
 /// decisions that are not "nothing to do" — few when little changed, so a full plan of a
 /// large store holds only these.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Decisions(Tally);
 
 impl Decisions {

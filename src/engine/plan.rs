@@ -178,16 +178,26 @@ impl Synchronizer {
                 if let Some(d) = dropping.take() {
                     let _ = d.join();
                 }
-                // Phases B and C decide the referrers of what phase A decided: whole
-                // entries, as the neighbourhood plans them.
-                let views = self.neighbourhood(&decisions.anchors(), now, &bindings)?;
-                (
-                    delta::plan_decided(
-                        &self.plan_input(&views, now, &bindings, &counts, &create_references),
-                        decisions,
-                    ),
-                    views,
-                )
+                // Phases B and C decide the referrers of what phase A decided, as the
+                // neighbourhood plans them: what is around those comes as context, and what
+                // the planner has to decide of it is read whole and planned again (a group
+                // that references a created user is planned; its other members are heads).
+                let mut anchors = decisions.anchors();
+                let mut light = true;
+                loop {
+                    let views =
+                        self.views_for(&anchors, now, &bindings, Reach::Referrers, light)?;
+                    let input =
+                        self.plan_input(&views, now, &bindings, &counts, &create_references);
+                    match delta::plan_decided_or_incomplete(&input, decisions.clone()) {
+                        Ok(plan) => break (plan, views),
+                        Err(more) => {
+                            let before = anchors.len();
+                            anchors = merged(anchors, more.anchors);
+                            light &= anchors.len() > before;
+                        }
+                    }
+                }
             }
             PlanScope::Anchors(mut anchors) => {
                 // Light views, unless a store holds a planned object as context only.
