@@ -15,6 +15,11 @@ use dirsync::testkit::{self, UserGroupProjection};
 
 /// 60 users (managed by user i/5) and 3 groups of them, over a SQLite store, pages of 4.
 fn world() -> (MemorySource, MemoryTarget, Synchronizer) {
+    world_in_pages_of(4)
+}
+
+/// [`world`] with pages of `plan_page`.
+fn world_in_pages_of(plan_page: usize) -> (MemorySource, MemoryTarget, Synchronizer) {
     let source = MemorySource::new("hr");
     let mut entries = testkit::directory(60, 5, 3, 12, 3);
     for (i, e) in entries.iter_mut().enumerate().take(60).skip(1) {
@@ -28,7 +33,7 @@ fn world() -> (MemorySource, MemoryTarget, Synchronizer) {
     }
     let target = MemoryTarget::new("app");
     let config = EngineConfig {
-        plan_page: 4,
+        plan_page,
         retry: RetryPolicy {
             max_attempts: 1,
             ..RetryPolicy::default()
@@ -289,6 +294,58 @@ fn a_dirty_group_is_written_once_in_its_own_page_not_once_per_page_of_new_member
         group.attributes.get("member").map_or(0, |v| v.len()) + 12
     );
     assert_eq!(dirty(&sync), 0);
+    let plan = sync.plan(true).unwrap().plan;
+    assert!(plan.operations.is_empty(), "{plan}");
+}
+
+/// One dirty group whose members alone are more than a page is planned page by page (its
+/// members counted as pages count them), not as one plan holding every member as context.
+#[test]
+fn a_dirty_set_whose_references_outweigh_a_page_is_planned_in_pages() {
+    // Pages of 8: a group of 12 members is more than a page.
+    let (source, target, mut sync) = world_in_pages_of(8);
+    assert!(run(&mut sync).failures.is_empty());
+    let mut group = source
+        .entries()
+        .into_iter()
+        .find(|e| e.object_type.is("group"))
+        .unwrap();
+    let members = group.attributes.get("member").map_or(0, |v| v.len());
+    assert!(members > 8, "{members}");
+    group.attributes.set("cn", Value::string("Renamed group"));
+    source.upsert(group.clone()).unwrap();
+    let report = run(&mut sync);
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(report.planned, 1, "{report}");
+    let plans = report
+        .stages
+        .iter()
+        .filter(|(s, _)| *s == dirsync::engine::Stage::Plan)
+        .count();
+    assert!(plans > 1, "planned as one plan: {:?}", report.stages);
+    assert_eq!(dirty(&sync), 0);
+    let id = sync
+        .with_store(|s| {
+            s.load_neighbourhood(std::slice::from_ref(&group.anchor))
+                .unwrap()
+                .links
+                .get(&group.anchor)
+                .cloned()
+        })
+        .unwrap()
+        .target_id;
+    let object = target.get_object(&id).unwrap();
+    assert_eq!(
+        object.attributes.get("member").map_or(0, |v| v.len()),
+        members
+    );
+    assert!(
+        object
+            .attributes
+            .iter()
+            .any(|(_, v)| v.iter().any(|v| v.as_str() == Some("Renamed group"))),
+        "{object:?}"
+    );
     let plan = sync.plan(true).unwrap().plan;
     assert!(plan.operations.is_empty(), "{plan}");
 }

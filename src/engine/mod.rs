@@ -502,7 +502,15 @@ impl Synchronizer {
             if first.is_empty() {
                 return Ok(report);
             }
-            if first.len() > page {
+            // Paged when the dirty set is more than a page, counted as pages are: an object
+            // and the references it makes (a thousand changed groups of a thousand members
+            // would otherwise be one plan holding a million members as context).
+            let weighed = first.len() > page || {
+                let refs = self.store(|s| s.dirty_references_page(None, first.len()))?;
+                let weight: usize = refs.iter().map(|(_, r)| 1 + r.len()).sum();
+                weight > page
+            };
+            if weighed {
                 report.absorb(self.sync_pages(run).await?);
                 return Ok(report);
             }
@@ -676,18 +684,31 @@ impl Synchronizer {
         let mut deprovisions = Plan::default();
         let mut claims: BTreeMap<TargetId, BTreeSet<Anchor>> = BTreeMap::new();
         let mut batch: Vec<Anchor> = Vec::new();
+        // What the batch reads, weighed as pages are (see `PageOrder::pages`).
+        let mut weight: u64 = 0;
+        let full = u64::try_from(page).unwrap_or(u64::MAX);
         let mut after: Option<Anchor> = None;
+        let mut dirty = std::collections::VecDeque::new();
+        let mut done = false;
         loop {
-            let dirty = self.store(|s| s.dirty_page(after.as_ref(), page))?;
-            let done = dirty.len() < page;
-            after = dirty.last().map(|(a, _)| a.clone());
-            batch.extend(
-                dirty
-                    .into_iter()
-                    .filter(|(_, linked)| *linked || joins)
-                    .map(|(a, _)| a),
-            );
-            if batch.len() >= page || (done && !batch.is_empty()) {
+            if dirty.is_empty() && !done {
+                let read = self.store(|s| s.dirty_page(after.as_ref(), page))?;
+                done = read.len() < page;
+                after = read.last().map(|(a, _)| a.clone());
+                dirty.extend(read);
+            }
+            while weight < full {
+                let Some((a, linked)) = dirty.pop_front() else {
+                    break;
+                };
+                if linked || joins {
+                    weight += order.weight(&a);
+                    batch.push(a);
+                }
+            }
+            let done = done && dirty.is_empty();
+            if weight >= full || (done && !batch.is_empty()) {
+                weight = 0;
                 let scope = PlanScope::Anchors(std::mem::take(&mut batch));
                 let plan = self
                     .plan_checked_with(

@@ -148,9 +148,8 @@ impl PageOrder {
         self
     }
 
-    /// Where `anchor` comes in the planning order (the number of anchors planned before it),
-    /// if it was added; once finished.
-    pub fn position(&self, anchor: &Anchor) -> Option<usize> {
+    /// The index of `anchor` among those added (they were added in ascending order).
+    fn index_of(&self, anchor: &Anchor) -> Option<usize> {
         let name = anchor.as_str();
         let (mut lo, mut hi) = (0, self.ends.len());
         while lo < hi {
@@ -158,12 +157,25 @@ impl PageOrder {
             match self.name(mid).cmp(name) {
                 std::cmp::Ordering::Less => lo = mid + 1,
                 std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => {
-                    return self.rank.get(mid).map(|&r| r as usize);
-                }
+                std::cmp::Ordering::Equal => return Some(mid),
             }
         }
         None
+    }
+
+    /// Where `anchor` comes in the planning order (the number of anchors planned before it),
+    /// if it was added; once finished.
+    pub fn position(&self, anchor: &Anchor) -> Option<usize> {
+        let i = self.index_of(anchor)?;
+        self.rank.get(i).map(|&r| r as usize)
+    }
+
+    /// What planning `anchor` reads, as [`PageOrder::pages`] counts it: 1 and 1 per reference
+    /// it makes (1 for an anchor not added).
+    pub fn weight(&self, anchor: &Anchor) -> u64 {
+        self.index_of(anchor)
+            .and_then(|i| self.weight.get(i))
+            .map_or(1, |&w| u64::from(w))
     }
 
     /// The pages, in order, each page's anchors sorted. A page closes when what it reads
