@@ -58,6 +58,19 @@ fn run(sync: &mut Synchronizer) -> dirsync::engine::RunReport {
     futures::executor::block_on(sync.run_cycle()).unwrap()
 }
 
+/// The id of the target object `anchor` is linked to.
+fn target_id(sync: &Synchronizer, anchor: &dirsync::model::Anchor) -> dirsync::model::TargetId {
+    sync.with_store(|s| {
+        s.load_neighbourhood(std::slice::from_ref(anchor))
+            .unwrap()
+            .links
+            .get(anchor)
+            .cloned()
+    })
+    .unwrap()
+    .target_id
+}
+
 fn dirty(sync: &Synchronizer) -> usize {
     sync.with_store(|s| s.dirty().unwrap().len())
 }
@@ -266,16 +279,7 @@ fn a_dirty_group_is_written_once_in_its_own_page_not_once_per_page_of_new_member
         members.into_iter().collect::<dirsync::model::Values>(),
     );
     source.upsert(grown).unwrap();
-    let group_id = sync
-        .with_store(|s| {
-            s.load_neighbourhood(std::slice::from_ref(&group.anchor))
-                .unwrap()
-                .links
-                .get(&group.anchor)
-                .cloned()
-        })
-        .unwrap()
-        .target_id;
+    let group_id = target_id(&sync, &group.anchor);
     let applied = target.applied().len();
     let report = run(&mut sync);
     assert!(report.failures.is_empty(), "{:?}", report.failures);
@@ -324,16 +328,7 @@ fn a_dirty_set_whose_references_outweigh_a_page_is_planned_in_pages() {
         .count();
     assert!(plans > 1, "planned as one plan: {:?}", report.stages);
     assert_eq!(dirty(&sync), 0);
-    let id = sync
-        .with_store(|s| {
-            s.load_neighbourhood(std::slice::from_ref(&group.anchor))
-                .unwrap()
-                .links
-                .get(&group.anchor)
-                .cloned()
-        })
-        .unwrap()
-        .target_id;
+    let id = target_id(&sync, &group.anchor);
     let object = target.get_object(&id).unwrap();
     assert_eq!(
         object.attributes.get("member").map_or(0, |v| v.len()),
