@@ -423,7 +423,10 @@ fn synchronizer(dir: &Path, kill: Arc<Killer>) -> Synchronizer {
     config.reference_attributes = vec![AttrName::new("members")];
     config.max_batch = MAX_BATCH;
     let target = LdifTarget::open(dir.join("target.ldif"), config).expect("the target opens");
-    let store = SqliteStore::open(dir.join("state.sqlite")).expect("the state store opens");
+    let mut store = SqliteStore::open(dir.join("state.sqlite")).expect("the state store opens");
+    // Plans read their context from the heads index, kept up to date by the writes each
+    // killed run made before its death (a new process builds it from the file).
+    store.set_head_index(dirsync::state::HeadIndex::Always);
     let engine = EngineConfig {
         guard: DeletionGuard {
             max_ratio: 0.5,
