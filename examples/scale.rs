@@ -162,8 +162,8 @@ struct Counts {
     calls: AtomicU64,
     operations: AtomicU64,
     next_id: AtomicU64,
-    /// This process's prefix of new ids (four base-36 digits of its start time): the new ids of
-    /// two runs do not meet.
+    /// This process's prefix of new ids (the low six base-36 digits of its start time in
+    /// milliseconds, which come round every 25 days): the new ids of two runs do not meet.
     prefix: String,
 }
 
@@ -488,9 +488,9 @@ async fn run(args: &Args) -> Result<(), String> {
     );
     let mut start = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
+        .map_or(0, |d| d.as_millis());
     let mut prefix = String::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         prefix.push(char::from_digit((start % 36) as u32, 36).unwrap_or('0'));
         start /= 36;
     }

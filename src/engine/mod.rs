@@ -130,8 +130,10 @@ pub struct EngineConfig {
     /// a thread of its own, and when it falls behind the source it writes the batches waiting
     /// (up to 8 more) in one transaction.
     pub import_batch: usize,
-    /// Objects per page when a plan pages through the store (a full plan, a large dirty set):
-    /// what bounds the memory a run holds, beyond a compact record of each planned object.
+    /// The size of a page when a plan pages through the store: a full plan holds this many
+    /// objects at a time; a run's dirty set is paged when it weighs more, and its pages weigh
+    /// about this much, each object counting 1 and 1 per reference it makes. What bounds the
+    /// memory a run holds, beyond a compact record of each planned object.
     pub plan_page: usize,
     /// Retries within a run.
     pub retry: RetryPolicy,
@@ -528,7 +530,8 @@ impl Synchronizer {
         Ok(report)
     }
 
-    /// A dirty set larger than a page (the initial load), planned and exported page by page,
+    /// A dirty set weighing more than a page (the initial load; a thousand changed groups),
+    /// planned and exported page by page,
     /// so neither the whole mirror nor the whole plan is held at once; a staged plan
     /// ([`Synchronizer::plan`]) stays one plan. The pages go by reference level
     /// ([`Synchronizer::page_order`]): an object's page comes after the pages of the dirty

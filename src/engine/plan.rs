@@ -121,7 +121,8 @@ impl Synchronizer {
     /// [`Synchronizer::plan_scope`] for a page of a paged run: planning the anchors
     /// `together` groups with each other (whenever one of a group is planned, all of it is),
     /// and not the unlinked objects referencing the page's creates (they have their own page:
-    /// [`PlanInput::unlinked_referrers`]).
+    /// [`PlanInput::unlinked_referrers`]), nor the dirty ones a later page plans
+    /// ([`PlanInput::planned_elsewhere`]).
     pub(super) fn plan_scope_with(
         &self,
         scope: PlanScope,
@@ -182,13 +183,18 @@ impl Synchronizer {
                 // neighbourhood plans them: what is around those comes as context, and what
                 // the planner has to decide of it is read whole and planned again (a group
                 // that references a created user is planned; its other members are heads).
+                // A retry needs the decisions again: kept (a copy) only when they are few;
+                // many (a first full sync) are planned from whole entries, in one pass.
                 let mut anchors = decisions.anchors();
-                let mut light = true;
+                let mut light = anchors.len() <= LIGHT_DECISIONS;
                 loop {
                     let views =
                         self.views_for(&anchors, now, &bindings, Reach::Referrers, light)?;
                     let input =
                         self.plan_input(&views, now, &bindings, &counts, &create_references);
+                    if !light {
+                        break (delta::plan_decided(&input, decisions), views);
+                    }
                     match delta::plan_decided_or_incomplete(&input, decisions.clone()) {
                         Ok(plan) => break (plan, views),
                         Err(more) => {
@@ -218,7 +224,10 @@ impl Synchronizer {
                         self.plan_input(&views, now, &bindings, &counts, &create_references);
                     input.scope = PlanScope::Anchors(anchors.clone());
                     input.unlinked_referrers = !together.paged;
-                    let elsewhere = |a: &Anchor| together.planned_elsewhere(a);
+                    // Never the plan's own anchors (a group's members come from later pages).
+                    let elsewhere = |a: &Anchor| {
+                        anchors.binary_search(a).is_err() && together.planned_elsewhere(a)
+                    };
                     if together.elsewhere.is_some() {
                         input.planned_elsewhere = Some(&elsewhere);
                     }
@@ -369,6 +378,10 @@ impl Synchronizer {
     }
 }
 
+/// The most decisions a full plan's phases B and C read light for (see
+/// [`Synchronizer::plan_scope_with`]).
+const LIGHT_DECISIONS: usize = 50_000;
+
 /// `anchors` and `more`, sorted, each once.
 fn merged(mut anchors: Vec<Anchor>, more: Vec<Anchor>) -> Vec<Anchor> {
     anchors.extend(more);
@@ -427,13 +440,15 @@ impl Together {
         }
     }
 
-    /// Whether a later page of the run plans `anchor`.
+    /// Whether a later page of the run plans `anchor` (in its own page: the members of a
+    /// group are planned with the first of them, so none of them is planned elsewhere).
     fn planned_elsewhere(&self, anchor: &Anchor) -> bool {
-        self.elsewhere.as_ref().is_some_and(|(order, from)| {
-            order
-                .position(anchor)
-                .is_some_and(|p| p >= from.load(Ordering::Relaxed))
-        })
+        self.group(anchor).is_none()
+            && self.elsewhere.as_ref().is_some_and(|(order, from)| {
+                order
+                    .position(anchor)
+                    .is_some_and(|p| p >= from.load(Ordering::Relaxed))
+            })
     }
 
     /// The group of `anchor`, if it has one.

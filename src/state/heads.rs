@@ -5,8 +5,9 @@
 //!
 //! [`SqliteStore`](super::SqliteStore) builds the index when the plans it serves have read
 //! enough heads from the file to pay for it, keeps it up to date from a log its own writes
-//! fill (temporary triggers, so every statement that changes a source object's head or a link
-//! is seen, whoever wrote it), and drops it when another connection changes the file.
+//! fill (temporary triggers: every statement of this connection that changes a source
+//! object's head or a link is seen, whichever function ran it), and drops it when another
+//! connection changes the file.
 //!
 //! Pure data structure: no I/O. About 40 bytes a slot plus the texts (anchor, DN, target id)
 //! and two hash tables of slot numbers.
@@ -125,7 +126,8 @@ impl Heads {
 
     fn push(&mut self, s: &str) -> Result<Span, TooLarge> {
         let at = self.text.len();
-        if s.len() > Span::MAX_LEN || at > Span::MAX_AT {
+        // (`at` below `MAX_AT`: a span at it could be `NONE`.)
+        if s.len() > Span::MAX_LEN || at >= Span::MAX_AT {
             return Err(TooLarge);
         }
         self.text.extend_from_slice(s.as_bytes());

@@ -352,8 +352,9 @@ pub enum Reach {
     /// The linked ones (a page of a run planned page by page, which plans the referrers
     /// without a link in their own page: [`crate::delta::PlanInput::unlinked_referrers`]).
     LinkedReferrers,
-    /// None: only the anchors are decided (phase A of a full plan,
-    /// [`crate::delta::decide_page`]).
+    /// None: only the anchors are planned (phase A of a full plan,
+    /// [`crate::delta::decide_page`]; a page of a run planned page by page, read light, whose
+    /// planner says which referrers it has to decide as well).
     Anchors,
     /// None, and no object referencing them comes as context either: only the anchors are
     /// decided, by rules that do not read `member_of`
@@ -650,13 +651,37 @@ pub trait StateStore: Send {
     /// reference translation and `member_of` read of it. A group of 50,000 members that
     /// references a page's objects then costs the page a scan of its members, not 50,000
     /// decoded values. The planner never decides such an object: the engine plans again with
-    /// it planned. The default loads whole entries.
+    /// it planned. The default loads whole entries and marks what is not planned as context
+    /// (a context object would otherwise be decided without its target object).
     fn load_neighbourhood_light(
         &self,
         anchors: &[Anchor],
         reach: Reach,
     ) -> Result<Views, StateError> {
-        self.load_neighbourhood_reaching(anchors, reach)
+        let whole = self.load_neighbourhood_reaching(anchors, reach)?;
+        let mut planned: std::collections::BTreeSet<&Anchor> = anchors.iter().collect();
+        if matches!(reach, Reach::Referrers | Reach::LinkedReferrers) {
+            for a in anchors {
+                for (r, _) in whole.mirror.referrers(a) {
+                    if reach == Reach::Referrers || whole.links.get(r).is_some() {
+                        planned.insert(r);
+                    }
+                }
+            }
+        }
+        let mut mirror = SourceMirror::default();
+        for e in whole.mirror.entries() {
+            if planned.contains(&e.anchor) {
+                mirror.insert(e.clone());
+            } else {
+                mirror.insert_partial(e.clone());
+            }
+        }
+        Ok(Views {
+            mirror,
+            links: whole.links,
+            target: whole.target,
+        })
     }
 
     /// Adds to `views` the target objects matching `lookups` (for joins of objects without a
@@ -1233,6 +1258,45 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store without a light read of its own (the memory store) holds what a light
+    /// neighbourhood does not plan as context, so the planner never decides it without its
+    /// target object: the anchors planned, the referrers as far as the reach plans them.
+    #[test]
+    fn the_default_light_neighbourhood_holds_what_it_does_not_plan_as_context() {
+        let mut s = MemoryStore::new();
+        let dn = |d: &str| Dn::parse(d).unwrap();
+        s.apply_changes(
+            "ad",
+            &[
+                Change::Add(
+                    Entry::new("u1", "user")
+                        .with_dn(dn("cn=a,dc=x"))
+                        .with("manager", Value::dn_ref(dn("cn=b,dc=x"))),
+                ),
+                Change::Add(Entry::new("u2", "user").with_dn(dn("cn=b,dc=x"))),
+            ],
+            None,
+        )
+        .unwrap();
+        let (u1, u2): (Anchor, Anchor) = ("u1".into(), "u2".into());
+        let v = s
+            .load_neighbourhood_light(std::slice::from_ref(&u1), Reach::Anchors)
+            .unwrap();
+        assert!(!v.mirror.is_partial(&u1));
+        assert!(v.mirror.is_partial(&u2), "what u1 references is context");
+        let v = s
+            .load_neighbourhood_light(std::slice::from_ref(&u2), Reach::Anchors)
+            .unwrap();
+        assert!(
+            v.mirror.is_partial(&u1),
+            "a referrer not planned is context"
+        );
+        let v = s
+            .load_neighbourhood_light(std::slice::from_ref(&u2), Reach::Referrers)
+            .unwrap();
+        assert!(!v.mirror.is_partial(&u1) && !v.mirror.is_partial(&u2));
+    }
 
     #[test]
     fn memory_store_keeps_the_contract() {

@@ -777,11 +777,34 @@ impl SqliteStore {
         light: bool,
     ) -> Result<Views, StateError> {
         let heads = self.current_heads()?;
+        let version = self.heads.borrow().data_version;
         let missed = std::cell::Cell::new(0);
+        let stale = std::cell::Cell::new(false);
         let views = self.in_snapshot(|db| {
-            read_neighbourhood(db, anchors, reach, light, heads.as_deref(), &missed)
+            // The index is as of `version`: if another connection committed since, this
+            // snapshot may hold what the index does not (read the file this time).
+            let heads = match heads.as_deref() {
+                Some(h) => {
+                    db.query_row("SELECT count(*) FROM meta", [], |_| Ok(()))
+                        .ctx("starting a snapshot")?;
+                    if data_version(db)? == version {
+                        Some(h)
+                    } else {
+                        stale.set(true);
+                        None
+                    }
+                }
+                None => None,
+            };
+            read_neighbourhood(db, anchors, reach, light, heads, &missed)
         })?;
         drop(heads);
+        if stale.get() {
+            self.heads.borrow_mut().heads = None;
+            self.conn
+                .execute_batch(HEADS_UNLOG)
+                .ctx("dropping the heads index's log")?;
+        }
         self.missed_heads(missed.get());
         Ok(views)
     }
@@ -1023,7 +1046,16 @@ impl SqliteStore {
                 }
             };
             if c.heads.is_none() && wanted {
-                self.build_heads(&mut c)?;
+                if let Err(e) = self.build_heads(&mut c) {
+                    // A row the index cannot hold (or read): plans read the file, as without
+                    // it, and the plans touching that row say what is wrong with it.
+                    tracing::warn!(error = %e, "the heads index is off for this connection");
+                    c.heads = None;
+                    c.mode = HeadIndex::Off;
+                    self.conn
+                        .execute_batch(HEADS_UNLOG)
+                        .ctx("dropping the heads index's log")?;
+                }
             }
         }
         Ok(std::cell::Ref::filter_map(self.heads.borrow(), |c| c.heads.as_ref()).ok())
