@@ -951,10 +951,6 @@ impl SqliteStore {
         // reset: cut it back to 4 MiB after each checkpoint.
         conn.pragma_update(None, "journal_size_limit", 4_194_304i64)
             .ctx("limiting the write-ahead log")?;
-        if let Ok(v) = std::env::var("DIRSYNC_CKPT") {
-            conn.pragma_update(None, "wal_autocheckpoint", v.parse::<i64>().unwrap_or(1000))
-                .ctx("x")?;
-        }
         let mut store = SqliteStore {
             conn,
             retention: Some(Retention::default()),
@@ -2695,6 +2691,35 @@ fn insert_object(conn: &Db<'_>, e: &Entry) -> Result<i64, StateError> {
     .ctx("writing a source object")
 }
 
+/// Adds the row of `e`, whose anchor has none, with its state; returns its id. (A plain
+/// `INSERT`: unlike [`insert_object`]'s upsert it needs no statement journal, which would
+/// copy every page of the table and its indexes the statement changes that the transaction
+/// changed before.)
+fn add_object(conn: &Db<'_>, e: &Entry, hash: i64, generation: i64) -> Result<i64, StateError> {
+    let attrs = conn.encode(&e.attributes, Some(e.anchor.as_str()))?;
+    conn.prepare_cached(
+        "INSERT INTO source_objects (anchor, object_type, dn, dn_key, attributes) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            e.anchor.as_str(),
+            e.object_type.as_str(),
+            e.dn.as_ref().map(|d| d.as_str()),
+            e.dn.as_ref().map(|d| dn_key(d.normalized())),
+            attrs,
+        ])
+    })
+    .ctx("writing a source object")?;
+    let id = conn.last_insert_rowid();
+    conn.prepare_cached(
+        "INSERT INTO source_state (id, content_hash, generation) VALUES (?1, ?2, ?3)",
+    )
+    .and_then(|mut s| s.execute(params![id, hash, generation]))
+    .ctx("recording a source object's state")?;
+    Ok(id)
+}
+
 /// Records that full import `generation` saw the source object `id` (unchanged).
 fn set_generation(conn: &Db<'_>, id: i64, generation: i64) -> Result<(), StateError> {
     conn.prepare_cached("UPDATE source_state SET generation = ?2 WHERE id = ?1")
@@ -2826,8 +2851,14 @@ fn write_hashed(
     let new_refs = new.as_ref().map(entry_ref_keys).unwrap_or_default();
     match (&new, new_hash) {
         (Some(e), Some(hash)) => {
-            let id = insert_object(conn, e)?;
-            put_state(conn, id, hash, generation)?;
+            let id = match &old {
+                Some(_) => {
+                    let id = insert_object(conn, e)?;
+                    put_state(conn, id, hash, generation)?;
+                    id
+                }
+                None => add_object(conn, e, hash, generation)?,
+            };
             if old.is_none() {
                 // References that waited for this anchor now name its object.
                 let adopted = ref_rows(conn, WAITING_ANCHOR, [anchor.as_str()], anchor.as_str())?;
