@@ -3601,19 +3601,24 @@ impl StateStore for SqliteStore {
             let mut seen_now = tx
                 .prepare_cached(SEEN_UNCHANGED)
                 .ctx("recording a full import's generation")?;
+            // Whether the last object was in the mirror: new objects come in runs (an initial
+            // import is one), and for one the statement below is a lookup for nothing.
+            let mut known = true;
             for e in entries {
                 // Delivered as last time, first time in this import (most objects of most
                 // imports): one statement moves its generation, nothing else is read.
                 let hash = entry_hash_into(e, &mut buf) as i64;
-                if seen_now
-                    .execute(params![e.anchor.as_str(), hash, g])
-                    .ctx("recording a full import's generation")?
-                    == 1
+                if known
+                    && seen_now
+                        .execute(params![e.anchor.as_str(), hash, g])
+                        .ctx("recording a full import's generation")?
+                        == 1
                 {
                     seen += 1;
                     continue;
                 }
                 let before = row_state(tx, &e.anchor)?;
+                known = before.is_some();
                 match &before {
                     Some(b) if b.generation == g => {
                         // Delivered before in this import: at another DN it is another object.
