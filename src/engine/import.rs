@@ -338,7 +338,7 @@ fn reimport_into(
 }
 
 /// The batches a full import's store thread lets wait (see [`ImportWriter`]).
-const QUEUED: usize = 8;
+const QUEUED: usize = 24;
 
 /// What a full import hands its store thread, in the order the source delivered it.
 enum ImportJob {
@@ -494,7 +494,7 @@ mod tests {
                     "{a} after the refusal"
                 );
             }
-            // The thread stops reading at the error: with 40 batches for a queue of 8, the
+            // The thread stops reading at the error: with 40 batches for a queue of 24, the
             // engine learns it before it has sent them all.
             assert!(refused);
         });

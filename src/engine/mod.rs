@@ -128,7 +128,7 @@ pub struct EngineConfig {
     pub concurrency: usize,
     /// Entries or changes per state-store transaction during import. A full import writes on
     /// a thread of its own, and when it falls behind the source it writes the batches waiting
-    /// (up to 8 more) in one transaction.
+    /// (up to 24 more) in one transaction.
     pub import_batch: usize,
     /// The size of a page when a plan pages through the store: a full plan holds this many
     /// objects at a time; a run's dirty set is paged when it weighs more, and its pages weigh

@@ -35,7 +35,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
@@ -397,10 +397,8 @@ ALTER TABLE target_objects_v4 RENAME TO target_objects;
 const ENTRY_COLUMNS: &str = "anchor, object_type, dn, attributes";
 const ENTRY_BY_ANCHOR: &str =
     "SELECT anchor, object_type, dn, attributes FROM source_objects WHERE anchor = ?1";
-const ANCHORS_BY_DN: &str = "SELECT anchor, dn FROM source_objects WHERE dn_key = ?1";
+const ANCHORS_BY_DN: &str = "SELECT anchor, dn, id FROM source_objects WHERE dn_key = ?1";
 const ROW_STATE: &str = "SELECT s.content_hash, s.generation, o.dn, o.id FROM source_objects o \
-     JOIN source_state s ON s.id = o.id WHERE o.anchor = ?1";
-const SEEN_STATE: &str = "SELECT s.id, s.content_hash, s.generation FROM source_objects o \
      JOIN source_state s ON s.id = o.id WHERE o.anchor = ?1";
 /// Moves the generation of the object `?1` to `?3` if its hash is `?2` and its generation is
 /// another (an unchanged object a full import sees for the first time).
@@ -416,6 +414,9 @@ const REFERRERS: &str = "SELECT f.anchor FROM source_objects t \
      WHERE r.target = ?1 AND r.by_dn = 0 \
      UNION SELECT f.anchor FROM source_refs_open r JOIN source_objects f ON f.id = r.from_id \
      WHERE r.target = ?2 AND r.by_dn = 1";
+/// The objects whose references wait for the anchor `?1` (not mirrored until now).
+const WAITING_ANCHOR: &str = "SELECT f.anchor FROM source_refs_open r \
+     JOIN source_objects f ON f.id = r.from_id WHERE r.target = ?1 AND r.by_dn = 0";
 /// The objects whose references wait for the DN `?1` (normalized).
 const WAITING: &str = "SELECT f.anchor FROM source_refs_open r \
      JOIN source_objects f ON f.id = r.from_id WHERE r.target = ?1 AND r.by_dn = 1";
@@ -489,11 +490,11 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     ENTRY_BY_ANCHOR,
     ANCHORS_BY_DN,
     ROW_STATE,
-    SEEN_STATE,
     SEEN_UNCHANGED,
     OBJECT_ID,
     REFERRERS,
     WAITING,
+    WAITING_ANCHOR,
     REFERRING,
     REF_DELETE,
     OPEN_REF_DELETE,
@@ -1404,6 +1405,25 @@ fn text(table: &'static str, key: &str, column: &str, v: SqlValue) -> Result<Str
     }
 }
 
+/// [`text`] of a borrowed column.
+fn text_ref<'r>(
+    table: &'static str,
+    key: &str,
+    column: &str,
+    v: ValueRef<'r>,
+) -> Result<&'r str, StateError> {
+    match v {
+        ValueRef::Text(s) => {
+            std::str::from_utf8(s).map_err(|e| corrupt(table, key, format!("column {column}: {e}")))
+        }
+        other => Err(corrupt(
+            table,
+            key,
+            format!("column {column} holds {:?}, not text", other.data_type()),
+        )),
+    }
+}
+
 fn opt_text(
     table: &'static str,
     key: &str,
@@ -2162,19 +2182,43 @@ fn anchors_at_spelled(
     dn_norm: &str,
     spelled: Option<&str>,
 ) -> Result<Vec<Anchor>, StateError> {
+    Ok(holders_at(conn, dn_norm, spelled)?
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect())
+}
+
+/// [`anchors_at_spelled`] with each object's id.
+fn holders_at(
+    conn: &Db<'_>,
+    dn_norm: &str,
+    spelled: Option<&str>,
+) -> Result<Vec<(Anchor, i64)>, StateError> {
     const T: &str = "source_objects";
+    let mut stmt = conn
+        .prepare_cached(ANCHORS_BY_DN)
+        .ctx("reading source_objects")?;
+    let mut q = stmt
+        .query([dn_key(dn_norm)])
+        .ctx("reading source_objects")?;
     let mut out = Vec::new();
-    for mut r in rows(
-        conn,
-        ANCHORS_BY_DN,
-        [dn_key(dn_norm)],
-        "reading source_objects",
-    )? {
-        let anchor = text(T, dn_norm, "anchor", take(&mut r, 0))?;
-        if opt_text(T, &anchor, "dn", take(&mut r, 1))?
-            .is_some_and(|d| spelled == Some(d.as_str()) || dn_is(&d, dn_norm))
-        {
-            out.push(Anchor::from(anchor));
+    while let Some(r) = q.next().ctx("reading source_objects")? {
+        let anchor = text_ref(
+            T,
+            dn_norm,
+            "anchor",
+            r.get_ref(0).ctx("reading source_objects")?,
+        )?;
+        let at = match r.get_ref(1).ctx("reading source_objects")? {
+            ValueRef::Null => false,
+            d => {
+                let d = text_ref(T, anchor, "dn", d)?;
+                spelled == Some(d) || dn_is(d, dn_norm)
+            }
+        };
+        if at {
+            let id: i64 = r.get(2).ctx("reading source_objects")?;
+            out.push((Anchor::from(anchor), id));
         }
     }
     Ok(out)
@@ -2335,35 +2379,6 @@ fn row_state(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<RowState>, StateEr
     }))
 }
 
-/// The state of a source row in `source_state` (all an import of an unchanged object reads).
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    /// The object's id.
-    id: i64,
-    hash: i64,
-    generation: i64,
-}
-
-fn seen_state(conn: &Db<'_>, anchor: &Anchor) -> Result<Option<Seen>, StateError> {
-    const T: &str = "source_state";
-    let found: Option<(SqlValue, SqlValue, SqlValue)> = conn
-        .prepare_cached(SEEN_STATE)
-        .and_then(|mut s| {
-            s.query_row([anchor.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()
-        })
-        .ctx("reading a source object's state")?;
-    let Some((id, h, g)) = found else {
-        return Ok(None);
-    };
-    let a = anchor.as_str();
-    Ok(Some(Seen {
-        id: int(T, a, "id", id)?,
-        hash: int(T, a, "content_hash", h)?,
-        generation: int(T, a, "generation", g)?,
-    }))
-}
-
 /// Records the hash and generation of the source object `id`.
 fn put_state(conn: &Db<'_>, id: i64, hash: i64, generation: i64) -> Result<(), StateError> {
     conn.prepare_cached(
@@ -2429,8 +2444,13 @@ fn put_refs(
     id: i64,
     old: Option<&Entry>,
     new: Option<&Entry>,
+    known: &FxHashMap<String, i64>,
 ) -> Result<(), StateError> {
     let (old, new) = (ref_targets(old), ref_targets(new));
+    let object_id = |conn: &Db<'_>, to: &str| match known.get(to) {
+        Some(id) => Ok(Some(*id)),
+        None => object_id(conn, to),
+    };
     for (by_dn, to) in old.difference(&new) {
         if !by_dn {
             if let Some(t) = object_id(conn, to)? {
@@ -2481,7 +2501,7 @@ fn rewrite_entry(
             .and_then(|mut s| s.execute(params![id, hash as i64]))
             .ctx("rewriting a source object's hash")?;
     }
-    put_refs(conn, id, Some(before), Some(entry))
+    put_refs(conn, id, Some(before), Some(entry), &FxHashMap::default())
 }
 
 /// Resolves the unresolved references to `dn_norm` of every referrer into references to
@@ -2703,6 +2723,35 @@ fn insert_object(conn: &Db<'_>, e: &Entry) -> Result<i64, StateError> {
     .ctx("writing a source object")
 }
 
+/// Adds the row of `e`, whose anchor has none, with its state; returns its id. (A plain
+/// `INSERT`: unlike [`insert_object`]'s upsert it needs no statement journal, which would
+/// copy every page of the table and its indexes the statement changes that the transaction
+/// changed before.)
+fn add_object(conn: &Db<'_>, e: &Entry, hash: i64, generation: i64) -> Result<i64, StateError> {
+    let attrs = conn.encode(&e.attributes, Some(e.anchor.as_str()))?;
+    conn.prepare_cached(
+        "INSERT INTO source_objects (anchor, object_type, dn, dn_key, attributes) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            e.anchor.as_str(),
+            e.object_type.as_str(),
+            e.dn.as_ref().map(|d| d.as_str()),
+            e.dn.as_ref().map(|d| dn_key(d.normalized())),
+            attrs,
+        ])
+    })
+    .ctx("writing a source object")?;
+    let id = conn.last_insert_rowid();
+    conn.prepare_cached(
+        "INSERT INTO source_state (id, content_hash, generation) VALUES (?1, ?2, ?3)",
+    )
+    .and_then(|mut s| s.execute(params![id, hash, generation]))
+    .ctx("recording a source object's state")?;
+    Ok(id)
+}
+
 /// Records that full import `generation` saw the source object `id` (unchanged).
 fn set_generation(conn: &Db<'_>, id: i64, generation: i64) -> Result<(), StateError> {
     conn.prepare_cached("UPDATE source_state SET generation = ?2 WHERE id = ?1")
@@ -2711,10 +2760,32 @@ fn set_generation(conn: &Db<'_>, id: i64, generation: i64) -> Result<(), StateEr
     Ok(())
 }
 
+/// What the writes of source objects in one transaction share: what is done once for all of
+/// them at its end ([`Writes::finish`]).
+#[derive(Default)]
+struct Writes {
+    /// The DNs that unresolved references wait for (for [`settle`]).
+    unsettled: BTreeSet<String>,
+    /// The anchors to mark dirty. Nothing in a transaction that writes source objects reads
+    /// `dirty`, so the marks wait for its end: each once, in key order (one pass over the
+    /// table's index instead of a seek per mark).
+    dirty: BTreeSet<Anchor>,
+}
+
+impl Writes {
+    /// Resolves the references waiting for the DNs written (see [`settle`]) and marks dirty
+    /// what the writes changed.
+    fn finish(self, conn: &Db<'_>) -> Result<(), StateError> {
+        settle(conn, self.unsettled)?;
+        mark(conn, self.dirty)?;
+        Ok(())
+    }
+}
+
 /// Writes `new` as the entry of `anchor` (`None`: deletes it), marking dirty what changed
 /// (see [`StateStore::apply_changes`]). `generation`: the full import that saw it, or `None`
 /// to keep the stored one. The entry's DN references are resolved against the mirror; DNs that
-/// unresolved references wait for are added to `unsettled` (for [`settle`]); a delete removes
+/// unresolved references wait for are added to `w.unsettled` (for [`settle`]); a delete removes
 /// the references to the object from its referrers. The row's hash is that of `new` as given
 /// (what the source delivered). Returns whether the content changed.
 fn write_entry(
@@ -2722,21 +2793,23 @@ fn write_entry(
     anchor: &Anchor,
     new: Option<&Entry>,
     generation: Option<i64>,
-    unsettled: &mut BTreeSet<String>,
+    w: &mut Writes,
 ) -> Result<bool, StateError> {
     let hash = new.map(|e| entry_hash_into(e, &mut Vec::new()) as i64);
-    write_hashed(conn, anchor, new.zip(hash), generation, unsettled)
+    let old = row_state(conn, anchor)?;
+    write_hashed(conn, anchor, old, new.zip(hash), generation, w)
 }
 
-/// [`write_entry`] with the content hash of `new` (as [`entry_hash_into`] computes it) given.
+/// [`write_entry`] with the row's stored state `old` (as [`row_state`] reads it) and the
+/// content hash of `new` (as [`entry_hash_into`] computes it) given.
 fn write_hashed(
     conn: &Db<'_>,
     anchor: &Anchor,
+    old: Option<RowState>,
     new: Option<(&Entry, i64)>,
     generation: Option<i64>,
-    unsettled: &mut BTreeSet<String>,
+    w: &mut Writes,
 ) -> Result<bool, StateError> {
-    let old = row_state(conn, anchor)?;
     let generation = generation
         .or(old.as_ref().map(|o| o.generation))
         .unwrap_or(0);
@@ -2750,10 +2823,20 @@ fn write_hashed(
         }
         return Ok(false);
     }
+    // The ids of the objects the references resolve to (for the reference rows).
+    let mut ids: FxHashMap<String, i64> = FxHashMap::default();
     let new = match new {
         Some(e) => {
             let mut e = e.clone();
-            resolve_references(&mut e, |d| anchor_at(conn, d))?;
+            resolve_references(&mut e, |d| {
+                let found = holders_at(conn, d.normalized(), Some(d.as_str()))?
+                    .into_iter()
+                    .min();
+                Ok::<_, StateError>(found.map(|(a, id)| {
+                    ids.insert(a.as_str().to_owned(), id);
+                    a
+                }))
+            })?;
             Some(e)
         }
         None => None,
@@ -2784,11 +2867,11 @@ fn write_hashed(
             pin(conn, d, &holder)?;
         }
     }
-    let mut dirty: BTreeSet<Anchor> = BTreeSet::new();
+    let dirty = &mut w.dirty;
     dirty.insert(anchor.clone());
-    if old.is_some() || new_dn.is_none() {
-        // (A new object at a DN: its referrers by anchor and by DN are read below, once its
-        // row holds the references that waited for its anchor.)
+    if old.is_some() {
+        // (A new object's referrers are those waiting for its anchor, adopted below, and
+        // those waiting for its DN.)
         dirty.extend(referrers(conn, anchor, old_dn.as_deref())?);
     }
     // Pinning may have rewritten this very object (a reference to its own old DN).
@@ -2800,22 +2883,32 @@ fn write_hashed(
     let new_refs = new.as_ref().map(entry_ref_keys).unwrap_or_default();
     match (&new, new_hash) {
         (Some(e), Some(hash)) => {
-            let id = insert_object(conn, e)?;
-            put_state(conn, id, hash, generation)?;
+            let id = match &old {
+                Some(_) => {
+                    let id = insert_object(conn, e)?;
+                    put_state(conn, id, hash, generation)?;
+                    id
+                }
+                None => add_object(conn, e, hash, generation)?,
+            };
             if old.is_none() {
                 // References that waited for this anchor now name its object.
-                conn.prepare_cached(OPEN_REFS_ADOPT)
-                    .and_then(|mut s| s.execute(params![anchor.as_str(), id]))
-                    .ctx("resolving references")?;
-                conn.prepare_cached(OPEN_REFS_ADOPTED)
-                    .and_then(|mut s| s.execute([anchor.as_str()]))
-                    .ctx("resolving references")?;
+                let adopted = ref_rows(conn, WAITING_ANCHOR, [anchor.as_str()], anchor.as_str())?;
+                if !adopted.is_empty() {
+                    conn.prepare_cached(OPEN_REFS_ADOPT)
+                        .and_then(|mut s| s.execute(params![anchor.as_str(), id]))
+                        .ctx("resolving references")?;
+                    conn.prepare_cached(OPEN_REFS_ADOPTED)
+                        .and_then(|mut s| s.execute([anchor.as_str()]))
+                        .ctx("resolving references")?;
+                    dirty.extend(adopted);
+                }
             }
-            put_refs(conn, id, stored.as_ref(), Some(e))?;
+            put_refs(conn, id, stored.as_ref(), Some(e), &ids)?;
         }
         _ => {
             if let Some(o) = &old {
-                put_refs(conn, o.id, stored.as_ref(), None)?;
+                put_refs(conn, o.id, stored.as_ref(), None, &ids)?;
                 conn.prepare_cached("DELETE FROM source_objects WHERE id = ?1")
                     .and_then(|mut s| s.execute([o.id]))
                     .ctx("deleting a source object")?;
@@ -2831,10 +2924,14 @@ fn write_hashed(
         }
     }
     if new_dn != old_dn {
-        dirty.extend(referrers(conn, anchor, new_dn.as_deref())?);
+        if old.is_some() {
+            dirty.extend(referrers(conn, anchor, new_dn.as_deref())?);
+        }
         if let Some(d) = &new_dn {
-            if !ref_rows(conn, WAITING, [d.as_str()], d)?.is_empty() {
-                unsettled.insert(d.clone());
+            let waiting = ref_rows(conn, WAITING, [d.as_str()], d)?;
+            if !waiting.is_empty() {
+                w.unsettled.insert(d.clone());
+                dirty.extend(waiting);
             }
         }
     }
@@ -2845,7 +2942,6 @@ fn write_hashed(
             dirty.extend(anchors_at(conn, to)?);
         }
     }
-    mark(conn, dirty)?;
     Ok(true)
 }
 
@@ -3447,7 +3543,7 @@ fn mark_linked_gone(conn: &Db<'_>, id: &TargetId) -> Result<(), StateError> {
 }
 
 fn check_changes(conn: &Db<'_>, changes: &[Change]) -> Result<(), StateError> {
-    super::check_changes(changes, |a| Ok(seen_state(conn, a)?.is_some()))
+    super::check_changes(changes, |a| Ok(object_id(conn, a.as_str())?.is_some()))
 }
 
 impl StateStore for SqliteStore {
@@ -3460,10 +3556,10 @@ impl StateStore for SqliteStore {
         self.write("applying a delta import", |tx| {
             check_changes(tx, changes)?;
             let mut changed = false;
-            let mut unsettled = BTreeSet::new();
+            let mut w = Writes::default();
             for c in changes {
                 let a = c.anchor();
-                let u = &mut unsettled;
+                let u = &mut w;
                 changed |= match c {
                     Change::Add(e) | Change::Replace(e) => write_entry(tx, a, Some(e), None, u)?,
                     Change::Delete { .. } => write_entry(tx, a, None, None, u)?,
@@ -3485,7 +3581,7 @@ impl StateStore for SqliteStore {
                     },
                 };
             }
-            settle(tx, unsettled)?;
+            w.finish(tx)?;
             if let Some(w) = watermark {
                 put_watermark(tx, connector, w)?;
             }
@@ -3532,25 +3628,30 @@ impl StateStore for SqliteStore {
             };
             let g = generation as i64;
             let (mut seen, mut added, mut changed) = (0, 0, 0);
-            let mut unsettled = BTreeSet::new();
+            let mut w = Writes::default();
             let mut buf = Vec::new();
             let mut seen_now = tx
                 .prepare_cached(SEEN_UNCHANGED)
                 .ctx("recording a full import's generation")?;
+            // Whether the last object was in the mirror: new objects come in runs (an initial
+            // import is one), and for one the statement below is a lookup for nothing.
+            let mut known = true;
             for e in entries {
                 // Delivered as last time, first time in this import (most objects of most
                 // imports): one statement moves its generation, nothing else is read.
                 let hash = entry_hash_into(e, &mut buf) as i64;
-                if seen_now
-                    .execute(params![e.anchor.as_str(), hash, g])
-                    .ctx("recording a full import's generation")?
-                    == 1
+                if known
+                    && seen_now
+                        .execute(params![e.anchor.as_str(), hash, g])
+                        .ctx("recording a full import's generation")?
+                        == 1
                 {
                     seen += 1;
                     continue;
                 }
-                let before = seen_state(tx, &e.anchor)?;
-                match before {
+                let before = row_state(tx, &e.anchor)?;
+                known = before.is_some();
+                match &before {
                     Some(b) if b.generation == g => {
                         // Delivered before in this import: at another DN it is another object.
                         if e.dn.is_some() {
@@ -3564,7 +3665,7 @@ impl StateStore for SqliteStore {
                         added += 1;
                     }
                 }
-                if let Some(b) = before {
+                if let Some(b) = &before {
                     // Delivered as last time: the hash says so, nothing else is read or written.
                     if b.hash == hash {
                         if b.generation != g {
@@ -3573,13 +3674,13 @@ impl StateStore for SqliteStore {
                         continue;
                     }
                 }
-                let written =
-                    write_hashed(tx, &e.anchor, Some((e, hash)), Some(g), &mut unsettled)?;
-                if written && before.is_some() {
+                let existed = before.is_some();
+                if write_hashed(tx, &e.anchor, before, Some((e, hash)), Some(g), &mut w)? && existed
+                {
                     changed += 1;
                 }
             }
-            settle(tx, unsettled)?;
+            w.finish(tx)?;
             s.summary.seen += seen;
             s.summary.added += added;
             s.summary.changed += changed;
@@ -3629,9 +3730,11 @@ impl StateStore for SqliteStore {
             .into_iter()
             .map(|mut r| text("source_objects", "?", "anchor", take(&mut r, 0)).map(Anchor::from))
             .collect::<Result<_, _>>()?;
+            let mut w = Writes::default();
             for a in &unseen {
-                write_entry(tx, a, None, None, &mut BTreeSet::new())?;
+                write_entry(tx, a, None, None, &mut w)?;
             }
+            w.finish(tx)?;
             if let Some(w) = watermark {
                 put_watermark(tx, connector, w)?;
             }
@@ -4211,7 +4314,7 @@ impl StateStore for SqliteStore {
         self.write("moving subtrees", |tx| {
             let mut now: std::collections::HashMap<Anchor, Dn> = std::collections::HashMap::new();
             let mut moved: BTreeSet<Anchor> = BTreeSet::new();
-            let mut unsettled = BTreeSet::new();
+            let mut w = Writes::default();
             for (anchor, to) in moves {
                 let from = match now.get(anchor) {
                     Some(d) => Some(d.clone()),
@@ -4230,12 +4333,12 @@ impl StateStore for SqliteStore {
                         continue;
                     };
                     e.dn = Some(dn);
-                    if write_entry(tx, &a, Some(&e), None, &mut unsettled)? {
+                    if write_entry(tx, &a, Some(&e), None, &mut w)? {
                         moved.insert(a);
                     }
                 }
             }
-            settle(tx, unsettled)?;
+            w.finish(tx)?;
             if !moved.is_empty() {
                 bump(tx)?;
             }

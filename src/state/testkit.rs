@@ -45,6 +45,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     duplicate_anchors_are_refused(make());
     anchor_pages_cover_the_mirror_and_the_links_once(make());
     dirty_pages_name_what_their_objects_reference(make());
+    referrers_waiting_for_a_new_object_adopt_it(make());
 }
 
 fn dn(s: &str) -> Dn {
@@ -451,6 +452,64 @@ fn references_follow_anchors_through_imports_renames_and_deletes(mut s: Box<dyn 
         refs_of(s, "r3", "manager"),
         [Value::dn_ref(dn("cn=New,ou=People,dc=x"))]
     );
+}
+
+/// An object that comes after the objects referring to it (by anchor and by DN), in a later
+/// transaction of a full import, is adopted by them: their references name it, they are marked
+/// dirty with it, and they are its referrers from then on. The same delivery again marks
+/// nothing; the object's deletion marks them again and takes their references to it.
+fn referrers_waiting_for_a_new_object_adopt_it(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    let max_dn = "cn=Max,ou=People,dc=x";
+    let referrers = || {
+        vec![
+            user("r1", "Rae").with("manager", Value::anchor_ref("m1")),
+            Entry::new("g1", "group")
+                .with_dn(dn("cn=Team,ou=Groups,dc=x"))
+                .with("member", Value::dn_ref(dn(max_dn)))
+                .with("member", Value::anchor_ref("u1")),
+            user("u1", "Ann"),
+        ]
+    };
+    let g = s.begin_full_import("src").unwrap();
+    s.import_entries(g, &referrers()).unwrap();
+    assert_eq!(
+        refs_of(s, "g1", "member"),
+        [Value::dn_ref(dn(max_dn)), Value::anchor_ref("u1")]
+    );
+    reset_dirty(s);
+    s.import_entries(g, &[user("m1", "Max")]).unwrap();
+    let sum = s.finish_full_import("src", g, None, 0.5).unwrap();
+    assert_eq!((sum.seen, sum.added), (4, 4));
+    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "m1", "r1"]));
+    assert_eq!(refs_of(s, "r1", "manager"), [Value::anchor_ref("m1")]);
+    assert_eq!(
+        refs_of(s, "g1", "member"),
+        [Value::anchor_ref("m1"), Value::anchor_ref("u1")]
+    );
+    let v = s.load_neighbourhood(&anchors(&["m1"])).unwrap();
+    assert!(v.mirror.get(&a("r1")).is_some() && v.mirror.get(&a("g1")).is_some());
+    assert_eq!(
+        v.mirror.member_of(&a("m1")),
+        [&dn("cn=team,ou=groups,dc=x")]
+    );
+    reset_dirty(s);
+
+    let g = s.begin_full_import("src").unwrap();
+    let mut all = referrers();
+    all.push(user("m1", "Max"));
+    s.import_entries(g, &all).unwrap();
+    let sum = s.finish_full_import("src", g, None, 0.5).unwrap();
+    assert_eq!((sum.seen, sum.added, sum.changed), (4, 0, 0));
+    assert!(s.dirty().unwrap().is_empty(), "{:?}", s.dirty().unwrap());
+
+    let g = s.begin_full_import("src").unwrap();
+    s.import_entries(g, &referrers()).unwrap();
+    let sum = s.finish_full_import("src", g, None, 0.5).unwrap();
+    assert_eq!(sum.deleted, 1);
+    assert_eq!(s.dirty().unwrap(), anchors(&["g1", "m1", "r1"]));
+    assert!(refs_of(s, "r1", "manager").is_empty());
+    assert_eq!(refs_of(s, "g1", "member"), [Value::anchor_ref("u1")]);
 }
 
 fn gone_target_objects_mark_their_objects_and_referrers(mut s: Box<dyn StateStore>) {
