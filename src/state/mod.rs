@@ -69,6 +69,7 @@ use crate::model::{
 mod encoding;
 mod heads;
 mod memory;
+mod payload;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 #[cfg(any(test, feature = "testkit"))]

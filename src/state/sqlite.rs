@@ -48,6 +48,7 @@ use super::encoding::{
     StoredRef,
 };
 use super::heads::Heads;
+use super::payload;
 use super::{
     audit_attributes, check_import_share, done_effect, encode_entry, entry_hash_into,
     entry_references, lookup_key, lower_lookup_attributes, redacted_operation,
@@ -1660,14 +1661,16 @@ fn decode_journal(mut row: Vec<SqlValue>) -> Result<JournalEntry, StateError> {
     let target_id = opt_text(T, &key, "target_id", take(&mut row, 5))?;
     let error = opt_text(T, &key, "error", take(&mut row, 6))?;
     let retryable = int(T, &key, "retryable", take(&mut row, 7))?;
+    let operation: Operation = json(T, &key, "op", &op)?;
+    let sent = match sent {
+        Some(s) => Some(sent_json(&key, Some(&operation), &s)?),
+        None => None,
+    };
     Ok(JournalEntry {
         id: JournalId(id),
         run: RunId(run),
-        operation: json(T, &key, "op", &op)?,
-        sent: match sent {
-            Some(s) => Some(json(T, &key, "sent", &s)?),
-            None => None,
-        },
+        operation,
+        sent,
         state: JournalState::parse(&state)
             .ok_or_else(|| corrupt(T, &key, format!("column state holds {state:?}")))?,
         target_id: target_id.map(TargetId::from),
@@ -1690,6 +1693,10 @@ fn decode_record(mut row: Vec<SqlValue>) -> Result<JournalRecord, StateError> {
         Some(a) => json(T, k, "attributes", &a)?,
         None => Vec::new(),
     };
+    let operation: Option<Operation> = match opt_text(T, k, "op", take(&mut row, 9))? {
+        Some(o) => Some(json(T, k, "op", &o)?),
+        None => None,
+    };
     Ok(JournalRecord {
         id: JournalId(id),
         run: RunId(int(T, k, "run", take(&mut row, 1))?),
@@ -1701,15 +1708,19 @@ fn decode_record(mut row: Vec<SqlValue>) -> Result<JournalRecord, StateError> {
         attributes,
         error: opt_text(T, k, "error", take(&mut row, 7))?,
         retryable: int(T, k, "retryable", take(&mut row, 8))? != 0,
-        operation: match opt_text(T, k, "op", take(&mut row, 9))? {
-            Some(o) => Some(json(T, k, "op", &o)?),
-            None => None,
-        },
         sent: match opt_text(T, k, "sent", take(&mut row, 10))? {
-            Some(o) => Some(json(T, k, "sent", &o)?),
+            Some(o) => Some(sent_json(k, operation.as_ref(), &o)?),
             None => None,
         },
+        operation,
     })
+}
+
+/// The `sent` column of the journal row `key` (see [`payload`]), read with the row's planned
+/// operation `op`.
+fn sent_json(key: &str, op: Option<&Operation>, text: &str) -> Result<TargetOperation, StateError> {
+    let op = op.ok_or_else(|| corrupt("journal", key, "column sent without op"))?;
+    payload::read_sent(op, text).map_err(|e| corrupt("journal", key, format!("column sent: {e}")))
 }
 
 // --- bulk reads of the plan stage (a neighbourhood of thousands of anchors) ---
@@ -3266,11 +3277,12 @@ fn intend(
     buf: &mut JsonBuffers,
 ) -> Result<JournalId, StateError> {
     buf.op.clear();
-    serde_json::to_writer(&mut buf.op, redacted_operation(op).as_ref())
+    let redacted = redacted_operation(op);
+    serde_json::to_writer(&mut buf.op, redacted.as_ref())
         .map_err(|e| serialize_error("a journaled operation", &e))?;
     buf.sent.clear();
     if let Some(s) = sent {
-        serde_json::to_writer(&mut buf.sent, redacted_target_operation(op, s).as_ref())
+        payload::write_sent(&redacted, &redacted_target_operation(op, s), &mut buf.sent)
             .map_err(|e| serialize_error("a journaled target operation", &e))?;
     }
     let op_json =
