@@ -2,13 +2,19 @@
 //! commit (an fsync under `Durability::Full`) never stalls the async export loop — whatever the
 //! executor (a tokio runtime, `futures::executor::block_on`).
 //!
-//! Jobs run in the order they are queued, with one freedom: the journal intents of all the
+//! Jobs run in the order they are queued, with two freedoms: the journal intents of all the
 //! batches waiting are committed together, after the outcomes and other writes queued with
 //! them (an intent only ever waits longer; an outcome is only ever recorded after its own
-//! intent, which was committed before its operation was sent). The outcomes queued are
-//! committed together with those intents ([`StateStore::journal_commit`]; in a commit of their
-//! own, [`StateStore::journal_outcomes`], when other writes follow them), so a busy export
-//! needs about one commit per round of batches, not two per operation.
+//! intent, which was committed before its operation was sent); and the outcomes (with the
+//! ledger's other decisions) wait, in order, until a call or a flush comes, or enough of them
+//! (about a page of a paged run) — then they are committed together with the intents waiting
+//! ([`StateStore::journal_commit`]; in a commit of their own, [`StateStore::journal_outcomes`],
+//! when other writes follow them). Until then the rounds of batches commit their intents alone
+//! ([`StateStore::journal_intents`]: appended rows). The links, target mirror rows and index
+//! rows the outcomes write are keyed by anchor, id and value — scattered over their tables — so
+//! writing a page's outcomes in one transaction writes each page of those tables about once,
+//! not once per round. An outcome not yet committed when the process dies leaves its intent
+//! unconfirmed: crash recovery settles it against the target, as it would a batch in flight.
 //!
 //! The crash promise holds: [`Writer::intents`] answers once the intents are committed
 //! (durable), and only then is a batch sent.
@@ -150,6 +156,13 @@ impl Drop for Writer {
     }
 }
 
+/// Outcomes (and the other decisions of the ledger) held back at most before they are
+/// committed with the next intents: a page of a paged run, as a rule, so that the links, target
+/// mirror rows and index rows of a page's operations are written in one transaction — each
+/// page of those tables (keyed by anchor, id, value: scattered) written once rather than once
+/// per round of batches.
+const DEFERRED: usize = 20_000;
+
 /// The writer thread: serves jobs until the handle is dropped, stopping at the first error —
 /// which it leaves in `slot` before it lets go of the answers it owes (so a caller whose answer
 /// never comes finds the error there).
@@ -159,12 +172,13 @@ fn serve(
     rx: &mpsc::Receiver<Job>,
     slot: &Mutex<Option<StateError>>,
 ) {
+    let mut deferred: Vec<Write> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
         let mut intents = Vec::new();
         let mut flushes = Vec::new();
-        let result = serve_jobs(store, run, jobs, &mut intents, &mut flushes);
+        let result = serve_jobs(store, run, jobs, &mut deferred, &mut intents, &mut flushes);
         if let Err(e) = result {
             *lock(slot) = Some(e);
             return;
@@ -173,27 +187,34 @@ fn serve(
             let _ = reply.send(());
         }
     }
+    // The handle is gone (dropped without `finish`): what was decided is still recorded.
+    if !deferred.is_empty() {
+        if let Err(e) = commit(lock(store).as_mut(), deferred) {
+            *lock(slot) = Some(e);
+        }
+    }
 }
 
 type Intents = Vec<(Arc<Batch>, oneshot::Sender<Vec<JournalId>>)>;
 
 /// Carries out `jobs` (see the module documentation for the order); answers the intents.
+/// The ledger's decisions wait in `deferred` until a call, a flush or [`DEFERRED`] of them.
 fn serve_jobs(
     store: &SharedStore,
     run: RunId,
     jobs: Vec<Job>,
+    deferred: &mut Vec<Write>,
     intents: &mut Intents,
     flushes: &mut Vec<oneshot::Sender<()>>,
 ) -> Result<(), StateError> {
     let mut guard = lock(store);
     let s: &mut dyn StateStore = guard.as_mut();
-    let mut writes: Vec<Write> = Vec::new();
     for job in jobs {
         match job {
             Job::Intents { batch, reply } => intents.push((batch, reply)),
-            Job::Writes(w) => writes.extend(w),
+            Job::Writes(w) => deferred.extend(w),
             Job::Call(f) => {
-                commit(s, std::mem::take(&mut writes))?;
+                commit(s, std::mem::take(deferred))?;
                 f(s)?;
             }
             Job::Flush(reply) => flushes.push(reply),
@@ -205,19 +226,30 @@ fn serve_jobs(
         .filter(|i| i.journal.is_none())
         .map(|i| (&*i.op, i.sent.as_ref()))
         .collect();
-    let (outcomes, rest) = outcomes(&writes);
-    let ids = if outcomes.is_empty() && ops.is_empty() && rest.is_empty() {
-        Vec::new()
-    } else if rest.is_empty() {
-        // The outcomes and the intents in one commit.
-        s.journal_commit(run, &outcomes, &ops)?
-    } else {
-        drop(outcomes);
-        commit(s, writes)?;
+    let due = !flushes.is_empty() || deferred.len() >= DEFERRED;
+    let ids = if !due {
+        // The intents alone: small rows, appended.
         if ops.is_empty() {
             Vec::new()
         } else {
             s.journal_intents(run, &ops)?
+        }
+    } else {
+        let writes = std::mem::take(deferred);
+        let (outcomes, rest) = outcomes(&writes);
+        if outcomes.is_empty() && ops.is_empty() && rest.is_empty() {
+            Vec::new()
+        } else if rest.is_empty() {
+            // The outcomes and the intents in one commit.
+            s.journal_commit(run, &outcomes, &ops)?
+        } else {
+            drop(outcomes);
+            commit(s, writes)?;
+            if ops.is_empty() {
+                Vec::new()
+            } else {
+                s.journal_intents(run, &ops)?
+            }
         }
     };
     drop(ops);

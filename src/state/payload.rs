@@ -6,7 +6,8 @@
 //! second time. So when the planned operation, translated through those references alone, gives
 //! the target operation back exactly, only the translations are written:
 //! `{"derived":{"<anchor>":"<target id>",…}}`; otherwise the target operation itself, as JSON.
-//! Both are read back to the same [`TargetOperation`]. Pure: no I/O.
+//! Both are read back to the same [`TargetOperation`]; of the two, the shorter is written.
+//! Pure: no I/O.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +28,9 @@ struct Derived<'a> {
 /// The compact form's first bytes (a [`TargetOperation`]'s JSON starts with its tag, `"op"`).
 const DERIVED_PREFIX: &str = "{\"derived\":";
 
+/// Translations below which the compact form is taken as the shorter without a comparison.
+const FEW: usize = 8;
+
 /// Writes `sent` — the target operation of `op`, both already redacted — into `out` (cleared
 /// first): the compact form when `op` gives `sent` back through its pending references' ids
 /// alone, else `sent` as JSON.
@@ -42,7 +46,18 @@ pub(super) fn write_sent(
             let derived = Derived {
                 derived: map.iter().map(|(a, t)| (a.as_str(), t.as_str())).collect(),
             };
-            return serde_json::to_writer(out, &derived);
+            serde_json::to_writer(&mut *out, &derived)?;
+            // An anchor is often longer than the id it became: an operation that is mostly
+            // references (a group's members) may be shorter written whole.
+            if map.len() <= FEW {
+                return Ok(());
+            }
+            let mut whole = Vec::new();
+            serde_json::to_writer(&mut whole, sent)?;
+            if whole.len() < out.len() {
+                *out = whole;
+            }
+            return Ok(());
         }
     }
     serde_json::to_writer(out, sent)
@@ -191,6 +206,34 @@ mod tests {
             attributes: sent_attributes,
         };
         assert!(round_trip(&create, &other).starts_with(r#"{"op":"create""#));
+    }
+
+    #[test]
+    fn a_create_of_references_mostly_is_written_whole_when_shorter() {
+        let anchor = |i: usize| Anchor::from(format!("{i:08x}-0000-4000-8000-000000000000"));
+        let members = |pending: bool| -> Values {
+            (0..20)
+                .map(|i| match pending {
+                    true => Value::Reference(Reference::Pending(anchor(i))),
+                    false => Value::target_ref(format!("n{i}")),
+                })
+                .collect::<Vec<_>>()
+                .into()
+        };
+        let mut attributes = Attributes::new();
+        attributes.set("displayName", Values::from(vec![Value::string("team")]));
+        attributes.set("members", members(true));
+        let create = op(OperationKind::Create {
+            attributes: attributes.clone(),
+            secrets: Attributes::new(),
+            lookup: Vec::new(),
+        });
+        attributes.set("members", members(false));
+        let sent = TargetOperation::Create {
+            object_type: "User".into(),
+            attributes,
+        };
+        assert!(round_trip(&create, &sent).starts_with(r#"{"op":"create""#));
     }
 
     #[test]
