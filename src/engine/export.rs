@@ -5,7 +5,8 @@
 //! before anything is sent; the batch goes to the target in one [`Target::apply`] call
 //! (up to `max_batch` operations); the outcomes go back to the ledger, which uses what they
 //! teach at once (links for later references) and decides what to record — recorded by the
-//! state writer thread (`writer.rs`) in group commits that overlap the next batches' sends.
+//! state writer thread (`writer.rs`), which holds them back (about a page of a paged run) and
+//! commits them together with the intents waiting, while the next batches are sent.
 //! Up to `concurrency` batches are in flight at once.
 //!
 //! [`Target::apply`]: crate::connector::Target::apply
@@ -34,6 +35,23 @@ impl Synchronizer {
         plan: Plan,
         views: Views,
         covered: &[Anchor],
+    ) -> Result<RunReport> {
+        let mut clean = Vec::new();
+        self.export_settling(run, plan, views, covered, (&mut clean, 0))
+            .await
+    }
+
+    /// [`export`](Self::export), the dirty set's settlement left to a later export of the run
+    /// while few anchors wait: `clean` holds the anchors no longer dirty not cleared yet — those
+    /// of earlier exports when it starts, those of this one too (or none, once more than
+    /// `keep` waited: all cleared) when it ends; see [`Writer::settle`].
+    pub(super) async fn export_settling(
+        &mut self,
+        run: RunId,
+        plan: Plan,
+        views: Views,
+        covered: &[Anchor],
+        (clean, keep): (&mut Vec<Anchor>, usize),
     ) -> Result<RunReport> {
         let t0 = Instant::now();
         let mut report = RunReport {
@@ -74,9 +92,10 @@ impl Synchronizer {
             escrow_max: self.config.escrow_max,
         };
         let mut ledger = Ledger::new(settings, plan.operations, &plan.issues, links, escrow, now);
-        let writer = Writer::start(self.store.clone(), run).map_err(|e| {
-            StateError::Invalid(format!("cannot start the state writer thread: {e}"))
-        })?;
+        let writer =
+            Writer::start(self.store.clone(), run, std::mem::take(clean)).map_err(|e| {
+                StateError::Invalid(format!("cannot start the state writer thread: {e}"))
+            })?;
         self.drive(&mut ledger, &writer, t0).await?;
         if let Some(why) = ledger.stopped() {
             warn!("{why}");
@@ -84,14 +103,8 @@ impl Synchronizer {
         // Objects whose every operation succeeded, and dirty objects with nothing to do, are
         // no longer dirty; failed ones stay dirty (and in escrow) for the next run.
         let settlement = ledger.settlement(covered);
-        writer.call(move |s| {
-            s.clear_dirty(&settlement.clean)?;
-            for a in &settlement.released {
-                s.release(a)?;
-            }
-            Ok(())
-        });
-        writer.finish().await?;
+        writer.settle(settlement.clean, settlement.released);
+        *clean = writer.finish(keep).await?;
         ledger.report_into(&mut report);
         // The plan's operations too.
         self.freeing.extend(free_on_another_thread(ledger));

@@ -551,10 +551,16 @@ impl Synchronizer {
     /// group holding one of them: references to objects of later pages
     /// (a cycle of references, or a dirty object changed since) are completed when those are
     /// created. Deprovisions wait until every page is exported
-    /// (as in one plan, references to an object go before it). Each page's export clears only
-    /// the page's anchors from the dirty set (those with a deprovision waiting, once it is
-    /// exported), so a run that stops (or is killed) leaves the rest dirty.
+    /// (as in one plan, references to an object go before it). Each page's export settles only
+    /// the page's anchors (those with a deprovision waiting, once it is exported), so a run
+    /// that stops (or is killed) leaves the rest dirty; the anchors settled are cleared from
+    /// the dirty set many pages at a time (see [`Writer::settle`](writer::Writer::settle)), so
+    /// a killed run may also leave some exported ones dirty — planned again with nothing to do.
     async fn sync_pages(&mut self, run: RunId) -> Result<RunReport> {
+        /// Anchors no longer dirty held back at most, across pages, before they are cleared:
+        /// the dirty set is keyed by anchor, so clearing a page's anchors writes most of its
+        /// pages (a million anchors: ~10,000 pages, each page of a run rewriting most of them).
+        const CLEAN_HELD: usize = 200_000;
         let mut report = RunReport::default();
         let page = self.config.plan_page.max(1);
         let t0 = Instant::now();
@@ -580,6 +586,8 @@ impl Synchronizer {
         let mut planned_groups: HashSet<usize> = HashSet::new();
         let mut deprovisions: Vec<Operation> = Vec::new();
         let mut planned = 0;
+        // The anchors the pages exported, cleared from the dirty set many pages at a time.
+        let mut clean: Vec<Anchor> = Vec::new();
         for dirty in order.pages(page) {
             // This page's objects and those before it are planned here or were; the rest are
             // planned in the pages after it.
@@ -617,11 +625,14 @@ impl Synchronizer {
             // A page's plan the guard holds (its deprovisions counted) stops the run, unless
             // the run was allowed.
             self.allow_deletions_once |= allowed;
-            let exported = self.export(run, plan, views, &clear).await?;
+            let exported = self
+                .export_settling(run, plan, views, &clear, (&mut clean, CLEAN_HELD))
+                .await?;
             let stop = exported.held || exported.stopped.is_some();
             report.absorb(exported);
             if stop {
                 self.allow_deletions_once = false;
+                self.clear_settled(clean)?;
                 return Ok(report);
             }
         }
@@ -637,10 +648,23 @@ impl Synchronizer {
             };
             // Deletions the guard let through (or that were allowed) for the whole run.
             self.allow_deletions_once = allowed;
-            report.absorb(self.export(run, plan, views, &anchors).await?);
+            report.absorb(
+                self.export_settling(run, plan, views, &anchors, (&mut clean, 0))
+                    .await?,
+            );
         }
         self.allow_deletions_once = false;
+        self.clear_settled(clean)?;
         Ok(report)
+    }
+
+    /// Clears `clean`, the anchors a paged run's exports left to clear, from the dirty set.
+    fn clear_settled(&self, mut clean: Vec<Anchor>) -> Result<()> {
+        if clean.is_empty() {
+            return Ok(());
+        }
+        clean.sort_unstable();
+        self.store(|s| s.clear_dirty(&clean))
     }
 
     /// The dirty set in the order a paged run plans it, referenced objects first (see

@@ -30,6 +30,7 @@ use super::ledger::{Batch, Write};
 use super::{lock, EngineError, Result};
 use crate::connector::TargetOperation;
 use crate::delta::Operation;
+use crate::model::Anchor;
 use crate::state::{JournalId, JournalOutcome, RunId, StateError, StateStore};
 
 /// The store, shared by the engine and its writer thread.
@@ -47,26 +48,34 @@ enum Job {
     Writes(Vec<Write>),
     /// Anything else, in order.
     Call(Call),
-    /// Answer once everything queued before is committed.
-    Flush(oneshot::Sender<()>),
+    /// Answer once everything queued before is committed; the anchors no longer dirty are
+    /// cleared too when more than this many wait.
+    Flush(oneshot::Sender<()>, usize),
+    /// Anchors no longer dirty (cleared later: see [`Writer::settle`]), and anchors to release
+    /// from escrow (now).
+    Settle {
+        clean: Vec<Anchor>,
+        released: Vec<Anchor>,
+    },
 }
 
 /// The handle of a writer thread; see the module documentation.
 pub(super) struct Writer {
     tx: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Vec<Anchor>>>,
     error: Arc<Mutex<Option<StateError>>>,
 }
 
 impl Writer {
-    /// Starts a writer for the journal of `run`.
-    pub fn start(store: SharedStore, run: RunId) -> std::io::Result<Writer> {
+    /// Starts a writer for the journal of `run`, with `clean`: anchors no longer dirty whose
+    /// clearing an earlier writer of the run left to this one.
+    pub fn start(store: SharedStore, run: RunId, clean: Vec<Anchor>) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel();
         let error = Arc::new(Mutex::new(None));
         let slot = error.clone();
         let thread = std::thread::Builder::new()
             .name("dirsync-state-writer".into())
-            .spawn(move || serve(&store, run, &rx, &slot))?;
+            .spawn(move || serve(&store, run, &rx, &slot, clean))?;
         Ok(Writer {
             tx: Some(tx),
             thread: Some(thread),
@@ -118,20 +127,34 @@ impl Writer {
         self.send(Job::Call(Box::new(f)));
     }
 
-    /// Waits until everything queued is committed, then stops the thread.
-    pub async fn finish(mut self) -> Result<()> {
+    /// Queues the dirty set's settlement: `clean` leaves the dirty set — not at once: the
+    /// anchors wait (in the writer, then in what [`finish`](Self::finish) answers) until many
+    /// have gathered, so that the dirty set, keyed by anchor, has each of its pages written
+    /// once for many pages of a run rather than once per page — or until the writer is about
+    /// to write what may mark an object dirty (a forgotten target object, a call), which must
+    /// come after. `released` leave escrow once the writes queued before are committed.
+    pub fn settle(&self, clean: Vec<Anchor>, released: Vec<Anchor>) {
+        self.send(Job::Settle { clean, released });
+    }
+
+    /// Waits until everything queued is committed, then stops the thread. Answers the anchors
+    /// no longer dirty not cleared yet: none when more than `keep` waited (all were cleared).
+    /// Anchors never cleared stay dirty: planned again, with nothing to do.
+    pub async fn finish(mut self, keep: usize) -> Result<Vec<Anchor>> {
         let (reply, answer) = oneshot::channel();
-        let flushed = self.send(Job::Flush(reply)) && answer.await.is_ok();
+        let flushed = self.send(Job::Flush(reply, keep)) && answer.await.is_ok();
         self.tx = None;
+        let mut clean = Vec::new();
         if let Some(thread) = self.thread.take() {
-            if let Err(panic) = thread.join() {
-                std::panic::resume_unwind(panic);
+            match thread.join() {
+                Ok(c) => clean = c,
+                Err(panic) => std::panic::resume_unwind(panic),
             }
         }
         if !flushed {
             return Err(self.error());
         }
-        Ok(())
+        Ok(clean)
     }
 
     /// Why the writer stopped: its first error (once; later callers learn only that it
@@ -171,55 +194,96 @@ fn serve(
     run: RunId,
     rx: &mpsc::Receiver<Job>,
     slot: &Mutex<Option<StateError>>,
-) {
-    let mut deferred: Vec<Write> = Vec::new();
+    clean: Vec<Anchor>,
+) -> Vec<Anchor> {
+    let mut held = Held {
+        writes: Vec::new(),
+        clean,
+    };
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
         let mut intents = Vec::new();
         let mut flushes = Vec::new();
-        let result = serve_jobs(store, run, jobs, &mut deferred, &mut intents, &mut flushes);
+        let result = serve_jobs(store, run, jobs, &mut held, &mut intents, &mut flushes);
         if let Err(e) = result {
             *lock(slot) = Some(e);
-            return;
+            return Vec::new();
         }
         for reply in flushes {
             let _ = reply.send(());
         }
     }
     // The handle is gone (dropped without `finish`): what was decided is still recorded.
-    if !deferred.is_empty() {
-        if let Err(e) = commit(lock(store).as_mut(), deferred) {
+    if !held.writes.is_empty() {
+        let writes = std::mem::take(&mut held.writes);
+        if let Err(e) = commit(lock(store).as_mut(), writes, &mut held.clean) {
             *lock(slot) = Some(e);
         }
     }
+    held.clean
+}
+
+/// What the writer holds back: the ledger's decisions, in order, and the anchors no longer
+/// dirty.
+struct Held {
+    writes: Vec<Write>,
+    clean: Vec<Anchor>,
+}
+
+/// Clears `clean` from the dirty set (in anchor order), in one transaction.
+fn clear(s: &mut dyn StateStore, clean: &mut Vec<Anchor>) -> Result<(), StateError> {
+    if clean.is_empty() {
+        return Ok(());
+    }
+    clean.sort_unstable();
+    clean.dedup();
+    s.clear_dirty(clean)?;
+    clean.clear();
+    Ok(())
 }
 
 type Intents = Vec<(Arc<Batch>, oneshot::Sender<Vec<JournalId>>)>;
 
 /// Carries out `jobs` (see the module documentation for the order); answers the intents.
-/// The ledger's decisions wait in `deferred` until a call, a flush or [`DEFERRED`] of them.
+/// The ledger's decisions wait in `held` until a call, a flush or [`DEFERRED`] of them.
 fn serve_jobs(
     store: &SharedStore,
     run: RunId,
     jobs: Vec<Job>,
-    deferred: &mut Vec<Write>,
+    held: &mut Held,
     intents: &mut Intents,
     flushes: &mut Vec<oneshot::Sender<()>>,
 ) -> Result<(), StateError> {
     let mut guard = lock(store);
     let s: &mut dyn StateStore = guard.as_mut();
+    let mut keep = usize::MAX;
     for job in jobs {
         match job {
             Job::Intents { batch, reply } => intents.push((batch, reply)),
-            Job::Writes(w) => deferred.extend(w),
+            Job::Writes(w) => held.writes.extend(w),
             Job::Call(f) => {
-                commit(s, std::mem::take(deferred))?;
+                commit(s, std::mem::take(&mut held.writes), &mut held.clean)?;
+                // Whatever the call writes comes after the dirty set's settlement.
+                clear(s, &mut held.clean)?;
                 f(s)?;
             }
-            Job::Flush(reply) => flushes.push(reply),
+            Job::Settle { clean, released } => {
+                held.clean.extend(clean);
+                if !released.is_empty() {
+                    commit(s, std::mem::take(&mut held.writes), &mut held.clean)?;
+                    for a in &released {
+                        s.release(a)?;
+                    }
+                }
+            }
+            Job::Flush(reply, k) => {
+                keep = keep.min(k);
+                flushes.push(reply);
+            }
         }
     }
+    let deferred = &mut held.writes;
     let ops: Vec<(&Operation, Option<&TargetOperation>)> = intents
         .iter()
         .flat_map(|(b, _)| b.items.iter())
@@ -244,7 +308,7 @@ fn serve_jobs(
             s.journal_commit(run, &outcomes, &ops)?
         } else {
             drop(outcomes);
-            commit(s, writes)?;
+            commit(s, writes, &mut held.clean)?;
             if ops.is_empty() {
                 Vec::new()
             } else {
@@ -253,6 +317,9 @@ fn serve_jobs(
         }
     };
     drop(ops);
+    if !flushes.is_empty() && held.clean.len() > keep {
+        clear(s, &mut held.clean)?;
+    }
     let mut ids = ids.into_iter();
     for (batch, reply) in intents.drain(..) {
         let n = batch.items.iter().filter(|i| i.journal.is_none()).count();
@@ -296,8 +363,13 @@ fn outcomes(writes: &[Write]) -> (Vec<JournalOutcome<'_>>, Vec<&Write>) {
 }
 
 /// Commits the ledger's decisions: the journal outcomes in one
-/// [`StateStore::journal_outcomes`], then escrows and forgotten objects, in order.
-fn commit(s: &mut dyn StateStore, writes: Vec<Write>) -> Result<(), StateError> {
+/// [`StateStore::journal_outcomes`], then escrows and forgotten objects, in order — the dirty
+/// set's settlement `clean` before the first forgotten object (which marks objects dirty).
+fn commit(
+    s: &mut dyn StateStore,
+    writes: Vec<Write>,
+    clean: &mut Vec<Anchor>,
+) -> Result<(), StateError> {
     if writes.is_empty() {
         return Ok(());
     }
@@ -315,6 +387,7 @@ fn commit(s: &mut dyn StateStore, writes: Vec<Write>) -> Result<(), StateError> 
                 s.escrow(anchor, error, *next_retry)?;
             }
             Write::Forget(id) => {
+                clear(s, clean)?;
                 info!(id = %id, "the target object is gone: forgotten, to be planned again");
                 s.remove_target_objects(std::slice::from_ref(id))?;
             }

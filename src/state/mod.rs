@@ -22,7 +22,9 @@
 //! # The journal: what it keeps, and for how long
 //!
 //! Every export operation is journaled **intended** — the planned operation and the target
-//! operation it becomes, in full (secrets removed) — and committed before it is sent: that row
+//! operation it becomes, in full (secrets removed; a store may write the target operation as
+//! what it adds to the planned one, as long as it reads back whole) — and committed before it
+//! is sent: that row
 //! is what crash recovery ([`StateStore::journal_unconfirmed`]) replays or confirms. Once the
 //! operation is recorded **done**, the payload has served: the target mirror holds the result,
 //! the source mirror the cause. A done row keeps what the audit trail needs — run (and so

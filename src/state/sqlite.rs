@@ -12,7 +12,10 @@
 //! The journal is two tables: `journal`, one small row per operation (run, anchor, kind, state,
 //! target id, the attributes an update changed as a JSON array, error), and `journal_payload`,
 //! the planned and sent operations as JSON, kept only while the row is intended or failed
-//! (see the [journal's promises](super#the-journal-what-it-keeps-and-for-how-long)). A batch of
+//! (see the [journal's promises](super#the-journal-what-it-keeps-and-for-how-long)). The sent
+//! operation is written as the translations of the planned one's pending references alone
+//! (`{"derived":{"<anchor>":"<target id>"}}`) when those give it back exactly and that is
+//! shorter — a create's attributes are then written once, not twice (`payload.rs`). A batch of
 //! intents or outcomes is one transaction ([`StateStore::journal_intents`],
 //! [`StateStore::journal_outcomes`]): one commit, one fsync. Retention runs in
 //! [`StateStore::finish_run`]'s transaction ([`SqliteStore::set_retention`]).
