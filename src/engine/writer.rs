@@ -396,3 +396,84 @@ fn commit(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delta::{OperationKind, Reason};
+    use crate::model::{Attributes, TargetId, Value, Values};
+    use crate::state::MemoryStore;
+
+    fn create(anchor: &str) -> (Operation, TargetOperation) {
+        let mut attributes = Attributes::new();
+        attributes.set("userName", Values::from(vec![Value::string(anchor)]));
+        let op = Operation {
+            anchor: anchor.into(),
+            source_type: "user".into(),
+            target_type: "User".into(),
+            kind: OperationKind::Create {
+                attributes: attributes.clone(),
+                secrets: Attributes::new(),
+                lookup: Vec::new(),
+            },
+            reason: Reason::EnteredScope,
+        };
+        let sent = TargetOperation::Create {
+            object_type: "User".into(),
+            attributes,
+        };
+        (op, sent)
+    }
+
+    fn dirty(store: &SharedStore) -> Vec<String> {
+        let mut d: Vec<String> = lock(store)
+            .dirty()
+            .unwrap()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        d.sort();
+        d
+    }
+
+    /// Anchors settled wait across writers until enough gather, and are cleared before a
+    /// later write marks objects dirty — which they never undo.
+    #[test]
+    fn settled_anchors_wait_and_never_undo_a_later_mark() {
+        let store: SharedStore = Arc::new(Mutex::new(Box::new(MemoryStore::new())));
+        let run = {
+            let mut s = lock(&store);
+            let run = s.begin_run("test", chrono::Utc::now()).unwrap();
+            // a2 is linked to t2 (created in an earlier run).
+            let (op, sent) = create("a2");
+            let j = s.journal_intent(run, &op, Some(&sent)).unwrap();
+            s.journal_done(j, &op, Some(&sent), Some(&TargetId::from("t2")))
+                .unwrap();
+            s.mark_dirty(&["a1".into(), "a2".into(), "a3".into()])
+                .unwrap();
+            run
+        };
+        // A writer settles a1 and a3, keeping them back: still dirty after it.
+        let w = Writer::start(store.clone(), run, Vec::new()).unwrap();
+        w.settle(vec!["a3".into(), "a1".into()], Vec::new());
+        let held = futures::executor::block_on(w.finish(usize::MAX)).unwrap();
+        assert_eq!(held.len(), 2);
+        assert_eq!(dirty(&store), ["a1", "a2", "a3"]);
+
+        // The next writer settles a2, then finds t2 gone: the held anchors are cleared before
+        // the forgotten object marks a2 dirty again, so a2 stays dirty.
+        let w = Writer::start(store.clone(), run, held).unwrap();
+        w.settle(vec!["a2".into()], Vec::new());
+        w.write(vec![Write::Forget("t2".into())]);
+        let held = futures::executor::block_on(w.finish(usize::MAX)).unwrap();
+        assert!(held.is_empty(), "{held:?}");
+        assert_eq!(dirty(&store), ["a2"]);
+
+        // Once more than `keep` wait, a flush clears them.
+        let w = Writer::start(store.clone(), run, Vec::new()).unwrap();
+        w.settle(vec!["a2".into()], Vec::new());
+        let held = futures::executor::block_on(w.finish(0)).unwrap();
+        assert!(held.is_empty());
+        assert!(dirty(&store).is_empty());
+    }
+}
