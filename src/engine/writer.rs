@@ -400,29 +400,14 @@ fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delta::{OperationKind, Reason};
     use crate::model::{Attributes, TargetId, Value, Values};
+    use crate::state::testkit::create_op;
     use crate::state::MemoryStore;
 
     fn create(anchor: &str) -> (Operation, TargetOperation) {
         let mut attributes = Attributes::new();
         attributes.set("userName", Values::from(vec![Value::string(anchor)]));
-        let op = Operation {
-            anchor: anchor.into(),
-            source_type: "user".into(),
-            target_type: "User".into(),
-            kind: OperationKind::Create {
-                attributes: attributes.clone(),
-                secrets: Attributes::new(),
-                lookup: Vec::new(),
-            },
-            reason: Reason::EnteredScope,
-        };
-        let sent = TargetOperation::Create {
-            object_type: "User".into(),
-            attributes,
-        };
-        (op, sent)
+        create_op(anchor, attributes)
     }
 
     fn dirty(store: &SharedStore) -> Vec<String> {

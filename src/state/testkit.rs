@@ -88,7 +88,8 @@ fn op(anchor: &str, kind: OperationKind) -> Operation {
     }
 }
 
-fn create_op(anchor: &str, attributes: Attributes) -> (Operation, TargetOperation) {
+/// The create of a `User` for `anchor` with `attributes`, and its target operation.
+pub(crate) fn create_op(anchor: &str, attributes: Attributes) -> (Operation, TargetOperation) {
     let o = op(
         anchor,
         OperationKind::Create {
