@@ -82,7 +82,7 @@ pub enum Durability {
 }
 
 /// The schema version this build writes.
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// A migration's data step: work SQL cannot do, run in the migration's transaction.
 type DataStep = fn(&Db<'_>) -> Result<(), StateError>;
@@ -230,7 +230,17 @@ static MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V6,
         after: Some(lean_mirrors),
     },
+    Migration {
+        version: 7,
+        sql: SCHEMA_V7,
+        after: None,
+    },
 ];
+
+/// Version 7 changes no table: a journal intent may hold its sent form as the translations of
+/// its pending references alone (`payload.rs`), which a dirsync that knows version 6 would not
+/// read when it recovers; the version makes such a dirsync refuse the file instead.
+const SCHEMA_V7: &str = "";
 
 /// Version 6: lean mirrors. Attribute names are stored once, in `attr_names`; a mirror row's
 /// `attributes` is the binary form of [`encoding`](super::encoding) naming attributes by id
@@ -1309,7 +1319,8 @@ impl SqliteStore {
         // The dictionary is read again from what was committed.
         self.names.borrow_mut().loaded = false;
         committed?;
-        if (1..SCHEMA_VERSION).contains(&found) {
+        // (Version 7 rebuilt nothing.)
+        if (1..6).contains(&found) {
             // The rebuilt tables left free pages: give them back to the file system, once, and
             // let later frees go back too (incremental auto-vacuum takes a VACUUM to turn on).
             self.conn
@@ -4566,6 +4577,26 @@ mod tests {
         assert_eq!(links.get(&u2).map(|l| l.target_type.as_str()), Some("User"));
     }
 
+    /// A version 6 file opens as version 7 (no table changes): what it holds is kept, and it is
+    /// not vacuumed again.
+    #[test]
+    fn a_version_6_file_is_migrated_to_7_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let mut s = SqliteStore::open(&path).unwrap();
+            populate(&mut s);
+            s.conn.pragma_update(None, "user_version", 6).unwrap();
+        }
+        let before = std::fs::metadata(&path).unwrap().len();
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 7);
+        assert!(s.source_entry(&"u1".into()).unwrap().is_some());
+        assert_eq!(s.journal(None).unwrap().len(), 2);
+        drop(s);
+        assert!(std::fs::metadata(&path).unwrap().len() >= before / 2);
+    }
+
     /// With the heads index built by the first read that wants it: the same contract, every
     /// neighbourhood's context and links from the index as the writes left it.
     #[test]
@@ -5630,7 +5661,7 @@ mod tests {
             .with("members", Value::target_ref("t3"));
         write_v5_file(&path, &[&ann, &bob, &group], &[&t1, &t2]);
         let mut s = SqliteStore::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 6);
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
         // Every object, link and target object, as it was.
         for e in [&ann, &bob, &group] {
             assert_eq!(s.source_entry(&e.anchor).unwrap().as_ref(), Some(e));
