@@ -653,7 +653,15 @@ CREATE TEMP TRIGGER IF NOT EXISTS heads_link_delete AFTER DELETE ON main.links B
 END;
 "#;
 
-const HEADS_UNLOG: &str = "DROP TRIGGER IF EXISTS temp.heads_source_insert;      DROP TRIGGER IF EXISTS temp.heads_source_update;      DROP TRIGGER IF EXISTS temp.heads_source_delete;      DROP TRIGGER IF EXISTS temp.heads_link_insert;      DROP TRIGGER IF EXISTS temp.heads_link_update;      DROP TRIGGER IF EXISTS temp.heads_link_delete;      DROP TABLE IF EXISTS temp.heads_log;";
+const HEADS_UNLOG: &str = r#"
+DROP TRIGGER IF EXISTS temp.heads_source_insert;
+DROP TRIGGER IF EXISTS temp.heads_source_update;
+DROP TRIGGER IF EXISTS temp.heads_source_delete;
+DROP TRIGGER IF EXISTS temp.heads_link_insert;
+DROP TRIGGER IF EXISTS temp.heads_link_update;
+DROP TRIGGER IF EXISTS temp.heads_link_delete;
+DROP TABLE IF EXISTS temp.heads_log;
+"#;
 
 /// The attribute-name dictionary of the file (table `attr_names`): the mirrors' rows name
 /// attributes by id. Read lazily; an id not yet known is looked up again in the table (another
@@ -815,7 +823,11 @@ impl SqliteStore {
         })?;
         drop(heads);
         if stale.get() {
-            self.heads.borrow_mut().heads = None;
+            // Another connection wrote (as `current_heads` treats it).
+            let mut c = self.heads.borrow_mut();
+            c.heads = None;
+            c.missed = 0;
+            drop(c);
             self.conn
                 .execute_batch(HEADS_UNLOG)
                 .ctx("dropping the heads index's log")?;
@@ -1035,32 +1047,39 @@ impl SqliteStore {
             let mut c = self.heads.borrow_mut();
             if c.heads.is_some() {
                 let version = data_version(&self.conn)?;
-                if version != c.data_version || self.apply_heads_log(&mut c).is_err() {
+                let current = version == c.data_version;
+                if !current || !self.apply_heads_log(&mut c)? {
                     c.heads = None;
-                    c.missed = 0;
+                    // Another connection's write: built again once the plans have paid for
+                    // it again (a file written by several processes does not rebuild at every
+                    // read). Worn out by this connection's own writes: built again now.
+                    if !current {
+                        c.missed = 0;
+                    }
                     self.conn
                         .execute_batch(HEADS_UNLOG)
                         .ctx("dropping the heads index's log")?;
                 }
             }
-            let wanted = match c.mode {
-                HeadIndex::Off => false,
-                HeadIndex::Always => true,
-                HeadIndex::Auto => {
-                    // Building reads every head once: worth it once the file was read for a
-                    // tenth of them (at least 20,000) and the index would not be dropped
-                    // straight away.
-                    let objects: i64 = self
-                        .conn
-                        .query_row("SELECT coalesce(max(id), 0) FROM source_objects", [], |r| {
-                            r.get(0)
-                        })
-                        .ctx("counting source objects")?;
-                    let objects = usize::try_from(objects).unwrap_or(0);
-                    c.missed >= (objects / 10).max(20_000)
-                }
-            };
-            if c.heads.is_none() && wanted {
+            let wanted = c.heads.is_none()
+                && match c.mode {
+                    HeadIndex::Off => false,
+                    HeadIndex::Always => true,
+                    HeadIndex::Auto => {
+                        // Building reads every head once: worth it once the file was read for a
+                        // tenth of them (at least 20,000) and the index would not be dropped
+                        // straight away.
+                        let objects: i64 = self
+                            .conn
+                            .query_row("SELECT coalesce(max(id), 0) FROM source_objects", [], |r| {
+                                r.get(0)
+                            })
+                            .ctx("counting source objects")?;
+                        let objects = usize::try_from(objects).unwrap_or(0);
+                        c.missed >= (objects / 10).max(20_000)
+                    }
+                };
+            if wanted {
                 if let Err(e) = self.build_heads(&mut c) {
                     // A row the index cannot hold (or read): plans read the file, as without
                     // it, and the plans touching that row say what is wrong with it.
@@ -1146,15 +1165,17 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Applies to the index the log's rows it does not hold yet, then empties the log.
-    fn apply_heads_log(&self, c: &mut HeadsCache) -> Result<(), StateError> {
+    /// Applies to the index the log's rows it does not hold yet, then empties the log;
+    /// `false`: the index is to be built again (a text beyond what it addresses, or more of
+    /// its texts replaced than in use).
+    fn apply_heads_log(&self, c: &mut HeadsCache) -> Result<bool, StateError> {
         let Some(heads) = c.heads.as_mut() else {
-            return Ok(());
+            return Ok(true);
         };
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT seq, kind, anchor, a, b, c, k FROM temp.heads_log                  WHERE seq > ?1 ORDER BY seq",
+                "SELECT seq, kind, anchor, a, b, c, k FROM temp.heads_log WHERE seq > ?1 ORDER BY seq",
             )
             .ctx("reading the heads index's log")?;
         let mut q = stmt
@@ -1197,12 +1218,7 @@ impl SqliteStore {
                 .and_then(|mut s| s.execute([last]))
                 .ctx("emptying the heads index's log")?;
         }
-        if !fits || heads.is_wasteful() {
-            return Err(StateError::Invalid(
-                "the heads index is to be built again".into(),
-            ));
-        }
-        Ok(())
+        Ok(fits && !heads.is_wasteful())
     }
 
     /// The schema version of the open file.
@@ -2043,37 +2059,25 @@ fn read_neighbourhood(
         referrers_of_read(conn, &entries, &planned)?
     };
     let mut context = referrers.clone();
-    let mut dns: Vec<String> = Vec::new();
     // The DNs referenced, as the references spell them (an index read takes the parsed DN of
     // a reference spelled as the object's own).
     let mut ref_dns: Vec<Dn> = Vec::new();
     for e in planned.iter().filter_map(|p| entries.get(p)?.as_ref()) {
-        if light && heads.is_some() {
-            for (_, values) in e.attributes.iter() {
-                for v in values {
-                    match v {
-                        Value::Reference(
-                            crate::model::Reference::Anchor(a)
-                            | crate::model::Reference::Pending(a),
-                        ) => {
-                            context.insert(a.clone());
-                        }
-                        Value::Reference(crate::model::Reference::Dn(d)) => ref_dns.push(d.clone()),
-                        _ => {}
+        for (_, values) in e.attributes.iter() {
+            for v in values {
+                match v {
+                    Value::Reference(
+                        crate::model::Reference::Anchor(a) | crate::model::Reference::Pending(a),
+                    ) => {
+                        context.insert(a.clone());
                     }
+                    Value::Reference(crate::model::Reference::Dn(d)) => ref_dns.push(d.clone()),
+                    _ => {}
                 }
-            }
-            continue;
-        }
-        for (_, t) in entry_references(e) {
-            match t {
-                RefTarget::Anchor(a) => {
-                    context.insert(a);
-                }
-                RefTarget::Dn(d) => dns.push(d),
             }
         }
     }
+    let mut dns: Vec<&str> = ref_dns.iter().map(Dn::normalized).collect();
     dns.sort_unstable();
     dns.dedup();
     // Held light, a referrer keeps its references to the planned objects (what `member_of`
@@ -2108,7 +2112,6 @@ fn read_neighbourhood(
         false => (None, None),
     };
     fetch_entries(conn, names, &mut entries, &referrers, for_referrers)?;
-    let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
     let referenced = match (light, heads) {
         (true, Some(h)) => heads_at_dns(h, &ref_dns)?,
         _ => {
