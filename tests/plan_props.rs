@@ -437,6 +437,49 @@ fn engine_world(
     (source, sync)
 }
 
+/// [`UserGroupProjection`] saying what it reads (nothing of the mirror, never `member_of`):
+/// paged runs then plan their pages without the referrers and survey the deprovisions from
+/// the dirty objects alone.
+struct Alone(UserGroupProjection);
+
+impl Projection for Alone {
+    fn project(&self, e: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
+        self.0.project(e, ctx)
+    }
+    fn unchanged(
+        &self,
+        e: &Entry,
+        current: &TargetObject,
+        ctx: &ProjectionContext<'_>,
+    ) -> Option<bool> {
+        self.0.unchanged(e, current, ctx)
+    }
+    fn reads_member_of(&self) -> bool {
+        false
+    }
+    fn reads_mirror_by_dn(&self) -> bool {
+        true
+    }
+    fn join_attributes(
+        &self,
+    ) -> Option<
+        std::collections::BTreeMap<
+            dirsync::model::ObjectType,
+            std::collections::BTreeSet<dirsync::model::AttrName>,
+        >,
+    > {
+        self.0.join_attributes()
+    }
+    fn deprovision(
+        &self,
+        l: &dirsync::delta::Link,
+        e: Option<&Entry>,
+        c: dirsync::delta::DeprovisionCause,
+    ) -> dirsync::delta::Deprovision {
+        self.0.deprovision(l, e, c)
+    }
+}
+
 /// [`engine_world`], with its target.
 fn engine_world_with_target(
     entries: &[Entry],
@@ -448,7 +491,24 @@ fn engine_world_with_target(
     MemoryTarget,
     dirsync::engine::Synchronizer,
 ) {
-    use dirsync::engine::{Clock, EngineConfig, Synchronizer};
+    engine_world_projecting(entries, preexisting, page, sqlite, (false, true))
+}
+
+/// [`engine_world_with_target`], the projection [`Alone`] when `alone`, creates looked up in
+/// the target when `lookups` (else the dirty objects joining nothing the state does not know
+/// of, a paged run surveys only its deprovisions).
+fn engine_world_projecting(
+    entries: &[Entry],
+    preexisting: &[u8],
+    page: usize,
+    sqlite: bool,
+    (alone, lookups): (bool, bool),
+) -> (
+    dirsync::connector::memory::MemorySource,
+    MemoryTarget,
+    dirsync::engine::Synchronizer,
+) {
+    use dirsync::engine::{Clock, EngineConfig, JoinLookup, Synchronizer};
     use std::sync::Arc;
     let source = dirsync::connector::memory::MemorySource::new("src");
     for e in entries {
@@ -469,13 +529,22 @@ fn engine_world_with_target(
         clock: Clock::fixed(chrono::DateTime::UNIX_EPOCH),
         guard: GUARD,
         plan_page: page,
+        join_lookup: if lookups {
+            JoinLookup::default()
+        } else {
+            JoinLookup::Off
+        },
         ..EngineConfig::default()
     };
     let sync = Synchronizer::with_projection(
         Box::new(source.clone()),
         Box::new(target.clone()),
         store,
-        Arc::new(UserGroupProjection::default()),
+        if alone {
+            Arc::new(Alone(UserGroupProjection::default()))
+        } else {
+            Arc::new(UserGroupProjection::default())
+        },
         config,
     );
     (source, target, sync)
@@ -604,25 +673,44 @@ proptest! {
         (entries, preexisting, edits) in world_strategy(),
         page in 1usize..5,
         sqlite in any::<bool>(),
+        lookups in any::<bool>(),
     ) {
-        let (paged_source, paged_target, mut paged) = engine_world_with_target(&entries, &preexisting, page, sqlite);
-        let (whole_source, whole_target, mut whole) = engine_world_with_target(&entries, &preexisting, 10_000, sqlite);
+        let (paged_source, paged_target, mut paged) = engine_world_projecting(&entries, &preexisting, page, sqlite, (false, lookups));
+        let (whole_source, whole_target, mut whole) = engine_world_projecting(&entries, &preexisting, 10_000, sqlite, (false, lookups));
+        // The same pages under a projection that says it reads neither `member_of` nor the
+        // mirror: planned without their referrers, surveyed from the dirty objects alone —
+        // the same runs, operation for operation.
+        let (alone_source, alone_target, mut alone) = engine_world_projecting(&entries, &preexisting, page, sqlite, (true, lookups));
         let block = |s: &mut dirsync::engine::Synchronizer| {
             s.allow_deletions_once();
+            futures::executor::block_on(s.run_cycle()).unwrap()
+        };
+        let held = |s: &mut dirsync::engine::Synchronizer| {
             futures::executor::block_on(s.run_cycle()).unwrap()
         };
         for round in 0..2 {
             if round == 1 {
                 edit_source(&paged_source, &edits);
                 edit_source(&whole_source, &edits);
+                edit_source(&alone_source, &edits);
             }
-            let (p, w) = (block(&mut paged), block(&mut whole));
+            // Without leave to delete, the guard holds the same runs (seeing every page's
+            // deprovisions first), and they export nothing.
+            let (hp, ha) = (held(&mut paged), held(&mut alone));
+            prop_assert_eq!(hp.held, ha.held, "round {}", round);
+            prop_assert_eq!(&hp.guard_violations, &ha.guard_violations, "round {}", round);
+            prop_assert_eq!(&hp.done, &ha.done, "round {}", round);
+            let (p, w, a) = (block(&mut paged), block(&mut whole), block(&mut alone));
             prop_assert!(p.failures.is_empty() && w.failures.is_empty(), "{:?} {:?}", p.failures, w.failures);
             prop_assert_eq!(target_by_anchor(&paged_target, &paged), target_by_anchor(&whole_target, &whole), "round {}", round);
+            prop_assert_eq!((&p.done, p.planned), (&a.done, a.planned), "round {}", round);
+            prop_assert_eq!(target_by_anchor(&alone_target, &alone), target_by_anchor(&paged_target, &paged), "round {}", round);
             // One more run changes nothing either way, and nothing is left to do.
             block(&mut paged);
             block(&mut whole);
+            block(&mut alone);
             prop_assert_eq!(target_by_anchor(&paged_target, &paged), target_by_anchor(&whole_target, &whole), "round {}, converged", round);
+            prop_assert_eq!(target_by_anchor(&alone_target, &alone), target_by_anchor(&paged_target, &paged), "round {}, converged", round);
             let left = paged.plan(true).unwrap().plan;
             prop_assert!(left.operations.is_empty(), "round {}: not converged:\n{}", round, left);
             prop_assert!(paged.with_store(|s| s.dirty().unwrap()).is_empty() == whole.with_store(|s| s.dirty().unwrap()).is_empty());

@@ -60,7 +60,7 @@ pub use plan::{
     Reason, TargetRef,
 };
 pub use planner::{decide_page, plan, plan_decided, Decisions, PlanInput, PlanScope};
-pub(crate) use planner::{plan_decided_or_incomplete, plan_or_incomplete};
+pub(crate) use planner::{plan_decided_or_incomplete, plan_relinking, survey};
 pub use projection::{
     enabled_values, Apply, Deprovision, DeprovisionCause, Desired, Flow, JoinGroup, Projected,
     Projection, ProjectionContext, ProjectionError, WhenEmpty,

@@ -197,6 +197,15 @@ pub(crate) struct Incomplete {
 /// [`plan`], or [`Incomplete`] when it had to decide objects the mirror held as context only:
 /// the caller plans again with their whole entries.
 pub(crate) fn plan_or_incomplete(input: &PlanInput<'_>) -> Result<Plan, Incomplete> {
+    plan_relinking(input).0
+}
+
+/// [`plan_or_incomplete`], with the anchors whose link the plan's decisions make or end
+/// (creates, joins, deletes, unlinks; sorted, each once): the objects whose referrers the plan
+/// takes in when it plans them ([`PlanInput::unlinked_referrers`],
+/// [`PlanInput::planned_elsewhere`]) and the mirror holds them — a caller that read none can
+/// check that none is to be planned.
+pub(crate) fn plan_relinking(input: &PlanInput<'_>) -> (Result<Plan, Incomplete>, Vec<Anchor>) {
     let mut fresh = None;
     let containers = bound_containers(input, &mut fresh);
     let ctx = context(input, containers);
@@ -265,7 +274,10 @@ pub(crate) fn plan_or_incomplete(input: &PlanInput<'_>) -> Result<Plan, Incomple
             tally
         }
     };
-    conclude(input, containers, &ctx, tally)
+    let mut relinked = tally.relinked();
+    relinked.sort();
+    relinked.dedup();
+    (conclude(input, containers, &ctx, tally), relinked)
 }
 
 /// The bindings of the projection's containers: the input's, or bound afresh against its
@@ -338,6 +350,58 @@ pub fn decide_page(input: &PlanInput<'_>, anchors: &[Anchor]) -> Decisions {
     Decisions(par_tally(&items, |(a, entry, link)| {
         (decide(&full, &ctx, a, *entry, *link, true), link.is_some())
     }))
+}
+
+/// What phase A of a delta plan of some anchors decides that a paged run's survey reads
+/// ([`survey`]).
+pub(crate) struct Surveyed {
+    /// The operations decided for the anchors themselves that are not creates, joins or
+    /// updates: deprovisions (deletes, disables, unlinks).
+    pub(crate) operations: Vec<Operation>,
+    /// The anchors whose link the decisions make or end (their referrers, when planned, are
+    /// planned with them).
+    pub(crate) relinked: Vec<Anchor>,
+    /// Whether these are what [`plan`] decides for the anchors with their whole neighbourhood
+    /// in the mirror: not when the mirror held an anchor as context only, the projection
+    /// asked the DN of an object the mirror does not hold
+    /// ([`SourceMirror::asked_absent`]), or an object changes target type (its old object's
+    /// deprovision depends on the new one's flows and phase B).
+    pub(crate) exact: bool,
+}
+
+/// Phase A of a delta plan ([`PlanScope::Anchors`]) of `anchors`, keeping what a paged run's
+/// survey needs of it: the deprovisions of the anchors and the anchors it relinks. `input`
+/// may hold the anchors alone (their entries, links and target objects), its mirror
+/// watching for the DNs asked of objects it does not hold
+/// ([`SourceMirror::watch_absent`]): for a projection that reads the mirror by DN only
+/// ([`Projection::reads_mirror_by_dn`]) and not [`ProjectionContext::member_of`], the
+/// decisions are then those of a plan with the whole neighbourhood unless
+/// [`Surveyed::exact`] says otherwise. What the plan would decide for their referrers is not
+/// looked at: the caller checks that none of those is to be planned.
+pub(crate) fn survey(input: &PlanInput<'_>, anchors: &[Anchor]) -> Surveyed {
+    let mut fresh = None;
+    let containers = bound_containers(input, &mut fresh);
+    let ctx = context(input, containers);
+    let list: Vec<&Anchor> = anchors
+        .iter()
+        .collect::<BTreeSet<&Anchor>>()
+        .into_iter()
+        .collect();
+    let tally = par_tally(&list, |a: &&Anchor| {
+        let link = input.links.get(a);
+        (
+            decide(input, &ctx, a, input.mirror.get(a), link, true),
+            link.is_some(),
+        )
+    });
+    let exact = tally.incomplete.is_empty()
+        && tally.pending.iter().all(|p| p.retire.is_none())
+        && !input.mirror.asked_absent();
+    Surveyed {
+        relinked: tally.relinked(),
+        operations: tally.ops,
+        exact,
+    }
 }
 
 /// What phase A of a plan decided, page by page ([`decide_page`]): the statistics, and the
@@ -1749,5 +1813,85 @@ mod tests {
         let p = plan(&input);
         assert_eq!(p.stats.considered, mirror.len() + 1);
         assert!(p.count("disable") > 100);
+    }
+
+    #[test]
+    fn a_survey_decides_deprovisions_from_the_anchors_alone_or_says_it_cannot() {
+        let (projection, mirror, links, target) = store(2000);
+        // Every 7th object and the one deleted at the source (linked, no entry).
+        let gone = links
+            .iter()
+            .find(|l| mirror.get(&l.anchor).is_none())
+            .map(|l| l.anchor.clone())
+            .unwrap();
+        let mut anchors: Vec<Anchor> = mirror.anchors().step_by(7).cloned().collect();
+        anchors.push(gone.clone());
+        anchors.sort();
+        // The mirror, links and target objects of those alone: not what they reference.
+        let mut bare = SourceMirror::new();
+        let (mut bare_links, mut bare_target) = (Links::new(), TargetMirror::new());
+        for a in &anchors {
+            if let Some(e) = mirror.get(a) {
+                bare.insert(e.clone());
+            }
+            if let Some(l) = links.get(a) {
+                bare_links.insert(l.clone());
+                if let Some(o) = target.get(&l.target_id) {
+                    bare_target.insert(o.clone());
+                }
+            }
+        }
+        bare.watch_absent();
+        let scoped = |mirror, links, target| {
+            let mut input = PlanInput::new(&projection, mirror, links, target);
+            input.scope = PlanScope::Anchors(anchors.clone());
+            input
+        };
+        let surveyed = survey(&scoped(&bare, &bare_links, &bare_target), &anchors);
+        assert!(surveyed.exact);
+        // The deprovisions a plan of them with everything decides for them.
+        let whole = plan(&scoped(&mirror, &links, &target));
+        let deprovisions = |ops: &[Operation]| -> Vec<Operation> {
+            ops.iter()
+                .filter(|o| o.kind.is_deletion() && anchors.binary_search(&o.anchor).is_ok())
+                .cloned()
+                .collect()
+        };
+        let mut got = deprovisions(&surveyed.operations);
+        got.sort_by(|a, b| a.anchor.cmp(&b.anchor));
+        assert_eq!(got, deprovisions(&whole.operations));
+        assert!(got.len() > 10 && got.iter().any(|o| o.anchor == gone));
+        // What it relinks is among them (their referrers are the caller's to check).
+        assert!(surveyed
+            .relinked
+            .iter()
+            .all(|a| anchors.binary_search(a).is_ok()));
+
+        // Rules that read a referenced object's DN: not from a mirror without it.
+        struct ByDn(UserGroupProjection);
+        impl Projection for ByDn {
+            fn project(&self, e: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
+                for (_, values) in e.attributes.iter() {
+                    for v in values {
+                        if let Value::Reference(Reference::Anchor(a)) = v {
+                            let _ = ctx.mirror().dn_of(a);
+                        }
+                    }
+                }
+                self.0.project(e, ctx)
+            }
+            fn deprovision(
+                &self,
+                link: &Link,
+                entry: Option<&Entry>,
+                cause: DeprovisionCause,
+            ) -> Deprovision {
+                self.0.deprovision(link, entry, cause)
+            }
+        }
+        let by_dn = ByDn(projection.clone());
+        let mut input = PlanInput::new(&by_dn, &bare, &bare_links, &bare_target);
+        input.scope = PlanScope::Anchors(anchors.clone());
+        assert!(!survey(&input, &anchors).exact);
     }
 }

@@ -53,6 +53,17 @@ pub trait Projection: Send + Sync {
         true
     }
 
+    /// Whether what it reads of the source mirror besides the projected entry — for
+    /// [`Projection::project`] and [`Projection::deprovision`] — goes through
+    /// [`SourceMirror::dn_of`](super::SourceMirror::dn_of) (the DN of a referenced object) and
+    /// [`ProjectionContext::member_of`] only. A paged run's survey then decides the
+    /// deprovisions of its dirty objects from their own entries, and plans again with their
+    /// neighbourhood only when the projection asked the DN of an object it did not hold.
+    /// `false` by default.
+    fn reads_mirror_by_dn(&self) -> bool {
+        false
+    }
+
     /// The target attributes its join groups look up, per target object type (every type it
     /// makes, even with no join): the engine declares them to the state store
     /// ([`StateStore::set_lookup_attributes`](crate::state::StateStore::set_lookup_attributes)),

@@ -43,6 +43,9 @@ pub struct SourceMirror {
     unsettled: BTreeSet<Dn>,
     /// The entries held as context only ([`SourceMirror::is_partial`]).
     partial: HashSet<Anchor>,
+    /// Set when [`SourceMirror::dn_of`] was asked for an object the mirror does not hold
+    /// (once [`SourceMirror::watch_absent`] made it).
+    absent: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 fn references(entry: &Entry) -> impl Iterator<Item = (&AttrName, &Reference)> {
@@ -205,7 +208,31 @@ impl SourceMirror {
 
     /// The current DN of the object `anchor`, if the mirror holds it and it has one.
     pub fn dn_of(&self, anchor: &Anchor) -> Option<&Dn> {
-        self.entries.get(anchor).and_then(|e| e.dn.as_ref())
+        match self.entries.get(anchor) {
+            Some(e) => e.dn.as_ref(),
+            None => {
+                if let Some(a) = &self.absent {
+                    a.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                None
+            }
+        }
+    }
+
+    /// From now on, remember whether [`SourceMirror::dn_of`] was asked for an object the
+    /// mirror does not hold ([`SourceMirror::asked_absent`]): a mirror holding only the
+    /// objects a plan decides, for a projection that reads the others by DN only
+    /// ([`Projection::reads_mirror_by_dn`](super::Projection::reads_mirror_by_dn)).
+    pub(crate) fn watch_absent(&mut self) {
+        self.absent = Some(Default::default());
+    }
+
+    /// Whether [`SourceMirror::dn_of`] was asked for an object the mirror does not hold since
+    /// [`SourceMirror::watch_absent`].
+    pub(crate) fn asked_absent(&self) -> bool {
+        self.absent
+            .as_ref()
+            .is_some_and(|a| a.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Every entry, in no particular order.

@@ -708,6 +708,10 @@ impl Synchronizer {
         if !self.config.guard.enabled && !joins {
             return Ok(Survey::default());
         }
+        // Deprovisions decided from the dirty objects alone where the rules allow (see
+        // `survey_bare`); joins need the whole plan.
+        let bare =
+            !joins && self.projection.reads_mirror_by_dn() && !self.projection.reads_member_of();
         let mut deprovisions = Plan::default();
         let mut claims: BTreeMap<TargetId, BTreeSet<Anchor>> = BTreeMap::new();
         let mut batch: Vec<Anchor> = Vec::new();
@@ -736,7 +740,19 @@ impl Synchronizer {
             let done = done && dirty.is_empty();
             if weight >= full || (done && !batch.is_empty()) {
                 weight = 0;
-                let scope = PlanScope::Anchors(std::mem::take(&mut batch));
+                let anchors = std::mem::take(&mut batch);
+                if bare {
+                    if let Some(ops) = self.survey_bare(&anchors, order)? {
+                        deprovisions
+                            .operations
+                            .extend(ops.into_iter().filter(|o| o.kind.is_deletion()));
+                        if done {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+                let scope = PlanScope::Anchors(anchors);
                 let plan = self
                     .plan_checked_with(
                         scope,

@@ -39,6 +39,11 @@ impl Synchronizer {
         } else {
             self.store(|s| s.load_neighbourhood_reaching(anchors, reach))?
         };
+        if reach == Reach::AnchorsByLink {
+            // Said below when the projection asks for a referenced object the views hold as
+            // its link only (the join lookups below project too).
+            views.mirror.watch_absent();
+        }
         // Joins look their attributes up in the views' target mirror: index them, or each
         // lookup scans every target object of the neighbourhood (quadratic in a page). Only
         // objects without a link join: a page of linked ones needs no index.
@@ -208,6 +213,16 @@ impl Synchronizer {
             PlanScope::Anchors(mut anchors) => {
                 // Light views, unless a store holds a planned object as context only.
                 let mut light = true;
+                // A page's referrers are context for `member_of` and for the referrers the
+                // plan takes in (those of the objects whose link it makes or ends, but for the
+                // ones planned elsewhere): under rules that do not read `member_of`, a page is
+                // planned without them first, and again with them only when it would take
+                // one in (a page of users does not read every group holding one of them).
+                let mut alone = together.paged && !self.projection.reads_member_of();
+                // What the page references is read as its links only where the rules read
+                // referenced objects by DN alone, until they ask for one (a page of groups
+                // does not build an object for each member).
+                let mut by_link = alone && self.projection.reads_mirror_by_dn();
                 loop {
                     together.expand(&mut anchors);
                     // A page plans the referrers without a link in their own page, and those
@@ -216,6 +231,8 @@ impl Synchronizer {
                     // (`Incomplete`): only those are read whole.
                     let reach = match (together.paged, light) {
                         (false, _) => Reach::Referrers,
+                        (true, true) if by_link => Reach::AnchorsByLink,
+                        (true, true) if alone => Reach::AnchorsAlone,
                         (true, true) => Reach::Anchors,
                         (true, false) => Reach::LinkedReferrers,
                     };
@@ -231,7 +248,25 @@ impl Synchronizer {
                     if together.elsewhere.is_some() {
                         input.planned_elsewhere = Some(&elsewhere);
                     }
-                    let plan = match delta::plan_or_incomplete(&input) {
+                    let (r, relinked) = delta::plan_relinking(&input);
+                    if reach == Reach::AnchorsByLink && views.mirror.asked_absent() {
+                        by_link = false;
+                        continue;
+                    }
+                    let without_referrers =
+                        matches!(reach, Reach::AnchorsAlone | Reach::AnchorsByLink);
+                    if without_referrers && !relinked.is_empty() {
+                        let referrers = self.store(|s| s.referrers_linked(&relinked))?;
+                        let takes = referrers.iter().any(|(r, linked)| {
+                            *linked && anchors.binary_search(r).is_err() && !elsewhere(r)
+                        });
+                        if takes {
+                            alone = false;
+                            by_link = false;
+                            continue;
+                        }
+                    }
+                    let plan = match r {
                         Ok(plan) => plan,
                         Err(more) => {
                             // It had to decide objects the views held as context: plan them. Were
@@ -278,6 +313,47 @@ impl Synchronizer {
             },
             views,
         ))
+    }
+
+    /// The deprovisions of `anchors` (linked dirty objects of a paged run, planned in the
+    /// pages of `order`) as a plan of them in a survey batch decides them
+    /// ([`Synchronizer::survey_pages`]), read from the anchors alone ([`Reach::AnchorsBare`])
+    /// — a changed group's thousand members are not read for it. `None` when that does not
+    /// tell: the projection asked for what the views do not hold, an object changes target
+    /// type, or the plan would take in a referrer of an object whose link it makes or ends
+    /// (one linked and not planned in a page of its own); the caller then plans the batch.
+    /// Only for rules that read the mirror by DN only, not `member_of`.
+    pub(super) fn survey_bare(
+        &self,
+        anchors: &[Anchor],
+        order: &super::order::PageOrder,
+    ) -> Result<Option<Vec<Operation>>> {
+        let now = self.config.clock.now();
+        let bindings = self.bind_containers()?;
+        let counts = self.store(|s| s.link_counts())?;
+        let create_references = self.target.capabilities().create_references;
+        let mut views = self.store(|s| s.load_neighbourhood_light(anchors, Reach::AnchorsBare))?;
+        views.mirror.watch_absent();
+        let mut input = self.plan_input(&views, now, &bindings, &counts, &create_references);
+        input.scope = PlanScope::Anchors(anchors.to_vec());
+        input.unlinked_referrers = false;
+        let surveyed = delta::survey(&input, anchors);
+        if !surveyed.exact {
+            return Ok(None);
+        }
+        if !surveyed.relinked.is_empty() {
+            // The plan would take in the linked referrers of these, but for the dirty ones
+            // (each planned in a batch of its own).
+            let referrers = self.store(|s| s.referrers_linked(&surveyed.relinked))?;
+            let batch: HashSet<&Anchor> = anchors.iter().collect();
+            if referrers
+                .iter()
+                .any(|(r, linked)| *linked && !batch.contains(r) && order.position(r).is_none())
+            {
+                return Ok(None);
+            }
+        }
+        Ok(Some(surveyed.operations))
     }
 
     /// Plans without applying ("staging"): every object (`full`) or the dirty set. The result

@@ -1418,6 +1418,12 @@ impl Projection for RuleSet {
             .any(|r| r.scope.as_ref().is_some_and(ScopeFilter::reads_member_of))
     }
 
+    /// Rules read a referenced object as its DN (through the view's mirror), and nothing
+    /// else of the mirror but `member_of`.
+    fn reads_mirror_by_dn(&self) -> bool {
+        true
+    }
+
     fn project(&self, entry: &Entry, ctx: &ProjectionContext<'_>) -> Projected {
         let Some(rule) = self.rule_for(&entry.object_type) else {
             return Projected::OutOfScope(format!("no rule for object type {}", entry.object_type));

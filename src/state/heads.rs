@@ -82,7 +82,9 @@ pub(crate) struct Head<'h> {
 /// Source object heads and links by anchor, and heads by `dn_key`.
 #[derive(Default)]
 pub(crate) struct Heads {
-    text: Vec<u8>,
+    /// The texts one after the other (sliced at the bounds the spans give: whole `&str`s were
+    /// pushed, so a slice is at character bounds and needs no check of its bytes).
+    text: String,
     slots: Vec<Slot>,
     free: Vec<u32>,
     /// Slot numbers by the hash of the anchor.
@@ -120,8 +122,7 @@ impl Heads {
         if s == Span::NONE {
             return "";
         }
-        // Only whole `&str`s are pushed: the bytes are UTF-8 at these bounds.
-        std::str::from_utf8(&self.text[s.at()..s.at() + s.len()]).unwrap_or("")
+        self.text.get(s.at()..s.at() + s.len()).unwrap_or("")
     }
 
     fn push(&mut self, s: &str) -> Result<Span, TooLarge> {
@@ -130,7 +131,7 @@ impl Heads {
         if s.len() > Span::MAX_LEN || at >= Span::MAX_AT {
             return Err(TooLarge);
         }
-        self.text.extend_from_slice(s.as_bytes());
+        self.text.push_str(s);
         Ok(Span(((at as u64) << 24) | s.len() as u64))
     }
 
@@ -191,7 +192,7 @@ impl Heads {
         let text = &self.text;
         self.by_anchor.insert_unique(hash_str(anchor), i, |&j| {
             let s = slots[j as usize].anchor;
-            hash_str(std::str::from_utf8(&text[s.at()..s.at() + s.len()]).unwrap_or(""))
+            hash_str(text.get(s.at()..s.at() + s.len()).unwrap_or(""))
         });
         Ok(i)
     }

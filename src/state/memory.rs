@@ -177,11 +177,15 @@ impl MemoryStore {
             planned.extend(self.referrers(a).filter(|r| match reach {
                 Reach::Referrers => true,
                 Reach::LinkedReferrers => self.links.get(r).is_some(),
-                Reach::Anchors | Reach::AnchorsAlone => false,
+                Reach::Anchors
+                | Reach::AnchorsAlone
+                | Reach::AnchorsByLink
+                | Reach::AnchorsBare => false,
             }));
         }
         let mut context: BTreeSet<Anchor> = BTreeSet::new();
-        for p in &planned {
+        let bare = reach == Reach::AnchorsBare;
+        for p in planned.iter().filter(|_| !bare) {
             context.extend(self.referrers(p));
             if let Some(e) = self.mirror.get(p) {
                 for (_, t) in entry_references(e) {

@@ -364,6 +364,20 @@ pub enum Reach {
     /// ([`Projection::reads_member_of`](crate::delta::Projection::reads_member_of)). What they
     /// reference still comes as context (its links translate their references).
     AnchorsAlone,
+    /// As [`Reach::AnchorsAlone`], but what the anchors reference comes as its link alone
+    /// when it has one (by anchor; an object referenced without a link, or by DN, comes as its
+    /// head): what translating the references reads. For rules that read referenced objects
+    /// by DN only ([`Projection::reads_mirror_by_dn`](crate::delta::Projection::reads_mirror_by_dn)):
+    /// the planner's mirror says when one was asked for
+    /// ([`SourceMirror::watch_absent`](crate::delta::SourceMirror)), and the engine reads the
+    /// page again with [`Reach::AnchorsAlone`]. A store may hold more.
+    AnchorsByLink,
+    /// No context at all: the anchors' entries, their links and the target objects of those
+    /// links, and nothing around them — for a paged run's survey of its deprovisions, whose
+    /// planner says when a projection asked for more
+    /// ([`Projection::reads_mirror_by_dn`](crate::delta::Projection::reads_mirror_by_dn)). A
+    /// store may hold more (a wider neighbourhood holds every narrower one).
+    AnchorsBare,
 }
 
 /// A join lookup for [`StateStore::load_join_candidates`]: target objects of `object_type`
@@ -685,6 +699,21 @@ pub trait StateStore: Send {
             links: whole.links,
             target: whole.target,
         })
+    }
+
+    /// The objects that reference one of `anchors` (by anchor, or by the DN of its entry),
+    /// sorted, each once and with whether it is linked: the referrers a delta plan of
+    /// `anchors` may take in ([`PlanInput::unlinked_referrers`](crate::delta::PlanInput::unlinked_referrers)),
+    /// read without their entries. The default reads the neighbourhood.
+    fn referrers_linked(&self, anchors: &[Anchor]) -> Result<Vec<(Anchor, bool)>, StateError> {
+        let views = self.load_neighbourhood_light(anchors, Reach::Anchors)?;
+        let mut out: std::collections::BTreeMap<Anchor, bool> = Default::default();
+        for a in anchors {
+            for (r, _) in views.mirror.referrers(a) {
+                out.insert(r.clone(), views.links.get(r).is_some());
+            }
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// Adds to `views` the target objects matching `lookups` (for joins of objects without a

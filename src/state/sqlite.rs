@@ -2038,7 +2038,25 @@ fn read_neighbourhood(
     fetch_entries(conn, names, &mut entries, anchors, None)?;
     let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
     match reach {
-        Reach::Anchors | Reach::AnchorsAlone => {}
+        Reach::AnchorsBare => {
+            // The anchors alone: their entries, links and target objects.
+            let keys: Vec<&str> = anchors.iter().map(Anchor::as_str).collect();
+            let links = links_of(&keys)?;
+            let ids: Vec<&str> = links.iter().map(|l| l.target_id.as_str()).collect();
+            let targets = targets_by_ids(conn, names, &ids)?;
+            let mut views = Views::default();
+            for e in entries.into_values().flatten() {
+                views.mirror.insert(e);
+            }
+            for l in links {
+                views.links.insert(l);
+            }
+            for o in targets {
+                views.target.insert(o);
+            }
+            return Ok(views);
+        }
+        Reach::Anchors | Reach::AnchorsAlone | Reach::AnchorsByLink => {}
         Reach::Referrers => planned.extend(referrers_of_read(conn, &entries, anchors)?),
         Reach::LinkedReferrers => {
             let referrers = referrers_of_read(conn, &entries, anchors)?;
@@ -2053,7 +2071,7 @@ fn read_neighbourhood(
     }
     fetch_entries(conn, names, &mut entries, &planned, None)?;
     // What references a planned object (the referrers not planned among them).
-    let referrers = if reach == Reach::AnchorsAlone {
+    let referrers = if matches!(reach, Reach::AnchorsAlone | Reach::AnchorsByLink) {
         BTreeSet::new()
     } else {
         referrers_of_read(conn, &entries, &planned)?
@@ -2125,16 +2143,23 @@ fn read_neighbourhood(
             entries.insert(e.anchor.clone(), Some(e));
         }
     }
-    match (light, heads) {
-        (true, Some(h)) => fetch_heads(h, &mut entries, &context)?,
-        _ => fetch_entries(conn, names, &mut entries, &context, for_referenced)?,
-    }
     let all: Vec<&str> = planned
         .iter()
         .chain(context.iter().filter(|a| !planned.contains(*a)))
         .map(|a| a.as_str())
         .collect();
     let links = links_of(&all)?;
+    // By link: of what the planned objects reference, only the unlinked ones' heads (those
+    // referenced by DN came above).
+    let linked: rustc_hash::FxHashSet<&str> = match reach {
+        Reach::AnchorsByLink => links.iter().map(|l| l.anchor.as_str()).collect(),
+        _ => Default::default(),
+    };
+    let wanted = context.iter().filter(|a| !linked.contains(a.as_str()));
+    match (light, heads) {
+        (true, Some(h)) => fetch_heads(h, &mut entries, wanted)?,
+        _ => fetch_entries(conn, names, &mut entries, wanted, for_referenced)?,
+    }
     let ids: Vec<&str> = links
         .iter()
         .filter(|l| planned.contains(&l.anchor))
@@ -3836,6 +3861,35 @@ impl StateStore for SqliteStore {
         reach: Reach,
     ) -> Result<Views, StateError> {
         self.neighbourhood(anchors, reach, true)
+    }
+
+    fn referrers_linked(&self, anchors: &[Anchor]) -> Result<Vec<(Anchor, bool)>, StateError> {
+        self.in_snapshot(|conn| {
+            conn.names.borrow_mut().reload(conn)?;
+            let names_ref = conn.names()?;
+            let names: &Names = &names_ref;
+            // The heads, for the DNs references may name them by.
+            let heads = Keep {
+                anchors: Default::default(),
+                dns: Default::default(),
+                heads: true,
+            };
+            let mut entries = Fetched::default();
+            fetch_entries(conn, names, &mut entries, anchors, Some(&heads))?;
+            let referrers = referrers_of_read(conn, &entries, anchors)?;
+            let keys: Vec<&str> = referrers.iter().map(Anchor::as_str).collect();
+            let linked: rustc_hash::FxHashSet<Anchor> = links_by_anchors(conn, &keys)?
+                .into_iter()
+                .map(|l| l.anchor)
+                .collect();
+            Ok(referrers
+                .into_iter()
+                .map(|r| {
+                    let l = linked.contains(&r);
+                    (r, l)
+                })
+                .collect())
+        })
     }
 
     fn load_join_candidates(

@@ -850,6 +850,18 @@ fn narrow_neighbourhoods_plan_fewer_referrers(mut s: Box<dyn StateStore>) {
         ],
     );
     assert!(whole.0.contains(&"u2".to_string()) && whole.2.contains(&"t-g1".to_string()));
+    // The anchor alone: its entry, link and target object, nothing around it.
+    check(
+        s,
+        &["u1"],
+        Reach::AnchorsBare,
+        [&["u1"], &["u1"], &["t-u1"]],
+    );
+    // What references u1 (g1 by DN, u3 by anchor), each linked.
+    assert_eq!(
+        s.referrers_linked(&anchors(&["u1"])).unwrap(),
+        [(a("g1"), true), (a("u3"), true)]
+    );
     let v = s
         .load_neighbourhood_reaching(&anchors(&["u1"]), Reach::Anchors)
         .unwrap();
@@ -876,6 +888,17 @@ fn narrow_neighbourhoods_plan_fewer_referrers(mut s: Box<dyn StateStore>) {
         [&["g1", "g2"], &["g1", "g2", "x1"], &["t-g2", "t-x1"]],
     );
     check(s, &[], Reach::Anchors, [&[], &[], &[]]);
+    check(
+        s,
+        &["g2", "nobody", "x1"],
+        Reach::AnchorsBare,
+        [&["g2"], &["g2", "x1"], &["t-g2", "t-x1"]],
+    );
+    check(s, &[], Reach::AnchorsBare, [&[], &[], &[]]);
+    assert!(s
+        .referrers_linked(&anchors(&["nobody"]))
+        .unwrap()
+        .is_empty());
 
     // Linked referrers planned: u3 (linked) brings its target object, not g1 (unlinked now),
     // which stays context without its other member u2 or its group g2.
@@ -899,6 +922,10 @@ fn narrow_neighbourhoods_plan_fewer_referrers(mut s: Box<dyn StateStore>) {
         ],
     );
     assert_eq!(whole.0, ["g1", "g2", "m1", "u1", "u2", "u3"]);
+    assert_eq!(
+        s.referrers_linked(&anchors(&["u1"])).unwrap(),
+        [(a("g1"), false), (a("u3"), true)]
+    );
     // Referrers: the whole neighbourhood, whatever the store.
     let (m, l, t) = whole;
     check(
