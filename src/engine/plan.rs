@@ -144,46 +144,76 @@ impl Synchronizer {
                 let page = self.config.plan_page.max(1);
                 let mut decisions = delta::Decisions::default();
                 let mut after: Option<Anchor> = None;
-                let mut dropping: Option<std::thread::JoinHandle<()>> = None;
                 // Rules that do not read `member_of` need nothing of what references a page.
                 let alone = if self.projection.reads_member_of() {
                     Reach::Anchors
                 } else {
                     Reach::AnchorsAlone
                 };
-                loop {
-                    let anchors = self.store(|s| s.anchors_page(after.as_ref(), page))?;
-                    let Some(last) = anchors.last().cloned() else {
-                        break;
+                // A page is decided (and then freed) on another thread while the next one is
+                // read: reading holds the store, deciding does not.
+                std::thread::scope(|scope| -> Result<()> {
+                    let mut deciding: Option<std::thread::ScopedJoinHandle<'_, _>> = None;
+                    let mut dropping: Option<std::thread::ScopedJoinHandle<'_, ()>> = None;
+                    let mut collect = |h: std::thread::ScopedJoinHandle<
+                        '_,
+                        (Vec<Anchor>, Views, delta::Decisions),
+                    >|
+                     -> Result<()> {
+                        let (anchors, mut views, mut page) = h
+                            .join()
+                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                        if page.incomplete() {
+                            // A store whose light views hold a page's own object as context.
+                            views =
+                                self.views_for(&anchors, now, &bindings, Reach::Anchors, false)?;
+                            page = delta::decide_page(
+                                &self.plan_input(
+                                    &views,
+                                    now,
+                                    &bindings,
+                                    &counts,
+                                    &create_references,
+                                ),
+                                &anchors,
+                            );
+                        }
+                        decisions.absorb(page);
+                        self.progress(Stage::Plan, decisions.considered() as u64, None);
+                        // Freeing a page's views takes a tenth of its time: on another thread,
+                        // one page at a time (so no more than three pages are held).
+                        if let Some(d) = dropping.take() {
+                            let _ = d.join();
+                        }
+                        dropping = Some(scope.spawn(move || drop(views)));
+                        Ok(())
                     };
-                    // Only the page's own objects are decided: what is around them is
-                    // context, held light.
-                    let mut views = self.views_for(&anchors, now, &bindings, alone, true)?;
-                    let mut page = delta::decide_page(
-                        &self.plan_input(&views, now, &bindings, &counts, &create_references),
-                        &anchors,
-                    );
-                    if page.incomplete() {
-                        // A store whose light views hold a page's own object as context.
-                        views = self.views_for(&anchors, now, &bindings, Reach::Anchors, false)?;
-                        page = delta::decide_page(
-                            &self.plan_input(&views, now, &bindings, &counts, &create_references),
-                            &anchors,
-                        );
+                    loop {
+                        let anchors = self.store(|s| s.anchors_page(after.as_ref(), page))?;
+                        let Some(last) = anchors.last().cloned() else {
+                            break;
+                        };
+                        // Only the page's own objects are decided: what is around them is
+                        // context, held light.
+                        let views = self.views_for(&anchors, now, &bindings, alone, true)?;
+                        if let Some(h) = deciding.take() {
+                            collect(h)?;
+                        }
+                        let (bindings, counts, refs) = (&bindings, &counts, &create_references);
+                        deciding = Some(scope.spawn(move || {
+                            let page = delta::decide_page(
+                                &self.plan_input(&views, now, bindings, counts, refs),
+                                &anchors,
+                            );
+                            (anchors, views, page)
+                        }));
+                        after = Some(last);
                     }
-                    decisions.absorb(page);
-                    self.progress(Stage::Plan, decisions.considered() as u64, None);
-                    after = Some(last);
-                    // Freeing a page's views takes a tenth of its time: on another thread,
-                    // one page at a time (so no more than two pages are held).
-                    if let Some(d) = dropping.take() {
-                        let _ = d.join();
+                    if let Some(h) = deciding.take() {
+                        collect(h)?;
                     }
-                    dropping = Some(std::thread::spawn(move || drop(views)));
-                }
-                if let Some(d) = dropping.take() {
-                    let _ = d.join();
-                }
+                    Ok(())
+                })?;
                 // Phases B and C decide the referrers of what phase A decided, as the
                 // neighbourhood plans them: what is around those comes as context, and what
                 // the planner has to decide of it is read whole and planned again (a group

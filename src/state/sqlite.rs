@@ -457,7 +457,6 @@ const DIRTY_ENTRIES: &str = "SELECT o.anchor, o.object_type, o.dn, o.attributes 
 const LINK_BY_TARGET: &str =
     "SELECT anchor, source_type, target_id, target_type FROM links WHERE target_id = ?1";
 const TARGET_BY_ID: &str = "SELECT id, object_type, attributes FROM target_objects WHERE id = ?1";
-const TARGET_LOOKUP: &str = "SELECT id FROM target_values WHERE attribute = ?1 AND value_key = ?2";
 
 // The bulk reads of the plan stage (`{}`: where the `IN` list goes, `?1` to `?n`; a query with
 // two `{}` binds the same keys in both); the tests check each uses an index.
@@ -484,6 +483,11 @@ const REFERRERS_BY_DN_IN: &str = "SELECT f.anchor FROM source_refs_open r \
 const LINKS_IN: &str =
     "SELECT anchor, source_type, target_id, target_type FROM links WHERE anchor IN {}";
 const TARGETS_IN: &str = "SELECT id, object_type, attributes FROM target_objects WHERE id IN {}";
+/// The ids at the keys `?2` to `?n` of the attribute `?1` (join candidates).
+const TARGET_LOOKUP_IN: &str =
+    "SELECT value_key, id FROM target_values WHERE attribute = ?1 AND value_key IN {}";
+const LINKS_BY_TARGETS_IN: &str =
+    "SELECT anchor, source_type, target_id, target_type FROM links WHERE target_id IN {}";
 
 /// The bulk reads (for the query-plan test).
 #[cfg(test)]
@@ -496,6 +500,8 @@ pub(crate) const BULK_QUERIES: &[&str] = &[
     REFERRERS_BY_DN_IN,
     LINKS_IN,
     TARGETS_IN,
+    TARGET_LOOKUP_IN,
+    LINKS_BY_TARGETS_IN,
 ];
 
 /// The statements of the delta path (for the query-plan test).
@@ -518,7 +524,6 @@ pub(crate) const INDEXED_QUERIES: &[&str] = &[
     DIRTY_ENTRIES,
     LINK_BY_TARGET,
     TARGET_BY_ID,
-    TARGET_LOOKUP,
     "DELETE FROM target_values WHERE attribute = ?1 AND value_key = ?2 AND id = ?3",
     LINK_DELETE_ANCHOR,
     LINK_DELETE_TARGET,
@@ -1794,6 +1799,36 @@ fn rows_in<K: rusqlite::ToSql>(
     Ok(out)
 }
 
+/// [`rows_in`] for a query whose `?1` is `first` and whose `IN` list takes `?2` on.
+fn rows_in_after(
+    conn: &Db<'_>,
+    sql: &str,
+    first: &str,
+    keys: &[&str],
+    columns: usize,
+    what: &str,
+) -> Result<Vec<Vec<SqlValue>>, StateError> {
+    let mut out = Vec::new();
+    let Some(n) = (!keys.is_empty()).then(|| IN_CHUNK.min(keys.len())) else {
+        return Ok(out);
+    };
+    let list: Vec<String> = (2..=n + 1).map(|i| format!("?{i}")).collect();
+    let sql = sql.replace("{}", &format!("({})", list.join(",")));
+    let mut stmt = conn.prepare_cached(&sql).ctx(what)?;
+    for chunk in keys.chunks(IN_CHUNK) {
+        let last = chunk[chunk.len() - 1];
+        let padded = std::iter::once(first)
+            .chain(chunk.iter().copied())
+            .chain(std::iter::repeat(last))
+            .take(n + 1);
+        let mut q = stmt.query(rusqlite::params_from_iter(padded)).ctx(what)?;
+        while let Some(r) = q.next().ctx(what)? {
+            out.push(raw_row(r, columns).ctx(what)?);
+        }
+    }
+    Ok(out)
+}
+
 /// [`rows_in`], each row decoded by `decode` ([`decode_rows`]: on all cores).
 fn decoded_in<K: rusqlite::ToSql, T: Send>(
     conn: &Db<'_>,
@@ -2069,7 +2104,9 @@ fn read_neighbourhood(
             planned.extend(linked);
         }
     }
-    fetch_entries(conn, names, &mut entries, &planned, None)?;
+    if planned.len() > anchors.len() {
+        fetch_entries(conn, names, &mut entries, &planned, None)?;
+    }
     // What references a planned object (the referrers not planned among them).
     let referrers = if matches!(reach, Reach::AnchorsAlone | Reach::AnchorsByLink) {
         BTreeSet::new()
@@ -2101,35 +2138,35 @@ fn read_neighbourhood(
     // Held light, a referrer keeps its references to the planned objects (what `member_of`
     // and the planner's walks over referrers read); an object only referenced keeps none:
     // translating a reference to it reads its link and DN.
-    let planned_dns: Vec<String> = planned
-        .iter()
-        .filter_map(|p| {
-            Some(
-                entries
-                    .get(p)?
-                    .as_ref()?
-                    .dn
-                    .as_ref()?
-                    .normalized()
-                    .to_owned(),
-            )
-        })
-        .collect();
-    let keep_refs = Keep {
-        anchors: planned.iter().map(Anchor::as_str).collect(),
-        dns: planned_dns.iter().map(String::as_str).collect(),
-        heads: false,
-    };
     let keep_heads = Keep {
         anchors: Default::default(),
         dns: Default::default(),
         heads: true,
     };
-    let (for_referrers, for_referenced) = match light {
-        true => (Some(&keep_refs), Some(&keep_heads)),
-        false => (None, None),
-    };
-    fetch_entries(conn, names, &mut entries, &referrers, for_referrers)?;
+    let for_referenced = light.then_some(&keep_heads);
+    if !referrers.is_empty() {
+        let planned_dns: Vec<String> = planned
+            .iter()
+            .filter_map(|p| {
+                Some(
+                    entries
+                        .get(p)?
+                        .as_ref()?
+                        .dn
+                        .as_ref()?
+                        .normalized()
+                        .to_owned(),
+                )
+            })
+            .collect();
+        let keep_refs = Keep {
+            anchors: planned.iter().map(Anchor::as_str).collect(),
+            dns: planned_dns.iter().map(String::as_str).collect(),
+            heads: false,
+        };
+        let for_referrers = light.then_some(&keep_refs);
+        fetch_entries(conn, names, &mut entries, &referrers, for_referrers)?;
+    }
     let referenced = match (light, heads) {
         (true, Some(h)) => heads_at_dns(h, &ref_dns)?,
         _ => {
@@ -3898,26 +3935,72 @@ impl StateStore for SqliteStore {
         lookups: &[TargetLookup],
     ) -> Result<(), StateError> {
         let conn = &self.db();
-        for l in lookups {
-            let attr = l.attribute.as_str().to_lowercase();
-            let key = value_key(&l.value)
-                .filter(|_| indexed(self.lookup.as_ref(), &l.object_type, &attr));
+        // What each lookup asks: the attribute as indexed, and the key when the index holds
+        // the value (and the attribute).
+        let asks: Vec<(String, Option<String>)> = lookups
+            .iter()
+            .map(|l| {
+                let attr = l.attribute.as_str().to_lowercase();
+                let key = value_key(&l.value)
+                    .filter(|_| indexed(self.lookup.as_ref(), &l.object_type, &attr));
+                (attr, key)
+            })
+            .collect();
+        // The indexed ones in bulk (a read per attribute and few hundred keys, not one per
+        // lookup: a first load of a million objects asks a million), then the objects and
+        // links they name.
+        let mut keys_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (attr, key) in &asks {
+            if let Some(k) = key {
+                keys_of.entry(attr.as_str()).or_default().insert(k.as_str());
+            }
+        }
+        let mut ids_at: FxHashMap<(&str, String), Vec<String>> = FxHashMap::default();
+        for (attr, keys) in &keys_of {
+            let keys: Vec<&str> = keys.iter().copied().collect();
+            for mut r in rows_in_after(
+                conn,
+                TARGET_LOOKUP_IN,
+                attr,
+                &keys,
+                2,
+                "looking up target values",
+            )? {
+                let id = text("target_values", "?", "id", take(&mut r, 1))?;
+                let key = text("target_values", &id, "value_key", take(&mut r, 0))?;
+                ids_at.entry((attr, key)).or_default().push(id);
+            }
+        }
+        let mut ids: Vec<&str> = Vec::new();
+        for found in ids_at.values_mut() {
+            // In the order of the index, as a lookup of one key reads them.
+            found.sort_unstable();
+            ids.extend(found.iter().map(String::as_str));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        conn.names.borrow_mut().reload(conn)?;
+        let objects: FxHashMap<String, TargetObject> = {
+            let names_ref = conn.names()?;
+            targets_by_ids(conn, &names_ref, &ids)?
+                .into_iter()
+                .map(|o| (o.id.as_str().to_owned(), o))
+                .collect()
+        };
+        let links: FxHashMap<String, Link> =
+            rows_in(conn, LINKS_BY_TARGETS_IN, &ids, 4, "reading links")?
+                .into_iter()
+                .map(|r| decode_link(r).map(|l| (l.target_id.as_str().to_owned(), l)))
+                .collect::<Result<_, _>>()?;
+        // Into the views lookup by lookup, as reading each alone would put them.
+        for (l, (attr, key)) in lookups.iter().zip(&asks) {
             let found: Vec<TargetObject> = match key {
-                Some(key) => {
-                    let mut out = Vec::new();
-                    for mut r in rows(
-                        conn,
-                        TARGET_LOOKUP,
-                        params![attr, key],
-                        "looking up target values",
-                    )? {
-                        let id = text("target_values", "?", "id", take(&mut r, 0))?;
-                        if let Some(o) = load_target(conn, &TargetId::from(id))? {
-                            out.push(o);
-                        }
-                    }
-                    out
-                }
+                Some(key) => ids_at
+                    .get(&(attr.as_str(), key.clone()))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| objects.get(id).cloned())
+                    .collect(),
                 None => {
                     // An attribute not declared, or values too long (or of a kind) not
                     // indexed: scan.
@@ -3944,11 +4027,16 @@ impl StateStore for SqliteStore {
                 if o.object_type != l.object_type {
                     continue;
                 }
-                if let Some(r) = rows(conn, LINK_BY_TARGET, [o.id.as_str()], "reading a link")?
-                    .into_iter()
-                    .next()
-                {
-                    views.links.insert(decode_link(r)?);
+                let link = match key {
+                    Some(_) => links.get(o.id.as_str()).cloned(),
+                    None => rows(conn, LINK_BY_TARGET, [o.id.as_str()], "reading a link")?
+                        .into_iter()
+                        .next()
+                        .map(decode_link)
+                        .transpose()?,
+                };
+                if let Some(link) = link {
+                    views.links.insert(link);
                 }
                 views.target.insert(o);
             }
