@@ -2202,27 +2202,43 @@ fn read_neighbourhood(
         .filter(|l| planned.contains(&l.anchor))
         .map(|l| l.target_id.as_str())
         .collect();
-    let targets = targets_by_ids(conn, names, &ids)?;
-    let mut views = Views::default();
-    // Into the views in the order the planned objects then the context come.
-    for a in &planned {
-        if let Some(e) = entries.get_mut(a).and_then(Option::take) {
-            views.mirror.insert(e);
-        }
-    }
-    for a in context.iter().filter(|a| !planned.contains(*a)) {
-        if let Some(e) = entries.get_mut(a).and_then(Option::take) {
-            if light {
-                views.mirror.insert_partial(e);
-            } else {
-                views.mirror.insert(e);
+    // The source mirror is built on another thread while the target objects are read.
+    let (mirror, targets) = std::thread::scope(|scope| {
+        let entries = &mut entries;
+        let (planned, context) = (&planned, &context);
+        let building = scope.spawn(move || {
+            let mut mirror = crate::delta::SourceMirror::default();
+            // In the order the planned objects then the context come.
+            for a in planned {
+                if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+                    mirror.insert(e);
+                }
             }
-        }
-    }
+            for a in context.iter().filter(|a| !planned.contains(*a)) {
+                if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+                    if light {
+                        mirror.insert_partial(e);
+                    } else {
+                        mirror.insert(e);
+                    }
+                }
+            }
+            mirror
+        });
+        let targets = targets_by_ids(conn, names, &ids);
+        let mirror = building
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (mirror, targets)
+    });
+    let mut views = Views {
+        mirror,
+        ..Views::default()
+    };
     for l in links {
         views.links.insert(l);
     }
-    for o in targets {
+    for o in targets? {
         views.target.insert(o);
     }
     Ok(views)
