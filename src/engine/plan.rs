@@ -150,22 +150,21 @@ impl Synchronizer {
                 } else {
                     Reach::AnchorsAlone
                 };
-                // A page is decided (and then freed) on another thread while the next one is
-                // read: reading holds the store, deciding does not.
+                // A page is decided and freed on another thread while the next one is read:
+                // reading holds the store, deciding does not.
                 std::thread::scope(|scope| -> Result<()> {
                     let mut deciding: Option<std::thread::ScopedJoinHandle<'_, _>> = None;
-                    let mut dropping: Option<std::thread::ScopedJoinHandle<'_, ()>> = None;
                     let mut collect = |h: std::thread::ScopedJoinHandle<
                         '_,
-                        (Vec<Anchor>, Views, delta::Decisions),
+                        (Vec<Anchor>, delta::Decisions),
                     >|
                      -> Result<()> {
-                        let (anchors, mut views, mut page) = h
+                        let (anchors, mut page) = h
                             .join()
                             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                         if page.incomplete() {
                             // A store whose light views hold a page's own object as context.
-                            views =
+                            let views =
                                 self.views_for(&anchors, now, &bindings, Reach::Anchors, false)?;
                             page = delta::decide_page(
                                 &self.plan_input(
@@ -180,12 +179,6 @@ impl Synchronizer {
                         }
                         decisions.absorb(page);
                         self.progress(Stage::Plan, decisions.considered() as u64, None);
-                        // Freeing a page's views takes a tenth of its time: on another thread,
-                        // one page at a time (so no more than three pages are held).
-                        if let Some(d) = dropping.take() {
-                            let _ = d.join();
-                        }
-                        dropping = Some(scope.spawn(move || drop(views)));
                         Ok(())
                     };
                     loop {
@@ -200,12 +193,15 @@ impl Synchronizer {
                             collect(h)?;
                         }
                         let (bindings, counts, refs) = (&bindings, &counts, &create_references);
+                        // Freeing the views takes a tenth of a page's time: there too (so no
+                        // more than two pages are held).
                         deciding = Some(scope.spawn(move || {
                             let page = delta::decide_page(
                                 &self.plan_input(&views, now, bindings, counts, refs),
                                 &anchors,
                             );
-                            (anchors, views, page)
+                            drop(views);
+                            (anchors, page)
                         }));
                         after = Some(last);
                     }
