@@ -44,6 +44,19 @@ impl Synchronizer {
             // its link only (the join lookups below project too).
             views.mirror.watch_absent();
         }
+        self.with_join_candidates(anchors, views, now, bindings)
+    }
+
+    /// `views` (read for planning `anchors`) with what joins look up: the target mirror
+    /// indexed by the join attributes, and the target objects the join groups of the unlinked
+    /// anchors name.
+    fn with_join_candidates(
+        &self,
+        anchors: &[Anchor],
+        mut views: Views,
+        now: DateTime<Utc>,
+        bindings: &crate::delta::ContainerBindings,
+    ) -> Result<Views> {
         // Joins look their attributes up in the views' target mirror: index them, or each
         // lookup scans every target object of the neighbourhood (quadratic in a page). Only
         // objects without a link join: a page of linked ones needs no index.
@@ -112,7 +125,7 @@ impl Synchronizer {
 
     /// Plans `scope`; returns the plan and the views it was made from (for the export).
     ///
-    /// A full plan pages through the store ([`StateStore::anchors_page`], `plan_page` anchors
+    /// A full plan pages through the store ([`StateStore::full_plan_page`], `plan_page` anchors
     /// at a time): phase A decides each page from the page's neighbourhood and keeps only
     /// what is not "nothing to do"; phases B and C then run over those, from their
     /// neighbourhood. The plan is the one the planner makes from the whole store, byte for
@@ -143,7 +156,6 @@ impl Synchronizer {
             PlanScope::All => {
                 let page = self.config.plan_page.max(1);
                 let mut decisions = delta::Decisions::default();
-                let mut after: Option<Anchor> = None;
                 // Rules that do not read `member_of` need nothing of what references a page.
                 let alone = if self.projection.reads_member_of() {
                     Reach::Anchors
@@ -181,14 +193,16 @@ impl Synchronizer {
                         self.progress(Stage::Plan, decisions.considered() as u64, None);
                         Ok(())
                     };
+                    let mut mark: Option<crate::state::PageMark> = None;
                     loop {
-                        let anchors = self.store(|s| s.anchors_page(after.as_ref(), page))?;
-                        let Some(last) = anchors.last().cloned() else {
-                            break;
-                        };
                         // Only the page's own objects are decided: what is around them is
                         // context, held light.
-                        let views = self.views_for(&anchors, now, &bindings, alone, true)?;
+                        let Some((anchors, views, next)) =
+                            self.store(|s| s.full_plan_page(mark.as_ref(), page, alone))?
+                        else {
+                            break;
+                        };
+                        let views = self.with_join_candidates(&anchors, views, now, &bindings)?;
                         if let Some(h) = deciding.take() {
                             collect(h)?;
                         }
@@ -203,7 +217,7 @@ impl Synchronizer {
                             drop(views);
                             (anchors, page)
                         }));
-                        after = Some(last);
+                        mark = Some(next);
                     }
                     if let Some(h) = deciding.take() {
                         collect(h)?;

@@ -345,6 +345,20 @@ pub struct Views {
     pub target: TargetMirror,
 }
 
+/// Where a full plan's paging got to ([`StateStore::full_plan_page`]): what a store's page
+/// gave, for its next page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PageMark {
+    /// After this anchor, in anchor order.
+    Anchor(Anchor),
+    /// After this row of the store's source objects, in the order it holds them.
+    Row(i64),
+    /// The source objects done: the linked anchors without one, after this one (or from the
+    /// first).
+    Unsourced(Option<Anchor>),
+}
+
 /// Which of the objects referencing a neighbourhood's anchors it plans too
 /// ([`StateStore::load_neighbourhood_reaching`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -743,6 +757,36 @@ pub trait StateStore: Send {
     /// it whole.
     fn anchors_page(&self, after: Option<&Anchor>, limit: usize)
         -> Result<Vec<Anchor>, StateError>;
+
+    /// A page of a full plan: up to `limit` of the anchors a full plan considers (those
+    /// [`StateStore::anchors_page`] gives, each once over the pages), after `mark` (from the
+    /// first when `None`), with their neighbourhood held light
+    /// ([`StateStore::load_neighbourhood_light`] reaching as far as `reach`), and the mark to
+    /// go on from; `None` once no anchor is left. The pages come in the order the store reads
+    /// fastest (the SQLite store: its rows' order): a full plan does not depend on it. The
+    /// default pages by anchor.
+    fn full_plan_page(
+        &self,
+        mark: Option<&PageMark>,
+        limit: usize,
+        reach: Reach,
+    ) -> Result<Option<(Vec<Anchor>, Views, PageMark)>, StateError> {
+        let after = match mark {
+            None => None,
+            Some(PageMark::Anchor(a)) => Some(a),
+            Some(other) => {
+                return Err(StateError::Invalid(format!(
+                    "{other:?} is not a mark of this store's pages"
+                )))
+            }
+        };
+        let anchors = self.anchors_page(after, limit)?;
+        let Some(last) = anchors.last().cloned() else {
+            return Ok(None);
+        };
+        let views = self.load_neighbourhood_light(&anchors, reach)?;
+        Ok(Some((anchors, views, PageMark::Anchor(last))))
+    }
 
     /// The entry of `anchor`.
     fn source_entry(&self, anchor: &Anchor) -> Result<Option<Entry>, StateError>;

@@ -56,8 +56,8 @@ use super::{
     audit_attributes, check_import_share, done_effect, encode_entry, entry_hash_into,
     entry_references, lookup_key, lower_lookup_attributes, redacted_operation,
     redacted_target_operation, unlinks, Escrow, FullImportSummary, JournalEntry, JournalId,
-    JournalOutcome, JournalRecord, JournalState, LookupAttributes, Pruned, Reach, RefTarget,
-    Retention, RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
+    JournalOutcome, JournalRecord, JournalState, LookupAttributes, PageMark, Pruned, Reach,
+    RefTarget, Retention, RunId, RunRecord, StateError, StateStore, TargetLookup, Views,
 };
 use crate::connector::{TargetOperation, Watermark};
 use crate::delta::{
@@ -483,6 +483,12 @@ const REFERRERS_BY_DN_IN: &str = "SELECT f.anchor FROM source_refs_open r \
 const LINKS_IN: &str =
     "SELECT anchor, source_type, target_id, target_type FROM links WHERE anchor IN {}";
 const TARGETS_IN: &str = "SELECT id, object_type, attributes FROM target_objects WHERE id IN {}";
+/// A page of source objects in row order ([`scan_rows`]).
+const ROWS_PAGE: &str = "SELECT id, anchor, object_type, dn, attributes FROM source_objects \
+     WHERE id > ?1 ORDER BY id LIMIT ?2";
+/// A page of the linked anchors without a source object, in anchor order.
+const UNSOURCED_PAGE: &str = "SELECT anchor FROM links WHERE anchor > ?1 AND NOT EXISTS \
+     (SELECT 1 FROM source_objects s WHERE s.anchor = links.anchor) ORDER BY anchor LIMIT ?2";
 /// The ids at the keys `?2` to `?n` of the attribute `?1` (join candidates).
 const TARGET_LOOKUP_IN: &str =
     "SELECT value_key, id FROM target_values WHERE attribute = ?1 AND value_key IN {}";
@@ -503,6 +509,10 @@ pub(crate) const BULK_QUERIES: &[&str] = &[
     TARGET_LOOKUP_IN,
     LINKS_BY_TARGETS_IN,
 ];
+
+/// The page reads of a full plan (for the query-plan test).
+#[cfg(test)]
+pub(crate) const PAGE_QUERIES: &[&str] = &[ROWS_PAGE, UNSOURCED_PAGE];
 
 /// The statements of the delta path (for the query-plan test).
 #[cfg(test)]
@@ -804,6 +814,19 @@ impl SqliteStore {
         reach: Reach,
         light: bool,
     ) -> Result<Views, StateError> {
+        Ok(self
+            .neighbourhood_of(Keys::Anchors(anchors), reach, light)?
+            .1)
+    }
+
+    /// [`SqliteStore::neighbourhood`] of the anchors `keys` names; with them, and the last row
+    /// read when they are a page of rows (`0` when none is left).
+    fn neighbourhood_of(
+        &self,
+        keys: Keys<'_>,
+        reach: Reach,
+        light: bool,
+    ) -> Result<(Vec<Anchor>, Views, i64), StateError> {
         let heads = self.current_heads()?;
         let version = self.heads.borrow().data_version;
         let missed = std::cell::Cell::new(0);
@@ -824,7 +847,15 @@ impl SqliteStore {
                 }
                 None => None,
             };
-            read_neighbourhood(db, anchors, reach, light, heads, &missed)
+            let (anchors, entries, last) = match keys {
+                Keys::Anchors(a) => (a.to_vec(), Fetched::default(), 0),
+                Keys::Rows { after, limit } => scan_rows(db, after, limit)?,
+            };
+            if anchors.is_empty() {
+                return Ok((anchors, Views::default(), last));
+            }
+            let views = read_neighbourhood(db, &anchors, reach, light, heads, &missed, entries)?;
+            Ok((anchors, views, last))
         })?;
         drop(heads);
         if stale.get() {
@@ -2044,6 +2075,52 @@ fn referrers_of_read<'a>(
     referrers_of(conn, &anchors, &dns)
 }
 
+/// Which anchors a neighbourhood is read for ([`SqliteStore::neighbourhood_of`]).
+enum Keys<'a> {
+    /// These.
+    Anchors(&'a [Anchor]),
+    /// Those of the first `limit` source objects after the row `after`, in row order (a
+    /// sequential read, where reading by anchor seeks each).
+    Rows { after: i64, limit: usize },
+}
+
+/// The source objects of the first `limit` rows after `after` (in row order): their anchors
+/// (sorted), their entries, and the last row (`0` when none is left).
+fn scan_rows(
+    conn: &Db<'_>,
+    after: i64,
+    limit: usize,
+) -> Result<(Vec<Anchor>, Fetched, i64), StateError> {
+    let what = "reading a page of source objects";
+    let mut raw = Vec::new();
+    let mut last = 0;
+    {
+        let mut stmt = conn.prepare_cached(ROWS_PAGE).ctx(what)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut q = stmt.query(params![after, limit]).ctx(what)?;
+        while let Some(r) = q.next().ctx(what)? {
+            last = r.get::<_, i64>(0).ctx(what)?;
+            raw.push(
+                (1..=4)
+                    .map(|i| r.get::<_, SqlValue>(i))
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .ctx(what)?,
+            );
+        }
+    }
+    conn.names.borrow_mut().reload(conn)?;
+    let names_ref = conn.names()?;
+    let names: &Names = &names_ref;
+    let mut anchors = Vec::with_capacity(raw.len());
+    let mut entries = Fetched::default();
+    for e in decode_rows(raw, |r| decode_entry_in(names, r))? {
+        anchors.push(e.anchor.clone());
+        entries.insert(e.anchor.clone(), Some(e));
+    }
+    anchors.sort_unstable();
+    Ok((anchors, entries, last))
+}
+
 /// The neighbourhood of `anchors` reaching as far as `reach` says
 /// ([`StateStore::load_neighbourhood_reaching`]), read with bulk reads: one `IN` list per few
 /// hundred keys and table, not a query per anchor.
@@ -2054,6 +2131,7 @@ fn read_neighbourhood(
     light: bool,
     heads: Option<&Heads>,
     missed: &std::cell::Cell<usize>,
+    mut entries: Fetched,
 ) -> Result<Views, StateError> {
     let links_of = |keys: &[&str]| -> Result<Vec<Link>, StateError> {
         match heads {
@@ -2069,7 +2147,6 @@ fn read_neighbourhood(
     conn.names.borrow_mut().reload(conn)?;
     let names_ref = conn.names()?;
     let names: &Names = &names_ref;
-    let mut entries = Fetched::default();
     fetch_entries(conn, names, &mut entries, anchors, None)?;
     let mut planned: BTreeSet<Anchor> = anchors.iter().cloned().collect();
     match reach {
@@ -3945,6 +4022,49 @@ impl StateStore for SqliteStore {
         })
     }
 
+    fn full_plan_page(
+        &self,
+        mark: Option<&PageMark>,
+        limit: usize,
+        reach: Reach,
+    ) -> Result<Option<(Vec<Anchor>, Views, PageMark)>, StateError> {
+        // The source objects in the order of their rows (a sequential read), then the links
+        // without one.
+        let after_row = match mark {
+            None => Some(0),
+            Some(PageMark::Row(after)) => Some(*after),
+            Some(PageMark::Unsourced(_)) => None,
+            Some(other) => {
+                return Err(StateError::Invalid(format!(
+                    "{other:?} is not a mark of this store's pages"
+                )))
+            }
+        };
+        if let Some(after) = after_row {
+            let (anchors, views, last) =
+                self.neighbourhood_of(Keys::Rows { after, limit }, reach, true)?;
+            if !anchors.is_empty() {
+                return Ok(Some((anchors, views, PageMark::Row(last))));
+            }
+        }
+        let unsourced = match mark {
+            Some(PageMark::Unsourced(after)) => after.clone(),
+            _ => None,
+        };
+        let anchors = page_rows(
+            &self.db(),
+            UNSOURCED_PAGE,
+            (unsourced.as_ref(), limit),
+            "reading a page of links",
+            |r| Ok(Anchor::from(r.get::<_, String>(0)?)),
+        )?;
+        let Some(last) = anchors.last().cloned() else {
+            return Ok(None);
+        };
+        let views = self.neighbourhood(&anchors, reach, true)?;
+        Ok(Some((anchors, views, PageMark::Unsourced(Some(last)))))
+    }
+
     fn load_join_candidates(
         &self,
         views: &mut Views,
@@ -5338,7 +5458,13 @@ mod tests {
         // Give the planner statistics that make a scan tempting if an index were missing.
         s.conn.execute_batch("ANALYZE").unwrap();
         let bulk = BULK_QUERIES.iter().map(|q| in_list_sql(q, 3));
-        for sql in INDEXED_QUERIES.iter().map(|q| q.to_string()).chain(bulk) {
+        let pages = PAGE_QUERIES.iter().map(|q| q.to_string());
+        for sql in INDEXED_QUERIES
+            .iter()
+            .map(|q| q.to_string())
+            .chain(bulk)
+            .chain(pages)
+        {
             let mut stmt = s
                 .conn
                 .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))

@@ -44,6 +44,7 @@ pub fn store_contract(make: impl Fn() -> Box<dyn StateStore>) {
     container_bindings_are_kept(make());
     duplicate_anchors_are_refused(make());
     anchor_pages_cover_the_mirror_and_the_links_once(make());
+    full_plan_pages_cover_every_anchor_once_with_its_views(make());
     dirty_pages_name_what_their_objects_reference(make());
     referrers_waiting_for_a_new_object_adopt_it(make());
 }
@@ -2148,6 +2149,80 @@ fn duplicate_anchors_are_refused(mut s: Box<dyn StateStore>) {
         Some(dn("cn=Hal,ou=People,dc=x"))
     );
     assert_eq!(s.watermark("src").unwrap(), Some(w2));
+}
+
+/// `full_plan_page` pages through what `anchors_page` gives, each anchor once whatever the
+/// page size (in the store's own order), each page's objects whole in its views with their
+/// links and target objects, and a store's own marks only.
+fn full_plan_pages_cover_every_anchor_once_with_its_views(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    assert!(s
+        .full_plan_page(None, 10, Reach::Anchors)
+        .unwrap()
+        .is_none());
+    let g = s.begin_full_import("src").unwrap();
+    // Imported out of anchor order: a store may page in the order it holds them.
+    let entries: Vec<Entry> = ["m3", "b1", "z9", "a0", "m2"]
+        .iter()
+        .map(|x| user(x, &format!("cn-{x}")))
+        .collect();
+    s.import_entries(g, &entries).unwrap();
+    s.finish_full_import("src", g, None, 0.0).unwrap();
+    link_by_create(s, "b1", "t-b1", Attributes::new());
+    link_by_create(s, "k5", "t-k5", Attributes::new());
+    link_by_create(s, "zz", "t-zz", Attributes::new());
+    for reach in [Reach::Anchors, Reach::AnchorsAlone] {
+        for size in [1, 2, 3, 7, 100] {
+            let mut seen: Vec<Anchor> = Vec::new();
+            let mut mark = None;
+            while let Some((page, views, next)) =
+                s.full_plan_page(mark.as_ref(), size, reach).unwrap()
+            {
+                assert!(
+                    !page.is_empty() && page.len() <= size,
+                    "page size {size}: {page:?}"
+                );
+                for a in &page {
+                    match views.mirror.get(a) {
+                        Some(e) => {
+                            assert!(!views.mirror.is_partial(a), "{a} held as context");
+                            assert_eq!(
+                                e.attributes.first("cn"),
+                                Some(&Value::string(format!("cn-{a}")))
+                            );
+                        }
+                        None => assert!(["k5", "zz"].contains(&a.as_str()), "{a} not read"),
+                    }
+                }
+                if page.contains(&a("b1")) {
+                    assert_eq!(
+                        views.links.get(&a("b1")).map(|l| l.target_id.as_str()),
+                        Some("t-b1")
+                    );
+                    assert!(views.target.get(&"t-b1".into()).is_some());
+                }
+                seen.extend(page);
+                mark = Some(next);
+            }
+            seen.sort();
+            assert_eq!(
+                seen,
+                anchors(&["a0", "b1", "k5", "m2", "m3", "z9", "zz"]),
+                "page size {size}"
+            );
+        }
+    }
+    // A mark of another kind of paging is refused, not misread.
+    let foreign = [
+        crate::state::PageMark::Anchor(a("b1")),
+        crate::state::PageMark::Row(1),
+        crate::state::PageMark::Unsourced(None),
+    ];
+    let refused = foreign
+        .iter()
+        .filter(|m| s.full_plan_page(Some(m), 2, Reach::Anchors).is_err())
+        .count();
+    assert!(refused >= 1, "every mark kind accepted");
 }
 
 /// `anchors_page` pages through the source mirror and the links (a link whose source object
