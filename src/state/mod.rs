@@ -353,10 +353,21 @@ pub enum PageMark {
     /// After this anchor, in anchor order.
     Anchor(Anchor),
     /// After this row of the store's source objects, in the order it holds them.
-    Row(i64),
+    Row {
+        /// The last row read.
+        after: i64,
+        /// The store's version of its contents when the plan began (another writer's commit
+        /// changes it: the store then refuses the mark).
+        version: i64,
+    },
     /// The source objects done: the linked anchors without one, after this one (or from the
     /// first).
-    Unsourced(Option<Anchor>),
+    Unsourced {
+        /// The last anchor read, if any.
+        after: Option<Anchor>,
+        /// As [`PageMark::Row`]'s.
+        version: i64,
+    },
 }
 
 /// Which of the objects referencing a neighbourhood's anchors it plans too
@@ -752,9 +763,8 @@ pub trait StateStore: Send {
 
     /// A page of the anchors a full plan considers — those of the source mirror and those
     /// linked (a linked object whose source object is gone is deprovisioned) — each once, in
-    /// ascending order, the first `limit` after `after` (from the first when `None`). A full
-    /// plan pages through the store with it ([`crate::delta::decide_page`]) instead of loading
-    /// it whole.
+    /// ascending order, the first `limit` after `after` (from the first when `None`). The default
+    /// [`StateStore::full_plan_page`] pages through the store with it.
     fn anchors_page(&self, after: Option<&Anchor>, limit: usize)
         -> Result<Vec<Anchor>, StateError>;
 

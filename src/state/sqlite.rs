@@ -1799,8 +1799,15 @@ fn sent_json(key: &str, op: Option<&Operation>, text: &str) -> Result<TargetOper
 const IN_CHUNK: usize = 256;
 
 /// `sql` with an `IN` list of the `n` parameters `?1` to `?n` wherever its `{}` is.
+#[cfg(test)]
 fn in_list_sql(sql: &str, n: usize) -> String {
-    let list: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+    in_list_sql_from(sql, 1, n)
+}
+
+/// [`in_list_sql`] with the list's parameters numbered from `?first` (the ones before it are
+/// the query's own).
+fn in_list_sql_from(sql: &str, first: usize, n: usize) -> String {
+    let list: Vec<String> = (first..first + n).map(|i| format!("?{i}")).collect();
     sql.replace("{}", &format!("({})", list.join(",")))
 }
 
@@ -1813,29 +1820,16 @@ fn rows_in<K: rusqlite::ToSql>(
     columns: usize,
     what: &str,
 ) -> Result<Vec<Vec<SqlValue>>, StateError> {
-    let mut out = Vec::new();
-    let Some(n) = (!keys.is_empty()).then(|| IN_CHUNK.min(keys.len())) else {
-        return Ok(out);
-    };
-    let sql = in_list_sql(sql, n);
-    let mut stmt = conn.prepare_cached(&sql).ctx(what)?;
-    for chunk in keys.chunks(IN_CHUNK) {
-        let last = &chunk[chunk.len() - 1];
-        let padded = chunk.iter().chain(std::iter::repeat(last)).take(n);
-        let mut q = stmt.query(rusqlite::params_from_iter(padded)).ctx(what)?;
-        while let Some(r) = q.next().ctx(what)? {
-            out.push(raw_row(r, columns).ctx(what)?);
-        }
-    }
-    Ok(out)
+    rows_in_after(conn, sql, &[], keys, columns, what)
 }
 
-/// [`rows_in`] for a query whose `?1` is `first` and whose `IN` list takes `?2` on.
-fn rows_in_after(
+/// [`rows_in`] for a query whose first parameters (`?1` on) are `lead`, the `IN` list's after
+/// them.
+fn rows_in_after<K: rusqlite::ToSql>(
     conn: &Db<'_>,
     sql: &str,
-    first: &str,
-    keys: &[&str],
+    lead: &[&str],
+    keys: &[K],
     columns: usize,
     what: &str,
 ) -> Result<Vec<Vec<SqlValue>>, StateError> {
@@ -1843,16 +1837,16 @@ fn rows_in_after(
     let Some(n) = (!keys.is_empty()).then(|| IN_CHUNK.min(keys.len())) else {
         return Ok(out);
     };
-    let list: Vec<String> = (2..=n + 1).map(|i| format!("?{i}")).collect();
-    let sql = sql.replace("{}", &format!("({})", list.join(",")));
+    let sql = in_list_sql_from(sql, lead.len() + 1, n);
     let mut stmt = conn.prepare_cached(&sql).ctx(what)?;
     for chunk in keys.chunks(IN_CHUNK) {
-        let last = chunk[chunk.len() - 1];
-        let padded = std::iter::once(first)
-            .chain(chunk.iter().copied())
-            .chain(std::iter::repeat(last))
-            .take(n + 1);
-        let mut q = stmt.query(rusqlite::params_from_iter(padded)).ctx(what)?;
+        let last = &chunk[chunk.len() - 1];
+        let padded = chunk.iter().chain(std::iter::repeat(last)).take(n);
+        let params = lead
+            .iter()
+            .map(|l| l as &dyn rusqlite::ToSql)
+            .chain(padded.map(|k| k as &dyn rusqlite::ToSql));
+        let mut q = stmt.query(rusqlite::params_from_iter(params)).ctx(what)?;
         while let Some(r) = q.next().ctx(what)? {
             out.push(raw_row(r, columns).ctx(what)?);
         }
@@ -2075,6 +2069,10 @@ fn referrers_of_read<'a>(
     referrers_of(conn, &anchors, &dns)
 }
 
+/// The entries from which a neighbourhood's source mirror is built beside the reading of its
+/// target objects (below, a thread costs more than it saves).
+const PARALLEL_BUILD: usize = 512;
+
 /// Which anchors a neighbourhood is read for ([`SqliteStore::neighbourhood_of`]).
 enum Keys<'a> {
     /// These.
@@ -2181,7 +2179,7 @@ fn read_neighbourhood(
             planned.extend(linked);
         }
     }
-    if planned.len() > anchors.len() {
+    if planned.iter().any(|p| !entries.contains_key(p)) {
         fetch_entries(conn, names, &mut entries, &planned, None)?;
     }
     // What references a planned object (the referrers not planned among them).
@@ -2279,35 +2277,41 @@ fn read_neighbourhood(
         .filter(|l| planned.contains(&l.anchor))
         .map(|l| l.target_id.as_str())
         .collect();
-    // The source mirror is built on another thread while the target objects are read.
-    let (mirror, targets) = std::thread::scope(|scope| {
-        let entries = &mut entries;
-        let (planned, context) = (&planned, &context);
-        let building = scope.spawn(move || {
-            let mut mirror = crate::delta::SourceMirror::default();
-            // In the order the planned objects then the context come.
-            for a in planned {
-                if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+    let build = |entries: &mut Fetched| {
+        let mut mirror = crate::delta::SourceMirror::default();
+        // In the order the planned objects then the context come.
+        for a in &planned {
+            if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+                mirror.insert(e);
+            }
+        }
+        for a in context.iter().filter(|a| !planned.contains(*a)) {
+            if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+                if light {
+                    mirror.insert_partial(e);
+                } else {
                     mirror.insert(e);
                 }
             }
-            for a in context.iter().filter(|a| !planned.contains(*a)) {
-                if let Some(e) = entries.get_mut(a).and_then(Option::take) {
-                    if light {
-                        mirror.insert_partial(e);
-                    } else {
-                        mirror.insert(e);
-                    }
-                }
-            }
-            mirror
-        });
-        let targets = targets_by_ids(conn, names, &ids);
-        let mirror = building
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (mirror, targets)
-    });
+        }
+        mirror
+    };
+    // A large page's source mirror is built on another thread while its target objects are
+    // read.
+    let (mirror, targets) = if entries.len() < PARALLEL_BUILD {
+        (build(&mut entries), targets_by_ids(conn, names, &ids))
+    } else {
+        std::thread::scope(|scope| {
+            let entries = &mut entries;
+            let build = &build;
+            let building = scope.spawn(move || build(entries));
+            let targets = targets_by_ids(conn, names, &ids);
+            let mirror = building
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (mirror, targets)
+        })
+    };
     let mut views = Views {
         mirror,
         ..Views::default()
@@ -4029,26 +4033,46 @@ impl StateStore for SqliteStore {
         reach: Reach,
     ) -> Result<Option<(Vec<Anchor>, Views, PageMark)>, StateError> {
         // The source objects in the order of their rows (a sequential read), then the links
-        // without one.
-        let after_row = match mark {
-            None => Some(0),
-            Some(PageMark::Row(after)) => Some(*after),
-            Some(PageMark::Unsourced(_)) => None,
+        // without one. Each page is a snapshot of its own: were the file written by another
+        // connection in between, an anchor could come twice (its row, then its link alone) or
+        // not at all — refused, the plan is made again.
+        let now = data_version(&self.conn)?;
+        let (after_row, version) = match mark {
+            None => (Some(0), now),
+            Some(PageMark::Row { after, version }) => (Some(*after), *version),
+            Some(PageMark::Unsourced { version, .. }) => (None, *version),
             Some(other) => {
                 return Err(StateError::Invalid(format!(
                     "{other:?} is not a mark of this store's pages"
                 )))
             }
         };
+        let unchanged = || -> Result<(), StateError> {
+            if data_version(&self.conn)? == version {
+                Ok(())
+            } else {
+                Err(StateError::Invalid(
+                    "another connection wrote the state file while a full plan was reading it: \
+                     plan again"
+                        .into(),
+                ))
+            }
+        };
+        unchanged()?;
         if let Some(after) = after_row {
             let (anchors, views, last) =
                 self.neighbourhood_of(Keys::Rows { after, limit }, reach, true)?;
+            unchanged()?;
             if !anchors.is_empty() {
-                return Ok(Some((anchors, views, PageMark::Row(last))));
+                let next = PageMark::Row {
+                    after: last,
+                    version,
+                };
+                return Ok(Some((anchors, views, next)));
             }
         }
         let unsourced = match mark {
-            Some(PageMark::Unsourced(after)) => after.clone(),
+            Some(PageMark::Unsourced { after, .. }) => after.clone(),
             _ => None,
         };
         let anchors = page_rows(
@@ -4059,10 +4083,16 @@ impl StateStore for SqliteStore {
             |r| Ok(Anchor::from(r.get::<_, String>(0)?)),
         )?;
         let Some(last) = anchors.last().cloned() else {
+            unchanged()?;
             return Ok(None);
         };
         let views = self.neighbourhood(&anchors, reach, true)?;
-        Ok(Some((anchors, views, PageMark::Unsourced(Some(last)))))
+        unchanged()?;
+        let next = PageMark::Unsourced {
+            after: Some(last),
+            version,
+        };
+        Ok(Some((anchors, views, next)))
     }
 
     fn load_join_candidates(
@@ -4082,7 +4112,7 @@ impl StateStore for SqliteStore {
                 (attr, key)
             })
             .collect();
-        // The indexed ones in bulk (a read per attribute and few hundred keys, not one per
+        // The indexed ones in bulk (a read per attribute and a few hundred keys, not one per
         // lookup: a first load of a million objects asks a million), then the objects and
         // links they name.
         let mut keys_of: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
@@ -4097,7 +4127,7 @@ impl StateStore for SqliteStore {
             for mut r in rows_in_after(
                 conn,
                 TARGET_LOOKUP_IN,
-                attr,
+                &[attr],
                 &keys,
                 2,
                 "looking up target values",
@@ -5484,6 +5514,40 @@ mod tests {
                 "{sql}: {details:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_full_plan_refuses_its_next_page_once_another_connection_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut s = SqliteStore::open(&path).unwrap();
+        let g = s.begin_full_import("src").unwrap();
+        let entries: Vec<Entry> = (0..5)
+            .map(|i| Entry::new(format!("u{i}"), "user").with("cn", format!("u{i}").as_str()))
+            .collect();
+        s.import_entries(g, &entries).unwrap();
+        s.finish_full_import("src", g, None, 0.0).unwrap();
+        let page = |s: &SqliteStore, m: Option<&PageMark>| {
+            s.full_plan_page(m, 2, Reach::Anchors)
+                .map(|p| p.map(|(anchors, _, next)| (anchors, next)))
+        };
+        let (_, mark) = page(&s, None).unwrap().unwrap();
+        // This connection's own writes do not count.
+        s.mark_dirty(&["u0".into()]).unwrap();
+        let (_, mark) = page(&s, Some(&mark)).unwrap().unwrap();
+        let mut other = SqliteStore::open(&path).unwrap();
+        other.mark_dirty(&["u1".into()]).unwrap();
+        let err = page(&s, Some(&mark)).unwrap_err();
+        assert!(err.to_string().contains("another connection"), "{err}");
+        // A plan begun afresh reads the file as it is now: every anchor once.
+        let (mut seen, mut mark) = (Vec::new(), None);
+        while let Some((anchors, next)) = page(&s, mark.as_ref()).unwrap() {
+            seen.extend(anchors);
+            mark = Some(next);
+        }
+        seen.sort();
+        let all: Vec<Anchor> = (0..5).map(|i| Anchor::from(format!("u{i}"))).collect();
+        assert_eq!(seen, all);
     }
 
     #[test]
