@@ -2244,15 +2244,9 @@ fn duplicate_anchors_are_refused(mut s: Box<dyn StateStore>) {
     assert_eq!(s.watermark("src").unwrap(), Some(w2));
 }
 
-/// `full_plan_page` pages through what `anchors_page` gives, each anchor once whatever the
-/// page size (in the store's own order), each page's objects whole in its views with their
-/// links and target objects, and a store's own marks only.
-fn full_plan_pages_cover_every_anchor_once_with_its_views(mut s: Box<dyn StateStore>) {
-    let s = s.as_mut();
-    assert!(s
-        .full_plan_page(None, 10, Reach::Anchors)
-        .unwrap()
-        .is_none());
+/// Five source objects imported out of anchor order, two links without one (`k5`, `zz`) and
+/// one with (`b1`).
+fn mirror_and_links(s: &mut dyn StateStore) {
     let g = s.begin_full_import("src").unwrap();
     // Imported out of anchor order: a store may page in the order it holds them.
     let entries: Vec<Entry> = ["m3", "b1", "z9", "a0", "m2"]
@@ -2264,6 +2258,18 @@ fn full_plan_pages_cover_every_anchor_once_with_its_views(mut s: Box<dyn StateSt
     link_by_create(s, "b1", "t-b1", Attributes::new());
     link_by_create(s, "k5", "t-k5", Attributes::new());
     link_by_create(s, "zz", "t-zz", Attributes::new());
+}
+
+/// `full_plan_page` pages through what `anchors_page` gives, each anchor once whatever the
+/// page size (in the store's own order), each page's objects whole in its views with their
+/// links and target objects, and a store's own marks only.
+fn full_plan_pages_cover_every_anchor_once_with_its_views(mut s: Box<dyn StateStore>) {
+    let s = s.as_mut();
+    assert!(s
+        .full_plan_page(None, 10, Reach::Anchors)
+        .unwrap()
+        .is_none());
+    mirror_and_links(s);
     let kind = |m: &crate::state::PageMark| match m {
         crate::state::PageMark::Anchor(_) => "anchor",
         crate::state::PageMark::Row { .. } => "row",
@@ -2350,16 +2356,7 @@ fn full_plan_pages_cover_every_anchor_once_with_its_views(mut s: Box<dyn StateSt
 fn anchor_pages_cover_the_mirror_and_the_links_once(mut s: Box<dyn StateStore>) {
     let s = s.as_mut();
     assert!(s.anchors_page(None, 10).unwrap().is_empty());
-    let g = s.begin_full_import("src").unwrap();
-    let entries: Vec<Entry> = ["m3", "b1", "z9", "a0", "m2"]
-        .iter()
-        .map(|x| user(x, &format!("cn-{x}")))
-        .collect();
-    s.import_entries(g, &entries).unwrap();
-    s.finish_full_import("src", g, None, 0.0).unwrap();
-    link_by_create(s, "b1", "t-b1", Attributes::new());
-    link_by_create(s, "k5", "t-k5", Attributes::new());
-    link_by_create(s, "zz", "t-zz", Attributes::new());
+    mirror_and_links(s);
     let all = anchors(&["a0", "b1", "k5", "m2", "m3", "z9", "zz"]);
     for size in [1, 2, 3, 7, 100] {
         let mut seen: Vec<Anchor> = Vec::new();
