@@ -159,6 +159,9 @@ impl Synchronizer {
                 // Rules that do not read `member_of` need nothing of what references a page.
                 let alone = if self.projection.reads_member_of() {
                     Reach::Anchors
+                } else if self.projection.reads_mirror_by_dn() {
+                    // Nor a referenced object beyond its DN: a linked one comes as its link.
+                    Reach::AnchorsByLink
                 } else {
                     Reach::AnchorsAlone
                 };
@@ -168,14 +171,15 @@ impl Synchronizer {
                     let mut deciding: Option<std::thread::ScopedJoinHandle<'_, _>> = None;
                     let mut collect = |h: std::thread::ScopedJoinHandle<
                         '_,
-                        (Vec<Anchor>, delta::Decisions),
+                        (Vec<Anchor>, delta::Decisions, bool),
                     >|
                      -> Result<()> {
-                        let (anchors, mut page) = h
+                        let (anchors, mut page, asked_absent) = h
                             .join()
                             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                        if page.incomplete() {
-                            // A store whose light views hold a page's own object as context.
+                        if page.incomplete() || asked_absent {
+                            // A store whose light views hold a page's own object as context,
+                            // or a projection that asked for an object held as its link.
                             let views =
                                 self.views_for(&anchors, now, &bindings, Reach::Anchors, false)?;
                             page = delta::decide_page(
@@ -202,6 +206,12 @@ impl Synchronizer {
                         else {
                             break;
                         };
+                        let mut views = views;
+                        if alone == Reach::AnchorsByLink {
+                            // Said when the projection (the join lookups' too) asks for a
+                            // referenced object the views hold as its link only.
+                            views.mirror.watch_absent();
+                        }
                         let views = self.with_join_candidates(&anchors, views, now, &bindings)?;
                         if let Some(h) = deciding.take() {
                             collect(h)?;
@@ -214,8 +224,9 @@ impl Synchronizer {
                                 &self.plan_input(&views, now, bindings, counts, refs),
                                 &anchors,
                             );
+                            let asked_absent = views.mirror.asked_absent();
                             drop(views);
-                            (anchors, page)
+                            (anchors, page, asked_absent)
                         }));
                         mark = Some(next);
                     }
