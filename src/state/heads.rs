@@ -9,13 +9,19 @@
 //! object's head or a link is seen, whichever function ran it), and drops it when another
 //! connection changes the file.
 //!
-//! Pure data structure: no I/O. About 40 bytes a slot plus the texts (anchor, DN, target id)
+//! A transaction that writes source objects sees the index as of its start through
+//! [`TxHeads`], which lays the heads the transaction wrote over it (the index itself takes them
+//! in from the log once the transaction committed; a transaction rolled back leaves it as it
+//! was).
+//!
+//! Pure data structures: no I/O. About 48 bytes a slot plus the texts (anchor, DN, target id)
 //! and two hash tables of slot numbers.
 
 use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 use rustc_hash::{FxBuildHasher, FxHashMap};
+use smallvec::SmallVec;
 
 use crate::delta::Link;
 use crate::model::{Anchor, ObjectType};
@@ -49,6 +55,8 @@ struct Slot {
     dn: Span,
     /// `source_objects.dn_key` (the hash of the normalized DN).
     dn_key: i64,
+    /// The source object's row id (`source_objects.id`).
+    id: i64,
     /// The link's target id ([`Span::NONE`]: not linked).
     target: Span,
     /// The source object's type ([`NO_TYPE`]: no source object).
@@ -68,7 +76,7 @@ impl Slot {
     }
 }
 
-const _: () = assert!(std::mem::size_of::<Slot>() <= 40);
+const _: () = assert!(std::mem::size_of::<Slot>() <= 48);
 
 /// A source object's head as the index holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +85,8 @@ pub(crate) struct Head<'h> {
     pub object_type: &'h ObjectType,
     /// The DN as stored (spelled as the source gave it).
     pub dn: Option<&'h str>,
+    /// The row id (`source_objects.id`).
+    pub id: i64,
 }
 
 /// Source object heads and links by anchor, and heads by `dn_key`.
@@ -98,6 +108,10 @@ pub(crate) struct Heads {
     /// Bytes of `text` no slot uses any more.
     garbage: usize,
 }
+
+/// A source object's head to hold: its row id, its type, and its DN as stored with the DN's
+/// `dn_key` (`None`: no DN).
+pub(crate) type NewHead<'a> = (i64, &'a ObjectType, Option<(&'a str, i64)>);
 
 /// Why a head cannot be held: a text or a count beyond what the index can address. The store
 /// then reads from the file, as without the index.
@@ -172,6 +186,7 @@ impl Heads {
             anchor: span,
             dn: Span::NONE,
             dn_key: 0,
+            id: 0,
             target: Span::NONE,
             object_type: NO_TYPE,
             link_source_type: NO_TYPE,
@@ -221,12 +236,12 @@ impl Heads {
         }
     }
 
-    /// Sets (or, `None`, removes) the head of the source object `anchor`: its type, its DN as
-    /// stored and the DN's `dn_key`.
+    /// Sets (or, `None`, removes) the head of the source object `anchor`: its row id, its type,
+    /// its DN as stored and the DN's `dn_key`.
     pub(crate) fn set_source(
         &mut self,
         anchor: &str,
-        head: Option<(&ObjectType, Option<(&str, i64)>)>,
+        head: Option<NewHead<'_>>,
     ) -> Result<(), TooLarge> {
         let i = match (self.find(anchor), head) {
             (None, None) => return Ok(()),
@@ -239,12 +254,13 @@ impl Heads {
         let slot = &mut self.slots[i as usize];
         slot.dn = Span::NONE;
         slot.object_type = NO_TYPE;
-        let Some((object_type, dn)) = head else {
+        let Some((id, object_type, dn)) = head else {
             self.release_if_empty(i);
             return Ok(());
         };
         let t = self.type_id(object_type)?;
         self.slots[i as usize].object_type = t;
+        self.slots[i as usize].id = id;
         if let Some((dn, key)) = dn {
             let span = self.push(dn)?;
             let slot = &mut self.slots[i as usize];
@@ -291,6 +307,7 @@ impl Heads {
             anchor: self.str_of(slot.anchor),
             object_type: &self.types[slot.object_type as usize],
             dn: (slot.dn != Span::NONE).then(|| self.str_of(slot.dn)),
+            id: slot.id,
         })
     }
 
@@ -331,12 +348,127 @@ impl Heads {
     }
 }
 
+/// A source object's head as a transaction wrote it (see [`TxHeads`]).
+struct Written {
+    id: i64,
+    object_type: ObjectType,
+    dn: Option<(Box<str>, i64)>,
+}
+
+/// The heads of the source objects as a transaction that writes them sees them: the index as
+/// of the transaction's start, and over it the heads the transaction wrote since (each write
+/// told with [`TxHeads::write`]). Kept for one transaction: the index takes the writes in from
+/// its log once the transaction has committed.
+pub(crate) struct TxHeads<'h> {
+    base: &'h Heads,
+    /// The anchors whose head the transaction wrote: the head now (`None`: deleted).
+    written: FxHashMap<Box<str>, Option<Written>>,
+    /// The anchors the transaction wrote with a DN, by `dn_key` (an anchor written again under
+    /// another key stays listed under the old one; [`TxHeads::heads_at_key`] checks).
+    by_dn: FxHashMap<i64, SmallVec<[Box<str>; 1]>>,
+}
+
+impl<'h> TxHeads<'h> {
+    /// The index `base` as of the transaction's start, nothing written yet.
+    pub(crate) fn new(base: &'h Heads) -> TxHeads<'h> {
+        TxHeads {
+            base,
+            written: FxHashMap::default(),
+            by_dn: FxHashMap::default(),
+        }
+    }
+
+    fn written_head<'a>(anchor: &'a str, w: &'a Written) -> Head<'a> {
+        Head {
+            anchor,
+            object_type: &w.object_type,
+            dn: w.dn.as_ref().map(|(d, _)| &**d),
+            id: w.id,
+        }
+    }
+
+    /// The head of the source object `anchor`, if there is one now.
+    pub(crate) fn head(&self, anchor: &str) -> Option<Head<'_>> {
+        match self.written.get_key_value(anchor) {
+            Some((a, w)) => w.as_ref().map(|w| Self::written_head(a, w)),
+            None => self.base.head(anchor),
+        }
+    }
+
+    /// The heads of the source objects whose `dn_key` is `key` now (the caller compares the
+    /// DNs).
+    pub(crate) fn heads_at_key(&self, key: i64) -> impl Iterator<Item = Head<'_>> + '_ {
+        let base = self
+            .base
+            .heads_at_key(key)
+            .filter(|h| !self.written.contains_key(h.anchor));
+        let written = self
+            .by_dn
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter_map(move |a| {
+                let (a, w) = self.written.get_key_value(&**a)?;
+                let w = w.as_ref()?;
+                (w.dn.as_ref().map(|(_, k)| *k) == Some(key)).then(|| Self::written_head(a, w))
+            });
+        base.chain(written)
+    }
+
+    /// Tells that the transaction wrote the head of `anchor` (`None`: deleted it).
+    pub(crate) fn write(&mut self, anchor: &str, head: Option<NewHead<'_>>) {
+        let head = head.map(|(id, object_type, dn)| Written {
+            id,
+            object_type: object_type.clone(),
+            dn: dn.map(|(d, k)| (Box::from(d), k)),
+        });
+        if let Some(key) = head.as_ref().and_then(|h| h.dn.as_ref()).map(|(_, k)| *k) {
+            let listed = self.by_dn.entry(key).or_default();
+            if !listed.iter().any(|a| &**a == anchor) {
+                listed.push(Box::from(anchor));
+            }
+        }
+        match self.written.get_mut(anchor) {
+            Some(w) => *w = head,
+            None => {
+                self.written.insert(Box::from(anchor), head);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    type Model = BTreeMap<String, (Option<(String, Option<(String, i64)>)>, Option<Link>)>;
+    /// A source object's head: row id, type, DN and key.
+    type ModelHead = (i64, String, Option<(String, i64)>);
+    type Model = BTreeMap<String, (Option<ModelHead>, Option<Link>)>;
+
+    /// A pseudo-random walk (xorshift).
+    fn walk(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed;
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    /// A random head for step `step` (about one in seven without a DN; eight keys for all).
+    fn random_head(step: usize, r: u64) -> ModelHead {
+        let t = if r % 2 == 0 { "user" } else { "group" };
+        let dn = (r % 7 != 0).then(|| (format!("CN=U{step},DC=x"), (r % 8) as i64));
+        (step as i64 + 1, t.to_owned(), dn)
+    }
+
+    fn new_head(h: &ModelHead) -> NewHead<'_> {
+        // (A test's types: leaked, a few bytes each.)
+        let t: &'static ObjectType = Box::leak(Box::new(ObjectType::from(h.1.as_str())));
+        (h.0, t, h.2.as_ref().map(|(d, k)| (d.as_str(), *k)))
+    }
 
     fn check(h: &Heads, model: &Model) {
         let live = model
@@ -348,9 +480,10 @@ mod tests {
             let head = h.head(a);
             match s {
                 None => assert!(head.is_none(), "{a}"),
-                Some((t, dn)) => {
+                Some((id, t, dn)) => {
                     let head = head.unwrap();
                     assert_eq!(head.anchor, a);
+                    assert_eq!(head.id, *id);
                     assert_eq!(head.object_type.as_str(), t);
                     assert_eq!(head.dn, dn.as_ref().map(|(d, _)| d.as_str()));
                     if let Some((d, k)) = dn {
@@ -382,30 +515,16 @@ mod tests {
     fn the_index_answers_as_a_map_through_sets_and_removals() {
         let mut h = Heads::default();
         let mut model: Model = BTreeMap::new();
-        let mut x: u64 = 7;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = walk(7);
         for step in 0..60_000 {
             let a = format!("anchor-{}", next() % 3000);
             let r = next();
             let entry = model.entry(a.clone()).or_default();
             match r % 5 {
                 0 | 1 => {
-                    let t = if r % 2 == 0 { "user" } else { "group" };
-                    let dn = (r % 7 != 0).then(|| (format!("CN=U{step},DC=x"), (r % 8) as i64));
-                    h.set_source(
-                        &a,
-                        Some((
-                            &ObjectType::from(t),
-                            dn.as_ref().map(|(d, k)| (d.as_str(), *k)),
-                        )),
-                    )
-                    .unwrap();
-                    entry.0 = Some((t.to_owned(), dn));
+                    let head = random_head(step, r);
+                    h.set_source(&a, Some(new_head(&head))).unwrap();
+                    entry.0 = Some(head);
                 }
                 2 => {
                     h.set_source(&a, None).unwrap();
@@ -442,5 +561,74 @@ mod tests {
         // Freed slots are used again: the slots stay about the live anchors.
         assert!(h.slots.len() <= 3000, "{}", h.slots.len());
         assert!(h.bytes() > 0);
+    }
+
+    /// A transaction's view answers as the index would with the transaction's writes in it:
+    /// heads written, rewritten under another DN key, deleted and written again, over an index
+    /// of 2,000 heads (eight keys for all, so most lookups mix the two); the index itself is
+    /// left as it was.
+    #[test]
+    fn a_transactions_view_lays_its_writes_over_the_index() {
+        let mut h = Heads::default();
+        let mut model: BTreeMap<String, Option<ModelHead>> = BTreeMap::new();
+        let mut next = walk(11);
+        for i in 0..2000 {
+            let a = format!("anchor-{i}");
+            let head = random_head(i, next());
+            h.set_source(&a, Some(new_head(&head))).unwrap();
+            model.insert(a, Some(head));
+        }
+        let before = model.clone();
+        let mut tx = TxHeads::new(&h);
+        let check = |tx: &TxHeads<'_>, model: &BTreeMap<String, Option<ModelHead>>| {
+            for (a, m) in model {
+                let got = tx.head(a).map(|h| {
+                    (
+                        h.id,
+                        h.object_type.as_str().to_owned(),
+                        h.dn.map(str::to_owned),
+                    )
+                });
+                let want = m
+                    .as_ref()
+                    .map(|(id, t, dn)| (*id, t.clone(), dn.as_ref().map(|(d, _)| d.clone())));
+                assert_eq!(got, want, "{a}");
+            }
+            for key in 0..8 {
+                let mut got: Vec<(String, i64)> = tx
+                    .heads_at_key(key)
+                    .map(|h| (h.anchor.to_owned(), h.id))
+                    .collect();
+                got.sort();
+                let want: Vec<(String, i64)> = model
+                    .iter()
+                    .filter_map(|(a, m)| {
+                        let (id, _, dn) = m.as_ref()?;
+                        (dn.as_ref()?.1 == key).then(|| (a.clone(), *id))
+                    })
+                    .collect();
+                assert_eq!(got, want, "key {key}");
+            }
+        };
+        for step in 0..6000 {
+            // Old anchors and new ones.
+            let a = format!("anchor-{}", next() % 3000);
+            let r = next();
+            if r % 4 == 0 {
+                tx.write(&a, None);
+                model.insert(a, None);
+            } else {
+                let head = random_head(10_000 + step, r);
+                tx.write(&a, Some(new_head(&head)));
+                model.insert(a, Some(head));
+            }
+            if step % 1000 == 0 {
+                check(&tx, &model);
+            }
+        }
+        check(&tx, &model);
+        drop(tx);
+        // The index is as it was.
+        check(&TxHeads::new(&h), &before);
     }
 }
