@@ -5103,6 +5103,40 @@ mod tests {
         assert_eq!(links.get(&u2).map(|l| l.target_type.as_str()), Some("User"));
     }
 
+    /// A full import's batches commit without waiting for the disk, and only they: a store
+    /// opened with `Durability::Full` is back to `synchronous=FULL` after each batch, after a
+    /// refused one too, and its import's end and every other write wait as before.
+    #[test]
+    fn only_import_batches_commit_without_waiting_for_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(dir.path().join("state.db")).unwrap();
+        let sync = |s: &SqliteStore| -> i64 {
+            s.conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(sync(&s), 2);
+        let g = s.begin_full_import("ad").unwrap();
+        s.import_entries(g, &[Entry::new("a", "user").with_dn(dn("CN=A,DC=x"))])
+            .unwrap();
+        assert_eq!(sync(&s), 2);
+        let twice = [
+            Entry::new("b", "user").with_dn(dn("CN=B,DC=x")),
+            Entry::new("b", "user").with_dn(dn("CN=C,DC=x")),
+        ];
+        assert!(s.import_entries(g, &twice).is_err());
+        assert_eq!(sync(&s), 2);
+        s.finish_full_import("ad", g, None, 0.0).unwrap();
+        assert_eq!(sync(&s), 2);
+        let mut normal =
+            SqliteStore::open_with(dir.path().join("normal.db"), Durability::Normal).unwrap();
+        let g = normal.begin_full_import("ad").unwrap();
+        normal
+            .import_entries(g, &[Entry::new("a", "user").with_dn(dn("CN=A,DC=x"))])
+            .unwrap();
+        assert_eq!(sync(&normal), 1, "a store opened so stays so");
+    }
+
     /// An import batch into a store with no reference waiting (where nothing is read to find
     /// waiting references) whose first objects refer, by DN and by anchor, to objects later
     /// in the same batch: the references wait, then resolve as those objects arrive — with
