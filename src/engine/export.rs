@@ -1,8 +1,9 @@
 //! The export stage's I/O: the [`Ledger`] decides (what is ready, retries, escrow, the circuit
 //! breaker, the dirty set), this driver journals, sends and records.
 //!
-//! For each batch the ledger makes ready: its intents are journaled in one commit, durable
-//! before anything is sent; the batch goes to the target in one [`Target::apply`] call
+//! For the batches the ledger makes ready together (a round): their intents are journaled in
+//! one commit, durable before anything is sent; each batch goes to the target in one
+//! [`Target::apply`] call
 //! (up to `max_batch` operations); the outcomes go back to the ledger, which uses what they
 //! teach at once (links for later references) and decides what to record — recorded by the
 //! state writer thread (`writer.rs`), which holds them back (about a page of a paged run) and
@@ -18,7 +19,7 @@ use futures::future::{select, Either};
 use futures::stream::FuturesUnordered;
 
 use super::ledger::{Batch, Item, Ledger, Outcome, Settings};
-use super::writer::Writer;
+use super::writer::{Pending, Writer};
 use super::*;
 use crate::connector::Applied;
 
@@ -118,8 +119,13 @@ impl Synchronizer {
         let mut in_flight = FuturesUnordered::new();
         let mut timer: Option<(Duration, Timer)> = None;
         loop {
+            // The batches ready together are journaled in one commit.
+            let mut round = Vec::new();
             while let Some(batch) = ledger.ready(t0.elapsed()) {
-                in_flight.push(self.send_batch(writer, batch));
+                round.push(batch);
+            }
+            for pending in writer.queue_intents(round) {
+                in_flight.push(self.send_batch(writer, pending));
             }
             writer.write(ledger.take_writes());
             if ledger.is_finished() {
@@ -160,10 +166,10 @@ impl Synchronizer {
         }
     }
 
-    /// Journals a batch (one commit, durable before anything is sent), sends it in one target
-    /// call, and answers what became of each item.
-    async fn send_batch(&self, writer: &Writer, batch: Batch) -> Result<(Batch, Vec<Outcome>)> {
-        let mut batch = writer.intents(batch).await?;
+    /// Waits until a batch is journaled (its round's commit durable: before anything is
+    /// sent), sends it in one target call, and answers what became of each item.
+    async fn send_batch(&self, writer: &Writer, pending: Pending) -> Result<(Batch, Vec<Outcome>)> {
+        let mut batch = writer.journaled(pending).await?;
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.items.len());
         for item in &batch.items {
             outcomes.push(match &item.sent {

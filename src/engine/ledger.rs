@@ -724,7 +724,7 @@ fn jitter(item: &Item, attempt: u32, backoff: Duration) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::delta::{JoinGroup, Link, Reason, TargetRef};
     use crate::engine::order::tests::create;
@@ -735,7 +735,11 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 1, 1, 8, 0, 0).unwrap()
     }
 
-    fn settings(max_batch: usize, concurrency: usize, min_operations: u64) -> Settings {
+    pub(in crate::engine) fn settings(
+        max_batch: usize,
+        concurrency: usize,
+        min_operations: u64,
+    ) -> Settings {
         Settings {
             max_batch,
             concurrency,
@@ -753,7 +757,7 @@ mod tests {
         }
     }
 
-    fn ledger(s: Settings, ops: Vec<Operation>) -> Ledger {
+    pub(in crate::engine) fn ledger(s: Settings, ops: Vec<Operation>) -> Ledger {
         Ledger::new(s, ops, &[], linked(&[]), Vec::new(), now())
     }
 

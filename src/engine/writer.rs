@@ -16,8 +16,9 @@
 //! not once per round. An outcome not yet committed when the process dies leaves its intent
 //! unconfirmed: crash recovery settles it against the target, as it would a batch in flight.
 //!
-//! The crash promise holds: [`Writer::intents`] answers once the intents are committed
-//! (durable), and only then is a batch sent.
+//! The crash promise holds: [`Writer::journaled`] answers once the intents are committed
+//! (durable), and only then is a batch sent. The batches of a round (those the ledger makes
+//! ready together) are queued as one job, so their intents share one commit.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -39,11 +40,9 @@ pub(super) type SharedStore = Arc<Mutex<Box<dyn StateStore>>>;
 type Call = Box<dyn FnOnce(&mut dyn StateStore) -> Result<(), StateError> + Send>;
 
 enum Job {
-    /// Journal the items of the batch not journaled yet; answer their rows.
-    Intents {
-        batch: Arc<Batch>,
-        reply: oneshot::Sender<Vec<JournalId>>,
-    },
+    /// Journal the items of the batches not journaled yet, in one commit; answer each batch
+    /// its rows.
+    Intents(Vec<(Arc<Batch>, oneshot::Sender<Vec<JournalId>>)>),
     /// The ledger's decisions.
     Writes(Vec<Write>),
     /// Anything else, in order.
@@ -66,6 +65,14 @@ pub(super) struct Writer {
     error: Arc<Mutex<Option<StateError>>>,
 }
 
+/// A batch whose intents are queued (see [`Writer::queue_intents`]).
+pub(super) enum Pending {
+    /// Every item was journaled before (a retry): nothing to wait for.
+    Ready(Batch),
+    /// Waiting for the commit of its intents.
+    Waiting(Arc<Batch>, oneshot::Receiver<Vec<JournalId>>),
+}
+
 impl Writer {
     /// Starts a writer for the journal of `run`, with `clean`: anchors no longer dirty whose
     /// clearing an earlier writer of the run left to this one.
@@ -73,9 +80,15 @@ impl Writer {
         let (tx, rx) = mpsc::channel();
         let error = Arc::new(Mutex::new(None));
         let slot = error.clone();
+        // The thread's trace events (the store's among them) go where the caller's go.
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         let thread = std::thread::Builder::new()
             .name("dirsync-state-writer".into())
-            .spawn(move || serve(&store, run, &rx, &slot, clean))?;
+            .spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    serve(&store, run, &rx, &slot, clean)
+                })
+            })?;
         Ok(Writer {
             tx: Some(tx),
             thread: Some(thread),
@@ -87,24 +100,42 @@ impl Writer {
         self.tx.as_ref().is_some_and(|tx| tx.send(job).is_ok())
     }
 
-    /// Journals the batch's new items as intended, in one commit, and answers the batch with
-    /// their journal rows once that commit is durable.
-    pub async fn intents(&self, mut batch: Batch) -> Result<Batch> {
-        if batch.items.iter().all(|i| i.journal.is_some()) {
-            return Ok(batch);
+    /// Queues the new items of `batches` (a round of the export: the batches that start
+    /// together) to be journaled as intended, all in one commit; [`journaled`](Self::journaled)
+    /// answers each batch with its journal rows once that commit is durable.
+    pub fn queue_intents(&self, batches: Vec<Batch>) -> Vec<Pending> {
+        let mut jobs = Vec::new();
+        let pending: Vec<Pending> = batches
+            .into_iter()
+            .map(|batch| {
+                if batch.items.iter().all(|i| i.journal.is_some()) {
+                    return Pending::Ready(batch);
+                }
+                let shared = Arc::new(batch);
+                let (reply, answer) = oneshot::channel();
+                jobs.push((shared.clone(), reply));
+                Pending::Waiting(shared, answer)
+            })
+            .collect();
+        if !jobs.is_empty() {
+            // A refused job drops its replies: each batch then learns the writer's error.
+            self.send(Job::Intents(jobs));
         }
-        let shared = Arc::new(batch);
-        let (reply, answer) = oneshot::channel();
-        let sent = self.send(Job::Intents {
-            batch: shared.clone(),
-            reply,
-        });
-        let ids = match (sent, answer.await) {
-            (true, Ok(ids)) => ids,
-            _ => return Err(self.error()),
+        pending
+    }
+
+    /// A batch [`queue_intents`](Self::queue_intents) queued, once its intents are durable,
+    /// with their journal rows.
+    pub async fn journaled(&self, pending: Pending) -> Result<Batch> {
+        let (shared, answer) = match pending {
+            Pending::Ready(batch) => return Ok(batch),
+            Pending::Waiting(shared, answer) => (shared, answer),
+        };
+        let Ok(ids) = answer.await else {
+            return Err(self.error());
         };
         // The writer lets go of the batch before it answers.
-        batch = Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone());
+        let mut batch = Arc::try_unwrap(shared).unwrap_or_else(|shared| (*shared).clone());
         let mut ids = ids.into_iter();
         for item in batch.items.iter_mut().filter(|i| i.journal.is_none()) {
             item.journal = ids.next();
@@ -260,7 +291,7 @@ fn serve_jobs(
     let mut keep = usize::MAX;
     for job in jobs {
         match job {
-            Job::Intents { batch, reply } => intents.push((batch, reply)),
+            Job::Intents(round) => intents.extend(round),
             Job::Writes(w) => held.writes.extend(w),
             Job::Call(f) => {
                 commit(s, std::mem::take(&mut held.writes), &mut held.clean)?;
@@ -419,6 +450,112 @@ mod tests {
             .collect();
         d.sort();
         d
+    }
+
+    /// Counts the store's commits by what they do (the `state: committing` trace events).
+    #[derive(Clone, Default)]
+    struct Commits(Arc<Mutex<Vec<String>>>);
+
+    impl Commits {
+        fn of(&self, what: &str) -> usize {
+            lock(&self.0).iter().filter(|w| *w == what).count()
+        }
+    }
+
+    #[derive(Default)]
+    struct Fields {
+        message: String,
+        what: String,
+    }
+
+    impl tracing::field::Visit for Fields {
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            if field.name() == "what" {
+                self.what = value.to_string();
+            }
+        }
+
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                self.message = format!("{value:?}");
+            }
+        }
+    }
+
+    impl tracing::Subscriber for Commits {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut f = Fields::default();
+            event.record(&mut f);
+            if f.message == "state: committing" {
+                lock(&self.0).push(f.what);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// The batches of a round are journaled in one commit, durable before any is answered;
+    /// their outcomes are committed later, together, and every row ends done.
+    #[test]
+    fn a_round_of_batches_is_journaled_in_one_commit() {
+        use crate::engine::ledger::tests::{ledger, settings};
+        use crate::engine::ledger::Outcome;
+        use crate::state::{JournalState, SqliteStore};
+        let commits = Commits::default();
+        let dispatch = tracing::Dispatch::new(commits.clone());
+        tracing::dispatcher::with_default(&dispatch, || {
+            let store: SharedStore =
+                Arc::new(Mutex::new(Box::new(SqliteStore::open_in_memory().unwrap())));
+            let run = lock(&store).begin_run("test", chrono::Utc::now()).unwrap();
+            let ops: Vec<Operation> = (0..6).map(|i| create(&format!("a{i}")).0).collect();
+            // Batches of 2, 8 in flight, no breaker window: one round of 3 batches.
+            let mut l = ledger(settings(2, 8, 0), ops);
+            let mut round = Vec::new();
+            while let Some(b) = l.ready(std::time::Duration::ZERO) {
+                round.push(b);
+            }
+            assert_eq!(round.len(), 3);
+            let before = lock(&commits.0).len();
+            let w = Writer::start(store.clone(), run, Vec::new()).unwrap();
+            let pending = w.queue_intents(round);
+            let batches: Vec<Batch> = pending
+                .into_iter()
+                .map(|p| futures::executor::block_on(w.journaled(p)).unwrap())
+                .collect();
+            assert_eq!(commits.of("journaling operations"), 1);
+            let unconfirmed = lock(&store).journal_unconfirmed().unwrap();
+            assert_eq!(unconfirmed.len(), 6, "durable before they are answered");
+            for (k, b) in batches.into_iter().enumerate() {
+                assert!(b.items.iter().all(|i| i.journal.is_some()));
+                let outcomes = (0..b.items.len())
+                    .map(|i| Outcome::Done(Some(TargetId::new(format!("t{k}-{i}")))))
+                    .collect();
+                l.settle(b, outcomes, std::time::Duration::ZERO);
+            }
+            w.write(l.take_writes());
+            futures::executor::block_on(w.finish(usize::MAX)).unwrap();
+            assert!(l.is_finished());
+            // Then one more: the outcomes, at the flush.
+            let all = lock(&commits.0).clone();
+            assert_eq!(
+                all[before..],
+                [
+                    "journaling operations",
+                    "journaling intents and recording outcomes"
+                ]
+            );
+            let journal = lock(&store).journal(Some(run)).unwrap();
+            assert_eq!(journal.len(), 6);
+            assert!(journal.iter().all(|r| r.state == JournalState::Done));
+        });
     }
 
     /// Anchors settled wait across writers until enough gather, and are cleared before a

@@ -3494,14 +3494,14 @@ fn put_target_row(
     Ok(())
 }
 
-/// Inserts the row of a target object not stored yet (not its index rows): false, writing
-/// nothing, when one with its id is.
-fn insert_target_row(
+/// Inserts the row of a target object not stored yet (not its index rows), its attributes
+/// in their stored form (`attrs`): false, writing nothing, when one with its id is.
+fn insert_target_blob(
     conn: &Db<'_>,
     id: &TargetId,
-    (object_type, attributes): (&ObjectType, &Attributes),
+    object_type: &ObjectType,
+    attrs: &[u8],
 ) -> Result<bool, StateError> {
-    let attrs = conn.encode(attributes, None)?;
     let n = conn
         .prepare_cached(
             "INSERT INTO target_objects (id, object_type, attributes) VALUES (?1, ?2, ?3) \
@@ -3585,12 +3585,21 @@ fn reindex_target(
         del.execute(params![attr, key, id.as_str()])
             .ctx("re-indexing a target object")?;
     }
+    insert_index_keys(conn, id, new.difference(&old))
+}
+
+/// Adds the index rows `keys` (attribute lower-cased, value key) of the target object `id`.
+fn insert_index_keys<'k>(
+    conn: &Db<'_>,
+    id: &TargetId,
+    keys: impl IntoIterator<Item = &'k (String, String)>,
+) -> Result<(), StateError> {
     let mut ins = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO target_values (attribute, value_key, id) VALUES (?1, ?2, ?3)",
         )
         .ctx("indexing a target object")?;
-    for (attr, key) in new.difference(&old) {
+    for (attr, key) in keys {
         ins.execute(params![attr, key, id.as_str()])
             .ctx("indexing a target object")?;
     }
@@ -3717,31 +3726,48 @@ fn prune(conn: &Db<'_>, retention: &Retention, now: DateTime<Utc>) -> Result<Pru
 }
 
 /// Journals `op` as intended in `conn` (the run is known): the journal row and its payload
-/// (`op` and `sent`, redacted, as JSON — encoded into `buf`, reused from one call to the next).
+/// (`op` and `sent`, redacted, as JSON — see [`payload_json`]).
 fn intend(
     conn: &Db<'_>,
     run: RunId,
     (op, sent): (&Operation, Option<&TargetOperation>),
-    buf: &mut JsonBuffers,
 ) -> Result<JournalId, StateError> {
-    buf.op.clear();
+    let (op_json, sent_json) = payload_json(op, sent)?;
+    insert_intent(conn, run, op, (&op_json, sent_json.as_deref()))
+}
+
+/// The payload of a journal intent: `op` and `sent`, redacted, as JSON (`sent` as
+/// [`payload::write_sent`] writes it). Pure: a batch's payloads are encoded on all cores
+/// ([`intend_all`]) while only their rows are written one by one.
+fn payload_json(
+    op: &Operation,
+    sent: Option<&TargetOperation>,
+) -> Result<(String, Option<String>), StateError> {
     let redacted = redacted_operation(op);
-    serde_json::to_writer(&mut buf.op, redacted.as_ref())
+    let op_json = serde_json::to_string(redacted.as_ref())
         .map_err(|e| serialize_error("a journaled operation", &e))?;
-    buf.sent.clear();
-    if let Some(s) = sent {
-        payload::write_sent(&redacted, &redacted_target_operation(op, s), &mut buf.sent)
-            .map_err(|e| serialize_error("a journaled target operation", &e))?;
-    }
-    let op_json =
-        std::str::from_utf8(&buf.op).map_err(|e| serialize_error("a journaled operation", &e))?;
     let sent_json = match sent {
-        Some(_) => Some(
-            std::str::from_utf8(&buf.sent)
-                .map_err(|e| serialize_error("a journaled target operation", &e))?,
-        ),
+        Some(s) => {
+            let mut buf = Vec::new();
+            payload::write_sent(&redacted, &redacted_target_operation(op, s), &mut buf)
+                .map_err(|e| serialize_error("a journaled target operation", &e))?;
+            Some(
+                String::from_utf8(buf)
+                    .map_err(|e| serialize_error("a journaled target operation", &e))?,
+            )
+        }
         None => None,
     };
+    Ok((op_json, sent_json))
+}
+
+/// Writes the journal row of the intent `op` and its payload (as [`payload_json`] encoded it).
+fn insert_intent(
+    conn: &Db<'_>,
+    run: RunId,
+    op: &Operation,
+    (op_json, sent_json): (&str, Option<&str>),
+) -> Result<JournalId, StateError> {
     conn.prepare_cached(
         "INSERT INTO journal (run, anchor, kind, state) VALUES (?1, ?2, ?3, 'intended')",
     )
@@ -3754,13 +3780,6 @@ fn intend(
     Ok(JournalId(id))
 }
 
-/// The buffers [`intend`] encodes payloads into.
-#[derive(Default)]
-struct JsonBuffers {
-    op: Vec<u8>,
-    sent: Vec<u8>,
-}
-
 fn serialize_error(what: &str, e: &dyn std::fmt::Display) -> StateError {
     StateError::Serialize {
         what: what.to_owned(),
@@ -3768,43 +3787,72 @@ fn serialize_error(what: &str, e: &dyn std::fmt::Display) -> StateError {
     }
 }
 
-/// Journals `ops` as intended for `run` (see [`StateStore::journal_intents`]).
+/// Journals `ops` as intended for `run` (see [`StateStore::journal_intents`]): the payloads
+/// encoded first, on all cores (with the `parallel` feature) — about a third of the work,
+/// which the export's writer thread would otherwise do alone while the engine waits — then
+/// the rows written in order.
 fn intend_all(
     conn: &Db<'_>,
     run: RunId,
     ops: &[(&Operation, Option<&TargetOperation>)],
 ) -> Result<Vec<JournalId>, StateError> {
     check_run(conn, run)?;
-    let mut buf = JsonBuffers::default();
+    let payloads = map_all(ops, |(op, sent)| payload_json(op, *sent))?;
     ops.iter()
-        .map(|(op, sent)| intend(conn, run, (op, *sent), &mut buf))
+        .zip(&payloads)
+        .map(|((op, _), (o, s))| insert_intent(conn, run, op, (o, s.as_deref())))
         .collect()
 }
 
+/// `f` of every item of `items`, in order: on all cores with the `parallel` feature (when
+/// there are enough to share), the first error if any.
+fn map_all<I: Sync, T: Send>(
+    items: &[I],
+    f: impl Fn(&I) -> Result<T, StateError> + Sync + Send,
+) -> Result<Vec<T>, StateError> {
+    #[cfg(feature = "parallel")]
+    if items.len() >= 64 {
+        use rayon::prelude::*;
+        return items.par_iter().with_min_len(32).map(f).collect();
+    }
+    items.iter().map(f).collect()
+}
+
 /// Records `outcomes` (see [`StateStore::journal_outcomes`]), moving the fingerprint when one
-/// is done.
+/// is done. What the done ones write is computed first, on all cores with the `parallel`
+/// feature ([`prepare_done`], [`DonePrep::encoded`]: effects, audit names, the new target
+/// rows' encoded attributes and index keys); then the rows are written in order.
 fn record_outcomes(
     conn: &Db<'_>,
     lookup: Option<&LookupAttributes>,
     outcomes: &[JournalOutcome<'_>],
 ) -> Result<(), StateError> {
+    let mut preps = map_all(outcomes, |o| match o {
+        JournalOutcome::Done {
+            op,
+            sent,
+            target_id,
+            ..
+        } => prepare_done(op, *sent, *target_id, lookup).map(Some),
+        JournalOutcome::Failed { .. } => Ok(None),
+    })?;
+    encode_created(conn, &mut preps)?;
     let mut done: Vec<i64> = Vec::with_capacity(outcomes.len());
-    for o in outcomes {
-        match o {
-            JournalOutcome::Done {
-                id,
-                op,
-                sent,
-                target_id,
-            } => {
-                record_done(conn, lookup, *id, op, *sent, *target_id)?;
+    for (o, prep) in outcomes.iter().zip(preps) {
+        match (o, prep) {
+            (JournalOutcome::Done { id, op, .. }, Some(prep)) => {
+                write_done(conn, lookup, *id, op, prep)?;
                 done.push(id.0);
             }
-            JournalOutcome::Failed {
-                id,
-                error,
-                retryable,
-            } => record_failed(conn, *id, error, *retryable)?,
+            (
+                JournalOutcome::Failed {
+                    id,
+                    error,
+                    retryable,
+                },
+                _,
+            ) => record_failed(conn, *id, error, *retryable)?,
+            (JournalOutcome::Done { .. }, None) => {}
         }
     }
     if !done.is_empty() {
@@ -3849,6 +3897,96 @@ fn check_run(conn: &Db<'_>, run: RunId) -> Result<(), StateError> {
     }
 }
 
+/// What recording a done operation writes, computed before anything is written: the
+/// [`DoneEffect`](super::DoneEffect) parts, the journal row's audit names, and for a create's
+/// new target object its index keys and (once [`encode_created`] ran) its encoded attributes.
+struct DonePrep<'a> {
+    effect: Option<(TargetId, std::borrow::Cow<'a, TargetOperation>)>,
+    link_to: Option<TargetId>,
+    recorded: Option<TargetId>,
+    audit: Option<String>,
+    /// A create's target object: its index keys and its stored attributes (`None` until
+    /// encoded, or when a name was not in the dictionary: encoded as it is written).
+    created: Option<(IndexKeys, Option<Vec<u8>>)>,
+}
+
+/// A target object's index keys: (attribute lower-cased, value key).
+type IndexKeys = BTreeSet<(String, String)>;
+
+/// The [`DonePrep`] of `op` (pure: no I/O).
+fn prepare_done<'a>(
+    op: &Operation,
+    sent: Option<&'a TargetOperation>,
+    target_id: Option<&TargetId>,
+    lookup: Option<&LookupAttributes>,
+) -> Result<DonePrep<'a>, StateError> {
+    let (effect, link_to, recorded) = done_effect(op, sent, target_id)?;
+    let audit = audit_json(sent)?;
+    let created = match effect.as_ref().map(|(_, e)| e.as_ref()) {
+        Some(TargetOperation::Create {
+            object_type,
+            attributes,
+        }) => Some((indexed_keys(object_type, attributes, lookup), None)),
+        _ => None,
+    };
+    Ok(DonePrep {
+        effect,
+        link_to,
+        recorded,
+        audit,
+        created,
+    })
+}
+
+impl DonePrep<'_> {
+    /// The attributes of the target object a create makes, if it does.
+    fn created_attributes(&self) -> Option<&Attributes> {
+        match self.effect.as_ref().map(|(_, e)| e.as_ref()) {
+            Some(TargetOperation::Create { attributes, .. }) if self.created.is_some() => {
+                Some(attributes)
+            }
+            _ => None,
+        }
+    }
+
+    /// The stored form of the created object's attributes, with the names of `names` (`None`
+    /// when one is not there).
+    fn encoded(&self, names: &Names) -> Option<Vec<u8>> {
+        let attributes = self.created_attributes()?;
+        let mut out = Vec::with_capacity(16 + attributes.len() * 24);
+        encode_binary(attributes, None, &mut out, |n| {
+            names.ids.get(n.as_str()).copied().ok_or(())
+        })
+        .ok()?;
+        Some(out)
+    }
+}
+
+/// Encodes the attributes of the target objects the creates among `preps` make: their names
+/// added to the dictionary first (in order), then every object encoded, on all cores.
+fn encode_created(conn: &Db<'_>, preps: &mut [Option<DonePrep<'_>>]) -> Result<(), StateError> {
+    for attributes in preps
+        .iter()
+        .flatten()
+        .filter_map(DonePrep::created_attributes)
+    {
+        for (name, _) in attributes.iter() {
+            conn.id_of(name)?;
+        }
+    }
+    let encoded = {
+        let names = conn.names()?;
+        let names: &Names = &names;
+        map_all(preps, |p| Ok(p.as_ref().and_then(|p| p.encoded(names))))?
+    };
+    for (p, blob) in preps.iter_mut().zip(encoded) {
+        if let Some((_, slot)) = p.as_mut().and_then(|p| p.created.as_mut()) {
+            *slot = blob;
+        }
+    }
+    Ok(())
+}
+
 /// Records in `conn` that `op` took effect (see [`StateStore::journal_done`]); the caller
 /// moves the fingerprint.
 fn record_done(
@@ -3859,11 +3997,28 @@ fn record_done(
     sent: Option<&TargetOperation>,
     target_id: Option<&TargetId>,
 ) -> Result<(), StateError> {
-    let (effect, link_to, recorded) = done_effect(op, sent, target_id)?;
-    let attrs = audit_json(sent)?;
+    let prep = prepare_done(op, sent, target_id, lookup)?;
+    write_done(conn, lookup, id, op, prep)
+}
+
+/// Writes what [`prepare_done`] computed for the done operation `op`, journal row `id`.
+fn write_done(
+    conn: &Db<'_>,
+    lookup: Option<&LookupAttributes>,
+    id: JournalId,
+    op: &Operation,
+    prep: DonePrep<'_>,
+) -> Result<(), StateError> {
+    let DonePrep {
+        effect,
+        link_to,
+        recorded,
+        audit,
+        created,
+    } = prep;
     let n = conn
         .prepare_cached(JOURNAL_DONE)
-        .and_then(|mut s| s.execute(params![id.0, recorded.as_ref().map(|t| t.as_str()), attrs]))
+        .and_then(|mut s| s.execute(params![id.0, recorded.as_ref().map(|t| t.as_str()), audit]))
         .ctx("recording a done operation")?;
     if n == 0 {
         return Err(StateError::UnknownJournalId(id));
@@ -3890,14 +4045,13 @@ fn record_done(
                 attributes,
             } => {
                 // A new object, as a rule: inserted, its keys indexed, without reading first.
-                if insert_target_row(conn, &tid, (object_type, attributes))? {
-                    return reindex_target(
-                        conn,
-                        &tid,
-                        Some((object_type, attributes)),
-                        Ok(None),
-                        lookup,
-                    );
+                let (keys, blob) = created.unwrap_or_default();
+                let blob = match blob {
+                    Some(b) => b,
+                    None => conn.encode(attributes, None)?,
+                };
+                if insert_target_blob(conn, &tid, object_type, &blob)? {
+                    return insert_index_keys(conn, &tid, &keys);
                 }
                 let old = stored_target(conn, &tid)?;
                 write_target_over(
@@ -4567,7 +4721,7 @@ impl StateStore for SqliteStore {
     ) -> Result<JournalId, StateError> {
         self.write("journaling an operation", |tx| {
             check_run(tx, run)?;
-            intend(tx, run, (op, sent), &mut JsonBuffers::default())
+            intend(tx, run, (op, sent))
         })
     }
 
