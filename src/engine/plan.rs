@@ -166,74 +166,90 @@ impl Synchronizer {
                     Reach::AnchorsAlone
                 };
                 // A page is decided and freed on another thread while the next one is read:
-                // reading holds the store, deciding does not.
+                // reading holds the store, deciding does not. One thread for every page (a thread
+                // per page would leave memory with an allocator arena each).
+                type Decided = (Vec<Anchor>, delta::Decisions, bool);
+                let mut collect = |(anchors, mut page, asked_absent): Decided| -> Result<()> {
+                    if page.incomplete() || asked_absent {
+                        // A store whose light views hold a page's own object as context, or a
+                        // projection that asked for an object held as its link.
+                        let views =
+                            self.views_for(&anchors, now, &bindings, Reach::Anchors, false)?;
+                        page = delta::decide_page(
+                            &self.plan_input(&views, now, &bindings, &counts, &create_references),
+                            &anchors,
+                        );
+                    }
+                    decisions.absorb(page);
+                    self.progress(Stage::Plan, decisions.considered() as u64, None);
+                    Ok(())
+                };
                 std::thread::scope(|scope| -> Result<()> {
-                    let mut deciding: Option<std::thread::ScopedJoinHandle<'_, _>> = None;
-                    let mut collect = |h: std::thread::ScopedJoinHandle<
-                        '_,
-                        (Vec<Anchor>, delta::Decisions, bool),
-                    >|
-                     -> Result<()> {
-                        let (anchors, mut page, asked_absent) = h
-                            .join()
-                            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                        if page.incomplete() || asked_absent {
-                            // A store whose light views hold a page's own object as context,
-                            // or a projection that asked for an object held as its link.
-                            let views =
-                                self.views_for(&anchors, now, &bindings, Reach::Anchors, false)?;
-                            page = delta::decide_page(
-                                &self.plan_input(
-                                    &views,
-                                    now,
-                                    &bindings,
-                                    &counts,
-                                    &create_references,
-                                ),
-                                &anchors,
-                            );
-                        }
-                        decisions.absorb(page);
-                        self.progress(Stage::Plan, decisions.considered() as u64, None);
-                        Ok(())
-                    };
-                    let mut mark: Option<crate::state::PageMark> = None;
-                    loop {
-                        // Only the page's own objects are decided: what is around them is
-                        // context, held light.
-                        let Some((anchors, views, next)) =
-                            self.store(|s| s.full_plan_page(mark.as_ref(), page, alone))?
-                        else {
-                            break;
-                        };
-                        let mut views = views;
-                        if alone == Reach::AnchorsByLink {
-                            // Said when the projection (the join lookups' too) asks for a
-                            // referenced object the views hold as its link only.
-                            views.mirror.watch_absent();
-                        }
-                        let views = self.with_join_candidates(&anchors, views, now, &bindings)?;
-                        if let Some(h) = deciding.take() {
-                            collect(h)?;
-                        }
-                        let (bindings, counts, refs) = (&bindings, &counts, &create_references);
-                        // Freeing the views takes a tenth of a page's time: there too (so no
-                        // more than two pages are held).
-                        deciding = Some(scope.spawn(move || {
+                    let (to_decide, inbox) =
+                        std::sync::mpsc::sync_channel::<(Vec<Anchor>, Views)>(0);
+                    let (to_collect, decided) = std::sync::mpsc::channel::<Decided>();
+                    let (b, c, r) = (&bindings, &counts, &create_references);
+                    let decider = scope.spawn(move || {
+                        for (anchors, views) in inbox {
                             let page = delta::decide_page(
-                                &self.plan_input(&views, now, bindings, counts, refs),
+                                &self.plan_input(&views, now, b, c, r),
                                 &anchors,
                             );
                             let asked_absent = views.mirror.asked_absent();
+                            // Freeing the views takes a tenth of a page's time: here too.
                             drop(views);
-                            (anchors, page, asked_absent)
-                        }));
-                        mark = Some(next);
+                            if to_collect.send((anchors, page, asked_absent)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    // The decider's answer for the page it holds; its panic, if it panicked.
+                    let answer = |decided: &std::sync::mpsc::Receiver<Decided>| -> Decided {
+                        match decided.recv() {
+                            Ok(d) => d,
+                            Err(_) => std::panic::resume_unwind(Box::new(
+                                "a full plan's deciding thread stopped",
+                            )),
+                        }
+                    };
+                    let mut read = || -> Result<()> {
+                        let mut mark: Option<crate::state::PageMark> = None;
+                        let mut held = false;
+                        loop {
+                            // Only the page's own objects are decided: what is around them is
+                            // context, held light.
+                            let Some((anchors, mut views, next)) =
+                                self.store(|s| s.full_plan_page(mark.as_ref(), page, alone))?
+                            else {
+                                break;
+                            };
+                            if alone == Reach::AnchorsByLink {
+                                // Said when the projection (the join lookups' too) asks for a
+                                // referenced object the views hold as its link only.
+                                views.mirror.watch_absent();
+                            }
+                            let views =
+                                self.with_join_candidates(&anchors, views, now, &bindings)?;
+                            if held {
+                                collect(answer(&decided))?;
+                            }
+                            if to_decide.send((anchors, views)).is_err() {
+                                break;
+                            }
+                            held = true;
+                            mark = Some(next);
+                        }
+                        if held {
+                            collect(answer(&decided))?;
+                        }
+                        Ok(())
+                    };
+                    let result = read();
+                    drop(to_decide);
+                    if let Err(panic) = decider.join() {
+                        std::panic::resume_unwind(panic);
                     }
-                    if let Some(h) = deciding.take() {
-                        collect(h)?;
-                    }
-                    Ok(())
+                    result
                 })?;
                 // Phases B and C decide the referrers of what phase A decided, as the
                 // neighbourhood plans them: what is around those comes as context, and what

@@ -2211,10 +2211,6 @@ fn referrers_of_read<'a>(
     referrers_of(conn, &anchors, &dns)
 }
 
-/// The entries from which a neighbourhood's source mirror is built beside the reading of its
-/// target objects (below, a thread costs more than it saves).
-const PARALLEL_BUILD: usize = 512;
-
 /// Which anchors a neighbourhood is read for ([`SqliteStore::neighbourhood_of`]).
 enum Keys<'a> {
     /// These.
@@ -2232,25 +2228,58 @@ fn scan_rows(
     limit: usize,
 ) -> Result<(Vec<Anchor>, Fetched, i64), StateError> {
     let what = "reading a page of source objects";
+    conn.names.borrow_mut().reload(conn)?;
+    let names_ref = conn.names()?;
+    let names: &Names = &names_ref;
     let mut raw = Vec::new();
     let mut last = 0;
     {
         let mut stmt = conn.prepare_cached(ROWS_PAGE).ctx(what)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut q = stmt.query(params![after, limit]).ctx(what)?;
+        let rows = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut q = stmt.query(params![after, rows]).ctx(what)?;
+        // Weighed as the delta's pages are: an object and its references (rows are in the
+        // order the import wrote them, so a directory's groups come together — a page of
+        // 20,000 of them would hold millions of members).
+        let mut weight = 0usize;
         while let Some(r) = q.next().ctx(what)? {
-            last = r.get::<_, i64>(0).ctx(what)?;
-            raw.push(
-                (1..=4)
-                    .map(|i| r.get::<_, SqlValue>(i))
-                    .collect::<rusqlite::Result<Vec<_>>>()
-                    .ctx(what)?,
-            );
+            let row = (0..5)
+                .map(|i| r.get::<_, SqlValue>(i))
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .ctx(what)?;
+            let refs = match &row[4] {
+                SqlValue::Blob(b) => {
+                    let n = Cell::new(0usize);
+                    // Counted, not kept (a scan: nothing is decoded); a row it cannot read
+                    // weighs one, and says what is wrong with it when decoded below.
+                    let _ = decode_binary_refs(
+                        b,
+                        |id| names.name(id),
+                        |_| {
+                            n.set(n.get() + 1);
+                            false
+                        },
+                    );
+                    n.get()
+                }
+                _ => 0,
+            };
+            weight += 1 + refs;
+            if weight > limit && !raw.is_empty() {
+                break;
+            }
+            last = match &row[0] {
+                SqlValue::Integer(id) => *id,
+                _ => {
+                    return Err(corrupt(
+                        "source_objects",
+                        "?",
+                        "column id is not an integer",
+                    ))
+                }
+            };
+            raw.push(row.into_iter().skip(1).collect::<Vec<_>>());
         }
     }
-    conn.names.borrow_mut().reload(conn)?;
-    let names_ref = conn.names()?;
-    let names: &Names = &names_ref;
     let mut anchors = Vec::with_capacity(raw.len());
     let mut entries = Fetched::default();
     for e in decode_rows(raw, |r| decode_entry_in(names, r))? {
@@ -2419,41 +2448,25 @@ fn read_neighbourhood(
         .filter(|l| planned.contains(&l.anchor))
         .map(|l| l.target_id.as_str())
         .collect();
-    let build = |entries: &mut Fetched| {
-        let mut mirror = crate::delta::SourceMirror::default();
-        // In the order the planned objects then the context come.
-        for a in &planned {
-            if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+    let targets = targets_by_ids(conn, names, &ids)?;
+    // Built here: a thread of its own per page saved little and leaves memory with its
+    // allocator arena.
+    let mut mirror = crate::delta::SourceMirror::default();
+    // In the order the planned objects then the context come.
+    for a in &planned {
+        if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+            mirror.insert(e);
+        }
+    }
+    for a in context.iter().filter(|a| !planned.contains(*a)) {
+        if let Some(e) = entries.get_mut(a).and_then(Option::take) {
+            if light {
+                mirror.insert_partial(e);
+            } else {
                 mirror.insert(e);
             }
         }
-        for a in context.iter().filter(|a| !planned.contains(*a)) {
-            if let Some(e) = entries.get_mut(a).and_then(Option::take) {
-                if light {
-                    mirror.insert_partial(e);
-                } else {
-                    mirror.insert(e);
-                }
-            }
-        }
-        mirror
-    };
-    // A large page's source mirror is built on another thread while its target objects are
-    // read.
-    let (mirror, targets) = if entries.len() < PARALLEL_BUILD {
-        (build(&mut entries), targets_by_ids(conn, names, &ids))
-    } else {
-        std::thread::scope(|scope| {
-            let entries = &mut entries;
-            let build = &build;
-            let building = scope.spawn(move || build(entries));
-            let targets = targets_by_ids(conn, names, &ids);
-            let mirror = building
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (mirror, targets)
-        })
-    };
+    }
     let mut views = Views {
         mirror,
         ..Views::default()
@@ -2461,7 +2474,7 @@ fn read_neighbourhood(
     for l in links {
         views.links.insert(l);
     }
-    for o in targets? {
+    for o in targets {
         views.target.insert(o);
     }
     Ok(views)
@@ -6089,6 +6102,37 @@ mod tests {
                 "{sql}: {details:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_full_plans_pages_of_rows_are_weighed_by_their_references() {
+        let mut s = SqliteStore::open_in_memory().unwrap();
+        let g = s.begin_full_import("src").unwrap();
+        let user =
+            |i: usize| Entry::new(format!("u{i}"), "user").with("cn", format!("u{i}").as_str());
+        let mut group = Entry::new("g", "group");
+        for i in 0..4 {
+            group = group.with("member", Value::anchor_ref(format!("u{i}").as_str()));
+        }
+        // Rows in this order: two users, the group (weighing five), two users.
+        s.import_entries(g, &[user(0), user(1), group, user(2), user(3)])
+            .unwrap();
+        s.finish_full_import("src", g, None, 0.0).unwrap();
+        let mut pages = Vec::new();
+        let mut mark = None;
+        while let Some((anchors, _, next)) =
+            s.full_plan_page(mark.as_ref(), 5, Reach::Anchors).unwrap()
+        {
+            pages.push(
+                anchors
+                    .iter()
+                    .map(|a| a.as_str().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+            mark = Some(next);
+        }
+        assert_eq!(pages, ["u0,u1", "g", "u2,u3"]);
     }
 
     #[test]
