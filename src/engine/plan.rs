@@ -203,16 +203,9 @@ impl Synchronizer {
                             }
                         }
                     });
-                    // The decider's answer for the page it holds; its panic, if it panicked.
-                    let answer = |decided: &std::sync::mpsc::Receiver<Decided>| -> Decided {
-                        match decided.recv() {
-                            Ok(d) => d,
-                            Err(_) => std::panic::resume_unwind(Box::new(
-                                "a full plan's deciding thread stopped",
-                            )),
-                        }
-                    };
-                    let mut read = || -> Result<()> {
+                    // `false` when the decider stopped (it panicked: its panic is resumed
+                    // once it is joined, below).
+                    let mut read = || -> Result<bool> {
                         let mut mark: Option<crate::state::PageMark> = None;
                         let mut held = false;
                         loop {
@@ -231,25 +224,38 @@ impl Synchronizer {
                             let views =
                                 self.with_join_candidates(&anchors, views, now, &bindings)?;
                             if held {
-                                collect(answer(&decided))?;
+                                let Ok(d) = decided.recv() else {
+                                    return Ok(false);
+                                };
+                                collect(d)?;
                             }
                             if to_decide.send((anchors, views)).is_err() {
-                                break;
+                                return Ok(false);
                             }
                             held = true;
                             mark = Some(next);
                         }
                         if held {
-                            collect(answer(&decided))?;
+                            let Ok(d) = decided.recv() else {
+                                return Ok(false);
+                            };
+                            collect(d)?;
                         }
-                        Ok(())
+                        Ok(true)
                     };
                     let result = read();
                     drop(to_decide);
                     if let Err(panic) = decider.join() {
                         std::panic::resume_unwind(panic);
                     }
-                    result
+                    match result? {
+                        true => Ok(()),
+                        // A decider that stopped without panicking: it only stops when the
+                        // answers are no longer wanted, which they still were.
+                        false => std::panic::resume_unwind(Box::new(
+                            "a full plan's deciding thread stopped",
+                        )),
+                    }
                 })?;
                 // Phases B and C decide the referrers of what phase A decided, as the
                 // neighbourhood plans them: what is around those comes as context, and what
